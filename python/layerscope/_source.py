@@ -1,0 +1,143 @@
+"""Normalise the inputs every measure accepts: an ActivationStore, a store path, or a dict
+of 2-D arrays (numpy or torch). Measures work through :class:`Source` only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import InvalidArgumentError, MismatchError, MissingLayerError, NonFiniteError
+
+SourceLike = Union["ActivationStore", str, os.PathLike, Mapping[str, Any]]  # noqa: F821
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """numpy view/copy of a numpy array or torch tensor (bf16 tensors become float32)."""
+    if isinstance(x, np.ndarray):
+        return x
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = x.detach()
+        if t.dtype in (torch.bfloat16,):
+            t = t.float()
+        return t.cpu().numpy()
+    return np.asarray(x)
+
+
+class Source:
+    """One input of a measure: either a store (streamed) or in-memory arrays."""
+
+    def __init__(self, store: Any = None, arrays: dict[str, np.ndarray] | None = None) -> None:
+        self.store = store
+        self.arrays = arrays
+        if store is not None:
+            self.all_layers: list[str] = list(store.layers)
+            self.dims: dict[str, int] = dict(store.dims)
+            self.num_rows: int = int(store.num_rows)
+        else:
+            assert arrays is not None
+            self.all_layers = list(arrays)
+            self.dims = {k: int(v.shape[1]) for k, v in arrays.items()}
+            self.num_rows = int(next(iter(arrays.values())).shape[0]) if arrays else 0
+
+    @property
+    def is_store(self) -> bool:
+        return self.store is not None
+
+    def select(self, layers: Sequence[str] | str | None) -> list[str]:
+        """Validate a layer selection (None = all, in store order)."""
+        if layers is None:
+            return list(self.all_layers)
+        if isinstance(layers, str):
+            layers = [layers]
+        out = []
+        for name in layers:
+            if name not in self.dims:
+                raise MissingLayerError(
+                    f"layer {name!r} not found; available: {', '.join(self.all_layers)}"
+                )
+            out.append(name)
+        if not out:
+            raise InvalidArgumentError("empty layer selection")
+        return out
+
+    def row_ids(self) -> np.ndarray:
+        if self.store is not None:
+            return np.asarray(self.store.row_ids(), dtype=np.int64)
+        return np.arange(self.num_rows, dtype=np.int64)
+
+    def read(self, layer: str, start: int = 0, stop: int | None = None,
+             dtype: Any = np.float64) -> np.ndarray:
+        """Rows ``[start, stop)`` of one layer as a C-contiguous array of ``dtype``."""
+        if self.store is not None:
+            return self.store.read(layer, start, stop, dtype=dtype)
+        assert self.arrays is not None
+        return np.ascontiguousarray(self.arrays[layer][start:stop], dtype=dtype)
+
+    def take(self, layer: str, indices: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
+        """The rows at ``indices`` (sorted ascending) of one layer."""
+        if self.store is not None:
+            return self.store.take(layer, np.asarray(indices, dtype=np.int64), dtype=dtype)
+        assert self.arrays is not None
+        return np.ascontiguousarray(self.arrays[layer][np.asarray(indices)], dtype=dtype)
+
+
+def resolve(source: Any) -> Source:
+    """Turn a store, a path or a dict of arrays into a :class:`Source`."""
+    from .store import ActivationStore, open_store
+
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, ActivationStore):
+        return Source(store=source)
+    if isinstance(source, (str, os.PathLike)):
+        return Source(store=open_store(source))
+    if isinstance(source, Mapping):
+        arrays: dict[str, np.ndarray] = {}
+        n = None
+        for name, x in source.items():
+            a = to_numpy(x)
+            if a.ndim != 2:
+                raise InvalidArgumentError(f"layer {name!r}: expected a 2-D array, got shape {a.shape}")
+            if a.dtype.kind not in "fiu":
+                raise InvalidArgumentError(f"layer {name!r}: unsupported dtype {a.dtype}")
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise MismatchError(
+                    f"layer {name!r} has {a.shape[0]} rows, expected {n} (all layers must be row-aligned)"
+                )
+            arrays[str(name)] = a
+        if not arrays:
+            raise InvalidArgumentError("no layers given")
+        return Source(arrays=arrays)
+    raise InvalidArgumentError(
+        f"expected an ActivationStore, a store path or a dict of arrays, got {type(source).__name__}"
+    )
+
+
+def check_comparable(a: Source, b: Source) -> None:
+    """Two sources are comparable when their row ids agree, in order. Raise saying where not."""
+    ia, ib = a.row_ids(), b.row_ids()
+    if ia.shape[0] != ib.shape[0]:
+        raise MismatchError(f"the two sources have {ia.shape[0]} and {ib.shape[0]} rows")
+    diff = np.flatnonzero(ia != ib)
+    if diff.size:
+        i = int(diff[0])
+        raise MismatchError(
+            f"row ids differ at row {i} (first of {diff.size} differing rows): "
+            f"{int(ia[i])} vs {int(ib[i])}; the two captures did not see the same inputs in the same order"
+        )
+
+
+def check_finite(name: str, x: np.ndarray, start: int = 0) -> None:
+    """Raise NonFiniteError naming the layer and first bad row."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0]) + start
+        raise NonFiniteError(f"layer {name!r}: non-finite value (NaN/Inf) in row {row}")

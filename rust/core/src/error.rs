@@ -1,0 +1,71 @@
+//! Typed errors of the core. Every failure is one of these — the core never panics on bad
+//! input. The Python binding maps each kind to a Python exception class of the same name
+//! (see `python/layerscope/errors.py`), so the variant names are part of the API.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file is not a valid shard / manifest (bad header, bad JSON, offsets, dtype, …).
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    /// Two things that must agree do not (manifest vs shard, row ids of two stores, shapes).
+    #[error("{0}")]
+    Mismatch(String),
+    /// A layer (or column) name is not in the store.
+    #[error("{0}")]
+    MissingLayer(String),
+    /// A file or folder is not there.
+    #[error("{path}: {msg}")]
+    NotFound { path: PathBuf, msg: String },
+    /// Refusing to overwrite something that exists.
+    #[error("{path}: {msg}")]
+    Exists { path: PathBuf, msg: String },
+    /// NaN or ±Inf in data where a finite number is required.
+    #[error("{0}")]
+    NonFinite(String),
+    /// A parameter is out of its domain (k larger than the rank, empty layer list, …).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The computation would need more memory than allowed.
+    #[error("{0}")]
+    Memory(String),
+    /// The caller asked to stop (Ctrl-C through the monitor).
+    #[error("interrupted")]
+    Interrupted,
+    /// An operating-system I/O error, with the path it concerned.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format { path: path.into(), msg: msg.into() }
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+    /// The name of the Python exception class this error maps to.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Error::Format { .. } => "FormatError",
+            Error::Mismatch(_) => "MismatchError",
+            Error::MissingLayer(_) => "MissingLayerError",
+            Error::NotFound { .. } => "StoreNotFoundError",
+            Error::Exists { .. } => "StoreExistsError",
+            Error::NonFinite(_) => "NonFiniteError",
+            Error::InvalidArgument(_) => "InvalidArgumentError",
+            Error::Memory(_) => "MemoryBudgetError",
+            Error::Interrupted => "Interrupted",
+            Error::Io { .. } => "StoreIOError",
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The activation store (see docs/FORMAT.md).

@@ -1,0 +1,23 @@
+//! layerscope._native: PyO3 bindings of layerscope-core.
+//!
+//! This crate only converts types, releases the GIL around all heavy work, maps core errors
+//! to the Python exception classes of `layerscope.errors`, and forwards progress/Ctrl-C.
+//! No maths lives here.
+use pyo3::prelude::*;
+
+mod convert;
+mod monitor;
+mod store;
+mod align;
+mod moments;
+mod neighbors;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    store::register(m)?;
+    moments::register(m)?;
+    align::register(m)?;
+    neighbors::register(m)?;
+    Ok(())
+}
