@@ -1,5 +1,368 @@
+//! Bindings of the activation store: `NativeStore` (validated mmap reader) and `NativeWriter`
+//! (incremental atomic writer). All I/O and conversion runs with the GIL released, so a
+//! writer can run in a background Python thread while the main thread runs torch.
+use crate::convert::IntoPy;
+use layerscope_core::store::{
+    ArrayData, DType, Element, OpenOptions, Store, StoreWriter, Values, WriterOptions,
+};
+use layerscope_core::Error;
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::path::PathBuf;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn parse_dtype(s: &str) -> PyResult<DType> {
+    DType::parse(s)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown dtype {s:?}; expected float16, bfloat16, float32 or float64"
+            ))
+        })
+        .py_err()
+}
+
+fn to_2d<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    v: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let a = Array2::from_shape_vec((rows, cols), v)
+        .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+        .py_err()?;
+    Ok(a.into_pyarray(py).into_any())
+}
+
+/// Which element type to return: "f32"/"float32" or "f64"/"float64".
+fn want_f64(dtype: &str) -> PyResult<bool> {
+    match dtype {
+        "f32" | "float32" => Ok(false),
+        "f64" | "float64" => Ok(true),
+        other => Err(Error::invalid(format!(
+            "read dtype must be float32 or float64, got {other:?}"
+        )))
+        .py_err(),
+    }
+}
+
+/// A validated, memory-mapped activation store.
+#[pyclass(module = "layerscope._native", frozen)]
+pub struct NativeStore {
+    inner: Store,
+}
+
+#[pymethods]
+impl NativeStore {
+    /// Opens and validates a store; `verify=True` also checks every shard's sha256.
+    #[staticmethod]
+    #[pyo3(signature = (path, verify=false))]
+    fn open(py: Python<'_>, path: PathBuf, verify: bool) -> PyResult<NativeStore> {
+        let opts = OpenOptions {
+            verify_checksums: verify,
+        };
+        let inner = py.detach(|| Store::open_with(&path, opts)).py_err()?;
+        Ok(NativeStore { inner })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+    #[getter]
+    fn layers(&self) -> Vec<String> {
+        self.inner.layers().iter().map(|l| l.name.clone()).collect()
+    }
+    #[getter]
+    fn dims(&self) -> Vec<usize> {
+        self.inner.layers().iter().map(|l| l.dim).collect()
+    }
+    /// numpy-style dtype names (`"bfloat16"`, …), in layer order.
+    #[getter]
+    fn dtypes(&self) -> Vec<&'static str> {
+        self.inner
+            .layers()
+            .iter()
+            .map(|l| l.dtype.numpy_name())
+            .collect()
+    }
+    #[getter]
+    fn num_rows(&self) -> u64 {
+        self.inner.num_rows()
+    }
+    #[getter]
+    fn columns(&self) -> Vec<String> {
+        self.inner.columns().to_vec()
+    }
+    #[getter]
+    fn complete(&self) -> bool {
+        self.inner.is_complete()
+    }
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes()
+    }
+    /// The free-form metadata object as a JSON string.
+    #[getter]
+    fn metadata_json(&self) -> String {
+        self.inner.metadata().to_string()
+    }
+    /// One dict per shard: file, rows, bytes, sha256, start_row.
+    #[getter]
+    fn shards<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner
+            .shards()
+            .iter()
+            .map(|s| {
+                let d = PyDict::new(py);
+                d.set_item("file", &s.file)?;
+                d.set_item("rows", s.rows)?;
+                d.set_item("bytes", s.bytes)?;
+                d.set_item("sha256", &s.sha256)?;
+                d.set_item("start_row", s.start_row)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    fn layer_index(&self, name: &str) -> PyResult<usize> {
+        self.inner.layer_index(name).py_err()
+    }
+
+    fn row_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let v = py.detach(|| self.inner.row_ids()).py_err()?;
+        Ok(PyArray1::from_vec(py, v))
+    }
+
+    /// An optional I64 row column, or None when absent.
+    fn column<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<Option<Bound<'py, PyArray1<i64>>>> {
+        let v = py.detach(|| self.inner.column(name)).py_err()?;
+        Ok(v.map(|v| PyArray1::from_vec(py, v)))
+    }
+
+    /// Rows [start, stop) of a layer as a 2-D float32/float64 array.
+    #[pyo3(signature = (layer, start, stop, dtype="float32"))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        layer: &str,
+        start: u64,
+        stop: u64,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let li = self.inner.layer_index(layer).py_err()?;
+        let dim = self.inner.layers()[li].dim;
+        let rows = stop.saturating_sub(start) as usize;
+        if want_f64(dtype)? {
+            let v = py
+                .detach(|| self.inner.read_rows::<f64>(li, start, stop))
+                .py_err()?;
+            to_2d(py, v, rows, dim)
+        } else {
+            let v = py
+                .detach(|| self.inner.read_rows::<f32>(li, start, stop))
+                .py_err()?;
+            to_2d(py, v, rows, dim)
+        }
+    }
+
+    /// The rows at `indices` (int64, each in [0, num_rows)) of a layer, as a 2-D array.
+    #[pyo3(signature = (layer, indices, dtype="float64"))]
+    fn take<'py>(
+        &self,
+        py: Python<'py>,
+        layer: &str,
+        indices: PyReadonlyArray1<'py, i64>,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let li = self.inner.layer_index(layer).py_err()?;
+        let dim = self.inner.layers()[li].dim;
+        let idx = indices.as_array();
+        let mut rows = Vec::with_capacity(idx.len());
+        for &i in idx.iter() {
+            let r = u64::try_from(i)
+                .map_err(|_| Error::invalid(format!("negative row index {i}")))
+                .py_err()?;
+            rows.push(r);
+        }
+        let n = rows.len();
+        if want_f64(dtype)? {
+            let v = py.detach(|| self.inner.take::<f64>(li, &rows)).py_err()?;
+            to_2d(py, v, n, dim)
+        } else {
+            let v = py.detach(|| self.inner.take::<f32>(li, &rows)).py_err()?;
+            to_2d(py, v, n, dim)
+        }
+    }
+
+    /// First row of `layer` holding NaN/±Inf, or None.
+    fn find_nonfinite(&self, py: Python<'_>, layer: &str) -> PyResult<Option<u64>> {
+        let li = self.inner.layer_index(layer).py_err()?;
+        py.detach(|| self.inner.find_nonfinite(li)).py_err()
+    }
+
+    /// Recompute every shard's sha256 and compare with the manifest (MismatchError if not).
+    fn verify(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.verify()).py_err()
+    }
+}
+
+/// Incremental store writer (see `layerscope.StoreWriter`).
+#[pyclass(module = "layerscope._native")]
+pub struct NativeWriter {
+    inner: Option<StoreWriter>,
+}
+
+enum Input<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F64(PyReadonlyArray2<'py, f64>),
+    Bits(PyReadonlyArray2<'py, u16>, bool),
+}
+
+#[pymethods]
+impl NativeWriter {
+    /// Creates the store folder. `dtype`: store dtype name or None (keep input dtypes);
+    /// `metadata_json`: a JSON object as a string.
+    #[staticmethod]
+    #[pyo3(signature = (path, shard_bytes, overwrite, metadata_json, dtype=None))]
+    fn create(
+        py: Python<'_>,
+        path: PathBuf,
+        shard_bytes: u64,
+        overwrite: bool,
+        metadata_json: &str,
+        dtype: Option<&str>,
+    ) -> PyResult<NativeWriter> {
+        let metadata: serde_json::Value = serde_json::from_str(metadata_json)
+            .map_err(|e| Error::invalid(format!("metadata is not valid JSON: {e}")))
+            .py_err()?;
+        let dtype = dtype.map(parse_dtype).transpose()?;
+        let opts = WriterOptions {
+            shard_bytes,
+            overwrite,
+            metadata,
+            dtype,
+        };
+        let w = py.detach(|| StoreWriter::create(&path, opts)).py_err()?;
+        Ok(NativeWriter { inner: Some(w) })
+    }
+
+    /// Appends a batch. `layers`: list of (name, 2-D C-contiguous array, kind) where kind is
+    /// "float32"/"float64" (array of that dtype) or "float16"/"bfloat16" (uint16 bit patterns).
+    #[pyo3(signature = (layers, row_ids=None, columns=Vec::new()))]
+    fn append<'py>(
+        &mut self,
+        py: Python<'py>,
+        layers: Vec<(String, Bound<'py, PyAny>, String)>,
+        row_ids: Option<PyReadonlyArray1<'py, i64>>,
+        columns: Vec<(String, PyReadonlyArray1<'py, i64>)>,
+    ) -> PyResult<()> {
+        let w = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| Error::invalid("the writer is closed"))
+            .py_err()?;
+        let mut inputs = Vec::with_capacity(layers.len());
+        for (name, arr, kind) in &layers {
+            let inp = match kind.as_str() {
+                "float32" => Input::F32(arr.extract()?),
+                "float64" => Input::F64(arr.extract()?),
+                "float16" => Input::Bits(arr.extract()?, false),
+                "bfloat16" => Input::Bits(arr.extract()?, true),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "layer {name:?}: unsupported kind {other:?}"
+                    )))
+                    .py_err()
+                }
+            };
+            inputs.push((name.as_str(), inp));
+        }
+        let mut datas = Vec::with_capacity(inputs.len());
+        for (name, inp) in &inputs {
+            let bad =
+                || Error::invalid(format!("layer {name:?}: expected a C-contiguous 2-D array"));
+            let (values, shape) = match inp {
+                Input::F32(a) => (
+                    Values::F32(a.as_slice().map_err(|_| bad()).py_err()?),
+                    a.shape(),
+                ),
+                Input::F64(a) => (
+                    Values::F64(a.as_slice().map_err(|_| bad()).py_err()?),
+                    a.shape(),
+                ),
+                Input::Bits(a, bf) => {
+                    let s = a.as_slice().map_err(|_| bad()).py_err()?;
+                    (
+                        if *bf {
+                            Values::BF16Bits(s)
+                        } else {
+                            Values::F16Bits(s)
+                        },
+                        a.shape(),
+                    )
+                }
+            };
+            datas.push((*name, ArrayData::new(values, shape[0], shape[1])));
+        }
+        let ids = match &row_ids {
+            Some(a) => Some(
+                a.as_slice()
+                    .map_err(|_| Error::invalid("row_ids must be a contiguous int64 array"))
+                    .py_err()?,
+            ),
+            None => None,
+        };
+        let mut cols = Vec::with_capacity(columns.len());
+        for (n, a) in &columns {
+            let s = a
+                .as_slice()
+                .map_err(|_| {
+                    Error::invalid(format!("column {n:?} must be a contiguous int64 array"))
+                })
+                .py_err()?;
+            cols.push((n.as_str(), s));
+        }
+        py.detach(|| w.append(&datas, ids, &cols)).py_err()
+    }
+
+    /// Rows appended so far.
+    #[getter]
+    fn rows_appended(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |w| w.rows_appended())
+    }
+
+    /// Rows in finished shards.
+    #[getter]
+    fn rows_committed(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |w| w.rows_committed())
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Writes the remaining rows and marks the store complete. Idempotent.
+    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+        match self.inner.take() {
+            Some(w) => py.detach(|| w.finish()).py_err(),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes without writing the buffered rows (the store keeps its finished shards).
+    fn abort(&mut self) {
+        self.inner = None;
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeStore>()?;
+    m.add_class::<NativeWriter>()?;
     Ok(())
 }

@@ -1,0 +1,397 @@
+"""The activation store: a folder of safetensors shards plus a JSON manifest.
+
+See ``docs/FORMAT.md`` for the normative format. :func:`open_store` (``layerscope.open``)
+validates a store and memory-maps it; :func:`write_store` and :class:`StoreWriter` write one
+atomically shard by shard, so an interrupted capture leaves a valid store of the shards that
+finished. All I/O runs in Rust with the GIL released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .errors import InvalidArgumentError, MismatchError, NonFiniteError
+
+__all__ = ["ActivationStore", "StoreWriter", "open_store", "open", "write_store", "add_cli"]
+
+_DTYPE_ALIASES = {
+    "float16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "float64": "float64",
+    "f64": "float64",
+    "double": "float64",
+}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """Normalise a store dtype given as a string, numpy dtype or torch dtype."""
+    if isinstance(dtype, str):
+        name = dtype.lower()
+    else:
+        name = str(dtype).lower()
+        if name.startswith("torch."):
+            name = name[len("torch.") :]
+        else:
+            try:
+                name = np.dtype(dtype).name
+            except TypeError:
+                pass
+    try:
+        return _DTYPE_ALIASES[name]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"unsupported dtype {dtype!r}; expected float16, bfloat16, float32 or float64"
+        ) from None
+
+
+def _read_dtype(dtype: Any) -> str:
+    name = _dtype_name(dtype)
+    if name not in ("float32", "float64"):
+        raise InvalidArgumentError(f"read dtype must be float32 or float64, got {dtype!r}")
+    return name
+
+
+def _to_native(name: str, x: Any) -> tuple[np.ndarray, str]:
+    """A C-contiguous 2-D array plus its kind (float16/bfloat16 as uint16 bit patterns)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        t = x.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            a, kind = t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+        elif t.dtype == torch.float16:
+            a, kind = t.view(torch.int16).numpy().view(np.uint16), "float16"
+        elif t.dtype in (torch.float32, torch.float64):
+            a = t.numpy()
+            kind = a.dtype.name
+        elif t.is_floating_point() or t.is_complex():
+            raise InvalidArgumentError(f"layer {name!r}: unsupported torch dtype {t.dtype}")
+        else:
+            a, kind = t.numpy().astype(np.float64), "float64"
+    else:
+        a = np.asarray(x)
+        if a.dtype == np.float16:
+            a, kind = a.view(np.uint16), "float16"
+        elif a.dtype.name == "bfloat16":  # ml_dtypes
+            a, kind = a.view(np.uint16), "bfloat16"
+        elif a.dtype in (np.float32, np.float64):
+            kind = a.dtype.name
+        elif a.dtype.kind in "iub":
+            a, kind = a.astype(np.float64), "float64"
+        else:
+            raise InvalidArgumentError(f"layer {name!r}: unsupported dtype {a.dtype}")
+    if a.ndim != 2:
+        raise InvalidArgumentError(
+            f"layer {name!r}: expected a 2-D array [rows, dim], got shape {tuple(a.shape)}"
+        )
+    return np.ascontiguousarray(a), kind
+
+
+def _int64_1d(what: str, x: Any, rows: int | None = None) -> np.ndarray:
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise InvalidArgumentError(f"{what}: expected a 1-D integer array, got {a.dtype} {a.shape}")
+    if rows is not None and a.shape[0] != rows:
+        raise MismatchError(f"{what} has {a.shape[0]} entries for {rows} rows")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+class ActivationStore:
+    """An opened, validated activation store (memory-mapped; cheap to open).
+
+    Attributes: ``path``, ``layers`` (names in manifest order), ``dims`` and ``dtypes``
+    (dicts by layer), ``num_rows``, ``metadata`` (dict), ``shards`` (list of dicts with
+    file, rows, bytes, sha256, start_row), ``columns`` (optional row columns),
+    ``complete`` (False when the writer was interrupted), ``nbytes`` (all shard files).
+    """
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+        self.path = Path(native.path)
+        self.layers: list[str] = list(native.layers)
+        self.dims: dict[str, int] = dict(zip(self.layers, native.dims))
+        self.dtypes: dict[str, str] = dict(zip(self.layers, native.dtypes))
+        self.num_rows: int = int(native.num_rows)
+        self.metadata: dict[str, Any] = json.loads(native.metadata_json)
+        self.shards: list[dict[str, Any]] = list(native.shards)
+        self.columns: list[str] = list(native.columns)
+        self.complete: bool = bool(native.complete)
+        self.nbytes: int = int(native.total_bytes)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.dims
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}[{self.dims[n]}]" for n in self.layers[:6])
+        more = f", … +{len(self.layers) - 6}" if len(self.layers) > 6 else ""
+        dts = sorted(set(self.dtypes.values()))
+        state = "" if self.complete else ", incomplete"
+        return (
+            f"ActivationStore({str(self.path)!r}, rows={self.num_rows}, layers={len(self.layers)} "
+            f"({shown}{more}), dtype={'/'.join(dts) or '-'}, shards={len(self.shards)}{state})"
+        )
+
+    def _check_layer(self, layer: str) -> None:
+        self._native.layer_index(layer)  # MissingLayerError listing the names
+
+    def row_ids(self) -> np.ndarray:
+        """The ``__row_id__`` of every row (int64). Two stores are comparable when these
+        agree in order."""
+        return self._native.row_ids()
+
+    def column(self, name: str) -> np.ndarray | None:
+        """An optional int64 row column (``'__sample__'``, ``'__position__'``,
+        ``'__label__'``…), or None when the store does not have it."""
+        return self._native.column(name)
+
+    def read(
+        self, layer: str, start: int = 0, stop: int | None = None, dtype: Any = np.float32
+    ) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``layer`` as a C-contiguous ``(rows, dim)`` array of
+        float32 or float64 (bf16/f16 convert exactly). NaN/Inf are returned as stored."""
+        kind = _read_dtype(dtype)
+        stop = self.num_rows if stop is None else stop
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.num_rows:
+            raise InvalidArgumentError(
+                f"row range [{start}, {stop}) is not within [0, {self.num_rows}]"
+            )
+        return self._native.read(layer, start, stop, kind)
+
+    def take(self, layer: str, indices: Any, dtype: Any = np.float64) -> np.ndarray:
+        """The rows at ``indices`` (any order, each in ``[0, num_rows)``) of ``layer``."""
+        kind = _read_dtype(dtype)
+        idx = _int64_1d("indices", indices)
+        return self._native.take(layer, idx, kind)
+
+    def blocks(
+        self, layers: Sequence[str] | None = None, block_rows: int = 65536, dtype: Any = np.float32
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield ``(start, {layer: block})`` over all rows in blocks of ``block_rows``."""
+        names = list(self.layers if layers is None else layers)
+        for n in names:
+            self._check_layer(n)
+        if block_rows < 1:
+            raise InvalidArgumentError("block_rows must be at least 1")
+        for start in range(0, self.num_rows, block_rows):
+            stop = min(start + block_rows, self.num_rows)
+            yield start, {n: self.read(n, start, stop, dtype) for n in names}
+
+    def find_nonfinite(self, layer: str) -> int | None:
+        """The first row of ``layer`` holding NaN or ±Inf, or None."""
+        return self._native.find_nonfinite(layer)
+
+    def check_finite(self, layers: Sequence[str] | str | None = None) -> None:
+        """Raise :class:`NonFiniteError` naming the first layer/row with NaN or ±Inf."""
+        names = (
+            [layers] if isinstance(layers, str) else list(self.layers if layers is None else layers)
+        )
+        for n in names:
+            row = self.find_nonfinite(n)
+            if row is not None:
+                raise NonFiniteError(
+                    f"{self.path}: layer {n!r}: non-finite value (NaN/Inf) in row {row}"
+                )
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256 and compare with the manifest
+        (:class:`MismatchError` naming the shard if one differs)."""
+        self._native.verify()
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-ready summary (what ``layerscope info --json`` prints)."""
+        return {
+            "path": str(self.path),
+            "num_rows": self.num_rows,
+            "complete": self.complete,
+            "layers": [
+                {"name": n, "dim": self.dims[n], "dtype": self.dtypes[n]} for n in self.layers
+            ],
+            "columns": self.columns,
+            "shards": self.shards,
+            "bytes": self.nbytes,
+            "metadata": self.metadata,
+        }
+
+
+def open_store(path: str | os.PathLike, *, verify: bool = False) -> ActivationStore:
+    """Open and validate a store (``verify=True`` also checks every shard's sha256)."""
+    return ActivationStore(_native.NativeStore.open(os.fspath(path), verify))
+
+
+open = open_store  # noqa: A001 — ``layerscope.open``
+
+
+def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
+    from . import __version__
+
+    if not isinstance(metadata, (Mapping, type(None))):
+        raise InvalidArgumentError("metadata must be a dict")
+    meta = dict(metadata or {})
+    meta.setdefault("layerscope_version", __version__)
+    try:
+        return json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"metadata is not JSON-serialisable: {e}") from None
+
+
+class StoreWriter:
+    """Write a store batch by batch (usable from a background thread; the GIL is released
+    while writing).
+
+    ``with StoreWriter(path, dtype="bfloat16") as w: w.append({"layer": batch})``.
+    The first append fixes layer names, dims and optional columns. A shard is committed
+    (temp file + rename, then the manifest) whenever ``shard_bytes`` are buffered. On an
+    exception inside ``with``, the buffered rows are dropped, finished shards stay a valid
+    store (``complete=False``) and the exception propagates.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype: Any = None,
+        shard_bytes: int = 256 << 20,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if int(shard_bytes) < 1:
+            raise InvalidArgumentError("shard_bytes must be positive")
+        self.path = Path(path)
+        self._native = _native.NativeWriter.create(
+            os.fspath(path),
+            int(shard_bytes),
+            bool(overwrite),
+            _metadata_json(metadata),
+            None if dtype is None else _dtype_name(dtype),
+        )
+        self.store: ActivationStore | None = None
+
+    @property
+    def rows_written(self) -> int:
+        """Rows appended so far."""
+        return int(self._native.rows_appended)
+
+    def append(
+        self,
+        batch: Mapping[str, Any],
+        row_ids: Any = None,
+        columns: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append one row-aligned batch ``{layer: (rows, dim) array}`` (numpy or torch;
+        torch bf16 is stored bit-exactly). ``row_ids`` default to the running row count."""
+        if not isinstance(batch, Mapping) or not batch:
+            raise InvalidArgumentError("append needs a non-empty dict {layer: 2-D array}")
+        layers = [(str(n), *_to_native(str(n), x)) for n, x in batch.items()]
+        rows = layers[0][1].shape[0]
+        ids = None if row_ids is None else _int64_1d("row_ids", row_ids, rows)
+        cols = [(str(n), _int64_1d(f"column {n!r}", v, rows)) for n, v in (columns or {}).items()]
+        self._native.append(layers, ids, cols)
+
+    def close(self) -> ActivationStore:
+        """Write the remaining rows, mark the store complete and open it."""
+        if self.store is None:
+            self._native.finish()
+            self.store = open_store(self.path)
+        return self.store
+
+    def abort(self) -> None:
+        """Stop without writing buffered rows; finished shards stay a valid store."""
+        self._native.abort()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_store(
+    path: str | os.PathLike,
+    arrays: Mapping[str, Any],
+    *,
+    row_ids: Any = None,
+    dtype: Any = None,
+    shard_bytes: int = 256 << 20,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    columns: Mapping[str, Any] | None = None,
+) -> ActivationStore:
+    """Write ``{layer: (rows, dim) array}`` (numpy or torch) as a store and open it.
+
+    ``dtype`` (float16/bfloat16/float32/float64) converts every layer (round to nearest
+    even); None keeps each array's dtype. ``row_ids`` default to ``0..rows-1``.
+    """
+    if not isinstance(arrays, Mapping) or not arrays:
+        raise InvalidArgumentError("write_store needs a non-empty dict {layer: 2-D array}")
+    w = StoreWriter(
+        path, dtype=dtype, shard_bytes=shard_bytes, metadata=metadata, overwrite=overwrite
+    )
+    try:
+        w.append(arrays, row_ids=row_ids, columns=columns)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _info_cmd(args: argparse.Namespace) -> int:
+    s = open_store(args.path, verify=args.verify)
+    info = s.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    state = "complete" if s.complete else "INCOMPLETE (the writer did not finish)"
+    print(f"store    {s.path}  ({state})")
+    print(f"rows     {s.num_rows}")
+    print(f"shards   {len(s.shards)}  ({_human(s.nbytes)}, {s.nbytes} bytes)")
+    if args.verify:
+        print("checksum ok (sha256 of every shard)")
+    width = max((len(n) for n in s.layers), default=5)
+    print(f"layers   {len(s.layers)}")
+    for n in s.layers:
+        print(f"  {n:<{width}}  dim {s.dims[n]:>6}  {s.dtypes[n]}")
+    if s.columns:
+        print(f"columns  {', '.join(s.columns)}")
+    if s.metadata:
+        print(f"metadata {json.dumps(s.metadata, sort_keys=True)}")
+    return 0
+
+
+def add_cli(sub: Any) -> None:
+    """Register ``layerscope info PATH [--json] [--verify]``."""
+    p = sub.add_parser("info", help="describe a store: layers, dims, dtypes, rows, shards, bytes")
+    p.add_argument("path", help="store folder")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    p.set_defaults(func=_info_cmd)

@@ -1,0 +1,360 @@
+//! Element types of the store and the conversion of stored little-endian bytes to `f32`/`f64`.
+//!
+//! Stored data may be unaligned inside a shard (tensors follow each other without padding), so
+//! every conversion reads elements with `from_le_bytes` from byte chunks; no pointer casts.
+//! bf16 → f32 is exact (`bits << 16`); f16 → f32/f64 is exact (`half`); f64 → f32 rounds to
+//! nearest-even (the only lossy read).
+use std::fmt;
+
+/// The dtype of a stored layer (safetensors names `F16`, `BF16`, `F32`, `F64`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+
+    /// The safetensors / manifest spelling (`"BF16"`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F32 => "F32",
+            DType::F64 => "F64",
+        }
+    }
+
+    /// The numpy-style spelling (`"bfloat16"`, `"float32"`, …).
+    pub fn numpy_name(self) -> &'static str {
+        match self {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+        }
+    }
+
+    /// Parses the safetensors spelling; `None` for anything else (including valid safetensors
+    /// dtypes that a layer may not have, such as `I64`).
+    pub fn from_name(s: &str) -> Option<DType> {
+        match s {
+            "F16" => Some(DType::F16),
+            "BF16" => Some(DType::BF16),
+            "F32" => Some(DType::F32),
+            "F64" => Some(DType::F64),
+            _ => None,
+        }
+    }
+
+    /// Parses either spelling (`"BF16"`, `"bfloat16"`, `"float32"`, `"f32"`…), case-insensitive.
+    pub fn parse(s: &str) -> Option<DType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" | "float16" | "half" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            "f32" | "float32" | "float" => Some(DType::F32),
+            "f64" | "float64" | "double" => Some(DType::F64),
+            _ => None,
+        }
+    }
+
+    /// True when the element bit pattern starting at `b` (little endian) is NaN or ±Inf.
+    #[inline]
+    fn nonfinite_at(self, b: &[u8]) -> bool {
+        match self {
+            DType::BF16 => {
+                let v = u16::from_le_bytes([b[0], b[1]]);
+                v & 0x7f80 == 0x7f80
+            }
+            DType::F16 => {
+                let v = u16::from_le_bytes([b[0], b[1]]);
+                v & 0x7c00 == 0x7c00
+            }
+            DType::F32 => {
+                let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                v & 0x7f80_0000 == 0x7f80_0000
+            }
+            DType::F64 => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&b[..8]);
+                u64::from_le_bytes(a) & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+            }
+        }
+    }
+
+    /// Index of the first NaN/±Inf element in `bytes` (a whole number of elements).
+    pub fn first_nonfinite(self, bytes: &[u8]) -> Option<usize> {
+        bytes
+            .chunks_exact(self.size())
+            .position(|c| self.nonfinite_at(c))
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A numeric type that stored elements can be read as (`f32` or `f64`).
+pub trait Element: Copy + Send + Sync + Default + 'static {
+    /// `"f32"` or `"f64"`.
+    const NAME: &'static str;
+    /// Converts `dst.len()` elements of `dtype` from the little-endian bytes `src`
+    /// (`src.len() == dst.len() * dtype.size()`; extra bytes are ignored, missing ones leave
+    /// the tail of `dst` untouched — callers pass exact lengths).
+    fn convert(dtype: DType, src: &[u8], dst: &mut [Self]);
+    fn is_finite(self) -> bool;
+    fn to_f64(self) -> f64;
+}
+
+#[inline]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+impl Element for f32 {
+    const NAME: &'static str = "f32";
+    fn convert(dtype: DType, src: &[u8], dst: &mut [f32]) {
+        match dtype {
+            DType::BF16 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+            DType::F16 => {
+                // Stage through an aligned u16 buffer so that `half` can use F16C when present.
+                let mut tmp = [half::f16::ZERO; 256];
+                for (dc, sc) in dst.chunks_mut(256).zip(src.chunks(512)) {
+                    let n = dc.len().min(sc.len() / 2);
+                    for (t, c) in tmp[..n].iter_mut().zip(sc.chunks_exact(2)) {
+                        *t = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                    }
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&tmp[..n], &mut dc[..n]);
+                }
+            }
+            DType::F32 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::F64 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    *d = f64::from_le_bytes(a) as f32;
+                }
+            }
+        }
+    }
+    #[inline]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Element for f64 {
+    const NAME: &'static str = "f64";
+    fn convert(dtype: DType, src: &[u8], dst: &mut [f64]) {
+        match dtype {
+            DType::BF16 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64;
+                }
+            }
+            DType::F16 => {
+                let mut tmp = [half::f16::ZERO; 256];
+                for (dc, sc) in dst.chunks_mut(256).zip(src.chunks(512)) {
+                    let n = dc.len().min(sc.len() / 2);
+                    for (t, c) in tmp[..n].iter_mut().zip(sc.chunks_exact(2)) {
+                        *t = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                    }
+                    half::slice::HalfFloatSliceExt::convert_to_f64_slice(&tmp[..n], &mut dc[..n]);
+                }
+            }
+            DType::F32 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+                }
+            }
+            DType::F64 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    *d = f64::from_le_bytes(a);
+                }
+            }
+        }
+    }
+    #[inline]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Input values handed to the writer: native floats or raw 16-bit patterns.
+#[derive(Debug, Clone, Copy)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    /// IEEE half-precision bit patterns.
+    F16Bits(&'a [u16]),
+    /// bfloat16 bit patterns (e.g. a torch bf16 tensor viewed as uint16).
+    BF16Bits(&'a [u16]),
+}
+
+impl Values<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F64(v) => v.len(),
+            Values::F16Bits(v) | Values::BF16Bits(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The dtype these values are in.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Values::F32(_) => DType::F32,
+            Values::F64(_) => DType::F64,
+            Values::F16Bits(_) => DType::F16,
+            Values::BF16Bits(_) => DType::BF16,
+        }
+    }
+
+    /// Appends elements `[from, to)` converted to `dtype` (little endian) to `out`.
+    /// Conversions round to nearest-even (`half`); same-dtype copies are bit exact, NaN/Inf
+    /// are kept.
+    pub fn encode_into(&self, from: usize, to: usize, dtype: DType, out: &mut Vec<u8>) {
+        out.reserve((to - from) * dtype.size());
+        macro_rules! enc {
+            ($src:expr, $f:expr) => {
+                for &x in &$src[from..to] {
+                    out.extend_from_slice(&$f(x));
+                }
+            };
+        }
+        use half::{bf16, f16};
+        match (*self, dtype) {
+            (Values::F32(s), DType::F32) => enc!(s, |x: f32| x.to_le_bytes()),
+            (Values::F32(s), DType::F64) => enc!(s, |x: f32| (x as f64).to_le_bytes()),
+            (Values::F32(s), DType::F16) => {
+                enc!(s, |x: f32| f16::from_f32(x).to_bits().to_le_bytes())
+            }
+            (Values::F32(s), DType::BF16) => {
+                enc!(s, |x: f32| bf16::from_f32(x).to_bits().to_le_bytes())
+            }
+            (Values::F64(s), DType::F32) => enc!(s, |x: f64| (x as f32).to_le_bytes()),
+            (Values::F64(s), DType::F64) => enc!(s, |x: f64| x.to_le_bytes()),
+            (Values::F64(s), DType::F16) => {
+                enc!(s, |x: f64| f16::from_f64(x).to_bits().to_le_bytes())
+            }
+            (Values::F64(s), DType::BF16) => {
+                enc!(s, |x: f64| bf16::from_f64(x).to_bits().to_le_bytes())
+            }
+            (Values::F16Bits(s), DType::F16) | (Values::BF16Bits(s), DType::BF16) => {
+                enc!(s, |x: u16| x.to_le_bytes())
+            }
+            (Values::F16Bits(s), DType::F32) => {
+                enc!(s, |x: u16| f16::from_bits(x).to_f32().to_le_bytes())
+            }
+            (Values::F16Bits(s), DType::F64) => {
+                enc!(s, |x: u16| f16::from_bits(x).to_f64().to_le_bytes())
+            }
+            (Values::F16Bits(s), DType::BF16) => {
+                enc!(s, |x: u16| bf16::from_f32(f16::from_bits(x).to_f32())
+                    .to_bits()
+                    .to_le_bytes())
+            }
+            (Values::BF16Bits(s), DType::F32) => enc!(s, |x: u16| bf16_to_f32(x).to_le_bytes()),
+            (Values::BF16Bits(s), DType::F64) => {
+                enc!(s, |x: u16| (bf16_to_f32(x) as f64).to_le_bytes())
+            }
+            (Values::BF16Bits(s), DType::F16) => {
+                enc!(s, |x: u16| f16::from_f32(bf16_to_f32(x))
+                    .to_bits()
+                    .to_le_bytes())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_and_f16_exact() {
+        let vals = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            3.140625,
+            65504.0,
+            1e-3,
+            f32::INFINITY,
+        ];
+        for &v in &vals {
+            let b = half::bf16::from_f32(v);
+            let bytes = b.to_bits().to_le_bytes();
+            let mut out = [0f32; 1];
+            f32::convert(DType::BF16, &bytes, &mut out);
+            assert_eq!(out[0].to_bits(), b.to_f32().to_bits());
+            let h = half::f16::from_f32(v);
+            let bytes = h.to_bits().to_le_bytes();
+            let mut out64 = [0f64; 1];
+            f64::convert(DType::F16, &bytes, &mut out64);
+            assert_eq!(out64[0], h.to_f64());
+        }
+    }
+
+    #[test]
+    fn long_f16_slice_and_unaligned() {
+        let n = 1000;
+        let src: Vec<u16> = (0..n)
+            .map(|i| half::f16::from_f32(i as f32 * 0.25 - 7.0).to_bits())
+            .collect();
+        let mut bytes = vec![0u8]; // force odd alignment
+        for s in &src {
+            bytes.extend_from_slice(&s.to_le_bytes());
+        }
+        let mut out = vec![0f32; n];
+        f32::convert(DType::F16, &bytes[1..], &mut out);
+        for (i, o) in out.iter().enumerate() {
+            assert_eq!(*o, i as f32 * 0.25 - 7.0);
+        }
+    }
+
+    #[test]
+    fn nonfinite_detection() {
+        for dt in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+            let mut bytes = Vec::new();
+            Values::F64(&[1.0, 2.0, f64::NAN, 3.0]).encode_into(0, 4, dt, &mut bytes);
+            assert_eq!(dt.first_nonfinite(&bytes), Some(2), "{dt}");
+            let mut bytes = Vec::new();
+            Values::F64(&[1.0, -65000.0]).encode_into(0, 2, dt, &mut bytes);
+            assert_eq!(dt.first_nonfinite(&bytes), None, "{dt}");
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! The validated, memory-mapped store reader.
+use super::dtype::{DType, Element};
+use super::manifest::{LayerInfo, Manifest, ShardInfo, MANIFEST_NAME, MAX_MANIFEST_BYTES, ROW_ID};
+use super::shard::{parse_header, TensorDType, TensorEntry};
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Elements per parallel task when converting (about 1 MiB of f32 output).
+const PAR_CHUNK_ELEMS: usize = 1 << 18;
+
+/// Options of [`Store::open_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Hash every shard file and compare with the manifest's sha256 (reads all data once).
+    pub verify_checksums: bool,
+}
+
+/// One mapped shard with the byte ranges of its tensors (absolute within the file).
+struct Shard {
+    info: ShardInfo,
+    path: PathBuf,
+    map: Mmap,
+    /// Per manifest layer.
+    layers: Vec<Range<usize>>,
+    row_id: Range<usize>,
+    /// Per manifest column.
+    columns: Vec<Range<usize>>,
+}
+
+/// A row block of several layers: `data[i]` is the row-major `rows × dim_i` block of the
+/// i-th selected layer, rows `[start, start + rows)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block<T> {
+    pub start: u64,
+    pub rows: usize,
+    pub data: Vec<Vec<T>>,
+}
+
+/// An opened activation store (see docs/FORMAT.md). Cheap to share across threads (`Sync`):
+/// every read is a pure function of the immutable mapped files.
+///
+/// Safety note on mmap: the shards are mapped read-only; a shard truncated by another process
+/// while mapped can make the OS raise SIGBUS. The writer never modifies a finished shard (it
+/// writes new files and renames them), so this only happens when someone else edits a store.
+pub struct Store {
+    path: PathBuf,
+    manifest: Manifest,
+    shards: Vec<Shard>,
+    shard_starts: Vec<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("layers", &self.manifest.layers)
+            .field("num_rows", &self.manifest.num_rows)
+            .field("shards", &self.manifest.shards.len())
+            .finish()
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in d {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+impl Store {
+    /// Opens and validates a store (sizes always; checksums only with
+    /// [`Store::open_with`]`(.., OpenOptions { verify_checksums: true })` or [`Store::verify`]).
+    pub fn open(path: &Path) -> Result<Store> {
+        Store::open_with(path, OpenOptions::default())
+    }
+
+    pub fn open_with(path: &Path, opts: OpenOptions) -> Result<Store> {
+        let md = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                path: path.to_path_buf(),
+                msg: "no such store folder".into(),
+            },
+            _ => Error::io(path, e),
+        })?;
+        if !md.is_dir() {
+            return Err(Error::format(
+                path,
+                "a store is a folder (with layerscope.json); this is a file",
+            ));
+        }
+        let mpath = path.join(MANIFEST_NAME);
+        let mfile = File::open(&mpath).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                path: mpath.clone(),
+                msg: "no manifest: not a layerscope store (or the writer never finished a shard)"
+                    .into(),
+            },
+            _ => Error::io(&mpath, e),
+        })?;
+        let mlen = mfile.metadata().map_err(|e| Error::io(&mpath, e))?.len();
+        if mlen > MAX_MANIFEST_BYTES {
+            return Err(Error::format(
+                &mpath,
+                format!("manifest of {mlen} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit"),
+            ));
+        }
+        let mbytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        let manifest = Manifest::parse(&mbytes, &mpath)?;
+        let root = path.canonicalize().map_err(|e| Error::io(path, e))?;
+        let shards = manifest
+            .shards
+            .par_iter()
+            .map(|info| open_shard(&root, info, &manifest))
+            .collect::<Result<Vec<_>>>()?;
+        let shard_starts = manifest.shards.iter().map(|s| s.start_row).collect();
+        let store = Store {
+            path: path.to_path_buf(),
+            manifest,
+            shards,
+            shard_starts,
+        };
+        if opts.verify_checksums {
+            store.verify()?;
+        }
+        Ok(store)
+    }
+
+    /// Recomputes the sha256 of every shard file and compares it with the manifest.
+    /// Error::Mismatch naming the first shard that differs.
+    pub fn verify(&self) -> Result<()> {
+        self.shards.par_iter().try_for_each(|s| {
+            let got = sha256_hex(&s.map);
+            if got != s.info.sha256 {
+                return Err(Error::Mismatch(format!(
+                    "{}: sha256 {got} differs from the manifest's {} (the shard was modified or corrupted)",
+                    s.path.display(),
+                    s.info.sha256
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.manifest.layers
+    }
+    pub fn num_rows(&self) -> u64 {
+        self.manifest.num_rows
+    }
+    pub fn metadata(&self) -> &Value {
+        &self.manifest.metadata
+    }
+    pub fn shards(&self) -> &[ShardInfo] {
+        &self.manifest.shards
+    }
+    /// Names of the optional row columns (`__sample__`, …) present in every shard.
+    pub fn columns(&self) -> &[String] {
+        &self.manifest.columns
+    }
+    /// False when the writer did not call `finish` (interrupted capture).
+    pub fn is_complete(&self) -> bool {
+        self.manifest.complete
+    }
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// Total bytes of all shard files.
+    pub fn total_bytes(&self) -> u64 {
+        self.manifest.shards.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Index of a layer by name; Error::MissingLayer listing the available names.
+    pub fn layer_index(&self, name: &str) -> Result<usize> {
+        self.manifest
+            .layers
+            .iter()
+            .position(|l| l.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self
+                    .manifest
+                    .layers
+                    .iter()
+                    .map(|l| l.name.as_str())
+                    .collect();
+                Error::MissingLayer(format!(
+                    "layer {name:?} not found in {}; available: {}",
+                    self.path.display(),
+                    names.join(", ")
+                ))
+            })
+    }
+
+    fn layer(&self, layer: usize) -> Result<&LayerInfo> {
+        self.manifest.layers.get(layer).ok_or_else(|| {
+            Error::invalid(format!(
+                "layer index {layer} out of range (the store has {} layers)",
+                self.manifest.layers.len()
+            ))
+        })
+    }
+
+    fn check_range(&self, start: u64, stop: u64) -> Result<()> {
+        if start > stop || stop > self.manifest.num_rows {
+            return Err(Error::invalid(format!(
+                "row range [{start}, {stop}) is not within [0, {}]",
+                self.manifest.num_rows
+            )));
+        }
+        Ok(())
+    }
+
+    /// Index of the shard holding global row `row` (row < num_rows).
+    fn shard_of(&self, row: u64) -> usize {
+        self.shard_starts
+            .partition_point(|&s| s <= row)
+            .saturating_sub(1)
+    }
+
+    fn read_i64(&self, pick: impl Fn(&Shard) -> &Range<usize>) -> Result<Vec<i64>> {
+        let mut out = Vec::with_capacity(self.manifest.num_rows as usize);
+        for s in &self.shards {
+            let bytes = s
+                .map
+                .get(pick(s).clone())
+                .ok_or_else(|| internal(&s.path))?;
+            out.extend(bytes.chunks_exact(8).map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                i64::from_le_bytes(a)
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The `__row_id__` of every row, in order.
+    pub fn row_ids(&self) -> Result<Vec<i64>> {
+        self.read_i64(|s| &s.row_id)
+    }
+
+    /// An optional row column (`__sample__`, …); `None` when the store does not have it.
+    pub fn column(&self, name: &str) -> Result<Option<Vec<i64>>> {
+        if name == ROW_ID {
+            return self.row_ids().map(Some);
+        }
+        match self.manifest.columns.iter().position(|c| c == name) {
+            None => Ok(None),
+            Some(i) => self.read_i64(|s| &s.columns[i]).map(Some),
+        }
+    }
+
+    /// Serial fill of `out` (a whole number of rows) with rows from `row` on.
+    fn fill<T: Element>(
+        &self,
+        layer: usize,
+        dtype: DType,
+        dim: usize,
+        mut row: u64,
+        mut out: &mut [T],
+    ) -> Result<()> {
+        let esize = dtype.size();
+        while !out.is_empty() {
+            let si = self.shard_of(row);
+            let s = self.shards.get(si).ok_or_else(|| internal(&self.path))?;
+            let local = (row - s.info.start_row) as usize;
+            let avail = s.info.rows as usize - local;
+            let take = avail.min(out.len() / dim);
+            if take == 0 {
+                return Err(internal(&s.path));
+            }
+            let r = s.layers.get(layer).ok_or_else(|| internal(&s.path))?;
+            let b0 = r.start + local * dim * esize;
+            let src = s
+                .map
+                .get(b0..b0 + take * dim * esize)
+                .ok_or_else(|| internal(&s.path))?;
+            let (head, tail) = out.split_at_mut(take * dim);
+            T::convert(dtype, src, head);
+            out = tail;
+            row += take as u64;
+        }
+        Ok(())
+    }
+
+    /// Rows `[start, stop)` of one layer, row-major (`(stop-start) × dim`), across shards,
+    /// converted to `T` (bf16/f16 exactly; f64 → f32 rounds). Nothing is dropped: NaN/Inf
+    /// come through as stored (see [`Store::find_nonfinite`]). Parallel over row chunks.
+    pub fn read_rows<T: Element>(&self, layer: usize, start: u64, stop: u64) -> Result<Vec<T>> {
+        let info = self.layer(layer)?;
+        self.check_range(start, stop)?;
+        let (dim, dtype) = (info.dim, info.dtype);
+        let n = ((stop - start) as usize)
+            .checked_mul(dim)
+            .ok_or_else(|| Error::Memory("requested block too large".into()))?;
+        let mut out = vec![T::default(); n];
+        let chunk_rows = (PAR_CHUNK_ELEMS / dim).max(1);
+        if n <= PAR_CHUNK_ELEMS {
+            self.fill(layer, dtype, dim, start, &mut out)?;
+        } else {
+            out.par_chunks_mut(chunk_rows * dim)
+                .enumerate()
+                .try_for_each(|(i, c)| {
+                    self.fill(layer, dtype, dim, start + (i * chunk_rows) as u64, c)
+                })?;
+        }
+        Ok(out)
+    }
+
+    /// Rows `[start, stop)` of several layers (one row-major Vec per layer, in the given
+    /// order). Parallel over layers and row chunks.
+    pub fn read_block<T: Element>(
+        &self,
+        layers: &[usize],
+        start: u64,
+        stop: u64,
+    ) -> Result<Vec<Vec<T>>> {
+        for &l in layers {
+            self.layer(l)?;
+        }
+        self.check_range(start, stop)?;
+        layers
+            .par_iter()
+            .map(|&l| self.read_rows(l, start, stop))
+            .collect()
+    }
+
+    /// The rows at `rows` (any order, repeats allowed; each < num_rows) of one layer,
+    /// row-major `rows.len() × dim`.
+    pub fn take<T: Element>(&self, layer: usize, rows: &[u64]) -> Result<Vec<T>> {
+        let info = self.layer(layer)?;
+        let (dim, dtype) = (info.dim, info.dtype);
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.manifest.num_rows) {
+            return Err(Error::invalid(format!(
+                "row {bad} out of range (the store has {} rows)",
+                self.manifest.num_rows
+            )));
+        }
+        let n = rows
+            .len()
+            .checked_mul(dim)
+            .ok_or_else(|| Error::Memory("requested block too large".into()))?;
+        let mut out = vec![T::default(); n];
+        out.par_chunks_mut(dim)
+            .zip(rows.par_iter())
+            .with_min_len((PAR_CHUNK_ELEMS / dim).max(1))
+            .try_for_each(|(o, &r)| self.fill(layer, dtype, dim, r, o))?;
+        Ok(out)
+    }
+
+    /// An iterator of row blocks of `block_rows` rows (the last may be shorter) over the
+    /// selected layers, across all shards. Errors (bad layer index, `block_rows == 0`) come as
+    /// the first item.
+    pub fn blocks<T: Element>(
+        &self,
+        layers: &[usize],
+        block_rows: usize,
+    ) -> impl Iterator<Item = Result<Block<T>>> + '_ {
+        let mut err = None;
+        if block_rows == 0 {
+            err = Some(Error::invalid("block_rows must be at least 1"));
+        } else if let Some(e) = layers.iter().find_map(|&l| self.layer(l).err()) {
+            err = Some(e);
+        }
+        Blocks {
+            store: self,
+            layers: layers.to_vec(),
+            block_rows,
+            next: 0,
+            err,
+            done: false,
+            _t: std::marker::PhantomData,
+        }
+    }
+
+    /// The first row of `layer` holding a NaN or ±Inf, or `None` when all are finite.
+    pub fn find_nonfinite(&self, layer: usize) -> Result<Option<u64>> {
+        let info = self.layer(layer)?;
+        let (dim, dtype) = (info.dim, info.dtype);
+        let esize = dtype.size();
+        // (shard, chunk) tasks in row order; find_map_first keeps the earliest hit.
+        let mut tasks = Vec::new();
+        for (si, s) in self.shards.iter().enumerate() {
+            let rows = s.info.rows as usize;
+            let step = (PAR_CHUNK_ELEMS / dim).max(1);
+            let mut r = 0;
+            while r < rows {
+                tasks.push((si, r, (r + step).min(rows)));
+                r += step;
+            }
+        }
+        let hit = tasks.par_iter().find_map_first(|&(si, r0, r1)| {
+            let s = self.shards.get(si)?;
+            let b0 = s.layers.get(layer)?.start + r0 * dim * esize;
+            let bytes = s.map.get(b0..b0 + (r1 - r0) * dim * esize)?;
+            dtype
+                .first_nonfinite(bytes)
+                .map(|i| s.info.start_row + (r0 + i / dim) as u64)
+        });
+        Ok(hit)
+    }
+}
+
+fn internal(path: &Path) -> Error {
+    Error::format(
+        path,
+        "internal inconsistency between validated header and data (please report)",
+    )
+}
+
+struct Blocks<'a, T> {
+    store: &'a Store,
+    layers: Vec<usize>,
+    block_rows: usize,
+    next: u64,
+    err: Option<Error>,
+    done: bool,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Element> Iterator for Blocks<'_, T> {
+    type Item = Result<Block<T>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if let Some(e) = self.err.take() {
+            self.done = true;
+            return Some(Err(e));
+        }
+        let n = self.store.num_rows();
+        if self.next >= n {
+            self.done = true;
+            return None;
+        }
+        let start = self.next;
+        let stop = (start + self.block_rows as u64).min(n);
+        self.next = stop;
+        match self.store.read_block(&self.layers, start, stop) {
+            Ok(data) => Some(Ok(Block {
+                start,
+                rows: (stop - start) as usize,
+                data,
+            })),
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Opens, maps and validates one shard against the manifest.
+fn open_shard(root: &Path, info: &ShardInfo, m: &Manifest) -> Result<Shard> {
+    let path = root.join(&info.file);
+    let real = path.canonicalize().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound {
+            path: path.clone(),
+            msg: "shard listed in the manifest is missing".into(),
+        },
+        _ => Error::io(&path, e),
+    })?;
+    if real.parent() != Some(root) {
+        return Err(Error::format(
+            &path,
+            format!(
+                "shard resolves to {} which is outside the store folder",
+                real.display()
+            ),
+        ));
+    }
+    let file = File::open(&real).map_err(|e| Error::io(&path, e))?;
+    let md = file.metadata().map_err(|e| Error::io(&path, e))?;
+    if !md.is_file() {
+        return Err(Error::format(&path, "shard is not a regular file"));
+    }
+    let size = md.len();
+    if size < 8 {
+        return Err(Error::format(
+            &path,
+            format!("file of {size} bytes is too short for a safetensors header (truncated?)"),
+        ));
+    }
+    // SAFETY: read-only private map of a regular file; see the note on `Store`.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+    let entries = parse_header(&map, &path)?;
+    let by_name: HashMap<&str, &TensorEntry> =
+        entries.iter().map(|t| (t.name.as_str(), t)).collect();
+    // rows consistent across the layers of this shard first (a shard-internal format error)
+    let mut first: Option<(&str, u64)> = None;
+    for l in &m.layers {
+        if let Some(t) = by_name.get(l.name.as_str()) {
+            if let Some(&r) = t.shape.first() {
+                match first {
+                    None => first = Some((&l.name, r)),
+                    Some((n0, r0)) if r0 != r => {
+                        return Err(Error::format(
+                            &path,
+                            format!("rows differ across layers: tensor {n0:?} has {r0} rows, tensor {:?} has {r}", l.name),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let rows = info.rows;
+    let mut layers = Vec::with_capacity(m.layers.len());
+    for l in &m.layers {
+        let t = by_name.get(l.name.as_str()).ok_or_else(|| {
+            Error::Mismatch(format!(
+                "{}: layer {:?} of the manifest is not in the shard",
+                path.display(),
+                l.name
+            ))
+        })?;
+        match t.dtype {
+            TensorDType::Float(d) if d == l.dtype => {}
+            other => {
+                return Err(Error::Mismatch(format!(
+                    "{}: tensor {:?} has dtype {}, the manifest says {}",
+                    path.display(),
+                    l.name,
+                    other.name(),
+                    l.dtype
+                )))
+            }
+        }
+        if t.shape.len() != 2 {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "tensor {:?}: expected a 2-D [rows, dim] tensor, got shape {:?}",
+                    l.name, t.shape
+                ),
+            ));
+        }
+        if t.shape[1] != l.dim as u64 {
+            return Err(Error::Mismatch(format!(
+                "{}: tensor {:?} has dim {}, the manifest says {}",
+                path.display(),
+                l.name,
+                t.shape[1],
+                l.dim
+            )));
+        }
+        if t.shape[0] != rows {
+            return Err(Error::Mismatch(format!(
+                "{}: tensor {:?} has {} rows, the manifest says {rows}",
+                path.display(),
+                l.name,
+                t.shape[0]
+            )));
+        }
+        layers.push(t.range.clone());
+    }
+    let i64_col = |name: &str| -> Result<Range<usize>> {
+        let t = by_name.get(name).ok_or_else(|| {
+            Error::format(
+                &path,
+                format!("tensor {name:?} missing (every shard needs it)"),
+            )
+        })?;
+        if t.dtype != TensorDType::I64 || t.shape != [rows] {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "tensor {name:?}: expected I64 [{rows}], got {} {:?}",
+                    t.dtype.name(),
+                    t.shape
+                ),
+            ));
+        }
+        Ok(t.range.clone())
+    };
+    let row_id = i64_col(ROW_ID)?;
+    let columns = m
+        .columns
+        .iter()
+        .map(|c| i64_col(c))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(extra) = entries.iter().find(|t| {
+        t.name != ROW_ID
+            && !m.columns.contains(&t.name)
+            && !m.layers.iter().any(|l| l.name == t.name)
+    }) {
+        return Err(Error::Mismatch(format!(
+            "{}: tensor {:?} is not in the manifest",
+            path.display(),
+            extra.name
+        )));
+    }
+    if size != info.bytes {
+        return Err(Error::Mismatch(format!(
+            "{}: shard has {size} bytes but the manifest says {}",
+            path.display(),
+            info.bytes
+        )));
+    }
+    Ok(Shard {
+        info: info.clone(),
+        path,
+        map,
+        layers,
+        row_id,
+        columns,
+    })
+}

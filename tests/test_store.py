@@ -1,0 +1,325 @@
+"""Round trips, conversions, interoperability, atomicity and CLI of the activation store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import layerscope as ls
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from layerscope.cli import main as cli_main
+from layerscope.errors import (
+    InvalidArgumentError,
+    MismatchError,
+    MissingLayerError,
+    NonFiniteError,
+    StoreExistsError,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def _data(rows: int, dim: int, dtype=np.float32, offset: float = 300.0) -> np.ndarray:
+    # LLM-like: large per-feature offsets on top of unit spread
+    return (RNG.standard_normal((rows, dim)) + offset * RNG.standard_normal(dim)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_roundtrip_exact_many_shards(tmp_path: Path, dtype) -> None:
+    a, b = _data(97, 5, dtype), _data(97, 3, dtype)
+    s = ls.write_store(tmp_path / "s", {"a": a, "b": b}, shard_bytes=500, metadata={"model": "m"})
+    assert len(s.shards) > 5
+    assert s.layers == ["a", "b"]
+    assert s.dims == {"a": 5, "b": 3}
+    assert s.dtypes == {"a": np.dtype(dtype).name, "b": np.dtype(dtype).name}
+    assert len(s) == s.num_rows == 97
+    assert s.complete
+    assert s.metadata["model"] == "m"
+    np.testing.assert_array_equal(s.read("a", dtype=dtype), a)
+    np.testing.assert_array_equal(s.read("b", 13, 71, dtype=dtype), b[13:71])
+    assert s.read("a", 5, 5).shape == (0, 5)
+    idx = np.array([96, 0, 40, 40, 7])
+    np.testing.assert_array_equal(s.take("b", idx, dtype=dtype), b[idx])
+    np.testing.assert_array_equal(s.row_ids(), np.arange(97))
+    blocks = list(s.blocks(["b"], block_rows=30, dtype=dtype))
+    assert [st for st, _ in blocks] == [0, 30, 60, 90]
+    np.testing.assert_array_equal(np.concatenate([blk["b"] for _, blk in blocks]), b)
+    s.verify()
+    again = ls.open(s.path, verify=True)
+    assert again.shards == s.shards
+    assert "rows=97" in repr(s) and "a[5]" in repr(s)
+
+
+def test_f64_read_as_f32_rounds_to_nearest(tmp_path: Path) -> None:
+    a = _data(10, 4, np.float64)
+    s = ls.write_store(tmp_path / "s", {"a": a})
+    np.testing.assert_array_equal(s.read("a"), a.astype(np.float32))
+
+
+def test_bf16_f16_conversion_matches_torch_numpy(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    x = np.concatenate(
+        [_data(50, 6), np.array([[0, -0.0, 1e-8, 65504, -3.3e38, 1e-3]], np.float32)]
+    )
+    sb = ls.write_store(tmp_path / "bf", {"x": x}, dtype="bfloat16", shard_bytes=200)
+    want_b = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(sb.read("x"), want_b)
+    np.testing.assert_array_equal(sb.read("x", dtype=np.float64), want_b.astype(np.float64))
+    sh = ls.write_store(tmp_path / "h", {"x": x}, dtype=np.float16)
+    with np.errstate(over="ignore"):
+        want_h = x.astype(np.float16)  # -3.3e38 overflows to -inf in both
+    np.testing.assert_array_equal(sh.read("x"), want_h.astype(np.float32))
+    # torch bf16 / numpy f16 inputs pass through bit-exactly
+    t = torch.from_numpy(x).to(torch.bfloat16)
+    st_ = ls.write_store(tmp_path / "tb", {"x": t})
+    assert st_.dtypes == {"x": "bfloat16"}
+    np.testing.assert_array_equal(st_.read("x"), t.float().numpy())
+    sf = ls.write_store(tmp_path / "nf", {"x": want_h})
+    assert sf.dtypes == {"x": "float16"}
+    np.testing.assert_array_equal(sf.read("x", dtype="float64"), want_h.astype(np.float64))
+
+
+def test_shards_readable_by_safetensors(tmp_path: Path) -> None:
+    sn = pytest.importorskip("safetensors.numpy")
+    a, b = _data(40, 5), _data(40, 2)
+    s = ls.write_store(
+        tmp_path / "s",
+        {"a": a, "b": b},
+        shard_bytes=600,
+        dtype="float16",
+        row_ids=np.arange(40) * 10,
+        columns={"__label__": np.arange(40) % 3},
+    )
+    got_a, got_ids, got_lab = [], [], []
+    for sh in s.shards:
+        t = sn.load_file(str(s.path / sh["file"]))
+        assert set(t) == {"a", "b", "__row_id__", "__label__"}
+        got_a.append(t["a"])
+        got_ids.append(t["__row_id__"])
+        got_lab.append(t["__label__"])
+    np.testing.assert_array_equal(np.concatenate(got_a), a.astype(np.float16))
+    np.testing.assert_array_equal(np.concatenate(got_ids), np.arange(40) * 10)
+    np.testing.assert_array_equal(np.concatenate(got_lab), np.arange(40) % 3)
+    np.testing.assert_array_equal(s.column("__label__"), np.arange(40) % 3)
+    assert s.column("__sample__") is None
+
+
+def test_bf16_shards_readable_by_safetensors_torch(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    stt = pytest.importorskip("safetensors.torch")
+    x = _data(30, 4)
+    s = ls.write_store(tmp_path / "s", {"x": x}, dtype="bfloat16", shard_bytes=100)
+    parts = [stt.load_file(str(s.path / sh["file"]))["x"] for sh in s.shards]
+    got = torch.cat(parts)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.from_numpy(x).to(torch.bfloat16))
+
+
+_DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _expected(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float64)
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.from_numpy(x).to(torch.bfloat16).double().numpy()
+    return x.astype(dtype).astype(np.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from(_DTYPES),
+    rows=st.integers(1, 40),
+    dims=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    shard_bytes=st.sampled_from([1, 64, 300, 1 << 20]),
+    split=st.integers(0, 40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_hypothesis_roundtrip(
+    tmp_path_factory, dtype, rows, dims, shard_bytes, split, seed
+) -> None:
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    arrays = {
+        f"l{i}": (rng.standard_normal((rows, d)) * 10).astype(np.float32)
+        for i, d in enumerate(dims)
+    }
+    ids = rng.permutation(rows).astype(np.int64) - 5
+    path = tmp_path_factory.mktemp("h") / "s"
+    split = min(split, rows)
+    with ls.StoreWriter(path, dtype=dtype, shard_bytes=shard_bytes) as w:
+        for lo, hi in [(0, split), (split, rows)]:
+            if hi > lo:
+                w.append({k: v[lo:hi] for k, v in arrays.items()}, row_ids=ids[lo:hi])
+        assert w.rows_written == rows
+    s = w.store
+    assert s is not None and s.num_rows == rows
+    if shard_bytes == 1:
+        assert len(s.shards) == rows
+    np.testing.assert_array_equal(s.row_ids(), ids)
+    for k, v in arrays.items():
+        want = _expected(v, dtype)
+        np.testing.assert_array_equal(s.read(k, dtype=np.float64), want)
+        np.testing.assert_array_equal(s.read(k, dtype=np.float32), want.astype(np.float32))
+        idx = rng.integers(0, rows, size=5)
+        np.testing.assert_array_equal(s.take(k, idx), want[idx])
+
+
+def test_nonfinite_reported(tmp_path: Path) -> None:
+    a = _data(30, 3)
+    a[17, 2] = np.nan
+    a[25, 0] = np.inf
+    s = ls.write_store(
+        tmp_path / "s", {"a": a, "b": _data(30, 2)}, shard_bytes=100, dtype="bfloat16"
+    )
+    assert s.find_nonfinite("a") == 17
+    assert s.find_nonfinite("b") is None
+    assert np.isnan(s.read("a")[17, 2])  # reported, never silently dropped
+    with pytest.raises(NonFiniteError, match=r"layer 'a'.*row 17"):
+        s.check_finite()
+    s.check_finite("b")
+
+
+def test_missing_layer_and_bad_args(tmp_path: Path) -> None:
+    s = ls.write_store(tmp_path / "s", {"a": _data(5, 2), "b": _data(5, 2)})
+    with pytest.raises(MissingLayerError, match="available: a, b"):
+        s.read("zz")
+    with pytest.raises(KeyError):
+        s.take("zz", [0])
+    with pytest.raises(InvalidArgumentError):
+        s.read("a", 3, 9)
+    with pytest.raises(InvalidArgumentError):
+        s.read("a", -1, 2)
+    with pytest.raises(InvalidArgumentError):
+        s.take("a", [5])
+    with pytest.raises(InvalidArgumentError):
+        s.take("a", [-1])
+    with pytest.raises(InvalidArgumentError):
+        s.read("a", dtype=np.int32)
+    with pytest.raises(InvalidArgumentError):
+        ls.write_store(tmp_path / "x", {"a": np.zeros(5)})
+    with pytest.raises(InvalidArgumentError):
+        ls.write_store(tmp_path / "y", {})
+    with pytest.raises(InvalidArgumentError):
+        ls.write_store(tmp_path / "z", {"a": _data(4, 2)}, dtype="int8")
+
+
+def test_writer_mismatch_and_exists(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    with ls.StoreWriter(p) as w:
+        w.append({"a": _data(4, 3), "b": _data(4, 2)})
+        with pytest.raises(MismatchError):
+            w.append({"a": _data(4, 3)})
+        with pytest.raises(MismatchError):
+            w.append({"a": _data(4, 4), "b": _data(4, 2)})
+        with pytest.raises(MismatchError):
+            w.append({"a": _data(4, 3), "b": _data(5, 2)})
+        with pytest.raises(MismatchError):
+            w.append({"a": _data(4, 3), "b": _data(4, 2)}, row_ids=[1, 2])
+        # order of keys may differ
+        w.append({"b": _data(2, 2), "a": _data(2, 3)})
+    assert ls.open(p).num_rows == 6
+    (p / "notes.txt").write_text("mine")
+    with pytest.raises(StoreExistsError):
+        ls.write_store(p, {"a": _data(3, 3)})
+    with pytest.raises(FileExistsError):  # builtin base class
+        ls.StoreWriter(p)
+    s = ls.write_store(p, {"c": _data(3, 1)}, overwrite=True)
+    assert s.layers == ["c"] and s.num_rows == 3
+    assert (p / "notes.txt").read_text() == "mine"  # unrelated files are never deleted
+    assert sorted(f.name for f in p.iterdir()) == [
+        "layerscope.json",
+        "notes.txt",
+        "shard-00000.safetensors",
+    ]
+
+
+def test_exception_inside_with_keeps_finished_shards(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    a = _data(25, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ls.StoreWriter(p, shard_bytes=10 * (4 * 4 + 8)) as w:
+            w.append({"a": a})
+            raise RuntimeError("boom")
+    s = ls.open(p)
+    assert not s.complete and s.num_rows == 20  # 2 finished shards of 10; 5 buffered rows lost
+    np.testing.assert_array_equal(s.read("a"), a[:20])
+    s.verify()
+    assert "incomplete" in repr(s)
+
+
+def test_killed_process_leaves_valid_store(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    code = f"""
+import os, numpy as np, layerscope as ls
+w = ls.StoreWriter({str(p)!r}, shard_bytes=8 * (3 * 8 + 8))
+for i in range(5):
+    w.append({{"a": np.full((7, 3), float(i))}})
+os._exit(3)
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    )
+    assert r.returncode == 3
+    s = ls.open(p)
+    assert s.num_rows == 32 and not s.complete
+    np.testing.assert_array_equal(
+        s.read("a", dtype=np.float64)[:, 0], np.repeat(np.arange(5.0), 7)[:32]
+    )
+    assert not [f for f in p.iterdir() if f.name.endswith(".tmp")]
+
+
+def test_writer_from_background_thread(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    batches = [_data(50, 16) for _ in range(20)]
+    w = ls.StoreWriter(p, dtype="bfloat16", shard_bytes=20_000)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for b in batches:
+                w.append({"x": b})
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    busy = sum(float(np.linalg.norm(b)) for b in batches)  # main thread keeps working
+    t.join()
+    assert not errors and busy > 0
+    s = w.close()
+    assert s.num_rows == 1000
+    np.testing.assert_array_equal(
+        s.read("x")[950:], _expected(batches[-1], "bfloat16").astype(np.float32)
+    )
+
+
+def test_cli_info(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "s"
+    ls.write_store(
+        p,
+        {"enc.0": _data(12, 3), "enc.1": _data(12, 5)},
+        dtype="bfloat16",
+        metadata={"model": "tiny"},
+        columns={"__sample__": np.arange(12) // 3},
+    )
+    assert cli_main(["info", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "rows     12" in out and "enc.1" in out and "bfloat16" in out and "__sample__" in out
+    assert "tiny" in out
+    assert cli_main(["info", str(p), "--json", "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_rows"] == 12
+    assert [layer["dim"] for layer in info["layers"]] == [3, 5]
+    assert info["bytes"] == sum(sh["bytes"] for sh in info["shards"])
+    assert cli_main(["info", str(tmp_path / "nope")]) == 1
+    assert "nope" in capsys.readouterr().err

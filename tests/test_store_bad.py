@@ -1,0 +1,275 @@
+"""Every bad store input gives a clear typed error naming the file and tensor; nothing panics."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import layerscope as ls
+import numpy as np
+import pytest
+from layerscope.errors import (
+    FormatError,
+    LayerscopeError,
+    MismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+
+SHARD = "shard-00000.safetensors"
+
+
+def _store(tmp_path: Path, name: str = "s", **kw: Any) -> Path:
+    p = tmp_path / name
+    rng = np.random.default_rng(1)
+    ls.write_store(
+        p,
+        {
+            "a": rng.standard_normal((6, 3)).astype(np.float32),
+            "b": rng.standard_normal((6, 5)).astype(np.float32),
+        },
+        **kw,
+    )
+    return p
+
+
+def _shard_bytes(header: dict[str, Any], data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def _entry(dtype: str, shape: list[int], start: int, stop: int) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, stop]}
+
+
+def _good_header() -> dict[str, Any]:
+    return {
+        "__row_id__": _entry("I64", [6], 0, 48),
+        "a": _entry("F32", [6, 3], 48, 120),
+        "b": _entry("F32", [6, 5], 120, 240),
+    }
+
+
+def _edit_manifest(p: Path, fn) -> None:
+    m = json.loads((p / "layerscope.json").read_text())
+    fn(m)
+    (p / "layerscope.json").write_text(json.dumps(m))
+
+
+def _expect(p: Path, cls: type, *words: str) -> str:
+    with pytest.raises(cls) as ei:
+        ls.open(p)
+    msg = str(ei.value)
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_sanity_handmade_shard_is_valid(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    raw = _shard_bytes(_good_header(), bytes(240))
+    (p / SHARD).write_bytes(raw)
+    _edit_manifest(p, lambda m: m["shards"][0].update(bytes=len(raw)))
+    s = ls.open(p)
+    assert s.read("a").shape == (6, 3)
+
+
+def test_truncated_shard(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    raw = (p / SHARD).read_bytes()
+    (p / SHARD).write_bytes(raw[:-7])
+    _expect(p, FormatError, SHARD, "truncated")
+    (p / SHARD).write_bytes(raw[:5])
+    _expect(p, FormatError, SHARD, "too short")
+
+
+def test_header_length_beyond_file(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    raw = bytearray((p / SHARD).read_bytes())
+    raw[:8] = struct.pack("<Q", len(raw))
+    (p / SHARD).write_bytes(bytes(raw))
+    _expect(p, FormatError, SHARD, "beyond the end of the file")
+
+
+def test_header_too_large(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    raw = bytearray((p / SHARD).read_bytes())
+    raw[:8] = struct.pack("<Q", 200_000_000)
+    (p / SHARD).write_bytes(bytes(raw))
+    _expect(p, FormatError, SHARD, "100 MB")
+
+
+def test_header_not_utf8_or_not_object(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    (p / SHARD).write_bytes(struct.pack("<Q", 4) + b"{\xff\xfe}")
+    _expect(p, FormatError, SHARD, "UTF-8")
+    (p / SHARD).write_bytes(struct.pack("<Q", 6) + b"[1, 2]")
+    _expect(p, FormatError, SHARD, "JSON object")
+    (p / SHARD).write_bytes(struct.pack("<Q", 5) + b'{"a":')
+    _expect(p, FormatError, SHARD, "not valid JSON")
+
+
+def _bad_header(tmp_path: Path, name: str, header: dict[str, Any], data_len: int) -> Path:
+    p = _store(tmp_path, name)
+    (p / SHARD).write_bytes(_shard_bytes(header, bytes(data_len)))
+    return p
+
+
+def test_unknown_dtype(tmp_path: Path) -> None:
+    h = _good_header()
+    h["a"]["dtype"] = "Q7"
+    _expect(
+        _bad_header(tmp_path, "d", h, 240),
+        FormatError,
+        SHARD,
+        '"a"',
+        "unknown dtype",
+    )
+    h = _good_header()
+    h["a"]["dtype"] = "I32"  # a safetensors dtype, not allowed for a layer
+    h["a"]["shape"] = [6, 3]
+    p = _bad_header(tmp_path, "i", h, 240)
+    msg = _expect(p, MismatchError, SHARD, '"a"', "I32")
+    assert "F32" in msg
+
+
+def test_offsets(tmp_path: Path) -> None:
+    h = _good_header()
+    h["b"]["data_offsets"] = [100, 220]
+    h["b"]["shape"] = [6, 5]
+    _expect(_bad_header(tmp_path, "o", h, 240), FormatError, SHARD, "overlap")
+    h = _good_header()
+    h["b"]["data_offsets"] = [128, 248]
+    _expect(_bad_header(tmp_path, "g", h, 248), FormatError, SHARD, "not contiguous")
+    h = _good_header()
+    _expect(_bad_header(tmp_path, "b", h, 200), FormatError, SHARD, '"b"', "out of bounds")
+    _expect(_bad_header(tmp_path, "t", h, 250), FormatError, SHARD, "trailing bytes")
+
+
+def test_shape_times_dtype_not_bytes(tmp_path: Path) -> None:
+    h = _good_header()
+    h["b"]["shape"] = [6, 4]
+    _expect(_bad_header(tmp_path, "x", h, 240), FormatError, SHARD, '"b"', "96 bytes", "120 bytes")
+
+
+def test_rows_differ_across_layers(tmp_path: Path) -> None:
+    h = _good_header()
+    h["b"] = _entry("F32", [4, 5], 120, 200)
+    _expect(_bad_header(tmp_path, "r", h, 200), FormatError, SHARD, "rows differ across layers")
+
+
+def test_row_id_and_columns(tmp_path: Path) -> None:
+    h = _good_header()
+    del h["__row_id__"]
+    h["a"]["data_offsets"] = [0, 72]
+    h["b"]["data_offsets"] = [72, 192]
+    _expect(_bad_header(tmp_path, "n", h, 192), FormatError, SHARD, "__row_id__", "missing")
+    h = _good_header()
+    h["__row_id__"]["dtype"] = "F64"
+    _expect(
+        _bad_header(tmp_path, "f", h, 240), FormatError, SHARD, "__row_id__", "expected I64 [6]"
+    )
+    h = _good_header()
+    h["extra"] = _entry("F32", [6, 1], 240, 264)
+    _expect(
+        _bad_header(tmp_path, "e", h, 264), MismatchError, SHARD, '"extra"', "not in the manifest"
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "edit", "words"),
+    [
+        ("rows", lambda m: (m["shards"][0].update(rows=5), m.update(num_rows=5)), ["5"]),
+        ("dim", lambda m: m["layers"][1].update(dim=4), ['"b"', "dim 5", "4"]),
+        ("dtype", lambda m: m["layers"][0].update(dtype="BF16"), ['"a"', "F32", "BF16"]),
+        ("bytes", lambda m: m["shards"][0].update(bytes=10), ["bytes"]),
+    ],
+)
+def test_manifest_disagrees_with_shard(tmp_path: Path, what, edit, words) -> None:
+    p = _store(tmp_path)
+    _edit_manifest(p, edit)
+    _expect(p, MismatchError, SHARD, *words)
+
+
+def test_checksum_mismatch(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    raw = bytearray((p / SHARD).read_bytes())
+    raw[-1] ^= 0xFF  # flip a data bit: header still valid
+    (p / SHARD).write_bytes(bytes(raw))
+    s = ls.open(p)  # sizes are checked on open, checksums on request
+    with pytest.raises(MismatchError, match="sha256"):
+        s.verify()
+    _expect_verify = pytest.raises(MismatchError, match=SHARD)
+    with _expect_verify:
+        ls.open(p, verify=True)
+
+
+def test_missing_shard_and_store(tmp_path: Path) -> None:
+    p = _store(tmp_path, shard_bytes=100)
+    os.remove(p / "shard-00001.safetensors")
+    _expect(p, StoreNotFoundError, "shard-00001.safetensors", "missing")
+    with pytest.raises(FileNotFoundError):
+        ls.open(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    _expect(tmp_path / "empty", StoreNotFoundError, "layerscope.json")
+
+
+def test_bad_manifests(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    _edit_manifest(p, lambda m: m["layers"].append(dict(m["layers"][0])))
+    _expect(p, FormatError, "layerscope.json", "duplicate layer name", '"a"')
+    for text, words in [
+        (b"\xff\x00", ["UTF-8"]),
+        (b"[1]", ["JSON object"]),
+        (b"{", ["not valid JSON"]),
+    ]:
+        (p / "layerscope.json").write_bytes(text)
+        _expect(p, FormatError, "layerscope.json", *words)
+    p = _store(tmp_path, "v")
+    _edit_manifest(p, lambda m: m.update(format_version=2))
+    _expect(p, FormatError, "format_version 2")
+    p = _store(tmp_path, "u")
+    _edit_manifest(p, lambda m: m["layers"][0].update(dtype="F8"))
+    _expect(p, FormatError, "unknown dtype", '"F8"')
+
+
+@pytest.mark.parametrize(
+    "name", ["../outside.safetensors", "/etc/passwd", "sub/shard.safetensors", ".."]
+)
+def test_file_name_escaping_store(tmp_path: Path, name: str) -> None:
+    p = _store(tmp_path)
+    _edit_manifest(p, lambda m: m["shards"][0].update(file=name))
+    _expect(p, FormatError, "plain file name")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks on this platform")
+def test_symlink_out_of_store(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(p / SHARD, outside)
+    os.symlink(outside, p / SHARD)
+    _expect(p, FormatError, SHARD, "outside the store folder")
+
+
+def test_existing_store_without_overwrite(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    before = sorted(f.name for f in p.iterdir())
+    with pytest.raises(StoreExistsError, match="overwrite"):
+        _store(tmp_path)
+    assert sorted(f.name for f in p.iterdir()) == before
+    ls.open(p)  # untouched and valid
+    f = tmp_path / "plain"
+    f.write_text("x")
+    with pytest.raises(StoreExistsError):
+        ls.write_store(f, {"a": np.zeros((2, 2))}, overwrite=True)
+    assert f.read_text() == "x"
+
+
+def test_all_errors_are_layerscope_errors(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    (p / SHARD).write_bytes(b"\x00" * 3)
+    with pytest.raises(LayerscopeError):
+        ls.open(p)
