@@ -1,5 +1,305 @@
+//! Bindings of the neighbour engine and its measures (kNN graph, intrinsic dimension, RBF
+//! HSIC, RSA, mutual kNN). Inputs are C-contiguous float64 2-D arrays (the Python layer
+//! samples and converts); all work runs with the GIL released.
+use crate::convert::IntoPy;
+use crate::monitor::PyMonitor;
+use layerscope_core::engine::neighbors::{dedup_knn, knn, Duplicates, Knn};
+use layerscope_core::measures::{id, kernel, rsa};
+use layerscope_core::Error;
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn slice2<'a>(a: &'a PyReadonlyArray2<'_, f64>, what: &str) -> PyResult<(&'a [f64], usize, usize)> {
+    let sh = a.shape();
+    let (m, d) = (sh[0], sh[1]);
+    let s = a
+        .as_slice()
+        .map_err(|_| Error::invalid(format!("{what}: expected a C-contiguous float64 array")))
+        .py_err()?;
+    Ok((s, m, d))
+}
+
+/// Borrowed layers: (row-major values, width).
+type Layers<'a> = Vec<(&'a [f64], usize)>;
+
+fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Layers<'a>, usize)> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut m0 = None;
+    for a in v {
+        let (s, m, d) = slice2(a, what)?;
+        if *m0.get_or_insert(m) != m {
+            return Err(Error::Mismatch(format!(
+                "{what}: layers have different numbers of rows"
+            )))
+            .py_err();
+        }
+        out.push((s, d));
+    }
+    Ok((out, m0.unwrap_or(0)))
+}
+
+/// kNN graph with duplicate handling. Returns a dict: dist (m'×k float64, exact, ascending),
+/// idx (m'×k int64, indices into the kept rows), kept (int64 input rows used),
+/// duplicates (int), tolerance (float).
+#[pyfunction]
+#[pyo3(signature = (x, k, duplicates="drop", tolerance=None, progress=None))]
+fn knn_graph<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f64>,
+    k: usize,
+    duplicates: &str,
+    tolerance: Option<f64>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let policy = Duplicates::parse(duplicates).py_err()?;
+    let (s, m, d) = slice2(&x, "x")?;
+    let mon = PyMonitor::new(progress);
+    let r = py
+        .detach(|| dedup_knn(s, m, d, k, tolerance, policy, &mon))
+        .py_err()?;
+    let out = PyDict::new(py);
+    let mm = r.knn.m;
+    let dist = Array2::from_shape_vec((mm, k), r.knn.dist)
+        .map_err(|e| Error::invalid(e.to_string()))
+        .py_err()?;
+    let idx: Vec<i64> = r.knn.idx.iter().map(|&v| v as i64).collect();
+    let idx = Array2::from_shape_vec((mm, k), idx)
+        .map_err(|e| Error::invalid(e.to_string()))
+        .py_err()?;
+    let kept: Vec<i64> = r.kept.iter().map(|&v| v as i64).collect();
+    out.set_item("dist", dist.into_pyarray(py))?;
+    out.set_item("idx", idx.into_pyarray(py))?;
+    out.set_item("kept", kept.into_pyarray(py))?;
+    out.set_item("duplicates", r.duplicates)?;
+    out.set_item("tolerance", r.tol)?;
+    Ok(out)
+}
+
+/// Intrinsic dimension from sorted kNN distances (rows of length k). method: "twonn",
+/// "twonn-mle", "mle", "gride". Returns a dict: value, error, ci (lo, hi), n_used, reason.
+#[pyfunction]
+#[pyo3(signature = (dist, method, *, discard_fraction=0.1, k=20, pool="harmonic", n1=1, n2=2, bootstrap=0, seed=0))]
+#[allow(clippy::too_many_arguments)]
+fn id_estimate<'py>(
+    py: Python<'py>,
+    dist: PyReadonlyArray2<'py, f64>,
+    method: &str,
+    discard_fraction: f64,
+    k: usize,
+    pool: &str,
+    n1: usize,
+    n2: usize,
+    bootstrap: usize,
+    seed: u64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (s, _, kk) = slice2(&dist, "dist")?;
+    let meth = match method {
+        "twonn" => id::Method::TwoNn {
+            discard_fraction,
+            method: id::TwoNnMethod::Linear,
+        },
+        "twonn-mle" => id::Method::TwoNn {
+            discard_fraction,
+            method: id::TwoNnMethod::Mle,
+        },
+        "mle" => id::Method::Mle {
+            k,
+            pool: id::Pool::parse(pool).py_err()?,
+        },
+        "gride" => id::Method::Gride { n1, n2 },
+        _ => {
+            return Err(Error::invalid(format!(
+                "method must be 'twonn', 'twonn-mle', 'mle' or 'gride', got {method:?}"
+            )))
+            .py_err()
+        }
+    };
+    let r = py
+        .detach(|| id::estimate(s, kk, meth, bootstrap, seed))
+        .py_err()?;
+    let out = PyDict::new(py);
+    out.set_item("value", r.value)?;
+    out.set_item("error", r.error)?;
+    out.set_item("ci", (r.ci.0, r.ci.1))?;
+    out.set_item("n_used", r.n_used)?;
+    out.set_item("reason", r.reason)?;
+    Ok(out)
+}
+
+/// RBF HSIC for all layer pairs (see layerscope_core::measures::kernel). Returns a dict:
+/// xy (La×Lb), xx (La), yy (Lb), bw_a, bw_b.
+#[pyfunction]
+#[pyo3(signature = (a, b=None, *, sigma=1.0, unbiased=false, max_bytes=u64::MAX, progress=None))]
+fn rbf_hsic<'py>(
+    py: Python<'py>,
+    a: Vec<PyReadonlyArray2<'py, f64>>,
+    b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
+    sigma: f64,
+    unbiased: bool,
+    max_bytes: u64,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (sa, ma) = slices(&a, "a")?;
+    let sb = match &b {
+        Some(b) => {
+            let (sb, mb) = slices(b, "b")?;
+            if mb != ma {
+                return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
+            }
+            Some(sb)
+        }
+        None => None,
+    };
+    let mon = PyMonitor::new(progress);
+    let r = py
+        .detach(|| kernel::rbf_hsic(&sa, sb.as_deref(), ma, sigma, unbiased, max_bytes, &mon))
+        .py_err()?;
+    let lb = if b.is_some() {
+        sb.as_ref().map_or(0, |v| v.len())
+    } else {
+        sa.len()
+    };
+    let xy = Array2::from_shape_vec((sa.len(), lb), r.xy)
+        .map_err(|e| Error::invalid(e.to_string()))
+        .py_err()?;
+    let out = PyDict::new(py);
+    out.set_item("xy", xy.into_pyarray(py))?;
+    out.set_item("xx", r.xx.into_pyarray(py))?;
+    out.set_item("yy", r.yy.into_pyarray(py))?;
+    out.set_item("bw_a", r.bw_a.into_pyarray(py))?;
+    out.set_item("bw_b", r.bw_b.into_pyarray(py))?;
+    Ok(out)
+}
+
+fn rdm_list(
+    v: &[(&[f64], usize)],
+    m: usize,
+    dis: rsa::Dissimilarity,
+    cmp: rsa::Compare,
+    max_bytes: u64,
+    mon: &PyMonitor,
+) -> Result<Vec<Option<Vec<f64>>>, Error> {
+    use layerscope_core::Monitor;
+    let mut out = Vec::with_capacity(v.len());
+    for (i, (x, d)) in v.iter().enumerate() {
+        let r = rsa::rdm(x, m, *d, dis, max_bytes)?;
+        out.push(rsa::prepare_rdm(&r, cmp));
+        mon.progress(i as u64 + 1, v.len() as u64)?;
+    }
+    Ok(out)
+}
+
+/// RSA: correlations of the RDMs of all layer pairs (La×Lb, or La×La when b is None).
+#[pyfunction]
+#[pyo3(signature = (a, b=None, *, dissimilarity="euclidean", compare="spearman", max_bytes=u64::MAX, progress=None))]
+fn rsa_matrix<'py>(
+    py: Python<'py>,
+    a: Vec<PyReadonlyArray2<'py, f64>>,
+    b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
+    dissimilarity: &str,
+    compare: &str,
+    max_bytes: u64,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let dis = rsa::Dissimilarity::parse(dissimilarity).py_err()?;
+    let cmp = rsa::Compare::parse(compare).py_err()?;
+    let (sa, ma) = slices(&a, "a")?;
+    let sb = match &b {
+        Some(b) => Some(slices(b, "b")?),
+        None => None,
+    };
+    if let Some((_, mb)) = &sb {
+        if *mb != ma {
+            return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
+        }
+    }
+    if ma < 3 {
+        return Err(Error::invalid("RSA needs at least 3 rows")).py_err();
+    }
+    let mon = PyMonitor::new(progress);
+    let vals = py
+        .detach(|| -> Result<Vec<f64>, Error> {
+            let ra = rdm_list(&sa, ma, dis, cmp, max_bytes, &mon)?;
+            let rb = match &sb {
+                Some((s, _)) => Some(rdm_list(s, ma, dis, cmp, max_bytes, &mon)?),
+                None => None,
+            };
+            let rbr = rb.as_ref().unwrap_or(&ra);
+            let mut out = Vec::with_capacity(ra.len() * rbr.len());
+            for p in &ra {
+                for q in rbr {
+                    out.push(rsa::correlate(p.as_ref(), q.as_ref()));
+                }
+            }
+            Ok(out)
+        })
+        .py_err()?;
+    let lb = sb.as_ref().map_or(sa.len(), |(s, _)| s.len());
+    let arr = Array2::from_shape_vec((sa.len(), lb), vals)
+        .map_err(|e| Error::invalid(e.to_string()))
+        .py_err()?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None).
+#[pyfunction]
+#[pyo3(signature = (a, b=None, *, k=10, progress=None))]
+fn mutual_knn_matrix<'py>(
+    py: Python<'py>,
+    a: Vec<PyReadonlyArray2<'py, f64>>,
+    b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
+    k: usize,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let (sa, ma) = slices(&a, "a")?;
+    let sb = match &b {
+        Some(b) => Some(slices(b, "b")?),
+        None => None,
+    };
+    if let Some((_, mb)) = &sb {
+        if *mb != ma {
+            return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
+        }
+    }
+    let mon = PyMonitor::new(progress);
+    let vals = py
+        .detach(|| -> Result<Vec<f64>, Error> {
+            let ga: Vec<Knn> = sa
+                .iter()
+                .map(|(x, d)| knn(x, ma, *d, k, &mon))
+                .collect::<Result<_, _>>()?;
+            let gb: Option<Vec<Knn>> = match &sb {
+                Some((s, _)) => Some(
+                    s.iter()
+                        .map(|(x, d)| knn(x, ma, *d, k, &mon))
+                        .collect::<Result<_, _>>()?,
+                ),
+                None => None,
+            };
+            let gbr = gb.as_ref().unwrap_or(&ga);
+            let mut out = Vec::with_capacity(ga.len() * gbr.len());
+            for p in &ga {
+                for q in gbr {
+                    out.push(rsa::mutual_knn(p, q, k)?);
+                }
+            }
+            Ok(out)
+        })
+        .py_err()?;
+    let lb = sb.as_ref().map_or(sa.len(), |(s, _)| s.len());
+    let arr = Array2::from_shape_vec((sa.len(), lb), vals)
+        .map_err(|e| Error::invalid(e.to_string()))
+        .py_err()?;
+    Ok(arr.into_pyarray(py))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(knn_graph, m)?)?;
+    m.add_function(wrap_pyfunction!(id_estimate, m)?)?;
+    m.add_function(wrap_pyfunction!(rbf_hsic, m)?)?;
+    m.add_function(wrap_pyfunction!(rsa_matrix, m)?)?;
+    m.add_function(wrap_pyfunction!(mutual_knn_matrix, m)?)?;
     Ok(())
 }

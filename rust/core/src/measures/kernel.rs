@@ -1,1 +1,253 @@
-//! (being written)
+//! RBF-kernel HSIC and CKA on an in-memory sample (Gram matrices from
+//! [`crate::engine::neighbors::sq_distance_matrix`]).
+//!
+//! * Bandwidth (Kornblith et al. 2019, "Similarity of neural network representations
+//!   revisited", ICML): `bw = σ · sqrt(median of all m² squared distances, diagonal
+//!   included)`; `K_ij = exp(−‖x_i − x_j‖² / (2 bw²))`.
+//! * Biased HSIC (Gretton et al. 2005): `tr(K H L H) / (m − 1)²`, `H = I − 11ᵀ/m`.
+//! * Unbiased HSIC (Song et al. 2012, JMLR 13): with `K̃ = K − diag(K)`, `L̃` likewise,
+//!   `[tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((m−1)(m−2)) − 2/(m−2) 1ᵀK̃L̃1] / (m(m−3))`, `m ≥ 4`.
+//! * CKA = `HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))` with the same estimator in numerator
+//!   and denominator (debiased CKA is normalised by debiased self-HSIC; it can be negative
+//!   and is never clamped).
+//!
+//! Each Gram is built once per layer and reused for all pairs.
+use crate::engine::neighbors::sq_distance_matrix;
+use crate::error::{Error, Result};
+use crate::monitor::Monitor;
+use rayon::prelude::*;
+
+/// One prepared kernel: what every pair needs.
+struct Prepared {
+    /// Biased: `HKH` (row-major m × m); unbiased: `K̃` (K with zero diagonal).
+    g: Vec<f64>,
+    /// Unbiased only: row sums of `K̃` and their total.
+    rows: Vec<f64>,
+    total: f64,
+}
+
+/// Median of a slice (copies; average of the two middle values for even length).
+fn median(v: &[f64]) -> f64 {
+    let mut w = v.to_vec();
+    let n = w.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    let h = n / 2;
+    let (_, hi, _) = w.select_nth_unstable_by(h, f64::total_cmp);
+    let hi = *hi;
+    if n % 2 == 1 {
+        hi
+    } else {
+        let lo = w[..h].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo + hi) / 2.0
+    }
+}
+
+/// RBF Gram matrix of a sample and its bandwidth (rule above).
+pub fn rbf_gram(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    sigma: f64,
+    max_bytes: u64,
+) -> Result<(Vec<f64>, f64)> {
+    if !(sigma.is_finite() && sigma > 0.0) {
+        return Err(Error::invalid(format!("sigma must be > 0, got {sigma}")));
+    }
+    let mut g = sq_distance_matrix(x, m, d, max_bytes)?;
+    let med = median(&g);
+    let bw = sigma * med.sqrt();
+    if bw.is_nan() || bw <= 0.0 {
+        return Err(Error::invalid(
+            "the median pairwise distance is 0 (more than half of the sampled rows coincide): \
+             the RBF bandwidth is undefined",
+        ));
+    }
+    let s = 1.0 / (2.0 * bw * bw);
+    g.par_iter_mut().for_each(|v| *v = (-*v * s).exp());
+    Ok((g, bw))
+}
+
+fn prepare(mut k: Vec<f64>, m: usize, unbiased: bool) -> Prepared {
+    if unbiased {
+        for i in 0..m {
+            k[i * m + i] = 0.0;
+        }
+        let rows: Vec<f64> = k.par_chunks(m).map(|r| r.iter().sum()).collect();
+        let total = rows.iter().sum();
+        Prepared { g: k, rows, total }
+    } else {
+        // HKH: subtract row means, column means, add the grand mean.
+        let rm: Vec<f64> = k
+            .par_chunks(m)
+            .map(|r| r.iter().sum::<f64>() / m as f64)
+            .collect();
+        let gm = rm.iter().sum::<f64>() / m as f64;
+        // K symmetric: column means = row means.
+        k.par_chunks_mut(m).enumerate().for_each(|(i, r)| {
+            for (j, v) in r.iter_mut().enumerate() {
+                *v = *v - rm[i] - rm[j] + gm;
+            }
+        });
+        Prepared {
+            g: k,
+            rows: Vec::new(),
+            total: 0.0,
+        }
+    }
+}
+
+fn hsic(a: &Prepared, b: &Prepared, m: usize, unbiased: bool) -> f64 {
+    let tr: f64 =
+        a.g.par_chunks(4096)
+            .zip(b.g.par_chunks(4096))
+            .map(|(p, q)| p.iter().zip(q).map(|(x, y)| x * y).sum::<f64>())
+            .sum();
+    let mf = m as f64;
+    if unbiased {
+        let kl1: f64 = a.rows.iter().zip(&b.rows).map(|(x, y)| x * y).sum();
+        (tr + a.total * b.total / ((mf - 1.0) * (mf - 2.0)) - 2.0 / (mf - 2.0) * kl1)
+            / (mf * (mf - 3.0))
+    } else {
+        tr / ((mf - 1.0) * (mf - 1.0))
+    }
+}
+
+/// HSIC values of RBF kernels for all layer pairs of one sample.
+#[derive(Debug, Clone)]
+pub struct RbfHsic {
+    /// `xy[i * lb + j]` = HSIC(K_{a,i}, K_{b,j}) (`lb = number of b layers`; with no b, the
+    /// a × a matrix).
+    pub xy: Vec<f64>,
+    /// Self-HSIC of each a layer and each b layer.
+    pub xx: Vec<f64>,
+    pub yy: Vec<f64>,
+    pub bw_a: Vec<f64>,
+    pub bw_b: Vec<f64>,
+}
+
+/// RBF HSIC for all pairs: `a` (and optionally `b`) are layers of the same `m` rows, each a
+/// row-major buffer with its width. `unbiased` selects Song et al.'s estimator (needs m ≥ 4).
+/// Memory: one m × m f64 Gram per layer (checked against `max_bytes`).
+pub fn rbf_hsic(
+    a: &[(&[f64], usize)],
+    b: Option<&[(&[f64], usize)]>,
+    m: usize,
+    sigma: f64,
+    unbiased: bool,
+    max_bytes: u64,
+    monitor: &dyn Monitor,
+) -> Result<RbfHsic> {
+    if a.is_empty() || b.is_some_and(|b| b.is_empty()) {
+        return Err(Error::invalid("empty layer selection"));
+    }
+    if m < if unbiased { 4 } else { 2 } {
+        return Err(Error::invalid(format!(
+            "RBF HSIC needs at least {} rows, got {m}",
+            if unbiased { 4 } else { 2 }
+        )));
+    }
+    let nl = a.len() + b.map_or(0, |b| b.len());
+    let need = (nl as u64)
+        .saturating_mul(m as u64)
+        .saturating_mul(m as u64)
+        .saturating_mul(8);
+    if need > max_bytes {
+        return Err(Error::Memory(format!(
+            "{nl} RBF Gram matrices of {m} × {m} need {:.1} MiB (limit {:.1} MiB); \
+             use a smaller sample, fewer layers, or estimator='minibatch'",
+            need as f64 / 1048576.0,
+            max_bytes as f64 / 1048576.0
+        )));
+    }
+    let total = (nl * 2) as u64;
+    let mut done = 0u64;
+    let mut build = |layers: &[(&[f64], usize)]| -> Result<(Vec<Prepared>, Vec<f64>)> {
+        let mut out = Vec::with_capacity(layers.len());
+        let mut bws = Vec::with_capacity(layers.len());
+        for (x, d) in layers {
+            let (k, bw) = rbf_gram(x, m, *d, sigma, u64::MAX)?;
+            out.push(prepare(k, m, unbiased));
+            bws.push(bw);
+            done += 1;
+            monitor.progress(done, total)?;
+        }
+        Ok((out, bws))
+    };
+    let (pa, bw_a) = build(a)?;
+    let (pb, bw_b) = match b {
+        Some(b) => {
+            let (p, w) = build(b)?;
+            (Some(p), w)
+        }
+        None => (None, Vec::new()),
+    };
+    let xx: Vec<f64> = pa.iter().map(|p| hsic(p, p, m, unbiased)).collect();
+    let (xy, yy) = match &pb {
+        Some(pb) => {
+            let yy: Vec<f64> = pb.iter().map(|p| hsic(p, p, m, unbiased)).collect();
+            let mut xy = Vec::with_capacity(pa.len() * pb.len());
+            for p in &pa {
+                for q in pb {
+                    xy.push(hsic(p, q, m, unbiased));
+                }
+                done += 1;
+                monitor.progress(done.min(total), total)?;
+            }
+            (xy, yy)
+        }
+        None => {
+            let l = pa.len();
+            let mut xy = vec![0.0; l * l];
+            for i in 0..l {
+                xy[i * l + i] = xx[i];
+                for j in (i + 1)..l {
+                    let v = hsic(&pa[i], &pa[j], m, unbiased);
+                    xy[i * l + j] = v;
+                    xy[j * l + i] = v;
+                }
+                done += 1;
+                monitor.progress(done.min(total), total)?;
+            }
+            (xy, xx.clone())
+        }
+    };
+    monitor.progress(total, total)?;
+    Ok(RbfHsic {
+        xy,
+        xx,
+        yy,
+        bw_a,
+        bw_b,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::NoMonitor;
+
+    #[test]
+    fn identical_layers_give_one() {
+        let m = 30;
+        let x: Vec<f64> = (0..m * 3)
+            .map(|i| ((i * 7919) % 101) as f64 / 17.0)
+            .collect();
+        for unbiased in [false, true] {
+            let r = rbf_hsic(
+                &[(&x, 3), (&x, 3)],
+                None,
+                m,
+                1.0,
+                unbiased,
+                u64::MAX,
+                &NoMonitor,
+            )
+            .unwrap();
+            let cka = r.xy[1] / (r.xx[0] * r.xx[1]).sqrt();
+            assert!((cka - 1.0).abs() < 1e-12);
+        }
+        assert!(rbf_hsic(&[(&x, 3)], None, m, 1.0, true, 10, &NoMonitor).is_err());
+    }
+}

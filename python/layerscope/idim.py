@@ -1,0 +1,464 @@
+"""Intrinsic dimension and neighbourhood measures on a seeded sample of rows.
+
+All three functions sample rows the same way — ``numpy.random.default_rng(seed).choice(n,
+size=sample, replace=False)`` sorted (all rows when ``sample`` is None or ``>= n``) — and record
+the seed, the number of rows and a hash of the indices in ``meta``. The neighbour engine
+(Rust) finds exact k nearest neighbours: GEMM candidate lists on centred data, then the kept
+candidates' distances recomputed exactly in f64 from the coordinates.
+
+* :func:`intrinsic_dimension`: TwoNN (Facco et al. 2017), its MLE form, Levina–Bickel MLE
+  (2004; MacKay–Ghahramani harmonic pooling by default), GRIDE (Denti et al. 2022).
+  Definitions equal scikit-dimension's ``TwoNN``, ``MLE`` and ``GRIDE`` on duplicate-free
+  data; see docs/measures-neighbours.md for formulas and differences.
+* :func:`rsa`: representational similarity analysis (RDM correlation, all layer pairs).
+* :func:`mutual_knn`: mutual nearest-neighbour alignment (Huh et al. 2024).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._kernel import indices_hash, load, progress_callback, sample_indices
+from ._source import check_comparable, resolve
+from .errors import InvalidArgumentError
+from .results import MatrixResult, Result
+
+METHODS = ("twonn", "twonn-mle", "mle", "gride")
+_DEFAULT_MAX_MEMORY = 8 << 30
+
+
+def _f(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+class IDResult(Result):
+    """Intrinsic dimension per layer.
+
+    ``values[layer]`` (float; NaN with ``details[layer]["reason"]`` when undefined),
+    ``ci[layer]`` (2.5 / 97.5 % bootstrap percentiles, NaN without bootstrap),
+    ``errors[layer]`` (GRIDE standard error, else NaN), ``details[layer]`` (rows used,
+    duplicates, tolerance, ...), ``scales[layer]`` (GRIDE multiscale curve when requested),
+    ``meta`` (method, parameters, seed, sample size and hash).
+    """
+
+    kind = "intrinsic_dimension"
+
+    def __init__(
+        self,
+        layers: list[str],
+        values: dict[str, float],
+        ci: dict[str, Any] | None = None,
+        errors: dict[str, float] | None = None,
+        details: dict[str, Any] | None = None,
+        scales: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.values = {k: _f(v) for k, v in values.items()}
+        self.ci = {k: (_f(v[0]), _f(v[1])) for k, v in (ci or {}).items()}
+        self.errors = {k: _f(v) for k, v in (errors or {}).items()}
+        self.details = dict(details or {})
+        self.scales = dict(scales or {})
+        self.meta = dict(meta or {})
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers,
+            "values": self.values,
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "errors": self.errors,
+            "details": self.details,
+            "scales": self.scales,
+            "meta": self.meta,
+        }
+
+    @property
+    def table(self) -> Any:
+        """pandas DataFrame, one row per layer: id, ci_low, ci_high, error, rows, duplicates."""
+        import pandas as pd
+
+        rows = []
+        for name in self.layers:
+            lo, hi = self.ci.get(name, (np.nan, np.nan))
+            det = self.details.get(name, {})
+            rows.append(
+                {
+                    "layer": name,
+                    "id": self.values.get(name, np.nan),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "error": self.errors.get(name, np.nan),
+                    "rows": det.get("rows_used"),
+                    "duplicates": det.get("duplicates"),
+                }
+            )
+        return pd.DataFrame(rows).set_index("layer")
+
+    def plot(self, ax: Any = None, title: str | None = None) -> Any:
+        """ID by depth (layer order) with bootstrap CIs as error bars; returns the Figure."""
+        from .plots import _mpl
+
+        plt = _mpl()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(self.layers) + 2), 3.5))
+        else:
+            fig = ax.figure
+        y = np.array([self.values[k] for k in self.layers])
+        x = np.arange(len(self.layers))
+        lo = np.array([self.ci.get(k, (np.nan, np.nan))[0] for k in self.layers])
+        hi = np.array([self.ci.get(k, (np.nan, np.nan))[1] for k in self.layers])
+        if np.isfinite(lo).any():
+            ax.errorbar(
+                x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], marker="o", capsize=3
+            )
+        else:
+            ax.plot(x, y, marker="o")
+        ax.set_xticks(x)
+        ax.set_xticklabels(self.layers, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(f"intrinsic dimension ({self.meta.get('method', '')})")
+        ax.set_title(title or "Intrinsic dimension by depth")
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        return (
+            f"<IDResult {self.meta.get('method')} {len(self.layers)} layers n={self.meta.get('n')}>"
+        )
+
+
+def intrinsic_dimension(
+    source: Any,
+    *,
+    method: str = "twonn",
+    layers: Sequence[str] | str | None = None,
+    sample: int | None = 20000,
+    seed: int = 0,
+    k: int = 20,
+    n1: int = 1,
+    n2: int = 2,
+    discard_fraction: float = 0.1,
+    duplicates: str = "drop",
+    tolerance: float | None = None,
+    bootstrap: int = 0,
+    scales: Sequence[int] | None = None,
+    pool: str = "harmonic",
+    progress: Any = True,
+) -> IDResult:
+    """Intrinsic dimension of each layer from exact nearest neighbours of a seeded sample.
+
+    Methods (``r_j`` = distance to the j-th nearest neighbour, self excluded):
+
+    * ``"twonn"`` (Facco et al. 2017, Sci. Rep. 7:12140) = ``skdim.id.TwoNN().fit(X)``:
+      ``μ = r2/r1``; the ``⌊N(1 − discard_fraction)⌋`` smallest μ sorted, ``F_i = i/N``;
+      least-squares slope through the origin of ``−log(1 − F_i)`` on ``log μ_(i)``.
+    * ``"twonn-mle"`` = ``TwoNN(method="mle")``: ``(n_keep − 1)/(Σ log μ + (N − n_keep) log
+      μ_(n_keep))``, i.e. ``(N − 1)/Σ log μ`` with ``discard_fraction=0``.
+    * ``"mle"`` (Levina & Bickel 2004) = ``skdim.id.MLE().fit(X, n_neighbors=k)``: per point
+      ``(k − 1)/Σ_j log(r_k/r_j)``, pooled by ``pool="harmonic"`` (MacKay & Ghahramani 2005;
+      skdim's default), ``"mean"`` (the original) or ``"median"``.
+    * ``"gride"`` (Denti et al. 2022, Sci. Rep. 12:20005) = ``skdim.id.GRIDE(n1, n2).fit(X)``:
+      MLE of d from ``μ = r_{n2}/r_{n1}``, with its Fisher-information standard error in
+      ``errors``; ``scales=[1, 2, 4, ...]`` adds the multiscale curve (n1 = s, n2 = 2s).
+
+    Duplicates: two sampled rows closer than ``tolerance`` (default ``1e-7 ×`` the RMS radius
+    ``sqrt(mean ||x_i − x̄||²)`` of the sample) are duplicates. ``"drop"`` keeps the first of
+    each group (count in ``details``), ``"error"`` raises InvalidArgumentError with the count,
+    ``"keep"`` warns; estimators that then see zero distances give NaN with the reason.
+
+    ``bootstrap=B``: 2.5/97.5 % percentile CIs from B resamples (seeded by ``seed``) of the
+    per-point statistics (μ_i, the pointwise MLEs, GRIDE's log μ_i), reusing the kNN graph.
+    """
+    from . import _native
+
+    if method == "pca":
+        raise InvalidArgumentError(
+            "method='pca' comes from the moment engine: use layerscope.spectrum(...) "
+            "(PCA-based ID); the neighbour engine offers 'twonn', 'twonn-mle', 'mle', 'gride'"
+        )
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if duplicates not in ("drop", "error", "keep"):
+        raise InvalidArgumentError(
+            f"duplicates must be 'drop', 'error' or 'keep', got {duplicates!r}"
+        )
+    if int(bootstrap) < 0:
+        raise InvalidArgumentError(f"bootstrap must be >= 0, got {bootstrap}")
+    scales_l = [int(s) for s in scales] if scales is not None else []
+    if method == "twonn" or method == "twonn-mle":
+        kneed = 2
+    elif method == "mle":
+        if int(k) < 2:
+            raise InvalidArgumentError(f"k must be >= 2, got {k}")
+        kneed = int(k)
+    else:
+        if not (1 <= n1 < n2):
+            raise InvalidArgumentError(f"GRIDE needs 1 <= n1 < n2, got n1={n1}, n2={n2}")
+        kneed = int(n2)
+    if any(s < 1 for s in scales_l):
+        raise InvalidArgumentError(f"scales must be n1 values >= 1, got {scales_l}")
+    kneed = max([kneed] + [2 * s for s in scales_l])
+    t0 = time.perf_counter()
+    src = resolve(source)
+    names = src.select(layers)
+    idx = sample_indices(src.num_rows, sample, seed)
+    cb, bar = progress_callback(progress, "intrinsic dimension")
+    values: dict[str, float] = {}
+    ci: dict[str, tuple[float, float]] = {}
+    errs: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    sc: dict[str, Any] = {}
+    try:
+        for name in names:
+            x = load(src, name, idx)
+            g = _native.knn_graph(x, kneed, duplicates=duplicates, tolerance=tolerance, progress=cb)
+            if duplicates == "keep" and g["duplicates"]:
+                warnings.warn(
+                    f"layer {name!r}: {g['duplicates']} sampled rows duplicate another row "
+                    "(kept; estimators may return NaN)",
+                    stacklevel=2,
+                )
+            est = _native.id_estimate(
+                g["dist"],
+                method,
+                discard_fraction=discard_fraction,
+                k=int(k),
+                pool=pool,
+                n1=int(n1),
+                n2=int(n2),
+                bootstrap=int(bootstrap),
+                seed=int(seed),
+            )
+            if est["reason"]:
+                warnings.warn(
+                    f"layer {name!r}: intrinsic dimension is NaN: {est['reason']}", stacklevel=2
+                )
+            values[name] = est["value"]
+            ci[name] = tuple(est["ci"])
+            errs[name] = est["error"]
+            details[name] = {
+                "rows_used": int(g["dist"].shape[0]),
+                "duplicates": int(g["duplicates"]),
+                "tolerance": float(g["tolerance"]),
+                "points_in_estimate": int(est["n_used"]),
+                "reason": est["reason"],
+            }
+            if scales_l:
+                dims, es, rad = [], [], []
+                for s in scales_l:
+                    r = _native.id_estimate(g["dist"], "gride", n1=s, n2=2 * s)
+                    dims.append(r["value"])
+                    es.append(r["error"])
+                    rad.append(float(g["dist"][:, 2 * s - 1].mean()))
+                sc[name] = {"n1": scales_l, "dimension": dims, "error": es, "radius": rad}
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {
+        "method": method,
+        "n": int(idx.size),
+        "n_total": src.num_rows,
+        "seed": seed,
+        "sample": sample,
+        "sample_hash": indices_hash(idx),
+        "k": int(k),
+        "n1": int(n1),
+        "n2": int(n2),
+        "discard_fraction": discard_fraction,
+        "duplicates": duplicates,
+        "tolerance_rule": "1e-7 * RMS radius of the sample" if tolerance is None else "given",
+        "bootstrap": int(bootstrap),
+        "pool": pool,
+        "seconds": time.perf_counter() - t0,
+    }
+    return IDResult(names, values, ci=ci, errors=errs, details=details, scales=sc, meta=meta)
+
+
+def _pair_inputs(
+    source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None, seed: int
+) -> tuple[Any, Any, list[str], list[str], np.ndarray]:
+    a = resolve(source)
+    b = resolve(other) if other is not None else None
+    la = a.select(layers)
+    if b is not None:
+        check_comparable(a, b)
+        lb = b.select(other_layers)
+    else:
+        lb = la
+    idx = sample_indices(a.num_rows, sample, seed)
+    return a, b, la, lb, idx
+
+
+def rsa(
+    source: Any,
+    other: Any = None,
+    *,
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    dissimilarity: str = "euclidean",
+    compare: str = "spearman",
+    sample: int | None = 2000,
+    seed: int = 0,
+    progress: Any = True,
+    max_memory: int = _DEFAULT_MAX_MEMORY,
+) -> MatrixResult:
+    """Representational similarity analysis (Kriegeskorte et al. 2008) for all layer pairs.
+
+    RDM of a layer on the sampled rows: the upper triangle (``i < j``, as
+    ``scipy.spatial.distance.pdist``) of ``||x_i − x_j||`` (``"euclidean"``) or
+    ``1 − corr(x_i, x_j)`` (``"correlation"``; a constant row is an error). Two RDMs are
+    compared by Spearman (Pearson of average ranks, as ``scipy.stats.spearmanr``) or Pearson
+    correlation. ``other=None``: all pairs of ``source`` layers. Memory: an m × m distance
+    matrix per layer at a time plus ``m(m−1)/2`` floats per layer.
+    """
+    from . import _native
+
+    t0 = time.perf_counter()
+    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
+    cb, bar = progress_callback(progress, "rsa")
+    try:
+        xa = [load(a, n, idx) for n in la]
+        xb = [load(b, n, idx) for n in lb] if b is not None else None
+        vals = _native.rsa_matrix(
+            xa, xb, dissimilarity=dissimilarity, compare=compare, max_bytes=max_memory, progress=cb
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {
+        "measure": "rsa",
+        "dissimilarity": dissimilarity,
+        "compare": compare,
+        "n": int(idx.size),
+        "n_total": a.num_rows,
+        "seed": seed,
+        "sample": sample,
+        "sample_hash": indices_hash(idx),
+        "seconds": time.perf_counter() - t0,
+    }
+    return MatrixResult(vals, la, lb, meta=meta)
+
+
+def mutual_knn(
+    source: Any,
+    other: Any = None,
+    *,
+    k: int = 10,
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    sample: int | None = 2000,
+    seed: int = 0,
+    progress: Any = True,
+) -> MatrixResult:
+    """Mutual k-nearest-neighbour alignment (Huh et al. 2024) for all layer pairs:
+    ``mean_i |N_k^A(i) ∩ N_k^B(i)| / k`` over the sampled rows, with exact neighbour sets
+    (self excluded; ties broken by row index)."""
+    from . import _native
+
+    t0 = time.perf_counter()
+    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
+    cb, bar = progress_callback(progress, "mutual knn")
+    try:
+        xa = [load(a, n, idx) for n in la]
+        xb = [load(b, n, idx) for n in lb] if b is not None else None
+        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), progress=cb)
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {
+        "measure": "mutual_knn",
+        "k": int(k),
+        "n": int(idx.size),
+        "n_total": a.num_rows,
+        "seed": seed,
+        "sample": sample,
+        "sample_hash": indices_hash(idx),
+        "seconds": time.perf_counter() - t0,
+    }
+    return MatrixResult(vals, la, lb, meta=meta)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _cmd_id(args: Any) -> int:
+    res = intrinsic_dimension(
+        args.store,
+        method=args.method,
+        layers=args.layers,
+        sample=args.sample,
+        seed=args.seed,
+        k=args.k,
+        n1=args.n1,
+        n2=args.n2,
+        discard_fraction=args.discard_fraction,
+        duplicates=args.duplicates,
+        bootstrap=args.bootstrap,
+        progress=not args.quiet,
+    )
+    print(res.table.to_string())
+    if args.out:
+        res.save(args.out)
+    if args.plot:
+        res.plot().savefig(args.plot)
+    return 0
+
+
+def _cmd_rsa(args: Any) -> int:
+    res = rsa(
+        args.store,
+        args.other,
+        layers=args.layers,
+        dissimilarity=args.dissimilarity,
+        compare=args.compare,
+        sample=args.sample,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(res.to_pandas().round(4).to_string())
+    if args.out:
+        res.save(args.out)
+    if args.plot:
+        res.plot().savefig(args.plot)
+    return 0
+
+
+def _sample_arg(s: str) -> int | None:
+    return None if s.lower() in ("all", "none") else int(s)
+
+
+def add_cli(sub: Any) -> None:
+    """``layerscope id STORE ...`` and ``layerscope rsa STORE [OTHER] ...``."""
+    p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE)")
+    p.add_argument("store")
+    p.add_argument("--method", default="twonn", choices=list(METHODS))
+    p.add_argument("--layers", nargs="+", default=None)
+    p.add_argument("--sample", type=_sample_arg, default=20000, help="rows to sample, or 'all'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--n1", type=int, default=1)
+    p.add_argument("--n2", type=int, default=2)
+    p.add_argument("--discard-fraction", type=float, default=0.1)
+    p.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"])
+    p.add_argument("--bootstrap", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the result as JSON")
+    p.add_argument("--plot", default=None, help="write the ID-by-depth plot (png/pdf/svg)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_id)
+
+    q = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
+    q.add_argument("store")
+    q.add_argument("other", nargs="?", default=None)
+    q.add_argument("--layers", nargs="+", default=None)
+    q.add_argument("--dissimilarity", default="euclidean", choices=["euclidean", "correlation"])
+    q.add_argument("--compare", default="spearman", choices=["spearman", "pearson"])
+    q.add_argument("--sample", type=_sample_arg, default=2000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default=None)
+    q.add_argument("--plot", default=None)
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_cmd_rsa)

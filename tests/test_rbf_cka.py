@@ -1,0 +1,164 @@
+"""RBF CKA (biased, debiased, minibatch) against a numpy f64 reference written from the
+formulas: explicit Grams, Kornblith's median bandwidth, HKH, Song et al.'s unbiased HSIC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from layerscope import _native
+from layerscope._kernel import rbf_cka, sample_indices
+from layerscope.errors import InvalidArgumentError, MemoryBudgetError, MismatchError
+
+
+def ref_gram(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # exact, no GEMM
+    bw = sigma * np.sqrt(np.median(d2))  # all m² entries, diagonal included
+    return np.exp(-d2 / (2 * bw**2))
+
+
+def hsic_biased(k: np.ndarray, lg: np.ndarray) -> float:
+    m = k.shape[0]
+    h = np.eye(m) - np.ones((m, m)) / m
+    return float(np.trace(k @ h @ lg @ h)) / (m - 1) ** 2
+
+
+def hsic_unbiased(k: np.ndarray, lg: np.ndarray) -> float:
+    m = k.shape[0]
+    kt = k - np.diag(np.diag(k))
+    lt = lg - np.diag(np.diag(lg))
+    one = np.ones(m)
+    t1 = np.trace(kt @ lt)
+    t2 = (one @ kt @ one) * (one @ lt @ one) / ((m - 1) * (m - 2))
+    t3 = 2.0 / (m - 2) * (one @ kt @ lt @ one)
+    return float((t1 + t2 - t3) / (m * (m - 3)))
+
+
+def ref_cka(x: np.ndarray, y: np.ndarray, unbiased: bool, sigma: float = 1.0) -> float:
+    k, lg = ref_gram(x, sigma), ref_gram(y, sigma)
+    f = hsic_unbiased if unbiased else hsic_biased
+    return f(k, lg) / np.sqrt(f(k, k) * f(lg, lg))
+
+
+def make_layers(m: int = 120, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, 16))
+    return {
+        "x": x,
+        "lin": x @ rng.standard_normal((16, 24)) + 0.3 * rng.standard_normal((m, 24)),
+        "tanh": np.tanh(x[:, :8] * 2.0),
+        "indep": rng.standard_normal((m, 10)),
+    }
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+@pytest.mark.parametrize("sigma", [1.0, 0.5])
+def test_matches_reference(estimator: str, sigma: float) -> None:
+    layers = make_layers()
+    res = rbf_cka(layers, None, None, None, estimator=estimator, sigma=sigma, progress=False)
+    names = list(layers)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            ref = ref_cka(layers[a], layers[b], estimator == "debiased", sigma)
+            assert res.values[i, j] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    np.testing.assert_array_equal(np.diag(res.values), 1.0)
+    assert res.meta["kernel"] == "rbf" and res.meta["n"] == 120
+    bw = np.sqrt(np.median(((layers["x"][:, None] - layers["x"][None]) ** 2).sum(-1)))
+    assert res.meta["bandwidths_a"]["x"] == pytest.approx(sigma * bw, rel=1e-12)
+
+
+def test_debiased_can_be_negative_never_clamped() -> None:
+    layers = make_layers(m=60, seed=3)
+    res = rbf_cka(layers, None, ["x"], None, estimator="debiased", progress=False)
+    res2 = rbf_cka(
+        {"x": layers["x"]},
+        {"x": layers["indep"]},
+        ["x"],
+        ["x"],
+        estimator="debiased",
+        progress=False,
+    )
+    ref = ref_cka(layers["x"], layers["indep"], True)
+    assert res2.values[0, 0] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    assert res.values.shape == (1, 1)
+    vals = [
+        rbf_cka(
+            {"a": make_layers(40, s)["x"]},
+            {"b": make_layers(40, s + 100)["indep"]},
+            None,
+            None,
+            estimator="debiased",
+            progress=False,
+        ).values[0, 0]
+        for s in range(8)
+    ]
+    assert min(vals) < 0  # unbiased estimates of ~0 straddle 0
+
+
+def test_cross_sources_and_offsets_f32() -> None:
+    rng = np.random.default_rng(5)
+    m = 100
+    x = rng.standard_normal((m, 20))
+    y = np.tanh(x @ rng.standard_normal((20, 12)))
+    # LLM-like: f32 storage with mean offsets of 500x the spread
+    x32 = (x + 500.0 * rng.standard_normal(20)).astype(np.float32)
+    y32 = (y + 800.0 * rng.standard_normal(12)).astype(np.float32)
+    for est in ("biased", "debiased"):
+        res = rbf_cka({"x": x32}, {"y": y32}, None, None, estimator=est, progress=False)
+        ref = ref_cka(x32.astype(np.float64), y32.astype(np.float64), est == "debiased")
+        assert res.values[0, 0] == pytest.approx(ref, rel=1e-6)
+        # translation invariance against the un-offset data (up to f32 rounding of the data)
+        assert res.values[0, 0] == pytest.approx(ref_cka(x, y, est == "debiased"), abs=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_scales(scale: float) -> None:
+    layers = make_layers(m=80)
+    a = rbf_cka(layers, None, None, None, progress=False).values
+    b = rbf_cka({k: v * scale for k, v in layers.items()}, None, None, None, progress=False).values
+    np.testing.assert_allclose(a, b, rtol=1e-9)
+
+
+def test_minibatch_matches_reference() -> None:
+    layers = make_layers(m=130)
+    bs = 40
+    res = rbf_cka(
+        layers, None, ["x", "lin"], None, estimator="minibatch", batch_size=bs, progress=False
+    )
+    xs, ys = layers["x"], layers["lin"]
+    batches = [slice(s, min(s + bs, 130)) for s in range(0, 130, bs)]
+    batches = [b for b in batches if b.stop - b.start >= 4]
+    kxy = np.mean([hsic_unbiased(ref_gram(xs[b]), ref_gram(ys[b])) for b in batches])
+    kxx = np.mean([hsic_unbiased(ref_gram(xs[b]), ref_gram(xs[b])) for b in batches])
+    kyy = np.mean([hsic_unbiased(ref_gram(ys[b]), ref_gram(ys[b])) for b in batches])
+    assert res.values[0, 1] == pytest.approx(kxy / np.sqrt(kxx * kyy), rel=1e-9)
+    assert res.meta["n_batches"] == 4 and res.meta["rows_used"] == 130
+
+
+def test_sampling_duplicates_and_constant_column() -> None:
+    layers = make_layers(m=300)
+    res = rbf_cka(layers, None, ["x", "lin"], None, sample=100, seed=3, progress=False)
+    idx = sample_indices(300, 100, 3)
+    ref = ref_cka(layers["x"][idx], layers["lin"][idx], False)
+    assert res.values[0, 1] == pytest.approx(ref, rel=1e-9)
+    x = layers["x"][:100].copy()
+    x[:, 3] = 7.0  # constant column
+    x[50:60] = x[:10]  # duplicated rows
+    y = layers["tanh"][:100]
+    res = rbf_cka({"x": x, "y": y}, None, None, None, estimator="debiased", progress=False)
+    assert res.values[0, 1] == pytest.approx(ref_cka(x, y, True), rel=1e-9)
+
+
+def test_errors() -> None:
+    layers = make_layers(m=50)
+    with pytest.raises(MemoryBudgetError):
+        rbf_cka(layers, None, None, None, progress=False, max_memory=1000)
+    with pytest.raises(InvalidArgumentError):
+        rbf_cka(layers, None, None, None, estimator="unbiased", progress=False)
+    with pytest.raises(InvalidArgumentError):
+        rbf_cka(layers, None, None, None, sigma=0.0, progress=False)
+    with pytest.raises(MismatchError):
+        rbf_cka(layers, {"z": np.zeros((49, 3))}, None, None, progress=False)
+    same = np.ones((10, 3))
+    with pytest.raises(InvalidArgumentError, match="median"):
+        _native.rbf_hsic([same], None)
