@@ -1,1 +1,834 @@
-//! (being written)
+//! Engine 1: exact streamed moments of concatenated layers (one pass, all pairs at once).
+//!
+//! # What is accumulated
+//! For layers of widths `d_1 … d_L` (possibly from two stores, concatenated), each row is
+//! `z = [x_1 … x_L]` (`D = Σ d_l`). The accumulator keeps a reference shift `μ0` (the first
+//! block's column means) and, for the shifted row `u = z − μ0` extended with the per-layer
+//! squared norms `r_l = ‖u_l‖²`, i.e. `w = [u, r_1 … r_L]` (`D + L` columns):
+//!
+//! * `S = Σ_a w_a w_aᵀ` (f64, upper triangle only: one SYRK per block, faer, parallel),
+//! * `s = Σ_a w_a` and the row count `n`.
+//!
+//! Shifting before any product keeps the products small: LLM activations have per-feature
+//! offsets hundreds of times their spread, and uncentred products cancel catastrophically.
+//! Every product is computed in f64 (inputs f32/f64 are widened first).
+//! Two accumulators with different shifts merge exactly: `w` under a new shift is an affine
+//! function of `w` under the old one (`u' = u + δ`, `r'_l = r_l + 2δ_lᵀu_l + ‖δ_l‖²`), so
+//! `S' = A S Aᵀ + …` is obtained algebraically ([`MomentAccumulator::merge`]).
+//!
+//! # What [`Moments`] gives (after [`MomentAccumulator::finalize`])
+//! The data re-shifted to its exact mean `z̄`:
+//! * `n`, `dims`, `offsets` (column ranges of each layer), `names`, `mean = z̄`;
+//! * the centred cross-product matrix `C = Σ_a (z_a − z̄)(z_a − z̄)ᵀ` (full symmetric
+//!   `D × D`, f64): [`Moments::block`]`(i, j)` is `C_ij = X̄_iᵀ X̄_j` (`d_i × d_j`, row-major);
+//!   the covariance is `C / (n − 1)`;
+//! * for the debiased (unbiased-HSIC) estimators, with `r̄_{l,a} = ‖x_{l,a} − x̄_l‖²`:
+//!   `rr[k][l] = Σ_a r̄_{k,a} r̄_{l,a}` ([`Moments::rr`]) and `Σ_a r̄_{l,a} = tr C_ll`.
+use crate::error::{Error, Result};
+use crate::linalg::{symmetrize_from_upper, syrk_upper_add};
+use faer::Par;
+use rayon::prelude::*;
+
+/// Scalar types a block may hold (widened to f64 before any arithmetic).
+pub trait Element: Copy + Send + Sync {
+    fn to_f64(self) -> f64;
+}
+impl Element for f64 {
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+impl Element for f32 {
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+const MAGIC: &[u8; 8] = b"LSMOMACC";
+const VERSION: u32 = 1;
+
+/// The streaming accumulator (a plain value: `update`, `merge`, `to_bytes`/`from_bytes`).
+#[derive(Clone, Debug)]
+pub struct MomentAccumulator {
+    dims: Vec<usize>,
+    offsets: Vec<usize>,
+    names: Vec<String>,
+    /// Reference shift μ0 (length D), set by the first non-empty block.
+    shift: Option<Vec<f64>>,
+    /// Column-major (D+L)×(D+L); upper triangle valid.
+    s: Vec<f64>,
+    /// Column sums of w (length D+L).
+    sums: Vec<f64>,
+    n: u64,
+    /// When false, non-finite values are accumulated (they turn the affected cells NaN).
+    check_finite: bool,
+    /// First row (in update order) holding a non-finite value, per layer.
+    nonfinite: Vec<Option<u64>>,
+}
+
+fn offsets_of(dims: &[usize]) -> Vec<usize> {
+    let mut o = Vec::with_capacity(dims.len() + 1);
+    let mut acc = 0usize;
+    o.push(0);
+    for d in dims {
+        acc += d;
+        o.push(acc);
+    }
+    o
+}
+
+/// Bytes of the accumulator for layers of these widths: `(D+L)² × 8` plus vectors.
+pub fn accumulator_bytes(dims: &[usize]) -> u128 {
+    let dz = dims.iter().map(|&d| d as u128).sum::<u128>() + dims.len() as u128;
+    dz * dz * 8 + dz * 16
+}
+
+/// Fail with [`Error::Memory`] (giving the options) when the accumulator for `dims` plus
+/// `block_rows` rows of block buffers would exceed `max_memory` bytes.
+pub fn check_memory(dims: &[usize], block_rows: usize, max_memory: u64) -> Result<()> {
+    let dz = dims.iter().map(|&d| d as u128).sum::<u128>() + dims.len() as u128;
+    let need = accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2;
+    if need > max_memory as u128 {
+        return Err(Error::Memory(format!(
+            "the moment accumulator for {} layers (D = {} columns) needs about {:.2} GiB, above \
+             the budget max_memory = {:.2} GiB; options: select fewer layers per call (and \
+             compare groups of layers in several calls), use a sample of features/rows \
+             (sample=...), or raise max_memory",
+            dims.len(),
+            dz - dims.len() as u128,
+            need as f64 / (1u64 << 30) as f64,
+            max_memory as f64 / (1u64 << 30) as f64
+        )));
+    }
+    Ok(())
+}
+
+impl MomentAccumulator {
+    /// An empty accumulator for layers of widths `dims` (names default to `layer{i}`).
+    pub fn new(dims: &[usize]) -> Result<Self> {
+        if dims.is_empty() {
+            return Err(Error::invalid("the moment accumulator needs at least one layer"));
+        }
+        if dims.contains(&0) {
+            return Err(Error::invalid("a layer of width 0 cannot be accumulated"));
+        }
+        let d: usize = dims.iter().sum();
+        let dz = d + dims.len();
+        let cells = dz.checked_mul(dz).ok_or_else(|| Error::Memory("accumulator size overflows".into()))?;
+        if cells > (isize::MAX as usize) / 16 {
+            return Err(Error::Memory(format!("accumulator of {dz}² cells cannot be allocated")));
+        }
+        Ok(MomentAccumulator {
+            dims: dims.to_vec(),
+            offsets: offsets_of(dims),
+            names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
+            shift: None,
+            s: vec![0.0; cells],
+            sums: vec![0.0; dz],
+            n: 0,
+            check_finite: true,
+            nonfinite: vec![None; dims.len()],
+        })
+    }
+
+    /// Set the layer names used in error messages (and carried into [`Moments`]).
+    pub fn with_names(mut self, names: &[String]) -> Result<Self> {
+        if names.len() != self.dims.len() {
+            return Err(Error::invalid(format!("{} names for {} layers", names.len(), self.dims.len())));
+        }
+        self.names = names.to_vec();
+        Ok(self)
+    }
+
+    /// `true` (default): a non-finite value is an [`Error::NonFinite`]. `false`: it is
+    /// accumulated, and every cell involving its layer becomes NaN (first bad row recorded).
+    pub fn with_check_finite(mut self, check: bool) -> Self {
+        self.check_finite = check;
+        self
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    pub fn n(&self) -> u64 {
+        self.n
+    }
+    fn d(&self) -> usize {
+        self.offsets[self.dims.len()]
+    }
+    fn dz(&self) -> usize {
+        self.d() + self.dims.len()
+    }
+
+    /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l`.
+    /// Errors leave the accumulator unchanged.
+    pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
+        let l_count = self.dims.len();
+        if block.len() != l_count {
+            return Err(Error::Mismatch(format!("block has {} layers, accumulator has {l_count}", block.len())));
+        }
+        for (l, (x, &d)) in block.iter().zip(&self.dims).enumerate() {
+            if Some(x.len()) != rows.checked_mul(d) {
+                return Err(Error::Mismatch(format!(
+                    "layer {:?}: block has {} values, expected {rows} rows × {d}",
+                    self.names[l],
+                    x.len()
+                )));
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        // Non-finite scan (first bad row per layer).
+        let bad: Vec<Option<usize>> = block
+            .par_iter()
+            .zip(self.dims.par_iter())
+            .map(|(x, &d)| x.chunks(d).position(|r| r.iter().any(|v| !v.to_f64().is_finite())))
+            .collect();
+        if self.check_finite {
+            if let Some((l, a)) = bad.iter().enumerate().find_map(|(l, b)| b.map(|a| (l, a))) {
+                return Err(Error::NonFinite(format!(
+                    "layer {:?}: non-finite value (NaN/Inf) in row {}",
+                    self.names[l],
+                    self.n + a as u64
+                )));
+            }
+        }
+        for (l, b) in bad.iter().enumerate() {
+            if let (Some(a), None) = (b, self.nonfinite[l]) {
+                self.nonfinite[l] = Some(self.n + *a as u64);
+            }
+        }
+        let d = self.d();
+        let dz = self.dz();
+        if self.shift.is_none() {
+            let mut mu = vec![0.0; d];
+            for (l, x) in block.iter().enumerate() {
+                let dl = self.dims[l];
+                let o = self.offsets[l];
+                let m = &mut mu[o..o + dl];
+                for r in x.chunks(dl) {
+                    for (mi, v) in m.iter_mut().zip(r) {
+                        *mi += v.to_f64();
+                    }
+                }
+                for mi in m.iter_mut() {
+                    *mi /= rows as f64;
+                }
+            }
+            self.shift = Some(mu);
+        }
+        let mu = self.shift.as_deref().unwrap_or(&[]);
+        // w rows (row-major rows × dz) = column-major dz × rows.
+        let mut w = vec![0.0f64; rows * dz];
+        let dims = &self.dims;
+        let offsets = &self.offsets;
+        w.par_chunks_mut(dz).enumerate().for_each(|(a, wr)| {
+            for (l, x) in block.iter().enumerate() {
+                let dl = dims[l];
+                let o = offsets[l];
+                let src = &x[a * dl..(a + 1) * dl];
+                let mut r = 0.0;
+                for ((dst, v), m) in wr[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
+                    let u = v.to_f64() - m;
+                    *dst = u;
+                    r += u * u;
+                }
+                wr[d + l] = r;
+            }
+        });
+        let par = if rows * dz * dz > 1 << 20 { Par::rayon(0) } else { Par::Seq };
+        syrk_upper_add(&mut self.s, &w, dz, rows, par);
+        // Column sums.
+        let colsum = w
+            .par_chunks(dz * 256)
+            .map(|chunk| {
+                let mut s = vec![0.0; dz];
+                for wr in chunk.chunks(dz) {
+                    for (si, v) in s.iter_mut().zip(wr) {
+                        *si += v;
+                    }
+                }
+                s
+            })
+            .reduce(
+                || vec![0.0; dz],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+        for (s, c) in self.sums.iter_mut().zip(&colsum) {
+            *s += c;
+        }
+        self.n += rows as u64;
+        Ok(())
+    }
+
+    /// Re-express the sums under the shift `new_shift` (exact algebra; `S` becomes full).
+    fn reshift(&mut self, new_shift: &[f64]) {
+        let Some(old) = self.shift.as_ref() else {
+            self.shift = Some(new_shift.to_vec());
+            return;
+        };
+        let d = self.d();
+        let dz = self.dz();
+        let lc = self.dims.len();
+        let n = self.n as f64;
+        let delta: Vec<f64> = old.iter().zip(new_shift).map(|(a, b)| a - b).collect();
+        let layer_of: Vec<usize> = (0..lc).flat_map(|l| std::iter::repeat_n(l, self.dims[l])).collect();
+        let e: Vec<f64> = (0..lc)
+            .map(|l| delta[self.offsets[l]..self.offsets[l + 1]].iter().map(|x| x * x).sum())
+            .collect();
+        symmetrize_from_upper(&mut self.s, dz);
+        let s = &self.s;
+        let sums = &self.sums;
+        let offsets = &self.offsets;
+        let delta = &delta;
+        // P[i][k] = Σ_{j∈k} S[i,j] δ_j   (D × L, row-major)
+        let p: Vec<f64> = (0..d)
+            .into_par_iter()
+            .flat_map_iter(|i| {
+                (0..lc).map(move |k| {
+                    (offsets[k]..offsets[k + 1]).map(|j| s[j * dz + i] * delta[j]).sum::<f64>()
+                })
+            })
+            .collect();
+        // δ_kᵀ s_uk
+        let ds: Vec<f64> = (0..lc)
+            .map(|k| (offsets[k]..offsets[k + 1]).map(|j| delta[j] * sums[j]).sum())
+            .collect();
+        // δ_kᵀ S[U_k, R_l]
+        let dsr: Vec<f64> = (0..lc * lc)
+            .map(|kl| {
+                let (k, l) = (kl / lc, kl % lc);
+                (offsets[k]..offsets[k + 1]).map(|i| delta[i] * s[(d + l) * dz + i]).sum()
+            })
+            .collect();
+        // δ_kᵀ S[U_k,U_l] δ_l = Σ_{i∈k} δ_i P[i][l]
+        let dsd: Vec<f64> = (0..lc * lc)
+            .map(|kl| {
+                let (k, l) = (kl / lc, kl % lc);
+                (offsets[k]..offsets[k + 1]).map(|i| delta[i] * p[i * lc + l]).sum()
+            })
+            .collect();
+        let new_sr: Vec<f64> = (0..lc).map(|k| sums[d + k] + 2.0 * ds[k] + n * e[k]).collect();
+        // New S[U_i, R_k].
+        let new_ur: Vec<f64> = (0..d)
+            .flat_map(|i| {
+                let p = &p;
+                let new_sr = &new_sr;
+                let delta = &delta;
+                let e = &e;
+                (0..lc).map(move |k| {
+                    s[(d + k) * dz + i] + 2.0 * p[i * lc + k] + e[k] * sums[i] + delta[i] * new_sr[k]
+                })
+            })
+            .collect();
+        // New S[R_k, R_l].
+        let mut new_rr = vec![0.0; lc * lc];
+        for k in 0..lc {
+            for l in 0..lc {
+                let srr = s[(d + l) * dz + d + k];
+                new_rr[k * lc + l] = srr
+                    + 2.0 * dsr[l * lc + k]
+                    + e[l] * sums[d + k]
+                    + 2.0 * dsr[k * lc + l]
+                    + 4.0 * dsd[k * lc + l]
+                    + 2.0 * e[l] * ds[k]
+                    + e[k] * sums[d + l]
+                    + 2.0 * e[k] * ds[l]
+                    + n * e[k] * e[l];
+            }
+        }
+        let _ = layer_of;
+        // UU block in place: S + δ s_uᵀ + s_u δᵀ + n δ δᵀ (old s_u).
+        let su: Vec<f64> = sums[..d].to_vec();
+        self.s.par_chunks_mut(dz).enumerate().for_each(|(j, col)| {
+            if j < d {
+                for i in 0..d {
+                    col[i] += delta[i] * su[j] + su[i] * delta[j] + n * delta[i] * delta[j];
+                }
+                // Row R_k of column j (lower part): S[R_k, U_j]
+                for k in 0..lc {
+                    col[d + k] = new_ur[j * lc + k];
+                }
+            } else {
+                let k = j - d;
+                for i in 0..d {
+                    col[i] = new_ur[i * lc + k];
+                }
+                for l in 0..lc {
+                    col[d + l] = new_rr[l * lc + k];
+                }
+            }
+        });
+        for i in 0..d {
+            self.sums[i] += n * delta[i];
+        }
+        for k in 0..lc {
+            self.sums[d + k] = new_sr[k];
+        }
+        self.shift = Some(new_shift.to_vec());
+    }
+
+    /// Add the rows of `other` (same layer widths). Exact whatever the two shifts are.
+    pub fn merge(&mut self, other: &MomentAccumulator) -> Result<()> {
+        if other.dims != self.dims {
+            return Err(Error::Mismatch(format!(
+                "cannot merge accumulators of layer widths {:?} and {:?}",
+                self.dims, other.dims
+            )));
+        }
+        if other.n == 0 {
+            return Ok(());
+        }
+        let base = self.n;
+        for (mine, theirs) in self.nonfinite.iter_mut().zip(&other.nonfinite) {
+            if mine.is_none() {
+                *mine = theirs.map(|r| r + base);
+            }
+        }
+        if self.n == 0 {
+            let names = std::mem::take(&mut self.names);
+            let nf = std::mem::take(&mut self.nonfinite);
+            *self = other.clone();
+            self.names = names;
+            self.nonfinite = nf;
+            return Ok(());
+        }
+        let mut o = other.clone();
+        if let Some(sh) = self.shift.clone() {
+            o.reshift(&sh);
+        }
+        let dz = self.dz();
+        // o.s is full now; add its upper triangle.
+        self.s.par_chunks_mut(dz).zip(o.s.par_chunks(dz)).enumerate().for_each(|(j, (a, b))| {
+            for i in 0..=j {
+                a[i] += b[i];
+            }
+        });
+        for (a, b) in self.sums.iter_mut().zip(&o.sums) {
+            *a += b;
+        }
+        self.n += o.n;
+        Ok(())
+    }
+
+    /// Centre the sums at the exact mean and return the [`Moments`].
+    pub fn finalize(mut self) -> Result<Moments> {
+        if self.n == 0 {
+            return Err(Error::invalid("no rows were accumulated"));
+        }
+        let d = self.d();
+        let dz = self.dz();
+        let lc = self.dims.len();
+        let n = self.n as f64;
+        let shift = self.shift.clone().unwrap_or_else(|| vec![0.0; d]);
+        let mean: Vec<f64> = shift.iter().zip(&self.sums).map(|(m, s)| m + s / n).collect();
+        self.reshift(&mean);
+        let mut rr = vec![0.0; lc * lc];
+        for k in 0..lc {
+            for l in 0..lc {
+                rr[k * lc + l] = self.s[(d + l) * dz + d + k];
+            }
+        }
+        // Compact the D×D part (column-major, symmetric) out of the (D+L)² buffer in place.
+        let mut s = std::mem::take(&mut self.s);
+        for j in 0..d {
+            s.copy_within(j * dz..j * dz + d, j * d);
+        }
+        s.truncate(d * d);
+        s.shrink_to_fit();
+        Ok(Moments {
+            n: self.n,
+            dims: self.dims,
+            offsets: self.offsets,
+            names: self.names,
+            mean,
+            cov: s,
+            rr,
+            nonfinite: self.nonfinite,
+        })
+    }
+
+    /// Versioned little-endian serialisation (upper triangle of `S` only).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let dz = self.dz();
+        let d = self.d();
+        let mut out = Vec::with_capacity(64 + dz * (dz + 1) * 4 + dz * 16);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
+        for &dl in &self.dims {
+            out.extend_from_slice(&(dl as u64).to_le_bytes());
+        }
+        for name in &self.names {
+            out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        out.extend_from_slice(&self.n.to_le_bytes());
+        out.push(self.check_finite as u8);
+        for nf in &self.nonfinite {
+            out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
+        }
+        out.push(self.shift.is_some() as u8);
+        if let Some(sh) = &self.shift {
+            for v in sh {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        debug_assert_eq!(self.sums.len(), dz);
+        let _ = d;
+        for v in &self.sums {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for j in 0..dz {
+            for v in &self.s[j * dz..j * dz + j + 1] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Inverse of [`to_bytes`](Self::to_bytes); any inconsistency is an [`Error::Format`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        if r.take(8)? != MAGIC {
+            return Err(fmt_err("not a layerscope moment accumulator (bad magic)"));
+        }
+        let version = u32::from_le_bytes(r.arr::<4>()?);
+        if version != VERSION {
+            return Err(fmt_err(format!("unsupported accumulator version {version} (this build reads {VERSION})")));
+        }
+        let lc = r.u64()? as usize;
+        if lc == 0 || lc > r.remaining() / 8 {
+            return Err(fmt_err(format!("bad layer count {lc}")));
+        }
+        let mut dims = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let dl = r.u64()?;
+            if dl == 0 || dl > (r.remaining() as u64) {
+                return Err(fmt_err(format!("bad layer width {dl}")));
+            }
+            dims.push(dl as usize);
+        }
+        let mut names = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let len = r.u64()? as usize;
+            let s = r.take(len)?;
+            names.push(String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?);
+        }
+        let n = r.u64()?;
+        let check_finite = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            v => return Err(fmt_err(format!("bad flag byte {v}"))),
+        };
+        let mut nonfinite = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let v = r.u64()?;
+            nonfinite.push(if v == u64::MAX { None } else { Some(v) });
+        }
+        let has_shift = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            v => return Err(fmt_err(format!("bad flag byte {v}"))),
+        };
+        let d = dims.iter().try_fold(0usize, |a, &b| a.checked_add(b)).ok_or_else(|| fmt_err("widths overflow"))?;
+        let dz = d + lc;
+        // Exact remaining length check before allocating anything large.
+        let tri = (dz as u128) * (dz as u128 + 1) / 2;
+        let need = (if has_shift { d as u128 } else { 0 } + dz as u128 + tri) * 8;
+        if need != r.remaining() as u128 {
+            return Err(fmt_err(format!(
+                "accumulator payload has {} bytes, expected {need} for widths {dims:?}",
+                r.remaining()
+            )));
+        }
+        if (n == 0) == has_shift {
+            return Err(fmt_err("row count and shift disagree"));
+        }
+        let shift = if has_shift { Some(r.f64s(d)?) } else { None };
+        let sums = r.f64s(dz)?;
+        let mut s = vec![0.0; dz * dz];
+        for j in 0..dz {
+            let col = r.f64s(j + 1)?;
+            s[j * dz..j * dz + j + 1].copy_from_slice(&col);
+        }
+        Ok(MomentAccumulator {
+            offsets: offsets_of(&dims),
+            dims,
+            names,
+            shift,
+            s,
+            sums,
+            n,
+            check_finite,
+            nonfinite,
+        })
+    }
+}
+
+fn fmt_err(msg: impl Into<String>) -> Error {
+    Error::format("<moment accumulator bytes>", msg)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.b.len() - self.pos
+    }
+    fn take(&mut self, k: usize) -> Result<&'a [u8]> {
+        if k > self.remaining() {
+            return Err(fmt_err("truncated accumulator bytes"));
+        }
+        let s = &self.b[self.pos..self.pos + k];
+        self.pos += k;
+        Ok(s)
+    }
+    fn arr<const K: usize>(&mut self) -> Result<[u8; K]> {
+        let s = self.take(K)?;
+        let mut a = [0u8; K];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.arr::<8>()?))
+    }
+    fn f64s(&mut self, k: usize) -> Result<Vec<f64>> {
+        let s = self.take(k.checked_mul(8).ok_or_else(|| fmt_err("size overflow"))?)?;
+        Ok(s.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+    }
+}
+
+/// Finalised moments (see the module docs). `cov` is the full symmetric `D × D` centred
+/// cross-product matrix `C = Σ (z − z̄)(z − z̄)ᵀ` (symmetric, so row- and column-major agree).
+#[derive(Clone, Debug)]
+pub struct Moments {
+    pub n: u64,
+    pub dims: Vec<usize>,
+    /// Column ranges: layer `l` is `offsets[l]..offsets[l+1]`.
+    pub offsets: Vec<usize>,
+    pub names: Vec<String>,
+    /// Column means `z̄` (length D).
+    pub mean: Vec<f64>,
+    /// `C` (D × D).
+    pub cov: Vec<f64>,
+    /// `rr[k*L + l] = Σ_a r̄_{k,a} r̄_{l,a}`, `r̄_{l,a} = ‖x_{l,a} − x̄_l‖²`.
+    pub rr: Vec<f64>,
+    /// First row with a non-finite value per layer (only when finiteness was not enforced).
+    pub nonfinite: Vec<Option<u64>>,
+}
+
+impl Moments {
+    pub fn num_layers(&self) -> usize {
+        self.dims.len()
+    }
+    /// Total width D.
+    pub fn width(&self) -> usize {
+        self.offsets[self.dims.len()]
+    }
+    fn check(&self, i: usize, j: usize) -> Result<()> {
+        let l = self.dims.len();
+        if i >= l || j >= l {
+            return Err(Error::invalid(format!("layer index ({i}, {j}) out of range for {l} layers")));
+        }
+        Ok(())
+    }
+    /// `C_ij = Σ_a (x_{i,a} − x̄_i)(x_{j,a} − x̄_j)ᵀ` as a row-major `d_i × d_j` buffer.
+    pub fn block(&self, i: usize, j: usize) -> Result<Vec<f64>> {
+        self.check(i, j)?;
+        let d = self.width();
+        let (ri, rj) = (self.offsets[i]..self.offsets[i + 1], self.offsets[j]..self.offsets[j + 1]);
+        let mut out = Vec::with_capacity(ri.len() * rj.len());
+        // C symmetric: row r of C is column r of the column-major buffer.
+        for r in ri {
+            out.extend_from_slice(&self.cov[r * d + rj.start..r * d + rj.end]);
+        }
+        Ok(out)
+    }
+    /// `C_ij` as a faer matrix.
+    pub fn block_mat(&self, i: usize, j: usize) -> Result<faer::Mat<f64>> {
+        self.check(i, j)?;
+        let d = self.width();
+        let (oi, oj) = (self.offsets[i], self.offsets[j]);
+        Ok(faer::Mat::from_fn(self.dims[i], self.dims[j], |r, c| self.cov[(oj + c) * d + oi + r]))
+    }
+    /// Column means of layer `i`.
+    pub fn layer_mean(&self, i: usize) -> Result<&[f64]> {
+        self.check(i, i)?;
+        Ok(&self.mean[self.offsets[i]..self.offsets[i + 1]])
+    }
+    /// `Σ_a r̄_{k,a} r̄_{l,a}`.
+    pub fn rr(&self, k: usize, l: usize) -> Result<f64> {
+        self.check(k, l)?;
+        Ok(self.rr[k * self.dims.len() + l])
+    }
+    /// `tr C_kk = Σ_a ‖x_{k,a} − x̄_k‖²`.
+    pub fn trace(&self, k: usize) -> Result<f64> {
+        self.check(k, k)?;
+        let d = self.width();
+        Ok((self.offsets[k]..self.offsets[k + 1]).map(|i| self.cov[i * d + i]).sum())
+    }
+    /// `‖C_ij‖_F²`.
+    pub fn block_sq_norm(&self, i: usize, j: usize) -> Result<f64> {
+        self.check(i, j)?;
+        Ok(crate::linalg::block_sq_norm(
+            &self.cov,
+            self.width(),
+            self.offsets[i]..self.offsets[i + 1],
+            self.offsets[j]..self.offsets[j + 1],
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, d: usize, seed: u64, offset: f64) -> Vec<f64> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n * d)
+            .map(|i| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) + offset * ((i % d) as f64 + 1.0)
+            })
+            .collect()
+    }
+
+    fn naive(xs: &[Vec<f64>], dims: &[usize], n: usize) -> (Vec<f64>, Vec<f64>) {
+        // centred C and rr, in f64 two-pass.
+        let d: usize = dims.iter().sum();
+        let mut z = vec![0.0; n * d];
+        let offs = offsets_of(dims);
+        for (l, x) in xs.iter().enumerate() {
+            for a in 0..n {
+                for c in 0..dims[l] {
+                    z[a * d + offs[l] + c] = x[a * dims[l] + c];
+                }
+            }
+        }
+        let mean: Vec<f64> = (0..d).map(|c| (0..n).map(|a| z[a * d + c]).sum::<f64>() / n as f64).collect();
+        for a in 0..n {
+            for c in 0..d {
+                z[a * d + c] -= mean[c];
+            }
+        }
+        let mut cov = vec![0.0; d * d];
+        for i in 0..d {
+            for j in 0..d {
+                cov[j * d + i] = (0..n).map(|a| z[a * d + i] * z[a * d + j]).sum();
+            }
+        }
+        let lc = dims.len();
+        let r: Vec<Vec<f64>> = (0..lc)
+            .map(|l| (0..n).map(|a| (offs[l]..offs[l + 1]).map(|c| z[a * d + c].powi(2)).sum()).collect())
+            .collect();
+        let mut rr = vec![0.0; lc * lc];
+        for k in 0..lc {
+            for l in 0..lc {
+                rr[k * lc + l] = (0..n).map(|a| r[k][a] * r[l][a]).sum();
+            }
+        }
+        (cov, rr)
+    }
+
+    fn rel(a: &[f64], b: &[f64]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+        let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+        num / den
+    }
+
+    #[test]
+    fn streamed_merged_serialised_equal_naive() {
+        let dims = [3usize, 5, 2];
+        let n = 50;
+        let xs: Vec<Vec<f64>> = dims.iter().enumerate().map(|(l, &d)| data(n, d, l as u64, 100.0)).collect();
+        let (cov, rr) = naive(&xs, &dims, n);
+        let slice = |a: usize, b: usize| -> Vec<&[f64]> {
+            xs.iter().zip(&dims).map(|(x, &d)| &x[a * d..b * d]).collect()
+        };
+        // one shot
+        let mut acc = MomentAccumulator::new(&dims).unwrap();
+        acc.update(&slice(0, n), n).unwrap();
+        let m = acc.clone().finalize().unwrap();
+        assert!(rel(&m.cov, &cov) < 1e-12, "{}", rel(&m.cov, &cov));
+        assert!(rel(&m.rr, &rr) < 1e-12);
+        // blocks of uneven sizes
+        let mut acc2 = MomentAccumulator::new(&dims).unwrap();
+        for (a, b) in [(0, 1), (1, 7), (7, 30), (30, 50)] {
+            acc2.update(&slice(a, b), b - a).unwrap();
+        }
+        let m2 = acc2.finalize().unwrap();
+        assert!(rel(&m2.cov, &cov) < 1e-12);
+        assert!(rel(&m2.rr, &rr) < 1e-12);
+        // merge of two with different shifts, through bytes
+        let mut a1 = MomentAccumulator::new(&dims).unwrap();
+        a1.update(&slice(0, 20), 20).unwrap();
+        let mut a2 = MomentAccumulator::new(&dims).unwrap();
+        a2.update(&slice(20, 21), 1).unwrap();
+        a2.update(&slice(21, 50), 29).unwrap();
+        let a2 = MomentAccumulator::from_bytes(&a2.to_bytes()).unwrap();
+        a1.merge(&a2).unwrap();
+        let m3 = a1.finalize().unwrap();
+        assert!(rel(&m3.cov, &cov) < 1e-12, "{}", rel(&m3.cov, &cov));
+        assert!(rel(&m3.rr, &rr) < 1e-12, "{}", rel(&m3.rr, &rr));
+        // merge into empty
+        let mut e = MomentAccumulator::new(&dims).unwrap();
+        e.merge(&acc).unwrap();
+        assert!(rel(&e.finalize().unwrap().cov, &cov) < 1e-12);
+    }
+
+    #[test]
+    fn bad_bytes_are_format_errors() {
+        let dims = [2usize, 3];
+        let mut acc = MomentAccumulator::new(&dims).unwrap();
+        let x = data(4, 2, 1, 0.0);
+        let y = data(4, 3, 2, 0.0);
+        acc.update(&[&x[..], &y[..]], 4).unwrap();
+        let b = acc.to_bytes();
+        for cut in [0, 5, 8, 12, 20, b.len() - 1] {
+            assert!(matches!(MomentAccumulator::from_bytes(&b[..cut]), Err(Error::Format { .. })));
+        }
+        let mut bad = b.clone();
+        bad[12] = 0xff; // layer count
+        assert!(matches!(MomentAccumulator::from_bytes(&bad), Err(Error::Format { .. })));
+        let mut long = b.clone();
+        long.push(0);
+        assert!(matches!(MomentAccumulator::from_bytes(&long), Err(Error::Format { .. })));
+        // flip every byte: never panics
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0xa5;
+            let _ = MomentAccumulator::from_bytes(&c);
+        }
+    }
+
+    #[test]
+    fn nonfinite_and_shape_errors() {
+        let dims = [2usize];
+        let mut acc = MomentAccumulator::new(&dims).unwrap();
+        let x = [1.0f32, 2.0, 3.0, f32::NAN];
+        match acc.update(&[&x[..]], 2) {
+            Err(Error::NonFinite(m)) => assert!(m.contains("row 1"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(acc.n(), 0);
+        assert!(matches!(acc.update(&[&x[..3]], 2), Err(Error::Mismatch(_))));
+        assert!(MomentAccumulator::new(&[]).is_err());
+        assert!(MomentAccumulator::new(&[0]).is_err());
+        assert!(check_memory(&[768; 13], 1024, 1 << 20).is_err());
+        assert!(check_memory(&[768; 13], 1024, 8 << 30).is_ok());
+    }
+}

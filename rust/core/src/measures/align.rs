@@ -1,1 +1,784 @@
-//! (being written)
+//! Subspace alignment between layers from one-pass moments: principal angles (sample and
+//! feature space), SVCCA, PWCCA, CCA and orthogonal Procrustes.
+//!
+//! Everything is a function of the centred cross-products `C_ii`, `C_jj`, `C_ij` (see
+//! [`crate::engine::moments`]) and of the per-layer eigendecompositions
+//! `C_ii = V_i Λ_i V_iᵀ` ([`LayerEig`]); no second pass over the rows is needed. Write
+//! `X̃_i` for the centred `n × d_i` activations and `σ = sqrt(λ)` for its singular values;
+//! the left singular vectors are `U_i = X̃_i V_i Σ_i⁻¹`, hence
+//! `U_i[:, :k]ᵀ U_j[:, :k] = Σ_i⁻¹ V_iᵀ C_ij V_j Σ_j⁻¹` (top-k blocks).
+//!
+//! * `Subspace(Samples)`: cosines of the principal angles between the top-k left singular
+//!   subspaces (token space) = singular values of `Σ_i⁻¹ V_iᵀ C_ij V_j Σ_j⁻¹`; any widths.
+//!   Value: mean cos² (subspace overlap); extra: Grassmann distance `sqrt(Σ θ²)`.
+//! * `Subspace(Features)`: singular values of `V_i[:, :k]ᵀ V_j[:, :k]` (equal widths only).
+//! * `Svcca` (Raghu et al. 2017): keep the top-k (or 99 %-variance) PCA directions, CCA between
+//!   the kept subspaces. The kept reduced data `X̃_i V_i` has orthonormal basis `U_i`, so the
+//!   canonical correlations **equal** the sample-space principal cosines of the kept
+//!   subspaces. Value: mean canonical correlation.
+//! * `Pwcca` (Morcos et al. 2018): the same canonical correlations `ρ_c`, weighted by
+//!   `α_c ∝ Σ_a |⟨h_c, x̃_a⟩|`, where `h_c = U_i p_c` are the canonical variates of the row
+//!   layer (`M = P S Qᵀ`) and `x̃_a` its centred neurons: `h_cᵀ X̃_i = (Pᵀ Σ_i V_iᵀ)_c`,
+//!   a closed form in the moments. Not symmetric: `value[i, j]` weights by the row layer.
+//! * `Cca`: mean squared canonical correlation `R² = Σρ²/min(d_i, d_j)` of the full layers;
+//!   `ρ` = singular values of `(C_ii + r_i I)^{-1/2} C_ij (C_jj + r_j I)^{-1/2}` with ridge
+//!   `r_i = ε tr(C_ii)/d_i` when `n ≤ d_i` or `C_ii` is numerically singular, else `r_i = 0`.
+//! * `Procrustes`: orthogonal Procrustes on centred, Frobenius-normalised data:
+//!   similarity `‖C_ij‖_* / sqrt(tr C_ii tr C_jj)`, angular distance (Williams et al. 2021)
+//!   `arccos(similarity)`. The stored "cosines" are the normalised singular values of `C_ij`
+//!   (they sum to the similarity).
+//!
+//! Rank rule: `k` must not exceed the numerical rank `#{λ > λ_max · max(n, d) · ε_f64}` of
+//! either layer; otherwise an `InvalidArgument` error names the layer and its rank.
+//! `arccos` of a cosine that round-off puts above 1 is taken as 0 (only in the angles).
+use crate::error::{Error, Result};
+use crate::measures::spectrum::{layer_eigs, LayerEig, Spectrum};
+use crate::monitor::Monitor;
+use faer::{Mat, MatRef};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Which space the principal angles live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// Token/sample space: left singular vectors of the centred activations (any widths).
+    Samples,
+    /// Feature space: right singular vectors (PCA axes); equal widths only.
+    Features,
+}
+
+/// Alignment method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Subspace(Space),
+    Svcca,
+    Pwcca,
+    Cca,
+    Procrustes,
+}
+
+impl Method {
+    /// Parse `"subspace" | "svcca" | "pwcca" | "cca" | "procrustes"` with a space name.
+    pub fn parse(method: &str, space: &str) -> Result<Method> {
+        let sp = match space {
+            "samples" => Space::Samples,
+            "features" => Space::Features,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "space must be 'samples' or 'features', got {space:?}"
+                )))
+            }
+        };
+        Ok(match method {
+            "subspace" => Method::Subspace(sp),
+            "svcca" => Method::Svcca,
+            "pwcca" => Method::Pwcca,
+            "cca" => Method::Cca,
+            "procrustes" => Method::Procrustes,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown alignment method {method:?} (subspace, svcca, pwcca, cca, procrustes)"
+                )))
+            }
+        })
+    }
+
+    /// Names of the per-pair extra values this method reports.
+    pub fn extra_names(&self) -> &'static [&'static str] {
+        match self {
+            Method::Subspace(_) | Method::Svcca => &["grassmann"],
+            Method::Pwcca => &["mean_cca"],
+            Method::Cca => &[],
+            Method::Procrustes => &["distance"],
+        }
+    }
+}
+
+/// How many leading PCA directions to keep per layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KSpec {
+    /// Exactly `k` (must be ≤ the numerical rank of every layer involved).
+    Fixed(usize),
+    /// The smallest `k` whose cumulative variance share is ≥ the given fraction (0.99 for
+    /// SVCCA's "99 % of the variance").
+    Variance(f64),
+}
+
+/// Options of [`align_matrix`].
+#[derive(Debug, Clone, Copy)]
+pub struct AlignOptions {
+    pub method: Method,
+    pub k: KSpec,
+    /// `ε` of the CCA ridge `ε · tr(C_ii) / d_i` (used by `Cca` only).
+    pub ridge_eps: f64,
+}
+
+/// One pair's result.
+#[derive(Debug, Clone)]
+pub struct PairAlignment {
+    /// Summary value for (row, col).
+    pub value: f64,
+    /// Summary value for (col, row) (differs from `value` only for PWCCA).
+    pub value_t: f64,
+    /// Principal cosines / canonical correlations (descending, as computed).
+    pub cosines: Vec<f64>,
+    /// Method-specific extras, in the order of [`Method::extra_names`].
+    pub extras: Vec<f64>,
+}
+
+/// Per-layer quantities prepared once and shared by all pairs.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Kept directions (0 for methods that do not use k).
+    pub k: usize,
+    /// `V_i[:, :k] Σ_i⁻¹` (samples subspace, SVCCA, PWCCA), `V_i[:, :k]` (features), or
+    /// `(C_ii + r I)^{-1/2}` (CCA); empty for Procrustes.
+    pub basis: Mat<f64>,
+    /// CCA ridge `r_i` actually added (0 when none).
+    pub ridge: f64,
+    /// Layer width.
+    pub dim: usize,
+    /// `tr C_ii`.
+    pub trace: f64,
+}
+
+fn variance_k(e: &LayerEig, frac: f64) -> usize {
+    let pos = e.positive_values();
+    let total: f64 = pos.iter().sum();
+    let mut cum = 0.0;
+    for (i, v) in pos.iter().enumerate() {
+        cum += v;
+        if cum >= frac * total {
+            return i + 1;
+        }
+    }
+    e.rank
+}
+
+/// Prepare one layer for `opts` (`name` is used in error messages).
+pub fn prepare(e: &LayerEig, name: &str, opts: &AlignOptions) -> Result<Prepared> {
+    let d = e.dim();
+    let mut p = Prepared {
+        k: 0,
+        basis: Mat::zeros(0, 0),
+        ridge: 0.0,
+        dim: d,
+        trace: e.trace,
+    };
+    if e.rank == 0 {
+        return Err(Error::invalid(format!(
+            "layer {name:?} has zero variance (all rows equal): alignment is undefined"
+        )));
+    }
+    match opts.method {
+        Method::Procrustes => {}
+        Method::Cca => {
+            if !(opts.ridge_eps.is_finite() && opts.ridge_eps > 0.0) {
+                return Err(Error::invalid(format!(
+                    "ridge must be a positive finite number, got {}",
+                    opts.ridge_eps
+                )));
+            }
+            let ridge = if e.n <= d || e.rank < d {
+                opts.ridge_eps * e.trace / d as f64
+            } else {
+                0.0
+            };
+            let w: Vec<f64> = e.values.iter().map(|&l| 1.0 / (l + ridge).sqrt()).collect();
+            let v = e.vectors.as_ref();
+            let vw = Mat::from_fn(d, d, |r, c| v[(r, c)] * w[c]);
+            p.basis = &vw * v.transpose();
+            p.ridge = ridge;
+        }
+        Method::Subspace(_) | Method::Svcca | Method::Pwcca => {
+            let k = match opts.k {
+                KSpec::Fixed(k) => {
+                    if k == 0 {
+                        return Err(Error::invalid("k must be at least 1"));
+                    }
+                    if k > e.rank {
+                        return Err(Error::invalid(format!(
+                            "k = {k} exceeds the numerical rank {} of layer {name:?} \
+                             (width {d}, n = {}; rank = #eigenvalues of C above \
+                             λ_max·max(n,d)·eps = {:.3e})",
+                            e.rank, e.n, e.tol
+                        )));
+                    }
+                    k
+                }
+                KSpec::Variance(f) => {
+                    if !(f > 0.0 && f <= 1.0) {
+                        return Err(Error::invalid(format!(
+                            "variance fraction must be in (0, 1], got {f}"
+                        )));
+                    }
+                    variance_k(e, f)
+                }
+            };
+            let v = e.vectors.as_ref();
+            p.basis = if opts.method == Method::Subspace(Space::Features) {
+                v.subcols(0, k).to_owned()
+            } else {
+                Mat::from_fn(d, k, |r, c| v[(r, c)] / e.values[c].sqrt())
+            };
+            p.k = k;
+        }
+    }
+    Ok(p)
+}
+
+fn angles_summary(cos: &[f64]) -> (f64, f64) {
+    let m = cos.len().max(1) as f64;
+    let overlap = cos.iter().map(|c| c * c).sum::<f64>() / m;
+    let g = cos
+        .iter()
+        .map(|&c| {
+            let t = c.min(1.0).acos();
+            t * t
+        })
+        .sum::<f64>()
+        .sqrt();
+    (overlap, g)
+}
+
+fn svd_err(e: impl std::fmt::Debug) -> Error {
+    Error::invalid(format!("SVD failed: {e:?}"))
+}
+
+/// PWCCA weights `α_c ∝ Σ_a |(G)_{a c}|`, `G = V_i[:, :k] Σ_i P[:, :m]` (`d × m`).
+fn pwcca_value(e: &LayerEig, k: usize, p: MatRef<'_, f64>, rho: &[f64]) -> f64 {
+    let m = rho.len();
+    let d = e.dim();
+    let v = e.vectors.as_ref();
+    let vs = Mat::from_fn(d, k, |r, c| v[(r, c)] * e.values[c].sqrt());
+    let g = &vs * p.subcols(0, m);
+    let alpha: Vec<f64> = (0..m)
+        .map(|c| (0..d).map(|a| g[(a, c)].abs()).sum())
+        .collect();
+    let total: f64 = alpha.iter().sum();
+    alpha.iter().zip(rho).map(|(a, r)| a * r).sum::<f64>() / total
+}
+
+/// Alignment of one pair from `C_ij` (`d_i × d_j`) and the two prepared layers.
+pub fn align_pair(
+    c_ij: MatRef<'_, f64>,
+    ei: &LayerEig,
+    ej: &LayerEig,
+    pi: &Prepared,
+    pj: &Prepared,
+    opts: &AlignOptions,
+) -> Result<PairAlignment> {
+    if c_ij.nrows() != pi.dim || c_ij.ncols() != pj.dim {
+        return Err(Error::Mismatch(format!(
+            "cross block is {}×{}, layers have widths {} and {}",
+            c_ij.nrows(),
+            c_ij.ncols(),
+            pi.dim,
+            pj.dim
+        )));
+    }
+    let out = match opts.method {
+        Method::Subspace(space) => {
+            let m = match space {
+                Space::Samples => pi.basis.transpose() * c_ij * &pj.basis,
+                Space::Features => {
+                    if pi.dim != pj.dim {
+                        return Err(Error::invalid(format!(
+                            "space='features' needs equal widths, got {} and {}",
+                            pi.dim, pj.dim
+                        )));
+                    }
+                    pi.basis.transpose() * &pj.basis
+                }
+            };
+            let cos = m.singular_values().map_err(svd_err)?;
+            let (ov, g) = angles_summary(&cos);
+            PairAlignment {
+                value: ov,
+                value_t: ov,
+                cosines: cos,
+                extras: vec![g],
+            }
+        }
+        Method::Svcca | Method::Pwcca => {
+            let m = pi.basis.transpose() * c_ij * &pj.basis;
+            if opts.method == Method::Svcca {
+                let cos = m.singular_values().map_err(svd_err)?;
+                let mean = cos.iter().sum::<f64>() / cos.len() as f64;
+                let (_, g) = angles_summary(&cos);
+                PairAlignment {
+                    value: mean,
+                    value_t: mean,
+                    cosines: cos,
+                    extras: vec![g],
+                }
+            } else {
+                let svd = m.thin_svd().map_err(svd_err)?;
+                let s = svd.S().column_vector();
+                let rho: Vec<f64> = (0..s.nrows()).map(|i| s[i]).collect();
+                let mean = rho.iter().sum::<f64>() / rho.len() as f64;
+                let value = pwcca_value(ei, pi.k, svd.U(), &rho);
+                let value_t = pwcca_value(ej, pj.k, svd.V(), &rho);
+                PairAlignment {
+                    value,
+                    value_t,
+                    cosines: rho,
+                    extras: vec![mean],
+                }
+            }
+        }
+        Method::Cca => {
+            let t = &pi.basis * c_ij * &pj.basis;
+            let rho = t.singular_values().map_err(svd_err)?;
+            let m = pi.dim.min(pj.dim) as f64;
+            let r2 = rho.iter().map(|r| r * r).sum::<f64>() / m;
+            PairAlignment {
+                value: r2,
+                value_t: r2,
+                cosines: rho,
+                extras: vec![],
+            }
+        }
+        Method::Procrustes => {
+            let sv = c_ij.singular_values().map_err(svd_err)?;
+            let norm = (pi.trace * pj.trace).sqrt();
+            let cos: Vec<f64> = sv.iter().map(|s| s / norm).collect();
+            let sim = cos.iter().sum::<f64>();
+            PairAlignment {
+                value: sim,
+                value_t: sim,
+                cosines: cos,
+                extras: vec![sim.min(1.0).acos()],
+            }
+        }
+    };
+    Ok(out)
+}
+
+/// A rows × cols table of pair alignments.
+#[derive(Debug, Clone)]
+pub struct AlignmentMatrix {
+    pub nrows: usize,
+    pub ncols: usize,
+    /// Row-major `nrows × ncols` summary values.
+    pub values: Vec<f64>,
+    /// Row-major per-pair cosines.
+    pub cosines: Vec<Vec<f64>>,
+    /// `(name, row-major values)` per extra of the method.
+    pub extras: Vec<(&'static str, Vec<f64>)>,
+    /// Kept k per row layer / per column layer (0 when unused).
+    pub row_k: Vec<usize>,
+    pub col_k: Vec<usize>,
+    /// CCA ridge per row / column layer (0 when none).
+    pub row_ridge: Vec<f64>,
+    pub col_ridge: Vec<f64>,
+}
+
+/// Alignment for every pair (rows × cols) of layers indexed into `eigs`/`names`.
+///
+/// `block(i, j)` returns `C_ij` for global layer indices `i`, `j`. With `symmetric = true`
+/// (rows == cols, same source), each unordered pair is computed once and mirrored (PWCCA
+/// fills the mirror with the column-weighted value). Pairs run in parallel (rayon);
+/// `monitor` is told after each pair.
+#[allow(clippy::too_many_arguments)]
+pub fn align_matrix<'a, F>(
+    eigs: &[LayerEig],
+    names: &[String],
+    rows: &[usize],
+    cols: &[usize],
+    block: F,
+    symmetric: bool,
+    opts: &AlignOptions,
+    monitor: &dyn Monitor,
+) -> Result<AlignmentMatrix>
+where
+    F: Fn(usize, usize) -> Result<MatRef<'a, f64>> + Sync,
+{
+    if eigs.len() != names.len() {
+        return Err(Error::invalid("one name per layer is required"));
+    }
+    if rows.is_empty() || cols.is_empty() {
+        return Err(Error::invalid("no layers to align"));
+    }
+    if symmetric && rows != cols {
+        return Err(Error::invalid("symmetric alignment needs rows == cols"));
+    }
+    for &i in rows.iter().chain(cols) {
+        if i >= eigs.len() {
+            return Err(Error::invalid(format!("layer index {i} out of range")));
+        }
+    }
+    if let Method::Subspace(Space::Features) = opts.method {
+        for &i in rows {
+            for &j in cols {
+                if eigs[i].dim() != eigs[j].dim() {
+                    return Err(Error::invalid(format!(
+                        "space='features' needs equal widths: {:?} has {}, {:?} has {}",
+                        names[i],
+                        eigs[i].dim(),
+                        names[j],
+                        eigs[j].dim()
+                    )));
+                }
+            }
+        }
+    }
+    // Prepare each distinct layer once.
+    let mut used: Vec<usize> = rows.iter().chain(cols).copied().collect();
+    used.sort_unstable();
+    used.dedup();
+    let prepared: Vec<(usize, Prepared)> = used
+        .par_iter()
+        .map(|&i| Ok((i, prepare(&eigs[i], &names[i], opts)?)))
+        .collect::<Result<_>>()?;
+    let prep = |i: usize| -> &Prepared {
+        // `used` holds every index of rows/cols, sorted.
+        let pos = used.binary_search(&i).unwrap_or(0);
+        &prepared[pos].1
+    };
+    let (nr, nc) = (rows.len(), cols.len());
+    let pairs: Vec<(usize, usize)> = if symmetric {
+        (0..nr).flat_map(|r| (r..nc).map(move |c| (r, c))).collect()
+    } else {
+        (0..nr).flat_map(|r| (0..nc).map(move |c| (r, c))).collect()
+    };
+    let total = pairs.len() as u64;
+    let done = AtomicU64::new(0);
+    let results: Vec<PairAlignment> = pairs
+        .par_iter()
+        .map(|&(r, c)| {
+            let (i, j) = (rows[r], cols[c]);
+            let cij = block(i, j)?;
+            let res = align_pair(cij, &eigs[i], &eigs[j], prep(i), prep(j), opts)?;
+            let k = done.fetch_add(1, Ordering::Relaxed) + 1;
+            monitor.progress(k, total)?;
+            Ok(res)
+        })
+        .collect::<Result<_>>()?;
+    let ne = opts.method.extra_names().len();
+    let mut values = vec![f64::NAN; nr * nc];
+    let mut cosines = vec![Vec::new(); nr * nc];
+    let mut extras: Vec<Vec<f64>> = vec![vec![f64::NAN; nr * nc]; ne];
+    for (&(r, c), res) in pairs.iter().zip(results) {
+        values[r * nc + c] = res.value;
+        for (x, &e) in extras.iter_mut().zip(&res.extras) {
+            x[r * nc + c] = e;
+        }
+        if symmetric && r != c {
+            values[c * nc + r] = res.value_t;
+            for (x, &e) in extras.iter_mut().zip(&res.extras) {
+                x[c * nc + r] = e;
+            }
+            cosines[c * nc + r] = res.cosines.clone();
+        }
+        cosines[r * nc + c] = res.cosines;
+    }
+    Ok(AlignmentMatrix {
+        nrows: nr,
+        ncols: nc,
+        values,
+        cosines,
+        extras: opts
+            .method
+            .extra_names()
+            .iter()
+            .copied()
+            .zip(extras)
+            .collect(),
+        row_k: rows.iter().map(|&i| prep(i).k).collect(),
+        col_k: cols.iter().map(|&i| prep(i).k).collect(),
+        row_ridge: rows.iter().map(|&i| prep(i).ridge).collect(),
+        col_ridge: cols.iter().map(|&i| prep(i).ridge).collect(),
+    })
+}
+
+/// A borrowed view of finalised moments: `cov` is the symmetric `D × D` centred cross-product
+/// matrix (so row- and column-major agree), layers in `dims` order.
+pub struct CovView<'a> {
+    cov: &'a [f64],
+    dims: Vec<usize>,
+    offsets: Vec<usize>,
+    n: usize,
+}
+
+impl<'a> CovView<'a> {
+    pub fn new(cov: &'a [f64], dims: Vec<usize>, n: usize) -> Result<Self> {
+        let mut offsets = vec![0usize];
+        for &d in &dims {
+            let last = offsets[offsets.len() - 1];
+            offsets.push(
+                last.checked_add(d)
+                    .ok_or_else(|| Error::invalid("width overflow"))?,
+            );
+        }
+        let d = offsets[offsets.len() - 1];
+        if d.checked_mul(d) != Some(cov.len()) {
+            return Err(Error::Mismatch(format!(
+                "moment matrix has {} entries, layer widths sum to {d}",
+                cov.len()
+            )));
+        }
+        Ok(CovView {
+            cov,
+            dims,
+            offsets,
+            n,
+        })
+    }
+
+    pub fn block(&self, i: usize, j: usize) -> Result<MatRef<'a, f64>> {
+        let l = self.dims.len();
+        if i >= l || j >= l {
+            return Err(Error::invalid(format!(
+                "layer index ({i}, {j}) out of range for {l} layers"
+            )));
+        }
+        let d = self.offsets[l];
+        Ok(MatRef::from_column_major_slice(self.cov, d, d).submatrix(
+            self.offsets[i],
+            self.offsets[j],
+            self.dims[i],
+            self.dims[j],
+        ))
+    }
+
+    /// Eigendecompositions of the listed layers (parallel across layers).
+    pub fn eigs(&self, layers: &[usize], monitor: &dyn Monitor) -> Result<Vec<LayerEig>> {
+        let blocks: Vec<MatRef<'a, f64>> = layers
+            .iter()
+            .map(|&i| self.block(i, i))
+            .collect::<Result<_>>()?;
+        layer_eigs(&blocks, self.n, monitor)
+    }
+}
+
+/// Rows × cols alignment request for [`measures_from_cov`].
+pub struct AlignSpec {
+    pub rows: Vec<usize>,
+    pub cols: Vec<usize>,
+    pub opts: AlignOptions,
+    pub symmetric: bool,
+}
+
+/// Spectra of `spectrum_layers` and/or the alignment `align`, from one `C`: every layer used
+/// is eigendecomposed once (in parallel) and shared.
+pub fn measures_from_cov(
+    view: &CovView<'_>,
+    names: &[String],
+    spectrum_layers: &[usize],
+    align: Option<&AlignSpec>,
+    monitor: &dyn Monitor,
+) -> Result<(Vec<Spectrum>, Option<AlignmentMatrix>)> {
+    if names.len() != view.dims.len() {
+        return Err(Error::invalid("one name per layer is required"));
+    }
+    let mut used: Vec<usize> = spectrum_layers.to_vec();
+    if let Some(a) = align {
+        used.extend(a.rows.iter().chain(&a.cols));
+    }
+    used.sort_unstable();
+    used.dedup();
+    let eigs = view.eigs(&used, monitor)?;
+    let local = |i: usize| {
+        used.binary_search(&i)
+            .map_err(|_| Error::invalid("layer index not prepared"))
+    };
+    let spectra = spectrum_layers
+        .iter()
+        .map(|&i| Ok(Spectrum::from_eig(&eigs[local(i)?])))
+        .collect::<Result<Vec<_>>>()?;
+    let al = match align {
+        None => None,
+        Some(a) => {
+            let rows: Vec<usize> = a.rows.iter().map(|&i| local(i)).collect::<Result<_>>()?;
+            let cols: Vec<usize> = a.cols.iter().map(|&i| local(i)).collect::<Result<_>>()?;
+            let lnames: Vec<String> = used.iter().map(|&i| names[i].clone()).collect();
+            let used_ref = &used;
+            Some(align_matrix(
+                &eigs,
+                &lnames,
+                &rows,
+                &cols,
+                |i, j| view.block(used_ref[i], used_ref[j]),
+                a.symmetric,
+                &a.opts,
+                monitor,
+            )?)
+        }
+    };
+    Ok((spectra, al))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measures::spectrum::layer_eig;
+    use crate::monitor::NoMonitor;
+
+    /// Deterministic pseudo-random data (n × d), row-major, plus a per-column offset.
+    fn data(n: usize, d: usize, seed: u64, offset: f64) -> Mat<f64> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        Mat::from_fn(n, d, |_, c| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) + offset * (c as f64 + 1.0)
+        })
+    }
+
+    fn centred(x: &Mat<f64>) -> Mat<f64> {
+        let (n, d) = (x.nrows(), x.ncols());
+        let mean: Vec<f64> = (0..d)
+            .map(|c| (0..n).map(|r| x[(r, c)]).sum::<f64>() / n as f64)
+            .collect();
+        Mat::from_fn(n, d, |r, c| x[(r, c)] - mean[c])
+    }
+
+    type Setup = (Vec<Mat<f64>>, Vec<Vec<Mat<f64>>>, Vec<LayerEig>);
+
+    fn setup(xs: &[Mat<f64>]) -> Setup {
+        let cs: Vec<Mat<f64>> = xs.iter().map(centred).collect();
+        let blocks: Vec<Vec<Mat<f64>>> = cs
+            .iter()
+            .map(|a| cs.iter().map(|b| a.transpose() * b).collect())
+            .collect();
+        let n = xs[0].nrows();
+        let eigs = (0..xs.len())
+            .map(|i| layer_eig(blocks[i][i].as_ref(), n).unwrap())
+            .collect();
+        (cs, blocks, eigs)
+    }
+
+    fn run(
+        blocks: &[Vec<Mat<f64>>],
+        eigs: &[LayerEig],
+        opts: AlignOptions,
+        symmetric: bool,
+    ) -> Result<AlignmentMatrix> {
+        let names: Vec<String> = (0..eigs.len()).map(|i| format!("l{i}")).collect();
+        let idx: Vec<usize> = (0..eigs.len()).collect();
+        align_matrix(
+            eigs,
+            &names,
+            &idx,
+            &idx,
+            |i, j| Ok(blocks[i][j].as_ref()),
+            symmetric,
+            &opts,
+            &NoMonitor,
+        )
+    }
+
+    fn opts(method: Method, k: usize) -> AlignOptions {
+        AlignOptions {
+            method,
+            k: KSpec::Fixed(k),
+            ridge_eps: 1e-4,
+        }
+    }
+
+    /// Explicit top-k left singular vectors of centred data.
+    fn left_sv(x: &Mat<f64>, k: usize) -> Mat<f64> {
+        let svd = x.thin_svd().unwrap();
+        svd.U().subcols(0, k).to_owned()
+    }
+
+    #[test]
+    fn samples_subspace_matches_explicit_svd() {
+        let xs = vec![data(40, 5, 1, 100.0), data(40, 7, 2, 0.0)];
+        let (cs, blocks, eigs) = setup(&xs);
+        let k = 3;
+        let al = run(
+            &blocks,
+            &eigs,
+            opts(Method::Subspace(Space::Samples), k),
+            true,
+        )
+        .unwrap();
+        let m = left_sv(&cs[0], k).transpose() * left_sv(&cs[1], k);
+        let want = m.singular_values().unwrap();
+        let got = &al.cosines[1];
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        }
+        let ov = want.iter().map(|c| c * c).sum::<f64>() / k as f64;
+        assert!((al.values[1] - ov).abs() < 1e-9);
+        assert!((al.values[2] - ov).abs() < 1e-9);
+        assert!((al.values[0] - 1.0).abs() < 1e-9);
+        // SVCCA correlations equal the sample-space principal cosines.
+        let sv = run(&blocks, &eigs, opts(Method::Svcca, k), false).unwrap();
+        for (a, b) in sv.cosines[1].iter().zip(got) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        // PWCCA mirror = recomputation on the transposed pair.
+        let pw = run(&blocks, &eigs, opts(Method::Pwcca, k), true).unwrap();
+        let pw2 = run(&blocks, &eigs, opts(Method::Pwcca, k), false).unwrap();
+        assert!((pw.values[2] - pw2.values[2]).abs() < 1e-12);
+        assert!((pw.values[1] - pw2.values[1]).abs() < 1e-12);
+    }
+
+    #[test]
+    fn features_and_errors() {
+        let xs = vec![
+            data(30, 4, 3, 1.0),
+            data(30, 4, 4, 1.0),
+            data(30, 6, 5, 1.0),
+        ];
+        let (_, blocks, eigs) = setup(&xs);
+        let f = opts(Method::Subspace(Space::Features), 2);
+        assert!(matches!(
+            run(&blocks, &eigs, f, true),
+            Err(Error::InvalidArgument(_))
+        ));
+        let two = &eigs[..2];
+        let al = run(&blocks, two, f, true).unwrap();
+        let m = eigs[0].vectors.subcols(0, 2).transpose() * eigs[1].vectors.subcols(0, 2);
+        let want = m.singular_values().unwrap();
+        assert!((al.cosines[1][0] - want[0]).abs() < 1e-12);
+        // k > rank names the layer.
+        let e = run(
+            &blocks,
+            &eigs,
+            opts(Method::Subspace(Space::Samples), 5),
+            true,
+        );
+        match e {
+            Err(Error::InvalidArgument(msg)) => {
+                assert!(msg.contains("\"l0\"") && msg.contains("rank 4"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn procrustes_and_cca_full_rank() {
+        let xs = vec![data(50, 3, 7, 10.0), data(50, 4, 8, 0.0)];
+        let (cs, blocks, eigs) = setup(&xs);
+        let pr = run(&blocks, &eigs, opts(Method::Procrustes, 1), true).unwrap();
+        let nuc: f64 = blocks[0][1].singular_values().unwrap().iter().sum();
+        let fro = |m: &Mat<f64>| m.norm_l2();
+        let want = nuc / (fro(&cs[0]) * fro(&cs[1]));
+        assert!((pr.values[1] - want).abs() < 1e-12);
+        assert!((pr.values[0] - 1.0).abs() < 1e-12);
+        // CCA: canonical correlations = singular values of Q_iᵀ Q_j (full rank, n > d).
+        let cc = run(&blocks, &eigs, opts(Method::Cca, 1), false).unwrap();
+        assert_eq!(cc.row_ridge, vec![0.0, 0.0]);
+        let q = |x: &Mat<f64>| x.thin_svd().unwrap().U().to_owned();
+        let rho = (q(&cs[0]).transpose() * q(&cs[1]))
+            .singular_values()
+            .unwrap();
+        let r2 = rho.iter().map(|r| r * r).sum::<f64>() / 3.0;
+        assert!((cc.values[1] - r2).abs() < 1e-10);
+        assert!((cc.values[2] - r2).abs() < 1e-10);
+    }
+
+    #[test]
+    fn cca_ridge_when_n_le_d() {
+        let xs = vec![data(5, 8, 9, 0.0), data(5, 8, 10, 0.0)];
+        let (_, blocks, eigs) = setup(&xs);
+        let cc = run(&blocks, &eigs, opts(Method::Cca, 1), true).unwrap();
+        let want = 1e-4 * eigs[0].trace / 8.0;
+        assert!((cc.row_ridge[0] - want).abs() < 1e-15 * want.max(1.0));
+        assert!(cc.values[1].is_finite() && cc.values[1] < 1.0);
+    }
+}

@@ -1,0 +1,458 @@
+"""Spectra and subspace alignment from the one-pass moments.
+
+Every quantity here is a function of the centred cross-products ``C_ij = Σ_a (x_a − x̄)(y_a − ȳ)ᵀ``
+accumulated in ONE streaming pass (:func:`layerscope._moments.compute_moments`), so spectra,
+alignment and linear CKA can be computed together without reading the data twice
+(:func:`analyze`). Formulas, sources and the quantities that coincide are in
+``docs/measures-alignment.md``; in short, with ``C_ii = V_i Λ_i V_iᵀ`` and ``Σ_i = Λ_i^{1/2}``:
+
+* spectrum: eigenvalues of ``C_ii/(n−1)``; effective rank (Roy & Vetterli 2007, on singular
+  values), participation ratio ``(Σλ)²/Σλ²``, stable rank ``Σλ/λ₁``, PCA-ID at 90/95/99 %;
+* ``method="subspace"``, ``space="samples"``: cosines of the principal angles between the
+  top-k left singular subspaces of the centred activations = singular values of
+  ``Σ_i⁻¹ V_iᵀ C_ij V_j Σ_j⁻¹`` (top-k blocks); ``space="features"``: of ``V_iᵀ V_j``;
+* ``"svcca"`` (Raghu et al. 2017): CCA of the top-k PCA subspaces; its canonical correlations
+  *are* the sample-space principal cosines of the kept subspaces (value: their mean);
+* ``"pwcca"`` (Morcos et al. 2018): the same correlations weighted by the projection of the row
+  layer's centred neurons on its canonical variates;
+* ``"cca"``: mean squared canonical correlation of the full layers (ridge when singular);
+* ``"procrustes"``: ``‖C_ij‖_* / sqrt(tr C_ii tr C_jj)`` and the angular distance
+  ``arccos`` of it (Williams et al. 2021).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .errors import InvalidArgumentError
+from .results import MatrixResult, Result
+
+METHODS = ("subspace", "svcca", "pwcca", "cca", "procrustes")
+SPACES = ("samples", "features")
+SPECTRUM_MEASURES = (
+    "total_variance", "rank", "rank_tol", "effective_rank", "participation_ratio",
+    "stable_rank", "pca_id_90", "pca_id_95", "pca_id_99",
+)
+_VALUE_NAMES = {
+    "subspace": "subspace overlap (mean cos²)",
+    "svcca": "SVCCA (mean canonical correlation)",
+    "pwcca": "PWCCA (projection-weighted mean canonical correlation)",
+    "cca": "CCA R² (mean squared canonical correlation)",
+    "procrustes": "Procrustes similarity (nuclear norm)",
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+class SpectrumResult(Result):
+    """Per-layer covariance spectra and the measures derived from them.
+
+    Attributes: ``layers``; ``eigenvalues[layer]`` (descending, as computed — tiny negative
+    round-off values are not clamped; ``top`` keeps only the leading ones);
+    ``explained_variance_ratio[layer]`` (``λ_i / Σλ⁺``); ``table[layer][metric]`` with
+    ``effective_rank`` (Roy & Vetterli 2007: ``exp(−Σ p ln p)``, ``p = σ/Σσ``, ``σ = sqrt(λ⁺)``),
+    ``participation_ratio`` ``(Σλ⁺)²/Σ(λ⁺)²``, ``stable_rank`` ``Σλ⁺/λ₁``, ``pca_id_90/95/99``
+    (smallest k whose cumulative share reaches the threshold), ``rank`` and ``rank_tol``
+    (``λ⁺ = λ`` if ``λ > rank_tol = λ_max·max(n,d)·eps`` else 0), ``total_variance``.
+    Measures always use the full spectrum, whatever ``top`` is.
+    """
+
+    kind = "spectrum"
+
+    def __init__(
+        self,
+        layers: list[str],
+        eigenvalues: dict[str, np.ndarray],
+        explained_variance_ratio: dict[str, np.ndarray],
+        table: dict[str, dict[str, float]],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.eigenvalues = {k: np.asarray(v, dtype=np.float64) for k, v in eigenvalues.items()}
+        self.explained_variance_ratio = {
+            k: np.asarray(v, dtype=np.float64) for k, v in explained_variance_ratio.items()
+        }
+        self.table = {k: {m: float(x) for m, x in v.items()} for k, v in table.items()}
+        self.meta = dict(meta or {})
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers, "eigenvalues": self.eigenvalues,
+            "explained_variance_ratio": self.explained_variance_ratio, "table": self.table,
+            "meta": self.meta,
+        }
+
+    def to_pandas(self) -> Any:
+        """One row per layer, one column per measure."""
+        import pandas as pd
+
+        return pd.DataFrame([self.table[layer] for layer in self.layers], index=self.layers)
+
+    def plot(self, ax: Any = None, title: str | None = None) -> Any:
+        """Log-log spectra (eigenvalue vs index) per layer; returns the Figure.
+
+        Eigenvalues ``≤ 0`` (exact zeros and round-off) cannot be drawn on a log axis and are
+        left out of the curves (they stay in ``eigenvalues``)."""
+        from .plots import _mpl
+
+        plt = _mpl()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        else:
+            fig = ax.figure
+        cmap = plt.get_cmap("viridis")
+        nl = max(1, len(self.layers) - 1)
+        for i, layer in enumerate(self.layers):
+            ev = self.eigenvalues[layer]
+            idx = np.arange(1, ev.size + 1)
+            keep = ev > 0
+            ax.loglog(idx[keep], ev[keep], color=cmap(i / nl), label=layer, lw=1.2)
+        ax.set_xlabel("component")
+        ax.set_ylabel("eigenvalue (variance)")
+        ax.set_title(title or "covariance spectra")
+        if len(self.layers) <= 16:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        return f"<SpectrumResult {len(self.layers)} layers n={self.meta.get('n', '?')}>"
+
+
+class AlignmentResult(MatrixResult):
+    """Layer × layer alignment (``values``) plus every pair's principal cosines or canonical
+    correlations (``cosines(row, col)``) and per-method extras in ``extra`` (``grassmann``:
+    ``sqrt(Σθ²)`` for subspace/SVCCA; ``distance``: Procrustes angular distance;
+    ``mean_cca``: the unweighted mean for PWCCA)."""
+
+    kind = "alignment"
+
+    def cosines(self, row: str, col: str) -> np.ndarray:
+        """All principal cosines (canonical correlations; for Procrustes the normalised singular
+        values of ``C_ij``) of the pair, descending, as computed."""
+        try:
+            r, c = self.rows.index(row), self.cols.index(col)
+        except ValueError:
+            from .errors import MissingLayerError
+
+            raise MissingLayerError(f"no pair ({row!r}, {col!r}) in this result") from None
+        return np.asarray(self.extra["cosines"][r][c], dtype=np.float64)
+
+    def plot_cosines(self, pairs: Sequence[tuple[str, str]] | None = None, ax: Any = None,
+                     title: str | None = None) -> Any:
+        """Per-pair cosine curves (cosine vs index). Default pairs: adjacent layers (square
+        results) or each row layer against its best-matching column."""
+        from .plots import _mpl
+
+        plt = _mpl()
+        if pairs is None:
+            if self.rows == self.cols:
+                pairs = [(self.rows[i], self.rows[i + 1]) for i in range(len(self.rows) - 1)]
+            else:
+                pairs = [(r, self.cols[int(np.nanargmax(self.values[i]))])
+                         for i, r in enumerate(self.rows)]
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        else:
+            fig = ax.figure
+        for r, c in pairs:
+            cs = self.cosines(r, c)
+            ax.plot(np.arange(1, cs.size + 1), cs, lw=1.2, label=f"{r} / {c}")
+        ax.set_xlabel("index")
+        ax.set_ylabel("cosine / canonical correlation")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title or f"{self.meta.get('method', 'alignment')} cosines per pair")
+        if len(pairs) <= 16:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+
+# --------------------------------------------------------------------------- moments glue
+
+
+def _moment_parts(m: Any) -> tuple[np.ndarray, list[int], int, list[str]]:
+    """(C as a C-contiguous float64 ``D × D`` array, widths, n, layer names) of Moments."""
+    dims = [int(d) for d in m.dims]
+    names = [str(x) for x in m.names]
+    n = int(m.n)
+    cov = None
+    for attr in ("cov", "matrix"):
+        obj = getattr(m, attr, None)
+        if obj is not None:
+            cov = obj() if callable(obj) else obj
+            break
+    if cov is None:  # assemble from the blocks
+        cov = np.block([[np.asarray(m.block(i, j)) for j in range(len(dims))]
+                        for i in range(len(dims))])
+    cov = np.ascontiguousarray(cov, dtype=np.float64)
+    return cov, dims, n, names
+
+
+def _k_args(k: int | str) -> dict[str, Any]:
+    if isinstance(k, str):
+        if k != "auto":
+            raise InvalidArgumentError(f"k must be a positive int or 'auto', got {k!r}")
+        return {"variance": 0.99}
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidArgumentError(f"k must be a positive int or 'auto', got {k!r}")
+    return {"k": int(k)}
+
+
+def _check_method(method: str, space: str) -> None:
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
+    if space not in SPACES:
+        raise InvalidArgumentError(f"space must be one of {SPACES}, got {space!r}")
+
+
+def _spectrum_result(spectra: list[dict[str, Any]], layers: list[str], top: int | None,
+                     meta: dict[str, Any]) -> SpectrumResult:
+    if top is not None and (isinstance(top, bool) or int(top) < 1):
+        raise InvalidArgumentError(f"top must be a positive int, got {top!r}")
+    ev, evr, table = {}, {}, {}
+    for layer, s in zip(layers, spectra):
+        e = np.asarray(s["eigenvalues"])
+        r = np.asarray(s["explained_variance_ratio"])
+        ev[layer] = e[:top] if top is not None else e
+        evr[layer] = r[:top] if top is not None else r
+        table[layer] = {m: float(s[m]) for m in SPECTRUM_MEASURES}
+    return SpectrumResult(layers, ev, evr, table, {**meta, "measure": "spectrum", "top": top})
+
+
+def _alignment_result(a: dict[str, Any], rows: list[str], cols: list[str], method: str,
+                      space: str, k: int | str, ridge: float, meta: dict[str, Any]) -> AlignmentResult:
+    nr, nc = int(a["nrows"]), int(a["ncols"])
+    values = np.asarray(a["values"]).reshape(nr, nc)
+    cos = list(a["cosines"])
+    extra: dict[str, Any] = {
+        "cosines": [[np.asarray(cos[r * nc + c]) for c in range(nc)] for r in range(nr)],
+    }
+    for name, v in dict(a["extras"]).items():
+        extra[name] = np.asarray(v).reshape(nr, nc)
+    m = {
+        **meta, "measure": _VALUE_NAMES[method], "method": method, "estimator": method,
+        "k": k,
+    }
+    if method == "subspace":
+        m["space"] = space
+        m["estimator"] = f"subspace/{space}"
+    if method in ("subspace", "svcca", "pwcca"):
+        m["row_k"] = list(a["row_k"])
+        m["col_k"] = list(a["col_k"])
+    if method == "cca":
+        m["ridge_eps"] = ridge
+        m["row_ridge"] = list(a["row_ridge"])
+        m["col_ridge"] = list(a["col_ridge"])
+        m["ridge_rule"] = "r = eps*tr(C_ii)/d_i added to C_ii when n <= d_i or C_ii is singular"
+    if method == "pwcca":
+        m["pwcca_weights"] = "row layer (values[i, j] weights by rows[i]'s neurons)"
+    return AlignmentResult(values, rows, cols, m, extra)
+
+
+def _measures(moments: Any, spectrum_layers: list[int], align: dict[str, Any] | None,
+              ) -> dict[str, Any]:
+    cov, dims, n, names = _moment_parts(moments)
+    kw: dict[str, Any] = {}
+    if align is not None:
+        kw = dict(align)
+    return _native.moment_measures(cov, dims, n, names, spectrum_layers, **kw)
+
+
+def _compute_moments(source: Any, layers: Any, other: Any, other_layers: Any,
+                     progress: bool) -> tuple[Any, dict[str, Any]]:
+    from ._moments import compute_moments
+
+    return compute_moments(source, layers, other, other_layers, progress=progress)
+
+
+def _split(moments: Any, other: Any) -> tuple[list[int], list[int], list[str], list[str]]:
+    """Row/col layer indices and names inside the moments (second source after the first)."""
+    names = [str(x) for x in moments.names]
+    nb = int(getattr(moments, "num_b", 0) or 0) if other is not None else 0
+    if other is not None and nb == 0:
+        nb = len(names) // 2 if getattr(moments, "num_a", None) is None else len(names) - int(moments.num_a)
+    na = len(names) - nb
+    rows = list(range(na))
+    cols = list(range(na, len(names))) if other is not None else rows
+    return rows, cols, [names[i] for i in rows], [names[i] for i in cols]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def spectrum(source: Any, layers: Sequence[str] | str | None = None, top: int | None = None,
+             progress: bool = True) -> SpectrumResult:
+    """Per-layer covariance spectra (one pass over the rows).
+
+    ``source``: a store, a path or a dict of arrays; ``layers``: names (default all);
+    ``top``: keep only the ``top`` leading eigenvalues in the output (the measures always use
+    the full spectrum). See :class:`SpectrumResult` for the measures and the rank rule."""
+    t0 = time.perf_counter()
+    moments, meta = _compute_moments(source, layers, None, None, progress)
+    t1 = time.perf_counter()
+    rows, _, names, _ = _split(moments, None)
+    out = _measures(moments, rows, None)
+    meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0,
+            "seconds_measures": time.perf_counter() - t1}
+    return _spectrum_result(list(out["spectra"]), names, top, meta)
+
+
+def alignment(source: Any, other: Any = None, *, method: str = "subspace", k: int | str = 32,
+              space: str = "samples", layers: Sequence[str] | str | None = None,
+              other_layers: Sequence[str] | str | None = None, ridge: float = 1e-4,
+              progress: bool = True) -> AlignmentResult:
+    """Alignment of every layer pair (rows = ``source`` layers, cols = ``other`` layers or the
+    same layers), from one pass of moments.
+
+    ``method``: ``"subspace"`` (principal angles between top-k PCA subspaces; value = mean
+    cos², ``extra["grassmann"]`` = ``sqrt(Σθ²)``), ``"svcca"`` (Raghu et al. 2017; value = mean
+    canonical correlation of the top-k — or, ``k="auto"``, 99 %-variance — PCA subspaces; these
+    correlations equal the ``space="samples"`` principal cosines), ``"pwcca"`` (Morcos et al.
+    2018; weights from the row layer), ``"cca"`` (mean R² of the full layers, ridge
+    ``ridge·tr(C)/d`` when ``n ≤ d`` or ``C`` is singular, recorded in ``meta``),
+    ``"procrustes"`` (``‖C_ij‖_*/sqrt(tr C_ii tr C_jj)``; ``extra["distance"]`` = arccos).
+    ``space``: ``"samples"`` (token space; any widths) or ``"features"`` (equal widths).
+    ``k`` larger than a layer's numerical rank raises :class:`InvalidArgumentError` naming the
+    layer and its rank."""
+    _check_method(method, space)
+    kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
+    t0 = time.perf_counter()
+    moments, meta = _compute_moments(source, layers, other, other_layers, progress)
+    t1 = time.perf_counter()
+    rows, cols, rnames, cnames = _split(moments, other)
+    out = _measures(moments, [], {
+        "rows": rows, "cols": cols, "method": method, "space": space, "ridge_eps": ridge,
+        "symmetric": other is None, **kargs,
+    })
+    meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0,
+            "seconds_measures": time.perf_counter() - t1}
+    return _alignment_result(out["alignment"], rnames, cnames, method, space, k, ridge, meta)
+
+
+def analyze(source: Any, other: Any = None, *,
+            measures: Sequence[str] = ("cka", "cka_debiased", "spectrum", "alignment"),
+            layers: Sequence[str] | str | None = None,
+            other_layers: Sequence[str] | str | None = None, k: int | str = 32,
+            progress: bool = True, **kw: Any) -> dict[str, Result]:
+    """CKA, spectra and alignment from ONE pass over the data (a single moment accumulation).
+
+    ``measures``: any of ``"cka"`` (biased linear CKA), ``"cka_debiased"``, ``"spectrum"``
+    (of the ``source`` layers; with ``other``, also ``"spectrum_other"``), ``"alignment"``.
+    Extra keywords go to the alignment (``method``, ``space``, ``ridge``) and spectrum
+    (``top``). Returns ``{measure: Result}``."""
+    known = ("cka", "cka_debiased", "spectrum", "alignment")
+    for mname in measures:
+        if mname not in known:
+            raise InvalidArgumentError(f"unknown measure {mname!r}; choose from {known}")
+    bad = set(kw) - {"method", "space", "ridge", "top"}
+    if bad:
+        raise InvalidArgumentError(f"unknown keyword(s) {sorted(bad)}")
+    method = kw.get("method", "subspace")
+    space = kw.get("space", "samples")
+    ridge = float(kw.get("ridge", 1e-4))
+    _check_method(method, space)
+    t0 = time.perf_counter()
+    moments, meta = _compute_moments(source, layers, other, other_layers, progress)
+    t1 = time.perf_counter()
+    meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0}
+    rows, cols, rnames, cnames = _split(moments, other)
+    out: dict[str, Result] = {}
+    for mname in ("cka", "cka_debiased"):
+        if mname in measures:
+            out[mname] = _cka_result(moments, rows, cols, rnames, cnames,
+                                     debiased=mname == "cka_debiased", meta=meta)
+    spec_layers: list[int] = []
+    if "spectrum" in measures:
+        spec_layers = rows + (cols if other is not None else [])
+    align = None
+    if "alignment" in measures:
+        kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
+        align = {"rows": rows, "cols": cols, "method": method, "space": space,
+                 "ridge_eps": ridge, "symmetric": other is None, **kargs}
+    if spec_layers or align is not None:
+        t2 = time.perf_counter()
+        res = _measures(moments, spec_layers, align)
+        mm = {**meta, "seconds_measures": time.perf_counter() - t2}
+        if spec_layers:
+            sp = list(res["spectra"])
+            out["spectrum"] = _spectrum_result(sp[:len(rows)], rnames, kw.get("top"), mm)
+            if other is not None:
+                out["spectrum_other"] = _spectrum_result(sp[len(rows):], cnames, kw.get("top"), mm)
+        if align is not None:
+            out["alignment"] = _alignment_result(res["alignment"], rnames, cnames, method,
+                                                 space, k, ridge, mm)
+    return out
+
+
+def _cka_result(moments: Any, rows: list[int], cols: list[int], rnames: list[str],
+                cnames: list[str], *, debiased: bool, meta: dict[str, Any]) -> MatrixResult:
+    """Linear CKA table from the same moments (H2a's ``Moments.cka``)."""
+    vals = np.asarray(moments.cka(rows, cols, debiased=debiased), dtype=np.float64)
+    vals = vals.reshape(len(rows), len(cols))
+    est = "linear, debiased" if debiased else "linear"
+    return MatrixResult(vals, rnames, cnames,
+                        {**meta, "measure": "CKA", "estimator": est, "debiased": debiased})
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _k_cli(s: str) -> int | str:
+    return s if s == "auto" else int(s)
+
+
+def add_cli(sub: Any) -> None:
+    """``layerscope align STORE [OTHER] ...`` and ``layerscope spectrum STORE ...``."""
+    p = sub.add_parser("align", help="subspace alignment (principal angles, SVCCA, PWCCA, CCA, "
+                                     "Procrustes) for all layer pairs, one pass")
+    p.add_argument("store")
+    p.add_argument("other", nargs="?", default=None)
+    p.add_argument("--method", default="subspace", choices=list(METHODS))
+    p.add_argument("--k", type=_k_cli, default=32, help="kept directions, or 'auto' (99%% variance)")
+    p.add_argument("--space", default="samples", choices=list(SPACES))
+    p.add_argument("--ridge", type=float, default=1e-4, help="CCA ridge eps (·tr(C)/d)")
+    p.add_argument("--layers", nargs="+", default=None)
+    p.add_argument("--other-layers", nargs="+", default=None)
+    p.add_argument("--out", default=None, help="write the result as JSON")
+    p.add_argument("--plot", default=None, help="write the overlap heatmap (png/pdf/svg)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_align)
+
+    q = sub.add_parser("spectrum", help="per-layer covariance spectra, effective rank, PCA-ID")
+    q.add_argument("store")
+    q.add_argument("--layers", nargs="+", default=None)
+    q.add_argument("--top", type=int, default=None)
+    q.add_argument("--out", default=None, help="write the result as JSON")
+    q.add_argument("--plot", default=None, help="write the log-log spectra (png/pdf/svg)")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_cmd_spectrum)
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    res = alignment(args.store, args.other, method=args.method, k=args.k, space=args.space,
+                    layers=args.layers, other_layers=args.other_layers, ridge=args.ridge,
+                    progress=not args.quiet)
+    print(res.to_pandas().round(3).to_string())
+    if args.out:
+        res.save(args.out)
+    if args.plot:
+        res.plot().savefig(args.plot)
+    return 0
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    res = spectrum(args.store, layers=args.layers, top=args.top, progress=not args.quiet)
+    print(res.to_pandas().round(3).to_string())
+    if args.out:
+        res.save(args.out)
+    if args.plot:
+        res.plot().savefig(args.plot)
+    return 0
