@@ -1,0 +1,421 @@
+"""Tests of the torch hook exporter (layerscope.capture) on real and locally built models."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import layerscope  # noqa: E402
+from layerscope import CaptureError, LayerscopeError, MismatchError  # noqa: E402
+from layerscope._source import check_comparable, resolve  # noqa: E402
+from layerscope.capture import Capture, capture, resolve_layers  # noqa: E402
+from layerscope.corpus import stdlib_corpus  # noqa: E402
+from layerscope.models import load_minilm, minilm_random, small_cnn, tiny_gpt2  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model, tok = load_minilm()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return stdlib_corpus(10, max_chars=120, seed=3)
+
+
+def _batches(tok, texts, bs=4, side="right"):
+    tok.padding_side = side
+    try:
+        return [tok(texts[i : i + bs], padding=True, return_tensors="pt")
+                for i in range(0, len(texts), bs)]
+    finally:
+        tok.padding_side = "right"
+
+
+def _no_hooks(model):
+    """No hook of ours is left (transformers installs hooks of its own)."""
+    for name, m in model.named_modules():
+        for fn in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]:
+            assert getattr(fn, "__module__", "") != "layerscope.capture", (name, fn)
+
+
+def _read(store, layer):
+    return store.read(layer, 0, store.num_rows, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- MiniLM
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_minilm_tokens_equal_hidden_states(minilm, texts, tmp_path, dtype):
+    model, tok = minilm
+    batches = _batches(tok, texts)
+    ref = {i: [] for i in range(6)}
+    samples, positions = [], []
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    with torch.inference_mode(), capture(model, layers="encoder.layer.*", out=tmp_path / "s",
+                                         dtype=dtype) as cap:
+        start = 0
+        for enc in batches:
+            out = model(**enc, output_hidden_states=True)
+            m = enc["attention_mask"].bool()
+            for i in range(6):
+                ref[i].append(out.hidden_states[i + 1][m].to(tdt).float().numpy())
+            for b in range(m.shape[0]):
+                k = int(m[b].sum())
+                samples += [start + b] * k
+                positions += list(range(k))
+            start += m.shape[0]
+    _no_hooks(model)
+    st = cap.store
+    assert st.layers == [f"encoder.layer.{i}" for i in range(6)]
+    assert st.num_rows == len(samples)
+    for i in range(6):
+        got = _read(st, f"encoder.layer.{i}")
+        np.testing.assert_array_equal(got, np.concatenate(ref[i]))
+    np.testing.assert_array_equal(st.column("__sample__"), samples)
+    np.testing.assert_array_equal(st.column("__position__"), positions)
+    meta = st.metadata["capture"]
+    assert meta["pool"] == "tokens" and meta["dtype"] == dtype
+    assert meta["model_class"].endswith("BertModel")
+    assert meta["layers"]["encoder.layer.0"]["dim"] == 384
+    assert "torch" in meta["versions"] and "transformers" in meta["versions"]
+
+
+def _torch_pool(h, m, pool):
+    m = m.bool()
+    if pool == "mean":
+        w = m.float().unsqueeze(-1)
+        return (h * w).sum(1) / w.sum(1)
+    out = []
+    for b in range(h.shape[0]):
+        idx = torch.nonzero(m[b]).squeeze(1)
+        out.append(h[b, idx[0] if pool == "first" else idx[-1]])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pool,side", [("mean", "right"), ("last", "right"), ("last", "left"),
+                                       ("first", "left"), ("mean", "left")])
+def test_minilm_pooling(minilm, texts, tmp_path, pool, side):
+    model, tok = minilm
+    batches = _batches(tok, texts, side=side)
+    if side == "left":  # the batch really is left padded
+        assert (batches[0]["attention_mask"][:, 0] == 0).any()
+    refs = {i: [] for i in (0, 3)}
+    with torch.inference_mode(), capture(model, layers=["encoder.layer.0", "encoder.layer.3"],
+                                         out=tmp_path / "s", pool=pool, dtype="float32") as cap:
+        for enc in batches:
+            out = model(**enc, output_hidden_states=True)
+            for i in refs:
+                refs[i].append(_torch_pool(out.hidden_states[i + 1], enc["attention_mask"], pool))
+    st = cap.store
+    assert st.num_rows == len(texts)
+    for i in refs:
+        np.testing.assert_allclose(_read(st, f"encoder.layer.{i}"),
+                                   torch.cat(refs[i]).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(st.column("__sample__"), np.arange(len(texts)))
+
+
+def test_row_ids_two_models_and_different_inputs(minilm, texts, tmp_path):
+    model, tok = minilm
+    other = minilm_random(seed=1)
+    with torch.inference_mode():
+        with capture(model, layers="encoder.layer.*", out=tmp_path / "a") as ca:
+            for enc in _batches(tok, texts, bs=4):
+                model(**enc)
+        # another model, another batch size (so other padding), same inputs in the same order
+        with capture(other, layers=["encoder.layer.2"], out=tmp_path / "b", pool="tokens") as cb:
+            for enc in _batches(tok, texts, bs=3, side="left"):
+                other(**enc)
+        # different inputs, same shapes of batches
+        changed = list(texts)
+        changed[5] = changed[5].replace("e", "a", 1) if "e" in changed[5] else changed[5] + " x"
+        with capture(model, layers="encoder.layer.0", out=tmp_path / "c") as cc:
+            for enc in _batches(tok, changed, bs=4):
+                model(**enc)
+    a, b, c = ca.store, cb.store, cc.store
+    np.testing.assert_array_equal(a.row_ids(), b.row_ids())
+    assert len(np.unique(a.row_ids())) == a.num_rows  # no collisions at this size
+    check_comparable(resolve(a), resolve(b))
+    with pytest.raises(MismatchError):
+        check_comparable(resolve(a), resolve(c))
+    # the rows before the changed sample are unaffected
+    first_bad = int(np.flatnonzero(a.row_ids()[: c.num_rows] != c.row_ids()[: a.num_rows])[0])
+    assert a.column("__sample__")[first_bad] == 5
+
+
+def test_index_row_ids_and_user_sample_ids(minilm, texts, tmp_path):
+    model, tok = minilm
+    ids = [1000 + 7 * i for i in range(len(texts))]
+    with torch.inference_mode(), capture(model, layers="encoder.layer.5", out=tmp_path / "s",
+                                         pool="mean", row_ids="index", sample_ids=ids) as cap:
+        for enc in _batches(tok, texts):
+            model(**enc)
+    st = cap.store
+    np.testing.assert_array_equal(st.column("__sample__"), ids)
+    np.testing.assert_array_equal(st.row_ids(), np.asarray(ids) * 2**20)  # position -1 + 1 = 0
+    # per-batch ids
+    with torch.inference_mode(), capture(model, layers="encoder.layer.5", out=tmp_path / "t",
+                                         pool="first", row_ids="index") as cap2:
+        enc = _batches(tok, texts[:3])[0]
+        cap2.set_sample_ids([5, 6, 7])
+        model(**enc)
+        with pytest.raises(CaptureError, match="sample ids"):
+            cap2.set_sample_ids([1])
+            model(**enc)
+    np.testing.assert_array_equal(cap2.store.row_ids(), np.array([5, 6, 7]) * 2**20 + 1)
+
+
+def test_where_input_and_explicit_mask(minilm, texts, tmp_path):
+    model, tok = minilm
+    enc = _batches(tok, texts[:4])[0]
+    with torch.inference_mode():
+        out = model(**enc, output_hidden_states=True)
+        with capture(model, layers="encoder.layer.1", where="input", out=tmp_path / "s",
+                     dtype="float32") as cap:
+            model(**enc)
+        # explicit mask: calling a submodule directly (no top-level call, no automatic mask)
+        with capture(model, layers=["encoder.layer.1", "encoder.layer.2"], out=tmp_path / "t",
+                     dtype="float32") as cap2:
+            cap2.mask(enc["attention_mask"])
+            model.encoder(out.hidden_states[0])  # a submodule call: batch ends at exit
+    m = enc["attention_mask"].bool()
+    np.testing.assert_array_equal(_read(cap.store, "encoder.layer.1"),
+                                  out.hidden_states[1][m].numpy())
+    assert cap2.store.num_rows == int(m.sum())
+
+
+def test_bad_pattern_lists_closest_names(minilm, tmp_path):
+    model, _ = minilm
+    with pytest.raises(CaptureError, match="encoder.layer") as ei:
+        capture(model, layers="encoder.layers.*", out=tmp_path / "s")
+    assert isinstance(ei.value, LayerscopeError)
+    assert "closest" in str(ei.value)
+    assert not os.path.exists(tmp_path / "s")
+    # dotted glob: * stays inside a segment, ** crosses
+    assert resolve_layers(model, "encoder.layer.*") == [f"encoder.layer.{i}" for i in range(6)]
+    assert len(resolve_layers(model, "encoder.layer.**")) > 6
+    assert resolve_layers(model, lambda n, m: n.endswith("output.dense"))[0] == \
+        "encoder.layer.0.attention.output.dense"
+    # store order = module order, whatever the order of the patterns
+    assert resolve_layers(model, ["encoder.layer.3", "embeddings"]) == ["embeddings", "encoder.layer.3"]
+
+
+def test_exception_inside_block_leaves_valid_store(minilm, texts, tmp_path):
+    model, tok = minilm
+    batches = _batches(tok, texts)
+    cap = capture(model, layers="encoder.layer.*", out=tmp_path / "s")
+    with pytest.raises(ZeroDivisionError), torch.inference_mode(), cap:
+        model(**batches[0])
+        model(**batches[1])
+        1 / 0
+    _no_hooks(model)
+    n = int(batches[0]["attention_mask"].sum() + batches[1]["attention_mask"].sum())
+    assert cap.store.num_rows == n
+    reopened = layerscope.open(tmp_path / "s")
+    assert reopened.num_rows == n and len(reopened.layers) == 6
+
+
+def test_max_rows(minilm, texts, tmp_path):
+    model, tok = minilm
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with torch.inference_mode(), capture(model, layers="encoder.layer.0", out=tmp_path / "s",
+                                             max_rows=37) as cap:
+            for enc in _batches(tok, texts, bs=2) * 3:
+                model(**enc)
+    assert cap.store.num_rows == 37
+    assert sum("max_rows" in str(x.message) for x in w) == 1
+
+
+def test_writer_error_propagates(minilm, texts, tmp_path):
+    model, tok = minilm
+    batches = _batches(tok, texts, bs=2)
+
+    class Boom(Exception):
+        pass
+
+    cap = capture(model, layers="encoder.layer.0", out=tmp_path / "s", queue_size=1)
+
+    def bad_append(*a, **k):
+        raise Boom("disk on fire")
+
+    cap._append = bad_append
+    with pytest.raises(CaptureError, match="disk on fire"), torch.inference_mode(), cap:
+        for enc in batches * 4:
+            model(**enc)
+    _no_hooks(model)
+
+
+def test_back_pressure_bounded_queue(minilm, texts, tmp_path):
+    """A writer that cannot keep up blocks the model: at most queue_size batches wait in the
+    queue plus the one being written; the producer never runs further ahead."""
+    model, tok = minilm
+    enc = _batches(tok, texts[:2])[0]
+    release = threading.Event()
+    entered = threading.Event()
+    cap = capture(model, layers="encoder.layer.0", out=tmp_path / "s", queue_size=2)
+    real = cap._append
+
+    def slow_append(*a, **k):
+        entered.set()
+        assert release.wait(60)
+        real(*a, **k)
+
+    cap._append = slow_append
+    done = []
+
+    def producer():
+        with torch.inference_mode():
+            for _ in range(8):
+                model(**enc)
+                done.append(1)
+
+    with cap:
+        t = threading.Thread(target=producer)
+        t.start()
+        assert entered.wait(60)
+        # wait until the producer is stuck: queue full and no progress possible
+        for _ in range(6000):
+            if cap._queue.full() and len(done) == 3:
+                break
+            threading.Event().wait(0.01)
+        # 1 batch in the writer + 2 queued are done; the 4th forward is blocked in put()
+        assert cap._queue.full() and cap._queue.qsize() == 2
+        assert len(done) == 3
+        release.set()
+        t.join(60)
+    assert len(done) == 8
+    assert cap.store.num_rows == 8 * int(enc["attention_mask"].sum())
+
+
+# --------------------------------------------------------------------------- GPT-2, CNN
+def test_gpt2_tuple_outputs_and_kv_cache(tmp_path):
+    model = tiny_gpt2(seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        with capture(model, layers=["transformer.h.*", "transformer.h.*.attn", "transformer"],
+                     out=tmp_path / "s", dtype="float32") as cap:
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, return_dict=False)
+        assert isinstance(out, tuple) and out[1] is not None  # KV cache in the outputs
+        with capture(model, layers="transformer.h.0.attn", out=tmp_path / "t", dtype="float32",
+                     output=lambda o: o[0]) as cap2:
+            model(input_ids=ids, attention_mask=mask)
+        with pytest.raises(CaptureError, match="not a tensor"), capture(
+                model, layers="transformer.h.0.attn", out=tmp_path / "u", output=1):
+            model(input_ids=ids, attention_mask=mask)  # attention weights are None here
+    _no_hooks(model)
+    st = cap.store
+    m = mask.bool()
+    assert st.layers == ["transformer", "transformer.h.0", "transformer.h.0.attn",
+                         "transformer.h.1", "transformer.h.1.attn"]
+    for i in range(2):
+        np.testing.assert_allclose(_read(st, f"transformer.h.{i}"),
+                                   ref.hidden_states[i + 1][m].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(_read(cap2.store, "transformer.h.0.attn"),
+                                  _read(st, "transformer.h.0.attn"))
+
+
+def test_cnn_mean_and_positions(tmp_path):
+    model = small_cnn(seed=0)
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        conv0 = model[0](x)  # the in-place ReLU after it must not leak into the capture
+        conv2 = model[2](torch.relu(conv0))
+        logits = model(x)
+        with capture(model, layers=["0", "2", "6"], out=tmp_path / "m", pool="mean",
+                     dtype="float32") as cm:
+            model(x[:3])
+            model(x[3:])
+        with capture(model, layers=["0"], out=tmp_path / "p", pool="positions",
+                     dtype="float32") as cp:
+            model(x)
+        with pytest.raises(CaptureError, match="different numbers of rows"), capture(
+                model, layers=["0", "6"], out=tmp_path / "q", pool="positions"):
+            model(x)
+    np.testing.assert_allclose(_read(cm.store, "0"), conv0.mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_read(cm.store, "2"), conv2.mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_read(cm.store, "6"), logits.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(_read(cp.store, "0"),
+                                  conv0.permute(0, 2, 3, 1).reshape(-1, 8).numpy())
+    np.testing.assert_array_equal(cp.store.column("__position__"), np.tile(np.arange(64), 5))
+    # float inputs: row ids follow the image bytes
+    assert cp.store.num_rows == 320
+
+
+def test_never_firing_hooks_and_nothing_ran(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.unused = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x)
+
+    net = Net()
+    with pytest.raises(CaptureError, match="unused"), capture(net, layers=["a", "unused"],
+                                                              out=tmp_path / "s"):
+        net(torch.randn(2, 4))
+    _no_hooks(net)
+    with pytest.warns(UserWarning, match="no selected layer"), capture(net, layers="a",
+                                                                       out=tmp_path / "t") as cap:
+        pass
+    assert cap.store is None
+
+
+def test_grad_mode_and_compile(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(6, 4)
+    with capture(net, layers=["0", "2"], out=tmp_path / "g", dtype="float32") as cap:
+        y = net(x)
+        y.sum().backward()  # capturing does not break autograd
+    np.testing.assert_allclose(_read(cap.store, "2"), y.detach().numpy(), rtol=1e-6)
+    compiled = torch.compile(net, backend="eager")
+    compiled(x)  # compiled before the capture: the hooks are recompiled in
+    with pytest.warns(UserWarning, match="compiled"), capture(compiled, layers=["0", "2"],
+                                                             out=tmp_path / "c",
+                                                             dtype="float32") as cc:
+        compiled(x)
+    np.testing.assert_allclose(_read(cc.store, "2"), y.detach().numpy(), rtol=1e-6)
+    _no_hooks(net)
+
+
+def test_argument_errors(minilm, tmp_path):
+    model, _ = minilm
+    for kw in ({"pool": "max"}, {"dtype": "int8"}, {"where": "inside"}, {"max_rows": 0},
+               {"row_ids": "random"}):
+        with pytest.raises(LayerscopeError):
+            capture(model, layers="encoder.layer.0", out=tmp_path / "s", **kw)
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "f").write_text("x")
+    with pytest.raises(FileExistsError):
+        with capture(model, layers="encoder.layer.0", out=tmp_path / "exists"):
+            pass
+    assert isinstance(capture(model, layers="encoder.layer.0", out=tmp_path / "z"), Capture)
+
+
+def test_cli_capture(tmp_path, capsys):
+    from layerscope.cli import main
+    from layerscope.models import minilm_path
+
+    rc = main(["capture", "--model", minilm_path(), "--stdlib-corpus", "6", "--layers",
+               "encoder.layer.*", "--layers", "embeddings", "--out", str(tmp_path / "s"),
+               "--batch-size", "4", "--max-length", "16", "--pool", "mean"])
+    assert rc == 0
+    st = layerscope.open(tmp_path / "s")
+    assert st.num_rows == 6 and st.layers[0] == "embeddings" and len(st.layers) == 7
