@@ -12,8 +12,117 @@ ProgressCallback = Callable[[int, int], Any] | None
 
 # ---- store (rust/python/src/store.rs) ----
 
+class NativeStore:
+    """A validated, memory-mapped activation store (see docs/FORMAT.md)."""
+
+    @staticmethod
+    def open(path: str, verify: bool = False) -> NativeStore: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def layers(self) -> list[str]: ...
+    @property
+    def dims(self) -> list[int]: ...
+    @property
+    def dtypes(self) -> list[str]: ...
+    @property
+    def num_rows(self) -> int: ...
+    @property
+    def columns(self) -> list[str]: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def metadata_json(self) -> str: ...
+    @property
+    def shards(self) -> list[dict[str, Any]]: ...
+    def layer_index(self, name: str) -> int: ...
+    def row_ids(self) -> npt.NDArray[np.int64]: ...
+    def column(self, name: str) -> npt.NDArray[np.int64] | None: ...
+    def read(
+        self, layer: str, start: int, stop: int, dtype: str = "float32"
+    ) -> npt.NDArray[np.floating[Any]]: ...
+    def take(
+        self, layer: str, indices: npt.NDArray[np.int64], dtype: str = "float64"
+    ) -> npt.NDArray[np.floating[Any]]: ...
+    def find_nonfinite(self, layer: str) -> int | None: ...
+    def verify(self) -> None: ...
+
+class NativeWriter:
+    """Incremental atomic store writer."""
+
+    @staticmethod
+    def create(
+        path: str, shard_bytes: int, overwrite: bool, metadata_json: str, dtype: str | None = None
+    ) -> NativeWriter: ...
+    def append(
+        self,
+        layers: Sequence[tuple[str, npt.NDArray[Any], str]],
+        row_ids: npt.NDArray[np.int64] | None = None,
+        columns: Sequence[tuple[str, npt.NDArray[np.int64]]] = ...,
+    ) -> None: ...
+    @property
+    def rows_appended(self) -> int: ...
+    @property
+    def rows_committed(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
 # ---- moments (rust/python/src/moments.rs) ----
 
 # ---- alignment (rust/python/src/align.rs) ----
 
+def moment_measures(
+    cov: npt.NDArray[np.float64],
+    dims: Sequence[int],
+    n: int,
+    names: Sequence[str],
+    spectrum_layers: Sequence[int],
+    rows: Sequence[int] | None = None,
+    cols: Sequence[int] | None = None,
+    method: str = "subspace",
+    space: str = "samples",
+    k: int | None = None,
+    variance: float | None = None,
+    ridge_eps: float = 1e-4,
+    symmetric: bool = False,
+    progress: ProgressCallback = None,
+) -> dict[str, Any]:
+    """Spectra of ``spectrum_layers`` and/or rows × cols alignment from the centred
+    cross-product matrix ``cov`` (D × D, C-contiguous float64). Returns
+    ``{"spectra": [dict per layer], "alignment": dict | None}``."""
+    ...
+
 # ---- neighbours (rust/python/src/neighbors.rs) ----
+
+def knn_graph(
+    x: npt.NDArray[np.float64], k: int, duplicates: str = "drop", tolerance: float | None = None,
+    progress: ProgressCallback = None,
+) -> dict[str, Any]:
+    """Exact kNN graph with duplicate handling: {dist, idx, kept, duplicates, tolerance}."""
+
+def id_estimate(
+    dist: npt.NDArray[np.float64], method: str, *, discard_fraction: float = 0.1, k: int = 20,
+    pool: str = "harmonic", n1: int = 1, n2: int = 2, bootstrap: int = 0, seed: int = 0,
+) -> dict[str, Any]:
+    """ID from sorted kNN distances: {value, error, ci, n_used, reason}."""
+
+def rbf_hsic(
+    a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
+    sigma: float = 1.0, unbiased: bool = False, max_bytes: int = ..., progress: ProgressCallback = None,
+) -> dict[str, Any]:
+    """RBF HSIC for all layer pairs: {xy, xx, yy, bw_a, bw_b}."""
+
+def rsa_matrix(
+    a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
+    dissimilarity: str = "euclidean", compare: str = "spearman", max_bytes: int = ...,
+    progress: ProgressCallback = None,
+) -> npt.NDArray[np.float64]: ...
+
+def mutual_knn_matrix(
+    a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
+    k: int = 10, progress: ProgressCallback = None,
+) -> npt.NDArray[np.float64]: ...

