@@ -73,6 +73,8 @@ class NativeWriter:
 
 # ---- moments (rust/python/src/moments.rs) ----
 
+# ---- minibatch cka (rust/python/src/cka.rs) ----
+
 # ---- alignment (rust/python/src/align.rs) ----
 
 def moment_measures(

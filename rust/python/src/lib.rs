@@ -9,6 +9,7 @@ mod convert;
 mod monitor;
 mod store;
 mod align;
+mod cka;
 mod moments;
 mod neighbors;
 
@@ -18,6 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     store::register(m)?;
     moments::register(m)?;
     align::register(m)?;
+    cka::register(m)?;
     neighbors::register(m)?;
     Ok(())
 }
