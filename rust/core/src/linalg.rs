@@ -65,7 +65,12 @@ pub fn gram(x: &[f64], m: usize, d: usize, par: Par) -> Vec<f64> {
 }
 
 /// Squared Frobenius norm of the sub-block `rows × cols` of the column-major `k × k` buffer.
-pub fn block_sq_norm(a: &[f64], k: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> f64 {
+pub fn block_sq_norm(
+    a: &[f64],
+    k: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> f64 {
     let mut s = 0.0;
     for j in cols {
         let col = &a[j * k + rows.start..j * k + rows.end];

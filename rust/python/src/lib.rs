@@ -5,13 +5,13 @@
 //! No maths lives here.
 use pyo3::prelude::*;
 
-mod convert;
-mod monitor;
-mod store;
 mod align;
 mod cka;
+mod convert;
 mod moments;
+mod monitor;
 mod neighbors;
+mod store;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {

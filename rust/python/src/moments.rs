@@ -1,5 +1,363 @@
+//! Bindings of engine 1 (layerscope-core `engine::moments`): the streaming moment
+//! accumulator (a value: update / merge / bytes), the finalised `Moments` (centred
+//! cross-product matrix, linear CKA), and the one-pass streaming of stores.
+//! Only type conversion here; every computation runs in the core with the GIL released.
+use crate::convert::IntoPy;
+use crate::monitor::PyMonitor;
+use crate::store::NativeStore;
+use layerscope_core::engine::moments::{
+    accumulate_stores, default_block_rows, MomentAccumulator as CoreAcc, Moments as CoreMoments,
+    Selection,
+};
+use layerscope_core::Error;
+use numpy::ndarray::{Array2, ArrayView2};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// The streaming moment accumulator (see layerscope_core::engine::moments).
+#[pyclass(module = "layerscope._native", name = "MomentAccumulator")]
+pub struct PyMomentAccumulator {
+    inner: Option<CoreAcc>,
+}
+
+impl PyMomentAccumulator {
+    fn get(&self) -> PyResult<&CoreAcc> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| Error::invalid("this accumulator was finalised"))
+            .py_err()
+    }
+    fn get_mut(&mut self) -> PyResult<&mut CoreAcc> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| Error::invalid("this accumulator was finalised"))
+            .py_err()
+    }
+}
+
+enum Blocks<'py> {
+    F32(Vec<PyReadonlyArray2<'py, f32>>),
+    F64(Vec<PyReadonlyArray2<'py, f64>>),
+}
+
+fn extract_blocks<'py>(arrays: &[Bound<'py, PyAny>]) -> PyResult<Blocks<'py>> {
+    if arrays
+        .iter()
+        .all(|a| a.extract::<PyReadonlyArray2<f32>>().is_ok())
+    {
+        return Ok(Blocks::F32(
+            arrays
+                .iter()
+                .map(|a| a.extract::<PyReadonlyArray2<f32>>())
+                .collect::<Result<_, _>>()?,
+        ));
+    }
+    let mut out = Vec::with_capacity(arrays.len());
+    for (i, a) in arrays.iter().enumerate() {
+        out.push(a.extract::<PyReadonlyArray2<f64>>().map_err(|_| {
+            crate::convert::to_py(Error::invalid(format!(
+                "block {i}: expected 2-D arrays that are all float32 or all float64"
+            )))
+        })?);
+    }
+    Ok(Blocks::F64(out))
+}
+
+fn rows_of(shapes: &[[usize; 2]]) -> PyResult<usize> {
+    let rows = shapes.first().map(|s| s[0]).unwrap_or(0);
+    if shapes.iter().any(|s| s[0] != rows) {
+        return Err(Error::Mismatch(
+            "blocks of one update must have the same number of rows".into(),
+        ))
+        .py_err();
+    }
+    Ok(rows)
+}
+
+#[pymethods]
+impl PyMomentAccumulator {
+    /// An empty accumulator for layers of widths `dims`.
+    #[new]
+    #[pyo3(signature = (dims, names=None, check_finite=true))]
+    fn new(dims: Vec<usize>, names: Option<Vec<String>>, check_finite: bool) -> PyResult<Self> {
+        let mut acc = CoreAcc::new(&dims)
+            .py_err()?
+            .with_check_finite(check_finite);
+        if let Some(n) = names {
+            acc = acc.with_names(&n).py_err()?;
+        }
+        Ok(PyMomentAccumulator { inner: Some(acc) })
+    }
+
+    /// Add a block of rows: one C-contiguous 2-D array per layer (all float32 or all float64,
+    /// equal row counts). Errors leave the accumulator unchanged.
+    fn update(&mut self, py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        let blocks = extract_blocks(&arrays)?;
+        let acc = self.get_mut()?;
+        match blocks {
+            Blocks::F32(v) => {
+                let shapes: Vec<[usize; 2]> =
+                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
+                let rows = rows_of(&shapes)?;
+                let slices: Vec<&[f32]> = v
+                    .iter()
+                    .map(|a| a.as_slice())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
+                    .py_err()?;
+                py.detach(|| acc.update(&slices, rows)).py_err()
+            }
+            Blocks::F64(v) => {
+                let shapes: Vec<[usize; 2]> =
+                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
+                let rows = rows_of(&shapes)?;
+                let slices: Vec<&[f64]> = v
+                    .iter()
+                    .map(|a| a.as_slice())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
+                    .py_err()?;
+                py.detach(|| acc.update(&slices, rows)).py_err()
+            }
+        }
+    }
+
+    /// Add the rows accumulated by `other` (exact, whatever the two reference shifts).
+    fn merge(&mut self, py: Python<'_>, other: PyRef<'_, PyMomentAccumulator>) -> PyResult<()> {
+        let o = other.get()?.clone();
+        let acc = self.get_mut()?;
+        py.detach(|| acc.merge(&o)).py_err()
+    }
+
+    /// Versioned little-endian serialisation (for shipping partial results, e.g. with Ray).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let acc = self.get()?;
+        let b = py.detach(|| acc.to_bytes());
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// Inverse of `to_bytes` (a FormatError on anything malformed).
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+        let acc = py.detach(|| CoreAcc::from_bytes(data)).py_err()?;
+        Ok(PyMomentAccumulator { inner: Some(acc) })
+    }
+
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let py = slf.py();
+        let ctor = slf.get_type().getattr("from_bytes")?;
+        let b = slf.borrow().to_bytes(py)?;
+        Ok((ctor, (b,)))
+    }
+
+    #[getter]
+    fn n(&self) -> PyResult<u64> {
+        Ok(self.get()?.n())
+    }
+    #[getter]
+    fn dims(&self) -> PyResult<Vec<usize>> {
+        Ok(self.get()?.dims().to_vec())
+    }
+    #[getter]
+    fn names(&self) -> PyResult<Vec<String>> {
+        Ok(self.get()?.names().to_vec())
+    }
+
+    /// Centre at the exact mean and return the `Moments` (the accumulator is consumed).
+    /// `num_a`: how many of the layers belong to the first source (the rest to the second).
+    #[pyo3(signature = (num_a=None))]
+    fn finalize(&mut self, py: Python<'_>, num_a: Option<usize>) -> PyResult<PyMoments> {
+        let acc = self
+            .inner
+            .take()
+            .ok_or_else(|| Error::invalid("this accumulator was finalised"))
+            .py_err()?;
+        let m = py.detach(|| acc.finalize()).py_err()?;
+        PyMoments::wrap(m, num_a)
+    }
+}
+
+/// Finalised moments: `C = Σ (z − z̄)(z − z̄)ᵀ` over the concatenated layers, the means and
+/// the squared-norm products used by the debiased estimators.
+#[pyclass(module = "layerscope._native", name = "Moments", frozen)]
+pub struct PyMoments {
+    inner: CoreMoments,
+    num_a: usize,
+}
+
+impl PyMoments {
+    fn wrap(m: CoreMoments, num_a: Option<usize>) -> PyResult<Self> {
+        let l = m.dims.len();
+        let num_a = num_a.unwrap_or(l);
+        if num_a > l {
+            return Err(Error::invalid(format!(
+                "num_a = {num_a} exceeds the {l} layers"
+            )))
+            .py_err();
+        }
+        Ok(PyMoments { inner: m, num_a })
+    }
+}
+
+#[pymethods]
+impl PyMoments {
+    #[getter]
+    fn n(&self) -> u64 {
+        self.inner.n
+    }
+    #[getter]
+    fn dims(&self) -> Vec<usize> {
+        self.inner.dims.clone()
+    }
+    #[getter]
+    fn names(&self) -> Vec<String> {
+        self.inner.names.clone()
+    }
+    /// Number of layers of the first source.
+    #[getter]
+    fn num_a(&self) -> usize {
+        self.num_a
+    }
+    /// Number of layers of the second source (0 for one source).
+    #[getter]
+    fn num_b(&self) -> usize {
+        self.inner.dims.len() - self.num_a
+    }
+    /// First row holding a NaN/Inf per layer (only when accumulated with check_finite=False).
+    #[getter]
+    fn nonfinite(&self) -> Vec<Option<u64>> {
+        self.inner.nonfinite.clone()
+    }
+
+    /// The full symmetric `D × D` centred cross-product matrix `C` as a read-only float64
+    /// array viewing the moments' memory (no copy; it keeps this object alive).
+    fn cov<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let m = &slf.get().inner;
+        let d = m.width();
+        let view = ArrayView2::from_shape((d, d), &m.cov[..])
+            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+            .py_err()?;
+        // SAFETY: `slf` is frozen (immutable) and is kept alive by the array as its base,
+        // so the viewed buffer outlives the array and is never written through it (read-only).
+        let arr = unsafe { PyArray2::borrow_from_array(&view, slf.clone().into_any()) };
+        arr.call_method1("setflags", (false,))?;
+        Ok(arr)
+    }
+
+    /// `C_ij` (a `d_i × d_j` float64 copy).
+    fn block<'py>(
+        &self,
+        py: Python<'py>,
+        i: usize,
+        j: usize,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let b = self.inner.block(i, j).py_err()?;
+        let (di, dj) = (self.inner.dims[i], self.inner.dims[j]);
+        let a = Array2::from_shape_vec((di, dj), b)
+            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+            .py_err()?;
+        Ok(a.into_pyarray(py))
+    }
+
+    /// Column means of layer `i`.
+    fn mean<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        Ok(self.inner.layer_mean(i).py_err()?.to_vec().into_pyarray(py))
+    }
+
+    /// `Σ_a ‖x_{k,a} − x̄_k‖² ‖x_{l,a} − x̄_l‖²`.
+    fn rr(&self, k: usize, l: usize) -> PyResult<f64> {
+        self.inner.rr(k, l).py_err()
+    }
+
+    /// `tr C_kk`.
+    fn trace(&self, k: usize) -> PyResult<f64> {
+        self.inner.trace(k).py_err()
+    }
+
+    /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
+    /// debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`.
+    #[pyo3(signature = (rows, cols, debiased=false))]
+    fn cka<'py>(
+        &self,
+        py: Python<'py>,
+        rows: Vec<usize>,
+        cols: Vec<usize>,
+        debiased: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let m = &self.inner;
+        let v = py
+            .detach(|| m.cka_matrix(&rows, &cols, debiased))
+            .py_err()?;
+        let a = Array2::from_shape_vec((rows.len(), cols.len()), v)
+            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+            .py_err()?;
+        Ok(a.into_pyarray(py))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Moments(n={}, layers={}, D={})",
+            self.inner.n,
+            self.inner.dims.len(),
+            self.inner.width()
+        )
+    }
+}
+
+/// One streaming pass over the selected layers of one or more row-aligned stores
+/// (`selections`: `[(NativeStore, [layer index, ...]), ...]`), GIL released, reader thread
+/// one block ahead. Returns the finalised `Moments`.
+#[pyfunction]
+#[pyo3(signature = (selections, names, block_rows=None, check_finite=true, max_memory=None,
+    num_a=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn moments_from_stores(
+    py: Python<'_>,
+    selections: Vec<(Py<NativeStore>, Vec<usize>)>,
+    names: Vec<String>,
+    block_rows: Option<usize>,
+    check_finite: bool,
+    max_memory: Option<u64>,
+    num_a: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<PyMoments> {
+    let sels: Vec<Selection<'_>> = selections
+        .iter()
+        .map(|(s, l)| Selection {
+            store: &s.get().inner,
+            layers: l.clone(),
+        })
+        .collect();
+    let mon = PyMonitor::new(progress);
+    let m = py
+        .detach(|| {
+            accumulate_stores(&sels, &names, block_rows, check_finite, max_memory, &mon)?.finalize()
+        })
+        .py_err()?;
+    PyMoments::wrap(m, num_a)
+}
+
+/// Rows per block the streaming pass uses by default for layers of these widths.
+#[pyfunction]
+#[pyo3(name = "default_block_rows")]
+fn py_default_block_rows(dims: Vec<usize>) -> usize {
+    default_block_rows(&dims)
+}
+
+/// Bytes of the accumulator for layers of these widths (`(D+L)² × 8` plus vectors).
+#[pyfunction]
+fn accumulator_bytes(dims: Vec<usize>) -> u128 {
+    layerscope_core::engine::moments::accumulator_bytes(&dims)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyMomentAccumulator>()?;
+    m.add_class::<PyMoments>()?;
+    m.add_function(wrap_pyfunction!(moments_from_stores, m)?)?;
+    m.add_function(wrap_pyfunction!(py_default_block_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(accumulator_bytes, m)?)?;
     Ok(())
 }

@@ -49,7 +49,7 @@ fn want_f64(dtype: &str) -> PyResult<bool> {
 /// A validated, memory-mapped activation store.
 #[pyclass(module = "layerscope._native", frozen)]
 pub struct NativeStore {
-    inner: Store,
+    pub(crate) inner: Store,
 }
 
 #[pymethods]
@@ -199,6 +199,60 @@ impl NativeStore {
         }
     }
 
+    /// Rows [start, stop) of several layers (any subset, in the given order) as a list of
+    /// 2-D arrays, read in parallel. `release=True` then drops the mapped pages of those rows
+    /// from the resident set (streaming readers keep a bounded RSS; see `Store::release`).
+    #[pyo3(signature = (layers, start, stop, dtype="float32", release=false))]
+    fn read_block<'py>(
+        &self,
+        py: Python<'py>,
+        layers: Vec<String>,
+        start: u64,
+        stop: u64,
+        dtype: &str,
+        release: bool,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let mut idx = Vec::with_capacity(layers.len());
+        let mut dims = Vec::with_capacity(layers.len());
+        for name in &layers {
+            let li = self.inner.layer_index(name).py_err()?;
+            idx.push(li);
+            dims.push(self.inner.layers()[li].dim);
+        }
+        let rows = stop.saturating_sub(start) as usize;
+        let run = |f64_out: bool| {
+            py.detach(|| {
+                let out = if f64_out {
+                    Either::F64(self.inner.read_block::<f64>(&idx, start, stop)?)
+                } else {
+                    Either::F32(self.inner.read_block::<f32>(&idx, start, stop)?)
+                };
+                if release {
+                    self.inner.release(start, stop)?;
+                }
+                Ok::<_, Error>(out)
+            })
+        };
+        match run(want_f64(dtype)?).py_err()? {
+            Either::F64(v) => v
+                .into_iter()
+                .zip(dims)
+                .map(|(b, d)| to_2d(py, b, rows, d))
+                .collect(),
+            Either::F32(v) => v
+                .into_iter()
+                .zip(dims)
+                .map(|(b, d)| to_2d(py, b, rows, d))
+                .collect(),
+        }
+    }
+
+    /// Drop the mapped pages of rows [start, stop) from the resident set (data stays
+    /// readable; a later read maps it again from the OS page cache).
+    fn release(&self, py: Python<'_>, start: u64, stop: u64) -> PyResult<()> {
+        py.detach(|| self.inner.release(start, stop)).py_err()
+    }
+
     /// First row of `layer` holding NaN/±Inf, or None.
     fn find_nonfinite(&self, py: Python<'_>, layer: &str) -> PyResult<Option<u64>> {
         let li = self.inner.layer_index(layer).py_err()?;
@@ -209,6 +263,11 @@ impl NativeStore {
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.verify()).py_err()
     }
+}
+
+enum Either {
+    F32(Vec<Vec<f32>>),
+    F64(Vec<Vec<f64>>),
 }
 
 /// Incremental store writer (see `layerscope.StoreWriter`).

@@ -26,6 +26,8 @@
 //!   `rr[k][l] = Σ_a r̄_{k,a} r̄_{l,a}` ([`Moments::rr`]) and `Σ_a r̄_{l,a} = tr C_ll`.
 use crate::error::{Error, Result};
 use crate::linalg::{symmetrize_from_upper, syrk_upper_add};
+use crate::monitor::Monitor;
+use crate::store::{DType, Element as StoreElement, Store};
 use faer::Par;
 use rayon::prelude::*;
 
@@ -109,16 +111,22 @@ impl MomentAccumulator {
     /// An empty accumulator for layers of widths `dims` (names default to `layer{i}`).
     pub fn new(dims: &[usize]) -> Result<Self> {
         if dims.is_empty() {
-            return Err(Error::invalid("the moment accumulator needs at least one layer"));
+            return Err(Error::invalid(
+                "the moment accumulator needs at least one layer",
+            ));
         }
         if dims.contains(&0) {
             return Err(Error::invalid("a layer of width 0 cannot be accumulated"));
         }
         let d: usize = dims.iter().sum();
         let dz = d + dims.len();
-        let cells = dz.checked_mul(dz).ok_or_else(|| Error::Memory("accumulator size overflows".into()))?;
+        let cells = dz
+            .checked_mul(dz)
+            .ok_or_else(|| Error::Memory("accumulator size overflows".into()))?;
         if cells > (isize::MAX as usize) / 16 {
-            return Err(Error::Memory(format!("accumulator of {dz}² cells cannot be allocated")));
+            return Err(Error::Memory(format!(
+                "accumulator of {dz}² cells cannot be allocated"
+            )));
         }
         Ok(MomentAccumulator {
             dims: dims.to_vec(),
@@ -136,7 +144,11 @@ impl MomentAccumulator {
     /// Set the layer names used in error messages (and carried into [`Moments`]).
     pub fn with_names(mut self, names: &[String]) -> Result<Self> {
         if names.len() != self.dims.len() {
-            return Err(Error::invalid(format!("{} names for {} layers", names.len(), self.dims.len())));
+            return Err(Error::invalid(format!(
+                "{} names for {} layers",
+                names.len(),
+                self.dims.len()
+            )));
         }
         self.names = names.to_vec();
         Ok(self)
@@ -170,7 +182,10 @@ impl MomentAccumulator {
     pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
         let l_count = self.dims.len();
         if block.len() != l_count {
-            return Err(Error::Mismatch(format!("block has {} layers, accumulator has {l_count}", block.len())));
+            return Err(Error::Mismatch(format!(
+                "block has {} layers, accumulator has {l_count}",
+                block.len()
+            )));
         }
         for (l, (x, &d)) in block.iter().zip(&self.dims).enumerate() {
             if Some(x.len()) != rows.checked_mul(d) {
@@ -188,7 +203,10 @@ impl MomentAccumulator {
         let bad: Vec<Option<usize>> = block
             .par_iter()
             .zip(self.dims.par_iter())
-            .map(|(x, &d)| x.chunks(d).position(|r| r.iter().any(|v| !v.to_f64().is_finite())))
+            .map(|(x, &d)| {
+                x.chunks(d)
+                    .position(|r| r.iter().any(|v| !v.to_f64().is_finite()))
+            })
             .collect();
         if self.check_finite {
             if let Some((l, a)) = bad.iter().enumerate().find_map(|(l, b)| b.map(|a| (l, a))) {
@@ -242,7 +260,11 @@ impl MomentAccumulator {
                 wr[d + l] = r;
             }
         });
-        let par = if rows * dz * dz > 1 << 20 { Par::rayon(0) } else { Par::Seq };
+        let par = if rows * dz * dz > 1 << 20 {
+            Par::rayon(0)
+        } else {
+            Par::Seq
+        };
         syrk_upper_add(&mut self.s, &w, dz, rows, par);
         // Column sums.
         let colsum = w
@@ -283,9 +305,16 @@ impl MomentAccumulator {
         let lc = self.dims.len();
         let n = self.n as f64;
         let delta: Vec<f64> = old.iter().zip(new_shift).map(|(a, b)| a - b).collect();
-        let layer_of: Vec<usize> = (0..lc).flat_map(|l| std::iter::repeat_n(l, self.dims[l])).collect();
+        let layer_of: Vec<usize> = (0..lc)
+            .flat_map(|l| std::iter::repeat_n(l, self.dims[l]))
+            .collect();
         let e: Vec<f64> = (0..lc)
-            .map(|l| delta[self.offsets[l]..self.offsets[l + 1]].iter().map(|x| x * x).sum())
+            .map(|l| {
+                delta[self.offsets[l]..self.offsets[l + 1]]
+                    .iter()
+                    .map(|x| x * x)
+                    .sum()
+            })
             .collect();
         symmetrize_from_upper(&mut self.s, dz);
         let s = &self.s;
@@ -297,29 +326,41 @@ impl MomentAccumulator {
             .into_par_iter()
             .flat_map_iter(|i| {
                 (0..lc).map(move |k| {
-                    (offsets[k]..offsets[k + 1]).map(|j| s[j * dz + i] * delta[j]).sum::<f64>()
+                    (offsets[k]..offsets[k + 1])
+                        .map(|j| s[j * dz + i] * delta[j])
+                        .sum::<f64>()
                 })
             })
             .collect();
         // δ_kᵀ s_uk
         let ds: Vec<f64> = (0..lc)
-            .map(|k| (offsets[k]..offsets[k + 1]).map(|j| delta[j] * sums[j]).sum())
+            .map(|k| {
+                (offsets[k]..offsets[k + 1])
+                    .map(|j| delta[j] * sums[j])
+                    .sum()
+            })
             .collect();
         // δ_kᵀ S[U_k, R_l]
         let dsr: Vec<f64> = (0..lc * lc)
             .map(|kl| {
                 let (k, l) = (kl / lc, kl % lc);
-                (offsets[k]..offsets[k + 1]).map(|i| delta[i] * s[(d + l) * dz + i]).sum()
+                (offsets[k]..offsets[k + 1])
+                    .map(|i| delta[i] * s[(d + l) * dz + i])
+                    .sum()
             })
             .collect();
         // δ_kᵀ S[U_k,U_l] δ_l = Σ_{i∈k} δ_i P[i][l]
         let dsd: Vec<f64> = (0..lc * lc)
             .map(|kl| {
                 let (k, l) = (kl / lc, kl % lc);
-                (offsets[k]..offsets[k + 1]).map(|i| delta[i] * p[i * lc + l]).sum()
+                (offsets[k]..offsets[k + 1])
+                    .map(|i| delta[i] * p[i * lc + l])
+                    .sum()
             })
             .collect();
-        let new_sr: Vec<f64> = (0..lc).map(|k| sums[d + k] + 2.0 * ds[k] + n * e[k]).collect();
+        let new_sr: Vec<f64> = (0..lc)
+            .map(|k| sums[d + k] + 2.0 * ds[k] + n * e[k])
+            .collect();
         // New S[U_i, R_k].
         let new_ur: Vec<f64> = (0..d)
             .flat_map(|i| {
@@ -328,7 +369,10 @@ impl MomentAccumulator {
                 let delta = &delta;
                 let e = &e;
                 (0..lc).map(move |k| {
-                    s[(d + k) * dz + i] + 2.0 * p[i * lc + k] + e[k] * sums[i] + delta[i] * new_sr[k]
+                    s[(d + k) * dz + i]
+                        + 2.0 * p[i * lc + k]
+                        + e[k] * sums[i]
+                        + delta[i] * new_sr[k]
                 })
             })
             .collect();
@@ -370,12 +414,10 @@ impl MomentAccumulator {
                 }
             }
         });
-        for i in 0..d {
-            self.sums[i] += n * delta[i];
+        for (si, di) in self.sums[..d].iter_mut().zip(delta.iter()) {
+            *si += n * di;
         }
-        for k in 0..lc {
-            self.sums[d + k] = new_sr[k];
-        }
+        self.sums[d..d + lc].copy_from_slice(&new_sr[..lc]);
         self.shift = Some(new_shift.to_vec());
     }
 
@@ -410,11 +452,15 @@ impl MomentAccumulator {
         }
         let dz = self.dz();
         // o.s is full now; add its upper triangle.
-        self.s.par_chunks_mut(dz).zip(o.s.par_chunks(dz)).enumerate().for_each(|(j, (a, b))| {
-            for i in 0..=j {
-                a[i] += b[i];
-            }
-        });
+        self.s
+            .par_chunks_mut(dz)
+            .zip(o.s.par_chunks(dz))
+            .enumerate()
+            .for_each(|(j, (a, b))| {
+                for i in 0..=j {
+                    a[i] += b[i];
+                }
+            });
         for (a, b) in self.sums.iter_mut().zip(&o.sums) {
             *a += b;
         }
@@ -432,7 +478,11 @@ impl MomentAccumulator {
         let lc = self.dims.len();
         let n = self.n as f64;
         let shift = self.shift.clone().unwrap_or_else(|| vec![0.0; d]);
-        let mean: Vec<f64> = shift.iter().zip(&self.sums).map(|(m, s)| m + s / n).collect();
+        let mean: Vec<f64> = shift
+            .iter()
+            .zip(&self.sums)
+            .map(|(m, s)| m + s / n)
+            .collect();
         self.reshift(&mean);
         let mut rr = vec![0.0; lc * lc];
         for k in 0..lc {
@@ -506,7 +556,9 @@ impl MomentAccumulator {
         }
         let version = u32::from_le_bytes(r.arr::<4>()?);
         if version != VERSION {
-            return Err(fmt_err(format!("unsupported accumulator version {version} (this build reads {VERSION})")));
+            return Err(fmt_err(format!(
+                "unsupported accumulator version {version} (this build reads {VERSION})"
+            )));
         }
         let lc = r.u64()? as usize;
         if lc == 0 || lc > r.remaining() / 8 {
@@ -524,7 +576,9 @@ impl MomentAccumulator {
         for _ in 0..lc {
             let len = r.u64()? as usize;
             let s = r.take(len)?;
-            names.push(String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?);
+            names.push(
+                String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?,
+            );
         }
         let n = r.u64()?;
         let check_finite = match r.take(1)?[0] {
@@ -542,7 +596,10 @@ impl MomentAccumulator {
             1 => true,
             v => return Err(fmt_err(format!("bad flag byte {v}"))),
         };
-        let d = dims.iter().try_fold(0usize, |a, &b| a.checked_add(b)).ok_or_else(|| fmt_err("widths overflow"))?;
+        let d = dims
+            .iter()
+            .try_fold(0usize, |a, &b| a.checked_add(b))
+            .ok_or_else(|| fmt_err("widths overflow"))?;
         let dz = d + lc;
         // Exact remaining length check before allocating anything large.
         let tri = (dz as u128) * (dz as u128 + 1) / 2;
@@ -608,7 +665,9 @@ impl<'a> Reader<'a> {
     }
     fn f64s(&mut self, k: usize) -> Result<Vec<f64>> {
         let s = self.take(k.checked_mul(8).ok_or_else(|| fmt_err("size overflow"))?)?;
-        Ok(s.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+        Ok(s.chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
     }
 }
 
@@ -642,7 +701,9 @@ impl Moments {
     fn check(&self, i: usize, j: usize) -> Result<()> {
         let l = self.dims.len();
         if i >= l || j >= l {
-            return Err(Error::invalid(format!("layer index ({i}, {j}) out of range for {l} layers")));
+            return Err(Error::invalid(format!(
+                "layer index ({i}, {j}) out of range for {l} layers"
+            )));
         }
         Ok(())
     }
@@ -650,7 +711,10 @@ impl Moments {
     pub fn block(&self, i: usize, j: usize) -> Result<Vec<f64>> {
         self.check(i, j)?;
         let d = self.width();
-        let (ri, rj) = (self.offsets[i]..self.offsets[i + 1], self.offsets[j]..self.offsets[j + 1]);
+        let (ri, rj) = (
+            self.offsets[i]..self.offsets[i + 1],
+            self.offsets[j]..self.offsets[j + 1],
+        );
         let mut out = Vec::with_capacity(ri.len() * rj.len());
         // C symmetric: row r of C is column r of the column-major buffer.
         for r in ri {
@@ -663,7 +727,9 @@ impl Moments {
         self.check(i, j)?;
         let d = self.width();
         let (oi, oj) = (self.offsets[i], self.offsets[j]);
-        Ok(faer::Mat::from_fn(self.dims[i], self.dims[j], |r, c| self.cov[(oj + c) * d + oi + r]))
+        Ok(faer::Mat::from_fn(self.dims[i], self.dims[j], |r, c| {
+            self.cov[(oj + c) * d + oi + r]
+        }))
     }
     /// Column means of layer `i`.
     pub fn layer_mean(&self, i: usize) -> Result<&[f64]> {
@@ -679,7 +745,9 @@ impl Moments {
     pub fn trace(&self, k: usize) -> Result<f64> {
         self.check(k, k)?;
         let d = self.width();
-        Ok((self.offsets[k]..self.offsets[k + 1]).map(|i| self.cov[i * d + i]).sum())
+        Ok((self.offsets[k]..self.offsets[k + 1])
+            .map(|i| self.cov[i * d + i])
+            .sum())
     }
     /// `‖C_ij‖_F²`.
     pub fn block_sq_norm(&self, i: usize, j: usize) -> Result<f64> {
@@ -693,15 +761,263 @@ impl Moments {
     }
 }
 
+/// What [`Moments::cka_matrix`] computes per pair.
+impl Moments {
+    /// Linear CKA of layers `i` and `j` from the moments (exact, no second pass).
+    ///
+    /// With centred data `X̄_i` (rows = samples) and `C_ij = X̄_iᵀX̄_j`:
+    /// * biased (Kornblith et al. 2019, HSIC of Gretton et al. 2005 with `K = X̄X̄ᵀ`):
+    ///   `CKA = ‖C_ij‖_F² / (‖C_ii‖_F ‖C_jj‖_F)`;
+    /// * debiased (unbiased HSIC of Song et al. 2012, eq. 5). With `K̃`, `L̃` the linear
+    ///   kernels with zeroed diagonals and `r_a = ‖x̄_{i,a}‖²`, `s_a = ‖x̄_{j,a}‖²` (the
+    ///   unbiased HSIC is translation invariant for the linear kernel, so centred data may be
+    ///   used): `tr K̃L̃ = ‖C_ij‖² − Σ r_a s_a`, `1ᵀK̃1 = −tr C_ii`, `1ᵀK̃L̃1 = Σ r_a s_a`, so
+    ///   `n(n−3)·HSIC₁ = ‖C_ij‖² − Σ r s + tr C_ii tr C_jj / ((n−1)(n−2)) − 2 Σ r s / (n−2)`
+    ///   and `CKA = HSIC₁(i,j) / sqrt(HSIC₁(i,i) HSIC₁(j,j))` (may be negative; never clamped).
+    ///
+    /// NaN (never a made-up number) when a layer has zero variance (the denominator is 0),
+    /// when the debiased self-HSIC is not positive (possible only for tiny `n`), or when the
+    /// debiased estimator gets `n < 4` rows (its normalisation divides by `n − 3`).
+    pub fn cka(&self, i: usize, j: usize, debiased: bool) -> Result<f64> {
+        self.check(i, j)?;
+        let cij = self.block_sq_norm(i, j)?;
+        if i == j {
+            let cii = cij;
+            if debiased {
+                let h = self.hsic1_scaled(i, i, cii)?;
+                return Ok(if h > 0.0 { 1.0 } else { f64::NAN });
+            }
+            return Ok(if cii > 0.0 { 1.0 } else { f64::NAN });
+        }
+        let cii = self.block_sq_norm(i, i)?;
+        let cjj = self.block_sq_norm(j, j)?;
+        if !debiased {
+            let den = cii.sqrt() * cjj.sqrt();
+            return Ok(if den > 0.0 { cij / den } else { f64::NAN });
+        }
+        let hij = self.hsic1_scaled(i, j, cij)?;
+        let hii = self.hsic1_scaled(i, i, cii)?;
+        let hjj = self.hsic1_scaled(j, j, cjj)?;
+        if hii > 0.0 && hjj > 0.0 {
+            Ok(hij / (hii.sqrt() * hjj.sqrt()))
+        } else {
+            Ok(f64::NAN)
+        }
+    }
+
+    /// `n(n−3)·HSIC₁` (Song et al. 2012) of the linear kernels of layers `i`, `j`, given
+    /// `‖C_ij‖²`. NaN when `n < 4`.
+    fn hsic1_scaled(&self, i: usize, j: usize, cij_sq: f64) -> Result<f64> {
+        let n = self.n as f64;
+        if self.n < 4 {
+            return Ok(f64::NAN);
+        }
+        let rs = self.rr(i, j)?;
+        let ti = self.trace(i)?;
+        let tj = self.trace(j)?;
+        Ok(cij_sq - rs + ti * tj / ((n - 1.0) * (n - 2.0)) - 2.0 * rs / (n - 2.0))
+    }
+
+    /// Linear CKA of every `(rows[a], cols[b])` pair, row-major `rows.len() × cols.len()`.
+    /// Each distinct unordered pair is computed once (the value is symmetric); parallel.
+    pub fn cka_matrix(&self, rows: &[usize], cols: &[usize], debiased: bool) -> Result<Vec<f64>> {
+        for &i in rows.iter().chain(cols) {
+            self.check(i, i)?;
+        }
+        let l = self.dims.len();
+        // Squared block norms, each unordered pair once.
+        let mut need = vec![false; l * l];
+        for &i in rows.iter().chain(cols) {
+            need[i * l + i] = true;
+        }
+        for &i in rows {
+            for &j in cols {
+                let (a, b) = if i <= j { (i, j) } else { (j, i) };
+                need[a * l + b] = true;
+            }
+        }
+        let pairs: Vec<(usize, usize)> = (0..l * l)
+            .filter(|&k| need[k])
+            .map(|k| (k / l, k % l))
+            .collect();
+        let norms: Vec<f64> = pairs
+            .par_iter()
+            .map(|&(i, j)| self.block_sq_norm(i, j))
+            .collect::<Result<_>>()?;
+        let mut sq = vec![f64::NAN; l * l];
+        for (&(i, j), v) in pairs.iter().zip(norms) {
+            sq[i * l + j] = v;
+            sq[j * l + i] = v;
+        }
+        let value = |i: usize, j: usize| -> Result<f64> {
+            let cij = sq[i * l + j];
+            let (cii, cjj) = (sq[i * l + i], sq[j * l + j]);
+            if debiased {
+                let hij = self.hsic1_scaled(i, j, cij)?;
+                let hii = self.hsic1_scaled(i, i, cii)?;
+                let hjj = self.hsic1_scaled(j, j, cjj)?;
+                if !(hii > 0.0 && hjj > 0.0) {
+                    return Ok(f64::NAN);
+                }
+                if i == j {
+                    return Ok(1.0);
+                }
+                Ok(hij / (hii.sqrt() * hjj.sqrt()))
+            } else {
+                if !(cii > 0.0 && cjj > 0.0) {
+                    return Ok(f64::NAN);
+                }
+                if i == j {
+                    return Ok(1.0);
+                }
+                Ok(cij / (cii.sqrt() * cjj.sqrt()))
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len() * cols.len());
+        for &i in rows {
+            for &j in cols {
+                out.push(value(i, j)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Layers of one store to stream (indices into `store.layers()`).
+pub struct Selection<'a> {
+    pub store: &'a Store,
+    pub layers: Vec<usize>,
+}
+
+/// Default rows per block: the `w` buffer (`rows × (D+L)` f64) stays near 128 MiB, between
+/// 64 and 8192 rows (SYRK is efficient from a few hundred rows).
+pub fn default_block_rows(dims: &[usize]) -> usize {
+    let dz: usize = dims.iter().sum::<usize>() + dims.len();
+    ((128usize << 20) / (dz.max(1) * 8)).clamp(64, 8192)
+}
+
+/// One streaming pass over the selected layers of one or more stores (row-aligned: the
+/// caller has checked that their row ids agree) into a [`MomentAccumulator`].
+///
+/// Blocks are read (mmap, converted to f32 — or f64 when a layer is stored as F64 — in
+/// parallel) by a reader thread one block ahead of the accumulation (double buffering), so
+/// I/O and conversion overlap the SYRK. `max_memory`: fail early with [`Error::Memory`]
+/// (giving the options) when the accumulator and block buffers would not fit.
+pub fn accumulate_stores(
+    sels: &[Selection<'_>],
+    names: &[String],
+    block_rows: Option<usize>,
+    check_finite: bool,
+    max_memory: Option<u64>,
+    monitor: &dyn Monitor,
+) -> Result<MomentAccumulator> {
+    let first = sels
+        .first()
+        .ok_or_else(|| Error::invalid("no store selected"))?;
+    let n = first.store.num_rows();
+    let mut dims = Vec::new();
+    let mut f64_needed = false;
+    for s in sels {
+        if s.store.num_rows() != n {
+            return Err(Error::Mismatch(format!(
+                "stores have {} and {} rows",
+                n,
+                s.store.num_rows()
+            )));
+        }
+        for &l in &s.layers {
+            let info = s.store.layers().get(l).ok_or_else(|| {
+                Error::invalid(format!(
+                    "layer index {l} out of range for {}",
+                    s.store.path().display()
+                ))
+            })?;
+            dims.push(info.dim);
+            f64_needed |= info.dtype == DType::F64;
+        }
+    }
+    let block_rows = block_rows.unwrap_or_else(|| default_block_rows(&dims));
+    if block_rows == 0 {
+        return Err(Error::invalid("block_rows must be at least 1"));
+    }
+    if let Some(budget) = max_memory {
+        check_memory(&dims, block_rows, budget)?;
+    }
+    let acc = MomentAccumulator::new(&dims)?
+        .with_names(names)?
+        .with_check_finite(check_finite);
+    if f64_needed {
+        stream::<f64>(sels, acc, n, block_rows, monitor)
+    } else {
+        stream::<f32>(sels, acc, n, block_rows, monitor)
+    }
+}
+
+fn stream<T: Element + StoreElement>(
+    sels: &[Selection<'_>],
+    mut acc: MomentAccumulator,
+    n: u64,
+    block_rows: usize,
+    monitor: &dyn Monitor,
+) -> Result<MomentAccumulator> {
+    monitor.progress(0, n)?;
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<Vec<T>>)>>(1);
+        scope.spawn(move || {
+            let mut start = 0u64;
+            while start < n {
+                let stop = (start + block_rows as u64).min(n);
+                let mut blk = Vec::new();
+                let mut res = Ok(());
+                for s in sels {
+                    match s.store.read_block::<T>(&s.layers, start, stop) {
+                        Ok(b) => blk.extend(b),
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                let msg = res.map(|_| (stop, blk));
+                let failed = msg.is_err();
+                if tx.send(msg).is_err() || failed {
+                    return;
+                }
+                start = stop;
+            }
+        });
+        let mut done = 0u64;
+        for msg in rx {
+            let (stop, blk) = msg?;
+            let rows = (stop - done) as usize;
+            let refs: Vec<&[T]> = blk.iter().map(|v| v.as_slice()).collect();
+            acc.update(&refs, rows)?;
+            done = stop;
+            monitor.progress(done, n)?;
+        }
+        if done != n {
+            return Err(Error::invalid(format!(
+                "internal: the block reader stopped at row {done} of {n}"
+            )));
+        }
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn data(n: usize, d: usize, seed: u64, offset: f64) -> Vec<f64> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n * d)
             .map(|i| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) + offset * ((i % d) as f64 + 1.0)
             })
             .collect()
@@ -719,7 +1035,9 @@ mod tests {
                 }
             }
         }
-        let mean: Vec<f64> = (0..d).map(|c| (0..n).map(|a| z[a * d + c]).sum::<f64>() / n as f64).collect();
+        let mean: Vec<f64> = (0..d)
+            .map(|c| (0..n).map(|a| z[a * d + c]).sum::<f64>() / n as f64)
+            .collect();
         for a in 0..n {
             for c in 0..d {
                 z[a * d + c] -= mean[c];
@@ -733,7 +1051,11 @@ mod tests {
         }
         let lc = dims.len();
         let r: Vec<Vec<f64>> = (0..lc)
-            .map(|l| (0..n).map(|a| (offs[l]..offs[l + 1]).map(|c| z[a * d + c].powi(2)).sum()).collect())
+            .map(|l| {
+                (0..n)
+                    .map(|a| (offs[l]..offs[l + 1]).map(|c| z[a * d + c].powi(2)).sum())
+                    .collect()
+            })
             .collect();
         let mut rr = vec![0.0; lc * lc];
         for k in 0..lc {
@@ -745,7 +1067,12 @@ mod tests {
     }
 
     fn rel(a: &[f64], b: &[f64]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
         num / den
     }
@@ -754,10 +1081,17 @@ mod tests {
     fn streamed_merged_serialised_equal_naive() {
         let dims = [3usize, 5, 2];
         let n = 50;
-        let xs: Vec<Vec<f64>> = dims.iter().enumerate().map(|(l, &d)| data(n, d, l as u64, 100.0)).collect();
+        let xs: Vec<Vec<f64>> = dims
+            .iter()
+            .enumerate()
+            .map(|(l, &d)| data(n, d, l as u64, 100.0))
+            .collect();
         let (cov, rr) = naive(&xs, &dims, n);
         let slice = |a: usize, b: usize| -> Vec<&[f64]> {
-            xs.iter().zip(&dims).map(|(x, &d)| &x[a * d..b * d]).collect()
+            xs.iter()
+                .zip(&dims)
+                .map(|(x, &d)| &x[a * d..b * d])
+                .collect()
         };
         // one shot
         let mut acc = MomentAccumulator::new(&dims).unwrap();
@@ -799,14 +1133,23 @@ mod tests {
         acc.update(&[&x[..], &y[..]], 4).unwrap();
         let b = acc.to_bytes();
         for cut in [0, 5, 8, 12, 20, b.len() - 1] {
-            assert!(matches!(MomentAccumulator::from_bytes(&b[..cut]), Err(Error::Format { .. })));
+            assert!(matches!(
+                MomentAccumulator::from_bytes(&b[..cut]),
+                Err(Error::Format { .. })
+            ));
         }
         let mut bad = b.clone();
         bad[12] = 0xff; // layer count
-        assert!(matches!(MomentAccumulator::from_bytes(&bad), Err(Error::Format { .. })));
+        assert!(matches!(
+            MomentAccumulator::from_bytes(&bad),
+            Err(Error::Format { .. })
+        ));
         let mut long = b.clone();
         long.push(0);
-        assert!(matches!(MomentAccumulator::from_bytes(&long), Err(Error::Format { .. })));
+        assert!(matches!(
+            MomentAccumulator::from_bytes(&long),
+            Err(Error::Format { .. })
+        ));
         // flip every byte: never panics
         for i in 0..b.len() {
             let mut c = b.clone();
@@ -830,5 +1173,177 @@ mod tests {
         assert!(MomentAccumulator::new(&[0]).is_err());
         assert!(check_memory(&[768; 13], 1024, 1 << 20).is_err());
         assert!(check_memory(&[768; 13], 1024, 8 << 30).is_ok());
+    }
+
+    /// Reference linear CKA from explicit Gram matrices (Song et al. 2012 eq. 5 for the
+    /// unbiased HSIC; Kornblith et al. 2019 for the biased one), on raw (uncentred) data.
+    fn naive_cka(x: &[f64], y: &[f64], n: usize, dx: usize, dy: usize, debiased: bool) -> f64 {
+        let gram = |z: &[f64], d: usize| -> Vec<f64> {
+            let mut g = vec![0.0; n * n];
+            for a in 0..n {
+                for b in 0..n {
+                    g[a * n + b] = (0..d).map(|c| z[a * d + c] * z[b * d + c]).sum();
+                }
+            }
+            g
+        };
+        let hsic = |k: &[f64], l: &[f64]| -> f64 {
+            let nf = n as f64;
+            if debiased {
+                let mut kt = k.to_vec();
+                let mut lt = l.to_vec();
+                for a in 0..n {
+                    kt[a * n + a] = 0.0;
+                    lt[a * n + a] = 0.0;
+                }
+                let tr: f64 = (0..n * n).map(|i| kt[i] * lt[i]).sum();
+                let sk: f64 = kt.iter().sum();
+                let sl: f64 = lt.iter().sum();
+                let k1: Vec<f64> = (0..n)
+                    .map(|a| kt[a * n..(a + 1) * n].iter().sum())
+                    .collect();
+                let l1: Vec<f64> = (0..n)
+                    .map(|a| lt[a * n..(a + 1) * n].iter().sum())
+                    .collect();
+                let kl: f64 = k1.iter().zip(&l1).map(|(p, q)| p * q).sum();
+                (tr + sk * sl / ((nf - 1.0) * (nf - 2.0)) - 2.0 * kl / (nf - 2.0))
+                    / (nf * (nf - 3.0))
+            } else {
+                // tr(KHLH)/(n-1)^2
+                let h = |m: &[f64]| -> Vec<f64> {
+                    let rm: Vec<f64> = (0..n)
+                        .map(|a| m[a * n..(a + 1) * n].iter().sum::<f64>() / nf)
+                        .collect();
+                    let tot: f64 = rm.iter().sum::<f64>() / nf;
+                    (0..n * n)
+                        .map(|i| m[i] - rm[i / n] - rm[i % n] + tot)
+                        .collect()
+                };
+                let (kc, lc) = (h(k), h(l));
+                (0..n * n).map(|i| kc[i] * lc[i]).sum::<f64>() / ((nf - 1.0) * (nf - 1.0))
+            }
+        };
+        let (k, l) = (gram(x, dx), gram(y, dy));
+        hsic(&k, &l) / (hsic(&k, &k) * hsic(&l, &l)).sqrt()
+    }
+
+    #[test]
+    fn cka_matches_gram_reference() {
+        let (n, dx, dy) = (23usize, 5usize, 9usize);
+        let x = data(n, dx, 3, 0.0);
+        let mut y = data(n, dy, 4, 0.0);
+        for a in 0..n {
+            for c in 0..dx {
+                y[a * dy + c] += 2.0 * x[a * dx + c];
+            }
+        }
+        let mut acc = MomentAccumulator::new(&[dx, dy]).unwrap();
+        acc.update(&[&x[..], &y[..]], n).unwrap();
+        let m = acc.finalize().unwrap();
+        for deb in [false, true] {
+            let want = naive_cka(&x, &y, n, dx, dy, deb);
+            let got = m.cka(0, 1, deb).unwrap();
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+                "{deb}: {got} vs {want}"
+            );
+            let mat = m.cka_matrix(&[0, 1], &[0, 1], deb).unwrap();
+            assert_eq!(mat[0], 1.0);
+            assert_eq!(mat[3], 1.0);
+            assert!((mat[1] - got).abs() < 1e-15 && (mat[2] - got).abs() < 1e-15);
+        }
+        // n < 4: debiased is NaN, biased defined.
+        let mut tiny = MomentAccumulator::new(&[dx, dy]).unwrap();
+        tiny.update(&[&x[..3 * dx], &y[..3 * dy]], 3).unwrap();
+        let t = tiny.finalize().unwrap();
+        assert!(t.cka(0, 1, true).unwrap().is_nan());
+        assert!(t.cka(0, 1, false).unwrap().is_finite());
+        // constant layer: NaN (zero variance), not 0.
+        let c = vec![7.0; n * 2];
+        let mut acc = MomentAccumulator::new(&[dx, 2]).unwrap();
+        acc.update(&[&x[..], &c[..]], n).unwrap();
+        let m = acc.finalize().unwrap();
+        assert!(m.cka(0, 1, false).unwrap().is_nan());
+        assert!(m.cka_matrix(&[0], &[1], true).unwrap()[0].is_nan());
+        assert!(m.cka(0, 2, false).is_err());
+        assert!(m.cka_matrix(&[0], &[5], false).is_err());
+    }
+
+    #[test]
+    fn stream_from_stores_equals_in_memory() {
+        use crate::monitor::NoMonitor;
+        use crate::store::{ArrayData, StoreWriter, Values, WriterOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let (n, dims) = (301usize, [4usize, 7]);
+        let xs: Vec<Vec<f64>> = dims
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| data(n, d, 10 + i as u64, 300.0))
+            .collect();
+        let x32: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| x.iter().map(|&v| v as f32).collect())
+            .collect();
+        let mk = |name: &str| {
+            let p = dir.path().join(name);
+            let opts = WriterOptions {
+                shard_bytes: 4096,
+                ..Default::default()
+            };
+            let mut w = StoreWriter::create(&p, opts).unwrap();
+            for start in (0..n).step_by(50) {
+                let stop = (start + 50).min(n);
+                let layers: Vec<(String, ArrayData)> = (0..2)
+                    .map(|l| {
+                        let d = dims[l];
+                        (
+                            format!("l{l}"),
+                            ArrayData::new(
+                                Values::F32(&x32[l][start * d..stop * d]),
+                                stop - start,
+                                d,
+                            ),
+                        )
+                    })
+                    .collect();
+                let refs: Vec<(&str, ArrayData)> =
+                    layers.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+                w.append(&refs, None, &[]).unwrap();
+            }
+            w.finish().unwrap();
+            Store::open(&p).unwrap()
+        };
+        let a = mk("a");
+        let b = mk("b");
+        let sels = [
+            Selection {
+                store: &a,
+                layers: vec![0, 1],
+            },
+            Selection {
+                store: &b,
+                layers: vec![1],
+            },
+        ];
+        let names: Vec<String> = ["a0", "a1", "b1"].iter().map(|s| s.to_string()).collect();
+        let acc = accumulate_stores(&sels, &names, Some(37), true, None, &NoMonitor).unwrap();
+        let m = acc.finalize().unwrap();
+        let mut mem = MomentAccumulator::new(&[4, 7, 7]).unwrap();
+        mem.update(&[&x32[0][..], &x32[1][..], &x32[1][..]], n)
+            .unwrap();
+        let r = mem.finalize().unwrap();
+        assert_eq!(m.n, n as u64);
+        assert!(rel(&m.cov, &r.cov) < 1e-12, "{}", rel(&m.cov, &r.cov));
+        assert!((m.cka(1, 2, false).unwrap() - 1.0).abs() < 1e-12);
+        assert!(accumulate_stores(&sels, &names, Some(0), true, None, &NoMonitor).is_err());
+        assert!(matches!(
+            accumulate_stores(&sels, &names, None, true, Some(1000), &NoMonitor),
+            Err(Error::Memory(_))
+        ));
+        let bad = [Selection {
+            store: &a,
+            layers: vec![9],
+        }];
+        assert!(accumulate_stores(&bad, &names[..1], None, true, None, &NoMonitor).is_err());
     }
 }

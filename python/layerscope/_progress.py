@@ -1,0 +1,38 @@
+"""Progress reporting shared by the measures: a ``cb(done, total)`` feeding a tqdm bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class Progress:
+    """``progress``: True (a tqdm bar on stderr), False/None (silent) or a callable
+    ``cb(done, total)``. Use as a context manager; ``.cb`` is what the Rust engines call."""
+
+    def __init__(self, progress: Any, desc: str) -> None:
+        self.bar: Any = None
+        self.cb: Callable[[int, int], None] | None = None
+        if callable(progress):
+            self.cb = progress
+        elif progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                return
+            self.bar = tqdm(total=0, desc=desc, leave=False, unit="row", unit_scale=True)
+            self.cb = self._update
+
+    def _update(self, done: int, total: int) -> None:
+        bar = self.bar
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
