@@ -27,7 +27,9 @@ import inspect
 import os
 import queue
 import re
+import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -115,8 +117,11 @@ def resolve_layers(model: Any, layers: Any) -> list[str]:
             if not hit:
                 plain = pat.replace("**", "").replace("*", "").replace("?", "")
                 close = difflib.get_close_matches(pat, names, n=6, cutoff=0.3)
-                close += [c for c in difflib.get_close_matches(plain, names, n=6, cutoff=0.3)
-                          if c not in close]
+                close += [
+                    c
+                    for c in difflib.get_close_matches(plain, names, n=6, cutoff=0.3)
+                    if c not in close
+                ]
                 hint = ", ".join(repr(c) for c in close[:6]) or "(none similar)"
                 raise CaptureError(
                     f"layer pattern {pat!r} matches no module of {type(base).__name__} "
@@ -155,13 +160,16 @@ def _select(obj: Any, output: Any, name: str, where: str) -> Any:
             t = output(args, kwargs)
         elif isinstance(output, int):
             if output >= len(args):
-                raise CaptureError(f"layer {name!r}: input index {output} out of range "
-                                   f"({len(args)} positional inputs)")
+                raise CaptureError(
+                    f"layer {name!r}: input index {output} out of range "
+                    f"({len(args)} positional inputs)"
+                )
             t = args[output]
         else:
             if output not in kwargs:
-                raise CaptureError(f"layer {name!r}: no keyword input {output!r}; "
-                                   f"keywords: {sorted(kwargs)}")
+                raise CaptureError(
+                    f"layer {name!r}: no keyword input {output!r}; keywords: {sorted(kwargs)}"
+                )
             t = kwargs[output]
     else:
         if output is None:
@@ -181,16 +189,18 @@ def _select(obj: Any, output: Any, name: str, where: str) -> Any:
             try:
                 t = obj[output]
             except (IndexError, KeyError, TypeError) as e:
-                raise CaptureError(f"layer {name!r}: cannot take element {output} of a "
-                                   f"{type(obj).__name__}: {e}") from None
+                raise CaptureError(
+                    f"layer {name!r}: cannot take element {output} of a {type(obj).__name__}: {e}"
+                ) from None
         else:
             if isinstance(obj, dict) and output in obj:
                 t = obj[output]
             elif hasattr(obj, output):
                 t = getattr(obj, output)
             else:
-                raise CaptureError(f"layer {name!r}: the {type(obj).__name__} output has no "
-                                   f"key {output!r}")
+                raise CaptureError(
+                    f"layer {name!r}: the {type(obj).__name__} output has no key {output!r}"
+                )
     if not isinstance(t, torch.Tensor):
         raise CaptureError(
             f"layer {name!r}: the selected {where} is a {type(t).__name__}, not a tensor "
@@ -199,10 +209,12 @@ def _select(obj: Any, output: Any, name: str, where: str) -> Any:
     return t
 
 
-def _to_host(t: Any) -> tuple[Any, Any]:
+def _to_host(t: Any, owned: bool = False) -> tuple[Any, Any]:
     """Copy a tensor to host memory. CUDA: into pinned memory with ``non_blocking=True`` and an
     event recorded on the current stream (the reader must ``event.synchronize()`` first).
-    CPU: a contiguous copy that the model can no longer modify in place."""
+    CPU: a contiguous tensor that the model can no longer modify in place (``owned``: ``t``
+    is already a fresh tensor of ours, e.g. the result of pooling or of a dtype cast, and is
+    not copied again)."""
     torch = _torch()
     if t.is_cuda:
         buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -210,7 +222,9 @@ def _to_host(t: Any) -> tuple[Any, Any]:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(t.device))
         return buf, ev
-    return t.contiguous().clone() if t.is_contiguous() else t.contiguous(), None
+    if not t.is_contiguous():
+        return t.contiguous(), None
+    return (t if owned else t.clone()), None
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -222,8 +236,9 @@ def _mix64(z: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def content_row_ids(sample_keys: np.ndarray, sample_index: np.ndarray,
-                    position: np.ndarray) -> np.ndarray:
+def content_row_ids(
+    sample_keys: np.ndarray, sample_index: np.ndarray, position: np.ndarray
+) -> np.ndarray:
     """``row_id = splitmix64(key[sample] ^ splitmix64(position + 1)) >> 1`` (63 bits, >= 0),
     where ``key`` is the 64-bit BLAKE2b digest of (sample id, the sample's non-padding input)."""
     key = np.asarray(sample_keys, dtype=np.uint64)[sample_index]
@@ -243,8 +258,9 @@ def index_row_ids(sample_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
     return s * (2**POSITION_BITS) + p
 
 
-def _sample_keys(sample_ids: np.ndarray, inputs: np.ndarray | None,
-                 mask: np.ndarray | None) -> np.ndarray:
+def _sample_keys(
+    sample_ids: np.ndarray, inputs: np.ndarray | None, mask: np.ndarray | None
+) -> np.ndarray:
     """64-bit key per sample: BLAKE2b(sample id || the sample's input content).
 
     Integer inputs (token ids) are hashed over non-padding tokens only (so the padding length
@@ -284,11 +300,39 @@ def _versions() -> dict[str, str]:
     return out
 
 
+_FULLGRAPH_MSG = (
+    "layerscope.capture cannot run inside a graph compiled with torch.compile(fullgraph=True) "
+    "(or error_on_graph_break): its hooks copy activations to host memory and hand them to a "
+    "writer thread, which needs a graph break at each hooked module. Compile without "
+    "fullgraph=True (the rest of the model stays compiled; the hooks run eagerly at the "
+    "breaks) or capture the uncompiled model"
+)
+
+
+def _is_dynamo_unsupported(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch._dynamo refusing to trace (e.g. a hook under fullgraph=True)."""
+    import sys
+
+    dexc = sys.modules.get("torch._dynamo.exc")
+    unsupported = getattr(dexc, "Unsupported", None)
+    return unsupported is not None and isinstance(exc, unsupported)
+
+
 class _Batch:
     """The state of one forward pass: mask, inputs, per-layer host copies."""
 
-    __slots__ = ("batch_size", "mask", "mask_host", "input_host", "events", "layers",
-                 "layouts", "shapes", "sample_ids", "_dev_cache")
+    __slots__ = (
+        "batch_size",
+        "mask",
+        "mask_host",
+        "input_host",
+        "events",
+        "layers",
+        "layouts",
+        "shapes",
+        "sample_ids",
+        "_dev_cache",
+    )
 
     def __init__(self) -> None:
         self.batch_size: int | None = None
@@ -306,14 +350,28 @@ class _Batch:
 class Capture:
     """A capture session; create it with :func:`capture` and use it as a context manager."""
 
-    def __init__(self, model: Any, layers: Any, out: str | os.PathLike, *, pool: str = "tokens",
-                 dtype: str = "float16", where: str = "output", output: Any = None,
-                 max_rows: int | None = None, shard_bytes: int | None = None,
-                 metadata: dict[str, Any] | None = None, overwrite: bool = False,
-                 sample_ids: Iterable[int] | None = None, queue_size: int = 4,
-                 row_ids: str = "content") -> None:
+    def __init__(
+        self,
+        model: Any,
+        layers: Any,
+        out: str | os.PathLike,
+        *,
+        pool: str = "tokens",
+        dtype: str = "float16",
+        where: str = "output",
+        output: Any = None,
+        max_rows: int | None = None,
+        shard_bytes: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        sample_ids: Iterable[int] | None = None,
+        queue_size: int = 4,
+        row_ids: str = "content",
+    ) -> None:
         if pool not in POOLS_SEQ + POOLS_MAP:
-            raise InvalidArgumentError(f"pool must be one of {POOLS_SEQ + ('positions',)}, got {pool!r}")
+            raise InvalidArgumentError(
+                f"pool must be one of {POOLS_SEQ + ('positions',)}, got {pool!r}"
+            )
         if dtype not in DTYPES:
             raise InvalidArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if where not in ("output", "input"):
@@ -365,7 +423,9 @@ class Capture:
             if not isinstance(attention_mask, torch.Tensor):
                 attention_mask = torch.as_tensor(np.asarray(attention_mask))
             if attention_mask.dim() != 2:
-                raise CaptureError(f"the mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+                raise CaptureError(
+                    f"the mask must be [batch, seq], got shape {tuple(attention_mask.shape)}"
+                )
         self._explicit_mask = attention_mask
 
     def set_sample_ids(self, ids: Sequence[int] | np.ndarray) -> None:
@@ -380,24 +440,36 @@ class Capture:
     def __enter__(self) -> Capture:
         if self._active or self.store is not None:
             raise CaptureError("a Capture can be entered once")
-        if os.path.exists(self.out) and not self.overwrite and (
-            not os.path.isdir(self.out) or os.listdir(self.out)
+        if (
+            os.path.exists(self.out)
+            and not self.overwrite
+            and (not os.path.isdir(self.out) or os.listdir(self.out))
         ):
             raise StoreExistsError(f"{self.out} exists (pass overwrite=True to replace it)")
         torch = _torch()
         base = _base_module(self.model)
-        self._compiled = base is not self.model or getattr(base, "_compiled_call_impl", None) is not None
+        self._compiled = (
+            base is not self.model or getattr(base, "_compiled_call_impl", None) is not None
+        )
+        for obj in (self.model, base):
+            ctx = getattr(obj, "dynamo_ctx", None) or getattr(obj, "_compiled_call_impl", None)
+            if getattr(ctx, "fullgraph", False) or getattr(ctx, "error_on_graph_break", False):
+                raise CaptureError(_FULLGRAPH_MSG)
         modules = dict(base.named_modules())
         wrap = (lambda f: torch.compiler.disable(f)) if self._compiled else (lambda f: f)
         try:
-            self._handles.append(base.register_forward_pre_hook(wrap(self._top_pre), with_kwargs=True))
+            self._handles.append(
+                base.register_forward_pre_hook(wrap(self._top_pre), with_kwargs=True)
+            )
             self._handles.append(base.register_forward_hook(wrap(self._top_post)))
             for name in self.layer_names:
                 mod = modules[name]
                 if self.where == "output":
                     h = mod.register_forward_hook(wrap(self._make_out_hook(name)))
                 else:
-                    h = mod.register_forward_pre_hook(wrap(self._make_in_hook(name)), with_kwargs=True)
+                    h = mod.register_forward_pre_hook(
+                        wrap(self._make_in_hook(name)), with_kwargs=True
+                    )
                 self._handles.append(h)
         except BaseException:
             self._remove_hooks()
@@ -406,10 +478,13 @@ class Capture:
             warnings.warn(
                 "layerscope.capture: the model is compiled (torch.compile); torch._dynamo caches "
                 "are reset so that the hooks are traced in (the model recompiles on its first "
-                "batch and the hooks run eagerly at graph breaks)", stacklevel=3)
+                "batch and the hooks run eagerly at graph breaks)",
+                stacklevel=3,
+            )
             torch._dynamo.reset()
-        self._thread = threading.Thread(target=self._writer_loop, name="layerscope-writer",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._writer_loop, name="layerscope-writer", daemon=True
+        )
         self._thread.start()
         self._active = True
         return self
@@ -430,9 +505,19 @@ class Capture:
         else:
             exc_pending = None
         self._finish_writer()
+        if exc is not None and _is_dynamo_unsupported(exc):
+            raise CaptureError(
+                _FULLGRAPH_MSG + f" (torch said: {str(exc).splitlines()[0]})"
+            ) from exc
         if exc is not None:
-            if self._error is not None and hasattr(exc, "add_note"):
-                exc.add_note(f"layerscope: the store writer also failed: {self._error!r}")
+            if hasattr(exc, "add_note"):
+                if self._error is not None:
+                    exc.add_note(f"layerscope: the store writer also failed: {self._error!r}")
+                elif self.store is not None:
+                    exc.add_note(
+                        f"layerscope: {self.out} holds the {self.store.num_rows} rows of "
+                        "the forward passes completed before this exception"
+                    )
             return False
         if self._error is not None:
             err = self._error
@@ -446,12 +531,15 @@ class Capture:
             warnings.warn(
                 "layerscope.capture: no selected layer produced any output (did the model run "
                 "inside the block? hooks on a model compiled after capture() started do not "
-                "fire)", stacklevel=2)
+                "fire)",
+                stacklevel=2,
+            )
         elif missing:
             raise CaptureError(
                 f"selected layer(s) never produced output while others did: {missing}; the "
                 "store holds the other layers only up to the first batch (check that these "
-                "modules run in forward)")
+                "modules run in forward)"
+            )
         return False
 
     def close(self) -> Any:
@@ -566,8 +654,11 @@ class Capture:
         if self.max_rows is not None and self.rows_queued >= self.max_rows:
             if not self._full_warned:
                 self._full_warned = True
-                warnings.warn(f"layerscope.capture: max_rows={self.max_rows} reached; further "
-                              "batches are not captured", stacklevel=4)
+                warnings.warn(
+                    f"layerscope.capture: max_rows={self.max_rows} reached; further "
+                    "batches are not captured",
+                    stacklevel=4,
+                )
             return True
         return False
 
@@ -589,10 +680,15 @@ class Capture:
         if name in b.layers:
             raise CaptureError(
                 f"layer {name!r} ran twice in one forward pass (a module reused inside the "
-                "model); select modules that run once per forward")
+                "model); select modules that run once per forward"
+            )
         t = t.detach()
         rows, layout = self._pool(name, t, b)
-        host, ev = _to_host(rows.to(self._torch_dtype))
+        rows = rows.to(self._torch_dtype)
+        # a view of the module's output (2-D pass-through, pool="none"/"positions" in the
+        # output dtype) must be copied: the model may modify it in place later
+        owned = rows.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        host, ev = _to_host(rows, owned=owned)
         if ev is not None:
             b.events.append(ev)
         b.layers[name] = host
@@ -608,13 +704,15 @@ class Capture:
         if m is None:
             m = b.mask
             if int(m.shape[0]) != B:
-                raise CaptureError(f"layer {name!r}: batch size {B} but the attention mask is "
-                                   f"{tuple(m.shape)}")
+                raise CaptureError(
+                    f"layer {name!r}: batch size {B} but the attention mask is {tuple(m.shape)}"
+                )
             if int(m.shape[1]) < S:
                 raise CaptureError(
                     f"layer {name!r}: sequence length {S} but the attention mask is "
                     f"{tuple(m.shape)}; give the mask that fits with cap.mask(...) or use "
-                    "pool='none'")
+                    "pool='none'"
+                )
             m = m[:, -S:].to(device)  # a KV cache makes the mask cover past + new tokens
             b._dev_cache[key] = m
         return m
@@ -628,8 +726,10 @@ class Capture:
             return x, ("pooled", 1)
         if x.dim() == 3:
             if pool not in POOLS_SEQ:
-                raise CaptureError(f"layer {name!r}: pool={pool!r} is for conv maps; a "
-                                   f"[batch, seq, dim] output {tuple(x.shape)} takes one of {POOLS_SEQ}")
+                raise CaptureError(
+                    f"layer {name!r}: pool={pool!r} is for conv maps; a "
+                    f"[batch, seq, dim] output {tuple(x.shape)} takes one of {POOLS_SEQ}"
+                )
             B, S, D = (int(v) for v in x.shape)
             if pool == "none":
                 return x.reshape(B * S, D), ("all", S)
@@ -658,14 +758,18 @@ class Capture:
             return x[torch.arange(B, device=x.device), pos], (pool, S)
         if x.dim() == 4:
             if pool not in POOLS_MAP:
-                raise CaptureError(f"layer {name!r}: a conv map {tuple(x.shape)} takes pool="
-                                   f"'mean' or 'positions', not {pool!r}")
+                raise CaptureError(
+                    f"layer {name!r}: a conv map {tuple(x.shape)} takes pool="
+                    f"'mean' or 'positions', not {pool!r}"
+                )
             B, C, H, W = (int(v) for v in x.shape)
             if pool == "mean":
                 return x.float().mean((2, 3)), ("pooled", 1)
             return x.permute(0, 2, 3, 1).reshape(B * H * W, C), ("all", H * W)
-        raise CaptureError(f"layer {name!r}: cannot pool an output of shape {tuple(x.shape)} "
-                           "(2-D, 3-D [batch, seq, dim] and 4-D [batch, C, H, W] are supported)")
+        raise CaptureError(
+            f"layer {name!r}: cannot pool an output of shape {tuple(x.shape)} "
+            "(2-D, 3-D [batch, seq, dim] and 4-D [batch, C, H, W] are supported)"
+        )
 
     # ----------------------------------------------------------------- batches → writer
     def _flush(self, b: _Batch) -> None:
@@ -675,21 +779,24 @@ class Capture:
             raise CaptureError(
                 f"in forward pass {self.batches}, selected layer(s) {missing} produced no "
                 f"output while {ran} did (hooks that never fire: a module not used in forward, "
-                "or a model compiled after capture() started)")
+                "or a model compiled after capture() started)"
+            )
         counts = {n: int(b.layers[n].shape[0]) for n in self.layer_names}
         if len(set(counts.values())) != 1:
             detail = "; ".join(f"{n}: output {b.shapes[n]} -> {counts[n]} rows" for n in counts)
             raise CaptureError(
                 f"the selected layers give different numbers of rows for one batch "
                 f"(pool={self.pool!r}): {detail}. All layers of a store must be row-aligned: "
-                "select layers with matching outputs or choose another pooling")
+                "select layers with matching outputs or choose another pooling"
+            )
         n = next(iter(counts.values()))
         B = int(b.batch_size or 0)
         if self._next_ids is not None:
             ids, self._next_ids = self._next_ids, None
         elif self._sample_iter is not None:
-            ids = np.fromiter((int(next(self._sample_iter, -(2**63))) for _ in range(B)),
-                              dtype=np.int64, count=B)
+            ids = np.fromiter(
+                (int(next(self._sample_iter, -(2**63))) for _ in range(B)), dtype=np.int64, count=B
+            )
             if B and ids.min() == -(2**63):
                 raise CaptureError("sample_ids ran out before the inputs did")
         else:
@@ -703,8 +810,10 @@ class Capture:
             keep = min(n, self.max_rows - self.rows_queued)
         self.rows_queued += keep
         self.batches += 1
-        layout = next((b.layouts[k] for k in self.layer_names if b.layouts[k][0] != "pooled"),
-                      b.layouts[self.layer_names[0]])
+        layout = next(
+            (b.layouts[k] for k in self.layer_names if b.layouts[k][0] != "pooled"),
+            b.layouts[self.layer_names[0]],
+        )
         item = (b, keep, n, layout)
         while True:  # bounded queue: block (back-pressure) but notice a dead writer
             self._raise_writer_error()
@@ -738,12 +847,18 @@ class Capture:
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self._error = e
 
-    def _row_layout(self, b: _Batch, layout: tuple[str, int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    def _row_layout(
+        self, b: _Batch, layout: tuple[str, int], n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(index of the sample in the batch, position) for each row of a batch."""
         kind, S = layout
         B = int(b.batch_size or 0)
         mask = None if b.mask_host is None else b.mask_host.numpy()
+        # With a KV cache the mask covers past + new tokens and the layer sees only the last
+        # S: positions continue after the sample's past non-padding tokens.
+        past = np.zeros(B, dtype=np.int64)
         if mask is not None and mask.shape[1] > S:
+            past = mask[:, :-S].sum(1).astype(np.int64)
             mask = mask[:, -S:]
         if kind == "all":
             si = np.repeat(np.arange(B), S)
@@ -751,7 +866,11 @@ class Capture:
         elif kind == "tokens":
             lens = mask.sum(1)
             si = np.repeat(np.arange(B), lens)
-            pos = np.concatenate([np.arange(k, dtype=np.int64) for k in lens]) if B else np.zeros(0, np.int64)
+            pos = (
+                np.concatenate([np.arange(k, dtype=np.int64) + o for k, o in zip(lens, past)])
+                if B
+                else np.zeros(0, np.int64)
+            )
         else:
             si = np.arange(B)
             if mask is not None and kind in ("mean", "first", "last"):
@@ -759,11 +878,14 @@ class Capture:
                 if empty.size:
                     raise CaptureError(
                         f"sample(s) {b.sample_ids[empty].tolist()} have no non-padding token: "
-                        f"pool={kind!r} is undefined for them")
+                        f"pool={kind!r} is undefined for them"
+                    )
             if kind == "last":
-                pos = (mask.sum(1) - 1 if mask is not None else np.full(B, S - 1)).astype(np.int64)
+                pos = (mask.sum(1) - 1 + past if mask is not None else np.full(B, S - 1)).astype(
+                    np.int64
+                )
             elif kind == "first":
-                pos = np.zeros(B, dtype=np.int64)
+                pos = past.copy()
             else:
                 pos = np.full(B, -1, dtype=np.int64)
         if si.shape[0] != n:
@@ -794,15 +916,28 @@ class Capture:
             from .store import StoreWriter
 
             meta = self._metadata(b)
-            kw: dict[str, Any] = {"dtype": self.dtype, "metadata": meta, "overwrite": self.overwrite}
+            kw: dict[str, Any] = {
+                "dtype": self.dtype,
+                "metadata": meta,
+                "overwrite": self.overwrite,
+            }
             if self.shard_bytes is not None:
                 kw["shard_bytes"] = int(self.shard_bytes)
             self._writer = StoreWriter(self.out, **kw)
-        self._append(self._writer, arrays, row_ids[:keep],
-                     {"__sample__": ids[si][:keep], "__position__": pos[:keep]})
+        self._append(
+            self._writer,
+            arrays,
+            row_ids[:keep],
+            {"__sample__": ids[si][:keep], "__position__": pos[:keep]},
+        )
 
-    def _append(self, writer: Any, arrays: dict[str, Any], row_ids: np.ndarray,
-                columns: dict[str, np.ndarray]) -> None:
+    def _append(
+        self,
+        writer: Any,
+        arrays: dict[str, Any],
+        row_ids: np.ndarray,
+        columns: dict[str, np.ndarray],
+    ) -> None:
         writer.append(arrays, row_ids=row_ids, columns=columns)
 
     def _metadata(self, b: _Batch) -> dict[str, Any]:
@@ -810,19 +945,25 @@ class Capture:
         return {
             "capture": {
                 "model_class": f"{type(base).__module__}.{type(base).__qualname__}",
-                "model_name": str(getattr(getattr(base, "config", None), "_name_or_path", "") or ""),
-                "layers": {n: {"output_shape": list(b.shapes[n][1:]),
-                               "dim": int(b.layers[n].shape[1])} for n in self.layer_names},
+                "model_name": str(
+                    getattr(getattr(base, "config", None), "_name_or_path", "") or ""
+                ),
+                "layers": {
+                    n: {"output_shape": list(b.shapes[n][1:]), "dim": int(b.layers[n].shape[1])}
+                    for n in self.layer_names
+                },
                 "pool": self.pool,
                 "dtype": self.dtype,
                 "where": self.where,
-                "output": None if self.output is None else (
-                    self.output if isinstance(self.output, (int, str)) else repr(self.output)),
+                "output": None
+                if self.output is None
+                else (self.output if isinstance(self.output, (int, str)) else repr(self.output)),
                 "row_ids": self.row_id_mode,
                 "row_id_scheme": (
                     "splitmix64(blake2b8(sample_id, non-padding input) ^ splitmix64(position+1)) >> 1"
                     if self.row_id_mode == "content"
-                    else f"sample_id * 2**{POSITION_BITS} + (position + 1)"),
+                    else f"sample_id * 2**{POSITION_BITS} + (position + 1)"
+                ),
                 "position": "index among the sample's non-padding tokens (-1: pooled row)",
                 "versions": _versions(),
             },
@@ -830,12 +971,23 @@ class Capture:
         }
 
 
-def capture(model: Any, layers: Any = "**", out: str | os.PathLike | None = None, *,
-            pool: str = "tokens", dtype: str = "float16", where: str = "output",
-            output: Any = None, max_rows: int | None = None, shard_bytes: int | None = None,
-            metadata: dict[str, Any] | None = None, overwrite: bool = False,
-            sample_ids: Iterable[int] | None = None, queue_size: int = 4,
-            row_ids: str = "content") -> Capture:
+def capture(
+    model: Any,
+    layers: Any = "**",
+    out: str | os.PathLike | None = None,
+    *,
+    pool: str = "tokens",
+    dtype: str = "float16",
+    where: str = "output",
+    output: Any = None,
+    max_rows: int | None = None,
+    shard_bytes: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    sample_ids: Iterable[int] | None = None,
+    queue_size: int = 4,
+    row_ids: str = "content",
+) -> Capture:
     """Capture the activations of ``layers`` of ``model`` into the store at ``out``.
 
     Parameters
@@ -861,13 +1013,50 @@ def capture(model: Any, layers: Any = "**", out: str | os.PathLike | None = None
         sample's non-padding input ids or input bytes, position): equal for the same inputs
         in the same order whatever the model, different when the inputs differ. ``"index"``:
         ``sample_id * 2**20 + position + 1`` (inputs not checked).
+    shard_bytes : shard size of the store (default 256 MiB): the writer buffers up to this
+        much, so the capture's memory is bounded by about ``shard_bytes`` + ``queue_size``
+        batches whatever the number of batches.
+    metadata : JSON-serialisable dict stored as ``metadata["user"]`` in the manifest, next to
+        ``metadata["capture"]`` (model class, layer output shapes, pooling, dtype, row-id
+        scheme, library versions).
+
+    Hooks are removed when the block exits, also on an exception; the exception propagates
+    and the store keeps every forward pass completed before it. Works under ``no_grad`` and
+    ``inference_mode``; with a model compiled by ``torch.compile`` (dynamo caches are reset,
+    the hooks run at graph breaks) but not with ``fullgraph=True``, which raises a
+    :class:`CaptureError` saying why. See ``docs/capture.md``.
     """
     if out is None:
         raise InvalidArgumentError("out= (the store directory) is required")
-    return Capture(model, layers, out, pool=pool, dtype=dtype, where=where, output=output,
-                   max_rows=max_rows, shard_bytes=shard_bytes, metadata=metadata,
-                   overwrite=overwrite, sample_ids=sample_ids, queue_size=queue_size,
-                   row_ids=row_ids)
+    return Capture(
+        model,
+        layers,
+        out,
+        pool=pool,
+        dtype=dtype,
+        where=where,
+        output=output,
+        max_rows=max_rows,
+        shard_bytes=shard_bytes,
+        metadata=metadata,
+        overwrite=overwrite,
+        sample_ids=sample_ids,
+        queue_size=queue_size,
+        row_ids=row_ids,
+    )
+
+
+class _CallableModule(types.ModuleType):
+    """Importing the submodule ``layerscope.capture`` makes Python bind the package attribute
+    ``layerscope.capture`` to this module, shadowing the lazily exported function of the same
+    name; calling the module calls :func:`capture`, so ``layerscope.capture(model, ...)``
+    works whichever of the two the attribute holds."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Capture:
+        return capture(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 # --------------------------------------------------------------------------- CLI
@@ -896,15 +1085,31 @@ def _cli_capture(args: argparse.Namespace) -> int:
         tqdm = None
     bar = tqdm(total=len(texts), unit="text", desc="capture") if tqdm is not None else None
     bs = int(args.batch_size)
-    with torch.inference_mode(), capture(
-        model, layers=args.layers, out=args.out, pool=args.pool, dtype=args.dtype,
-        overwrite=args.overwrite, max_rows=args.max_rows,
-        metadata={"texts": args.texts or f"stdlib_corpus({args.stdlib_corpus})",
-                  "max_length": args.max_length, "batch_size": bs},
-    ) as cap:
+    with (
+        torch.inference_mode(),
+        capture(
+            model,
+            layers=args.layers,
+            out=args.out,
+            pool=args.pool,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            max_rows=args.max_rows,
+            metadata={
+                "texts": args.texts or f"stdlib_corpus({args.stdlib_corpus})",
+                "max_length": args.max_length,
+                "batch_size": bs,
+            },
+        ) as cap,
+    ):
         for i in range(0, len(texts), bs):
-            enc = tok(texts[i : i + bs], padding=True, truncation=True,
-                      max_length=args.max_length, return_tensors="pt")
+            enc = tok(
+                texts[i : i + bs],
+                padding=True,
+                truncation=True,
+                max_length=args.max_length,
+                return_tensors="pt",
+            )
             model(**enc)
             if bar is not None:
                 bar.update(len(texts[i : i + bs]))
@@ -919,16 +1124,28 @@ def _cli_capture(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser("capture", help="capture activations of a local Hugging Face model",
-                       description="Run a locally stored Hugging Face model (AutoModel + "
-                       "AutoTokenizer, offline) over texts and store the chosen layers.")
+    p = sub.add_parser(
+        "capture",
+        help="capture activations of a local Hugging Face model",
+        description="Run a locally stored Hugging Face model (AutoModel + "
+        "AutoTokenizer, offline) over texts and store the chosen layers.",
+    )
     p.add_argument("--model", required=True, help="model directory (AutoModel.from_pretrained)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--texts", help="text file, one text per line")
-    src.add_argument("--stdlib-corpus", type=int, metavar="N",
-                     help="use N texts built from the Python standard library's docstrings")
-    p.add_argument("--layers", action="append", required=True, metavar="PATTERN",
-                   help="module name or dotted glob (repeatable), e.g. 'encoder.layer.*'")
+    src.add_argument(
+        "--stdlib-corpus",
+        type=int,
+        metavar="N",
+        help="use N texts built from the Python standard library's docstrings",
+    )
+    p.add_argument(
+        "--layers",
+        action="append",
+        required=True,
+        metavar="PATTERN",
+        help="module name or dotted glob (repeatable), e.g. 'encoder.layer.*'",
+    )
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--pool", default="tokens", choices=POOLS_SEQ)
     p.add_argument("--dtype", default="float16", choices=DTYPES)

@@ -15,19 +15,96 @@ __all__ = ["stdlib_corpus", "STDLIB_MODULES"]
 
 #: Pure-Python standard-library modules with prose docstrings, imported in this order.
 STDLIB_MODULES = (
-    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs",
-    "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "dis", "email.message", "enum",
-    "filecmp", "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob",
-    "gzip", "heapq", "hmac", "html.parser", "http.client", "http.cookies", "imaplib",
-    "inspect", "ipaddress", "json", "logging", "logging.handlers", "mailbox", "mimetypes",
-    "numbers", "operator", "optparse", "pathlib", "pickle", "pkgutil", "platform",
-    "poplib", "pprint", "queue", "quopri", "random", "re", "reprlib", "sched", "secrets",
-    "selectors", "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver",
-    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
-    "timeit", "tokenize", "trace", "traceback", "types", "typing", "unittest",
-    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
-    "zipfile", "zipimport",
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "cmd",
+    "codecs",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "email.message",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "heapq",
+    "hmac",
+    "html.parser",
+    "http.client",
+    "http.cookies",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "json",
+    "logging",
+    "logging.handlers",
+    "mailbox",
+    "mimetypes",
+    "numbers",
+    "operator",
+    "optparse",
+    "pathlib",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "poplib",
+    "pprint",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "reprlib",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "types",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "zipfile",
+    "zipimport",
 )
 
 _PROSE = re.compile(r"^[A-Z][A-Za-z ,;:'()\-\"/.0-9?!]*[.!?]$")
@@ -84,8 +161,9 @@ def _is_prose(text: str) -> bool:
     return alpha / len(text) > 0.85 and sum(w.isalpha() for w in words) / len(words) > 0.6
 
 
-def stdlib_corpus(n: int | None = None, min_chars: int = 40, max_chars: int = 300,
-                  seed: int | None = 0) -> list[str]:
+def stdlib_corpus(
+    n: int | None = None, min_chars: int = 40, max_chars: int = 300, seed: int | None = 0
+) -> list[str]:
     """English paragraphs from standard-library docstrings.
 
     Paragraphs are whitespace-normalised, kept when they look like prose (start with a capital,
@@ -116,6 +194,7 @@ def stdlib_corpus(n: int | None = None, min_chars: int = 40, max_chars: int = 30
         if n > len(out):
             raise InvalidArgumentError(
                 f"the standard-library corpus has {len(out)} texts with these settings, "
-                f"{n} requested")
+                f"{n} requested"
+            )
         out = out[:n]
     return out

@@ -51,14 +51,30 @@ def minilm_random(seed: int = 0) -> Any:
     return AutoModel.from_config(cfg).eval()
 
 
-def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-              vocab_size: int = 1000, n_positions: int = 128) -> Any:
+def tiny_gpt2(
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    vocab_size: int = 1000,
+    n_positions: int = 128,
+) -> Any:
     """A GPT-2-style causal LM (``GPT2LMHeadModel``) built from a config, random weights."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
-                     n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=vocab_size - 1,  # GPT-2's 50256 is outside a small vocabulary
+        eos_token_id=vocab_size - 1,
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg).eval()
 
@@ -70,7 +86,11 @@ def small_cnn(seed: int = 0, num_classes: int = 10) -> Any:
 
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
     ).eval()
