@@ -11,6 +11,8 @@ Names are loaded lazily so that ``import layerscope`` stays fast and never impor
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from ._native import __version__
@@ -56,6 +58,23 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{mod}", __name__), name)
     globals()[name] = value
     return value
+
+
+# Functions exported under the name of the submodule that defines them (``layerscope.cka`` is
+# the function, ``layerscope/cka.py`` its module). Importing such a submodule makes Python bind
+# the package attribute to the module; the package class below keeps the function bound
+# instead (the module stays importable: ``importlib.import_module("layerscope.cka")``).
+_SAME_NAME = frozenset(k for k, v in _LAZY.items() if k == v)
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SAME_NAME and isinstance(value, types.ModuleType):
+            value = getattr(value, name, value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
