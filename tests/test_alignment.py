@@ -23,17 +23,35 @@ def centred(x: np.ndarray) -> np.ndarray:
     return x - x.mean(axis=0)
 
 
-def native(xs: list[np.ndarray], method: str, k=None, space="samples", rows=None, cols=None,
-           symmetric=False, variance=None, ridge_eps=1e-4):
+def native(
+    xs: list[np.ndarray],
+    method: str,
+    k=None,
+    space="samples",
+    rows=None,
+    cols=None,
+    symmetric=False,
+    variance=None,
+    ridge_eps=1e-4,
+):
     """Run the Rust measures on the exact f64 centred cross-product of explicit data."""
     z = np.hstack([centred(x) for x in xs])
     cov = np.ascontiguousarray(z.T @ z)
     dims = [x.shape[1] for x in xs]
     idx = list(range(len(xs)))
     out = _native.moment_measures(
-        cov, dims, xs[0].shape[0], [f"l{i}" for i in idx], [],
-        rows=idx if rows is None else rows, cols=idx if cols is None else cols,
-        method=method, space=space, k=k, variance=variance, ridge_eps=ridge_eps,
+        cov,
+        dims,
+        xs[0].shape[0],
+        [f"l{i}" for i in idx],
+        [],
+        rows=idx if rows is None else rows,
+        cols=idx if cols is None else cols,
+        method=method,
+        space=space,
+        k=k,
+        variance=variance,
+        ridge_eps=ridge_eps,
         symmetric=symmetric,
     )
     a = out["alignment"]
@@ -102,8 +120,9 @@ def ref_procrustes(x: np.ndarray, y: np.ndarray) -> float:
     return float(1.0 - np.linalg.norm(a @ r - b) ** 2 / 2.0)
 
 
-def rng_data(seed: int, n: int, dims: list[int], offset: float = 0.0, scale: float = 1.0,
-             shared: int = 3) -> list[np.ndarray]:
+def rng_data(
+    seed: int, n: int, dims: list[int], offset: float = 0.0, scale: float = 1.0, shared: int = 3
+) -> list[np.ndarray]:
     """Layers sharing a few latent token factors (so alignments are far from 0 and 1)."""
     g = np.random.default_rng(seed)
     z = g.standard_normal((n, shared))
@@ -154,8 +173,7 @@ def test_rank_deficient_layers_constant_and_duplicated_columns():
     want = ref_principal_cosines(left_sv(x, k), left_sv(y, k))
     np.testing.assert_allclose(cos[0][1], want, rtol=RTOL, atol=RTOL)
     with pytest.raises(InvalidArgumentError, match=r"l0.*rank 8|rank 8.*l0"):
-        native([x, y[:, :5], g.standard_normal((100, 12))], "subspace", k=9,
-               rows=[0], cols=[2])
+        native([x, y[:, :5], g.standard_normal((100, 12))], "subspace", k=9, rows=[0], cols=[2])
 
 
 def test_n_smaller_than_d_and_k_above_rank():
@@ -202,6 +220,14 @@ def test_pwcca_matches_morcos_formula(dims, k):
     np.testing.assert_allclose(np.diag(vals), 1.0, rtol=RTOL)
 
 
+def test_pwcca_unweighted_mean_is_svcca():
+    xs = rng_data(19, 120, [9, 12])
+    _, _, pw = native(xs, "pwcca", k=5)
+    sv, _, _ = native(xs, "svcca", k=5)
+    mean_cca = np.asarray(pw["extras"]["mean_cca"]).reshape(2, 2)
+    np.testing.assert_allclose(mean_cca, sv, rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- CCA / Procrustes
 
 
@@ -231,6 +257,17 @@ def test_cca_ridge_when_n_le_d():
     assert 0 < vals[0, 1] < 1
 
 
+def test_cca_full_rank_equal_widths_is_subspace_overlap_at_k_d():
+    """Canonical correlations of full-rank layers = principal cosines of their column spaces
+    (Björck & Golub 1973): CCA R² = sample-space subspace overlap at k = d."""
+    xs = rng_data(20, 150, [7, 7])
+    cv, ccos, a = native(xs, "cca")
+    sv, scos, _ = native(xs, "subspace", k=7)
+    assert a["row_ridge"] == [0.0, 0.0]
+    np.testing.assert_allclose(ccos[0][1], scos[0][1], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(cv, sv, rtol=1e-8)
+
+
 @pytest.mark.parametrize("dims", [[8, 8], [5, 9]])
 def test_procrustes_matches_scipy(dims):
     xs = rng_data(10, 70, dims, offset=50.0)
@@ -247,8 +284,13 @@ def test_scale_invariance_extremes():
     xs = rng_data(11, 60, [6, 8])
     for scale in (1e-4, 1e4):
         ys = [x * scale for x in xs]
-        for method, k in (("subspace", 4), ("svcca", 4), ("pwcca", 4), ("procrustes", None),
-                          ("cca", None)):
+        for method, k in (
+            ("subspace", 4),
+            ("svcca", 4),
+            ("pwcca", 4),
+            ("procrustes", None),
+            ("cca", None),
+        ):
             v1, _, _ = native(xs, method, k=k)
             v2, _, _ = native(ys, method, k=k)
             np.testing.assert_allclose(v2, v1, rtol=1e-7, err_msg=f"{method} scale {scale}")
@@ -269,24 +311,45 @@ def test_bad_arguments():
 # ----------------------------------------------------------------------------- xKV claim
 
 
+def _token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-token cosine similarity between two layers of equal width (the xKV baseline)."""
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def test_xkv_shared_token_subspace_high_overlap_low_token_cosine():
-    """Layers = different random mixtures of one shared rank-8 token subspace + noise: the
-    sample-space overlap is high while per-token cosine similarity between layers is low."""
+    """The xKV claim on synthetic layers: every layer is a different rotation or random mixture
+    of ONE shared rank-8 token subspace plus noise. Sample-space (token) subspace overlap is
+    high while per-token cosine similarity between layers is low; an unrelated layer is the
+    control (overlap ≈ k/n) and the same-layer token cosine is the other baseline (= 1)."""
     g = np.random.default_rng(13)
     n, r, d = 1500, 8, 64
-    s = g.standard_normal((n, r))
-    layers = [s @ g.standard_normal((r, d)) + 0.1 * g.standard_normal((n, d)) for _ in range(4)]
-    vals, _, _ = native(layers, "subspace", k=r, symmetric=True)
-    off = vals[~np.eye(4, dtype=bool)]
-    assert off.min() > 0.95
-    for i in range(4):
-        for j in range(i + 1, 4):
-            a, b = layers[i], layers[j]
-            tok = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            assert np.mean(np.abs(tok)) < 0.3
-    # feature-space subspaces of independent mixtures do NOT align
-    fv, _, _ = native(layers, "subspace", k=r, space="features")
-    assert fv[0, 1] < 0.5
+    s = g.standard_normal((n, r))  # the shared token factors
+    base = s @ g.standard_normal((r, d)) + 0.1 * g.standard_normal((n, d))
+    layers = {"base": base}
+    for i in range(2):  # exact rotations of the base layer (no extra noise)
+        q, _ = np.linalg.qr(g.standard_normal((d, d)))
+        layers[f"rot{i}"] = base @ q
+    for i in range(2):  # fresh mixtures of the same factors + fresh noise
+        layers[f"mix{i}"] = s @ g.standard_normal((r, d)) + 0.1 * g.standard_normal((n, d))
+    layers["control"] = g.standard_normal((n, r)) @ g.standard_normal((r, d))
+    al = layerscope.alignment(layers, k=r, progress=False)
+    names = [x for x in layers if x != "control"]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            tok = _token_cosine(layers[a], layers[b])
+            # the per-token cosine baseline: near 0 (|cos| of random 64-d directions ≈ 0.1)
+            assert np.mean(np.abs(tok)) < 0.2, (a, b, np.mean(np.abs(tok)))
+            assert al[a, b] > 0.97, (a, b, al[a, b])
+            if a == "base" and b.startswith("rot"):  # same data rotated: identical subspace
+                np.testing.assert_allclose(al.cosines(a, b), 1.0, rtol=1e-9)
+        assert al[a, "control"] < 0.05  # ≈ k/n for unrelated subspaces
+    np.testing.assert_allclose(_token_cosine(base, base), 1.0)
+    # Procrustes also sees the rotations as identical, the feature-space subspaces of the
+    # independent mixtures do NOT align (it is the token space that is shared).
+    pr = layerscope.alignment(layers, method="procrustes", progress=False)
+    np.testing.assert_allclose(pr["base", "rot0"], 1.0, rtol=1e-9)
+    fv = layerscope.alignment(layers, k=r, space="features", progress=False)
+    assert fv["mix0", "mix1"] < 0.5
 
 
 # ----------------------------------------------------------------------------- public API
@@ -330,6 +393,7 @@ def test_alignment_bf16_store_with_mean_offsets(tmp_path):
 
 def test_analyze_reads_data_once(monkeypatch):
     import layerscope._moments as mom
+
     alm = importlib.import_module("layerscope.alignment")
 
     calls = []
@@ -345,14 +409,41 @@ def test_analyze_reads_data_once(monkeypatch):
     res = alm.analyze(src, k=3, progress=False)
     assert len(calls) == 1
     assert set(res) == {"cka", "cka_debiased", "spectrum", "alignment"}
-    one = layerscope.alignment(src, k=3, progress=False)
+    one = alm.alignment(src, k=3, progress=False)
     np.testing.assert_allclose(res["alignment"].values, one.values, rtol=1e-12)
-    sp = layerscope.spectrum(src, progress=False)
+    sp = alm.spectrum(src, progress=False)
     np.testing.assert_allclose(res["spectrum"].eigenvalues["l1"], sp.eigenvalues["l1"], rtol=1e-12)
     # biased linear CKA from the same pass
     a, b = centred(xs[0]), centred(xs[2])
     cka = np.linalg.norm(a.T @ b) ** 2 / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b))
     np.testing.assert_allclose(res["cka"]["l0", "l2"], cka, rtol=1e-8)
+    # several alignment methods, still one pass
+    calls.clear()
+    many = alm.analyze(
+        src,
+        measures=["spectrum", "alignment", "alignment:procrustes", "alignment:svcca"],
+        k=3,
+        progress=False,
+    )
+    assert len(calls) == 1
+    assert set(many) == {"spectrum", "alignment", "alignment:procrustes", "alignment:svcca"}
+    np.testing.assert_allclose(many["alignment"].values, one.values, rtol=1e-12)
+    np.testing.assert_allclose(
+        many["alignment:procrustes"]["l0", "l2"], ref_procrustes(xs[0], xs[2]), rtol=RTOL
+    )
+    np.testing.assert_allclose(
+        many["alignment:svcca"].cosines("l0", "l1"),
+        ref_svcca(xs[0], xs[1], 3),
+        rtol=1e-8,
+        atol=1e-10,
+    )
+    assert many["alignment:svcca"].meta["method"] == "svcca"
+    # arguments are checked before the (expensive) pass
+    calls.clear()
+    for bad in ({"measures": ["alignment:nope"]}, {"k": 0}, {"top": 0}, {"space": "tokens"}):
+        with pytest.raises(InvalidArgumentError):
+            alm.analyze(src, progress=False, **bad)
+    assert calls == []
 
 
 def test_cli_align_and_spectrum(tmp_path):
@@ -366,6 +457,153 @@ def test_cli_align_and_spectrum(tmp_path):
     assert res.kind == "alignment" and res.values.shape == (2, 2)
     out2 = tmp_path / "sp.json"
     png = tmp_path / "sp.png"
-    assert main(["spectrum", str(tmp_path / "s"), "--out", str(out2), "--plot", str(png),
-                 "--quiet"]) == 0
+    assert (
+        main(["spectrum", str(tmp_path / "s"), "--out", str(out2), "--plot", str(png), "--quiet"])
+        == 0
+    )
     assert layerscope.load_result(out2).kind == "spectrum" and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_subspace_from_low_precision_store_with_large_offsets(tmp_path, dtype):
+    """f32/bf16 stores whose features carry mean offsets of ~1000× their spread: the shifted f64
+    moments give the principal cosines of the stored values to 1e-7 (the f64 reference is
+    computed on exactly the stored values)."""
+    xs = rng_data(21, 400, [24, 16], offset=1000.0)
+    store = layerscope.write_store(tmp_path / "s", {"a": xs[0], "b": xs[1]}, dtype=dtype)
+    ra = store.read("a", 0, None, np.float64)
+    rb = store.read("b", 0, None, np.float64)
+    assert np.abs(ra.mean(0)).max() > 100 * ra.std(0).max()
+    al = layerscope.alignment(store, k=6, progress=False)
+    want = ref_principal_cosines(left_sv(ra, 6), left_sv(rb, 6))
+    np.testing.assert_allclose(al.cosines("a", "b"), want, rtol=1e-7, atol=1e-9)
+    sv = layerscope.alignment(store, method="svcca", k=6, progress=False)
+    np.testing.assert_allclose(sv.cosines("a", "b"), want, rtol=1e-7, atol=1e-9)
+
+
+def test_plots_return_figures():
+    from matplotlib.figure import Figure
+
+    xs = rng_data(22, 150, [8, 8, 10])
+    xs[2] = np.hstack([xs[2], xs[2][:, :2]])  # width 12, rank 10
+    src = {f"l{i}": x for i, x in enumerate(xs)}
+    res = layerscope.analyze(src, measures=["spectrum", "alignment"], k=3, progress=False)
+    al, sp = res["alignment"], res["spectrum"]
+    fig = al.plot()  # overlap heatmap
+    assert isinstance(fig, Figure) and fig.axes[0].images
+    fig = al.plot_cosines()  # adjacent pairs by default
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 2
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), al.cosines("l0", "l1"))
+    fig = al.plot_cosines([("l0", "l2")])
+    assert len(fig.axes[0].lines) == 1
+    fig = sp.plot()  # log-log spectra, one curve per layer
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 3
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+    # round-off eigenvalues (below the rank tolerance) are not drawn
+    assert sp.table["l2"]["rank"] == 10 and sp.eigenvalues["l2"].size == 12
+    assert len(fig.axes[0].lines[2].get_xdata()) == 10
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_cli_prints_table_and_writes_plots(tmp_path, capsys):
+    from layerscope.cli import main
+
+    xs = rng_data(23, 120, [6, 9, 6])
+    layerscope.write_store(tmp_path / "s", {"a": xs[0], "b": xs[1], "c": xs[2]})
+    heat, curves = tmp_path / "h.png", tmp_path / "c.png"
+    rc = main(
+        [
+            "align",
+            str(tmp_path / "s"),
+            "--method",
+            "svcca",
+            "--k",
+            "auto",
+            "--layers",
+            "a",
+            "b",
+            "--plot",
+            str(heat),
+            "--plot-cosines",
+            str(curves),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "a" in out and "b" in out and "c" not in out.split()
+    assert heat.stat().st_size > 0 and curves.stat().st_size > 0
+    rc = main(["spectrum", str(tmp_path / "s"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "effective_rank" in out and "pca_id_99" in out
+    # a k above the rank is a clean CLI error naming the layer, exit code 1
+    rc = main(["align", str(tmp_path / "s"), "--k", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "rank" in err and "'a'" in err.replace('"', "'")
+
+
+def test_minilm_adjacent_layers_overlap_more_than_distant(tmp_path):
+    """all-MiniLM-L6-v2 (real weights, offline) on 64 standard-library texts, one row per
+    token: the sample-space top-16 subspace overlap of adjacent layers exceeds that of layers
+    three apart, and the mean overlap decays with the layer distance."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from layerscope.capture import capture
+    from layerscope.corpus import stdlib_corpus
+    from layerscope.models import load_minilm
+
+    model, tok = load_minilm()
+    texts = stdlib_corpus(64, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cap = capture(
+        model, layers=["embeddings", "encoder.layer.*"], out=tmp_path / "s", pool="tokens"
+    )
+    try:
+        with torch.inference_mode(), cap:
+            for i in range(0, len(texts), 16):
+                batch = texts[i : i + 16]
+                enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+                model(**enc)
+    finally:
+        torch.set_num_threads(threads)
+    store = cap.store
+    assert store.num_rows > 1000 and len(store.layers) == 7
+    res = layerscope.analyze(store, measures=["spectrum", "alignment"], k=16, progress=False)
+    al = res["alignment"]
+    v = al.values
+    for i in range(len(al.rows) - 3):
+        assert v[i, i + 1] > v[i, i + 3], (al.rows[i], v[i])
+    means = [al.diagonal_offset(k).mean() for k in range(1, 5)]
+    assert means == sorted(means, reverse=True), means
+    sp = res["spectrum"]
+    for layer in sp.layers:
+        t = sp.table[layer]
+        assert 1 <= t["pca_id_90"] <= t["pca_id_95"] <= t["pca_id_99"] <= 384
+        assert t["effective_rank"] > t["participation_ratio"] > t["stable_rank"] > 1
+
+
+def test_alignment_stays_callable_after_analyze():
+    """``layerscope.analyze`` imports the ``layerscope.alignment`` submodule; the package's
+    ``alignment`` name must still be the function afterwards (fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import layerscope, numpy as np\n"
+        "x = {'a': np.random.default_rng(0).standard_normal((50, 4))}\n"
+        "layerscope.analyze(x, measures=['spectrum'], progress=False)\n"
+        "assert callable(layerscope.alignment), type(layerscope.alignment)\n"
+        "assert callable(layerscope.spectrum), type(layerscope.spectrum)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, (
+        "layerscope.alignment is shadowed by its submodule after layerscope.analyze "
+        "(alignment._unshadow should restore the function)\n" + r.stderr[-600:]
+    )

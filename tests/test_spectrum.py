@@ -37,8 +37,13 @@ def ref_measures(x: np.ndarray) -> dict[str, float]:
 def native_spectra(xs: list[np.ndarray]) -> list[dict]:
     z = np.hstack([np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0) for x in xs])
     cov = np.ascontiguousarray(z.T @ z)
-    out = _native.moment_measures(cov, [x.shape[1] for x in xs], xs[0].shape[0],
-                                  [f"l{i}" for i in range(len(xs))], list(range(len(xs))))
+    out = _native.moment_measures(
+        cov,
+        [x.shape[1] for x in xs],
+        xs[0].shape[0],
+        [f"l{i}" for i in range(len(xs))],
+        list(range(len(xs))),
+    )
     assert out["alignment"] is None
     return list(out["spectra"])
 
@@ -101,3 +106,20 @@ def test_spectrum_f32_large_offsets():
     ref = ref_measures(x.astype(np.float64))
     for k in ("effective_rank", "participation_ratio", "stable_rank", "pca_id_95"):
         np.testing.assert_allclose(sp.table["x"][k], ref[k], rtol=1e-8, err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_spectrum_low_precision_store_offsets_and_n_below_d(tmp_path, dtype):
+    """bf16/f16 stores with per-feature offsets ~300× the spread, one layer with n < d: the
+    measures equal the f64 reference on exactly the stored values."""
+    g = np.random.default_rng(7)
+    wide = g.standard_normal((40, 64)) * np.geomspace(5.0, 0.05, 64) + 300.0 * g.uniform(-1, 1, 64)
+    tall = data(8, 40, 6) + 300.0
+    store = layerscope.write_store(tmp_path / "s", {"wide": wide, "tall": tall}, dtype=dtype)
+    sp = layerscope.spectrum(store, progress=False)
+    for layer in ("wide", "tall"):
+        x = store.read(layer, 0, None, np.float64)
+        ref = ref_measures(x)
+        for k, v in ref.items():
+            np.testing.assert_allclose(sp.table[layer][k], v, rtol=1e-8, err_msg=(layer, k))
+    assert sp.table["wide"]["rank"] == 39  # n − 1 after centring

@@ -4,7 +4,7 @@ Every quantity here is a function of the centred cross-products ``C_ij = Σ_a (x
 accumulated in ONE streaming pass (:func:`layerscope._moments.compute_moments`), so spectra,
 alignment and linear CKA can be computed together without reading the data twice
 (:func:`analyze`). Formulas, sources and the quantities that coincide are in
-``docs/measures-alignment.md``; in short, with ``C_ii = V_i Λ_i V_iᵀ`` and ``Σ_i = Λ_i^{1/2}``:
+``docs/alignment.md``; in short, with ``C_ii = V_i Λ_i V_iᵀ`` and ``Σ_i = Λ_i^{1/2}``:
 
 * spectrum: eigenvalues of ``C_ii/(n−1)``; effective rank (Roy & Vetterli 2007, on singular
   values), participation ratio ``(Σλ)²/Σλ²``, stable rank ``Σλ/λ₁``, PCA-ID at 90/95/99 %;
@@ -18,12 +18,26 @@ alignment and linear CKA can be computed together without reading the data twice
 * ``"cca"``: mean squared canonical correlation of the full layers (ridge when singular);
 * ``"procrustes"``: ``‖C_ij‖_* / sqrt(tr C_ii tr C_jj)`` and the angular distance
   ``arccos`` of it (Williams et al. 2021).
+
+Quantities that coincide (each shown by a test in ``tests/test_alignment.py``):
+
+* SVCCA's canonical correlations = the ``space="samples"`` principal cosines of the kept
+  top-k subspaces (the reduced data ``X̃_i V_i[:, :k]`` spans exactly the top-k left singular
+  subspace; CCA between two spans is their principal angles, Björck & Golub 1973);
+* with full-rank layers of equal width ``d`` and no ridge, the CCA canonical correlations =
+  the sample-space principal cosines at ``k = d``, so CCA R² = subspace overlap at ``k = d``;
+* PWCCA with uniform weights is SVCCA (``extra["mean_cca"]`` is that unweighted mean);
+* the Procrustes similarity = the sum of the per-pair "cosines" (normalised singular values
+  of ``C_ij``), and ``1 − similarity = ‖A R* − B‖_F² / 2`` for the Frobenius-normalised
+  centred data (``scipy.linalg.orthogonal_procrustes``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,8 +50,15 @@ from .results import MatrixResult, Result
 METHODS = ("subspace", "svcca", "pwcca", "cca", "procrustes")
 SPACES = ("samples", "features")
 SPECTRUM_MEASURES = (
-    "total_variance", "rank", "rank_tol", "effective_rank", "participation_ratio",
-    "stable_rank", "pca_id_90", "pca_id_95", "pca_id_99",
+    "total_variance",
+    "rank",
+    "rank_tol",
+    "effective_rank",
+    "participation_ratio",
+    "stable_rank",
+    "pca_id_90",
+    "pca_id_95",
+    "pca_id_99",
 )
 _VALUE_NAMES = {
     "subspace": "subspace overlap (mean cos²)",
@@ -84,8 +105,10 @@ class SpectrumResult(Result):
 
     def _fields(self) -> dict[str, Any]:
         return {
-            "layers": self.layers, "eigenvalues": self.eigenvalues,
-            "explained_variance_ratio": self.explained_variance_ratio, "table": self.table,
+            "layers": self.layers,
+            "eigenvalues": self.eigenvalues,
+            "explained_variance_ratio": self.explained_variance_ratio,
+            "table": self.table,
             "meta": self.meta,
         }
 
@@ -98,8 +121,10 @@ class SpectrumResult(Result):
     def plot(self, ax: Any = None, title: str | None = None) -> Any:
         """Log-log spectra (eigenvalue vs index) per layer; returns the Figure.
 
-        Eigenvalues ``≤ 0`` (exact zeros and round-off) cannot be drawn on a log axis and are
-        left out of the curves (they stay in ``eigenvalues``)."""
+        Only the eigenvalues above the layer's rank tolerance (``table[layer]["rank_tol"]``,
+        the ones the measures use) are drawn: the others are zeros up to round-off (≈1e-16 of
+        the largest), which a log axis would show as a meaningless cliff; they stay in
+        ``eigenvalues``."""
         from .plots import _mpl
 
         plt = _mpl()
@@ -112,7 +137,7 @@ class SpectrumResult(Result):
         for i, layer in enumerate(self.layers):
             ev = self.eigenvalues[layer]
             idx = np.arange(1, ev.size + 1)
-            keep = ev > 0
+            keep = ev > max(0.0, self.table.get(layer, {}).get("rank_tol", 0.0))
             ax.loglog(idx[keep], ev[keep], color=cmap(i / nl), label=layer, lw=1.2)
         ax.set_xlabel("component")
         ax.set_ylabel("eigenvalue (variance)")
@@ -145,8 +170,12 @@ class AlignmentResult(MatrixResult):
             raise MissingLayerError(f"no pair ({row!r}, {col!r}) in this result") from None
         return np.asarray(self.extra["cosines"][r][c], dtype=np.float64)
 
-    def plot_cosines(self, pairs: Sequence[tuple[str, str]] | None = None, ax: Any = None,
-                     title: str | None = None) -> Any:
+    def plot_cosines(
+        self,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        ax: Any = None,
+        title: str | None = None,
+    ) -> Any:
         """Per-pair cosine curves (cosine vs index). Default pairs: adjacent layers (square
         results) or each row layer against its best-matching column."""
         from .plots import _mpl
@@ -156,8 +185,10 @@ class AlignmentResult(MatrixResult):
             if self.rows == self.cols:
                 pairs = [(self.rows[i], self.rows[i + 1]) for i in range(len(self.rows) - 1)]
             else:
-                pairs = [(r, self.cols[int(np.nanargmax(self.values[i]))])
-                         for i, r in enumerate(self.rows)]
+                pairs = [
+                    (r, self.cols[int(np.nanargmax(self.values[i]))])
+                    for i, r in enumerate(self.rows)
+                ]
         if ax is None:
             fig, ax = plt.subplots(figsize=(6.5, 4.5))
         else:
@@ -179,21 +210,10 @@ class AlignmentResult(MatrixResult):
 
 
 def _moment_parts(m: Any) -> tuple[np.ndarray, list[int], int, list[str]]:
-    """(C as a C-contiguous float64 ``D × D`` array, widths, n, layer names) of Moments."""
-    dims = [int(d) for d in m.dims]
-    names = [str(x) for x in m.names]
-    n = int(m.n)
-    cov = None
-    for attr in ("cov", "matrix"):
-        obj = getattr(m, attr, None)
-        if obj is not None:
-            cov = obj() if callable(obj) else obj
-            break
-    if cov is None:  # assemble from the blocks
-        cov = np.block([[np.asarray(m.block(i, j)) for j in range(len(dims))]
-                        for i in range(len(dims))])
-    cov = np.ascontiguousarray(cov, dtype=np.float64)
-    return cov, dims, n, names
+    """(C as a C-contiguous float64 ``D × D`` array — a zero-copy view of the Moments —,
+    widths, n, layer names)."""
+    cov = np.ascontiguousarray(m.cov(), dtype=np.float64)
+    return cov, [int(d) for d in m.dims], int(m.n), [str(x) for x in m.names]
 
 
 def _k_args(k: int | str) -> dict[str, Any]:
@@ -213,8 +233,9 @@ def _check_method(method: str, space: str) -> None:
         raise InvalidArgumentError(f"space must be one of {SPACES}, got {space!r}")
 
 
-def _spectrum_result(spectra: list[dict[str, Any]], layers: list[str], top: int | None,
-                     meta: dict[str, Any]) -> SpectrumResult:
+def _spectrum_result(
+    spectra: list[dict[str, Any]], layers: list[str], top: int | None, meta: dict[str, Any]
+) -> SpectrumResult:
     if top is not None and (isinstance(top, bool) or int(top) < 1):
         raise InvalidArgumentError(f"top must be a positive int, got {top!r}")
     ev, evr, table = {}, {}, {}
@@ -227,8 +248,16 @@ def _spectrum_result(spectra: list[dict[str, Any]], layers: list[str], top: int 
     return SpectrumResult(layers, ev, evr, table, {**meta, "measure": "spectrum", "top": top})
 
 
-def _alignment_result(a: dict[str, Any], rows: list[str], cols: list[str], method: str,
-                      space: str, k: int | str, ridge: float, meta: dict[str, Any]) -> AlignmentResult:
+def _alignment_result(
+    a: dict[str, Any],
+    rows: list[str],
+    cols: list[str],
+    method: str,
+    space: str,
+    k: int | str,
+    ridge: float,
+    meta: dict[str, Any],
+) -> AlignmentResult:
     nr, nc = int(a["nrows"]), int(a["ncols"])
     values = np.asarray(a["values"]).reshape(nr, nc)
     cos = list(a["cosines"])
@@ -238,7 +267,10 @@ def _alignment_result(a: dict[str, Any], rows: list[str], cols: list[str], metho
     for name, v in dict(a["extras"]).items():
         extra[name] = np.asarray(v).reshape(nr, nc)
     m = {
-        **meta, "measure": _VALUE_NAMES[method], "method": method, "estimator": method,
+        **meta,
+        "measure": _VALUE_NAMES[method],
+        "method": method,
+        "estimator": method,
         "k": k,
     }
     if method == "subspace":
@@ -257,8 +289,11 @@ def _alignment_result(a: dict[str, Any], rows: list[str], cols: list[str], metho
     return AlignmentResult(values, rows, cols, m, extra)
 
 
-def _measures(moments: Any, spectrum_layers: list[int], align: dict[str, Any] | None,
-              ) -> dict[str, Any]:
+def _measures(
+    moments: Any,
+    spectrum_layers: list[int],
+    align: dict[str, Any] | None,
+) -> dict[str, Any]:
     cov, dims, n, names = _moment_parts(moments)
     kw: dict[str, Any] = {}
     if align is not None:
@@ -266,20 +301,19 @@ def _measures(moments: Any, spectrum_layers: list[int], align: dict[str, Any] | 
     return _native.moment_measures(cov, dims, n, names, spectrum_layers, **kw)
 
 
-def _compute_moments(source: Any, layers: Any, other: Any, other_layers: Any,
-                     progress: bool) -> tuple[Any, dict[str, Any]]:
+def _compute_moments(
+    source: Any, layers: Any, other: Any, other_layers: Any, progress: bool
+) -> tuple[Any, dict[str, Any]]:
     from ._moments import compute_moments
 
     return compute_moments(source, layers, other, other_layers, progress=progress)
 
 
 def _split(moments: Any, other: Any) -> tuple[list[int], list[int], list[str], list[str]]:
-    """Row/col layer indices and names inside the moments (second source after the first)."""
+    """Row/col layer indices and names inside the moments (``other``'s layers come after
+    ``source``'s: ``num_a`` then ``num_b``)."""
     names = [str(x) for x in moments.names]
-    nb = int(getattr(moments, "num_b", 0) or 0) if other is not None else 0
-    if other is not None and nb == 0:
-        nb = len(names) // 2 if getattr(moments, "num_a", None) is None else len(names) - int(moments.num_a)
-    na = len(names) - nb
+    na = int(moments.num_a) if other is not None else len(names)
     rows = list(range(na))
     cols = list(range(na, len(names))) if other is not None else rows
     return rows, cols, [names[i] for i in rows], [names[i] for i in cols]
@@ -288,27 +322,54 @@ def _split(moments: Any, other: Any) -> tuple[list[int], list[int], list[str], l
 # --------------------------------------------------------------------------- public API
 
 
-def spectrum(source: Any, layers: Sequence[str] | str | None = None, top: int | None = None,
-             progress: bool = True) -> SpectrumResult:
+def _unshadow() -> None:
+    """Importing this submodule makes the import system bind the package attribute
+    ``layerscope.alignment`` to the MODULE, hiding the function that ``layerscope/__init__``
+    exports lazily under the same name (e.g. after ``layerscope.analyze``). Every public entry
+    point puts the function back, so ``layerscope.alignment(...)`` keeps working."""
+    pkg = sys.modules.get(__name__.rpartition(".")[0])
+    if pkg is not None and isinstance(getattr(pkg, "alignment", None), types.ModuleType):
+        pkg.alignment = alignment  # type: ignore[attr-defined]
+
+
+def spectrum(
+    source: Any,
+    layers: Sequence[str] | str | None = None,
+    top: int | None = None,
+    progress: bool = True,
+) -> SpectrumResult:
     """Per-layer covariance spectra (one pass over the rows).
 
     ``source``: a store, a path or a dict of arrays; ``layers``: names (default all);
     ``top``: keep only the ``top`` leading eigenvalues in the output (the measures always use
     the full spectrum). See :class:`SpectrumResult` for the measures and the rank rule."""
+    _unshadow()
     t0 = time.perf_counter()
     moments, meta = _compute_moments(source, layers, None, None, progress)
     t1 = time.perf_counter()
     rows, _, names, _ = _split(moments, None)
     out = _measures(moments, rows, None)
-    meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0,
-            "seconds_measures": time.perf_counter() - t1}
+    meta = {
+        **meta,
+        "n": int(moments.n),
+        "seconds_pass": t1 - t0,
+        "seconds_measures": time.perf_counter() - t1,
+    }
     return _spectrum_result(list(out["spectra"]), names, top, meta)
 
 
-def alignment(source: Any, other: Any = None, *, method: str = "subspace", k: int | str = 32,
-              space: str = "samples", layers: Sequence[str] | str | None = None,
-              other_layers: Sequence[str] | str | None = None, ridge: float = 1e-4,
-              progress: bool = True) -> AlignmentResult:
+def alignment(
+    source: Any,
+    other: Any = None,
+    *,
+    method: str = "subspace",
+    k: int | str = 32,
+    space: str = "samples",
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    ridge: float = 1e-4,
+    progress: bool = True,
+) -> AlignmentResult:
     """Alignment of every layer pair (rows = ``source`` layers, cols = ``other`` layers or the
     same layers), from one pass of moments.
 
@@ -321,44 +382,91 @@ def alignment(source: Any, other: Any = None, *, method: str = "subspace", k: in
     ``"procrustes"`` (``‖C_ij‖_*/sqrt(tr C_ii tr C_jj)``; ``extra["distance"]`` = arccos).
     ``space``: ``"samples"`` (token space; any widths) or ``"features"`` (equal widths).
     ``k`` larger than a layer's numerical rank raises :class:`InvalidArgumentError` naming the
-    layer and its rank."""
+    layer and its rank (no silent truncation; ``k="auto"`` never exceeds it).
+
+    Coinciding quantities (tested): ``svcca`` cosines = ``subspace``/``samples`` cosines at
+    the same ``k``; ``pwcca``'s ``extra["mean_cca"]`` = the ``svcca`` value; ``cca`` R² of
+    full-rank equal-width layers = ``subspace`` overlap at ``k = d``; the ``procrustes``
+    value = the sum of its cosines. ``space="samples"`` measures how much two layers share the
+    same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
+    of a layer's features, unlike per-token cosine similarity."""
+    _unshadow()
     _check_method(method, space)
     kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
     t0 = time.perf_counter()
     moments, meta = _compute_moments(source, layers, other, other_layers, progress)
     t1 = time.perf_counter()
     rows, cols, rnames, cnames = _split(moments, other)
-    out = _measures(moments, [], {
-        "rows": rows, "cols": cols, "method": method, "space": space, "ridge_eps": ridge,
-        "symmetric": other is None, **kargs,
-    })
-    meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0,
-            "seconds_measures": time.perf_counter() - t1}
+    out = _measures(
+        moments,
+        [],
+        {
+            "rows": rows,
+            "cols": cols,
+            "method": method,
+            "space": space,
+            "ridge_eps": ridge,
+            "symmetric": other is None,
+            **kargs,
+        },
+    )
+    meta = {
+        **meta,
+        "n": int(moments.n),
+        "seconds_pass": t1 - t0,
+        "seconds_measures": time.perf_counter() - t1,
+    }
     return _alignment_result(out["alignment"], rnames, cnames, method, space, k, ridge, meta)
 
 
-def analyze(source: Any, other: Any = None, *,
-            measures: Sequence[str] = ("cka", "cka_debiased", "spectrum", "alignment"),
-            layers: Sequence[str] | str | None = None,
-            other_layers: Sequence[str] | str | None = None, k: int | str = 32,
-            progress: bool = True, **kw: Any) -> dict[str, Result]:
+def analyze(
+    source: Any,
+    other: Any = None,
+    *,
+    measures: Sequence[str] = ("cka", "cka_debiased", "spectrum", "alignment"),
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    k: int | str = 32,
+    progress: bool = True,
+    **kw: Any,
+) -> dict[str, Result]:
     """CKA, spectra and alignment from ONE pass over the data (a single moment accumulation).
 
     ``measures``: any of ``"cka"`` (biased linear CKA), ``"cka_debiased"``, ``"spectrum"``
-    (of the ``source`` layers; with ``other``, also ``"spectrum_other"``), ``"alignment"``.
-    Extra keywords go to the alignment (``method``, ``space``, ``ridge``) and spectrum
-    (``top``). Returns ``{measure: Result}``."""
-    known = ("cka", "cka_debiased", "spectrum", "alignment")
-    for mname in measures:
-        if mname not in known:
-            raise InvalidArgumentError(f"unknown measure {mname!r}; choose from {known}")
+    (of the ``source`` layers; with ``other``, also ``"spectrum_other"``), ``"alignment"``
+    (with ``method``/``space`` from the keywords) and ``"alignment:<method>"`` for further
+    methods from the same pass (e.g. ``["alignment", "alignment:procrustes",
+    "alignment:svcca"]``). Extra keywords go to the alignment (``method``, ``space``,
+    ``ridge``) and spectrum (``top``). All arguments are checked before the pass.
+    Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
+    _unshadow()
     bad = set(kw) - {"method", "space", "ridge", "top"}
     if bad:
         raise InvalidArgumentError(f"unknown keyword(s) {sorted(bad)}")
-    method = kw.get("method", "subspace")
     space = kw.get("space", "samples")
     ridge = float(kw.get("ridge", 1e-4))
-    _check_method(method, space)
+    top = kw.get("top")
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1
+    ):
+        raise InvalidArgumentError(f"top must be a positive int, got {top!r}")
+    aligns: dict[str, str] = {}  # measure key -> method
+    for mname in measures:
+        if mname in ("cka", "cka_debiased", "spectrum"):
+            continue
+        if mname == "alignment":
+            aligns[mname] = kw.get("method", "subspace")
+        elif mname.startswith("alignment:"):
+            aligns[mname] = mname.split(":", 1)[1]
+        else:
+            raise InvalidArgumentError(
+                f"unknown measure {mname!r}; choose from 'cka', 'cka_debiased', 'spectrum', "
+                f"'alignment', 'alignment:<method>' with method in {METHODS}"
+            )
+    for method in aligns.values():
+        _check_method(method, space)
+        if method in ("subspace", "svcca", "pwcca"):
+            _k_args(k)
     t0 = time.perf_counter()
     moments, meta = _compute_moments(source, layers, other, other_layers, progress)
     t1 = time.perf_counter()
@@ -367,39 +475,62 @@ def analyze(source: Any, other: Any = None, *,
     out: dict[str, Result] = {}
     for mname in ("cka", "cka_debiased"):
         if mname in measures:
-            out[mname] = _cka_result(moments, rows, cols, rnames, cnames,
-                                     debiased=mname == "cka_debiased", meta=meta)
-    spec_layers: list[int] = []
-    if "spectrum" in measures:
-        spec_layers = rows + (cols if other is not None else [])
-    align = None
-    if "alignment" in measures:
-        kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
-        align = {"rows": rows, "cols": cols, "method": method, "space": space,
-                 "ridge_eps": ridge, "symmetric": other is None, **kargs}
-    if spec_layers or align is not None:
+            out[mname] = _cka_result(
+                moments, rows, cols, rnames, cnames, debiased=mname == "cka_debiased", meta=meta
+            )
+    # The eigendecompositions are shared inside one native call: the spectra ride along with
+    # the first alignment (or run alone).
+    spec_layers = rows + (cols if other is not None else []) if "spectrum" in measures else []
+    jobs: list[tuple[str | None, str | None]] = [(a, m) for a, m in aligns.items()]
+    jobs = jobs or [(None, None)]
+    for key, method in jobs:
+        align = None
+        if method is not None:
+            kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
+            align = {
+                "rows": rows,
+                "cols": cols,
+                "method": method,
+                "space": space,
+                "ridge_eps": ridge,
+                "symmetric": other is None,
+                **kargs,
+            }
+        if align is None and not spec_layers:
+            break
         t2 = time.perf_counter()
         res = _measures(moments, spec_layers, align)
         mm = {**meta, "seconds_measures": time.perf_counter() - t2}
         if spec_layers:
             sp = list(res["spectra"])
-            out["spectrum"] = _spectrum_result(sp[:len(rows)], rnames, kw.get("top"), mm)
+            out["spectrum"] = _spectrum_result(sp[: len(rows)], rnames, top, mm)
             if other is not None:
-                out["spectrum_other"] = _spectrum_result(sp[len(rows):], cnames, kw.get("top"), mm)
-        if align is not None:
-            out["alignment"] = _alignment_result(res["alignment"], rnames, cnames, method,
-                                                 space, k, ridge, mm)
+                out["spectrum_other"] = _spectrum_result(sp[len(rows) :], cnames, top, mm)
+            spec_layers = []
+        if key is not None and method is not None:
+            out[key] = _alignment_result(
+                res["alignment"], rnames, cnames, method, space, k, ridge, mm
+            )
     return out
 
 
-def _cka_result(moments: Any, rows: list[int], cols: list[int], rnames: list[str],
-                cnames: list[str], *, debiased: bool, meta: dict[str, Any]) -> MatrixResult:
+def _cka_result(
+    moments: Any,
+    rows: list[int],
+    cols: list[int],
+    rnames: list[str],
+    cnames: list[str],
+    *,
+    debiased: bool,
+    meta: dict[str, Any],
+) -> MatrixResult:
     """Linear CKA table from the same moments (H2a's ``Moments.cka``)."""
     vals = np.asarray(moments.cka(rows, cols, debiased=debiased), dtype=np.float64)
     vals = vals.reshape(len(rows), len(cols))
     est = "linear, debiased" if debiased else "linear"
-    return MatrixResult(vals, rnames, cnames,
-                        {**meta, "measure": "CKA", "estimator": est, "debiased": debiased})
+    return MatrixResult(
+        vals, rnames, cnames, {**meta, "measure": "CKA", "estimator": est, "debiased": debiased}
+    )
 
 
 # --------------------------------------------------------------------------- CLI
@@ -411,18 +542,26 @@ def _k_cli(s: str) -> int | str:
 
 def add_cli(sub: Any) -> None:
     """``layerscope align STORE [OTHER] ...`` and ``layerscope spectrum STORE ...``."""
-    p = sub.add_parser("align", help="subspace alignment (principal angles, SVCCA, PWCCA, CCA, "
-                                     "Procrustes) for all layer pairs, one pass")
+    p = sub.add_parser(
+        "align",
+        help="subspace alignment (principal angles, SVCCA, PWCCA, CCA, "
+        "Procrustes) for all layer pairs, one pass",
+    )
     p.add_argument("store")
     p.add_argument("other", nargs="?", default=None)
     p.add_argument("--method", default="subspace", choices=list(METHODS))
-    p.add_argument("--k", type=_k_cli, default=32, help="kept directions, or 'auto' (99%% variance)")
+    p.add_argument(
+        "--k", type=_k_cli, default=32, help="kept directions, or 'auto' (99%% variance)"
+    )
     p.add_argument("--space", default="samples", choices=list(SPACES))
     p.add_argument("--ridge", type=float, default=1e-4, help="CCA ridge eps (·tr(C)/d)")
     p.add_argument("--layers", nargs="+", default=None)
     p.add_argument("--other-layers", nargs="+", default=None)
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help="write the overlap heatmap (png/pdf/svg)")
+    p.add_argument(
+        "--plot-cosines", default=None, help="write per-pair cosine curves (png/pdf/svg)"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_align)
 
@@ -437,14 +576,24 @@ def add_cli(sub: Any) -> None:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    res = alignment(args.store, args.other, method=args.method, k=args.k, space=args.space,
-                    layers=args.layers, other_layers=args.other_layers, ridge=args.ridge,
-                    progress=not args.quiet)
+    res = alignment(
+        args.store,
+        args.other,
+        method=args.method,
+        k=args.k,
+        space=args.space,
+        layers=args.layers,
+        other_layers=args.other_layers,
+        ridge=args.ridge,
+        progress=not args.quiet,
+    )
     print(res.to_pandas().round(3).to_string())
     if args.out:
         res.save(args.out)
     if args.plot:
         res.plot().savefig(args.plot)
+    if args.plot_cosines:
+        res.plot_cosines().savefig(args.plot_cosines)
     return 0
 
 

@@ -185,6 +185,15 @@ pub fn prepare(e: &LayerEig, name: &str, opts: &AlignOptions) -> Result<Prepared
                 0.0
             };
             let w: Vec<f64> = e.values.iter().map(|&l| 1.0 / (l + ridge).sqrt()).collect();
+            if !w.iter().all(|x| x.is_finite()) {
+                // Only when the ridge is smaller than the round-off of the eigenvalues.
+                return Err(Error::invalid(format!(
+                    "CCA ridge {ridge:.3e} of layer {name:?} is too small: C + ridge·I is not \
+                     positive definite in floating point (smallest eigenvalue {:.3e}); \
+                     use a larger ridge",
+                    e.values.last().copied().unwrap_or(f64::NAN)
+                )));
+            }
             let v = e.vectors.as_ref();
             let vw = Mat::from_fn(d, d, |r, c| v[(r, c)] * w[c]);
             p.basis = &vw * v.transpose();
@@ -780,5 +789,15 @@ mod tests {
         let want = 1e-4 * eigs[0].trace / 8.0;
         assert!((cc.row_ridge[0] - want).abs() < 1e-15 * want.max(1.0));
         assert!(cc.values[1].is_finite() && cc.values[1] < 1.0);
+        // A ridge below the eigenvalues' round-off is a clear error, not a NaN.
+        let tiny = AlignOptions {
+            ridge_eps: 1e-300,
+            ..opts(Method::Cca, 1)
+        };
+        match run(&blocks, &eigs, tiny, true) {
+            Err(Error::InvalidArgument(msg)) => assert!(msg.contains("too small"), "{msg}"),
+            Ok(r) => assert!(r.values.iter().all(|v| v.is_finite())),
+            Err(other) => panic!("{other:?}"),
+        }
     }
 }

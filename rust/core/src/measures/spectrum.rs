@@ -4,7 +4,7 @@
 //! parallel across layers, [`layer_eigs`]) and shared by the spectrum measures here and by the
 //! subspace/CCA/Procrustes alignment measures of [`super::align`].
 //!
-//! # Conventions (also in docs/measures-alignment.md)
+//! # Conventions (also in docs/alignment.md)
 //! * Covariance eigenvalues are `λ_i = eig(C_ii) / (n − 1)`, sorted in descending order and
 //!   reported **as computed**: a PSD matrix can give tiny negative eigenvalues (≈ −1e-17 ·
 //!   λ_max) through round-off; they are not clamped.
