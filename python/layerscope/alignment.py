@@ -35,9 +35,7 @@ Quantities that coincide (each shown by a test in ``tests/test_alignment.py``):
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -322,16 +320,6 @@ def _split(moments: Any, other: Any) -> tuple[list[int], list[int], list[str], l
 # --------------------------------------------------------------------------- public API
 
 
-def _unshadow() -> None:
-    """Importing this submodule makes the import system bind the package attribute
-    ``layerscope.alignment`` to the MODULE, hiding the function that ``layerscope/__init__``
-    exports lazily under the same name (e.g. after ``layerscope.analyze``). Every public entry
-    point puts the function back, so ``layerscope.alignment(...)`` keeps working."""
-    pkg = sys.modules.get(__name__.rpartition(".")[0])
-    if pkg is not None and isinstance(getattr(pkg, "alignment", None), types.ModuleType):
-        pkg.alignment = alignment  # type: ignore[attr-defined]
-
-
 def spectrum(
     source: Any,
     layers: Sequence[str] | str | None = None,
@@ -343,7 +331,6 @@ def spectrum(
     ``source``: a store, a path or a dict of arrays; ``layers``: names (default all);
     ``top``: keep only the ``top`` leading eigenvalues in the output (the measures always use
     the full spectrum). See :class:`SpectrumResult` for the measures and the rank rule."""
-    _unshadow()
     t0 = time.perf_counter()
     moments, meta = _compute_moments(source, layers, None, None, progress)
     t1 = time.perf_counter()
@@ -390,7 +377,6 @@ def alignment(
     value = the sum of its cosines. ``space="samples"`` measures how much two layers share the
     same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
     of a layer's features, unlike per-token cosine similarity."""
-    _unshadow()
     _check_method(method, space)
     kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
     t0 = time.perf_counter()
@@ -439,7 +425,6 @@ def analyze(
     "alignment:svcca"]``). Extra keywords go to the alignment (``method``, ``space``,
     ``ridge``) and spectrum (``top``). All arguments are checked before the pass.
     Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
-    _unshadow()
     bad = set(kw) - {"method", "space", "ridge", "top"}
     if bad:
         raise InvalidArgumentError(f"unknown keyword(s) {sorted(bad)}")
