@@ -29,7 +29,6 @@ import queue
 import re
 import sys
 import threading
-import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -282,7 +281,6 @@ def _sample_keys(
 
 
 def _versions() -> dict[str, str]:
-    import sys
 
     out = {"python": sys.version.split()[0]}
     try:
@@ -311,7 +309,6 @@ _FULLGRAPH_MSG = (
 
 def _is_dynamo_unsupported(exc: BaseException) -> bool:
     """Whether ``exc`` is torch._dynamo refusing to trace (e.g. a hook under fullgraph=True)."""
-    import sys
 
     dexc = sys.modules.get("torch._dynamo.exc")
     unsupported = getattr(dexc, "Unsupported", None)
@@ -1046,17 +1043,6 @@ def capture(
     )
 
 
-class _CallableModule(types.ModuleType):
-    """Importing the submodule ``layerscope.capture`` makes Python bind the package attribute
-    ``layerscope.capture`` to this module, shadowing the lazily exported function of the same
-    name; calling the module calls :func:`capture`, so ``layerscope.capture(model, ...)``
-    works whichever of the two the attribute holds."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Capture:
-        return capture(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # --------------------------------------------------------------------------- CLI
