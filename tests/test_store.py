@@ -86,6 +86,46 @@ def test_bf16_f16_conversion_matches_torch_numpy(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sf.read("x", dtype="float64"), want_h.astype(np.float64))
 
 
+def _bf16_nearest_even(x: float) -> float:
+    """Independent reference: the bf16 value nearest to ``x`` (exact rational arithmetic),
+    ties to the even significand."""
+    from fractions import Fraction
+
+    import torch
+
+    guess = int(torch.tensor([x], dtype=torch.float32).to(torch.bfloat16).view(torch.int16)[0])
+    cands = []
+    for d in range(-2, 3):
+        bits = np.array([(guess + d) & 0xFFFF], np.uint16)
+        v = float((bits.astype(np.uint32) << 16).view(np.float32)[0])
+        if np.isfinite(v):
+            cands.append((abs(Fraction(v) - Fraction(x)), int(bits[0]) & 1, v))
+    return min(cands)[2]
+
+
+def test_f64_input_to_half_types_correctly_rounded(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(200) * 300
+    # near-ties: the midpoint of two bf16 / f16 neighbours, nudged by 2^-40 relative
+    mids = []
+    for v in base[:50]:
+        b = np.array([v], np.float32).view(np.uint32) & 0xFFFF0000
+        lo = float(b.view(np.float32)[0])
+        hi = float((b + 0x10000).view(np.float32)[0])
+        mids += [(lo + hi) / 2 * (1 + 2.0**-40), (lo + hi) / 2 * (1 - 2.0**-40)]
+        h = np.float16(v)
+        h2 = np.nextafter(h, np.float16(np.inf))
+        mids += [(float(h) + float(h2)) / 2 * (1 + 2.0**-45)]
+    x = np.concatenate([base, mids, [1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-11 + 2.0**-45]])
+    x = x.reshape(-1, 1)
+    sh = ls.write_store(tmp_path / "h", {"x": x}, dtype="float16")
+    np.testing.assert_array_equal(sh.read("x", dtype="f64")[:, 0], x[:, 0].astype(np.float16))
+    sb = ls.write_store(tmp_path / "b", {"x": x}, dtype="bfloat16")
+    want = [_bf16_nearest_even(float(v)) for v in x[:, 0]]
+    np.testing.assert_array_equal(sb.read("x", dtype="f64")[:, 0], want)
+
+
 def test_shards_readable_by_safetensors(tmp_path: Path) -> None:
     sn = pytest.importorskip("safetensors.numpy")
     a, b = _data(40, 5), _data(40, 2)
@@ -278,6 +318,171 @@ os._exit(3)
     assert not [f for f in p.iterdir() if f.name.endswith(".tmp")]
 
 
+_KILL_WRITER = """
+import sys, numpy as np, layerscope as ls
+path, dim = sys.argv[1], 64
+w = ls.StoreWriter(path, dtype="float32", shard_bytes=40 * (4 * dim + 8))
+i = 0
+while True:  # row r holds r in every column: any torn write would show
+    rows = np.arange(i, i + 17, dtype=np.float64)
+    w.append({"a": np.repeat(rows[:, None], dim, axis=1)}, row_ids=np.arange(i, i + 17) * 3)
+    i += 17
+    if i % 170 == 0:
+        print(w._native.rows_committed, flush=True)
+"""
+
+
+def test_kill_9_mid_write_leaves_valid_store(tmp_path: Path) -> None:
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for attempt, wait_rows in enumerate([200, 900, 2500]):
+        p = tmp_path / f"s{attempt}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILL_WRITER, str(p)], stdout=subprocess.PIPE, env=env, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # wait until some shards are committed, then SIGKILL
+                if int(line) >= wait_rows:
+                    break
+            os.kill(proc.pid, signal.SIGKILL)  # mid-append: buffers, temp files, renames
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        s = ls.open(p, verify=True)  # structure + every sha256
+        assert not s.complete
+        n = s.num_rows
+        assert n >= wait_rows and n % 40 == 0  # only whole shards of 40 rows
+        assert all(sh["rows"] == 40 for sh in s.shards)
+        a = s.read("a", dtype=np.float64)
+        np.testing.assert_array_equal(a, np.repeat(np.arange(n, dtype=np.float64)[:, None], 64, 1))
+        np.testing.assert_array_equal(s.row_ids(), np.arange(n) * 3)
+        # leftovers are at most hidden temp files / one unlisted finished shard; overwriting
+        # the interrupted store removes them
+        listed = {sh["file"] for sh in s.shards} | {"layerscope.json"}
+        extra = {f.name for f in p.iterdir()} - listed
+        assert all(e.startswith(".") or e.startswith("shard-") for e in extra), extra
+        ls.write_store(p, {"b": np.ones((3, 2))}, overwrite=True)
+        assert sorted(f.name for f in p.iterdir()) == ["layerscope.json", "shard-00000.safetensors"]
+
+
+def test_ctrl_c_interrupts_long_append(tmp_path: Path) -> None:
+    import _thread
+
+    p = tmp_path / "s"
+    x = np.repeat(np.arange(20_000, dtype=np.float32)[:, None], 16, axis=1)
+    w = ls.StoreWriter(p, shard_bytes=10 * (16 * 4 + 8))  # 10 rows a shard: 2000 shards
+
+    def interrupt_once_shards_exist() -> None:
+        while True:  # the append is running once the manifest lists a shard
+            try:
+                if len(json.loads((p / "layerscope.json").read_text())["shards"]) >= 2:
+                    break
+            except (OSError, ValueError):
+                pass
+        _thread.interrupt_main()  # as Ctrl-C: SIGINT's Python handler on the main thread
+
+    t = threading.Thread(target=interrupt_once_shards_exist)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # raised by the Rust writer between shards
+            w.append({"a": x})
+    finally:
+        t.join()
+    s = ls.open(p, verify=True)
+    assert not s.complete and 20 <= s.num_rows < 20_000 and s.num_rows % 10 == 0
+    np.testing.assert_array_equal(s.read("a")[:, 3], np.arange(s.num_rows, dtype=np.float32))
+    with pytest.raises(InvalidArgumentError, match="stopped part-way"):
+        w.close()
+
+
+def test_blocks_release_and_read_block(tmp_path: Path) -> None:
+    a, b, c = _data(103, 7), _data(103, 2), _data(103, 1)
+    s = ls.write_store(tmp_path / "s", {"a": a, "b": b, "c": c}, dtype="bfloat16", shard_bytes=700)
+    assert len(s.shards) == 5  # 25 rows a shard: blocks straddle shard boundaries
+    want = {k: _expected(v, "bfloat16") for k, v in {"a": a, "b": b, "c": c}.items()}
+    for layers in (None, ["c"], ["c", "a"], ["b", "b"]):
+        for br in (1, 10, 103, 500):
+            for release in (True, False):
+                got = list(s.blocks(layers, block_rows=br, dtype=np.float64, release=release))
+                names = list(s.layers if layers is None else layers)
+                assert [st for st, _ in got] == list(range(0, 103, br))
+                assert all(list(blk) == list(dict.fromkeys(names)) for _, blk in got)
+                for n in names:
+                    cat = np.concatenate([blk[n] for _, blk in got])
+                    np.testing.assert_array_equal(cat, want[n])
+                    assert all(blk[n].dtype == np.float64 for _, blk in got)
+    default = list(s.blocks(["c"], dtype=np.float64))  # ~16 MiB blocks: one here
+    assert len(default) == 1 and default[0][1]["c"].shape == (103, 1)
+    blk = s.read_block(["b", "a"], 17, 60)
+    assert list(blk) == ["b", "a"] and blk["a"].dtype == np.float32
+    np.testing.assert_array_equal(blk["a"], want["a"][17:60].astype(np.float32))
+    s.release()
+    s.release(3, 4)
+    np.testing.assert_array_equal(s.read("b", dtype="float64"), want["b"])  # still readable
+    with pytest.raises(InvalidArgumentError):
+        s.release(0, 104)
+    with pytest.raises(MissingLayerError):
+        next(s.blocks(["zz"]))
+    with pytest.raises(InvalidArgumentError):
+        next(s.blocks(block_rows=0))
+    with pytest.raises(InvalidArgumentError):
+        s.read_block(["a"], 5, 2)
+
+
+def test_torch_inputs_to_writer(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(_data(12, 6))
+    with ls.StoreWriter(tmp_path / "s") as w:
+        w.append(
+            {
+                "bf": x.to(torch.bfloat16),
+                "h": x.to(torch.float16),
+                "f": x.requires_grad_(True)[:, ::2],  # grad + non-contiguous view
+                "d": x.detach().double().t().contiguous().t(),  # Fortran order
+                "i": torch.arange(24).reshape(12, 2),
+            },
+            row_ids=torch.arange(12) + 100,
+            columns={"__label__": torch.arange(12) % 2},
+        )
+    s = w.store
+    assert s is not None
+    assert s.dtypes == {
+        "bf": "bfloat16",
+        "h": "float16",
+        "f": "float32",
+        "d": "float64",
+        "i": "float64",
+    }
+    xd = x.detach()
+    np.testing.assert_array_equal(s.read("bf"), xd.to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(s.read("h"), xd.to(torch.float16).float().numpy())
+    np.testing.assert_array_equal(s.read("f"), xd[:, ::2].numpy())
+    np.testing.assert_array_equal(s.read("d", dtype="float64"), xd.double().numpy())
+    np.testing.assert_array_equal(s.read("i", dtype="float64"), np.arange(24.0).reshape(12, 2))
+    np.testing.assert_array_equal(s.row_ids(), np.arange(12) + 100)
+    np.testing.assert_array_equal(s.column("__label__"), np.arange(12) % 2)
+    # a torch bf16 store dtype converts f32 input like torch does
+    t = ls.write_store(tmp_path / "t", {"x": xd}, dtype=torch.bfloat16)
+    np.testing.assert_array_equal(t.read("x"), xd.to(torch.bfloat16).float().numpy())
+    with pytest.raises(InvalidArgumentError):
+        ls.write_store(tmp_path / "c", {"x": torch.zeros(3, 2, dtype=torch.complex64)})
+
+
+def test_big_endian_and_fortran_numpy_inputs(tmp_path: Path) -> None:
+    x = _data(9, 4, np.float64)
+    s = ls.write_store(
+        tmp_path / "s",
+        {"be": x.astype(">f8"), "be16": x.astype(">f2"), "fo": np.asfortranarray(x)},
+    )
+    assert s.dtypes == {"be": "float64", "be16": "float16", "fo": "float64"}
+    np.testing.assert_array_equal(s.read("be", dtype="f64"), x)
+    np.testing.assert_array_equal(s.read("fo", dtype="f64"), x)
+    np.testing.assert_array_equal(s.read("be16"), x.astype(np.float16).astype(np.float32))
+
+
 def test_writer_from_background_thread(tmp_path: Path) -> None:
     p = tmp_path / "s"
     batches = [_data(50, 16) for _ in range(20)]
@@ -323,3 +528,30 @@ def test_cli_info(tmp_path: Path, capsys) -> None:
     assert info["bytes"] == sum(sh["bytes"] for sh in info["shards"])
     assert cli_main(["info", str(tmp_path / "nope")]) == 1
     assert "nope" in capsys.readouterr().err
+    assert cli_main(["verify", str(p), "--finite"]) == 0
+    assert "ok:" in capsys.readouterr().out
+    shard = p / "shard-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    assert cli_main(["info", str(p)]) == 0  # sizes/headers fine; sha256 only on request
+    capsys.readouterr()
+    assert cli_main(["verify", str(p)]) == 1
+    assert "sha256" in capsys.readouterr().err
+    q = tmp_path / "nan"
+    ls.write_store(q, {"x": np.array([[1.0, np.nan], [2.0, 3.0]])})
+    assert cli_main(["verify", str(q)]) == 0
+    capsys.readouterr()
+    assert cli_main(["verify", str(q), "--finite"]) == 1
+    assert "row 0" in capsys.readouterr().err
+
+
+def test_cli_entry_point(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    ls.write_store(p, {"x": _data(5, 3)}, metadata={"model": "m"})
+    exe = Path(sys.executable).with_name("layerscope")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "layerscope"]
+    r = subprocess.run([*cmd, "info", str(p)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for word in ("rows     5", "shards   1", "dim      3", "float32", '"model": "m"'):
+        assert word in r.stdout, r.stdout

@@ -84,6 +84,8 @@ def _to_native(name: str, x: Any) -> tuple[np.ndarray, str]:
             a, kind = t.numpy().astype(np.float64), "float64"
     else:
         a = np.asarray(x)
+        if a.dtype.kind == "f" and not a.dtype.isnative:  # big-endian input
+            a = a.astype(a.dtype.newbyteorder("="))
         if a.dtype == np.float16:
             a, kind = a.view(np.uint16), "float16"
         elif a.dtype.name == "bfloat16":  # ml_dtypes
@@ -169,13 +171,17 @@ class ActivationStore:
         """Rows ``[start, stop)`` of ``layer`` as a C-contiguous ``(rows, dim)`` array of
         float32 or float64 (bf16/f16 convert exactly). NaN/Inf are returned as stored."""
         kind = _read_dtype(dtype)
+        start, stop = self._range(start, stop)
+        return self._native.read(layer, start, stop, kind)
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.num_rows if stop is None else stop
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.num_rows:
             raise InvalidArgumentError(
                 f"row range [{start}, {stop}) is not within [0, {self.num_rows}]"
             )
-        return self._native.read(layer, start, stop, kind)
+        return start, stop
 
     def take(self, layer: str, indices: Any, dtype: Any = np.float64) -> np.ndarray:
         """The rows at ``indices`` (any order, each in ``[0, num_rows)``) of ``layer``."""
@@ -183,18 +189,56 @@ class ActivationStore:
         idx = _int64_1d("indices", indices)
         return self._native.take(layer, idx, kind)
 
+    def read_block(
+        self,
+        layers: Sequence[str] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        dtype: Any = np.float32,
+    ) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of several layers (default: all), read in parallel:
+        ``{layer: (rows, dim) array}`` in the given order."""
+        names = list(self.layers if layers is None else layers)
+        start, stop = self._range(start, stop)
+        arrays = self._native.read_block(names, start, stop, _read_dtype(dtype), False)
+        return dict(zip(names, arrays))
+
     def blocks(
-        self, layers: Sequence[str] | None = None, block_rows: int = 65536, dtype: Any = np.float32
+        self,
+        layers: Sequence[str] | None = None,
+        block_rows: int | None = None,
+        dtype: Any = np.float32,
+        *,
+        release: bool = True,
     ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Yield ``(start, {layer: block})`` over all rows in blocks of ``block_rows``."""
+        """Yield ``(start, {layer: block})`` over all rows, ``block_rows`` at a time, for any
+        subset of layers (default: all, manifest order) across all shards.
+
+        Each block is a fresh float32/float64 array (bf16/f16 converted exactly).
+        ``block_rows=None`` picks the rows that make a block of about 16 MiB of output (all
+        selected layers together; at least 1 row). With ``release=True`` (default) the
+        memory-mapped pages of a block are dropped from the process's resident set once it
+        is read, so streaming a store of any size keeps the peak RSS at a few blocks (the OS
+        page cache still holds the data)."""
         names = list(self.layers if layers is None else layers)
         for n in names:
             self._check_layer(n)
-        if block_rows < 1:
+        kind = _read_dtype(dtype)
+        if block_rows is None:
+            row_bytes = sum(self.dims[n] for n in names) * (4 if kind == "float32" else 8)
+            block_rows = max(1, (16 << 20) // max(row_bytes, 1))
+        if int(block_rows) < 1:
             raise InvalidArgumentError("block_rows must be at least 1")
+        block_rows = int(block_rows)
         for start in range(0, self.num_rows, block_rows):
             stop = min(start + block_rows, self.num_rows)
-            yield start, {n: self.read(n, start, stop, dtype) for n in names}
+            arrays = self._native.read_block(names, start, stop, kind, release)
+            yield start, dict(zip(names, arrays))
+
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Drop the mapped pages of rows ``[start, stop)`` from the resident set (a hint;
+        the data stays readable)."""
+        self._native.release(*self._range(start, stop))
 
     def find_nonfinite(self, layer: str) -> int | None:
         """The first row of ``layer`` holding NaN or ±Inf, or None."""
@@ -388,10 +432,24 @@ def _info_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_cmd(args: argparse.Namespace) -> int:
+    s = open_store(args.path, verify=True)  # structure, sizes, then sha256 of every shard
+    print(f"ok: {s.path}: {len(s.shards)} shards, {s.num_rows} rows, {s.nbytes} bytes (sha256)")
+    if args.finite:
+        s.check_finite()  # NonFiniteError naming the layer and row -> exit status 1
+        print(f"ok: all values of {len(s.layers)} layers are finite")
+    return 0
+
+
 def add_cli(sub: Any) -> None:
-    """Register ``layerscope info PATH [--json] [--verify]``."""
+    """Register ``layerscope info PATH [--json] [--verify]`` and
+    ``layerscope verify PATH [--finite]``."""
     p = sub.add_parser("info", help="describe a store: layers, dims, dtypes, rows, shards, bytes")
     p.add_argument("path", help="store folder")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
     p.set_defaults(func=_info_cmd)
+    v = sub.add_parser("verify", help="check a store: structure, sizes and every shard's sha256")
+    v.add_argument("path", help="store folder")
+    v.add_argument("--finite", action="store_true", help="also fail on NaN/Inf values")
+    v.set_defaults(func=_verify_cmd)

@@ -2,12 +2,14 @@
 //! (incremental atomic writer). All I/O and conversion runs with the GIL released, so a
 //! writer can run in a background Python thread while the main thread runs torch.
 use crate::convert::IntoPy;
+use crate::monitor::PyMonitor;
 use layerscope_core::store::{
     ArrayData, DType, Element, OpenOptions, Store, StoreWriter, Values, WriterOptions,
 };
 use layerscope_core::Error;
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::path::PathBuf;
@@ -22,16 +24,47 @@ fn parse_dtype(s: &str) -> PyResult<DType> {
         .py_err()
 }
 
-fn to_2d<'py, T: Element + numpy::Element>(
+/// A zeroed C-ordered `rows × cols` numpy array. Allocated by numpy (not a Rust `Vec`)
+/// because numpy asks the kernel for transparent huge pages on large arrays: filling a
+/// fresh 1 GB buffer then costs ~500 page faults instead of ~250 000.
+fn alloc_2d<T: numpy::Element>(py: Python<'_>, rows: usize, cols: usize) -> Bound<'_, PyArray2<T>> {
+    PyArray2::<T>::zeros(py, [rows, cols], false)
+}
+
+/// Fills fresh numpy arrays (one per `dims` entry, `rows` rows each) with `fill`, run with
+/// the GIL released.
+fn fill_arrays<'py, T, F>(
     py: Python<'py>,
-    v: Vec<T>,
     rows: usize,
-    cols: usize,
-) -> PyResult<Bound<'py, PyAny>> {
-    let a = Array2::from_shape_vec((rows, cols), v)
-        .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
-        .py_err()?;
-    Ok(a.into_pyarray(py).into_any())
+    dims: &[usize],
+    fill: F,
+) -> PyResult<Vec<Bound<'py, PyAny>>>
+where
+    T: Element + numpy::Element,
+    F: FnOnce(&mut [&mut [T]]) -> layerscope_core::Result<()> + Send,
+{
+    let arrays: Vec<Bound<'py, PyArray2<T>>> =
+        dims.iter().map(|&d| alloc_2d::<T>(py, rows, d)).collect();
+    {
+        let mut rws: Vec<_> = arrays.iter().map(|a| a.readwrite()).collect();
+        let mut slices = rws
+            .iter_mut()
+            .map(|rw| {
+                rw.as_slice_mut()
+                    .map_err(|e| Error::invalid(format!("internal: {e}")))
+            })
+            .collect::<layerscope_core::Result<Vec<&mut [T]>>>()
+            .py_err()?;
+        py.detach(|| fill(&mut slices)).py_err()?;
+    }
+    Ok(arrays.into_iter().map(|a| a.into_any()).collect())
+}
+
+fn one<'py>(v: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    v.into_iter()
+        .next()
+        .ok_or_else(|| Error::invalid("internal: no array"))
+        .py_err()
 }
 
 /// Which element type to return: "f32"/"float32" or "f64"/"float64".
@@ -156,17 +189,17 @@ impl NativeStore {
     ) -> PyResult<Bound<'py, PyAny>> {
         let li = self.inner.layer_index(layer).py_err()?;
         let dim = self.inner.layers()[li].dim;
-        let rows = stop.saturating_sub(start) as usize;
+        let n = self.inner.block_len(li, start, stop).py_err()?;
+        let rows = n / dim;
+        let store = &self.inner;
         if want_f64(dtype)? {
-            let v = py
-                .detach(|| self.inner.read_rows::<f64>(li, start, stop))
-                .py_err()?;
-            to_2d(py, v, rows, dim)
+            one(fill_arrays::<f64, _>(py, rows, &[dim], |o| {
+                store.read_block_into(&[li], start, stop, o)
+            })?)
         } else {
-            let v = py
-                .detach(|| self.inner.read_rows::<f32>(li, start, stop))
-                .py_err()?;
-            to_2d(py, v, rows, dim)
+            one(fill_arrays::<f32, _>(py, rows, &[dim], |o| {
+                store.read_block_into(&[li], start, stop, o)
+            })?)
         }
     }
 
@@ -190,12 +223,18 @@ impl NativeStore {
             rows.push(r);
         }
         let n = rows.len();
+        let store = &self.inner;
+        let take_one = |o: &mut [&mut [f64]]| match o {
+            [o] => store.take_into(li, &rows, o),
+            _ => Err(Error::invalid("internal: one buffer expected")),
+        };
         if want_f64(dtype)? {
-            let v = py.detach(|| self.inner.take::<f64>(li, &rows)).py_err()?;
-            to_2d(py, v, n, dim)
+            one(fill_arrays::<f64, _>(py, n, &[dim], take_one)?)
         } else {
-            let v = py.detach(|| self.inner.take::<f32>(li, &rows)).py_err()?;
-            to_2d(py, v, n, dim)
+            one(fill_arrays::<f32, _>(py, n, &[dim], |o| match o {
+                [o] => store.take_into(li, &rows, o),
+                _ => Err(Error::invalid("internal: one buffer expected")),
+            })?)
         }
     }
 
@@ -219,31 +258,27 @@ impl NativeStore {
             idx.push(li);
             dims.push(self.inner.layers()[li].dim);
         }
-        let rows = stop.saturating_sub(start) as usize;
-        let run = |f64_out: bool| {
-            py.detach(|| {
-                let out = if f64_out {
-                    Either::F64(self.inner.read_block::<f64>(&idx, start, stop)?)
-                } else {
-                    Either::F32(self.inner.read_block::<f32>(&idx, start, stop)?)
-                };
-                if release {
-                    self.inner.release(start, stop)?;
-                }
-                Ok::<_, Error>(out)
-            })
+        let rows = if let Some(&l) = idx.first() {
+            self.inner.block_len(l, start, stop).py_err()? / dims[0]
+        } else {
+            0
         };
-        match run(want_f64(dtype)?).py_err()? {
-            Either::F64(v) => v
-                .into_iter()
-                .zip(dims)
-                .map(|(b, d)| to_2d(py, b, rows, d))
-                .collect(),
-            Either::F32(v) => v
-                .into_iter()
-                .zip(dims)
-                .map(|(b, d)| to_2d(py, b, rows, d))
-                .collect(),
+        let store = &self.inner;
+        let release_after = |r: layerscope_core::Result<()>| {
+            r?;
+            if release {
+                store.release(start, stop)?;
+            }
+            Ok(())
+        };
+        if want_f64(dtype)? {
+            fill_arrays::<f64, _>(py, rows, &dims, |o| {
+                release_after(store.read_block_into(&idx, start, stop, o))
+            })
+        } else {
+            fill_arrays::<f32, _>(py, rows, &dims, |o| {
+                release_after(store.read_block_into(&idx, start, stop, o))
+            })
         }
     }
 
@@ -263,11 +298,6 @@ impl NativeStore {
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.verify()).py_err()
     }
-}
-
-enum Either {
-    F32(Vec<Vec<f32>>),
-    F64(Vec<Vec<f64>>),
 }
 
 /// Incremental store writer (see `layerscope.StoreWriter`).
@@ -386,7 +416,11 @@ impl NativeWriter {
                 .py_err()?;
             cols.push((n.as_str(), s));
         }
-        py.detach(|| w.append(&datas, ids, &cols)).py_err()
+        // Checks Ctrl-C between shards; an interrupted append leaves the finished shards
+        // (see `StoreWriter::append_monitored`).
+        let monitor = PyMonitor::new(None);
+        py.detach(|| w.append_monitored(&datas, ids, &cols, &monitor))
+            .py_err()
     }
 
     /// Rows appended so far.

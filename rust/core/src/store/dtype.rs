@@ -118,6 +118,42 @@ pub trait Element: Copy + Send + Sync + Default + 'static {
     fn to_f64(self) -> f64;
 }
 
+/// `f64 → f32` rounding to odd: exact values are kept, an inexact one becomes whichever of
+/// the two enclosing `f32` values has an odd last significand bit. Rounding that result once
+/// more to a format with at least 2 fewer significand bits (bf16: 8, f16: 11 vs 24) gives the
+/// correctly rounded (nearest-even) result of the original `f64` (Boldo & Melquiond, "Emulation
+/// of FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008).
+/// `half`'s own `from_f64` is not used: it rounds twice (via a nearest-even `f32`) or ignores
+/// the low 32 bits of the `f64` significand, which errs on near-ties.
+#[inline]
+pub fn f64_to_f32_round_odd(x: f64) -> f32 {
+    let t = x as f32;
+    if x.is_nan() || t as f64 == x {
+        return t;
+    }
+    let bits = t.to_bits();
+    // Truncate toward zero (|t| > |x| means t was rounded up in magnitude; the magnitude
+    // bits of a non-zero finite or infinite f32 are at least 1), then force the odd bit.
+    let trunc = if (t as f64).abs() > x.abs() {
+        bits - 1
+    } else {
+        bits
+    };
+    f32::from_bits(trunc | 1)
+}
+
+/// Correctly rounded (nearest-even) `f64 → bf16` bits.
+#[inline]
+pub fn f64_to_bf16_bits(x: f64) -> u16 {
+    half::bf16::from_f32(f64_to_f32_round_odd(x)).to_bits()
+}
+
+/// Correctly rounded (nearest-even) `f64 → f16` bits (as `numpy.astype(float16)`).
+#[inline]
+pub fn f64_to_f16_bits(x: f64) -> u16 {
+    half::f16::from_f32(f64_to_f32_round_odd(x)).to_bits()
+}
+
 #[inline]
 fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
@@ -243,14 +279,31 @@ impl Values<'_> {
     }
 
     /// Appends elements `[from, to)` converted to `dtype` (little endian) to `out`.
-    /// Conversions round to nearest-even (`half`); same-dtype copies are bit exact, NaN/Inf
-    /// are kept.
-    pub fn encode_into(&self, from: usize, to: usize, dtype: DType, out: &mut Vec<u8>) {
-        out.reserve((to - from) * dtype.size());
+    /// Conversions are correctly rounded to nearest-even (f64 inputs via
+    /// [`f64_to_f32_round_odd`]); same-dtype copies are bit exact, NaN/Inf are kept. `Error::InvalidArgument` (and `out` unchanged) when `[from, to)` is not a
+    /// range of the values.
+    pub fn encode_into(
+        &self,
+        from: usize,
+        to: usize,
+        dtype: DType,
+        out: &mut Vec<u8>,
+    ) -> crate::error::Result<()> {
+        if from > to || to > self.len() {
+            return Err(crate::error::Error::invalid(format!(
+                "element range [{from}, {to}) out of bounds for {} values",
+                self.len()
+            )));
+        }
+        let size = dtype.size();
+        let base = out.len();
+        out.resize(base + (to - from) * size, 0);
+        let dst = &mut out[base..];
+        // Fixed-size chunk writes (no per-element capacity checks) so that the loops vectorise.
         macro_rules! enc {
             ($src:expr, $f:expr) => {
-                for &x in &$src[from..to] {
-                    out.extend_from_slice(&$f(x));
+                for (d, &x) in dst.chunks_exact_mut(size).zip(&$src[from..to]) {
+                    d.copy_from_slice(&$f(x));
                 }
             };
         }
@@ -266,11 +319,9 @@ impl Values<'_> {
             }
             (Values::F64(s), DType::F32) => enc!(s, |x: f64| (x as f32).to_le_bytes()),
             (Values::F64(s), DType::F64) => enc!(s, |x: f64| x.to_le_bytes()),
-            (Values::F64(s), DType::F16) => {
-                enc!(s, |x: f64| f16::from_f64(x).to_bits().to_le_bytes())
-            }
+            (Values::F64(s), DType::F16) => enc!(s, |x: f64| f64_to_f16_bits(x).to_le_bytes()),
             (Values::F64(s), DType::BF16) => {
-                enc!(s, |x: f64| bf16::from_f64(x).to_bits().to_le_bytes())
+                enc!(s, |x: f64| f64_to_bf16_bits(x).to_le_bytes())
             }
             (Values::F16Bits(s), DType::F16) | (Values::BF16Bits(s), DType::BF16) => {
                 enc!(s, |x: u16| x.to_le_bytes())
@@ -296,6 +347,7 @@ impl Values<'_> {
                     .to_le_bytes())
             }
         }
+        Ok(())
     }
 }
 
@@ -346,14 +398,74 @@ mod tests {
         }
     }
 
+    /// Independent reference: the nearest of the two enclosing values (found by exhaustive
+    /// search over the target's bit patterns near the f32 rounding), ties to even.
+    fn nearest<F: Fn(u16) -> f64>(x: f64, to_f64: F, guess: u16) -> u16 {
+        let mut best = guess;
+        for d in -3i32..=3 {
+            let c = (guess as i32 + d) as u16;
+            let v = to_f64(c);
+            if v.is_nan() || (v.signum() != x.signum() && v != 0.0) {
+                continue;
+            }
+            let (e, eb) = ((v - x).abs(), (to_f64(best) - x).abs());
+            if e < eb || (e == eb && c & 1 == 0 && best & 1 == 1) {
+                best = c;
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn f64_to_half_types_correctly_rounded() {
+        let bf = |b: u16| half::bf16::from_bits(b).to_f64();
+        let hf = |b: u16| half::f16::from_bits(b).to_f64();
+        let mut xs = vec![1.0 + 2f64.powi(-8) + 2f64.powi(-40), 1.0 + 2f64.powi(-8)];
+        xs.push(1.0 + 2f64.powi(-11) + 2f64.powi(-45)); // f16 near-tie
+        xs.push(-(3.0 + 2f64.powi(-7) * 3.0 + 2f64.powi(-50)));
+        xs.push(300.0 + 2f64.powi(-30));
+        let mut r = 12345u64;
+        for _ in 0..20000 {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            // random f64 in a safe range, half of them nudged onto near-ties
+            let x = f64::from_bits((r & 0x000f_ffff_ffff_ffff) | (((r >> 52) % 40 + 1003) << 52));
+            let x = if r & 1 == 0 { -x } else { x };
+            xs.push(x);
+            let tie = (half::bf16::from_f64(x).to_f64()
+                + bf(half::bf16::from_f64(x).to_bits() + 1))
+                / 2.0;
+            xs.push(tie + tie * 2f64.powi(-40));
+            xs.push(tie - tie * 2f64.powi(-40));
+        }
+        for &x in &xs {
+            let gb = half::bf16::from_f32(x as f32).to_bits();
+            assert_eq!(f64_to_bf16_bits(x), nearest(x, bf, gb), "bf16 {x:e}");
+            if x.abs() < 60000.0 && x.abs() > 1e-4 {
+                let gh = half::f16::from_f32(x as f32).to_bits();
+                assert_eq!(f64_to_f16_bits(x), nearest(x, hf, gh), "f16 {x:e}");
+            }
+        }
+        assert!(f64_to_bf16_bits(f64::NAN) & 0x7fff > 0x7f80);
+        assert_eq!(f64_to_bf16_bits(1e300), 0x7f80);
+        assert_eq!(f64_to_bf16_bits(-1e-300), 0x8000);
+        assert_eq!(f64_to_f16_bits(1e10), 0x7c00);
+        assert_eq!(f64_to_f32_round_odd(0.5), 0.5);
+    }
+
     #[test]
     fn nonfinite_detection() {
         for dt in [DType::F16, DType::BF16, DType::F32, DType::F64] {
             let mut bytes = Vec::new();
-            Values::F64(&[1.0, 2.0, f64::NAN, 3.0]).encode_into(0, 4, dt, &mut bytes);
+            Values::F64(&[1.0, 2.0, f64::NAN, 3.0])
+                .encode_into(0, 4, dt, &mut bytes)
+                .unwrap();
             assert_eq!(dt.first_nonfinite(&bytes), Some(2), "{dt}");
             let mut bytes = Vec::new();
-            Values::F64(&[1.0, -65000.0]).encode_into(0, 2, dt, &mut bytes);
+            Values::F64(&[1.0, -65000.0])
+                .encode_into(0, 2, dt, &mut bytes)
+                .unwrap();
             assert_eq!(dt.first_nonfinite(&bytes), None, "{dt}");
         }
     }

@@ -297,24 +297,72 @@ impl Store {
     /// converted to `T` (bf16/f16 exactly; f64 → f32 rounds). Nothing is dropped: NaN/Inf
     /// come through as stored (see [`Store::find_nonfinite`]). Parallel over row chunks.
     pub fn read_rows<T: Element>(&self, layer: usize, start: u64, stop: u64) -> Result<Vec<T>> {
-        let info = self.layer(layer)?;
-        self.check_range(start, stop)?;
-        let (dim, dtype) = (info.dim, info.dtype);
-        let n = ((stop - start) as usize)
-            .checked_mul(dim)
-            .ok_or_else(|| Error::Memory("requested block too large".into()))?;
+        let n = self.block_len(layer, start, stop)?;
         let mut out = vec![T::default(); n];
+        self.read_rows_into(layer, start, stop, &mut out)?;
+        Ok(out)
+    }
+
+    /// Elements of rows `[start, stop)` of `layer` (`(stop - start) × dim`), after checking
+    /// the layer and the range.
+    pub fn block_len(&self, layer: usize, start: u64, stop: u64) -> Result<usize> {
+        let dim = self.layer(layer)?.dim;
+        self.check_range(start, stop)?;
+        usize::try_from(stop - start)
+            .ok()
+            .and_then(|r| r.checked_mul(dim))
+            .ok_or_else(|| Error::Memory("requested block too large".into()))
+    }
+
+    /// [`Store::read_rows`] into a caller's buffer of exactly `(stop - start) × dim`
+    /// elements (e.g. a numpy array, or a buffer reused across blocks: no allocation here).
+    pub fn read_rows_into<T: Element>(
+        &self,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [T],
+    ) -> Result<()> {
+        let n = self.block_len(layer, start, stop)?;
+        if out.len() != n {
+            return Err(Error::invalid(format!(
+                "output buffer has {} elements, rows [{start}, {stop}) of the layer need {n}",
+                out.len()
+            )));
+        }
+        let info = self.layer(layer)?;
+        let (dim, dtype) = (info.dim, info.dtype);
         let chunk_rows = (PAR_CHUNK_ELEMS / dim).max(1);
         if n <= PAR_CHUNK_ELEMS {
-            self.fill(layer, dtype, dim, start, &mut out)?;
+            self.fill(layer, dtype, dim, start, out)
         } else {
             out.par_chunks_mut(chunk_rows * dim)
                 .enumerate()
                 .try_for_each(|(i, c)| {
                     self.fill(layer, dtype, dim, start + (i * chunk_rows) as u64, c)
-                })?;
+                })
         }
-        Ok(out)
+    }
+
+    /// [`Store::read_block`] into caller buffers (`outs[i]` for `layers[i]`, each of exactly
+    /// `(stop - start) × dim` elements). Parallel over layers and row chunks.
+    pub fn read_block_into<T: Element>(
+        &self,
+        layers: &[usize],
+        start: u64,
+        stop: u64,
+        outs: &mut [&mut [T]],
+    ) -> Result<()> {
+        if outs.len() != layers.len() {
+            return Err(Error::invalid(format!(
+                "{} output buffers for {} layers",
+                outs.len(),
+                layers.len()
+            )));
+        }
+        outs.par_iter_mut()
+            .zip(layers.par_iter())
+            .try_for_each(|(o, &l)| self.read_rows_into(l, start, stop, o))
     }
 
     /// Rows `[start, stop)` of several layers (one row-major Vec per layer, in the given
@@ -338,6 +386,18 @@ impl Store {
     /// The rows at `rows` (any order, repeats allowed; each < num_rows) of one layer,
     /// row-major `rows.len() × dim`.
     pub fn take<T: Element>(&self, layer: usize, rows: &[u64]) -> Result<Vec<T>> {
+        let dim = self.layer(layer)?.dim;
+        let n = rows
+            .len()
+            .checked_mul(dim)
+            .ok_or_else(|| Error::Memory("requested block too large".into()))?;
+        let mut out = vec![T::default(); n];
+        self.take_into(layer, rows, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Store::take`] into a caller's buffer of exactly `rows.len() × dim` elements.
+    pub fn take_into<T: Element>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
         let info = self.layer(layer)?;
         let (dim, dtype) = (info.dim, info.dtype);
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.manifest.num_rows) {
@@ -346,21 +406,25 @@ impl Store {
                 self.manifest.num_rows
             )));
         }
-        let n = rows
-            .len()
-            .checked_mul(dim)
-            .ok_or_else(|| Error::Memory("requested block too large".into()))?;
-        let mut out = vec![T::default(); n];
+        if Some(out.len()) != rows.len().checked_mul(dim) {
+            return Err(Error::invalid(format!(
+                "output buffer has {} elements, {} rows of dim {dim} need {}",
+                out.len(),
+                rows.len(),
+                rows.len().saturating_mul(dim)
+            )));
+        }
         out.par_chunks_mut(dim)
             .zip(rows.par_iter())
             .with_min_len((PAR_CHUNK_ELEMS / dim).max(1))
-            .try_for_each(|(o, &r)| self.fill(layer, dtype, dim, r, o))?;
-        Ok(out)
+            .try_for_each(|(o, &r)| self.fill(layer, dtype, dim, r, o))
     }
 
-    /// An iterator of row blocks of `block_rows` rows (the last may be shorter) over the
-    /// selected layers, across all shards. Errors (bad layer index, `block_rows == 0`) come as
-    /// the first item.
+    /// An iterator of row blocks of `block_rows` rows (the last may be shorter) over any
+    /// subset of layers (in the given order, repeats allowed), across all shards. Each block
+    /// is an owned copy; after reading it the iterator [`Store::release`]s its mapped pages,
+    /// so streaming a store keeps the resident memory at about one block. Errors (bad layer
+    /// index, `block_rows == 0`) come as the first item.
     pub fn blocks<T: Element>(
         &self,
         layers: &[usize],
@@ -381,6 +445,86 @@ impl Store {
             done: false,
             _t: std::marker::PhantomData,
         }
+    }
+
+    /// Drops the memory-mapped pages of rows `[start, stop)` (every layer and row column)
+    /// from this process's resident set: a streaming reader calls it after it has used a
+    /// block, so that its peak RSS stays about one block instead of growing to the whole
+    /// store. The data stays readable (a later read maps the pages again, from the OS page
+    /// cache, which keeps them); pages shared with neighbouring rows may be dropped too,
+    /// which only costs a re-map. A no-op on non-Unix systems.
+    pub fn release(&self, start: u64, stop: u64) -> Result<()> {
+        self.check_range(start, stop)?;
+        if start == stop {
+            return Ok(());
+        }
+        let first = self.shard_of(start);
+        for s in self.shards.iter().skip(first) {
+            let s_start = s.info.start_row;
+            if s_start >= stop {
+                break;
+            }
+            let lo = start.max(s_start) - s_start;
+            let hi = stop.min(s_start + s.info.rows) - s_start;
+            if lo >= hi {
+                continue;
+            }
+            let (lo, hi) = (lo as usize, hi as usize);
+            for (r, l) in s.layers.iter().zip(&self.manifest.layers) {
+                let row_bytes = l.dim * l.dtype.size();
+                advise_dont_need(&s.map, r.start + lo * row_bytes, (hi - lo) * row_bytes);
+            }
+            for r in std::iter::once(&s.row_id).chain(&s.columns) {
+                advise_dont_need(&s.map, r.start + lo * 8, (hi - lo) * 8);
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams all rows of the selected layers (any subset, any order) through `f` in blocks
+    /// of `block_rows` rows, reusing one set of buffers: `f(start, rows, data)` gets
+    /// `data[i]` = the row-major `rows × dim` block of `layers[i]` (rows `[start, start +
+    /// rows)`). No allocation per block, pages released after each block (resident memory
+    /// stays about one block), `monitor.progress(rows_done, num_rows)` after each block
+    /// (Ctrl-C). Stops at the first error from reading, `f` or the monitor.
+    pub fn for_each_block<T: Element>(
+        &self,
+        layers: &[usize],
+        block_rows: usize,
+        monitor: &dyn crate::monitor::Monitor,
+        mut f: impl FnMut(u64, usize, &[Vec<T>]) -> Result<()>,
+    ) -> Result<()> {
+        if block_rows == 0 {
+            return Err(Error::invalid("block_rows must be at least 1"));
+        }
+        let n = self.num_rows();
+        let first = (block_rows as u64).min(n);
+        let mut bufs = layers
+            .iter()
+            .map(|&l| {
+                self.block_len(l, 0, first)
+                    .map(|len| vec![T::default(); len])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut start = 0u64;
+        monitor.progress(0, n)?;
+        while start < n {
+            let stop = (start + block_rows as u64).min(n);
+            let rows = (stop - start) as usize;
+            for (b, &l) in bufs.iter_mut().zip(layers) {
+                let len = self.block_len(l, start, stop)?;
+                b.truncate(len); // only the last block is shorter
+            }
+            {
+                let mut outs: Vec<&mut [T]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+                self.read_block_into(layers, start, stop, &mut outs)?;
+            }
+            self.release(start, stop)?;
+            f(start, rows, &bufs)?;
+            start = stop;
+            monitor.progress(start, n)?;
+        }
+        Ok(())
     }
 
     /// The first row of `layer` holding a NaN or ±Inf, or `None` when all are finite.
@@ -409,6 +553,26 @@ impl Store {
         });
         Ok(hit)
     }
+}
+
+/// `madvise(MADV_DONTNEED)` on `[off, off + len)` of a read-only file mapping (clamped to the
+/// map). Errors are ignored: this is only a hint about resident memory.
+fn advise_dont_need(map: &Mmap, off: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        let end = off.saturating_add(len).min(map.len());
+        if off < end {
+            // SAFETY: the mapping is read-only and backed by a file that is never modified
+            // through it, so dropping its pages loses nothing: a later access maps the same
+            // bytes again from the file (page cache). No Rust reference into the mapping is
+            // invalidated, since the contents seen through it do not change.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, end - off)
+            };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (map, off, len);
 }
 
 fn internal(path: &Path) -> Error {
@@ -447,7 +611,7 @@ impl<T: Element> Iterator for Blocks<'_, T> {
         let stop = (start + self.block_rows as u64).min(n);
         self.next = stop;
         match self.store.read_block(&self.layers, start, stop) {
-            Ok(data) => Some(Ok(Block {
+            Ok(data) => Some(self.store.release(start, stop).map(|()| Block {
                 start,
                 rows: (stop - start) as usize,
                 data,

@@ -411,3 +411,216 @@ fn foreign_shard_contents() {
     let e = Store::open(&p).unwrap_err();
     assert!(e.to_string().contains("expected I64"), "{e}");
 }
+
+#[test]
+fn release_keeps_data_readable_and_blocks_cover_subsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    // f16 layers: "b" (dim 5) follows "a" (dim 3, 6 bytes a row), so it often starts unaligned.
+    let (a, b) = write(&p, Some(DType::F16), 300, 64);
+    let s = Store::open(&p).unwrap();
+    assert!(s.shards().len() > 3);
+    let before = s.read_block::<f64>(&[0, 1], 0, 64).unwrap();
+    s.release(0, 64).unwrap();
+    s.release(10, 10).unwrap();
+    s.release(63, 64).unwrap();
+    assert!(s.release(5, 65).is_err());
+    assert!(s.release(6, 5).is_err());
+    assert_eq!(s.read_block::<f64>(&[0, 1], 0, 64).unwrap(), before);
+    for (x, g) in a.iter().zip(&before[0]) {
+        assert_eq!(*g, half::f16::from_f64(*x).to_f64());
+    }
+    // every subset / order of layers, block sizes that do and do not divide the shard size
+    for layers in [vec![1], vec![1, 0], vec![0, 0, 1]] {
+        for br in [1usize, 5, 13, 64, 1000] {
+            let blocks: Vec<Block<f32>> = s
+                .blocks::<f32>(&layers, br)
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(blocks.len(), 64usize.div_ceil(br));
+            for (k, &l) in layers.iter().enumerate() {
+                let dim = [3usize, 5][l];
+                let cat: Vec<f32> = blocks.iter().flat_map(|bl| bl.data[k].clone()).collect();
+                let want = s.read_rows::<f32>(l, 0, 64).unwrap();
+                assert_eq!(cat, want, "layers {layers:?} block {br}");
+                assert_eq!(cat.len(), 64 * dim);
+            }
+            let starts: Vec<u64> = blocks.iter().map(|bl| bl.start).collect();
+            assert_eq!(starts, (0..64).step_by(br).collect::<Vec<u64>>());
+        }
+    }
+    assert_eq!(
+        s.read_rows::<f32>(1, 0, 64).unwrap(),
+        b.iter()
+            .map(|&x| half::f16::from_f64(x).to_f32())
+            .collect::<Vec<_>>()
+    );
+    assert!(s.blocks::<f32>(&[2], 4).next().unwrap().is_err());
+    // caller buffers must have exactly the right size
+    let mut small = vec![0f32; 5 * 3 - 1];
+    assert!(matches!(
+        s.read_rows_into(0, 0, 5, &mut small),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        s.take_into(0, &[1, 2, 3, 4, 5], &mut small),
+        Err(Error::InvalidArgument(_))
+    ));
+    let (mut x, mut y) = (vec![0f64; 7 * 5], vec![0f64; 7 * 3]);
+    s.read_block_into(&[1, 0], 30, 37, &mut [&mut x, &mut y])
+        .unwrap();
+    assert_eq!(y, s.read_rows::<f64>(0, 30, 37).unwrap());
+    assert_eq!(x, s.read_rows::<f64>(1, 30, 37).unwrap());
+    assert!(s
+        .read_block_into(&[1], 30, 37, &mut [&mut x, &mut y])
+        .is_err());
+    let mut t = vec![0f32; 2 * 5];
+    s.take_into(1, &[63, 0], &mut t).unwrap();
+    assert_eq!(&t[5..], &s.read_rows::<f32>(1, 0, 1).unwrap()[..]);
+    // an empty store has no blocks
+    let e = dir.path().join("e");
+    StoreWriter::create(&e, WriterOptions::default())
+        .unwrap()
+        .finish()
+        .unwrap();
+    let s = Store::open(&e).unwrap();
+    assert_eq!(s.num_rows(), 0);
+    assert!(s.blocks::<f32>(&[], 4).next().is_none());
+    s.release(0, 0).unwrap();
+}
+
+#[test]
+fn encode_rejects_bad_ranges() {
+    let v = Values::F32(&[1.0, 2.0, 3.0]);
+    let mut out = vec![7u8];
+    assert!(v.encode_into(2, 4, DType::F32, &mut out).is_err());
+    assert!(v.encode_into(2, 1, DType::F32, &mut out).is_err());
+    assert_eq!(out, vec![7u8]);
+    v.encode_into(1, 3, DType::BF16, &mut out).unwrap();
+    assert_eq!(out.len(), 5);
+    assert_eq!(
+        &out[1..3],
+        &half::bf16::from_f32(2.0).to_bits().to_le_bytes()
+    );
+}
+
+#[test]
+fn interrupted_append_keeps_finished_shards_and_poisons_writer() {
+    use crate::monitor::FlagMonitor;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct StopAt<'a>(u64, &'a AtomicBool);
+    impl crate::monitor::Monitor for StopAt<'_> {
+        fn progress(&self, done: u64, _total: u64) -> crate::error::Result<()> {
+            if done >= self.0 {
+                self.1.store(true, Ordering::Relaxed);
+            }
+            FlagMonitor(self.1).progress(done, 0)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    let a = data(25, 2, 0.0);
+    let mut w = StoreWriter::create(
+        &p,
+        WriterOptions {
+            shard_bytes: 4 * (2 * 8 + 8), // 4 rows a shard
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // argument errors leave the writer usable
+    assert!(w
+        .append(
+            &[("a", ArrayData::new(Values::F64(&a[..4]), 2, 2))],
+            Some(&[1]),
+            &[]
+        )
+        .is_err());
+    w.append(
+        &[("a", ArrayData::new(Values::F64(&a[..6]), 3, 2))],
+        None,
+        &[],
+    )
+    .unwrap();
+    let flag = AtomicBool::new(false);
+    let e = w
+        .append_monitored(
+            &[("a", ArrayData::new(Values::F64(&a[6..]), 22, 2))],
+            None,
+            &[],
+            &StopAt(9, &flag),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    let committed = w.rows_committed();
+    assert_eq!(committed, 12); // shards of rows 0-3, 4-7, 8-11; stopped at batch row 9
+    let e = w
+        .append(
+            &[("a", ArrayData::new(Values::F64(&a[..2]), 1, 2))],
+            None,
+            &[],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("stopped part-way"), "{e}");
+    assert!(w.finish().is_err());
+    let s = Store::open(&p).unwrap();
+    assert_eq!(s.num_rows(), committed);
+    assert!(!s.is_complete());
+    assert_eq!(s.read_rows::<f64>(0, 0, 12).unwrap(), a[..24].to_vec());
+    assert_eq!(s.row_ids().unwrap(), (0..12).collect::<Vec<i64>>());
+    s.verify().unwrap();
+}
+
+#[test]
+fn for_each_block_streams_subsets_with_reused_buffers() {
+    use crate::monitor::{FlagMonitor, NoMonitor};
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    write(&p, Some(DType::BF16), 250, 41);
+    let s = Store::open(&p).unwrap();
+    assert!(s.shards().len() > 3);
+    for layers in [vec![0, 1], vec![1], vec![1, 1, 0]] {
+        for br in [1usize, 4, 7, 41, 100] {
+            let mut got: Vec<Vec<f64>> = vec![Vec::new(); layers.len()];
+            let mut starts = Vec::new();
+            s.for_each_block::<f64>(&layers, br, &NoMonitor, |start, rows, data| {
+                starts.push(start);
+                for (g, (d, &l)) in got.iter_mut().zip(data.iter().zip(&layers)) {
+                    assert_eq!(d.len(), rows * [3, 5][l]);
+                    g.extend_from_slice(d);
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(starts, (0..41).step_by(br).collect::<Vec<u64>>());
+            for (g, &l) in got.iter().zip(&layers) {
+                assert_eq!(*g, s.read_rows::<f64>(l, 0, 41).unwrap(), "{layers:?} {br}");
+            }
+        }
+    }
+    // errors from f, the monitor and the arguments stop the stream
+    let mut calls = 0;
+    let e = s
+        .for_each_block::<f32>(&[0], 5, &NoMonitor, |_, _, _| {
+            calls += 1;
+            if calls == 2 {
+                Err(Error::invalid("stop"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("stop") && calls == 2);
+    let flag = AtomicBool::new(true);
+    let e = s
+        .for_each_block::<f32>(&[0], 5, &FlagMonitor(&flag), |_, _, _| Ok(()))
+        .unwrap_err();
+    assert!(matches!(e, Error::Interrupted));
+    assert!(s
+        .for_each_block::<f32>(&[0], 0, &NoMonitor, |_, _, _| Ok(()))
+        .is_err());
+    assert!(s
+        .for_each_block::<f32>(&[9], 3, &NoMonitor, |_, _, _| Ok(()))
+        .is_err());
+}

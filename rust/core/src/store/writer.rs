@@ -7,6 +7,7 @@ use super::manifest::{
 };
 use super::shard::build_header;
 use crate::error::{Error, Result};
+use crate::monitor::{Monitor, NoMonitor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
@@ -67,6 +68,8 @@ pub struct StoreWriter {
     buf_rows: usize,
     rows_per_shard: usize,
     rows_appended: u64,
+    /// Set when an append failed part-way: the buffers no longer match `rows_appended`.
+    poisoned: bool,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -189,6 +192,7 @@ impl StoreWriter {
             buf_rows: 0,
             rows_per_shard: 1,
             rows_appended: 0,
+            poisoned: false,
         };
         w.write_manifest()?;
         Ok(w)
@@ -221,6 +225,18 @@ impl StoreWriter {
             }
         }
         sync_dir(path)
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::invalid(format!(
+                "an earlier append to {} stopped part-way (interrupted or an I/O error); the \
+                 store keeps the {} rows of its finished shards; open a new writer to rewrite it",
+                self.path.display(),
+                self.manifest.num_rows
+            )));
+        }
+        Ok(())
     }
 
     fn write_manifest(&self) -> Result<()> {
@@ -263,6 +279,23 @@ impl StoreWriter {
         row_ids: Option<&[i64]>,
         columns: &[(&str, &[i64])],
     ) -> Result<()> {
+        self.append_monitored(layers, row_ids, columns, &NoMonitor)
+    }
+
+    /// [`StoreWriter::append`] calling `monitor.progress(rows_done, rows)` before each piece
+    /// of at most one shard, so that a long append can be interrupted (Ctrl-C). An error
+    /// that stops an append part-way (interrupt, I/O error) leaves the store valid with the
+    /// shards finished so far, and the writer refuses further appends and `finish`
+    /// (the rows buffered at that point are not written). Argument errors (mismatched
+    /// layers, rows, ids) are raised before anything is buffered and leave the writer usable.
+    pub fn append_monitored(
+        &mut self,
+        layers: &[(&str, ArrayData)],
+        row_ids: Option<&[i64]>,
+        columns: &[(&str, &[i64])],
+        monitor: &dyn Monitor,
+    ) -> Result<()> {
+        self.check_usable()?;
         if layers.is_empty() {
             return Err(Error::invalid("append needs at least one layer"));
         }
@@ -329,16 +362,38 @@ impl StoreWriter {
                     .ok_or_else(|| Error::invalid("internal: column order"))
             })
             .collect::<Result<_>>()?;
+        match self.write_rows(&order, &cols, row_ids, rows, monitor) {
+            Ok(()) => {
+                self.rows_appended += rows as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Encodes `rows` rows into the buffers, committing a shard whenever one is full.
+    fn write_rows(
+        &mut self,
+        order: &[ArrayData],
+        cols: &[&[i64]],
+        row_ids: Option<&[i64]>,
+        rows: usize,
+        monitor: &dyn Monitor,
+    ) -> Result<()> {
         let mut done = 0usize;
         while done < rows {
+            monitor.progress(done as u64, rows as u64)?;
             let take = (self.rows_per_shard - self.buf_rows).min(rows - done);
             for (li, (a, l)) in order.iter().zip(&self.manifest.layers).enumerate() {
-                a.values.encode_into(
-                    done * l.dim,
-                    (done + take) * l.dim,
-                    l.dtype,
-                    &mut self.buf[li],
-                );
+                let buf = self
+                    .buf
+                    .get_mut(li)
+                    .ok_or_else(|| Error::invalid("internal: layer buffer"))?;
+                a.values
+                    .encode_into(done * l.dim, (done + take) * l.dim, l.dtype, buf)?;
             }
             match row_ids {
                 Some(ids) => self.buf_ids.extend_from_slice(&ids[done..done + take]),
@@ -348,7 +403,7 @@ impl StoreWriter {
                         .extend((base..base + take as u64).map(|r| r as i64));
                 }
             }
-            for (b, c) in self.buf_cols.iter_mut().zip(&cols) {
+            for (b, c) in self.buf_cols.iter_mut().zip(cols) {
                 b.extend_from_slice(&c[done..done + take]);
             }
             self.buf_rows += take;
@@ -357,8 +412,7 @@ impl StoreWriter {
                 self.flush_shard()?;
             }
         }
-        self.rows_appended += rows as u64;
-        Ok(())
+        monitor.progress(rows as u64, rows as u64)
     }
 
     fn init_schema(
@@ -487,14 +541,22 @@ impl StoreWriter {
         let mut parts: Vec<&[u8]> = vec![&header, &ids];
         parts.extend(cols.iter().map(|c| c.as_slice()));
         parts.extend(self.buf.iter().map(|b| b.as_slice()));
-        let mut h = Sha256::new();
-        let mut bytes = 0u64;
-        for p in &parts {
-            h.update(p);
-            bytes += p.len() as u64;
-        }
-        let sha256: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        atomic_write(&self.path, &name, &parts)?;
+        let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        // Hash on one thread while the other writes and fsyncs the temp file.
+        let (sha256, written) = rayon::join(
+            || {
+                let mut h = Sha256::new();
+                for p in &parts {
+                    h.update(p);
+                }
+                h.finalize()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            },
+            || atomic_write(&self.path, &name, &parts),
+        );
+        written?;
         let start_row = self.manifest.num_rows;
         self.manifest.shards.push(ShardInfo {
             file: name,
@@ -518,8 +580,14 @@ impl StoreWriter {
 
     /// Writes the remaining rows and marks the manifest complete.
     pub fn finish(mut self) -> Result<()> {
-        self.flush_shard()?;
+        self.check_usable()?;
+        // The manifest written after the last shard is already the complete one (one atomic
+        // manifest write fewer). Should that shard fail, no manifest says complete.
         self.manifest.complete = true;
-        self.write_manifest()
+        if self.buf_rows > 0 {
+            self.flush_shard()
+        } else {
+            self.write_manifest()
+        }
     }
 }
