@@ -162,3 +162,34 @@ def test_errors() -> None:
     same = np.ones((10, 3))
     with pytest.raises(InvalidArgumentError, match="median"):
         _native.rbf_hsic([same], None)
+
+
+def test_tiny_and_non_finite_inputs_are_typed_errors() -> None:
+    from layerscope.errors import NonFiniteError
+
+    layers = make_layers(m=30)
+    with pytest.raises(InvalidArgumentError):  # unbiased HSIC needs m >= 4
+        rbf_cka({"x": layers["x"][:3]}, None, None, None, estimator="debiased", progress=False)
+    with pytest.raises(InvalidArgumentError):
+        _native.rbf_hsic([layers["x"][:1]], None)
+    with pytest.raises(InvalidArgumentError):
+        _native.rbf_hsic([], None)
+    bad = layers["x"].copy()
+    bad[6, 1] = np.nan
+    with pytest.raises(NonFiniteError, match="row 6"):
+        rbf_cka({"b": bad}, None, None, None, progress=False)
+    with pytest.raises(NonFiniteError):
+        _native.rbf_hsic([bad], None)
+
+
+def test_progress_callback_and_interrupt() -> None:
+    layers = make_layers(m=60)
+    calls: list[tuple[int, int]] = []
+    rbf_cka(layers, None, None, None, progress=lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1][0] == calls[-1][1]
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rbf_cka(layers, None, None, None, progress=stop)

@@ -1,6 +1,279 @@
-//! Bindings of the minibatch CKA estimators (layerscope-core `measures::cka`).
+//! Bindings of the minibatch CKA estimator (layerscope-core `measures::cka`, Nguyen et al.
+//! 2021): a streaming accumulator fed with in-memory blocks, and the one-pass streaming of
+//! stores. Only type conversion here; the work runs in the core with the GIL released.
+use crate::convert::IntoPy;
+use crate::monitor::PyMonitor;
+use crate::store::NativeStore;
+use layerscope_core::engine::moments::Selection;
+use layerscope_core::measures::cka::{
+    minibatch_stores, Kernel, MinibatchCka as CoreCka, MinibatchHsic,
+};
+use layerscope_core::Error;
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// Byte budget of the Gram matrices when the caller gives none.
+const DEFAULT_MAX_MEMORY: u64 = 8 << 30;
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    dims: &[usize],
+    names: Option<Vec<String>>,
+    kernel: &str,
+    sigma: f64,
+    batch_size: usize,
+    num_a: Option<usize>,
+    check_finite: bool,
+    max_memory: Option<u64>,
+) -> Result<CoreCka, Error> {
+    let mut acc = CoreCka::new(dims, Kernel::parse(kernel, sigma)?, batch_size)?
+        .with_check_finite(check_finite);
+    if let Some(n) = names {
+        acc = acc.with_names(&n)?;
+    }
+    if let Some(a) = num_a {
+        acc = acc.with_num_a(a)?;
+    }
+    // Without a budget, a huge batch_size would make the first Gram allocation abort the
+    // process; 8 GiB is the default budget (as in `layerscope.cka`).
+    acc = acc.with_max_memory(max_memory.unwrap_or(DEFAULT_MAX_MEMORY))?;
+    Ok(acc)
+}
+
+/// The result as a dict: `values` (CKA of layers `0..num_a` × the others, or all × all),
+/// `hsic` (L × L mean HSIC₁, NaN where not computed), `bandwidths`, `batches`, `rows_used`,
+/// `rows_seen`, `nonfinite`, `names`.
+fn to_dict<'py>(py: Python<'py>, r: &MinibatchHsic) -> PyResult<Bound<'py, PyDict>> {
+    let l = r.dims.len();
+    let rows: Vec<usize> = (0..r.num_a).collect();
+    let cols: Vec<usize> = if r.num_a == l {
+        (0..l).collect()
+    } else {
+        (r.num_a..l).collect()
+    };
+    let vals = r.cka_matrix(&rows, &cols).py_err()?;
+    let shape_err =
+        |e: numpy::ndarray::ShapeError| Error::invalid(format!("internal shape error: {e}"));
+    let values = Array2::from_shape_vec((rows.len(), cols.len()), vals)
+        .map_err(shape_err)
+        .py_err()?;
+    let hsic = Array2::from_shape_vec((l, l), r.hsic.clone())
+        .map_err(shape_err)
+        .py_err()?;
+    let d = PyDict::new(py);
+    d.set_item("values", values.into_pyarray(py))?;
+    d.set_item("hsic", hsic.into_pyarray(py))?;
+    d.set_item("bandwidths", r.bandwidths.clone())?;
+    d.set_item("batches", r.batches)?;
+    d.set_item("rows_used", r.rows_used)?;
+    d.set_item("rows_seen", r.rows_seen)?;
+    d.set_item("batch_size", r.batch_size)?;
+    d.set_item("kernel", r.kernel.name())?;
+    d.set_item("nonfinite", r.nonfinite.clone())?;
+    d.set_item("names", r.names.clone())?;
+    Ok(d)
+}
+
+/// Streaming minibatch CKA (see layerscope_core::measures::cka): unbiased HSIC (Song et al.
+/// 2012) averaged over consecutive minibatches of `batch_size` rows, linear or RBF kernel.
+#[pyclass(module = "layerscope._native", name = "MinibatchCka")]
+pub struct PyMinibatchCka {
+    inner: Option<CoreCka>,
+}
+
+impl PyMinibatchCka {
+    fn get_mut(&mut self) -> PyResult<&mut CoreCka> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| Error::invalid("this accumulator was finished"))
+            .py_err()
+    }
+}
+
+enum Blocks<'py> {
+    F32(Vec<PyReadonlyArray2<'py, f32>>),
+    F64(Vec<PyReadonlyArray2<'py, f64>>),
+}
+
+fn extract_blocks<'py>(arrays: &[Bound<'py, PyAny>]) -> PyResult<Blocks<'py>> {
+    if let Ok(v) = arrays
+        .iter()
+        .map(|a| a.extract::<PyReadonlyArray2<f32>>())
+        .collect::<Result<Vec<_>, _>>()
+    {
+        return Ok(Blocks::F32(v));
+    }
+    let mut out = Vec::with_capacity(arrays.len());
+    for (i, a) in arrays.iter().enumerate() {
+        out.push(a.extract::<PyReadonlyArray2<f64>>().map_err(|_| {
+            crate::convert::to_py(Error::invalid(format!(
+                "block {i}: expected 2-D arrays that are all float32 or all float64"
+            )))
+        })?);
+    }
+    Ok(Blocks::F64(out))
+}
+
+fn rows_of(shapes: &[[usize; 2]]) -> PyResult<usize> {
+    let rows = shapes.first().map(|s| s[0]).unwrap_or(0);
+    if shapes.iter().any(|s| s[0] != rows) {
+        return Err(Error::Mismatch(
+            "blocks of one update must have the same number of rows".into(),
+        ))
+        .py_err();
+    }
+    Ok(rows)
+}
+
+#[pymethods]
+impl PyMinibatchCka {
+    /// An empty accumulator for layers of widths `dims`. `kernel`: "linear" or "rbf" (with
+    /// `sigma`, bandwidth per minibatch); `num_a`: layers of the first source (cross pairs
+    /// only); `max_memory`: byte budget of the Grams (default 8 GiB; MemoryBudgetError
+    /// above it).
+    #[new]
+    #[pyo3(signature = (dims, names=None, kernel="linear", sigma=1.0, batch_size=256,
+        num_a=None, check_finite=true, max_memory=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dims: Vec<usize>,
+        names: Option<Vec<String>>,
+        kernel: &str,
+        sigma: f64,
+        batch_size: usize,
+        num_a: Option<usize>,
+        check_finite: bool,
+        max_memory: Option<u64>,
+    ) -> PyResult<Self> {
+        let acc = build(
+            &dims,
+            names,
+            kernel,
+            sigma,
+            batch_size,
+            num_a,
+            check_finite,
+            max_memory,
+        )
+        .py_err()?;
+        Ok(PyMinibatchCka { inner: Some(acc) })
+    }
+
+    /// Feed a block of rows: one C-contiguous 2-D array per layer (all float32 or all
+    /// float64, equal row counts). Minibatches continue across blocks.
+    fn update(&mut self, py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        let blocks = extract_blocks(&arrays)?;
+        let acc = self.get_mut()?;
+        let mon = PyMonitor::new(None);
+        match blocks {
+            Blocks::F32(v) => {
+                let shapes: Vec<[usize; 2]> =
+                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
+                let rows = rows_of(&shapes)?;
+                let slices: Vec<&[f32]> = v
+                    .iter()
+                    .map(|a| a.as_slice())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
+                    .py_err()?;
+                py.detach(|| acc.update(&slices, rows, &mon)).py_err()
+            }
+            Blocks::F64(v) => {
+                let shapes: Vec<[usize; 2]> =
+                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
+                let rows = rows_of(&shapes)?;
+                let slices: Vec<&[f64]> = v
+                    .iter()
+                    .map(|a| a.as_slice())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
+                    .py_err()?;
+                py.detach(|| acc.update(&slices, rows, &mon)).py_err()
+            }
+        }
+    }
+
+    /// Rows fed so far.
+    #[getter]
+    fn rows_seen(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |a| a.rows_seen())
+    }
+
+    /// Process the final shorter minibatch (if it has ≥ 4 rows) and return the result dict
+    /// (`values`, `hsic`, `bandwidths`, `batches`, `rows_used`, `rows_seen`, `nonfinite`, …).
+    /// The accumulator is consumed.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let acc = self
+            .inner
+            .take()
+            .ok_or_else(|| Error::invalid("this accumulator was finished"))
+            .py_err()?;
+        let r = py.detach(|| acc.finish()).py_err()?;
+        to_dict(py, &r)
+    }
+}
+
+/// Minibatch CKA in one streaming pass over the selected layers of one or more row-aligned
+/// stores (`selections`: `[(NativeStore, [layer index, ...]), ...]`), GIL released, reader
+/// thread one block ahead. Returns the result dict of `MinibatchCka.finish`.
+#[pyfunction]
+#[pyo3(signature = (selections, names, kernel="linear", sigma=1.0, batch_size=256, num_a=None,
+    check_finite=true, max_memory=None, block_rows=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn minibatch_cka_stores<'py>(
+    py: Python<'py>,
+    selections: Vec<(Py<NativeStore>, Vec<usize>)>,
+    names: Vec<String>,
+    kernel: &str,
+    sigma: f64,
+    batch_size: usize,
+    num_a: Option<usize>,
+    check_finite: bool,
+    max_memory: Option<u64>,
+    block_rows: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let sels: Vec<Selection<'_>> = selections
+        .iter()
+        .map(|(s, l)| Selection {
+            store: &s.get().inner,
+            layers: l.clone(),
+        })
+        .collect();
+    let mut dims = Vec::new();
+    for s in &sels {
+        for &l in &s.layers {
+            let info = s
+                .store
+                .layers()
+                .get(l)
+                .ok_or_else(|| Error::invalid(format!("layer index {l} out of range")))
+                .py_err()?;
+            dims.push(info.dim);
+        }
+    }
+    let acc = build(
+        &dims,
+        Some(names),
+        kernel,
+        sigma,
+        batch_size,
+        num_a,
+        check_finite,
+        max_memory,
+    )
+    .py_err()?;
+    let mon = PyMonitor::new(progress);
+    let r = py
+        .detach(|| minibatch_stores(&sels, acc, block_rows, &mon))
+        .py_err()?;
+    to_dict(py, &r)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyMinibatchCka>()?;
+    m.add_function(wrap_pyfunction!(minibatch_cka_stores, m)?)?;
     Ok(())
 }

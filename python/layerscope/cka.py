@@ -1,0 +1,528 @@
+"""Centred kernel alignment (CKA) between every pair of layers: ``layerscope.cka``.
+
+Estimators (``X``, ``Y``: the ``n × d_x`` and ``n × d_y`` activations of two layers on the
+same rows; ``H = I − 11ᵀ/n``; ``K``, ``L`` their Gram matrices):
+
+* ``kernel="linear", estimator="biased"`` — Kornblith, Norouzi, Lee & Hinton (2019, ICML,
+  "Similarity of neural network representations revisited"):
+  ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with ``HSIC = tr(KHLH)/(n−1)²``
+  (Gretton et al. 2005), which for ``K = XXᵀ`` is ``‖X̄ᵀȲ‖_F² / (‖X̄ᵀX̄‖_F ‖ȲᵀȲ‖_F)``
+  (``X̄``: column-centred). Exact over **all rows**, in one streaming pass of the moment
+  engine (f64, shifted data; ``layerscope._moments``), memory independent of ``n``.
+* ``kernel="linear", estimator="debiased"`` — the same ratio with the unbiased HSIC of Song,
+  Smola, Gretton, Bedo & Borgwardt (2012, JMLR 13, eq. 5):
+  ``HSIC₁ = [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3))``,
+  ``K̃ = K − diag K``; from the same pass (both estimators are in ``res.extra``). Debiased
+  CKA **can be negative** (independent layers give values scattered around 0); it is never
+  clamped. NaN when a layer is constant or ``n < 4``.
+* ``kernel="rbf"`` — ``K_ab = exp(−‖x_a − x_b‖²/(2 bw²))``, ``bw = sigma · sqrt(median of
+  all pairwise squared distances, diagonal included)`` (Kornblith et al. 2019), on a seeded
+  sample of rows (``sample``; by default all rows up to 4096, then a seeded sample of 4096);
+  biased or debiased as above (``layerscope._kernel``).
+* ``estimator="minibatch"`` (linear or RBF) — Nguyen, Raghu & Kornblith (2021, ICLR, "Do
+  wide and deep networks learn the same things?"): the rows, in order, are cut into
+  consecutive minibatches of ``batch_size`` rows (default 256; a final shorter batch is used
+  when it has ≥ 4 rows), ``CKA = mean_b HSIC₁(K_b, L_b) / sqrt(mean_b HSIC₁(K_b, K_b) ·
+  mean_b HSIC₁(L_b, L_b))``. For the RBF kernel the bandwidth rule above is applied **per
+  minibatch** (the mean bandwidth is reported). Streamed in Rust
+  (``layerscope_core::measures::cka``), memory one ``batch_size²`` Gram per layer. It
+  estimates the population (unbiased) CKA, so it approaches the debiased value, not the
+  biased one; its spread shrinks with the number of batches.
+
+Non-finite values: ``nonfinite="error"`` raises ``NonFiniteError`` naming the layer and the
+first bad row; ``nonfinite="nan"`` warns and sets every cell involving such a layer to NaN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import types
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._moments import compute_moments
+from ._progress import Progress
+from ._source import Source, check_comparable, resolve
+from .errors import InvalidArgumentError
+from .results import MatrixResult
+
+__all__ = ["cka", "DEFAULT_BATCH_SIZE"]
+
+KERNELS = ("linear", "rbf")
+ESTIMATORS = ("biased", "debiased", "minibatch")
+#: Rows per minibatch of ``estimator="minibatch"`` when ``batch_size`` is None.
+DEFAULT_BATCH_SIZE = 256
+#: Byte budget of the minibatch Gram matrices (and of the RBF Grams) when ``max_memory`` is
+#: None.
+DEFAULT_GRAM_MEMORY = 8 << 30
+
+
+def cka(
+    source: Any,
+    other: Any = None,
+    *,
+    kernel: str = "linear",
+    estimator: str = "biased",
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    sigma: float = 1.0,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+    nonfinite: str = "error",
+    progress: Any = True,
+) -> MatrixResult:
+    """CKA of every layer pair (see the module docstring for the formulas and papers).
+
+    Args:
+        source: an ``ActivationStore``, a store path, or a dict ``{layer: 2-D array}``
+            (numpy or torch; bf16 tensors are widened exactly).
+        other: a second source over the same rows (row ids are checked, in order;
+            ``MismatchError`` says where they diverge). None: all pairs within ``source``
+            (a symmetric matrix, each pair computed once).
+        kernel: ``"linear"`` or ``"rbf"``.
+        estimator: ``"biased"`` (Kornblith et al. 2019), ``"debiased"`` (unbiased HSIC, Song
+            et al. 2012; may be negative) or ``"minibatch"`` (Nguyen et al. 2021).
+        layers / other_layers: layer names (None: all, in store order).
+        sample: use a seeded sample of this many rows (``default_rng(seed).choice``, sorted).
+            Linear biased/debiased default to all rows; RBF to all rows up to 4096.
+        seed: the sampling seed (recorded in ``meta``).
+        sigma: RBF bandwidth multiplier (``bw = sigma · sqrt(median squared distance)``).
+        batch_size: rows per minibatch (``estimator="minibatch"``; default 256, ≥ 4).
+        max_memory: byte budget; linear: the moment accumulator ``(D+L)²·8`` (``D`` = sum of
+            widths) and its block buffers; RBF/minibatch: the Gram matrices (default 8 GiB).
+            Above it a ``MemoryBudgetError`` lists the options.
+        nonfinite: ``"error"`` (``NonFiniteError`` naming layer and first bad row) or
+            ``"nan"`` (a ``RuntimeWarning``; the affected cells are NaN).
+        progress: True (tqdm bar), False, or a callable ``cb(done, total)``.
+
+    Returns:
+        A :class:`~layerscope.results.MatrixResult`: ``values[i, j]`` is the CKA of
+        ``rows[i]`` (of ``source``) and ``cols[j]`` (of ``other``, or ``source``); ``meta``
+        has the kernel, estimator, ``n`` (rows used), ``n_total``, ``seed``, sample hash,
+        bandwidths and timings.
+    """
+    t0 = time.perf_counter()
+    if kernel not in KERNELS:
+        raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if estimator not in ESTIMATORS:
+        raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if nonfinite not in ("error", "nan"):
+        raise InvalidArgumentError(f"nonfinite must be 'error' or 'nan', got {nonfinite!r}")
+    if not (isinstance(sigma, (int, float)) and np.isfinite(sigma) and sigma > 0):
+        raise InvalidArgumentError(f"sigma must be a positive number, got {sigma!r}")
+    if sample is not None and (not isinstance(sample, (int, np.integer)) or sample <= 0):
+        raise InvalidArgumentError(f"sample must be a positive integer or None, got {sample!r}")
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 4):
+        raise InvalidArgumentError(f"batch_size must be an integer >= 4, got {batch_size!r}")
+    if batch_size is not None and estimator != "minibatch":
+        raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
+    if max_memory is not None and int(max_memory) <= 0:
+        raise InvalidArgumentError(f"max_memory must be > 0 bytes, got {max_memory!r}")
+
+    a = resolve(source)
+    b = resolve(other) if other is not None else None
+    la = a.select(layers)
+    lb = b.select(other_layers) if b is not None else None
+    if b is not None:
+        check_comparable(a, b)
+    elif other_layers is not None:
+        raise InvalidArgumentError("other_layers needs other=")
+
+    if estimator == "minibatch":
+        res = _minibatch(
+            a,
+            b,
+            la,
+            lb,
+            kernel,
+            sample,
+            seed,
+            float(sigma),
+            int(batch_size or DEFAULT_BATCH_SIZE),
+            max_memory,
+            nonfinite,
+            progress,
+        )
+    elif kernel == "linear":
+        res = _linear(a, b, la, lb, estimator, sample, seed, max_memory, nonfinite, progress)
+    else:
+        res = _rbf(
+            a, b, la, lb, estimator, sample, seed, float(sigma), max_memory, nonfinite, progress
+        )
+    res.meta["seconds"] = time.perf_counter() - t0
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+
+
+def _sample_idx(n: int, sample: int | None, seed: int, cap: int | None = None) -> np.ndarray:
+    from ._kernel import sample_indices
+
+    return sample_indices(n, sample, seed, cap)
+
+
+def _wide(src: Source, layer: str) -> bool:
+    if src.is_store:
+        return str(src.store.dtypes[layer]).lower() in ("float64", "f64")
+    assert src.arrays is not None
+    return src.arrays[layer].dtype.itemsize > 4 or src.arrays[layer].dtype.kind in "iu"
+
+
+def _sampled(src: Source, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The sampled rows of each layer, in memory (f32 exact for f32/f16/bf16, else f64)."""
+    return {x: src.take(x, idx, dtype=np.float64 if _wide(src, x) else np.float32) for x in names}
+
+
+def _warn_nonfinite(bad: dict[str, int]) -> None:
+    if bad:
+        where = ", ".join(f"{k!r} (first at row {v})" for k, v in bad.items())
+        warnings.warn(
+            f"non-finite values (NaN/Inf) in layers {where}: every CKA cell involving them is NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _base_meta(
+    kernel: str, estimator: str, n_total: int, seed: int, sample: int | None
+) -> dict[str, Any]:
+    return {
+        "measure": "cka",
+        "kernel": kernel,
+        "estimator": estimator,
+        "n_total": n_total,
+        "seed": int(seed),
+        "sample": sample,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# linear, exact (moments)
+
+
+def _linear(
+    a: Source,
+    b: Source | None,
+    la: list[str],
+    lb: list[str] | None,
+    estimator: str,
+    sample: int | None,
+    seed: int,
+    max_memory: int | None,
+    nonfinite: str,
+    progress: Any,
+) -> MatrixResult:
+    from ._kernel import indices_hash
+
+    meta = _base_meta("linear", estimator, a.num_rows, seed, sample)
+    src_a: Any = a
+    src_b: Any = b
+    if sample is not None:
+        idx = _sample_idx(a.num_rows, sample, seed)
+        src_a = _sampled(a, la, idx)
+        src_b = _sampled(b, lb, idx) if b is not None and lb is not None else None
+        meta["sample_hash"] = indices_hash(idx)
+    m, mmeta = compute_moments(
+        src_a,
+        la,
+        src_b,
+        lb if b is not None else None,
+        progress=progress,
+        max_memory=max_memory,
+        check_finite=(nonfinite == "error"),
+    )
+    t1 = time.perf_counter()
+    nl = len(m.dims)
+    rows = list(range(m.num_a))
+    cols = rows if b is None else list(range(m.num_a, nl))
+    biased = np.asarray(m.cka(rows, cols, False))
+    debiased = np.asarray(m.cka(rows, cols, True))
+    values = debiased if estimator == "debiased" else biased
+    _warn_nonfinite(mmeta.get("nonfinite_rows", {}))
+    meta.update(
+        n=int(m.n),
+        engine=f"moments ({mmeta['engine']}), one pass over all rows",
+        accumulator_bytes=int(mmeta["accumulator_bytes"]),
+        timings={"pass": mmeta["seconds_pass"], "cka": time.perf_counter() - t1},
+    )
+    if "nonfinite_rows" in mmeta:
+        meta["nonfinite_rows"] = mmeta["nonfinite_rows"]
+    return MatrixResult(
+        values,
+        la,
+        lb if lb is not None else la,
+        meta=meta,
+        extra={"biased": biased, "debiased": debiased},
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# RBF on a sample (layerscope._kernel)
+
+
+def _rbf(
+    a: Source,
+    b: Source | None,
+    la: list[str],
+    lb: list[str] | None,
+    estimator: str,
+    sample: int | None,
+    seed: int,
+    sigma: float,
+    max_memory: int | None,
+    nonfinite: str,
+    progress: Any,
+) -> MatrixResult:
+    from ._kernel import DEFAULT_SAMPLE_CAP, rbf_cka
+
+    budget = DEFAULT_GRAM_MEMORY if max_memory is None else int(max_memory)
+    cols_all = lb if lb is not None else la
+    if nonfinite == "error":
+        res = rbf_cka(
+            a,
+            b,
+            la,
+            lb,
+            sample=sample,
+            seed=seed,
+            sigma=sigma,
+            estimator=estimator,
+            progress=progress,
+            max_memory=budget,
+        )
+        res.meta.setdefault("timings", {"rbf": res.meta.get("seconds")})
+        return res
+    # nonfinite="nan": find the layers with NaN/Inf among the sampled rows (the rows the
+    # kernel will use), compute the others, and fill NaN for them.
+    idx = _sample_idx(a.num_rows, sample, seed, DEFAULT_SAMPLE_CAP)
+    bad: dict[str, int] = {}
+    bad_b: dict[str, int] = {}
+    for src, names, out in ((a, la, bad), (b, lb, bad_b)):
+        if src is None or names is None:
+            continue
+        for x in names:
+            v = src.take(x, idx, dtype=np.float64)
+            rows = np.flatnonzero(~np.isfinite(v).all(axis=1))
+            if rows.size:
+                out[x] = int(idx[rows[0]])
+    ga = [x for x in la if x not in bad]
+    gb = [x for x in cols_all if x not in (bad_b if b is not None else bad)]
+    values = np.full((len(la), len(cols_all)), np.nan)
+    meta: dict[str, Any]
+    if ga and gb:
+        sub = rbf_cka(
+            a,
+            b,
+            ga,
+            gb if b is not None else None,
+            sample=sample,
+            seed=seed,
+            sigma=sigma,
+            estimator=estimator,
+            progress=progress,
+            max_memory=budget,
+        )
+        ri = [la.index(x) for x in ga]
+        ci = [cols_all.index(x) for x in gb]
+        values[np.ix_(ri, ci)] = sub.values
+        meta = dict(sub.meta)
+    else:
+        meta = _base_meta("rbf", estimator, a.num_rows, seed, sample)
+        meta["n"] = int(idx.size)
+    allbad = {**bad, **{f"other:{k}": v for k, v in bad_b.items()}}
+    _warn_nonfinite(allbad)
+    meta["nonfinite_rows"] = allbad
+    return MatrixResult(values, la, cols_all, meta=meta)
+
+
+# ----------------------------------------------------------------------------------------
+# minibatch (Rust, streamed)
+
+
+def _minibatch(
+    a: Source,
+    b: Source | None,
+    la: list[str],
+    lb: list[str] | None,
+    kernel: str,
+    sample: int | None,
+    seed: int,
+    sigma: float,
+    batch_size: int,
+    max_memory: int | None,
+    nonfinite: str,
+    progress: Any,
+) -> MatrixResult:
+    from . import _native
+    from ._kernel import indices_hash
+
+    meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
+    parts: list[tuple[Source, list[str]]] = [(a, la)]
+    if b is not None and lb is not None:
+        parts.append((b, lb))
+    names = [x for _, ls in parts for x in ls]
+    dims = [src.dims[x] for src, ls in parts for x in ls]
+    num_a = len(la)
+    budget = DEFAULT_GRAM_MEMORY if max_memory is None else int(max_memory)
+    check = nonfinite == "error"
+    kw = dict(
+        kernel=kernel,
+        sigma=sigma,
+        batch_size=batch_size,
+        num_a=num_a,
+        check_finite=check,
+        max_memory=budget,
+    )
+    idx = _sample_idx(a.num_rows, sample, seed) if sample is not None else None
+    if idx is not None:
+        meta["sample_hash"] = indices_hash(idx)
+    t1 = time.perf_counter()
+    with Progress(progress, "minibatch cka") as prog:
+        if idx is None and all(src.is_store for src, _ in parts):
+            sels = [
+                (src.store._native, [int(src.store._native.layer_index(x)) for x in ls])
+                for src, ls in parts
+            ]
+            r = _native.minibatch_cka_stores(sels, names, progress=prog.cb, **kw)
+            engine = "rust-stream"
+        else:
+            acc = _native.MinibatchCka(dims, names, **kw)
+            wide = any(_wide(src, x) for src, ls in parts for x in ls)
+            dt = np.float64 if wide else np.float32
+            total = a.num_rows if idx is None else int(idx.size)
+            step = batch_size * max(1, (32 << 20) // max(1, batch_size * sum(dims) * 8))
+            for start in range(0, total, step):
+                stop = min(total, start + step)
+                if idx is None:
+                    blk = [src.read(x, start, stop, dtype=dt) for src, ls in parts for x in ls]
+                else:
+                    sub = idx[start:stop]
+                    blk = [src.take(x, sub, dtype=dt) for src, ls in parts for x in ls]
+                acc.update([np.ascontiguousarray(v) for v in blk])
+                if prog.cb is not None:
+                    prog.cb(stop, total)
+            r = acc.finish()
+            engine = "blocks"
+    nf = {x: int(v) for x, v in zip(names, r["nonfinite"]) if v is not None}
+    if b is not None:
+        nf = {
+            (x if i < num_a else f"other:{x}"): int(v)
+            for i, (x, v) in enumerate(zip(names, r["nonfinite"]))
+            if v is not None
+        }
+    _warn_nonfinite(nf)
+    meta.update(
+        n=int(r["rows_used"]),
+        rows_seen=int(r["rows_seen"]),
+        batch_size=batch_size,
+        n_batches=int(r["batches"]),
+        engine=f"minibatch ({engine})",
+        timings={"minibatch": time.perf_counter() - t1},
+    )
+    if nf:
+        meta["nonfinite_rows"] = nf
+    if kernel == "rbf":
+        bw = [float(v) for v in r["bandwidths"]]
+        meta["bandwidth"] = "per minibatch (mean over batches reported)"
+        meta["bandwidth_rule"] = "sigma * sqrt(median pairwise squared distance, diagonal included)"
+        meta["sigma"] = sigma
+        meta["bandwidths_a"] = dict(zip(la, bw[:num_a]))
+        meta["bandwidths_b"] = (
+            dict(zip(lb, bw[num_a:])) if lb is not None else dict(zip(la, bw[:num_a]))
+        )
+    cols = lb if lb is not None else la
+    return MatrixResult(
+        np.asarray(r["values"]), la, cols, meta=meta, extra={"hsic": np.asarray(r["hsic"])}
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+
+
+def _bytes_arg(s: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = s.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {s!r} (e.g. 512M, 8G)") from None
+
+
+def add_cli(sub: Any) -> None:
+    """``layerscope cka STORE [OTHER] --kernel --estimator --layers ... --out --plot``."""
+    p = sub.add_parser(
+        "cka",
+        help="CKA between all layer pairs (linear/RBF; biased, debiased, minibatch)",
+        description="Centred kernel alignment of every layer pair of STORE (or STORE × OTHER, "
+        "whose row ids must match). Linear biased/debiased: exact, one pass over "
+        "all rows. RBF: a seeded sample. Minibatch: Nguyen et al. 2021.",
+    )
+    p.add_argument("store", help="store folder")
+    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    p.add_argument("--kernel", default="linear", choices=list(KERNELS))
+    p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
+    p.add_argument("--layers", nargs="+", default=None)
+    p.add_argument("--other-layers", nargs="+", default=None)
+    p.add_argument("--sample", type=int, default=None, help="rows to sample (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigma", type=float, default=1.0, help="RBF bandwidth multiplier")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch rows (default 256)")
+    p.add_argument("--max-memory", type=_bytes_arg, default=None, help="byte budget, e.g. 4G")
+    p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
+    p.add_argument("--out", default=None, help="write the result as JSON")
+    p.add_argument("--plot", default=None, help="write the heatmap (png/pdf/svg)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    p.set_defaults(func=_cmd_cka)
+
+
+def _cmd_cka(args: argparse.Namespace) -> int:
+    res = cka(
+        args.store,
+        args.other,
+        kernel=args.kernel,
+        estimator=args.estimator,
+        layers=args.layers,
+        other_layers=args.other_layers,
+        sample=args.sample,
+        seed=args.seed,
+        sigma=args.sigma,
+        batch_size=args.batch_size,
+        max_memory=args.max_memory,
+        nonfinite=args.nonfinite,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(res.to_pandas().round(4).to_string())
+        print(
+            f"# {res.meta['kernel']} {res.meta['estimator']} CKA, n = {res.meta['n']} rows, "
+            f"{res.meta['seconds']:.2f} s"
+        )
+    if args.out:
+        res.save(args.out)
+    if args.plot:
+        res.plot().savefig(args.plot)
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``layerscope.cka`` is both this module and the function: once the submodule has been
+    imported (``from layerscope.cka import ...``, the CLI), Python binds the package
+    attribute ``cka`` to the module, so the module forwards calls to :func:`cka`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> MatrixResult:
+        return cka(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
