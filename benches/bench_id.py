@@ -1,24 +1,40 @@
-"""Intrinsic dimension benchmark: layerscope vs scikit-dimension (and dadapy if installed).
+"""Intrinsic-dimension benchmark: layerscope's exact blocked kNN + TwoNN / MLE(k=20) against
+scikit-dimension, scikit-learn's NearestNeighbors and dadapy (when installed), in ONE run.
 
-    python benches/bench_id.py --quick      # n=3000 × d=256, 3 layers (< 60 s)
-    python benches/bench_id.py              # n=20000 × d=768, 13 layers (the issue's setting)
+    python benches/bench_id.py --quick          # n=3000 x d=384, 3 layers  (< 60 s)
+    python benches/bench_id.py                  # n=20000 x d=384, 13 layers
+    python benches/bench_id.py --n 20000 --d 768 --layers 13   # the issue's setting
+    python benches/bench_id.py --minilm 600     # ID by depth of MiniLM on real text
 
-Reports: the distance-GEMM floor (numpy sgemm of the n×d sample against itself, 2n²d flops,
-measured in the same run), wall times of TwoNN and MLE(k=20) for layerscope and the anchors,
-the estimates (which must agree to 1e-6 relative), and L layers in one call vs L anchor calls.
+Every contender runs in its own fresh interpreter that builds the same seeded data, so
+the peak-memory figure of one contender is not inflated by another's (peak RSS above the
+process's RSS once the data are built; /proc clear_refs resets the high-water mark).
+
+Printed: numpy's sgemm peak measured in this run (a square float32 matmul) and the time of
+the n x n x d distance GEMM alone; wall time, estimate and peak memory of each contender;
+the ratios anchor / layerscope; the effective GFLOP/s of our kNN (2 n^2 d flops / kNN wall
+time — the GEMM floor counted against everything the engine does) as a fraction of the sgemm
+peak; L layers in one call against L x one anchor call (extrapolated from one layer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-import layerscope
-
 
 def make_layer(n: int, d: int, intrinsic: int, seed: int) -> np.ndarray:
+    """A curved ``intrinsic``-dim manifold in ``d`` dims, small noise, LLM-like mean offset,
+    stored float32 (no duplicate rows)."""
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((n, intrinsic))
     h = np.tanh(z @ rng.standard_normal((intrinsic, 64)))
@@ -26,59 +42,279 @@ def make_layer(n: int, d: int, intrinsic: int, seed: int) -> np.ndarray:
     return (x + 5.0 * rng.standard_normal(d)).astype(np.float32)
 
 
-def timed(f, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, all threads (robust to other load on a shared machine)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(job: tuple[str, int, int, int]) -> tuple[float, float, float, float]:
+    """In a fresh process: build the data, run one contender; (value, s, CPU s, peak MiB)."""
+    name, n, d, nl = job
+    layers = {f"l{i}": make_layer(n, d, 4 + (2 * i) % 12, i) for i in range(nl)}
+    x = layers["l0"]
+    x64 = x.astype(np.float64)
+    fns: dict[str, Callable[[], float]] = {}
+
+    def ls_id(method: str, src: dict[str, np.ndarray]) -> float:
+        import layerscope
+
+        r = layerscope.intrinsic_dimension(
+            src, method=method, k=20, sample=None, duplicates="keep", progress=False
+        )
+        return float(r.values["l0"])
+
+    def ls_knn() -> float:
+        from layerscope import _native
+
+        g = _native.knn_graph(np.ascontiguousarray(x64), 20, duplicates="keep")
+        return float(g["dist"][:, 0].mean())
+
+    def sk_twonn() -> float:
+        import skdim
+
+        return float(skdim.id.TwoNN().fit(x64).dimension_)
+
+    def sk_mle() -> float:
+        import skdim
+
+        return float(skdim.id.MLE().fit(x64, n_neighbors=20, n_jobs=-1).dimension_)
+
+    def sklearn_nn() -> float:
+        from sklearn.neighbors import NearestNeighbors
+
+        dist, _ = NearestNeighbors(n_neighbors=21, n_jobs=-1).fit(x64).kneighbors(x64)
+        return float(dist[:, 1].mean())
+
+    def dadapy_2nn() -> float:
+        import dadapy  # type: ignore[import-not-found]
+
+        return float(dadapy.Data(x64, maxk=21).compute_id_2NN()[0])
+
+    fns["layerscope kNN(k=20) only"] = ls_knn
+    fns["layerscope TwoNN"] = lambda: ls_id("twonn", {"l0": x})
+    fns["layerscope MLE(k=20)"] = lambda: ls_id("mle", {"l0": x})
+    fns["layerscope TwoNN, all layers"] = lambda: float(
+        __import__("layerscope")
+        .intrinsic_dimension(layers, method="twonn", sample=None, progress=False)
+        .values["l0"]
+    )
+    fns["skdim TwoNN"] = sk_twonn
+    fns["skdim MLE(k=20)"] = sk_mle
+    fns["sklearn NearestNeighbors(21)"] = sklearn_nn
+    fns["dadapy Data(maxk=21).compute_id_2NN"] = dadapy_2nn
+    base = _rss_kib("VmRSS")
+    ok = _reset_peak()
+    c = _cpu()
     t = time.perf_counter()
-    out = f(*a, **kw)
-    return out, time.perf_counter() - t
+    v = fns[name]()
+    sec = time.perf_counter() - t
+    cpu = _cpu() - c
+    peak = (_rss_kib("VmHWM") - base) / 1024 if ok else float("nan")
+    return v, sec, cpu, peak
+
+
+def gemm_peak(size: int) -> float:
+    """numpy float32 GEMM rate (GFLOP/s) on a square matmul, best of 3."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b  # warm-up
+    best = min(_time(lambda: a @ b) for _ in range(3))
+    return 2.0 * size**3 / best / 1e9
+
+
+def _time(f: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def minilm_profile(texts: int, bootstrap: int) -> None:
+    """ID by depth of all-MiniLM-L6-v2 on real text: token rows (padding, [CLS] and [SEP]
+    excluded) of the embedding output and the 6 layer outputs, TwoNN / MLE(k=20) / GRIDE
+    (n1=4, n2=8) on every token row, duplicates dropped, bootstrap CIs for TwoNN."""
+    import layerscope
+    import torch
+    from layerscope.corpus import stdlib_corpus
+    from layerscope.models import load_minilm
+
+    model, tok = load_minilm()
+    corpus = stdlib_corpus(texts)
+    rows: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for i in range(0, len(corpus), 32):
+            enc = tok(
+                corpus[i : i + 32],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+            out = model(**enc, output_hidden_states=True)
+            keep = enc["attention_mask"].bool()
+            keep[:, 0] = False  # [CLS]
+            keep &= enc["input_ids"] != tok.sep_token_id
+            for li, h in enumerate(out.hidden_states):
+                name = "embeddings" if li == 0 else f"layer{li}"
+                rows.setdefault(name, []).append(h[keep].float().numpy())
+    data = {k: np.concatenate(v) for k, v in rows.items()}
+    n = next(iter(data.values())).shape[0]
+    print(f"MiniLM-L6: {len(corpus)} texts, {n} token rows, d=384")
+    t0 = time.perf_counter()
+    tw = layerscope.intrinsic_dimension(
+        data, method="twonn", sample=None, bootstrap=bootstrap, progress=False
+    )
+    ml = layerscope.intrinsic_dimension(data, method="mle", k=20, sample=None, progress=False)
+    gr = layerscope.intrinsic_dimension(
+        data, method="gride", n1=4, n2=8, sample=None, progress=False
+    )
+    pca = layerscope.intrinsic_dimension(data, method="pca", progress=False)
+    print(f"({time.perf_counter() - t0:.1f} s for all four methods, all layers)")
+    print(
+        f"{'layer':12s} {'TwoNN':>7s} {'95% CI':>15s} {'MLE(20)':>8s} {'GRIDE(4,8)':>10s} "
+        f"{'PCA-95%':>8s} {'dups':>5s}"
+    )
+    for k in data:
+        lo, hi = tw.ci[k]
+        print(
+            f"{k:12s} {tw.values[k]:7.2f} {f'[{lo:.2f}, {hi:.2f}]':>15s} {ml.values[k]:8.2f} "
+            f"{gr.values[k]:10.2f} {pca.values[k]:8.0f} {tw.details[k]['duplicates']:5d}"
+        )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="n=3000, d=384, 3 layers (< 60 s)")
+    ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--d", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument(
+        "--minilm",
+        type=int,
+        default=0,
+        metavar="TEXTS",
+        help="instead: ID-by-depth profile of MiniLM on TEXTS real paragraphs",
+    )
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    n, d, nl = (3000, 256, 3) if args.quick else (20000, 768, 13)
-    layers = {f"l{i}": make_layer(n, d, 4 + 2 * i % 12, i) for i in range(nl)}
-    x = layers["l0"]
-    x64 = x.astype(np.float64)
+    if args.worker:
+        try:
+            v, sec, cpu, peak_mib = _run((args.worker, args.n, args.d, args.layers))
+            print(json.dumps({"value": v, "seconds": sec, "cpu": cpu, "peak_mib": peak_mib}))
+        except ImportError as e:
+            print(json.dumps({"missing": e.name}))
+        return
+    if args.minilm:
+        minilm_profile(args.minilm, args.bootstrap)
+        return
+    n, d, nl = (3000, 384, 3) if args.quick else (20000, 384, 13)
+    n, d, nl = args.n or n, args.d or d, args.layers or nl
+    print(f"n={n} d={d} layers={nl} cores={os.cpu_count()}")
 
-    _, t_s = timed(lambda: x @ x.T)
-    _, t_d = timed(lambda: x64 @ x64.T)
+    peak = gemm_peak(1024 if args.quick else 4096)
+    x = make_layer(n, d, 4, 0)
+    y = x.copy()  # x @ x.T would be a SYRK (half the flops); the kNN engine does a full GEMM
+    t_dist = min(_time(lambda: x @ y.T) for _ in range(2))
+    c = _cpu()
+    x @ y.T
+    cpu_dist = _cpu() - c
     flops = 2.0 * n * n * d
-    print(f"n={n} d={d} layers={nl}")
-    print(f"floor: numpy sgemm {t_s:.3f}s ({flops / t_s / 1e9:.1f} GFLOP/s), dgemm {t_d:.3f}s")
+    print(f"numpy sgemm peak (square): {peak:.1f} GFLOP/s")
+    print(
+        f"distance GEMM alone (numpy x @ y.T, {flops / 1e9:.1f} GFLOP): {t_dist:.3f} s "
+        f"= {flops / t_dist / 1e9:.1f} GFLOP/s; CPU {cpu_dist:.3f} s"
+    )
 
-    src = {"l0": x}
-    r_t, t_ours_t = timed(layerscope.intrinsic_dimension, src, method="twonn", sample=None, progress=False)
-    r_m, t_ours_m = timed(layerscope.intrinsic_dimension, src, method="mle", k=20, sample=None, progress=False)
-    print(f"layerscope  TwoNN {t_ours_t:.3f}s  MLE(k=20) {t_ours_m:.3f}s  "
-          f"-> {r_t.values['l0']:.6f} {r_m.values['l0']:.6f}")
+    names = [
+        "layerscope kNN(k=20) only",
+        "layerscope TwoNN",
+        "layerscope MLE(k=20)",
+        "skdim TwoNN",
+        "skdim MLE(k=20)",
+        "sklearn NearestNeighbors(21)",
+        "dadapy Data(maxk=21).compute_id_2NN",
+        "layerscope TwoNN, all layers",
+    ]
+    res: dict[str, tuple[float, float, float, float]] = {}
+    print(f"{'contender':40s} {'seconds':>9s} {'CPU s':>8s} {'peak MiB':>9s}  value")
+    for name in names:
+        # a fresh interpreter per contender (not a multiprocessing child: joblib/loky would
+        # fall back to one job there)
+        cmd = [sys.executable, __file__, "--worker", name, "--n", str(n), "--d", str(d)]
+        out = subprocess.run([*cmd, "--layers", str(nl)], capture_output=True, text=True)
+        last = out.stdout.strip().splitlines()[-1:] or [""]
+        try:
+            got = json.loads(last[0])
+        except json.JSONDecodeError:
+            print(f"{name:40s} failed: {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        if "missing" in got:
+            print(f"{name:40s} {'-':>9s} {'-':>8s} {'-':>9s}  not installed ({got['missing']})")
+            continue
+        res[name] = (got["value"], got["seconds"], got["cpu"], got["peak_mib"])
+        v, s, c, m = res[name]
+        print(f"{name:40s} {s:9.3f} {c:8.2f} {m:9.1f}  {v:.6f}")
 
-    import skdim
+    def t(name: str) -> float:
+        return res[name][1] if name in res else float("nan")
 
-    sk_t, t_sk_t = timed(lambda: skdim.id.TwoNN().fit(x64).dimension_)
-    sk_m, t_sk_m = timed(lambda: skdim.id.MLE().fit(x64, n_neighbors=20).dimension_)
-    print(f"skdim       TwoNN {t_sk_t:.3f}s  MLE(k=20) {t_sk_m:.3f}s  -> {sk_t:.6f} {sk_m:.6f}")
-    rel = max(abs(r_t.values["l0"] / sk_t - 1), abs(r_m.values["l0"] / sk_m - 1))
-    print(f"max relative difference of the estimates: {rel:.2e}")
-    ours_total, sk_total = t_ours_t + t_ours_m, t_sk_t + t_sk_m
-    print(f"TwoNN+MLE: layerscope {ours_total:.3f}s vs skdim {sk_total:.3f}s "
-          f"({sk_total / ours_total:.1f}x); layerscope TwoNN / sgemm floor = {t_ours_t / t_s:.1f}x")
-    best = t_sk_t
-    try:
-        import dadapy  # type: ignore[import-not-found]
+    def c(name: str) -> float:
+        return res[name][2] if name in res else float("nan")
 
-        def dada() -> float:
-            dd = dadapy.Data(x64, maxk=21)
-            return float(dd.compute_id_2NN()[0])
+    def ratio(label: str, anchors: list[str], ours: list[str]) -> None:
+        wall = sum(t(a) for a in anchors) / sum(t(o) for o in ours)
+        cpu = sum(c(a) for a in anchors) / sum(c(o) for o in ours)
+        print(f"  {label:28s} {wall:6.1f}x wall {cpu:6.1f}x CPU")
 
-        v, t_dd = timed(dada)
-        print(f"dadapy      2NN {t_dd:.3f}s -> {v:.6f}")
-        best = min(best, t_dd)
-    except ImportError:
-        print("dadapy not installed")
-
-    _, t_all = timed(layerscope.intrinsic_dimension, layers, method="twonn", sample=None, progress=False)
-    print(f"{nl} layers TwoNN in one call: {t_all:.3f}s vs {nl} x best anchor call ≈ {nl * best:.3f}s")
+    print("\nratios anchor / layerscope (same run; CPU time is robust to a shared machine):")
+    ratio("TwoNN  skdim / ours", ["skdim TwoNN"], ["layerscope TwoNN"])
+    ratio("MLE(k=20)  skdim / ours", ["skdim MLE(k=20)"], ["layerscope MLE(k=20)"])
+    ratio(
+        "TwoNN+MLE  skdim / ours",
+        ["skdim TwoNN", "skdim MLE(k=20)"],
+        ["layerscope TwoNN", "layerscope MLE(k=20)"],
+    )
+    ratio(
+        "kNN(k=20)  sklearn / ours", ["sklearn NearestNeighbors(21)"], ["layerscope kNN(k=20) only"]
+    )
+    if "dadapy Data(maxk=21).compute_id_2NN" in res:
+        ratio("2NN  dadapy / ours", ["dadapy Data(maxk=21).compute_id_2NN"], ["layerscope TwoNN"])
+    rel = max(
+        abs(res["layerscope TwoNN"][0] / res["skdim TwoNN"][0] - 1),
+        abs(res["layerscope MLE(k=20)"][0] / res["skdim MLE(k=20)"][0] - 1),
+    )
+    print(f"max relative difference of the estimates vs skdim: {rel:.2e}")
+    tk = t("layerscope kNN(k=20) only")
+    print(
+        f"our kNN: {flops / tk / 1e9:.1f} effective GFLOP/s (2n^2d / kNN wall time) = "
+        f"{flops / tk / 1e9 / peak:.0%} of the sgemm peak; kNN / numpy distance GEMM = "
+        f"{tk / t_dist:.1f}x wall, {res['layerscope kNN(k=20) only'][2] / cpu_dist:.1f}x CPU"
+    )
+    best = min(t(k) for k in ("skdim TwoNN", "dadapy Data(maxk=21).compute_id_2NN") if k in res)
+    ta = t("layerscope TwoNN, all layers")
+    print(
+        f"{nl} layers TwoNN in one call: {ta:.3f} s vs {nl} x best anchor call "
+        f"~ {nl * best:.3f} s (extrapolated) -> {nl * best / ta:.1f}x"
+    )
 
 
 if __name__ == "__main__":

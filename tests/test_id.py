@@ -1,5 +1,7 @@
-"""Intrinsic dimension (TwoNN, TwoNN-MLE, Levina–Bickel MLE, GRIDE) against scikit-dimension
-on the same points, plus duplicates, offsets, scales and bootstrap."""
+"""Intrinsic dimension (TwoNN, TwoNN-MLE, Levina–Bickel MLE, GRIDE, PCA) against
+scikit-dimension and dadapy's 2NN formula (re-implemented from its source) on the same points;
+known dimensions; duplicates (and the anchors' collapse); exactness under f32 cancellation,
+massive-norm rows and f16/bf16 stores; scales; bootstrap; progress/Ctrl-C; typed errors; CLI."""
 
 from __future__ import annotations
 
@@ -238,3 +240,288 @@ def test_cli(tmp_path: object) -> None:
         .dimension_
     )
     assert res.values["l0"] == pytest.approx(ref, rel=1e-6)
+
+
+# ------------------------------------------------------------------ dadapy (formula re-implemented)
+
+
+def brute_sorted_distances(x: np.ndarray, k: int) -> np.ndarray:
+    """Exact f64 distances to the k nearest neighbours (self excluded), no GEMM."""
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    return np.sqrt(np.sort(d2, axis=1)[:, :k])
+
+
+def dadapy_id_2nn(r: np.ndarray, fraction: float = 0.9, algorithm: str = "base") -> float:
+    """dadapy ``IdEstimation._compute_id_2NN`` (sissa-data-science/DADApy, id_estimation.py),
+    re-implemented line by line: ``mus = r2/r1``; ``N_eff = int(N * fraction)``; ``"ml"``:
+    ``(N - 1) / Σ log mus`` over ALL points; ``"base"``: ``curve_fit`` of ``y = m x`` with
+    ``x`` = the ``N_eff`` smallest log mus, ``y = -log(1 - i/N)``."""
+    from scipy.optimize import curve_fit
+
+    mus = r[:, 1] / r[:, 0]
+    n = mus.shape[0]
+    n_eff = int(n * fraction)
+    log_mus = np.log(mus)
+    reduced = np.sort(log_mus)[:n_eff]
+    if algorithm == "ml":
+        return float((n - 1) / np.sum(log_mus))
+    y = -np.log(1 - np.arange(1, n_eff + 1) / n)
+    popt, _ = curve_fit(lambda x, m: m * x, reduced, y)
+    return float(popt[0])
+
+
+@pytest.mark.parametrize("name", list(DATA))
+def test_twonn_matches_dadapy_formula(name: str) -> None:
+    x = DATA[name]
+    r = brute_sorted_distances(x, 2)
+    assert ours(x, method="twonn").values["x"] == pytest.approx(dadapy_id_2nn(r), rel=1e-6)
+    assert ours(x, method="twonn-mle", discard_fraction=0.0).values["x"] == pytest.approx(
+        dadapy_id_2nn(r, algorithm="ml"), rel=1e-6
+    )
+
+
+# ------------------------------------------------------------------ duplicates: anchors collapse
+
+
+def test_duplicates_anchor_collapse() -> None:
+    """5 % exact duplicates: the anchors' MLE collapses to 0 (log(r_k/0) = inf), dadapy's
+    2NN "ml" to 0 too; ours (duplicates="drop") stays within 2 % of the de-duplicated value."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((600, 6)) @ rng.standard_normal((6, 30))
+    x = np.concatenate([base[:570], base[rng.choice(570, 30, replace=False)]])
+    uniq = base[:570]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert skdim.id.MLE().fit(x, n_neighbors=20).dimension_ == 0.0
+        with np.errstate(divide="ignore"):
+            r = brute_sorted_distances(x, 2)
+            assert dadapy_id_2nn(r, algorithm="ml") == 0.0
+    ref = skdim.id.MLE().fit(uniq, n_neighbors=20).dimension_
+    got = ours(x, method="mle").values["x"]
+    assert got == pytest.approx(ref, rel=1e-6)  # drop keeps exactly the unique rows here
+    assert abs(got / ref - 1) < 0.02
+
+
+# ------------------------------------------------------------------ exactness under cancellation
+
+
+def test_f32_two_clusters_gemm_cancels() -> None:
+    """Two clusters ±3e4 apart (stored f32), spread 1: centring does not remove the
+    separation, so f32 GEMM distances ||a||² + ||b||² − 2ab inside a cluster are pure
+    cancellation noise (shown below); the engine's certified f64 recomputation still
+    returns the exact neighbours and no fake duplicates."""
+    rng = np.random.default_rng(11)
+    n, d = 300, 24
+    z = rng.standard_normal((n, 4)) @ rng.standard_normal((4, d))
+    centres = np.where(np.arange(n)[:, None] < n // 2, 3e4, -3e4) * np.ones(d) / np.sqrt(d)
+    x32 = (z + centres + 500.0 * rng.standard_normal(d)).astype(np.float32)
+    xs = x32.astype(np.float64)
+    # naive f32 GEMM distances (even on centred data) are garbage at this scale
+    xc = (xs - xs.mean(0)).astype(np.float32)
+    nrm = (xc * xc).sum(1)
+    naive = nrm[:, None] + nrm[None, :] - 2 * (xc @ xc.T)
+    d2 = ((xs[:, None, :] - xs[None, :, :]) ** 2).sum(-1)
+    off = ~np.eye(n, dtype=bool)
+    assert np.max(np.abs(naive - d2)[off]) > 0.5 * np.median(d2[:5, :100][off[:5, :100]])
+    g = _native.knn_graph(np.ascontiguousarray(xs), 5, duplicates="keep")
+    np.fill_diagonal(d2, np.inf)
+    order = np.argsort(d2, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(g["idx"], order)
+    np.testing.assert_allclose(g["dist"], np.sqrt(np.take_along_axis(d2, order, 1)), rtol=1e-14)
+    assert g["duplicates"] == 0
+    r = layerscope.intrinsic_dimension({"x": x32}, method="twonn", sample=None, progress=False)
+    assert r.values["x"] == pytest.approx(skdim.id.TwoNN().fit(xs).dimension_, rel=1e-6)
+
+
+def test_massive_activation_row_keeps_exactness() -> None:
+    """One row with a norm 1e4 times the others (LLM "massive activations"): per-pair error
+    bounds keep the other rows certified; neighbours stay exact."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((400, 32)) @ rng.standard_normal((32, 32))
+    x[17] *= 1e4
+    x32 = (x + 200.0 * rng.standard_normal(32)).astype(np.float32).astype(np.float64)
+    g = _native.knn_graph(x32, 6, duplicates="keep")
+    d2 = ((x32[:, None, :] - x32[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    np.testing.assert_array_equal(g["idx"], np.argsort(d2, axis=1, kind="stable")[:, :6])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_store_with_offsets(tmp_path: object, dtype: str) -> None:
+    from layerscope._source import resolve
+
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 20))
+    x = x + (100.0 if dtype == "float16" else 10.0) * rng.standard_normal(20)
+    path = tmp_path / dtype  # type: ignore[operator]
+    layerscope.write_store(path, {"h": x}, dtype=dtype)
+    dec = resolve(str(path)).read("h", 0, 400, dtype=np.float64)  # the stored values
+    uniq = np.unique(dec, axis=0)
+    for m, ref in (
+        ("twonn", skdim.id.TwoNN().fit(uniq).dimension_),
+        ("mle", skdim.id.MLE().fit(uniq, n_neighbors=20).dimension_),
+    ):
+        r = layerscope.intrinsic_dimension(str(path), method=m, sample=None, progress=False)
+        assert r.values["h"] == pytest.approx(ref, rel=1e-6)
+        assert r.details["h"]["duplicates"] == 400 - len(uniq)
+
+
+# ------------------------------------------------------------------ known dimensions, more shapes
+
+
+def test_known_dimensions_high_ambient_and_noise() -> None:
+    rng = np.random.default_rng(21)
+    # n < d: a 10-dim Gaussian subspace in 1000 ambient dimensions, 300 points
+    lin = rng.standard_normal((300, 10)) @ rng.standard_normal((10, 1000))
+    for m in ("twonn", "mle"):
+        v = ours(lin, method=m).values["x"]
+        assert 7.0 < v < 11.5, (m, v)
+    assert ours(lin, method="twonn").values["x"] == pytest.approx(
+        skdim.id.TwoNN().fit(lin).dimension_, rel=1e-6
+    )
+    # S^5 in 40 dims with small noise, and constant columns (must not change anything)
+    s = rng.standard_normal((600, 6))
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    sph = _rotate(s, 40, rng) + 1e-3 * rng.standard_normal((600, 40))
+    v = ours(sph, method="gride", n1=2, n2=4).values["x"]
+    assert 4.3 < v < 5.8
+    const = np.concatenate([sph, np.full((600, 3), 7.5)], axis=1)
+    for m in ("twonn", "mle", "gride"):
+        assert ours(const, method=m).values["x"] == pytest.approx(
+            ours(sph, method=m).values["x"], rel=1e-10
+        )
+
+
+def test_lattice_ties_give_nan_with_reason() -> None:
+    g = np.stack(np.meshgrid(np.arange(12.0), np.arange(12.0)), -1).reshape(-1, 2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = ours(g, method="twonn-mle", discard_fraction=0.0)
+    assert np.isnan(r.values["x"]) and "μ" in r.details["x"]["reason"]
+    assert any("NaN" in str(i.message) for i in w)
+
+
+# ------------------------------------------------------------------ PCA
+
+
+def test_pca_matches_numpy_spectrum() -> None:
+    x = DATA["linear8_in20_noisy"]
+    r = ours(x, method="pca", pca_threshold=0.9)
+    lam = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
+    lam = np.maximum(lam, 0)
+    share = np.cumsum(lam) / lam.sum()
+    assert r.values["x"] == float(np.argmax(share >= 0.9) + 1)
+    assert r.details["x"]["pca_id_99"] == float(np.argmax(share >= 0.99) + 1)
+    assert r.details["x"]["participation_ratio"] == pytest.approx(
+        lam.sum() ** 2 / (lam**2).sum(), rel=1e-9
+    )
+    assert ours(DATA["linear5_in60"], method="pca").values["x"] <= 5
+    assert ours(DATA["swissroll"], method="pca", pca_threshold=0.99).values["x"] == 3
+    assert "participation_ratio" in r.table.columns
+    with pytest.raises(InvalidArgumentError):
+        ours(x, method="pca", pca_threshold=0.0)
+
+
+# ------------------------------------------------------------------ robustness, progress, CLI
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_tiny_inputs_raise_typed_errors(n: int) -> None:
+    x = np.random.default_rng(0).standard_normal((n, 4))
+    for m in ("twonn", "twonn-mle", "mle", "gride") if n < 3 else ("mle",):
+        with pytest.raises(layerscope.LayerscopeError):
+            ours(x, method=m)  # too few points for the neighbours the method needs
+    with pytest.raises(layerscope.LayerscopeError):
+        _native.knn_graph(np.zeros((n, 3)), 2)
+    with pytest.raises(layerscope.LayerscopeError):
+        _native.id_estimate(np.ones((n, 1)), "twonn")
+
+
+def test_native_rejects_bad_arguments() -> None:
+    d = np.sort(np.random.default_rng(0).random((50, 4)) + 0.1, axis=1)
+    for kw in (
+        {"method": "gride", "n1": 3, "n2": 6},
+        {"method": "mle", "k": 9},
+        {"method": "twonn", "discard_fraction": 1.5},
+        {"method": "mle", "pool": "geometric"},
+        {"method": "nope"},
+    ):
+        with pytest.raises(InvalidArgumentError):
+            _native.id_estimate(d, **kw)
+    with pytest.raises(InvalidArgumentError):
+        ours(DATA["swissroll"], k=-3)
+    with pytest.raises(InvalidArgumentError):
+        ours(DATA["swissroll"], tolerance=-1.0)
+    inf = DATA["swissroll"].copy()
+    inf[3, 0] = np.inf
+    with pytest.raises(layerscope.NonFiniteError):
+        _native.knn_graph(inf, 3)
+
+
+def test_progress_and_interrupt() -> None:
+    x = np.random.default_rng(0).standard_normal((2000, 8))
+    calls: list[tuple[int, int]] = []
+    layerscope.intrinsic_dimension(
+        {"x": x}, sample=None, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls and calls[-1] == (2000, 2000)
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        layerscope.intrinsic_dimension({"x": x}, sample=None, progress=stop)
+    with pytest.raises(KeyboardInterrupt):
+        layerscope.mutual_knn({"x": x, "y": x[:, :4]}, sample=None, progress=stop)
+
+
+def test_cli_pca_gride_scales_and_rsa(tmp_path: object, capsys: object) -> None:
+    from layerscope.cli import main
+
+    store = tmp_path / "s"  # type: ignore[operator]
+    layerscope.write_store(
+        store,
+        {"l0": DATA["sphere3_noisy"].astype(np.float32), "l1": DATA["linear5_in60"]},
+    )
+    out = tmp_path / "g.json"  # type: ignore[operator]
+    args = ["id", str(store), "--method", "gride", "--scales", "1", "2", "4"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    res = load_result(out)
+    assert res.scales["l0"]["n1"] == [1, 2, 4]
+    assert main(["id", str(store), "--method", "pca", "--quiet"]) == 0
+    assert "participation_ratio" in capsys.readouterr().out  # type: ignore[attr-defined]
+    out2 = tmp_path / "rsa.json"  # type: ignore[operator]
+    assert main(["rsa", str(store), "--sample", "all", "--out", str(out2), "--quiet"]) == 0
+    from scipy.spatial.distance import pdist
+    from scipy.stats import spearmanr
+
+    rs = load_result(out2)
+    a = DATA["sphere3_noisy"].astype(np.float32).astype(np.float64)
+    ref = spearmanr(pdist(a), pdist(DATA["linear5_in60"]))[0]
+    assert rs.values[0, 1] == pytest.approx(ref, rel=1e-9)
+
+
+def test_pca_f32_offsets_store_and_errors(tmp_path: object) -> None:
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 40)) + 0.05 * rng.standard_normal(
+        (500, 40)
+    )
+    x32 = (x + 1000.0 * rng.standard_normal(40)).astype(np.float32)
+    path = tmp_path / "p"  # type: ignore[operator]
+    layerscope.write_store(path, {"a": x32})
+    r = layerscope.intrinsic_dimension(str(path), method="pca", pca_threshold=0.99, progress=False)
+    xs = x32.astype(np.float64)
+    lam = np.maximum(np.linalg.eigvalsh(np.cov(xs, rowvar=False))[::-1], 0)
+    share = np.cumsum(lam) / lam.sum()
+    assert r.values["a"] == float(np.argmax(share >= 0.99) + 1)
+    assert r.details["a"]["participation_ratio"] == pytest.approx(
+        lam.sum() ** 2 / (lam**2).sum(), rel=1e-6
+    )
+    assert r.meta["n"] == 500 and "moments" in r.meta["pca_engine"]
+    with pytest.raises(layerscope.LayerscopeError):
+        ours(x[:1], method="pca")
+    bad = x.copy()
+    bad[9, 9] = np.nan
+    with pytest.raises(layerscope.NonFiniteError):
+        ours(bad, method="pca")

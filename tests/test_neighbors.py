@@ -81,31 +81,104 @@ def brute_knn(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def ref_mutual_knn(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Euclidean neighbours of the raw rows (``normalize=False``)."""
     na, nb = brute_knn(a, k), brute_knn(b, k)
     return float(np.mean([len(set(p) & set(q)) / k for p, q in zip(na, nb)]))
 
 
+def huh_mutual_knn(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Huh et al. 2024 (platonic-rep ``metrics.py``), in numpy: features L2-normalised
+    (``F.normalize``), ``knn = (f @ f.T).fill_diagonal_(-1e8).argsort(descending)[:, :k]``,
+    masks ``lvm_mask[i, knn_A] = 1``, ``acc = (mask_A * mask_B).sum(1) / k``, mean."""
+
+    def knn(f: np.ndarray) -> np.ndarray:
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        sim = f @ f.T
+        np.fill_diagonal(sim, -1e8)
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+    n = a.shape[0]
+    ma, mb = np.zeros((n, n)), np.zeros((n, n))
+    rows = np.arange(n)[:, None]
+    ma[rows, knn(a)] = 1.0
+    mb[rows, knn(b)] = 1.0
+    return float(((ma * mb).sum(1) / k).mean())
+
+
 @pytest.mark.parametrize("k", [1, 5, 10])
-def test_mutual_knn_matches_brute_force(k: int) -> None:
+def test_mutual_knn_matches_huh_reference(k: int) -> None:
     ls = layers()
     res = layerscope.mutual_knn(ls, k=k, sample=None, progress=False)
+    raw = layerscope.mutual_knn(ls, k=k, sample=None, normalize=False, progress=False)
     names = list(ls)
     for i, a in enumerate(names):
         for j, b in enumerate(names):
-            assert res.values[i, j] == pytest.approx(ref_mutual_knn(ls[a], ls[b], k), abs=1e-15)
+            assert res.values[i, j] == pytest.approx(huh_mutual_knn(ls[a], ls[b], k), abs=1e-15)
+            assert raw.values[i, j] == pytest.approx(ref_mutual_knn(ls[a], ls[b], k), abs=1e-15)
     np.testing.assert_array_equal(np.diag(res.values), 1.0)
+    assert res.meta["normalize"] is True and raw.meta["normalize"] is False
+    # the two definitions genuinely differ on un-normalised data
+    assert not np.allclose(res.values, raw.values)
 
 
 def test_mutual_knn_cross_and_f32_offsets() -> None:
     ls = layers(m=120)
     rng = np.random.default_rng(2)
     off = (ls["lin"] + 1000.0 * rng.standard_normal(20)).astype(np.float32)
-    res = layerscope.mutual_knn({"x": ls["x"]}, {"off": off}, k=7, sample=None, progress=False)
+    res = layerscope.mutual_knn(
+        {"x": ls["x"]}, {"off": off}, k=7, sample=None, normalize=False, progress=False
+    )
     ref = ref_mutual_knn(ls["x"], off.astype(np.float64), 7)
     assert res.values[0, 0] == pytest.approx(ref, abs=1e-15)
+    res = layerscope.mutual_knn({"x": ls["x"]}, {"off": off}, k=7, sample=None, progress=False)
+    assert res.values[0, 0] == pytest.approx(
+        huh_mutual_knn(ls["x"], off.astype(np.float64), 7), abs=1e-15
+    )
     res = layerscope.mutual_knn(ls, k=5, sample=50, seed=1, progress=False)
     idx = sample_indices(120, 50, 1)
-    assert res.values[0, 1] == pytest.approx(ref_mutual_knn(ls["x"][idx], ls["lin"][idx], 5))
+    assert res.values[0, 1] == pytest.approx(huh_mutual_knn(ls["x"][idx], ls["lin"][idx], 5))
+
+
+def test_cross_store_row_ids_checked(tmp_path: object) -> None:
+    ls = layers(m=60)
+    a = tmp_path / "a"  # type: ignore[operator]
+    b = tmp_path / "b"  # type: ignore[operator]
+    c = tmp_path / "c"  # type: ignore[operator]
+    layerscope.write_store(a, {"x": ls["x"]})
+    layerscope.write_store(b, {"lin": ls["lin"]})
+    ids = np.arange(60)
+    ids[[7, 8]] = ids[[8, 7]]
+    layerscope.write_store(c, {"lin": ls["lin"]}, row_ids=ids)
+    res = layerscope.rsa(str(a), str(b), sample=None, progress=False)
+    assert res.values[0, 0] == pytest.approx(spearmanr(pdist(ls["x"]), pdist(ls["lin"]))[0])
+    res = layerscope.mutual_knn(str(a), str(b), k=5, sample=None, progress=False)
+    assert res.values[0, 0] == pytest.approx(huh_mutual_knn(ls["x"], ls["lin"], 5))
+    for f in (layerscope.rsa, layerscope.mutual_knn):
+        with pytest.raises(MismatchError, match="row 7"):
+            f(str(a), str(c), sample=None, progress=False)
+
+
+def test_bad_inputs_typed_errors() -> None:
+    ls = layers(m=30)
+    bad = ls["x"].copy()
+    bad[4, 2] = np.nan
+    for f in (layerscope.rsa, layerscope.mutual_knn):
+        with pytest.raises(layerscope.NonFiniteError, match="row 4"):
+            f({"b": bad}, sample=None, progress=False)
+    with pytest.raises(InvalidArgumentError):
+        layerscope.mutual_knn(ls, k=30, sample=None, progress=False)
+    with pytest.raises(InvalidArgumentError):
+        layerscope.mutual_knn(ls, k=0, sample=None, progress=False)
+    with pytest.raises(InvalidArgumentError):
+        layerscope.rsa({"x": ls["x"][:2]}, sample=None, progress=False)
+    with pytest.raises(InvalidArgumentError):
+        layerscope.rsa(ls, dissimilarity="cosine", progress=False)
+    with pytest.raises(InvalidArgumentError):
+        _native.rsa_matrix([ls["x"][:2]])
+    with pytest.raises(MismatchError):
+        _native.mutual_knn_matrix([ls["x"]], [ls["x"][:20]], k=3)
+    with pytest.raises(InvalidArgumentError):
+        _native.mutual_knn_matrix([ls["x"]], None, k=30)
 
 
 def test_knn_graph_exact_f32_offsets_and_scales() -> None:
@@ -121,3 +194,30 @@ def test_knn_graph_exact_f32_offsets_and_scales() -> None:
         _native.knn_graph(x32, 250)
     with pytest.raises(InvalidArgumentError):
         _native.knn_graph(x32, 3, duplicates="sometimes")
+
+
+def test_knn_graph_exact_on_random_adversarial_shapes() -> None:
+    """Random shapes, scales 1e-4..1e4, mean offsets up to 1e4 x the spread, a huge-norm row,
+    rounded (tied) coordinates, all stored f32: neighbour sets and distances equal brute force
+    (exact f64, ties by index)."""
+    rng = np.random.default_rng(123)
+    for _ in range(30):
+        m = int(rng.integers(3, 300))
+        d = int(rng.integers(1, 60))
+        k = int(rng.integers(1, min(m - 1, 25) + 1))
+        x = rng.standard_normal((m, d)) * 10.0 ** rng.uniform(-4, 4)
+        if rng.random() < 0.5:
+            x = x + 10.0 ** rng.uniform(0, 4) * np.abs(x).max() * rng.standard_normal(d)
+        if rng.random() < 0.3:
+            x[rng.integers(m)] *= 1e3
+        if rng.random() < 0.3:
+            x = np.round(x, 1)
+        x = x.astype(np.float32).astype(np.float64)
+        g = _native.knn_graph(x, k, duplicates="keep")
+        d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        np.fill_diagonal(d2, np.inf)
+        order = np.lexsort((np.broadcast_to(np.arange(m), (m, m)), d2), axis=1)[:, :k]
+        np.testing.assert_array_equal(g["idx"], order, err_msg=f"m={m} d={d} k={k}")
+        np.testing.assert_allclose(
+            g["dist"], np.sqrt(np.take_along_axis(d2, order, 1)), rtol=1e-13, atol=0
+        )

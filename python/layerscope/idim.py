@@ -9,7 +9,8 @@ candidates' distances recomputed exactly in f64 from the coordinates.
 * :func:`intrinsic_dimension`: TwoNN (Facco et al. 2017), its MLE form, Levina–Bickel MLE
   (2004; MacKay–Ghahramani harmonic pooling by default), GRIDE (Denti et al. 2022).
   Definitions equal scikit-dimension's ``TwoNN``, ``MLE`` and ``GRIDE`` on duplicate-free
-  data; see docs/measures-neighbours.md for formulas and differences.
+  data; ``"pca"`` comes from the moment engine (all rows). See docs/idim.md for formulas,
+  tolerance rule and every deliberate difference from the anchors.
 * :func:`rsa`: representational similarity analysis (RDM correlation, all layer pairs).
 * :func:`mutual_knn`: mutual nearest-neighbour alignment (Huh et al. 2024).
 """
@@ -28,7 +29,8 @@ from ._source import check_comparable, resolve
 from .errors import InvalidArgumentError
 from .results import MatrixResult, Result
 
-METHODS = ("twonn", "twonn-mle", "mle", "gride")
+METHODS = ("twonn", "twonn-mle", "mle", "gride", "pca")
+KNN_METHODS = ("twonn", "twonn-mle", "mle", "gride")
 _DEFAULT_MAX_MEMORY = 8 << 30
 
 
@@ -79,7 +81,8 @@ class IDResult(Result):
 
     @property
     def table(self) -> Any:
-        """pandas DataFrame, one row per layer: id, ci_low, ci_high, error, rows, duplicates."""
+        """pandas DataFrame, one row per layer: id, ci_low, ci_high, error, rows, duplicates
+        (and participation_ratio for ``method="pca"``)."""
         import pandas as pd
 
         rows = []
@@ -95,6 +98,11 @@ class IDResult(Result):
                     "error": self.errors.get(name, np.nan),
                     "rows": det.get("rows_used"),
                     "duplicates": det.get("duplicates"),
+                    **(
+                        {"participation_ratio": det.get("participation_ratio")}
+                        if self.meta.get("method") == "pca"
+                        else {}
+                    ),
                 }
             )
         return pd.DataFrame(rows).set_index("layer")
@@ -147,13 +155,15 @@ def intrinsic_dimension(
     bootstrap: int = 0,
     scales: Sequence[int] | None = None,
     pool: str = "harmonic",
+    pca_threshold: float = 0.95,
     progress: Any = True,
 ) -> IDResult:
     """Intrinsic dimension of each layer from exact nearest neighbours of a seeded sample.
 
     Methods (``r_j`` = distance to the j-th nearest neighbour, self excluded):
 
-    * ``"twonn"`` (Facco et al. 2017, Sci. Rep. 7:12140) = ``skdim.id.TwoNN().fit(X)``:
+    * ``"twonn"`` (Facco et al. 2017, Sci. Rep. 7:12140) = ``skdim.id.TwoNN().fit(X)`` =
+      dadapy's ``compute_id_2NN()``:
       ``μ = r2/r1``; the ``⌊N(1 − discard_fraction)⌋`` smallest μ sorted, ``F_i = i/N``;
       least-squares slope through the origin of ``−log(1 − F_i)`` on ``log μ_(i)``.
     * ``"twonn-mle"`` = ``TwoNN(method="mle")``: ``(n_keep − 1)/(Σ log μ + (N − n_keep) log
@@ -164,22 +174,25 @@ def intrinsic_dimension(
     * ``"gride"`` (Denti et al. 2022, Sci. Rep. 12:20005) = ``skdim.id.GRIDE(n1, n2).fit(X)``:
       MLE of d from ``μ = r_{n2}/r_{n1}``, with its Fisher-information standard error in
       ``errors``; ``scales=[1, 2, 4, ...]`` adds the multiscale curve (n1 = s, n2 = 2s).
+    * ``"pca"``: from the covariance spectrum ``λ_1 ≥ λ_2 ≥ …`` of ALL rows (the moment
+      engine, one streaming pass; ``sample``/``seed`` are not used): the smallest ``k`` with
+      ``Σ_{i≤k} λ⁺_i / Σ λ⁺ ≥ pca_threshold`` (``λ⁺ = max(λ, 0)``, round-off only); the
+      participation ratio ``(Σλ⁺)²/Σ(λ⁺)²`` (Gao et al. 2017) and the 90/95/99 % counts are in
+      ``details``. A linear measure: it over-counts curved manifolds (swiss roll → 3).
 
     Duplicates: two sampled rows closer than ``tolerance`` (default ``1e-7 ×`` the RMS radius
     ``sqrt(mean ||x_i − x̄||²)`` of the sample) are duplicates. ``"drop"`` keeps the first of
     each group (count in ``details``), ``"error"`` raises InvalidArgumentError with the count,
     ``"keep"`` warns; estimators that then see zero distances give NaN with the reason.
+    Neighbour distances are exact: GEMM candidates are re-computed in f64 from the
+    coordinates and certified (see ``layerscope_core::engine::neighbors``).
 
     ``bootstrap=B``: 2.5/97.5 % percentile CIs from B resamples (seeded by ``seed``) of the
-    per-point statistics (μ_i, the pointwise MLEs, GRIDE's log μ_i), reusing the kNN graph.
+    per-point statistics (μ_i, the pointwise MLEs, GRIDE's log μ_i), reusing the kNN graph
+    (not for ``"pca"``).
     """
     from . import _native
 
-    if method == "pca":
-        raise InvalidArgumentError(
-            "method='pca' comes from the moment engine: use layerscope.spectrum(...) "
-            "(PCA-based ID); the neighbour engine offers 'twonn', 'twonn-mle', 'mle', 'gride'"
-        )
     if method not in METHODS:
         raise InvalidArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if duplicates not in ("drop", "error", "keep"):
@@ -188,6 +201,17 @@ def intrinsic_dimension(
         )
     if int(bootstrap) < 0:
         raise InvalidArgumentError(f"bootstrap must be >= 0, got {bootstrap}")
+    if not 0.0 <= float(discard_fraction) < 1.0:
+        raise InvalidArgumentError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
+    if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
+        raise InvalidArgumentError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    if method == "pca":
+        if not 0.0 < float(pca_threshold) <= 1.0:
+            raise InvalidArgumentError(f"pca_threshold must be in (0, 1], got {pca_threshold}")
+        return _pca_id(source, layers, float(pca_threshold), progress)
+    for pname, pv in (("k", k), ("n1", n1), ("n2", n2)):
+        if int(pv) < 1:
+            raise InvalidArgumentError(f"{pname} must be >= 1, got {pv}")
     scales_l = [int(s) for s in scales] if scales is not None else []
     if method == "twonn" or method == "twonn-mle":
         kneed = 2
@@ -278,6 +302,64 @@ def intrinsic_dimension(
     return IDResult(names, values, ci=ci, errors=errs, details=details, scales=sc, meta=meta)
 
 
+def _pca_from_eigenvalues(lam: np.ndarray, threshold: float) -> dict[str, float]:
+    """PCA-ID and participation ratio from covariance eigenvalues (any order)."""
+    pos = np.sort(np.maximum(np.asarray(lam, dtype=np.float64), 0.0))[::-1]
+    total = float(pos.sum())
+    if not total > 0.0:
+        nan = float("nan")
+        return {
+            "id": nan,
+            "participation_ratio": nan,
+            "pca_id_90": nan,
+            "pca_id_95": nan,
+            "pca_id_99": nan,
+        }
+    share = np.cumsum(pos) / total
+
+    def count(t: float) -> float:
+        hit = np.flatnonzero(share >= t)
+        # round-off can leave the last cumulative share a hair below 1
+        return float(hit[0] + 1) if hit.size else float(np.count_nonzero(pos))
+
+    return {
+        "id": count(threshold),
+        "participation_ratio": total * total / float((pos * pos).sum()),
+        "pca_id_90": count(0.90),
+        "pca_id_95": count(0.95),
+        "pca_id_99": count(0.99),
+    }
+
+
+def _pca_id(source: Any, layers: Any, threshold: float, progress: Any) -> IDResult:
+    """``method="pca"``: spectra of every layer from one pass of the moment engine."""
+    from ._moments import compute_moments
+
+    t0 = time.perf_counter()
+    values: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    mom, _ = compute_moments(source, layers, progress=progress)
+    names = [str(v) for v in mom.names]
+    n = int(mom.n)
+    if n < 2:
+        raise InvalidArgumentError(f"PCA needs at least 2 rows, got {n}")
+    for i, name in enumerate(names):
+        lam = np.linalg.eigvalsh(np.asarray(mom.block(i, i), dtype=np.float64)) / (n - 1)
+        d = _pca_from_eigenvalues(lam, threshold)
+        values[name] = d.pop("id")
+        details[name] = {"rows_used": n, **d}
+    engine = "moments (all rows, one streaming pass)"
+    meta = {
+        "method": "pca",
+        "n": n,
+        "n_total": n,
+        "pca_threshold": threshold,
+        "pca_engine": engine,
+        "seconds": time.perf_counter() - t0,
+    }
+    return IDResult(names, values, details=details, meta=meta)
+
+
 def _pair_inputs(
     source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None, seed: int
 ) -> tuple[Any, Any, list[str], list[str], np.ndarray]:
@@ -317,8 +399,16 @@ def rsa(
     """
     from . import _native
 
+    if dissimilarity not in ("euclidean", "correlation"):
+        raise InvalidArgumentError(
+            f"dissimilarity must be 'euclidean' or 'correlation', got {dissimilarity!r}"
+        )
+    if compare not in ("spearman", "pearson"):
+        raise InvalidArgumentError(f"compare must be 'spearman' or 'pearson', got {compare!r}")
     t0 = time.perf_counter()
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
+    if idx.size < 3:
+        raise InvalidArgumentError(f"RSA needs at least 3 rows, got {idx.size}")
     cb, bar = progress_callback(progress, "rsa")
     try:
         xa = [load(a, n, idx) for n in la]
@@ -352,19 +442,43 @@ def mutual_knn(
     other_layers: Sequence[str] | str | None = None,
     sample: int | None = 2000,
     seed: int = 0,
+    normalize: bool = True,
     progress: Any = True,
 ) -> MatrixResult:
-    """Mutual k-nearest-neighbour alignment (Huh et al. 2024) for all layer pairs:
-    ``mean_i |N_k^A(i) ∩ N_k^B(i)| / k`` over the sampled rows, with exact neighbour sets
-    (self excluded; ties broken by row index)."""
+    """Mutual k-nearest-neighbour alignment (Huh, Cheung, Wang & Isola 2024, "The Platonic
+    Representation Hypothesis", ICML) for all layer pairs::
+
+        m_kNN(A, B) = mean_i |N_k^A(i) ∩ N_k^B(i)| / k
+
+    over the sampled rows, ``N_k(i)`` the ``k`` nearest neighbours of row ``i`` (self
+    excluded). As in the paper's code (``metrics.mutual_knn`` on ``F.normalize``-d features),
+    ``normalize=True`` ranks neighbours by cosine similarity: rows are divided by
+    ``max(||x||, 1e-12)`` (torch's ``F.normalize``) and then ranked by Euclidean distance,
+    which on the unit sphere orders exactly as ``-x_i·x_j``. ``normalize=False``: Euclidean
+    neighbours of the raw rows. Neighbour sets are exact (ties broken by row index; the
+    reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
+    optional outlier clipping (``remove_outliers``, q=0.95) before the metric."""
     from . import _native
 
+    if int(k) < 1:
+        raise InvalidArgumentError(f"k must be >= 1, got {k}")
     t0 = time.perf_counter()
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
+    if int(k) >= idx.size:
+        raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
     cb, bar = progress_callback(progress, "mutual knn")
+
+    def get(src: Any, name: str) -> np.ndarray:
+        x = load(src, name, idx)
+        if normalize:
+            x = np.ascontiguousarray(
+                x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            )
+        return x
+
     try:
-        xa = [load(a, n, idx) for n in la]
-        xb = [load(b, n, idx) for n in lb] if b is not None else None
+        xa = [get(a, n) for n in la]
+        xb = [get(b, n) for n in lb] if b is not None else None
         vals = _native.mutual_knn_matrix(xa, xb, k=int(k), progress=cb)
     finally:
         if bar is not None:
@@ -372,6 +486,7 @@ def mutual_knn(
     meta = {
         "measure": "mutual_knn",
         "k": int(k),
+        "normalize": bool(normalize),
         "n": int(idx.size),
         "n_total": a.num_rows,
         "seed": seed,
@@ -397,7 +512,11 @@ def _cmd_id(args: Any) -> int:
         n2=args.n2,
         discard_fraction=args.discard_fraction,
         duplicates=args.duplicates,
+        tolerance=args.tolerance,
         bootstrap=args.bootstrap,
+        scales=args.scales,
+        pool=args.pool,
+        pca_threshold=args.pca_threshold,
         progress=not args.quiet,
     )
     print(res.table.to_string())
@@ -444,7 +563,11 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--n2", type=int, default=2)
     p.add_argument("--discard-fraction", type=float, default=0.1)
     p.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"])
+    p.add_argument("--tolerance", type=float, default=None, help="duplicate distance")
     p.add_argument("--bootstrap", type=int, default=0)
+    p.add_argument("--pool", default="harmonic", choices=["harmonic", "mean", "median"])
+    p.add_argument("--scales", type=int, nargs="+", default=None, help="GRIDE n1 values")
+    p.add_argument("--pca-threshold", type=float, default=0.95)
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help="write the ID-by-depth plot (png/pdf/svg)")
     p.add_argument("--quiet", action="store_true")

@@ -2,15 +2,20 @@
 //!
 //! * [`knn`]: the `k` nearest neighbours of every point (self excluded). Candidate lists come
 //!   from f32 GEMM distance blocks `‖a‖² + ‖b‖² − 2 a·b` of the **column-centred** data
-//!   (faer matmul, rayon over row blocks, partial selection — no full sorts); the `2k + 16`
+//!   (faer matmul, rayon over row blocks, partial selection — no full sorts); the `k + 4`
 //!   candidates of each row are then **re-computed exactly in f64 from the original
-//!   coordinates** (`Σ (a_t − b_t)²`, no GEMM), re-ordered, and the best `k` kept. A per-row
-//!   certificate (rigorous bound on the f32 GEMM + rounding error) proves that no
-//!   non-candidate can be closer than the k-th kept point; a row that fails it is redone
-//!   exactly over all points. So neighbour sets and distances are exact (ties broken by
-//!   index) and cancellation can never fake a zero distance.
+//!   coordinates** (`Σ (a_t − b_t)²`, no GEMM), re-ordered, and the best `k` kept.
+//!   Candidates are ranked by a rigorous per-pair **lower bound** `lb_ij` = GEMM value −
+//!   (bound on the f32 inner-product error `2γ_d‖a‖‖b‖` + the f32 rounding of the
+//!   coordinates), so the certificate "k-th exact distance < smallest `lb` of the
+//!   non-candidates" proves the result exact; when it fails, every non-candidate with
+//!   `lb ≤` the k-th exact distance is recomputed exactly too (the others provably cannot
+//!   enter). So neighbour sets and distances are exact (ties broken by index), one huge-norm
+//!   row does not loosen the other rows' bounds, and cancellation can never fake a zero
+//!   distance. Work: one `2m²d` f32 GEMM + `O(m²)` selection + `O(m·k·d)` exact f64.
 //! * [`sq_distance_matrix`]: the full `m × m` matrix of squared distances (centred GEMM,
-//!   rounding noise below 0 set to 0, diagonal exactly 0), for RSA and RBF kernels.
+//!   rounding noise below 0 set to 0, diagonal exactly 0), for RBF kernels; RSA uses the
+//!   GEMM-free [`exact_condensed_sq_distances`] so tied distances stay tied.
 //! * [`dedup_knn`]: duplicate handling. Two points are duplicates when their exact distance is
 //!   `≤ tol`; the default tolerance is [`DEFAULT_REL_TOL`] × the RMS radius of the sample
 //!   (`sqrt(Σ_i ‖x_i − x̄‖² / m)`), i.e. relative to the data scale.
@@ -19,6 +24,29 @@ use crate::monitor::Monitor;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// A (value, index) pair ordered by value (total order), then index: heap entries.
+#[derive(Debug, Clone, Copy)]
+struct Item(f64, usize);
+
+impl PartialEq for Item {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+    }
+}
 
 /// Default duplicate tolerance relative to the RMS radius of the sample.
 pub const DEFAULT_REL_TOL: f64 = 1e-7;
@@ -100,10 +128,27 @@ pub fn rms_radius(x: &[f64], m: usize, d: usize) -> Result<f64> {
     Ok((norms.iter().sum::<f64>() / m as f64).sqrt())
 }
 
-/// Exact squared Euclidean distance between two rows (f64, no GEMM).
+/// Exact squared Euclidean distance between two rows (f64, no GEMM): `Σ_t (a_t − b_t)²`
+/// from the differences themselves (identical rows give exactly 0), summed in 8 independent
+/// lanes (vectorisable, no long dependency chain) and then pairwise. Deterministic for a pair
+/// and symmetric in `a`, `b`.
 #[inline]
 pub fn exact_sq_dist(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum()
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(p, q)| (p - q) * (p - q))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, p), q) in acc.iter_mut().zip(x).zip(y) {
+            let e = p - q;
+            *s += e * e;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Exact k nearest neighbours (self excluded) of the `m` rows of `x` (row-major `m × d`).
@@ -124,14 +169,25 @@ pub fn knn(x: &[f64], m: usize, d: usize, k: usize, monitor: &dyn Monitor) -> Re
         .map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
         .collect();
     let len: Vec<f64> = norms64.iter().map(|v| v.sqrt()).collect();
-    let maxlen = len.iter().copied().fold(0.0f64, f64::max);
     let u = f64::from(f32::EPSILON) / 2.0;
     let gamma = d as f64 * u / (1.0 - d as f64 * u).max(1e-3);
-    let kc = (2 * k + 16).min(m - 1);
+    let kc = (k + 4).min(m - 1);
+    // lb_parts: the error of the GEMM value n_a + n_b − 2·g_ab is at most
+    // E_ab = 2γ_d‖a‖‖b‖(1 + 4u) + (3u + 1e-12)(‖a‖ + ‖b‖)²: the f32 inner-product error (any
+    // summation order), the f32 rounding of the centred coordinates, slack for the f64
+    // centring and for evaluating this bound. Expanded so a pair costs four flops:
+    // lb_ab = (n_a − B‖a‖²) + (n_b − B‖b‖²) − 2g_ab − (A + 2B)‖a‖‖b‖. Per pair, so one
+    // huge-norm row does not loosen every other row's bound.
+    let bsl = 3.0 * u + 1e-12;
+    let acoef = 2.0 * gamma * (1.0 + 4.0 * u) + 2.0 * bsl;
+    let p: Vec<f64> = norms
+        .iter()
+        .zip(&len)
+        .map(|(n, l)| n - bsl * l * l)
+        .collect();
     let all = MatRef::from_row_major_slice(&xc32, m, d);
     let nblocks = m.div_ceil(BLOCK);
     let done = std::sync::atomic::AtomicU64::new(0);
-    let fallbacks = std::sync::atomic::AtomicU64::new(0);
     let blocks: Vec<Result<(Vec<f64>, Vec<usize>)>> = (0..nblocks)
         .into_par_iter()
         .map(|b| {
@@ -151,49 +207,56 @@ pub fn knn(x: &[f64], m: usize, d: usize, k: usize, monitor: &dyn Monitor) -> Re
             let mut dist = Vec::with_capacity(nb * k);
             let mut idx = Vec::with_capacity(nb * k);
             let mut cand: Vec<(f64, usize)> = Vec::with_capacity(m);
+            let mut heap: BinaryHeap<Item> = BinaryHeap::with_capacity(kc + 2);
             for (r, grow) in g.chunks_exact(m).enumerate() {
                 let i = r0 + r;
-                cand.clear();
-                let ni = norms[i];
-                cand.extend(
-                    grow.iter()
-                        .enumerate()
-                        .filter(|&(j, _)| j != i)
-                        .map(|(j, &gij)| (ni + norms[j] - 2.0 * f64::from(gij), j)),
-                );
-                // Smallest approximate value among the rows NOT kept as candidates.
-                let mut thr = f64::INFINITY;
-                if kc < cand.len() {
-                    cand.select_nth_unstable_by(kc, |a, b| a.0.total_cmp(&b.0));
-                    thr = cand[kc].0;
-                    cand.truncate(kc);
+                // Lower bound on the true squared distance of every pair (see `lb_parts`):
+                // lb_ij = q_i + p_j − 2·g_ij − c_i·‖b_j‖.
+                let (qi, ci) = (norms[i] - bsl * len[i] * len[i], acoef * len[i]);
+                let lb = |j: usize, gij: f32| qi + p[j] - 2.0 * f64::from(gij) - ci * len[j];
+                // The kc smallest lower bounds are the candidates (a bounded max-heap of
+                // kc + 1: most pairs cost one comparison); thr = the (kc+1)-th smallest,
+                // a lower bound for every non-candidate.
+                heap.clear();
+                let cap = (kc + 1).min(m - 1);
+                for (j, &gij) in grow.iter().enumerate() {
+                    if j == i {
+                        continue;
+                    }
+                    let v = lb(j, gij);
+                    if heap.len() < cap {
+                        heap.push(Item(v, j));
+                    } else if let Some(mut top) = heap.peek_mut() {
+                        if v < top.0 {
+                            *top = Item(v, j);
+                        }
+                    }
                 }
+                let mut thr = f64::INFINITY;
+                if cap > kc {
+                    if let Some(top) = heap.pop() {
+                        thr = top.0;
+                    }
+                }
+                cand.clear();
+                cand.extend(heap.drain().map(|it| (it.0, it.1)));
                 let xi = &x[i * d..(i + 1) * d];
                 for c in cand.iter_mut() {
                     c.0 = exact_sq_dist(xi, &x[c.1 * d..(c.1 + 1) * d]);
                 }
                 cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                // Certificate: every non-candidate j has true d² ≥ approx_j − E_i ≥ thr − E_i,
-                // E_i bounding the f32 GEMM error (γ_d·2‖a‖‖b‖) plus the effect of rounding
-                // the centred coordinates to f32 (≤ 3u(‖a‖+‖b‖)²). If the k-th exact distance
-                // is not strictly below thr − E_i, redo the row exactly over all points.
-                let s = len[i] + maxlen;
-                let e = 2.0 * gamma * (len[i] * maxlen) * (1.0 + 4.0 * u)
-                    + 3.0 * u * s * s
-                    + 1e-12 * s * s;
+                // Certificate: every non-candidate j has true d² ≥ lb_j ≥ thr. If the k-th
+                // exact distance is below thr the k best are exact. Otherwise the answer
+                // is the k best (exact) of {j : lb_j ≤ k-th}: the others have true d²
+                // above it, so they cannot enter, not even on a tie.
                 let kth = cand.get(k - 1).map_or(f64::INFINITY, |c| c.0);
-                if thr.is_finite() && kth >= thr - e {
-                    fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if kth >= thr {
                     cand.clear();
-                    cand.extend(
-                        (0..m)
-                            .filter(|&j| j != i)
-                            .map(|j| (exact_sq_dist(xi, &x[j * d..(j + 1) * d]), j)),
-                    );
-                    cand.select_nth_unstable_by(k - 1, |a, b| {
-                        a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
-                    });
-                    cand.truncate(k);
+                    for (j, &gij) in grow.iter().enumerate() {
+                        if j != i && lb(j, gij) <= kth {
+                            cand.push((exact_sq_dist(xi, &x[j * d..(j + 1) * d]), j));
+                        }
+                    }
                     cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                 }
                 for c in cand.iter().take(k) {
@@ -206,7 +269,6 @@ pub fn knn(x: &[f64], m: usize, d: usize, k: usize, monitor: &dyn Monitor) -> Re
             Ok((dist, idx))
         })
         .collect();
-    let _ = fallbacks.load(std::sync::atomic::Ordering::Relaxed);
     let mut dist = Vec::with_capacity(m * k);
     let mut idx = Vec::with_capacity(m * k);
     for b in blocks {
@@ -476,6 +538,43 @@ mod tests {
         for (i, bi) in b.iter().enumerate() {
             assert_eq!(g.neighbours(i), &bi[..]);
         }
+    }
+
+    #[test]
+    fn knn_exact_when_gemm_cancels() {
+        // Two clusters far apart (centring cannot remove the separation), stored f32: the
+        // f32 GEMM distances inside a cluster are noise; results must still be exact.
+        let (m, d, k) = (240, 16, 6);
+        let mut x = lcg(m * d, 7);
+        for (t, v) in x.iter_mut().enumerate() {
+            let sign = if t / d < m / 2 { 1.0 } else { -1.0 };
+            *v = (*v + sign * 3e4 + 50.0 * (t % d) as f64) as f32 as f64;
+        }
+        // plus one row with a huge norm
+        for v in x[5 * d..6 * d].iter_mut() {
+            *v *= 1e3;
+        }
+        let g = knn(&x, m, d, k, &NoMonitor).unwrap();
+        let b = brute(&x, m, d, k);
+        for (i, bi) in b.iter().enumerate() {
+            assert_eq!(g.neighbours(i), &bi[..]);
+        }
+        assert!(g.dist.iter().all(|&v| v > 0.0));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        assert!(knn(&[], 0, 3, 1, &NoMonitor).is_err());
+        assert!(knn(&[1.0, 2.0], 1, 2, 1, &NoMonitor).is_err());
+        assert!(knn(&[1.0, 2.0, 3.0], 2, 2, 1, &NoMonitor).is_err());
+        assert!(knn(&[1.0, f64::NAN, 3.0, 4.0], 2, 2, 1, &NoMonitor).is_err());
+        assert!(knn(&[1.0, 2.0], 2, 0, 1, &NoMonitor).is_err());
+        let x = lcg(40, 1);
+        assert!(dedup_knn(&x, 10, 4, 2, Some(-1.0), Duplicates::Drop, &NoMonitor).is_err());
+        // all rows identical: dropping leaves one point, too few for k = 2
+        let same = vec![1.5; 40];
+        assert!(dedup_knn(&same, 10, 4, 2, None, Duplicates::Drop, &NoMonitor).is_err());
+        assert!(sq_distance_matrix(&x, 11, 4, u64::MAX).is_err());
     }
 
     #[test]

@@ -180,6 +180,11 @@ pub fn gride_log_mu(dist: &[f64], k: usize, n1: usize, n2: usize) -> Result<(Vec
 
 /// GRIDE maximum-likelihood estimate and its standard error from filtered `log μ`.
 pub fn gride_from_log_mu(log_mu: &[f64], n1: usize, n2: usize) -> Result<(f64, f64)> {
+    if !(1 <= n1 && n1 < n2) {
+        return Err(Error::invalid(format!(
+            "GRIDE needs 1 ≤ n1 < n2, got n1={n1}, n2={n2}"
+        )));
+    }
     let n = log_mu.len();
     if n < 2 {
         return Err(Error::invalid(
@@ -310,6 +315,12 @@ pub fn estimate(
                 return Ok(nan(format!("{bad} points have a zero nearest-neighbour distance (duplicates kept): μ = r2/r1 is undefined")));
             }
             let value = twonn_from_mu(&mu, discard_fraction, method)?;
+            if !value.is_finite() {
+                return Ok(nan(format!(
+                    "TwoNN is undefined here ({value}): the kept ratios μ = r2/r1 are all 1 \
+                     (every point's two nearest neighbours are equidistant, e.g. a lattice)"
+                )));
+            }
             let ci = bootstrap_ci(&mu, bootstrap, seed, |s| {
                 twonn_from_mu(s, discard_fraction, method)
             });
@@ -338,6 +349,12 @@ pub fn estimate(
             }
             let pw = mle_pointwise(&sub, kk)?;
             let value = pool(&pw, p);
+            if !value.is_finite() {
+                return Ok(nan(format!(
+                    "the pooled MLE is {value}: some points have all {kk} neighbours at the same \
+                     distance (pointwise estimate infinite)"
+                )));
+            }
             let ci = bootstrap_ci(&pw, bootstrap, seed, |s| Ok(pool(s, p)));
             Ok(IdEstimate {
                 value,
@@ -393,6 +410,61 @@ mod tests {
         let (d, _) = gride_from_log_mu(&lm, 1, 2).unwrap();
         let s: f64 = lm.iter().sum();
         assert!((d - 4.0 / s).abs() < 1e-9 * d);
+    }
+
+    #[test]
+    fn undefined_cases_are_nan_with_reason_or_errors() {
+        // every point's two nearest neighbours equidistant (a lattice): μ = 1 everywhere
+        let lattice: Vec<f64> = (0..40).flat_map(|_| [1.0, 1.0, 2.0]).collect();
+        let m = Method::TwoNn {
+            discard_fraction: 0.0,
+            method: TwoNnMethod::Mle,
+        };
+        let r = estimate(&lattice, 3, m, 0, 0).unwrap();
+        assert!(r.value.is_nan() && r.reason.is_some());
+        // zero distances (duplicates kept)
+        let dup: Vec<f64> = (0..40).flat_map(|i| [f64::from(i % 2), 1.5, 2.0]).collect();
+        assert!(estimate(&dup, 3, m, 0, 0).unwrap().reason.is_some());
+        let mle = Method::Mle {
+            k: 3,
+            pool: Pool::Harmonic,
+        };
+        assert!(estimate(&dup, 3, mle, 0, 0).unwrap().value.is_nan());
+        // arguments that do not fit the graph
+        let ok: Vec<f64> = (0..40)
+            .flat_map(|i| [1.0, 1.5 + f64::from(i) / 40.0, 2.5])
+            .collect();
+        let big = Method::Mle {
+            k: 4,
+            pool: Pool::Mean,
+        };
+        assert!(estimate(&ok, 3, big, 0, 0).is_err());
+        assert!(estimate(&ok, 3, Method::Gride { n1: 2, n2: 4 }, 0, 0).is_err());
+        assert!(estimate(&ok, 3, Method::Gride { n1: 2, n2: 2 }, 0, 0).is_err());
+        assert!(estimate(&ok, 0, m, 0, 0).is_err());
+        assert!(estimate(&ok[..7], 3, m, 0, 0).is_err());
+        assert!(twonn_from_mu(&[1.5, 2.0], 1.0, TwoNnMethod::Mle).is_err());
+        assert!(Pool::parse("geometric").is_err());
+    }
+
+    #[test]
+    fn bootstrap_is_seeded_and_brackets() {
+        let ok: Vec<f64> = (0..200)
+            .flat_map(|i| {
+                let t = 1.1 + f64::from((i * 37) % 101) / 50.0;
+                [1.0, t, t * 1.3]
+            })
+            .collect();
+        let m = Method::TwoNn {
+            discard_fraction: 0.0,
+            method: TwoNnMethod::Mle,
+        };
+        let a = estimate(&ok, 3, m, 200, 7).unwrap();
+        let b = estimate(&ok, 3, m, 200, 7).unwrap();
+        assert_eq!(a.ci, b.ci);
+        assert!(a.ci.0 < a.value && a.value < a.ci.1);
+        let c = estimate(&ok, 3, m, 200, 8).unwrap();
+        assert_ne!(a.ci, c.ci);
     }
 
     #[test]
