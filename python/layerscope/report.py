@@ -3,12 +3,17 @@ few passes as possible, written as one self-contained HTML page plus ``results.j
 
 Passes over the data:
 
-* one moment pass per input (:func:`layerscope.analyze`): linear CKA (biased, Kornblith et al.
-  2019; debiased, Song et al. 2012 unbiased HSIC), per-layer spectra, top-k subspace overlap
-  (mean cos² of the principal angles) — and one more for the cross-model tables of two stores;
-* one seeded sample of ``sample`` rows for the neighbour family: RBF CKA (bandwidth σ × median
-  pairwise distance), intrinsic dimension by TwoNN (Facco et al. 2017, percentile bootstrap
-  CIs) and Levina–Bickel MLE.
+* ONE streaming moment pass over every layer of every input together (the layers of two
+  stores are concatenated, so the within-model and cross-model tables share it): linear CKA
+  (biased, Kornblith et al. 2019; debiased, Song et al. 2012 unbiased HSIC), per-layer spectra
+  and the top-k subspace overlap (mean cos² of the principal angles);
+* one seeded sample of ``sample`` rows for the neighbour family: RBF CKA (bandwidth
+  σ·√(median squared pairwise distance), σ = 1), intrinsic dimension by TwoNN (Facco et al.
+  2017, percentile bootstrap CIs) and Levina–Bickel MLE (k = 20).
+
+When the private moment helpers of :mod:`layerscope.alignment` are missing, the report falls
+back to :func:`layerscope.analyze` (one pass per input plus one for the cross tables); a
+measure whose module is missing becomes a visible note instead of an error.
 
 Every section carries plain-words summary lines computed from the numbers, and every figure
 a caption naming the estimator, the number of rows, the sample and the seed.
@@ -49,15 +54,40 @@ def _short(name: str, width: int = 18) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
+def _suffix(name: str, parts: int) -> str:
+    segs = name.split(".")
+    return ".".join(segs[-parts:]) if parts < len(segs) else name
+
+
 def _labels(layers: Sequence[str]) -> list[str]:
-    """Readable tick labels: drop the prefix every layer name shares (``encoder.layer.``)."""
+    """Short, unique tick labels for figures: drop the dotted prefix every name shares
+    (``encoder.layer.``), else keep the shortest dotted suffix that stays unique
+    (``encoder.layer.3`` → ``layer.3`` beside ``embeddings``; a bare number keeps the segment
+    before it). The text of the report uses the full names."""
     names = list(layers)
     if len(names) > 1:
         prefix = os.path.commonprefix(names)
         cut = max(prefix.rfind("."), prefix.rfind("/"), prefix.rfind("_"))
         if cut >= 0 and all(len(n) > cut + 1 for n in names):
             names = [n[cut + 1:] for n in names]
+        else:
+            for parts in range(1, 1 + max(n.count(".") + 1 for n in names)):
+                short = []
+                for n in names:
+                    p = parts + (1 if _suffix(n, parts).isdigit() else 0)
+                    short.append(_suffix(n, p))
+                if len(set(short)) == len(short):
+                    names = short
+                    break
     return [_short(n) for n in names]
+
+
+def _xticks(ax: Any, labels: Sequence[str], fontsize: int = 8) -> None:
+    """x tick labels, rotated when they would collide."""
+    wide = len(labels) * max((len(s) for s in labels), default=0) > 40
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=40 if wide else 0, ha="right" if wide else "center",
+                       rotation_mode="anchor" if wide else "default", fontsize=fontsize)
 
 
 def _fmt(x: Any, nd: int = 3) -> str:
@@ -68,6 +98,13 @@ def _fmt(x: Any, nd: int = 3) -> str:
     if not np.isfinite(v):
         return "nan"
     return f"{v:.{nd}f}"
+
+
+def _mean(x: Any) -> float:
+    """Mean of the finite entries (NaN when there are none, without a warning)."""
+    v = np.asarray(x, dtype=float).ravel()
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 def _span(names: Sequence[str], i: int, j: int) -> str:
@@ -83,9 +120,10 @@ def _api(module: str, name: str) -> Callable[..., Any]:
 
     try:
         mod = importlib.import_module(f"layerscope.{module}")
-        return getattr(mod, name)
+        fn = getattr(mod, name)
     except (ImportError, AttributeError) as e:
         raise _Unavailable(f"layerscope.{name} is not available in this build ({e})") from e
+    return fn
 
 
 def _try(notes: list[str], what: str, fn: Callable[[], Any]) -> Any:
@@ -150,18 +188,40 @@ def _one_pass(sides: list[_Side], cross: _Side | None, notes: list[str],
     if b is not None:
         sides[1].res["spectrum"] = spectrum_result(spectra[len(rows):], cnames, None, meta)
     rank = {i: float(sp["rank"]) for i, sp in zip(spec_idx, spectra)}
+    names = [str(x) for x in moments.names]
     for side, r, c, rn, cn in groups:
-        k = int(min([K_MAX, *[rank[i] for i in (*r, *c)]]))
-        side.res["subspace_k"] = k
-        if k < 1:
-            notes.append(f"subspace overlap of {side.title}: skipped — a layer has rank 0 "
-                         "(constant activations)")
+        # layers of numerical rank 0 (constant activations) have no principal subspace: they
+        # are left out (NaN rows/columns, named in the notes) instead of sinking the table
+        r_ok = [i for i in r if rank[i] >= 1]
+        c_ok = [i for i in c if rank[i] >= 1]
+        dropped = sorted({names[i] for i in (*r, *c) if rank[i] < 1})
+        if not r_ok or not c_ok:
+            notes.append(f"subspace overlap of {side.title}: skipped — no layer with a "
+                         "nonzero spectrum (constant activations)")
             continue
-        res = measures(moments, [], {"rows": r, "cols": c, "method": "subspace",
+        k = int(min([K_MAX, *[rank[i] for i in (*r_ok, *c_ok)]]))
+        side.res["subspace_k"] = k
+        res = measures(moments, [], {"rows": r_ok, "cols": c_ok, "method": "subspace",
                                      "space": "samples", "ridge_eps": 1e-4,
                                      "symmetric": side is not cross, "k": k})
-        side.res["subspace_overlap"] = alignment_result(
-            res["alignment"], rn, cn, "subspace", "samples", k, 1e-4, meta)
+        al = alignment_result(res["alignment"], [names[i] for i in r_ok],
+                              [names[i] for i in c_ok], "subspace", "samples", k, 1e-4, meta)
+        if dropped:
+            notes.append(f"subspace overlap of {side.title}: layer(s) {', '.join(dropped)} left "
+                         "out (rank 0: constant activations)")
+            al = _expand(al, rn, cn, {"layers_skipped": dropped})
+        side.res["subspace_overlap"] = al
+
+
+def _expand(res: Any, rows: list[str], cols: list[str], meta: dict[str, Any]) -> Any:
+    """A MatrixResult over ``rows`` × ``cols`` holding ``res``'s cells, NaN elsewhere."""
+    from .results import MatrixResult
+
+    full = np.full((len(rows), len(cols)), np.nan)
+    ri = [rows.index(x) for x in res.rows]
+    ci = [cols.index(x) for x in res.cols]
+    full[np.ix_(ri, ci)] = np.asarray(res.values, dtype=float)
+    return MatrixResult(full, rows, cols, {**res.meta, **meta})
 
 
 def _public_passes(sides: list[_Side], cross: _Side | None, notes: list[str],
@@ -199,23 +259,99 @@ def _moments(sides: list[_Side], cross: _Side | None, notes: list[str], progress
         return "failed"
 
 
+def _rbf_cka(src: Source, other: Source | None, *, sample: int | None, seed: int,
+             progress: bool, layers: list[str] | None = None,
+             other_layers: list[str] | None = None) -> Any:
+    """Biased RBF CKA (σ = 1, median rule) through the public ``layerscope.cka``; when that
+    module is missing from the build, through the kernel module it dispatches to
+    (``layerscope._kernel.rbf_cka``), which computes the same numbers."""
+    try:
+        fn = _api("cka", "cka")
+    except _Unavailable:
+        return _api("_kernel", "rbf_cka")(src, other, layers, other_layers, sample=sample,
+                                          seed=seed, estimator="biased", progress=progress)
+    return fn(src, other, kernel="rbf", estimator="biased", sample=sample, seed=seed,
+              layers=layers, other_layers=other_layers, progress=progress)
+
+
+def _rbf_robust(src: Source, other: Source | None, notes: list[str], label: str, *,
+                sample: int | None, seed: int, progress: bool) -> Any:
+    """RBF CKA of all layers; when a layer makes it fail (e.g. more than half of the sampled
+    rows coincide, so the median-rule bandwidth is 0), probe each layer alone and compute
+    the table without the failing ones (NaN there, each reason in the notes)."""
+    try:
+        return _rbf_cka(src, other, sample=sample, seed=seed, progress=progress)
+    except LayerscopeError as e:
+        first = e
+    la, lb = list(src.all_layers), list((other or src).all_layers)
+
+    def usable(s: Source, tag: str, names: list[str]) -> list[str]:
+        ok = []
+        for x in names:
+            try:
+                _rbf_cka(s, None, sample=sample, seed=seed, progress=False, layers=[x])
+                ok.append(x)
+            except LayerscopeError as e:
+                notes.append(f"RBF CKA ({label}): layer {tag}{x} left out — "
+                             f"{type(e).__name__}: {e}")
+        return ok
+
+    ga = usable(src, "", la)
+    gb = usable(other, "of the second input ", lb) if other is not None else ga
+    if not ga or not gb or (ga == la and gb == lb):
+        raise first
+    res = _rbf_cka(src, other, sample=sample, seed=seed, progress=progress, layers=ga,
+                   other_layers=gb if other is not None else None)
+    skipped = [x for x in la if x not in ga]
+    if other is not None:
+        skipped += [f"other:{x}" for x in lb if x not in gb]
+    return _expand(res, la, lb, {"layers_skipped": skipped})
+
+
+def _id_robust(src: Source, notes: list[str], label: str, **kw: Any) -> Any:
+    """Intrinsic dimension of all layers; when a layer makes it fail (too few distinct rows
+    for the neighbours it needs), estimate the others one by one and name the failing one."""
+    fn = _api("idim", "intrinsic_dimension")
+    try:
+        return fn(src, **kw)
+    except LayerscopeError as e:
+        first = e
+    parts: dict[str, Any] = {}
+    for name in src.all_layers:
+        try:
+            parts[name] = fn(src, layers=[name], **kw)
+        except LayerscopeError as e:
+            notes.append(f"{label}: layer {name} left out — {type(e).__name__}: {e}")
+    if not parts or len(parts) == len(src.all_layers):
+        raise first
+    cls = type(next(iter(parts.values())))
+    one = next(iter(parts.values()))
+    layers = list(parts)
+    return cls(layers, {x: parts[x].values[x] for x in layers},
+               ci={x: parts[x].ci[x] for x in layers if x in parts[x].ci},
+               errors={x: parts[x].errors[x] for x in layers if x in parts[x].errors},
+               details={x: parts[x].details.get(x) for x in layers},
+               scales={x: parts[x].scales[x] for x in layers if x in parts[x].scales},
+               meta={**one.meta, "layers_skipped": [x for x in src.all_layers
+                                                    if x not in parts]})
+
+
 def _neighbours(side: _Side, other: Source | None, notes: list[str], *, sample: int | None,
                 seed: int, bootstrap: int, rbf: bool, progress: bool) -> None:
-    """The seeded-sample family: RBF CKA, TwoNN (+ bootstrap CIs) and MLE."""
+    """The seeded-sample family: RBF CKA, TwoNN and MLE (with bootstrap CIs)."""
     src = side.src
     m = _sample_arg(sample, src.num_rows)
     if rbf:
-        side.res["cka_rbf"] = _try(notes, "RBF CKA", lambda: _api("cka", "cka")(
-            src, other, kernel="rbf", estimator="biased", sample=m, seed=seed,
-            progress=progress))
+        side.res["cka_rbf"] = _try(notes, f"RBF CKA ({side.title})", lambda: _rbf_robust(
+            src, other, notes, side.title, sample=m, seed=seed, progress=progress))
     if other is not None:
         return
-    idim = lambda **kw: _api("idim", "intrinsic_dimension")(  # noqa: E731
-        src, sample=m, seed=seed, progress=progress, **kw)
-    side.res["id_twonn"] = _try(notes, "intrinsic dimension (TwoNN)",
-                                lambda: idim(method="twonn", bootstrap=bootstrap))
-    side.res["id_mle"] = _try(notes, "intrinsic dimension (MLE)",
-                              lambda: idim(method="mle", k=20))
+    for key, what, kw in (("id_twonn", "TwoNN", {"method": "twonn"}),
+                          ("id_mle", "MLE", {"method": "mle", "k": 20})):
+        label = f"intrinsic dimension ({what}) of {side.title}"
+        side.res[key] = _try(notes, label, lambda kw=kw, label=label: _id_robust(
+            src, notes, label, sample=m, seed=seed, progress=progress, bootstrap=bootstrap,
+            **kw))
 
 
 # --------------------------------------------------------------------------- figures
@@ -244,10 +380,8 @@ def _heat(ax: Any, values: np.ndarray, rows: Sequence[str], cols: Sequence[str],
     lo = vmin if vmin is not None else (min(0.0, float(finite.min())) if finite.size else 0.0)
     hi = vmax if vmax is not None else (max(1.0, float(finite.max())) if finite.size else 1.0)
     im = ax.imshow(vals, cmap=cmap, vmin=lo, vmax=hi, origin="upper", aspect="auto")
-    ax.set_xticks(range(len(cols)))
+    _xticks(ax, _labels(cols))
     ax.set_yticks(range(len(rows)))
-    ax.set_xticklabels(_labels(cols), rotation=45 if len(cols) > 8 else 0,
-                       ha="right" if len(cols) > 8 else "center", fontsize=8)
     ax.set_yticklabels(_labels(rows), fontsize=8)
     if vals.size <= 256:
         for i in range(vals.shape[0]):
@@ -333,6 +467,25 @@ def pair_summary(values: np.ndarray, names: Sequence[str], label: str) -> list[s
             f"{names[iu[1][b]]} ({_fmt(off[b])})."]
 
 
+def agreement_summary(ref: np.ndarray, other: np.ndarray, names: Sequence[str], label: str,
+                      other_label: str, ref_label: str) -> list[str]:
+    """How far a second estimator's table is from the reference one (max |difference| over
+    distinct layer pairs, and where)."""
+    a, b = np.asarray(ref, dtype=float), np.asarray(other, dtype=float)
+    if a.shape != b.shape or a.shape[0] < 2:
+        return []
+    iu = np.triu_indices(a.shape[0], 1)
+    d = np.abs(b[iu] - a[iu])
+    if not np.isfinite(d).any():
+        return []
+    k = int(np.nanargmax(d))
+    i, j = int(iu[0][k]), int(iu[1][k])
+    top = f"{d[k]:.1e}" if d[k] < 5e-4 else _fmt(d[k])
+    return [f"{label}: {other_label} and {ref_label} differ by at most {top} over all pairs of "
+            f"layers (largest at {names[i]} / {names[j]}: {_fmt(b[i, j])} vs "
+            f"{_fmt(a[i, j])})."]
+
+
 def best_match(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the column of the largest value and that value (NaN rows give -1)."""
     v = np.asarray(values, dtype=float)
@@ -365,7 +518,7 @@ def cross_summary(values: np.ndarray, rows: Sequence[str], cols: Sequence[str],
         f"{same_depth} of {int(ok.sum())} layers of {label_a} best match a layer of {label_b} "
         "at about the same relative depth (within 15 %).",
         f"Best-match CKA ranges from {_fmt(best[w])} ({rows[w]}) to {_fmt(best[k])} ({rows[k]}); "
-        f"mean {_fmt(np.nanmean(best))}.",
+        f"mean {_fmt(_mean(best))}.",
     ]
 
 
@@ -389,6 +542,36 @@ def id_summary(values: Sequence[float], names: Sequence[str], label: str) -> lis
         shape = (f"ID is not monotonic: maximum {_fmt(v[k], 1)} at {names[k]}, "
                  f"minimum {_fmt(np.nanmin(v), 1)} at {names[int(np.nanargmin(v))]}")
     return [f"{label}: {shape}."]
+
+
+def duplicate_summary(details: dict[str, Any], layers: Sequence[str], label: str) -> list[str]:
+    """Which layers had duplicated sampled rows (dropped before the neighbour estimators)."""
+    dup = [(name, int(details[name].get("duplicates") or 0),
+            int(details[name].get("rows_used") or 0) + int(details[name].get("duplicates") or 0))
+           for name in layers if isinstance(details.get(name), dict)]
+    dup = [d for d in dup if d[1] > 0]
+    if not dup:
+        return []
+    return [f"{label}: duplicated rows in the sample were dropped before estimating ID — "
+            + "; ".join(f"{name}: {k} of {n}" for name, k, n in dup)
+            + " (identical inputs give identical rows, e.g. the same token at the same position of "
+            "an embedding layer)."]
+
+
+def id_disagreement(twonn: Any, mle: Any, label: str, factor: float = 2.0) -> list[str]:
+    """Layers where TwoNN and MLE differ by more than ``factor`` (either way)."""
+    if twonn is None or mle is None:
+        return []
+    far = []
+    for name in getattr(twonn, "layers", []):
+        a, b = twonn.values.get(name, np.nan), mle.values.get(name, np.nan)
+        if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0 and max(a / b, b / a) > factor:
+            far.append(f"{name} ({_fmt(a, 1)} vs {_fmt(b, 1)})")
+    if not far:
+        return [f"{label}: TwoNN and MLE agree within a factor {factor:g} at every layer."]
+    return [f"{label}: TwoNN and MLE differ by more than {factor:g}× at " + ", ".join(far)
+            + ". TwoNN looks only at the two nearest neighbours, so near-duplicate rows pull it "
+            "towards 1 and isolated points push it up; MLE averages over k = 20 neighbours."]
 
 
 def spectrum_summary(table: dict[str, dict[str, float]], evr: dict[str, np.ndarray],
@@ -423,8 +606,10 @@ def overlap_summary(values: np.ndarray, names: Sequence[str], label: str, k: int
         return pair_summary(v, names, label)
     adj = np.array([v[i, i + 1] for i in range(L - 1)])
     far = v[np.triu_indices(L, 2)]
-    return [f"{label}: top-{k} subspaces of adjacent layers overlap {_fmt(np.nanmean(adj))} "
-            f"on average (mean cos²), layers two or more apart {_fmt(np.nanmean(far))}."]
+    if not (np.isfinite(adj).any() and np.isfinite(far).any()):
+        return pair_summary(v, names, label)
+    return [f"{label}: top-{k} subspaces of adjacent layers overlap {_fmt(_mean(adj))} "
+            f"on average (mean cos²), layers two or more apart {_fmt(_mean(far))}."]
 
 
 # --------------------------------------------------------------------------- the report
@@ -458,7 +643,8 @@ def _flat_meta(meta: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _store_summary(side: _Side) -> tuple[str, dict[str, Any]]:
+def _store_summary(side: _Side) -> tuple[list[tuple[str, str]], str, dict[str, Any]]:
+    """(the key rows of the summary table, the full metadata as a collapsible table, info)."""
     src = side.src
     info: dict[str, Any] = {"layers": list(src.all_layers), "dims": dict(src.dims),
                             "rows": int(src.num_rows)}
@@ -474,17 +660,26 @@ def _store_summary(side: _Side) -> tuple[str, dict[str, Any]]:
     model = _meta_get(meta, "model", "model_name", "model_class") or "—"
     pool = _meta_get(meta, "pool", "pooling") or "—"
     rows = [
-        ("model", model), ("layers", f"{len(src.all_layers)}: " + ", ".join(src.all_layers)),
-        ("widths", ", ".join(sorted({str(d) for d in src.dims.values()}))),
+        ("store", info.get("path") or "(in-memory arrays)"),
+        ("model", str(model)),
+        ("layers", f"{len(src.all_layers)}: " + ", ".join(src.all_layers)),
+        ("widths", ", ".join(sorted({str(d) for d in src.dims.values()}, key=int))),
         ("rows", f"{src.num_rows:,}"),
         ("dtype", ", ".join(sorted(set(info["dtypes"].values())))),
-        ("pooling", pool),
+        ("pooling", str(pool)),
     ]
-    if info.get("path"):
-        rows.insert(0, ("store", info["path"]))
-    rows += _flat_meta(meta)
-    html = f"<h3>{_html.esc(side.title)}</h3>" + _html.table(["", ""], rows, left_cols=2)
-    return html, info
+    for key, label in (("corpus", "inputs"), ("inputs", "inputs"), ("dataset", "inputs")):
+        v = _meta_get(meta, key)
+        if v is not None:
+            rows.append((label, str(v)))
+            break
+    flat = _flat_meta(meta)
+    details = ""
+    if flat:
+        details = (f"<details><summary>all metadata of {_html.esc(side.title)} "
+                   f"({len(flat)} entries)</summary>"
+                   + _html.table(["key", "value"], flat, left_cols=2) + "</details>")
+    return rows, details, info
 
 
 def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report", *,
@@ -497,11 +692,12 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     base64, no network, no JavaScript), ``out/results.json`` (every number: each Result's
     ``to_dict()``, the summary lines, the figure captions) and each figure as ``out/*.png``.
 
-    Passes: one moment pass per input (:func:`layerscope.analyze`: linear CKA biased and
-    debiased, spectra, top-k subspace overlap), one for the cross tables of two inputs, and
-    one seeded sample of ``sample`` rows (``None`` = all rows) for RBF CKA and intrinsic
-    dimension (TwoNN with ``bootstrap`` percentile-bootstrap resamples, Levina–Bickel MLE
-    with k = 20). ``seed`` selects the sample; it is recorded with every result.
+    Passes: one moment pass over all layers of both inputs (linear CKA biased and debiased
+    within each input and across the two, spectra, top-k subspace overlap with ``k = min(32,
+    smallest numerical rank)``), and one seeded sample of ``sample`` rows (``None`` = all rows,
+    RBF CKA capped at 4096) for RBF CKA and intrinsic dimension (TwoNN with ``bootstrap``
+    percentile-bootstrap resamples, Levina–Bickel MLE with k = 20). ``seed`` selects the
+    sample; it is recorded with every result. ``rbf=False`` skips RBF CKA.
 
     ``store`` / ``other``: an ActivationStore, a store path or a dict of 2-D arrays; two
     inputs must have the same row ids in the same order. ``labels`` names them in the text
@@ -509,9 +705,14 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     ``report.html``.
     """
     t_start = time.perf_counter()
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("layerscope.report draws its figures with matplotlib: "
+                          "pip install 'layerscope[plot]' (or matplotlib)")
+    a = resolve(store)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    a = resolve(store)
     b = resolve(other) if other is not None else None
     if b is not None:
         check_comparable(a, b)
@@ -549,15 +750,27 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
                     progress=progress)
         timings["neighbours/cross"] = time.perf_counter() - t0
 
-    _log(progress, "drawing figures")
     t0 = time.perf_counter()
     doc = _Document(out)
-    _section_summary(doc, sides)
-    _section_cka(doc, sides, sample, seed)
-    if cross is not None:
-        _section_cross(doc, cross, sides, sample, seed)
-    _section_spectra(doc, sides, cross)
-    _section_id(doc, sides, sample, seed, bootstrap)
+    steps: list[Callable[[], None]] = [
+        lambda: _section_summary(doc, sides),
+        lambda: _section_cka(doc, sides, sample, seed),
+        *([lambda: _section_cross(doc, cross, sides, sample, seed)] if cross is not None
+          else []),
+        lambda: _section_spectra(doc, sides, cross),
+        lambda: _section_id(doc, sides, sample, seed, bootstrap),
+    ]
+    from ._kernel import progress_callback
+
+    cb, bar = progress_callback(progress, "report sections")
+    try:
+        for i, step in enumerate(steps):
+            step()
+            if cb is not None:
+                cb(i + 1, len(steps))
+    finally:
+        if bar is not None:
+            bar.close()
     timings["figures"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -618,14 +831,23 @@ class _Document:
 
 
 def _section_summary(doc: _Document, sides: list[_Side]) -> None:
-    body = ""
     lines = []
+    tables = []
+    details = ""
     for s in sides:
-        html, info = _store_summary(s)
+        rows, more, info = _store_summary(s)
         doc.info[s.tag] = info
-        body += html
+        tables.append(rows)
+        details += more
         lines.append(f"{s.title}: {len(s.src.all_layers)} layers, {s.src.num_rows:,} rows, "
-                     f"widths {', '.join(sorted({str(d) for d in s.src.dims.values()}))}.")
+                     f"widths {', '.join(sorted({str(d) for d in s.src.dims.values()}, key=int))}"
+                     f", stored as {', '.join(sorted(set(info['dtypes'].values())))}.")
+    if len(sides) > 1:
+        lines.append("The two inputs have the same row ids in the same order (checked), so every "
+                     "cross-model number compares the two models on the same tokens.")
+    keys = list(dict.fromkeys(k for t in tables for k, _ in t))
+    grid = [[k, *[dict(t).get(k, "—") for t in tables]] for k in keys]
+    body = _html.table(["", *[s.title for s in sides]], grid, left_cols=1 + len(sides)) + details
     doc.add("store", "Store", lines, body)
 
 
@@ -650,12 +872,13 @@ def _section_cka(doc: _Document, sides: list[_Side], sample: int | None, seed: i
         fig.suptitle(f"Layer × layer CKA — {s.title}", fontsize=12)
         fig.tight_layout()
         cap = (f"Layer × layer CKA of {s.title}. Linear CKA = ‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F) on "
-               "centred activations over all rows in one streaming pass (Kornblith et al. 2019); "
-               "debiased = the same with unbiased HSIC (Song et al. 2012; can be negative); RBF "
-               "CKA with bandwidth σ × median pairwise distance on a seeded sample. "
-               + "; ".join(parts) + ".")
+               "centred activations, exact over all rows from one streaming moment pass "
+               "(Kornblith et al. 2019); debiased = the same ratio of unbiased HSIC estimates "
+               "(Song et al. 2012; can be negative, never clamped); RBF CKA = biased HSIC of "
+               "Gaussian kernels with bandwidth σ·√(median squared pairwise distance), σ = 1, "
+               "on a seeded sample of rows. " + "; ".join(parts) + ".")
         body += doc.add_figure(f"cka_{s.tag}", fig, cap)
-        names = _labels(s.src.all_layers)
+        names = list(s.src.all_layers)
         for k, t in kinds:
             r = s.res.get(k)
             if isinstance(r, Result) and len(r.rows) > 1:
@@ -664,8 +887,14 @@ def _section_cka(doc: _Document, sides: list[_Side], sample: int | None, seed: i
                 if k == "cka_linear_biased":
                     lines += adjacent_summary(adj, names, f"{s.title} ({t})")
                     lines += pair_summary(r.values, names, f"{s.title} ({t})")
-                elif k == "cka_linear_debiased":
-                    lines += adjacent_summary(adj, names, f"{s.title} ({t})")
+        base = s.res.get("cka_linear_biased")
+        if isinstance(base, Result):
+            for k, t in kinds[1:]:
+                r = s.res.get(k)
+                if isinstance(r, Result):
+                    lines += agreement_summary(
+                        base.values, r.values, names, s.title,
+                        {"cka_linear_debiased": "debiased"}.get(k, t), "biased linear CKA")
     if curves:
         fig = _figure(8.5, 4.4)
         ax = fig.subplots()
@@ -679,12 +908,10 @@ def _section_cka(doc: _Document, sides: list[_Side], sample: int | None, seed: i
                     label=f"{who}: {t}", alpha=0.9 if ci == 0 else 0.7)
         rows0 = curves[0][3]
         names = _labels(rows0)
-        ax.set_xticks(range(len(rows0) - 1))
-        ax.set_xticklabels([f"{names[i]}→{names[i + 1]}" for i in range(len(rows0) - 1)],
-                           rotation=30 if len(rows0) > 8 else 0, fontsize=8,
-                           ha="right" if len(rows0) > 8 else "center")
+        _xticks(ax, [f"{names[i]}→{names[i + 1]}" for i in range(len(rows0) - 1)])
         ax.axhline(ADJ_THRESHOLD, color="grey", lw=0.8, ls="--")
-        ax.text(0, ADJ_THRESHOLD, f" {ADJ_THRESHOLD}", va="bottom", fontsize=8, color="grey")
+        ax.text(1.005, ADJ_THRESHOLD, f"{ADJ_THRESHOLD}", transform=ax.get_yaxis_transform(),
+                va="center", ha="left", fontsize=8, color="grey")
         ax.set_ylabel("CKA(layer i, layer i+1)")
         ax.set_xlabel("adjacent layer pair")
         ax.set_title("Adjacent-layer similarity (layer-pruning view)", fontsize=11)
@@ -693,8 +920,10 @@ def _section_cka(doc: _Document, sides: list[_Side], sample: int | None, seed: i
         fig.tight_layout()
         body += doc.add_figure(
             "adjacent", fig,
-            "CKA between each layer and the next, read off the diagonal above the heatmaps' "
-            "main diagonal. Pairs above the dashed line are near-duplicates of their neighbour: "
+            "Layer-pruning view: CKA between each layer and the next (the first diagonal above "
+            "the heatmaps' main diagonal) — linear CKA biased (circles, solid) and debiased "
+            "(squares, dashed), exact over all rows; RBF CKA on the seeded sample (triangles, "
+            "dotted). Pairs above the dashed 0.95 line are near-duplicates of their neighbour: "
             "candidates to prune, skip or merge; dips mark where the representation changes.")
     if not body:
         body = _html.note("No CKA result is available (see Notes).")
@@ -717,10 +946,10 @@ def _section_cross(doc: _Document, cross: _Side, sides: list[_Side], sample: int
         parts = []
         from matplotlib.patches import Rectangle
 
-        for ax, (k, t) in zip(axes, panels):
+        for pi, (ax, (k, t)) in enumerate(zip(axes, panels)):
             r = cross.res[k]
             _heat(ax, r.values, r.rows, r.cols, t, cbar_label="CKA",
-                  ylabel=f"{la}", xlabel=f"{lb}")
+                  ylabel=f"rows: {la}" if pi == 0 else "", xlabel=f"columns: {lb}")
             idx, _ = best_match(r.values)
             for i, j in enumerate(idx):
                 if j >= 0:
@@ -732,10 +961,21 @@ def _section_cross(doc: _Document, cross: _Side, sides: list[_Side], sample: int
         body += doc.add_figure(
             "cross_cka", fig,
             f"CKA between every layer of {la} (rows) and every layer of {lb} (columns), on the "
-            "same inputs (row ids checked). The outlined cell in each row is that layer's best "
-            "match (argmax of the row). " + "; ".join(parts) + ".")
+            "same inputs (row ids checked equal): linear CKA biased (Kornblith et al. 2019) and "
+            "debiased (unbiased HSIC, Song et al. 2012) exact over all rows from the same moment "
+            "pass as the within-model tables; RBF CKA (median-rule bandwidth, σ = 1) on the same "
+            "seeded sample of rows of both models. The outlined cell in each row is that "
+            "layer's best match (argmax of the row). " + "; ".join(parts) + ".")
     if isinstance(main, Result):
-        lines += cross_summary(main.values, _labels(main.rows), _labels(main.cols), la, lb)
+        lines += cross_summary(main.values, main.rows, main.cols, la, lb)
+        ref, _ = best_match(main.values)
+        for k, t in (("cka_linear_debiased", "linear CKA, debiased"), ("cka_rbf", "RBF CKA")):
+            r = cross.res.get(k)
+            if isinstance(r, Result) and np.shape(r.values) == np.shape(main.values):
+                idx, _ = best_match(r.values)
+                same = int(np.sum((idx == ref) & (ref >= 0)))
+                lines.append(f"{t} picks the same best match for {same} of {len(ref)} layers "
+                             f"of {la}.")
         fig = _figure(5.6, 4.3)
         ax = fig.subplots()
         ra, rb = _relative_depth(len(main.rows)), _relative_depth(len(main.cols))
@@ -763,8 +1003,11 @@ def _section_cross(doc: _Document, cross: _Side, sides: list[_Side], sample: int
         body += doc.add_figure(
             "cross_best_match", fig,
             f"Layer-matching view: for each layer of {la} (x, relative depth 0 = first, 1 = last "
-            f"layer) the relative depth of its best-matching layer in {lb} (y); colour = the "
-            "CKA of that match. Points on the diagonal mean the two models line up layer by layer.")
+            f"layer) the relative depth of its best-matching layer in {lb} (y), i.e. the argmax "
+            "of each row of the cross-model tables: linear CKA biased (circles), debiased "
+            "(squares), RBF on the seeded sample (triangles), offset slightly in x to stay "
+            "visible; colour = the CKA of that match. Points on the diagonal mean the two "
+            "models line up layer by layer.")
     if not body:
         body = _html.note("No cross-model result is available (see Notes).")
     doc.add("cross", f"Layer matching: {la} vs {lb}", lines, body)
@@ -819,13 +1062,13 @@ def _section_spectra(doc: _Document, sides: list[_Side], cross: _Side | None) ->
             f"linear CKA over {_meta_text(sp) or 'all rows'}, normalised to explained-variance "
             "ratios; colour runs from the first (purple) to the last layer (yellow). The log "
             "axis stops at 1e-7 of the largest ratio; every eigenvalue is in results.json.")
-        lines += spectrum_summary(table, evr, layers, names, s.title)
+        lines += spectrum_summary(table, evr, layers, layers, s.title)
         metrics = [m for m in ("effective_rank", "participation_ratio", "stable_rank",
                                "pca_id_90", "pca_id_95", "pca_id_99")
                    if any(m in table.get(n, {}) for n in layers)]
         if metrics:
-            rows = [[n, *[_fmt(table[name].get(m, np.nan), 1 if "rank" in m or "ratio" in m
-                                else 0) for m in metrics]] for n, name in zip(names, layers)]
+            rows = [[name, *[_fmt(table[name].get(m, np.nan), 1 if "rank" in m or "ratio" in m
+                                   else 0) for m in metrics]] for name in layers]
             body += _html.table(["layer", *[m.replace("_", " ") for m in metrics]], rows)
     panels = [s for s in [*sides, *([cross] if cross is not None else [])]
               if isinstance(s.res.get("subspace_overlap"), Result)]
@@ -838,16 +1081,17 @@ def _section_spectra(doc: _Document, sides: list[_Side], cross: _Side | None) ->
             k = s.res.get("subspace_k")
             _heat(ax, ov.values, ov.rows, ov.cols, f"top-{k} overlap — {s.title}",
                   vmin=0.0, vmax=1.0, cbar_label="mean cos² of principal angles",
-                  cmap="viridis", ylabel=sides[0].title if s is cross else "",
-                  xlabel=sides[1].title if s is cross else "")
+                  cmap="viridis",
+                  xlabel=f"rows: {sides[0].title} · columns: {sides[1].title}"
+                  if s is cross else "")
             parts.append(f"{s.title}: k={k}, {_meta_text(ov)}")
             if s is not cross:
-                lines += overlap_summary(ov.values, _labels(ov.rows), s.title, int(k or 0))
+                lines += overlap_summary(ov.values, ov.rows, s.title, int(k or 0))
             else:
                 idx, best = best_match(ov.values)
                 if (idx >= 0).any():
                     lines.append(f"{s.title}: mean best-match subspace overlap "
-                                 f"{_fmt(np.nanmean(best))}.")
+                                 f"{_fmt(_mean(best))}.")
         fig.suptitle("Shared principal subspaces between layers", fontsize=12)
         fig.tight_layout()
         body += doc.add_figure(
@@ -879,11 +1123,13 @@ def _section_id(doc: _Document, sides: list[_Side], sample: int | None, seed: in
             hi = np.array([float(ci[name][1]) if name in ci else np.nan for name in layers])
             series.append((s.title, meth, layers, vals, lo, hi, r))
             if key == "id_twonn":
-                lines += id_summary(vals, _labels(layers), f"{s.title} (TwoNN)")
+                lines += id_summary(vals, layers, f"{s.title} (TwoNN)")
                 if np.isfinite(lo).any():
                     w = np.nanmax(hi - lo)
                     lines.append(f"{s.title} (TwoNN): widest 95 % bootstrap interval "
                                  f"{_fmt(w, 1)} over {bootstrap} resamples.")
+                lines += duplicate_summary(getattr(r, "details", {}) or {}, layers, s.title)
+        lines += id_disagreement(s.res.get("id_twonn"), s.res.get("id_mle"), s.title)
     if series:
         fig = _figure(8.5, 4.6)
         ax = fig.subplots()
@@ -899,28 +1145,36 @@ def _section_id(doc: _Document, sides: list[_Side], sample: int | None, seed: in
                 ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0)
             parts.append(f"{who} {meth}: {_meta_text(r)}")
         layers0 = series[0][2]
-        ax.set_xticks(range(len(layers0)))
-        ax.set_xticklabels(_labels(layers0), rotation=30 if len(layers0) > 8 else 0, fontsize=8,
-                           ha="right" if len(layers0) > 8 else "center")
+        _xticks(ax, _labels(layers0))
         ax.set_xlabel("layer")
-        ax.set_ylabel("intrinsic dimension")
+        allv = np.concatenate([x[3] for x in series])
+        allv = allv[np.isfinite(allv) & (allv > 0)]
+        logy = allv.size > 0 and float(allv.max()) > 15 * float(allv.min())
+        if logy:  # IDs spanning more than a decade: a log axis keeps the small ones readable
+            ax.set_yscale("log")
+        ax.set_ylabel("intrinsic dimension" + (" (log axis)" if logy else ""))
         ax.set_title("Intrinsic dimension by depth", fontsize=11)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
         body += doc.add_figure(
             "intrinsic_dimension", fig,
             "Intrinsic dimension of each layer's activations on a seeded sample: TwoNN (Facco "
-            "et al. 2017; shaded band = percentile bootstrap interval over "
-            f"{bootstrap} resamples) and Levina–Bickel MLE with k=20 neighbours (MacKay–"
-            "Ghahramani pooling); duplicate rows dropped. " + "; ".join(parts) + ".")
-        rows = []
-        for who, meth, layers, vals, lo, hi, _ in series:
-            for name, v, a_, b_ in zip(_labels(layers), vals, lo, hi):
-                rows.append([who, meth, name, _fmt(v, 2),
-                             "" if not np.isfinite(a_) else f"[{_fmt(a_, 2)}, {_fmt(b_, 2)}]"])
-        body += _html.table(["input", "estimator", "layer", "ID", "bootstrap CI"], rows,
-                            left_cols=3)
+            "et al. 2017) and Levina–Bickel MLE with k=20 neighbours (MacKay–Ghahramani "
+            "harmonic pooling); shaded bands (and the table's brackets) = 2.5–97.5 % percentile "
+            f"bootstrap intervals over {bootstrap} resamples of the per-point statistics; exact "
+            "nearest neighbours, "
+            "duplicate rows dropped" + ("; log y axis" if logy else "") + ". "
+            + "; ".join(parts) + ".")
+        all_layers = list(dict.fromkeys(name for x in series for name in x[2]))
+        cells: list[list[str]] = [[name] for name in all_layers]
+        for _who, _meth, layers, vals, lo, hi, _ in series:
+            got = {name: (v, a_, b_) for name, v, a_, b_ in zip(layers, vals, lo, hi)}
+            for row, name in zip(cells, all_layers):
+                v, a_, b_ = got.get(name, (np.nan, np.nan, np.nan))
+                ci = f" [{_fmt(a_, 2)}, {_fmt(b_, 2)}]" if np.isfinite(a_) else ""
+                row.append(_fmt(v, 2) + ci if name in got else "—")
+        body += _html.table(["layer", *[f"{x[0]}: {x[1]}" for x in series]], cells)
     if not body:
         body = _html.note("No intrinsic-dimension result is available (see Notes).")
     doc.add("id", "Intrinsic dimension by depth", lines, body)
@@ -998,13 +1252,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = report(args.store, args.other, args.out, sample=args.sample or None,
                   bootstrap=args.bootstrap, rbf=not args.no_rbf, seed=args.seed,
                   progress=not args.quiet)
-    print(f"report: {path}")
+    print(f"report: {path.resolve()}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     path = demo(args.out, texts=args.texts, quick=args.quick, progress=not args.quiet)
-    print(f"report: {path}")
+    print(f"report: {path.resolve()}")
     return 0
 
 
@@ -1034,3 +1288,4 @@ def add_cli(sub: Any) -> None:
     d.add_argument("--quick", action="store_true", help="tiny run (tests)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=_cmd_demo)
+
