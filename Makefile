@@ -7,7 +7,7 @@ EXTRAS ?= torch,plot,test
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv build test test-rust test-python lint demo bench clean
+.PHONY: venv build test test-rust test-python lint demo bench bench-deps clean
 
 # The virtual environment with the package's dependencies (torch from PyPI: large, cached).
 $(VENV)/.deps-stamp: pyproject.toml requirements-extra.txt
@@ -43,7 +43,14 @@ test: build test-rust test-python
 demo: build
 	$(VENV)/bin/layerscope demo
 
-bench: build
+# The peer libraries the benchmarks compare against (not needed by tests or the demo).
+$(VENV)/.bench-stamp: $(VENV)/.deps-stamp
+	$(PIP) install -q "pytorch-cka==1.1.3" "ckatorch==1.0.3"
+	touch $@
+
+bench-deps: $(VENV)/.bench-stamp
+
+bench: build bench-deps
 	cargo bench -p layerscope-core
 	$(PY) benches/bench_all.py
 

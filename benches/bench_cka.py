@@ -11,8 +11,7 @@ about 100× the spread), n rows, stored as bf16. Every method computes the full 
 * ``pytorch-cka`` (PyPI ``pytorch-cka``, ``cka.cka_from_features``): one n × n f32 Gram per
   layer, unbiased HSIC, clamped to [0, 1]. ``ckatorch`` (``ckatorch.cka_base``, f64, one
   pair at a time): a few pairs are timed and the total is extrapolated (labelled).
-  Install them with ``pip install --no-deps pytorch-cka ckatorch seaborn pyyaml``; missing
-  ones are skipped.
+  ``make bench`` installs them (``make bench-deps``); missing ones are skipped.
 
 Each method runs in its own child process so that its peak RSS (``ru_maxrss`` minus the
 child's RSS before the method) is its own. Reported: seconds, ratio to layerscope, achieved
