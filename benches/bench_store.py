@@ -13,7 +13,8 @@ the disk instead).
   with ``safetensors.numpy.load_file`` + ``np.concatenate`` + ``astype(float32)`` (for bf16:
   ``safetensors.torch.load_file`` + ``torch.cat`` + ``.float()``) vs ``np.load(mmap_mode='r')``
   + ``astype(float32)``.
-* stream all layers as float32 blocks of ``--block-rows`` rows: ``store.blocks()`` vs
+* stream all layers as float32 blocks of ``--block-rows`` rows: ``store.blocks()`` (fresh
+  arrays per block, and ``reuse=True``: one set of buffers refilled) vs
   slicing ``np.load(mmap_mode='r')`` arrays block by block + ``astype``.
 * baselines in memory (same run): a plain copy of the stored payload (``np.copy``) and an
   in-memory ``astype(float32)`` of it.
@@ -136,9 +137,10 @@ def _worker(method: str, base: str, dtype: str, block_rows: int) -> dict[str, An
         s = ls.open(store)
         out = [s.read(n, dtype=np.float32) for n in layers]
         checksum = float(sum(o[-1, -1] for o in out))
-    elif method == "ls_blocks":
+    elif method in ("ls_blocks", "ls_blocks_reuse"):
         s = ls.open(store)
-        for _, blk in s.blocks(block_rows=block_rows, dtype=np.float32):
+        reuse = method == "ls_blocks_reuse"
+        for _, blk in s.blocks(block_rows=block_rows, dtype=np.float32, reuse=reuse):
             checksum += float(sum(b[-1, -1] for b in blk.values()))
     elif method == "st_load":
         s = ls.open(store)
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 k: {"seconds": v, "gb_per_s": payload / v / GB} for k, v in w.items()
             }
             del data
-            methods = ["ls_read", "ls_blocks", "st_load", "mem_copy", "mem_astype"]
+            methods = ["ls_read", "ls_blocks", "ls_blocks_reuse", "st_load", "mem_copy", "mem_astype"]
             if dtype != "bfloat16":
                 methods[3:3] = ["npy_mmap", "npy_mmap_blocks"]
             r: dict[str, Any] = {}
@@ -296,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     names = {
         "ls_read": "layerscope store.read (all layers, f32)",
         "ls_blocks": "layerscope store.blocks (stream, f32)",
+        "ls_blocks_reuse": "layerscope store.blocks(reuse=True)",
         "st_load": "safetensors load_file+concat+astype",
         "npy_mmap": "np.load(mmap)+astype (all)",
         "npy_mmap_blocks": "np.load(mmap) blocks+astype (stream)",
@@ -316,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"  read  {label:<40} {v['gb_per_s']:7.2f} GB/s  {v['seconds']:7.3f} s{mem_s}"
                 )
         lb = rd["ls_blocks"]["gb_per_s"]
+        lr = rd["ls_blocks_reuse"]["gb_per_s"]
         ratios = {
+            "blocks(reuse) / safetensors load": lr / rd["st_load"]["gb_per_s"],
+            "blocks(reuse) / in-memory copy": lr / rd["mem_copy"]["gb_per_s"],
             "blocks / safetensors load": lb / rd["st_load"]["gb_per_s"],
             "blocks / in-memory copy": lb / rd["mem_copy"]["gb_per_s"],
             "blocks / in-memory astype": lb / rd["mem_astype"]["gb_per_s"],

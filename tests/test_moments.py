@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import layerscope
 import numpy as np
 import pytest
 from layerscope import _native
@@ -199,3 +200,21 @@ def test_two_sources_and_plan(tmp_path: Path) -> None:
     assert p["accumulator_bytes"] >= (768 * 13 + 13) ** 2 * 8
     with pytest.raises(MemoryBudgetError, match="options"):
         plan([768] * 13, 1 << 20)
+
+
+def test_fortran_ordered_blocks_are_refused_not_transposed() -> None:
+    """rust-numpy's as_slice accepts Fortran-ordered arrays too; the row-major kernels would
+    read them transposed (silently wrong moments). The bindings refuse them instead."""
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((50, 4)), rng.standard_normal((50, 3))
+    acc = _native.MomentAccumulator([4, 3])
+    with pytest.raises(InvalidArgumentError, match="C-contiguous"):
+        acc.update([np.asfortranarray(x), np.asfortranarray(y)])
+    acc.update([x, y])  # the failed update changed nothing
+    want = _native.MomentAccumulator([4, 3])
+    want.update([np.ascontiguousarray(x), np.ascontiguousarray(y)])
+    assert np.array_equal(acc.finalize().cov(), want.finalize().cov())
+    # The public API converts any layout itself.
+    a = layerscope.cka({"x": np.asfortranarray(x), "y": y}, progress=False).values
+    b = layerscope.cka({"x": x, "y": y}, progress=False).values
+    assert np.array_equal(a, b)

@@ -432,6 +432,39 @@ def test_blocks_release_and_read_block(tmp_path: Path) -> None:
         s.read_block(["a"], 5, 2)
 
 
+def test_blocks_reuse_refills_one_buffer(tmp_path: Path) -> None:
+    a, b = _data(103, 7), _data(103, 3)
+    s = ls.write_store(tmp_path / "s", {"a": a, "b": b}, dtype="float16", shard_bytes=700)
+    want = {k: _expected(v, "float16") for k, v in {"a": a, "b": b}.items()}
+    for dtype in (np.float32, np.float64):
+        for br in (1, 10, 103, 500):
+            fresh = [(r0, {k: v.copy() for k, v in blk.items()})
+                     for r0, blk in s.blocks(block_rows=br, dtype=dtype)]
+            seen, bases = [], set()
+            for r0, blk in s.blocks(block_rows=br, dtype=dtype, reuse=True):
+                assert all(v.dtype == dtype for v in blk.values())
+                bases.add(id(blk["a"].base))
+                seen.append((r0, {k: v.copy() for k, v in blk.items()}))
+            assert len(bases) == 1  # one buffer, refilled
+            assert [x for x, _ in seen] == [x for x, _ in fresh]
+            for (_, got), (_, ref) in zip(seen, fresh):
+                for k in ("a", "b"):
+                    np.testing.assert_array_equal(got[k], ref[k])
+            for k in ("a", "b"):
+                np.testing.assert_array_equal(
+                    np.concatenate([blk[k] for _, blk in seen]), want[k].astype(dtype))
+    nat = s._native
+    with pytest.raises(InvalidArgumentError):  # wrong shape
+        nat.read_block_into(["a"], 0, 5, [np.empty((4, 7), np.float32)])
+    with pytest.raises(InvalidArgumentError):  # mixed dtypes
+        nat.read_block_into(["a", "b"], 0, 5, [np.empty((5, 7), np.float32),
+                                               np.empty((5, 3), np.float64)])
+    with pytest.raises(InvalidArgumentError):  # not C-contiguous
+        nat.read_block_into(["a"], 0, 5, [np.empty((7, 5), np.float32).T])
+    with pytest.raises(InvalidArgumentError):
+        nat.read_block_into(["a"], 0, 5, [])
+
+
 def test_torch_inputs_to_writer(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     x = torch.from_numpy(_data(12, 6))

@@ -83,10 +83,7 @@ fn moment_measures<'py>(
     symmetric: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let slice = cov
-        .as_slice()
-        .map_err(|_| Error::invalid("cov: expected a C-contiguous float64 array"))
-        .py_err()?;
+    let slice = crate::convert::c_slice(&cov, "cov")?;
     let view = CovView::new(slice, dims, n).py_err()?;
     let spec = match rows {
         None => None,

@@ -174,10 +174,8 @@ impl PyMinibatchCka {
                 let rows = rows_of(&shapes)?;
                 let slices: Vec<&[f32]> = v
                     .iter()
-                    .map(|a| a.as_slice())
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
-                    .py_err()?;
+                    .map(|a| crate::convert::c_slice(a, "block"))
+                    .collect::<PyResult<_>>()?;
                 py.detach(|| acc.update(&slices, rows, &mon)).py_err()
             }
             Blocks::F64(v) => {
@@ -186,10 +184,8 @@ impl PyMinibatchCka {
                 let rows = rows_of(&shapes)?;
                 let slices: Vec<&[f64]> = v
                     .iter()
-                    .map(|a| a.as_slice())
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
-                    .py_err()?;
+                    .map(|a| crate::convert::c_slice(a, "block"))
+                    .collect::<PyResult<_>>()?;
                 py.detach(|| acc.update(&slices, rows, &mon)).py_err()
             }
         }

@@ -14,10 +14,7 @@ use pyo3::types::PyDict;
 fn slice2<'a>(a: &'a PyReadonlyArray2<'_, f64>, what: &str) -> PyResult<(&'a [f64], usize, usize)> {
     let sh = a.shape();
     let (m, d) = (sh[0], sh[1]);
-    let s = a
-        .as_slice()
-        .map_err(|_| Error::invalid(format!("{what}: expected a C-contiguous float64 array")))
-        .py_err()?;
+    let s = crate::convert::c_slice(a, what)?;
     Ok((s, m, d))
 }
 

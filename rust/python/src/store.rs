@@ -1,14 +1,15 @@
 //! Bindings of the activation store: `NativeStore` (validated mmap reader) and `NativeWriter`
 //! (incremental atomic writer). All I/O and conversion runs with the GIL released, so a
 //! writer can run in a background Python thread while the main thread runs torch.
-use crate::convert::IntoPy;
+use crate::convert::{c_slice, c_slice_mut, IntoPy};
 use crate::monitor::PyMonitor;
 use layerscope_core::store::{
     ArrayData, DType, Element, OpenOptions, Store, StoreWriter, Values, WriterOptions,
 };
 use layerscope_core::Error;
 use numpy::{
-    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -282,6 +283,71 @@ impl NativeStore {
         }
     }
 
+    /// Rows [start, stop) of several layers into caller-owned C-contiguous 2-D arrays (one
+    /// per layer, all float32 or all float64, each exactly `(stop - start) × dim`): the
+    /// buffer-reusing form of `read_block` (no allocation, no page faults on fresh memory).
+    #[pyo3(signature = (layers, start, stop, outs, release=false))]
+    fn read_block_into(
+        &self,
+        py: Python<'_>,
+        layers: Vec<String>,
+        start: u64,
+        stop: u64,
+        outs: Vec<Bound<'_, PyAny>>,
+        release: bool,
+    ) -> PyResult<()> {
+        if outs.len() != layers.len() {
+            return Err(Error::invalid(format!(
+                "{} output arrays for {} layers",
+                outs.len(),
+                layers.len()
+            )))
+            .py_err();
+        }
+        let mut idx = Vec::with_capacity(layers.len());
+        for name in &layers {
+            idx.push(self.inner.layer_index(name).py_err()?);
+        }
+        let store = &self.inner;
+        let run = |r: layerscope_core::Result<()>| -> layerscope_core::Result<()> {
+            r?;
+            if release {
+                store.release(start, stop)?;
+            }
+            Ok(())
+        };
+        if outs.iter().all(|o| o.cast::<PyArray2<f32>>().is_ok()) {
+            let mut rws = outs
+                .iter()
+                .map(|o| o.extract::<PyReadwriteArray2<f32>>())
+                .collect::<PyResult<Vec<_>>>()?;
+            let mut slices = rws
+                .iter_mut()
+                .enumerate()
+                .map(|(i, rw)| c_slice_mut(rw, &format!("output array {i}")))
+                .collect::<PyResult<Vec<&mut [f32]>>>()?;
+            py.detach(|| run(store.read_block_into(&idx, start, stop, &mut slices)))
+                .py_err()
+        } else if outs.iter().all(|o| o.cast::<PyArray2<f64>>().is_ok()) {
+            let mut rws = outs
+                .iter()
+                .map(|o| o.extract::<PyReadwriteArray2<f64>>())
+                .collect::<PyResult<Vec<_>>>()?;
+            let mut slices = rws
+                .iter_mut()
+                .enumerate()
+                .map(|(i, rw)| c_slice_mut(rw, &format!("output array {i}")))
+                .collect::<PyResult<Vec<&mut [f64]>>>()?;
+            py.detach(|| run(store.read_block_into(&idx, start, stop, &mut slices)))
+                .py_err()
+        } else {
+            Err(Error::invalid(
+                "outs must be 2-D float32 arrays or 2-D float64 arrays (all the same dtype)",
+            ))
+            .py_err()
+        }
+    }
+
     /// Drop the mapped pages of rows [start, stop) from the resident set (data stays
     /// readable; a later read maps it again from the OS page cache).
     fn release(&self, py: Python<'_>, start: u64, stop: u64) -> PyResult<()> {
@@ -373,19 +439,12 @@ impl NativeWriter {
         }
         let mut datas = Vec::with_capacity(inputs.len());
         for (name, inp) in &inputs {
-            let bad =
-                || Error::invalid(format!("layer {name:?}: expected a C-contiguous 2-D array"));
+            let what = format!("layer {name:?}");
             let (values, shape) = match inp {
-                Input::F32(a) => (
-                    Values::F32(a.as_slice().map_err(|_| bad()).py_err()?),
-                    a.shape(),
-                ),
-                Input::F64(a) => (
-                    Values::F64(a.as_slice().map_err(|_| bad()).py_err()?),
-                    a.shape(),
-                ),
+                Input::F32(a) => (Values::F32(c_slice(a, &what)?), a.shape()),
+                Input::F64(a) => (Values::F64(c_slice(a, &what)?), a.shape()),
                 Input::Bits(a, bf) => {
-                    let s = a.as_slice().map_err(|_| bad()).py_err()?;
+                    let s = c_slice(a, &what)?;
                     (
                         if *bf {
                             Values::BF16Bits(s)
