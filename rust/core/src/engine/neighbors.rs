@@ -414,6 +414,21 @@ pub fn dedup_knn(
     }
 }
 
+/// Copy the upper triangle of the row-major `m × m` matrix `g` onto its lower triangle
+/// (exact symmetry), in 64 × 64 tiles so that the strided side stays in cache.
+pub fn mirror_upper(g: &mut [f64], m: usize) {
+    const T: usize = 64;
+    for bi in (0..m).step_by(T) {
+        for bj in (bi..m).step_by(T) {
+            for i in bi..(bi + T).min(m) {
+                for j in bj.max(i + 1)..(bj + T).min(m) {
+                    g[j * m + i] = g[i * m + j];
+                }
+            }
+        }
+    }
+}
+
 /// Full `m × m` matrix of squared Euclidean distances (row-major), from a GEMM of the
 /// column-centred data; rounding noise below 0 is set to 0 and the diagonal is exactly 0.
 /// Fails with a Memory error when `m² × 8` bytes exceed `max_bytes`.
@@ -430,30 +445,25 @@ pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, max_bytes: u64) -> Resu
     let (xc, norms) = centred(x, m, d);
     let a = MatRef::from_row_major_slice(&xc, m, d);
     let mut g = vec![0.0f64; m * m];
-    matmul(
+    // Upper triangle of the Gram only (SYRK: half the flops of a full product).
+    faer::linalg::matmul::triangular::matmul(
         MatMut::from_row_major_slice_mut(&mut g, m, m),
+        faer::linalg::matmul::triangular::BlockStructure::TriangularUpper,
         Accum::Replace,
         a,
+        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
         a.transpose(),
+        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
         1.0,
         Par::rayon(0),
     );
     g.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, row)| {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = if i == j {
-                0.0
-            } else {
-                (norms[i] + norms[j] - 2.0 * *v).max(0.0)
-            };
+        row[i] = 0.0;
+        for (j, v) in row.iter_mut().enumerate().skip(i + 1) {
+            *v = (norms[i] + norms[j] - 2.0 * *v).max(0.0);
         }
     });
-    // Exact symmetry (the GEMM need not be bitwise symmetric).
-    for i in 0..m {
-        for j in (i + 1)..m {
-            let v = g[i * m + j];
-            g[j * m + i] = v;
-        }
-    }
+    mirror_upper(&mut g, m);
     Ok(g)
 }
 
