@@ -280,6 +280,65 @@ def test_duplicated_rows_and_constant_column() -> None:
     assert np.isnan(c.values[0, 1])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_float32_compute_matches_f64_reference(tmp_path: Path, dtype: str) -> None:
+    """compute='float32' (f32 block products of mean-shifted data, f64 accumulation) against
+    the f64 reference of the stored values: offsets 50–1000× the spread, correlated and
+    independent layers, widths that differ, more rows than one f32 sub-block (2048), the
+    store streamed in several blocks; biased and debiased to 1e-6."""
+    n = 2600
+    rng = np.random.default_rng(21)
+    x = llm_like(n, 40, 22)
+    y = x[:, :24] @ rng.standard_normal((24, 56)) / 4 + llm_like(n, 56, 23)
+    z = llm_like(n, 16, 24)  # independent of x and y: CKA near 0 (debiased scatters)
+    arrays = {"x": x.astype(np.float32), "y": y.astype(np.float32), "z": z.astype(np.float32)}
+    if dtype == "float16":  # f16 cannot hold offsets of 1000×: a smaller range
+        arrays = {k: (v / 64).astype(np.float32) for k, v in arrays.items()}
+    p = _write(tmp_path, "s", arrays, dtype=dtype, shard_bytes=256 << 10)
+    s = layerscope.open(p)
+    stored = {k: s.read(k, dtype=np.float64) for k in s.layers}
+    for est in ("biased", "debiased"):
+        fast = cka(p, estimator=est, compute="float32", progress=False)
+        assert fast.meta["compute"] == "float32"
+        for i, a in enumerate(s.layers):
+            for j, b in enumerate(s.layers):
+                if i < j:
+                    want = ref_linear(stored[a], stored[b], est)
+                    assert abs(fast.values[i, j] - want) < 1e-6, (est, a, b, fast.values[i, j], want)
+        exact = cka(p, estimator=est, progress=False)
+        assert np.nanmax(np.abs(fast.values - exact.values)) < 1e-6
+    # in-memory arrays take the same path
+    mem = cka(stored, compute="float32", progress=False)
+    assert np.nanmax(np.abs(mem.values - cka(stored, progress=False).values)) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_float32_compute_scales_duplicates_constant(scale: float) -> None:
+    rng = np.random.default_rng(31)
+    x = llm_like(500, 12, 32) * scale
+    x = np.vstack([x, x[:200]])  # duplicated rows
+    y = np.hstack([x[:, :6] @ rng.standard_normal((6, 7)), scale * rng.standard_normal((700, 3))])
+    d = {"x": x, "y": y}
+    for est in ("biased", "debiased"):
+        got = cka(d, estimator=est, compute="float32", progress=False).values[0, 1]
+        assert abs(got - ref_linear(x, y, est)) < 1e-6, (est, got)
+    with np.errstate(all="ignore"):
+        c = cka({"x": x, "c": np.full((700, 3), 2.0 * scale)}, compute="float32", progress=False)
+    assert np.isnan(c.values[0, 1])  # no variance: NaN, as in float64
+
+
+def test_float32_compute_argument_checks() -> None:
+    d = datasets()["random"]
+    with pytest.raises(InvalidArgumentError, match="compute"):
+        cka(d, compute="float16", progress=False)
+    with pytest.raises(InvalidArgumentError, match="linear"):
+        cka(d, kernel="rbf", compute="float32", progress=False)
+    with pytest.raises(InvalidArgumentError, match="linear"):
+        cka(d, estimator="minibatch", compute="float32", progress=False)
+    res = layerscope.analyze(d, measures=["cka", "spectrum"], compute="float32", progress=False)
+    assert abs(res["cka"].values[0, 1] - ref_linear(d["x"], d["y"], "biased")) < 1e-6
+
+
 @pytest.mark.parametrize(
     "kernel,estimator",
     [

@@ -23,20 +23,35 @@ import numpy as np
 from . import _native
 from ._progress import Progress
 from ._source import Source, check_comparable, resolve
-from .errors import MemoryBudgetError
+from .errors import InvalidArgumentError, MemoryBudgetError
 
 
 def _fmt_bytes(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
-def plan(dims: Sequence[int], max_memory: int | None) -> dict[str, Any]:
+COMPUTE = ("float64", "float32")
+
+
+def check_compute(compute: str) -> str:
+    """Validate the ``compute=`` option (arithmetic of the block products)."""
+    if compute not in COMPUTE:
+        raise InvalidArgumentError(f"compute must be 'float64' or 'float32', got {compute!r}")
+    return compute
+
+
+def plan(
+    dims: Sequence[int], max_memory: int | None, compute: str = "float64"
+) -> dict[str, Any]:
     """The memory plan of a moment pass over layers of widths ``dims``: accumulator bytes
-    (``(D+L)² · 8``), default block rows, and whether it fits ``max_memory``."""
+    (``(D+L)² · 8``), default block rows, and whether it fits ``max_memory`` (with
+    ``compute="float32"`` the pass also holds one ``D × D`` float32 partial product)."""
     acc = int(_native.accumulator_bytes(list(dims)))
-    br = int(_native.default_block_rows(list(dims)))
+    br = int(_native.default_block_rows(list(dims), check_compute(compute)))
     dz = sum(dims) + len(dims)
     need = acc + 2 * br * dz * 8
+    if compute == "float32":
+        need += sum(dims) ** 2 * 4
     out = {"accumulator_bytes": acc, "block_rows": br, "peak_bytes_estimate": need}
     if max_memory is not None and need > max_memory:
         raise MemoryBudgetError(
@@ -58,6 +73,7 @@ def compute_moments(
     max_memory: int | None = None,
     check_finite: bool = True,
     block_rows: int | None = None,
+    compute: str = "float64",
 ) -> tuple[Any, dict[str, Any]]:
     """Stream every row of the selected layers once; return ``(Moments, meta)``.
 
@@ -67,7 +83,14 @@ def compute_moments(
     NaN/Inf raises ``NonFiniteError`` naming the layer and first bad row; ``False`` lets them
     through (every cell of an affected layer becomes NaN; ``meta["nonfinite_rows"]``).
     Two stores are streamed entirely in Rust (GIL released, reader thread one block ahead);
-    in-memory arrays are fed block by block to the same accumulator."""
+    in-memory arrays are fed block by block to the same accumulator.
+
+    ``compute``: ``"float64"`` (default) multiplies in f64; ``"float32"`` computes the
+    ``D × D`` block products (the SYRK, nearly all the work) from the mean-shifted values
+    rounded to f32, with f32 sums over at most 2048 rows added into the f64 accumulator (the
+    squared-norm terms of the debiased estimator, the sums and the shift stay f64): about
+    twice as fast; measured against f64 on offset/bf16/scaled data in
+    ``tests/test_cka.py`` (agreement to 1e-6)."""
     t0 = time.perf_counter()
     a = resolve(source)
     la = a.select(layers)
@@ -79,7 +102,7 @@ def compute_moments(
         parts.append((b, lb))
     names = [n for _, ls in parts for n in ls]
     dims = [src.dims[n] for src, ls in parts for n in ls]
-    pl = plan(dims, max_memory)
+    pl = plan(dims, max_memory, compute)
     br = int(block_rows) if block_rows is not None else pl["block_rows"]
     n = a.num_rows
     num_a = len(la)
@@ -91,13 +114,13 @@ def compute_moments(
             ]
             m = _native.moments_from_stores(
                 sels, names, block_rows=br, check_finite=check_finite,
-                max_memory=max_memory, num_a=num_a, progress=prog.cb,
+                max_memory=max_memory, num_a=num_a, progress=prog.cb, compute=compute,
             )
             how = "rust-stream"
         else:
             wide = any(_is_f64(src, x) for src, ls in parts for x in ls)
             dt = np.float64 if wide else np.float32
-            acc = _native.MomentAccumulator(dims, names, check_finite)
+            acc = _native.MomentAccumulator(dims, names, check_finite, compute)
             for start in range(0, n, br):
                 stop = min(n, start + br)
                 acc.update([src.read(x, start, stop, dtype=dt) for src, ls in parts for x in ls])
@@ -106,7 +129,7 @@ def compute_moments(
             m = acc.finalize(num_a)
             how = "blocks"
     meta: dict[str, Any] = {
-        "n": int(m.n), "passes": 1, "block_rows": br, "engine": how,
+        "n": int(m.n), "passes": 1, "block_rows": br, "engine": how, "compute": compute,
         "accumulator_bytes": pl["accumulator_bytes"],
         "seconds_pass": time.perf_counter() - t0,
     }

@@ -300,11 +300,18 @@ def _measures(
 
 
 def _compute_moments(
-    source: Any, layers: Any, other: Any, other_layers: Any, progress: bool
+    source: Any,
+    layers: Any,
+    other: Any,
+    other_layers: Any,
+    progress: bool,
+    compute: str = "float64",
 ) -> tuple[Any, dict[str, Any]]:
     from ._moments import compute_moments
 
-    return compute_moments(source, layers, other, other_layers, progress=progress)
+    return compute_moments(
+        source, layers, other, other_layers, progress=progress, compute=compute
+    )
 
 
 def _split(moments: Any, other: Any) -> tuple[list[int], list[int], list[str], list[str]]:
@@ -423,11 +430,15 @@ def analyze(
     (with ``method``/``space`` from the keywords) and ``"alignment:<method>"`` for further
     methods from the same pass (e.g. ``["alignment", "alignment:procrustes",
     "alignment:svcca"]``). Extra keywords go to the alignment (``method``, ``space``,
-    ``ridge``) and spectrum (``top``). All arguments are checked before the pass.
+    ``ridge``) and spectrum (``top``); ``compute="float32"`` runs the pass with float32
+    block products (see :func:`layerscope.cka`). All arguments are checked before the pass.
     Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
-    bad = set(kw) - {"method", "space", "ridge", "top"}
+    bad = set(kw) - {"method", "space", "ridge", "top", "compute"}
     if bad:
         raise InvalidArgumentError(f"unknown keyword(s) {sorted(bad)}")
+    from ._moments import check_compute
+
+    compute = check_compute(kw.get("compute", "float64"))
     space = kw.get("space", "samples")
     ridge = float(kw.get("ridge", 1e-4))
     top = kw.get("top")
@@ -453,7 +464,7 @@ def analyze(
         if method in ("subspace", "svcca", "pwcca"):
             _k_args(k)
     t0 = time.perf_counter()
-    moments, meta = _compute_moments(source, layers, other, other_layers, progress)
+    moments, meta = _compute_moments(source, layers, other, other_layers, progress, compute)
     t1 = time.perf_counter()
     meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0}
     rows, cols, rnames, cnames = _split(moments, other)

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ._moments import compute_moments
+from ._moments import check_compute, compute_moments
 from ._progress import Progress
 from ._source import Source, check_comparable, resolve
 from .errors import InvalidArgumentError
@@ -76,6 +76,7 @@ def cka(
     batch_size: int | None = None,
     max_memory: int | None = None,
     nonfinite: str = "error",
+    compute: str = "float64",
     progress: Any = True,
 ) -> MatrixResult:
     """CKA of every layer pair (see the module docstring for the formulas and papers).
@@ -100,6 +101,10 @@ def cka(
             Above it a ``MemoryBudgetError`` lists the options.
         nonfinite: ``"error"`` (``NonFiniteError`` naming layer and first bad row) or
             ``"nan"`` (a ``RuntimeWarning``; the affected cells are NaN).
+        compute: linear biased/debiased only: ``"float64"`` (default, every product in
+            f64) or ``"float32"`` (the ``D × D`` block products from mean-shifted values in
+            f32, summed over ≤ 2048 rows, accumulated in f64; about 2× faster, agrees with
+            f64 to 1e-6 on the adversarial cases in the tests).
         progress: True (tqdm bar), False, or a callable ``cb(done, total)``.
 
     Returns:
@@ -125,6 +130,11 @@ def cka(
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
     if max_memory is not None and int(max_memory) <= 0:
         raise InvalidArgumentError(f"max_memory must be > 0 bytes, got {max_memory!r}")
+    check_compute(compute)
+    if compute != "float64" and (kernel != "linear" or estimator == "minibatch"):
+        raise InvalidArgumentError(
+            "compute='float32' applies to the linear biased/debiased estimators (the moment "
+            "engine); RBF and minibatch CKA compute in float64")
 
     a = resolve(source)
     b = resolve(other) if other is not None else None
@@ -151,7 +161,9 @@ def cka(
             progress,
         )
     elif kernel == "linear":
-        res = _linear(a, b, la, lb, estimator, sample, seed, max_memory, nonfinite, progress)
+        res = _linear(
+            a, b, la, lb, estimator, sample, seed, max_memory, nonfinite, compute, progress
+        )
     else:
         res = _rbf(
             a, b, la, lb, estimator, sample, seed, float(sigma), max_memory, nonfinite, progress
@@ -219,6 +231,7 @@ def _linear(
     seed: int,
     max_memory: int | None,
     nonfinite: str,
+    compute: str,
     progress: Any,
 ) -> MatrixResult:
     from ._kernel import indices_hash
@@ -239,6 +252,7 @@ def _linear(
         progress=progress,
         max_memory=max_memory,
         check_finite=(nonfinite == "error"),
+        compute=compute,
     )
     t1 = time.perf_counter()
     nl = len(m.dims)
@@ -251,6 +265,7 @@ def _linear(
     meta.update(
         n=int(m.n),
         engine=f"moments ({mmeta['engine']}), one pass over all rows",
+        compute=compute,
         accumulator_bytes=int(mmeta["accumulator_bytes"]),
         timings={"pass": mmeta["seconds_pass"], "cka": time.perf_counter() - t1},
     )
@@ -481,6 +496,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="minibatch rows (default 256)")
     p.add_argument("--max-memory", type=_bytes_arg, default=None, help="byte budget, e.g. 4G")
     p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
+    p.add_argument("--compute", default="float64", choices=["float64", "float32"],
+                   help="arithmetic of the linear engine's block products (float32: ~2x faster)")
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help="write the heatmap (png/pdf/svg)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
@@ -501,6 +518,7 @@ def _cmd_cka(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_memory=args.max_memory,
         nonfinite=args.nonfinite,
+        compute=args.compute,
         progress=not args.quiet,
     )
     if not args.quiet:

@@ -28,6 +28,29 @@ pub fn syrk_upper_add(dst: &mut [f64], w: &[f64], k: usize, m: usize, par: Par) 
     );
 }
 
+/// Upper triangle of `dst = WᵀW` in f32 for the row-major `m × k` f32 matrix `W`
+/// (column-major `k × k` f32 `dst`, upper triangle overwritten; f32 sums over the `m` rows).
+pub fn syrk_upper_f32(dst: &mut [f32], w: &[f32], k: usize, m: usize, par: Par) {
+    debug_assert_eq!(dst.len(), k * k);
+    debug_assert_eq!(w.len(), k * m);
+    if k == 0 || m == 0 {
+        return;
+    }
+    let wt = MatRef::from_column_major_slice(w, k, m);
+    let d = MatMut::from_column_major_slice_mut(dst, k, k);
+    tri_matmul(
+        d,
+        BlockStructure::TriangularUpper,
+        Accum::Replace,
+        wt,
+        BlockStructure::Rectangular,
+        wt.transpose(),
+        BlockStructure::Rectangular,
+        1.0f32,
+        par,
+    );
+}
+
 /// Copy the upper triangle of the column-major square `k × k` buffer onto its lower triangle.
 pub fn symmetrize_from_upper(a: &mut [f64], k: usize) {
     for j in 0..k {

@@ -6,8 +6,8 @@ use crate::convert::IntoPy;
 use crate::monitor::PyMonitor;
 use crate::store::NativeStore;
 use layerscope_core::engine::moments::{
-    accumulate_stores, default_block_rows, MomentAccumulator as CoreAcc, Moments as CoreMoments,
-    Selection,
+    accumulate_stores, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
+    Moments as CoreMoments, Selection,
 };
 use layerscope_core::Error;
 use numpy::ndarray::{Array2, ArrayView2};
@@ -79,11 +79,17 @@ fn rows_of(shapes: &[[usize; 2]]) -> PyResult<usize> {
 impl PyMomentAccumulator {
     /// An empty accumulator for layers of widths `dims`.
     #[new]
-    #[pyo3(signature = (dims, names=None, check_finite=true))]
-    fn new(dims: Vec<usize>, names: Option<Vec<String>>, check_finite: bool) -> PyResult<Self> {
+    #[pyo3(signature = (dims, names=None, check_finite=true, compute="float64"))]
+    fn new(
+        dims: Vec<usize>,
+        names: Option<Vec<String>>,
+        check_finite: bool,
+        compute: &str,
+    ) -> PyResult<Self> {
         let mut acc = CoreAcc::new(&dims)
             .py_err()?
-            .with_check_finite(check_finite);
+            .with_check_finite(check_finite)
+            .with_compute(Compute::parse(compute).py_err()?);
         if let Some(n) = names {
             acc = acc.with_names(&n).py_err()?;
         }
@@ -102,10 +108,8 @@ impl PyMomentAccumulator {
                 let rows = rows_of(&shapes)?;
                 let slices: Vec<&[f32]> = v
                     .iter()
-                    .map(|a| a.as_slice())
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
-                    .py_err()?;
+                    .map(|a| crate::convert::c_slice(a, "block"))
+                    .collect::<PyResult<_>>()?;
                 py.detach(|| acc.update(&slices, rows)).py_err()
             }
             Blocks::F64(v) => {
@@ -114,10 +118,8 @@ impl PyMomentAccumulator {
                 let rows = rows_of(&shapes)?;
                 let slices: Vec<&[f64]> = v
                     .iter()
-                    .map(|a| a.as_slice())
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| Error::invalid("blocks must be C-contiguous"))
-                    .py_err()?;
+                    .map(|a| crate::convert::c_slice(a, "block"))
+                    .collect::<PyResult<_>>()?;
                 py.detach(|| acc.update(&slices, rows)).py_err()
             }
         }
@@ -312,7 +314,7 @@ impl PyMoments {
 /// one block ahead. Returns the finalised `Moments`.
 #[pyfunction]
 #[pyo3(signature = (selections, names, block_rows=None, check_finite=true, max_memory=None,
-    num_a=None, progress=None))]
+    num_a=None, progress=None, compute="float64"))]
 #[allow(clippy::too_many_arguments)]
 fn moments_from_stores(
     py: Python<'_>,
@@ -323,7 +325,9 @@ fn moments_from_stores(
     max_memory: Option<u64>,
     num_a: Option<usize>,
     progress: Option<Py<PyAny>>,
+    compute: &str,
 ) -> PyResult<PyMoments> {
+    let compute = Compute::parse(compute).py_err()?;
     let sels: Vec<Selection<'_>> = selections
         .iter()
         .map(|(s, l)| Selection {
@@ -334,7 +338,16 @@ fn moments_from_stores(
     let mon = PyMonitor::new(progress);
     let m = py
         .detach(|| {
-            accumulate_stores(&sels, &names, block_rows, check_finite, max_memory, &mon)?.finalize()
+            accumulate_stores(
+                &sels,
+                &names,
+                block_rows,
+                check_finite,
+                max_memory,
+                compute,
+                &mon,
+            )?
+            .finalize()
         })
         .py_err()?;
     PyMoments::wrap(m, num_a)
@@ -342,9 +355,12 @@ fn moments_from_stores(
 
 /// Rows per block the streaming pass uses by default for layers of these widths.
 #[pyfunction]
-#[pyo3(name = "default_block_rows")]
-fn py_default_block_rows(dims: Vec<usize>) -> usize {
-    default_block_rows(&dims)
+#[pyo3(name = "default_block_rows", signature = (dims, compute="float64"))]
+fn py_default_block_rows(dims: Vec<usize>, compute: &str) -> PyResult<usize> {
+    Ok(default_block_rows_for(
+        &dims,
+        Compute::parse(compute).py_err()?,
+    ))
 }
 
 /// Bytes of the accumulator for layers of these widths (`(D+L)² × 8` plus vectors).

@@ -25,7 +25,7 @@
 //! * for the debiased (unbiased-HSIC) estimators, with `r̄_{l,a} = ‖x_{l,a} − x̄_l‖²`:
 //!   `rr[k][l] = Σ_a r̄_{k,a} r̄_{l,a}` ([`Moments::rr`]) and `Σ_a r̄_{l,a} = tr C_ll`.
 use crate::error::{Error, Result};
-use crate::linalg::{symmetrize_from_upper, syrk_upper_add};
+use crate::linalg::{symmetrize_from_upper, syrk_upper_add, syrk_upper_f32};
 use crate::monitor::Monitor;
 use crate::store::{DType, Element as StoreElement, Store};
 use faer::Par;
@@ -48,6 +48,38 @@ impl Element for f32 {
     }
 }
 
+/// Arithmetic of the block products (the accumulation across blocks is always f64).
+///
+/// * [`Compute::F64`] (default): every product in f64.
+/// * [`Compute::F32`]: the `D × D` part of `Σ_a u_a u_aᵀ` (the SYRK, nearly all the work)
+///   multiplies the **shifted** values rounded to f32 with f32 sums over at most
+///   [`F32_SUB_ROWS`] rows, each partial product added into the f64 accumulator; everything
+///   that involves the squared norms (the debiased estimators' 4th-order sums), the column
+///   sums and the shift stay f64. Twice the SIMD width; the error is that of rounding the
+///   shifted data to f32 plus `√b·u`-sized sums (measured against f64 in the tests: ≤ 1e-6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compute {
+    #[default]
+    F64,
+    F32,
+}
+
+impl Compute {
+    /// `"float64"`/`"f64"` or `"float32"`/`"f32"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "float64" | "f64" => Ok(Compute::F64),
+            "float32" | "f32" => Ok(Compute::F32),
+            other => Err(Error::invalid(format!(
+                "compute must be \"float64\" or \"float32\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Rows per f32 partial product in [`Compute::F32`] (bounds the length of every f32 sum).
+pub const F32_SUB_ROWS: usize = 2048;
+
 const MAGIC: &[u8; 8] = b"LSMOMACC";
 const VERSION: u32 = 1;
 
@@ -68,6 +100,8 @@ pub struct MomentAccumulator {
     check_finite: bool,
     /// First row (in update order) holding a non-finite value, per layer.
     nonfinite: Vec<Option<u64>>,
+    /// Arithmetic of the block products (not serialised: it does not change what is stored).
+    compute: Compute,
 }
 
 fn offsets_of(dims: &[usize]) -> Vec<usize> {
@@ -87,11 +121,27 @@ pub fn accumulator_bytes(dims: &[usize]) -> u128 {
     dz * dz * 8 + dz * 16
 }
 
+/// Peak bytes of one streaming pass: the accumulator, two blocks of `w` (f64) and, with
+/// [`Compute::F32`], the `D × D` f32 partial product.
+pub fn pass_bytes(dims: &[usize], block_rows: usize, compute: Compute) -> u128 {
+    let d = dims.iter().map(|&d| d as u128).sum::<u128>();
+    let dz = d + dims.len() as u128;
+    let tmp = match compute {
+        Compute::F64 => 0,
+        Compute::F32 => d * d * 4,
+    };
+    accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2 + tmp
+}
+
 /// Fail with [`Error::Memory`] (giving the options) when the accumulator for `dims` plus
 /// `block_rows` rows of block buffers would exceed `max_memory` bytes.
-pub fn check_memory(dims: &[usize], block_rows: usize, max_memory: u64) -> Result<()> {
-    let dz = dims.iter().map(|&d| d as u128).sum::<u128>() + dims.len() as u128;
-    let need = accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2;
+pub fn check_memory(
+    dims: &[usize],
+    block_rows: usize,
+    compute: Compute,
+    max_memory: u64,
+) -> Result<()> {
+    let need = pass_bytes(dims, block_rows, compute);
     if need > max_memory as u128 {
         return Err(Error::Memory(format!(
             "the moment accumulator for {} layers (D = {} columns) needs about {:.2} GiB, above \
@@ -99,7 +149,7 @@ pub fn check_memory(dims: &[usize], block_rows: usize, max_memory: u64) -> Resul
              compare groups of layers in several calls), use a sample of features/rows \
              (sample=...), or raise max_memory",
             dims.len(),
-            dz - dims.len() as u128,
+            dims.iter().sum::<usize>(),
             need as f64 / (1u64 << 30) as f64,
             max_memory as f64 / (1u64 << 30) as f64
         )));
@@ -138,7 +188,18 @@ impl MomentAccumulator {
             n: 0,
             check_finite: true,
             nonfinite: vec![None; dims.len()],
+            compute: Compute::F64,
         })
+    }
+
+    /// The arithmetic of the block products (see [`Compute`]).
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
+        self
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
     }
 
     /// Set the layer names used in error messages (and carried into [`Moments`]).
@@ -241,6 +302,10 @@ impl MomentAccumulator {
             }
             self.shift = Some(mu);
         }
+        if self.compute == Compute::F32 {
+            self.update_f32(block, rows);
+            return Ok(());
+        }
         let mu = self.shift.as_deref().unwrap_or(&[]);
         // w rows (row-major rows × dz) = column-major dz × rows.
         let mut w = vec![0.0f64; rows * dz];
@@ -292,6 +357,124 @@ impl MomentAccumulator {
         }
         self.n += rows as u64;
         Ok(())
+    }
+
+    /// [`Compute::F32`] update (shapes and finiteness already checked, shift set): the
+    /// `D × D` SYRK in f32 over sub-blocks of at most [`F32_SUB_ROWS`] rows, each added into
+    /// the f64 upper triangle; the squared-norm columns, their products with `u` and the
+    /// column sums in f64 from the same f32-rounded `u`.
+    fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize) {
+        let d = self.d();
+        let dz = self.dz();
+        let lc = self.dims.len();
+        let mu = self.shift.as_deref().unwrap_or(&[]);
+        let dims = &self.dims;
+        let offsets = &self.offsets;
+        // u (row-major rows × D, f32) and r (row-major rows × L, f64, from the rounded u).
+        let mut u = vec![0.0f32; rows * d];
+        let mut r = vec![0.0f64; rows * lc];
+        u.par_chunks_mut(d)
+            .zip(r.par_chunks_mut(lc))
+            .enumerate()
+            .for_each(|(a, (ur, rr))| {
+                for (l, x) in block.iter().enumerate() {
+                    let (dl, o) = (dims[l], offsets[l]);
+                    let src = &x[a * dl..(a + 1) * dl];
+                    let mut acc = 0.0f64;
+                    for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
+                        let q = (v.to_f64() - m) as f32;
+                        *dst = q;
+                        acc += f64::from(q) * f64::from(q);
+                    }
+                    rr[l] = acc;
+                }
+            });
+        // D × D part: f32 partial SYRKs, added into the f64 upper triangle.
+        let par = if rows * d * d > 1 << 20 {
+            Par::rayon(0)
+        } else {
+            Par::Seq
+        };
+        let mut tmp = vec![0.0f32; d * d];
+        for c in u.chunks(F32_SUB_ROWS * d) {
+            let sub = c.len() / d;
+            syrk_upper_f32(&mut tmp, c, d, sub, par);
+            self.s
+                .par_chunks_mut(dz)
+                .zip(tmp.par_chunks(d))
+                .enumerate()
+                .for_each(|(j, (dst, src))| {
+                    for (x, y) in dst[..=j].iter_mut().zip(&src[..=j]) {
+                        *x += f64::from(*y);
+                    }
+                });
+        }
+        // Columns D..D+L of S (upper triangle: rows 0..D+l of column D+l) in f64:
+        // S[i, D+l] = Σ_a u_ai r_al (i < D), S[D+k, D+l] = Σ_a r_ak r_al (k ≤ l).
+        const CH: usize = 256;
+        let cross: Vec<Vec<f64>> = (0..d.div_ceil(CH))
+            .into_par_iter()
+            .map(|c| {
+                let (i0, i1) = (c * CH, ((c + 1) * CH).min(d));
+                let w = i1 - i0;
+                let mut acc = vec![0.0f64; lc * w];
+                for (ur, rr) in u.chunks_exact(d).zip(r.chunks_exact(lc)) {
+                    let ui = &ur[i0..i1];
+                    for (l, &rl) in rr.iter().enumerate() {
+                        for (s, &q) in acc[l * w..(l + 1) * w].iter_mut().zip(ui) {
+                            *s += f64::from(q) * rl;
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        for l in 0..lc {
+            let col = &mut self.s[(d + l) * dz..(d + l + 1) * dz];
+            for (c, acc) in cross.iter().enumerate() {
+                let i0 = c * CH;
+                let w = acc.len() / lc;
+                for (x, y) in col[i0..i0 + w].iter_mut().zip(&acc[l * w..(l + 1) * w]) {
+                    *x += y;
+                }
+            }
+            for rr in r.chunks_exact(lc) {
+                for k in 0..=l {
+                    col[d + k] += rr[k] * rr[l];
+                }
+            }
+        }
+        // Column sums of w = [u, r] (f64).
+        let colsum = u
+            .par_chunks(d * 256)
+            .zip(r.par_chunks(lc * 256))
+            .map(|(uc, rc)| {
+                let mut s = vec![0.0; dz];
+                for ur in uc.chunks_exact(d) {
+                    for (si, &v) in s.iter_mut().zip(ur) {
+                        *si += f64::from(v);
+                    }
+                }
+                for rr in rc.chunks_exact(lc) {
+                    for (si, v) in s[d..].iter_mut().zip(rr) {
+                        *si += v;
+                    }
+                }
+                s
+            })
+            .reduce(
+                || vec![0.0; dz],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+        for (s, c) in self.sums.iter_mut().zip(&colsum) {
+            *s += c;
+        }
+        self.n += rows as u64;
     }
 
     /// Re-express the sums under the shift `new_shift` (exact algebra; `S` becomes full).
@@ -630,6 +813,7 @@ impl MomentAccumulator {
             n,
             check_finite,
             nonfinite,
+            compute: Compute::F64,
         })
     }
 }
@@ -896,6 +1080,16 @@ pub fn default_block_rows(dims: &[usize]) -> usize {
     ((128usize << 20) / (dz.max(1) * 8)).clamp(64, 8192)
 }
 
+/// Default rows per block for `compute`: as [`default_block_rows`] for f64; for f32 (whose
+/// row buffer is half the size) twice that, at most one f32 sub-block ([`F32_SUB_ROWS`]).
+pub fn default_block_rows_for(dims: &[usize], compute: Compute) -> usize {
+    let r = default_block_rows(dims);
+    match compute {
+        Compute::F64 => r,
+        Compute::F32 => (2 * r).min(F32_SUB_ROWS),
+    }
+}
+
 /// One streaming pass over the selected layers of one or more stores (row-aligned: the
 /// caller has checked that their row ids agree) into a [`MomentAccumulator`].
 ///
@@ -909,6 +1103,7 @@ pub fn accumulate_stores(
     block_rows: Option<usize>,
     check_finite: bool,
     max_memory: Option<u64>,
+    compute: Compute,
     monitor: &dyn Monitor,
 ) -> Result<MomentAccumulator> {
     let first = sels
@@ -936,16 +1131,17 @@ pub fn accumulate_stores(
             f64_needed |= info.dtype == DType::F64;
         }
     }
-    let block_rows = block_rows.unwrap_or_else(|| default_block_rows(&dims));
+    let block_rows = block_rows.unwrap_or_else(|| default_block_rows_for(&dims, compute));
     if block_rows == 0 {
         return Err(Error::invalid("block_rows must be at least 1"));
     }
     if let Some(budget) = max_memory {
-        check_memory(&dims, block_rows, budget)?;
+        check_memory(&dims, block_rows, compute, budget)?;
     }
     let acc = MomentAccumulator::new(&dims)?
         .with_names(names)?
-        .with_check_finite(check_finite);
+        .with_check_finite(check_finite)
+        .with_compute(compute);
     if f64_needed {
         stream::<f64>(sels, acc, n, block_rows, monitor)
     } else {
@@ -1171,8 +1367,8 @@ mod tests {
         assert!(matches!(acc.update(&[&x[..3]], 2), Err(Error::Mismatch(_))));
         assert!(MomentAccumulator::new(&[]).is_err());
         assert!(MomentAccumulator::new(&[0]).is_err());
-        assert!(check_memory(&[768; 13], 1024, 1 << 20).is_err());
-        assert!(check_memory(&[768; 13], 1024, 8 << 30).is_ok());
+        assert!(check_memory(&[768; 13], 1024, Compute::F64, 1 << 20).is_err());
+        assert!(check_memory(&[768; 13], 1024, Compute::F64, 8 << 30).is_ok());
     }
 
     /// Reference linear CKA from explicit Gram matrices (Song et al. 2012 eq. 5 for the
@@ -1326,7 +1522,16 @@ mod tests {
             },
         ];
         let names: Vec<String> = ["a0", "a1", "b1"].iter().map(|s| s.to_string()).collect();
-        let acc = accumulate_stores(&sels, &names, Some(37), true, None, &NoMonitor).unwrap();
+        let acc = accumulate_stores(
+            &sels,
+            &names,
+            Some(37),
+            true,
+            None,
+            Compute::F64,
+            &NoMonitor,
+        )
+        .unwrap();
         let m = acc.finalize().unwrap();
         let mut mem = MomentAccumulator::new(&[4, 7, 7]).unwrap();
         mem.update(&[&x32[0][..], &x32[1][..], &x32[1][..]], n)
@@ -1335,15 +1540,118 @@ mod tests {
         assert_eq!(m.n, n as u64);
         assert!(rel(&m.cov, &r.cov) < 1e-12, "{}", rel(&m.cov, &r.cov));
         assert!((m.cka(1, 2, false).unwrap() - 1.0).abs() < 1e-12);
-        assert!(accumulate_stores(&sels, &names, Some(0), true, None, &NoMonitor).is_err());
+        assert!(
+            accumulate_stores(&sels, &names, Some(0), true, None, Compute::F64, &NoMonitor)
+                .is_err()
+        );
         assert!(matches!(
-            accumulate_stores(&sels, &names, None, true, Some(1000), &NoMonitor),
+            accumulate_stores(
+                &sels,
+                &names,
+                None,
+                true,
+                Some(1000),
+                Compute::F64,
+                &NoMonitor
+            ),
             Err(Error::Memory(_))
         ));
         let bad = [Selection {
             store: &a,
             layers: vec![9],
         }];
-        assert!(accumulate_stores(&bad, &names[..1], None, true, None, &NoMonitor).is_err());
+        assert!(accumulate_stores(
+            &bad,
+            &names[..1],
+            None,
+            true,
+            None,
+            Compute::F64,
+            &NoMonitor
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn f32_products_match_f64() {
+        // Offsets of 1000× the spread, widths that differ, a block longer than the f32
+        // sub-block (sums split), a second update, and scales 1e-4 / 1e4.
+        for &(scale, offset) in &[(1.0, 1000.0), (1e-4, 50.0), (1e4, 300.0)] {
+            let (n, dims) = (2 * F32_SUB_ROWS + 300, [24usize, 9, 17]);
+            let xs: Vec<Vec<f32>> = dims
+                .iter()
+                .enumerate()
+                .map(|(l, &d)| {
+                    data(n, d, 11 + l as u64, offset)
+                        .iter()
+                        .map(|v| (v * scale) as f32)
+                        .collect()
+                })
+                .collect();
+            let run = |compute: Compute| {
+                let mut acc = MomentAccumulator::new(&dims).unwrap().with_compute(compute);
+                let cut = n - 500;
+                for (a, b) in [(0, cut), (cut, n)] {
+                    let blk: Vec<&[f32]> = xs
+                        .iter()
+                        .zip(&dims)
+                        .map(|(x, &d)| &x[a * d..b * d])
+                        .collect();
+                    acc.update(&blk, b - a).unwrap();
+                }
+                acc.finalize().unwrap()
+            };
+            let (m64, m32) = (run(Compute::F64), run(Compute::F32));
+            assert!(
+                rel(&m32.cov, &m64.cov) < 1e-6,
+                "cov {}",
+                rel(&m32.cov, &m64.cov)
+            );
+            for i in 0..3 {
+                for j in 0..3 {
+                    for deb in [false, true] {
+                        let (a, b) = (m32.cka(i, j, deb).unwrap(), m64.cka(i, j, deb).unwrap());
+                        assert!((a - b).abs() < 1e-6, "cka({i},{j},{deb}) {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_accumulators_merge_and_serialise() {
+        let dims = [6usize, 5];
+        let n = 400;
+        let xs: Vec<Vec<f32>> = dims
+            .iter()
+            .enumerate()
+            .map(|(l, &d)| {
+                data(n, d, 3 + l as u64, 200.0)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect()
+            })
+            .collect();
+        let blk = |a: usize, b: usize| -> Vec<&[f32]> {
+            xs.iter()
+                .zip(&dims)
+                .map(|(x, &d)| &x[a * d..b * d])
+                .collect()
+        };
+        let mut whole = MomentAccumulator::new(&dims).unwrap();
+        whole.update(&blk(0, n), n).unwrap();
+        let mut p = MomentAccumulator::new(&dims)
+            .unwrap()
+            .with_compute(Compute::F32);
+        p.update(&blk(0, 150), 150).unwrap();
+        let mut q = MomentAccumulator::new(&dims)
+            .unwrap()
+            .with_compute(Compute::F32);
+        q.update(&blk(150, n), n - 150).unwrap();
+        let q = MomentAccumulator::from_bytes(&q.to_bytes()).unwrap();
+        p.merge(&q).unwrap();
+        let (a, b) = (p.finalize().unwrap(), whole.finalize().unwrap());
+        assert!(rel(&a.cov, &b.cov) < 1e-6, "{}", rel(&a.cov, &b.cov));
+        assert!(Compute::parse("float32").is_ok() && Compute::parse("half").is_err());
     }
 }
