@@ -3,7 +3,8 @@
 Workload (issue 4): L = 13 layers × d = 768 (BERT-base-like, with per-feature mean offsets of
 about 100× the spread), n rows, stored as bf16. Every method computes the full L × L matrix.
 
-* ``layerscope``: ``layerscope.cka(store)`` — one streamed pass (biased **and** debiased).
+* ``layerscope``: ``layerscope.cka(store)`` — one streamed pass (biased **and** debiased);
+  ``layerscope_f32``: the same with ``compute="float32"`` (f32 block products).
 * ``numpy_f64``: the well-written numpy reference — all layers in memory as one centred f64
   ``Z`` (n × D), ``C = ZᵀZ`` accumulated over row blocks, then the same formulas.
 * ``torch_f64`` / ``torch_f32``: the same in torch on the CPU (f32: centred in f32, so less
@@ -98,18 +99,27 @@ def cka_from_cov(c: np.ndarray, dims: list[int]) -> np.ndarray:
     return sq / np.outer(dg, dg)
 
 
-def m_layerscope(path: str, _: dict[str, Any]) -> dict[str, Any]:
+def _layerscope(path: str, compute: str) -> dict[str, Any]:
     import layerscope
 
     t = time.perf_counter()
-    res = layerscope.cka(path, progress=False)
+    res = layerscope.cka(path, compute=compute, progress=False)
     dt = time.perf_counter() - t
     return {
         "seconds": dt,
         "values": res.values.tolist(),
         "debiased_same_pass": res.extra["debiased"].tolist(),
-        "note": f"pass {res.meta['timings']['pass']:.2f}s (read+accumulate+finalize)",
+        "note": f"compute={compute}; pass {res.meta['timings']['pass']:.2f}s "
+        "(read+accumulate+finalize)",
     }
+
+
+def m_layerscope(path: str, _: dict[str, Any]) -> dict[str, Any]:
+    return _layerscope(path, "float64")
+
+
+def m_layerscope_f32(path: str, _: dict[str, Any]) -> dict[str, Any]:
+    return _layerscope(path, "float32")
 
 
 def m_numpy_f64(path: str, _: dict[str, Any]) -> dict[str, Any]:
@@ -305,6 +315,23 @@ def child(method: str, path: str, opts: dict[str, Any]) -> None:
     print("RESULT " + json.dumps(out))
 
 
+# Bytes per n² that the Gram-based peers hold at once (f32 / f64 n × n Grams and centred
+# copies; at n = 32768 on 24 GiB pytorch-cka was killed for memory and ckatorch thrashed at
+# 19 GB resident), to skip them with a reason instead of swapping for hours.
+GRAM_BYTES = {"pytorch_cka": 4 * 4, "ckatorch": 3 * 8}
+
+
+def _available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def run_child(method: str, path: str, opts: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", method, "--store", path, "--opts", json.dumps(opts)]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -382,6 +409,7 @@ def main() -> int:
         results = {}
         for meth in (
             "layerscope",
+            "layerscope_f32",
             "numpy_f64",
             "torch_f64",
             "torch_f32",
@@ -389,6 +417,12 @@ def main() -> int:
             "ckatorch",
         ):
             if meth in args.skip:
+                continue
+            need = GRAM_BYTES.get(meth, 0) * n * n
+            if need > 0.8 * _available_bytes():
+                results[meth] = {"skipped": (
+                    f"needs about {need / 2**30:.0f} GiB of n×n Gram matrices (n = {n}), "
+                    f"more than 80 % of the {_available_bytes() / 2**30:.0f} GiB available")}
                 continue
             results[meth] = r = run_child(meth, path, opts)
             if meth == "numpy_f64" and "values" in r:
@@ -441,6 +475,19 @@ def main() -> int:
                 f"# debiased (same pass) off-diagonal range {np.min(deb):.4f} .. "
                 f"{np.max(deb[~np.eye(nl, dtype=bool)]):.4f}"
             )
+
+        f32 = results.get("layerscope_f32", {})
+        if "seconds" in f32:
+            parts = [f"# compute=float32: {flops / f32['seconds'] / 1e9:.1f} GFLOP/s, "
+                     f"{f32['seconds'] / (flops / sgemm / 1e9):.2f}x the sgemm bound"]
+            for peer in ("numpy_f64", "torch_f32"):
+                if "seconds" in results.get(peer, {}):
+                    parts.append(f"{peer} / it = {results[peer]['seconds'] / f32['seconds']:.2f}x")
+            if "debiased_same_pass" in results.get("layerscope", {}):
+                dd = np.nanmax(np.abs(np.asarray(f32["debiased_same_pass"])
+                                      - np.asarray(results["layerscope"]["debiased_same_pass"])))
+                parts.append(f"debiased max|Δ| vs float64 {dd:.1e}")
+            print("; ".join(parts))
 
         # RBF and minibatch
         print(f"\n{'rbf / minibatch':<18} {'seconds':>9}  notes")
