@@ -318,7 +318,7 @@ def child(method: str, path: str, opts: dict[str, Any]) -> None:
 # Bytes per n² that the Gram-based peers hold at once (f32 / f64 n × n Grams and centred
 # copies; at n = 32768 on 24 GiB pytorch-cka was killed for memory and ckatorch thrashed at
 # 19 GB resident), to skip them with a reason instead of swapping for hours.
-GRAM_BYTES = {"pytorch_cka": 4 * 4, "ckatorch": 3 * 8}
+GRAM_BYTES = {"pytorch_cka": 6 * 4, "ckatorch": 3 * 8}
 
 
 def _available_bytes() -> float:

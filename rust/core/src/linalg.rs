@@ -3,11 +3,15 @@
 use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
 
-/// Upper triangle (diagonal included) of `dst += wt · wtᵀ`, where `wt` is the column-major
-/// `k × m` matrix stored in `w` (i.e. the row-major `m × k` data matrix `W`: `dst += WᵀW`).
-/// `dst` is a column-major `k × k` buffer; only its upper triangle is touched (SYRK-like:
-/// half the flops of a full product).
-pub fn syrk_upper_add(dst: &mut [f64], w: &[f64], k: usize, m: usize, par: Par) {
+/// Upper triangle (diagonal included) of `dst (+)= WᵀW` for the row-major `m × k` matrix `W`
+/// stored in `w` (= the column-major `k × m` matrix `wt`; `dst += wt · wtᵀ` with
+/// [`Accum::Add`], `dst = …` with [`Accum::Replace`]). `dst` is a column-major `k × k`
+/// buffer; only its upper triangle is touched (SYRK-like: half the flops of a full
+/// product). f64 or f32 (sums in the element type).
+pub fn syrk_upper<T>(dst: &mut [T], w: &[T], k: usize, m: usize, accum: Accum, par: Par)
+where
+    T: faer::traits::ComplexField + Copy + From<f32>,
+{
     debug_assert_eq!(dst.len(), k * k);
     debug_assert_eq!(w.len(), k * m);
     if k == 0 || m == 0 {
@@ -18,35 +22,12 @@ pub fn syrk_upper_add(dst: &mut [f64], w: &[f64], k: usize, m: usize, par: Par) 
     tri_matmul(
         d,
         BlockStructure::TriangularUpper,
-        Accum::Add,
+        accum,
         wt,
         BlockStructure::Rectangular,
         wt.transpose(),
         BlockStructure::Rectangular,
-        1.0,
-        par,
-    );
-}
-
-/// Upper triangle of `dst = WᵀW` in f32 for the row-major `m × k` f32 matrix `W`
-/// (column-major `k × k` f32 `dst`, upper triangle overwritten; f32 sums over the `m` rows).
-pub fn syrk_upper_f32(dst: &mut [f32], w: &[f32], k: usize, m: usize, par: Par) {
-    debug_assert_eq!(dst.len(), k * k);
-    debug_assert_eq!(w.len(), k * m);
-    if k == 0 || m == 0 {
-        return;
-    }
-    let wt = MatRef::from_column_major_slice(w, k, m);
-    let d = MatMut::from_column_major_slice_mut(dst, k, k);
-    tri_matmul(
-        d,
-        BlockStructure::TriangularUpper,
-        Accum::Replace,
-        wt,
-        BlockStructure::Rectangular,
-        wt.transpose(),
-        BlockStructure::Rectangular,
-        1.0f32,
+        T::from(1.0f32),
         par,
     );
 }
@@ -111,7 +92,7 @@ mod tests {
         let (m, k) = (7, 5);
         let w: Vec<f64> = (0..m * k).map(|i| ((i * 37 % 11) as f64) - 5.0).collect();
         let mut dst = vec![0.0; k * k];
-        syrk_upper_add(&mut dst, &w, k, m, Par::Seq);
+        syrk_upper(&mut dst, &w, k, m, Accum::Add, Par::Seq);
         symmetrize_from_upper(&mut dst, k);
         for i in 0..k {
             for j in 0..k {

@@ -1,7 +1,7 @@
 //! Bindings of the minibatch CKA estimator (layerscope-core `measures::cka`, Nguyen et al.
 //! 2021): a streaming accumulator fed with in-memory blocks, and the one-pass streaming of
 //! stores. Only type conversion here; the work runs in the core with the GIL released.
-use crate::convert::IntoPy;
+use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
 use crate::monitor::PyMonitor;
 use crate::store::NativeStore;
 use layerscope_core::engine::moments::Selection;
@@ -10,7 +10,7 @@ use layerscope_core::measures::cka::{
 };
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::IntoPyArray;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -92,41 +92,6 @@ impl PyMinibatchCka {
     }
 }
 
-enum Blocks<'py> {
-    F32(Vec<PyReadonlyArray2<'py, f32>>),
-    F64(Vec<PyReadonlyArray2<'py, f64>>),
-}
-
-fn extract_blocks<'py>(arrays: &[Bound<'py, PyAny>]) -> PyResult<Blocks<'py>> {
-    if let Ok(v) = arrays
-        .iter()
-        .map(|a| a.extract::<PyReadonlyArray2<f32>>())
-        .collect::<Result<Vec<_>, _>>()
-    {
-        return Ok(Blocks::F32(v));
-    }
-    let mut out = Vec::with_capacity(arrays.len());
-    for (i, a) in arrays.iter().enumerate() {
-        out.push(a.extract::<PyReadonlyArray2<f64>>().map_err(|_| {
-            crate::convert::to_py(Error::invalid(format!(
-                "block {i}: expected 2-D arrays that are all float32 or all float64"
-            )))
-        })?);
-    }
-    Ok(Blocks::F64(out))
-}
-
-fn rows_of(shapes: &[[usize; 2]]) -> PyResult<usize> {
-    let rows = shapes.first().map(|s| s[0]).unwrap_or(0);
-    if shapes.iter().any(|s| s[0] != rows) {
-        return Err(Error::Mismatch(
-            "blocks of one update must have the same number of rows".into(),
-        ))
-        .py_err();
-    }
-    Ok(rows)
-}
-
 #[pymethods]
 impl PyMinibatchCka {
     /// An empty accumulator for layers of widths `dims`. `kernel`: "linear" or "rbf" (with
@@ -169,23 +134,11 @@ impl PyMinibatchCka {
         let mon = PyMonitor::new(None);
         match blocks {
             Blocks::F32(v) => {
-                let shapes: Vec<[usize; 2]> =
-                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
-                let rows = rows_of(&shapes)?;
-                let slices: Vec<&[f32]> = v
-                    .iter()
-                    .map(|a| crate::convert::c_slice(a, "block"))
-                    .collect::<PyResult<_>>()?;
+                let (slices, rows) = block_slices(&v)?;
                 py.detach(|| acc.update(&slices, rows, &mon)).py_err()
             }
             Blocks::F64(v) => {
-                let shapes: Vec<[usize; 2]> =
-                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
-                let rows = rows_of(&shapes)?;
-                let slices: Vec<&[f64]> = v
-                    .iter()
-                    .map(|a| crate::convert::c_slice(a, "block"))
-                    .collect::<PyResult<_>>()?;
+                let (slices, rows) = block_slices(&v)?;
                 py.detach(|| acc.update(&slices, rows, &mon)).py_err()
             }
         }

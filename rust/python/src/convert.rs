@@ -1,7 +1,7 @@
 //! Error mapping: every core error becomes an instance of the `layerscope.errors` class
 //! named by `Error::kind_name()` (each subclasses `LayerscopeError` and a matching builtin).
 use layerscope_core::Error;
-use numpy::{PyReadonlyArray, PyReadwriteArray, PyUntypedArrayMethods};
+use numpy::{PyReadonlyArray, PyReadonlyArray2, PyReadwriteArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 /// The data of a C-contiguous (row-major) numpy array. rust-numpy's `as_slice` accepts any
@@ -60,4 +60,48 @@ impl<T> IntoPy<T> for Result<T, Error> {
     fn py_err(self) -> PyResult<T> {
         self.map_err(to_py)
     }
+}
+
+/// One block of rows per layer, all float32 or all float64 (what accumulators' `update` take).
+pub enum Blocks<'py> {
+    F32(Vec<PyReadonlyArray2<'py, f32>>),
+    F64(Vec<PyReadonlyArray2<'py, f64>>),
+}
+
+/// Read a list of 2-D arrays as [`Blocks`] (all float32, else all float64).
+pub fn extract_blocks<'py>(arrays: &[Bound<'py, PyAny>]) -> PyResult<Blocks<'py>> {
+    if let Ok(v) = arrays
+        .iter()
+        .map(|a| a.extract::<PyReadonlyArray2<f32>>())
+        .collect::<Result<Vec<_>, _>>()
+    {
+        return Ok(Blocks::F32(v));
+    }
+    let mut out = Vec::with_capacity(arrays.len());
+    for (i, a) in arrays.iter().enumerate() {
+        out.push(a.extract::<PyReadonlyArray2<f64>>().map_err(|_| {
+            to_py(Error::invalid(format!(
+                "block {i}: expected 2-D arrays that are all float32 or all float64"
+            )))
+        })?);
+    }
+    Ok(Blocks::F64(out))
+}
+
+/// The row-major data of every block and their common row count.
+pub fn block_slices<'a, T: numpy::Element>(
+    v: &'a [PyReadonlyArray2<'_, T>],
+) -> PyResult<(Vec<&'a [T]>, usize)> {
+    let rows = v.first().map_or(0, |a| a.shape()[0]);
+    if v.iter().any(|a| a.shape()[0] != rows) {
+        return Err(Error::Mismatch(
+            "blocks of one update must have the same number of rows".into(),
+        ))
+        .py_err();
+    }
+    let slices = v
+        .iter()
+        .map(|a| c_slice(a, "block"))
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok((slices, rows))
 }

@@ -2,7 +2,7 @@
 //! accumulator (a value: update / merge / bytes), the finalised `Moments` (centred
 //! cross-product matrix, linear CKA), and the one-pass streaming of stores.
 //! Only type conversion here; every computation runs in the core with the GIL released.
-use crate::convert::IntoPy;
+use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
 use crate::monitor::PyMonitor;
 use crate::store::NativeStore;
 use layerscope_core::engine::moments::{
@@ -11,7 +11,7 @@ use layerscope_core::engine::moments::{
 };
 use layerscope_core::Error;
 use numpy::ndarray::{Array2, ArrayView2};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -34,45 +34,6 @@ impl PyMomentAccumulator {
             .ok_or_else(|| Error::invalid("this accumulator was finalised"))
             .py_err()
     }
-}
-
-enum Blocks<'py> {
-    F32(Vec<PyReadonlyArray2<'py, f32>>),
-    F64(Vec<PyReadonlyArray2<'py, f64>>),
-}
-
-fn extract_blocks<'py>(arrays: &[Bound<'py, PyAny>]) -> PyResult<Blocks<'py>> {
-    if arrays
-        .iter()
-        .all(|a| a.extract::<PyReadonlyArray2<f32>>().is_ok())
-    {
-        return Ok(Blocks::F32(
-            arrays
-                .iter()
-                .map(|a| a.extract::<PyReadonlyArray2<f32>>())
-                .collect::<Result<_, _>>()?,
-        ));
-    }
-    let mut out = Vec::with_capacity(arrays.len());
-    for (i, a) in arrays.iter().enumerate() {
-        out.push(a.extract::<PyReadonlyArray2<f64>>().map_err(|_| {
-            crate::convert::to_py(Error::invalid(format!(
-                "block {i}: expected 2-D arrays that are all float32 or all float64"
-            )))
-        })?);
-    }
-    Ok(Blocks::F64(out))
-}
-
-fn rows_of(shapes: &[[usize; 2]]) -> PyResult<usize> {
-    let rows = shapes.first().map(|s| s[0]).unwrap_or(0);
-    if shapes.iter().any(|s| s[0] != rows) {
-        return Err(Error::Mismatch(
-            "blocks of one update must have the same number of rows".into(),
-        ))
-        .py_err();
-    }
-    Ok(rows)
 }
 
 #[pymethods]
@@ -103,23 +64,11 @@ impl PyMomentAccumulator {
         let acc = self.get_mut()?;
         match blocks {
             Blocks::F32(v) => {
-                let shapes: Vec<[usize; 2]> =
-                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
-                let rows = rows_of(&shapes)?;
-                let slices: Vec<&[f32]> = v
-                    .iter()
-                    .map(|a| crate::convert::c_slice(a, "block"))
-                    .collect::<PyResult<_>>()?;
+                let (slices, rows) = block_slices(&v)?;
                 py.detach(|| acc.update(&slices, rows)).py_err()
             }
             Blocks::F64(v) => {
-                let shapes: Vec<[usize; 2]> =
-                    v.iter().map(|a| [a.shape()[0], a.shape()[1]]).collect();
-                let rows = rows_of(&shapes)?;
-                let slices: Vec<&[f64]> = v
-                    .iter()
-                    .map(|a| crate::convert::c_slice(a, "block"))
-                    .collect::<PyResult<_>>()?;
+                let (slices, rows) = block_slices(&v)?;
                 py.detach(|| acc.update(&slices, rows)).py_err()
             }
         }

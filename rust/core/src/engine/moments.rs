@@ -25,10 +25,10 @@
 //! * for the debiased (unbiased-HSIC) estimators, with `r̄_{l,a} = ‖x_{l,a} − x̄_l‖²`:
 //!   `rr[k][l] = Σ_a r̄_{k,a} r̄_{l,a}` ([`Moments::rr`]) and `Σ_a r̄_{l,a} = tr C_ll`.
 use crate::error::{Error, Result};
-use crate::linalg::{symmetrize_from_upper, syrk_upper_add, syrk_upper_f32};
+use crate::linalg::{symmetrize_from_upper, syrk_upper};
 use crate::monitor::Monitor;
 use crate::store::{DType, Element as StoreElement, Store};
-use faer::Par;
+use faer::{Accum, Par};
 use rayon::prelude::*;
 
 /// Scalar types a block may hold (widened to f64 before any arithmetic).
@@ -102,6 +102,29 @@ pub struct MomentAccumulator {
     nonfinite: Vec<Option<u64>>,
     /// Arithmetic of the block products (not serialised: it does not change what is stored).
     compute: Compute,
+    /// Block buffers kept between updates (contents meaningless between calls): fresh
+    /// allocations of this size cost a page fault per 4 KiB and the kernel's zeroing.
+    scratch: Scratch,
+}
+
+/// Reusable per-update buffers of [`MomentAccumulator`] (never serialised).
+#[derive(Clone, Debug, Default)]
+struct Scratch {
+    /// f64 path: `w` (rows × (D+L)).
+    w: Vec<f64>,
+    /// f32 path: `u` (rows × D), `r` (rows × L), the `D × D` f32 partial product.
+    u: Vec<f32>,
+    r: Vec<f64>,
+    tmp: Vec<f32>,
+}
+
+/// `v` resized to `len` without clearing what it already holds (every element is
+/// overwritten by the caller before it is read).
+fn sized<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
 }
 
 fn offsets_of(dims: &[usize]) -> Vec<usize> {
@@ -113,6 +136,31 @@ fn offsets_of(dims: &[usize]) -> Vec<usize> {
         o.push(acc);
     }
     o
+}
+
+/// f64 column sums of the row-major `rows × width` matrix `x`: parallel over chunks of 256
+/// rows, the chunk sums then added in chunk order (the same bits on every run, which a
+/// parallel float reduction does not give).
+fn column_sums<T: Copy + Into<f64> + Sync>(x: &[T], width: usize) -> Vec<f64> {
+    let parts: Vec<Vec<f64>> = x
+        .par_chunks(width * 256)
+        .map(|chunk| {
+            let mut s = vec![0.0; width];
+            for row in chunk.chunks_exact(width) {
+                for (si, &v) in s.iter_mut().zip(row) {
+                    *si += v.into();
+                }
+            }
+            s
+        })
+        .collect();
+    let mut total = vec![0.0; width];
+    for p in &parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
 }
 
 /// Bytes of the accumulator for layers of these widths: `(D+L)² × 8` plus vectors.
@@ -189,6 +237,7 @@ impl MomentAccumulator {
             check_finite: true,
             nonfinite: vec![None; dims.len()],
             compute: Compute::F64,
+            scratch: Scratch::default(),
         })
     }
 
@@ -308,7 +357,8 @@ impl MomentAccumulator {
         }
         let mu = self.shift.as_deref().unwrap_or(&[]);
         // w rows (row-major rows × dz) = column-major dz × rows.
-        let mut w = vec![0.0f64; rows * dz];
+        let mut wbuf = std::mem::take(&mut self.scratch.w);
+        let w = sized(&mut wbuf, rows * dz);
         let dims = &self.dims;
         let offsets = &self.offsets;
         w.par_chunks_mut(dz).enumerate().for_each(|(a, wr)| {
@@ -330,31 +380,12 @@ impl MomentAccumulator {
         } else {
             Par::Seq
         };
-        syrk_upper_add(&mut self.s, &w, dz, rows, par);
-        // Column sums.
-        let colsum = w
-            .par_chunks(dz * 256)
-            .map(|chunk| {
-                let mut s = vec![0.0; dz];
-                for wr in chunk.chunks(dz) {
-                    for (si, v) in s.iter_mut().zip(wr) {
-                        *si += v;
-                    }
-                }
-                s
-            })
-            .reduce(
-                || vec![0.0; dz],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+        syrk_upper(&mut self.s, w, dz, rows, Accum::Add, par);
+        let colsum = column_sums(w, dz);
         for (s, c) in self.sums.iter_mut().zip(&colsum) {
             *s += c;
         }
+        self.scratch.w = wbuf;
         self.n += rows as u64;
         Ok(())
     }
@@ -371,8 +402,9 @@ impl MomentAccumulator {
         let dims = &self.dims;
         let offsets = &self.offsets;
         // u (row-major rows × D, f32) and r (row-major rows × L, f64, from the rounded u).
-        let mut u = vec![0.0f32; rows * d];
-        let mut r = vec![0.0f64; rows * lc];
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let u = sized(&mut scratch.u, rows * d);
+        let r = sized(&mut scratch.r, rows * lc);
         u.par_chunks_mut(d)
             .zip(r.par_chunks_mut(lc))
             .enumerate()
@@ -395,10 +427,10 @@ impl MomentAccumulator {
         } else {
             Par::Seq
         };
-        let mut tmp = vec![0.0f32; d * d];
+        let tmp = sized(&mut scratch.tmp, d * d);
         for c in u.chunks(F32_SUB_ROWS * d) {
             let sub = c.len() / d;
-            syrk_upper_f32(&mut tmp, c, d, sub, par);
+            syrk_upper(tmp, c, d, sub, Accum::Replace, par);
             self.s
                 .par_chunks_mut(dz)
                 .zip(tmp.par_chunks(d))
@@ -445,35 +477,12 @@ impl MomentAccumulator {
             }
         }
         // Column sums of w = [u, r] (f64).
-        let colsum = u
-            .par_chunks(d * 256)
-            .zip(r.par_chunks(lc * 256))
-            .map(|(uc, rc)| {
-                let mut s = vec![0.0; dz];
-                for ur in uc.chunks_exact(d) {
-                    for (si, &v) in s.iter_mut().zip(ur) {
-                        *si += f64::from(v);
-                    }
-                }
-                for rr in rc.chunks_exact(lc) {
-                    for (si, v) in s[d..].iter_mut().zip(rr) {
-                        *si += v;
-                    }
-                }
-                s
-            })
-            .reduce(
-                || vec![0.0; dz],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+        let mut colsum = column_sums(u, d);
+        colsum.extend(column_sums(r, lc));
         for (s, c) in self.sums.iter_mut().zip(&colsum) {
             *s += c;
         }
+        self.scratch = scratch;
         self.n += rows as u64;
     }
 
@@ -814,6 +823,7 @@ impl MomentAccumulator {
             check_finite,
             nonfinite,
             compute: Compute::F64,
+            scratch: Scratch::default(),
         })
     }
 }

@@ -119,8 +119,9 @@ fn prepare(mut k: Vec<f64>, m: usize, unbiased: bool) -> Prepared {
 
 fn hsic(a: &Prepared, b: &Prepared, m: usize, unbiased: bool) -> f64 {
     // tr(AB) = Σ_ij A_ij B_ij for symmetric A, B: the diagonal plus twice the strict upper
-    // triangle (half the memory traffic of the full sum).
-    let tr: f64 =
+    // triangle (half the memory traffic of the full sum). Per-row partials are summed in row
+    // order, so the value is the same on every run (a parallel float reduction is not).
+    let rows: Vec<f64> =
         a.g.par_chunks(m)
             .zip(b.g.par_chunks(m))
             .enumerate()
@@ -128,7 +129,8 @@ fn hsic(a: &Prepared, b: &Prepared, m: usize, unbiased: bool) -> f64 {
                 let off: f64 = p[i + 1..].iter().zip(&q[i + 1..]).map(|(x, y)| x * y).sum();
                 p[i] * q[i] + 2.0 * off
             })
-            .sum();
+            .collect();
+    let tr: f64 = rows.iter().sum();
     let mf = m as f64;
     if unbiased {
         let kl1: f64 = a.rows.iter().zip(&b.rows).map(|(x, y)| x * y).sum();
