@@ -111,6 +111,12 @@ def _run(job: tuple[str, int, int, int]) -> tuple[float, float, float, float]:
     fns["layerscope kNN(k=20) only"] = ls_knn
     fns["layerscope TwoNN"] = lambda: ls_id("twonn", {"l0": x})
     fns["layerscope MLE(k=20)"] = lambda: ls_id("mle", {"l0": x})
+    fns["layerscope TwoNN+MLE, one graph"] = lambda: float(
+        __import__("layerscope")
+        .intrinsic_dimensions({"l0": x}, methods=("twonn", "mle"), k=20, sample=None,
+                              duplicates="keep", progress=False)["mle"]
+        .values["l0"]
+    )
     fns["layerscope TwoNN, all layers"] = lambda: float(
         __import__("layerscope")
         .intrinsic_dimension(layers, method="twonn", sample=None, progress=False)
@@ -248,6 +254,7 @@ def main() -> None:
         "layerscope kNN(k=20) only",
         "layerscope TwoNN",
         "layerscope MLE(k=20)",
+        "layerscope TwoNN+MLE, one graph",
         "skdim TwoNN",
         "skdim MLE(k=20)",
         "sklearn NearestNeighbors(21)",
@@ -292,6 +299,11 @@ def main() -> None:
         "TwoNN+MLE  skdim / ours",
         ["skdim TwoNN", "skdim MLE(k=20)"],
         ["layerscope TwoNN", "layerscope MLE(k=20)"],
+    )
+    ratio(
+        "TwoNN+MLE  skdim / ours(1 graph)",
+        ["skdim TwoNN", "skdim MLE(k=20)"],
+        ["layerscope TwoNN+MLE, one graph"],
     )
     ratio(
         "kNN(k=20)  sklearn / ours", ["sklearn NearestNeighbors(21)"], ["layerscope kNN(k=20) only"]

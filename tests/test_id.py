@@ -525,3 +525,30 @@ def test_pca_f32_offsets_store_and_errors(tmp_path: object) -> None:
     bad[9, 9] = np.nan
     with pytest.raises(layerscope.NonFiniteError):
         ours(bad, method="pca")
+
+
+def test_intrinsic_dimensions_share_one_graph_and_equal_single_calls() -> None:
+    """intrinsic_dimensions builds one kNN graph per layer (as many neighbours as the most
+    demanding method) and must give exactly what one call per method gives: the exact kNN
+    makes the first neighbours of a larger graph identical to a smaller one's."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((1500, 6)) @ rng.standard_normal((6, 40))
+    x = np.vstack([x, x[:60]])  # duplicates: dropped the same way in both paths
+    src = {"a": x, "b": np.tanh(x / 3.0)}
+    methods = ("twonn", "mle", "gride", "twonn-mle", "pca")
+    kw = dict(k=12, n1=2, n2=4, bootstrap=25, seed=3, sample=1200, scales=[1, 2])
+    many = layerscope.intrinsic_dimensions(src, methods=methods, progress=False, **kw)
+    assert list(many) == list(methods)
+    for m in methods:
+        one = layerscope.intrinsic_dimension(src, method=m, progress=False, **kw)
+        assert one.values == many[m].values, m
+        assert one.ci == many[m].ci, m
+        if m != "pca":
+            assert one.details == many[m].details, m
+            assert one.scales == many[m].scales, m
+            assert many[m].meta["knn_k"] == 12 and many[m].meta["sample_hash"] == one.meta[
+                "sample_hash"]
+    with pytest.raises(layerscope.InvalidArgumentError):
+        layerscope.intrinsic_dimensions(src, methods=(), progress=False)
+    with pytest.raises(layerscope.InvalidArgumentError):
+        layerscope.intrinsic_dimensions(src, methods=("twonn", "nope"), progress=False)

@@ -44,6 +44,7 @@ _LAZY = {
     "analyze": "alignment",
     "SpectrumResult": "alignment",
     "intrinsic_dimension": "idim",
+    "intrinsic_dimensions": "idim",
     "rsa": "idim",
     "mutual_knn": "idim",
     "IDResult": "idim",

@@ -191,10 +191,53 @@ def intrinsic_dimension(
     per-point statistics (μ_i, the pointwise MLEs, GRIDE's log μ_i), reusing the kNN graph
     (not for ``"pca"``).
     """
+    return intrinsic_dimensions(
+        source, methods=(method,), layers=layers, sample=sample, seed=seed, k=k, n1=n1, n2=n2,
+        discard_fraction=discard_fraction, duplicates=duplicates, tolerance=tolerance,
+        bootstrap=bootstrap, scales=scales, pool=pool, pca_threshold=pca_threshold,
+        progress=progress,
+    )[method]
+
+
+def intrinsic_dimensions(
+    source: Any,
+    *,
+    methods: Sequence[str] = ("twonn", "mle"),
+    layers: Sequence[str] | str | None = None,
+    sample: int | None = 20000,
+    seed: int = 0,
+    k: int = 20,
+    n1: int = 1,
+    n2: int = 2,
+    discard_fraction: float = 0.1,
+    duplicates: str = "drop",
+    tolerance: float | None = None,
+    bootstrap: int = 0,
+    scales: Sequence[int] | None = None,
+    pool: str = "harmonic",
+    pca_threshold: float = 0.95,
+    progress: Any = True,
+) -> dict[str, IDResult]:
+    """Several intrinsic-dimension estimators from ONE exact kNN graph per layer.
+
+    Same arguments and definitions as :func:`intrinsic_dimension` (``methods`` any of
+    ``"twonn"``, ``"twonn-mle"``, ``"mle"``, ``"gride"``, ``"pca"``); the graph is built once
+    per layer with as many neighbours as the most demanding method needs, and every method is
+    evaluated on it (the same sample, seed and duplicate handling), so e.g. TwoNN + MLE cost
+    one kNN search instead of two (the multiscale GRIDE curve of ``scales`` is attached to
+    every method's result, as in :func:`intrinsic_dimension`). Returns
+    ``{method: IDResult}`` in the order of ``methods``; each equals the result of
+    ``intrinsic_dimension(method=...)`` with the same arguments."""
     from . import _native
 
-    if method not in METHODS:
-        raise InvalidArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise InvalidArgumentError("methods must name at least one method")
+    for method in methods:
+        if method not in METHODS:
+            raise InvalidArgumentError(
+                f"method must be one of {', '.join(METHODS)}, got {method!r}"
+            )
     if duplicates not in ("drop", "error", "keep"):
         raise InvalidArgumentError(
             f"duplicates must be 'drop', 'error' or 'keep', got {duplicates!r}"
@@ -205,37 +248,42 @@ def intrinsic_dimension(
         raise InvalidArgumentError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
     if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
         raise InvalidArgumentError(f"tolerance must be a finite number >= 0, got {tolerance}")
-    if method == "pca":
-        if not 0.0 < float(pca_threshold) <= 1.0:
-            raise InvalidArgumentError(f"pca_threshold must be in (0, 1], got {pca_threshold}")
-        return _pca_id(source, layers, float(pca_threshold), progress)
+    if "pca" in methods and not 0.0 < float(pca_threshold) <= 1.0:
+        raise InvalidArgumentError(f"pca_threshold must be in (0, 1], got {pca_threshold}")
+    knn_methods = [m for m in methods if m != "pca"]
     for pname, pv in (("k", k), ("n1", n1), ("n2", n2)):
-        if int(pv) < 1:
+        if knn_methods and int(pv) < 1:
             raise InvalidArgumentError(f"{pname} must be >= 1, got {pv}")
     scales_l = [int(s) for s in scales] if scales is not None else []
-    if method == "twonn" or method == "twonn-mle":
-        kneed = 2
-    elif method == "mle":
-        if int(k) < 2:
-            raise InvalidArgumentError(f"k must be >= 2, got {k}")
-        kneed = int(k)
-    else:
-        if not (1 <= n1 < n2):
-            raise InvalidArgumentError(f"GRIDE needs 1 <= n1 < n2, got n1={n1}, n2={n2}")
-        kneed = int(n2)
     if any(s < 1 for s in scales_l):
         raise InvalidArgumentError(f"scales must be n1 values >= 1, got {scales_l}")
-    kneed = max([kneed] + [2 * s for s in scales_l])
+    needs = []
+    for method in knn_methods:
+        if method in ("twonn", "twonn-mle"):
+            needs.append(2)
+        elif method == "mle":
+            if int(k) < 2:
+                raise InvalidArgumentError(f"k must be >= 2, got {k}")
+            needs.append(int(k))
+        else:
+            if not (1 <= n1 < n2):
+                raise InvalidArgumentError(f"GRIDE needs 1 <= n1 < n2, got n1={n1}, n2={n2}")
+            needs.append(int(n2))
+    needs += [2 * s for s in scales_l]
+    out: dict[str, IDResult] = {}
+    if "pca" in methods:
+        out["pca"] = _pca_id(source, layers, float(pca_threshold), progress)
+    if not knn_methods:
+        return {m: out[m] for m in methods}
+    kneed = max(needs)
     t0 = time.perf_counter()
     src = resolve(source)
     names = src.select(layers)
     idx = sample_indices(src.num_rows, sample, seed)
     cb, bar = progress_callback(progress, "intrinsic dimension")
-    values: dict[str, float] = {}
-    ci: dict[str, tuple[float, float]] = {}
-    errs: dict[str, float] = {}
-    details: dict[str, Any] = {}
-    sc: dict[str, Any] = {}
+    per: dict[str, dict[str, Any]] = {
+        m: {"values": {}, "ci": {}, "errs": {}, "details": {}, "scales": {}} for m in knn_methods
+    }
     try:
         for name in names:
             x = load(src, name, idx)
@@ -246,60 +294,73 @@ def intrinsic_dimension(
                     "(kept; estimators may return NaN)",
                     stacklevel=2,
                 )
-            est = _native.id_estimate(
-                g["dist"],
-                method,
-                discard_fraction=discard_fraction,
-                k=int(k),
-                pool=pool,
-                n1=int(n1),
-                n2=int(n2),
-                bootstrap=int(bootstrap),
-                seed=int(seed),
-            )
-            if est["reason"]:
-                warnings.warn(
-                    f"layer {name!r}: intrinsic dimension is NaN: {est['reason']}", stacklevel=2
+            for method in knn_methods:
+                est = _native.id_estimate(
+                    g["dist"],
+                    method,
+                    discard_fraction=discard_fraction,
+                    k=int(k),
+                    pool=pool,
+                    n1=int(n1),
+                    n2=int(n2),
+                    bootstrap=int(bootstrap),
+                    seed=int(seed),
                 )
-            values[name] = est["value"]
-            ci[name] = tuple(est["ci"])
-            errs[name] = est["error"]
-            details[name] = {
-                "rows_used": int(g["dist"].shape[0]),
-                "duplicates": int(g["duplicates"]),
-                "tolerance": float(g["tolerance"]),
-                "points_in_estimate": int(est["n_used"]),
-                "reason": est["reason"],
-            }
-            if scales_l:
-                dims, es, rad = [], [], []
-                for s in scales_l:
-                    r = _native.id_estimate(g["dist"], "gride", n1=s, n2=2 * s)
-                    dims.append(r["value"])
-                    es.append(r["error"])
-                    rad.append(float(g["dist"][:, 2 * s - 1].mean()))
-                sc[name] = {"n1": scales_l, "dimension": dims, "error": es, "radius": rad}
+                if est["reason"]:
+                    warnings.warn(
+                        f"layer {name!r}: intrinsic dimension ({method}) is NaN: "
+                        f"{est['reason']}",
+                        stacklevel=2,
+                    )
+                r = per[method]
+                r["values"][name] = est["value"]
+                r["ci"][name] = tuple(est["ci"])
+                r["errs"][name] = est["error"]
+                r["details"][name] = {
+                    "rows_used": int(g["dist"].shape[0]),
+                    "duplicates": int(g["duplicates"]),
+                    "tolerance": float(g["tolerance"]),
+                    "points_in_estimate": int(est["n_used"]),
+                    "reason": est["reason"],
+                }
+                if scales_l:
+                    dims, es, rad = [], [], []
+                    for sv in scales_l:
+                        rs = _native.id_estimate(g["dist"], "gride", n1=sv, n2=2 * sv)
+                        dims.append(rs["value"])
+                        es.append(rs["error"])
+                        rad.append(float(g["dist"][:, 2 * sv - 1].mean()))
+                    r["scales"][name] = {
+                        "n1": scales_l, "dimension": dims, "error": es, "radius": rad
+                    }
     finally:
         if bar is not None:
             bar.close()
-    meta = {
-        "method": method,
-        "n": int(idx.size),
-        "n_total": src.num_rows,
-        "seed": seed,
-        "sample": sample,
-        "sample_hash": indices_hash(idx),
-        "k": int(k),
-        "n1": int(n1),
-        "n2": int(n2),
-        "discard_fraction": discard_fraction,
-        "duplicates": duplicates,
-        "tolerance_rule": "1e-7 * RMS radius of the sample" if tolerance is None else "given",
-        "bootstrap": int(bootstrap),
-        "pool": pool,
-        "seconds": time.perf_counter() - t0,
-    }
-    return IDResult(names, values, ci=ci, errors=errs, details=details, scales=sc, meta=meta)
+    seconds = time.perf_counter() - t0
+    for method in knn_methods:
+        meta = {
+            "method": method,
+            "n": int(idx.size),
+            "n_total": src.num_rows,
+            "seed": seed,
+            "sample": sample,
+            "sample_hash": indices_hash(idx),
+            "k": int(k),
+            "n1": int(n1),
+            "n2": int(n2),
+            "discard_fraction": discard_fraction,
+            "duplicates": duplicates,
+            "tolerance_rule": "1e-7 * RMS radius of the sample" if tolerance is None else "given",
+            "bootstrap": int(bootstrap),
+            "pool": pool,
+            "seconds": seconds,
+            "knn_k": kneed,
+            "methods_sharing_the_graph": knn_methods,
+        }
+        r = per[method]
+        out[method] = IDResult(names, r["values"], ci=r["ci"], errors=r["errs"],
+                               details=r["details"], scales=r["scales"], meta=meta)
+    return {m: out[m] for m in methods}
 
 
 def _pca_from_eigenvalues(lam: np.ndarray, threshold: float) -> dict[str, float]:
