@@ -1176,7 +1176,13 @@ fn stream<T: Element + StoreElement>(
                 let mut blk = Vec::new();
                 let mut res = Ok(());
                 for s in sels {
-                    match s.store.read_block::<T>(&s.layers, start, stop) {
+                    // Read, then drop the block's mapped pages from the resident set (a hint:
+                    // the OS page cache keeps them), so the pass's RSS does not grow with n.
+                    match s
+                        .store
+                        .read_block::<T>(&s.layers, start, stop)
+                        .and_then(|b| s.store.release(start, stop).map(|_| b))
+                    {
                         Ok(b) => blk.extend(b),
                         Err(e) => {
                             res = Err(e);
