@@ -1116,31 +1116,7 @@ pub fn accumulate_stores(
     compute: Compute,
     monitor: &dyn Monitor,
 ) -> Result<MomentAccumulator> {
-    let first = sels
-        .first()
-        .ok_or_else(|| Error::invalid("no store selected"))?;
-    let n = first.store.num_rows();
-    let mut dims = Vec::new();
-    let mut f64_needed = false;
-    for s in sels {
-        if s.store.num_rows() != n {
-            return Err(Error::Mismatch(format!(
-                "stores have {} and {} rows",
-                n,
-                s.store.num_rows()
-            )));
-        }
-        for &l in &s.layers {
-            let info = s.store.layers().get(l).ok_or_else(|| {
-                Error::invalid(format!(
-                    "layer index {l} out of range for {}",
-                    s.store.path().display()
-                ))
-            })?;
-            dims.push(info.dim);
-            f64_needed |= info.dtype == DType::F64;
-        }
-    }
+    let (n, dims, f64_needed) = selection_dims(sels)?;
     let block_rows = block_rows.unwrap_or_else(|| default_block_rows_for(&dims, compute));
     if block_rows == 0 {
         return Err(Error::invalid("block_rows must be at least 1"));
@@ -1166,6 +1142,57 @@ fn stream<T: Element + StoreElement>(
     block_rows: usize,
     monitor: &dyn Monitor,
 ) -> Result<MomentAccumulator> {
+    stream_selections::<T>(sels, n, block_rows, monitor, |refs, rows| {
+        acc.update(refs, rows)
+    })?;
+    Ok(acc)
+}
+
+/// The number of rows, the widths of the selected layers (in order) and whether any of them
+/// is stored as F64, after checking that every store has the same number of rows and every
+/// layer index exists.
+pub fn selection_dims(sels: &[Selection<'_>]) -> Result<(u64, Vec<usize>, bool)> {
+    let first = sels
+        .first()
+        .ok_or_else(|| Error::invalid("no store selected"))?;
+    let n = first.store.num_rows();
+    let mut dims = Vec::new();
+    let mut f64_needed = false;
+    for s in sels {
+        if s.store.num_rows() != n {
+            return Err(Error::Mismatch(format!(
+                "stores have {} and {} rows",
+                n,
+                s.store.num_rows()
+            )));
+        }
+        for &l in &s.layers {
+            let info = s.store.layers().get(l).ok_or_else(|| {
+                Error::invalid(format!(
+                    "layer index {l} out of range for {}",
+                    s.store.path().display()
+                ))
+            })?;
+            dims.push(info.dim);
+            f64_needed |= info.dtype == DType::F64;
+        }
+    }
+    Ok((n, dims, f64_needed))
+}
+
+/// One pass over rows `0..n` of the selected layers of row-aligned stores, `block_rows` at a
+/// time: a reader thread stays one block ahead (mmap reads and f16/bf16 conversion overlap
+/// `f`), drops each block's mapped pages from the resident set once read (a hint: the OS
+/// page cache keeps them, so RSS does not grow with `n`), and `f(blocks, rows)` gets every
+/// selected layer's row-major block in selection order; `monitor.progress(done, n)` after
+/// each block (Ctrl-C). Stops at the first error from reading, `f` or the monitor.
+pub fn stream_selections<T: StoreElement>(
+    sels: &[Selection<'_>],
+    n: u64,
+    block_rows: usize,
+    monitor: &dyn Monitor,
+    mut f: impl FnMut(&[&[T]], usize) -> Result<()>,
+) -> Result<()> {
     monitor.progress(0, n)?;
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<Vec<T>>)>>(1);
@@ -1176,8 +1203,6 @@ fn stream<T: Element + StoreElement>(
                 let mut blk = Vec::new();
                 let mut res = Ok(());
                 for s in sels {
-                    // Read, then drop the block's mapped pages from the resident set (a hint:
-                    // the OS page cache keeps them), so the pass's RSS does not grow with n.
                     match s
                         .store
                         .read_block::<T>(&s.layers, start, stop)
@@ -1203,7 +1228,7 @@ fn stream<T: Element + StoreElement>(
             let (stop, blk) = msg?;
             let rows = (stop - done) as usize;
             let refs: Vec<&[T]> = blk.iter().map(|v| v.as_slice()).collect();
-            acc.update(&refs, rows)?;
+            f(&refs, rows)?;
             done = stop;
             monitor.progress(done, n)?;
         }
@@ -1213,8 +1238,7 @@ fn stream<T: Element + StoreElement>(
             )));
         }
         Ok(())
-    })?;
-    Ok(acc)
+    })
 }
 
 #[cfg(test)]

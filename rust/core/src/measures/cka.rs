@@ -36,12 +36,12 @@
 //!
 //! All arithmetic is f64 (f32/bf16/f16 inputs are widened first). Memory: one `m × m` Gram
 //! per layer plus the rows of one partial batch — independent of the number of rows.
-use crate::engine::moments::Selection;
+use crate::engine::moments::{selection_dims, stream_selections, Selection};
 use crate::error::{Error, Result};
 use crate::linalg::gram;
 use crate::measures::kernel::rbf_gram;
 use crate::monitor::Monitor;
-use crate::store::{DType, Element};
+use crate::store::Element;
 use faer::Par;
 use rayon::prelude::*;
 
@@ -580,31 +580,7 @@ pub fn minibatch_stores(
     block_rows: Option<usize>,
     monitor: &dyn Monitor,
 ) -> Result<MinibatchHsic> {
-    let first = sels
-        .first()
-        .ok_or_else(|| Error::invalid("no store selected"))?;
-    let n = first.store.num_rows();
-    let mut dims = Vec::new();
-    let mut f64_needed = false;
-    for s in sels {
-        if s.store.num_rows() != n {
-            return Err(Error::Mismatch(format!(
-                "stores have {} and {} rows",
-                n,
-                s.store.num_rows()
-            )));
-        }
-        for &l in &s.layers {
-            let info = s.store.layers().get(l).ok_or_else(|| {
-                Error::invalid(format!(
-                    "layer index {l} out of range for {}",
-                    s.store.path().display()
-                ))
-            })?;
-            dims.push(info.dim);
-            f64_needed |= info.dtype == DType::F64;
-        }
-    }
+    let (n, dims, f64_needed) = selection_dims(sels)?;
     if dims != acc.dims {
         return Err(Error::Mismatch(format!(
             "selected layer widths {dims:?} differ from the accumulator's {:?}",
@@ -636,47 +612,8 @@ fn stream<T: Element>(
     block_rows: usize,
     monitor: &dyn Monitor,
 ) -> Result<MinibatchHsic> {
-    monitor.progress(0, n)?;
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<Vec<T>>)>>(1);
-        scope.spawn(move || {
-            let mut start = 0u64;
-            while start < n {
-                let stop = (start + block_rows as u64).min(n);
-                let mut blk = Vec::new();
-                let mut res = Ok(());
-                for s in sels {
-                    match s.store.read_block::<T>(&s.layers, start, stop) {
-                        Ok(b) => blk.extend(b),
-                        Err(e) => {
-                            res = Err(e);
-                            break;
-                        }
-                    }
-                }
-                let msg = res.map(|_| (stop, blk));
-                let failed = msg.is_err();
-                if tx.send(msg).is_err() || failed {
-                    return;
-                }
-                start = stop;
-            }
-        });
-        let mut done = 0u64;
-        for msg in rx {
-            let (stop, blk) = msg?;
-            let rows = (stop - done) as usize;
-            let refs: Vec<&[T]> = blk.iter().map(|v| v.as_slice()).collect();
-            acc.update(&refs, rows, monitor)?;
-            done = stop;
-            monitor.progress(done, n)?;
-        }
-        if done != n {
-            return Err(Error::invalid(format!(
-                "internal: the block reader stopped at row {done} of {n}"
-            )));
-        }
-        Ok(())
+    stream_selections::<T>(sels, n, block_rows, monitor, |refs, rows| {
+        acc.update(refs, rows, monitor)
     })?;
     acc.finish()
 }
