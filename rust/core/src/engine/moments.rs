@@ -6,7 +6,8 @@
 //! block's column means) and, for the shifted row `u = z − μ0` extended with the per-layer
 //! squared norms `r_l = ‖u_l‖²`, i.e. `w = [u, r_1 … r_L]` (`D + L` columns):
 //!
-//! * `S = Σ_a w_a w_aᵀ` (f64, upper triangle only: one SYRK per block, faer, parallel),
+//! * `S = Σ_a w_a w_aᵀ` (f64, upper triangle only: one packed SYRK per block, parallel,
+//!   [`crate::linalg::packed`]),
 //! * `s = Σ_a w_a` and the row count `n`.
 //!
 //! Shifting before any product keeps the products small: LLM activations have per-feature
@@ -25,10 +26,10 @@
 //! * for the debiased (unbiased-HSIC) estimators, with `r̄_{l,a} = ‖x_{l,a} − x̄_l‖²`:
 //!   `rr[k][l] = Σ_a r̄_{k,a} r̄_{l,a}` ([`Moments::rr`]) and `Σ_a r̄_{l,a} = tr C_ll`.
 use crate::error::{Error, Result};
-use crate::linalg::{symmetrize_from_upper, syrk_upper};
+use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
+use crate::linalg::symmetrize_from_upper;
 use crate::monitor::Monitor;
 use crate::store::{DType, Element as StoreElement, Store};
-use faer::{Accum, Par};
 use rayon::prelude::*;
 
 /// Scalar types a block may hold (widened to f64 before any arithmetic).
@@ -53,7 +54,7 @@ impl Element for f32 {
 /// * [`Compute::F64`] (default): every product in f64.
 /// * [`Compute::F32`]: the `D × D` part of `Σ_a u_a u_aᵀ` (the SYRK, nearly all the work)
 ///   multiplies the **shifted** values rounded to f32 with f32 sums over at most
-///   [`F32_SUB_ROWS`] rows, each partial product added into the f64 accumulator; everything
+///   [`F32_SUM_ROWS`] rows, each partial sum added into the f64 accumulator; everything
 ///   that involves the squared norms (the debiased estimators' 4th-order sums), the column
 ///   sums and the shift stay f64. Twice the SIMD width; the error is that of rounding the
 ///   shifted data to f32 plus `√b·u`-sized sums (measured against f64 in the tests: ≤ 1e-6).
@@ -77,8 +78,12 @@ impl Compute {
     }
 }
 
-/// Rows per f32 partial product in [`Compute::F32`] (bounds the length of every f32 sum).
-pub const F32_SUB_ROWS: usize = 2048;
+/// Longest f32 sum in [`Compute::F32`]: the packed SYRK's micro-kernel adds its f32 register
+/// sums into the f64 accumulator every this many rows.
+pub const F32_SUM_ROWS: usize = <f32 as PackedElem>::CHAIN;
+
+/// Most rows per block in [`Compute::F32`] (the f32 row buffer, `rows × D`, is the block).
+pub const F32_BLOCK_ROWS: usize = 2048;
 
 const MAGIC: &[u8; 8] = b"LSMOMACC";
 const VERSION: u32 = 1;
@@ -112,17 +117,23 @@ pub struct MomentAccumulator {
 struct Scratch {
     /// f64 path: `w` (rows × (D+L)).
     w: Vec<f64>,
-    /// f32 path: `u` (rows × D), `r` (rows × L), the `D × D` f32 partial product.
+    /// f32 path: `u` (rows × D), `r` (rows × L).
     u: Vec<f32>,
     r: Vec<f64>,
-    tmp: Vec<f32>,
+    /// Packed panels of the SYRK (f64 and f32 paths).
+    pack64: Vec<f64>,
+    pack32: Vec<f32>,
 }
 
 /// `v` resized to `len` without clearing what it already holds (every element is
 /// overwritten by the caller before it is read).
 fn sized<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     if v.len() < len {
-        v.resize(len, T::default());
+        // Fresh, huge-page-hinted storage (block buffers are tens of MB, read in strides).
+        let mut fresh: Vec<T> = Vec::with_capacity(len);
+        crate::linalg::advise_huge_pages(fresh.as_mut_ptr().cast(), len * std::mem::size_of::<T>());
+        fresh.resize(len, T::default());
+        *v = fresh;
     }
     &mut v[..len]
 }
@@ -169,16 +180,16 @@ pub fn accumulator_bytes(dims: &[usize]) -> u128 {
     dz * dz * 8 + dz * 16
 }
 
-/// Peak bytes of one streaming pass: the accumulator, two blocks of `w` (f64) and, with
-/// [`Compute::F32`], the `D × D` f32 partial product.
+/// Peak bytes of one streaming pass: the accumulator, two blocks of `w` (f64) and the
+/// packed SYRK panels (`2 (D+L) × KC` values of the compute type).
 pub fn pass_bytes(dims: &[usize], block_rows: usize, compute: Compute) -> u128 {
     let d = dims.iter().map(|&d| d as u128).sum::<u128>();
     let dz = d + dims.len() as u128;
-    let tmp = match compute {
-        Compute::F64 => 0,
-        Compute::F32 => d * d * 4,
+    let pack = match compute {
+        Compute::F64 => 2 * dz * <f64 as PackedElem>::KC as u128 * 8,
+        Compute::F32 => 2 * d * <f32 as PackedElem>::KC as u128 * 4,
     };
-    accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2 + tmp
+    accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2 + pack
 }
 
 /// Fail with [`Error::Memory`] (giving the options) when the accumulator for `dims` plus
@@ -231,7 +242,7 @@ impl MomentAccumulator {
             offsets: offsets_of(dims),
             names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
             shift: None,
-            s: vec![0.0; cells],
+            s: crate::linalg::zeroed_f64(cells),
             sums: vec![0.0; dz],
             n: 0,
             check_finite: true,
@@ -375,12 +386,14 @@ impl MomentAccumulator {
                 wr[d + l] = r;
             }
         });
-        let par = if rows * dz * dz > 1 << 20 {
-            Par::rayon(0)
-        } else {
-            Par::Seq
+        let view = Strided {
+            u: w,
+            k: rows,
+            n: dz,
+            rs: dz,
+            cs: 1,
         };
-        syrk_upper(&mut self.s, w, dz, rows, Accum::Add, par);
+        syrk_upper_add(&mut self.s, dz, view, &mut self.scratch.pack64);
         let colsum = column_sums(w, dz);
         for (s, c) in self.sums.iter_mut().zip(&colsum) {
             *s += c;
@@ -391,8 +404,8 @@ impl MomentAccumulator {
     }
 
     /// [`Compute::F32`] update (shapes and finiteness already checked, shift set): the
-    /// `D × D` SYRK in f32 over sub-blocks of at most [`F32_SUB_ROWS`] rows, each added into
-    /// the f64 upper triangle; the squared-norm columns, their products with `u` and the
+    /// `D × D` SYRK in f32 (sums over at most [`F32_SUM_ROWS`] rows, each added into the f64
+    /// upper triangle); the squared-norm columns, their products with `u` and the
     /// column sums in f64 from the same f32-rounded `u`.
     fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize) {
         let d = self.d();
@@ -421,26 +434,15 @@ impl MomentAccumulator {
                     rr[l] = acc;
                 }
             });
-        // D × D part: f32 partial SYRKs, added into the f64 upper triangle.
-        let par = if rows * d * d > 1 << 20 {
-            Par::rayon(0)
-        } else {
-            Par::Seq
+        // D × D part: the f32 SYRK, its partial sums added into the f64 upper triangle.
+        let view = Strided {
+            u: &*u,
+            k: rows,
+            n: d,
+            rs: d,
+            cs: 1,
         };
-        let tmp = sized(&mut scratch.tmp, d * d);
-        for c in u.chunks(F32_SUB_ROWS * d) {
-            let sub = c.len() / d;
-            syrk_upper(tmp, c, d, sub, Accum::Replace, par);
-            self.s
-                .par_chunks_mut(dz)
-                .zip(tmp.par_chunks(d))
-                .enumerate()
-                .for_each(|(j, (dst, src))| {
-                    for (x, y) in dst[..=j].iter_mut().zip(&src[..=j]) {
-                        *x += f64::from(*y);
-                    }
-                });
-        }
+        syrk_upper_add(&mut self.s, dz, view, &mut scratch.pack32);
         // Columns D..D+L of S (upper triangle: rows 0..D+l of column D+l) in f64:
         // S[i, D+l] = Σ_a u_ai r_al (i < D), S[D+k, D+l] = Σ_a r_ak r_al (k ≤ l).
         const CH: usize = 256;
@@ -807,7 +809,7 @@ impl MomentAccumulator {
         }
         let shift = if has_shift { Some(r.f64s(d)?) } else { None };
         let sums = r.f64s(dz)?;
-        let mut s = vec![0.0; dz * dz];
+        let mut s = crate::linalg::zeroed_f64(dz * dz);
         for j in 0..dz {
             let col = r.f64s(j + 1)?;
             s[j * dz..j * dz + j + 1].copy_from_slice(&col);
@@ -1091,12 +1093,12 @@ pub fn default_block_rows(dims: &[usize]) -> usize {
 }
 
 /// Default rows per block for `compute`: as [`default_block_rows`] for f64; for f32 (whose
-/// row buffer is half the size) twice that, at most one f32 sub-block ([`F32_SUB_ROWS`]).
+/// row buffer is half the size) twice that, at most [`F32_BLOCK_ROWS`].
 pub fn default_block_rows_for(dims: &[usize], compute: Compute) -> usize {
     let r = default_block_rows(dims);
     match compute {
         Compute::F64 => r,
-        Compute::F32 => (2 * r).min(F32_SUB_ROWS),
+        Compute::F32 => (2 * r).min(F32_BLOCK_ROWS),
     }
 }
 
@@ -1180,6 +1182,33 @@ pub fn selection_dims(sels: &[Selection<'_>]) -> Result<(u64, Vec<usize>, bool)>
     Ok((n, dims, f64_needed))
 }
 
+/// Rows `[start, stop)` of every selected layer into `blk` (one buffer per layer, in
+/// selection order; reused buffers are resized), then drop those rows' mapped pages.
+fn fill_block<T: StoreElement>(
+    sels: &[Selection<'_>],
+    start: u64,
+    stop: u64,
+    blk: &mut Vec<Vec<T>>,
+) -> Result<()> {
+    let total: usize = sels.iter().map(|s| s.layers.len()).sum();
+    blk.resize_with(total, Vec::new);
+    let mut k = 0;
+    for s in sels {
+        let bufs = &mut blk[k..k + s.layers.len()];
+        for (b, &l) in bufs.iter_mut().zip(&s.layers) {
+            let len = s.store.block_len(l, start, stop)?;
+            if b.len() != len {
+                b.resize(len, T::default());
+            }
+        }
+        let mut outs: Vec<&mut [T]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        s.store.read_block_into(&s.layers, start, stop, &mut outs)?;
+        s.store.release(start, stop)?;
+        k += s.layers.len();
+    }
+    Ok(())
+}
+
 /// One pass over rows `0..n` of the selected layers of row-aligned stores, `block_rows` at a
 /// time: a reader thread stays one block ahead (mmap reads and f16/bf16 conversion overlap
 /// `f`), drops each block's mapped pages from the resident set once read (a hint: the OS
@@ -1196,25 +1225,15 @@ pub fn stream_selections<T: StoreElement>(
     monitor.progress(0, n)?;
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<Vec<T>>)>>(1);
+        // Consumed block buffers go back to the reader and are refilled (fresh buffers of
+        // tens of MB per block cost a page fault and a kernel page clear per 4 KiB).
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<Vec<T>>>();
         scope.spawn(move || {
             let mut start = 0u64;
             while start < n {
                 let stop = (start + block_rows as u64).min(n);
-                let mut blk = Vec::new();
-                let mut res = Ok(());
-                for s in sels {
-                    match s
-                        .store
-                        .read_block::<T>(&s.layers, start, stop)
-                        .and_then(|b| s.store.release(start, stop).map(|_| b))
-                    {
-                        Ok(b) => blk.extend(b),
-                        Err(e) => {
-                            res = Err(e);
-                            break;
-                        }
-                    }
-                }
+                let mut blk = back_rx.try_recv().unwrap_or_default();
+                let res = fill_block(sels, start, stop, &mut blk);
                 let msg = res.map(|_| (stop, blk));
                 let failed = msg.is_err();
                 if tx.send(msg).is_err() || failed {
@@ -1229,6 +1248,7 @@ pub fn stream_selections<T: StoreElement>(
             let rows = (stop - done) as usize;
             let refs: Vec<&[T]> = blk.iter().map(|v| v.as_slice()).collect();
             f(&refs, rows)?;
+            let _ = back_tx.send(blk); // the reader may have finished: then it is dropped
             done = stop;
             monitor.progress(done, n)?;
         }
@@ -1617,7 +1637,7 @@ mod tests {
         // Offsets of 1000× the spread, widths that differ, a block longer than the f32
         // sub-block (sums split), a second update, and scales 1e-4 / 1e4.
         for &(scale, offset) in &[(1.0, 1000.0), (1e-4, 50.0), (1e4, 300.0)] {
-            let (n, dims) = (2 * F32_SUB_ROWS + 300, [24usize, 9, 17]);
+            let (n, dims) = (2 * F32_BLOCK_ROWS + 300, [24usize, 9, 17]);
             let xs: Vec<Vec<f32>> = dims
                 .iter()
                 .enumerate()

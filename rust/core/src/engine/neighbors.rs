@@ -443,27 +443,24 @@ pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, max_bytes: u64) -> Resu
         )));
     }
     let (xc, norms) = centred(x, m, d);
-    let a = MatRef::from_row_major_slice(&xc, m, d);
     let mut g = vec![0.0f64; m * m];
-    // Upper triangle of the Gram only (SYRK: half the flops of a full product).
-    faer::linalg::matmul::triangular::matmul(
-        MatMut::from_row_major_slice_mut(&mut g, m, m),
-        faer::linalg::matmul::triangular::BlockStructure::TriangularUpper,
-        Accum::Replace,
-        a,
-        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
-        a.transpose(),
-        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
-        1.0,
-        Par::rayon(0),
-    );
-    g.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, row)| {
-        row[i] = 0.0;
-        for (j, v) in row.iter_mut().enumerate().skip(i + 1) {
+    // Upper triangle of the column-major Gram (packed SYRK: half the flops of a full
+    // product); column j holds ⟨x_i, x_j⟩ for i ≤ j in g[j·m .. j·m + j].
+    let view = crate::linalg::packed::Strided {
+        u: &xc,
+        k: d,
+        n: m,
+        rs: 1,
+        cs: d,
+    };
+    crate::linalg::packed::syrk_upper_add(&mut g, m, view, &mut Vec::new());
+    g.par_chunks_mut(m.max(1)).enumerate().for_each(|(j, col)| {
+        col[j] = 0.0;
+        for (i, v) in col[..j].iter_mut().enumerate() {
             *v = (norms[i] + norms[j] - 2.0 * *v).max(0.0);
         }
     });
-    mirror_upper(&mut g, m);
+    crate::linalg::symmetrize_from_upper(&mut g, m);
     Ok(g)
 }
 

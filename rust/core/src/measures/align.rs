@@ -436,9 +436,13 @@ where
     let mut used: Vec<usize> = rows.iter().chain(cols).copied().collect();
     used.sort_unstable();
     used.dedup();
+    // Collect every result, then report the first failing layer in order (a parallel
+    // `collect::<Result<_>>` returns whichever error a thread hit first: not reproducible).
     let prepared: Vec<(usize, Prepared)> = used
         .par_iter()
-        .map(|&i| Ok((i, prepare(&eigs[i], &names[i], opts)?)))
+        .map(|&i| prepare(&eigs[i], &names[i], opts).map(|p| (i, p)))
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
         .collect::<Result<_>>()?;
     let prep = |i: usize| -> &Prepared {
         // `used` holds every index of rows/cols, sorted.
@@ -753,7 +757,7 @@ mod tests {
         );
         match e {
             Err(Error::InvalidArgument(msg)) => {
-                assert!(msg.contains("\"l0\"") && msg.contains("rank 4"))
+                assert!(msg.contains("\"l0\"") && msg.contains("rank 4"), "{msg}")
             }
             other => panic!("{other:?}"),
         }

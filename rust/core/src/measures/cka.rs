@@ -42,7 +42,6 @@ use crate::linalg::gram;
 use crate::measures::kernel::rbf_gram;
 use crate::monitor::Monitor;
 use crate::store::Element;
-use faer::Par;
 use rayon::prelude::*;
 
 /// The kernel of a minibatch CKA.
@@ -401,11 +400,6 @@ impl MinibatchCka {
         let m = self.carry_rows;
         let start = self.rows_seen - m as u64;
         let lc = self.dims.len();
-        let inner = if lc >= rayon::current_num_threads() {
-            Par::Seq
-        } else {
-            Par::rayon(0)
-        };
         let kernel = self.kernel;
         let carry = &self.carry;
         let dims = &self.dims;
@@ -434,7 +428,7 @@ impl MinibatchCka {
                             .chunks(d)
                             .flat_map(|r| r.iter().zip(&mean).map(|(v, mu)| v - mu))
                             .collect();
-                        (gram(&xc, m, d, inner), f64::NAN)
+                        (gram(&xc, m, d), f64::NAN)
                     }
                     Kernel::Rbf { sigma } => {
                         rbf_gram(x, m, d, sigma, u64::MAX).map_err(|e| match e {

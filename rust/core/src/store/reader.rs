@@ -120,7 +120,9 @@ impl Store {
             .shards
             .par_iter()
             .map(|info| open_shard(&root, info, &manifest))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Vec<Result<_>>>()
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?; // the first bad shard in order, on every run
         let shard_starts = manifest.shards.iter().map(|s| s.start_row).collect();
         let store = Store {
             path: path.to_path_buf(),
