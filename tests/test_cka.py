@@ -305,11 +305,91 @@ def test_float32_compute_matches_f64_reference(tmp_path: Path, dtype: str) -> No
                 if i < j:
                     want = ref_linear(stored[a], stored[b], est)
                     assert abs(fast.values[i, j] - want) < 1e-6, (est, a, b, fast.values[i, j], want)
-        exact = cka(p, estimator=est, progress=False)
+        exact = cka(p, estimator=est, compute="float64", progress=False)
         assert np.nanmax(np.abs(fast.values - exact.values)) < 1e-6
+        assert fast.meta["shift_offset"] < 0.5  # the sampled shift is near the mean
     # in-memory arrays take the same path
     mem = cka(stored, compute="float32", progress=False)
     assert np.nanmax(np.abs(mem.values - cka(stored, progress=False).values)) < 1e-6
+
+
+def ref_linear_features(x: np.ndarray, y: np.ndarray) -> float:
+    """Biased linear CKA from centred cross-products (Kornblith et al. 2019, eq. for the
+    linear kernel): ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` — O(n d²), for large n."""
+    x = x - x.mean(axis=0)
+    y = y - y.mean(axis=0)
+    return float(np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_compute_with_a_first_block_unlike_the_rest(tmp_path: Path, dtype: str) -> None:
+    """Concatenated data: the first 2500 of 40000 rows (more than the first block) sit 300
+    spreads away from the rest in every feature. A first-block shift would leave the shifted
+    values 4.4 standard deviations (of all rows) off centre; the shift sampled over all rows
+    keeps float32 within 1e-6 of float64 and of the f64 reference, and meta says how far the
+    shift was (in standard deviations of all rows)."""
+    rng = np.random.default_rng(41)
+    base = llm_like(40000, 48, 42)
+    base[:2500] += 300.0 * base.std(axis=0)
+    x = base[:, :32]
+    y = np.hstack([base[:, 16:] @ rng.standard_normal((32, 24)) / 6,
+                   rng.standard_normal((40000, 8))]) + 200.0
+    p = _write(tmp_path, "s", {"x": x.astype(np.float32), "y": y.astype(np.float32)},
+               dtype=dtype, shard_bytes=1 << 20)
+    s = layerscope.open(p)
+    stored = {k: s.read(k, dtype=np.float64) for k in s.layers}
+    want = ref_linear_features(stored["x"], stored["y"])
+    for est in ("biased", "debiased"):
+        fast = cka(p, estimator=est, compute="float32", progress=False)
+        exact = cka(p, estimator=est, compute="float64", progress=False)
+        assert abs(fast.values[0, 1] - exact.values[0, 1]) < 1e-6, est
+        if est == "biased":
+            assert abs(exact.values[0, 1] - want) < 1e-9
+            assert abs(fast.values[0, 1] - want) < 1e-6
+        assert fast.meta["shift_offset"] < 0.5
+        mem = cka({k: v.astype(np.float32) for k, v in stored.items()}, estimator=est,
+                  compute="float32", progress=False)
+        assert abs(mem.values[0, 1] - exact.values[0, 1]) < 1e-6
+        assert mem.meta["shift_offset"] < 0.5
+
+
+def test_float32_warns_when_the_shift_is_far_from_the_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The a-posteriori check: with the shift left to the first block (sampling disabled) on
+    data whose first 2048-row block is a far-off minority, shift_offset (|z̄ − μ0| / σ, σ of
+    all rows) is ~4.4 and a float32 pass warns; float64 reports it without warning."""
+    from layerscope import _moments
+
+    base = llm_like(40000, 16, 43)
+    base[:2048] += 300.0 * base.std(axis=0)
+    d = {"x": base[:, :8].astype(np.float32), "y": base[:, 8:].astype(np.float32)}
+    monkeypatch.setattr(_moments, "_sample_shift", lambda parts, n: None)
+    with pytest.warns(RuntimeWarning, match="reference shift was"):
+        r = cka(d, compute="float32", progress=False)
+    assert r.meta["shift_offset"] > _moments.F32_SHIFT_WARN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r64 = cka(d, compute="float64", progress=False)
+    # float64 blocks are 8192 rows here (the first block is a mix): offset ~0.9, no warning.
+    assert 0.5 < r64.meta["shift_offset"]
+    assert abs(r64.values[0, 1] - r.values[0, 1]) < 1e-4  # float32 still close, not 1e-6
+
+
+def test_compute_auto_follows_the_storage_precision(tmp_path: Path) -> None:
+    x = llm_like(300, 6, 44)
+    y = x[:, :3] @ np.ones((3, 4)) + llm_like(300, 4, 45)
+    p32 = _write(tmp_path, "f32", {"x": x.astype(np.float32), "y": y.astype(np.float32)})
+    p16 = _write(tmp_path, "bf16", {"x": x, "y": y}, dtype="bfloat16")
+    p64 = _write(tmp_path, "f64", {"x": x, "y": y}, dtype="float64")
+    assert cka(p32, progress=False).meta["compute"] == "float32"
+    assert cka(p16, estimator="debiased", progress=False).meta["compute"] == "float32"
+    assert cka(p64, progress=False).meta["compute"] == "float64"
+    assert cka({"x": x, "y": y}, progress=False).meta["compute"] == "float64"  # f64 arrays
+    assert cka({"x": x.astype(np.float32), "y": y}, progress=False).meta["compute"] == "float64"
+    assert cka(p32, kernel="rbf", progress=False).meta.get("compute", "float64") == "float64"
+    assert cka(p32, estimator="minibatch", batch_size=50,
+               progress=False).meta.get("compute", "float64") == "float64"
+    a, e = cka(p32, progress=False).values, cka(p32, compute="float64", progress=False).values
+    assert np.abs(a - e).max() < 1e-6
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1e4])

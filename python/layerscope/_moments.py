@@ -15,6 +15,7 @@ row blocks, independent of the number of rows.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,28 +31,58 @@ def _fmt_bytes(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
-COMPUTE = ("float64", "float32")
+COMPUTE = ("float64", "float32", "auto")
+
+#: Rows sampled (evenly spread) for the reference shift of a pass.
+SHIFT_SAMPLE_ROWS = 1024
+
+#: Above this ``shift_offset`` (``max |mean − shift| / σ``) a float32 pass warns.
+F32_SHIFT_WARN = 2.0
 
 
 def check_compute(compute: str) -> str:
     """Validate the ``compute=`` option (arithmetic of the block products)."""
     if compute not in COMPUTE:
-        raise InvalidArgumentError(f"compute must be 'float64' or 'float32', got {compute!r}")
+        raise InvalidArgumentError(
+            f"compute must be 'float64', 'float32' or 'auto', got {compute!r}")
     return compute
+
+
+def resolve_compute(compute: str, parts: Sequence[tuple[Source, Sequence[str]]]) -> str:
+    """``"auto"`` → ``"float32"`` when every selected layer is stored (or given) in 32 bits
+    or fewer (f32, f16, bf16: the f32 products' rounding is far below the data's own), else
+    ``"float64"``; an explicit choice is returned unchanged."""
+    check_compute(compute)
+    if compute != "auto":
+        return compute
+    wide = any(_is_f64(src, x) for src, ls in parts for x in ls)
+    return "float64" if wide else "float32"
+
+
+def _sample_shift(parts: Sequence[tuple[Source, Sequence[str]]], n: int) -> np.ndarray | None:
+    """Column means of ``SHIFT_SAMPLE_ROWS`` rows spread evenly over all rows (the Rust
+    stream's rule, ``layerscope_core::engine::moments::sample_shift``); None if not finite."""
+    if n == 0:
+        return None
+    m = min(n, SHIFT_SAMPLE_ROWS)
+    idx = ((2 * np.arange(m, dtype=np.int64) + 1) * n) // (2 * m)
+    means = [np.asarray(src.take(x, idx, dtype=np.float64)).mean(axis=0)
+             for src, ls in parts for x in ls]
+    shift = np.concatenate(means)
+    return shift if bool(np.isfinite(shift).all()) else None
 
 
 def plan(
     dims: Sequence[int], max_memory: int | None, compute: str = "float64"
 ) -> dict[str, Any]:
     """The memory plan of a moment pass over layers of widths ``dims``: accumulator bytes
-    (``(D+L)² · 8``), default block rows, and whether it fits ``max_memory`` (with
-    ``compute="float32"`` the pass also holds one ``D × D`` float32 partial product)."""
+    (``(D+L)² · 8``), default block rows, and whether it fits ``max_memory`` (the pass also
+    holds two row blocks and the packed SYRK panels, ``layerscope_core::engine::moments::
+    pass_bytes``)."""
+    compute = "float64" if compute == "auto" else check_compute(compute)
     acc = int(_native.accumulator_bytes(list(dims)))
-    br = int(_native.default_block_rows(list(dims), check_compute(compute)))
-    dz = sum(dims) + len(dims)
-    need = acc + 2 * br * dz * 8
-    if compute == "float32":
-        need += sum(dims) ** 2 * 4
+    br = int(_native.default_block_rows(list(dims), compute))
+    need = int(_native.pass_bytes(list(dims), br, compute))
     out = {"accumulator_bytes": acc, "block_rows": br, "peak_bytes_estimate": need}
     if max_memory is not None and need > max_memory:
         raise MemoryBudgetError(
@@ -87,10 +118,14 @@ def compute_moments(
 
     ``compute``: ``"float64"`` (default) multiplies in f64; ``"float32"`` computes the
     ``D × D`` block products (the SYRK, nearly all the work) from the mean-shifted values
-    rounded to f32, with f32 sums over at most 2048 rows added into the f64 accumulator (the
+    rounded to f32, with f32 sums over at most 128 rows added into the f64 accumulator (the
     squared-norm terms of the debiased estimator, the sums and the shift stay f64): about
-    twice as fast; measured against f64 on offset/bf16/scaled data in
-    ``tests/test_cka.py`` (agreement to 1e-6)."""
+    twice as fast; measured against f64 on offset/bf16/f16/scaled/drifting data in
+    ``tests/test_cka.py`` (agreement to 1e-6); ``"auto"``: :func:`resolve_compute`.
+
+    The reference shift is the mean of ``SHIFT_SAMPLE_ROWS`` rows spread over the whole
+    source (not the first block, which may be unlike the rest); ``meta["shift_offset"]`` is
+    ``max_f |mean_f − shift_f| / σ_f``, and a float32 pass warns above ``F32_SHIFT_WARN``."""
     t0 = time.perf_counter()
     a = resolve(source)
     la = a.select(layers)
@@ -102,6 +137,7 @@ def compute_moments(
         parts.append((b, lb))
     names = [n for _, ls in parts for n in ls]
     dims = [src.dims[n] for src, ls in parts for n in ls]
+    compute = resolve_compute(compute, parts)
     pl = plan(dims, max_memory, compute)
     br = int(block_rows) if block_rows is not None else pl["block_rows"]
     n = a.num_rows
@@ -121,6 +157,9 @@ def compute_moments(
             wide = any(_is_f64(src, x) for src, ls in parts for x in ls)
             dt = np.float64 if wide else np.float32
             acc = _native.MomentAccumulator(dims, names, check_finite, compute)
+            shift = _sample_shift(parts, n)
+            if shift is not None:
+                acc.set_shift(shift)
             for start in range(0, n, br):
                 stop = min(n, start + br)
                 acc.update([src.read(x, start, stop, dtype=dt) for src, ls in parts for x in ls])
@@ -130,9 +169,16 @@ def compute_moments(
             how = "blocks"
     meta: dict[str, Any] = {
         "n": int(m.n), "passes": 1, "block_rows": br, "engine": how, "compute": compute,
+        "shift_offset": float(m.shift_offset),
         "accumulator_bytes": pl["accumulator_bytes"],
         "seconds_pass": time.perf_counter() - t0,
     }
+    if compute == "float32" and m.shift_offset > F32_SHIFT_WARN:
+        warnings.warn(
+            f"compute='float32': the reference shift was {m.shift_offset:.1f} standard "
+            "deviations from the mean for some feature, so the float32 products may deviate "
+            "from float64 by more than 1e-6; use compute='float64' for this data",
+            RuntimeWarning, stacklevel=3)
     bad = {nm: int(r) for nm, r in zip(names, m.nonfinite) if r is not None}
     if bad:
         meta["nonfinite_rows"] = bad

@@ -76,7 +76,7 @@ def cka(
     batch_size: int | None = None,
     max_memory: int | None = None,
     nonfinite: str = "error",
-    compute: str = "float64",
+    compute: str = "auto",
     progress: Any = True,
 ) -> MatrixResult:
     """CKA of every layer pair (see the module docstring for the formulas and papers).
@@ -101,10 +101,15 @@ def cka(
             Above it a ``MemoryBudgetError`` lists the options.
         nonfinite: ``"error"`` (``NonFiniteError`` naming layer and first bad row) or
             ``"nan"`` (a ``RuntimeWarning``; the affected cells are NaN).
-        compute: linear biased/debiased only: ``"float64"`` (default, every product in
-            f64) or ``"float32"`` (the ``D × D`` block products from mean-shifted values in
-            f32, summed over ≤ 2048 rows, accumulated in f64; about 2× faster, agrees with
-            f64 to 1e-6 on the adversarial cases in the tests).
+        compute: arithmetic of the linear biased/debiased pass. ``"float64"``: every
+            product in f64. ``"float32"``: the ``D × D`` block products from mean-shifted
+            values in f32, summed over ≤ 128 rows, accumulated in f64 (about 2× faster;
+            agrees with f64 to 1e-6 on the adversarial cases in the tests; the shift is the
+            mean of rows spread over the whole source, and ``meta["shift_offset"]`` reports
+            how far it was from the mean, in standard deviations). ``"auto"`` (default):
+            float32 when every selected layer is stored in 32 bits or fewer (f32/f16/bf16
+            stores, float32 arrays), else float64; RBF and minibatch always compute in
+            float64.
         progress: True (tqdm bar), False, or a callable ``cb(done, total)``.
 
     Returns:
@@ -131,6 +136,8 @@ def cka(
     if max_memory is not None and int(max_memory) <= 0:
         raise InvalidArgumentError(f"max_memory must be > 0 bytes, got {max_memory!r}")
     check_compute(compute)
+    if compute == "auto" and (kernel != "linear" or estimator == "minibatch"):
+        compute = "float64"
     if compute != "float64" and (kernel != "linear" or estimator == "minibatch"):
         raise InvalidArgumentError(
             "compute='float32' applies to the linear biased/debiased estimators (the moment "
@@ -265,7 +272,8 @@ def _linear(
     meta.update(
         n=int(m.n),
         engine=f"moments ({mmeta['engine']}), one pass over all rows",
-        compute=compute,
+        compute=mmeta["compute"],
+        shift_offset=mmeta["shift_offset"],
         accumulator_bytes=int(mmeta["accumulator_bytes"]),
         timings={"pass": mmeta["seconds_pass"], "cka": time.perf_counter() - t1},
     )
@@ -496,8 +504,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="minibatch rows (default 256)")
     p.add_argument("--max-memory", type=_bytes_arg, default=None, help="byte budget, e.g. 4G")
     p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
-    p.add_argument("--compute", default="float64", choices=["float64", "float32"],
-                   help="arithmetic of the linear engine's block products (float32: ~2x faster)")
+    p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
+                   help="arithmetic of the linear engine's block products (auto: float32 for "
+                   "f32/f16/bf16 stores, ~2x faster; float64 otherwise)")
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help="write the heatmap (png/pdf/svg)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")

@@ -74,6 +74,12 @@ impl PyMomentAccumulator {
         }
     }
 
+    /// Set the reference shift (length D, finite) before the first update; by default the
+    /// first block's column means are used.
+    fn set_shift(&mut self, shift: Vec<f64>) -> PyResult<()> {
+        self.get_mut()?.set_shift(&shift).py_err()
+    }
+
     /// Add the rows accumulated by `other` (exact, whatever the two reference shifts).
     fn merge(&mut self, py: Python<'_>, other: PyRef<'_, PyMomentAccumulator>) -> PyResult<()> {
         let o = other.get()?.clone();
@@ -171,6 +177,11 @@ impl PyMoments {
     #[getter]
     fn num_a(&self) -> usize {
         self.num_a
+    }
+    /// `max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean.
+    #[getter]
+    fn shift_offset(&self) -> f64 {
+        self.inner.shift_offset
     }
     /// Number of layers of the second source (0 for one source).
     #[getter]
@@ -312,6 +323,17 @@ fn py_default_block_rows(dims: Vec<usize>, compute: &str) -> PyResult<usize> {
     ))
 }
 
+/// Peak bytes of one streaming pass (accumulator, two row blocks, packed SYRK panels).
+#[pyfunction]
+#[pyo3(signature = (dims, block_rows, compute="float64"))]
+fn pass_bytes(dims: Vec<usize>, block_rows: usize, compute: &str) -> PyResult<u128> {
+    Ok(layerscope_core::engine::moments::pass_bytes(
+        &dims,
+        block_rows,
+        Compute::parse(compute).py_err()?,
+    ))
+}
+
 /// Bytes of the accumulator for layers of these widths (`(D+L)² × 8` plus vectors).
 #[pyfunction]
 fn accumulator_bytes(dims: Vec<usize>) -> u128 {
@@ -324,5 +346,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(moments_from_stores, m)?)?;
     m.add_function(wrap_pyfunction!(py_default_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(accumulator_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(pass_bytes, m)?)?;
     Ok(())
 }

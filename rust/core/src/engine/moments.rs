@@ -298,6 +298,30 @@ impl MomentAccumulator {
         self.d() + self.dims.len()
     }
 
+    /// Set the reference shift `μ0` (length D, finite) before the first row; otherwise the
+    /// first block's column means are used. A shift near the mean of *all* rows keeps the
+    /// products small even when the first block is not representative (sorted or
+    /// concatenated data); the results do not depend on it beyond rounding.
+    pub fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
+        if self.n > 0 || self.shift.is_some() {
+            return Err(Error::invalid(
+                "the shift can only be set before the first row is accumulated",
+            ));
+        }
+        if shift.len() != self.d() {
+            return Err(Error::Mismatch(format!(
+                "shift has {} values, the layers have {} columns",
+                shift.len(),
+                self.d()
+            )));
+        }
+        if !shift.iter().all(|v| v.is_finite()) {
+            return Err(Error::invalid("the shift must be finite"));
+        }
+        self.shift = Some(shift.to_vec());
+        Ok(())
+    }
+
     /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l`.
     /// Errors leave the accumulator unchanged.
     pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
@@ -678,6 +702,16 @@ impl MomentAccumulator {
             .map(|(m, s)| m + s / n)
             .collect();
         self.reshift(&mean);
+        let shift_offset = (0..d)
+            .map(|f| {
+                let var = self.s[f * dz + f] / n;
+                if var > 0.0 {
+                    (mean[f] - shift[f]).abs() / var.sqrt()
+                } else {
+                    0.0
+                }
+            })
+            .fold(0.0, f64::max);
         let mut rr = vec![0.0; lc * lc];
         for k in 0..lc {
             for l in 0..lc {
@@ -700,6 +734,7 @@ impl MomentAccumulator {
             cov: s,
             rr,
             nonfinite: self.nonfinite,
+            shift_offset,
         })
     }
 
@@ -884,6 +919,10 @@ pub struct Moments {
     pub rr: Vec<f64>,
     /// First row with a non-finite value per layer (only when finiteness was not enforced).
     pub nonfinite: Vec<Option<u64>>,
+    /// `max_f |z̄_f − μ0_f| / σ_f` over features with variance (0 when none): how far the
+    /// reference shift was from the mean, in standard deviations. The f32 products'
+    /// rounding error grows with `(1 + this)²`; tests cover values up to about 1.
+    pub shift_offset: f64,
 }
 
 impl Moments {
@@ -1126,15 +1165,55 @@ pub fn accumulate_stores(
     if let Some(budget) = max_memory {
         check_memory(&dims, block_rows, compute, budget)?;
     }
-    let acc = MomentAccumulator::new(&dims)?
+    let mut acc = MomentAccumulator::new(&dims)?
         .with_names(names)?
         .with_check_finite(check_finite)
         .with_compute(compute);
+    if let Some(shift) = sample_shift(sels, n)? {
+        acc.set_shift(&shift)?;
+    }
     if f64_needed {
         stream::<f64>(sels, acc, n, block_rows, monitor)
     } else {
         stream::<f32>(sels, acc, n, block_rows, monitor)
     }
+}
+
+/// Rows used by [`sample_shift`].
+pub const SHIFT_SAMPLE_ROWS: u64 = 1024;
+
+/// The column means of up to [`SHIFT_SAMPLE_ROWS`] rows spread evenly over the whole store
+/// (row `⌊(2i+1)·n / 2m⌋`, `i < m`): the reference shift of a streamed pass, so that a
+/// first block unlike the rest (sorted, concatenated or drifting data) does not leave the
+/// shifted values large. `None` when a sampled value is not finite (the pass then reports
+/// the first bad row itself) or there are no rows.
+pub fn sample_shift(sels: &[Selection<'_>], n: u64) -> Result<Option<Vec<f64>>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    let m = n.min(SHIFT_SAMPLE_ROWS);
+    let rows: Vec<u64> = (0..m).map(|i| ((2 * i + 1) * n) / (2 * m)).collect();
+    let mut shift = Vec::new();
+    for s in sels {
+        for &l in &s.layers {
+            let dim = s.store.layers()[l].dim;
+            let x = s.store.take::<f64>(l, &rows)?;
+            let mut mean = vec![0.0; dim];
+            for r in x.chunks_exact(dim) {
+                for (mu, v) in mean.iter_mut().zip(r) {
+                    *mu += v;
+                }
+            }
+            for mu in mean.iter_mut() {
+                *mu /= m as f64;
+            }
+            if !mean.iter().all(|v| v.is_finite()) {
+                return Ok(None);
+            }
+            shift.extend(mean);
+        }
+    }
+    Ok(Some(shift))
 }
 
 fn stream<T: Element + StoreElement>(
@@ -1630,6 +1709,45 @@ mod tests {
             &NoMonitor
         )
         .is_err());
+    }
+
+    #[test]
+    fn set_shift_changes_nothing_but_rounding_and_is_checked() {
+        let (n, dims) = (700, [5usize, 3]);
+        let xs: Vec<Vec<f64>> = dims
+            .iter()
+            .enumerate()
+            .map(|(l, &d)| data(n, d, 21 + l as u64, 400.0))
+            .collect();
+        let blk: Vec<&[f64]> = xs.iter().map(|x| x.as_slice()).collect();
+        let mut a = MomentAccumulator::new(&dims).unwrap();
+        a.update(&blk, n).unwrap();
+        // Wrong length, non-finite, after rows: typed errors.
+        assert!(matches!(
+            a.set_shift(&[0.0; 8]),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mut b = MomentAccumulator::new(&dims).unwrap();
+        assert!(matches!(b.set_shift(&[0.0; 7]), Err(Error::Mismatch(_))));
+        assert!(b.set_shift(&[f64::NAN; 8]).is_err());
+        // 3 + 0.5·i away from each column's mean (10–22 spreads of 0.29).
+        let far: Vec<f64> = xs
+            .iter()
+            .zip(&dims)
+            .flat_map(|(x, &d)| {
+                (0..d).map(move |c| x.iter().skip(c).step_by(d).sum::<f64>() / n as f64)
+            })
+            .enumerate()
+            .map(|(i, m)| m + 3.0 + 0.5 * i as f64)
+            .collect();
+        b.set_shift(&far).unwrap();
+        assert!(b.set_shift(&far).is_err()); // only once
+        b.update(&blk, n).unwrap();
+        let (ma, mb) = (a.finalize().unwrap(), b.finalize().unwrap());
+        assert!(rel(&ma.cov, &mb.cov) < 1e-12, "{}", rel(&ma.cov, &mb.cov));
+        // The first block's own mean: offset 0; the far shift: many standard deviations.
+        assert!(ma.shift_offset < 1e-6, "{}", ma.shift_offset);
+        assert!(mb.shift_offset > 10.0, "{}", mb.shift_offset);
     }
 
     #[test]
