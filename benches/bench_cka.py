@@ -3,8 +3,10 @@
 Workload (issue 4): L = 13 layers × d = 768 (BERT-base-like, with per-feature mean offsets of
 about 100× the spread), n rows, stored as bf16. Every method computes the full L × L matrix.
 
-* ``layerscope``: ``layerscope.cka(store)`` — one streamed pass (biased **and** debiased);
-  ``layerscope_f32``: the same with ``compute="float32"`` (f32 block products).
+* ``layerscope``: ``layerscope.cka(store, compute="float64")`` — one streamed pass (biased
+  **and** debiased), every product in f64; ``layerscope_f32``: ``compute="float32"`` (f32
+  block products, f64 accumulation) — what ``layerscope.cka(store)`` does by default
+  (``compute="auto"``) on this bf16 store.
 * ``numpy_f64``: the well-written numpy reference — all layers in memory as one centred f64
   ``Z`` (n × D), ``C = ZᵀZ`` accumulated over row blocks, then the same formulas.
 * ``torch_f64`` / ``torch_f32``: the same in torch on the CPU (f32: centred in f32, so less

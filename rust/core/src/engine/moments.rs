@@ -82,8 +82,9 @@ impl Compute {
 /// sums into the f64 accumulator every this many rows.
 pub const F32_SUM_ROWS: usize = <f32 as PackedElem>::CHAIN;
 
-/// Most rows per block in [`Compute::F32`] (the f32 row buffer, `rows × D`, is the block).
-pub const F32_BLOCK_ROWS: usize = 2048;
+/// Most rows per block in [`Compute::F32`] (the f32 row buffer, `rows × D`, is the block):
+/// two packed-SYRK slices of 768 rows.
+pub const F32_BLOCK_ROWS: usize = 1536;
 
 const MAGIC: &[u8; 8] = b"LSMOMACC";
 const VERSION: u32 = 1;
@@ -1198,6 +1199,9 @@ pub fn sample_shift(sels: &[Selection<'_>], n: u64) -> Result<Option<Vec<f64>>> 
         for &l in &s.layers {
             let dim = s.store.layers()[l].dim;
             let x = s.store.take::<f64>(l, &rows)?;
+            // Reading scattered rows maps whole neighbourhoods of pages (fault-around):
+            // drop them again at once, or most of the store would sit in this process's RSS.
+            s.store.release(0, n)?;
             let mut mean = vec![0.0; dim];
             for r in x.chunks_exact(dim) {
                 for (mu, v) in mean.iter_mut().zip(r) {
@@ -1308,10 +1312,23 @@ pub fn stream_selections<T: StoreElement>(
         // tens of MB per block cost a page fault and a kernel page clear per 4 KiB).
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<Vec<T>>>();
         scope.spawn(move || {
+            // At most three buffer sets exist: one with the consumer, one in the channel,
+            // one being filled (a fourth would only add memory, not overlap).
+            let mut sets = 0;
             let mut start = 0u64;
             while start < n {
                 let stop = (start + block_rows as u64).min(n);
-                let mut blk = back_rx.try_recv().unwrap_or_default();
+                let mut blk = match back_rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if sets < 3 => {
+                        sets += 1;
+                        Vec::new()
+                    }
+                    Err(_) => match back_rx.recv() {
+                        Ok(b) => b,
+                        Err(_) => return, // the consumer stopped
+                    },
+                };
                 let res = fill_block(sels, start, stop, &mut blk);
                 let msg = res.map(|_| (stop, blk));
                 let failed = msg.is_err();
