@@ -128,13 +128,10 @@ struct Scratch {
 
 /// `v` resized to `len` without clearing what it already holds (every element is
 /// overwritten by the caller before it is read).
-fn sized<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+fn sized<T: Copy + Default + Send + Sync>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     if v.len() < len {
         // Fresh, huge-page-hinted storage (block buffers are tens of MB, read in strides).
-        let mut fresh: Vec<T> = Vec::with_capacity(len);
-        crate::linalg::advise_huge_pages(fresh.as_mut_ptr().cast(), len * std::mem::size_of::<T>());
-        fresh.resize(len, T::default());
-        *v = fresh;
+        *v = crate::linalg::hinted_vec(len);
     }
     &mut v[..len]
 }
@@ -243,7 +240,7 @@ impl MomentAccumulator {
             offsets: offsets_of(dims),
             names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
             shift: None,
-            s: crate::linalg::zeroed_f64(cells),
+            s: crate::linalg::hinted_vec(cells),
             sums: vec![0.0; dz],
             n: 0,
             check_finite: true,
@@ -845,7 +842,7 @@ impl MomentAccumulator {
         }
         let shift = if has_shift { Some(r.f64s(d)?) } else { None };
         let sums = r.f64s(dz)?;
-        let mut s = crate::linalg::zeroed_f64(dz * dz);
+        let mut s = crate::linalg::hinted_vec(dz * dz);
         for j in 0..dz {
             let col = r.f64s(j + 1)?;
             s[j * dz..j * dz + j + 1].copy_from_slice(&col);

@@ -4,19 +4,20 @@ pub mod packed;
 
 use rayon::prelude::*;
 
-/// A zero-filled `Vec<f64>` for large matrices (the moment accumulator): on Linux the range
-/// is advised for transparent huge pages before it is first touched, and the zeros are
-/// written (in parallel) rather than left to `calloc`'s shared zero page — so the SYRK's
-/// first read-then-write of each page is not a copy-on-write fault with a TLB shootdown, and
-/// its column-strided access needs ~500× fewer TLB entries. Values are identical either way.
-pub fn zeroed_f64(len: usize) -> Vec<f64> {
-    let mut v: Vec<f64> = Vec::with_capacity(len);
-    advise_huge_pages(v.as_mut_ptr().cast(), len * std::mem::size_of::<f64>());
+/// A `Vec` of `len` default values (zeros) for large buffers (the moment accumulator, block
+/// and panel buffers): on Linux the range is advised for transparent huge pages before it is
+/// first touched, and the values are written (in parallel) rather than left to `calloc`'s
+/// shared zero page — so the SYRK's first read-then-write of each page is not a
+/// copy-on-write fault with a TLB shootdown, and column-strided access needs ~500× fewer TLB
+/// entries. Values are identical either way.
+pub fn hinted_vec<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    advise_huge_pages(v.as_mut_ptr().cast(), len * std::mem::size_of::<T>());
     v.spare_capacity_mut()
         .par_chunks_mut(1 << 15)
         .for_each(|c| {
             for x in c {
-                x.write(0.0);
+                x.write(T::default());
             }
         });
     // SAFETY: all `len` elements were initialised just above (capacity ≥ len).
@@ -26,7 +27,7 @@ pub fn zeroed_f64(len: usize) -> Vec<f64> {
 
 /// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned interior of `[ptr, ptr + bytes)` (a hint:
 /// failures are ignored, results never depend on it). No-op off Linux and below 4 MiB.
-pub(crate) fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;

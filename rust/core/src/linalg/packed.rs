@@ -153,7 +153,7 @@ fn syrk_with<T: PackedElem>(
     let b_len = n.div_ceil(nr) * nr * kcap;
     let a_len = n.div_ceil(mr) * mr * kcap;
     if pack.len() < a_len + b_len {
-        grow_hinted(pack, a_len + b_len);
+        *pack = super::hinted_vec(a_len + b_len);
     }
     let (ap_all, bp_all) = pack[..a_len + b_len].split_at_mut(a_len);
     let cp = CPtr(c.as_mut_ptr());
@@ -217,14 +217,6 @@ fn syrk_with<T: PackedElem>(
             },
         );
     }
-}
-
-/// Grow `v` to `len` elements with the huge-page hint (see [`super::zeroed_f64`]).
-fn grow_hinted<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
-    let mut fresh: Vec<T> = Vec::with_capacity(len);
-    super::advise_huge_pages(fresh.as_mut_ptr().cast(), len * std::mem::size_of::<T>());
-    fresh.resize(len, T::default());
-    *v = fresh;
 }
 
 fn pack_w<T: PackedElem>(
