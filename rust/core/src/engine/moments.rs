@@ -1199,12 +1199,7 @@ pub fn sample_shift(sels: &[Selection<'_>], n: u64) -> Result<Option<Vec<f64>>> 
             // Reading scattered rows maps whole neighbourhoods of pages (fault-around):
             // drop them again at once, or most of the store would sit in this process's RSS.
             s.store.release(0, n)?;
-            let mut mean = vec![0.0; dim];
-            for r in x.chunks_exact(dim) {
-                for (mu, v) in mean.iter_mut().zip(r) {
-                    *mu += v;
-                }
-            }
+            let mut mean = column_sums(&x, dim);
             for mu in mean.iter_mut() {
                 *mu /= m as f64;
             }
