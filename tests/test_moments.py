@@ -198,8 +198,11 @@ def test_two_sources_and_plan(tmp_path: Path) -> None:
         compute_moments(pa, None, tmp_path / "d", progress=False)
     p = plan([768] * 13, None)
     assert p["accumulator_bytes"] >= (768 * 13 + 13) ** 2 * 8
-    with pytest.raises(MemoryBudgetError, match="options"):
+    assert p["budget_source"] and p["budget_bytes"] > 0
+    with pytest.raises(MemoryBudgetError, match="not even one layer of width 768"):
         plan([768] * 13, 1 << 20)
+    with pytest.raises(MemoryBudgetError, match="at most 3 of these 13 layers"):
+        plan([768] * 13, int(_native.pass_bytes([768] * 3, p["block_rows"], "float64")))
 
 
 def test_fortran_ordered_blocks_are_refused_not_transposed() -> None:

@@ -49,6 +49,8 @@ _LAZY = {
     "mutual_knn": "idim",
     "IDResult": "idim",
     "report": "report",
+    "memory_budget": "_memory",
+    "MemoryBudget": "_memory",
 }
 
 

@@ -19,7 +19,7 @@ Definitions (the maths runs in Rust, ``layerscope_core::measures::kernel``):
 The sample: ``numpy.random.default_rng(seed).choice(n, size=m, replace=False)`` sorted; with
 ``sample=None`` all rows up to :data:`DEFAULT_SAMPLE_CAP` (beyond it a seeded sample of that
 size, recorded in ``meta``). Grams are built once per layer and reused for every pair; they
-need ``L × m² × 8`` bytes (checked against ``max_memory``).
+need ``L × m² × 8`` bytes (checked against the memory budget, ``max_memory``).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from ._memory import check_budget
 from ._source import Source, check_comparable, check_finite, resolve
 from .errors import InvalidArgumentError
 from .results import MatrixResult
 
 DEFAULT_SAMPLE_CAP = 4096
 DEFAULT_BATCH_SIZE = 256
-DEFAULT_MAX_MEMORY = 8 << 30
 
 
 def sample_indices(n: int, sample: int | None, seed: int, cap: int | None = None) -> np.ndarray:
@@ -105,7 +105,7 @@ def rbf_cka(
     estimator: str = "biased",
     batch_size: int | None = None,
     progress: Any = True,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    max_memory: int | None = None,
 ) -> MatrixResult:
     """RBF CKA for all pairs of ``layers_a`` (× ``layers_b`` of ``src_b`` when given).
 
@@ -164,7 +164,7 @@ def rbf_cka(
                 sub = idx[s : s + bs]
                 xa = [load(a, name, sub) for name in la]
                 xb = [load(b, name, sub) for name in lb] if b is not None else None
-                r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=True, max_bytes=max_memory)
+                r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=True, max_memory=max_memory)
                 sxy += r["xy"]
                 sxx += r["xx"]
                 syy += r["yy"]
@@ -184,6 +184,11 @@ def rbf_cka(
         else:
             need = (len(la) + (len(lb) if b is not None else 0)) * m * m * 8
             meta["gram_bytes"] = need
+            dsum = sum(a.dims[x] for x in la) + (sum(b.dims[x] for x in lb) if b else 0)
+            check_budget(
+                m * dsum * 8,
+                f"the {m}-row sample of {len(la) + (len(lb) if b else 0)} layers (float64)",
+                "use a smaller sample (sample=...) or fewer layers", max_memory)
             xa = [load(a, name, idx) for name in la]
             xb = [load(b, name, idx) for name in lb] if b is not None else None
             r = _native.rbf_hsic(
@@ -191,7 +196,7 @@ def rbf_cka(
                 xb,
                 sigma=sigma,
                 unbiased=(estimator == "debiased"),
-                max_bytes=max_memory,
+                max_memory=max_memory,
                 progress=cb,
             )
             hxy, hxx, hyy = r["xy"], r["xx"], r["yy"]

@@ -24,12 +24,7 @@ import numpy as np
 from . import _native
 from ._progress import Progress
 from ._source import Source, check_comparable, resolve
-from .errors import InvalidArgumentError, MemoryBudgetError
-
-
-def _fmt_bytes(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-
+from .errors import InvalidArgumentError
 
 COMPUTE = ("float64", "float32", "auto")
 
@@ -73,25 +68,25 @@ def _sample_shift(parts: Sequence[tuple[Source, Sequence[str]]], n: int) -> np.n
 
 
 def plan(
-    dims: Sequence[int], max_memory: int | None, compute: str = "float64"
+    dims: Sequence[int], max_memory: int | None, compute: str = "float64",
+    block_rows: int | None = None,
 ) -> dict[str, Any]:
     """The memory plan of a moment pass over layers of widths ``dims``: accumulator bytes
-    (``(D+L)² · 8``), default block rows, and whether it fits ``max_memory`` (the pass also
-    holds two row blocks and the packed SYRK panels, ``layerscope_core::engine::moments::
-    pass_bytes``)."""
+    (``(D+L)² · 8``), default block rows, the peak (the accumulator, two row blocks and the
+    packed SYRK panels, ``layerscope_core::engine::moments::pass_bytes``) and the budget in
+    force. Raises :class:`MemoryBudgetError` — saying how many of these layers fit in one
+    call — when the peak exceeds the budget (``max_memory``, else ``LAYERSCOPE_MAX_MEMORY``,
+    else the machine's; see :mod:`layerscope._memory`)."""
     compute = "float64" if compute == "auto" else check_compute(compute)
     acc = int(_native.accumulator_bytes(list(dims)))
-    br = int(_native.default_block_rows(list(dims), compute))
+    br = (int(block_rows) if block_rows is not None
+          else int(_native.default_block_rows(list(dims), compute)))
     need = int(_native.pass_bytes(list(dims), br, compute))
-    out = {"accumulator_bytes": acc, "block_rows": br, "peak_bytes_estimate": need}
-    if max_memory is not None and need > max_memory:
-        raise MemoryBudgetError(
-            f"the moment accumulator for {len(dims)} layers (D = {sum(dims)}) needs about "
-            f"{_fmt_bytes(need)}, above max_memory = {_fmt_bytes(max_memory)}; options: "
-            "select fewer layers per call (layers=..., and compare groups of layers in "
-            "several calls), or raise max_memory"
-        )
-    return out
+    budget, source = _native.check_moment_memory(list(dims), br, compute, max_memory)
+    return {
+        "accumulator_bytes": acc, "block_rows": br, "peak_bytes_estimate": need,
+        "budget_bytes": int(budget), "budget_source": str(source),
+    }
 
 
 def compute_moments(
@@ -138,9 +133,18 @@ def compute_moments(
     names = [n for _, ls in parts for n in ls]
     dims = [src.dims[n] for src, ls in parts for n in ls]
     compute = resolve_compute(compute, parts)
-    pl = plan(dims, max_memory, compute)
-    br = int(block_rows) if block_rows is not None else pl["block_rows"]
     n = a.num_rows
+    if block_rows is not None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) \
+                or block_rows < 1:
+            raise InvalidArgumentError(
+                f"block_rows must be a positive integer, got {block_rows!r}")
+        block_rows = int(block_rows)
+    if block_rows is None:
+        block_rows = int(_native.default_block_rows(list(dims), compute))
+    block_rows = min(block_rows, max(n, 1))  # a block never holds more than all rows
+    pl = plan(dims, max_memory, compute, block_rows)
+    br = pl["block_rows"]
     num_a = len(la)
     with Progress(progress, "moments") as prog:
         if all(src.is_store for src, _ in parts):

@@ -205,6 +205,7 @@ def moment_measures(
     variance: float | None = None,
     ridge_eps: float = 1e-4,
     symmetric: bool = False,
+    max_memory: int | None = None,
     progress: ProgressCallback = None,
 ) -> dict[str, Any]:
     """Spectra of ``spectrum_layers`` and/or rows × cols alignment from the centred
@@ -216,9 +217,12 @@ def moment_measures(
 
 def knn_graph(
     x: npt.NDArray[np.float64], k: int, duplicates: str = "drop", tolerance: float | None = None,
-    progress: ProgressCallback = None,
+    max_memory: int | None = None, progress: ProgressCallback = None,
 ) -> dict[str, Any]:
     """Exact kNN graph with duplicate handling: {dist, idx, kept, duplicates, tolerance}."""
+
+def knn_bytes(m: int, d: int, k: int) -> int:
+    """Peak bytes of an exact kNN graph of m points of width d with k neighbours."""
 
 def id_estimate(
     dist: npt.NDArray[np.float64], method: str, *, discard_fraction: float = 0.1, k: int = 20,
@@ -228,17 +232,39 @@ def id_estimate(
 
 def rbf_hsic(
     a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
-    sigma: float = 1.0, unbiased: bool = False, max_bytes: int = ..., progress: ProgressCallback = None,
+    sigma: float = 1.0, unbiased: bool = False, max_memory: int | None = None, progress: ProgressCallback = None,
 ) -> dict[str, Any]:
     """RBF HSIC for all layer pairs: {xy, xx, yy, bw_a, bw_b}."""
 
 def rsa_matrix(
     a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
-    dissimilarity: str = "euclidean", compare: str = "spearman", max_bytes: int = ...,
+    dissimilarity: str = "euclidean", compare: str = "spearman", max_memory: int | None = None,
     progress: ProgressCallback = None,
 ) -> npt.NDArray[np.float64]: ...
 
 def mutual_knn_matrix(
     a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
-    k: int = 10, progress: ProgressCallback = None,
+    k: int = 10, max_memory: int | None = None, progress: ProgressCallback = None,
 ) -> npt.NDArray[np.float64]: ...
+
+# ---- memory budget (rust/python/src/memory.rs) ----
+
+MEMORY_BUDGET_FRACTION: float
+MEMORY_ENV_VAR: str
+
+def memory_budget(max_memory: int | None = None) -> tuple[int, str]:
+    """(bytes, source) of the budget in force: max_memory, else LAYERSCOPE_MAX_MEMORY, else
+    MEMORY_BUDGET_FRACTION of the smallest of MemAvailable, the cgroup limit and the
+    RLIMIT_AS headroom."""
+
+def parse_memory_size(text: str) -> int:
+    """Bytes of "512M", "4G", "1.5GiB", "800MB", "4096" (InvalidArgumentError otherwise)."""
+
+def check_budget(need: int, what: str, advice: str, max_memory: int | None = None) -> None:
+    """MemoryBudgetError when need bytes exceed the budget in force."""
+
+def check_moment_memory(
+    dims: Sequence[int], block_rows: int, compute: str = "float64", max_memory: int | None = None,
+) -> tuple[int, str]:
+    """MemoryBudgetError (saying how many layers fit) when a moment pass does not fit;
+    returns (budget bytes, source)."""

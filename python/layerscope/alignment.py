@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from ._memory import add_max_memory_arg, max_memory_bytes
 from .errors import InvalidArgumentError
 from .results import MatrixResult, Result
 
@@ -291,12 +292,15 @@ def _measures(
     moments: Any,
     spectrum_layers: list[int],
     align: dict[str, Any] | None,
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     cov, dims, n, names = _moment_parts(moments)
     kw: dict[str, Any] = {}
     if align is not None:
         kw = dict(align)
-    return _native.moment_measures(cov, dims, n, names, spectrum_layers, **kw)
+    return _native.moment_measures(
+        cov, dims, n, names, spectrum_layers, max_memory=max_memory, **kw
+    )
 
 
 def _compute_moments(
@@ -306,11 +310,13 @@ def _compute_moments(
     other_layers: Any,
     progress: bool,
     compute: str = "float64",
+    max_memory: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     from ._moments import compute_moments
 
     return compute_moments(
-        source, layers, other, other_layers, progress=progress, compute=compute
+        source, layers, other, other_layers, progress=progress, compute=compute,
+        max_memory=max_memory,
     )
 
 
@@ -332,17 +338,23 @@ def spectrum(
     layers: Sequence[str] | str | None = None,
     top: int | None = None,
     progress: bool = True,
+    *,
+    max_memory: int | str | None = None,
 ) -> SpectrumResult:
     """Per-layer covariance spectra (one pass over the rows).
 
     ``source``: a store, a path or a dict of arrays; ``layers``: names (default all);
     ``top``: keep only the ``top`` leading eigenvalues in the output (the measures always use
-    the full spectrum). See :class:`SpectrumResult` for the measures and the rank rule."""
+    the full spectrum); ``max_memory``: the memory budget (bytes or ``"4G"``; default
+    ``LAYERSCOPE_MAX_MEMORY`` or 0.8 × the machine's available memory, see
+    :func:`layerscope.memory_budget`). See :class:`SpectrumResult` for the measures and the
+    rank rule."""
+    budget = max_memory_bytes(max_memory)
     t0 = time.perf_counter()
-    moments, meta = _compute_moments(source, layers, None, None, progress)
+    moments, meta = _compute_moments(source, layers, None, None, progress, max_memory=budget)
     t1 = time.perf_counter()
     rows, _, names, _ = _split(moments, None)
-    out = _measures(moments, rows, None)
+    out = _measures(moments, rows, None, budget)
     meta = {
         **meta,
         "n": int(moments.n),
@@ -363,6 +375,7 @@ def alignment(
     other_layers: Sequence[str] | str | None = None,
     ridge: float = 1e-4,
     progress: bool = True,
+    max_memory: int | str | None = None,
 ) -> AlignmentResult:
     """Alignment of every layer pair (rows = ``source`` layers, cols = ``other`` layers or the
     same layers), from one pass of moments.
@@ -383,11 +396,15 @@ def alignment(
     full-rank equal-width layers = ``subspace`` overlap at ``k = d``; the ``procrustes``
     value = the sum of its cosines. ``space="samples"`` measures how much two layers share the
     same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
-    of a layer's features, unlike per-token cosine similarity."""
+    of a layer's features, unlike per-token cosine similarity. ``max_memory``: the memory
+    budget, as in :func:`spectrum`."""
     _check_method(method, space)
+    budget = max_memory_bytes(max_memory)
     kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
     t0 = time.perf_counter()
-    moments, meta = _compute_moments(source, layers, other, other_layers, progress)
+    moments, meta = _compute_moments(
+        source, layers, other, other_layers, progress, max_memory=budget
+    )
     t1 = time.perf_counter()
     rows, cols, rnames, cnames = _split(moments, other)
     out = _measures(
@@ -402,6 +419,7 @@ def alignment(
             "symmetric": other is None,
             **kargs,
         },
+        budget,
     )
     meta = {
         **meta,
@@ -421,6 +439,7 @@ def analyze(
     other_layers: Sequence[str] | str | None = None,
     k: int | str = 32,
     progress: bool = True,
+    max_memory: int | str | None = None,
     **kw: Any,
 ) -> dict[str, Result]:
     """CKA, spectra and alignment from ONE pass over the data (a single moment accumulation).
@@ -431,8 +450,10 @@ def analyze(
     methods from the same pass (e.g. ``["alignment", "alignment:procrustes",
     "alignment:svcca"]``). Extra keywords go to the alignment (``method``, ``space``,
     ``ridge``) and spectrum (``top``); ``compute="float32"`` runs the pass with float32
-    block products (see :func:`layerscope.cka`). All arguments are checked before the pass.
+    block products (see :func:`layerscope.cka`); ``max_memory``: the memory budget, as in
+    :func:`spectrum`. All arguments are checked before the pass.
     Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
+    budget = max_memory_bytes(max_memory)
     bad = set(kw) - {"method", "space", "ridge", "top", "compute"}
     if bad:
         raise InvalidArgumentError(f"unknown keyword(s) {sorted(bad)}")
@@ -464,7 +485,9 @@ def analyze(
         if method in ("subspace", "svcca", "pwcca"):
             _k_args(k)
     t0 = time.perf_counter()
-    moments, meta = _compute_moments(source, layers, other, other_layers, progress, compute)
+    moments, meta = _compute_moments(
+        source, layers, other, other_layers, progress, compute, max_memory=budget
+    )
     t1 = time.perf_counter()
     meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0}
     rows, cols, rnames, cnames = _split(moments, other)
@@ -495,7 +518,7 @@ def analyze(
         if align is None and not spec_layers:
             break
         t2 = time.perf_counter()
-        res = _measures(moments, spec_layers, align)
+        res = _measures(moments, spec_layers, align, budget)
         mm = {**meta, "seconds_measures": time.perf_counter() - t2}
         if spec_layers:
             sp = list(res["spectra"])
@@ -558,6 +581,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument(
         "--plot-cosines", default=None, help="write per-pair cosine curves (png/pdf/svg)"
     )
+    add_max_memory_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_align)
 
@@ -567,6 +591,7 @@ def add_cli(sub: Any) -> None:
     q.add_argument("--top", type=int, default=None)
     q.add_argument("--out", default=None, help="write the result as JSON")
     q.add_argument("--plot", default=None, help="write the log-log spectra (png/pdf/svg)")
+    add_max_memory_arg(q)
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_cmd_spectrum)
 
@@ -582,6 +607,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         other_layers=args.other_layers,
         ridge=args.ridge,
         progress=not args.quiet,
+        max_memory=args.max_memory,
     )
     print(res.to_pandas().round(3).to_string())
     if args.out:
@@ -594,7 +620,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
-    res = spectrum(args.store, layers=args.layers, top=args.top, progress=not args.quiet)
+    res = spectrum(
+        args.store, layers=args.layers, top=args.top, progress=not args.quiet,
+        max_memory=args.max_memory,
+    )
     print(res.to_pandas().round(3).to_string())
     if args.out:
         res.save(args.out)

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from ._memory import add_max_memory_arg, max_memory_bytes
 from ._moments import check_compute, compute_moments
 from ._progress import Progress
 from ._source import Source, check_comparable, resolve
@@ -57,11 +58,6 @@ KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
 #: Rows per minibatch of ``estimator="minibatch"`` when ``batch_size`` is None.
 DEFAULT_BATCH_SIZE = 256
-#: Byte budget of the minibatch Gram matrices (and of the RBF Grams) when ``max_memory`` is
-#: None.
-DEFAULT_GRAM_MEMORY = 8 << 30
-
-
 def cka(
     source: Any,
     other: Any = None,
@@ -74,7 +70,7 @@ def cka(
     seed: int = 0,
     sigma: float = 1.0,
     batch_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: int | str | None = None,
     nonfinite: str = "error",
     compute: str = "auto",
     progress: Any = True,
@@ -96,9 +92,14 @@ def cka(
         seed: the sampling seed (recorded in ``meta``).
         sigma: RBF bandwidth multiplier (``bw = sigma · sqrt(median squared distance)``).
         batch_size: rows per minibatch (``estimator="minibatch"``; default 256, ≥ 4).
-        max_memory: byte budget; linear: the moment accumulator ``(D+L)²·8`` (``D`` = sum of
-            widths) and its block buffers; RBF/minibatch: the Gram matrices (default 8 GiB).
-            Above it a ``MemoryBudgetError`` lists the options.
+        max_memory: the memory budget, bytes or a size string (``"4G"``, ``"512M"``,
+            ``"1.5GiB"``); default ``LAYERSCOPE_MAX_MEMORY``, else 0.8 × the smallest of the
+            available memory, the cgroup limit and the ``RLIMIT_AS`` headroom (see
+            :func:`layerscope.memory_budget`). Checked before any row is read against the
+            exact peak of the call — linear: the moment accumulator ``(D+L)²·8`` (``D`` =
+            sum of widths), its block buffers and SYRK panels; RBF/minibatch: the Gram
+            matrices and their workspace. Above it a ``MemoryBudgetError`` says what fits
+            (how many of the layers, or the largest ``sample``/``batch_size``).
         nonfinite: ``"error"`` (``NonFiniteError`` naming layer and first bad row) or
             ``"nan"`` (a ``RuntimeWarning``; the affected cells are NaN).
         compute: arithmetic of the linear biased/debiased pass. ``"float64"``: every
@@ -133,8 +134,7 @@ def cka(
         raise InvalidArgumentError(f"batch_size must be an integer >= 4, got {batch_size!r}")
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
-    if max_memory is not None and int(max_memory) <= 0:
-        raise InvalidArgumentError(f"max_memory must be > 0 bytes, got {max_memory!r}")
+    max_memory = max_memory_bytes(max_memory)
     check_compute(compute)
     if compute == "auto" and (kernel != "linear" or estimator == "minibatch"):
         compute = "float64"
@@ -307,7 +307,6 @@ def _rbf(
 ) -> MatrixResult:
     from ._kernel import DEFAULT_SAMPLE_CAP, rbf_cka
 
-    budget = DEFAULT_GRAM_MEMORY if max_memory is None else int(max_memory)
     cols_all = lb if lb is not None else la
     if nonfinite == "error":
         res = rbf_cka(
@@ -320,7 +319,7 @@ def _rbf(
             sigma=sigma,
             estimator=estimator,
             progress=progress,
-            max_memory=budget,
+            max_memory=max_memory,
         )
         res.meta.setdefault("timings", {"rbf": res.meta.get("seconds")})
         return res
@@ -352,7 +351,7 @@ def _rbf(
             sigma=sigma,
             estimator=estimator,
             progress=progress,
-            max_memory=budget,
+            max_memory=max_memory,
         )
         ri = [la.index(x) for x in ga]
         ci = [cols_all.index(x) for x in gb]
@@ -395,7 +394,6 @@ def _minibatch(
     names = [x for _, ls in parts for x in ls]
     dims = [src.dims[x] for src, ls in parts for x in ls]
     num_a = len(la)
-    budget = DEFAULT_GRAM_MEMORY if max_memory is None else int(max_memory)
     check = nonfinite == "error"
     kw = dict(
         kernel=kernel,
@@ -403,7 +401,7 @@ def _minibatch(
         batch_size=batch_size,
         num_a=num_a,
         check_finite=check,
-        max_memory=budget,
+        max_memory=max_memory,
     )
     idx = _sample_idx(a.num_rows, sample, seed) if sample is not None else None
     if idx is not None:
@@ -472,17 +470,6 @@ def _minibatch(
 # command line
 
 
-def _bytes_arg(s: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = s.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(float(t))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte size: {s!r} (e.g. 512M, 8G)") from None
-
-
 def add_cli(sub: Any) -> None:
     """``layerscope cka STORE [OTHER] --kernel --estimator --layers ... --out --plot``."""
     p = sub.add_parser(
@@ -502,7 +489,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma", type=float, default=1.0, help="RBF bandwidth multiplier")
     p.add_argument("--batch-size", type=int, default=None, help="minibatch rows (default 256)")
-    p.add_argument("--max-memory", type=_bytes_arg, default=None, help="byte budget, e.g. 4G")
+    add_max_memory_arg(p)
     p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
     p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
                    help="arithmetic of the linear engine's block products (auto: float32 for "

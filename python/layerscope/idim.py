@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from . import _native
 from ._kernel import indices_hash, load, progress_callback, sample_indices
+from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
 from ._source import check_comparable, resolve
 from .errors import InvalidArgumentError
 from .results import MatrixResult, Result
 
 METHODS = ("twonn", "twonn-mle", "mle", "gride", "pca")
 KNN_METHODS = ("twonn", "twonn-mle", "mle", "gride")
-_DEFAULT_MAX_MEMORY = 8 << 30
 
 
 def _f(v: Any) -> float:
@@ -157,6 +158,7 @@ def intrinsic_dimension(
     pool: str = "harmonic",
     pca_threshold: float = 0.95,
     progress: Any = True,
+    max_memory: int | str | None = None,
 ) -> IDResult:
     """Intrinsic dimension of each layer from exact nearest neighbours of a seeded sample.
 
@@ -190,12 +192,16 @@ def intrinsic_dimension(
     ``bootstrap=B``: 2.5/97.5 % percentile CIs from B resamples (seeded by ``seed``) of the
     per-point statistics (μ_i, the pointwise MLEs, GRIDE's log μ_i), reusing the kNN graph
     (not for ``"pca"``).
+
+    ``max_memory``: the memory budget (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``,
+    else 0.8 × the machine's available memory): the sample, its kNN graph and the distance
+    blocks are checked against it before a row is read (``MemoryBudgetError`` otherwise).
     """
     return intrinsic_dimensions(
         source, methods=(method,), layers=layers, sample=sample, seed=seed, k=k, n1=n1, n2=n2,
         discard_fraction=discard_fraction, duplicates=duplicates, tolerance=tolerance,
         bootstrap=bootstrap, scales=scales, pool=pool, pca_threshold=pca_threshold,
-        progress=progress,
+        progress=progress, max_memory=max_memory,
     )[method]
 
 
@@ -217,6 +223,7 @@ def intrinsic_dimensions(
     pool: str = "harmonic",
     pca_threshold: float = 0.95,
     progress: Any = True,
+    max_memory: int | str | None = None,
 ) -> dict[str, IDResult]:
     """Several intrinsic-dimension estimators from ONE exact kNN graph per layer.
 
@@ -228,8 +235,7 @@ def intrinsic_dimensions(
     every method's result, as in :func:`intrinsic_dimension`). Returns
     ``{method: IDResult}`` in the order of ``methods``; each equals the result of
     ``intrinsic_dimension(method=...)`` with the same arguments."""
-    from . import _native
-
+    budget = max_memory_bytes(max_memory)
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise InvalidArgumentError("methods must name at least one method")
@@ -272,7 +278,7 @@ def intrinsic_dimensions(
     needs += [2 * s for s in scales_l]
     out: dict[str, IDResult] = {}
     if "pca" in methods:
-        out["pca"] = _pca_id(source, layers, float(pca_threshold), progress)
+        out["pca"] = _pca_id(source, layers, float(pca_threshold), progress, budget)
     if not knn_methods:
         return {m: out[m] for m in methods}
     kneed = max(needs)
@@ -280,6 +286,11 @@ def intrinsic_dimensions(
     src = resolve(source)
     names = src.select(layers)
     idx = sample_indices(src.num_rows, sample, seed)
+    dmax = max((src.dims[x] for x in names), default=0)
+    check_budget(
+        int(_native.knn_bytes(int(idx.size), dmax, kneed)) + int(idx.size) * dmax * 8,
+        f"the exact {kneed}-nearest-neighbour graph of {idx.size} sampled rows × {dmax} "
+        "features", "use a smaller sample (sample=...)", budget)
     cb, bar = progress_callback(progress, "intrinsic dimension")
     per: dict[str, dict[str, Any]] = {
         m: {"values": {}, "ci": {}, "errs": {}, "details": {}, "scales": {}} for m in knn_methods
@@ -287,7 +298,8 @@ def intrinsic_dimensions(
     try:
         for name in names:
             x = load(src, name, idx)
-            g = _native.knn_graph(x, kneed, duplicates=duplicates, tolerance=tolerance, progress=cb)
+            g = _native.knn_graph(x, kneed, duplicates=duplicates, tolerance=tolerance,
+                                  max_memory=budget, progress=cb)
             if duplicates == "keep" and g["duplicates"]:
                 warnings.warn(
                     f"layer {name!r}: {g['duplicates']} sampled rows duplicate another row "
@@ -392,14 +404,15 @@ def _pca_from_eigenvalues(lam: np.ndarray, threshold: float) -> dict[str, float]
     }
 
 
-def _pca_id(source: Any, layers: Any, threshold: float, progress: Any) -> IDResult:
+def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
+            max_memory: int | None = None) -> IDResult:
     """``method="pca"``: spectra of every layer from one pass of the moment engine."""
     from ._moments import compute_moments
 
     t0 = time.perf_counter()
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
-    mom, _ = compute_moments(source, layers, progress=progress)
+    mom, _ = compute_moments(source, layers, progress=progress, max_memory=max_memory)
     names = [str(v) for v in mom.names]
     n = int(mom.n)
     if n < 2:
@@ -436,6 +449,16 @@ def _pair_inputs(
     return a, b, la, lb, idx
 
 
+def _check_sample(a: Any, b: Any, la: list[str], lb: list[str], idx: np.ndarray,
+                  max_memory: int | None) -> None:
+    """MemoryBudgetError before loading when the float64 sample of every layer does not
+    fit the budget (the measure then checks its own matrices)."""
+    dsum = sum(a.dims[x] for x in la) + (sum(b.dims[x] for x in lb) if b is not None else 0)
+    nl = len(la) + (len(lb) if b is not None else 0)
+    check_budget(int(idx.size) * dsum * 8, f"the {idx.size}-row sample of {nl} layers (float64)",
+                 "use a smaller sample (sample=...) or fewer layers", max_memory)
+
+
 def rsa(
     source: Any,
     other: Any = None,
@@ -447,7 +470,7 @@ def rsa(
     sample: int | None = 2000,
     seed: int = 0,
     progress: Any = True,
-    max_memory: int = _DEFAULT_MAX_MEMORY,
+    max_memory: int | str | None = None,
 ) -> MatrixResult:
     """Representational similarity analysis (Kriegeskorte et al. 2008) for all layer pairs.
 
@@ -456,10 +479,11 @@ def rsa(
     ``1 − corr(x_i, x_j)`` (``"correlation"``; a constant row is an error). Two RDMs are
     compared by Spearman (Pearson of average ranks, as ``scipy.stats.spearmanr``) or Pearson
     correlation. ``other=None``: all pairs of ``source`` layers. Memory: an m × m distance
-    matrix per layer at a time plus ``m(m−1)/2`` floats per layer.
+    matrix per layer at a time plus ``m(m−1)/2`` floats per layer, checked against the memory
+    budget ``max_memory`` (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``, else 0.8 ×
+    the machine's available memory) before any row is read.
     """
-    from . import _native
-
+    budget = max_memory_bytes(max_memory)
     if dissimilarity not in ("euclidean", "correlation"):
         raise InvalidArgumentError(
             f"dissimilarity must be 'euclidean' or 'correlation', got {dissimilarity!r}"
@@ -470,12 +494,13 @@ def rsa(
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
     if idx.size < 3:
         raise InvalidArgumentError(f"RSA needs at least 3 rows, got {idx.size}")
+    _check_sample(a, b, la, lb, idx, budget)
     cb, bar = progress_callback(progress, "rsa")
     try:
         xa = [load(a, n, idx) for n in la]
         xb = [load(b, n, idx) for n in lb] if b is not None else None
         vals = _native.rsa_matrix(
-            xa, xb, dissimilarity=dissimilarity, compare=compare, max_bytes=max_memory, progress=cb
+            xa, xb, dissimilarity=dissimilarity, compare=compare, max_memory=budget, progress=cb
         )
     finally:
         if bar is not None:
@@ -505,6 +530,7 @@ def mutual_knn(
     seed: int = 0,
     normalize: bool = True,
     progress: Any = True,
+    max_memory: int | str | None = None,
 ) -> MatrixResult:
     """Mutual k-nearest-neighbour alignment (Huh, Cheung, Wang & Isola 2024, "The Platonic
     Representation Hypothesis", ICML) for all layer pairs::
@@ -518,15 +544,16 @@ def mutual_knn(
     which on the unit sphere orders exactly as ``-x_i·x_j``. ``normalize=False``: Euclidean
     neighbours of the raw rows. Neighbour sets are exact (ties broken by row index; the
     reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
-    optional outlier clipping (``remove_outliers``, q=0.95) before the metric."""
-    from . import _native
-
+    optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
+    ``max_memory``: the memory budget, as in :func:`rsa`."""
+    budget = max_memory_bytes(max_memory)
     if int(k) < 1:
         raise InvalidArgumentError(f"k must be >= 1, got {k}")
     t0 = time.perf_counter()
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
     if int(k) >= idx.size:
         raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
+    _check_sample(a, b, la, lb, idx, budget)
     cb, bar = progress_callback(progress, "mutual knn")
 
     def get(src: Any, name: str) -> np.ndarray:
@@ -540,7 +567,7 @@ def mutual_knn(
     try:
         xa = [get(a, n) for n in la]
         xb = [get(b, n) for n in lb] if b is not None else None
-        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), progress=cb)
+        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), max_memory=budget, progress=cb)
     finally:
         if bar is not None:
             bar.close()
@@ -579,6 +606,7 @@ def _cmd_id(args: Any) -> int:
         pool=args.pool,
         pca_threshold=args.pca_threshold,
         progress=not args.quiet,
+        max_memory=args.max_memory,
     )
     print(res.table.to_string())
     if args.out:
@@ -598,6 +626,7 @@ def _cmd_rsa(args: Any) -> int:
         sample=args.sample,
         seed=args.seed,
         progress=not args.quiet,
+        max_memory=args.max_memory,
     )
     print(res.to_pandas().round(4).to_string())
     if args.out:
@@ -631,6 +660,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--pca-threshold", type=float, default=0.95)
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help="write the ID-by-depth plot (png/pdf/svg)")
+    add_max_memory_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_id)
 
@@ -644,5 +674,6 @@ def add_cli(sub: Any) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None)
     q.add_argument("--plot", default=None)
+    add_max_memory_arg(q)
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=_cmd_rsa)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from .errors import InvalidArgumentError, MismatchError, NonFiniteError
+from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
+from .errors import InvalidArgumentError, MemoryBudgetError, MismatchError, NonFiniteError
 
 __all__ = ["ActivationStore", "StoreWriter", "open_store", "open", "write_store", "add_cli"]
 
@@ -211,6 +212,7 @@ class ActivationStore:
         *,
         release: bool = True,
         reuse: bool = False,
+        max_memory: int | str | None = None,
     ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield ``(start, {layer: block})`` over all rows, ``block_rows`` at a time, for any
         subset of layers (default: all, manifest order) across all shards.
@@ -223,17 +225,28 @@ class ActivationStore:
         selected layers together; at least 1 row). With ``release=True`` (default) the
         memory-mapped pages of a block are dropped from the process's resident set once it
         is read, so streaming a store of any size keeps the peak RSS at a few blocks (the OS
-        page cache still holds the data)."""
+        page cache still holds the data). A block larger than the store is one block of all
+        rows; one that does not fit the memory budget (``max_memory``, else
+        ``LAYERSCOPE_MAX_MEMORY``, else the machine's) raises ``MemoryBudgetError`` before
+        anything is read."""
+        budget = max_memory_bytes(max_memory)
         names = list(self.layers if layers is None else layers)
         for n in names:
             self._check_layer(n)
         kind = _read_dtype(dtype)
+        row_bytes = sum(self.dims[n] for n in names) * (4 if kind == "float32" else 8)
         if block_rows is None:
-            row_bytes = sum(self.dims[n] for n in names) * (4 if kind == "float32" else 8)
             block_rows = max(1, (16 << 20) // max(row_bytes, 1))
-        if int(block_rows) < 1:
-            raise InvalidArgumentError("block_rows must be at least 1")
-        block_rows = int(block_rows)
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) \
+                or block_rows < 1:
+            raise InvalidArgumentError(
+                f"block_rows must be a positive integer, got {block_rows!r}")
+        block_rows = max(1, min(int(block_rows), self.num_rows))
+        # Fresh arrays: the block being filled and the one the caller holds.
+        check_budget(
+            (1 if reuse else 2) * block_rows * row_bytes,
+            f"blocks of {block_rows} rows of {len(names)} layers ({kind})",
+            "use a smaller block_rows", budget)
         if reuse:
             rows0 = min(block_rows, self.num_rows)
             np_dt = np.float32 if kind == "float32" else np.float64
@@ -423,10 +436,39 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
+def _pass_line(s: ActivationStore, max_memory: int | None) -> str:
+    """Whether one all-pairs moment pass over every layer of ``s`` fits the budget (the
+    core's check and message: how many layers fit per call otherwise)."""
+    dims = [int(s.dims[n]) for n in s.layers]
+    if not dims:
+        return "no layers"
+    compute = "float64" if any(str(s.dtypes[n]) in ("float64", "F64") for n in s.layers) \
+        else "float32"
+    br = min(int(_native.default_block_rows(dims, compute)), max(s.num_rows, 1))
+    try:
+        _native.check_moment_memory(dims, br, compute, max_memory)
+    except MemoryBudgetError as e:
+        return f"does not fit: {e}"
+    return f"{_human(int(_native.pass_bytes(dims, br, compute)))} for all {len(dims)} layers"
+
+
 def _info_cmd(args: argparse.Namespace) -> int:
+    from ._memory import memory_budget
+
+    budget = memory_budget(args.max_memory)
+    if args.path is None:
+        if not args.budget:
+            raise InvalidArgumentError("give a store folder, or --budget")
+        if args.json:
+            print(json.dumps({"memory_budget": {"bytes": budget.bytes,
+                                                "source": budget.source}}, indent=2))
+        else:
+            print(f"budget   {_human(budget.bytes)}  ({budget.bytes} bytes; {budget.source})")
+        return 0
     s = open_store(args.path, verify=args.verify)
     info = s.info()
     if args.json:
+        info["memory_budget"] = {"bytes": budget.bytes, "source": budget.source}
         print(json.dumps(info, indent=2))
         return 0
     state = "complete" if s.complete else "INCOMPLETE (the writer did not finish)"
@@ -443,6 +485,8 @@ def _info_cmd(args: argparse.Namespace) -> int:
         print(f"columns  {', '.join(s.columns)}")
     if s.metadata:
         print(f"metadata {json.dumps(s.metadata, sort_keys=True)}")
+    print(f"budget   {_human(budget.bytes)}  ({budget.source})")
+    print(f"pass     {_pass_line(s, args.max_memory)}")
     return 0
 
 
@@ -459,9 +503,12 @@ def add_cli(sub: Any) -> None:
     """Register ``layerscope info PATH [--json] [--verify]`` and
     ``layerscope verify PATH [--finite]``."""
     p = sub.add_parser("info", help="describe a store: layers, dims, dtypes, rows, shards, bytes")
-    p.add_argument("path", help="store folder")
+    p.add_argument("path", nargs="?", default=None, help="store folder")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    p.add_argument("--budget", action="store_true",
+                   help="print the memory budget in force and its source (no store needed)")
+    add_max_memory_arg(p)
     p.set_defaults(func=_info_cmd)
     v = sub.add_parser("verify", help="check a store: structure, sizes and every shard's sha256")
     v.add_argument("path", help="store folder")

@@ -6,6 +6,7 @@
 //!   concatenated (shifted) layers — exact linear measures for all layer pairs.
 //! * [`engine::neighbors`]: exact blocked distances / kNN on a seeded sample of rows.
 //! * [`measures`]: estimators built on the two engines (CKA, spectra, alignment, ID, RSA).
+//! * [`memory`]: the byte budget every engine checks first, and fallible allocation.
 //!
 //! Every long-running entry point takes a [`monitor::Monitor`] so that callers (the Python
 //! binding) can show progress and interrupt the work (Ctrl-C) without the core knowing Python.
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod linalg;
 pub mod measures;
+pub mod memory;
 pub mod monitor;
 pub mod store;
 

@@ -8,6 +8,7 @@ use layerscope_core::measures::align::{
     measures_from_cov, AlignOptions, AlignSpec, AlignmentMatrix, CovView, KSpec, Method,
 };
 use layerscope_core::measures::spectrum::Spectrum;
+use layerscope_core::memory::Budget;
 use layerscope_core::Error;
 use numpy::{IntoPyArray, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -64,7 +65,8 @@ fn align_to_py<'py>(py: Python<'py>, a: AlignmentMatrix) -> PyResult<Bound<'py, 
 /// Returns `{"spectra": [dict per layer], "alignment": dict | None}`.
 #[pyfunction]
 #[pyo3(signature = (cov, dims, n, names, spectrum_layers, rows=None, cols=None, method="subspace",
-    space="samples", k=None, variance=None, ridge_eps=1e-4, symmetric=false, progress=None))]
+    space="samples", k=None, variance=None, ridge_eps=1e-4, symmetric=false, max_memory=None,
+    progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn moment_measures<'py>(
     py: Python<'py>,
@@ -81,8 +83,10 @@ fn moment_measures<'py>(
     variance: Option<f64>,
     ridge_eps: f64,
     symmetric: bool,
+    max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let budget = Budget::resolve(max_memory).py_err()?;
     let slice = crate::convert::c_slice(&cov, "cov")?;
     let view = CovView::new(slice, dims, n).py_err()?;
     let spec = match rows {
@@ -111,7 +115,16 @@ fn moment_measures<'py>(
     };
     let mon = PyMonitor::new(progress);
     let (sp, al) = py
-        .detach(|| measures_from_cov(&view, &names, &spectrum_layers, spec.as_ref(), &mon))
+        .detach(|| {
+            measures_from_cov(
+                &view,
+                &names,
+                &spectrum_layers,
+                spec.as_ref(),
+                &budget,
+                &mon,
+            )
+        })
         .py_err()?;
     let out = PyDict::new(py);
     out.set_item("spectra", spectra_to_py(py, sp)?)?;

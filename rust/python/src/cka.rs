@@ -8,14 +8,12 @@ use layerscope_core::engine::moments::Selection;
 use layerscope_core::measures::cka::{
     minibatch_stores, Kernel, MinibatchCka as CoreCka, MinibatchHsic,
 };
+use layerscope_core::memory::Budget;
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
 use numpy::IntoPyArray;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-
-/// Byte budget of the Gram matrices when the caller gives none.
-const DEFAULT_MAX_MEMORY: u64 = 8 << 30;
 
 #[allow(clippy::too_many_arguments)]
 fn build(
@@ -36,9 +34,8 @@ fn build(
     if let Some(a) = num_a {
         acc = acc.with_num_a(a)?;
     }
-    // Without a budget, a huge batch_size would make the first Gram allocation abort the
-    // process; 8 GiB is the default budget (as in `layerscope.cka`).
-    acc = acc.with_max_memory(max_memory.unwrap_or(DEFAULT_MAX_MEMORY))?;
+    // The budget in force (max_memory, else LAYERSCOPE_MAX_MEMORY, else the machine's).
+    acc = acc.with_budget(&Budget::resolve(max_memory)?)?;
     Ok(acc)
 }
 
@@ -96,7 +93,7 @@ impl PyMinibatchCka {
 impl PyMinibatchCka {
     /// An empty accumulator for layers of widths `dims`. `kernel`: "linear" or "rbf" (with
     /// `sigma`, bandwidth per minibatch); `num_a`: layers of the first source (cross pairs
-    /// only); `max_memory`: byte budget of the Grams (default 8 GiB; MemoryBudgetError
+    /// only); `max_memory`: byte budget of the Grams (default: the machine's; MemoryBudgetError
     /// above it).
     #[new]
     #[pyo3(signature = (dims, names=None, kernel="linear", sigma=1.0, batch_size=256,

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 mod align;
 mod cka;
 mod convert;
+mod memory;
 mod moments;
 mod monitor;
 mod neighbors;
@@ -20,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     moments::register(m)?;
     align::register(m)?;
     cka::register(m)?;
+    memory::register(m)?;
     neighbors::register(m)?;
     Ok(())
 }

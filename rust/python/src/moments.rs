@@ -9,6 +9,7 @@ use layerscope_core::engine::moments::{
     accumulate_stores, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
     Moments as CoreMoments, Selection,
 };
+use layerscope_core::memory::Budget;
 use layerscope_core::Error;
 use numpy::ndarray::{Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2};
@@ -90,7 +91,7 @@ impl PyMomentAccumulator {
     /// Versioned little-endian serialisation (for shipping partial results, e.g. with Ray).
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let acc = self.get()?;
-        let b = py.detach(|| acc.to_bytes());
+        let b = py.detach(|| acc.to_bytes()).py_err()?;
         Ok(PyBytes::new(py, &b))
     }
 
@@ -288,6 +289,7 @@ fn moments_from_stores(
     compute: &str,
 ) -> PyResult<PyMoments> {
     let compute = Compute::parse(compute).py_err()?;
+    let budget = Budget::resolve(max_memory).py_err()?;
     let sels: Vec<Selection<'_>> = selections
         .iter()
         .map(|(s, l)| Selection {
@@ -303,7 +305,7 @@ fn moments_from_stores(
                 &names,
                 block_rows,
                 check_finite,
-                max_memory,
+                &budget,
                 compute,
                 &mon,
             )?
@@ -334,6 +336,28 @@ fn pass_bytes(dims: Vec<usize>, block_rows: usize, compute: &str) -> PyResult<u1
     ))
 }
 
+/// Raise MemoryBudgetError (saying how many of the layers fit) when a moment pass over
+/// layers of these widths does not fit the budget in force (`max_memory`, else
+/// LAYERSCOPE_MAX_MEMORY, else the machine's); returns `(budget bytes, source)`.
+#[pyfunction]
+#[pyo3(signature = (dims, block_rows, compute="float64", max_memory=None))]
+fn check_moment_memory(
+    dims: Vec<usize>,
+    block_rows: usize,
+    compute: &str,
+    max_memory: Option<u64>,
+) -> PyResult<(u64, String)> {
+    let budget = Budget::resolve(max_memory).py_err()?;
+    layerscope_core::engine::moments::check_memory(
+        &dims,
+        block_rows,
+        Compute::parse(compute).py_err()?,
+        &budget,
+    )
+    .py_err()?;
+    Ok((budget.bytes, budget.source))
+}
+
 /// Bytes of the accumulator for layers of these widths (`(D+L)² × 8` plus vectors).
 #[pyfunction]
 fn accumulator_bytes(dims: Vec<usize>) -> u128 {
@@ -342,6 +366,7 @@ fn accumulator_bytes(dims: Vec<usize>) -> u128 {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMomentAccumulator>()?;
+    m.add_function(wrap_pyfunction!(check_moment_memory, m)?)?;
     m.add_class::<PyMoments>()?;
     m.add_function(wrap_pyfunction!(moments_from_stores, m)?)?;
     m.add_function(wrap_pyfunction!(py_default_block_rows, m)?)?;

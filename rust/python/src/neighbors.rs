@@ -3,8 +3,9 @@
 //! samples and converts); all work runs with the GIL released.
 use crate::convert::IntoPy;
 use crate::monitor::PyMonitor;
-use layerscope_core::engine::neighbors::{dedup_knn, knn, Duplicates, Knn};
-use layerscope_core::measures::{id, kernel, rsa};
+use layerscope_core::engine::neighbors::{dedup_knn, Duplicates};
+use layerscope_core::measures::{id, kernel, rsa, Layers};
+use layerscope_core::memory::Budget;
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyReadonlyArray2, PyUntypedArrayMethods};
@@ -18,10 +19,10 @@ fn slice2<'a>(a: &'a PyReadonlyArray2<'_, f64>, what: &str) -> PyResult<(&'a [f6
     Ok((s, m, d))
 }
 
-/// Borrowed layers: (row-major values, width).
-type Layers<'a> = Vec<(&'a [f64], usize)>;
+/// Borrowed layers of a call (see [`Layers`]).
+type Owned<'a> = Vec<(&'a [f64], usize)>;
 
-fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Layers<'a>, usize)> {
+fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Owned<'a>, usize)> {
     let mut out = Vec::with_capacity(v.len());
     let mut m0 = None;
     for a in v {
@@ -41,20 +42,22 @@ fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Layer
 /// idx (m'×k int64, indices into the kept rows), kept (int64 input rows used),
 /// duplicates (int), tolerance (float).
 #[pyfunction]
-#[pyo3(signature = (x, k, duplicates="drop", tolerance=None, progress=None))]
+#[pyo3(signature = (x, k, duplicates="drop", tolerance=None, max_memory=None, progress=None))]
 fn knn_graph<'py>(
     py: Python<'py>,
     x: PyReadonlyArray2<'py, f64>,
     k: usize,
     duplicates: &str,
     tolerance: Option<f64>,
+    max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let policy = Duplicates::parse(duplicates).py_err()?;
+    let budget = Budget::resolve(max_memory).py_err()?;
     let (s, m, d) = slice2(&x, "x")?;
     let mon = PyMonitor::new(progress);
     let r = py
-        .detach(|| dedup_knn(s, m, d, k, tolerance, policy, &mon))
+        .detach(|| dedup_knn(s, m, d, k, tolerance, policy, &budget, &mon))
         .py_err()?;
     let out = PyDict::new(py);
     let mm = r.knn.m;
@@ -128,16 +131,17 @@ fn id_estimate<'py>(
 /// RBF HSIC for all layer pairs (see layerscope_core::measures::kernel). Returns a dict:
 /// xy (La×Lb), xx (La), yy (Lb), bw_a, bw_b.
 #[pyfunction]
-#[pyo3(signature = (a, b=None, *, sigma=1.0, unbiased=false, max_bytes=u64::MAX, progress=None))]
+#[pyo3(signature = (a, b=None, *, sigma=1.0, unbiased=false, max_memory=None, progress=None))]
 fn rbf_hsic<'py>(
     py: Python<'py>,
     a: Vec<PyReadonlyArray2<'py, f64>>,
     b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
     sigma: f64,
     unbiased: bool,
-    max_bytes: u64,
+    max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let budget = Budget::resolve(max_memory).py_err()?;
     let (sa, ma) = slices(&a, "a")?;
     let sb = match &b {
         Some(b) => {
@@ -151,7 +155,7 @@ fn rbf_hsic<'py>(
     };
     let mon = PyMonitor::new(progress);
     let r = py
-        .detach(|| kernel::rbf_hsic(&sa, sb.as_deref(), ma, sigma, unbiased, max_bytes, &mon))
+        .detach(|| kernel::rbf_hsic(&sa, sb.as_deref(), ma, sigma, unbiased, &budget, &mon))
         .py_err()?;
     let lb = if b.is_some() {
         sb.as_ref().map_or(0, |v| v.len())
@@ -170,129 +174,94 @@ fn rbf_hsic<'py>(
     Ok(out)
 }
 
-fn rdm_list(
-    v: &[(&[f64], usize)],
-    m: usize,
-    dis: rsa::Dissimilarity,
-    cmp: rsa::Compare,
-    max_bytes: u64,
-    mon: &PyMonitor,
-) -> Result<Vec<Option<Vec<f64>>>, Error> {
-    use layerscope_core::Monitor;
-    let mut out = Vec::with_capacity(v.len());
-    for (i, (x, d)) in v.iter().enumerate() {
-        let r = rsa::rdm(x, m, *d, dis, max_bytes)?;
-        out.push(rsa::prepare_rdm(&r, cmp));
-        mon.progress(i as u64 + 1, v.len() as u64)?;
+/// `b` (optional) as borrowed layers with the same rows as `a`.
+fn second<'a>(
+    b: &'a Option<Vec<PyReadonlyArray2<'_, f64>>>,
+    ma: usize,
+) -> PyResult<Option<Owned<'a>>> {
+    match b {
+        Some(b) => {
+            let (sb, mb) = slices(b, "b")?;
+            if mb != ma {
+                return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
+            }
+            Ok(Some(sb))
+        }
+        None => Ok(None),
     }
-    Ok(out)
 }
 
-/// RSA: correlations of the RDMs of all layer pairs (La×Lb, or La×La when b is None).
+/// The row-major `La × Lb` values of an all-pairs measure as a numpy array (`b = None`:
+/// `La × La`).
+fn matrix<'py>(
+    py: Python<'py>,
+    vals: Vec<f64>,
+    a: &Layers<'_>,
+    b: Option<&Layers<'_>>,
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let shape = (a.len(), b.unwrap_or(a).len());
+    let arr = Array2::from_shape_vec(shape, vals)
+        .map_err(|e| Error::invalid(e.to_string()))
+        .py_err()?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// RSA: correlations of the RDMs of all layer pairs (La×Lb, or La×La when b is None); see
+/// `layerscope_core::measures::rsa::rsa_matrix`.
 #[pyfunction]
-#[pyo3(signature = (a, b=None, *, dissimilarity="euclidean", compare="spearman", max_bytes=u64::MAX, progress=None))]
+#[pyo3(signature = (a, b=None, *, dissimilarity="euclidean", compare="spearman", max_memory=None, progress=None))]
 fn rsa_matrix<'py>(
     py: Python<'py>,
     a: Vec<PyReadonlyArray2<'py, f64>>,
     b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
     dissimilarity: &str,
     compare: &str,
-    max_bytes: u64,
+    max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
     let dis = rsa::Dissimilarity::parse(dissimilarity).py_err()?;
     let cmp = rsa::Compare::parse(compare).py_err()?;
+    let budget = Budget::resolve(max_memory).py_err()?;
     let (sa, ma) = slices(&a, "a")?;
-    let sb = match &b {
-        Some(b) => Some(slices(b, "b")?),
-        None => None,
-    };
-    if let Some((_, mb)) = &sb {
-        if *mb != ma {
-            return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
-        }
-    }
-    if ma < 3 {
-        return Err(Error::invalid("RSA needs at least 3 rows")).py_err();
-    }
+    let sb = second(&b, ma)?;
     let mon = PyMonitor::new(progress);
     let vals = py
-        .detach(|| -> Result<Vec<f64>, Error> {
-            let ra = rdm_list(&sa, ma, dis, cmp, max_bytes, &mon)?;
-            let rb = match &sb {
-                Some((s, _)) => Some(rdm_list(s, ma, dis, cmp, max_bytes, &mon)?),
-                None => None,
-            };
-            let rbr = rb.as_ref().unwrap_or(&ra);
-            let mut out = Vec::with_capacity(ra.len() * rbr.len());
-            for p in &ra {
-                for q in rbr {
-                    out.push(rsa::correlate(p.as_ref(), q.as_ref()));
-                }
-            }
-            Ok(out)
-        })
+        .detach(|| rsa::rsa_matrix(&sa, sb.as_deref(), ma, dis, cmp, &budget, &mon))
         .py_err()?;
-    let lb = sb.as_ref().map_or(sa.len(), |(s, _)| s.len());
-    let arr = Array2::from_shape_vec((sa.len(), lb), vals)
-        .map_err(|e| Error::invalid(e.to_string()))
-        .py_err()?;
-    Ok(arr.into_pyarray(py))
+    matrix(py, vals, &sa, sb.as_deref())
 }
 
-/// Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None).
+/// Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None); see
+/// `layerscope_core::measures::rsa::mutual_knn_matrix`.
 #[pyfunction]
-#[pyo3(signature = (a, b=None, *, k=10, progress=None))]
+#[pyo3(signature = (a, b=None, *, k=10, max_memory=None, progress=None))]
 fn mutual_knn_matrix<'py>(
     py: Python<'py>,
     a: Vec<PyReadonlyArray2<'py, f64>>,
     b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
     k: usize,
+    max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let budget = Budget::resolve(max_memory).py_err()?;
     let (sa, ma) = slices(&a, "a")?;
-    let sb = match &b {
-        Some(b) => Some(slices(b, "b")?),
-        None => None,
-    };
-    if let Some((_, mb)) = &sb {
-        if *mb != ma {
-            return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
-        }
-    }
+    let sb = second(&b, ma)?;
     let mon = PyMonitor::new(progress);
     let vals = py
-        .detach(|| -> Result<Vec<f64>, Error> {
-            let ga: Vec<Knn> = sa
-                .iter()
-                .map(|(x, d)| knn(x, ma, *d, k, &mon))
-                .collect::<Result<_, _>>()?;
-            let gb: Option<Vec<Knn>> = match &sb {
-                Some((s, _)) => Some(
-                    s.iter()
-                        .map(|(x, d)| knn(x, ma, *d, k, &mon))
-                        .collect::<Result<_, _>>()?,
-                ),
-                None => None,
-            };
-            let gbr = gb.as_ref().unwrap_or(&ga);
-            let mut out = Vec::with_capacity(ga.len() * gbr.len());
-            for p in &ga {
-                for q in gbr {
-                    out.push(rsa::mutual_knn(p, q, k)?);
-                }
-            }
-            Ok(out)
-        })
+        .detach(|| rsa::mutual_knn_matrix(&sa, sb.as_deref(), ma, k, &budget, &mon))
         .py_err()?;
-    let lb = sb.as_ref().map_or(sa.len(), |(s, _)| s.len());
-    let arr = Array2::from_shape_vec((sa.len(), lb), vals)
-        .map_err(|e| Error::invalid(e.to_string()))
-        .py_err()?;
-    Ok(arr.into_pyarray(py))
+    matrix(py, vals, &sa, sb.as_deref())
+}
+
+/// Peak bytes of an exact kNN graph of `m` points of width `d` with `k` neighbours (see
+/// `layerscope_core::engine::neighbors::knn_bytes`).
+#[pyfunction]
+fn knn_bytes(m: usize, d: usize, k: usize) -> u128 {
+    layerscope_core::engine::neighbors::knn_bytes(m, d, k)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(knn_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(knn_graph, m)?)?;
     m.add_function(wrap_pyfunction!(id_estimate, m)?)?;
     m.add_function(wrap_pyfunction!(rbf_hsic, m)?)?;

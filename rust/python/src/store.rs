@@ -1,7 +1,7 @@
 //! Bindings of the activation store: `NativeStore` (validated mmap reader) and `NativeWriter`
 //! (incremental atomic writer). All I/O and conversion runs with the GIL released, so a
 //! writer can run in a background Python thread while the main thread runs torch.
-use crate::convert::{c_slice, c_slice_mut, IntoPy};
+use crate::convert::{c_slice, c_slice_mut, to_py, IntoPy};
 use crate::monitor::PyMonitor;
 use layerscope_core::store::{
     ArrayData, DType, Element, OpenOptions, Store, StoreWriter, Values, WriterOptions,
@@ -28,8 +28,33 @@ fn parse_dtype(s: &str) -> PyResult<DType> {
 /// A zeroed C-ordered `rows × cols` numpy array. Allocated by numpy (not a Rust `Vec`)
 /// because numpy asks the kernel for transparent huge pages on large arrays: filling a
 /// fresh 1 GB buffer then costs ~500 page faults instead of ~250 000.
-fn alloc_2d<T: numpy::Element>(py: Python<'_>, rows: usize, cols: usize) -> Bound<'_, PyArray2<T>> {
-    PyArray2::<T>::zeros(py, [rows, cols], false)
+/// Made through `numpy.zeros`, so a refused allocation is a MemoryBudgetError (rust-numpy's
+/// `PyArray::zeros` would panic on it).
+fn alloc_2d<T: numpy::Element>(
+    py: Python<'_>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'_, PyArray2<T>>> {
+    let np = py.import("numpy")?;
+    let dtype = numpy::dtype::<T>(py);
+    let arr = np
+        .getattr("zeros")?
+        .call1(((rows, cols), dtype))
+        .map_err(|e| {
+            if e.is_instance_of::<pyo3::exceptions::PyMemoryError>(py) {
+                to_py(Error::Memory(format!(
+                    "could not allocate a {rows} × {cols} array of {} ({}): the system refused \
+                 the memory; read fewer rows or layers at a time (block_rows=...)",
+                    std::any::type_name::<T>(),
+                    layerscope_core::memory::fmt_bytes(
+                        rows as u128 * cols as u128 * std::mem::size_of::<T>() as u128
+                    )
+                )))
+            } else {
+                e
+            }
+        })?;
+    Ok(arr.cast_into::<PyArray2<T>>()?)
 }
 
 /// Fills fresh numpy arrays (one per `dims` entry, `rows` rows each) with `fill`, run with
@@ -44,8 +69,10 @@ where
     T: Element + numpy::Element,
     F: FnOnce(&mut [&mut [T]]) -> layerscope_core::Result<()> + Send,
 {
-    let arrays: Vec<Bound<'py, PyArray2<T>>> =
-        dims.iter().map(|&d| alloc_2d::<T>(py, rows, d)).collect();
+    let arrays: Vec<Bound<'py, PyArray2<T>>> = dims
+        .iter()
+        .map(|&d| alloc_2d::<T>(py, rows, d))
+        .collect::<PyResult<_>>()?;
     {
         let mut rws: Vec<_> = arrays.iter().map(|a| a.readwrite()).collect();
         let mut slices = rws

@@ -28,6 +28,7 @@
 use crate::error::{Error, Result};
 use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
 use crate::linalg::symmetrize_from_upper;
+use crate::memory::{fmt_bytes, Budget};
 use crate::monitor::Monitor;
 use crate::store::{DType, Element as StoreElement, Store};
 use rayon::prelude::*;
@@ -128,12 +129,14 @@ struct Scratch {
 
 /// `v` resized to `len` without clearing what it already holds (every element is
 /// overwritten by the caller before it is read).
-fn sized<T: Copy + Default + Send + Sync>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+/// A refused allocation is an [`Error::Memory`].
+fn sized<T: Copy + Default + Send + Sync>(v: &mut Vec<T>, len: usize) -> Result<&mut [T]> {
     if v.len() < len {
         // Fresh, huge-page-hinted storage (block buffers are tens of MB, read in strides).
-        *v = crate::linalg::hinted_vec(len);
+        *v = Vec::new();
+        *v = crate::linalg::hinted_vec(len, "a block buffer of the moment pass")?;
     }
-    &mut v[..len]
+    Ok(&mut v[..len])
 }
 
 fn offsets_of(dims: &[usize]) -> Vec<usize> {
@@ -190,28 +193,49 @@ pub fn pass_bytes(dims: &[usize], block_rows: usize, compute: Compute) -> u128 {
     accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2 + pack
 }
 
-/// Fail with [`Error::Memory`] (giving the options) when the accumulator for `dims` plus
-/// `block_rows` rows of block buffers would exceed `max_memory` bytes.
+/// Fail with [`Error::Memory`] before the pass when its peak ([`pass_bytes`]: the
+/// accumulator for `dims`, `block_rows` rows of block buffers and the SYRK panels) exceeds
+/// `budget`; the message says how many of these layers fit in one call.
 pub fn check_memory(
     dims: &[usize],
     block_rows: usize,
     compute: Compute,
-    max_memory: u64,
+    budget: &Budget,
 ) -> Result<()> {
     let need = pass_bytes(dims, block_rows, compute);
-    if need > max_memory as u128 {
-        return Err(Error::Memory(format!(
-            "the moment accumulator for {} layers (D = {} columns) needs about {:.2} GiB, above \
-             the budget max_memory = {:.2} GiB; options: select fewer layers per call (and \
-             compare groups of layers in several calls), use a sample of features/rows \
-             (sample=...), or raise max_memory",
+    if need <= budget.bytes as u128 {
+        return Ok(());
+    }
+    // The most of these layers (in order) whose pass fits; at least one layer.
+    let fit = (1..=dims.len())
+        .take_while(|&k| pass_bytes(&dims[..k], block_rows, compute) <= budget.bytes as u128)
+        .last()
+        .unwrap_or(0);
+    let widest = dims.iter().copied().max().unwrap_or(0);
+    let advice = if fit == 0 {
+        format!(
+            "not even one layer of width {widest} fits: its accumulator alone needs {}; \
+             a budget of at least {} is needed for the widest layer on its own",
+            fmt_bytes(accumulator_bytes(&dims[..1])),
+            fmt_bytes(pass_bytes(&[widest], block_rows, compute))
+        )
+    } else {
+        format!(
+            "at most {fit} of these {} layers fit in one call (select them with layers=..., \
+             and compare groups of layers in several calls)",
+            dims.len()
+        )
+    };
+    budget.check(
+        need,
+        format_args!(
+            "the all-pairs moment accumulator for {} layers (D = {}, {} rows per block)",
             dims.len(),
             dims.iter().sum::<usize>(),
-            need as f64 / (1u64 << 30) as f64,
-            max_memory as f64 / (1u64 << 30) as f64
-        )));
-    }
-    Ok(())
+            block_rows
+        ),
+        advice,
+    )
 }
 
 impl MomentAccumulator {
@@ -240,8 +264,14 @@ impl MomentAccumulator {
             offsets: offsets_of(dims),
             names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
             shift: None,
-            s: crate::linalg::hinted_vec(cells),
-            sums: vec![0.0; dz],
+            s: crate::linalg::hinted_vec(
+                cells,
+                format_args!(
+                    "the all-pairs moment accumulator for {} layers (D = {d})",
+                    dims.len()
+                ),
+            )?,
+            sums: crate::memory::try_vec(dz, 0.0, "the column sums of the moment pass")?,
             n: 0,
             check_finite: true,
             nonfinite: vec![None; dims.len()],
@@ -385,13 +415,12 @@ impl MomentAccumulator {
             self.shift = Some(mu);
         }
         if self.compute == Compute::F32 {
-            self.update_f32(block, rows);
-            return Ok(());
+            return self.update_f32(block, rows);
         }
         let mu = self.shift.as_deref().unwrap_or(&[]);
         // w rows (row-major rows × dz) = column-major dz × rows.
         let mut wbuf = std::mem::take(&mut self.scratch.w);
-        let w = sized(&mut wbuf, rows * dz);
+        let w = sized(&mut wbuf, rows * dz)?;
         let dims = &self.dims;
         let offsets = &self.offsets;
         w.par_chunks_mut(dz).enumerate().for_each(|(a, wr)| {
@@ -415,7 +444,7 @@ impl MomentAccumulator {
             rs: dz,
             cs: 1,
         };
-        syrk_upper_add(&mut self.s, dz, view, &mut self.scratch.pack64);
+        syrk_upper_add(&mut self.s, dz, view, &mut self.scratch.pack64)?;
         let colsum = column_sums(w, dz);
         for (s, c) in self.sums.iter_mut().zip(&colsum) {
             *s += c;
@@ -429,7 +458,7 @@ impl MomentAccumulator {
     /// `D × D` SYRK in f32 (sums over at most [`F32_SUM_ROWS`] rows, each added into the f64
     /// upper triangle); the squared-norm columns, their products with `u` and the
     /// column sums in f64 from the same f32-rounded `u`.
-    fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize) {
+    fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
         let d = self.d();
         let dz = self.dz();
         let lc = self.dims.len();
@@ -438,8 +467,8 @@ impl MomentAccumulator {
         let offsets = &self.offsets;
         // u (row-major rows × D, f32) and r (row-major rows × L, f64, from the rounded u).
         let mut scratch = std::mem::take(&mut self.scratch);
-        let u = sized(&mut scratch.u, rows * d);
-        let r = sized(&mut scratch.r, rows * lc);
+        let u = sized(&mut scratch.u, rows * d)?;
+        let r = sized(&mut scratch.r, rows * lc)?;
         u.par_chunks_mut(d)
             .zip(r.par_chunks_mut(lc))
             .enumerate()
@@ -464,7 +493,7 @@ impl MomentAccumulator {
             rs: d,
             cs: 1,
         };
-        syrk_upper_add(&mut self.s, dz, view, &mut scratch.pack32);
+        syrk_upper_add(&mut self.s, dz, view, &mut scratch.pack32)?;
         // Columns D..D+L of S (upper triangle: rows 0..D+l of column D+l) in f64:
         // S[i, D+l] = Σ_a u_ai r_al (i < D), S[D+k, D+l] = Σ_a r_ak r_al (k ≤ l).
         const CH: usize = 256;
@@ -508,6 +537,7 @@ impl MomentAccumulator {
         }
         self.scratch = scratch;
         self.n += rows as u64;
+        Ok(())
     }
 
     /// Re-express the sums under the shift `new_shift` (exact algebra; `S` becomes full).
@@ -737,10 +767,15 @@ impl MomentAccumulator {
     }
 
     /// Versioned little-endian serialisation (upper triangle of `S` only).
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// A refused allocation of the blob is an [`Error::Memory`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let dz = self.dz();
         let d = self.d();
-        let mut out = Vec::with_capacity(64 + dz * (dz + 1) * 4 + dz * 16);
+        let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
+        let mut out = crate::memory::try_with_capacity(
+            64 + names + self.dims.len() * 16 + dz * (dz + 1) * 4 + dz * 16,
+            "the serialised moment accumulator",
+        )?;
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
@@ -772,7 +807,7 @@ impl MomentAccumulator {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
-        out
+        Ok(out)
     }
 
     /// Inverse of [`to_bytes`](Self::to_bytes); any inconsistency is an [`Error::Format`].
@@ -842,7 +877,7 @@ impl MomentAccumulator {
         }
         let shift = if has_shift { Some(r.f64s(d)?) } else { None };
         let sums = r.f64s(dz)?;
-        let mut s = crate::linalg::hinted_vec(dz * dz);
+        let mut s = crate::linalg::hinted_vec(dz * dz, "the deserialised moment accumulator")?;
         for j in 0..dz {
             let col = r.f64s(j + 1)?;
             s[j * dz..j * dz + j + 1].copy_from_slice(&col);
@@ -1144,14 +1179,14 @@ pub fn default_block_rows_for(dims: &[usize], compute: Compute) -> usize {
 ///
 /// Blocks are read (mmap, converted to f32 — or f64 when a layer is stored as F64 — in
 /// parallel) by a reader thread one block ahead of the accumulation (double buffering), so
-/// I/O and conversion overlap the SYRK. `max_memory`: fail early with [`Error::Memory`]
-/// (giving the options) when the accumulator and block buffers would not fit.
+/// I/O and conversion overlap the SYRK. Fails with [`Error::Memory`] before reading a row
+/// when the pass does not fit `budget` ([`check_memory`]).
 pub fn accumulate_stores(
     sels: &[Selection<'_>],
     names: &[String],
     block_rows: Option<usize>,
     check_finite: bool,
-    max_memory: Option<u64>,
+    budget: &Budget,
     compute: Compute,
     monitor: &dyn Monitor,
 ) -> Result<MomentAccumulator> {
@@ -1160,9 +1195,7 @@ pub fn accumulate_stores(
     if block_rows == 0 {
         return Err(Error::invalid("block_rows must be at least 1"));
     }
-    if let Some(budget) = max_memory {
-        check_memory(&dims, block_rows, compute, budget)?;
-    }
+    check_memory(&dims, block_rows, compute, budget)?;
     let mut acc = MomentAccumulator::new(&dims)?
         .with_names(names)?
         .with_check_finite(check_finite)
@@ -1273,6 +1306,15 @@ fn fill_block<T: StoreElement>(
         for (b, &l) in bufs.iter_mut().zip(&s.layers) {
             let len = s.store.block_len(l, start, stop)?;
             if b.len() != len {
+                if len > b.len() {
+                    b.try_reserve_exact(len - b.len()).map_err(|_| {
+                        Error::Memory(format!(
+                            "could not allocate a block buffer of {} rows (rows {start}..{stop}); \
+                             use a smaller block_rows",
+                            stop - start
+                        ))
+                    })?;
+                }
                 b.resize(len, T::default());
             }
         }
@@ -1457,7 +1499,7 @@ mod tests {
         let mut a2 = MomentAccumulator::new(&dims).unwrap();
         a2.update(&slice(20, 21), 1).unwrap();
         a2.update(&slice(21, 50), 29).unwrap();
-        let a2 = MomentAccumulator::from_bytes(&a2.to_bytes()).unwrap();
+        let a2 = MomentAccumulator::from_bytes(&a2.to_bytes().unwrap()).unwrap();
         a1.merge(&a2).unwrap();
         let m3 = a1.finalize().unwrap();
         assert!(rel(&m3.cov, &cov) < 1e-12, "{}", rel(&m3.cov, &cov));
@@ -1475,7 +1517,7 @@ mod tests {
         let x = data(4, 2, 1, 0.0);
         let y = data(4, 3, 2, 0.0);
         acc.update(&[&x[..], &y[..]], 4).unwrap();
-        let b = acc.to_bytes();
+        let b = acc.to_bytes().unwrap();
         for cut in [0, 5, 8, 12, 20, b.len() - 1] {
             assert!(matches!(
                 MomentAccumulator::from_bytes(&b[..cut]),
@@ -1515,8 +1557,22 @@ mod tests {
         assert!(matches!(acc.update(&[&x[..3]], 2), Err(Error::Mismatch(_))));
         assert!(MomentAccumulator::new(&[]).is_err());
         assert!(MomentAccumulator::new(&[0]).is_err());
-        assert!(check_memory(&[768; 13], 1024, Compute::F64, 1 << 20).is_err());
-        assert!(check_memory(&[768; 13], 1024, Compute::F64, 8 << 30).is_ok());
+        let b = |x: u64| Budget::argument(x).unwrap();
+        assert!(check_memory(&[768; 13], 1024, Compute::F64, &b(1 << 20)).is_err());
+        assert!(check_memory(&[768; 13], 1024, Compute::F64, &b(8 << 30)).is_ok());
+        // 33 × 4096 (a 7–8B model's residual stream) in a 20 GiB budget: 12 layers fit.
+        match check_memory(&[4096; 33], 1024, Compute::F32, &b(20 << 30)) {
+            Err(Error::Memory(m)) => {
+                assert!(m.contains("33 layers (D = 135168"), "{m}");
+                assert!(m.contains("at most 12 of these 33 layers"), "{m}");
+                assert!(m.contains("max_memory argument"), "{m}");
+            }
+            r => panic!("{r:?}"),
+        }
+        match check_memory(&[1 << 20], 1024, Compute::F32, &b(1 << 30)) {
+            Err(Error::Memory(m)) => assert!(m.contains("not even one layer"), "{m}"),
+            r => panic!("{r:?}"),
+        }
     }
 
     /// Reference linear CKA from explicit Gram matrices (Song et al. 2012 eq. 5 for the
@@ -1675,7 +1731,7 @@ mod tests {
             &names,
             Some(37),
             true,
-            None,
+            &Budget::unchecked(),
             Compute::F64,
             &NoMonitor,
         )
@@ -1688,17 +1744,23 @@ mod tests {
         assert_eq!(m.n, n as u64);
         assert!(rel(&m.cov, &r.cov) < 1e-12, "{}", rel(&m.cov, &r.cov));
         assert!((m.cka(1, 2, false).unwrap() - 1.0).abs() < 1e-12);
-        assert!(
-            accumulate_stores(&sels, &names, Some(0), true, None, Compute::F64, &NoMonitor)
-                .is_err()
-        );
+        assert!(accumulate_stores(
+            &sels,
+            &names,
+            Some(0),
+            true,
+            &Budget::unchecked(),
+            Compute::F64,
+            &NoMonitor
+        )
+        .is_err());
         assert!(matches!(
             accumulate_stores(
                 &sels,
                 &names,
                 None,
                 true,
-                Some(1000),
+                &Budget::argument(1000).unwrap(),
                 Compute::F64,
                 &NoMonitor
             ),
@@ -1713,7 +1775,7 @@ mod tests {
             &names[..1],
             None,
             true,
-            None,
+            &Budget::unchecked(),
             Compute::F64,
             &NoMonitor
         )
@@ -1835,7 +1897,7 @@ mod tests {
             .unwrap()
             .with_compute(Compute::F32);
         q.update(&blk(150, n), n - 150).unwrap();
-        let q = MomentAccumulator::from_bytes(&q.to_bytes()).unwrap();
+        let q = MomentAccumulator::from_bytes(&q.to_bytes().unwrap()).unwrap();
         p.merge(&q).unwrap();
         let (a, b) = (p.finalize().unwrap(), whole.finalize().unwrap());
         assert!(rel(&a.cov, &b.cov) < 1e-6, "{}", rel(&a.cov, &b.cov));

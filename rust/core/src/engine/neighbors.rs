@@ -20,6 +20,7 @@
 //!   `≤ tol`; the default tolerance is [`DEFAULT_REL_TOL`] × the RMS radius of the sample
 //!   (`sqrt(Σ_i ‖x_i − x̄‖² / m)`), i.e. relative to the data scale.
 use crate::error::{Error, Result};
+use crate::memory::{try_copy, try_vec, try_with_capacity, Budget};
 use crate::monitor::Monitor;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -95,7 +96,7 @@ fn check_shape(x: &[f64], m: usize, d: usize) -> Result<()> {
 }
 
 /// Column-centred copy of `x` and the squared norms of its rows.
-fn centred(x: &[f64], m: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
+fn centred(x: &[f64], m: usize, d: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut mean = vec![0.0f64; d];
     for row in x.chunks_exact(d) {
         for (s, v) in mean.iter_mut().zip(row) {
@@ -105,7 +106,7 @@ fn centred(x: &[f64], m: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
     for s in mean.iter_mut() {
         *s /= m as f64;
     }
-    let mut xc = x.to_vec();
+    let mut xc = try_copy(x, format_args!("the centred {m} × {d} sample"))?;
     xc.par_chunks_mut(d).for_each(|row| {
         for (v, mu) in row.iter_mut().zip(&mean) {
             *v -= mu;
@@ -115,7 +116,25 @@ fn centred(x: &[f64], m: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
         .par_chunks(d)
         .map(|r| r.iter().map(|v| v * v).sum())
         .collect();
-    (xc, norms)
+    Ok((xc, norms))
+}
+
+/// Peak bytes of [`knn`] on `m` points of width `d`: the centred f64 and f32 copies, one
+/// `BLOCK × m` f32 distance block and one candidate list per worker thread, and the
+/// `m × k` neighbour lists — plus, for [`dedup_knn`], one more copy of the sample when
+/// duplicates are dropped.
+pub fn knn_bytes(m: usize, d: usize, k: usize) -> u128 {
+    let (m, d, k) = (m as u128, d as u128, k as u128);
+    let threads = rayon::current_num_threads() as u128;
+    m * d * (8 + 4 + 8) + threads * (BLOCK as u128 * m * 4 + m * 16) + m * k * 16
+}
+
+fn check_knn(m: usize, d: usize, k: usize, budget: &Budget) -> Result<()> {
+    budget.check(
+        knn_bytes(m, d, k),
+        format_args!("the exact {k}-nearest-neighbour graph of {m} sampled rows × {d} features"),
+        format_args!("use a smaller sample (sample=...) or a smaller k"),
+    )
 }
 
 /// Root mean squared distance of the points to their centroid, `sqrt(Σ_i ‖x_i − x̄‖² / m)`.
@@ -124,7 +143,7 @@ pub fn rms_radius(x: &[f64], m: usize, d: usize) -> Result<f64> {
     if m == 0 {
         return Ok(0.0);
     }
-    let (_, norms) = centred(x, m, d);
+    let (_, norms) = centred(x, m, d)?;
     Ok((norms.iter().sum::<f64>() / m as f64).sqrt())
 }
 
@@ -154,16 +173,26 @@ pub fn exact_sq_dist(a: &[f64], b: &[f64]) -> f64 {
 /// Exact k nearest neighbours (self excluded) of the `m` rows of `x` (row-major `m × d`).
 ///
 /// Errors: `k == 0` or `k ≥ m` (InvalidArgument), non-finite values (NonFinite).
-pub fn knn(x: &[f64], m: usize, d: usize, k: usize, monitor: &dyn Monitor) -> Result<Knn> {
+/// Fails with [`Error::Memory`] before any work when [`knn_bytes`] exceeds `budget`.
+pub fn knn(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    k: usize,
+    budget: &Budget,
+    monitor: &dyn Monitor,
+) -> Result<Knn> {
     check_shape(x, m, d)?;
     if k == 0 || k >= m {
         return Err(Error::invalid(format!(
             "k = {k} neighbours needs 1 ≤ k < number of points ({m})"
         )));
     }
-    let (xc, norms64) = centred(x, m, d);
+    check_knn(m, d, k, budget)?;
+    let (xc, norms64) = centred(x, m, d)?;
     // Candidates from an f32 GEMM of the centred data; certified below.
-    let xc32: Vec<f32> = xc.iter().map(|&v| v as f32).collect();
+    let mut xc32: Vec<f32> = try_with_capacity(m * d, "the f32 copy of the sample")?;
+    xc32.extend(xc.iter().map(|&v| v as f32));
     let norms: Vec<f64> = xc32
         .par_chunks(d)
         .map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
@@ -186,16 +215,20 @@ pub fn knn(x: &[f64], m: usize, d: usize, k: usize, monitor: &dyn Monitor) -> Re
         .map(|(n, l)| n - bsl * l * l)
         .collect();
     let all = MatRef::from_row_major_slice(&xc32, m, d);
-    let nblocks = m.div_ceil(BLOCK);
     let done = std::sync::atomic::AtomicU64::new(0);
-    let blocks: Vec<Result<(Vec<f64>, Vec<usize>)>> = (0..nblocks)
-        .into_par_iter()
-        .map(|b| {
+    // The m × k lists are allocated once, up front (the largest buffer: a refusal comes
+    // before any work), and each row block fills its own rows.
+    let mut dist = try_vec(m * k, 0.0f64, "the neighbour lists")?;
+    let mut idx = try_vec(m * k, 0usize, "the neighbour lists")?;
+    dist.par_chunks_mut(BLOCK * k)
+        .zip(idx.par_chunks_mut(BLOCK * k))
+        .enumerate()
+        .try_for_each(|(b, (dist, idx))| -> Result<()> {
             let r0 = b * BLOCK;
             let r1 = (r0 + BLOCK).min(m);
             let nb = r1 - r0;
             let lhs = MatRef::from_row_major_slice(&xc32[r0 * d..r1 * d], nb, d);
-            let mut g = vec![0.0f32; nb * m];
+            let mut g = try_vec(nb * m, 0.0f32, "a block of the distance matrix")?;
             matmul(
                 MatMut::from_row_major_slice_mut(&mut g, nb, m),
                 Accum::Replace,
@@ -204,9 +237,7 @@ pub fn knn(x: &[f64], m: usize, d: usize, k: usize, monitor: &dyn Monitor) -> Re
                 1.0f32,
                 Par::Seq,
             );
-            let mut dist = Vec::with_capacity(nb * k);
-            let mut idx = Vec::with_capacity(nb * k);
-            let mut cand: Vec<(f64, usize)> = Vec::with_capacity(m);
+            let mut cand: Vec<(f64, usize)> = try_with_capacity(m, "a candidate list")?;
             let mut heap: BinaryHeap<Item> = BinaryHeap::with_capacity(kc + 2);
             for (r, grow) in g.chunks_exact(m).enumerate() {
                 let i = r0 + r;
@@ -259,23 +290,14 @@ pub fn knn(x: &[f64], m: usize, d: usize, k: usize, monitor: &dyn Monitor) -> Re
                     }
                     cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                 }
-                for c in cand.iter().take(k) {
-                    dist.push(c.0.sqrt());
-                    idx.push(c.1);
+                for (t, c) in cand.iter().take(k).enumerate() {
+                    dist[r * k + t] = c.0.sqrt();
+                    idx[r * k + t] = c.1;
                 }
             }
             let n = done.fetch_add(nb as u64, std::sync::atomic::Ordering::Relaxed) + nb as u64;
-            monitor.progress(n, m as u64)?;
-            Ok((dist, idx))
-        })
-        .collect();
-    let mut dist = Vec::with_capacity(m * k);
-    let mut idx = Vec::with_capacity(m * k);
-    for b in blocks {
-        let (dd, ii) = b?;
-        dist.extend(dd);
-        idx.extend(ii);
-    }
+            monitor.progress(n, m as u64)
+        })?;
     Ok(Knn { m, k, dist, idx })
 }
 
@@ -348,6 +370,7 @@ fn duplicate_mask(g: &Knn, tol: f64) -> Vec<bool> {
 /// the graph recomputed until none remain (a group larger than `k + 1` may take several
 /// rounds); with `Error` the call fails naming how many rows are duplicates; with `Keep` the
 /// graph is returned as is with the count.
+#[allow(clippy::too_many_arguments)]
 pub fn dedup_knn(
     x: &[f64],
     m: usize,
@@ -355,6 +378,7 @@ pub fn dedup_knn(
     k: usize,
     tol: Option<f64>,
     policy: Duplicates,
+    budget: &Budget,
     monitor: &dyn Monitor,
 ) -> Result<DedupKnn> {
     let tol = match tol {
@@ -373,7 +397,7 @@ pub fn dedup_knn(
                 m - mm
             )));
         }
-        let g = knn(data, mm, d, k, monitor)?;
+        let g = knn(data, mm, d, k, budget, monitor)?;
         let mask = duplicate_mask(&g, tol);
         let ndup = mask.iter().filter(|&&b| b).count();
         if ndup == 0 {
@@ -405,7 +429,8 @@ pub fn dedup_knn(
             .filter(|(_, &dup)| !dup)
             .map(|(&r, _)| r)
             .collect();
-        let mut nb = Vec::with_capacity(new_kept.len() * d);
+        drop(buf.take()); // free the previous round's copy first
+        let mut nb = try_with_capacity(new_kept.len() * d, "the sample without duplicates")?;
         for &r in &new_kept {
             nb.extend_from_slice(&x[r * d..(r + 1) * d]);
         }
@@ -431,19 +456,18 @@ pub fn mirror_upper(g: &mut [f64], m: usize) {
 
 /// Full `m × m` matrix of squared Euclidean distances (row-major), from a GEMM of the
 /// column-centred data; rounding noise below 0 is set to 0 and the diagonal is exactly 0.
-/// Fails with a Memory error when `m² × 8` bytes exceed `max_bytes`.
-pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, max_bytes: u64) -> Result<Vec<f64>> {
+/// Fails with a Memory error when the matrix and the centred copy (`(m² + m·d) × 8` bytes)
+/// exceed `budget`.
+pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, budget: &Budget) -> Result<Vec<f64>> {
     check_shape(x, m, d)?;
-    let need = (m as u64).saturating_mul(m as u64).saturating_mul(8);
-    if need > max_bytes {
-        return Err(Error::Memory(format!(
-            "an {m} × {m} distance matrix needs {:.1} MiB (limit {:.1} MiB); use a smaller sample",
-            need as f64 / 1048576.0,
-            max_bytes as f64 / 1048576.0
-        )));
-    }
-    let (xc, norms) = centred(x, m, d);
-    let mut g = vec![0.0f64; m * m];
+    let need = (m as u128 * m as u128 + m as u128 * d as u128) * 8;
+    budget.check(
+        need,
+        format_args!("the {m} × {m} distance matrix"),
+        "use a smaller sample (sample=...)",
+    )?;
+    let (xc, norms) = centred(x, m, d)?;
+    let mut g = try_vec(m * m, 0.0f64, format_args!("the {m} × {m} distance matrix"))?;
     // Upper triangle of the column-major Gram (packed SYRK: half the flops of a full
     // product); column j holds ⟨x_i, x_j⟩ for i ≤ j in g[j·m .. j·m + j].
     let view = crate::linalg::packed::Strided {
@@ -453,7 +477,7 @@ pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, max_bytes: u64) -> Resu
         rs: 1,
         cs: d,
     };
-    crate::linalg::packed::syrk_upper_add(&mut g, m, view, &mut Vec::new());
+    crate::linalg::packed::syrk_upper_add(&mut g, m, view, &mut Vec::new())?;
     g.par_chunks_mut(m.max(1)).enumerate().for_each(|(j, col)| {
         col[j] = 0.0;
         for (i, v) in col[..j].iter_mut().enumerate() {
@@ -471,30 +495,27 @@ pub fn exact_condensed_sq_distances(
     x: &[f64],
     m: usize,
     d: usize,
-    max_bytes: u64,
+    budget: &Budget,
 ) -> Result<Vec<f64>> {
     check_shape(x, m, d)?;
-    let len = m.saturating_mul(m.saturating_sub(1)) / 2;
-    if (len as u64).saturating_mul(8) > max_bytes {
-        return Err(Error::Memory(format!(
-            "the {m}-row condensed distance matrix needs {:.1} MiB (limit {:.1} MiB); use a smaller sample",
-            len as f64 * 8.0 / 1048576.0,
-            max_bytes as f64 / 1048576.0
-        )));
+    let len = (m as u128) * (m as u128).saturating_sub(1) / 2;
+    let what = format!("the condensed {m}-row distance matrix ({len} pairs)");
+    budget.check(len * 8, &what, "use a smaller sample (sample=...)")?;
+    let mut out = try_vec(len as usize, 0.0f64, &what)?;
+    // Row i's pairs (i, i+1..m) are one contiguous run of m − 1 − i values.
+    let mut runs: Vec<(usize, &mut [f64])> = Vec::with_capacity(m);
+    let mut rest: &mut [f64] = &mut out;
+    for i in 0..m {
+        let (run, tail) = rest.split_at_mut(m - 1 - i.min(m - 1));
+        runs.push((i, run));
+        rest = tail;
     }
-    let rows: Vec<Vec<f64>> = (0..m)
-        .into_par_iter()
-        .map(|i| {
-            let xi = &x[i * d..(i + 1) * d];
-            ((i + 1)..m)
-                .map(|j| exact_sq_dist(xi, &x[j * d..(j + 1) * d]))
-                .collect()
-        })
-        .collect();
-    let mut out = Vec::with_capacity(len);
-    for r in rows {
-        out.extend(r);
-    }
+    runs.into_par_iter().for_each(|(i, run)| {
+        let xi = &x[i * d..(i + 1) * d];
+        for (v, j) in run.iter_mut().zip((i + 1)..m) {
+            *v = exact_sq_dist(xi, &x[j * d..(j + 1) * d]);
+        }
+    });
     Ok(out)
 }
 
@@ -540,7 +561,7 @@ mod tests {
         for (t, v) in x.iter_mut().enumerate() {
             *v = (*v + 1000.0 * (t % d) as f64) as f32 as f64;
         }
-        let g = knn(&x, m, d, k, &NoMonitor).unwrap();
+        let g = knn(&x, m, d, k, &Budget::unchecked(), &NoMonitor).unwrap();
         let b = brute(&x, m, d, k);
         for (i, bi) in b.iter().enumerate() {
             assert_eq!(g.neighbours(i), &bi[..]);
@@ -561,7 +582,7 @@ mod tests {
         for v in x[5 * d..6 * d].iter_mut() {
             *v *= 1e3;
         }
-        let g = knn(&x, m, d, k, &NoMonitor).unwrap();
+        let g = knn(&x, m, d, k, &Budget::unchecked(), &NoMonitor).unwrap();
         let b = brute(&x, m, d, k);
         for (i, bi) in b.iter().enumerate() {
             assert_eq!(g.neighbours(i), &bi[..]);
@@ -571,17 +592,45 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
-        assert!(knn(&[], 0, 3, 1, &NoMonitor).is_err());
-        assert!(knn(&[1.0, 2.0], 1, 2, 1, &NoMonitor).is_err());
-        assert!(knn(&[1.0, 2.0, 3.0], 2, 2, 1, &NoMonitor).is_err());
-        assert!(knn(&[1.0, f64::NAN, 3.0, 4.0], 2, 2, 1, &NoMonitor).is_err());
-        assert!(knn(&[1.0, 2.0], 2, 0, 1, &NoMonitor).is_err());
+        assert!(knn(&[], 0, 3, 1, &Budget::unchecked(), &NoMonitor).is_err());
+        assert!(knn(&[1.0, 2.0], 1, 2, 1, &Budget::unchecked(), &NoMonitor).is_err());
+        assert!(knn(&[1.0, 2.0, 3.0], 2, 2, 1, &Budget::unchecked(), &NoMonitor).is_err());
+        assert!(knn(
+            &[1.0, f64::NAN, 3.0, 4.0],
+            2,
+            2,
+            1,
+            &Budget::unchecked(),
+            &NoMonitor
+        )
+        .is_err());
+        assert!(knn(&[1.0, 2.0], 2, 0, 1, &Budget::unchecked(), &NoMonitor).is_err());
         let x = lcg(40, 1);
-        assert!(dedup_knn(&x, 10, 4, 2, Some(-1.0), Duplicates::Drop, &NoMonitor).is_err());
+        assert!(dedup_knn(
+            &x,
+            10,
+            4,
+            2,
+            Some(-1.0),
+            Duplicates::Drop,
+            &Budget::unchecked(),
+            &NoMonitor
+        )
+        .is_err());
         // all rows identical: dropping leaves one point, too few for k = 2
         let same = vec![1.5; 40];
-        assert!(dedup_knn(&same, 10, 4, 2, None, Duplicates::Drop, &NoMonitor).is_err());
-        assert!(sq_distance_matrix(&x, 11, 4, u64::MAX).is_err());
+        assert!(dedup_knn(
+            &same,
+            10,
+            4,
+            2,
+            None,
+            Duplicates::Drop,
+            &Budget::unchecked(),
+            &NoMonitor
+        )
+        .is_err());
+        assert!(sq_distance_matrix(&x, 11, 4, &Budget::unchecked()).is_err());
     }
 
     #[test]
@@ -592,25 +641,45 @@ mod tests {
             let src: Vec<f64> = x[r * d..(r + 1) * d].to_vec();
             x[(100 + r) * d..(101 + r) * d].copy_from_slice(&src);
         }
-        let r = dedup_knn(&x, m, d, k, None, Duplicates::Drop, &NoMonitor).unwrap();
+        let r = dedup_knn(
+            &x,
+            m,
+            d,
+            k,
+            None,
+            Duplicates::Drop,
+            &Budget::unchecked(),
+            &NoMonitor,
+        )
+        .unwrap();
         assert_eq!(r.duplicates, 10);
         assert_eq!(r.kept.len(), 190);
-        assert!(dedup_knn(&x, m, d, k, None, Duplicates::Error, &NoMonitor).is_err());
-        assert!(knn(&x, m, d, 0, &NoMonitor).is_err());
-        assert!(knn(&x, m, d, m, &NoMonitor).is_err());
+        assert!(dedup_knn(
+            &x,
+            m,
+            d,
+            k,
+            None,
+            Duplicates::Error,
+            &Budget::unchecked(),
+            &NoMonitor
+        )
+        .is_err());
+        assert!(knn(&x, m, d, 0, &Budget::unchecked(), &NoMonitor).is_err());
+        assert!(knn(&x, m, d, m, &Budget::unchecked(), &NoMonitor).is_err());
     }
 
     #[test]
     fn distance_matrix_matches() {
         let (m, d) = (50, 6);
         let x = lcg(m * d, 9);
-        let g = sq_distance_matrix(&x, m, d, u64::MAX).unwrap();
+        let g = sq_distance_matrix(&x, m, d, &Budget::unchecked()).unwrap();
         for (i, gi) in g.chunks_exact(m).enumerate() {
             for (j, gij) in gi.iter().enumerate() {
                 let e = exact_sq_dist(&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
                 assert!((gij - e).abs() < 1e-12);
             }
         }
-        assert!(sq_distance_matrix(&x, m, d, 10).is_err());
+        assert!(sq_distance_matrix(&x, m, d, &Budget::argument(10).unwrap()).is_err());
     }
 }

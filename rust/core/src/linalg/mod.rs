@@ -10,8 +10,12 @@ use rayon::prelude::*;
 /// shared zero page — so the SYRK's first read-then-write of each page is not a
 /// copy-on-write fault with a TLB shootdown, and column-strided access needs ~500× fewer TLB
 /// entries. Values are identical either way.
-pub fn hinted_vec<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(len);
+/// A refused allocation is an [`crate::Error::Memory`] naming `what` (never an abort).
+pub fn hinted_vec<T: Copy + Default + Send + Sync>(
+    len: usize,
+    what: impl std::fmt::Display,
+) -> crate::Result<Vec<T>> {
+    let mut v: Vec<T> = crate::memory::try_with_capacity(len, what)?;
     advise_huge_pages(v.as_mut_ptr().cast(), len * std::mem::size_of::<T>());
     v.spare_capacity_mut()
         .par_chunks_mut(1 << 15)
@@ -22,7 +26,7 @@ pub fn hinted_vec<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
         });
     // SAFETY: all `len` elements were initialised just above (capacity ≥ len).
     unsafe { v.set_len(len) };
-    v
+    Ok(v)
 }
 
 /// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned interior of `[ptr, ptr + bytes)` (a hint:
@@ -59,10 +63,10 @@ pub fn symmetrize_from_upper(a: &mut [f64], k: usize) {
 
 /// `g = x xᵀ` for the row-major `m × d` matrix `x` (a Gram matrix), as a row-major (= column
 /// major, it is symmetric) `m × m` buffer.
-pub fn gram(x: &[f64], m: usize, d: usize) -> Vec<f64> {
-    let mut g = vec![0.0; m * m];
+pub fn gram(x: &[f64], m: usize, d: usize) -> crate::Result<Vec<f64>> {
+    let mut g = crate::memory::try_vec(m * m, 0.0, format_args!("a {m} × {m} Gram matrix"))?;
     if m == 0 {
-        return g;
+        return Ok(g);
     }
     // g = UᵀU for U = xᵀ (d × m): element (feature p, row c) = x[c·d + p].
     let view = packed::Strided {
@@ -72,9 +76,9 @@ pub fn gram(x: &[f64], m: usize, d: usize) -> Vec<f64> {
         rs: 1,
         cs: d,
     };
-    packed::syrk_upper_add(&mut g, m, view, &mut Vec::new());
+    packed::syrk_upper_add(&mut g, m, view, &mut Vec::new())?;
     symmetrize_from_upper(&mut g, m);
-    g
+    Ok(g)
 }
 
 /// Squared Frobenius norm of the sub-block `rows × cols` of the column-major `k × k` buffer.
@@ -100,7 +104,7 @@ mod tests {
     fn gram_matches_naive() {
         let (m, k) = (7, 5);
         let w: Vec<f64> = (0..m * k).map(|i| ((i * 37 % 11) as f64) - 5.0).collect();
-        let g = gram(&w, m, k);
+        let g = gram(&w, m, k).unwrap();
         for a in 0..m {
             for b in 0..m {
                 let want: f64 = (0..k).map(|i| w[a * k + i] * w[b * k + i]).sum();

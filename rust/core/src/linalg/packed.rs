@@ -108,13 +108,14 @@ impl<T: Copy + Default> Strided<'_, T> {
 
 /// Upper triangle (diagonal included) of `C += UᵀU`; `C` is column-major `n × n` inside a
 /// buffer with column stride `ldc ≥ n`. Entries below the diagonal are not touched.
-/// `pack` is a reusable buffer (its contents are overwritten; it grows to `2·n·KC` values).
+/// `pack` is a reusable buffer (its contents are overwritten; it grows to `2·n·KC` values;
+/// a refused allocation of it is an [`crate::Error::Memory`]).
 pub fn syrk_upper_add<T: PackedElem>(
     c: &mut [f64],
     ldc: usize,
     u: Strided<'_, T>,
     pack: &mut Vec<T>,
-) {
+) -> crate::Result<()> {
     syrk_with::<T>(c, ldc, u, pack, T::micro)
 }
 
@@ -124,7 +125,7 @@ pub fn syrk_upper_add_portable<T: PackedElem + Portable>(
     ldc: usize,
     u: Strided<'_, T>,
     pack: &mut Vec<T>,
-) {
+) -> crate::Result<()> {
     syrk_with::<T>(c, ldc, u, pack, T::micro_portable)
 }
 
@@ -136,10 +137,10 @@ fn syrk_with<T: PackedElem>(
     u: Strided<'_, T>,
     pack: &mut Vec<T>,
     micro: Micro<T>,
-) {
+) -> crate::Result<()> {
     let (k, n) = (u.k, u.n);
     if k == 0 || n == 0 {
-        return;
+        return Ok(());
     }
     u.check();
     assert!(
@@ -153,7 +154,7 @@ fn syrk_with<T: PackedElem>(
     let b_len = n.div_ceil(nr) * nr * kcap;
     let a_len = n.div_ceil(mr) * mr * kcap;
     if pack.len() < a_len + b_len {
-        *pack = super::hinted_vec(a_len + b_len);
+        *pack = super::hinted_vec(a_len + b_len, "the packed panels of the SYRK")?;
     }
     let (ap_all, bp_all) = pack[..a_len + b_len].split_at_mut(a_len);
     let cp = CPtr(c.as_mut_ptr());
@@ -217,6 +218,7 @@ fn syrk_with<T: PackedElem>(
             },
         );
     }
+    Ok(())
 }
 
 fn pack_w<T: PackedElem>(
@@ -507,9 +509,9 @@ mod tests {
                     };
                     let mut pack = Vec::new();
                     if portable {
-                        syrk_upper_add_portable(&mut c, ldc, view, &mut pack);
+                        syrk_upper_add_portable(&mut c, ldc, view, &mut pack).unwrap();
                     } else {
-                        syrk_upper_add(&mut c, ldc, view, &mut pack);
+                        syrk_upper_add(&mut c, ldc, view, &mut pack).unwrap();
                     }
                     for j in 0..n {
                         for i in 0..ldc {
@@ -560,7 +562,8 @@ mod tests {
                 cs: 1,
             },
             &mut Vec::new(),
-        );
+        )
+        .unwrap();
         assert_eq!(c, vec![1.0; 4]);
     }
 }

@@ -33,6 +33,7 @@
 //! `arccos` of a cosine that round-off puts above 1 is taken as 0 (only in the angles).
 use crate::error::{Error, Result};
 use crate::measures::spectrum::{layer_eigs, LayerEig, Spectrum};
+use crate::memory::Budget;
 use crate::monitor::Monitor;
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
@@ -573,13 +574,25 @@ pub struct AlignSpec {
     pub symmetric: bool,
 }
 
+/// Peak bytes of the eigendecompositions of layers of widths `dims`: every layer's
+/// eigenvectors are kept (`d²` values each) and up to one solver workspace (the input copy,
+/// its factors and scratch: about `4 d²`) per worker thread is live at a time.
+pub fn eigs_bytes(dims: &[usize]) -> u128 {
+    let held: u128 = dims.iter().map(|&d| d as u128 * d as u128 * 8).sum();
+    let dmax = dims.iter().copied().max().unwrap_or(0) as u128;
+    let workers = rayon::current_num_threads().min(dims.len()) as u128;
+    held + workers * 4 * dmax * dmax * 8
+}
+
 /// Spectra of `spectrum_layers` and/or the alignment `align`, from one `C`: every layer used
-/// is eigendecomposed once (in parallel) and shared.
+/// is eigendecomposed once (in parallel) and shared. Fails with [`Error::Memory`] before
+/// any work when the decompositions ([`eigs_bytes`]) do not fit `budget`.
 pub fn measures_from_cov(
     view: &CovView<'_>,
     names: &[String],
     spectrum_layers: &[usize],
     align: Option<&AlignSpec>,
+    budget: &Budget,
     monitor: &dyn Monitor,
 ) -> Result<(Vec<Spectrum>, Option<AlignmentMatrix>)> {
     if names.len() != view.dims.len() {
@@ -591,6 +604,19 @@ pub fn measures_from_cov(
     }
     used.sort_unstable();
     used.dedup();
+    let dims: Vec<usize> = used
+        .iter()
+        .filter_map(|&i| view.dims.get(i).copied())
+        .collect();
+    budget.check(
+        eigs_bytes(&dims),
+        format_args!(
+            "the eigendecompositions of {} layers (widest {})",
+            dims.len(),
+            dims.iter().max().unwrap_or(&0)
+        ),
+        "select fewer layers per call",
+    )?;
     let eigs = view.eigs(&used, monitor)?;
     let local = |i: usize| {
         used.binary_search(&i)

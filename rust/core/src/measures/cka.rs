@@ -39,7 +39,8 @@
 use crate::engine::moments::{selection_dims, stream_selections, Selection};
 use crate::error::{Error, Result};
 use crate::linalg::gram;
-use crate::measures::kernel::rbf_gram;
+use crate::measures::kernel::{max_rows_for, rbf_gram, rbf_gram_workspace_bytes};
+use crate::memory::{try_vec, Budget};
 use crate::monitor::Monitor;
 use crate::store::Element;
 use rayon::prelude::*;
@@ -140,10 +141,16 @@ fn hsic_unbiased(a: &Prepared, b: &Prepared, m: usize) -> f64 {
 
 /// Bytes a minibatch CKA over layers `dims` with minibatches of `batch_size` rows needs:
 /// one `m × m` f64 Gram per layer, plus the f64 rows of one batch (carry and centred copy).
+/// Layers are prepared in parallel, so up to one Gram workspace (the centred copy and the
+/// median's half Gram, [`rbf_gram_workspace_bytes`]) per worker thread comes on top.
 pub fn minibatch_bytes(dims: &[usize], batch_size: usize) -> u128 {
     let m = batch_size as u128;
     let d: u128 = dims.iter().map(|&d| d as u128).sum();
-    dims.len() as u128 * m * m * 8 + 2 * m * d * 8
+    let dmax = dims.iter().copied().max().unwrap_or(0);
+    let workers = rayon::current_num_threads().min(dims.len()) as u128;
+    dims.len() as u128 * m * m * 8
+        + 2 * m * d * 8
+        + workers * rbf_gram_workspace_bytes(batch_size, dmax)
 }
 
 /// The streaming minibatch-CKA accumulator: feed row blocks of any size with
@@ -217,7 +224,7 @@ impl MinibatchCka {
                 return Err(Error::invalid(format!("sigma must be > 0, got {sigma}")));
             }
         }
-        // Refuse what cannot be allocated at all (a budget is checked by with_max_memory).
+        // Refuse what cannot be allocated at all (a budget is checked by with_budget).
         let need = minibatch_bytes(dims, batch_size);
         if need > (isize::MAX as u128) / 2 {
             return Err(Error::Memory(format!(
@@ -234,7 +241,7 @@ impl MinibatchCka {
             num_a: l,
             pairs: Vec::new(),
             sums: Vec::new(),
-            bw_sums: vec![0.0; l],
+            bw_sums: try_vec(l, 0.0, "the bandwidth sums")?,
             batches: 0,
             rows_used: 0,
             rows_seen: 0,
@@ -292,22 +299,18 @@ impl MinibatchCka {
     }
 
     /// Fail with [`Error::Memory`] (giving the options) when the Grams and batch buffers
-    /// would exceed `max_memory` bytes.
-    pub fn with_max_memory(self, max_memory: u64) -> Result<Self> {
-        let need = minibatch_bytes(&self.dims, self.batch_size);
-        if need > max_memory as u128 {
-            return Err(Error::Memory(format!(
-                "minibatch CKA over {} layers with batch_size = {} needs about {:.1} MiB \
-                 (one {}×{} Gram per layer), above max_memory = {:.1} MiB; options: a smaller \
-                 batch_size, fewer layers per call, or raise max_memory",
-                self.dims.len(),
-                self.batch_size,
-                need as f64 / 1048576.0,
-                self.batch_size,
-                self.batch_size,
-                max_memory as f64 / 1048576.0
-            )));
-        }
+    /// ([`minibatch_bytes`]) would exceed `budget`.
+    pub fn with_budget(self, budget: &Budget) -> Result<Self> {
+        let (l, m) = (self.dims.len(), self.batch_size);
+        budget.check(
+            minibatch_bytes(&self.dims, m),
+            format_args!("minibatch CKA over {l} layers (one {m} × {m} Gram per layer)"),
+            format_args!(
+                "use a smaller batch_size (at most {} fits with these {l} layers) or fewer \
+                 layers per call",
+                max_rows_for(budget.bytes, |r| minibatch_bytes(&self.dims, r as usize))
+            ),
+        )?;
         Ok(self)
     }
 
@@ -382,6 +385,13 @@ impl MinibatchCka {
             let take = (self.batch_size - self.carry_rows).min(rows - pos);
             for (l, x) in block.iter().enumerate() {
                 let d = self.dims[l];
+                self.carry[l].try_reserve_exact(take * d).map_err(|_| {
+                    Error::Memory(format!(
+                        "could not allocate the minibatch rows of layer {:?}; use a smaller \
+                         batch_size",
+                        self.names[l]
+                    ))
+                })?;
                 self.carry[l].extend(x[pos * d..(pos + take) * d].iter().map(|v| v.to_f64()));
             }
             self.carry_rows += take;
@@ -428,18 +438,17 @@ impl MinibatchCka {
                             .chunks(d)
                             .flat_map(|r| r.iter().zip(&mean).map(|(v, mu)| v - mu))
                             .collect();
-                        (gram(&xc, m, d), f64::NAN)
+                        (gram(&xc, m, d)?, f64::NAN)
                     }
-                    Kernel::Rbf { sigma } => {
-                        rbf_gram(x, m, d, sigma, u64::MAX).map_err(|e| match e {
+                    Kernel::Rbf { sigma } => rbf_gram(x, m, d, sigma, &Budget::unchecked())
+                        .map_err(|e| match e {
                             Error::InvalidArgument(msg) => Error::invalid(format!(
                                 "layer {:?}, minibatch of rows {start}..{}: {msg}",
                                 names[l],
                                 start + m as u64
                             )),
                             other => other,
-                        })?
-                    }
+                        })?,
                 };
                 Ok(Some((prepare(k, m), bw)))
             })
@@ -751,7 +760,7 @@ mod tests {
         assert!(matches!(
             MinibatchCka::new(&[768; 13], Kernel::Linear, 4096)
                 .unwrap()
-                .with_max_memory(1 << 20),
+                .with_budget(&Budget::argument(1 << 20).unwrap()),
             Err(Error::Memory(_))
         ));
         let mut acc = MinibatchCka::new(&[d], Kernel::Linear, 8).unwrap();
@@ -781,7 +790,7 @@ mod tests {
             n,
             1.0,
             true,
-            u64::MAX,
+            &Budget::unchecked(),
             &NoMonitor,
         )
         .unwrap();

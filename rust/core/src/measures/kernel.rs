@@ -14,8 +14,23 @@
 //! Each Gram is built once per layer and reused for all pairs.
 use crate::engine::neighbors::sq_distance_matrix;
 use crate::error::{Error, Result};
+use crate::memory::{try_with_capacity, Budget};
 use crate::monitor::Monitor;
 use rayon::prelude::*;
+
+/// The largest `r ≤ 2³²` with `bytes(r) ≤ budget` (`bytes` increasing), 0 if none.
+pub fn max_rows_for(budget: u64, bytes: impl Fn(u128) -> u128) -> u64 {
+    let (mut lo, mut hi) = (0u128, 1u128 << 32);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if bytes(mid) <= budget as u128 {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo as u64
+}
 
 /// One prepared kernel: what every pair needs.
 struct Prepared {
@@ -31,11 +46,12 @@ struct Prepared {
 /// full multiset is the `m` diagonal zeros followed by every upper value twice, so order
 /// statistic `r ≥ m` of the whole matrix is order statistic `(r − m) / 2` of the upper
 /// triangle. Exactly the median of the full matrix, on half the data.
-fn median_sym_zero_diag(g: &[f64], m: usize) -> f64 {
+fn median_sym_zero_diag(g: &[f64], m: usize) -> Result<f64> {
     if m == 0 {
-        return f64::NAN;
+        return Ok(f64::NAN);
     }
-    let mut w: Vec<f64> = Vec::with_capacity(m * (m - 1) / 2);
+    let mut w: Vec<f64> =
+        try_with_capacity(m * (m - 1) / 2, "the workspace of the median distance")?;
     for i in 0..m {
         w.extend_from_slice(&g[i * m + i + 1..(i + 1) * m]);
     }
@@ -60,7 +76,14 @@ fn median_sym_zero_diag(g: &[f64], m: usize) -> f64 {
     } else {
         at(ranks.1, &mut w)
     };
-    (lo + hi) / 2.0
+    Ok((lo + hi) / 2.0)
+}
+
+/// Peak bytes of [`rbf_gram`] beyond the Grams it returns: the centred copy of the sample
+/// and the median's workspace (half a Gram).
+pub fn rbf_gram_workspace_bytes(m: usize, d: usize) -> u128 {
+    let (m, d) = (m as u128, d as u128);
+    (m * d + m * m.saturating_sub(1) / 2) * 8
 }
 
 /// RBF Gram matrix of a sample and its bandwidth (rule above).
@@ -69,13 +92,13 @@ pub fn rbf_gram(
     m: usize,
     d: usize,
     sigma: f64,
-    max_bytes: u64,
+    budget: &Budget,
 ) -> Result<(Vec<f64>, f64)> {
     if !(sigma.is_finite() && sigma > 0.0) {
         return Err(Error::invalid(format!("sigma must be > 0, got {sigma}")));
     }
-    let mut g = sq_distance_matrix(x, m, d, max_bytes)?;
-    let med = median_sym_zero_diag(&g, m);
+    let mut g = sq_distance_matrix(x, m, d, budget)?;
+    let med = median_sym_zero_diag(&g, m)?;
     let bw = sigma * med.sqrt();
     if bw.is_nan() || bw <= 0.0 {
         return Err(Error::invalid(
@@ -156,14 +179,15 @@ pub struct RbfHsic {
 
 /// RBF HSIC for all pairs: `a` (and optionally `b`) are layers of the same `m` rows, each a
 /// row-major buffer with its width. `unbiased` selects Song et al.'s estimator (needs m ≥ 4).
-/// Memory: one m × m f64 Gram per layer (checked against `max_bytes`).
+/// Memory: one m × m f64 Gram per layer plus one Gram's workspace (checked against `budget`
+/// before any Gram is built).
 pub fn rbf_hsic(
     a: &[(&[f64], usize)],
     b: Option<&[(&[f64], usize)]>,
     m: usize,
     sigma: f64,
     unbiased: bool,
-    max_bytes: u64,
+    budget: &Budget,
     monitor: &dyn Monitor,
 ) -> Result<RbfHsic> {
     if a.is_empty() || b.is_some_and(|b| b.is_empty()) {
@@ -175,26 +199,25 @@ pub fn rbf_hsic(
             if unbiased { 4 } else { 2 }
         )));
     }
-    let nl = a.len() + b.map_or(0, |b| b.len());
-    let need = (nl as u64)
-        .saturating_mul(m as u64)
-        .saturating_mul(m as u64)
-        .saturating_mul(8);
-    if need > max_bytes {
-        return Err(Error::Memory(format!(
-            "{nl} RBF Gram matrices of {m} × {m} need {:.1} MiB (limit {:.1} MiB); \
-             use a smaller sample, fewer layers, or estimator='minibatch'",
-            need as f64 / 1048576.0,
-            max_bytes as f64 / 1048576.0
-        )));
-    }
+    let (nl, dmax) = super::count_and_widest(a, b);
+    let grams = nl as u128 * m as u128 * m as u128 * 8;
+    budget.check(
+        grams + rbf_gram_workspace_bytes(m, dmax),
+        format_args!("{nl} RBF Gram matrices of {m} × {m} rows"),
+        format_args!(
+            "use a smaller sample (sample=...; at most {} rows fit with these {nl} layers), \
+             fewer layers, or estimator='minibatch'",
+            max_rows_for(budget.bytes, |r| nl as u128 * r * r * 8
+                + rbf_gram_workspace_bytes(r as usize, dmax))
+        ),
+    )?;
     let total = (nl * 2) as u64;
     let mut done = 0u64;
     let mut build = |layers: &[(&[f64], usize)]| -> Result<(Vec<Prepared>, Vec<f64>)> {
         let mut out = Vec::with_capacity(layers.len());
         let mut bws = Vec::with_capacity(layers.len());
         for (x, d) in layers {
-            let (k, bw) = rbf_gram(x, m, *d, sigma, u64::MAX)?;
+            let (k, bw) = rbf_gram(x, m, *d, sigma, &Budget::unchecked())?;
             out.push(prepare(k, m, unbiased));
             bws.push(bw);
             done += 1;
@@ -268,14 +291,18 @@ mod tests {
                 m,
                 1.0,
                 unbiased,
-                u64::MAX,
+                &Budget::unchecked(),
                 &NoMonitor,
             )
             .unwrap();
             let cka = r.xy[1] / (r.xx[0] * r.xx[1]).sqrt();
             assert!((cka - 1.0).abs() < 1e-12);
         }
-        assert!(rbf_hsic(&[(&x, 3)], None, m, 1.0, true, 10, &NoMonitor).is_err());
+        let tiny = Budget::argument(10).unwrap();
+        assert!(matches!(
+            rbf_hsic(&[(&x, 3)], None, m, 1.0, true, &tiny, &NoMonitor),
+            Err(Error::Memory(_))
+        ));
     }
 
     fn naive_median(v: &[f64]) -> f64 {
@@ -302,7 +329,11 @@ mod tests {
                         g[j * m + i] = v;
                     }
                 }
-                assert_eq!(median_sym_zero_diag(&g, m), naive_median(&g), "m={m}");
+                assert_eq!(
+                    median_sym_zero_diag(&g, m).unwrap(),
+                    naive_median(&g),
+                    "m={m}"
+                );
             }
         }
     }

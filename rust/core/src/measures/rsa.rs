@@ -10,8 +10,10 @@
 //!   ranks, ties given their average rank, as `scipy.stats.spearmanr`).
 //! * Mutual kNN: `mean_i |N_k^A(i) ∩ N_k^B(i)| / k`, with `N_k` the k nearest neighbours of
 //!   point `i` (self excluded) in each representation.
-use crate::engine::neighbors::{exact_condensed_sq_distances, Knn};
+use crate::engine::neighbors::{exact_condensed_sq_distances, knn, Knn};
 use crate::error::{Error, Result};
+use crate::measures::Layers;
+use crate::memory::{try_copy, Budget};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +53,17 @@ impl Compare {
 }
 
 /// Condensed RDM (length m(m−1)/2) of `m` rows of width `d`.
-pub fn rdm(x: &[f64], m: usize, d: usize, kind: Dissimilarity, max_bytes: u64) -> Result<Vec<f64>> {
+/// Fails with [`Error::Memory`] when the RDM does not fit `budget`.
+pub fn rdm(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    kind: Dissimilarity,
+    budget: &Budget,
+) -> Result<Vec<f64>> {
     match kind {
         Dissimilarity::Euclidean => {
-            let mut g = exact_condensed_sq_distances(x, m, d, max_bytes)?;
+            let mut g = exact_condensed_sq_distances(x, m, d, budget)?;
             g.par_iter_mut().for_each(|v| *v = v.sqrt());
             Ok(g)
         }
@@ -64,7 +73,7 @@ pub fn rdm(x: &[f64], m: usize, d: usize, kind: Dissimilarity, max_bytes: u64) -
             }
             // Row-standardise z_i = (x_i − mean) / ‖x_i − mean‖; then
             // 1 − corr(x_i, x_j) = ‖z_i − z_j‖² / 2 (exact differences: identical rows give 0).
-            let mut z = x.to_vec();
+            let mut z = try_copy(x, "the row-standardised sample")?;
             for (i, r) in z.chunks_exact_mut(d).enumerate() {
                 let mu = r.iter().sum::<f64>() / d as f64;
                 r.iter_mut().for_each(|v| *v -= mu);
@@ -77,7 +86,7 @@ pub fn rdm(x: &[f64], m: usize, d: usize, kind: Dissimilarity, max_bytes: u64) -
                 }
                 r.iter_mut().for_each(|v| *v /= nrm);
             }
-            let mut g = exact_condensed_sq_distances(&z, m, d, max_bytes)?;
+            let mut g = exact_condensed_sq_distances(&z, m, d, budget)?;
             g.par_iter_mut().for_each(|v| *v *= 0.5);
             Ok(g)
         }
@@ -155,6 +164,103 @@ pub fn mutual_knn(a: &Knn, b: &Knn, k: usize) -> Result<f64> {
     Ok(tot as f64 / (a.m as f64 * k as f64))
 }
 
+/// Peak bytes of [`rsa_matrix`] over `layers` layers of `m` rows: every prepared RDM
+/// (`m(m−1)/2` values each) plus the workspace of one being made (the RDM, its rank order,
+/// ranks and centred copy: four more).
+pub fn rsa_bytes(layers: usize, m: usize) -> u128 {
+    let pairs = m as u128 * (m as u128).saturating_sub(1) / 2;
+    (layers as u128 + 4) * pairs * 8
+}
+
+/// RSA of every layer pair: the correlation (`compare`) of the RDMs (`dissimilarity`) of
+/// each layer of `a` with each layer of `b` (row-major `La × Lb`; `b = None`: `a × a`).
+/// All layers hold the same `m ≥ 3` rows. Every RDM is made once; a constant RDM gives NaN.
+/// Fails with [`Error::Memory`] before any work when [`rsa_bytes`] exceeds `budget`.
+pub fn rsa_matrix(
+    a: &Layers<'_>,
+    b: Option<&Layers<'_>>,
+    m: usize,
+    kind: Dissimilarity,
+    compare: Compare,
+    budget: &Budget,
+    monitor: &dyn crate::Monitor,
+) -> Result<Vec<f64>> {
+    if m < 3 {
+        return Err(Error::invalid("RSA needs at least 3 rows"));
+    }
+    let nl = a.len() + b.map_or(0, |b| b.len());
+    budget.check(
+        rsa_bytes(nl, m),
+        format_args!("RSA of {nl} layers over {m} sampled rows ({nl} RDMs of {m} × {m})"),
+        format_args!(
+            "use a smaller sample (sample=...; at most {} rows fit with these {nl} layers) or \
+             fewer layers",
+            crate::measures::kernel::max_rows_for(budget.bytes, |r| rsa_bytes(nl, r as usize))
+        ),
+    )?;
+    let mut done = 0u64;
+    let mut prepare = |layers: &Layers<'_>| -> Result<Vec<Option<Vec<f64>>>> {
+        let mut out = Vec::with_capacity(layers.len());
+        for (x, d) in layers {
+            let r = rdm(x, m, *d, kind, &Budget::unchecked())?;
+            out.push(prepare_rdm(&r, compare));
+            done += 1;
+            monitor.progress(done, nl as u64)?;
+        }
+        Ok(out)
+    };
+    let ra = prepare(a)?;
+    let rb = match b {
+        Some(b) => Some(prepare(b)?),
+        None => None,
+    };
+    let rbr = rb.as_ref().unwrap_or(&ra);
+    Ok(ra
+        .iter()
+        .flat_map(|p| rbr.iter().map(move |q| correlate(p.as_ref(), q.as_ref())))
+        .collect())
+}
+
+/// Mutual-kNN alignment of every layer pair (row-major `La × Lb`; `b = None`: `a × a`):
+/// one exact kNN graph per layer ([`crate::engine::neighbors::knn`]), then [`mutual_knn`].
+/// Fails with [`Error::Memory`] before any work when the graphs and one graph's workspace
+/// exceed `budget`.
+pub fn mutual_knn_matrix(
+    a: &Layers<'_>,
+    b: Option<&Layers<'_>>,
+    m: usize,
+    k: usize,
+    budget: &Budget,
+    monitor: &dyn crate::Monitor,
+) -> Result<Vec<f64>> {
+    let (nl, dmax) = super::count_and_widest(a, b);
+    let graphs = nl as u128 * m as u128 * k as u128 * 16;
+    budget.check(
+        graphs + crate::engine::neighbors::knn_bytes(m, dmax, k),
+        format_args!("the {k}-nearest-neighbour graphs of {nl} layers over {m} sampled rows"),
+        "use a smaller sample (sample=...), a smaller k, or fewer layers",
+    )?;
+    let graph = |layers: &Layers<'_>| -> Result<Vec<Knn>> {
+        layers
+            .iter()
+            .map(|(x, d)| knn(x, m, *d, k, &Budget::unchecked(), monitor))
+            .collect()
+    };
+    let ga = graph(a)?;
+    let gb = match b {
+        Some(b) => Some(graph(b)?),
+        None => None,
+    };
+    let gbr = gb.as_ref().unwrap_or(&ga);
+    let mut out = Vec::with_capacity(ga.len() * gbr.len());
+    for p in &ga {
+        for q in gbr {
+            out.push(mutual_knn(p, q, k)?);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,7 +276,7 @@ mod tests {
     #[test]
     fn rdm_euclidean_small() {
         let x = [0.0, 0.0, 3.0, 4.0, 6.0, 8.0];
-        let r = rdm(&x, 3, 2, Dissimilarity::Euclidean, u64::MAX).unwrap();
+        let r = rdm(&x, 3, 2, Dissimilarity::Euclidean, &Budget::unchecked()).unwrap();
         for (a, b) in r.iter().zip([5.0, 10.0, 5.0]) {
             assert!((a - b).abs() < 1e-12);
         }

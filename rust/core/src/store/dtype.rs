@@ -297,6 +297,13 @@ impl Values<'_> {
         }
         let size = dtype.size();
         let base = out.len();
+        out.try_reserve((to - from) * size).map_err(|_| {
+            crate::error::Error::Memory(format!(
+                "could not allocate {} for encoding {} values of a shard",
+                crate::memory::fmt_bytes(((to - from) * size) as u128),
+                to - from
+            ))
+        })?;
         out.resize(base + (to - from) * size, 0);
         let dst = &mut out[base..];
         // Fixed-size chunk writes (no per-element capacity checks) so that the loops vectorise.

@@ -3,6 +3,7 @@ use super::dtype::{DType, Element};
 use super::manifest::{LayerInfo, Manifest, ShardInfo, MANIFEST_NAME, MAX_MANIFEST_BYTES, ROW_ID};
 use super::shard::{parse_header, TensorDType, TensorEntry};
 use crate::error::{Error, Result};
+use crate::memory::{try_vec, try_with_capacity};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde_json::Value;
@@ -231,7 +232,10 @@ impl Store {
     }
 
     fn read_i64(&self, pick: impl Fn(&Shard) -> &Range<usize>) -> Result<Vec<i64>> {
-        let mut out = Vec::with_capacity(self.manifest.num_rows as usize);
+        let mut out = try_with_capacity(
+            usize::try_from(self.manifest.num_rows).unwrap_or(usize::MAX),
+            "the row ids",
+        )?;
         for s in &self.shards {
             let bytes = s
                 .map
@@ -300,7 +304,11 @@ impl Store {
     /// come through as stored (see [`Store::find_nonfinite`]). Parallel over row chunks.
     pub fn read_rows<T: Element>(&self, layer: usize, start: u64, stop: u64) -> Result<Vec<T>> {
         let n = self.block_len(layer, start, stop)?;
-        let mut out = vec![T::default(); n];
+        let mut out = try_vec(
+            n,
+            T::default(),
+            format_args!("a block of {} rows", stop - start),
+        )?;
         self.read_rows_into(layer, start, stop, &mut out)?;
         Ok(out)
     }
@@ -393,7 +401,7 @@ impl Store {
             .len()
             .checked_mul(dim)
             .ok_or_else(|| Error::Memory("requested block too large".into()))?;
-        let mut out = vec![T::default(); n];
+        let mut out = try_vec(n, T::default(), format_args!("{} sampled rows", rows.len()))?;
         self.take_into(layer, rows, &mut out)?;
         Ok(out)
     }
@@ -504,8 +512,9 @@ impl Store {
         let mut bufs = layers
             .iter()
             .map(|&l| {
-                self.block_len(l, 0, first)
-                    .map(|len| vec![T::default(); len])
+                self.block_len(l, 0, first).and_then(|len| {
+                    try_vec(len, T::default(), format_args!("a block of {first} rows"))
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let mut start = 0u64;
