@@ -39,15 +39,9 @@ class MemoryBudget(NamedTuple):
     source: str
 
     def __str__(self) -> str:
+        from .store import _human
+
         return f"{_human(self.bytes)} ({self.source})"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
 
 
 def max_memory_bytes(value: Any, name: str = "max_memory") -> int | None:

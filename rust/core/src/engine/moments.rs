@@ -216,7 +216,7 @@ pub fn check_memory(
         format!(
             "not even one layer of width {widest} fits: its accumulator alone needs {}; \
              a budget of at least {} is needed for the widest layer on its own",
-            fmt_bytes(accumulator_bytes(&dims[..1])),
+            fmt_bytes(accumulator_bytes(&[widest])),
             fmt_bytes(pass_bytes(&[widest], block_rows, compute))
         )
     } else {
