@@ -82,6 +82,17 @@ def progress_callback(progress: Any, desc: str) -> tuple[Callable[[int, int], No
     return cb, bar
 
 
+def check_sample(a: Source, b: Source | None, la: Sequence[str], lb: Sequence[str],
+                 m: int, max_memory: int | None) -> None:
+    """MemoryBudgetError before loading when the float64 ``m``-row sample of every layer
+    (``la`` of ``a``, and ``lb`` of ``b`` when given) does not fit the budget; the measure
+    then checks its own matrices."""
+    dsum = sum(a.dims[x] for x in la) + (sum(b.dims[x] for x in lb) if b is not None else 0)
+    nl = len(la) + (len(lb) if b is not None else 0)
+    check_budget(int(m) * dsum * 8, f"the {m}-row sample of {nl} layers (float64)",
+                 "use a smaller sample (sample=...) or fewer layers", max_memory)
+
+
 def load(src: Source, layer: str, idx: np.ndarray) -> np.ndarray:
     """The sampled rows of one layer as C-contiguous float64 (checked finite)."""
     if idx.size == src.num_rows and (idx.size == 0 or (idx[0] == 0 and idx[-1] == idx.size - 1)):
@@ -184,11 +195,7 @@ def rbf_cka(
         else:
             need = (len(la) + (len(lb) if b is not None else 0)) * m * m * 8
             meta["gram_bytes"] = need
-            dsum = sum(a.dims[x] for x in la) + (sum(b.dims[x] for x in lb) if b else 0)
-            check_budget(
-                m * dsum * 8,
-                f"the {m}-row sample of {len(la) + (len(lb) if b else 0)} layers (float64)",
-                "use a smaller sample (sample=...) or fewer layers", max_memory)
+            check_sample(a, b, la, lb, m, max_memory)
             xa = [load(a, name, idx) for name in la]
             xb = [load(b, name, idx) for name in lb] if b is not None else None
             r = _native.rbf_hsic(

@@ -134,15 +134,12 @@ def compute_moments(
     dims = [src.dims[n] for src, ls in parts for n in ls]
     compute = resolve_compute(compute, parts)
     n = a.num_rows
-    if block_rows is not None:
-        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) \
-                or block_rows < 1:
-            raise InvalidArgumentError(
-                f"block_rows must be a positive integer, got {block_rows!r}")
-        block_rows = int(block_rows)
     if block_rows is None:
         block_rows = int(_native.default_block_rows(list(dims), compute))
-    block_rows = min(block_rows, max(n, 1))  # a block never holds more than all rows
+    elif isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) \
+            or block_rows < 1:
+        raise InvalidArgumentError(f"block_rows must be a positive integer, got {block_rows!r}")
+    block_rows = min(int(block_rows), max(n, 1))  # a block never holds more than all rows
     pl = plan(dims, max_memory, compute, block_rows)
     br = pl["block_rows"]
     num_a = len(la)

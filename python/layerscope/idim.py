@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._kernel import indices_hash, load, progress_callback, sample_indices
+from ._kernel import check_sample, indices_hash, load, progress_callback, sample_indices
 from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
 from ._source import check_comparable, resolve
 from .errors import InvalidArgumentError
@@ -449,16 +449,6 @@ def _pair_inputs(
     return a, b, la, lb, idx
 
 
-def _check_sample(a: Any, b: Any, la: list[str], lb: list[str], idx: np.ndarray,
-                  max_memory: int | None) -> None:
-    """MemoryBudgetError before loading when the float64 sample of every layer does not
-    fit the budget (the measure then checks its own matrices)."""
-    dsum = sum(a.dims[x] for x in la) + (sum(b.dims[x] for x in lb) if b is not None else 0)
-    nl = len(la) + (len(lb) if b is not None else 0)
-    check_budget(int(idx.size) * dsum * 8, f"the {idx.size}-row sample of {nl} layers (float64)",
-                 "use a smaller sample (sample=...) or fewer layers", max_memory)
-
-
 def rsa(
     source: Any,
     other: Any = None,
@@ -494,7 +484,7 @@ def rsa(
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
     if idx.size < 3:
         raise InvalidArgumentError(f"RSA needs at least 3 rows, got {idx.size}")
-    _check_sample(a, b, la, lb, idx, budget)
+    check_sample(a, b, la, lb, idx.size, budget)
     cb, bar = progress_callback(progress, "rsa")
     try:
         xa = [load(a, n, idx) for n in la]
@@ -553,7 +543,7 @@ def mutual_knn(
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
     if int(k) >= idx.size:
         raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
-    _check_sample(a, b, la, lb, idx, budget)
+    check_sample(a, b, la, lb, idx.size, budget)
     cb, bar = progress_callback(progress, "mutual knn")
 
     def get(src: Any, name: str) -> np.ndarray:
