@@ -5,9 +5,9 @@
 //! bytes per second:
 //! * `read_block_into/<dtype>`: all 4 layers, all rows, converted to f32 into reused
 //!   buffers (the conversion + copy cost, pages already mapped);
-//! * `blocks/<dtype>`: the streaming iterator (1 024-row blocks, fresh buffers, pages
-//!   released after each block) — what a one-pass consumer pays;
-//! * `for_each_block/<dtype>`: the same stream through a callback with reused buffers;
+//! * `stream/<dtype>`: the one block reader (`store::stream::run`: 1 024-row blocks, a
+//!   reader thread one block ahead, reused buffers, pages released after each block) — what
+//!   every one-pass engine pays for its input;
 //! * `take/bf16`: 1 024 random rows of one layer (gather);
 //! * `write/<dtype>`: `StoreWriter` appending f32 input and converting (sha256, fsync and
 //!   atomic renames included, so the figure depends on the disk).
@@ -16,7 +16,9 @@
 //! safetensors / numpy is `benches/bench_store.py`).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use layerscope_core::monitor::NoMonitor;
-use layerscope_core::store::{ArrayData, DType, Store, StoreWriter, Values, WriterOptions};
+use layerscope_core::store::{
+    stream, ArrayData, DType, Store, StoreRows, StoreWriter, Values, WriterOptions,
+};
 use std::hint::black_box;
 use std::path::Path;
 use std::time::Duration;
@@ -84,29 +86,15 @@ fn bench_store(c: &mut Criterion) {
     }
     g.finish();
 
-    let mut g = c.benchmark_group("blocks");
+    let mut g = c.benchmark_group("stream");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     for dt in dtypes {
         let s = Store::open(&dir.path().join(dt.name())).expect("open");
+        let src = StoreRows::new(&s, layers.clone()).expect("select");
         g.throughput(Throughput::Bytes((LAYERS * ROWS * DIM * dt.size()) as u64));
         g.bench_function(BenchmarkId::from_parameter(dt.name()), |b| {
             b.iter(|| {
-                for blk in s.blocks::<f32>(&layers, BLOCK) {
-                    black_box(blk.expect("block"));
-                }
-            })
-        });
-    }
-    g.finish();
-
-    let mut g = c.benchmark_group("for_each_block");
-    g.sample_size(10).measurement_time(Duration::from_secs(3));
-    for dt in dtypes {
-        let s = Store::open(&dir.path().join(dt.name())).expect("open");
-        g.throughput(Throughput::Bytes((LAYERS * ROWS * DIM * dt.size()) as u64));
-        g.bench_function(BenchmarkId::from_parameter(dt.name()), |b| {
-            b.iter(|| {
-                s.for_each_block::<f32>(&layers, BLOCK, &NoMonitor, |_, _, data| {
+                stream::run::<f32>(&src, BLOCK, &NoMonitor, |data, _| {
                     black_box(data);
                     Ok(())
                 })

@@ -3,12 +3,13 @@
 //! stores. Only type conversion here; the work runs in the core with the GIL released.
 use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
 use crate::monitor::PyMonitor;
+use crate::source::store_rows;
 use crate::store::NativeStore;
-use layerscope_core::engine::moments::Selection;
 use layerscope_core::measures::cka::{
-    minibatch_stores, Kernel, MinibatchCka as CoreCka, MinibatchHsic,
+    minibatch_pass, Kernel, MinibatchCka as CoreCka, MinibatchHsic,
 };
 use layerscope_core::memory::Budget;
+use layerscope_core::store::{RowSource, Rows};
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
 use numpy::IntoPyArray;
@@ -181,25 +182,9 @@ fn minibatch_cka_stores<'py>(
     block_rows: Option<usize>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let sels: Vec<Selection<'_>> = selections
-        .iter()
-        .map(|(s, l)| Selection {
-            store: &s.get().inner,
-            layers: l.clone(),
-        })
-        .collect();
-    let mut dims = Vec::new();
-    for s in &sels {
-        for &l in &s.layers {
-            let info = s
-                .store
-                .layers()
-                .get(l)
-                .ok_or_else(|| Error::invalid(format!("layer index {l} out of range")))
-                .py_err()?;
-            dims.push(info.dim);
-        }
-    }
+    let parts = store_rows(&selections)?;
+    let src = Rows::new(parts.iter().map(|p| p as &dyn RowSource).collect()).py_err()?;
+    let dims = src.dims();
     let acc = build(
         &dims,
         Some(names),
@@ -213,7 +198,7 @@ fn minibatch_cka_stores<'py>(
     .py_err()?;
     let mon = PyMonitor::new(progress);
     let r = py
-        .detach(|| minibatch_stores(&sels, acc, block_rows, &mon))
+        .detach(|| minibatch_pass(&src, acc, block_rows, &mon))
         .py_err()?;
     to_dict(py, &r)
 }

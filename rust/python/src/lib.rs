@@ -12,6 +12,7 @@ mod memory;
 mod moments;
 mod monitor;
 mod neighbors;
+mod source;
 mod store;
 
 #[pymodule]

@@ -4,12 +4,14 @@
 //! Only type conversion here; every computation runs in the core with the GIL released.
 use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
 use crate::monitor::PyMonitor;
+use crate::source::store_rows;
 use crate::store::NativeStore;
 use layerscope_core::engine::moments::{
-    accumulate_stores, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
-    Moments as CoreMoments, Selection,
+    accumulate, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
+    Moments as CoreMoments,
 };
 use layerscope_core::memory::Budget;
+use layerscope_core::store::{RowSource, Rows};
 use layerscope_core::Error;
 use numpy::ndarray::{Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2};
@@ -290,18 +292,13 @@ fn moments_from_stores(
 ) -> PyResult<PyMoments> {
     let compute = Compute::parse(compute).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
-    let sels: Vec<Selection<'_>> = selections
-        .iter()
-        .map(|(s, l)| Selection {
-            store: &s.get().inner,
-            layers: l.clone(),
-        })
-        .collect();
+    let parts = store_rows(&selections)?;
+    let src = Rows::new(parts.iter().map(|p| p as &dyn RowSource).collect()).py_err()?;
     let mon = PyMonitor::new(progress);
     let m = py
         .detach(|| {
-            accumulate_stores(
-                &sels,
+            accumulate(
+                &src,
                 &names,
                 block_rows,
                 check_finite,

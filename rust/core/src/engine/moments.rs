@@ -28,9 +28,9 @@
 use crate::error::{Error, Result};
 use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
 use crate::linalg::symmetrize_from_upper;
-use crate::memory::{fmt_bytes, Budget};
+use crate::memory::{fmt_bytes, try_vec, Budget};
 use crate::monitor::Monitor;
-use crate::store::{DType, Element as StoreElement, Store};
+use crate::store::stream::{self, RowSource};
 use rayon::prelude::*;
 
 /// Scalar types a block may hold (widened to f64 before any arithmetic).
@@ -1151,12 +1151,6 @@ impl Moments {
     }
 }
 
-/// Layers of one store to stream (indices into `store.layers()`).
-pub struct Selection<'a> {
-    pub store: &'a Store,
-    pub layers: Vec<usize>,
-}
-
 /// Default rows per block: the `w` buffer (`rows × (D+L)` f64) stays near 128 MiB, between
 /// 64 and 8192 rows (SYRK is efficient from a few hundred rows).
 pub fn default_block_rows(dims: &[usize]) -> usize {
@@ -1174,15 +1168,17 @@ pub fn default_block_rows_for(dims: &[usize], compute: Compute) -> usize {
     }
 }
 
-/// One streaming pass over the selected layers of one or more stores (row-aligned: the
-/// caller has checked that their row ids agree) into a [`MomentAccumulator`].
+/// One streaming pass over every row of `src` (the selected layers of one store, of two
+/// row-aligned stores side by side — the caller has checked that their row ids agree — or of
+/// in-memory arrays) into a [`MomentAccumulator`] named `names`, shifted by
+/// [`sample_shift`].
 ///
-/// Blocks are read (mmap, converted to f32 — or f64 when a layer is stored as F64 — in
-/// parallel) by a reader thread one block ahead of the accumulation (double buffering), so
-/// I/O and conversion overlap the SYRK. Fails with [`Error::Memory`] before reading a row
-/// when the pass does not fit `budget` ([`check_memory`]).
-pub fn accumulate_stores(
-    sels: &[Selection<'_>],
+/// Blocks come from the one block reader ([`crate::store::stream::run`]: converted to f32 —
+/// or f64 when a layer holds f64 — by a reader thread one block ahead of the SYRK). Fails
+/// with [`Error::Memory`] before reading a row when the pass does not fit `budget`
+/// ([`check_memory`]).
+pub fn accumulate(
+    src: &dyn RowSource,
     names: &[String],
     block_rows: Option<usize>,
     check_finite: bool,
@@ -1190,7 +1186,7 @@ pub fn accumulate_stores(
     compute: Compute,
     monitor: &dyn Monitor,
 ) -> Result<MomentAccumulator> {
-    let (n, dims, f64_needed) = selection_dims(sels)?;
+    let dims = src.dims();
     let block_rows = block_rows.unwrap_or_else(|| default_block_rows_for(&dims, compute));
     if block_rows == 0 {
         return Err(Error::invalid("block_rows must be at least 1"));
@@ -1200,195 +1196,50 @@ pub fn accumulate_stores(
         .with_names(names)?
         .with_check_finite(check_finite)
         .with_compute(compute);
-    if let Some(shift) = sample_shift(sels, n)? {
+    if let Some(shift) = sample_shift(src)? {
         acc.set_shift(&shift)?;
     }
-    if f64_needed {
-        stream::<f64>(sels, acc, n, block_rows, monitor)
+    if src.has_f64() {
+        stream::run::<f64>(src, block_rows, monitor, |b, rows| acc.update(b, rows))?;
     } else {
-        stream::<f32>(sels, acc, n, block_rows, monitor)
+        stream::run::<f32>(src, block_rows, monitor, |b, rows| acc.update(b, rows))?;
     }
+    Ok(acc)
 }
 
 /// Rows used by [`sample_shift`].
 pub const SHIFT_SAMPLE_ROWS: u64 = 1024;
 
-/// The column means of up to [`SHIFT_SAMPLE_ROWS`] rows spread evenly over the whole store
-/// (row `⌊(2i+1)·n / 2m⌋`, `i < m`): the reference shift of a streamed pass, so that a
-/// first block unlike the rest (sorted, concatenated or drifting data) does not leave the
-/// shifted values large. `None` when a sampled value is not finite (the pass then reports
-/// the first bad row itself) or there are no rows.
-pub fn sample_shift(sels: &[Selection<'_>], n: u64) -> Result<Option<Vec<f64>>> {
+/// The column means of up to [`SHIFT_SAMPLE_ROWS`] rows spread evenly over all of `src`
+/// (row `⌊(2i+1)·n / 2m⌋`, `i < m`): the reference shift of a pass, so that a first block
+/// unlike the rest (sorted, concatenated or drifting data) does not leave the shifted values
+/// large. `None` when a sampled value is not finite (the pass then reports the first bad row
+/// itself) or there are no rows.
+pub fn sample_shift(src: &dyn RowSource) -> Result<Option<Vec<f64>>> {
+    let n = src.num_rows();
     if n == 0 {
         return Ok(None);
     }
     let m = n.min(SHIFT_SAMPLE_ROWS);
     let rows: Vec<u64> = (0..m).map(|i| ((2 * i + 1) * n) / (2 * m)).collect();
     let mut shift = Vec::new();
-    for s in sels {
-        for &l in &s.layers {
-            let dim = s.store.layers()[l].dim;
-            let x = s.store.take::<f64>(l, &rows)?;
-            // Reading scattered rows maps whole neighbourhoods of pages (fault-around):
-            // drop them again at once, or most of the store would sit in this process's RSS.
-            s.store.release(0, n)?;
-            let mut mean = column_sums(&x, dim);
-            for mu in mean.iter_mut() {
-                *mu /= m as f64;
-            }
-            if !mean.iter().all(|v| v.is_finite()) {
-                return Ok(None);
-            }
-            shift.extend(mean);
+    for (l, dim) in src.dims().into_iter().enumerate() {
+        let mut x = try_vec(
+            rows.len() * dim,
+            0.0,
+            format_args!("{m} sampled rows of width {dim}"),
+        )?;
+        src.take_f64(l, &rows, &mut x)?;
+        let mut mean = column_sums(&x, dim);
+        for mu in mean.iter_mut() {
+            *mu /= m as f64;
         }
+        if !mean.iter().all(|v| v.is_finite()) {
+            return Ok(None);
+        }
+        shift.extend(mean);
     }
     Ok(Some(shift))
-}
-
-fn stream<T: Element + StoreElement>(
-    sels: &[Selection<'_>],
-    mut acc: MomentAccumulator,
-    n: u64,
-    block_rows: usize,
-    monitor: &dyn Monitor,
-) -> Result<MomentAccumulator> {
-    stream_selections::<T>(sels, n, block_rows, monitor, |refs, rows| {
-        acc.update(refs, rows)
-    })?;
-    Ok(acc)
-}
-
-/// The number of rows, the widths of the selected layers (in order) and whether any of them
-/// is stored as F64, after checking that every store has the same number of rows and every
-/// layer index exists.
-pub fn selection_dims(sels: &[Selection<'_>]) -> Result<(u64, Vec<usize>, bool)> {
-    let first = sels
-        .first()
-        .ok_or_else(|| Error::invalid("no store selected"))?;
-    let n = first.store.num_rows();
-    let mut dims = Vec::new();
-    let mut f64_needed = false;
-    for s in sels {
-        if s.store.num_rows() != n {
-            return Err(Error::Mismatch(format!(
-                "stores have {} and {} rows",
-                n,
-                s.store.num_rows()
-            )));
-        }
-        for &l in &s.layers {
-            let info = s.store.layers().get(l).ok_or_else(|| {
-                Error::invalid(format!(
-                    "layer index {l} out of range for {}",
-                    s.store.path().display()
-                ))
-            })?;
-            dims.push(info.dim);
-            f64_needed |= info.dtype == DType::F64;
-        }
-    }
-    Ok((n, dims, f64_needed))
-}
-
-/// Rows `[start, stop)` of every selected layer into `blk` (one buffer per layer, in
-/// selection order; reused buffers are resized), then drop those rows' mapped pages.
-fn fill_block<T: StoreElement>(
-    sels: &[Selection<'_>],
-    start: u64,
-    stop: u64,
-    blk: &mut Vec<Vec<T>>,
-) -> Result<()> {
-    let total: usize = sels.iter().map(|s| s.layers.len()).sum();
-    blk.resize_with(total, Vec::new);
-    let mut k = 0;
-    for s in sels {
-        let bufs = &mut blk[k..k + s.layers.len()];
-        for (b, &l) in bufs.iter_mut().zip(&s.layers) {
-            let len = s.store.block_len(l, start, stop)?;
-            if b.len() != len {
-                if len > b.len() {
-                    b.try_reserve_exact(len - b.len()).map_err(|_| {
-                        Error::Memory(format!(
-                            "could not allocate a block buffer of {} rows (rows {start}..{stop}); \
-                             use a smaller block_rows",
-                            stop - start
-                        ))
-                    })?;
-                }
-                b.resize(len, T::default());
-            }
-        }
-        let mut outs: Vec<&mut [T]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-        s.store.read_block_into(&s.layers, start, stop, &mut outs)?;
-        s.store.release(start, stop)?;
-        k += s.layers.len();
-    }
-    Ok(())
-}
-
-/// One pass over rows `0..n` of the selected layers of row-aligned stores, `block_rows` at a
-/// time: a reader thread stays one block ahead (mmap reads and f16/bf16 conversion overlap
-/// `f`), drops each block's mapped pages from the resident set once read (a hint: the OS
-/// page cache keeps them, so RSS does not grow with `n`), and `f(blocks, rows)` gets every
-/// selected layer's row-major block in selection order; `monitor.progress(done, n)` after
-/// each block (Ctrl-C). Stops at the first error from reading, `f` or the monitor.
-pub fn stream_selections<T: StoreElement>(
-    sels: &[Selection<'_>],
-    n: u64,
-    block_rows: usize,
-    monitor: &dyn Monitor,
-    mut f: impl FnMut(&[&[T]], usize) -> Result<()>,
-) -> Result<()> {
-    monitor.progress(0, n)?;
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<Vec<T>>)>>(1);
-        // Consumed block buffers go back to the reader and are refilled (fresh buffers of
-        // tens of MB per block cost a page fault and a kernel page clear per 4 KiB).
-        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<Vec<T>>>();
-        scope.spawn(move || {
-            // At most three buffer sets exist: one with the consumer, one in the channel,
-            // one being filled (a fourth would only add memory, not overlap).
-            let mut sets = 0;
-            let mut start = 0u64;
-            while start < n {
-                let stop = (start + block_rows as u64).min(n);
-                let mut blk = match back_rx.try_recv() {
-                    Ok(b) => b,
-                    Err(_) if sets < 3 => {
-                        sets += 1;
-                        Vec::new()
-                    }
-                    Err(_) => match back_rx.recv() {
-                        Ok(b) => b,
-                        Err(_) => return, // the consumer stopped
-                    },
-                };
-                let res = fill_block(sels, start, stop, &mut blk);
-                let msg = res.map(|_| (stop, blk));
-                let failed = msg.is_err();
-                if tx.send(msg).is_err() || failed {
-                    return;
-                }
-                start = stop;
-            }
-        });
-        let mut done = 0u64;
-        for msg in rx {
-            let (stop, blk) = msg?;
-            let rows = (stop - done) as usize;
-            let refs: Vec<&[T]> = blk.iter().map(|v| v.as_slice()).collect();
-            f(&refs, rows)?;
-            let _ = back_tx.send(blk); // the reader may have finished: then it is dropped
-            done = stop;
-            monitor.progress(done, n)?;
-        }
-        if done != n {
-            return Err(Error::invalid(format!(
-                "internal: the block reader stopped at row {done} of {n}"
-            )));
-        }
-        Ok(())
-    })
 }
 
 #[cfg(test)]
@@ -1672,7 +1523,7 @@ mod tests {
     #[test]
     fn stream_from_stores_equals_in_memory() {
         use crate::monitor::NoMonitor;
-        use crate::store::{ArrayData, StoreWriter, Values, WriterOptions};
+        use crate::store::{ArrayData, Rows, Store, StoreRows, StoreWriter, Values, WriterOptions};
         let dir = tempfile::tempdir().unwrap();
         let (n, dims) = (301usize, [4usize, 7]);
         let xs: Vec<Vec<f64>> = dims
@@ -1715,28 +1566,25 @@ mod tests {
         };
         let a = mk("a");
         let b = mk("b");
-        let sels = [
-            Selection {
-                store: &a,
-                layers: vec![0, 1],
-            },
-            Selection {
-                store: &b,
-                layers: vec![1],
-            },
-        ];
+        let sa = StoreRows::new(&a, vec![0, 1]).unwrap();
+        let sb = StoreRows::new(&b, vec![1]).unwrap();
+        let sels = Rows::new(vec![&sa, &sb]).unwrap();
         let names: Vec<String> = ["a0", "a1", "b1"].iter().map(|s| s.to_string()).collect();
-        let acc = accumulate_stores(
-            &sels,
-            &names,
-            Some(37),
-            true,
-            &Budget::unchecked(),
-            Compute::F64,
-            &NoMonitor,
-        )
-        .unwrap();
-        let m = acc.finalize().unwrap();
+        let pass = |block_rows, budget: &Budget| {
+            accumulate(
+                &sels,
+                &names,
+                block_rows,
+                true,
+                budget,
+                Compute::F64,
+                &NoMonitor,
+            )
+        };
+        let m = pass(Some(37), &Budget::unchecked())
+            .unwrap()
+            .finalize()
+            .unwrap();
         let mut mem = MomentAccumulator::new(&[4, 7, 7]).unwrap();
         mem.update(&[&x32[0][..], &x32[1][..], &x32[1][..]], n)
             .unwrap();
@@ -1744,34 +1592,14 @@ mod tests {
         assert_eq!(m.n, n as u64);
         assert!(rel(&m.cov, &r.cov) < 1e-12, "{}", rel(&m.cov, &r.cov));
         assert!((m.cka(1, 2, false).unwrap() - 1.0).abs() < 1e-12);
-        assert!(accumulate_stores(
-            &sels,
-            &names,
-            Some(0),
-            true,
-            &Budget::unchecked(),
-            Compute::F64,
-            &NoMonitor
-        )
-        .is_err());
+        assert!(pass(Some(0), &Budget::unchecked()).is_err());
         assert!(matches!(
-            accumulate_stores(
-                &sels,
-                &names,
-                None,
-                true,
-                &Budget::argument(1000).unwrap(),
-                Compute::F64,
-                &NoMonitor
-            ),
+            pass(None, &Budget::argument(1000).unwrap()),
             Err(Error::Memory(_))
         ));
-        let bad = [Selection {
-            store: &a,
-            layers: vec![9],
-        }];
-        assert!(accumulate_stores(
-            &bad,
+        // names must match the selected layers
+        assert!(accumulate(
+            &sels,
             &names[..1],
             None,
             true,

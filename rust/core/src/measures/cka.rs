@@ -36,12 +36,12 @@
 //!
 //! All arithmetic is f64 (f32/bf16/f16 inputs are widened first). Memory: one `m × m` Gram
 //! per layer plus the rows of one partial batch — independent of the number of rows.
-use crate::engine::moments::{selection_dims, stream_selections, Selection};
 use crate::error::{Error, Result};
 use crate::linalg::gram;
 use crate::measures::kernel::{max_rows_for, rbf_gram, rbf_gram_workspace_bytes};
 use crate::memory::{try_vec, Budget};
 use crate::monitor::Monitor;
+use crate::store::stream::{self, RowSource};
 use crate::store::Element;
 use rayon::prelude::*;
 
@@ -573,17 +573,18 @@ impl MinibatchHsic {
     }
 }
 
-/// Stream the selected layers of one or more row-aligned stores (the caller has checked
-/// that their row ids agree) through `acc` (whose widths must match the selection) and
-/// finish it. A reader thread stays one block ahead (blocks of whole minibatches, about
-/// 32 MiB), so mmap reads and bf16/f16 conversion overlap the Gram work.
-pub fn minibatch_stores(
-    sels: &[Selection<'_>],
+/// Stream every row of `src` (the selected layers of one store, of two row-aligned stores
+/// side by side — the caller has checked that their row ids agree — or of in-memory arrays)
+/// through `acc` (whose widths must match the source's) and finish it. Blocks come from the
+/// one block reader ([`crate::store::stream::run`], a reader thread one block ahead) in whole
+/// minibatches of about 32 MiB, so mmap reads and bf16/f16 conversion overlap the Gram work.
+pub fn minibatch_pass(
+    src: &dyn RowSource,
     acc: MinibatchCka,
     block_rows: Option<usize>,
     monitor: &dyn Monitor,
 ) -> Result<MinibatchHsic> {
-    let (n, dims, f64_needed) = selection_dims(sels)?;
+    let dims = src.dims();
     if dims != acc.dims {
         return Err(Error::Mismatch(format!(
             "selected layer widths {dims:?} differ from the accumulator's {:?}",
@@ -600,24 +601,16 @@ pub fn minibatch_stores(
             bs.saturating_mul(per.clamp(1, 64))
         }
     };
-    let acc = acc.with_expected_rows(n);
-    if f64_needed {
-        stream::<f64>(sels, acc, n, block_rows, monitor)
+    let mut acc = acc.with_expected_rows(src.num_rows());
+    if src.has_f64() {
+        stream::run::<f64>(src, block_rows, monitor, |b, rows| {
+            acc.update(b, rows, monitor)
+        })?;
     } else {
-        stream::<f32>(sels, acc, n, block_rows, monitor)
+        stream::run::<f32>(src, block_rows, monitor, |b, rows| {
+            acc.update(b, rows, monitor)
+        })?;
     }
-}
-
-fn stream<T: Element>(
-    sels: &[Selection<'_>],
-    mut acc: MinibatchCka,
-    n: u64,
-    block_rows: usize,
-    monitor: &dyn Monitor,
-) -> Result<MinibatchHsic> {
-    stream_selections::<T>(sels, n, block_rows, monitor, |refs, rows| {
-        acc.update(refs, rows, monitor)
-    })?;
     acc.finish()
 }
 

@@ -7,12 +7,15 @@
 //!
 //! * [`Store`]: opens, validates everything before trusting it, memory-maps the shards and
 //!   reads row ranges / gathers / row blocks of any layers as `f32` or `f64` (unaligned-safe).
+//! * [`stream`]: THE block reader — [`RowSource`]s ([`StoreRows`], side by side [`Rows`]) and
+//!   [`stream::run`], the one pass over row blocks that every streaming engine consumes.
 //! * [`StoreWriter`]: appends batches, rotates shards by size, commits each shard and the
 //!   manifest atomically, so an interrupted writer leaves a valid store of finished shards.
 mod dtype;
 mod manifest;
 mod reader;
 mod shard;
+pub mod stream;
 mod writer;
 
 pub use dtype::{DType, Element, Values};
@@ -20,8 +23,9 @@ pub use manifest::{
     LayerInfo, Manifest, ShardInfo, FORMAT_TAG, FORMAT_VERSION, KNOWN_COLUMNS, MANIFEST_NAME,
     ROW_ID,
 };
-pub use reader::{Block, OpenOptions, Store};
+pub use reader::{OpenOptions, Store};
 pub use shard::{parse_header, MAX_HEADER_BYTES};
+pub use stream::{ReadAs, RowSource, Rows, StoreRows};
 pub use writer::{ArrayData, StoreWriter, WriterOptions};
 
 #[cfg(test)]

@@ -35,15 +35,6 @@ struct Shard {
     columns: Vec<Range<usize>>,
 }
 
-/// A row block of several layers: `data[i]` is the row-major `rows × dim_i` block of the
-/// i-th selected layer, rows `[start, start + rows)`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Block<T> {
-    pub start: u64,
-    pub rows: usize,
-    pub data: Vec<Vec<T>>,
-}
-
 /// An opened activation store (see docs/FORMAT.md). Cheap to share across threads (`Sync`):
 /// every read is a pure function of the immutable mapped files.
 ///
@@ -430,33 +421,6 @@ impl Store {
             .try_for_each(|(o, &r)| self.fill(layer, dtype, dim, r, o))
     }
 
-    /// An iterator of row blocks of `block_rows` rows (the last may be shorter) over any
-    /// subset of layers (in the given order, repeats allowed), across all shards. Each block
-    /// is an owned copy; after reading it the iterator [`Store::release`]s its mapped pages,
-    /// so streaming a store keeps the resident memory at about one block. Errors (bad layer
-    /// index, `block_rows == 0`) come as the first item.
-    pub fn blocks<T: Element>(
-        &self,
-        layers: &[usize],
-        block_rows: usize,
-    ) -> impl Iterator<Item = Result<Block<T>>> + '_ {
-        let mut err = None;
-        if block_rows == 0 {
-            err = Some(Error::invalid("block_rows must be at least 1"));
-        } else if let Some(e) = layers.iter().find_map(|&l| self.layer(l).err()) {
-            err = Some(e);
-        }
-        Blocks {
-            store: self,
-            layers: layers.to_vec(),
-            block_rows,
-            next: 0,
-            err,
-            done: false,
-            _t: std::marker::PhantomData,
-        }
-    }
-
     /// Drops the memory-mapped pages of rows `[start, stop)` (every layer and row column)
     /// from this process's resident set: a streaming reader calls it after it has used a
     /// block, so that its peak RSS stays about one block instead of growing to the whole
@@ -487,53 +451,6 @@ impl Store {
             for r in std::iter::once(&s.row_id).chain(&s.columns) {
                 advise_dont_need(&s.map, r.start + lo * 8, (hi - lo) * 8);
             }
-        }
-        Ok(())
-    }
-
-    /// Streams all rows of the selected layers (any subset, any order) through `f` in blocks
-    /// of `block_rows` rows, reusing one set of buffers: `f(start, rows, data)` gets
-    /// `data[i]` = the row-major `rows × dim` block of `layers[i]` (rows `[start, start +
-    /// rows)`). No allocation per block, pages released after each block (resident memory
-    /// stays about one block), `monitor.progress(rows_done, num_rows)` after each block
-    /// (Ctrl-C). Stops at the first error from reading, `f` or the monitor.
-    pub fn for_each_block<T: Element>(
-        &self,
-        layers: &[usize],
-        block_rows: usize,
-        monitor: &dyn crate::monitor::Monitor,
-        mut f: impl FnMut(u64, usize, &[Vec<T>]) -> Result<()>,
-    ) -> Result<()> {
-        if block_rows == 0 {
-            return Err(Error::invalid("block_rows must be at least 1"));
-        }
-        let n = self.num_rows();
-        let first = (block_rows as u64).min(n);
-        let mut bufs = layers
-            .iter()
-            .map(|&l| {
-                self.block_len(l, 0, first).and_then(|len| {
-                    try_vec(len, T::default(), format_args!("a block of {first} rows"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut start = 0u64;
-        monitor.progress(0, n)?;
-        while start < n {
-            let stop = (start + block_rows as u64).min(n);
-            let rows = (stop - start) as usize;
-            for (b, &l) in bufs.iter_mut().zip(layers) {
-                let len = self.block_len(l, start, stop)?;
-                b.truncate(len); // only the last block is shorter
-            }
-            {
-                let mut outs: Vec<&mut [T]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-                self.read_block_into(layers, start, stop, &mut outs)?;
-            }
-            self.release(start, stop)?;
-            f(start, rows, &bufs)?;
-            start = stop;
-            monitor.progress(start, n)?;
         }
         Ok(())
     }
@@ -591,48 +508,6 @@ fn internal(path: &Path) -> Error {
         path,
         "internal inconsistency between validated header and data (please report)",
     )
-}
-
-struct Blocks<'a, T> {
-    store: &'a Store,
-    layers: Vec<usize>,
-    block_rows: usize,
-    next: u64,
-    err: Option<Error>,
-    done: bool,
-    _t: std::marker::PhantomData<T>,
-}
-
-impl<T: Element> Iterator for Blocks<'_, T> {
-    type Item = Result<Block<T>>;
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        if let Some(e) = self.err.take() {
-            self.done = true;
-            return Some(Err(e));
-        }
-        let n = self.store.num_rows();
-        if self.next >= n {
-            self.done = true;
-            return None;
-        }
-        let start = self.next;
-        let stop = (start + self.block_rows as u64).min(n);
-        self.next = stop;
-        match self.store.read_block(&self.layers, start, stop) {
-            Ok(data) => Some(self.store.release(start, stop).map(|()| Block {
-                start,
-                rows: (stop - start) as usize,
-                data,
-            })),
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
-    }
 }
 
 /// Opens, maps and validates one shard against the manifest.

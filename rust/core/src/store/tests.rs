@@ -10,6 +10,26 @@ fn data(rows: usize, cols: usize, seed: f64) -> Vec<f64> {
         .collect()
 }
 
+/// A streamed block: `(start, rows, one row-major buffer per layer)`.
+type Streamed<T> = (u64, usize, Vec<Vec<T>>);
+
+/// Every block of `layers` streamed by the one block reader.
+fn collect_blocks<T: stream::ReadAs>(
+    s: &Store,
+    layers: &[usize],
+    block_rows: usize,
+) -> Result<Vec<Streamed<T>>, Error> {
+    let src = stream::StoreRows::new(s, layers.to_vec())?;
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    stream::run::<T>(&src, block_rows, &crate::monitor::NoMonitor, |blk, rows| {
+        out.push((start, rows, blk.iter().map(|b| b.to_vec()).collect()));
+        start += rows as u64;
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 fn write(path: &Path, dtype: Option<DType>, shard_bytes: u64, rows: usize) -> (Vec<f64>, Vec<f64>) {
     let a = data(rows, 3, 1.0);
     let b = data(rows, 5, 2.0);
@@ -67,21 +87,18 @@ fn roundtrip_f64_many_shards() {
     let t = s.take::<f64>(1, &[49, 0, 17]).unwrap();
     assert_eq!(&t[..5], &b[49 * 5..50 * 5]);
     assert_eq!(&t[10..], &b[17 * 5..18 * 5]);
-    let blocks: Vec<_> = s
-        .blocks::<f64>(&[1, 0], 7)
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let blocks = collect_blocks::<f64>(&s, &[1, 0], 7).unwrap();
     assert_eq!(blocks.len(), 8);
-    assert_eq!(blocks[7].rows, 1);
-    assert_eq!(blocks[2].start, 14);
-    assert_eq!(blocks[2].data[1], a[14 * 3..21 * 3].to_vec());
+    assert_eq!(blocks[7].1, 1);
+    assert_eq!(blocks[2].0, 14);
+    assert_eq!(blocks[2].2[1], a[14 * 3..21 * 3].to_vec());
     s.verify().unwrap();
     assert_eq!(s.find_nonfinite(0).unwrap(), None);
     assert!(matches!(s.layer_index("zz"), Err(Error::MissingLayer(m)) if m.contains("a, b")));
     assert!(s.read_rows::<f32>(0, 3, 51).is_err());
     assert!(s.read_rows::<f32>(2, 0, 1).is_err());
     assert!(s.take::<f32>(0, &[50]).is_err());
-    assert!(s.blocks::<f32>(&[0], 0).next().unwrap().is_err());
+    assert!(collect_blocks::<f32>(&s, &[0], 0).is_err());
 }
 
 #[test]
@@ -433,19 +450,16 @@ fn release_keeps_data_readable_and_blocks_cover_subsets() {
     // every subset / order of layers, block sizes that do and do not divide the shard size
     for layers in [vec![1], vec![1, 0], vec![0, 0, 1]] {
         for br in [1usize, 5, 13, 64, 1000] {
-            let blocks: Vec<Block<f32>> = s
-                .blocks::<f32>(&layers, br)
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let blocks = collect_blocks::<f32>(&s, &layers, br).unwrap();
             assert_eq!(blocks.len(), 64usize.div_ceil(br));
             for (k, &l) in layers.iter().enumerate() {
                 let dim = [3usize, 5][l];
-                let cat: Vec<f32> = blocks.iter().flat_map(|bl| bl.data[k].clone()).collect();
+                let cat: Vec<f32> = blocks.iter().flat_map(|bl| bl.2[k].clone()).collect();
                 let want = s.read_rows::<f32>(l, 0, 64).unwrap();
                 assert_eq!(cat, want, "layers {layers:?} block {br}");
                 assert_eq!(cat.len(), 64 * dim);
             }
-            let starts: Vec<u64> = blocks.iter().map(|bl| bl.start).collect();
+            let starts: Vec<u64> = blocks.iter().map(|bl| bl.0).collect();
             assert_eq!(starts, (0..64).step_by(br).collect::<Vec<u64>>());
         }
     }
@@ -455,7 +469,7 @@ fn release_keeps_data_readable_and_blocks_cover_subsets() {
             .map(|&x| half::f16::from_f64(x).to_f32())
             .collect::<Vec<_>>()
     );
-    assert!(s.blocks::<f32>(&[2], 4).next().unwrap().is_err());
+    assert!(collect_blocks::<f32>(&s, &[2], 4).is_err());
     // caller buffers must have exactly the right size
     let mut small = vec![0f32; 5 * 3 - 1];
     assert!(matches!(
@@ -485,7 +499,7 @@ fn release_keeps_data_readable_and_blocks_cover_subsets() {
         .unwrap();
     let s = Store::open(&e).unwrap();
     assert_eq!(s.num_rows(), 0);
-    assert!(s.blocks::<f32>(&[], 4).next().is_none());
+    assert!(collect_blocks::<f32>(&s, &[], 4).unwrap().is_empty());
     s.release(0, 0).unwrap();
 }
 
@@ -572,7 +586,7 @@ fn interrupted_append_keeps_finished_shards_and_poisons_writer() {
 }
 
 #[test]
-fn for_each_block_streams_subsets_with_reused_buffers() {
+fn the_block_reader_streams_subsets_and_stops_on_errors() {
     use crate::monitor::{FlagMonitor, NoMonitor};
     use std::sync::atomic::AtomicBool;
     let dir = tempfile::tempdir().unwrap();
@@ -582,45 +596,35 @@ fn for_each_block_streams_subsets_with_reused_buffers() {
     assert!(s.shards().len() > 3);
     for layers in [vec![0, 1], vec![1], vec![1, 1, 0]] {
         for br in [1usize, 4, 7, 41, 100] {
-            let mut got: Vec<Vec<f64>> = vec![Vec::new(); layers.len()];
-            let mut starts = Vec::new();
-            s.for_each_block::<f64>(&layers, br, &NoMonitor, |start, rows, data| {
-                starts.push(start);
-                for (g, (d, &l)) in got.iter_mut().zip(data.iter().zip(&layers)) {
-                    assert_eq!(d.len(), rows * [3, 5][l]);
-                    g.extend_from_slice(d);
-                }
-                Ok(())
-            })
-            .unwrap();
+            let blocks = collect_blocks::<f64>(&s, &layers, br).unwrap();
+            let starts: Vec<u64> = blocks.iter().map(|b| b.0).collect();
             assert_eq!(starts, (0..41).step_by(br).collect::<Vec<u64>>());
-            for (g, &l) in got.iter().zip(&layers) {
-                assert_eq!(*g, s.read_rows::<f64>(l, 0, 41).unwrap(), "{layers:?} {br}");
+            for (k, &l) in layers.iter().enumerate() {
+                let got: Vec<f64> = blocks.iter().flat_map(|b| b.2[k].clone()).collect();
+                assert_eq!(
+                    got,
+                    s.read_rows::<f64>(l, 0, 41).unwrap(),
+                    "{layers:?} {br}"
+                );
             }
         }
     }
     // errors from f, the monitor and the arguments stop the stream
+    let src = stream::StoreRows::new(&s, vec![0]).unwrap();
     let mut calls = 0;
-    let e = s
-        .for_each_block::<f32>(&[0], 5, &NoMonitor, |_, _, _| {
-            calls += 1;
-            if calls == 2 {
-                Err(Error::invalid("stop"))
-            } else {
-                Ok(())
-            }
-        })
-        .unwrap_err();
+    let e = stream::run::<f32>(&src, 5, &NoMonitor, |_, _| {
+        calls += 1;
+        if calls == 2 {
+            Err(Error::invalid("stop"))
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_err();
     assert!(e.to_string().contains("stop") && calls == 2);
     let flag = AtomicBool::new(true);
-    let e = s
-        .for_each_block::<f32>(&[0], 5, &FlagMonitor(&flag), |_, _, _| Ok(()))
-        .unwrap_err();
+    let e = stream::run::<f32>(&src, 5, &FlagMonitor(&flag), |_, _| Ok(())).unwrap_err();
     assert!(matches!(e, Error::Interrupted));
-    assert!(s
-        .for_each_block::<f32>(&[0], 0, &NoMonitor, |_, _, _| Ok(()))
-        .is_err());
-    assert!(s
-        .for_each_block::<f32>(&[9], 3, &NoMonitor, |_, _, _| Ok(()))
-        .is_err());
+    assert!(collect_blocks::<f32>(&s, &[0], 0).is_err());
+    assert!(collect_blocks::<f32>(&s, &[9], 3).is_err());
 }
