@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from layerscope import _native
+from layerscope import _native, cka
 from layerscope._kernel import rbf_cka, sample_indices
 from layerscope.errors import InvalidArgumentError, MemoryBudgetError, MismatchError
 
@@ -122,9 +122,8 @@ def test_scales(scale: float) -> None:
 def test_minibatch_matches_reference() -> None:
     layers = make_layers(m=130)
     bs = 40
-    res = rbf_cka(
-        layers, None, ["x", "lin"], None, estimator="minibatch", batch_size=bs, progress=False
-    )
+    res = cka(layers, kernel="rbf", estimator="minibatch", layers=["x", "lin"],
+              batch_size=bs, progress=False)
     xs, ys = layers["x"], layers["lin"]
     batches = [slice(s, min(s + bs, 130)) for s in range(0, 130, bs)]
     batches = [b for b in batches if b.stop - b.start >= 4]
@@ -132,7 +131,14 @@ def test_minibatch_matches_reference() -> None:
     kxx = np.mean([hsic_unbiased(ref_gram(xs[b]), ref_gram(xs[b])) for b in batches])
     kyy = np.mean([hsic_unbiased(ref_gram(ys[b]), ref_gram(ys[b])) for b in batches])
     assert res.values[0, 1] == pytest.approx(kxy / np.sqrt(kxx * kyy), rel=1e-9)
-    assert res.meta["n_batches"] == 4 and res.meta["rows_used"] == 130
+    assert res.meta["n_batches"] == 4 and res.meta["n"] == 130
+    # the same rows as float32 arrays, a column slice of a wider array (read in place) and
+    # float16: the one Rust pass reads each like a store's shards
+    wide = np.concatenate([xs, np.zeros((130, 3))], axis=1).astype(np.float32)
+    sliced = cka({"x": wide[:, : xs.shape[1]], "lin": ys.astype(np.float32)}, kernel="rbf",
+                 estimator="minibatch", batch_size=bs, progress=False)
+    assert sliced.values[0, 1] == pytest.approx(kxy / np.sqrt(kxx * kyy), rel=1e-5)
+    assert sliced.meta["engine"] == "minibatch (rust-arrays)"
 
 
 def test_sampling_duplicates_and_constant_column() -> None:

@@ -10,11 +10,10 @@ Definitions (the maths runs in Rust, ``layerscope_core::measures::kernel``):
   ``HSIC(K,L)/sqrt(HSIC(K,K) HSIC(L,L))``;
 * ``estimator="debiased"``: the unbiased HSIC of Song et al. 2012 (JMLR 13) in numerator and
   denominator; it can be negative and is never clamped;
-* ``estimator="minibatch"`` (Nguyen, Raghu & Kornblith 2021, ICLR): the unbiased HSIC
-  averaged over consecutive minibatches of ``batch_size`` sampled rows (the final, shorter
-  batch is used when it has at least 4 rows), CKA = ``mean HSIC(K,L) / sqrt(mean HSIC(K,K)
-  mean HSIC(L,L))``; the bandwidth is computed **per batch** by the rule above. Memory is one
-  batch's Grams.
+
+The minibatch estimator (Nguyen et al. 2021) is not here: it is one streaming pass in Rust
+(``layerscope_core::measures::cka::minibatch_pass``), reached through
+``layerscope.cka(..., estimator="minibatch")``.
 
 The sample: ``numpy.random.default_rng(seed).choice(n, size=m, replace=False)`` sorted; with
 ``sample=None`` all rows up to :data:`DEFAULT_SAMPLE_CAP` (beyond it a seeded sample of that
@@ -37,7 +36,6 @@ from .errors import InvalidArgumentError
 from .results import MatrixResult
 
 DEFAULT_SAMPLE_CAP = 4096
-DEFAULT_BATCH_SIZE = 256
 
 
 def sample_indices(n: int, sample: int | None, seed: int, cap: int | None = None) -> np.ndarray:
@@ -114,21 +112,21 @@ def rbf_cka(
     seed: int = 0,
     sigma: float = 1.0,
     estimator: str = "biased",
-    batch_size: int | None = None,
     progress: Any = True,
     max_memory: int | None = None,
 ) -> MatrixResult:
     """RBF CKA for all pairs of ``layers_a`` (× ``layers_b`` of ``src_b`` when given).
 
     See the module docstring for the formulas (bandwidth rule, biased / Song et al. unbiased
-    HSIC, Nguyen et al. minibatch). Returns a :class:`MatrixResult` with ``meta`` holding the
+    HSIC). Returns a :class:`MatrixResult` with ``meta`` holding the
     estimator, rows used, seed, sample hash and the bandwidth of each layer.
     """
     from . import _native
 
-    if estimator not in ("biased", "debiased", "minibatch"):
+    if estimator not in ("biased", "debiased"):
         raise InvalidArgumentError(
-            f"estimator must be 'biased', 'debiased' or 'minibatch', got {estimator!r}"
+            f"estimator must be 'biased' or 'debiased', got {estimator!r} (the minibatch "
+            "estimator is layerscope.cka(..., estimator='minibatch'))"
         )
     if not (np.isfinite(sigma) and sigma > 0):
         raise InvalidArgumentError(f"sigma must be > 0, got {sigma}")
@@ -142,8 +140,7 @@ def rbf_cka(
     else:
         lb = la
     n = a.num_rows
-    cap = None if estimator == "minibatch" else DEFAULT_SAMPLE_CAP
-    idx = sample_indices(n, sample, seed, cap)
+    idx = sample_indices(n, sample, seed, DEFAULT_SAMPLE_CAP)
     m = int(idx.size)
     cb, bar = progress_callback(progress, "rbf cka")
     meta: dict[str, Any] = {
@@ -159,56 +156,22 @@ def rbf_cka(
         "sample_hash": indices_hash(idx),
     }
     try:
-        if estimator == "minibatch":
-            bs = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
-            if bs < 4:
-                raise InvalidArgumentError(f"batch_size must be >= 4, got {bs}")
-            starts = [s for s in range(0, m, bs) if min(s + bs, m) - s >= 4]
-            if not starts:
-                raise InvalidArgumentError(f"minibatch CKA needs at least 4 rows, got {m}")
-            sxy = np.zeros((len(la), len(lb)))
-            sxx = np.zeros(len(la))
-            syy = np.zeros(len(lb))
-            bwa = np.zeros(len(la))
-            bwb = np.zeros(len(lb))
-            for bi, s in enumerate(starts):
-                sub = idx[s : s + bs]
-                xa = [load(a, name, sub) for name in la]
-                xb = [load(b, name, sub) for name in lb] if b is not None else None
-                r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=True, max_memory=max_memory)
-                sxy += r["xy"]
-                sxx += r["xx"]
-                syy += r["yy"]
-                bwa += r["bw_a"]
-                bwb += r["bw_b"] if b is not None else r["bw_a"]
-                if cb is not None:
-                    cb(bi + 1, len(starts))
-            nb = len(starts)
-            hxy, hxx, hyy = sxy / nb, sxx / nb, syy / nb
-            meta.update(
-                batch_size=bs,
-                n_batches=nb,
-                rows_used=int(sum(min(s + bs, m) - s for s in starts)),
-                bandwidth="per batch (mean over batches reported)",
-            )
-            bw_a, bw_b = bwa / nb, bwb / nb
-        else:
-            need = (len(la) + (len(lb) if b is not None else 0)) * m * m * 8
-            meta["gram_bytes"] = need
-            check_sample(a, b, la, lb, m, max_memory)
-            xa = [load(a, name, idx) for name in la]
-            xb = [load(b, name, idx) for name in lb] if b is not None else None
-            r = _native.rbf_hsic(
-                xa,
-                xb,
-                sigma=sigma,
-                unbiased=(estimator == "debiased"),
-                max_memory=max_memory,
-                progress=cb,
-            )
-            hxy, hxx, hyy = r["xy"], r["xx"], r["yy"]
-            bw_a = r["bw_a"]
-            bw_b = r["bw_b"] if b is not None else r["bw_a"]
+        need = (len(la) + (len(lb) if b is not None else 0)) * m * m * 8
+        meta["gram_bytes"] = need
+        check_sample(a, b, la, lb, m, max_memory)
+        xa = [load(a, name, idx) for name in la]
+        xb = [load(b, name, idx) for name in lb] if b is not None else None
+        r = _native.rbf_hsic(
+            xa,
+            xb,
+            sigma=sigma,
+            unbiased=(estimator == "debiased"),
+            max_memory=max_memory,
+            progress=cb,
+        )
+        hxy, hxx, hyy = r["xy"], r["xx"], r["yy"]
+        bw_a = r["bw_a"]
+        bw_b = r["bw_b"] if b is not None else r["bw_a"]
     finally:
         if bar is not None:
             bar.close()

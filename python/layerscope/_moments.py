@@ -23,13 +23,10 @@ import numpy as np
 
 from . import _native
 from ._progress import Progress
-from ._source import Source, check_comparable, resolve
+from ._source import Source, check_comparable, native_part, resolve
 from .errors import InvalidArgumentError
 
 COMPUTE = ("float64", "float32", "auto")
-
-#: Rows sampled (evenly spread) for the reference shift of a pass.
-SHIFT_SAMPLE_ROWS = 1024
 
 #: Above this ``shift_offset`` (``max |mean − shift| / σ``) a float32 pass warns.
 F32_SHIFT_WARN = 2.0
@@ -52,19 +49,6 @@ def resolve_compute(compute: str, parts: Sequence[tuple[Source, Sequence[str]]])
         return compute
     wide = any(_is_f64(src, x) for src, ls in parts for x in ls)
     return "float64" if wide else "float32"
-
-
-def _sample_shift(parts: Sequence[tuple[Source, Sequence[str]]], n: int) -> np.ndarray | None:
-    """Column means of ``SHIFT_SAMPLE_ROWS`` rows spread evenly over all rows (the Rust
-    stream's rule, ``layerscope_core::engine::moments::sample_shift``); None if not finite."""
-    if n == 0:
-        return None
-    m = min(n, SHIFT_SAMPLE_ROWS)
-    idx = ((2 * np.arange(m, dtype=np.int64) + 1) * n) // (2 * m)
-    means = [np.asarray(src.take(x, idx, dtype=np.float64)).mean(axis=0)
-             for src, ls in parts for x in ls]
-    shift = np.concatenate(means)
-    return shift if bool(np.isfinite(shift).all()) else None
 
 
 def plan(
@@ -108,8 +92,10 @@ def compute_moments(
     its layers come after ``source``'s (``Moments.num_a`` / ``num_b``). ``check_finite``: a
     NaN/Inf raises ``NonFiniteError`` naming the layer and first bad row; ``False`` lets them
     through (every cell of an affected layer becomes NaN; ``meta["nonfinite_rows"]``).
-    Two stores are streamed entirely in Rust (GIL released, reader thread one block ahead);
-    in-memory arrays are fed block by block to the same accumulator.
+    Every source — stores and in-memory arrays alike (borrowed where they lie, see
+    :func:`layerscope._source.native_part`) — goes through the one Rust pass
+    (``layerscope_core::engine::moments::accumulate``: GIL released, reader thread one block
+    ahead).
 
     ``compute``: ``"float64"`` (default) multiplies in f64; ``"float32"`` computes the
     ``D × D`` block products (the SYRK, nearly all the work) from the mean-shifted values
@@ -118,8 +104,8 @@ def compute_moments(
     twice as fast; measured against f64 on offset/bf16/f16/scaled/drifting data in
     ``tests/test_cka.py`` (agreement to 1e-6); ``"auto"``: :func:`resolve_compute`.
 
-    The reference shift is the mean of ``SHIFT_SAMPLE_ROWS`` rows spread over the whole
-    source (not the first block, which may be unlike the rest); ``meta["shift_offset"]`` is
+    The reference shift is the mean of 1024 rows spread evenly over the whole source (not
+    the first block, which may be unlike the rest; ``engine::moments::sample_shift``); ``meta["shift_offset"]`` is
     ``max_f |mean_f − shift_f| / σ_f``, and a float32 pass warns above ``F32_SHIFT_WARN``."""
     t0 = time.perf_counter()
     a = resolve(source)
@@ -144,30 +130,12 @@ def compute_moments(
     br = pl["block_rows"]
     num_a = len(la)
     with Progress(progress, "moments") as prog:
-        if all(src.is_store for src, _ in parts):
-            sels = [
-                (src.store._native, [int(src.store._native.layer_index(x)) for x in ls])
-                for src, ls in parts
-            ]
-            m = _native.moments_from_stores(
-                sels, names, block_rows=br, check_finite=check_finite,
-                max_memory=max_memory, num_a=num_a, progress=prog.cb, compute=compute,
-            )
-            how = "rust-stream"
-        else:
-            wide = any(_is_f64(src, x) for src, ls in parts for x in ls)
-            dt = np.float64 if wide else np.float32
-            acc = _native.MomentAccumulator(dims, names, check_finite, compute)
-            shift = _sample_shift(parts, n)
-            if shift is not None:
-                acc.set_shift(shift)
-            for start in range(0, n, br):
-                stop = min(n, start + br)
-                acc.update([src.read(x, start, stop, dtype=dt) for src, ls in parts for x in ls])
-                if prog.cb is not None:
-                    prog.cb(stop, n)
-            m = acc.finalize(num_a)
-            how = "blocks"
+        m = _native.moments_pass(
+            [native_part(src, ls) for src, ls in parts], names, block_rows=br,
+            check_finite=check_finite, max_memory=max_memory, num_a=num_a, progress=prog.cb,
+            compute=compute,
+        )
+    how = "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays"
     meta: dict[str, Any] = {
         "n": int(m.n), "passes": 1, "block_rows": br, "engine": how, "compute": compute,
         "shift_offset": float(m.shift_offset),

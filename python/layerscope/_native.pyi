@@ -140,8 +140,13 @@ class Moments:
         self, rows: Sequence[int], cols: Sequence[int], debiased: bool = False
     ) -> npt.NDArray[np.float64]: ...
 
-def moments_from_stores(
-    selections: Sequence[tuple[NativeStore, Sequence[int]]],
+#: One part of a streaming pass: a store selection ``(NativeStore, [layer index])`` or
+#: in-memory layers ``[(array, "F32" | "F64" | "F16" | "BF16")]`` (2-D, elements contiguous
+#: within a row, rows evenly spaced; F16/BF16 as uint16 bit patterns), borrowed, not copied.
+Part = tuple[NativeStore, Sequence[int]] | Sequence[tuple[npt.NDArray[Any], str]]
+
+def moments_pass(
+    parts: Sequence[Part],
     names: Sequence[str],
     block_rows: int | None = None,
     check_finite: bool = True,
@@ -176,8 +181,8 @@ class MinibatchCka:
     def rows_seen(self) -> int: ...
     def finish(self) -> dict[str, Any]: ...
 
-def minibatch_cka_stores(
-    selections: Sequence[tuple[NativeStore, Sequence[int]]],
+def minibatch_cka_pass(
+    parts: Sequence[Part],
     names: Sequence[str],
     kernel: str = "linear",
     sigma: float = 1.0,
@@ -187,6 +192,7 @@ def minibatch_cka_stores(
     max_memory: int | None = None,
     block_rows: int | None = None,
     progress: ProgressCallback = None,
+    sample: Sequence[int] | None = None,
 ) -> dict[str, Any]: ...
 
 # ---- alignment (rust/python/src/align.rs) ----

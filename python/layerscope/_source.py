@@ -87,6 +87,37 @@ class Source:
         return np.ascontiguousarray(self.arrays[layer][np.asarray(indices)], dtype=dtype)
 
 
+def _native_array(a: np.ndarray) -> tuple[np.ndarray, str]:
+    """An in-memory layer as the Rust reader takes it: float32/float64 arrays (and float16 as
+    their uint16 bit patterns) are borrowed where they lie when each row's elements are
+    contiguous and rows are evenly spaced (row-major arrays and their row/column slices);
+    other layouts are copied once to row-major, integer arrays to float32 (as before)."""
+    if a.dtype.kind in "iub":
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    elif a.dtype not in (np.float16, np.float32, np.float64):
+        a = np.ascontiguousarray(a, dtype=np.float64)
+    isz = a.dtype.itemsize
+    rows, dim = a.shape
+    s0, s1 = a.strides
+    ok = (dim <= 1 or s1 == isz) and (rows <= 1 or (s0 % isz == 0 and s0 >= dim * isz))
+    if not ok:
+        a = np.ascontiguousarray(a)
+    if a.dtype == np.float16:
+        return a.view(np.uint16), "F16"
+    return a, ("F32" if a.dtype == np.float32 else "F64")
+
+
+def native_part(src: Source, layers: Sequence[str]) -> Any:
+    """One part of a Rust streaming pass (``_native.moments_pass``, ``minibatch_cka_pass``):
+    a store selection ``(NativeStore, [layer index])`` or in-memory layers
+    ``[(array, dtype)]`` (see :func:`_native_array`)."""
+    if src.store is not None:
+        nat = src.store._native
+        return (nat, [int(nat.layer_index(x)) for x in layers])
+    assert src.arrays is not None
+    return [_native_array(src.arrays[x]) for x in layers]
+
+
 def resolve(source: Any) -> Source:
     """Turn a store, a path or a dict of arrays into a :class:`Source`."""
     from .store import ActivationStore, open_store

@@ -48,7 +48,7 @@ import numpy as np
 from ._memory import add_max_memory_arg, max_memory_bytes
 from ._moments import check_compute, compute_moments
 from ._progress import Progress
-from ._source import Source, check_comparable, resolve
+from ._source import Source, check_comparable, native_part, resolve
 from .errors import InvalidArgumentError
 from .results import MatrixResult
 
@@ -392,7 +392,6 @@ def _minibatch(
     if b is not None and lb is not None:
         parts.append((b, lb))
     names = [x for _, ls in parts for x in ls]
-    dims = [src.dims[x] for src, ls in parts for x in ls]
     num_a = len(la)
     check = nonfinite == "error"
     kw = dict(
@@ -408,31 +407,11 @@ def _minibatch(
         meta["sample_hash"] = indices_hash(idx)
     t1 = time.perf_counter()
     with Progress(progress, "minibatch cka") as prog:
-        if idx is None and all(src.is_store for src, _ in parts):
-            sels = [
-                (src.store._native, [int(src.store._native.layer_index(x)) for x in ls])
-                for src, ls in parts
-            ]
-            r = _native.minibatch_cka_stores(sels, names, progress=prog.cb, **kw)
-            engine = "rust-stream"
-        else:
-            acc = _native.MinibatchCka(dims, names, **kw)
-            wide = any(_wide(src, x) for src, ls in parts for x in ls)
-            dt = np.float64 if wide else np.float32
-            total = a.num_rows if idx is None else int(idx.size)
-            step = batch_size * max(1, (32 << 20) // max(1, batch_size * sum(dims) * 8))
-            for start in range(0, total, step):
-                stop = min(total, start + step)
-                if idx is None:
-                    blk = [src.read(x, start, stop, dtype=dt) for src, ls in parts for x in ls]
-                else:
-                    sub = idx[start:stop]
-                    blk = [src.take(x, sub, dtype=dt) for src, ls in parts for x in ls]
-                acc.update([np.ascontiguousarray(v) for v in blk])
-                if prog.cb is not None:
-                    prog.cb(stop, total)
-            r = acc.finish()
-            engine = "blocks"
+        r = _native.minibatch_cka_pass(
+            [native_part(src, ls) for src, ls in parts], names, progress=prog.cb,
+            sample=None if idx is None else [int(i) for i in idx], **kw,
+        )
+    engine = "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays"
     nf = {x: int(v) for x, v in zip(names, r["nonfinite"]) if v is not None}
     if b is not None:
         nf = {

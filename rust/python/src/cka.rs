@@ -3,12 +3,12 @@
 //! stores. Only type conversion here; the work runs in the core with the GIL released.
 use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
 use crate::monitor::PyMonitor;
-use crate::source::store_rows;
-use crate::store::NativeStore;
+use crate::source::{extract_parts, Sources};
 use layerscope_core::measures::cka::{
     minibatch_pass, Kernel, MinibatchCka as CoreCka, MinibatchHsic,
 };
 use layerscope_core::memory::Budget;
+use layerscope_core::store::stream::Subset;
 use layerscope_core::store::{RowSource, Rows};
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
@@ -162,16 +162,17 @@ impl PyMinibatchCka {
     }
 }
 
-/// Minibatch CKA in one streaming pass over the selected layers of one or more row-aligned
-/// stores (`selections`: `[(NativeStore, [layer index, ...]), ...]`), GIL released, reader
-/// thread one block ahead. Returns the result dict of `MinibatchCka.finish`.
+/// Minibatch CKA in one streaming pass over every row of `parts` (see `source.rs`: store
+/// selections and/or in-memory layers, row-aligned, side by side) — or over the rows
+/// `sample` of them, in that order — GIL released, reader thread one block ahead. Returns the
+/// result dict of `MinibatchCka.finish`.
 #[pyfunction]
-#[pyo3(signature = (selections, names, kernel="linear", sigma=1.0, batch_size=256, num_a=None,
-    check_finite=true, max_memory=None, block_rows=None, progress=None))]
+#[pyo3(signature = (parts, names, kernel="linear", sigma=1.0, batch_size=256, num_a=None,
+    check_finite=true, max_memory=None, block_rows=None, progress=None, sample=None))]
 #[allow(clippy::too_many_arguments)]
-fn minibatch_cka_stores<'py>(
+fn minibatch_cka_pass<'py>(
     py: Python<'py>,
-    selections: Vec<(Py<NativeStore>, Vec<usize>)>,
+    parts: Vec<Bound<'py, PyAny>>,
     names: Vec<String>,
     kernel: &str,
     sigma: f64,
@@ -181,12 +182,21 @@ fn minibatch_cka_stores<'py>(
     max_memory: Option<u64>,
     block_rows: Option<usize>,
     progress: Option<Py<PyAny>>,
+    sample: Option<Vec<u64>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let parts = store_rows(&selections)?;
-    let src = Rows::new(parts.iter().map(|p| p as &dyn RowSource).collect()).py_err()?;
-    let dims = src.dims();
+    let parts = extract_parts(&parts)?;
+    let sources = Sources::new(&parts)?;
+    let all = Rows::new(sources.parts()).py_err()?;
+    let subset = match &sample {
+        Some(idx) => Some(Subset::new(&all, idx).py_err()?),
+        None => None,
+    };
+    let src: &dyn RowSource = match &subset {
+        Some(s) => s,
+        None => &all,
+    };
     let acc = build(
-        &dims,
+        &src.dims(),
         Some(names),
         kernel,
         sigma,
@@ -198,13 +208,13 @@ fn minibatch_cka_stores<'py>(
     .py_err()?;
     let mon = PyMonitor::new(progress);
     let r = py
-        .detach(|| minibatch_pass(&src, acc, block_rows, &mon))
+        .detach(|| minibatch_pass(src, acc, block_rows, &mon))
         .py_err()?;
     to_dict(py, &r)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMinibatchCka>()?;
-    m.add_function(wrap_pyfunction!(minibatch_cka_stores, m)?)?;
+    m.add_function(wrap_pyfunction!(minibatch_cka_pass, m)?)?;
     Ok(())
 }

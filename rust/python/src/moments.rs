@@ -4,14 +4,13 @@
 //! Only type conversion here; every computation runs in the core with the GIL released.
 use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
 use crate::monitor::PyMonitor;
-use crate::source::store_rows;
-use crate::store::NativeStore;
+use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
     accumulate, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
     Moments as CoreMoments,
 };
 use layerscope_core::memory::Budget;
-use layerscope_core::store::{RowSource, Rows};
+use layerscope_core::store::Rows;
 use layerscope_core::Error;
 use numpy::ndarray::{Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2};
@@ -272,16 +271,16 @@ impl PyMoments {
     }
 }
 
-/// One streaming pass over the selected layers of one or more row-aligned stores
-/// (`selections`: `[(NativeStore, [layer index, ...]), ...]`), GIL released, reader thread
-/// one block ahead. Returns the finalised `Moments`.
+/// One streaming pass over every row of `parts` (see `source.rs`: store selections and/or
+/// in-memory layers, row-aligned, side by side), GIL released, reader thread one block ahead.
+/// Returns the finalised `Moments`.
 #[pyfunction]
-#[pyo3(signature = (selections, names, block_rows=None, check_finite=true, max_memory=None,
+#[pyo3(signature = (parts, names, block_rows=None, check_finite=true, max_memory=None,
     num_a=None, progress=None, compute="float64"))]
 #[allow(clippy::too_many_arguments)]
-fn moments_from_stores(
+fn moments_pass(
     py: Python<'_>,
-    selections: Vec<(Py<NativeStore>, Vec<usize>)>,
+    parts: Vec<Bound<'_, PyAny>>,
     names: Vec<String>,
     block_rows: Option<usize>,
     check_finite: bool,
@@ -292,8 +291,9 @@ fn moments_from_stores(
 ) -> PyResult<PyMoments> {
     let compute = Compute::parse(compute).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
-    let parts = store_rows(&selections)?;
-    let src = Rows::new(parts.iter().map(|p| p as &dyn RowSource).collect()).py_err()?;
+    let parts = extract_parts(&parts)?;
+    let sources = Sources::new(&parts)?;
+    let src = Rows::new(sources.parts()).py_err()?;
     let mon = PyMonitor::new(progress);
     let m = py
         .detach(|| {
@@ -365,7 +365,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMomentAccumulator>()?;
     m.add_function(wrap_pyfunction!(check_moment_memory, m)?)?;
     m.add_class::<PyMoments>()?;
-    m.add_function(wrap_pyfunction!(moments_from_stores, m)?)?;
+    m.add_function(wrap_pyfunction!(moments_pass, m)?)?;
     m.add_function(wrap_pyfunction!(py_default_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(accumulator_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pass_bytes, m)?)?;

@@ -1,15 +1,169 @@
-//! Row sources from Python arguments: the `[(NativeStore, [layer index, ...]), ...]` selections
-//! that every streaming call takes, as the core's [`StoreRows`] (one per store; put side by
-//! side with [`layerscope_core::store::Rows`]).
+//! Row sources from Python arguments. Every streaming call takes `parts`: a list whose items
+//! are either a store selection `(NativeStore, [layer index, ...])` or in-memory layers
+//! `[(array, dtype), ...]` (2-D numpy arrays whose rows are evenly spaced and whose elements
+//! are contiguous — row-major arrays and their row/column slices — borrowed, never copied
+//! whole; `dtype` is `"F32"`/`"F64"` for float32/float64 arrays and `"F16"`/`"BF16"` for
+//! uint16 arrays holding half-precision bit patterns). The parts become the core's
+//! [`StoreRows`] / [`ArrayRows`], side by side in one [`Rows`].
 use crate::convert::IntoPy;
 use crate::store::NativeStore;
-use layerscope_core::store::StoreRows;
+use layerscope_core::store::stream::{ArrayLayer, ArrayRows};
+use layerscope_core::store::{DType, RowSource, StoreRows, Values};
+use layerscope_core::Error;
+use numpy::PyReadonlyArray2;
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
-/// One [`StoreRows`] per selection, every layer index checked.
-pub fn store_rows(selections: &[(Py<NativeStore>, Vec<usize>)]) -> PyResult<Vec<StoreRows<'_>>> {
-    selections
+/// One in-memory layer, borrowed read-only for the duration of the call.
+pub enum Array<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F64(PyReadonlyArray2<'py, f64>),
+    Bits(PyReadonlyArray2<'py, u16>, DType),
+}
+
+/// One part of a pass, as given by Python.
+pub enum Part<'py> {
+    Store(Py<NativeStore>, Vec<usize>),
+    Arrays(Vec<Array<'py>>),
+}
+
+/// Reads `parts` (see the module doc).
+pub fn extract_parts<'py>(parts: &[Bound<'py, PyAny>]) -> PyResult<Vec<Part<'py>>> {
+    parts
         .iter()
-        .map(|(s, l)| StoreRows::new(&s.get().inner, l.clone()).py_err())
-        .collect()
+        .enumerate()
+        .map(|(i, p)| {
+            if let Ok(t) = p.cast::<PyTuple>() {
+                if let Ok((s, l)) = t.extract::<(Py<NativeStore>, Vec<usize>)>() {
+                    return Ok(Part::Store(s, l));
+                }
+            }
+            let items: Vec<(Bound<'py, PyAny>, String)> = p.extract().map_err(|_| {
+                Error::invalid(format!(
+                    "part {i}: expected (NativeStore, [layer index]) or [(array, dtype)]"
+                ))
+            })?;
+            items
+                .iter()
+                .enumerate()
+                .map(|(k, (a, dt))| {
+                    array(a, dt).map_err(|e| Error::invalid(format!("part {i}, array {k}: {e}")))
+                })
+                .collect::<Result<Vec<_>, Error>>()
+                .map(Part::Arrays)
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .py_err()
+}
+
+fn array<'py>(a: &Bound<'py, PyAny>, dtype: &str) -> Result<Array<'py>, Error> {
+    let bad = |what: &str| Err(Error::invalid(format!("{what} (dtype {dtype:?})")));
+    match DType::from_name(dtype) {
+        Some(DType::F32) => a
+            .extract()
+            .map(Array::F32)
+            .or_else(|_| bad("expected a 2-D float32 array")),
+        Some(DType::F64) => a
+            .extract()
+            .map(Array::F64)
+            .or_else(|_| bad("expected a 2-D float64 array")),
+        Some(dt @ (DType::F16 | DType::BF16)) => a
+            .extract()
+            .map(|v| Array::Bits(v, dt))
+            .or_else(|_| bad("expected a 2-D uint16 array of bit patterns")),
+        None => bad("unknown dtype"),
+    }
+}
+
+/// The elements an array's rows span, its row count, width and row stride (elements), when
+/// its elements are contiguous within a row and rows are evenly spaced forward.
+fn layout<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray2<'_, T>,
+) -> Result<(&'a [T], usize, usize, usize), Error> {
+    let view = a.as_array();
+    let (rows, dim) = view.dim();
+    let (s0, s1) = (view.strides()[0], view.strides()[1]);
+    let row_stride = if rows <= 1 {
+        dim
+    } else {
+        usize::try_from(s0).unwrap_or(0)
+    };
+    if (dim > 1 && s1 != 1) || (rows > 1 && row_stride < dim) {
+        return Err(Error::invalid(format!(
+            "an array of shape ({rows}, {dim}) with element strides ({s0}, {s1}) is not \
+             row-major; use np.ascontiguousarray"
+        )));
+    }
+    let len = if rows == 0 || dim == 0 {
+        0
+    } else {
+        (rows - 1) * row_stride + dim
+    };
+    // SAFETY: the array is borrowed read-only for 'a (numpy's borrow flag is held by `a`);
+    // its rows lie at `ptr + r·row_stride` (r < rows), each `dim` contiguous elements, so the
+    // `len` elements from `ptr` are inside the array's buffer.
+    let data = if len == 0 {
+        &[][..]
+    } else {
+        unsafe { std::slice::from_raw_parts(view.as_ptr(), len) }
+    };
+    Ok((data, rows, dim, row_stride.max(dim)))
+}
+
+/// The core row sources of `parts`, in order (store selections' layer indices checked).
+pub struct Sources<'a> {
+    stores: Vec<(usize, StoreRows<'a>)>,
+    arrays: Vec<(usize, ArrayRows<'a>)>,
+}
+
+impl<'a> Sources<'a> {
+    pub fn new(parts: &'a [Part<'_>]) -> PyResult<Self> {
+        let mut stores = Vec::new();
+        let mut arrays = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            match p {
+                Part::Store(s, l) => {
+                    stores.push((i, StoreRows::new(&s.get().inner, l.clone()).py_err()?))
+                }
+                Part::Arrays(v) => {
+                    let layers = v
+                        .iter()
+                        .map(|a| {
+                            let layer = match a {
+                                Array::F32(x) => layout(x).and_then(|(d, r, w, s)| {
+                                    ArrayLayer::new(Values::F32(d), r, w, s)
+                                }),
+                                Array::F64(x) => layout(x).and_then(|(d, r, w, s)| {
+                                    ArrayLayer::new(Values::F64(d), r, w, s)
+                                }),
+                                Array::Bits(x, dt) => layout(x).and_then(|(d, r, w, s)| {
+                                    let v = if *dt == DType::F16 {
+                                        Values::F16Bits(d)
+                                    } else {
+                                        Values::BF16Bits(d)
+                                    };
+                                    ArrayLayer::new(v, r, w, s)
+                                }),
+                            };
+                            layer.py_err()
+                        })
+                        .collect::<PyResult<Vec<_>>>()?;
+                    arrays.push((i, ArrayRows::new(layers).py_err()?));
+                }
+            }
+        }
+        Ok(Sources { stores, arrays })
+    }
+
+    /// Every part as a row source, in the order given.
+    pub fn parts(&self) -> Vec<&dyn RowSource> {
+        let mut all: Vec<(usize, &dyn RowSource)> = self
+            .stores
+            .iter()
+            .map(|(i, s)| (*i, s as &dyn RowSource))
+            .chain(self.arrays.iter().map(|(i, a)| (*i, a as &dyn RowSource)))
+            .collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, s)| s).collect()
+    }
 }
