@@ -12,6 +12,12 @@ ProgressCallback = Callable[[int, int], Any] | None
 
 # ---- store (rust/python/src/store.rs) ----
 
+class NativeBlocks:
+    """Iterator of ``(start, {layer: block})`` (``NativeStore.blocks``)."""
+
+    def __iter__(self) -> NativeBlocks: ...
+    def __next__(self) -> tuple[int, dict[str, npt.NDArray[np.floating[Any]]]]: ...
+
 class NativeStore:
     """A validated, memory-mapped activation store (see docs/FORMAT.md)."""
 
@@ -54,6 +60,14 @@ class NativeStore:
         dtype: str = "float32",
         release: bool = False,
     ) -> list[npt.NDArray[np.floating[Any]]]: ...
+    def blocks(
+        self,
+        layers: list[str],
+        block_rows: int,
+        dtype: str = "float32",
+        release: bool = True,
+        reuse: bool = False,
+    ) -> NativeBlocks: ...
     def read_block_into(
         self,
         layers: list[str],

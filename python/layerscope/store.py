@@ -228,7 +228,8 @@ class ActivationStore:
         page cache still holds the data). A block larger than the store is one block of all
         rows; one that does not fit the memory budget (``max_memory``, else
         ``LAYERSCOPE_MAX_MEMORY``, else the machine's) raises ``MemoryBudgetError`` before
-        anything is read."""
+        anything is read. The blocks are read by the core's one block reader
+        (``layerscope_core::store::stream``), one per step, with the GIL released."""
         budget = max_memory_bytes(max_memory)
         names = list(self.layers if layers is None else layers)
         for n in names:
@@ -247,20 +248,7 @@ class ActivationStore:
             (1 if reuse else 2) * block_rows * row_bytes,
             f"blocks of {block_rows} rows of {len(names)} layers ({kind})",
             "use a smaller block_rows", budget)
-        if reuse:
-            rows0 = min(block_rows, self.num_rows)
-            np_dt = np.float32 if kind == "float32" else np.float64
-            bufs = [np.empty((rows0, self.dims[n]), dtype=np_dt) for n in names]
-            for start in range(0, self.num_rows, block_rows):
-                stop = min(start + block_rows, self.num_rows)
-                views = [b[: stop - start] for b in bufs]
-                self._native.read_block_into(names, start, stop, views, release)
-                yield start, dict(zip(names, views))
-            return
-        for start in range(0, self.num_rows, block_rows):
-            stop = min(start + block_rows, self.num_rows)
-            arrays = self._native.read_block(names, start, stop, kind, release)
-            yield start, dict(zip(names, arrays))
+        return iter(self._native.blocks(names, block_rows, kind, release, reuse))
 
     def release(self, start: int = 0, stop: int | None = None) -> None:
         """Drop the mapped pages of rows ``[start, stop)`` from the resident set (a hint;

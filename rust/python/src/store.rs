@@ -4,7 +4,8 @@
 use crate::convert::{c_slice, c_slice_mut, to_py, IntoPy};
 use crate::monitor::PyMonitor;
 use layerscope_core::store::{
-    ArrayData, DType, Element, OpenOptions, Store, StoreWriter, Values, WriterOptions,
+    stream, ArrayData, DType, Element, OpenOptions, ReadAs, RowSource, Store, StoreRows,
+    StoreWriter, Values, WriterOptions,
 };
 use layerscope_core::Error;
 use numpy::{
@@ -12,7 +13,7 @@ use numpy::{
     PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PySlice};
 use std::path::PathBuf;
 
 fn parse_dtype(s: &str) -> PyResult<DType> {
@@ -266,6 +267,42 @@ impl NativeStore {
         }
     }
 
+    /// An iterator of `(start, {layer: block})` over all rows, `block_rows` at a time (the
+    /// last block may be shorter), of `layers` (names, any order; a repeated name appears
+    /// once in each dict), read by the core's block reader (`store::stream::read_into`).
+    /// `dtype`: float32 or float64; `release`: drop each block's mapped pages once read;
+    /// `reuse`: refill one buffer per layer (blocks are views of it) instead of fresh arrays.
+    #[pyo3(signature = (layers, block_rows, dtype="float32", release=true, reuse=false))]
+    fn blocks(
+        slf: &Bound<'_, Self>,
+        layers: Vec<String>,
+        block_rows: u64,
+        dtype: &str,
+        release: bool,
+        reuse: bool,
+    ) -> PyResult<NativeBlocks> {
+        let me = slf.get();
+        if block_rows == 0 {
+            return Err(Error::invalid("block_rows must be at least 1")).py_err();
+        }
+        let idx = layers
+            .iter()
+            .map(|n| me.inner.layer_index(n))
+            .collect::<layerscope_core::Result<Vec<_>>>()
+            .py_err()?;
+        Ok(NativeBlocks {
+            store: slf.clone().unbind(),
+            names: layers,
+            layers: idx,
+            block_rows,
+            next: 0,
+            f64: want_f64(dtype)?,
+            release,
+            reuse,
+            bufs: None,
+        })
+    }
+
     /// Rows [start, stop) of several layers (any subset, in the given order) as a list of
     /// 2-D arrays, read in parallel. `release=True` then drops the mapped pages of those rows
     /// from the resident set (streaming readers keep a bounded RSS; see `Store::release`).
@@ -390,6 +427,98 @@ impl NativeStore {
     /// Recompute every shard's sha256 and compare with the manifest (MismatchError if not).
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.verify()).py_err()
+    }
+}
+
+/// The iterator of `NativeStore.blocks` (see there): one block read per `__next__`, GIL
+/// released while reading.
+#[pyclass(module = "layerscope._native")]
+pub struct NativeBlocks {
+    store: Py<NativeStore>,
+    names: Vec<String>,
+    layers: Vec<usize>,
+    block_rows: u64,
+    next: u64,
+    f64: bool,
+    release: bool,
+    reuse: bool,
+    /// With `reuse`: one full-size buffer per layer, allocated at the first block.
+    bufs: Option<Vec<Py<PyAny>>>,
+}
+
+impl NativeBlocks {
+    fn read<'py, T: ReadAs + numpy::Element>(
+        &mut self,
+        py: Python<'py>,
+        start: u64,
+        stop: u64,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let store = self.store.get();
+        let mut src = StoreRows::new(&store.inner, self.layers.clone()).py_err()?;
+        if !self.release {
+            src = src.keeping_pages();
+        }
+        let dims = src.dims();
+        let rows = (stop - start) as usize;
+        if !self.reuse {
+            return fill_arrays::<T, _>(py, rows, &dims, |o| {
+                stream::read_into(&src, start, stop, o)
+            });
+        }
+        if self.bufs.is_none() {
+            let first = self.block_rows.min(store.inner.num_rows()) as usize;
+            let bufs = dims
+                .iter()
+                .map(|&d| alloc_2d::<T>(py, first, d).map(|a| a.into_any().unbind()))
+                .collect::<PyResult<Vec<_>>>()?;
+            self.bufs = Some(bufs);
+        }
+        let views = self
+            .bufs
+            .iter()
+            .flatten()
+            .map(|b| b.bind(py).get_item(PySlice::new(py, 0, rows as isize, 1)))
+            .collect::<PyResult<Vec<_>>>()?;
+        {
+            let mut rws = views
+                .iter()
+                .map(|v| v.extract::<PyReadwriteArray2<T>>())
+                .collect::<PyResult<Vec<_>>>()?;
+            let mut slices = rws
+                .iter_mut()
+                .map(|rw| c_slice_mut(rw, "block buffer"))
+                .collect::<PyResult<Vec<&mut [T]>>>()?;
+            py.detach(|| stream::read_into(&src, start, stop, &mut slices))
+                .py_err()?;
+        }
+        Ok(views)
+    }
+}
+
+#[pymethods]
+impl NativeBlocks {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<(u64, Bound<'py, PyDict>)>> {
+        let n = self.store.get().inner.num_rows();
+        if self.next >= n {
+            return Ok(None);
+        }
+        let start = self.next;
+        let stop = start.saturating_add(self.block_rows).min(n);
+        let arrays = if self.f64 {
+            self.read::<f64>(py, start, stop)?
+        } else {
+            self.read::<f32>(py, start, stop)?
+        };
+        self.next = stop;
+        let d = PyDict::new(py);
+        for (name, a) in self.names.iter().zip(arrays) {
+            d.set_item(name, a)?;
+        }
+        Ok(Some((start, d)))
     }
 }
 
@@ -542,6 +671,7 @@ impl NativeWriter {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeStore>()?;
+    m.add_class::<NativeBlocks>()?;
     m.add_class::<NativeWriter>()?;
     Ok(())
 }

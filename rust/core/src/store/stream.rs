@@ -68,10 +68,12 @@ impl ReadAs for f64 {
 }
 
 /// A selection of layers (indices into `store.layers()`, in order, repeats allowed) of one
-/// store.
+/// store. By default a block's mapped pages are dropped from the resident set once read
+/// ([`Store::release`]); [`StoreRows::keeping_pages`] leaves them mapped.
 pub struct StoreRows<'a> {
     store: &'a Store,
     layers: Vec<usize>,
+    keep_pages: bool,
 }
 
 impl<'a> StoreRows<'a> {
@@ -84,7 +86,18 @@ impl<'a> StoreRows<'a> {
                 store.layers().len()
             )));
         }
-        Ok(StoreRows { store, layers })
+        Ok(StoreRows {
+            store,
+            layers,
+            keep_pages: false,
+        })
+    }
+
+    /// Leaves read rows mapped ([`RowSource::release`] does nothing): for a reader that will
+    /// come back to them.
+    pub fn keeping_pages(mut self) -> Self {
+        self.keep_pages = true;
+        self
     }
 
     /// The store read from.
@@ -123,6 +136,9 @@ impl RowSource for StoreRows<'_> {
         self.take(layer, rows, out)
     }
     fn release(&self, start: u64, stop: u64) -> Result<()> {
+        if self.keep_pages {
+            return Ok(());
+        }
         self.store.release(start, stop)
     }
 }
@@ -515,7 +531,20 @@ fn fill<T: ReadAs>(
         b.resize(len, T::default());
     }
     let mut outs: Vec<&mut [T]> = blk.iter_mut().map(|b| b.as_mut_slice()).collect();
-    T::read(src, start, stop, &mut outs)?;
+    read_into(src, start, stop, &mut outs)
+}
+
+/// One block: rows `[start, stop)` of every layer of `src` into `outs` (one buffer per layer,
+/// each of exactly `(stop − start) × dim` elements), then [`RowSource::release`] those rows.
+/// The unit [`run`] repeats, and what a pull-mode reader (the Python `store.blocks()`
+/// iterator) calls once per block.
+pub fn read_into<T: ReadAs>(
+    src: &dyn RowSource,
+    start: u64,
+    stop: u64,
+    outs: &mut [&mut [T]],
+) -> Result<()> {
+    T::read(src, start, stop, outs)?;
     src.release(start, stop)
 }
 
@@ -660,6 +689,17 @@ mod tests {
             })
             .unwrap();
             assert_eq!(seen, n);
+        }
+        // One block read by hand (the pull-mode unit), pages kept or released: same rows.
+        for keep in [false, true] {
+            let mut one = StoreRows::new(&s, vec![0]).unwrap();
+            if keep {
+                one = one.keeping_pages();
+            }
+            let mut buf = [0f32; 4 * 3];
+            read_into(&one, 10, 14, &mut [&mut buf[..]]).unwrap();
+            assert_eq!(buf[..], xs[0][30..42]);
+            assert!(read_into(&one, 10, 14, &mut [&mut buf[..3]]).is_err());
         }
         let mut out = vec![0.0; 2 * 3];
         both.take_f64(2, &[39, 0], &mut out).unwrap();
