@@ -11,7 +11,6 @@
 //! * Numerical rank: `r = #{λ_i > tol}` with `tol = λ_max · max(n, d) · ε_f64` (the NumPy
 //!   `matrix_rank` rule). Derived measures use `λ⁺_i = λ_i if λ_i > tol else 0`.
 //! * A layer with zero variance (all rows equal) has `r = 0` and NaN ratio measures (0/0).
-use crate::engine::moments::Moments;
 use crate::error::{Error, Result};
 use crate::monitor::Monitor;
 use faer::{Mat, MatRef, Side};
@@ -224,41 +223,6 @@ impl Spectrum {
             ("pca_id_99", self.pca_id_99),
         ]
     }
-}
-
-/// Zero-copy view of `C_ij` (`d_i × d_j`) inside finalised [`Moments`] (whose `cov` is the
-/// symmetric column-major `D × D` matrix).
-pub fn moments_block(m: &Moments, i: usize, j: usize) -> Result<MatRef<'_, f64>> {
-    let l = m.dims.len();
-    let d = m.offsets.get(l).copied().unwrap_or(0);
-    if i >= l || j >= l || m.offsets.len() != l + 1 || m.cov.len() != d * d {
-        return Err(Error::invalid(format!(
-            "layer index ({i}, {j}) out of range for {l} layers (or inconsistent moments)"
-        )));
-    }
-    let (oi, oj) = (m.offsets[i], m.offsets[j]);
-    let (di, dj) = (m.dims[i], m.dims[j]);
-    if oi + di > d || oj + dj > d {
-        return Err(Error::invalid("inconsistent layer offsets in moments"));
-    }
-    Ok(MatRef::from_column_major_slice(&m.cov, d, d).submatrix(oi, oj, di, dj))
-}
-
-/// [`layer_eigs`] of every layer of finalised [`Moments`] (parallel across layers).
-pub fn moments_eigs(m: &Moments, monitor: &dyn Monitor) -> Result<Vec<LayerEig>> {
-    let n = usize::try_from(m.n).map_err(|_| Error::invalid("row count does not fit usize"))?;
-    let blocks: Vec<MatRef<'_, f64>> = (0..m.dims.len())
-        .map(|i| moments_block(m, i, i))
-        .collect::<Result<_>>()?;
-    layer_eigs(&blocks, n, monitor)
-}
-
-/// Spectrum measures of every layer of finalised [`Moments`].
-pub fn moments_spectra(m: &Moments, monitor: &dyn Monitor) -> Result<Vec<Spectrum>> {
-    Ok(moments_eigs(m, monitor)?
-        .iter()
-        .map(Spectrum::from_eig)
-        .collect())
 }
 
 #[cfg(test)]

@@ -1,0 +1,655 @@
+//! [`MomentAccumulator`]: the streaming value of engine 1 (`update` a block, `merge` another,
+//! `finalize` into [`Moments`]), and the arithmetic of its block products ([`Compute`]).
+use super::finalised::Moments;
+use crate::error::{Error, Result};
+use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
+use crate::linalg::symmetrize_from_upper;
+use crate::store::Element;
+use rayon::prelude::*;
+
+/// Arithmetic of the block products (the accumulation across blocks is always f64).
+///
+/// * [`Compute::F64`] (default): every product in f64.
+/// * [`Compute::F32`]: the `D × D` part of `Σ_a u_a u_aᵀ` (the SYRK, nearly all the work)
+///   multiplies the **shifted** values rounded to f32 with f32 sums over at most
+///   [`F32_SUM_ROWS`] rows, each partial sum added into the f64 accumulator; everything
+///   that involves the squared norms (the debiased estimators' 4th-order sums), the column
+///   sums and the shift stay f64. Twice the SIMD width; the error is that of rounding the
+///   shifted data to f32 plus `√b·u`-sized sums (measured against f64 in the tests: ≤ 1e-6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compute {
+    #[default]
+    F64,
+    F32,
+}
+
+impl Compute {
+    /// `"float64"`/`"f64"` or `"float32"`/`"f32"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "float64" | "f64" => Ok(Compute::F64),
+            "float32" | "f32" => Ok(Compute::F32),
+            other => Err(Error::invalid(format!(
+                "compute must be \"float64\" or \"float32\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Longest f32 sum in [`Compute::F32`]: the packed SYRK's micro-kernel adds its f32 register
+/// sums into the f64 accumulator every this many rows.
+pub const F32_SUM_ROWS: usize = <f32 as PackedElem>::CHAIN;
+
+/// Most rows per block in [`Compute::F32`] (the f32 row buffer, `rows × D`, is the block):
+/// two packed-SYRK slices of 768 rows.
+pub const F32_BLOCK_ROWS: usize = 1536;
+
+/// The streaming accumulator (a plain value: `update`, `merge`, `to_bytes`/`from_bytes`).
+#[derive(Clone, Debug)]
+pub struct MomentAccumulator {
+    pub(super) dims: Vec<usize>,
+    pub(super) offsets: Vec<usize>,
+    pub(super) names: Vec<String>,
+    /// Reference shift μ0 (length D), set by the first non-empty block.
+    pub(super) shift: Option<Vec<f64>>,
+    /// Column-major (D+L)×(D+L); upper triangle valid.
+    pub(super) s: Vec<f64>,
+    /// Column sums of w (length D+L).
+    pub(super) sums: Vec<f64>,
+    pub(super) n: u64,
+    /// When false, non-finite values are accumulated (they turn the affected cells NaN).
+    pub(super) check_finite: bool,
+    /// First row (in update order) holding a non-finite value, per layer.
+    pub(super) nonfinite: Vec<Option<u64>>,
+    /// Arithmetic of the block products (not serialised: it does not change what is stored).
+    pub(super) compute: Compute,
+    /// Block buffers kept between updates (contents meaningless between calls): fresh
+    /// allocations of this size cost a page fault per 4 KiB and the kernel's zeroing.
+    pub(super) scratch: Scratch,
+}
+
+/// Reusable per-update buffers of [`MomentAccumulator`] (never serialised).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Scratch {
+    /// f64 path: `w` (rows × (D+L)).
+    w: Vec<f64>,
+    /// f32 path: `u` (rows × D), `r` (rows × L).
+    u: Vec<f32>,
+    r: Vec<f64>,
+    /// Packed panels of the SYRK (f64 and f32 paths).
+    pack64: Vec<f64>,
+    pack32: Vec<f32>,
+}
+
+/// `v` resized to `len` without clearing what it already holds (every element is
+/// overwritten by the caller before it is read).
+/// A refused allocation is an [`Error::Memory`].
+fn sized<T: Copy + Default + Send + Sync>(v: &mut Vec<T>, len: usize) -> Result<&mut [T]> {
+    if v.len() < len {
+        // Fresh, huge-page-hinted storage (block buffers are tens of MB, read in strides).
+        *v = Vec::new();
+        *v = crate::linalg::hinted_vec(len, "a block buffer of the moment pass")?;
+    }
+    Ok(&mut v[..len])
+}
+
+pub(super) fn offsets_of(dims: &[usize]) -> Vec<usize> {
+    let mut o = Vec::with_capacity(dims.len() + 1);
+    let mut acc = 0usize;
+    o.push(0);
+    for d in dims {
+        acc += d;
+        o.push(acc);
+    }
+    o
+}
+
+/// f64 column sums of the row-major `rows × width` matrix `x`: parallel over chunks of 256
+/// rows, the chunk sums then added in chunk order (the same bits on every run, which a
+/// parallel float reduction does not give).
+pub(super) fn column_sums<T: Copy + Into<f64> + Sync>(x: &[T], width: usize) -> Vec<f64> {
+    let parts: Vec<Vec<f64>> = x
+        .par_chunks(width * 256)
+        .map(|chunk| {
+            let mut s = vec![0.0; width];
+            for row in chunk.chunks_exact(width) {
+                for (si, &v) in s.iter_mut().zip(row) {
+                    *si += v.into();
+                }
+            }
+            s
+        })
+        .collect();
+    let mut total = vec![0.0; width];
+    for p in &parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+impl MomentAccumulator {
+    /// An empty accumulator for layers of widths `dims` (names default to `layer{i}`).
+    pub fn new(dims: &[usize]) -> Result<Self> {
+        if dims.is_empty() {
+            return Err(Error::invalid(
+                "the moment accumulator needs at least one layer",
+            ));
+        }
+        if dims.contains(&0) {
+            return Err(Error::invalid("a layer of width 0 cannot be accumulated"));
+        }
+        let d: usize = dims.iter().sum();
+        let dz = d + dims.len();
+        let cells = dz
+            .checked_mul(dz)
+            .ok_or_else(|| Error::Memory("accumulator size overflows".into()))?;
+        if cells > (isize::MAX as usize) / 16 {
+            return Err(Error::Memory(format!(
+                "accumulator of {dz}² cells cannot be allocated"
+            )));
+        }
+        Ok(MomentAccumulator {
+            dims: dims.to_vec(),
+            offsets: offsets_of(dims),
+            names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
+            shift: None,
+            s: crate::linalg::hinted_vec(
+                cells,
+                format_args!(
+                    "the all-pairs moment accumulator for {} layers (D = {d})",
+                    dims.len()
+                ),
+            )?,
+            sums: crate::memory::try_vec(dz, 0.0, "the column sums of the moment pass")?,
+            n: 0,
+            check_finite: true,
+            nonfinite: vec![None; dims.len()],
+            compute: Compute::F64,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// The arithmetic of the block products (see [`Compute`]).
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
+        self
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    /// Set the layer names used in error messages (and carried into [`Moments`]).
+    pub fn with_names(mut self, names: &[String]) -> Result<Self> {
+        if names.len() != self.dims.len() {
+            return Err(Error::invalid(format!(
+                "{} names for {} layers",
+                names.len(),
+                self.dims.len()
+            )));
+        }
+        self.names = names.to_vec();
+        Ok(self)
+    }
+
+    /// `true` (default): a non-finite value is an [`Error::NonFinite`]. `false`: it is
+    /// accumulated, and every cell involving its layer becomes NaN (first bad row recorded).
+    pub fn with_check_finite(mut self, check: bool) -> Self {
+        self.check_finite = check;
+        self
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+    pub fn n(&self) -> u64 {
+        self.n
+    }
+    pub(super) fn d(&self) -> usize {
+        self.offsets[self.dims.len()]
+    }
+    pub(super) fn dz(&self) -> usize {
+        self.d() + self.dims.len()
+    }
+
+    /// Set the reference shift `μ0` (length D, finite) before the first row; otherwise the
+    /// first block's column means are used. A shift near the mean of *all* rows keeps the
+    /// products small even when the first block is not representative (sorted or
+    /// concatenated data); the results do not depend on it beyond rounding.
+    pub fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
+        if self.n > 0 || self.shift.is_some() {
+            return Err(Error::invalid(
+                "the shift can only be set before the first row is accumulated",
+            ));
+        }
+        if shift.len() != self.d() {
+            return Err(Error::Mismatch(format!(
+                "shift has {} values, the layers have {} columns",
+                shift.len(),
+                self.d()
+            )));
+        }
+        if !shift.iter().all(|v| v.is_finite()) {
+            return Err(Error::invalid("the shift must be finite"));
+        }
+        self.shift = Some(shift.to_vec());
+        Ok(())
+    }
+
+    /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l`.
+    /// Errors leave the accumulator unchanged.
+    pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
+        let l_count = self.dims.len();
+        if block.len() != l_count {
+            return Err(Error::Mismatch(format!(
+                "block has {} layers, accumulator has {l_count}",
+                block.len()
+            )));
+        }
+        for (l, (x, &d)) in block.iter().zip(&self.dims).enumerate() {
+            if Some(x.len()) != rows.checked_mul(d) {
+                return Err(Error::Mismatch(format!(
+                    "layer {:?}: block has {} values, expected {rows} rows × {d}",
+                    self.names[l],
+                    x.len()
+                )));
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        // Non-finite scan (first bad row per layer).
+        let bad: Vec<Option<usize>> = block
+            .par_iter()
+            .zip(self.dims.par_iter())
+            .map(|(x, &d)| {
+                x.chunks(d)
+                    .position(|r| r.iter().any(|v| !v.to_f64().is_finite()))
+            })
+            .collect();
+        if self.check_finite {
+            if let Some((l, a)) = bad.iter().enumerate().find_map(|(l, b)| b.map(|a| (l, a))) {
+                return Err(Error::NonFinite(format!(
+                    "layer {:?}: non-finite value (NaN/Inf) in row {}",
+                    self.names[l],
+                    self.n + a as u64
+                )));
+            }
+        }
+        for (l, b) in bad.iter().enumerate() {
+            if let (Some(a), None) = (b, self.nonfinite[l]) {
+                self.nonfinite[l] = Some(self.n + *a as u64);
+            }
+        }
+        let d = self.d();
+        let dz = self.dz();
+        if self.shift.is_none() {
+            let mut mu = vec![0.0; d];
+            for (l, x) in block.iter().enumerate() {
+                let dl = self.dims[l];
+                let o = self.offsets[l];
+                let m = &mut mu[o..o + dl];
+                for r in x.chunks(dl) {
+                    for (mi, v) in m.iter_mut().zip(r) {
+                        *mi += v.to_f64();
+                    }
+                }
+                for mi in m.iter_mut() {
+                    *mi /= rows as f64;
+                }
+            }
+            self.shift = Some(mu);
+        }
+        if self.compute == Compute::F32 {
+            return self.update_f32(block, rows);
+        }
+        let mu = self.shift.as_deref().unwrap_or(&[]);
+        // w rows (row-major rows × dz) = column-major dz × rows.
+        let mut wbuf = std::mem::take(&mut self.scratch.w);
+        let w = sized(&mut wbuf, rows * dz)?;
+        let dims = &self.dims;
+        let offsets = &self.offsets;
+        w.par_chunks_mut(dz).enumerate().for_each(|(a, wr)| {
+            for (l, x) in block.iter().enumerate() {
+                let dl = dims[l];
+                let o = offsets[l];
+                let src = &x[a * dl..(a + 1) * dl];
+                let mut r = 0.0;
+                for ((dst, v), m) in wr[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
+                    let u = v.to_f64() - m;
+                    *dst = u;
+                    r += u * u;
+                }
+                wr[d + l] = r;
+            }
+        });
+        let view = Strided {
+            u: w,
+            k: rows,
+            n: dz,
+            rs: dz,
+            cs: 1,
+        };
+        syrk_upper_add(&mut self.s, dz, view, &mut self.scratch.pack64)?;
+        let colsum = column_sums(w, dz);
+        for (s, c) in self.sums.iter_mut().zip(&colsum) {
+            *s += c;
+        }
+        self.scratch.w = wbuf;
+        self.n += rows as u64;
+        Ok(())
+    }
+
+    /// [`Compute::F32`] update (shapes and finiteness already checked, shift set): the
+    /// `D × D` SYRK in f32 (sums over at most [`F32_SUM_ROWS`] rows, each added into the f64
+    /// upper triangle); the squared-norm columns, their products with `u` and the
+    /// column sums in f64 from the same f32-rounded `u`.
+    fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
+        let d = self.d();
+        let dz = self.dz();
+        let lc = self.dims.len();
+        let mu = self.shift.as_deref().unwrap_or(&[]);
+        let dims = &self.dims;
+        let offsets = &self.offsets;
+        // u (row-major rows × D, f32) and r (row-major rows × L, f64, from the rounded u).
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let u = sized(&mut scratch.u, rows * d)?;
+        let r = sized(&mut scratch.r, rows * lc)?;
+        u.par_chunks_mut(d)
+            .zip(r.par_chunks_mut(lc))
+            .enumerate()
+            .for_each(|(a, (ur, rr))| {
+                for (l, x) in block.iter().enumerate() {
+                    let (dl, o) = (dims[l], offsets[l]);
+                    let src = &x[a * dl..(a + 1) * dl];
+                    let mut acc = 0.0f64;
+                    for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
+                        let q = (v.to_f64() - m) as f32;
+                        *dst = q;
+                        acc += f64::from(q) * f64::from(q);
+                    }
+                    rr[l] = acc;
+                }
+            });
+        // D × D part: the f32 SYRK, its partial sums added into the f64 upper triangle.
+        let view = Strided {
+            u: &*u,
+            k: rows,
+            n: d,
+            rs: d,
+            cs: 1,
+        };
+        syrk_upper_add(&mut self.s, dz, view, &mut scratch.pack32)?;
+        // Columns D..D+L of S (upper triangle: rows 0..D+l of column D+l) in f64:
+        // S[i, D+l] = Σ_a u_ai r_al (i < D), S[D+k, D+l] = Σ_a r_ak r_al (k ≤ l).
+        const CH: usize = 256;
+        let cross: Vec<Vec<f64>> = (0..d.div_ceil(CH))
+            .into_par_iter()
+            .map(|c| {
+                let (i0, i1) = (c * CH, ((c + 1) * CH).min(d));
+                let w = i1 - i0;
+                let mut acc = vec![0.0f64; lc * w];
+                for (ur, rr) in u.chunks_exact(d).zip(r.chunks_exact(lc)) {
+                    let ui = &ur[i0..i1];
+                    for (l, &rl) in rr.iter().enumerate() {
+                        for (s, &q) in acc[l * w..(l + 1) * w].iter_mut().zip(ui) {
+                            *s += f64::from(q) * rl;
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        for l in 0..lc {
+            let col = &mut self.s[(d + l) * dz..(d + l + 1) * dz];
+            for (c, acc) in cross.iter().enumerate() {
+                let i0 = c * CH;
+                let w = acc.len() / lc;
+                for (x, y) in col[i0..i0 + w].iter_mut().zip(&acc[l * w..(l + 1) * w]) {
+                    *x += y;
+                }
+            }
+            for rr in r.chunks_exact(lc) {
+                for k in 0..=l {
+                    col[d + k] += rr[k] * rr[l];
+                }
+            }
+        }
+        // Column sums of w = [u, r] (f64).
+        let mut colsum = column_sums(u, d);
+        colsum.extend(column_sums(r, lc));
+        for (s, c) in self.sums.iter_mut().zip(&colsum) {
+            *s += c;
+        }
+        self.scratch = scratch;
+        self.n += rows as u64;
+        Ok(())
+    }
+
+    /// Re-express the sums under the shift `new_shift` (exact algebra; `S` becomes full).
+    fn reshift(&mut self, new_shift: &[f64]) {
+        let Some(old) = self.shift.as_ref() else {
+            self.shift = Some(new_shift.to_vec());
+            return;
+        };
+        let d = self.d();
+        let dz = self.dz();
+        let lc = self.dims.len();
+        let n = self.n as f64;
+        let delta: Vec<f64> = old.iter().zip(new_shift).map(|(a, b)| a - b).collect();
+        let e: Vec<f64> = (0..lc)
+            .map(|l| {
+                delta[self.offsets[l]..self.offsets[l + 1]]
+                    .iter()
+                    .map(|x| x * x)
+                    .sum()
+            })
+            .collect();
+        symmetrize_from_upper(&mut self.s, dz);
+        let s = &self.s;
+        let sums = &self.sums;
+        let offsets = &self.offsets;
+        let delta = &delta;
+        // P[i][k] = Σ_{j∈k} S[i,j] δ_j   (D × L, row-major)
+        let p: Vec<f64> = (0..d)
+            .into_par_iter()
+            .flat_map_iter(|i| {
+                (0..lc).map(move |k| {
+                    (offsets[k]..offsets[k + 1])
+                        .map(|j| s[j * dz + i] * delta[j])
+                        .sum::<f64>()
+                })
+            })
+            .collect();
+        // δ_kᵀ s_uk
+        let ds: Vec<f64> = (0..lc)
+            .map(|k| {
+                (offsets[k]..offsets[k + 1])
+                    .map(|j| delta[j] * sums[j])
+                    .sum()
+            })
+            .collect();
+        // δ_kᵀ S[U_k, R_l]
+        let dsr: Vec<f64> = (0..lc * lc)
+            .map(|kl| {
+                let (k, l) = (kl / lc, kl % lc);
+                (offsets[k]..offsets[k + 1])
+                    .map(|i| delta[i] * s[(d + l) * dz + i])
+                    .sum()
+            })
+            .collect();
+        // δ_kᵀ S[U_k,U_l] δ_l = Σ_{i∈k} δ_i P[i][l]
+        let dsd: Vec<f64> = (0..lc * lc)
+            .map(|kl| {
+                let (k, l) = (kl / lc, kl % lc);
+                (offsets[k]..offsets[k + 1])
+                    .map(|i| delta[i] * p[i * lc + l])
+                    .sum()
+            })
+            .collect();
+        let new_sr: Vec<f64> = (0..lc)
+            .map(|k| sums[d + k] + 2.0 * ds[k] + n * e[k])
+            .collect();
+        // New S[U_i, R_k].
+        let new_ur: Vec<f64> = (0..d)
+            .flat_map(|i| {
+                let p = &p;
+                let new_sr = &new_sr;
+                let delta = &delta;
+                let e = &e;
+                (0..lc).map(move |k| {
+                    s[(d + k) * dz + i]
+                        + 2.0 * p[i * lc + k]
+                        + e[k] * sums[i]
+                        + delta[i] * new_sr[k]
+                })
+            })
+            .collect();
+        // New S[R_k, R_l].
+        let mut new_rr = vec![0.0; lc * lc];
+        for k in 0..lc {
+            for l in 0..lc {
+                let srr = s[(d + l) * dz + d + k];
+                new_rr[k * lc + l] = srr
+                    + 2.0 * dsr[l * lc + k]
+                    + e[l] * sums[d + k]
+                    + 2.0 * dsr[k * lc + l]
+                    + 4.0 * dsd[k * lc + l]
+                    + 2.0 * e[l] * ds[k]
+                    + e[k] * sums[d + l]
+                    + 2.0 * e[k] * ds[l]
+                    + n * e[k] * e[l];
+            }
+        }
+        // UU block in place: S + δ s_uᵀ + s_u δᵀ + n δ δᵀ (old s_u).
+        let su: Vec<f64> = sums[..d].to_vec();
+        self.s.par_chunks_mut(dz).enumerate().for_each(|(j, col)| {
+            if j < d {
+                for i in 0..d {
+                    col[i] += delta[i] * su[j] + su[i] * delta[j] + n * delta[i] * delta[j];
+                }
+                // Row R_k of column j (lower part): S[R_k, U_j]
+                for k in 0..lc {
+                    col[d + k] = new_ur[j * lc + k];
+                }
+            } else {
+                let k = j - d;
+                for i in 0..d {
+                    col[i] = new_ur[i * lc + k];
+                }
+                for l in 0..lc {
+                    col[d + l] = new_rr[l * lc + k];
+                }
+            }
+        });
+        for (si, di) in self.sums[..d].iter_mut().zip(delta.iter()) {
+            *si += n * di;
+        }
+        self.sums[d..d + lc].copy_from_slice(&new_sr[..lc]);
+        self.shift = Some(new_shift.to_vec());
+    }
+
+    /// Add the rows of `other` (same layer widths). Exact whatever the two shifts are.
+    pub fn merge(&mut self, other: &MomentAccumulator) -> Result<()> {
+        if other.dims != self.dims {
+            return Err(Error::Mismatch(format!(
+                "cannot merge accumulators of layer widths {:?} and {:?}",
+                self.dims, other.dims
+            )));
+        }
+        if other.n == 0 {
+            return Ok(());
+        }
+        let base = self.n;
+        for (mine, theirs) in self.nonfinite.iter_mut().zip(&other.nonfinite) {
+            if mine.is_none() {
+                *mine = theirs.map(|r| r + base);
+            }
+        }
+        if self.n == 0 {
+            let names = std::mem::take(&mut self.names);
+            let nf = std::mem::take(&mut self.nonfinite);
+            *self = other.clone();
+            self.names = names;
+            self.nonfinite = nf;
+            return Ok(());
+        }
+        let mut o = other.clone();
+        if let Some(sh) = self.shift.clone() {
+            o.reshift(&sh);
+        }
+        let dz = self.dz();
+        // o.s is full now; add its upper triangle.
+        self.s
+            .par_chunks_mut(dz)
+            .zip(o.s.par_chunks(dz))
+            .enumerate()
+            .for_each(|(j, (a, b))| {
+                for i in 0..=j {
+                    a[i] += b[i];
+                }
+            });
+        for (a, b) in self.sums.iter_mut().zip(&o.sums) {
+            *a += b;
+        }
+        self.n += o.n;
+        Ok(())
+    }
+
+    /// Centre the sums at the exact mean and return the [`Moments`].
+    pub fn finalize(mut self) -> Result<Moments> {
+        if self.n == 0 {
+            return Err(Error::invalid("no rows were accumulated"));
+        }
+        let d = self.d();
+        let dz = self.dz();
+        let lc = self.dims.len();
+        let n = self.n as f64;
+        let shift = self.shift.clone().unwrap_or_else(|| vec![0.0; d]);
+        let mean: Vec<f64> = shift
+            .iter()
+            .zip(&self.sums)
+            .map(|(m, s)| m + s / n)
+            .collect();
+        self.reshift(&mean);
+        let shift_offset = (0..d)
+            .map(|f| {
+                let var = self.s[f * dz + f] / n;
+                if var > 0.0 {
+                    (mean[f] - shift[f]).abs() / var.sqrt()
+                } else {
+                    0.0
+                }
+            })
+            .fold(0.0, f64::max);
+        let mut rr = vec![0.0; lc * lc];
+        for k in 0..lc {
+            for l in 0..lc {
+                rr[k * lc + l] = self.s[(d + l) * dz + d + k];
+            }
+        }
+        // Compact the D×D part (column-major, symmetric) out of the (D+L)² buffer in place.
+        let mut s = std::mem::take(&mut self.s);
+        for j in 0..d {
+            s.copy_within(j * dz..j * dz + d, j * d);
+        }
+        s.truncate(d * d);
+        s.shrink_to_fit();
+        Ok(Moments {
+            n: self.n,
+            dims: self.dims,
+            offsets: self.offsets,
+            names: self.names,
+            mean,
+            cov: s,
+            rr,
+            nonfinite: self.nonfinite,
+            shift_offset,
+        })
+    }
+}

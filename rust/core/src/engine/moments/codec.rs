@@ -1,0 +1,176 @@
+//! The byte serialisation of a [`MomentAccumulator`]: versioned, little-endian, the upper
+//! triangle of `S` only; every inconsistency in bytes read back is an [`Error::Format`]
+//! (the accumulator travels between processes and machines: Ray, checkpoints).
+use super::accumulator::{offsets_of, Compute, MomentAccumulator, Scratch};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"LSMOMACC";
+const VERSION: u32 = 1;
+
+impl MomentAccumulator {
+    /// Versioned little-endian serialisation (upper triangle of `S` only).
+    /// A refused allocation of the blob is an [`Error::Memory`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let dz = self.dz();
+        let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
+        let mut out = crate::memory::try_with_capacity(
+            64 + names + self.dims.len() * 16 + dz * (dz + 1) * 4 + dz * 16,
+            "the serialised moment accumulator",
+        )?;
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
+        for &dl in &self.dims {
+            out.extend_from_slice(&(dl as u64).to_le_bytes());
+        }
+        for name in &self.names {
+            out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        out.extend_from_slice(&self.n.to_le_bytes());
+        out.push(self.check_finite as u8);
+        for nf in &self.nonfinite {
+            out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
+        }
+        out.push(self.shift.is_some() as u8);
+        if let Some(sh) = &self.shift {
+            for v in sh {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        debug_assert_eq!(self.sums.len(), dz);
+        for v in &self.sums {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for j in 0..dz {
+            for v in &self.s[j * dz..j * dz + j + 1] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Inverse of [`to_bytes`](Self::to_bytes); any inconsistency is an [`Error::Format`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        if r.take(8)? != MAGIC {
+            return Err(fmt_err("not a layerscope moment accumulator (bad magic)"));
+        }
+        let version = u32::from_le_bytes(r.arr::<4>()?);
+        if version != VERSION {
+            return Err(fmt_err(format!(
+                "unsupported accumulator version {version} (this build reads {VERSION})"
+            )));
+        }
+        let lc = r.u64()? as usize;
+        if lc == 0 || lc > r.remaining() / 8 {
+            return Err(fmt_err(format!("bad layer count {lc}")));
+        }
+        let mut dims = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let dl = r.u64()?;
+            if dl == 0 || dl > (r.remaining() as u64) {
+                return Err(fmt_err(format!("bad layer width {dl}")));
+            }
+            dims.push(dl as usize);
+        }
+        let mut names = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let len = r.u64()? as usize;
+            let s = r.take(len)?;
+            names.push(
+                String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?,
+            );
+        }
+        let n = r.u64()?;
+        let check_finite = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            v => return Err(fmt_err(format!("bad flag byte {v}"))),
+        };
+        let mut nonfinite = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let v = r.u64()?;
+            nonfinite.push(if v == u64::MAX { None } else { Some(v) });
+        }
+        let has_shift = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            v => return Err(fmt_err(format!("bad flag byte {v}"))),
+        };
+        let d = dims
+            .iter()
+            .try_fold(0usize, |a, &b| a.checked_add(b))
+            .ok_or_else(|| fmt_err("widths overflow"))?;
+        let dz = d + lc;
+        // Exact remaining length check before allocating anything large.
+        let tri = (dz as u128) * (dz as u128 + 1) / 2;
+        let need = (if has_shift { d as u128 } else { 0 } + dz as u128 + tri) * 8;
+        if need != r.remaining() as u128 {
+            return Err(fmt_err(format!(
+                "accumulator payload has {} bytes, expected {need} for widths {dims:?}",
+                r.remaining()
+            )));
+        }
+        if (n == 0) == has_shift {
+            return Err(fmt_err("row count and shift disagree"));
+        }
+        let shift = if has_shift { Some(r.f64s(d)?) } else { None };
+        let sums = r.f64s(dz)?;
+        let mut s = crate::linalg::hinted_vec(dz * dz, "the deserialised moment accumulator")?;
+        for j in 0..dz {
+            let col = r.f64s(j + 1)?;
+            s[j * dz..j * dz + j + 1].copy_from_slice(&col);
+        }
+        Ok(MomentAccumulator {
+            offsets: offsets_of(&dims),
+            dims,
+            names,
+            shift,
+            s,
+            sums,
+            n,
+            check_finite,
+            nonfinite,
+            compute: Compute::F64,
+            scratch: Scratch::default(),
+        })
+    }
+}
+
+fn fmt_err(msg: impl Into<String>) -> Error {
+    Error::format("<moment accumulator bytes>", msg)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.b.len() - self.pos
+    }
+    fn take(&mut self, k: usize) -> Result<&'a [u8]> {
+        if k > self.remaining() {
+            return Err(fmt_err("truncated accumulator bytes"));
+        }
+        let s = &self.b[self.pos..self.pos + k];
+        self.pos += k;
+        Ok(s)
+    }
+    fn arr<const K: usize>(&mut self) -> Result<[u8; K]> {
+        let s = self.take(K)?;
+        let mut a = [0u8; K];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.arr::<8>()?))
+    }
+    fn f64s(&mut self, k: usize) -> Result<Vec<f64>> {
+        let s = self.take(k.checked_mul(8).ok_or_else(|| fmt_err("size overflow"))?)?;
+        Ok(s.chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
+    }
+}

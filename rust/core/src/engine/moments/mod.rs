@@ -1,0 +1,54 @@
+//! Engine 1: exact streamed moments of concatenated layers (one pass, all pairs at once).
+//!
+//! # What is accumulated
+//! For layers of widths `d_1 … d_L` (possibly from two stores, concatenated), each row is
+//! `z = [x_1 … x_L]` (`D = Σ d_l`). The accumulator keeps a reference shift `μ0` (set before
+//! the first row: the pass uses the column means of 1024 rows spread evenly over the whole
+//! source, [`sample_shift`]; an accumulator fed by hand without one takes its first block's
+//! column means) and, for the shifted row `u = z − μ0` extended with the per-layer squared
+//! norms `r_l = ‖u_l‖²`, i.e. `w = [u, r_1 … r_L]` (`D + L` columns):
+//!
+//! * `S = Σ_a w_a w_aᵀ` (f64 accumulation, upper triangle only: one packed SYRK per block,
+//!   parallel, [`crate::linalg::packed`]),
+//! * `s = Σ_a w_a` and the row count `n`.
+//!
+//! Shifting before any product keeps the products small: LLM activations have per-feature
+//! offsets hundreds of times their spread, and uncentred products cancel catastrophically.
+//! The block products are f64 ([`Compute::F64`]) or, for the `D × D` part, f32 on the shifted
+//! values with short f32 sums added into the f64 accumulator ([`Compute::F32`]); everything
+//! else (squared norms, sums, shift) is f64.
+//! Two accumulators with different shifts merge exactly: `w` under a new shift is an affine
+//! function of `w` under the old one (`u' = u + δ`, `r'_l = r_l + 2δ_lᵀu_l + ‖δ_l‖²`), so
+//! `S' = A S Aᵀ + …` is obtained algebraically ([`MomentAccumulator::merge`]).
+//!
+//! # What [`Moments`] gives (after [`MomentAccumulator::finalize`])
+//! The data re-shifted to its exact mean `z̄`:
+//! * `n`, `dims`, `offsets` (column ranges of each layer), `names`, `mean = z̄`;
+//! * the centred cross-product matrix `C = Σ_a (z_a − z̄)(z_a − z̄)ᵀ` (full symmetric
+//!   `D × D`, f64): [`Moments::block`]`(i, j)` is `C_ij = X̄_iᵀ X̄_j` (`d_i × d_j`, row-major);
+//!   the covariance is `C / (n − 1)`;
+//! * for the debiased (unbiased-HSIC) estimators, with `r̄_{l,a} = ‖x_{l,a} − x̄_l‖²`:
+//!   `rr[k][l] = Σ_a r̄_{k,a} r̄_{l,a}` ([`Moments::rr`]) and `Σ_a r̄_{l,a} = tr C_ll`.
+//!
+//! # One idea a file
+//! * `accumulator.rs`: [`MomentAccumulator`] (`update`, `merge`, `finalize`) and [`Compute`];
+//! * `codec.rs`: its versioned byte serialisation (`to_bytes` / `from_bytes`);
+//! * `plan.rs`: bytes of a pass, default block rows, the memory check before a pass;
+//! * `pass.rs`: the driver — one pass over any [`crate::store::RowSource`] (stores, arrays,
+//!   both side by side) through the one block reader, with the sampled shift;
+//! * `finalised.rs`: [`Moments`] and what is derived from them alone (blocks of `C`, linear
+//!   CKA biased and debiased).
+mod accumulator;
+mod codec;
+mod finalised;
+mod pass;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+pub use accumulator::{Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SUM_ROWS};
+pub use finalised::Moments;
+pub use pass::{accumulate, sample_shift, SHIFT_SAMPLE_ROWS};
+pub use plan::{
+    accumulator_bytes, check_memory, default_block_rows, default_block_rows_for, pass_bytes,
+};

@@ -1,0 +1,84 @@
+//! The driver: one pass over every row of any [`RowSource`] (the selected layers of a store,
+//! of two stores side by side, in-memory arrays, a seeded subset) into a
+//! [`MomentAccumulator`], through the one block reader, with the reference shift sampled
+//! over the whole source ([`sample_shift`]).
+use super::accumulator::{column_sums, Compute, MomentAccumulator};
+use super::plan::{check_memory, default_block_rows_for};
+use crate::error::{Error, Result};
+use crate::memory::{try_vec, Budget};
+use crate::monitor::Monitor;
+use crate::store::stream::{self, RowSource};
+
+/// One streaming pass over every row of `src` (the selected layers of one store, of two
+/// row-aligned stores side by side — the caller has checked that their row ids agree — or of
+/// in-memory arrays) into a [`MomentAccumulator`] named `names`, shifted by
+/// [`sample_shift`].
+///
+/// Blocks come from the one block reader ([`crate::store::stream::run`]: converted to f32 —
+/// or f64 when a layer holds f64 — by a reader thread one block ahead of the SYRK). Fails
+/// with [`Error::Memory`] before reading a row when the pass does not fit `budget`
+/// ([`check_memory`]).
+pub fn accumulate(
+    src: &dyn RowSource,
+    names: &[String],
+    block_rows: Option<usize>,
+    check_finite: bool,
+    budget: &Budget,
+    compute: Compute,
+    monitor: &dyn Monitor,
+) -> Result<MomentAccumulator> {
+    let dims = src.dims();
+    let block_rows = block_rows.unwrap_or_else(|| default_block_rows_for(&dims, compute));
+    if block_rows == 0 {
+        return Err(Error::invalid("block_rows must be at least 1"));
+    }
+    check_memory(&dims, block_rows, compute, budget)?;
+    let mut acc = MomentAccumulator::new(&dims)?
+        .with_names(names)?
+        .with_check_finite(check_finite)
+        .with_compute(compute);
+    if let Some(shift) = sample_shift(src)? {
+        acc.set_shift(&shift)?;
+    }
+    if src.has_f64() {
+        stream::run::<f64>(src, block_rows, monitor, |b, rows| acc.update(b, rows))?;
+    } else {
+        stream::run::<f32>(src, block_rows, monitor, |b, rows| acc.update(b, rows))?;
+    }
+    Ok(acc)
+}
+
+/// Rows used by [`sample_shift`].
+pub const SHIFT_SAMPLE_ROWS: u64 = 1024;
+
+/// The column means of up to [`SHIFT_SAMPLE_ROWS`] rows spread evenly over all of `src`
+/// (row `⌊(2i+1)·n / 2m⌋`, `i < m`): the reference shift of a pass, so that a first block
+/// unlike the rest (sorted, concatenated or drifting data) does not leave the shifted values
+/// large. `None` when a sampled value is not finite (the pass then reports the first bad row
+/// itself) or there are no rows.
+pub fn sample_shift(src: &dyn RowSource) -> Result<Option<Vec<f64>>> {
+    let n = src.num_rows();
+    if n == 0 {
+        return Ok(None);
+    }
+    let m = n.min(SHIFT_SAMPLE_ROWS);
+    let rows: Vec<u64> = (0..m).map(|i| ((2 * i + 1) * n) / (2 * m)).collect();
+    let mut shift = Vec::new();
+    for (l, dim) in src.dims().into_iter().enumerate() {
+        let mut x = try_vec(
+            rows.len() * dim,
+            0.0,
+            format_args!("{m} sampled rows of width {dim}"),
+        )?;
+        src.take_f64(l, &rows, &mut x)?;
+        let mut mean = column_sums(&x, dim);
+        for mu in mean.iter_mut() {
+            *mu /= m as f64;
+        }
+        if !mean.iter().all(|v| v.is_finite()) {
+            return Ok(None);
+        }
+        shift.extend(mean);
+    }
+    Ok(Some(shift))
+}

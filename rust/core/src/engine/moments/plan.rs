@@ -1,0 +1,86 @@
+//! The plan of one pass: the bytes it needs ([`accumulator_bytes`], [`pass_bytes`]), its
+//! default block rows, and the memory check that runs before any row is read.
+use super::accumulator::{Compute, F32_BLOCK_ROWS};
+use crate::error::Result;
+use crate::linalg::packed::PackedElem;
+use crate::memory::{fmt_bytes, Budget};
+
+/// Bytes of the accumulator for layers of these widths: `(D+L)² × 8` plus vectors.
+pub fn accumulator_bytes(dims: &[usize]) -> u128 {
+    let dz = dims.iter().map(|&d| d as u128).sum::<u128>() + dims.len() as u128;
+    dz * dz * 8 + dz * 16
+}
+
+/// Peak bytes of one streaming pass: the accumulator, two blocks of `w` (f64) and the
+/// packed SYRK panels (`2 (D+L) × KC` values of the compute type).
+pub fn pass_bytes(dims: &[usize], block_rows: usize, compute: Compute) -> u128 {
+    let d = dims.iter().map(|&d| d as u128).sum::<u128>();
+    let dz = d + dims.len() as u128;
+    let pack = match compute {
+        Compute::F64 => 2 * dz * <f64 as PackedElem>::KC as u128 * 8,
+        Compute::F32 => 2 * d * <f32 as PackedElem>::KC as u128 * 4,
+    };
+    accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2 + pack
+}
+
+/// Fail with [`Error::Memory`] before the pass when its peak ([`pass_bytes`]: the
+/// accumulator for `dims`, `block_rows` rows of block buffers and the SYRK panels) exceeds
+/// `budget`; the message says how many of these layers fit in one call.
+pub fn check_memory(
+    dims: &[usize],
+    block_rows: usize,
+    compute: Compute,
+    budget: &Budget,
+) -> Result<()> {
+    let need = pass_bytes(dims, block_rows, compute);
+    if need <= budget.bytes as u128 {
+        return Ok(());
+    }
+    // The most of these layers (in order) whose pass fits; at least one layer.
+    let fit = (1..=dims.len())
+        .take_while(|&k| pass_bytes(&dims[..k], block_rows, compute) <= budget.bytes as u128)
+        .last()
+        .unwrap_or(0);
+    let widest = dims.iter().copied().max().unwrap_or(0);
+    let advice = if fit == 0 {
+        format!(
+            "not even one layer of width {widest} fits: its accumulator alone needs {}; \
+             a budget of at least {} is needed for the widest layer on its own",
+            fmt_bytes(accumulator_bytes(&[widest])),
+            fmt_bytes(pass_bytes(&[widest], block_rows, compute))
+        )
+    } else {
+        format!(
+            "at most {fit} of these {} layers fit in one call (select them with layers=..., \
+             and compare groups of layers in several calls)",
+            dims.len()
+        )
+    };
+    budget.check(
+        need,
+        format_args!(
+            "the all-pairs moment accumulator for {} layers (D = {}, {} rows per block)",
+            dims.len(),
+            dims.iter().sum::<usize>(),
+            block_rows
+        ),
+        advice,
+    )
+}
+
+/// Default rows per block: the `w` buffer (`rows × (D+L)` f64) stays near 128 MiB, between
+/// 64 and 8192 rows (SYRK is efficient from a few hundred rows).
+pub fn default_block_rows(dims: &[usize]) -> usize {
+    let dz: usize = dims.iter().sum::<usize>() + dims.len();
+    ((128usize << 20) / (dz.max(1) * 8)).clamp(64, 8192)
+}
+
+/// Default rows per block for `compute`: as [`default_block_rows`] for f64; for f32 (whose
+/// row buffer is half the size) twice that, at most [`F32_BLOCK_ROWS`].
+pub fn default_block_rows_for(dims: &[usize], compute: Compute) -> usize {
+    let r = default_block_rows(dims);
+    match compute {
+        Compute::F64 => r,
+        Compute::F32 => (2 * r).min(F32_BLOCK_ROWS),
+    }
+}

@@ -1,0 +1,486 @@
+//! Engine-1 tests against naive f64 references (numbers from the formulas, not the code).
+use super::accumulator::offsets_of;
+use super::*;
+use crate::error::Error;
+use crate::memory::Budget;
+
+fn data(n: usize, d: usize, seed: u64, offset: f64) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n * d)
+        .map(|i| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) + offset * ((i % d) as f64 + 1.0)
+        })
+        .collect()
+}
+
+fn naive(xs: &[Vec<f64>], dims: &[usize], n: usize) -> (Vec<f64>, Vec<f64>) {
+    // centred C and rr, in f64 two-pass.
+    let d: usize = dims.iter().sum();
+    let mut z = vec![0.0; n * d];
+    let offs = offsets_of(dims);
+    for (l, x) in xs.iter().enumerate() {
+        for a in 0..n {
+            for c in 0..dims[l] {
+                z[a * d + offs[l] + c] = x[a * dims[l] + c];
+            }
+        }
+    }
+    let mean: Vec<f64> = (0..d)
+        .map(|c| (0..n).map(|a| z[a * d + c]).sum::<f64>() / n as f64)
+        .collect();
+    for a in 0..n {
+        for c in 0..d {
+            z[a * d + c] -= mean[c];
+        }
+    }
+    let mut cov = vec![0.0; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            cov[j * d + i] = (0..n).map(|a| z[a * d + i] * z[a * d + j]).sum();
+        }
+    }
+    let lc = dims.len();
+    let r: Vec<Vec<f64>> = (0..lc)
+        .map(|l| {
+            (0..n)
+                .map(|a| (offs[l]..offs[l + 1]).map(|c| z[a * d + c].powi(2)).sum())
+                .collect()
+        })
+        .collect();
+    let mut rr = vec![0.0; lc * lc];
+    for k in 0..lc {
+        for l in 0..lc {
+            rr[k * lc + l] = (0..n).map(|a| r[k][a] * r[l][a]).sum();
+        }
+    }
+    (cov, rr)
+}
+
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den
+}
+
+#[test]
+fn streamed_merged_serialised_equal_naive() {
+    let dims = [3usize, 5, 2];
+    let n = 50;
+    let xs: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(l, &d)| data(n, d, l as u64, 100.0))
+        .collect();
+    let (cov, rr) = naive(&xs, &dims, n);
+    let slice = |a: usize, b: usize| -> Vec<&[f64]> {
+        xs.iter()
+            .zip(&dims)
+            .map(|(x, &d)| &x[a * d..b * d])
+            .collect()
+    };
+    // one shot
+    let mut acc = MomentAccumulator::new(&dims).unwrap();
+    acc.update(&slice(0, n), n).unwrap();
+    let m = acc.clone().finalize().unwrap();
+    assert!(rel(&m.cov, &cov) < 1e-12, "{}", rel(&m.cov, &cov));
+    assert!(rel(&m.rr, &rr) < 1e-12);
+    // blocks of uneven sizes
+    let mut acc2 = MomentAccumulator::new(&dims).unwrap();
+    for (a, b) in [(0, 1), (1, 7), (7, 30), (30, 50)] {
+        acc2.update(&slice(a, b), b - a).unwrap();
+    }
+    let m2 = acc2.finalize().unwrap();
+    assert!(rel(&m2.cov, &cov) < 1e-12);
+    assert!(rel(&m2.rr, &rr) < 1e-12);
+    // merge of two with different shifts, through bytes
+    let mut a1 = MomentAccumulator::new(&dims).unwrap();
+    a1.update(&slice(0, 20), 20).unwrap();
+    let mut a2 = MomentAccumulator::new(&dims).unwrap();
+    a2.update(&slice(20, 21), 1).unwrap();
+    a2.update(&slice(21, 50), 29).unwrap();
+    let a2 = MomentAccumulator::from_bytes(&a2.to_bytes().unwrap()).unwrap();
+    a1.merge(&a2).unwrap();
+    let m3 = a1.finalize().unwrap();
+    assert!(rel(&m3.cov, &cov) < 1e-12, "{}", rel(&m3.cov, &cov));
+    assert!(rel(&m3.rr, &rr) < 1e-12, "{}", rel(&m3.rr, &rr));
+    // merge into empty
+    let mut e = MomentAccumulator::new(&dims).unwrap();
+    e.merge(&acc).unwrap();
+    assert!(rel(&e.finalize().unwrap().cov, &cov) < 1e-12);
+}
+
+#[test]
+fn bad_bytes_are_format_errors() {
+    let dims = [2usize, 3];
+    let mut acc = MomentAccumulator::new(&dims).unwrap();
+    let x = data(4, 2, 1, 0.0);
+    let y = data(4, 3, 2, 0.0);
+    acc.update(&[&x[..], &y[..]], 4).unwrap();
+    let b = acc.to_bytes().unwrap();
+    for cut in [0, 5, 8, 12, 20, b.len() - 1] {
+        assert!(matches!(
+            MomentAccumulator::from_bytes(&b[..cut]),
+            Err(Error::Format { .. })
+        ));
+    }
+    let mut bad = b.clone();
+    bad[12] = 0xff; // layer count
+    assert!(matches!(
+        MomentAccumulator::from_bytes(&bad),
+        Err(Error::Format { .. })
+    ));
+    let mut long = b.clone();
+    long.push(0);
+    assert!(matches!(
+        MomentAccumulator::from_bytes(&long),
+        Err(Error::Format { .. })
+    ));
+    // flip every byte: never panics
+    for i in 0..b.len() {
+        let mut c = b.clone();
+        c[i] ^= 0xa5;
+        let _ = MomentAccumulator::from_bytes(&c);
+    }
+}
+
+#[test]
+fn nonfinite_and_shape_errors() {
+    let dims = [2usize];
+    let mut acc = MomentAccumulator::new(&dims).unwrap();
+    let x = [1.0f32, 2.0, 3.0, f32::NAN];
+    match acc.update(&[&x[..]], 2) {
+        Err(Error::NonFinite(m)) => assert!(m.contains("row 1"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(acc.n(), 0);
+    assert!(matches!(acc.update(&[&x[..3]], 2), Err(Error::Mismatch(_))));
+    assert!(MomentAccumulator::new(&[]).is_err());
+    assert!(MomentAccumulator::new(&[0]).is_err());
+    let b = |x: u64| Budget::argument(x).unwrap();
+    assert!(check_memory(&[768; 13], 1024, Compute::F64, &b(1 << 20)).is_err());
+    assert!(check_memory(&[768; 13], 1024, Compute::F64, &b(8 << 30)).is_ok());
+    // 33 × 4096 (a 7–8B model's residual stream) in a 20 GiB budget: 12 layers fit.
+    match check_memory(&[4096; 33], 1024, Compute::F32, &b(20 << 30)) {
+        Err(Error::Memory(m)) => {
+            assert!(m.contains("33 layers (D = 135168"), "{m}");
+            assert!(m.contains("at most 12 of these 33 layers"), "{m}");
+            assert!(m.contains("max_memory argument"), "{m}");
+        }
+        r => panic!("{r:?}"),
+    }
+    match check_memory(&[1 << 20], 1024, Compute::F32, &b(1 << 30)) {
+        Err(Error::Memory(m)) => assert!(m.contains("not even one layer"), "{m}"),
+        r => panic!("{r:?}"),
+    }
+}
+
+/// Reference linear CKA from explicit Gram matrices (Song et al. 2012 eq. 5 for the
+/// unbiased HSIC; Kornblith et al. 2019 for the biased one), on raw (uncentred) data.
+fn naive_cka(x: &[f64], y: &[f64], n: usize, dx: usize, dy: usize, debiased: bool) -> f64 {
+    let gram = |z: &[f64], d: usize| -> Vec<f64> {
+        let mut g = vec![0.0; n * n];
+        for a in 0..n {
+            for b in 0..n {
+                g[a * n + b] = (0..d).map(|c| z[a * d + c] * z[b * d + c]).sum();
+            }
+        }
+        g
+    };
+    let hsic = |k: &[f64], l: &[f64]| -> f64 {
+        let nf = n as f64;
+        if debiased {
+            let mut kt = k.to_vec();
+            let mut lt = l.to_vec();
+            for a in 0..n {
+                kt[a * n + a] = 0.0;
+                lt[a * n + a] = 0.0;
+            }
+            let tr: f64 = (0..n * n).map(|i| kt[i] * lt[i]).sum();
+            let sk: f64 = kt.iter().sum();
+            let sl: f64 = lt.iter().sum();
+            let k1: Vec<f64> = (0..n)
+                .map(|a| kt[a * n..(a + 1) * n].iter().sum())
+                .collect();
+            let l1: Vec<f64> = (0..n)
+                .map(|a| lt[a * n..(a + 1) * n].iter().sum())
+                .collect();
+            let kl: f64 = k1.iter().zip(&l1).map(|(p, q)| p * q).sum();
+            (tr + sk * sl / ((nf - 1.0) * (nf - 2.0)) - 2.0 * kl / (nf - 2.0)) / (nf * (nf - 3.0))
+        } else {
+            // tr(KHLH)/(n-1)^2
+            let h = |m: &[f64]| -> Vec<f64> {
+                let rm: Vec<f64> = (0..n)
+                    .map(|a| m[a * n..(a + 1) * n].iter().sum::<f64>() / nf)
+                    .collect();
+                let tot: f64 = rm.iter().sum::<f64>() / nf;
+                (0..n * n)
+                    .map(|i| m[i] - rm[i / n] - rm[i % n] + tot)
+                    .collect()
+            };
+            let (kc, lc) = (h(k), h(l));
+            (0..n * n).map(|i| kc[i] * lc[i]).sum::<f64>() / ((nf - 1.0) * (nf - 1.0))
+        }
+    };
+    let (k, l) = (gram(x, dx), gram(y, dy));
+    hsic(&k, &l) / (hsic(&k, &k) * hsic(&l, &l)).sqrt()
+}
+
+#[test]
+fn cka_matches_gram_reference() {
+    let (n, dx, dy) = (23usize, 5usize, 9usize);
+    let x = data(n, dx, 3, 0.0);
+    let mut y = data(n, dy, 4, 0.0);
+    for a in 0..n {
+        for c in 0..dx {
+            y[a * dy + c] += 2.0 * x[a * dx + c];
+        }
+    }
+    let mut acc = MomentAccumulator::new(&[dx, dy]).unwrap();
+    acc.update(&[&x[..], &y[..]], n).unwrap();
+    let m = acc.finalize().unwrap();
+    for deb in [false, true] {
+        let want = naive_cka(&x, &y, n, dx, dy, deb);
+        let got = m.cka(0, 1, deb).unwrap();
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+            "{deb}: {got} vs {want}"
+        );
+        let mat = m.cka_matrix(&[0, 1], &[0, 1], deb).unwrap();
+        assert_eq!(mat[0], 1.0);
+        assert_eq!(mat[3], 1.0);
+        assert!((mat[1] - got).abs() < 1e-15 && (mat[2] - got).abs() < 1e-15);
+    }
+    // n < 4: debiased is NaN, biased defined.
+    let mut tiny = MomentAccumulator::new(&[dx, dy]).unwrap();
+    tiny.update(&[&x[..3 * dx], &y[..3 * dy]], 3).unwrap();
+    let t = tiny.finalize().unwrap();
+    assert!(t.cka(0, 1, true).unwrap().is_nan());
+    assert!(t.cka(0, 1, false).unwrap().is_finite());
+    // constant layer: NaN (zero variance), not 0.
+    let c = vec![7.0; n * 2];
+    let mut acc = MomentAccumulator::new(&[dx, 2]).unwrap();
+    acc.update(&[&x[..], &c[..]], n).unwrap();
+    let m = acc.finalize().unwrap();
+    assert!(m.cka(0, 1, false).unwrap().is_nan());
+    assert!(m.cka_matrix(&[0], &[1], true).unwrap()[0].is_nan());
+    assert!(m.cka(0, 2, false).is_err());
+    assert!(m.cka_matrix(&[0], &[5], false).is_err());
+}
+
+#[test]
+fn stream_from_stores_equals_in_memory() {
+    use crate::monitor::NoMonitor;
+    use crate::store::{ArrayData, Rows, Store, StoreRows, StoreWriter, Values, WriterOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let (n, dims) = (301usize, [4usize, 7]);
+    let xs: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| data(n, d, 10 + i as u64, 300.0))
+        .collect();
+    let x32: Vec<Vec<f32>> = xs
+        .iter()
+        .map(|x| x.iter().map(|&v| v as f32).collect())
+        .collect();
+    let mk = |name: &str| {
+        let p = dir.path().join(name);
+        let opts = WriterOptions {
+            shard_bytes: 4096,
+            ..Default::default()
+        };
+        let mut w = StoreWriter::create(&p, opts).unwrap();
+        for start in (0..n).step_by(50) {
+            let stop = (start + 50).min(n);
+            let layers: Vec<(String, ArrayData)> = (0..2)
+                .map(|l| {
+                    let d = dims[l];
+                    (
+                        format!("l{l}"),
+                        ArrayData::new(Values::F32(&x32[l][start * d..stop * d]), stop - start, d),
+                    )
+                })
+                .collect();
+            let refs: Vec<(&str, ArrayData)> =
+                layers.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+            w.append(&refs, None, &[]).unwrap();
+        }
+        w.finish().unwrap();
+        Store::open(&p).unwrap()
+    };
+    let a = mk("a");
+    let b = mk("b");
+    let sa = StoreRows::new(&a, vec![0, 1]).unwrap();
+    let sb = StoreRows::new(&b, vec![1]).unwrap();
+    let sels = Rows::new(vec![&sa, &sb]).unwrap();
+    let names: Vec<String> = ["a0", "a1", "b1"].iter().map(|s| s.to_string()).collect();
+    let pass = |block_rows, budget: &Budget| {
+        accumulate(
+            &sels,
+            &names,
+            block_rows,
+            true,
+            budget,
+            Compute::F64,
+            &NoMonitor,
+        )
+    };
+    let m = pass(Some(37), &Budget::unchecked())
+        .unwrap()
+        .finalize()
+        .unwrap();
+    let mut mem = MomentAccumulator::new(&[4, 7, 7]).unwrap();
+    mem.update(&[&x32[0][..], &x32[1][..], &x32[1][..]], n)
+        .unwrap();
+    let r = mem.finalize().unwrap();
+    assert_eq!(m.n, n as u64);
+    assert!(rel(&m.cov, &r.cov) < 1e-12, "{}", rel(&m.cov, &r.cov));
+    assert!((m.cka(1, 2, false).unwrap() - 1.0).abs() < 1e-12);
+    assert!(pass(Some(0), &Budget::unchecked()).is_err());
+    assert!(matches!(
+        pass(None, &Budget::argument(1000).unwrap()),
+        Err(Error::Memory(_))
+    ));
+    // names must match the selected layers
+    assert!(accumulate(
+        &sels,
+        &names[..1],
+        None,
+        true,
+        &Budget::unchecked(),
+        Compute::F64,
+        &NoMonitor
+    )
+    .is_err());
+}
+
+#[test]
+fn set_shift_changes_nothing_but_rounding_and_is_checked() {
+    let (n, dims) = (700, [5usize, 3]);
+    let xs: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(l, &d)| data(n, d, 21 + l as u64, 400.0))
+        .collect();
+    let blk: Vec<&[f64]> = xs.iter().map(|x| x.as_slice()).collect();
+    let mut a = MomentAccumulator::new(&dims).unwrap();
+    a.update(&blk, n).unwrap();
+    // Wrong length, non-finite, after rows: typed errors.
+    assert!(matches!(
+        a.set_shift(&[0.0; 8]),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut b = MomentAccumulator::new(&dims).unwrap();
+    assert!(matches!(b.set_shift(&[0.0; 7]), Err(Error::Mismatch(_))));
+    assert!(b.set_shift(&[f64::NAN; 8]).is_err());
+    // 3 + 0.5·i away from each column's mean (10–22 spreads of 0.29).
+    let far: Vec<f64> = xs
+        .iter()
+        .zip(&dims)
+        .flat_map(|(x, &d)| {
+            (0..d).map(move |c| x.iter().skip(c).step_by(d).sum::<f64>() / n as f64)
+        })
+        .enumerate()
+        .map(|(i, m)| m + 3.0 + 0.5 * i as f64)
+        .collect();
+    b.set_shift(&far).unwrap();
+    assert!(b.set_shift(&far).is_err()); // only once
+    b.update(&blk, n).unwrap();
+    let (ma, mb) = (a.finalize().unwrap(), b.finalize().unwrap());
+    assert!(rel(&ma.cov, &mb.cov) < 1e-12, "{}", rel(&ma.cov, &mb.cov));
+    // The first block's own mean: offset 0; the far shift: many standard deviations.
+    assert!(ma.shift_offset < 1e-6, "{}", ma.shift_offset);
+    assert!(mb.shift_offset > 10.0, "{}", mb.shift_offset);
+}
+
+#[test]
+fn f32_products_match_f64() {
+    // Offsets of 1000× the spread, widths that differ, a block longer than the f32
+    // sub-block (sums split), a second update, and scales 1e-4 / 1e4.
+    for &(scale, offset) in &[(1.0, 1000.0), (1e-4, 50.0), (1e4, 300.0)] {
+        let (n, dims) = (2 * F32_BLOCK_ROWS + 300, [24usize, 9, 17]);
+        let xs: Vec<Vec<f32>> = dims
+            .iter()
+            .enumerate()
+            .map(|(l, &d)| {
+                data(n, d, 11 + l as u64, offset)
+                    .iter()
+                    .map(|v| (v * scale) as f32)
+                    .collect()
+            })
+            .collect();
+        let run = |compute: Compute| {
+            let mut acc = MomentAccumulator::new(&dims).unwrap().with_compute(compute);
+            let cut = n - 500;
+            for (a, b) in [(0, cut), (cut, n)] {
+                let blk: Vec<&[f32]> = xs
+                    .iter()
+                    .zip(&dims)
+                    .map(|(x, &d)| &x[a * d..b * d])
+                    .collect();
+                acc.update(&blk, b - a).unwrap();
+            }
+            acc.finalize().unwrap()
+        };
+        let (m64, m32) = (run(Compute::F64), run(Compute::F32));
+        assert!(
+            rel(&m32.cov, &m64.cov) < 1e-6,
+            "cov {}",
+            rel(&m32.cov, &m64.cov)
+        );
+        for i in 0..3 {
+            for j in 0..3 {
+                for deb in [false, true] {
+                    let (a, b) = (m32.cka(i, j, deb).unwrap(), m64.cka(i, j, deb).unwrap());
+                    assert!((a - b).abs() < 1e-6, "cka({i},{j},{deb}) {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_accumulators_merge_and_serialise() {
+    let dims = [6usize, 5];
+    let n = 400;
+    let xs: Vec<Vec<f32>> = dims
+        .iter()
+        .enumerate()
+        .map(|(l, &d)| {
+            data(n, d, 3 + l as u64, 200.0)
+                .iter()
+                .map(|&v| v as f32)
+                .collect()
+        })
+        .collect();
+    let blk = |a: usize, b: usize| -> Vec<&[f32]> {
+        xs.iter()
+            .zip(&dims)
+            .map(|(x, &d)| &x[a * d..b * d])
+            .collect()
+    };
+    let mut whole = MomentAccumulator::new(&dims).unwrap();
+    whole.update(&blk(0, n), n).unwrap();
+    let mut p = MomentAccumulator::new(&dims)
+        .unwrap()
+        .with_compute(Compute::F32);
+    p.update(&blk(0, 150), 150).unwrap();
+    let mut q = MomentAccumulator::new(&dims)
+        .unwrap()
+        .with_compute(Compute::F32);
+    q.update(&blk(150, n), n - 150).unwrap();
+    let q = MomentAccumulator::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    p.merge(&q).unwrap();
+    let (a, b) = (p.finalize().unwrap(), whole.finalize().unwrap());
+    assert!(rel(&a.cov, &b.cov) < 1e-6, "{}", rel(&a.cov, &b.cov));
+    assert!(Compute::parse("float32").is_ok() && Compute::parse("half").is_err());
+}
