@@ -67,6 +67,25 @@ impl ReadAs for f64 {
     }
 }
 
+/// The four typed reads of [`RowSource`], forwarded to the implementing type's generic
+/// `read` (a block) and `take` (gathered rows).
+macro_rules! typed_reads {
+    () => {
+        fn read_f32(&self, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
+            self.read(start, stop, outs)
+        }
+        fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
+            self.read(start, stop, outs)
+        }
+        fn take_f32(&self, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
+            self.take(layer, rows, out)
+        }
+        fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
+            self.take(layer, rows, out)
+        }
+    };
+}
+
 /// A selection of layers (indices into `store.layers()`, in order, repeats allowed) of one
 /// store. By default a block's mapped pages are dropped from the resident set once read
 /// ([`Store::release`]); [`StoreRows::keeping_pages`] leaves them mapped.
@@ -123,18 +142,7 @@ impl RowSource for StoreRows<'_> {
         let info = self.store.layers();
         self.layers.iter().any(|&l| info[l].dtype == DType::F64)
     }
-    fn read_f32(&self, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
-        self.store.read_block_into(&self.layers, start, stop, outs)
-    }
-    fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
-        self.store.read_block_into(&self.layers, start, stop, outs)
-    }
-    fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
-        self.take(layer, rows, out)
-    }
-    fn take_f32(&self, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
-        self.take(layer, rows, out)
-    }
+    typed_reads!();
     fn release(&self, start: u64, stop: u64) -> Result<()> {
         if self.keep_pages {
             return Ok(());
@@ -144,6 +152,10 @@ impl RowSource for StoreRows<'_> {
 }
 
 impl StoreRows<'_> {
+    fn read<T: Element>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
+        self.store.read_block_into(&self.layers, start, stop, outs)
+    }
+
     fn take<T: Element>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
         let l = *self.layers.get(layer).ok_or_else(|| {
             Error::invalid(format!(
@@ -202,7 +214,12 @@ impl<'a> Rows<'a> {
         )))
     }
 
-    fn split<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
+    fn take<T: ReadAs>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
+        let (p, l) = self.locate(layer)?;
+        T::take(p, l, rows, out)
+    }
+
+    fn read<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
         let total: usize = self.counts.iter().sum();
         if outs.len() != total {
             return Err(Error::invalid(format!(
@@ -230,20 +247,7 @@ impl RowSource for Rows<'_> {
     fn has_f64(&self) -> bool {
         self.parts.iter().any(|p| p.has_f64())
     }
-    fn read_f32(&self, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
-        self.split(start, stop, outs)
-    }
-    fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
-        self.split(start, stop, outs)
-    }
-    fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
-        let (p, l) = self.locate(layer)?;
-        p.take_f64(l, rows, out)
-    }
-    fn take_f32(&self, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
-        let (p, l) = self.locate(layer)?;
-        p.take_f32(l, rows, out)
-    }
+    typed_reads!();
     fn release(&self, start: u64, stop: u64) -> Result<()> {
         self.parts.iter().try_for_each(|p| p.release(start, stop))
     }
@@ -426,18 +430,7 @@ impl RowSource for ArrayRows<'_> {
     fn has_f64(&self) -> bool {
         self.layers.iter().any(|l| l.dtype == DType::F64)
     }
-    fn read_f32(&self, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
-        self.read(start, stop, outs)
-    }
-    fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
-        self.read(start, stop, outs)
-    }
-    fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
-        self.take(layer, rows, out)
-    }
-    fn take_f32(&self, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
-        self.take(layer, rows, out)
-    }
+    typed_reads!();
 }
 
 /// The rows `index` (each `< src.num_rows()`, in the order given) of another source, as a
@@ -492,18 +485,7 @@ impl RowSource for Subset<'_> {
     fn has_f64(&self) -> bool {
         self.src.has_f64()
     }
-    fn read_f32(&self, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
-        self.read(start, stop, outs)
-    }
-    fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
-        self.read(start, stop, outs)
-    }
-    fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
-        self.take(layer, rows, out)
-    }
-    fn take_f32(&self, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
-        self.take(layer, rows, out)
-    }
+    typed_reads!();
 }
 
 /// Rows `[start, stop)` of every layer of `src` into `blk` (one buffer per layer; reused
