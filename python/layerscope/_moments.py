@@ -105,8 +105,9 @@ def compute_moments(
     ``tests/test_cka.py`` (agreement to 1e-6); ``"auto"``: :func:`resolve_compute`.
 
     The reference shift is the mean of 1024 rows spread evenly over the whole source (not
-    the first block, which may be unlike the rest; ``engine::moments::sample_shift``); ``meta["shift_offset"]`` is
-    ``max_f |mean_f − shift_f| / σ_f``, and a float32 pass warns above ``F32_SHIFT_WARN``."""
+    the first block, which may be unlike the rest; ``engine::moments::sample_shift``);
+    ``meta["shift_offset"]`` is ``max_f |mean_f − shift_f| / σ_f``, and a float32 pass warns
+    above ``F32_SHIFT_WARN``."""
     t0 = time.perf_counter()
     a = resolve(source)
     la = a.select(layers)

@@ -409,7 +409,7 @@ def _minibatch(
     with Progress(progress, "minibatch cka") as prog:
         r = _native.minibatch_cka_pass(
             [native_part(src, ls) for src, ls in parts], names, progress=prog.cb,
-            sample=None if idx is None else [int(i) for i in idx], **kw,
+            sample=None if idx is None else idx.tolist(), **kw,
         )
     engine = "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays"
     nf = {x: int(v) for x, v in zip(names, r["nonfinite"]) if v is not None}

@@ -110,60 +110,61 @@ fn layout<'a, T: numpy::Element>(
     Ok((data, rows, dim, row_stride.max(dim)))
 }
 
-/// The core row sources of `parts`, in order (store selections' layer indices checked).
-pub struct Sources<'a> {
-    stores: Vec<(usize, StoreRows<'a>)>,
-    arrays: Vec<(usize, ArrayRows<'a>)>,
+/// The core row source of one part.
+enum Source<'a> {
+    Store(StoreRows<'a>),
+    Arrays(ArrayRows<'a>),
 }
+
+/// The core row sources of `parts`, in order (store selections' layer indices checked).
+pub struct Sources<'a>(Vec<Source<'a>>);
 
 impl<'a> Sources<'a> {
     pub fn new(parts: &'a [Part<'_>]) -> PyResult<Self> {
-        let mut stores = Vec::new();
-        let mut arrays = Vec::new();
-        for (i, p) in parts.iter().enumerate() {
-            match p {
-                Part::Store(s, l) => {
-                    stores.push((i, StoreRows::new(&s.get().inner, l.clone()).py_err()?))
-                }
-                Part::Arrays(v) => {
-                    let layers = v
-                        .iter()
-                        .map(|a| {
-                            let layer = match a {
-                                Array::F32(x) => layout(x).and_then(|(d, r, w, s)| {
-                                    ArrayLayer::new(Values::F32(d), r, w, s)
-                                }),
-                                Array::F64(x) => layout(x).and_then(|(d, r, w, s)| {
-                                    ArrayLayer::new(Values::F64(d), r, w, s)
-                                }),
-                                Array::Bits(x, dt) => layout(x).and_then(|(d, r, w, s)| {
-                                    let v = if *dt == DType::F16 {
-                                        Values::F16Bits(d)
-                                    } else {
-                                        Values::BF16Bits(d)
-                                    };
-                                    ArrayLayer::new(v, r, w, s)
-                                }),
-                            };
-                            layer.py_err()
-                        })
-                        .collect::<PyResult<Vec<_>>>()?;
-                    arrays.push((i, ArrayRows::new(layers).py_err()?));
-                }
-            }
-        }
-        Ok(Sources { stores, arrays })
+        parts
+            .iter()
+            .map(|p| match p {
+                Part::Store(s, l) => StoreRows::new(&s.get().inner, l.clone()).map(Source::Store),
+                Part::Arrays(v) => v
+                    .iter()
+                    .map(array_layer)
+                    .collect::<Result<Vec<_>, Error>>()
+                    .and_then(ArrayRows::new)
+                    .map(Source::Arrays),
+            })
+            .collect::<Result<Vec<_>, Error>>()
+            .map(Sources)
+            .py_err()
     }
 
     /// Every part as a row source, in the order given.
     pub fn parts(&self) -> Vec<&dyn RowSource> {
-        let mut all: Vec<(usize, &dyn RowSource)> = self
-            .stores
+        self.0
             .iter()
-            .map(|(i, s)| (*i, s as &dyn RowSource))
-            .chain(self.arrays.iter().map(|(i, a)| (*i, a as &dyn RowSource)))
-            .collect();
-        all.sort_by_key(|(i, _)| *i);
-        all.into_iter().map(|(_, s)| s).collect()
+            .map(|s| match s {
+                Source::Store(x) => x as &dyn RowSource,
+                Source::Arrays(x) => x as &dyn RowSource,
+            })
+            .collect()
+    }
+}
+
+/// One borrowed array as a core [`ArrayLayer`].
+fn array_layer<'a>(a: &'a Array<'_>) -> Result<ArrayLayer<'a>, Error> {
+    match a {
+        Array::F32(x) => {
+            layout(x).and_then(|(d, r, w, s)| ArrayLayer::new(Values::F32(d), r, w, s))
+        }
+        Array::F64(x) => {
+            layout(x).and_then(|(d, r, w, s)| ArrayLayer::new(Values::F64(d), r, w, s))
+        }
+        Array::Bits(x, dt) => layout(x).and_then(|(d, r, w, s)| {
+            let v = if *dt == DType::F16 {
+                Values::F16Bits(d)
+            } else {
+                Values::BF16Bits(d)
+            };
+            ArrayLayer::new(v, r, w, s)
+        }),
     }
 }

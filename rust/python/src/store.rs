@@ -89,6 +89,32 @@ where
     Ok(arrays.into_iter().map(|a| a.into_any()).collect())
 }
 
+/// Runs `fill`, with the GIL released, on the data of caller-owned C-contiguous 2-D arrays
+/// of `T` (one per `outs` entry, borrowed read-write while it runs).
+fn fill_outs<T: numpy::Element + Send>(
+    py: Python<'_>,
+    outs: &[Bound<'_, PyAny>],
+    fill: impl FnOnce(&mut [&mut [T]]) -> layerscope_core::Result<()> + Send,
+) -> PyResult<()> {
+    let mut rws = outs
+        .iter()
+        .map(|o| o.extract::<PyReadwriteArray2<T>>())
+        .collect::<PyResult<Vec<_>>>()?;
+    let mut slices = rws
+        .iter_mut()
+        .enumerate()
+        .map(|(i, rw)| c_slice_mut(rw, &format!("output array {i}")))
+        .collect::<PyResult<Vec<&mut [T]>>>()?;
+    py.detach(|| fill(&mut slices)).py_err()
+}
+
+/// Layers `idx` of `store` as a row source for the block reader; `release`: drop a block's
+/// mapped pages once read.
+fn rows_of(store: &Store, idx: Vec<usize>, release: bool) -> PyResult<StoreRows<'_>> {
+    let src = StoreRows::new(store, idx).py_err()?;
+    Ok(if release { src } else { src.keeping_pages() })
+}
+
 fn one<'py>(v: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
     v.into_iter()
         .next()
@@ -316,34 +342,21 @@ impl NativeStore {
         dtype: &str,
         release: bool,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let mut idx = Vec::with_capacity(layers.len());
-        let mut dims = Vec::with_capacity(layers.len());
-        for name in &layers {
-            let li = self.inner.layer_index(name).py_err()?;
-            idx.push(li);
-            dims.push(self.inner.layers()[li].dim);
-        }
-        let rows = if let Some(&l) = idx.first() {
-            self.inner.block_len(l, start, stop).py_err()? / dims[0]
-        } else {
-            0
+        let idx = layers
+            .iter()
+            .map(|name| self.inner.layer_index(name))
+            .collect::<layerscope_core::Result<Vec<_>>>()
+            .py_err()?;
+        let rows = match idx.first() {
+            Some(&l) => self.inner.block_len(l, start, stop).py_err()? / self.inner.layers()[l].dim,
+            None => 0,
         };
-        let store = &self.inner;
-        let release_after = |r: layerscope_core::Result<()>| {
-            r?;
-            if release {
-                store.release(start, stop)?;
-            }
-            Ok(())
-        };
+        let src = rows_of(&self.inner, idx, release)?;
+        let dims = src.dims();
         if want_f64(dtype)? {
-            fill_arrays::<f64, _>(py, rows, &dims, |o| {
-                release_after(store.read_block_into(&idx, start, stop, o))
-            })
+            fill_arrays::<f64, _>(py, rows, &dims, |o| stream::read_into(&src, start, stop, o))
         } else {
-            fill_arrays::<f32, _>(py, rows, &dims, |o| {
-                release_after(store.read_block_into(&idx, start, stop, o))
-            })
+            fill_arrays::<f32, _>(py, rows, &dims, |o| stream::read_into(&src, start, stop, o))
         }
     }
 
@@ -372,38 +385,11 @@ impl NativeStore {
         for name in &layers {
             idx.push(self.inner.layer_index(name).py_err()?);
         }
-        let store = &self.inner;
-        let run = |r: layerscope_core::Result<()>| -> layerscope_core::Result<()> {
-            r?;
-            if release {
-                store.release(start, stop)?;
-            }
-            Ok(())
-        };
+        let src = rows_of(&self.inner, idx, release)?;
         if outs.iter().all(|o| o.cast::<PyArray2<f32>>().is_ok()) {
-            let mut rws = outs
-                .iter()
-                .map(|o| o.extract::<PyReadwriteArray2<f32>>())
-                .collect::<PyResult<Vec<_>>>()?;
-            let mut slices = rws
-                .iter_mut()
-                .enumerate()
-                .map(|(i, rw)| c_slice_mut(rw, &format!("output array {i}")))
-                .collect::<PyResult<Vec<&mut [f32]>>>()?;
-            py.detach(|| run(store.read_block_into(&idx, start, stop, &mut slices)))
-                .py_err()
+            fill_outs::<f32>(py, &outs, |o| stream::read_into(&src, start, stop, o))
         } else if outs.iter().all(|o| o.cast::<PyArray2<f64>>().is_ok()) {
-            let mut rws = outs
-                .iter()
-                .map(|o| o.extract::<PyReadwriteArray2<f64>>())
-                .collect::<PyResult<Vec<_>>>()?;
-            let mut slices = rws
-                .iter_mut()
-                .enumerate()
-                .map(|(i, rw)| c_slice_mut(rw, &format!("output array {i}")))
-                .collect::<PyResult<Vec<&mut [f64]>>>()?;
-            py.detach(|| run(store.read_block_into(&idx, start, stop, &mut slices)))
-                .py_err()
+            fill_outs::<f64>(py, &outs, |o| stream::read_into(&src, start, stop, o))
         } else {
             Err(Error::invalid(
                 "outs must be 2-D float32 arrays or 2-D float64 arrays (all the same dtype)",
@@ -454,10 +440,7 @@ impl NativeBlocks {
         stop: u64,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let store = self.store.get();
-        let mut src = StoreRows::new(&store.inner, self.layers.clone()).py_err()?;
-        if !self.release {
-            src = src.keeping_pages();
-        }
+        let src = rows_of(&store.inner, self.layers.clone(), self.release)?;
         let dims = src.dims();
         let rows = (stop - start) as usize;
         if !self.reuse {
@@ -479,18 +462,7 @@ impl NativeBlocks {
             .flatten()
             .map(|b| b.bind(py).get_item(PySlice::new(py, 0, rows as isize, 1)))
             .collect::<PyResult<Vec<_>>>()?;
-        {
-            let mut rws = views
-                .iter()
-                .map(|v| v.extract::<PyReadwriteArray2<T>>())
-                .collect::<PyResult<Vec<_>>>()?;
-            let mut slices = rws
-                .iter_mut()
-                .map(|rw| c_slice_mut(rw, "block buffer"))
-                .collect::<PyResult<Vec<&mut [T]>>>()?;
-            py.detach(|| stream::read_into(&src, start, stop, &mut slices))
-                .py_err()?;
-        }
+        fill_outs::<T>(py, &views, |o| stream::read_into(&src, start, stop, o))?;
         Ok(views)
     }
 }

@@ -35,7 +35,8 @@ pub trait RowSource: Sync {
     /// As [`RowSource::read_f32`], in f64.
     fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()>;
     /// Rows `rows` (each `< num_rows`, any order, repeats allowed) of layer `layer` as f64
-    /// into `out` (`rows.len() × dim`).
+    /// into `out` (`rows.len() × dim`). Pages stay mapped: a caller gathering scattered rows
+    /// calls [`RowSource::release`] when done.
     fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()>;
     /// As [`RowSource::take_f64`], in f32.
     fn take_f32(&self, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()>;
@@ -163,10 +164,7 @@ impl StoreRows<'_> {
                 self.layers.len()
             ))
         })?;
-        self.store.take_into(l, rows, out)?;
-        // Scattered reads map whole neighbourhoods of pages (fault-around): drop them again
-        // at once, or most of the store would sit in this process's resident set.
-        self.store.release(0, self.store.num_rows())
+        self.store.take_into(l, rows, out)
     }
 }
 
@@ -486,6 +484,11 @@ impl RowSource for Subset<'_> {
         self.src.has_f64()
     }
     typed_reads!();
+    /// Scattered reads map whole neighbourhoods of pages (fault-around), anywhere in the
+    /// source: a block of sampled rows releases all of it.
+    fn release(&self, _start: u64, _stop: u64) -> Result<()> {
+        self.src.release(0, self.src.num_rows())
+    }
 }
 
 /// Rows `[start, stop)` of every layer of `src` into `blk` (one buffer per layer; reused

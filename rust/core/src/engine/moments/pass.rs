@@ -71,6 +71,9 @@ pub fn sample_shift(src: &dyn RowSource) -> Result<Option<Vec<f64>>> {
             format_args!("{m} sampled rows of width {dim}"),
         )?;
         src.take_f64(l, &rows, &mut x)?;
+        // Scattered reads map whole neighbourhoods of pages (fault-around): drop them again
+        // at once, or most of the store would sit in this process's resident set.
+        src.release(0, n)?;
         let mut mean = column_sums(&x, dim);
         for mu in mean.iter_mut() {
             *mu /= m as f64;
