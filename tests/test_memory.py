@@ -143,34 +143,60 @@ def llama_shaped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def test_llama_shaped_store_says_what_fits(llama_shaped: Path) -> None:
+def test_llama_shaped_store_tiles_within_the_budget(llama_shaped: Path) -> None:
+    # the single pass (137 GiB) says what fits when forced
     with pytest.raises(MemoryBudgetError) as e:
-        ls.cka(llama_shaped, progress=False)
+        ls.cka(llama_shaped, max_memory="2G", strategy="single-pass", progress=False)
     msg = str(e.value)
     assert "33 layers (D = 135168" in msg and "GiB" in msg, msg
-    assert "of these 33 layers fit in one call" in msg, msg
-    with pytest.raises(MemoryBudgetError) as e:
-        ls.cka(llama_shaped, max_memory="2G", progress=False)
-    assert "max_memory argument" in str(e.value) and "at most 3 of these 33" in str(e.value)
-    # what the message says fits does fit
-    r = ls.cka(llama_shaped, layers=[f"layer{i}" for i in range(3)], max_memory="2G",
+    assert "max_memory argument" in msg and "at most 3 of these 33" in msg, msg
+    # too small for any plan: the minimum that would work
+    with pytest.raises(MemoryBudgetError, match="a budget of at least .* for any exact plan"):
+        ls.cka(llama_shaped, max_memory="100K", progress=False)
+    # tiled within the budget: the same numbers as single passes over the pairs
+    names = [f"layer{i}" for i in range(5)]
+    r = ls.cka(llama_shaped, layers=names, max_memory="600M", estimator="debiased",
                progress=False)
-    assert r.values.shape == (3, 3) and np.allclose(np.diag(r.values), 1.0)
-    with pytest.raises(MemoryBudgetError, match="not even one layer"):
-        ls.cka(llama_shaped, max_memory="1M", progress=False)
+    plan = r.meta["plan"]
+    assert plan["strategy"] == "tiled" and plan["passes"] > 1, plan
+    assert plan["peak_bytes"] <= 600 << 20, plan
+    assert plan["bytes_read"] > plan["bytes_selected"], plan
+    assert plan["flops"] == 2 * 64 * (5 * 4096) * (5 * 4096 + 1) // 2, plan
+    for i, j in [(0, 4), (1, 2), (3, 3)]:
+        pair = sorted({names[i], names[j]})
+        one = ls.cka(llama_shaped, layers=pair, max_memory="2G", estimator="debiased",
+                     strategy="single-pass", progress=False)
+        assert one.meta["plan"]["strategy"] == "single-pass"
+        assert r.values[i, j] == pytest.approx(one.values[0, -1], abs=1e-6), (i, j)
+        assert r.extra["biased"][i, j] == pytest.approx(one.extra["biased"][0, -1], abs=1e-6)
 
 
-def test_llama_shaped_store_with_environment_and_rlimit(llama_shaped: Path) -> None:
+def test_llama_shaped_store_with_environment(llama_shaped: Path) -> None:
     code = f"import layerscope as ls; ls.cka({str(llama_shaped)!r}, progress=False)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, ENV: "4G"})
-    assert r.returncode == 1 and "MemoryBudgetError" in r.stderr and f"{ENV}=4G" in r.stderr
-    out = _child(f"""
-        s = ls.open({str(llama_shaped)!r})
-        limit(1 << 30)
-        run(lambda: ls.cka(s, progress=False))
+                       env={**os.environ, ENV: "100K"})
+    assert r.returncode == 1 and "MemoryBudgetError" in r.stderr and f"{ENV}=100K" in r.stderr
+
+
+def test_tiled_cka_runs_under_rlimit() -> None:
+    """8 × 4096 (a 1.1 GiB single-pass accumulator) under 512 MiB of address-space headroom:
+    the tiles fit the budget the RLIMIT gives, and the pass completes."""
+    code = _PRELUDE + textwrap.dedent("""
+        x = {f'l{i}': np.random.default_rng(i).standard_normal((16, 4096)).astype(np.float32)
+             for i in range(8)}
+        limit(512 << 20)
+        r = ls.cka(x, progress=False)
+        print("PLAN", r.meta["plan"]["strategy"], r.meta["plan"]["passes"],
+              float(np.nanmin(np.diag(r.values))))
     """)
-    assert "RLIMIT_AS" in out, out
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["RAYON_NUM_THREADS"] = "2"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    words = out.stdout.split()
+    assert words[:2] == ["PLAN", "tiled"] and int(words[2]) > 1 and float(words[3]) == 1.0, \
+        out.stdout
 
 
 # ------------------------------------------------- every family under a lowered RLIMIT_AS
@@ -223,14 +249,14 @@ FAMILIES: dict[str, tuple] = {
     "linear_cka": (
         "x = {f'l{i}': np.random.default_rng(i).standard_normal((16, 4096)).astype(np.float32)"
         " for i in range(8)}",
-        "ls.cka(x, progress=False{mm})",
+        "ls.cka(x, strategy='single-pass', progress=False{mm})",
     ),
     "linear_cka_store": (
         "import tempfile; d = tempfile.mkdtemp()\n"
         "ls.write_store(d + '/s', {f'l{i}': np.ones((16, 4096), np.float32) * i"
         " + np.arange(4096, dtype=np.float32) for i in range(8)})\n"
         "x = ls.open(d + '/s')",
-        "ls.cka(x, progress=False{mm})",
+        "ls.cka(x, strategy='single-pass', progress=False{mm})",
     ),
     "rbf_cka": (
         "x = {'a': np.random.default_rng(0).standard_normal((20000, 4)),"

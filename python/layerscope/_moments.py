@@ -109,6 +109,82 @@ def compute_moments(
     ``meta["shift_offset"]`` is ``max_f |mean_f − shift_f| / σ_f``, and a float32 pass warns
     above ``F32_SHIFT_WARN``."""
     t0 = time.perf_counter()
+    parts, names, dims, compute, num_a, block_rows = _setup(
+        source, layers, other, other_layers, compute, block_rows)
+    if block_rows is None:
+        n = parts[0][0].num_rows
+        block_rows = min(int(_native.default_block_rows(list(dims), compute)), max(n, 1))
+    pl = plan(dims, max_memory, compute, block_rows)
+    br = pl["block_rows"]
+    with Progress(progress, "moments") as prog:
+        m = _native.moments_pass(
+            [native_part(src, ls) for src, ls in parts], names, block_rows=br,
+            check_finite=check_finite, max_memory=max_memory, num_a=num_a, progress=prog.cb,
+            compute=compute,
+        )
+    meta = _meta(m, parts, names, compute, t0)
+    meta.update(passes=1, block_rows=br, accumulator_bytes=pl["accumulator_bytes"])
+    return m, meta
+
+
+def pair_stats(
+    source: Any,
+    layers: Sequence[str] | str | None = None,
+    other: Any = None,
+    other_layers: Sequence[str] | str | None = None,
+    *,
+    progress: Any = True,
+    max_memory: int | None = None,
+    check_finite: bool = True,
+    block_rows: int | None = None,
+    compute: str = "float64",
+    strategy: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """What linear CKA needs of every layer pair (``_native.PairStats``: ``‖C_ij‖²``,
+    ``Σ r̄_i r̄_j``, ``tr C_ii``, ``n``), exactly, within the memory budget; return
+    ``(PairStats, meta)``.
+
+    Arguments as :func:`compute_moments`. When the single pass's accumulator
+    (``(D + L)² · 8`` bytes) fits the budget it is one pass; otherwise the layers (and any
+    layer too wide on its own, in blocks of feature columns) are grouped into tiles whose
+    accumulators fit, one pass per tile, each pair of column blocks computed once
+    (``layerscope_core::engine::moments::tiled``): the same multiply-adds, more bytes read.
+    ``strategy``: ``None`` (the cheapest that fits), ``"single-pass"`` or ``"tiled"``.
+    ``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs; with
+    ``other``, only the pairs across the two sources (and each layer with itself) are
+    computed."""
+    t0 = time.perf_counter()
+    parts, names, dims, compute, num_a, block_rows = _setup(
+        source, layers, other, other_layers, compute, block_rows)
+    if strategy is not None and not isinstance(strategy, str):
+        raise InvalidArgumentError(f"strategy must be a string or None, got {strategy!r}")
+    with Progress(progress, "moments") as prog:
+        st = _native.pair_pass(
+            [native_part(src, ls) for src, ls in parts], names, num_a, block_rows=block_rows,
+            check_finite=check_finite, max_memory=max_memory, progress=prog.cb,
+            compute=compute, strategy=strategy,
+        )
+    meta = _meta(st, parts, names, compute, t0)
+    item = {nm: _itemsize(src, nm) for src, ls in parts for nm in ls}
+    reads = [int(r) for r in st.layer_reads]
+    n = int(st.n)
+    store_bytes = sum(n * d * item[nm] for nm, d in zip(names, dims))
+    bytes_read = sum(r * n * d * item[nm] for r, nm, d in zip(reads, names, dims))
+    meta.update(passes=int(st.passes), block_rows=int(st.block_rows))
+    meta["plan"] = {
+        "strategy": st.strategy, "passes": int(st.passes), "peak_bytes": int(st.peak_bytes),
+        "bytes_read": int(bytes_read), "bytes_selected": int(store_bytes),
+        "flops": 2 * n * int(st.madds_per_row), "block_rows": int(st.block_rows),
+    }
+    return st, meta
+
+
+def _setup(
+    source: Any, layers: Any, other: Any, other_layers: Any, compute: str,
+    block_rows: int | None,
+) -> tuple[list[tuple[Source, list[str]]], list[str], list[int], str, int, int | None]:
+    """Resolve the sources and options of a pass: ``(parts, names, dims, compute, num_a,
+    block_rows)`` (``block_rows`` checked, at most the row count, None for the default)."""
     a = resolve(source)
     la = a.select(layers)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
@@ -120,39 +196,47 @@ def compute_moments(
     names = [n for _, ls in parts for n in ls]
     dims = [src.dims[n] for src, ls in parts for n in ls]
     compute = resolve_compute(compute, parts)
-    n = a.num_rows
-    if block_rows is None:
-        block_rows = int(_native.default_block_rows(list(dims), compute))
-    elif isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) \
-            or block_rows < 1:
-        raise InvalidArgumentError(f"block_rows must be a positive integer, got {block_rows!r}")
-    block_rows = min(int(block_rows), max(n, 1))  # a block never holds more than all rows
-    pl = plan(dims, max_memory, compute, block_rows)
-    br = pl["block_rows"]
-    num_a = len(la)
-    with Progress(progress, "moments") as prog:
-        m = _native.moments_pass(
-            [native_part(src, ls) for src, ls in parts], names, block_rows=br,
-            check_finite=check_finite, max_memory=max_memory, num_a=num_a, progress=prog.cb,
-            compute=compute,
-        )
+    if block_rows is not None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) \
+                or block_rows < 1:
+            raise InvalidArgumentError(
+                f"block_rows must be a positive integer, got {block_rows!r}")
+        block_rows = min(int(block_rows), max(a.num_rows, 1))  # never more than all rows
+    return parts, names, dims, compute, len(la), block_rows
+
+
+def _meta(
+    m: Any, parts: list[tuple[Source, list[str]]], names: list[str], compute: str, t0: float,
+) -> dict[str, Any]:
+    """The meta every pass records (and the float32 shift warning)."""
     how = "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays"
     meta: dict[str, Any] = {
-        "n": int(m.n), "passes": 1, "block_rows": br, "engine": how, "compute": compute,
-        "shift_offset": float(m.shift_offset),
-        "accumulator_bytes": pl["accumulator_bytes"],
-        "seconds_pass": time.perf_counter() - t0,
+        "n": int(m.n), "engine": how, "compute": compute,
+        "shift_offset": float(m.shift_offset), "seconds_pass": time.perf_counter() - t0,
     }
     if compute == "float32" and m.shift_offset > F32_SHIFT_WARN:
         warnings.warn(
             f"compute='float32': the reference shift was {m.shift_offset:.1f} standard "
             "deviations from the mean for some feature, so the float32 products may deviate "
             "from float64 by more than 1e-6; use compute='float64' for this data",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning, stacklevel=4)
     bad = {nm: int(r) for nm, r in zip(names, m.nonfinite) if r is not None}
     if bad:
         meta["nonfinite_rows"] = bad
-    return m, meta
+    return meta
+
+
+_ITEMSIZE = {"bf16": 2, "bfloat16": 2, "f16": 2, "float16": 2, "f32": 4, "float32": 4,
+             "f64": 8, "float64": 8}
+
+
+def _itemsize(src: Source, layer: str) -> int:
+    """Bytes per stored value of a layer (what a pass reads)."""
+    if src.is_store:
+        return _ITEMSIZE.get(str(src.store.dtypes[layer]).lower(), 4)
+    assert src.arrays is not None
+    a = src.arrays[layer]
+    return int(getattr(a, "itemsize", 0) or a.element_size())
 
 
 def _is_f64(src: Source, layer: str) -> bool:

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from ._memory import add_max_memory_arg, max_memory_bytes
-from ._moments import check_compute, compute_moments
+from ._moments import check_compute, pair_stats
 from ._progress import Progress
 from ._source import Source, check_comparable, native_part, resolve
 from .errors import InvalidArgumentError
@@ -73,6 +73,7 @@ def cka(
     max_memory: int | str | None = None,
     nonfinite: str = "error",
     compute: str = "auto",
+    strategy: str | None = None,
     progress: Any = True,
 ) -> MatrixResult:
     """CKA of every layer pair (see the module docstring for the formulas and papers).
@@ -111,6 +112,13 @@ def cka(
             float32 when every selected layer is stored in 32 bits or fewer (f32/f16/bf16
             stores, float32 arrays), else float64; RBF and minibatch always compute in
             float64.
+        strategy: how the exact linear (biased/debiased) pass runs: None (default) picks
+            the cheapest that fits ``max_memory``: ``"single-pass"`` (one accumulator over
+            all layers, ``(D+L)²·8`` bytes) when it fits, else ``"tiled"`` (layers — and
+            layers too wide on their own, in blocks of feature columns — grouped into tiles
+            whose accumulators fit; one pass per tile, each pair of column blocks computed
+            once: the same multiply-adds, more bytes read). Naming one forces it.
+            ``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs.
         progress: True (tqdm bar), False, or a callable ``cb(done, total)``.
 
     Returns:
@@ -135,6 +143,9 @@ def cka(
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
     max_memory = max_memory_bytes(max_memory)
+    if strategy is not None and (kernel != "linear" or estimator == "minibatch"):
+        raise InvalidArgumentError(
+            "strategy applies to the linear biased/debiased estimators (the moment engine)")
     check_compute(compute)
     if compute == "auto" and (kernel != "linear" or estimator == "minibatch"):
         compute = "float64"
@@ -169,7 +180,8 @@ def cka(
         )
     elif kernel == "linear":
         res = _linear(
-            a, b, la, lb, estimator, sample, seed, max_memory, nonfinite, compute, progress
+            a, b, la, lb, estimator, sample, seed, max_memory, nonfinite, compute, strategy,
+            progress,
         )
     else:
         res = _rbf(
@@ -239,6 +251,7 @@ def _linear(
     max_memory: int | None,
     nonfinite: str,
     compute: str,
+    strategy: str | None,
     progress: Any,
 ) -> MatrixResult:
     from ._kernel import indices_hash
@@ -251,7 +264,7 @@ def _linear(
         src_a = _sampled(a, la, idx)
         src_b = _sampled(b, lb, idx) if b is not None and lb is not None else None
         meta["sample_hash"] = indices_hash(idx)
-    m, mmeta = compute_moments(
+    m, mmeta = pair_stats(
         src_a,
         la,
         src_b,
@@ -260,6 +273,7 @@ def _linear(
         max_memory=max_memory,
         check_finite=(nonfinite == "error"),
         compute=compute,
+        strategy=strategy,
     )
     t1 = time.perf_counter()
     nl = len(m.dims)
@@ -269,12 +283,15 @@ def _linear(
     debiased = np.asarray(m.cka(rows, cols, True))
     values = debiased if estimator == "debiased" else biased
     _warn_nonfinite(mmeta.get("nonfinite_rows", {}))
+    plan = mmeta["plan"]
+    how = ("one pass over all rows" if plan["strategy"] == "single-pass"
+           else f"{plan['passes']} tiled passes over all rows")
     meta.update(
         n=int(m.n),
-        engine=f"moments ({mmeta['engine']}), one pass over all rows",
+        engine=f"moments ({mmeta['engine']}), {how}",
         compute=mmeta["compute"],
         shift_offset=mmeta["shift_offset"],
-        accumulator_bytes=int(mmeta["accumulator_bytes"]),
+        plan=plan,
         timings={"pass": mmeta["seconds_pass"], "cka": time.perf_counter() - t1},
     )
     if "nonfinite_rows" in mmeta:

@@ -7,7 +7,7 @@ use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
     accumulate, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
-    Moments as CoreMoments,
+    Moments as CoreMoments, PairPlan, PairStats as CorePairStats,
 };
 use layerscope_core::memory::Budget;
 use layerscope_core::store::Rows;
@@ -312,6 +312,163 @@ fn moments_pass(
     PyMoments::wrap(m, num_a)
 }
 
+/// What linear CKA needs of every layer pair (`‖C_ij‖²`, `Σ r̄_i r̄_j`, `tr C_ii`, `n`),
+/// from one pass or summed over the tiles of a tiled pass, and the plan that made them.
+#[pyclass(module = "layerscope._native", name = "PairStats", frozen)]
+pub struct PyPairStats {
+    inner: CorePairStats,
+    num_a: usize,
+    strategy: &'static str,
+    passes: usize,
+    peak_bytes: u128,
+    block_rows: usize,
+    layer_reads: Vec<u64>,
+    madds_per_row: u128,
+}
+
+#[pymethods]
+impl PyPairStats {
+    #[getter]
+    fn n(&self) -> u64 {
+        self.inner.n
+    }
+    #[getter]
+    fn dims(&self) -> Vec<usize> {
+        self.inner.dims.clone()
+    }
+    #[getter]
+    fn names(&self) -> Vec<String> {
+        self.inner.names.clone()
+    }
+    /// Number of layers of the first source.
+    #[getter]
+    fn num_a(&self) -> usize {
+        self.num_a
+    }
+    /// Number of layers of the second source (0 for one source).
+    #[getter]
+    fn num_b(&self) -> usize {
+        self.inner.dims.len() - self.num_a
+    }
+    #[getter]
+    fn shift_offset(&self) -> f64 {
+        self.inner.shift_offset
+    }
+    #[getter]
+    fn nonfinite(&self) -> Vec<Option<u64>> {
+        self.inner.nonfinite.clone()
+    }
+    /// `"single-pass"` or `"tiled"`.
+    #[getter]
+    fn strategy(&self) -> &'static str {
+        self.strategy
+    }
+    #[getter]
+    fn passes(&self) -> usize {
+        self.passes
+    }
+    #[getter]
+    fn peak_bytes(&self) -> u128 {
+        self.peak_bytes
+    }
+    #[getter]
+    fn block_rows(&self) -> usize {
+        self.block_rows
+    }
+    /// How many passes read each layer.
+    #[getter]
+    fn layer_reads(&self) -> Vec<u64> {
+        self.layer_reads.clone()
+    }
+    /// Multiply-adds per row of the packed products over all passes.
+    #[getter]
+    fn madds_per_row(&self) -> u128 {
+        self.madds_per_row
+    }
+
+    /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
+    /// debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`.
+    #[pyo3(signature = (rows, cols, debiased=false))]
+    fn cka<'py>(
+        &self,
+        py: Python<'py>,
+        rows: Vec<usize>,
+        cols: Vec<usize>,
+        debiased: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let v = self.inner.cka_matrix(&rows, &cols, debiased).py_err()?;
+        let a = Array2::from_shape_vec((rows.len(), cols.len()), v)
+            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+            .py_err()?;
+        Ok(a.into_pyarray(py))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "PairStats(n={}, layers={}, strategy={:?}, passes={})",
+            self.inner.n,
+            self.inner.dims.len(),
+            self.strategy,
+            self.passes
+        )
+    }
+}
+
+/// The exact linear pair statistics of `parts` (see `source.rs`; the first `num_a` layers are
+/// the first source's): one pass when its accumulator fits the budget, else tiled passes
+/// (`strategy` forces `"single-pass"` or `"tiled"`). GIL released; one progress bar over all
+/// passes.
+#[pyfunction]
+#[pyo3(signature = (parts, names, num_a, block_rows=None, check_finite=true, max_memory=None,
+    progress=None, compute="float64", strategy=None))]
+#[allow(clippy::too_many_arguments)]
+fn pair_pass(
+    py: Python<'_>,
+    parts: Vec<Bound<'_, PyAny>>,
+    names: Vec<String>,
+    num_a: usize,
+    block_rows: Option<usize>,
+    check_finite: bool,
+    max_memory: Option<u64>,
+    progress: Option<Py<PyAny>>,
+    compute: &str,
+    strategy: Option<String>,
+) -> PyResult<PyPairStats> {
+    let compute = Compute::parse(compute).py_err()?;
+    let budget = Budget::resolve(max_memory).py_err()?;
+    let parts = extract_parts(&parts)?;
+    let sources = Sources::new(&parts)?;
+    let src = Rows::new(sources.parts()).py_err()?;
+    let mon = PyMonitor::new(progress);
+    let (plan, st) = py
+        .detach(|| {
+            let dims = layerscope_core::store::RowSource::dims(&src);
+            let n = layerscope_core::store::RowSource::num_rows(&src);
+            let plan = PairPlan::choose(
+                &dims,
+                num_a,
+                n,
+                block_rows,
+                compute,
+                &budget,
+                strategy.as_deref(),
+            )?;
+            let st = plan.run(&src, &names, check_finite, &budget, &mon)?;
+            Ok::<_, Error>((plan, st))
+        })
+        .py_err()?;
+    Ok(PyPairStats {
+        inner: st,
+        num_a,
+        strategy: plan.strategy(),
+        passes: plan.passes(),
+        peak_bytes: plan.peak_bytes(),
+        block_rows: plan.block_rows(),
+        layer_reads: plan.layer_reads(),
+        madds_per_row: plan.madds_per_row(),
+    })
+}
+
 /// Rows per block the streaming pass uses by default for layers of these widths.
 #[pyfunction]
 #[pyo3(name = "default_block_rows", signature = (dims, compute="float64"))]
@@ -366,6 +523,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_moment_memory, m)?)?;
     m.add_class::<PyMoments>()?;
     m.add_function(wrap_pyfunction!(moments_pass, m)?)?;
+    m.add_class::<PyPairStats>()?;
+    m.add_function(wrap_pyfunction!(pair_pass, m)?)?;
     m.add_function(wrap_pyfunction!(py_default_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(accumulator_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pass_bytes, m)?)?;

@@ -10,6 +10,8 @@
 //!   read where they lie), decoded by the store's own conversions: arrays are just another
 //!   source.
 //! * [`Subset`]: given rows of another source (a seeded sample), streamed like the whole.
+//! * [`Columns`]: column ranges of another source's layers as layers (the pieces of a tiled
+//!   pass).
 //! * [`Rows`]: several sources side by side (the selected layers of two models on the same
 //!   inputs), checked to have the same number of rows; the caller has checked that their row
 //!   ids agree.
@@ -34,6 +36,10 @@ pub trait RowSource: Sync {
     fn read_f32(&self, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()>;
     /// As [`RowSource::read_f32`], in f64.
     fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()>;
+    /// Rows `[start, stop)` of layer `layer` alone into `out` (`(stop − start) × dim`), as f32.
+    fn read_layer_f32(&self, layer: usize, start: u64, stop: u64, out: &mut [f32]) -> Result<()>;
+    /// As [`RowSource::read_layer_f32`], in f64.
+    fn read_layer_f64(&self, layer: usize, start: u64, stop: u64, out: &mut [f64]) -> Result<()>;
     /// Rows `rows` (each `< num_rows`, any order, repeats allowed) of layer `layer` as f64
     /// into `out` (`rows.len() × dim`). Pages stay mapped: a caller gathering scattered rows
     /// calls [`RowSource::release`] when done.
@@ -50,6 +56,13 @@ pub trait RowSource: Sync {
 pub trait ReadAs: Element {
     fn read(src: &dyn RowSource, start: u64, stop: u64, outs: &mut [&mut [Self]]) -> Result<()>;
     fn take(src: &dyn RowSource, layer: usize, rows: &[u64], out: &mut [Self]) -> Result<()>;
+    fn read_layer(
+        src: &dyn RowSource,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [Self],
+    ) -> Result<()>;
 }
 impl ReadAs for f32 {
     fn read(src: &dyn RowSource, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
@@ -58,6 +71,15 @@ impl ReadAs for f32 {
     fn take(src: &dyn RowSource, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
         src.take_f32(layer, rows, out)
     }
+    fn read_layer(
+        src: &dyn RowSource,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [f32],
+    ) -> Result<()> {
+        src.read_layer_f32(layer, start, stop, out)
+    }
 }
 impl ReadAs for f64 {
     fn read(src: &dyn RowSource, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
@@ -65,6 +87,15 @@ impl ReadAs for f64 {
     }
     fn take(src: &dyn RowSource, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
         src.take_f64(layer, rows, out)
+    }
+    fn read_layer(
+        src: &dyn RowSource,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [f64],
+    ) -> Result<()> {
+        src.read_layer_f64(layer, start, stop, out)
     }
 }
 
@@ -83,6 +114,24 @@ macro_rules! typed_reads {
         }
         fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
             self.take(layer, rows, out)
+        }
+        fn read_layer_f32(
+            &self,
+            layer: usize,
+            start: u64,
+            stop: u64,
+            out: &mut [f32],
+        ) -> Result<()> {
+            self.read_layer(layer, start, stop, out)
+        }
+        fn read_layer_f64(
+            &self,
+            layer: usize,
+            start: u64,
+            stop: u64,
+            out: &mut [f64],
+        ) -> Result<()> {
+            self.read_layer(layer, start, stop, out)
         }
     };
 }
@@ -157,14 +206,28 @@ impl StoreRows<'_> {
         self.store.read_block_into(&self.layers, start, stop, outs)
     }
 
-    fn take<T: Element>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
-        let l = *self.layers.get(layer).ok_or_else(|| {
+    fn index(&self, layer: usize) -> Result<usize> {
+        self.layers.get(layer).copied().ok_or_else(|| {
             Error::invalid(format!(
                 "layer {layer} out of range ({} selected)",
                 self.layers.len()
             ))
-        })?;
-        self.store.take_into(l, rows, out)
+        })
+    }
+
+    fn take<T: Element>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
+        self.store.take_into(self.index(layer)?, rows, out)
+    }
+
+    fn read_layer<T: Element>(
+        &self,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [T],
+    ) -> Result<()> {
+        self.store
+            .read_rows_into(self.index(layer)?, start, stop, out)
     }
 }
 
@@ -215,6 +278,17 @@ impl<'a> Rows<'a> {
     fn take<T: ReadAs>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
         let (p, l) = self.locate(layer)?;
         T::take(p, l, rows, out)
+    }
+
+    fn read_layer<T: ReadAs>(
+        &self,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [T],
+    ) -> Result<()> {
+        let (p, l) = self.locate(layer)?;
+        T::read_layer(p, l, start, stop, out)
     }
 
     fn read<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
@@ -348,7 +422,6 @@ impl<'a> ArrayRows<'a> {
     }
 
     fn read<T: Element>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
-        use rayon::prelude::*;
         if start > stop || stop > self.rows {
             return Err(Error::invalid(format!(
                 "row range [{start}, {stop}) is not within [0, {}]",
@@ -373,19 +446,46 @@ impl<'a> ArrayRows<'a> {
                 )));
             }
         }
-        for (l, o) in self.layers.iter().zip(outs.iter_mut()) {
-            if l.dim == 0 {
-                continue;
-            }
-            let chunk = (PAR_ELEMS / l.dim).max(1);
-            o.par_chunks_mut(chunk * l.dim)
-                .enumerate()
-                .for_each(|(c, part)| {
-                    for (k, row) in part.chunks_exact_mut(l.dim).enumerate() {
-                        l.row_into(start as usize + c * chunk + k, row);
-                    }
-                });
+        outs.iter_mut()
+            .enumerate()
+            .try_for_each(|(l, o)| self.read_layer(l, start, stop, o))
+    }
+
+    fn read_layer<T: Element>(
+        &self,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [T],
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let l = self.layer(layer)?;
+        if start > stop || stop > self.rows {
+            return Err(Error::invalid(format!(
+                "row range [{start}, {stop}) is not within [0, {}]",
+                self.rows
+            )));
         }
+        let rows = (stop - start) as usize;
+        if out.len() != rows * l.dim {
+            return Err(Error::invalid(format!(
+                "output buffer has {} elements, {rows} rows of width {} need {}",
+                out.len(),
+                l.dim,
+                rows * l.dim
+            )));
+        }
+        if l.dim == 0 {
+            return Ok(());
+        }
+        let chunk = (PAR_ELEMS / l.dim).max(1);
+        out.par_chunks_mut(chunk * l.dim)
+            .enumerate()
+            .for_each(|(c, part)| {
+                for (k, row) in part.chunks_exact_mut(l.dim).enumerate() {
+                    l.row_into(start as usize + c * chunk + k, row);
+                }
+            });
         Ok(())
     }
 
@@ -463,6 +563,16 @@ impl<'a> Subset<'a> {
             .try_for_each(|(l, o)| T::take(self.src, l, rows, o))
     }
 
+    fn read_layer<T: ReadAs>(
+        &self,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [T],
+    ) -> Result<()> {
+        T::take(self.src, layer, self.rows(start, stop)?, out)
+    }
+
     fn take<T: ReadAs>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
         let mapped = rows
             .iter()
@@ -488,6 +598,177 @@ impl RowSource for Subset<'_> {
     /// source: a block of sampled rows releases all of it.
     fn release(&self, _start: u64, _stop: u64) -> Result<()> {
         self.src.release(0, self.src.num_rows())
+    }
+}
+
+/// Column ranges of another source's layers, each seen as a layer of its own (the pieces of
+/// a tiled pass: a group of layers, or a block of the feature columns of a layer too wide
+/// for the memory budget). A piece that is a whole layer is read in place; a part of a layer
+/// is read through one temporary buffer of the whole layer's rows, shared by consecutive
+/// pieces of the same layer in one block.
+pub struct Columns<'a> {
+    src: &'a dyn RowSource,
+    pieces: Vec<(usize, std::ops::Range<usize>)>,
+    src_dims: Vec<usize>,
+}
+
+impl<'a> Columns<'a> {
+    /// `pieces`: `(layer of src, column range)`, each range non-empty and within the layer.
+    pub fn new(
+        src: &'a dyn RowSource,
+        pieces: Vec<(usize, std::ops::Range<usize>)>,
+    ) -> Result<Self> {
+        let src_dims = src.dims();
+        for (l, c) in &pieces {
+            let d = *src_dims.get(*l).ok_or_else(|| {
+                Error::invalid(format!(
+                    "layer {l} out of range ({} layers)",
+                    src_dims.len()
+                ))
+            })?;
+            if c.start >= c.end || c.end > d {
+                return Err(Error::invalid(format!(
+                    "columns {}..{} are not a non-empty range of layer {l} (width {d})",
+                    c.start, c.end
+                )));
+            }
+        }
+        Ok(Columns {
+            src,
+            pieces,
+            src_dims,
+        })
+    }
+
+    fn piece(&self, i: usize) -> Result<(usize, std::ops::Range<usize>, usize)> {
+        let (l, c) = self.pieces.get(i).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "piece {i} out of range ({} pieces)",
+                self.pieces.len()
+            ))
+        })?;
+        Ok((l, c, self.src_dims[l]))
+    }
+
+    fn read<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
+        if outs.len() != self.pieces.len() {
+            return Err(Error::invalid(format!(
+                "{} output buffers for {} pieces",
+                outs.len(),
+                self.pieces.len()
+            )));
+        }
+        let rows = usize::try_from(stop.saturating_sub(start))
+            .map_err(|_| Error::Memory(format!("a block of {} rows", stop - start)))?;
+        // The whole-layer rows last read (layer index, values).
+        let mut held: Option<(usize, Vec<T>)> = None;
+        for (i, out) in outs.iter_mut().enumerate() {
+            let (l, c, d) = self.piece(i)?;
+            if c.len() == d {
+                T::read_layer(self.src, l, start, stop, out)?;
+                continue;
+            }
+            if out.len() != rows * c.len() {
+                return Err(Error::invalid(format!(
+                    "output buffer has {} elements, {rows} rows of width {} need {}",
+                    out.len(),
+                    c.len(),
+                    rows * c.len()
+                )));
+            }
+            if held.as_ref().map(|h| h.0) != Some(l) {
+                let len = rows
+                    .checked_mul(d)
+                    .ok_or_else(|| Error::Memory(format!("a block of {rows} rows × {d} values")))?;
+                let mut buf = match held.take() {
+                    Some((_, b)) if b.capacity() >= len => b,
+                    _ => try_with_capacity(
+                        len,
+                        format_args!("a block of {rows} rows × {d} (a column piece's layer)"),
+                    )?,
+                };
+                buf.resize(len, T::default());
+                T::read_layer(self.src, l, start, stop, &mut buf)?;
+                held = Some((l, buf));
+            }
+            let whole = &held.as_ref().map(|h| &h.1[..]).unwrap_or(&[]);
+            copy_columns(whole, d, c, out);
+        }
+        Ok(())
+    }
+
+    fn read_layer<T: ReadAs>(
+        &self,
+        layer: usize,
+        start: u64,
+        stop: u64,
+        out: &mut [T],
+    ) -> Result<()> {
+        let (l, c, d) = self.piece(layer)?;
+        if c.len() == d {
+            return T::read_layer(self.src, l, start, stop, out);
+        }
+        let rows = usize::try_from(stop.saturating_sub(start))
+            .map_err(|_| Error::Memory(format!("a block of {} rows", stop - start)))?;
+        let mut whole = crate::memory::try_vec(
+            rows.saturating_mul(d),
+            T::default(),
+            format_args!("a block of {rows} rows × {d} (a column piece's layer)"),
+        )?;
+        T::read_layer(self.src, l, start, stop, &mut whole)?;
+        check_len(out.len(), rows, c.len())?;
+        copy_columns(&whole, d, c, out);
+        Ok(())
+    }
+
+    fn take<T: ReadAs>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
+        let (l, c, d) = self.piece(layer)?;
+        if c.len() == d {
+            return T::take(self.src, l, rows, out);
+        }
+        let mut whole = crate::memory::try_vec(
+            rows.len().saturating_mul(d),
+            T::default(),
+            format_args!("{} rows × {d} (a column piece's layer)", rows.len()),
+        )?;
+        T::take(self.src, l, rows, &mut whole)?;
+        check_len(out.len(), rows.len(), c.len())?;
+        copy_columns(&whole, d, c, out);
+        Ok(())
+    }
+}
+
+fn check_len(len: usize, rows: usize, width: usize) -> Result<()> {
+    if Some(len) != rows.checked_mul(width) {
+        return Err(Error::invalid(format!(
+            "output buffer has {len} elements, {rows} rows of width {width} need {}",
+            rows.saturating_mul(width)
+        )));
+    }
+    Ok(())
+}
+
+/// Columns `c` of the row-major `· × d` matrix `whole` into the row-major `out`.
+fn copy_columns<T: Copy>(whole: &[T], d: usize, c: std::ops::Range<usize>, out: &mut [T]) {
+    let w = c.len();
+    for (o, row) in out.chunks_exact_mut(w).zip(whole.chunks_exact(d)) {
+        o.copy_from_slice(&row[c.clone()]);
+    }
+}
+
+impl RowSource for Columns<'_> {
+    fn num_rows(&self) -> u64 {
+        self.src.num_rows()
+    }
+    fn dims(&self) -> Vec<usize> {
+        self.pieces.iter().map(|(_, c)| c.len()).collect()
+    }
+    fn has_f64(&self) -> bool {
+        self.src.has_f64()
+    }
+    typed_reads!();
+    fn release(&self, start: u64, stop: u64) -> Result<()> {
+        self.src.release(start, stop)
     }
 }
 

@@ -84,7 +84,10 @@ pub(super) struct Scratch {
 /// `v` resized to `len` without clearing what it already holds (every element is
 /// overwritten by the caller before it is read).
 /// A refused allocation is an [`Error::Memory`].
-fn sized<T: Copy + Default + Send + Sync>(v: &mut Vec<T>, len: usize) -> Result<&mut [T]> {
+pub(super) fn sized<T: Copy + Default + Send + Sync>(
+    v: &mut Vec<T>,
+    len: usize,
+) -> Result<&mut [T]> {
     if v.len() < len {
         // Fresh, huge-page-hinted storage (block buffers are tens of MB, read in strides).
         *v = Vec::new();
@@ -127,6 +130,83 @@ pub(super) fn column_sums<T: Copy + Into<f64> + Sync>(x: &[T], width: usize) -> 
         }
     }
     total
+}
+
+/// The checks every accumulator runs on a block before it changes anything: `block[l]` is
+/// `rows × dims[l]`; a non-finite value is an [`Error::NonFinite`] naming the layer and row
+/// (`n` rows came before) when `check_finite`, else its first row is recorded in
+/// `nonfinite`. `Ok(false)` for an empty block.
+pub(super) fn screen<T: Element>(
+    dims: &[usize],
+    names: &[String],
+    block: &[&[T]],
+    rows: usize,
+    check_finite: bool,
+    n: u64,
+    nonfinite: &mut [Option<u64>],
+) -> Result<bool> {
+    if block.len() != dims.len() {
+        return Err(Error::Mismatch(format!(
+            "block has {} layers, accumulator has {}",
+            block.len(),
+            dims.len()
+        )));
+    }
+    for (l, (x, &d)) in block.iter().zip(dims).enumerate() {
+        if Some(x.len()) != rows.checked_mul(d) {
+            return Err(Error::Mismatch(format!(
+                "layer {:?}: block has {} values, expected {rows} rows × {d}",
+                names[l],
+                x.len()
+            )));
+        }
+    }
+    if rows == 0 {
+        return Ok(false);
+    }
+    // Non-finite scan (first bad row per layer).
+    let bad: Vec<Option<usize>> = block
+        .par_iter()
+        .zip(dims.par_iter())
+        .map(|(x, &d)| {
+            x.chunks(d)
+                .position(|r| r.iter().any(|v| !v.to_f64().is_finite()))
+        })
+        .collect();
+    if check_finite {
+        if let Some((l, a)) = bad.iter().enumerate().find_map(|(l, b)| b.map(|a| (l, a))) {
+            return Err(Error::NonFinite(format!(
+                "layer {:?}: non-finite value (NaN/Inf) in row {}",
+                names[l],
+                n + a as u64
+            )));
+        }
+    }
+    for (l, b) in bad.iter().enumerate() {
+        if let (Some(a), None) = (b, nonfinite[l]) {
+            nonfinite[l] = Some(n + *a as u64);
+        }
+    }
+    Ok(true)
+}
+
+/// Column means of a block (the concatenated layers): the shift of an accumulator fed by
+/// hand without one.
+pub(super) fn block_means<T: Element>(dims: &[usize], block: &[&[T]], rows: usize) -> Vec<f64> {
+    let mut mu = Vec::with_capacity(dims.iter().sum());
+    for (x, &dl) in block.iter().zip(dims) {
+        let mut m = vec![0.0; dl];
+        for r in x.chunks(dl) {
+            for (mi, v) in m.iter_mut().zip(r) {
+                *mi += v.to_f64();
+            }
+        }
+        for mi in m.iter_mut() {
+            *mi /= rows as f64;
+        }
+        mu.extend(m);
+    }
+    mu
 }
 
 impl MomentAccumulator {
@@ -244,66 +324,21 @@ impl MomentAccumulator {
     /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l`.
     /// Errors leave the accumulator unchanged.
     pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
-        let l_count = self.dims.len();
-        if block.len() != l_count {
-            return Err(Error::Mismatch(format!(
-                "block has {} layers, accumulator has {l_count}",
-                block.len()
-            )));
-        }
-        for (l, (x, &d)) in block.iter().zip(&self.dims).enumerate() {
-            if Some(x.len()) != rows.checked_mul(d) {
-                return Err(Error::Mismatch(format!(
-                    "layer {:?}: block has {} values, expected {rows} rows × {d}",
-                    self.names[l],
-                    x.len()
-                )));
-            }
-        }
-        if rows == 0 {
+        if !screen(
+            &self.dims,
+            &self.names,
+            block,
+            rows,
+            self.check_finite,
+            self.n,
+            &mut self.nonfinite,
+        )? {
             return Ok(());
-        }
-        // Non-finite scan (first bad row per layer).
-        let bad: Vec<Option<usize>> = block
-            .par_iter()
-            .zip(self.dims.par_iter())
-            .map(|(x, &d)| {
-                x.chunks(d)
-                    .position(|r| r.iter().any(|v| !v.to_f64().is_finite()))
-            })
-            .collect();
-        if self.check_finite {
-            if let Some((l, a)) = bad.iter().enumerate().find_map(|(l, b)| b.map(|a| (l, a))) {
-                return Err(Error::NonFinite(format!(
-                    "layer {:?}: non-finite value (NaN/Inf) in row {}",
-                    self.names[l],
-                    self.n + a as u64
-                )));
-            }
-        }
-        for (l, b) in bad.iter().enumerate() {
-            if let (Some(a), None) = (b, self.nonfinite[l]) {
-                self.nonfinite[l] = Some(self.n + *a as u64);
-            }
         }
         let d = self.d();
         let dz = self.dz();
         if self.shift.is_none() {
-            let mut mu = vec![0.0; d];
-            for (l, x) in block.iter().enumerate() {
-                let dl = self.dims[l];
-                let o = self.offsets[l];
-                let m = &mut mu[o..o + dl];
-                for r in x.chunks(dl) {
-                    for (mi, v) in m.iter_mut().zip(r) {
-                        *mi += v.to_f64();
-                    }
-                }
-                for mi in m.iter_mut() {
-                    *mi /= rows as f64;
-                }
-            }
-            self.shift = Some(mu);
+            self.shift = Some(block_means(&self.dims, block, rows));
         }
         if self.compute == Compute::F32 {
             return self.update_f32(block, rows);

@@ -36,19 +36,31 @@
 //! * `plan.rs`: bytes of a pass, default block rows, the memory check before a pass;
 //! * `pass.rs`: the driver — one pass over any [`crate::store::RowSource`] (stores, arrays,
 //!   both side by side) through the one block reader, with the sampled shift;
-//! * `finalised.rs`: [`Moments`] and what is derived from them alone (blocks of `C`, linear
-//!   CKA biased and debiased).
+//! * `finalised.rs`: [`Moments`] and what is derived from them alone (blocks of `C`);
+//! * `pairs.rs`: [`PairStats`] (what linear CKA needs of each pair) and the linear CKA
+//!   formula, biased and debiased;
+//! * `cross.rs`, `tiled.rs`: tiled passes for layers whose single-pass accumulator does not
+//!   fit the budget ([`plan_tiles`], [`run_tiled`], the off-diagonal [`CrossAccumulator`]).
 mod accumulator;
 mod codec;
+mod cross;
 mod finalised;
+mod pairs;
 mod pass;
 mod plan;
 #[cfg(test)]
 mod tests;
+mod tiled;
 
 pub use accumulator::{Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SUM_ROWS};
+pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
 pub use finalised::Moments;
+pub use pairs::PairStats;
 pub use pass::{accumulate, sample_shift, SHIFT_SAMPLE_ROWS};
 pub use plan::{
-    accumulator_bytes, check_memory, default_block_rows, default_block_rows_for, pass_bytes,
+    accumulator_bytes, check_memory, cross_pass_bytes, default_block_rows, default_block_rows_for,
+    pass_bytes,
+};
+pub use tiled::{
+    plan_tiles, run_tiled, PairPlan, Piece, Tile, TilePlan, MIN_PIECE_COLUMNS, PAIR_STRATEGIES,
 };

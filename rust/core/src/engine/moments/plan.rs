@@ -12,13 +12,14 @@ pub fn accumulator_bytes(dims: &[usize]) -> u128 {
 }
 
 /// Peak bytes of one streaming pass: the accumulator, two blocks of `w` (f64) and the
-/// packed SYRK panels (`2 (D+L) × KC` values of the compute type).
+/// packed SYRK panels (`2 (D+L) × min(KC, block_rows)` values of the compute type).
 pub fn pass_bytes(dims: &[usize], block_rows: usize, compute: Compute) -> u128 {
     let d = dims.iter().map(|&d| d as u128).sum::<u128>();
     let dz = d + dims.len() as u128;
+    let kc = |kc: usize| kc.min(block_rows) as u128;
     let pack = match compute {
-        Compute::F64 => 2 * dz * <f64 as PackedElem>::KC as u128 * 8,
-        Compute::F32 => 2 * d * <f32 as PackedElem>::KC as u128 * 4,
+        Compute::F64 => 2 * dz * kc(<f64 as PackedElem>::KC) * 8,
+        Compute::F32 => 2 * d * kc(<f32 as PackedElem>::KC) * 4,
     };
     accumulator_bytes(dims) + dz * block_rows as u128 * 8 * 2 + pack
 }
@@ -83,4 +84,18 @@ pub fn default_block_rows_for(dims: &[usize], compute: Compute) -> usize {
         Compute::F64 => r,
         Compute::F32 => (2 * r).min(F32_BLOCK_ROWS),
     }
+}
+
+/// Peak bytes of one off-diagonal tile of a tiled pass (sides of widths `a` and `b`): its
+/// sums ([`super::cross::cross_accumulator_bytes`]), two blocks of both sides' rows (f64, as
+/// [`pass_bytes`] counts them) and the packed GEMM panels (`(D_A + D_B) × min(KC, block_rows)`).
+pub fn cross_pass_bytes(a: &[usize], b: &[usize], block_rows: usize, compute: Compute) -> u128 {
+    let d = a.iter().chain(b).map(|&d| d as u128).sum::<u128>();
+    let dz = d + (a.len() + b.len()) as u128;
+    let kc = |kc: usize| kc.min(block_rows) as u128;
+    let pack = match compute {
+        Compute::F64 => d * kc(<f64 as PackedElem>::KC) * 8,
+        Compute::F32 => d * kc(<f32 as PackedElem>::KC) * 4,
+    };
+    super::cross::cross_accumulator_bytes(a, b) + dz * block_rows as u128 * 8 * 2 + pack
 }

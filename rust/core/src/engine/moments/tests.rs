@@ -484,3 +484,176 @@ fn f32_accumulators_merge_and_serialise() {
     assert!(rel(&a.cov, &b.cov) < 1e-6, "{}", rel(&a.cov, &b.cov));
     assert!(Compute::parse("float32").is_ok() && Compute::parse("half").is_err());
 }
+
+/// Tiled passes against the single pass (and the Gram reference): within one source and
+/// across two, with a layer split into column pieces, f64 and f32 products, large offsets.
+#[test]
+fn tiled_passes_equal_the_single_pass() {
+    use crate::monitor::NoMonitor;
+    use crate::store::stream::{ArrayLayer, ArrayRows};
+    use crate::store::Values;
+    let n = 157usize;
+    // Widths straddling the piece size: the 300-wide layer is split when w < 301.
+    let dims = [40usize, 300, 7, 129, 64];
+    let xs: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| data(n, d, 40 + i as u64, if i % 2 == 0 { 500.0 } else { 0.0 }))
+        .collect();
+    let x32: Vec<Vec<f32>> = xs
+        .iter()
+        .map(|x| x.iter().map(|&v| v as f32).collect())
+        .collect();
+    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    let all: Vec<usize> = (0..dims.len()).collect();
+    for compute in [Compute::F64, Compute::F32] {
+        let layers: Vec<ArrayLayer> = dims
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let v = if compute == Compute::F64 {
+                    Values::F64(&xs[i])
+                } else {
+                    Values::F32(&x32[i])
+                };
+                ArrayLayer::new(v, n, d, d).unwrap()
+            })
+            .collect();
+        let src = ArrayRows::new(layers).unwrap();
+        let single = accumulate(
+            &src,
+            &names,
+            Some(50),
+            true,
+            &Budget::unchecked(),
+            compute,
+            &NoMonitor,
+        )
+        .unwrap()
+        .finalize()
+        .unwrap();
+        let tol = if compute == Compute::F64 { 1e-10 } else { 1e-6 };
+        for num_a in [dims.len(), 2, 3] {
+            // Budgets from most of the single pass down to the smallest plan (pieces of
+            // about 128 columns: the 300-wide layer split).
+            let full = pass_bytes(&dims, 50, compute) as f64;
+            let mut split = false;
+            for frac in [0.7, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2] {
+                let budget = (full * frac) as u64;
+                let b = Budget::argument(budget).unwrap();
+                let Ok(plan) = plan_tiles(&dims, num_a, n as u64, Some(50), compute, &b) else {
+                    assert!(frac < 0.45, "{compute:?} {num_a} {frac}");
+                    continue;
+                };
+                split |= plan.pieces.len() > dims.len();
+                assert!(plan.peak_bytes <= budget as u128, "{plan:?}");
+                assert!(plan.passes() > 1);
+                let st = run_tiled(&src, &names, &plan, true, &b, &NoMonitor).unwrap();
+                let (rows, cols): (Vec<usize>, Vec<usize>) = if num_a == dims.len() {
+                    (all.clone(), all.clone())
+                } else {
+                    ((0..num_a).collect(), (num_a..dims.len()).collect())
+                };
+                for debiased in [false, true] {
+                    let want = single.cka_matrix(&rows, &cols, debiased).unwrap();
+                    let got = st.cka_matrix(&rows, &cols, debiased).unwrap();
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{compute:?} num_a={num_a} budget={budget} debiased={debiased}: {g} vs {w}"
+                        );
+                    }
+                }
+                // Any other pair is either right (its pieces met in one tile) or an error,
+                // never a partial number.
+                for x in 0..dims.len() {
+                    for y in 0..dims.len() {
+                        match st.cka_matrix(&[x], &[y], true) {
+                            Ok(v) => {
+                                let w = single.cka(x, y, true).unwrap();
+                                assert!((v[0] - w).abs() <= tol, "({x},{y}): {} vs {w}", v[0]);
+                            }
+                            Err(_) => assert!(num_a < dims.len() && (x < num_a) == (y < num_a)),
+                        }
+                    }
+                }
+                // Multiply-adds are those of the single pass (each piece pair once).
+                let d: u128 = dims.iter().sum::<usize>() as u128;
+                if num_a == dims.len() {
+                    assert_eq!(plan.madds_per_row(), d * (d + 1) / 2);
+                }
+            }
+            assert!(split, "no budget split the wide layer");
+        }
+    }
+    // A layer of one source against a Gram reference (biased and debiased), via tiles.
+    let src = ArrayRows::new(
+        dims.iter()
+            .enumerate()
+            .map(|(i, &d)| ArrayLayer::new(Values::F64(&xs[i]), n, d, d).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    let b = Budget::argument((pass_bytes(&dims, 64, Compute::F64) as f64 * 0.4) as u64).unwrap();
+    let plan = plan_tiles(&dims, dims.len(), n as u64, Some(64), Compute::F64, &b).unwrap();
+    assert!(
+        plan.pieces.len() > dims.len(),
+        "the 300-wide layer is split: {plan:?}"
+    );
+    let st = run_tiled(&src, &names, &plan, true, &b, &NoMonitor).unwrap();
+    for debiased in [false, true] {
+        let want = naive_cka(&xs[1], &xs[3], n, dims[1], dims[3], debiased);
+        let got = st.cka_matrix(&[1], &[3], debiased).unwrap()[0];
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    }
+}
+
+#[test]
+fn tiled_plan_errors() {
+    // Too small for any plan: a memory error naming the minimum.
+    let b = Budget::argument(10_000).unwrap();
+    match plan_tiles(&[4096; 3], 3, 1 << 20, None, Compute::F32, &b) {
+        Err(Error::Memory(msg)) => assert!(msg.contains("at least"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(plan_tiles(&[], 0, 10, None, Compute::F64, &Budget::unchecked()).is_err());
+    assert!(plan_tiles(&[4, 0], 2, 10, None, Compute::F64, &Budget::unchecked()).is_err());
+    assert!(plan_tiles(&[4, 4], 2, 10, Some(0), Compute::F64, &Budget::unchecked()).is_err());
+    // A 7B-sized model plans in a laptop's budget; every pass fits, FLOPs as one pass.
+    let dims = [4096usize; 33];
+    let b = Budget::argument(8 << 30).unwrap();
+    let plan = plan_tiles(&dims, 33, 1 << 20, None, Compute::F32, &b).unwrap();
+    assert!(plan.peak_bytes <= 8 << 30);
+    let d = 33u128 * 4096;
+    assert_eq!(plan.madds_per_row(), d * (d + 1) / 2);
+    assert!(plan
+        .layer_reads()
+        .iter()
+        .all(|&r| r as usize <= plan.groups.len()));
+    // The chooser: single pass when it fits, tiles otherwise; forced strategies checked.
+    let small = [8usize, 8];
+    let un = Budget::unchecked();
+    let p = PairPlan::choose(&small, 2, 100, None, Compute::F64, &un, None).unwrap();
+    assert_eq!(
+        (p.strategy(), p.passes(), p.block_rows()),
+        ("single-pass", 1, 100)
+    );
+    let p = PairPlan::choose(&dims, 33, 1 << 20, None, Compute::F32, &b, None).unwrap();
+    assert_eq!(p.strategy(), "tiled");
+    assert!(matches!(
+        PairPlan::choose(
+            &dims,
+            33,
+            1 << 20,
+            None,
+            Compute::F32,
+            &b,
+            Some("single-pass")
+        ),
+        Err(Error::Memory(_))
+    ));
+    match PairPlan::choose(&small, 2, 100, None, Compute::F64, &un, Some("gramm")) {
+        Err(Error::InvalidArgument(msg)) => assert!(msg.contains("tiled"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,352 @@
+//! [`CrossAccumulator`]: the off-diagonal tile of a tiled pass. For two disjoint groups of
+//! layers (or column pieces of layers) `A` and `B` read side by side, it accumulates only
+//! what the pairs `(p ∈ A, q ∈ B)` need — the cross block `Σ_a u_{A,a} u_{B,a}ᵀ` (one GEMM
+//! per block, [`crate::linalg::packed::gemm_tn_add`]), the products of each side's shifted
+//! values with the other side's squared norms, the squared norms' products and the column
+//! sums — so that a tiled pass does the multiply-adds of the single pass once, and no more:
+//! the diagonal blocks of `A` and `B` belong to their own tiles
+//! ([`super::MomentAccumulator`]).
+//!
+//! With `u = z − μ0` (the shifted row, `μ0` the tile's reference shift) and
+//! `r_p = ‖u_p‖²`, [`CrossAccumulator::finalize`] centres exactly at the mean
+//! `ū = Σ u / n` (`e_p = ‖ū_p‖²`):
+//!
+//! ```text
+//! C_pq   = Σ_a u_p u_qᵀ − n ū_p ū_qᵀ
+//! Σ_a r̄_p r̄_q = Σ r_p r_q − 2 ū_qᵀ Σ r_p u_q − 2 ū_pᵀ Σ u_p r_q + 4 ū_pᵀ (Σ u_p u_qᵀ) ū_q
+//!              + e_q Σ r_p + e_p Σ r_q − 3 n e_p e_q
+//! ```
+//!
+//! (`r̄_{p,a} = ‖u_{p,a} − ū_p‖² = r_{p,a} − 2 ū_pᵀ u_{p,a} + e_p`, expanded), and returns
+//! `‖C_pq‖_F²` and `Σ_a r̄_p r̄_q` for every pair: what linear CKA needs of them.
+use super::accumulator::{block_means, column_sums, offsets_of, screen, sized, Compute};
+use crate::error::{Error, Result};
+use crate::linalg::packed::{gemm_tn_add, PackedElem, Strided};
+use crate::store::Element;
+use rayon::prelude::*;
+
+/// The streaming value of an off-diagonal tile (see the module docs).
+pub struct CrossAccumulator {
+    dims: Vec<usize>,
+    offsets: Vec<usize>,
+    names: Vec<String>,
+    /// Layers `0..na` are side A, `na..` side B.
+    na: usize,
+    shift: Option<Vec<f64>>,
+    /// `Σ u_A u_Bᵀ`: column-major `D_A × D_B`.
+    uu: Vec<f64>,
+    /// `Σ u_A r_B`: column-major `D_A × L_B`.
+    ur: Vec<f64>,
+    /// `Σ r_A u_B`: row-major `L_A × D_B`.
+    ru: Vec<f64>,
+    /// `Σ r_A r_B`: row-major `L_A × L_B`.
+    rr: Vec<f64>,
+    /// Column sums of `u` (length D) and of `r` (length L).
+    su: Vec<f64>,
+    sr: Vec<f64>,
+    n: u64,
+    check_finite: bool,
+    nonfinite: Vec<Option<u64>>,
+    compute: Compute,
+    u32: Vec<f32>,
+    u64: Vec<f64>,
+    r: Vec<f64>,
+    pack32: Vec<f32>,
+    pack64: Vec<f64>,
+}
+
+/// What a finished [`CrossAccumulator`] gives: for `p < L_A`, `q < L_B` (row-major
+/// `L_A × L_B`), `sq = ‖C_pq‖_F²` and `rr = Σ_a r̄_p r̄_q`; `n` rows.
+pub struct CrossStats {
+    pub n: u64,
+    pub sq: Vec<f64>,
+    pub rr: Vec<f64>,
+    pub nonfinite: Vec<Option<u64>>,
+}
+
+/// Bytes of a cross tile's sums for sides of widths `a` and `b`.
+pub fn cross_accumulator_bytes(a: &[usize], b: &[usize]) -> u128 {
+    let (da, la) = (a.iter().sum::<usize>() as u128, a.len() as u128);
+    let (db, lb) = (b.iter().sum::<usize>() as u128, b.len() as u128);
+    (da * db + da * lb + la * db + la * lb + da + db + la + lb) * 8
+}
+
+impl CrossAccumulator {
+    /// Side A has widths `a`, side B widths `b` (both non-empty, no zero width).
+    pub fn new(a: &[usize], b: &[usize]) -> Result<Self> {
+        if a.is_empty() || b.is_empty() {
+            return Err(Error::invalid("a cross tile needs layers on both sides"));
+        }
+        if a.contains(&0) || b.contains(&0) {
+            return Err(Error::invalid("a layer of width 0 cannot be accumulated"));
+        }
+        let dims: Vec<usize> = a.iter().chain(b).copied().collect();
+        let (da, db) = (a.iter().sum::<usize>(), b.iter().sum::<usize>());
+        let (la, lb) = (a.len(), b.len());
+        let cells = da
+            .checked_mul(db)
+            .ok_or_else(|| Error::Memory("cross tile size overflows".into()))?;
+        let what = format_args!("the cross block of a tiled pass ({da} × {db} columns)");
+        Ok(CrossAccumulator {
+            offsets: offsets_of(&dims),
+            names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
+            nonfinite: vec![None; dims.len()],
+            dims,
+            na: la,
+            shift: None,
+            uu: crate::linalg::hinted_vec(cells, what)?,
+            ur: crate::memory::try_vec(da * lb, 0.0, "the cross tile's norm products")?,
+            ru: crate::memory::try_vec(la * db, 0.0, "the cross tile's norm products")?,
+            rr: vec![0.0; la * lb],
+            su: vec![0.0; da + db],
+            sr: vec![0.0; la + lb],
+            n: 0,
+            check_finite: true,
+            compute: Compute::F64,
+            u32: Vec::new(),
+            u64: Vec::new(),
+            r: Vec::new(),
+            pack32: Vec::new(),
+            pack64: Vec::new(),
+        })
+    }
+
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
+        self
+    }
+
+    pub fn with_check_finite(mut self, check: bool) -> Self {
+        self.check_finite = check;
+        self
+    }
+
+    /// Names of the layers of both sides, A then B (used in error messages).
+    pub fn with_names(mut self, names: &[String]) -> Result<Self> {
+        if names.len() != self.dims.len() {
+            return Err(Error::invalid(format!(
+                "{} names for {} layers",
+                names.len(),
+                self.dims.len()
+            )));
+        }
+        self.names = names.to_vec();
+        Ok(self)
+    }
+
+    /// Set the reference shift (length `D_A + D_B`, finite) before the first row.
+    pub fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
+        let d = self.offsets[self.dims.len()];
+        if self.n > 0 || self.shift.is_some() {
+            return Err(Error::invalid(
+                "the shift can only be set before the first row is accumulated",
+            ));
+        }
+        if shift.len() != d || !shift.iter().all(|v| v.is_finite()) {
+            return Err(Error::invalid(format!(
+                "the shift must be {d} finite values"
+            )));
+        }
+        self.shift = Some(shift.to_vec());
+        Ok(())
+    }
+
+    /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l` (side A's
+    /// layers, then side B's). Errors leave the accumulator unchanged.
+    pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
+        if !screen(
+            &self.dims,
+            &self.names,
+            block,
+            rows,
+            self.check_finite,
+            self.n,
+            &mut self.nonfinite,
+        )? {
+            return Ok(());
+        }
+        if self.shift.is_none() {
+            self.shift = Some(block_means(&self.dims, block, rows));
+        }
+        match self.compute {
+            Compute::F64 => {
+                let mut u = std::mem::take(&mut self.u64);
+                let mut pack = std::mem::take(&mut self.pack64);
+                let res = self.products(block, rows, &mut u, &mut pack, |x| x);
+                self.u64 = u;
+                self.pack64 = pack;
+                res
+            }
+            Compute::F32 => {
+                let mut u = std::mem::take(&mut self.u32);
+                let mut pack = std::mem::take(&mut self.pack32);
+                let res = self.products(block, rows, &mut u, &mut pack, |x| x as f32);
+                self.u32 = u;
+                self.pack32 = pack;
+                res
+            }
+        }
+    }
+
+    /// One block's products with the shifted values `u` in `C` (f32 or f64): the cross block
+    /// by the packed GEMM (sums of at most `C::CHAIN` rows in `C`, added into f64); the
+    /// squared norms (from the rounded `u`), their products and the sums in f64.
+    fn products<T: Element, C: PackedElem + Into<f64>>(
+        &mut self,
+        block: &[&[T]],
+        rows: usize,
+        ubuf: &mut Vec<C>,
+        pack: &mut Vec<C>,
+        round: fn(f64) -> C,
+    ) -> Result<()> {
+        let lc = self.dims.len();
+        let d = self.offsets[lc];
+        let (na, da) = (self.na, self.offsets[self.na]);
+        let (lb, db) = (lc - na, d - da);
+        let mu = self.shift.as_deref().unwrap_or(&[]);
+        let (dims, offsets) = (&self.dims, &self.offsets);
+        let u = sized(ubuf, rows * d)?;
+        let mut rbuf = std::mem::take(&mut self.r);
+        let r = sized(&mut rbuf, rows * lc)?;
+        u.par_chunks_mut(d)
+            .zip(r.par_chunks_mut(lc))
+            .enumerate()
+            .for_each(|(a, (ur, rr))| {
+                for (l, x) in block.iter().enumerate() {
+                    let (dl, o) = (dims[l], offsets[l]);
+                    let src = &x[a * dl..(a + 1) * dl];
+                    let mut acc = 0.0f64;
+                    for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
+                        let q = round(v.to_f64() - m);
+                        *dst = q;
+                        let w: f64 = q.into();
+                        acc += w * w;
+                    }
+                    rr[l] = acc;
+                }
+            });
+        let (u, r) = (&*u, &*r);
+        let side = |c0: usize, w: usize| Strided {
+            u: &u[c0..],
+            k: rows,
+            n: w,
+            rs: d,
+            cs: 1,
+        };
+        gemm_tn_add(&mut self.uu, da, side(0, da), side(da, db), pack)?;
+        // Σ u_i r_l over the rows, for columns `cols` of u and norm columns `ls` of r:
+        // out[l·w + i] (parallel over column chunks, each summed in row order).
+        let with_norms = |cols: std::ops::Range<usize>, ls: std::ops::Range<usize>| {
+            const CH: usize = 256;
+            let (c0, w, nl) = (cols.start, cols.len(), ls.len());
+            let parts: Vec<Vec<f64>> = (0..w.div_ceil(CH))
+                .into_par_iter()
+                .map(|c| {
+                    let (i0, i1) = (c0 + c * CH, (c0 + (c + 1) * CH).min(cols.end));
+                    let mut acc = vec![0.0f64; nl * (i1 - i0)];
+                    for (urow, rrow) in u.chunks_exact(d).zip(r.chunks_exact(lc)) {
+                        for (l, &rl) in rrow[ls.clone()].iter().enumerate() {
+                            let dst = &mut acc[l * (i1 - i0)..(l + 1) * (i1 - i0)];
+                            for (s, &q) in dst.iter_mut().zip(&urow[i0..i1]) {
+                                *s += Into::<f64>::into(q) * rl;
+                            }
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            let mut out = vec![0.0f64; nl * w];
+            for (c, part) in parts.iter().enumerate() {
+                let cw = part.len() / nl.max(1);
+                for l in 0..nl {
+                    let dst = &mut out[l * w + c * CH..l * w + c * CH + cw];
+                    for (x, y) in dst.iter_mut().zip(&part[l * cw..(l + 1) * cw]) {
+                        *x += y;
+                    }
+                }
+            }
+            out
+        };
+        // ur (column-major D_A × L_B) = out[l·D_A + i]; ru (row-major L_A × D_B) likewise.
+        for (x, y) in self.ur.iter_mut().zip(with_norms(0..da, na..lc)) {
+            *x += y;
+        }
+        for (x, y) in self.ru.iter_mut().zip(with_norms(da..d, 0..na)) {
+            *x += y;
+        }
+        for rrow in r.chunks_exact(lc) {
+            for k in 0..na {
+                for l in 0..lb {
+                    self.rr[k * lb + l] += rrow[k] * rrow[na + l];
+                }
+            }
+        }
+        let su = column_sums(u, d);
+        for (s, c) in self.su.iter_mut().zip(&su) {
+            *s += c;
+        }
+        for (s, c) in self.sr.iter_mut().zip(&column_sums(r, lc)) {
+            *s += c;
+        }
+        self.r = rbuf;
+        self.n += rows as u64;
+        Ok(())
+    }
+
+    /// Centre at the exact mean (see the module docs) and return each pair's statistics.
+    pub fn finalize(self) -> Result<CrossStats> {
+        if self.n == 0 {
+            return Err(Error::invalid("no rows were accumulated"));
+        }
+        let lc = self.dims.len();
+        let (na, da) = (self.na, self.offsets[self.na]);
+        let lb = lc - na;
+        let n = self.n as f64;
+        let ubar: Vec<f64> = self.su.iter().map(|s| s / n).collect();
+        let e: Vec<f64> = (0..lc)
+            .map(|l| {
+                ubar[self.offsets[l]..self.offsets[l + 1]]
+                    .iter()
+                    .map(|x| x * x)
+                    .sum()
+            })
+            .collect();
+        let ca = |k: usize| self.offsets[k]..self.offsets[k + 1];
+        let cb = |l: usize| self.offsets[na + l] - da..self.offsets[na + l + 1] - da;
+        let pairs: Vec<(f64, f64)> = (0..na * lb)
+            .into_par_iter()
+            .map(|kl| {
+                let (k, l) = (kl / lb, kl % lb);
+                let mut sq = 0.0;
+                let mut quad = 0.0; // ū_pᵀ (Σ u_p u_qᵀ) ū_q
+                for j in cb(l) {
+                    let col = &self.uu[j * da..(j + 1) * da];
+                    let vj = ubar[da + j];
+                    let mut t = 0.0;
+                    for i in ca(k) {
+                        let c = col[i] - n * ubar[i] * vj;
+                        sq += c * c;
+                        t += ubar[i] * col[i];
+                    }
+                    quad += t * vj;
+                }
+                let db = self.offsets[lc] - da;
+                let ru: f64 = cb(l).map(|j| ubar[da + j] * self.ru[k * db + j]).sum();
+                let ur: f64 = ca(k).map(|i| ubar[i] * self.ur[l * da + i]).sum();
+                let (ep, eq) = (e[k], e[na + l]);
+                let rr = self.rr[k * lb + l] - 2.0 * ru - 2.0 * ur
+                    + 4.0 * quad
+                    + eq * self.sr[k]
+                    + ep * self.sr[na + l]
+                    - 3.0 * n * ep * eq;
+                (sq, rr)
+            })
+            .collect();
+        Ok(CrossStats {
+            n: self.n,
+            sq: pairs.iter().map(|p| p.0).collect(),
+            rr: pairs.iter().map(|p| p.1).collect(),
+            nonfinite: self.nonfinite,
+        })
+    }
+}

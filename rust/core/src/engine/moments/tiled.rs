@@ -1,0 +1,575 @@
+//! Tiled passes: the exact all-pairs moments of layers whose single-pass accumulator
+//! (`(D + L)² · 8` bytes: 146 GB for 33 × 4096) does not fit the memory budget.
+//!
+//! # Plan ([`plan_tiles`])
+//! Every layer is one *piece*, or — when it is too wide for the budget on its own — several
+//! pieces of consecutive feature columns. Pieces are packed, in order, into *groups* of at most
+//! `W` columns (plus one squared-norm column per piece), `W` the widest group whose tiles fit
+//! the budget. The tiles are the passes:
+//! * `Diag(g)`: one group alone, a [`MomentAccumulator`] (SYRK of the group): every pair
+//!   inside the group;
+//! * `Cross(g, h)`: two groups side by side, a [`CrossAccumulator`] (GEMM of the cross block
+//!   only): every pair `(p ∈ g, q ∈ h)`.
+//!
+//! Within one source every pair of groups is a tile; across two sources (`other=`) the tiles
+//! are every group with itself, every `A` group with every `B` group, and two groups of one
+//! side only when they hold pieces of the same (split) layer. Each pair of pieces is thus
+//! computed exactly once: the multiply-adds are those of the single pass (`n · D² / 2` within
+//! a source), while the bytes read grow with the number of tiles a layer appears in.
+//!
+//! # What a tiled pass gives ([`run_tiled`])
+//! The [`PairStats`] of the layers: `‖C_xy‖_F² = Σ_{p ∈ x, q ∈ y} ‖C_pq‖_F²`,
+//! `Σ_a r̄_x r̄_y = Σ_{p, q} Σ_a r̄_p r̄_q` (the squared norm of a layer's centred row is the
+//! sum of its pieces'), `tr C_xx = Σ_p tr C_pp`: linear CKA, biased and debiased, of every
+//! pair asked for — the same numbers as one pass, to rounding. Each tile has its own reference
+//! shift (the same sampled rows, so the same shift for the same columns).
+use super::accumulator::Compute;
+use super::cross::CrossAccumulator;
+use super::pairs::PairStats;
+use super::pass::{accumulate, sample_shift};
+use super::plan::{cross_pass_bytes, default_block_rows_for, pass_bytes};
+use crate::error::{Error, Result};
+use crate::memory::{fmt_bytes, Budget};
+use crate::monitor::Monitor;
+use crate::store::stream::{self, Columns, RowSource};
+use std::ops::Range;
+
+/// A piece: feature columns `cols` of layer `layer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub layer: usize,
+    pub cols: Range<usize>,
+}
+
+/// One pass of a tiled plan (indices into [`TilePlan::groups`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    Diag(usize),
+    Cross(usize, usize),
+}
+
+/// The tiles of an exact all-pairs pass within a memory budget (see the module docs).
+#[derive(Clone, Debug)]
+pub struct TilePlan {
+    pub dims: Vec<usize>,
+    /// Layers `0..num_a` are the first source's, the rest the second's.
+    pub num_a: usize,
+    pub pieces: Vec<Piece>,
+    /// Piece indices of each group.
+    pub groups: Vec<Vec<usize>>,
+    pub tiles: Vec<Tile>,
+    pub block_rows: usize,
+    pub compute: Compute,
+    /// The largest tile's peak bytes ([`pass_bytes`] / [`cross_pass_bytes`]).
+    pub peak_bytes: u128,
+}
+
+/// The narrowest piece the planner makes of a wide layer (a layer narrower than this is never
+/// split): below it, the number of tiles (and of reads of the data) grows past any use.
+pub const MIN_PIECE_COLUMNS: usize = 128;
+
+impl TilePlan {
+    /// Number of passes over the rows.
+    pub fn passes(&self) -> usize {
+        self.tiles.len()
+    }
+
+    /// Widths of the pieces of group `g`.
+    pub fn group_dims(&self, g: usize) -> Vec<usize> {
+        self.groups[g]
+            .iter()
+            .map(|&p| self.pieces[p].cols.len())
+            .collect()
+    }
+
+    /// How many passes read each layer (a layer with several pieces in one tile is read
+    /// once per block of that tile).
+    pub fn layer_reads(&self) -> Vec<u64> {
+        let mut reads = vec![0u64; self.dims.len()];
+        for t in &self.tiles {
+            let gs: Vec<usize> = match *t {
+                Tile::Diag(g) => vec![g],
+                Tile::Cross(g, h) => vec![g, h],
+            };
+            let mut layers: Vec<usize> = gs
+                .iter()
+                .flat_map(|&g| self.groups[g].iter().map(|&p| self.pieces[p].layer))
+                .collect();
+            layers.dedup();
+            for l in layers {
+                reads[l] += 1;
+            }
+        }
+        reads
+    }
+
+    /// Multiply-adds per row of all tiles (the packed products: `d_g (d_g + 1) / 2` per
+    /// diagonal tile of `d_g` columns, `d_g · d_h` per cross tile).
+    pub fn madds_per_row(&self) -> u128 {
+        let w = |g: usize| self.group_dims(g).iter().sum::<usize>() as u128;
+        self.tiles
+            .iter()
+            .map(|t| match *t {
+                Tile::Diag(g) => w(g) * (w(g) + 1) / 2,
+                Tile::Cross(g, h) => w(g) * w(h),
+            })
+            .sum()
+    }
+
+    fn tile_bytes(&self, t: Tile) -> u128 {
+        match t {
+            Tile::Diag(g) => pass_bytes(&self.group_dims(g), self.block_rows, self.compute),
+            Tile::Cross(g, h) => cross_pass_bytes(
+                &self.group_dims(g),
+                &self.group_dims(h),
+                self.block_rows,
+                self.compute,
+            ),
+        }
+    }
+}
+
+/// The plan for `n` rows of layers of widths `dims` (`0..num_a` from the first source;
+/// `num_a == dims.len()` for one source) whose largest tile fits `budget` bytes; `block_rows`
+/// as given, else the default for the tiles' width (at most `n`). [`Error::Memory`] with the smallest budget that
+/// would work when even pieces of [`MIN_PIECE_COLUMNS`] columns do not fit.
+pub fn plan_tiles(
+    dims: &[usize],
+    num_a: usize,
+    n: u64,
+    block_rows: Option<usize>,
+    compute: Compute,
+    budget: &Budget,
+) -> Result<TilePlan> {
+    if dims.is_empty() || dims.contains(&0) || num_a == 0 || num_a > dims.len() {
+        return Err(Error::invalid(format!(
+            "a tiled pass needs layers of positive width (got {dims:?}, {num_a} in the first source)"
+        )));
+    }
+    if block_rows == Some(0) {
+        return Err(Error::invalid("block_rows must be at least 1"));
+    }
+    let d_total: usize = dims.iter().sum();
+    // Rows per block and peak of a cross tile of two groups of `w` columns (norms included).
+    let rows_for = |w: usize| {
+        block_rows
+            .unwrap_or_else(|| default_block_rows_for(&[w.max(2) - 1; 2], compute))
+            .min(usize::try_from(n).unwrap_or(usize::MAX).max(1))
+    };
+    let bound = |w: usize| {
+        let side = [w.max(2) - 1];
+        cross_pass_bytes(&side, &side, rows_for(w), compute)
+            .max(pass_bytes(&[2 * w.max(2) - 2], rows_for(w), compute))
+            .max(pass_bytes(&side, rows_for(w), compute))
+    };
+    let cap = budget.bytes as u128;
+    let w_min = dims
+        .iter()
+        .map(|&d| d.min(MIN_PIECE_COLUMNS))
+        .max()
+        .unwrap_or(1)
+        + 1;
+    let (mut lo, mut hi) = (w_min, d_total + dims.len());
+    if bound(lo) > cap {
+        return budget
+            .check(
+                bound(lo),
+                format_args!(
+                    "a tiled pass over {} layers (D = {d_total}) in pieces of {} columns",
+                    dims.len(),
+                    w_min - 1
+                ),
+                format!(
+                    "a budget of at least {} is needed for any exact plan",
+                    fmt_bytes(bound(lo))
+                ),
+            )
+            .and(Err(Error::Memory("the memory budget is too small".into())));
+    }
+    // The widest group whose tiles fit (the bound grows with w).
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if bound(mid) <= cap {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let w = lo;
+    let br = rows_for(w);
+    // Pieces: whole layers, or near-equal column blocks of at most w − 1 columns.
+    let mut pieces = Vec::new();
+    for (l, &d) in dims.iter().enumerate() {
+        let k = d.div_ceil(w - 1);
+        for i in 0..k {
+            pieces.push(Piece {
+                layer: l,
+                cols: (i * d / k)..((i + 1) * d / k),
+            });
+        }
+    }
+    // Groups: pieces in order, each group within w (columns + norms), never mixing sources.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut width = 0;
+    for (i, p) in pieces.iter().enumerate() {
+        let pw = p.cols.len() + 1;
+        let starts_b = p.layer == num_a && p.cols.start == 0;
+        match groups.last_mut() {
+            Some(g) if width + pw <= w && !starts_b => {
+                g.push(i);
+                width += pw;
+            }
+            _ => {
+                groups.push(vec![i]);
+                width = pw;
+            }
+        }
+    }
+    let side_b = |g: &Vec<usize>| pieces[g[0]].layer >= num_a;
+    let shares_layer = |g: &Vec<usize>, h: &Vec<usize>| {
+        g.iter()
+            .any(|&p| h.iter().any(|&q| pieces[p].layer == pieces[q].layer))
+    };
+    let mut tiles = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        tiles.push(Tile::Diag(gi));
+        for (hi, h) in groups.iter().enumerate().skip(gi + 1) {
+            let one_source = num_a == dims.len();
+            if one_source || side_b(g) != side_b(h) || shares_layer(g, h) {
+                tiles.push(Tile::Cross(gi, hi));
+            }
+        }
+    }
+    let mut plan = TilePlan {
+        dims: dims.to_vec(),
+        num_a,
+        pieces,
+        groups,
+        tiles,
+        block_rows: br,
+        compute,
+        peak_bytes: 0,
+    };
+    plan.peak_bytes = plan
+        .tiles
+        .iter()
+        .map(|&t| plan.tile_bytes(t))
+        .max()
+        .unwrap_or(0);
+    Ok(plan)
+}
+
+/// Progress of one pass of several, reported as one bar over all of them (units: rows ×
+/// passes).
+struct PassMonitor<'a> {
+    inner: &'a dyn Monitor,
+    pass: u64,
+    passes: u64,
+}
+
+impl Monitor for PassMonitor<'_> {
+    fn progress(&self, done: u64, total: u64) -> Result<()> {
+        self.inner
+            .progress(self.pass * total + done, self.passes * total)
+    }
+}
+
+/// Run `plan` over `src` (the layers of `plan.dims`, named `names`): every tile one pass
+/// through the one block reader, each tile's accumulator dropped before the next is made.
+/// Returns the [`PairStats`] of the pairs the plan covers (every pair within one source;
+/// across two, every first-source layer with every second-source layer, and each layer with
+/// itself).
+pub fn run_tiled(
+    src: &dyn RowSource,
+    names: &[String],
+    plan: &TilePlan,
+    check_finite: bool,
+    budget: &Budget,
+    monitor: &dyn Monitor,
+) -> Result<PairStats> {
+    let l = plan.dims.len();
+    if src.dims() != plan.dims || names.len() != l {
+        return Err(Error::Mismatch(format!(
+            "the plan is for layers of widths {:?}, the source has {:?} ({} names)",
+            plan.dims,
+            src.dims(),
+            names.len()
+        )));
+    }
+    let piece_name = |p: usize| {
+        let pc = &plan.pieces[p];
+        if pc.cols.len() == plan.dims[pc.layer] {
+            names[pc.layer].clone()
+        } else {
+            format!("{}[{}:{}]", names[pc.layer], pc.cols.start, pc.cols.end)
+        }
+    };
+    let per_layer: Vec<u64> = (0..l)
+        .map(|x| plan.pieces.iter().filter(|p| p.layer == x).count() as u64)
+        .collect();
+    let mut st = PairStats {
+        n: src.num_rows(),
+        dims: plan.dims.clone(),
+        names: names.to_vec(),
+        sq: vec![0.0; l * l],
+        rr: vec![0.0; l * l],
+        trace: vec![0.0; l],
+        known: vec![false; l * l],
+        nonfinite: vec![None; l],
+        shift_offset: 0.0,
+    };
+    let mut count = vec![0u64; l * l];
+    // Adds one unordered pair of pieces (both orders of their layers, once when p = q).
+    let mut add = |st: &mut PairStats, p: usize, q: usize, sq: f64, rr: f64| {
+        let (x, y) = (plan.pieces[p].layer, plan.pieces[q].layer);
+        st.sq[x * l + y] += sq;
+        st.rr[x * l + y] += rr;
+        count[x * l + y] += 1;
+        if p != q {
+            st.sq[y * l + x] += sq;
+            st.rr[y * l + x] += rr;
+            count[y * l + x] += 1;
+        }
+    };
+    let first_bad = |st: &mut PairStats, p: usize, row: Option<u64>| {
+        let x = plan.pieces[p].layer;
+        if let Some(r) = row {
+            st.nonfinite[x] = Some(st.nonfinite[x].map_or(r, |o| o.min(r)));
+        }
+    };
+    let passes = plan.tiles.len() as u64;
+    for (ti, &tile) in plan.tiles.iter().enumerate() {
+        let mon = PassMonitor {
+            inner: monitor,
+            pass: ti as u64,
+            passes,
+        };
+        let members: Vec<usize> = match tile {
+            Tile::Diag(g) => plan.groups[g].clone(),
+            Tile::Cross(g, h) => plan.groups[g]
+                .iter()
+                .chain(&plan.groups[h])
+                .copied()
+                .collect(),
+        };
+        let cols = Columns::new(
+            src,
+            members
+                .iter()
+                .map(|&p| (plan.pieces[p].layer, plan.pieces[p].cols.clone()))
+                .collect(),
+        )?;
+        let pnames: Vec<String> = members.iter().map(|&p| piece_name(p)).collect();
+        match tile {
+            Tile::Diag(_) => {
+                let m = accumulate(
+                    &cols,
+                    &pnames,
+                    Some(plan.block_rows),
+                    check_finite,
+                    budget,
+                    plan.compute,
+                    &mon,
+                )?
+                .finalize()?;
+                st.shift_offset = st.shift_offset.max(m.shift_offset);
+                for (a, &p) in members.iter().enumerate() {
+                    st.trace[plan.pieces[p].layer] += m.trace(a)?;
+                    first_bad(&mut st, p, m.nonfinite[a]);
+                    for (b, &q) in members.iter().enumerate().skip(a) {
+                        add(&mut st, p, q, m.block_sq_norm(a, b)?, m.rr(a, b)?);
+                    }
+                }
+            }
+            Tile::Cross(g, _) => {
+                let na = plan.groups[g].len();
+                let dims = cols.dims();
+                let mut acc = CrossAccumulator::new(&dims[..na], &dims[na..])?
+                    .with_names(&pnames)?
+                    .with_check_finite(check_finite)
+                    .with_compute(plan.compute);
+                if let Some(shift) = sample_shift(&cols)? {
+                    acc.set_shift(&shift)?;
+                }
+                if cols.has_f64() {
+                    stream::run::<f64>(&cols, plan.block_rows, &mon, |b, r| acc.update(b, r))?;
+                } else {
+                    stream::run::<f32>(&cols, plan.block_rows, &mon, |b, r| acc.update(b, r))?;
+                }
+                let cs = acc.finalize()?;
+                let nb = members.len() - na;
+                for a in 0..na {
+                    for b in 0..nb {
+                        let k = a * nb + b;
+                        add(&mut st, members[a], members[na + b], cs.sq[k], cs.rr[k]);
+                    }
+                }
+            }
+        }
+    }
+    for x in 0..l {
+        for y in 0..l {
+            st.known[x * l + y] = count[x * l + y] == per_layer[x] * per_layer[y];
+        }
+    }
+    Ok(st)
+}
+
+/// How an exact all-pairs linear pass runs: one pass over all layers at once, or tiles.
+#[derive(Clone, Debug)]
+pub enum PairPlan {
+    /// One [`MomentAccumulator`] over every layer ([`pass_bytes`]).
+    Single {
+        dims: Vec<usize>,
+        num_a: usize,
+        block_rows: usize,
+        compute: Compute,
+        peak_bytes: u128,
+    },
+    Tiled(TilePlan),
+}
+
+/// The strategies [`PairPlan::choose`] knows.
+pub const PAIR_STRATEGIES: [&str; 2] = ["single-pass", "tiled"];
+
+impl PairPlan {
+    /// The plan for an exact pass over `n` rows of layers of widths `dims` (`0..num_a` from
+    /// the first source): `strategy` `None` picks the single pass when it fits `budget`, else
+    /// tiles; `"single-pass"` / `"tiled"` force one (a [`Error::Memory`] when it does not fit,
+    /// with the minimum it needs; an unknown name is an [`Error::InvalidArgument`] listing them).
+    pub fn choose(
+        dims: &[usize],
+        num_a: usize,
+        n: u64,
+        block_rows: Option<usize>,
+        compute: Compute,
+        budget: &Budget,
+        strategy: Option<&str>,
+    ) -> Result<PairPlan> {
+        if block_rows == Some(0) {
+            return Err(Error::invalid("block_rows must be at least 1"));
+        }
+        let nmax = usize::try_from(n).unwrap_or(usize::MAX).max(1);
+        let single = |check: bool| -> Result<PairPlan> {
+            let br = block_rows
+                .unwrap_or_else(|| default_block_rows_for(dims, compute))
+                .min(nmax);
+            if check {
+                super::plan::check_memory(dims, br, compute, budget)?;
+            }
+            Ok(PairPlan::Single {
+                dims: dims.to_vec(),
+                num_a,
+                block_rows: br,
+                compute,
+                peak_bytes: pass_bytes(dims, br, compute),
+            })
+        };
+        match strategy {
+            None => {
+                let s = single(false)?;
+                if s.peak_bytes() <= budget.bytes as u128 {
+                    Ok(s)
+                } else {
+                    plan_tiles(dims, num_a, n, block_rows, compute, budget).map(PairPlan::Tiled)
+                }
+            }
+            Some("single-pass") => single(true),
+            Some("tiled") => {
+                plan_tiles(dims, num_a, n, block_rows, compute, budget).map(PairPlan::Tiled)
+            }
+            Some(other) => Err(Error::invalid(format!(
+                "strategy must be one of {PAIR_STRATEGIES:?} (or None: the cheapest that \
+                 fits), got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn strategy(&self) -> &'static str {
+        match self {
+            PairPlan::Single { .. } => "single-pass",
+            PairPlan::Tiled(_) => "tiled",
+        }
+    }
+
+    pub fn passes(&self) -> usize {
+        match self {
+            PairPlan::Single { .. } => 1,
+            PairPlan::Tiled(t) => t.passes(),
+        }
+    }
+
+    pub fn peak_bytes(&self) -> u128 {
+        match self {
+            PairPlan::Single { peak_bytes, .. } => *peak_bytes,
+            PairPlan::Tiled(t) => t.peak_bytes,
+        }
+    }
+
+    pub fn block_rows(&self) -> usize {
+        match self {
+            PairPlan::Single { block_rows, .. } => *block_rows,
+            PairPlan::Tiled(t) => t.block_rows,
+        }
+    }
+
+    /// How many passes read each layer.
+    pub fn layer_reads(&self) -> Vec<u64> {
+        match self {
+            PairPlan::Single { dims, .. } => vec![1; dims.len()],
+            PairPlan::Tiled(t) => t.layer_reads(),
+        }
+    }
+
+    /// Multiply-adds per row of the packed products.
+    pub fn madds_per_row(&self) -> u128 {
+        match self {
+            PairPlan::Single { dims, .. } => {
+                let d = dims.iter().sum::<usize>() as u128;
+                d * (d + 1) / 2
+            }
+            PairPlan::Tiled(t) => t.madds_per_row(),
+        }
+    }
+
+    /// Run the plan over `src`: the [`PairStats`] of every pair within one source, or of
+    /// every first-source layer with every second-source one (and each layer with itself).
+    pub fn run(
+        &self,
+        src: &dyn RowSource,
+        names: &[String],
+        check_finite: bool,
+        budget: &Budget,
+        monitor: &dyn Monitor,
+    ) -> Result<PairStats> {
+        match self {
+            PairPlan::Single {
+                dims,
+                num_a,
+                block_rows,
+                compute,
+                ..
+            } => {
+                let m = accumulate(
+                    src,
+                    names,
+                    Some(*block_rows),
+                    check_finite,
+                    budget,
+                    *compute,
+                    monitor,
+                )?
+                .finalize()?;
+                let l = dims.len();
+                let rows: Vec<usize> = (0..*num_a).collect();
+                let cols: Vec<usize> = if *num_a == l {
+                    rows.clone()
+                } else {
+                    (*num_a..l).collect()
+                };
+                PairStats::from_moments(&m, &rows, &cols)
+            }
+            PairPlan::Tiled(t) => run_tiled(src, names, t, check_finite, budget, monitor),
+        }
+    }
+}

@@ -1,0 +1,139 @@
+"""The planner of the exact linear pass: the same answers under every plan.
+
+Each strategy is forced on the same data — ``"single-pass"`` (one accumulator over all
+layers) and ``"tiled"`` (budgets small enough for several tiles and for layers split into
+feature-column blocks) — and compared with each other and with the f64 Gram reference
+(``ref_linear`` of ``test_cka``: Kornblith et al. 2019 / Song et al. 2012 from explicit
+Gram matrices): 1e-10 in float64 compute, 1e-6 in float32, on the adversarial cases of the
+CKA tests (large per-feature mean offsets, bf16 storage, n < d, constant columns, duplicated
+rows) and across two stores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import layerscope
+import numpy as np
+import pytest
+from layerscope import InvalidArgumentError, MemoryBudgetError, cka, write_store
+from test_cka import llm_like, ref_linear
+
+
+def adversarial(n: int = 150) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    x = llm_like(n, 300, 1)  # offsets 50–1000× the spread; wider than the tiles: split
+    y = 0.5 * x[:, :40] @ rng.standard_normal((40, 90)) / 6 + llm_like(n, 90, 2)
+    z = rng.standard_normal((n, 140))
+    z[:, 7] = 4.5  # a constant column
+    z[n // 2:] = z[: n - n // 2]  # duplicated rows
+    w = np.hstack([y[:, :30], rng.standard_normal((n, 10))]) * 1e-3
+    return {"x": x, "y": y, "z": z, "w": w}
+
+
+TILED_BUDGET = "2M"  # several tiles, the 300-wide layer in column blocks
+
+
+def _both(src: object, other: object = None, **kw: object) -> tuple:
+    one = cka(src, other, strategy="single-pass", progress=False, **kw)  # type: ignore[arg-type]
+    tiled = cka(src, other, strategy="tiled", max_memory=TILED_BUDGET, progress=False,
+                **kw)  # type: ignore[arg-type]
+    assert one.meta["plan"]["strategy"] == "single-pass" and one.meta["plan"]["passes"] == 1
+    plan = tiled.meta["plan"]
+    assert plan["strategy"] == "tiled" and plan["passes"] >= 3, plan
+    assert plan["peak_bytes"] <= 2 << 20, plan
+    # the multiply-adds do not grow with the tiles (within one source: D(D+1)/2 per row)
+    if other is None:
+        assert plan["flops"] == one.meta["plan"]["flops"], (plan, one.meta["plan"])
+    assert plan["bytes_read"] > one.meta["plan"]["bytes_read"]
+    return one, tiled
+
+
+@pytest.mark.parametrize("n", [150, 60])  # 60 rows: n < d for every layer but w
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_tiled_equals_single_pass_and_reference_f64(n: int, estimator: str) -> None:
+    d = adversarial(n)
+    one, tiled = _both(d, estimator=estimator, compute="float64")
+    assert np.abs(tiled.values - one.values).max() <= 1e-10
+    names = list(d)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            want = ref_linear(d[a], d[b], estimator)
+            assert abs(tiled.values[i, j] - want) <= 1e-9, (a, b, tiled.values[i, j], want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiled_equals_single_pass_float32_stores(tmp_path: Path, dtype: str) -> None:
+    d = adversarial()
+    p = tmp_path / "s"
+    write_store(p, {k: v.astype(np.float32) for k, v in d.items()}, dtype=dtype,
+                shard_bytes=64 << 10)
+    s = layerscope.open(p)
+    stored = {k: s.read(k, dtype=np.float64) for k in d}
+    for est in ("biased", "debiased"):
+        one, tiled = _both(p, estimator=est)  # compute="auto": float32 products
+        assert tiled.meta["compute"] == "float32"
+        assert np.abs(tiled.values - one.values).max() <= 1e-6
+        for i, a in enumerate(d):
+            for j, b in enumerate(d):
+                want = ref_linear(stored[a], stored[b], est)
+                assert abs(tiled.values[i, j] - want) <= 1e-6, (est, a, b)
+
+
+def test_tiled_across_two_stores(tmp_path: Path) -> None:
+    d = adversarial()
+    e = {"u": d["y"] @ np.random.default_rng(3).standard_normal((90, 260)), "v": d["w"]}
+    pa, pb = tmp_path / "a", tmp_path / "b"
+    write_store(pa, d, shard_bytes=64 << 10)
+    write_store(pb, e, shard_bytes=64 << 10)
+    for est in ("biased", "debiased"):
+        one, tiled = _both(pa, pb, estimator=est, compute="float64")
+        assert tiled.values.shape == (4, 2)
+        assert np.abs(tiled.values - one.values).max() <= 1e-10
+        for i, a in enumerate(d):
+            for j, b in enumerate(e):
+                assert abs(tiled.values[i, j] - ref_linear(d[a], e[b], est)) <= 1e-9
+
+
+def test_auto_picks_the_single_pass_when_it_fits() -> None:
+    d = adversarial()
+    r = cka(d, progress=False)
+    assert r.meta["plan"]["strategy"] == "single-pass"
+    r = cka(d, max_memory=TILED_BUDGET, progress=False)
+    assert r.meta["plan"]["strategy"] == "tiled"
+
+
+def test_strategy_errors() -> None:
+    d = adversarial()
+    with pytest.raises(InvalidArgumentError, match="single-pass.*tiled"):
+        cka(d, strategy="diagonal", progress=False)
+    with pytest.raises(InvalidArgumentError, match="strategy"):
+        cka(d, kernel="rbf", strategy="tiled", progress=False)
+    with pytest.raises(MemoryBudgetError, match="at most|not even one"):
+        cka(d, strategy="single-pass", max_memory=TILED_BUDGET, progress=False)
+    with pytest.raises(MemoryBudgetError, match="a budget of at least"):
+        cka(d, strategy="tiled", max_memory="64K", progress=False)
+
+
+def test_nonfinite_under_tiles() -> None:
+    d = adversarial()
+    d["y"] = d["y"].copy()
+    d["y"][41, 3] = np.nan
+    with pytest.raises(layerscope.NonFiniteError, match="row 41"):
+        cka(d, max_memory=TILED_BUDGET, progress=False)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        r = cka(d, max_memory=TILED_BUDGET, nonfinite="nan", progress=False)
+    assert r.meta["plan"]["strategy"] == "tiled"
+    assert np.isnan(r.values[1]).all() and np.isnan(r.values[:, 1]).all()
+    assert r.meta["nonfinite_rows"] == {"y": 41}
+    clean = cka({k: v for k, v in d.items() if k != "y"}, progress=False)
+    assert np.abs(np.delete(np.delete(r.values, 1, 0), 1, 1) - clean.values).max() <= 1e-10
+
+
+def test_progress_spans_all_passes() -> None:
+    seen: list[tuple[int, int]] = []
+    r = cka(adversarial(), max_memory=TILED_BUDGET, progress=lambda a, b: seen.append((a, b)))
+    passes = r.meta["plan"]["passes"]
+    assert seen[-1] == (150 * passes, 150 * passes), seen[-3:]
+    assert all(b == 150 * passes for _, b in seen)
+    assert [a for a, _ in seen] == sorted(a for a, _ in seen)
