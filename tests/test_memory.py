@@ -152,11 +152,13 @@ def test_llama_shaped_store_tiles_within_the_budget(llama_shaped: Path) -> None:
     assert "max_memory argument" in msg and "at most 3 of these 33" in msg, msg
     # too small for any plan: the minimum that would work
     with pytest.raises(MemoryBudgetError, match="a budget of at least .* for any exact plan"):
+        ls.cka(llama_shaped, max_memory="100K", strategy="tiled", progress=False)
+    with pytest.raises(MemoryBudgetError, match="a budget of at least"):
         ls.cka(llama_shaped, max_memory="100K", progress=False)
     # tiled within the budget: the same numbers as single passes over the pairs
     names = [f"layer{i}" for i in range(5)]
     r = ls.cka(llama_shaped, layers=names, max_memory="600M", estimator="debiased",
-               progress=False)
+               strategy="tiled", progress=False)
     plan = r.meta["plan"]
     assert plan["strategy"] == "tiled" and plan["passes"] > 1, plan
     assert plan["peak_bytes"] <= 600 << 20, plan
@@ -169,6 +171,11 @@ def test_llama_shaped_store_tiles_within_the_budget(llama_shaped: Path) -> None:
         assert one.meta["plan"]["strategy"] == "single-pass"
         assert r.values[i, j] == pytest.approx(one.values[0, -1], abs=1e-6), (i, j)
         assert r.extra["biased"][i, j] == pytest.approx(one.extra["biased"][0, -1], abs=1e-6)
+    # 64 rows against D = 135168: unforced, the whole model goes the Gram route (33 Grams
+    # of 64 × 64), the same numbers as the tiles
+    g = ls.cka(llama_shaped, estimator="debiased", progress=False)
+    assert g.meta["plan"]["strategy"] == "gram" and g.values.shape == (33, 33), g.meta["plan"]
+    assert np.abs(g.values[:5, :5] - r.values).max() <= 1e-6
 
 
 def test_llama_shaped_store_with_environment(llama_shaped: Path) -> None:
@@ -185,7 +192,7 @@ def test_tiled_cka_runs_under_rlimit() -> None:
         x = {f'l{i}': np.random.default_rng(i).standard_normal((16, 4096)).astype(np.float32)
              for i in range(8)}
         limit(512 << 20)
-        r = ls.cka(x, progress=False)
+        r = ls.cka(x, strategy="tiled", progress=False)
         print("PLAN", r.meta["plan"]["strategy"], r.meta["plan"]["passes"],
               float(np.nanmin(np.diag(r.values))))
     """)

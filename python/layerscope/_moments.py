@@ -144,12 +144,18 @@ def pair_stats(
     ``Σ r̄_i r̄_j``, ``tr C_ii``, ``n``), exactly, within the memory budget; return
     ``(PairStats, meta)``.
 
-    Arguments as :func:`compute_moments`. When the single pass's accumulator
-    (``(D + L)² · 8`` bytes) fits the budget it is one pass; otherwise the layers (and any
-    layer too wide on its own, in blocks of feature columns) are grouped into tiles whose
-    accumulators fit, one pass per tile, each pair of column blocks computed once
-    (``layerscope_core::engine::moments::tiled``): the same multiply-adds, more bytes read.
-    ``strategy``: ``None`` (the cheapest that fits), ``"single-pass"`` or ``"tiled"``.
+    Arguments as :func:`compute_moments`. Three exact plans
+    (``layerscope_core::engine::moments::{tiled, gram}``):
+
+    * ``"single-pass"``: one accumulator (``(D + L)² · 8`` bytes) over all layers;
+    * ``"tiled"``: the layers (and any layer too wide on its own, in blocks of feature
+      columns) grouped into tiles whose accumulators fit, one pass per tile, each pair of
+      column blocks computed once: the same multiply-adds, more bytes read;
+    * ``"gram"``: per-layer centred ``n × n`` Grams (``n² d / 2`` multiply-adds per layer),
+      as many held as the budget allows: far cheaper when ``n`` is small against the widths.
+
+    ``strategy``: ``None`` (the plan with the least estimated time among those that fit) or
+    one of the three, forced.
     ``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs; with
     ``other``, only the pairs across the two sources (and each layer with itself) are
     computed."""
@@ -174,7 +180,7 @@ def pair_stats(
     meta["plan"] = {
         "strategy": st.strategy, "passes": int(st.passes), "peak_bytes": int(st.peak_bytes),
         "bytes_read": int(bytes_read), "bytes_selected": int(store_bytes),
-        "flops": 2 * n * int(st.madds_per_row), "block_rows": int(st.block_rows),
+        "flops": 2 * int(st.madds), "block_rows": int(st.block_rows),
     }
     return st, meta
 

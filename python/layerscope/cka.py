@@ -112,13 +112,17 @@ def cka(
             float32 when every selected layer is stored in 32 bits or fewer (f32/f16/bf16
             stores, float32 arrays), else float64; RBF and minibatch always compute in
             float64.
-        strategy: how the exact linear (biased/debiased) pass runs: None (default) picks
-            the cheapest that fits ``max_memory``: ``"single-pass"`` (one accumulator over
-            all layers, ``(D+L)²·8`` bytes) when it fits, else ``"tiled"`` (layers — and
-            layers too wide on their own, in blocks of feature columns — grouped into tiles
-            whose accumulators fit; one pass per tile, each pair of column blocks computed
-            once: the same multiply-adds, more bytes read). Naming one forces it.
-            ``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs.
+        strategy: how the exact linear (biased/debiased) estimate is computed. None
+            (default): the plan with the least estimated time among those that fit
+            ``max_memory``. ``"single-pass"``: one moment accumulator over all layers
+            (``(D+L)²·8`` bytes). ``"tiled"``: layers — and layers too wide on their own, in
+            blocks of feature columns — grouped into tiles whose accumulators fit, one pass
+            per tile, each pair of column blocks computed once (the same multiply-adds, more
+            bytes read). ``"gram"``: per-layer centred ``n × n`` Gram matrices (``n²·d/2``
+            multiply-adds per layer; CKA from their inner products), as many held as the
+            budget allows — the cheap route when ``n`` is small against the widths. All give
+            the same numbers (to rounding). ``meta["plan"]`` records the strategy, passes,
+            peak bytes, bytes read and FLOPs.
         progress: True (tqdm bar), False, or a callable ``cb(done, total)``.
 
     Returns:
@@ -284,8 +288,9 @@ def _linear(
     values = debiased if estimator == "debiased" else biased
     _warn_nonfinite(mmeta.get("nonfinite_rows", {}))
     plan = mmeta["plan"]
-    how = ("one pass over all rows" if plan["strategy"] == "single-pass"
-           else f"{plan['passes']} tiled passes over all rows")
+    how = {"single-pass": "one pass over all rows",
+           "tiled": f"{plan['passes']} tiled passes over all rows",
+           "gram": "per-layer n × n Gram matrices"}[plan["strategy"]]
     meta.update(
         n=int(m.n),
         engine=f"moments ({mmeta['engine']}), {how}",

@@ -323,7 +323,7 @@ pub struct PyPairStats {
     peak_bytes: u128,
     block_rows: usize,
     layer_reads: Vec<u64>,
-    madds_per_row: u128,
+    madds: u128,
 }
 
 #[pymethods]
@@ -358,7 +358,7 @@ impl PyPairStats {
     fn nonfinite(&self) -> Vec<Option<u64>> {
         self.inner.nonfinite.clone()
     }
-    /// `"single-pass"` or `"tiled"`.
+    /// `"single-pass"`, `"tiled"` or `"gram"`.
     #[getter]
     fn strategy(&self) -> &'static str {
         self.strategy
@@ -380,10 +380,10 @@ impl PyPairStats {
     fn layer_reads(&self) -> Vec<u64> {
         self.layer_reads.clone()
     }
-    /// Multiply-adds per row of the packed products over all passes.
+    /// Multiply-adds of the packed products over all passes.
     #[getter]
-    fn madds_per_row(&self) -> u128 {
-        self.madds_per_row
+    fn madds(&self) -> u128 {
+        self.madds
     }
 
     /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
@@ -415,8 +415,8 @@ impl PyPairStats {
 }
 
 /// The exact linear pair statistics of `parts` (see `source.rs`; the first `num_a` layers are
-/// the first source's): one pass when its accumulator fits the budget, else tiled passes
-/// (`strategy` forces `"single-pass"` or `"tiled"`). GIL released; one progress bar over all
+/// the first source's) under the plan `PairPlan::choose` picks (the cheapest that fits the
+/// budget: one pass, tiled passes or per-layer Grams; `strategy` forces one). GIL released; one progress bar over all
 /// passes.
 #[pyfunction]
 #[pyo3(signature = (parts, names, num_a, block_rows=None, check_finite=true, max_memory=None,
@@ -457,6 +457,7 @@ fn pair_pass(
             Ok::<_, Error>((plan, st))
         })
         .py_err()?;
+    let madds = plan.madds(st.n);
     Ok(PyPairStats {
         inner: st,
         num_a,
@@ -465,7 +466,7 @@ fn pair_pass(
         peak_bytes: plan.peak_bytes(),
         block_rows: plan.block_rows(),
         layer_reads: plan.layer_reads(),
-        madds_per_row: plan.madds_per_row(),
+        madds,
     })
 }
 

@@ -39,12 +39,14 @@
 //! * `finalised.rs`: [`Moments`] and what is derived from them alone (blocks of `C`);
 //! * `pairs.rs`: [`PairStats`] (what linear CKA needs of each pair) and the linear CKA
 //!   formula, biased and debiased;
+//! * `gram.rs`: the Gram route (per-layer centred `n × n` Grams, [`GramPlan`]) for few rows;
 //! * `cross.rs`, `tiled.rs`: tiled passes for layers whose single-pass accumulator does not
 //!   fit the budget ([`plan_tiles`], [`run_tiled`], the off-diagonal [`CrossAccumulator`]).
 mod accumulator;
 mod codec;
 mod cross;
 mod finalised;
+mod gram;
 mod pairs;
 mod pass;
 mod plan;
@@ -55,6 +57,7 @@ mod tiled;
 pub use accumulator::{Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SUM_ROWS};
 pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
 pub use finalised::Moments;
+pub use gram::{gram_bytes, GramPlan};
 pub use pairs::PairStats;
 pub use pass::{accumulate, sample_shift, SHIFT_SAMPLE_ROWS};
 pub use plan::{

@@ -657,3 +657,96 @@ fn tiled_plan_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The Gram route against the single pass: all Grams held, and rounds streaming Grams past a
+/// held group (small budgets), within one source and across two; f64 and f32 products.
+#[test]
+fn gram_route_equals_the_single_pass() {
+    use crate::monitor::NoMonitor;
+    use crate::store::stream::{ArrayLayer, ArrayRows};
+    use crate::store::Values;
+    let n = 47usize;
+    let dims = [60usize, 300, 7, 129];
+    let xs: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| data(n, d, 70 + i as u64, if i % 2 == 0 { 800.0 } else { 0.0 }))
+        .collect();
+    let x32: Vec<Vec<f32>> = xs
+        .iter()
+        .map(|x| x.iter().map(|&v| v as f32).collect())
+        .collect();
+    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    for compute in [Compute::F64, Compute::F32] {
+        let src = ArrayRows::new(
+            dims.iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    let v = if compute == Compute::F64 {
+                        Values::F64(&xs[i])
+                    } else {
+                        Values::F32(&x32[i])
+                    };
+                    ArrayLayer::new(v, n, d, d).unwrap()
+                })
+                .collect(),
+        )
+        .unwrap();
+        let single = accumulate(
+            &src,
+            &names,
+            None,
+            true,
+            &Budget::unchecked(),
+            compute,
+            &NoMonitor,
+        )
+        .unwrap()
+        .finalize()
+        .unwrap();
+        let tol = if compute == Compute::F64 { 1e-10 } else { 1e-6 };
+        let dmax = 300;
+        for num_a in [dims.len(), 2] {
+            // Everything held; then room for one held Gram and the streamed one.
+            for held in [dims.len(), 1] {
+                let b =
+                    Budget::argument(gram_bytes(n, held, held < dims.len(), dmax, compute) as u64)
+                        .unwrap();
+                let plan = GramPlan::new(&dims, num_a, n as u64, compute, &b).unwrap();
+                assert_eq!(
+                    plan.held,
+                    held.min(if held < dims.len() { num_a } else { held })
+                );
+                let st = plan.run(&src, &names, true, &NoMonitor).unwrap();
+                let (rows, cols): (Vec<usize>, Vec<usize>) = if num_a == dims.len() {
+                    ((0..4).collect(), (0..4).collect())
+                } else {
+                    ((0..2).collect(), (2..4).collect())
+                };
+                for debiased in [false, true] {
+                    let want = single.cka_matrix(&rows, &cols, debiased).unwrap();
+                    let got = st.cka_matrix(&rows, &cols, debiased).unwrap();
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{compute:?} {num_a} {held}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Too small: the minimum named.
+    let b = Budget::argument(1000).unwrap();
+    match GramPlan::new(&dims, 4, n as u64, Compute::F64, &b) {
+        Err(Error::Memory(msg)) => assert!(msg.contains("at least"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    // The chooser takes the Gram route when rows are few against the widths, the moments
+    // when they are many.
+    let un = Budget::unchecked();
+    let p = PairPlan::choose(&[4096; 33], 33, 2048, None, Compute::F32, &un, None).unwrap();
+    assert_eq!(p.strategy(), "gram");
+    let p = PairPlan::choose(&[768; 13], 13, 1 << 20, None, Compute::F32, &un, None).unwrap();
+    assert_eq!(p.strategy(), "single-pass");
+}

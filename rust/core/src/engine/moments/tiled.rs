@@ -25,6 +25,7 @@
 //! shift (the same sampled rows, so the same shift for the same columns).
 use super::accumulator::Compute;
 use super::cross::CrossAccumulator;
+use super::gram::GramPlan;
 use super::pairs::PairStats;
 use super::pass::{accumulate, sample_shift};
 use super::plan::{cross_pass_bytes, default_block_rows_for, pass_bytes};
@@ -67,6 +68,9 @@ pub struct TilePlan {
 /// The narrowest piece the planner makes of a wide layer (a layer narrower than this is never
 /// split): below it, the number of tiles (and of reads of the data) grows past any use.
 pub const MIN_PIECE_COLUMNS: usize = 128;
+
+/// The fewest rows per block a tiled plan shrinks its blocks to when the budget is tight.
+pub const MIN_TILE_BLOCK_ROWS: usize = 256;
 
 impl TilePlan {
     /// Number of passes over the rows.
@@ -151,18 +155,29 @@ pub fn plan_tiles(
     }
     let d_total: usize = dims.iter().sum();
     // Rows per block and peak of a cross tile of two groups of `w` columns (norms included).
+    // Default rows per block: as a single pass over the tile would take them, but with the
+    // block buffers (2 × 2w values of 8 bytes per row) within a quarter of the budget down to
+    // MIN_TILE_BLOCK_ROWS (the packed products stay efficient from a few hundred rows).
+    let cap = budget.bytes as u128;
     let rows_for = |w: usize| {
         block_rows
-            .unwrap_or_else(|| default_block_rows_for(&[w.max(2) - 1; 2], compute))
+            .unwrap_or_else(|| {
+                let fit = (cap / 4 / (2 * w.max(2) as u128 * 16)).min(usize::MAX as u128) as usize;
+                default_block_rows_for(&[w.max(2) - 1; 2], compute)
+                    .min(fit.max(MIN_TILE_BLOCK_ROWS))
+            })
             .min(usize::try_from(n).unwrap_or(usize::MAX).max(1))
     };
+    // (A group of w columns is at most w − 1 feature columns and one norm; its diagonal tile
+    // is never larger than a cross tile of two such groups.)
     let bound = |w: usize| {
         let side = [w.max(2) - 1];
-        cross_pass_bytes(&side, &side, rows_for(w), compute)
-            .max(pass_bytes(&[2 * w.max(2) - 2], rows_for(w), compute))
-            .max(pass_bytes(&side, rows_for(w), compute))
+        cross_pass_bytes(&side, &side, rows_for(w), compute).max(pass_bytes(
+            &side,
+            rows_for(w),
+            compute,
+        ))
     };
-    let cap = budget.bytes as u128;
     let w_min = dims
         .iter()
         .map(|&d| d.min(MIN_PIECE_COLUMNS))
@@ -427,16 +442,26 @@ pub enum PairPlan {
         peak_bytes: u128,
     },
     Tiled(TilePlan),
+    /// Per-layer centred `n × n` Grams ([`GramPlan`]).
+    Gram(GramPlan),
 }
 
 /// The strategies [`PairPlan::choose`] knows.
-pub const PAIR_STRATEGIES: [&str; 2] = ["single-pass", "tiled"];
+pub const PAIR_STRATEGIES: [&str; 3] = ["single-pass", "tiled", "gram"];
+
+/// Nominal rates of the cost model that ranks plans (slice of the planner that does not need
+/// to be exact: it only compares plans of the same call): multiply-adds per second of the
+/// packed products, and values read (and converted) per second.
+const NOMINAL_MADDS_PER_S: f64 = 5e10;
+const NOMINAL_VALUES_PER_S: f64 = 1e9;
 
 impl PairPlan {
     /// The plan for an exact pass over `n` rows of layers of widths `dims` (`0..num_a` from
-    /// the first source): `strategy` `None` picks the single pass when it fits `budget`, else
-    /// tiles; `"single-pass"` / `"tiled"` force one (a [`Error::Memory`] when it does not fit,
-    /// with the minimum it needs; an unknown name is an [`Error::InvalidArgument`] listing them).
+    /// the first source). `strategy` `None` picks, among the plans that fit `budget`, the one
+    /// with the least estimated time ([`PairPlan::cost_seconds`]): the single pass when it
+    /// fits (else tiles), or the Gram route; `"single-pass"`, `"tiled"` or `"gram"` force one
+    /// (a [`Error::Memory`] when it does not fit, with the minimum it needs; an unknown name
+    /// is an [`Error::InvalidArgument`] listing them).
     pub fn choose(
         dims: &[usize],
         num_a: usize,
@@ -448,6 +473,11 @@ impl PairPlan {
     ) -> Result<PairPlan> {
         if block_rows == Some(0) {
             return Err(Error::invalid("block_rows must be at least 1"));
+        }
+        if n == 0 {
+            return Err(Error::invalid(
+                "no rows were accumulated (the source has no rows)",
+            ));
         }
         let nmax = usize::try_from(n).unwrap_or(usize::MAX).max(1);
         let single = |check: bool| -> Result<PairPlan> {
@@ -465,19 +495,30 @@ impl PairPlan {
                 peak_bytes: pass_bytes(dims, br, compute),
             })
         };
+        let tiled = || plan_tiles(dims, num_a, n, block_rows, compute, budget).map(PairPlan::Tiled);
+        let gram = || GramPlan::new(dims, num_a, n, compute, budget).map(PairPlan::Gram);
         match strategy {
             None => {
                 let s = single(false)?;
-                if s.peak_bytes() <= budget.bytes as u128 {
+                let moments = if s.peak_bytes() <= budget.bytes as u128 {
                     Ok(s)
                 } else {
-                    plan_tiles(dims, num_a, n, block_rows, compute, budget).map(PairPlan::Tiled)
+                    tiled()
+                };
+                match (moments, gram()) {
+                    (Ok(m), Ok(g)) => Ok(if g.cost_seconds(n) < m.cost_seconds(n) {
+                        g
+                    } else {
+                        m
+                    }),
+                    (Ok(m), Err(_)) => Ok(m),
+                    (Err(_), Ok(g)) => Ok(g),
+                    (Err(e), Err(_)) => Err(e),
                 }
             }
             Some("single-pass") => single(true),
-            Some("tiled") => {
-                plan_tiles(dims, num_a, n, block_rows, compute, budget).map(PairPlan::Tiled)
-            }
+            Some("tiled") => tiled(),
+            Some("gram") => gram(),
             Some(other) => Err(Error::invalid(format!(
                 "strategy must be one of {PAIR_STRATEGIES:?} (or None: the cheapest that \
                  fits), got {other:?}"
@@ -485,10 +526,39 @@ impl PairPlan {
         }
     }
 
+    /// Estimated seconds at nominal rates (multiply-adds and values read): ranks the plans of
+    /// one call.
+    pub fn cost_seconds(&self, n: u64) -> f64 {
+        let values: f64 = self
+            .layer_reads()
+            .iter()
+            .zip(self.dims())
+            .map(|(&r, &d)| r as f64 * d as f64 * n as f64)
+            .sum();
+        self.madds(n) as f64 / NOMINAL_MADDS_PER_S + values / NOMINAL_VALUES_PER_S
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            PairPlan::Single { dims, .. } => dims,
+            PairPlan::Tiled(t) => &t.dims,
+            PairPlan::Gram(g) => &g.dims,
+        }
+    }
+
+    /// Multiply-adds of the whole plan over `n` rows.
+    pub fn madds(&self, n: u64) -> u128 {
+        match self {
+            PairPlan::Gram(g) => g.madds(),
+            _ => self.madds_per_row() * n as u128,
+        }
+    }
+
     pub fn strategy(&self) -> &'static str {
         match self {
             PairPlan::Single { .. } => "single-pass",
             PairPlan::Tiled(_) => "tiled",
+            PairPlan::Gram(_) => "gram",
         }
     }
 
@@ -496,6 +566,7 @@ impl PairPlan {
         match self {
             PairPlan::Single { .. } => 1,
             PairPlan::Tiled(t) => t.passes(),
+            PairPlan::Gram(g) => g.rounds.len(),
         }
     }
 
@@ -503,6 +574,7 @@ impl PairPlan {
         match self {
             PairPlan::Single { peak_bytes, .. } => *peak_bytes,
             PairPlan::Tiled(t) => t.peak_bytes,
+            PairPlan::Gram(g) => g.peak_bytes,
         }
     }
 
@@ -510,6 +582,7 @@ impl PairPlan {
         match self {
             PairPlan::Single { block_rows, .. } => *block_rows,
             PairPlan::Tiled(t) => t.block_rows,
+            PairPlan::Gram(g) => g.n,
         }
     }
 
@@ -518,12 +591,15 @@ impl PairPlan {
         match self {
             PairPlan::Single { dims, .. } => vec![1; dims.len()],
             PairPlan::Tiled(t) => t.layer_reads(),
+            PairPlan::Gram(g) => g.layer_reads(),
         }
     }
 
-    /// Multiply-adds per row of the packed products.
+    /// Multiply-adds per row of the packed products (the Gram route: its total over `n`,
+    /// rounded up).
     pub fn madds_per_row(&self) -> u128 {
         match self {
+            PairPlan::Gram(g) => g.madds().div_ceil(g.n.max(1) as u128),
             PairPlan::Single { dims, .. } => {
                 let d = dims.iter().sum::<usize>() as u128;
                 d * (d + 1) / 2
@@ -570,6 +646,7 @@ impl PairPlan {
                 PairStats::from_moments(&m, &rows, &cols)
             }
             PairPlan::Tiled(t) => run_tiled(src, names, t, check_finite, budget, monitor),
+            PairPlan::Gram(g) => g.run(src, names, check_finite, monitor),
         }
     }
 }
