@@ -190,6 +190,37 @@ pub(super) fn screen<T: Element>(
     Ok(true)
 }
 
+/// `names` as the names of `count` layers (one each).
+pub(super) fn checked_names(names: &[String], count: usize) -> Result<Vec<String>> {
+    if names.len() != count {
+        return Err(Error::invalid(format!(
+            "{} names for {count} layers",
+            names.len()
+        )));
+    }
+    Ok(names.to_vec())
+}
+
+/// `shift` as the reference shift of `d` columns: `d` finite values, set before the first
+/// row (`started`: rows were accumulated or a shift was set).
+pub(super) fn checked_shift(shift: &[f64], d: usize, started: bool) -> Result<Vec<f64>> {
+    if started {
+        return Err(Error::invalid(
+            "the shift can only be set before the first row is accumulated",
+        ));
+    }
+    if shift.len() != d {
+        return Err(Error::Mismatch(format!(
+            "shift has {} values, the layers have {d} columns",
+            shift.len()
+        )));
+    }
+    if !shift.iter().all(|v| v.is_finite()) {
+        return Err(Error::invalid("the shift must be finite"));
+    }
+    Ok(shift.to_vec())
+}
+
 /// Column means of a block (the concatenated layers): the shift of an accumulator fed by
 /// hand without one.
 pub(super) fn block_means<T: Element>(dims: &[usize], block: &[&[T]], rows: usize) -> Vec<f64> {
@@ -263,14 +294,7 @@ impl MomentAccumulator {
 
     /// Set the layer names used in error messages (and carried into [`Moments`]).
     pub fn with_names(mut self, names: &[String]) -> Result<Self> {
-        if names.len() != self.dims.len() {
-            return Err(Error::invalid(format!(
-                "{} names for {} layers",
-                names.len(),
-                self.dims.len()
-            )));
-        }
-        self.names = names.to_vec();
+        self.names = checked_names(names, self.dims.len())?;
         Ok(self)
     }
 
@@ -302,22 +326,11 @@ impl MomentAccumulator {
     /// products small even when the first block is not representative (sorted or
     /// concatenated data); the results do not depend on it beyond rounding.
     pub fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
-        if self.n > 0 || self.shift.is_some() {
-            return Err(Error::invalid(
-                "the shift can only be set before the first row is accumulated",
-            ));
-        }
-        if shift.len() != self.d() {
-            return Err(Error::Mismatch(format!(
-                "shift has {} values, the layers have {} columns",
-                shift.len(),
-                self.d()
-            )));
-        }
-        if !shift.iter().all(|v| v.is_finite()) {
-            return Err(Error::invalid("the shift must be finite"));
-        }
-        self.shift = Some(shift.to_vec());
+        self.shift = Some(checked_shift(
+            shift,
+            self.d(),
+            self.n > 0 || self.shift.is_some(),
+        )?);
         Ok(())
     }
 

@@ -19,7 +19,9 @@
 //!
 //! (`r̄_{p,a} = ‖u_{p,a} − ū_p‖² = r_{p,a} − 2 ū_pᵀ u_{p,a} + e_p`, expanded), and returns
 //! `‖C_pq‖_F²` and `Σ_a r̄_p r̄_q` for every pair: what linear CKA needs of them.
-use super::accumulator::{block_means, column_sums, offsets_of, screen, sized, Compute};
+use super::accumulator::{
+    block_means, checked_names, checked_shift, column_sums, offsets_of, screen, sized, Compute,
+};
 use crate::error::{Error, Result};
 use crate::linalg::packed::{gemm_tn_add, PackedElem, Strided};
 use crate::store::Element;
@@ -123,31 +125,14 @@ impl CrossAccumulator {
 
     /// Names of the layers of both sides, A then B (used in error messages).
     pub fn with_names(mut self, names: &[String]) -> Result<Self> {
-        if names.len() != self.dims.len() {
-            return Err(Error::invalid(format!(
-                "{} names for {} layers",
-                names.len(),
-                self.dims.len()
-            )));
-        }
-        self.names = names.to_vec();
+        self.names = checked_names(names, self.dims.len())?;
         Ok(self)
     }
 
     /// Set the reference shift (length `D_A + D_B`, finite) before the first row.
     pub fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
         let d = self.offsets[self.dims.len()];
-        if self.n > 0 || self.shift.is_some() {
-            return Err(Error::invalid(
-                "the shift can only be set before the first row is accumulated",
-            ));
-        }
-        if shift.len() != d || !shift.iter().all(|v| v.is_finite()) {
-            return Err(Error::invalid(format!(
-                "the shift must be {d} finite values"
-            )));
-        }
-        self.shift = Some(shift.to_vec());
+        self.shift = Some(checked_shift(shift, d, self.n > 0 || self.shift.is_some())?);
         Ok(())
     }
 

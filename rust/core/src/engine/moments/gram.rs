@@ -197,28 +197,22 @@ impl GramPlan {
         let total = self.builds();
         let mut done = 0u64;
         monitor.progress(0, total)?;
+        type Build = fn(&dyn RowSource, usize, usize, usize, Compute, &str, bool) -> Result<Gram>;
+        let build_as: Build = if src.has_f64() {
+            Gram::build::<f64>
+        } else {
+            Gram::build::<f32>
+        };
         let mut build = |x: usize, st: &mut PairStats| -> Result<Gram> {
-            let g = if src.has_f64() {
-                Gram::build::<f64>(
-                    src,
-                    x,
-                    self.n,
-                    self.dims[x],
-                    self.compute,
-                    &names[x],
-                    check_finite,
-                )?
-            } else {
-                Gram::build::<f32>(
-                    src,
-                    x,
-                    self.n,
-                    self.dims[x],
-                    self.compute,
-                    &names[x],
-                    check_finite,
-                )?
-            };
+            let g = build_as(
+                src,
+                x,
+                self.n,
+                self.dims[x],
+                self.compute,
+                &names[x],
+                check_finite,
+            )?;
             st.nonfinite[x] = g.nonfinite;
             st.trace[x] = g.diag.iter().sum();
             done += 1;
