@@ -343,10 +343,11 @@ def test_binding_entry_points_take_the_budget() -> None:
     assert b == 1 << 30 and src == "max_memory argument"
 
 
-def test_eigendecompositions_are_checked_after_the_pass() -> None:
-    # the pass (a (d+1)² accumulator, ~8 MB) fits 24 MB; the eigendecomposition (its vectors
-    # and one solver workspace per thread, ~40 MB and more) does not
+def test_eigendecompositions_are_checked_before_the_pass() -> None:
+    # the pass (a (d+1)² accumulator, ~8 MB) fits 24 MB; the eigendecomposition held with it
+    # (its vectors and one solver workspace per thread, ~40 MB and more) does not: refused
+    # before any row is read, since a spectrum cannot be split across passes
     x = {"a": np.random.default_rng(0).standard_normal((8, 1000))}
-    with pytest.raises(MemoryBudgetError, match="eigendecompositions of 1 layers"):
+    with pytest.raises(MemoryBudgetError, match="moments and their eigendecomposition"):
         ls.spectrum(x, max_memory="24M", progress=False)
     assert len(ls.spectrum(x, max_memory="1G", progress=False).eigenvalues["a"]) == 1000

@@ -50,6 +50,8 @@ _LAZY = {
     "IDResult": "idim",
     "report": "report",
     "memory_budget": "_memory",
+    "plan": "planner",
+    "Plan": "planner",
     "MemoryBudget": "_memory",
 }
 

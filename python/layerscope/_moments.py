@@ -124,6 +124,14 @@ def compute_moments(
         )
     meta = _meta(m, parts, names, compute, t0)
     meta.update(passes=1, block_rows=br, accumulator_bytes=pl["accumulator_bytes"])
+    n, dsum = int(m.n), sum(dims)
+    selected = sum(n * d * _itemsize(src, nm) for (src, ls) in parts
+                   for nm, d in zip(ls, (src.dims[x] for x in ls)))
+    meta["plan"] = {
+        "strategy": "single-pass", "passes": 1, "peak_bytes": pl["peak_bytes_estimate"],
+        "bytes_read": selected, "bytes_selected": selected, "flops": n * dsum * (dsum + 1),
+        "block_rows": br,
+    }
     return m, meta
 
 
@@ -250,3 +258,110 @@ def _is_f64(src: Source, layer: str) -> bool:
         return str(src.store.dtypes[layer]) in ("float64", "F64", "f64")
     assert src.arrays is not None
     return src.arrays[layer].dtype == np.float64
+
+
+# --------------------------------------------------------------------------- measure tiles
+
+
+def measure_peak(dims: Sequence[int], n: int, compute: str) -> int:
+    """Peak bytes of a moment pass over layers of widths ``dims`` followed by the
+    eigendecompositions of all of them while the moments are held: ``max(pass_bytes,
+    accumulator_bytes + eigs_bytes)`` at the default block rows (at most ``n``)."""
+    dims = list(dims)
+    br = min(int(_native.default_block_rows(dims, compute)), max(int(n), 1))
+    return max(int(_native.pass_bytes(dims, br, compute)),
+               int(_native.accumulator_bytes(dims)) + int(_native.eigs_bytes(dims)))
+
+
+def measure_tiles(
+    dims: Sequence[int], num_a: int, n: int, compute: str, max_memory: int | None,
+    measure: str,
+) -> tuple[str, list[list[int]], int]:
+    """The passes of the moment measures (spectra, alignment) within the budget in force
+    (``max_memory``, else ``LAYERSCOPE_MAX_MEMORY``, else the machine's):
+    ``(strategy, tiles, peak_bytes)``, each tile a sorted list of layer indices
+    (``0..num_a`` from the first source, the rest from the second) accumulated in one pass
+    and then decomposed (:func:`measure_peak`).
+
+    * ``"single-pass"``: every layer in one tile, when it fits;
+    * ``"layer-tiles"``: spectra need each layer's whole ``C_ii`` — groups of layers, one
+      pass each; alignment needs ``C_ii``, ``C_jj`` and ``C_ij`` of every pair at once —
+      the layers of each side in groups of at most ``W`` columns (``W`` the widest that
+      fits), one pass per pair of groups (one source: each unordered pair of distinct groups,
+      so every layer pair lies in some tile; two sources: every first-source group with
+      every second-source group). Bytes read grow with the passes; the answers do not
+      change (each pair's blocks are the same sums).
+
+    Raises :class:`MemoryBudgetError` when even the smallest tile (the widest layer, or the
+    widest pair of layers for alignment) does not fit, with what it needs."""
+    from ._memory import memory_budget
+
+    budget = memory_budget(max_memory).bytes
+    dims = [int(d) for d in dims]
+    every = list(range(len(dims)))
+    if measure == "spectrum":
+        peaks = [measure_peak([d], n, compute) for d in dims]
+        worst = max(range(len(dims)), key=lambda i: peaks[i])
+        _native.check_budget(
+            peaks[worst], f"the spectrum of a layer of width {dims[worst]} (its d × d "
+            "moments and their eigendecomposition at once)",
+            "a spectrum cannot be split across passes", max_memory)
+        if measure_peak(dims, n, compute) <= budget:
+            return "single-pass", [every], measure_peak(dims, n, compute)
+        tiles: list[list[int]] = [[]]
+        for i in every:
+            if tiles[-1] and measure_peak([dims[j] for j in tiles[-1] + [i]], n,
+                                          compute) > budget:
+                tiles.append([])
+            tiles[-1].append(i)
+        return "layer-tiles", tiles, max(
+            measure_peak([dims[j] for j in t], n, compute) for t in tiles)
+    if measure != "alignment":
+        raise InvalidArgumentError(f"unknown moment measure {measure!r}")
+    whole = measure_peak(dims, n, compute)
+    if whole <= budget:
+        return "single-pass", [every], whole
+    sides = [every[:num_a], every[num_a:]] if num_a < len(dims) else [every]
+    # The smallest tile: the two widest layers that meet in some pair.
+    if len(sides) == 2:
+        pair = [max(sides[0], key=lambda i: dims[i]), max(sides[1], key=lambda i: dims[i])]
+    else:
+        pair = sorted(every, key=lambda i: -dims[i])[:2]
+    _native.check_budget(
+        measure_peak([dims[i] for i in pair], n, compute),
+        f"the alignment of the layer pair of widths {[dims[i] for i in pair]} (C_ii, C_jj "
+        "and C_ij at once, and both eigendecompositions)",
+        "a pair cannot be split across passes", max_memory)
+
+    def tiles_for(w: int) -> list[list[int]]:
+        groups: list[list[list[int]]] = []
+        for side in sides:
+            gs: list[list[int]] = [[]]
+            for i in side:
+                if gs[-1] and (w == 0 or sum(dims[j] for j in gs[-1]) + dims[i] > w):
+                    gs.append([])
+                gs[-1].append(i)
+            groups.append(gs)
+        if len(groups) == 2:
+            return [sorted(g + h) for g in groups[0] for h in groups[1]]
+        gs = groups[0]
+        if len(gs) == 1:
+            return [gs[0]]
+        return [sorted(gs[a] + gs[b]) for a in range(len(gs)) for b in range(a + 1, len(gs))]
+
+    def peak_of(ts: list[list[int]]) -> int:
+        return max(measure_peak([dims[j] for j in t], n, compute) for t in ts)
+
+    lo = max(dims[i] for i in pair)  # every group holds at least its widest layer
+    hi = sum(dims)
+    # The widest group width whose tiles all fit (the peak grows with the width).
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak_of(tiles_for(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    tiles = tiles_for(lo)
+    if peak_of(tiles) > budget:  # narrow layers grouped past the widest pair: one per group
+        tiles = tiles_for(0)
+    return "layer-tiles", tiles, peak_of(tiles)

@@ -218,6 +218,23 @@ def default_block_rows(dims: Sequence[int], compute: str = "float64") -> int: ..
 def pass_bytes(dims: Sequence[int], block_rows: int, compute: str = ...) -> int: ...
 def accumulator_bytes(dims: Sequence[int]) -> int: ...
 
+PAIR_STRATEGIES: list[str]
+
+def pair_plan(
+    dims: Sequence[int],
+    num_a: int,
+    n: int,
+    block_rows: int | None = None,
+    compute: str = "float64",
+    max_memory: int | None = None,
+    strategy: str | None = None,
+) -> dict[str, Any]:
+    """The plan of an exact all-pairs linear pass, nothing read: strategy, passes,
+    peak_bytes, block_rows, layer_reads, madds, cost_seconds, budget_bytes, budget_source."""
+
+def measured_madds_per_s(compute: str = "float64", seconds: float = 0.2) -> float:
+    """Multiply-adds per second of the packed product kernel on this machine."""
+
 # ---- minibatch cka (rust/python/src/cka.rs) ----
 
 class MinibatchCka:
@@ -240,6 +257,9 @@ class MinibatchCka:
     def rows_seen(self) -> int: ...
     def finish(self) -> dict[str, Any]: ...
 
+def minibatch_bytes(dims: Sequence[int], batch_size: int) -> int:
+    """Peak bytes of the minibatch estimator's state."""
+
 def minibatch_cka_pass(
     parts: Sequence[Part],
     names: Sequence[str],
@@ -255,6 +275,9 @@ def minibatch_cka_pass(
 ) -> dict[str, Any]: ...
 
 # ---- alignment (rust/python/src/align.rs) ----
+
+def eigs_bytes(dims: Sequence[int]) -> int:
+    """Peak bytes of the eigendecompositions of layers of widths dims."""
 
 def moment_measures(
     cov: npt.NDArray[np.float64],
@@ -288,6 +311,9 @@ def knn_graph(
 
 def knn_bytes(m: int, d: int, k: int) -> int:
     """Peak bytes of an exact kNN graph of m points of width d with k neighbours."""
+
+def rbf_hsic_bytes(layers: int, m: int, dmax: int) -> int:
+    """Peak bytes of the RBF HSIC of `layers` Grams of m rows (widest layer dmax)."""
 
 def id_estimate(
     dist: npt.NDArray[np.float64], method: str, *, discard_fraction: float = 0.1, k: int = 20,

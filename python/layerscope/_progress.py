@@ -36,3 +36,24 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class PassProgress(Progress):
+    """One bar (or callback) over ``passes`` passes of ``n`` rows each: pass ``p``'s
+    ``cb(done, total)`` is reported as ``(p·total + done, passes·total)``."""
+
+    def __init__(self, progress: Any, desc: str, passes: int) -> None:
+        super().__init__(progress, desc)
+        self.passes = max(int(passes), 1)
+
+    def pass_cb(self, p: int) -> Callable[[int, int], None] | None:
+        """The callback of pass ``p`` (0-based); None when silent."""
+        inner = self.cb
+        if inner is None:
+            return None
+        passes = self.passes
+
+        def cb(done: int, total: int) -> None:
+            inner(p * total + done, passes * total)
+
+        return cb

@@ -3,7 +3,11 @@
 Every quantity here is a function of the centred cross-products ``C_ij = Σ_a (x_a − x̄)(y_a − ȳ)ᵀ``
 accumulated in ONE streaming pass (:func:`layerscope._moments.compute_moments`), so spectra,
 alignment and linear CKA can be computed together without reading the data twice
-(:func:`analyze`). Formulas, sources and the quantities that coincide are in
+(:func:`analyze`). When one pass over every selected layer (and the eigendecompositions
+held with it) does not fit the memory budget, the same measures run in layer tiles (spectra:
+groups of layers; alignment and CKA: unions of two layer groups, one pass each; see
+:func:`layerscope._moments.measure_tiles`), with the same sums and so the same answers;
+``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs. Formulas, sources and the quantities that coincide are in
 ``docs/alignment.md``; in short, with ``C_ii = V_i Λ_i V_iᵀ`` and ``Σ_i = Λ_i^{1/2}``:
 
 * spectrum: eigenvalues of ``C_ii/(n−1)``; effective rank (Roy & Vetterli 2007, on singular
@@ -330,6 +334,212 @@ def _split(moments: Any, other: Any) -> tuple[list[int], list[int], list[str], l
     return rows, cols, [names[i] for i in rows], [names[i] for i in cols]
 
 
+class _Tiles:
+    """Moment measures over the passes of :func:`layerscope._moments.measure_tiles`: one
+    pass when every selected layer fits at once, else tiles of layers (spectra: groups;
+    alignment and linear CKA: unions of two groups, so every pair meets in some tile). Each
+    tile's moments serve every measure asked of the layers and pairs it holds; the tables
+    are assembled from the tiles (each layer and pair taken from the first tile that has
+    it: the same sums, so the same numbers as one pass, to rounding)."""
+
+    def __init__(
+        self, source: Any, layers: Any, other: Any, other_layers: Any, *, pairs: bool,
+        compute: str, budget: int | None, progress: Any,
+    ) -> None:
+        from ._moments import _itemsize, measure_tiles, resolve_compute
+        from ._source import check_comparable, resolve
+
+        self.a = resolve(source)
+        self.la = self.a.select(layers)
+        self.b = None
+        self.lb: list[str] = []
+        if other is not None:
+            self.b = resolve(other)
+            self.lb = self.b.select(other_layers)
+            check_comparable(self.a, self.b)
+        parts = [(self.a, self.la)] + ([(self.b, self.lb)] if self.b is not None else [])
+        self.num_a = len(self.la)
+        self.names = self.la + self.lb
+        self.dims = [src.dims[x] for src, ls in parts for x in ls]
+        self.item = [_itemsize(src, x) for src, ls in parts for x in ls]
+        self.n = int(self.a.num_rows)
+        self.compute = resolve_compute(compute, parts)
+        self.budget = budget
+        self.progress = progress
+        if self.n == 0:
+            raise InvalidArgumentError("the source has no rows")
+        self.strategy, self.tiles, self.peak = measure_tiles(
+            self.dims, self.num_a, self.n, self.compute, budget,
+            "alignment" if pairs else "spectrum")
+
+    def run(self, each: Any) -> dict[str, Any]:
+        """``each(tile, moments, local)`` for every tile (``local``: global layer index →
+        index inside the tile's moments); returns the meta of all passes."""
+        from ._moments import compute_moments
+        from ._progress import PassProgress
+
+        t0 = time.perf_counter()
+        metas: list[dict[str, Any]] = []
+        with PassProgress(self.progress, "moments", len(self.tiles)) as prog:
+            for p, tile in enumerate(self.tiles):
+                ta = [self.names[i] for i in tile if i < self.num_a]
+                tb = [self.names[i] for i in tile if i >= self.num_a]
+                m, meta = compute_moments(
+                    self.a, ta, self.b if tb else None, tb or None,
+                    progress=prog.pass_cb(p) or False, max_memory=self.budget,
+                    compute=self.compute)
+                each(tile, m, {g: k for k, g in enumerate(tile)})
+                metas.append(meta)
+        meta = dict(metas[0])
+        meta["shift_offset"] = max(float(x["shift_offset"]) for x in metas)
+        bad: dict[str, int] = {}
+        for x in metas:
+            bad.update(x.get("nonfinite_rows", {}))
+        if bad:
+            meta["nonfinite_rows"] = bad
+        selected = sum(self.n * d * s for d, s in zip(self.dims, self.item))
+        meta.update(passes=len(self.tiles), seconds_pass=time.perf_counter() - t0)
+        meta["plan"] = {
+            "strategy": self.strategy, "passes": len(self.tiles), "peak_bytes": self.peak,
+            "bytes_read": sum(int(x["plan"]["bytes_read"]) for x in metas),
+            "bytes_selected": selected,
+            "flops": sum(int(x["plan"]["flops"]) for x in metas),
+            "block_rows": max(int(x["block_rows"]) for x in metas),
+        }
+        if self.strategy != "single-pass":
+            meta["plan"]["tiles"] = [[self.names[i] for i in t] for t in self.tiles]
+        return meta
+
+    # Index helpers: rows are the first source's layers; cols the second's (or the same).
+    @property
+    def rows(self) -> list[int]:
+        return list(range(self.num_a))
+
+    @property
+    def cols(self) -> list[int]:
+        return list(range(self.num_a, len(self.names))) if self.b is not None else self.rows
+
+
+class _Table:
+    """A rows × cols table filled from tiles (first tile to hold a pair wins)."""
+
+    def __init__(self, rows: list[int], cols: list[int]) -> None:
+        self.rows, self.cols = rows, cols
+        self.ri = {g: r for r, g in enumerate(rows)}
+        self.ci = {g: c for c, g in enumerate(cols)}
+        self.done = np.zeros((len(rows), len(cols)), dtype=bool)
+
+    def local(self, tile: list[int], local: dict[int, int]) -> tuple[list[int], list[int]]:
+        """The tile's row and col layers (tile-local indices)."""
+        return ([local[g] for g in tile if g in self.ri],
+                [local[g] for g in tile if g in self.ci])
+
+    def cells(self, tile: list[int]) -> list[tuple[int, int, int, int]]:
+        """``(r, c, i, j)``: new table cells of this tile, with their positions inside the
+        tile's rows × cols block; marks them done."""
+        tr = [g for g in tile if g in self.ri]
+        tc = [g for g in tile if g in self.ci]
+        out = []
+        for i, gr in enumerate(tr):
+            for j, gc in enumerate(tc):
+                r, c = self.ri[gr], self.ci[gc]
+                if not self.done[r, c]:
+                    self.done[r, c] = True
+                    out.append((r, c, i, j))
+        return out
+
+
+def _assemble_alignment(nr: int, nc: int) -> dict[str, Any]:
+    return {"nrows": nr, "ncols": nc, "values": np.full(nr * nc, np.nan),
+            "cosines": [np.empty(0)] * (nr * nc), "extras": {}, "row_k": [0] * nr,
+            "col_k": [0] * nc, "row_ridge": [0.0] * nr, "col_ridge": [0.0] * nc}
+
+
+def _put_alignment(
+    dst: dict[str, Any], src: dict[str, Any], cells: list[tuple[int, int, int, int]],
+) -> None:
+    """Copy a tile's alignment cells (tile-local ``i, j``) into the assembled table."""
+    nc, tnc = dst["ncols"], int(src["ncols"])
+    vals = np.asarray(src["values"])
+    cos = list(src["cosines"])
+    ex = {name: np.asarray(v) for name, v in dict(src["extras"]).items()}
+    for name in ex:
+        dst["extras"].setdefault(name, np.full(dst["nrows"] * nc, np.nan))
+    for r, c, i, j in cells:
+        dst["values"][r * nc + c] = vals[i * tnc + j]
+        dst["cosines"][r * nc + c] = cos[i * tnc + j]
+        for name, v in ex.items():
+            dst["extras"][name][r * nc + c] = v[i * tnc + j]
+        dst["row_k"][r] = int(src["row_k"][i])
+        dst["col_k"][c] = int(src["col_k"][j])
+        dst["row_ridge"][r] = float(src["row_ridge"][i])
+        dst["col_ridge"][c] = float(src["col_ridge"][j])
+
+
+def _run_measures(
+    source: Any, layers: Any, other: Any, other_layers: Any, *, spectrum: bool,
+    aligns: dict[str, dict[str, Any]], ckas: list[bool], compute: str, budget: int | None,
+    progress: Any,
+) -> tuple[_Tiles, dict[str, Any], dict[str, Any]]:
+    """Spectra (of every selected layer when ``spectrum``), the alignments ``aligns``
+    (key → options of ``moment_measures``, without rows/cols) and linear CKA (``ckas``: the
+    ``debiased`` flags) from the passes of one plan; returns ``(tiles, raw results, meta)``
+    with ``raw["spectra"]`` (per layer, in order), ``raw[key]`` (alignment dicts as
+    ``moment_measures`` returns them) and ``raw[("cka", debiased)]`` (rows × cols arrays)."""
+    pairs = bool(aligns or ckas)
+    t = _Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute,
+               budget=budget, progress=progress)
+    rows, cols = t.rows, t.cols
+    nr, nc = len(rows), len(cols)
+    raw: dict[str, Any] = {}
+    spectra: list[Any] = [None] * len(t.names)
+    tables = {key: _Table(rows, cols) for key in aligns}
+    for key in aligns:
+        raw[key] = _assemble_alignment(nr, nc)
+    cka_tab = _Table(rows, cols)
+    for deb in ckas:
+        raw[("cka", deb)] = np.full((nr, nc), np.nan)
+    seconds = {"measures": 0.0}
+
+    def each(tile: list[int], m: Any, local: dict[int, int]) -> None:
+        t2 = time.perf_counter()
+        spec = [g for g in tile if spectrum and spectra[g] is None]
+        jobs: list[tuple[str | None, dict[str, Any] | None]] = list(aligns.items()) or [
+            (None, None)]
+        for key, opts in jobs:
+            align = None
+            if key is not None and opts is not None:
+                lr, lc = tables[key].local(tile, local)
+                if not lr or not lc:
+                    continue
+                align = {"rows": lr, "cols": lc, **opts,
+                         "symmetric": other is None}
+            if align is None and not spec:
+                continue
+            res = _measures(m, [local[g] for g in spec], align, budget)
+            for g, sp in zip(spec, list(res["spectra"])):
+                spectra[g] = sp
+            spec = []
+            if key is not None:
+                _put_alignment(raw[key], res["alignment"], tables[key].cells(tile))
+        if ckas:
+            lr, lc = cka_tab.local(tile, local)
+            cells = cka_tab.cells(tile) if lr and lc else []
+            for deb in ckas:
+                if cells:
+                    v = np.asarray(m.cka(lr, lc, debiased=deb), dtype=np.float64)
+                    v = v.reshape(len(lr), len(lc))
+                    for r, c, i, j in cells:
+                        raw[("cka", deb)][r, c] = v[i, j]
+        seconds["measures"] += time.perf_counter() - t2
+
+    meta = t.run(each)
+    meta["seconds_pass"] -= seconds["measures"]
+    meta["seconds_measures"] = seconds["measures"]
+    raw["spectra"] = spectra
+    return t, raw, meta
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -350,18 +560,9 @@ def spectrum(
     :func:`layerscope.memory_budget`). See :class:`SpectrumResult` for the measures and the
     rank rule."""
     budget = max_memory_bytes(max_memory)
-    t0 = time.perf_counter()
-    moments, meta = _compute_moments(source, layers, None, None, progress, max_memory=budget)
-    t1 = time.perf_counter()
-    rows, _, names, _ = _split(moments, None)
-    out = _measures(moments, rows, None, budget)
-    meta = {
-        **meta,
-        "n": int(moments.n),
-        "seconds_pass": t1 - t0,
-        "seconds_measures": time.perf_counter() - t1,
-    }
-    return _spectrum_result(list(out["spectra"]), names, top, meta)
+    t, raw, meta = _run_measures(source, layers, None, None, spectrum=True, aligns={}, ckas=[],
+                                 compute="float64", budget=budget, progress=progress)
+    return _spectrum_result(list(raw["spectra"]), t.names, top, meta)
 
 
 def alignment(
@@ -401,33 +602,12 @@ def alignment(
     _check_method(method, space)
     budget = max_memory_bytes(max_memory)
     kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
-    t0 = time.perf_counter()
-    moments, meta = _compute_moments(
-        source, layers, other, other_layers, progress, max_memory=budget
-    )
-    t1 = time.perf_counter()
-    rows, cols, rnames, cnames = _split(moments, other)
-    out = _measures(
-        moments,
-        [],
-        {
-            "rows": rows,
-            "cols": cols,
-            "method": method,
-            "space": space,
-            "ridge_eps": ridge,
-            "symmetric": other is None,
-            **kargs,
-        },
-        budget,
-    )
-    meta = {
-        **meta,
-        "n": int(moments.n),
-        "seconds_pass": t1 - t0,
-        "seconds_measures": time.perf_counter() - t1,
-    }
-    return _alignment_result(out["alignment"], rnames, cnames, method, space, k, ridge, meta)
+    opts = {"method": method, "space": space, "ridge_eps": ridge, **kargs}
+    t, raw, meta = _run_measures(source, layers, other, other_layers, spectrum=False,
+                                 aligns={"alignment": opts}, ckas=[], compute="float64",
+                                 budget=budget, progress=progress)
+    rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
+    return _alignment_result(raw["alignment"], rn, cn, method, space, k, ridge, meta)
 
 
 def analyze(
@@ -484,52 +664,30 @@ def analyze(
         _check_method(method, space)
         if method in ("subspace", "svcca", "pwcca"):
             _k_args(k)
-    t0 = time.perf_counter()
-    moments, meta = _compute_moments(
-        source, layers, other, other_layers, progress, compute, max_memory=budget
-    )
-    t1 = time.perf_counter()
-    meta = {**meta, "n": int(moments.n), "seconds_pass": t1 - t0}
-    rows, cols, rnames, cnames = _split(moments, other)
+    opts = {
+        key: {"method": method, "space": space, "ridge_eps": ridge,
+              **(_k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1})}
+        for key, method in aligns.items()
+    }
+    ckas = [deb for name, deb in (("cka", False), ("cka_debiased", True)) if name in measures]
+    t, raw, meta = _run_measures(source, layers, other, other_layers,
+                                 spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
+                                 compute=compute, budget=budget, progress=progress)
+    rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     out: dict[str, Result] = {}
-    for mname in ("cka", "cka_debiased"):
+    for mname, deb in (("cka", False), ("cka_debiased", True)):
         if mname in measures:
-            out[mname] = _cka_result(
-                moments, rows, cols, rnames, cnames, debiased=mname == "cka_debiased", meta=meta
-            )
-    # The eigendecompositions are shared inside one native call: the spectra ride along with
-    # the first alignment (or run alone).
-    spec_layers = rows + (cols if other is not None else []) if "spectrum" in measures else []
-    jobs: list[tuple[str | None, str | None]] = [(a, m) for a, m in aligns.items()]
-    jobs = jobs or [(None, None)]
-    for key, method in jobs:
-        align = None
-        if method is not None:
-            kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
-            align = {
-                "rows": rows,
-                "cols": cols,
-                "method": method,
-                "space": space,
-                "ridge_eps": ridge,
-                "symmetric": other is None,
-                **kargs,
-            }
-        if align is None and not spec_layers:
-            break
-        t2 = time.perf_counter()
-        res = _measures(moments, spec_layers, align, budget)
-        mm = {**meta, "seconds_measures": time.perf_counter() - t2}
-        if spec_layers:
-            sp = list(res["spectra"])
-            out["spectrum"] = _spectrum_result(sp[: len(rows)], rnames, top, mm)
-            if other is not None:
-                out["spectrum_other"] = _spectrum_result(sp[len(rows) :], cnames, top, mm)
-            spec_layers = []
-        if key is not None and method is not None:
-            out[key] = _alignment_result(
-                res["alignment"], rnames, cnames, method, space, k, ridge, mm
-            )
+            est = "linear, debiased" if deb else "linear"
+            out[mname] = MatrixResult(
+                raw[("cka", deb)], rn, cn,
+                {**meta, "measure": "CKA", "estimator": est, "debiased": deb})
+    if "spectrum" in measures:
+        sp = list(raw["spectra"])
+        out["spectrum"] = _spectrum_result(sp[: len(t.rows)], rn, top, meta)
+        if other is not None:
+            out["spectrum_other"] = _spectrum_result(sp[len(t.rows):], cn, top, meta)
+    for key, method in aligns.items():
+        out[key] = _alignment_result(raw[key], rn, cn, method, space, k, ridge, meta)
     return out
 
 

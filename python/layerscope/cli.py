@@ -14,6 +14,7 @@ _COMMAND_MODULES = [
     "layerscope.cka",
     "layerscope.alignment",
     "layerscope.idim",
+    "layerscope.planner",
     "layerscope.report",
 ]
 

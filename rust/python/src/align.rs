@@ -5,7 +5,8 @@
 use crate::convert::IntoPy;
 use crate::monitor::PyMonitor;
 use layerscope_core::measures::align::{
-    measures_from_cov, AlignOptions, AlignSpec, AlignmentMatrix, CovView, KSpec, Method,
+    eigs_bytes as core_eigs_bytes, measures_from_cov, AlignOptions, AlignSpec, AlignmentMatrix,
+    CovView, KSpec, Method,
 };
 use layerscope_core::measures::spectrum::Spectrum;
 use layerscope_core::memory::Budget;
@@ -135,7 +136,15 @@ fn moment_measures<'py>(
     Ok(out)
 }
 
+/// Peak bytes of the eigendecompositions behind spectra and alignment of layers of widths
+/// `dims` (every layer's eigenvectors held, one solver workspace per worker thread).
+#[pyfunction]
+fn eigs_bytes(dims: Vec<usize>) -> u128 {
+    core_eigs_bytes(&dims)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(moment_measures, m)?)?;
+    m.add_function(wrap_pyfunction!(eigs_bytes, m)?)?;
     Ok(())
 }

@@ -5,7 +5,8 @@ use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::measures::cka::{
-    minibatch_pass, Kernel, MinibatchCka as CoreCka, MinibatchHsic,
+    minibatch_bytes as core_minibatch_bytes, minibatch_pass, Kernel, MinibatchCka as CoreCka,
+    MinibatchHsic,
 };
 use layerscope_core::memory::Budget;
 use layerscope_core::store::stream::Subset;
@@ -213,8 +214,16 @@ fn minibatch_cka_pass<'py>(
     to_dict(py, &r)
 }
 
+/// Peak bytes of the minibatch estimator's state for layers of widths `dims` and batches of
+/// `batch_size` rows (what it checks against the budget before the pass).
+#[pyfunction]
+fn minibatch_bytes(dims: Vec<usize>, batch_size: usize) -> u128 {
+    core_minibatch_bytes(&dims, batch_size)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMinibatchCka>()?;
     m.add_function(wrap_pyfunction!(minibatch_cka_pass, m)?)?;
+    m.add_function(wrap_pyfunction!(minibatch_bytes, m)?)?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use layerscope_core::Error;
 use numpy::ndarray::{Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 
 /// The streaming moment accumulator (see layerscope_core::engine::moments).
 #[pyclass(module = "layerscope._native", name = "MomentAccumulator")]
@@ -470,6 +470,71 @@ fn pair_pass(
     })
 }
 
+/// The plan an exact all-pairs linear pass would run (nothing is read): layers of widths
+/// `dims` (`0..num_a` from the first source), `n` rows, under the budget in force; `strategy`
+/// as in `pair_pass` (None: the cheapest that fits). Returns a dict: `strategy`, `passes`,
+/// `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer), `madds`,
+/// `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`.
+/// MemoryBudgetError (with the minimum that would work) when no plan fits.
+#[pyfunction]
+#[pyo3(signature = (dims, num_a, n, block_rows=None, compute="float64", max_memory=None,
+    strategy=None))]
+#[allow(clippy::too_many_arguments)]
+fn pair_plan<'py>(
+    py: Python<'py>,
+    dims: Vec<usize>,
+    num_a: usize,
+    n: u64,
+    block_rows: Option<usize>,
+    compute: &str,
+    max_memory: Option<u64>,
+    strategy: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let compute = Compute::parse(compute).py_err()?;
+    let budget = Budget::resolve(max_memory).py_err()?;
+    if num_a == 0 || num_a > dims.len() {
+        return Err(Error::invalid(format!(
+            "num_a must be between 1 and {} (the number of layers), got {num_a}",
+            dims.len()
+        )))
+        .py_err();
+    }
+    let plan = py
+        .detach(|| {
+            PairPlan::choose(
+                &dims,
+                num_a,
+                n,
+                block_rows,
+                compute,
+                &budget,
+                strategy.as_deref(),
+            )
+        })
+        .py_err()?;
+    let d = PyDict::new(py);
+    d.set_item("strategy", plan.strategy())?;
+    d.set_item("passes", plan.passes())?;
+    d.set_item("peak_bytes", plan.peak_bytes())?;
+    d.set_item("block_rows", plan.block_rows())?;
+    d.set_item("layer_reads", plan.layer_reads())?;
+    d.set_item("madds", plan.madds(n))?;
+    d.set_item("cost_seconds", plan.cost_seconds(n))?;
+    d.set_item("budget_bytes", budget.bytes)?;
+    d.set_item("budget_source", budget.source.clone())?;
+    Ok(d)
+}
+
+/// Multiply-adds per second of the packed product kernel on this machine in `compute`
+/// arithmetic (layerscope_core::engine::moments::measured_madds_per_s; GIL released).
+#[pyfunction]
+#[pyo3(signature = (compute="float64", seconds=0.2))]
+fn measured_madds_per_s(py: Python<'_>, compute: &str, seconds: f64) -> PyResult<f64> {
+    let compute = Compute::parse(compute).py_err()?;
+    py.detach(|| layerscope_core::engine::moments::measured_madds_per_s(compute, seconds))
+        .py_err()
+}
+
 /// Rows per block the streaming pass uses by default for layers of these widths.
 #[pyfunction]
 #[pyo3(name = "default_block_rows", signature = (dims, compute="float64"))]
@@ -526,6 +591,12 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(moments_pass, m)?)?;
     m.add_class::<PyPairStats>()?;
     m.add_function(wrap_pyfunction!(pair_pass, m)?)?;
+    m.add_function(wrap_pyfunction!(pair_plan, m)?)?;
+    m.add(
+        "PAIR_STRATEGIES",
+        layerscope_core::engine::moments::PAIR_STRATEGIES.to_vec(),
+    )?;
+    m.add_function(wrap_pyfunction!(measured_madds_per_s, m)?)?;
     m.add_function(wrap_pyfunction!(py_default_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(accumulator_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pass_bytes, m)?)?;

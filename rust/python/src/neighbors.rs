@@ -260,8 +260,16 @@ fn knn_bytes(m: usize, d: usize, k: usize) -> u128 {
     layerscope_core::engine::neighbors::knn_bytes(m, d, k)
 }
 
+/// Peak bytes of the RBF HSIC of `layers` Grams of `m` rows, the widest `dmax` wide
+/// (`layerscope_core::measures::kernel::rbf_hsic_bytes`).
+#[pyfunction]
+fn rbf_hsic_bytes(layers: usize, m: usize, dmax: usize) -> u128 {
+    layerscope_core::measures::kernel::rbf_hsic_bytes(layers, m, dmax)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(knn_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(rbf_hsic_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(knn_graph, m)?)?;
     m.add_function(wrap_pyfunction!(id_estimate, m)?)?;
     m.add_function(wrap_pyfunction!(rbf_hsic, m)?)?;

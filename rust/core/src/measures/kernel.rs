@@ -177,6 +177,12 @@ pub struct RbfHsic {
     pub bw_b: Vec<f64>,
 }
 
+/// Peak bytes of [`rbf_hsic`] over `layers` Grams of `m` rows, the widest layer `dmax` wide:
+/// one `m × m` f64 Gram per layer plus one Gram's workspace (what it checks before any Gram).
+pub fn rbf_hsic_bytes(layers: usize, m: usize, dmax: usize) -> u128 {
+    layers as u128 * m as u128 * m as u128 * 8 + rbf_gram_workspace_bytes(m, dmax)
+}
+
 /// RBF HSIC for all pairs: `a` (and optionally `b`) are layers of the same `m` rows, each a
 /// row-major buffer with its width. `unbiased` selects Song et al.'s estimator (needs m ≥ 4).
 /// Memory: one m × m f64 Gram per layer plus one Gram's workspace (checked against `budget`
@@ -200,9 +206,8 @@ pub fn rbf_hsic(
         )));
     }
     let (nl, dmax) = super::count_and_widest(a, b);
-    let grams = nl as u128 * m as u128 * m as u128 * 8;
     budget.check(
-        grams + rbf_gram_workspace_bytes(m, dmax),
+        rbf_hsic_bytes(nl, m, dmax),
         format_args!("{nl} RBF Gram matrices of {m} × {m} rows"),
         format_args!(
             "use a smaller sample (sample=...; at most {} rows fit with these {nl} layers), \

@@ -62,7 +62,7 @@ pub use pairs::PairStats;
 pub use pass::{accumulate, sample_shift, SHIFT_SAMPLE_ROWS};
 pub use plan::{
     accumulator_bytes, check_memory, cross_pass_bytes, default_block_rows, default_block_rows_for,
-    pass_bytes,
+    measured_madds_per_s, pass_bytes,
 };
 pub use tiled::{
     plan_tiles, run_tiled, PairPlan, Piece, Tile, TilePlan, MIN_PIECE_COLUMNS, PAIR_STRATEGIES,

@@ -99,3 +99,43 @@ pub fn cross_pass_bytes(a: &[usize], b: &[usize], block_rows: usize, compute: Co
     };
     super::cross::cross_accumulator_bytes(a, b) + dz * block_rows as u128 * 8 * 2 + pack
 }
+
+/// Multiply-adds per second of the packed product kernel on this machine (every rayon
+/// thread), in the arithmetic of `compute`: repeated SYRKs (`C += UᵀU`) of a 512 × 1024 block
+/// (the shape of a pass's block products) for at least `seconds` and at least three calls; the
+/// best call's rate. It feeds estimated times only (plans are ranked at nominal rates, so a
+/// plan does not depend on how busy the machine was when it was made).
+pub fn measured_madds_per_s(compute: Compute, seconds: f64) -> Result<f64> {
+    use crate::linalg::packed::{syrk_upper_add, Strided};
+    use std::time::Instant;
+    const K: usize = 512;
+    const N: usize = 1024;
+    fn run<T: PackedElem + From<f32>>(seconds: f64) -> Result<f64> {
+        // Values do not change the time of a multiply-add (no denormals: every value is 0.5).
+        let mut u: Vec<T> = crate::linalg::hinted_vec(K * N, "the rate-measuring block")?;
+        u.fill(T::from(0.5));
+        let mut c: Vec<f64> = crate::linalg::hinted_vec(N * N, "the rate-measuring product")?;
+        let mut pack = Vec::new();
+        let view = Strided {
+            u: &u,
+            k: K,
+            n: N,
+            rs: N,
+            cs: 1,
+        };
+        let madds = (K * N * (N + 1) / 2) as f64;
+        let (mut best, mut calls) = (0f64, 0usize);
+        let start = Instant::now();
+        while calls < 3 || start.elapsed().as_secs_f64() < seconds {
+            let t = Instant::now();
+            syrk_upper_add(&mut c, N, view, &mut pack)?;
+            best = best.max(madds / t.elapsed().as_secs_f64().max(1e-9));
+            calls += 1;
+        }
+        Ok(best)
+    }
+    match compute {
+        Compute::F64 => run::<f64>(seconds),
+        Compute::F32 => run::<f32>(seconds),
+    }
+}

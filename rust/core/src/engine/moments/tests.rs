@@ -750,3 +750,13 @@ fn gram_route_equals_the_single_pass() {
     let p = PairPlan::choose(&[768; 13], 13, 1 << 20, None, Compute::F32, &un, None).unwrap();
     assert_eq!(p.strategy(), "single-pass");
 }
+
+#[test]
+fn measured_rate_is_a_finite_positive_rate() {
+    for compute in [Compute::F64, Compute::F32] {
+        let r = measured_madds_per_s(compute, 0.0).unwrap();
+        // three 512 × 1024 SYRKs: any machine that runs the tests does more than 1e7/s and
+        // no two cores do 1e13/s
+        assert!(r.is_finite() && r > 1e7 && r < 1e13, "{compute:?}: {r}");
+    }
+}

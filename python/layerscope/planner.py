@@ -1,0 +1,340 @@
+"""The plan of a call, before it runs: ``layerscope.plan(...)`` and ``layerscope plan``.
+
+Every measure checks its exact peak-byte formula against the memory budget before it reads
+a row; this module asks the same questions without reading anything and says which plan a
+call would run, what it costs and why the others were not taken:
+
+* linear CKA (biased or debiased): the three exact plans of
+  ``layerscope_core::engine::moments`` (``PairPlan::choose``): ``"single-pass"`` (one
+  ``(D + L)² · 8``-byte accumulator), ``"tiled"`` (groups of layers or feature-column blocks
+  whose accumulators fit, one pass per tile: the same multiply-adds, more bytes read) and
+  ``"gram"`` (per-layer centred ``n × n`` Grams: ``n² d / 2`` multiply-adds per layer);
+  the cheapest that fits is taken (ranked at nominal rates), ``strategy=`` forces one;
+* RBF CKA: ``"sampled-gram"`` (one ``m × m`` Gram per layer on a seeded sample of ``m`` rows);
+* the minibatch estimator: ``"minibatch"`` (one streamed pass, per-batch Grams);
+* spectra and alignment (``measure="spectrum"`` / ``"alignment"``): ``"single-pass"``
+  moments, then the eigendecompositions of the layers used (``eigs_bytes``) with the
+  moments still held.
+
+``estimated_seconds`` = the plan's multiply-adds at the rate this machine's packed product
+kernel reaches (measured once per process, :func:`gemm_rate`) + the values it reads at
+:data:`READ_VALUES_PER_S` (a store in the page cache or on local NVMe; a network disk is
+slower). It is an estimate for planning, not a promise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import _native
+from ._memory import add_max_memory_arg, max_memory_bytes, memory_budget
+from ._moments import _itemsize, measure_tiles, resolve_compute
+from ._source import Source, check_comparable, resolve
+from .cka import DEFAULT_BATCH_SIZE, ESTIMATORS, KERNELS
+from .errors import InvalidArgumentError, MemoryBudgetError
+
+#: Values read (and converted to the compute type) per second in the time estimate.
+READ_VALUES_PER_S = 1e9
+
+MEASURES = ("cka", "spectrum", "alignment")
+
+
+@functools.cache
+def gemm_rate(compute: str = "float64") -> float:
+    """Multiply-adds per second of the packed product kernel on this machine (all threads)
+    in ``compute`` arithmetic, measured once per process (about 0.2 s;
+    ``layerscope_core::engine::moments::measured_madds_per_s``)."""
+    return float(_native.measured_madds_per_s(compute))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a call would do. Byte counts are exact (the formulas the measure checks); the
+    time is an estimate (see the module docstring)."""
+
+    measure: str
+    kernel: str
+    estimator: str
+    strategy: str
+    passes: int
+    peak_bytes: int
+    budget_bytes: int
+    budget_source: str
+    bytes_read: int
+    bytes_selected: int
+    flops: int
+    block_rows: int
+    n: int
+    layers: list[str]
+    other_layers: list[str]
+    dims: list[int]
+    compute: str
+    estimated_seconds: float
+    gemm_flops_per_s: float
+    alternatives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        from .store import _human
+
+        what = self.measure if self.measure != "cka" else \
+            f"{self.kernel} CKA ({self.estimator})"
+        sides = f"{len(self.layers)} layers" + (
+            f" × {len(self.other_layers)} layers" if self.other_layers else "")
+        lines = [
+            f"plan: {what} over {sides} (D = {sum(self.dims)}), n = {self.n} rows, "
+            f"compute {self.compute}",
+            f"  strategy      {self.strategy}",
+            f"  passes        {self.passes}",
+            f"  peak memory   {_human(self.peak_bytes)} of a {_human(self.budget_bytes)} "
+            f"budget ({self.budget_source})",
+            f"  bytes read    {_human(self.bytes_read)} "
+            f"({self.bytes_read / max(self.bytes_selected, 1):.2f}× the "
+            f"{_human(self.bytes_selected)} selected)",
+            f"  FLOPs         {self.flops:.3e}",
+            f"  est. time     {_fmt_seconds(self.estimated_seconds)} (products at "
+            f"{self.gemm_flops_per_s / 1e9:.0f} GFLOP/s measured here, reads at "
+            f"{READ_VALUES_PER_S / 1e9:.0f}e9 values/s)",
+        ]
+        if self.alternatives:
+            lines.append("  alternatives:")
+            for name, alt in self.alternatives.items():
+                if alt.get("fits"):
+                    lines.append(
+                        f"    {name:<12} {alt['passes']} pass(es), peak "
+                        f"{_human(alt['peak_bytes'])}, est. "
+                        f"{_fmt_seconds(alt['estimated_seconds'])}")
+                else:
+                    lines.append(f"    {name:<12} does not fit: {alt['reason']}")
+        lines += [f"  note: {x}" for x in self.notes]
+        return "\n".join(lines)
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.3g} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def plan(
+    source: Any,
+    other: Any = None,
+    *,
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    measure: str = "cka",
+    kernel: str = "linear",
+    estimator: str = "biased",
+    max_memory: int | str | None = None,
+    compute: str = "auto",
+    strategy: str | None = None,
+    block_rows: int | None = None,
+    sample: int | None = None,
+    batch_size: int | None = None,
+) -> Plan:
+    """The plan the call ``measure(source, other, ...)`` would run, without reading a row.
+
+    ``measure``: ``"cka"`` (with ``kernel`` and ``estimator`` as in :func:`layerscope.cka`),
+    ``"spectrum"`` or ``"alignment"``; ``max_memory``, ``compute``, ``strategy``,
+    ``block_rows``, ``sample``, ``batch_size``: as in the measure. Raises
+    :class:`MemoryBudgetError` (with the minimum that would work) when no plan fits — the
+    error the call itself would raise before reading anything.
+
+    Example::
+
+        >>> p = layerscope.plan("acts/", max_memory="4G")
+        >>> p.strategy, p.passes, p.peak_bytes, p.estimated_seconds
+    """
+    if measure not in MEASURES:
+        raise InvalidArgumentError(f"measure must be one of {MEASURES}, got {measure!r}")
+    if kernel not in KERNELS:
+        raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if estimator not in ESTIMATORS:
+        raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if measure == "spectrum" and other is not None:
+        raise InvalidArgumentError("measure='spectrum' takes one source (no other=)")
+    linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"
+    if strategy is not None and not linear:
+        raise InvalidArgumentError(
+            "strategy= chooses among the exact linear CKA plans ('single-pass', 'tiled', "
+            "'gram'); it does not apply here")
+    budget = max_memory_bytes(max_memory)
+    a = resolve(source)
+    la = a.select(layers)
+    parts: list[tuple[Source, list[str]]] = [(a, la)]
+    lb: list[str] = []
+    if other is not None:
+        b = resolve(other)
+        lb = b.select(other_layers)
+        check_comparable(a, b)
+        parts.append((b, lb))
+    dims = [src.dims[x] for src, ls in parts for x in ls]
+    item = [_itemsize(src, x) for src, ls in parts for x in ls]
+    n = int(a.num_rows)
+    if n == 0:
+        raise InvalidArgumentError("the source has no rows: there is nothing to plan")
+    if not linear:
+        compute = "float64"  # RBF, minibatch, spectra and alignment compute in float64
+    compute = resolve_compute(compute, parts)
+    selected = sum(n * d * s for d, s in zip(dims, item))
+    common = dict(
+        measure=measure, kernel=kernel if measure == "cka" else "linear",
+        estimator=estimator if measure == "cka" else "-", n=n, layers=la,
+        other_layers=lb, dims=dims, compute=compute, bytes_selected=selected,
+    )
+    if linear:
+        return _linear_plan(dims, len(la), n, item, block_rows, compute, budget, strategy,
+                            common)
+    rate = 2 * gemm_rate(compute)
+    bud = memory_budget(budget)
+    if measure == "cka" and kernel == "rbf" and estimator != "minibatch":
+        from ._kernel import DEFAULT_SAMPLE_CAP
+
+        m = min(n, int(sample)) if sample is not None else min(n, DEFAULT_SAMPLE_CAP)
+        peak = m * sum(dims) * 8 + int(_native.rbf_hsic_bytes(len(dims), m, max(dims)))
+        flops = m * m * sum(dims) + 2 * m * m * len(dims) ** 2
+        read = m * sum(d * s for d, s in zip(dims, item))
+        p = Plan(strategy="sampled-gram", passes=1, peak_bytes=peak, bytes_read=read,
+                 flops=flops, block_rows=m, estimated_seconds=flops / rate
+                 + m * sum(dims) / READ_VALUES_PER_S, gemm_flops_per_s=rate,
+                 budget_bytes=bud.bytes, budget_source=bud.source,
+                 notes=[f"RBF CKA runs on a seeded sample of {m} of the {n} rows"], **common)
+    elif measure == "cka":  # minibatch
+        bs = int(batch_size) if batch_size is not None else DEFAULT_BATCH_SIZE
+        rows = min(n, int(sample)) if sample is not None else n
+        peak = int(_native.minibatch_bytes(dims, bs))
+        flops = rows * bs * sum(dims) + 2 * rows * bs * len(dims) ** 2
+        p = Plan(strategy="minibatch", passes=1, peak_bytes=peak,
+                 bytes_read=rows * sum(d * s for d, s in zip(dims, item)), flops=flops,
+                 block_rows=bs, estimated_seconds=flops / rate
+                 + rows * sum(dims) / READ_VALUES_PER_S, gemm_flops_per_s=rate,
+                 budget_bytes=bud.bytes, budget_source=bud.source, **common)
+    else:
+        p = _moment_measure_plan(dims, len(la), n, item, block_rows, compute, budget, common,
+                                 measure, rate, bud)
+    _check(p)
+    return p
+
+
+def _check(p: Plan) -> None:
+    """The error the call would raise before reading anything."""
+    _native.check_budget(p.peak_bytes, f"{p.strategy} ({p.measure})",
+                         "give a larger max_memory or select fewer layers",
+                         p.budget_bytes)
+
+
+def _linear_plan(
+    dims: list[int], num_a: int, n: int, item: list[int], block_rows: int | None,
+    compute: str, budget: int | None, strategy: str | None, common: dict[str, Any],
+) -> Plan:
+    rate = 2 * gemm_rate(compute)
+
+    def describe(d: dict[str, Any]) -> dict[str, Any]:
+        reads = [int(r) for r in d["layer_reads"]]
+        values = sum(r * n * w for r, w in zip(reads, dims))
+        flops = 2 * int(d["madds"])
+        return {
+            "fits": True, "passes": int(d["passes"]), "peak_bytes": int(d["peak_bytes"]),
+            "block_rows": int(d["block_rows"]), "flops": flops,
+            "bytes_read": sum(r * n * w * s for r, w, s in zip(reads, dims, item)),
+            "estimated_seconds": flops / rate + values / READ_VALUES_PER_S,
+        }
+
+    alternatives: dict[str, dict[str, Any]] = {}
+    for s in _native.PAIR_STRATEGIES:
+        try:
+            alternatives[s] = describe(_native.pair_plan(
+                dims, num_a, n, block_rows=block_rows, compute=compute, max_memory=budget,
+                strategy=s))
+        except MemoryBudgetError as e:
+            alternatives[s] = {"fits": False, "reason": str(e)}
+    d = _native.pair_plan(dims, num_a, n, block_rows=block_rows, compute=compute,
+                          max_memory=budget, strategy=strategy)
+    chosen = describe(d)
+    return Plan(
+        strategy=str(d["strategy"]), passes=chosen["passes"], peak_bytes=chosen["peak_bytes"],
+        budget_bytes=int(d["budget_bytes"]), budget_source=str(d["budget_source"]),
+        bytes_read=chosen["bytes_read"], flops=chosen["flops"],
+        block_rows=chosen["block_rows"], estimated_seconds=chosen["estimated_seconds"],
+        gemm_flops_per_s=rate, alternatives=alternatives, **common,
+    )
+
+
+def _moment_measure_plan(
+    dims: list[int], num_a: int, n: int, item: list[int], block_rows: int | None,
+    compute: str, budget: int | None, common: dict[str, Any], measure: str, rate: float,
+    bud: Any,
+) -> Plan:
+    """Spectra and alignment (:func:`layerscope._moments.measure_tiles`): one moment pass
+    when every layer fits with its eigendecomposition, else tiles of layers, one pass each."""
+    strategy, tiles, peak = measure_tiles(dims, num_a, n, compute, budget, measure)
+    read = sum(n * dims[i] * item[i] for t in tiles for i in t)
+    values = sum(n * dims[i] for t in tiles for i in t)
+    flops = sum(n * sum(dims[i] for i in t) * (sum(dims[i] for i in t) + 1) for t in tiles)
+    eig = sum(10 * dims[i] ** 3 for t in tiles for i in t)
+    names = common["layers"] + common["other_layers"]
+    notes = ["eigendecompositions (about 10·d³ FLOPs per layer) are counted in the time, "
+             "not in flops"]
+    if strategy != "single-pass":
+        notes.append("tiles: " + "; ".join(",".join(names[i] for i in t) for t in tiles))
+    br = min(int(_native.default_block_rows(dims, compute)), n) if block_rows is None \
+        else int(block_rows)
+    return Plan(
+        strategy=strategy, passes=len(tiles), peak_bytes=peak, budget_bytes=bud.bytes,
+        budget_source=bud.source, bytes_read=read, flops=flops, block_rows=br,
+        estimated_seconds=(flops + eig) / rate + values / READ_VALUES_PER_S,
+        gemm_flops_per_s=rate, notes=notes, **common,
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: Any) -> None:
+    """``layerscope plan STORE [OTHER] [--measure] [--max-memory 4G] [--json]``."""
+    p = sub.add_parser(
+        "plan",
+        help="show the plan of a computation (strategy, passes, memory, bytes read, FLOPs, "
+        "estimated time) without running it",
+        description="What `layerscope cka/align/spectrum` would do on STORE (× OTHER) "
+        "under the memory budget: the strategy taken and why (the alternatives that do not "
+        "fit, with what they would need), passes, peak memory, bytes read, FLOPs and an "
+        "estimated time from this machine's measured product rate. Reads only manifests.",
+    )
+    p.add_argument("store", help="store folder")
+    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    p.add_argument("--measure", default="cka", choices=list(MEASURES))
+    p.add_argument("--kernel", default="linear", choices=list(KERNELS))
+    p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
+    p.add_argument("--strategy", default=None, choices=list(_native.PAIR_STRATEGIES),
+                   help="force one exact linear CKA plan")
+    p.add_argument("--layers", nargs="+", default=None)
+    p.add_argument("--other-layers", nargs="+", default=None)
+    p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"])
+    p.add_argument("--sample", type=int, default=None, help="RBF: rows to sample")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch rows")
+    add_max_memory_arg(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    p = plan(
+        args.store, args.other, layers=args.layers, other_layers=args.other_layers,
+        measure=args.measure, kernel=args.kernel, estimator=args.estimator,
+        max_memory=args.max_memory, compute=args.compute, strategy=args.strategy,
+        sample=args.sample, batch_size=args.batch_size,
+    )
+    print(json.dumps(p.to_dict(), indent=2) if args.json else str(p))
+    return 0
