@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import layerscope
+import layerscope.planner
 import numpy as np
 import pytest
 from layerscope import InvalidArgumentError, MemoryBudgetError, cka, write_store
@@ -126,20 +127,53 @@ def test_alignment_under_layer_tiles(method: str, k: int | str) -> None:
                 assert abs(tiled.values[i, j] - ref_procrustes(d[a], d[b])) <= 1e-10
 
 
-def test_spectrum_under_layer_tiles() -> None:
+def test_spectrum_runs_per_layer() -> None:
     d = adversarial()
     n = 150
-    budget = int(measure_peak([300], n, "float64") * 1.05)
-    one = layerscope.spectrum(d, progress=False)
-    tiled = layerscope.spectrum(d, max_memory=budget, progress=False)
-    assert tiled.meta["plan"]["strategy"] == "layer-tiles" and tiled.meta["plan"]["passes"] >= 2
-    assert tiled.meta["plan"]["bytes_read"] == one.meta["plan"]["bytes_read"]  # once each
-    for name, x in d.items():
-        want = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
-        got = tiled.eigenvalues[name]
-        assert np.abs(got - one.eigenvalues[name]).max() <= 1e-12 * want[0]
-        assert np.abs(got - want).max() <= 1e-9 * want[0], name
-        assert tiled.table[name] == one.table[name]
+    budget = int(measure_peak([300], n, "float64") * 1.05)  # the widest layer alone
+    # the reference pass: every layer at once (analyze with a pair measure)
+    one = layerscope.analyze(d, measures=["spectrum", "cka"], progress=False)["spectrum"]
+    assert one.meta["plan"]["strategy"] == "single-pass"
+    for kw in ({}, {"max_memory": budget}):
+        per = layerscope.spectrum(d, progress=False, **kw)
+        plan = per.meta["plan"]
+        assert plan["strategy"] == "per-layer" and plan["passes"] == 4, plan
+        assert plan["bytes_read"] == one.meta["plan"]["bytes_read"]  # each layer once
+        assert plan["flops"] == n * sum(x.shape[1] * (x.shape[1] + 1) for x in d.values())
+        for name, x in d.items():
+            want = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+            got = per.eigenvalues[name]
+            assert np.abs(got - one.eigenvalues[name]).max() <= 1e-12 * want[0]
+            assert np.abs(got - want).max() <= 1e-9 * want[0], name
+            assert per.table[name] == one.table[name]
+    with pytest.raises(MemoryBudgetError, match="spectrum of a layer of width 300"):
+        layerscope.spectrum(d, max_memory=budget // 2, progress=False)
+
+
+def test_plan_of_a_store_not_yet_made() -> None:
+    p = layerscope.planner.plan_shapes([4096] * 33, 10**6, max_memory="16G")
+    assert p.strategy == "tiled" and p.compute == "float32" and p.passes > 1
+    assert p.bytes_selected == 33 * 4096 * 10**6 * 2  # bf16
+    assert p.peak_bytes <= 16 << 30
+    # the multiply-adds of a tiled pass are those of one pass: D(D+1)/2 per row
+    assert p.flops == 2 * 10**6 * (33 * 4096) * (33 * 4096 + 1) // 2
+    g = layerscope.planner.plan_shapes([4096] * 33, 2048)
+    assert g.strategy == "gram"
+    a = layerscope.planner.plan_shapes([8192] * 80, 10**7, measure="alignment",
+                                       max_memory="64G")
+    assert a.strategy == "layer-tiles" and a.peak_bytes <= 64 << 30
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        layerscope.planner.plan_shapes([8], 10, dtype="int4")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", "--shape", "32x4096", "--rows", "1e6", "--max-memory", "16G",
+                     "--json"]) == 0
+    got = json.loads(out.getvalue())
+    assert got["strategy"] == "tiled" and got["dims"] == [4096] * 32
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["plan", "--shape", "32x4096"]) == 1
+    assert "--rows" in err.getvalue()
 
 
 def test_analyze_across_two_stores_under_layer_tiles(tmp_path: Path) -> None:

@@ -283,9 +283,11 @@ def measure_tiles(
     (``0..num_a`` from the first source, the rest from the second) accumulated in one pass
     and then decomposed (:func:`measure_peak`).
 
-    * ``"single-pass"``: every layer in one tile, when it fits;
-    * ``"layer-tiles"``: spectra need each layer's whole ``C_ii`` — groups of layers, one
-      pass each; alignment needs ``C_ii``, ``C_jj`` and ``C_ij`` of every pair at once —
+    * spectra: ``"per-layer"`` — each layer's ``C_ii`` in its own pass (``"single-pass"``
+      for one layer): every layer is read once either way, and the products are
+      ``n Σ d_i²`` instead of the ``n D²`` of the cross blocks no spectrum uses;
+    * ``"single-pass"``: every layer in one tile, when it fits (alignment);
+    * ``"layer-tiles"``: alignment needs ``C_ii``, ``C_jj`` and ``C_ij`` of every pair at once —
       the layers of each side in groups of at most ``W`` columns (``W`` the widest that
       fits), one pass per pair of groups (one source: each unordered pair of distinct groups,
       so every layer pair lies in some tile; two sources: every first-source group with
@@ -306,16 +308,9 @@ def measure_tiles(
             peaks[worst], f"the spectrum of a layer of width {dims[worst]} (its d × d "
             "moments and their eigendecomposition at once)",
             "a spectrum cannot be split across passes", max_memory)
-        if measure_peak(dims, n, compute) <= budget:
-            return "single-pass", [every], measure_peak(dims, n, compute)
-        tiles: list[list[int]] = [[]]
-        for i in every:
-            if tiles[-1] and measure_peak([dims[j] for j in tiles[-1] + [i]], n,
-                                          compute) > budget:
-                tiles.append([])
-            tiles[-1].append(i)
-        return "layer-tiles", tiles, max(
-            measure_peak([dims[j] for j in t], n, compute) for t in tiles)
+        if len(dims) == 1:
+            return "single-pass", [every], peaks[0]
+        return "per-layer", [[i] for i in every], peaks[worst]
     if measure != "alignment":
         raise InvalidArgumentError(f"unknown moment measure {measure!r}")
     whole = measure_peak(dims, n, compute)

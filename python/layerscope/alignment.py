@@ -3,10 +3,11 @@
 Every quantity here is a function of the centred cross-products ``C_ij = Σ_a (x_a − x̄)(y_a − ȳ)ᵀ``
 accumulated in ONE streaming pass (:func:`layerscope._moments.compute_moments`), so spectra,
 alignment and linear CKA can be computed together without reading the data twice
-(:func:`analyze`). When one pass over every selected layer (and the eigendecompositions
-held with it) does not fit the memory budget, the same measures run in layer tiles (spectra:
-groups of layers; alignment and CKA: unions of two layer groups, one pass each; see
-:func:`layerscope._moments.measure_tiles`), with the same sums and so the same answers;
+(:func:`analyze`). Spectra alone run one pass per layer (each layer read once, no
+cross blocks computed). When one pass over every selected layer (and the eigendecompositions
+held with it) does not fit the memory budget, alignment and ``analyze`` run in layer tiles
+(unions of two layer groups, one pass each; see :func:`layerscope._moments.measure_tiles`),
+with the same sums and so the same answers;
 ``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs. Formulas, sources and the quantities that coincide are in
 ``docs/alignment.md``; in short, with ``C_ii = V_i Λ_i V_iᵀ`` and ``Σ_i = Λ_i^{1/2}``:
 
@@ -384,10 +385,12 @@ class _Tiles:
             for p, tile in enumerate(self.tiles):
                 ta = [self.names[i] for i in tile if i < self.num_a]
                 tb = [self.names[i] for i in tile if i >= self.num_a]
+                # a tile of second-source layers only (their spectra) reads that source
+                first, fl, second, sl = ((self.a, ta, self.b if tb else None, tb or None)
+                                         if ta else (self.b, tb, None, None))
                 m, meta = compute_moments(
-                    self.a, ta, self.b if tb else None, tb or None,
-                    progress=prog.pass_cb(p) or False, max_memory=self.budget,
-                    compute=self.compute)
+                    first, fl, second, sl, progress=prog.pass_cb(p) or False,
+                    max_memory=self.budget, compute=self.compute)
                 each(tile, m, {g: k for k, g in enumerate(tile)})
                 metas.append(meta)
         meta = dict(metas[0])

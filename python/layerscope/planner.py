@@ -12,9 +12,11 @@ call would run, what it costs and why the others were not taken:
   the cheapest that fits is taken (ranked at nominal rates), ``strategy=`` forces one;
 * RBF CKA: ``"sampled-gram"`` (one ``m × m`` Gram per layer on a seeded sample of ``m`` rows);
 * the minibatch estimator: ``"minibatch"`` (one streamed pass, per-batch Grams);
-* spectra and alignment (``measure="spectrum"`` / ``"alignment"``): ``"single-pass"``
-  moments, then the eigendecompositions of the layers used (``eigs_bytes``) with the
-  moments still held.
+* spectra (``measure="spectrum"``): ``"per-layer"`` (each layer's moments in its own pass,
+  then its eigendecomposition); alignment (``"alignment"``): ``"single-pass"`` moments and
+  the eigendecompositions of the layers used held with them, or ``"layer-tiles"`` (one
+  pass per pair of layer groups) when that does not fit
+  (:func:`layerscope._moments.measure_tiles`).
 
 ``estimated_seconds`` = the plan's multiply-adds at the rate this machine's packed product
 kernel reaches (measured once per process, :func:`gemm_rate`) + the values it reads at
@@ -156,19 +158,7 @@ def plan(
         >>> p = layerscope.plan("acts/", max_memory="4G")
         >>> p.strategy, p.passes, p.peak_bytes, p.estimated_seconds
     """
-    if measure not in MEASURES:
-        raise InvalidArgumentError(f"measure must be one of {MEASURES}, got {measure!r}")
-    if kernel not in KERNELS:
-        raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if estimator not in ESTIMATORS:
-        raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if measure == "spectrum" and other is not None:
-        raise InvalidArgumentError("measure='spectrum' takes one source (no other=)")
-    linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"
-    if strategy is not None and not linear:
-        raise InvalidArgumentError(
-            "strategy= chooses among the exact linear CKA plans ('single-pass', 'tiled', "
-            "'gram'); it does not apply here")
+    linear = _check_options(measure, kernel, estimator, strategy, other is not None)
     budget = max_memory_bytes(max_memory)
     a = resolve(source)
     la = a.select(layers)
@@ -181,12 +171,89 @@ def plan(
         parts.append((b, lb))
     dims = [src.dims[x] for src, ls in parts for x in ls]
     item = [_itemsize(src, x) for src, ls in parts for x in ls]
-    n = int(a.num_rows)
-    if n == 0:
-        raise InvalidArgumentError("the source has no rows: there is nothing to plan")
     if not linear:
         compute = "float64"  # RBF, minibatch, spectra and alignment compute in float64
     compute = resolve_compute(compute, parts)
+    return _plan(dims, item, int(a.num_rows), la, lb, compute, measure=measure, kernel=kernel,
+                 estimator=estimator, budget=budget, strategy=strategy,
+                 block_rows=block_rows, sample=sample, batch_size=batch_size)
+
+
+def plan_shapes(
+    widths: Sequence[int],
+    rows: int,
+    *,
+    other_widths: Sequence[int] | None = None,
+    dtype: str = "bfloat16",
+    measure: str = "cka",
+    kernel: str = "linear",
+    estimator: str = "biased",
+    max_memory: int | str | None = None,
+    compute: str = "auto",
+    strategy: str | None = None,
+    block_rows: int | None = None,
+    sample: int | None = None,
+    batch_size: int | None = None,
+) -> Plan:
+    """:func:`plan` for a store that does not exist yet: layers of ``widths`` over ``rows``
+    rows stored as ``dtype`` (``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``),
+    e.g. ``plan_shapes([4096] * 33, 10**6)`` for a 7B model's residual stream (layers are
+    named ``"0"``, ``"1"``, …; ``other_widths`` the second store's, ``"other:0"``, …).
+    ``compute="auto"``: float32 products for stores of 32 bits or fewer."""
+    from ._moments import _ITEMSIZE
+
+    size = _ITEMSIZE.get(str(dtype).lower())
+    if size is None:
+        raise InvalidArgumentError(
+            f"dtype must be one of bfloat16, float16, float32, float64, got {dtype!r}")
+    widths = [int(w) for w in widths]
+    ow = [int(w) for w in other_widths] if other_widths is not None else []
+    if not widths or min(widths + ow) < 1:
+        raise InvalidArgumentError("widths must be a non-empty list of positive integers")
+    linear = _check_options(measure, kernel, estimator, strategy, bool(ow))
+    from ._moments import check_compute
+
+    compute = check_compute(compute)
+    if not linear:
+        compute = "float64"
+    elif compute == "auto":
+        compute = "float64" if size == 8 else "float32"
+    la = [str(i) for i in range(len(widths))]
+    lb = [f"other:{i}" for i in range(len(ow))]
+    return _plan(widths + ow, [size] * (len(widths) + len(ow)), int(rows), la, lb, compute,
+                 measure=measure, kernel=kernel, estimator=estimator,
+                 budget=max_memory_bytes(max_memory), strategy=strategy,
+                 block_rows=block_rows, sample=sample, batch_size=batch_size)
+
+
+def _check_options(
+    measure: str, kernel: str, estimator: str, strategy: str | None, two: bool,
+) -> bool:
+    """Validate the options of a plan; True for the exact linear CKA plans."""
+    if measure not in MEASURES:
+        raise InvalidArgumentError(f"measure must be one of {MEASURES}, got {measure!r}")
+    if kernel not in KERNELS:
+        raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if estimator not in ESTIMATORS:
+        raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if measure == "spectrum" and two:
+        raise InvalidArgumentError("measure='spectrum' takes one source (no other=)")
+    linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"
+    if strategy is not None and not linear:
+        raise InvalidArgumentError(
+            "strategy= chooses among the exact linear CKA plans ('single-pass', 'tiled', "
+            "'gram'); it does not apply here")
+    return linear
+
+
+def _plan(
+    dims: list[int], item: list[int], n: int, la: list[str], lb: list[str], compute: str, *,
+    measure: str, kernel: str, estimator: str, budget: int | None, strategy: str | None,
+    block_rows: int | None, sample: int | None, batch_size: int | None,
+) -> Plan:
+    if n <= 0:
+        raise InvalidArgumentError("the source has no rows: there is nothing to plan")
+    linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"
     selected = sum(n * d * s for d, s in zip(dims, item))
     common = dict(
         measure=measure, kernel=kernel if measure == "cka" else "linear",
@@ -258,7 +325,8 @@ def _linear_plan(
                 dims, num_a, n, block_rows=block_rows, compute=compute, max_memory=budget,
                 strategy=s))
         except MemoryBudgetError as e:
-            alternatives[s] = {"fits": False, "reason": str(e)}
+            # what it needs against the budget (the advice after it is for a forced call)
+            alternatives[s] = {"fits": False, "reason": str(e).split("; ")[0]}
     d = _native.pair_plan(dims, num_a, n, block_rows=block_rows, compute=compute,
                           max_memory=budget, strategy=strategy)
     chosen = describe(d)
@@ -312,8 +380,17 @@ def add_cli(sub: Any) -> None:
         "fit, with what they would need), passes, peak memory, bytes read, FLOPs and an "
         "estimated time from this machine's measured product rate. Reads only manifests.",
     )
-    p.add_argument("store", help="store folder")
+    p.add_argument("store", nargs="?", default=None,
+                   help="store folder (or give --shape and --rows for a store not yet made)")
     p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    p.add_argument("--shape", default=None, metavar="LxD", type=_shape,
+                   help="no store: L layers of width D (e.g. 32x4096; several: 12x768,1x3072)")
+    p.add_argument("--other-shape", default=None, metavar="LxD", type=_shape,
+                   help="no store: the second model's layers")
+    p.add_argument("--rows", type=_rows, default=None, help="no store: rows (e.g. 1e6)")
+    p.add_argument("--dtype", default="bfloat16",
+                   choices=["bfloat16", "float16", "float32", "float64"],
+                   help="no store: the stored dtype (default bfloat16)")
     p.add_argument("--measure", default="cka", choices=list(MEASURES))
     p.add_argument("--kernel", default="linear", choices=list(KERNELS))
     p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
@@ -329,12 +406,45 @@ def add_cli(sub: Any) -> None:
     p.set_defaults(func=_cmd_plan)
 
 
+def _shape(text: str) -> list[int]:
+    """``"32x4096"`` or ``"12x768,1x3072"`` → the widths."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            count, width = part.lower().split("x")
+            out += [int(width)] * int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not LxD (e.g. 32x4096, or 12x768,1x3072)") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: layers and widths must be positive")
+    return out
+
+
+def _rows(text: str) -> int:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows") from None
+    if not v.is_integer() or v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of rows")
+    return int(v)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
-    p = plan(
-        args.store, args.other, layers=args.layers, other_layers=args.other_layers,
-        measure=args.measure, kernel=args.kernel, estimator=args.estimator,
-        max_memory=args.max_memory, compute=args.compute, strategy=args.strategy,
-        sample=args.sample, batch_size=args.batch_size,
-    )
+    opts = dict(measure=args.measure, kernel=args.kernel, estimator=args.estimator,
+                max_memory=args.max_memory, compute=args.compute, strategy=args.strategy,
+                sample=args.sample, batch_size=args.batch_size)
+    if args.store is None:
+        if args.shape is None or args.rows is None:
+            raise InvalidArgumentError("give a STORE, or --shape and --rows")
+        p = plan_shapes(args.shape, args.rows, other_widths=args.other_shape,
+                        dtype=args.dtype, **opts)  # type: ignore[arg-type]
+    else:
+        if args.shape is not None or args.other_shape is not None or args.rows is not None:
+            raise InvalidArgumentError("--shape, --other-shape and --rows replace STORE; "
+                                       "give one or the other")
+        p = plan(args.store, args.other, layers=args.layers, other_layers=args.other_layers,
+                 **opts)  # type: ignore[arg-type]
     print(json.dumps(p.to_dict(), indent=2) if args.json else str(p))
     return 0
