@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ["bench_store.py", "bench_cka.py", "bench_align.py", "bench_id.py", "bench_capture.py"]
+SCRIPTS = [
+    "bench_store.py", "bench_cka.py", "bench_align.py", "bench_id.py", "bench_capture.py",
+    "bench_scale.py",
+]
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ about 100× the spread), n rows, stored as bf16. Every method computes the full 
   pair at a time): a few pairs are timed and the total is extrapolated (labelled).
   ``make bench`` installs them (``make bench-deps``); missing ones are skipped.
 
-Each method runs in its own child process so that its peak RSS (``ru_maxrss`` minus the
+Each method runs in its own child process so that its peak RSS (``VmHWM`` minus the
 child's RSS before the method) is its own. Reported: seconds, ratio to layerscope, achieved
 GFLOP/s on the symmetric product (``n·D²`` flops for ``ZᵀZ`` by SYRK) against the machine's
 dgemm and sgemm rates measured by numpy in the same run, peak extra RSS, and the max
@@ -52,6 +52,12 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
+    """Peak RSS (MiB): VmHWM, per address space (``ru_maxrss`` is carried across fork + exec
+    from the parent, so a child's would start at the bench process's own peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -253,6 +253,32 @@ def test_fallback_through_analyze_gives_the_same_numbers(
                                    result_from_dict(ref[key]).values, rtol=1e-10, atol=1e-12)
 
 
+def test_one_pass_over_budget_falls_back_to_planned_passes(
+        stores: tuple[object, object], single: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """When one pass over every layer does not fit, the report's moment measures go through
+    layerscope.analyze (which plans layer tiles) instead of being skipped."""
+    real = report_mod._api
+
+    def over_budget(*args: object, **kw: object) -> None:
+        raise layerscope.MemoryBudgetError("one pass over all layers needs more (test)")
+
+    def fake(module: str, name: str):
+        if module == "alignment" and name == "_compute_moments":
+            return over_budget
+        return real(module, name)
+
+    monkeypatch.setattr(report_mod, "_api", fake)
+    path = layerscope.report(stores[0], out=tmp_path, sample=SAMPLE, bootstrap=0, rbf=False,
+                             progress=False)
+    data = _results(path)
+    assert data["notes"] == [] and "layer tiles" in data["parameters"]["moment_passes"]
+    ref = _results(single)["results"]["source"]
+    for key in ("cka_linear_biased", "cka_linear_debiased", "subspace_overlap"):
+        np.testing.assert_allclose(result_from_dict(data["results"]["source"][key]).values,
+                                   result_from_dict(ref[key]).values, rtol=1e-10, atol=1e-12)
+
+
 def test_degenerate_layer_is_left_out_with_a_note(tmp_path: Path) -> None:
     """A constant layer has no spectrum, no RBF bandwidth and no neighbours: the report leaves
     that layer out of those tables (NaN, named in the notes) and keeps the others."""

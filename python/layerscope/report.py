@@ -36,7 +36,7 @@ import numpy as np
 
 from . import _html
 from ._source import Source, check_comparable, resolve
-from .errors import LayerscopeError
+from .errors import LayerscopeError, MemoryBudgetError
 from .results import Result, _jsonable, atomic_write_text
 
 ADJ_THRESHOLD = 0.95  # "redundant neighbour" threshold used in the summary lines
@@ -251,9 +251,12 @@ def _moments(sides: list[_Side], cross: _Side | None, notes: list[str], progress
     try:
         _one_pass(sides, cross, notes, progress)
         return "one moment pass over all layers of all inputs"
-    except _Unavailable:
+    except (_Unavailable, MemoryBudgetError):
+        # one pass over everything does not fit: analyze per input plans its own passes
+        # (layer tiles when needed)
         _public_passes(sides, cross, notes, progress)
-        return "layerscope.analyze per input (one pass each, plus one for the cross tables)"
+        return ("layerscope.analyze per input (its own plan: one pass or layer tiles each, "
+                "plus the cross tables)")
     except LayerscopeError as e:
         notes.append(f"moment measures: skipped — {type(e).__name__}: {e}")
         return "failed"
