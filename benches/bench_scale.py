@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,21 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mb() -> float:
-    """Peak RSS (MiB): VmHWM, per address space (``ru_maxrss`` is carried across fork + exec
-    from the parent, so a child's would start at the bench process's own peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench_cka import _timed, gemm_rates, peak_mb, rss_mb  # one copy of the shared helpers
 
 
 def make_store(path: Path, n: int, nl: int, d: int, seed: int = 0) -> None:
@@ -175,23 +160,6 @@ def run_child(method: str, path: str, opts: dict[str, Any]) -> dict[str, Any]:
         if line.startswith("RESULT "):
             return dict(json.loads(line[7:]))
     return {"skipped": f"failed (rc {p.returncode}): {p.stderr.strip().splitlines()[-1:]}"}
-
-
-def gemm_rates() -> tuple[float, float]:
-    """numpy dgemm and sgemm GFLOP/s on 2048² (best of 3)."""
-    out = []
-    for dt in (np.float64, np.float32):
-        a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(dt)
-        a @ a
-        best = min(_timed(lambda a=a: a @ a) for _ in range(3))
-        out.append(2 * 2048**3 / best / 1e9)
-    return out[0], out[1]
-
-
-def _timed(f: Any) -> float:
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
 
 
 def _fmt(r: dict[str, Any]) -> str:
