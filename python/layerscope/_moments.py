@@ -125,8 +125,7 @@ def compute_moments(
     meta = _meta(m, parts, names, compute, t0)
     meta.update(passes=1, block_rows=br, accumulator_bytes=pl["accumulator_bytes"])
     n, dsum = int(m.n), sum(dims)
-    selected = sum(n * d * _itemsize(src, nm) for (src, ls) in parts
-                   for nm, d in zip(ls, (src.dims[x] for x in ls)))
+    selected = read_bytes(n, dims, [_itemsize(src, nm) for src, ls in parts for nm in ls])
     meta["plan"] = {
         "strategy": "single-pass", "passes": 1, "peak_bytes": pl["peak_bytes_estimate"],
         "bytes_read": selected, "bytes_selected": selected, "flops": n * dsum * (dsum + 1),
@@ -179,11 +178,10 @@ def pair_stats(
             compute=compute, strategy=strategy,
         )
     meta = _meta(st, parts, names, compute, t0)
-    item = {nm: _itemsize(src, nm) for src, ls in parts for nm in ls}
-    reads = [int(r) for r in st.layer_reads]
+    item = [_itemsize(src, nm) for src, ls in parts for nm in ls]
     n = int(st.n)
-    store_bytes = sum(n * d * item[nm] for nm, d in zip(names, dims))
-    bytes_read = sum(r * n * d * item[nm] for r, nm, d in zip(reads, names, dims))
+    store_bytes = read_bytes(n, dims, item)
+    bytes_read = read_bytes(n, dims, item, [int(r) for r in st.layer_reads])
     meta.update(passes=int(st.passes), block_rows=int(st.block_rows))
     meta["plan"] = {
         "strategy": st.strategy, "passes": int(st.passes), "peak_bytes": int(st.peak_bytes),
@@ -238,6 +236,15 @@ def _meta(
     if bad:
         meta["nonfinite_rows"] = bad
     return meta
+
+
+def read_bytes(
+    n: int, dims: Sequence[int], item: Sequence[int], reads: Sequence[int] | None = None,
+) -> int:
+    """Bytes a plan reads: ``Σ_l reads_l · n · d_l · itemsize_l`` (``reads``: how many passes
+    read each layer; default once each, i.e. the bytes selected)."""
+    reads = [1] * len(dims) if reads is None else reads
+    return sum(int(r) * n * d * s for r, d, s in zip(reads, dims, item))
 
 
 _ITEMSIZE = {"bf16": 2, "bfloat16": 2, "f16": 2, "float16": 2, "f32": 4, "float32": 4,

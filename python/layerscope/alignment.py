@@ -230,6 +230,13 @@ def _k_args(k: int | str) -> dict[str, Any]:
     return {"k": int(k)}
 
 
+def _align_opts(method: str, space: str, k: int | str, ridge: float) -> dict[str, Any]:
+    """The options of ``moment_measures`` for one alignment method (``k`` only where the
+    method keeps top-k subspaces)."""
+    kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
+    return {"method": method, "space": space, "ridge_eps": ridge, **kargs}
+
+
 def _check_method(method: str, space: str) -> None:
     if method not in METHODS:
         raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
@@ -604,8 +611,7 @@ def alignment(
     budget, as in :func:`spectrum`."""
     _check_method(method, space)
     budget = max_memory_bytes(max_memory)
-    kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
-    opts = {"method": method, "space": space, "ridge_eps": ridge, **kargs}
+    opts = _align_opts(method, space, k, ridge)
     t, raw, meta = _run_measures(source, layers, other, other_layers, spectrum=False,
                                  aligns={"alignment": opts}, ckas=[], compute="float64",
                                  budget=budget, progress=progress)
@@ -667,11 +673,7 @@ def analyze(
         _check_method(method, space)
         if method in ("subspace", "svcca", "pwcca"):
             _k_args(k)
-    opts = {
-        key: {"method": method, "space": space, "ridge_eps": ridge,
-              **(_k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1})}
-        for key, method in aligns.items()
-    }
+    opts = {key: _align_opts(method, space, k, ridge) for key, method in aligns.items()}
     ckas = [deb for name, deb in (("cka", False), ("cka_debiased", True)) if name in measures]
     t, raw, meta = _run_measures(source, layers, other, other_layers,
                                  spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
@@ -680,10 +682,7 @@ def analyze(
     out: dict[str, Result] = {}
     for mname, deb in (("cka", False), ("cka_debiased", True)):
         if mname in measures:
-            est = "linear, debiased" if deb else "linear"
-            out[mname] = MatrixResult(
-                raw[("cka", deb)], rn, cn,
-                {**meta, "measure": "CKA", "estimator": est, "debiased": deb})
+            out[mname] = _cka_table(raw[("cka", deb)], rn, cn, debiased=deb, meta=meta)
     if "spectrum" in measures:
         sp = list(raw["spectra"])
         out["spectrum"] = _spectrum_result(sp[: len(t.rows)], rn, top, meta)
@@ -707,6 +706,14 @@ def _cka_result(
     """Linear CKA table from the same moments (H2a's ``Moments.cka``)."""
     vals = np.asarray(moments.cka(rows, cols, debiased=debiased), dtype=np.float64)
     vals = vals.reshape(len(rows), len(cols))
+    return _cka_table(vals, rnames, cnames, debiased=debiased, meta=meta)
+
+
+def _cka_table(
+    vals: np.ndarray, rnames: list[str], cnames: list[str], *, debiased: bool,
+    meta: dict[str, Any],
+) -> MatrixResult:
+    """A linear CKA table as a result (the meta every linear CKA from moments records)."""
     est = "linear, debiased" if debiased else "linear"
     return MatrixResult(
         vals, rnames, cnames, {**meta, "measure": "CKA", "estimator": est, "debiased": debiased}

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import _native
 from ._memory import add_max_memory_arg, max_memory_bytes, memory_budget
-from ._moments import _itemsize, measure_tiles, resolve_compute
+from ._moments import _itemsize, measure_tiles, read_bytes, resolve_compute
 from ._source import Source, check_comparable, resolve
 from .cka import DEFAULT_BATCH_SIZE, ESTIMATORS, KERNELS
 from .errors import InvalidArgumentError, MemoryBudgetError
@@ -254,7 +254,7 @@ def _plan(
     if n <= 0:
         raise InvalidArgumentError("the source has no rows: there is nothing to plan")
     linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"
-    selected = sum(n * d * s for d, s in zip(dims, item))
+    selected = read_bytes(n, dims, item)
     common = dict(
         measure=measure, kernel=kernel if measure == "cka" else "linear",
         estimator=estimator if measure == "cka" else "-", n=n, layers=la,
@@ -309,12 +309,12 @@ def _linear_plan(
 
     def describe(d: dict[str, Any]) -> dict[str, Any]:
         reads = [int(r) for r in d["layer_reads"]]
-        values = sum(r * n * w for r, w in zip(reads, dims))
+        values = read_bytes(n, dims, [1] * len(dims), reads)
         flops = 2 * int(d["madds"])
         return {
             "fits": True, "passes": int(d["passes"]), "peak_bytes": int(d["peak_bytes"]),
             "block_rows": int(d["block_rows"]), "flops": flops,
-            "bytes_read": sum(r * n * w * s for r, w, s in zip(reads, dims, item)),
+            "bytes_read": read_bytes(n, dims, item, reads),
             "estimated_seconds": flops / rate + values / READ_VALUES_PER_S,
         }
 
@@ -347,8 +347,9 @@ def _moment_measure_plan(
     """Spectra and alignment (:func:`layerscope._moments.measure_tiles`): one moment pass
     when every layer fits with its eigendecomposition, else tiles of layers, one pass each."""
     strategy, tiles, peak = measure_tiles(dims, num_a, n, compute, budget, measure)
-    read = sum(n * dims[i] * item[i] for t in tiles for i in t)
-    values = sum(n * dims[i] for t in tiles for i in t)
+    reads = [sum(i in t for t in tiles) for i in range(len(dims))]
+    read = read_bytes(n, dims, item, reads)
+    values = read_bytes(n, dims, [1] * len(dims), reads)
     flops = sum(n * sum(dims[i] for i in t) * (sum(dims[i] for i in t) + 1) for t in tiles)
     eig = sum(10 * dims[i] ** 3 for t in tiles for i in t)
     names = common["layers"] + common["other_layers"]
