@@ -221,7 +221,7 @@ def m_rbf_layerscope(path: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 def m_rbf_numpy(path: str, opts: dict[str, Any]) -> dict[str, Any]:
     import layerscope
-    from layerscope._kernel import sample_indices
+    from layerscope._sample import sample_indices
 
     s = layerscope.open(path)
     idx = sample_indices(s.num_rows, opts["m"], 0)

@@ -7,7 +7,7 @@ import layerscope
 import numpy as np
 import pytest
 from layerscope import _native
-from layerscope._kernel import sample_indices
+from layerscope._sample import sample_indices
 from layerscope.errors import InvalidArgumentError, MismatchError
 from scipy.spatial.distance import pdist
 from scipy.stats import pearsonr, spearmanr

@@ -3,11 +3,19 @@ formulas: explicit Grams, Kornblith's median bandwidth, HKH, Song et al.'s unbia
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from layerscope import _native, cka
-from layerscope._kernel import rbf_cka, sample_indices
+from layerscope._sample import sample_indices
 from layerscope.errors import InvalidArgumentError, MemoryBudgetError, MismatchError
+from layerscope.results import MatrixResult
+
+
+def rbf_cka(a: Any, b: Any, la: Any, lb: Any, **kw: Any) -> MatrixResult:
+    """RBF CKA through the public function (the table of ``la`` × ``lb``)."""
+    return cka(a, b, kernel="rbf", layers=la, other_layers=lb, **kw)
 
 
 def ref_gram(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
@@ -199,3 +207,27 @@ def test_progress_callback_and_interrupt() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         rbf_cka(layers, None, None, None, progress=stop)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "estimator", "exact"),
+    [("linear", "biased", False), ("linear", "debiased", False), ("rbf", "biased", True),
+     ("rbf", "debiased", True), ("linear", "minibatch", True), ("rbf", "minibatch", True)],
+)
+def test_one_ratio_rule_for_every_estimator(kernel: str, estimator: str, exact: bool) -> None:
+    """Every CKA ends in the one ratio of ``measures::hsic``: a layer with itself is exactly
+    1, two copies of a layer give 1 (exactly where their HSIC values are computed the same
+    way), and a layer with no variance gives NaN, never a number."""
+    x = make_layers(m=64)["lin"]
+    layers = {"a": x, "b": x.copy(), "c": 0.3 * x[:, ::-1] + 1.0}
+    res = cka(layers, kernel=kernel, estimator=estimator, progress=False,
+              **({"batch_size": 32} if estimator == "minibatch" else {}))
+    np.testing.assert_array_equal(np.diag(res.values), 1.0)
+    if exact:
+        assert res.values[0, 1] == 1.0
+    else:
+        assert res.values[0, 1] == pytest.approx(1.0, abs=1e-12)
+    if kernel == "linear":  # a constant layer has no RBF bandwidth (a typed error instead)
+        flat = cka({"a": x, "k": np.ones((64, 3))}, kernel=kernel, estimator=estimator,
+                   progress=False, **({"batch_size": 32} if estimator == "minibatch" else {}))
+        assert np.isnan(flat.values[0, 1]) and np.isnan(flat.values[1, 1])

@@ -325,7 +325,8 @@ def rbf_hsic(
     a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
     sigma: float = 1.0, unbiased: bool = False, max_memory: int | None = None, progress: ProgressCallback = None,
 ) -> dict[str, Any]:
-    """RBF HSIC for all layer pairs: {xy, xx, yy, bw_a, bw_b}."""
+    """RBF CKA for all layer pairs: {values (CKA, NaN rule of measures::hsic), xy (HSIC), xx, yy,
+    bw_a, bw_b}."""
 
 def rsa_matrix(
     a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,

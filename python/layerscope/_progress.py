@@ -10,7 +10,7 @@ class Progress:
     """``progress``: True (a tqdm bar on stderr), False/None (silent) or a callable
     ``cb(done, total)``. Use as a context manager; ``.cb`` is what the Rust engines call."""
 
-    def __init__(self, progress: Any, desc: str) -> None:
+    def __init__(self, progress: Any, desc: str, unit: str = "row") -> None:
         self.bar: Any = None
         self.cb: Callable[[int, int], None] | None = None
         if callable(progress):
@@ -20,7 +20,8 @@ class Progress:
                 from tqdm.auto import tqdm
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 return
-            self.bar = tqdm(total=0, desc=desc, leave=False, unit="row", unit_scale=True)
+            self.bar = tqdm(total=0, desc=desc, leave=False, unit=unit,
+                            unit_scale=unit == "row")
             self.cb = self._update
 
     def _update(self, done: int, total: int) -> None:

@@ -18,7 +18,8 @@ same rows; ``H = I − 11ᵀ/n``; ``K``, ``L`` their Gram matrices):
 * ``kernel="rbf"`` — ``K_ab = exp(−‖x_a − x_b‖²/(2 bw²))``, ``bw = sigma · sqrt(median of
   all pairwise squared distances, diagonal included)`` (Kornblith et al. 2019), on a seeded
   sample of rows (``sample``; by default all rows up to 4096, then a seeded sample of 4096);
-  biased or debiased as above (``layerscope._kernel``).
+  biased or debiased as above (Grams, HSIC and the ratio in Rust:
+  ``layerscope_core::measures::cka::rbf`` and ``::hsic``).
 * ``estimator="minibatch"`` (linear or RBF) — Nguyen, Raghu & Kornblith (2021, ICLR, "Do
   wide and deep networks learn the same things?"): the rows, in order, are cut into
   consecutive minibatches of ``batch_size`` rows (default 256; a final shorter batch is used
@@ -48,6 +49,7 @@ import numpy as np
 from ._memory import add_max_memory_arg, max_memory_bytes
 from ._moments import check_compute, pair_stats
 from ._progress import Progress
+from ._sample import DEFAULT_SAMPLE_CAP, check_sample, indices_hash, load, sample_indices
 from ._source import Source, check_comparable, native_part, resolve
 from .errors import InvalidArgumentError
 from .results import MatrixResult
@@ -199,12 +201,6 @@ def cka(
 # helpers
 
 
-def _sample_idx(n: int, sample: int | None, seed: int, cap: int | None = None) -> np.ndarray:
-    from ._kernel import sample_indices
-
-    return sample_indices(n, sample, seed, cap)
-
-
 def _wide(src: Source, layer: str) -> bool:
     if src.is_store:
         return str(src.store.dtypes[layer]).lower() in ("float64", "f64")
@@ -258,13 +254,11 @@ def _linear(
     strategy: str | None,
     progress: Any,
 ) -> MatrixResult:
-    from ._kernel import indices_hash
-
     meta = _base_meta("linear", estimator, a.num_rows, seed, sample)
     src_a: Any = a
     src_b: Any = b
     if sample is not None:
-        idx = _sample_idx(a.num_rows, sample, seed)
+        idx = sample_indices(a.num_rows, sample, seed)
         src_a = _sampled(a, la, idx)
         src_b = _sampled(b, lb, idx) if b is not None and lb is not None else None
         meta["sample_hash"] = indices_hash(idx)
@@ -311,7 +305,7 @@ def _linear(
 
 
 # ----------------------------------------------------------------------------------------
-# RBF on a sample (layerscope._kernel)
+# RBF on a sample
 
 
 def _rbf(
@@ -327,27 +321,43 @@ def _rbf(
     nonfinite: str,
     progress: Any,
 ) -> MatrixResult:
-    from ._kernel import DEFAULT_SAMPLE_CAP, rbf_cka
+    """RBF CKA on the seeded sample: the sampled rows of every layer in memory (f64, checked
+    finite), Grams, HSIC and the CKA ratio in Rust (``layerscope_core::measures::cka::rbf``,
+    one Gram per layer reused for every pair). With ``nonfinite="nan"``, layers holding
+    NaN/Inf among the sampled rows get NaN cells and the others are computed."""
+    from . import _native
 
     cols_all = lb if lb is not None else la
-    if nonfinite == "error":
-        res = rbf_cka(
-            a,
-            b,
-            la,
-            lb,
-            sample=sample,
-            seed=seed,
-            sigma=sigma,
-            estimator=estimator,
-            progress=progress,
-            max_memory=max_memory,
+    idx = sample_indices(a.num_rows, sample, seed, DEFAULT_SAMPLE_CAP)
+    m = int(idx.size)
+    meta = _base_meta("rbf", estimator, a.num_rows, seed, sample)
+    meta["n"] = m
+
+    def table(ga: list[str], gb: list[str]) -> np.ndarray:
+        t0 = time.perf_counter()
+        nb = len(gb) if b is not None else 0
+        meta.update(
+            sigma=float(sigma),
+            bandwidth_rule="sigma * sqrt(median pairwise squared distance, diagonal included)",
+            sample_hash=indices_hash(idx),
+            gram_bytes=(len(ga) + nb) * m * m * 8,
         )
-        res.meta.setdefault("timings", {"rbf": res.meta.get("seconds")})
-        return res
+        check_sample(a, b, ga, gb, m, max_memory)
+        xa = [load(a, name, idx) for name in ga]
+        xb = [load(b, name, idx) for name in gb] if b is not None else None
+        with Progress(progress, "rbf cka", unit="step") as prog:
+            r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=(estimator == "debiased"),
+                                 max_memory=max_memory, progress=prog.cb)
+        bw_b = r["bw_b"] if b is not None else r["bw_a"]
+        meta["bandwidths_a"] = {k: float(v) for k, v in zip(ga, r["bw_a"])}
+        meta["bandwidths_b"] = {k: float(v) for k, v in zip(gb, bw_b)}
+        meta["timings"] = {"rbf": time.perf_counter() - t0}
+        return np.asarray(r["values"])
+
+    if nonfinite == "error":
+        return MatrixResult(table(la, cols_all), la, cols_all, meta=meta)
     # nonfinite="nan": find the layers with NaN/Inf among the sampled rows (the rows the
     # kernel will use), compute the others, and fill NaN for them.
-    idx = _sample_idx(a.num_rows, sample, seed, DEFAULT_SAMPLE_CAP)
     bad: dict[str, int] = {}
     bad_b: dict[str, int] = {}
     for src, names, out in ((a, la, bad), (b, lb, bad_b)):
@@ -361,27 +371,10 @@ def _rbf(
     ga = [x for x in la if x not in bad]
     gb = [x for x in cols_all if x not in (bad_b if b is not None else bad)]
     values = np.full((len(la), len(cols_all)), np.nan)
-    meta: dict[str, Any]
     if ga and gb:
-        sub = rbf_cka(
-            a,
-            b,
-            ga,
-            gb if b is not None else None,
-            sample=sample,
-            seed=seed,
-            sigma=sigma,
-            estimator=estimator,
-            progress=progress,
-            max_memory=max_memory,
-        )
         ri = [la.index(x) for x in ga]
         ci = [cols_all.index(x) for x in gb]
-        values[np.ix_(ri, ci)] = sub.values
-        meta = dict(sub.meta)
-    else:
-        meta = _base_meta("rbf", estimator, a.num_rows, seed, sample)
-        meta["n"] = int(idx.size)
+        values[np.ix_(ri, ci)] = table(ga, gb)
     allbad = {**bad, **{f"other:{k}": v for k, v in bad_b.items()}}
     _warn_nonfinite(allbad)
     meta["nonfinite_rows"] = allbad
@@ -407,8 +400,6 @@ def _minibatch(
     progress: Any,
 ) -> MatrixResult:
     from . import _native
-    from ._kernel import indices_hash
-
     meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
     if b is not None and lb is not None:
@@ -424,7 +415,7 @@ def _minibatch(
         check_finite=check,
         max_memory=max_memory,
     )
-    idx = _sample_idx(a.num_rows, sample, seed) if sample is not None else None
+    idx = sample_indices(a.num_rows, sample, seed) if sample is not None else None
     if idx is not None:
         meta["sample_hash"] = indices_hash(idx)
     t1 = time.perf_counter()

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from ._kernel import check_sample, indices_hash, load, progress_callback, sample_indices
 from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
+from ._progress import Progress
+from ._sample import check_sample, indices_hash, load, sample_indices
 from ._source import check_comparable, resolve
 from .errors import InvalidArgumentError
 from .results import MatrixResult, Result
@@ -291,11 +292,11 @@ def intrinsic_dimensions(
         int(_native.knn_bytes(int(idx.size), dmax, kneed)) + int(idx.size) * dmax * 8,
         f"the exact {kneed}-nearest-neighbour graph of {idx.size} sampled rows × {dmax} "
         "features", "use a smaller sample (sample=...)", budget)
-    cb, bar = progress_callback(progress, "intrinsic dimension")
     per: dict[str, dict[str, Any]] = {
         m: {"values": {}, "ci": {}, "errs": {}, "details": {}, "scales": {}} for m in knn_methods
     }
-    try:
+    with Progress(progress, "intrinsic dimension", unit="step") as prog:
+        cb = prog.cb
         for name in names:
             x = load(src, name, idx)
             g = _native.knn_graph(x, kneed, duplicates=duplicates, tolerance=tolerance,
@@ -345,9 +346,6 @@ def intrinsic_dimensions(
                     r["scales"][name] = {
                         "n1": scales_l, "dimension": dims, "error": es, "radius": rad
                     }
-    finally:
-        if bar is not None:
-            bar.close()
     seconds = time.perf_counter() - t0
     for method in knn_methods:
         meta = {
@@ -485,16 +483,13 @@ def rsa(
     if idx.size < 3:
         raise InvalidArgumentError(f"RSA needs at least 3 rows, got {idx.size}")
     check_sample(a, b, la, lb, idx.size, budget)
-    cb, bar = progress_callback(progress, "rsa")
-    try:
+    with Progress(progress, "rsa", unit="step") as prog:
+        cb = prog.cb
         xa = [load(a, n, idx) for n in la]
         xb = [load(b, n, idx) for n in lb] if b is not None else None
         vals = _native.rsa_matrix(
             xa, xb, dissimilarity=dissimilarity, compare=compare, max_memory=budget, progress=cb
         )
-    finally:
-        if bar is not None:
-            bar.close()
     meta = {
         "measure": "rsa",
         "dissimilarity": dissimilarity,
@@ -544,7 +539,6 @@ def mutual_knn(
     if int(k) >= idx.size:
         raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
     check_sample(a, b, la, lb, idx.size, budget)
-    cb, bar = progress_callback(progress, "mutual knn")
 
     def get(src: Any, name: str) -> np.ndarray:
         x = load(src, name, idx)
@@ -554,13 +548,11 @@ def mutual_knn(
             )
         return x
 
-    try:
+    with Progress(progress, "mutual knn", unit="step") as prog:
+        cb = prog.cb
         xa = [get(a, n) for n in la]
         xb = [get(b, n) for n in lb] if b is not None else None
         vals = _native.mutual_knn_matrix(xa, xb, k=int(k), max_memory=budget, progress=cb)
-    finally:
-        if bar is not None:
-            bar.close()
     meta = {
         "measure": "mutual_knn",
         "k": int(k),

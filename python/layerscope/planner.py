@@ -266,7 +266,7 @@ def _plan(
     rate = 2 * gemm_rate(compute)
     bud = memory_budget(budget)
     if measure == "cka" and kernel == "rbf" and estimator != "minibatch":
-        from ._kernel import DEFAULT_SAMPLE_CAP
+        from ._sample import DEFAULT_SAMPLE_CAP
 
         m = min(n, int(sample)) if sample is not None else min(n, DEFAULT_SAMPLE_CAP)
         peak = m * sum(dims) * 8 + int(_native.rbf_hsic_bytes(len(dims), m, max(dims)))

@@ -265,16 +265,10 @@ def _moments(sides: list[_Side], cross: _Side | None, notes: list[str], progress
 def _rbf_cka(src: Source, other: Source | None, *, sample: int | None, seed: int,
              progress: bool, layers: list[str] | None = None,
              other_layers: list[str] | None = None) -> Any:
-    """Biased RBF CKA (σ = 1, median rule) through the public ``layerscope.cka``; when that
-    module is missing from the build, through the kernel module it dispatches to
-    (``layerscope._kernel.rbf_cka``), which computes the same numbers."""
-    try:
-        fn = _api("cka", "cka")
-    except _Unavailable:
-        return _api("_kernel", "rbf_cka")(src, other, layers, other_layers, sample=sample,
-                                          seed=seed, estimator="biased", progress=progress)
-    return fn(src, other, kernel="rbf", estimator="biased", sample=sample, seed=seed,
-              layers=layers, other_layers=other_layers, progress=progress)
+    """Biased RBF CKA (σ = 1, median rule) through the public ``layerscope.cka``."""
+    return _api("cka", "cka")(src, other, kernel="rbf", estimator="biased", sample=sample,
+                              seed=seed, layers=layers, other_layers=other_layers,
+                              progress=progress)
 
 
 def _rbf_robust(src: Source, other: Source | None, notes: list[str], label: str, *,
@@ -763,17 +757,14 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
         lambda: _section_spectra(doc, sides, cross),
         lambda: _section_id(doc, sides, sample, seed, bootstrap),
     ]
-    from ._kernel import progress_callback
+    from ._progress import Progress
 
-    cb, bar = progress_callback(progress, "report sections")
-    try:
+    with Progress(progress, "report sections", unit="step") as prog:
+        cb = prog.cb
         for i, step in enumerate(steps):
             step()
             if cb is not None:
                 cb(i + 1, len(steps))
-    finally:
-        if bar is not None:
-            bar.close()
     timings["figures"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 

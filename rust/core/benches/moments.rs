@@ -3,6 +3,7 @@
 //! Throughput is reported in elements; GFLOP/s = rows · (D+L)² / time (the SYRK's flops).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use layerscope_core::engine::moments::MomentAccumulator;
+use layerscope_core::measures::cka::LinearCka;
 use std::hint::black_box;
 
 fn data(n: usize, d: usize, seed: u64) -> Vec<f32> {

@@ -19,6 +19,8 @@ pub mod measures;
 pub mod memory;
 pub mod monitor;
 pub mod store;
+#[cfg(test)]
+mod testdata;
 
 pub use error::{Error, Result};
 pub use monitor::{Monitor, NoMonitor};

@@ -114,6 +114,21 @@ impl Budget {
     }
 }
 
+/// The largest `r ≤ 2³²` with `bytes(r) ≤ budget` (`bytes` increasing), 0 if none: what a
+/// memory error offers ("at most r rows fit").
+pub fn max_rows_for(budget: u64, bytes: impl Fn(u128) -> u128) -> u64 {
+    let (mut lo, mut hi) = (0u128, 1u128 << 32);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if bytes(mid) <= budget as u128 {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo as u64
+}
+
 /// Bytes in a human unit: `512 B`, `1.5 MiB`, `3.25 GiB`.
 pub fn fmt_bytes(b: u128) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

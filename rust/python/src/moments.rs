@@ -9,6 +9,7 @@ use layerscope_core::engine::moments::{
     accumulate, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
     Moments as CoreMoments, PairPlan, PairStats as CorePairStats,
 };
+use layerscope_core::measures::cka::LinearCka;
 use layerscope_core::memory::Budget;
 use layerscope_core::store::Rows;
 use layerscope_core::Error;

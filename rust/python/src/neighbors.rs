@@ -4,7 +4,8 @@
 use crate::convert::IntoPy;
 use crate::monitor::PyMonitor;
 use layerscope_core::engine::neighbors::{dedup_knn, Duplicates};
-use layerscope_core::measures::{id, kernel, rsa, Layers};
+use layerscope_core::measures::cka::rbf as kernel;
+use layerscope_core::measures::{id, rsa, Layers};
 use layerscope_core::memory::Budget;
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
@@ -128,8 +129,8 @@ fn id_estimate<'py>(
     Ok(out)
 }
 
-/// RBF HSIC for all layer pairs (see layerscope_core::measures::kernel). Returns a dict:
-/// xy (La×Lb), xx (La), yy (Lb), bw_a, bw_b.
+/// RBF CKA for all layer pairs (see layerscope_core::measures::cka::rbf). Returns a dict:
+/// values (La×Lb CKA), xy (La×Lb HSIC), xx (La), yy (Lb), bw_a, bw_b.
 #[pyfunction]
 #[pyo3(signature = (a, b=None, *, sigma=1.0, unbiased=false, max_memory=None, progress=None))]
 fn rbf_hsic<'py>(
@@ -162,10 +163,14 @@ fn rbf_hsic<'py>(
     } else {
         sa.len()
     };
-    let xy = Array2::from_shape_vec((sa.len(), lb), r.xy)
-        .map_err(|e| Error::invalid(e.to_string()))
-        .py_err()?;
+    let shape = |v: Vec<f64>| {
+        Array2::from_shape_vec((sa.len(), lb), v)
+            .map_err(|e| Error::invalid(e.to_string()))
+            .py_err()
+    };
+    let (values, xy) = (shape(r.cka)?, shape(r.xy)?);
     let out = PyDict::new(py);
+    out.set_item("values", values.into_pyarray(py))?;
     out.set_item("xy", xy.into_pyarray(py))?;
     out.set_item("xx", r.xx.into_pyarray(py))?;
     out.set_item("yy", r.yy.into_pyarray(py))?;
@@ -261,10 +266,10 @@ fn knn_bytes(m: usize, d: usize, k: usize) -> u128 {
 }
 
 /// Peak bytes of the RBF HSIC of `layers` Grams of `m` rows, the widest `dmax` wide
-/// (`layerscope_core::measures::kernel::rbf_hsic_bytes`).
+/// (`layerscope_core::measures::cka::rbf::rbf_hsic_bytes`).
 #[pyfunction]
 fn rbf_hsic_bytes(layers: usize, m: usize, dmax: usize) -> u128 {
-    layerscope_core::measures::kernel::rbf_hsic_bytes(layers, m, dmax)
+    layerscope_core::measures::cka::rbf::rbf_hsic_bytes(layers, m, dmax)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

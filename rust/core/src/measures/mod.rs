@@ -2,8 +2,8 @@
 //! the doc comments and in docs/measures.md.
 pub mod align;
 pub mod cka;
+pub mod hsic;
 pub mod id;
-pub mod kernel;
 pub mod rsa;
 pub mod spectrum;
 

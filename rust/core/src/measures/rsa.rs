@@ -195,7 +195,7 @@ pub fn rsa_matrix(
         format_args!(
             "use a smaller sample (sample=...; at most {} rows fit with these {nl} layers) or \
              fewer layers",
-            crate::measures::kernel::max_rows_for(budget.bytes, |r| rsa_bytes(nl, r as usize))
+            crate::memory::max_rows_for(budget.bytes, |r| rsa_bytes(nl, r as usize))
         ),
     )?;
     let mut done = 0u64;

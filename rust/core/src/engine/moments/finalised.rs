@@ -1,6 +1,5 @@
 //! [`Moments`]: the finalised moments of a pass, and what is derived from them alone (the
 //! blocks `C_ij` of the centred cross-product matrix, linear CKA biased and debiased).
-use super::pairs::PairStats;
 use crate::error::{Error, Result};
 
 /// Finalised moments (see the module docs). `cov` is the full symmetric `D × D` centred
@@ -85,19 +84,5 @@ impl Moments {
             self.offsets[i]..self.offsets[i + 1],
             self.offsets[j]..self.offsets[j + 1],
         ))
-    }
-}
-
-impl Moments {
-    /// Linear CKA of layers `i` and `j` from the moments (exact, no second pass): see
-    /// [`PairStats::cka_matrix`] for the formulas (biased and debiased) and the NaN rule.
-    pub fn cka(&self, i: usize, j: usize, debiased: bool) -> Result<f64> {
-        Ok(self.cka_matrix(&[i], &[j], debiased)?[0])
-    }
-
-    /// Linear CKA of every `(rows[a], cols[b])` pair, row-major `rows.len() × cols.len()`
-    /// ([`PairStats::cka_matrix`]); each distinct block norm computed once, in parallel.
-    pub fn cka_matrix(&self, rows: &[usize], cols: &[usize], debiased: bool) -> Result<Vec<f64>> {
-        PairStats::from_moments(self, rows, cols)?.cka_matrix(rows, cols, debiased)
     }
 }

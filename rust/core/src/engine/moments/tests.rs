@@ -2,21 +2,10 @@
 use super::accumulator::offsets_of;
 use super::*;
 use crate::error::Error;
+use crate::measures::cka::LinearCka;
 use crate::memory::Budget;
 
-fn data(n: usize, d: usize, seed: u64, offset: f64) -> Vec<f64> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n * d)
-        .map(|i| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) + offset * ((i % d) as f64 + 1.0)
-        })
-        .collect()
-}
+use crate::testdata::data;
 
 fn naive(xs: &[Vec<f64>], dims: &[usize], n: usize) -> (Vec<f64>, Vec<f64>) {
     // centred C and rr, in f64 two-pass.

@@ -31,15 +31,16 @@
 //!   catastrophically.
 //! * RBF: `K_ab = exp(−‖x_a − x_b‖² / (2 bw²))` with the bandwidth of Kornblith et al.
 //!   (2019): `bw = σ · sqrt(median of all m² squared distances of the minibatch, diagonal
-//!   included)`, recomputed **per minibatch** ([`crate::measures::kernel::rbf_gram`]); the
+//!   included)`, recomputed **per minibatch** ([`crate::measures::cka::rbf::rbf_gram`]); the
 //!   mean bandwidth over batches is reported per layer.
 //!
 //! All arithmetic is f64 (f32/bf16/f16 inputs are widened first). Memory: one `m × m` Gram
 //! per layer plus the rows of one partial batch — independent of the number of rows.
 use crate::error::{Error, Result};
 use crate::linalg::gram;
-use crate::measures::kernel::{max_rows_for, rbf_gram, rbf_gram_workspace_bytes};
-use crate::memory::{try_vec, Budget};
+use crate::measures::cka::rbf::{rbf_gram, rbf_gram_workspace_bytes};
+use crate::measures::hsic::{cka_ratio, hsic, Estimator, Gram};
+use crate::memory::{max_rows_for, try_vec, Budget};
 use crate::monitor::Monitor;
 use crate::store::stream::{self, RowSource};
 use crate::store::Element;
@@ -77,66 +78,6 @@ impl Kernel {
             Kernel::Rbf { .. } => "rbf",
         }
     }
-}
-
-/// One layer's Gram on one minibatch, prepared for the unbiased HSIC.
-struct Prepared {
-    /// `K̃`: the Gram with its diagonal set to 0 (row-major `m × m`).
-    k: Vec<f64>,
-    /// Row sums of `K̃`.
-    rows: Vec<f64>,
-    /// `1ᵀK̃1`.
-    total: f64,
-}
-
-fn prepare(mut k: Vec<f64>, m: usize) -> Prepared {
-    for a in 0..m {
-        k[a * m + a] = 0.0;
-    }
-    let rows: Vec<f64> = k.chunks(m).map(sum).collect();
-    let total = sum(&rows);
-    Prepared { k, rows, total }
-}
-
-/// `Σ x` with eight partial sums (vectorisable; f64).
-fn sum(x: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut it = x.chunks_exact(8);
-    for c in &mut it {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
-        }
-    }
-    let tail: f64 = it.remainder().iter().sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// `Σ x_i y_i` with eight partial sums (f64).
-fn dot(x: &[f64], y: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut xi = x.chunks_exact(8);
-    let mut yi = y.chunks_exact(8);
-    for (a, b) in (&mut xi).zip(&mut yi) {
-        for k in 0..8 {
-            acc[k] += a[k] * b[k];
-        }
-    }
-    let tail: f64 = xi
-        .remainder()
-        .iter()
-        .zip(yi.remainder())
-        .map(|(p, q)| p * q)
-        .sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// Unbiased HSIC (Song et al. 2012, eq. 5) of two prepared Grams of `m ≥ 4` rows.
-fn hsic_unbiased(a: &Prepared, b: &Prepared, m: usize) -> f64 {
-    let mf = m as f64;
-    let tr = dot(&a.k, &b.k); // tr(K̃L̃) = Σ K̃∘L̃ (symmetric)
-    let kl1 = dot(&a.rows, &b.rows); // 1ᵀK̃L̃1
-    (tr + a.total * b.total / ((mf - 1.0) * (mf - 2.0)) - 2.0 / (mf - 2.0) * kl1)
-        / (mf * (mf - 3.0))
 }
 
 /// Bytes a minibatch CKA over layers `dims` with minibatches of `batch_size` rows needs:
@@ -415,9 +356,9 @@ impl MinibatchCka {
         let dims = &self.dims;
         let names = &self.names;
         let nonfinite = &self.nonfinite;
-        let preps: Vec<Option<(Prepared, f64)>> = (0..lc)
+        let preps: Vec<Option<(Gram, f64)>> = (0..lc)
             .into_par_iter()
-            .map(|l| -> Result<Option<(Prepared, f64)>> {
+            .map(|l| -> Result<Option<(Gram, f64)>> {
                 if nonfinite[l].is_some() {
                     return Ok(None); // its cells are NaN
                 }
@@ -450,17 +391,17 @@ impl MinibatchCka {
                             other => other,
                         })?,
                 };
-                Ok(Some((prepare(k, m), bw)))
+                Ok(Some((Gram::prepare(k, m, Estimator::Unbiased)?, bw)))
             })
             .collect::<Result<_>>()?;
         let vals: Vec<f64> = self
             .pairs
             .par_iter()
             .map(|&(i, j)| match (&preps[i], &preps[j]) {
-                (Some((a, _)), Some((b, _))) => hsic_unbiased(a, b, m),
-                _ => f64::NAN,
+                (Some((a, _)), Some((b, _))) => hsic(a, b),
+                _ => Ok(f64::NAN),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (s, v) in self.sums.iter_mut().zip(vals) {
             *s += v;
         }
@@ -534,31 +475,19 @@ impl MinibatchHsic {
         Ok(())
     }
 
-    /// `mean HSIC₁(i, j) / sqrt(mean HSIC₁(i, i) · mean HSIC₁(j, j))` (exactly 1 on the
-    /// diagonal; NaN when a mean self-HSIC is not positive or the pair was not computed).
+    /// `mean HSIC₁(i, j) / sqrt(mean HSIC₁(i, i) · mean HSIC₁(j, j))` under the NaN rule of
+    /// [`cka_ratio`] (exactly 1 on the diagonal; NaN when a mean self-HSIC is not positive
+    /// or the pair was not computed).
     pub fn cka(&self, i: usize, j: usize) -> Result<f64> {
         self.check(i)?;
         self.check(j)?;
         let l = self.dims.len();
-        let (hxy, hxx, hyy) = (
+        Ok(cka_ratio(
             self.hsic[i * l + j],
             self.hsic[i * l + i],
             self.hsic[j * l + j],
-        );
-        if !(hxx > 0.0 && hyy > 0.0) {
-            return Ok(f64::NAN);
-        }
-        if i == j {
-            return Ok(1.0);
-        }
-        // sqrt(h·h) == h exactly (identical layers give exactly 1); avoid over/underflow.
-        let p = hxx * hyy;
-        let den = if p.is_normal() {
-            p.sqrt()
-        } else {
-            hxx.sqrt() * hyy.sqrt()
-        };
-        Ok(hxy / den)
+            i == j,
+        ))
     }
 
     /// CKA of every `(rows[a], cols[b])` pair, row-major `rows.len() × cols.len()`.
@@ -619,19 +548,7 @@ mod tests {
     use super::*;
     use crate::monitor::NoMonitor;
 
-    fn data(n: usize, d: usize, seed: u64, offset: f64) -> Vec<f64> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n * d)
-            .map(|i| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) + offset * ((i % d) as f64 + 1.0)
-            })
-            .collect()
-    }
+    use crate::testdata::data;
 
     /// Unbiased HSIC straight from Song et al. eq. 5 on the raw (uncentred) linear Gram.
     fn naive_hsic1(x: &[f64], y: &[f64], m: usize, dx: usize, dy: usize) -> f64 {
@@ -777,7 +694,7 @@ mod tests {
         acc.update(&[&x[..], &y[..]], n, &NoMonitor).unwrap();
         let r = acc.finish().unwrap();
         // One batch of all rows: equals the debiased RBF CKA of the kernel module.
-        let k = crate::measures::kernel::rbf_hsic(
+        let k = crate::measures::cka::rbf::rbf_hsic(
             &[(&x, d)],
             Some(&[(&y, d)]),
             n,

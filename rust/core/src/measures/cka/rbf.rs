@@ -1,45 +1,21 @@
-//! RBF-kernel HSIC and CKA on an in-memory sample (Gram matrices from
-//! [`crate::engine::neighbors::sq_distance_matrix`]).
+//! RBF-kernel CKA on an in-memory sample (Gram matrices from
+//! [`crate::engine::neighbors::sq_distance_matrix`]; HSIC and the CKA ratio from
+//! [`crate::measures::hsic`]).
 //!
 //! * Bandwidth (Kornblith et al. 2019, "Similarity of neural network representations
 //!   revisited", ICML): `bw = σ · sqrt(median of all m² squared distances, diagonal
 //!   included)`; `K_ij = exp(−‖x_i − x_j‖² / (2 bw²))`.
-//! * Biased HSIC (Gretton et al. 2005): `tr(K H L H) / (m − 1)²`, `H = I − 11ᵀ/m`.
-//! * Unbiased HSIC (Song et al. 2012, JMLR 13): with `K̃ = K − diag(K)`, `L̃` likewise,
-//!   `[tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((m−1)(m−2)) − 2/(m−2) 1ᵀK̃L̃1] / (m(m−3))`, `m ≥ 4`.
-//! * CKA = `HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))` with the same estimator in numerator
-//!   and denominator (debiased CKA is normalised by debiased self-HSIC; it can be negative
-//!   and is never clamped).
+//! * HSIC biased (Gretton et al. 2005) or unbiased (Song et al. 2012, `m ≥ 4`), and
+//!   CKA = `HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))` with the same estimator in numerator
+//!   and denominator, under the NaN rule of [`crate::measures::hsic::cka_ratio`].
 //!
-//! Each Gram is built once per layer and reused for all pairs.
+//! Each Gram is built once per layer and reused for all pairs; pairs run in parallel.
 use crate::engine::neighbors::sq_distance_matrix;
 use crate::error::{Error, Result};
-use crate::memory::{try_with_capacity, Budget};
+use crate::measures::hsic::{cka_ratio, hsic, Estimator, Gram};
+use crate::memory::{max_rows_for, try_with_capacity, Budget};
 use crate::monitor::Monitor;
 use rayon::prelude::*;
-
-/// The largest `r ≤ 2³²` with `bytes(r) ≤ budget` (`bytes` increasing), 0 if none.
-pub fn max_rows_for(budget: u64, bytes: impl Fn(u128) -> u128) -> u64 {
-    let (mut lo, mut hi) = (0u128, 1u128 << 32);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if bytes(mid) <= budget as u128 {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    lo as u64
-}
-
-/// One prepared kernel: what every pair needs.
-struct Prepared {
-    /// Biased: `HKH` (row-major m × m); unbiased: `K̃` (K with zero diagonal).
-    g: Vec<f64>,
-    /// Unbiased only: row sums of `K̃` and their total.
-    rows: Vec<f64>,
-    total: f64,
-}
 
 /// Median of all `m²` entries of a symmetric `m × m` matrix with a zero diagonal (average of
 /// the two middle values when `m²` is even), from its strict upper triangle: sorted, the
@@ -111,64 +87,14 @@ pub fn rbf_gram(
     Ok((g, bw))
 }
 
-fn prepare(mut k: Vec<f64>, m: usize, unbiased: bool) -> Prepared {
-    if unbiased {
-        for i in 0..m {
-            k[i * m + i] = 0.0;
-        }
-        let rows: Vec<f64> = k.par_chunks(m).map(|r| r.iter().sum()).collect();
-        let total = rows.iter().sum();
-        Prepared { g: k, rows, total }
-    } else {
-        // HKH: subtract row means, column means, add the grand mean.
-        let rm: Vec<f64> = k
-            .par_chunks(m)
-            .map(|r| r.iter().sum::<f64>() / m as f64)
-            .collect();
-        let gm = rm.iter().sum::<f64>() / m as f64;
-        // K symmetric: column means = row means.
-        k.par_chunks_mut(m).enumerate().for_each(|(i, r)| {
-            for (j, v) in r.iter_mut().enumerate() {
-                *v = *v - rm[i] - rm[j] + gm;
-            }
-        });
-        Prepared {
-            g: k,
-            rows: Vec::new(),
-            total: 0.0,
-        }
-    }
-}
-
-fn hsic(a: &Prepared, b: &Prepared, m: usize, unbiased: bool) -> f64 {
-    // tr(AB) = Σ_ij A_ij B_ij for symmetric A, B: the diagonal plus twice the strict upper
-    // triangle (half the memory traffic of the full sum). Per-row partials are summed in row
-    // order, so the value is the same on every run (a parallel float reduction is not).
-    let rows: Vec<f64> =
-        a.g.par_chunks(m)
-            .zip(b.g.par_chunks(m))
-            .enumerate()
-            .map(|(i, (p, q))| {
-                let off: f64 = p[i + 1..].iter().zip(&q[i + 1..]).map(|(x, y)| x * y).sum();
-                p[i] * q[i] + 2.0 * off
-            })
-            .collect();
-    let tr: f64 = rows.iter().sum();
-    let mf = m as f64;
-    if unbiased {
-        let kl1: f64 = a.rows.iter().zip(&b.rows).map(|(x, y)| x * y).sum();
-        (tr + a.total * b.total / ((mf - 1.0) * (mf - 2.0)) - 2.0 / (mf - 2.0) * kl1)
-            / (mf * (mf - 3.0))
-    } else {
-        tr / ((mf - 1.0) * (mf - 1.0))
-    }
-}
-
-/// HSIC values of RBF kernels for all layer pairs of one sample.
+/// RBF CKA of all layer pairs of one sample, with the HSIC values it comes from.
 #[derive(Debug, Clone)]
 pub struct RbfHsic {
-    /// `xy[i * lb + j]` = HSIC(K_{a,i}, K_{b,j}) (`lb = number of b layers`; with no b, the
-    /// a × a matrix).
+    /// `cka[i * lb + j]` = CKA of a-layer `i` and b-layer `j` (`lb` = the number of b
+    /// layers; with no b, the a × a matrix, 1 on its diagonal), under the NaN rule of
+    /// [`cka_ratio`].
+    pub cka: Vec<f64>,
+    /// `xy[i * lb + j]` = HSIC(K_{a,i}, K_{b,j}) (same layout).
     pub xy: Vec<f64>,
     /// Self-HSIC of each a layer and each b layer.
     pub xx: Vec<f64>,
@@ -183,10 +109,10 @@ pub fn rbf_hsic_bytes(layers: usize, m: usize, dmax: usize) -> u128 {
     layers as u128 * m as u128 * m as u128 * 8 + rbf_gram_workspace_bytes(m, dmax)
 }
 
-/// RBF HSIC for all pairs: `a` (and optionally `b`) are layers of the same `m` rows, each a
-/// row-major buffer with its width. `unbiased` selects Song et al.'s estimator (needs m ≥ 4).
-/// Memory: one m × m f64 Gram per layer plus one Gram's workspace (checked against `budget`
-/// before any Gram is built).
+/// RBF HSIC and CKA for all pairs: `a` (and optionally `b`) are layers of the same `m`
+/// rows, each a row-major buffer with its width. `unbiased` selects Song et al.'s estimator
+/// (needs m ≥ 4). Memory: one m × m f64 Gram per layer plus one Gram's workspace (checked
+/// against `budget` before any Gram is built).
 pub fn rbf_hsic(
     a: &[(&[f64], usize)],
     b: Option<&[(&[f64], usize)]>,
@@ -196,16 +122,17 @@ pub fn rbf_hsic(
     budget: &Budget,
     monitor: &dyn Monitor,
 ) -> Result<RbfHsic> {
+    let est = Estimator::from_unbiased(unbiased);
     if a.is_empty() || b.is_some_and(|b| b.is_empty()) {
         return Err(Error::invalid("empty layer selection"));
     }
-    if m < if unbiased { 4 } else { 2 } {
+    if m < est.min_rows() {
         return Err(Error::invalid(format!(
             "RBF HSIC needs at least {} rows, got {m}",
-            if unbiased { 4 } else { 2 }
+            est.min_rows()
         )));
     }
-    let (nl, dmax) = super::count_and_widest(a, b);
+    let (nl, dmax) = crate::measures::count_and_widest(a, b);
     budget.check(
         rbf_hsic_bytes(nl, m, dmax),
         format_args!("{nl} RBF Gram matrices of {m} × {m} rows"),
@@ -218,12 +145,12 @@ pub fn rbf_hsic(
     )?;
     let total = (nl * 2) as u64;
     let mut done = 0u64;
-    let mut build = |layers: &[(&[f64], usize)]| -> Result<(Vec<Prepared>, Vec<f64>)> {
+    let mut build = |layers: &[(&[f64], usize)]| -> Result<(Vec<Gram>, Vec<f64>)> {
         let mut out = Vec::with_capacity(layers.len());
         let mut bws = Vec::with_capacity(layers.len());
         for (x, d) in layers {
             let (k, bw) = rbf_gram(x, m, *d, sigma, &Budget::unchecked())?;
-            out.push(prepare(k, m, unbiased));
+            out.push(Gram::prepare(k, m, est)?);
             bws.push(bw);
             done += 1;
             monitor.progress(done, total)?;
@@ -238,38 +165,44 @@ pub fn rbf_hsic(
         }
         None => (None, Vec::new()),
     };
-    let xx: Vec<f64> = pa.iter().map(|p| hsic(p, p, m, unbiased)).collect();
-    let (xy, yy) = match &pb {
-        Some(pb) => {
-            let yy: Vec<f64> = pb.iter().map(|p| hsic(p, p, m, unbiased)).collect();
-            let mut xy = Vec::with_capacity(pa.len() * pb.len());
-            for p in &pa {
-                for q in pb {
-                    xy.push(hsic(p, q, m, unbiased));
-                }
-                done += 1;
-                monitor.progress(done.min(total), total)?;
-            }
-            (xy, yy)
-        }
-        None => {
-            let l = pa.len();
-            let mut xy = vec![0.0; l * l];
-            for i in 0..l {
-                xy[i * l + i] = xx[i];
-                for j in (i + 1)..l {
-                    let v = hsic(&pa[i], &pa[j], m, unbiased);
-                    xy[i * l + j] = v;
-                    xy[j * l + i] = v;
-                }
-                done += 1;
-                monitor.progress(done.min(total), total)?;
-            }
-            (xy, xx.clone())
-        }
+    let selfs = |g: &[Gram]| -> Result<Vec<f64>> { g.par_iter().map(|p| hsic(p, p)).collect() };
+    let xx = selfs(&pa)?;
+    let yy = match &pb {
+        Some(pb) => selfs(pb)?,
+        None => xx.clone(),
     };
+    // One row of a-layers at a time (pairs of a row in parallel), then a progress report.
+    let cols: &[Gram] = pb.as_deref().unwrap_or(&pa);
+    let lb = cols.len();
+    let mut xy = vec![f64::NAN; pa.len() * lb];
+    for (i, p) in pa.iter().enumerate() {
+        // within one source the table is symmetric: compute j > i, mirror the rest
+        let from = if pb.is_none() { i + 1 } else { 0 };
+        let row: Vec<f64> = cols[from..]
+            .par_iter()
+            .map(|q| hsic(p, q))
+            .collect::<Result<_>>()?;
+        xy[i * lb + from..(i + 1) * lb].copy_from_slice(&row);
+        done += 1;
+        monitor.progress(done.min(total), total)?;
+    }
+    if pb.is_none() {
+        for i in 0..lb {
+            xy[i * lb + i] = xx[i];
+            for j in 0..i {
+                xy[i * lb + j] = xy[j * lb + i];
+            }
+        }
+    }
+    let cka = (0..xy.len())
+        .map(|k| {
+            let (i, j) = (k / lb, k % lb);
+            cka_ratio(xy[k], xx[i], yy[j], pb.is_none() && i == j)
+        })
+        .collect();
     monitor.progress(total, total)?;
     Ok(RbfHsic {
+        cka,
         xy,
         xx,
         yy,
@@ -300,8 +233,7 @@ mod tests {
                 &NoMonitor,
             )
             .unwrap();
-            let cka = r.xy[1] / (r.xx[0] * r.xx[1]).sqrt();
-            assert!((cka - 1.0).abs() < 1e-12);
+            assert_eq!(r.cka, vec![1.0; 4]);
         }
         let tiny = Budget::argument(10).unwrap();
         assert!(matches!(
