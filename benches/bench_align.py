@@ -84,7 +84,6 @@ def _measures_np(lam: np.ndarray, n: int, d: int) -> dict[str, float]:
 
 
 def run_layerscope(data: dict[str, np.ndarray], k: int) -> dict[str, Any]:
-    from layerscope import _native
     from layerscope._moments import compute_moments
 
     t: dict[str, float] = {}
@@ -96,17 +95,11 @@ def run_layerscope(data: dict[str, np.ndarray], k: int) -> dict[str, Any]:
     m.cka(idx, idx, debiased=False)
     m.cka(idx, idx, debiased=True)
     t["cka"] = time.perf_counter() - t0
-    cov = m.cov()
-    names, dims, n = list(m.names), list(m.dims), int(m.n)
     t0 = time.perf_counter()
-    out = _native.moment_measures(
-        cov, dims, n, names, idx, rows=idx, cols=idx, method="subspace", k=k, symmetric=True
-    )
+    out = m.alignment(idx, idx, method="subspace", k=k, symmetric=True, spectrum_layers=idx)
     t["spectra+subspace"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pr = _native.moment_measures(
-        cov, dims, n, names, [], rows=idx, cols=idx, method="procrustes", symmetric=True
-    )
+    pr = m.alignment(idx, idx, method="procrustes", symmetric=True)
     t["procrustes"] = time.perf_counter() - t0
     nl = len(idx)
     return {

@@ -34,17 +34,11 @@ def native(
     variance=None,
     ridge_eps=1e-4,
 ):
-    """Run the Rust measures on the exact f64 centred cross-product of explicit data."""
-    z = np.hstack([centred(x) for x in xs])
-    cov = np.ascontiguousarray(z.T @ z)
-    dims = [x.shape[1] for x in xs]
+    """Run the Rust measures on the f64 moments of explicit data."""
     idx = list(range(len(xs)))
-    out = _native.moment_measures(
-        cov,
-        dims,
-        xs[0].shape[0],
-        [f"l{i}" for i in idx],
-        [],
+    acc = _native.MomentAccumulator([x.shape[1] for x in xs], [f"l{i}" for i in idx])
+    acc.update([np.ascontiguousarray(x, dtype=np.float64) for x in xs])
+    out = acc.finalize().alignment(
         rows=idx if rows is None else rows,
         cols=idx if cols is None else cols,
         method=method,

@@ -56,14 +56,14 @@ def acc_of(xs: list[np.ndarray], cuts: list[int]) -> _native.MomentAccumulator:
 def check(m: _native.Moments, xs: list[np.ndarray], tol: float = 1e-12) -> None:
     c, mu, rr = ref(xs)
     assert m.n == xs[0].shape[0]
-    assert relerr(m.cov(), c) < tol
+    assert relerr(m.cross_products(), c) < tol
     got_rr = np.array([[m.rr(k, j) for j in range(3)] for k in range(3)])
     assert relerr(got_rr, rr) < tol
     assert relerr(np.concatenate([m.mean(i) for i in range(3)]), mu) < 1e-14
     o = np.cumsum([0, *DIMS])
     for i in range(3):
         for j in range(3):
-            np.testing.assert_array_equal(m.block(i, j), m.cov()[o[i] : o[i + 1], o[j] : o[j + 1]])
+            np.testing.assert_array_equal(m.block(i, j), m.cross_products()[o[i] : o[i + 1], o[j] : o[j + 1]])
         assert m.trace(i) == pytest.approx(np.trace(c[o[i] : o[i + 1], o[i] : o[i + 1]]), rel=1e-12)
 
 
@@ -73,7 +73,7 @@ def test_blocks_equal_one_update() -> None:
     check(one, xs)
     blocks = acc_of(xs, [0, 1, 2, 30, 31, 96, 97]).finalize()
     check(blocks, xs)
-    assert relerr(blocks.cov(), one.cov()) < 1e-13
+    assert relerr(blocks.cross_products(), one.cross_products()) < 1e-13
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -86,11 +86,11 @@ def test_merge_halves_equals_whole(dtype: type) -> None:
     assert a.n == 97
     merged = a.finalize()
     check(merged, xs)
-    assert relerr(merged.cov(), whole.cov()) < 1e-12
+    assert relerr(merged.cross_products(), whole.cross_products()) < 1e-12
     # Merging into an empty accumulator.
     e = _native.MomentAccumulator(DIMS)
     e.merge(acc_of(xs, [0, 97]))
-    assert relerr(e.finalize().cov(), whole.cov()) < 1e-14
+    assert relerr(e.finalize().cross_products(), whole.cross_products()) < 1e-14
     with pytest.raises(MismatchError):
         _native.MomentAccumulator([5, 8]).merge(acc_of(xs, [0, 97]))
 
@@ -103,13 +103,13 @@ def test_bytes_and_pickle_round_trip() -> None:
     back = _native.MomentAccumulator.from_bytes(b)
     assert back.n == 97 and back.dims == DIMS and back.names == ["a", "b", "c"]
     assert back.to_bytes() == b
-    np.testing.assert_array_equal(back.finalize().cov(), want.cov())
+    np.testing.assert_array_equal(back.finalize().cross_products(), want.cross_products())
     p = pickle.loads(pickle.dumps(acc))
-    np.testing.assert_array_equal(p.finalize().cov(), want.cov())
+    np.testing.assert_array_equal(p.finalize().cross_products(), want.cross_products())
     # The round-tripped accumulator keeps accumulating.
     more = _native.MomentAccumulator.from_bytes(acc_of([x[:50] for x in xs], [0, 50]).to_bytes())
     more.update([np.ascontiguousarray(x[50:]) for x in xs])
-    assert relerr(more.finalize().cov(), want.cov()) < 1e-13
+    assert relerr(more.finalize().cross_products(), want.cross_products()) < 1e-13
 
 
 @pytest.mark.parametrize("garbage", [b"", b"hello world", b"LSMOMACC", b"\x00" * 200])
@@ -136,7 +136,7 @@ def test_from_bytes_truncated_and_flipped() -> None:
 
 def test_cov_zero_copy_read_only() -> None:
     m = acc_of(data(), [0, 97]).finalize()
-    c1, c2 = m.cov(), m.cov()
+    c1, c2 = m.cross_products(), m.cross_products()
     assert c1.dtype == np.float64 and c1.shape == (16, 16)
     assert np.shares_memory(c1, c2)  # both view the moments' buffer
     assert not c1.flags.writeable
@@ -179,7 +179,7 @@ def test_store_streaming_equals_arrays(tmp_path: Path, dtype: str) -> None:
     )
     assert meta_a["engine"] == "rust-arrays"
     check(ms, stored)
-    assert relerr(ms.cov(), ma.cov()) < 1e-12
+    assert relerr(ms.cross_products(), ma.cross_products()) < 1e-12
     np.testing.assert_allclose(
         ms.cka([0, 1, 2], [0, 1, 2], True), ma.cka([0, 1, 2], [0, 1, 2], True), rtol=1e-11
     )
@@ -216,7 +216,7 @@ def test_fortran_ordered_blocks_are_refused_not_transposed() -> None:
     acc.update([x, y])  # the failed update changed nothing
     want = _native.MomentAccumulator([4, 3])
     want.update([np.ascontiguousarray(x), np.ascontiguousarray(y)])
-    assert np.array_equal(acc.finalize().cov(), want.finalize().cov())
+    assert np.array_equal(acc.finalize().cross_products(), want.finalize().cross_products())
     # The public API converts any layout itself.
     a = layerscope.cka({"x": np.asfortranarray(x), "y": y}, progress=False).values
     b = layerscope.cka({"x": x, "y": y}, progress=False).values
@@ -241,14 +241,14 @@ def test_arrays_of_every_layout_and_dtype_go_through_the_one_pass() -> None:
     check(m, [xs[0], xs[1], f16.astype(np.float64)])
     fortran = {k: np.asfortranarray(v) for k, v in inputs.items()}
     mf, _ = compute_moments(fortran, progress=False)
-    assert relerr(mf.cov(), m.cov()) < 1e-12
+    assert relerr(mf.cross_products(), m.cross_products()) < 1e-12
     ints = np.round(xs[0]).astype(np.int32)
     mi, _ = compute_moments({"i": ints}, progress=False)
-    assert relerr(mi.cov(), ref([ints])[0]) < 1e-12
+    assert relerr(mi.cross_products(), ref([ints])[0]) < 1e-12
     torch = pytest.importorskip("torch")
     mt, _ = compute_moments({k: torch.from_numpy(np.ascontiguousarray(v))
                              for k, v in inputs.items()}, progress=False)
-    assert relerr(mt.cov(), m.cov()) < 1e-12
+    assert relerr(mt.cross_products(), m.cross_products()) < 1e-12
 
 
 def test_array_sources_are_not_copied_whole() -> None:

@@ -121,6 +121,16 @@ def test_mutual_knn_matches_huh_reference(k: int) -> None:
     assert not np.allclose(res.values, raw.values)
 
 
+def test_mutual_knn_cosine_neighbours_do_not_depend_on_scale() -> None:
+    """Rows are scaled to unit norm exactly (torch's F.normalize would leave rows of norm
+    below 1e-12 unnormalised and so change the neighbours of tiny-scale activations)."""
+    ls = layers()
+    want = layerscope.mutual_knn(ls, k=5, progress=False).values
+    for scale in (1e-20, 1e20):
+        got = layerscope.mutual_knn({k: v * scale for k, v in ls.items()}, k=5, progress=False)
+        np.testing.assert_array_equal(got.values, want)
+
+
 def test_mutual_knn_cross_and_f32_offsets() -> None:
     ls = layers(m=120)
     rng = np.random.default_rng(2)

@@ -36,3 +36,42 @@ def test_errors_are_layerscope_errors() -> None:
                 layerscope.NonFiniteError, layerscope.InvalidArgumentError,
                 layerscope.MemoryBudgetError, layerscope.StoreNotFoundError):
         assert issubclass(cls, layerscope.LayerscopeError)
+
+
+def test_every_core_error_arrives_as_its_class(tmp_path: object) -> None:
+    """The binding maps each core error variant to one class of ``layerscope.errors`` (one
+    ``match`` in rust/python/src/errors.rs): raised from the Rust side here, not Python."""
+    from pathlib import Path
+
+    import numpy as np
+    from layerscope import _native, errors
+
+    x = np.random.default_rng(0).standard_normal((30, 3))
+    bad = x.copy()
+    bad[4, 1] = np.nan
+    root = Path(str(tmp_path))
+    cases = [
+        (errors.InvalidArgumentError, lambda: _native.rbf_hsic([], None)),
+        (errors.MismatchError, lambda: _native.rbf_hsic([x], [x[:20]])),
+        (errors.NonFiniteError, lambda: _native.rbf_hsic([bad], None)),
+        (errors.MemoryBudgetError, lambda: _native.rbf_hsic([x], None, max_memory=100)),
+        (errors.StoreNotFoundError, lambda: _native.NativeStore.open(root / "nothing")),
+    ]
+    (root / "broken").mkdir()
+    (root / "broken" / "layerscope.json").write_text("{not json")
+    cases.append((errors.FormatError, lambda: _native.NativeStore.open(root / "broken")))
+    layerscope.write_store(root / "ok", {"a": x.astype(np.float32)})
+    store = _native.NativeStore.open(root / "ok")
+    cases.append((errors.MissingLayerError, lambda: store.layer_index("nope")))
+    cases.append((errors.StoreExistsError,
+                  lambda: _native.NativeWriter.create(root / "ok", 1 << 20, False, "{}")))
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    cases.append((errors.Interrupted, lambda: _native.rbf_hsic([x, x], None, progress=stop)))
+    for cls, call in cases:
+        with pytest.raises(cls) as info:
+            call()
+        assert type(info.value) is cls, (cls, type(info.value))
+    assert issubclass(errors.Interrupted, KeyboardInterrupt)  # `except KeyboardInterrupt` holds

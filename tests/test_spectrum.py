@@ -35,17 +35,9 @@ def ref_measures(x: np.ndarray) -> dict[str, float]:
 
 
 def native_spectra(xs: list[np.ndarray]) -> list[dict]:
-    z = np.hstack([np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(0) for x in xs])
-    cov = np.ascontiguousarray(z.T @ z)
-    out = _native.moment_measures(
-        cov,
-        [x.shape[1] for x in xs],
-        xs[0].shape[0],
-        [f"l{i}" for i in range(len(xs))],
-        list(range(len(xs))),
-    )
-    assert out["alignment"] is None
-    return list(out["spectra"])
+    acc = _native.MomentAccumulator([x.shape[1] for x in xs], [f"l{i}" for i in range(len(xs))])
+    acc.update([np.ascontiguousarray(x, dtype=np.float64) for x in xs])
+    return list(acc.finalize().spectrum())
 
 
 def data(seed: int, n: int, d: int) -> np.ndarray:

@@ -145,7 +145,21 @@ class Moments:
     def shift_offset(self) -> float: ...
     @property
     def nonfinite(self) -> list[int | None]: ...
-    def cov(self) -> npt.NDArray[np.float64]: ...
+    def cross_products(self) -> npt.NDArray[np.float64]:
+        """The D × D centred cross-product matrix C (read-only view; for inspection)."""
+    def spectrum(
+        self, layers: Sequence[int] | None = None, *, pca_threshold: float | None = None,
+        max_memory: int | None = None, progress: ProgressCallback = None,
+    ) -> list[dict[str, Any]]:
+        """Per-layer spectrum measures (measures::spectrum); `pca_id` at `pca_threshold`."""
+    def alignment(
+        self, rows: Sequence[int], cols: Sequence[int] | None = None, *,
+        method: str = "subspace", space: str = "samples", k: int | None = None,
+        variance: float | None = None, ridge_eps: float = 1e-4, symmetric: bool = False,
+        spectrum_layers: Sequence[int] = (), max_memory: int | None = None,
+        progress: ProgressCallback = None,
+    ) -> dict[str, Any]:
+        """{"alignment": rows × cols measures (measures::align), "spectra": [...]}."""
     def block(self, i: int, j: int) -> npt.NDArray[np.float64]: ...
     def mean(self, i: int) -> npt.NDArray[np.float64]: ...
     def rr(self, k: int, l: int) -> float: ...
@@ -257,6 +271,9 @@ class MinibatchCka:
     def rows_seen(self) -> int: ...
     def finish(self) -> dict[str, Any]: ...
 
+DEFAULT_BATCH_SIZE: int
+"""Rows per minibatch of the minibatch CKA when none is given."""
+
 def minibatch_bytes(dims: Sequence[int], batch_size: int) -> int:
     """Peak bytes of the minibatch estimator's state."""
 
@@ -276,30 +293,11 @@ def minibatch_cka_pass(
 
 # ---- alignment (rust/python/src/align.rs) ----
 
+DEFAULT_ALIGN_K: int
+"""Leading directions kept by alignment when neither k nor variance is given."""
+
 def eigs_bytes(dims: Sequence[int]) -> int:
     """Peak bytes of the eigendecompositions of layers of widths dims."""
-
-def moment_measures(
-    cov: npt.NDArray[np.float64],
-    dims: Sequence[int],
-    n: int,
-    names: Sequence[str],
-    spectrum_layers: Sequence[int],
-    rows: Sequence[int] | None = None,
-    cols: Sequence[int] | None = None,
-    method: str = "subspace",
-    space: str = "samples",
-    k: int | None = None,
-    variance: float | None = None,
-    ridge_eps: float = 1e-4,
-    symmetric: bool = False,
-    max_memory: int | None = None,
-    progress: ProgressCallback = None,
-) -> dict[str, Any]:
-    """Spectra of ``spectrum_layers`` and/or rows × cols alignment from the centred
-    cross-product matrix ``cov`` (D × D, C-contiguous float64). Returns
-    ``{"spectra": [dict per layer], "alignment": dict | None}``."""
-    ...
 
 # ---- neighbours (rust/python/src/neighbors.rs) ----
 
@@ -336,7 +334,8 @@ def rsa_matrix(
 
 def mutual_knn_matrix(
     a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *,
-    k: int = 10, max_memory: int | None = None, progress: ProgressCallback = None,
+    k: int = 10, normalize: bool = False, max_memory: int | None = None,
+    progress: ProgressCallback = None,
 ) -> npt.NDArray[np.float64]: ...
 
 # ---- memory budget (rust/python/src/memory.rs) ----

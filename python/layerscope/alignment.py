@@ -213,13 +213,6 @@ class AlignmentResult(MatrixResult):
 # --------------------------------------------------------------------------- moments glue
 
 
-def _moment_parts(m: Any) -> tuple[np.ndarray, list[int], int, list[str]]:
-    """(C as a C-contiguous float64 ``D × D`` array — a zero-copy view of the Moments —,
-    widths, n, layer names)."""
-    cov = np.ascontiguousarray(m.cov(), dtype=np.float64)
-    return cov, [int(d) for d in m.dims], int(m.n), [str(x) for x in m.names]
-
-
 def _k_args(k: int | str) -> dict[str, Any]:
     if isinstance(k, str):
         if k != "auto":
@@ -231,7 +224,7 @@ def _k_args(k: int | str) -> dict[str, Any]:
 
 
 def _align_opts(method: str, space: str, k: int | str, ridge: float) -> dict[str, Any]:
-    """The options of ``moment_measures`` for one alignment method (``k`` only where the
+    """The options of ``Moments.alignment`` for one alignment method (``k`` only where the
     method keeps top-k subspaces)."""
     kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
     return {"method": method, "space": space, "ridge_eps": ridge, **kargs}
@@ -305,14 +298,18 @@ def _measures(
     spectrum_layers: list[int],
     align: dict[str, Any] | None,
     max_memory: int | None = None,
+    pca_threshold: float | None = None,
 ) -> dict[str, Any]:
-    cov, dims, n, names = _moment_parts(moments)
-    kw: dict[str, Any] = {}
-    if align is not None:
-        kw = dict(align)
-    return _native.moment_measures(
-        cov, dims, n, names, spectrum_layers, max_memory=max_memory, **kw
-    )
+    """Spectra of ``spectrum_layers`` (with ``pca_id`` at ``pca_threshold`` when given) and,
+    when ``align`` (rows, cols and the options of ``Moments.alignment``) is given, the
+    alignment: both computed in Rust on the moments (``{"spectra": [...], "alignment": dict
+    | None}``)."""
+    if align is None:
+        return {"spectra": moments.spectrum(spectrum_layers, max_memory=max_memory,
+                                            pca_threshold=pca_threshold),
+                "alignment": None}
+    return dict(moments.alignment(spectrum_layers=spectrum_layers, max_memory=max_memory,
+                                  **align))
 
 
 def _compute_moments(
@@ -489,13 +486,13 @@ def _put_alignment(
 def _run_measures(
     source: Any, layers: Any, other: Any, other_layers: Any, *, spectrum: bool,
     aligns: dict[str, dict[str, Any]], ckas: list[bool], compute: str, budget: int | None,
-    progress: Any,
+    progress: Any, pca_threshold: float | None = None,
 ) -> tuple[_Tiles, dict[str, Any], dict[str, Any]]:
     """Spectra (of every selected layer when ``spectrum``), the alignments ``aligns``
-    (key → options of ``moment_measures``, without rows/cols) and linear CKA (``ckas``: the
+    (key → options of ``Moments.alignment``, without rows/cols) and linear CKA (``ckas``: the
     ``debiased`` flags) from the passes of one plan; returns ``(tiles, raw results, meta)``
     with ``raw["spectra"]`` (per layer, in order), ``raw[key]`` (alignment dicts as
-    ``moment_measures`` returns them) and ``raw[("cka", debiased)]`` (rows × cols arrays)."""
+    ``Moments.alignment`` returns them) and ``raw[("cka", debiased)]`` (rows × cols arrays)."""
     pairs = bool(aligns or ckas)
     t = _Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute,
                budget=budget, progress=progress)
@@ -526,7 +523,8 @@ def _run_measures(
                          "symmetric": other is None}
             if align is None and not spec:
                 continue
-            res = _measures(m, [local[g] for g in spec], align, budget)
+            res = _measures(m, [local[g] for g in spec], align, budget,
+                            pca_threshold if align is None else None)
             for g, sp in zip(spec, list(res["spectra"])):
                 spectra[g] = sp
             spec = []
@@ -580,7 +578,7 @@ def alignment(
     other: Any = None,
     *,
     method: str = "subspace",
-    k: int | str = 32,
+    k: int | str = _native.DEFAULT_ALIGN_K,
     space: str = "samples",
     layers: Sequence[str] | str | None = None,
     other_layers: Sequence[str] | str | None = None,
@@ -626,7 +624,7 @@ def analyze(
     measures: Sequence[str] = ("cka", "cka_debiased", "spectrum", "alignment"),
     layers: Sequence[str] | str | None = None,
     other_layers: Sequence[str] | str | None = None,
-    k: int | str = 32,
+    k: int | str = _native.DEFAULT_ALIGN_K,
     progress: bool = True,
     max_memory: int | str | None = None,
     **kw: Any,
@@ -738,7 +736,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("other", nargs="?", default=None)
     p.add_argument("--method", default="subspace", choices=list(METHODS))
     p.add_argument(
-        "--k", type=_k_cli, default=32, help="kept directions, or 'auto' (99%% variance)"
+        "--k", type=_k_cli, default=_native.DEFAULT_ALIGN_K, help="kept directions, or 'auto' (99%% variance)"
     )
     p.add_argument("--space", default="samples", choices=list(SPACES))
     p.add_argument("--ridge", type=float, default=1e-4, help="CCA ridge eps (·tr(C)/d)")

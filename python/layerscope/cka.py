@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _native
 from ._memory import add_max_memory_arg, max_memory_bytes
 from ._moments import check_compute, pair_stats
 from ._progress import Progress
@@ -58,8 +59,11 @@ __all__ = ["cka", "DEFAULT_BATCH_SIZE"]
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
-#: Rows per minibatch of ``estimator="minibatch"`` when ``batch_size`` is None.
-DEFAULT_BATCH_SIZE = 256
+#: Rows per minibatch of ``estimator="minibatch"`` when ``batch_size`` is None (the core's
+#: ``measures::cka::minibatch::DEFAULT_BATCH_SIZE``).
+DEFAULT_BATCH_SIZE: int = _native.DEFAULT_BATCH_SIZE
+
+
 def cka(
     source: Any,
     other: Any = None,

@@ -373,60 +373,35 @@ def intrinsic_dimensions(
     return {m: out[m] for m in methods}
 
 
-def _pca_from_eigenvalues(lam: np.ndarray, threshold: float) -> dict[str, float]:
-    """PCA-ID and participation ratio from covariance eigenvalues (any order)."""
-    pos = np.sort(np.maximum(np.asarray(lam, dtype=np.float64), 0.0))[::-1]
-    total = float(pos.sum())
-    if not total > 0.0:
-        nan = float("nan")
-        return {
-            "id": nan,
-            "participation_ratio": nan,
-            "pca_id_90": nan,
-            "pca_id_95": nan,
-            "pca_id_99": nan,
-        }
-    share = np.cumsum(pos) / total
-
-    def count(t: float) -> float:
-        hit = np.flatnonzero(share >= t)
-        # round-off can leave the last cumulative share a hair below 1
-        return float(hit[0] + 1) if hit.size else float(np.count_nonzero(pos))
-
-    return {
-        "id": count(threshold),
-        "participation_ratio": total * total / float((pos * pos).sum()),
-        "pca_id_90": count(0.90),
-        "pca_id_95": count(0.95),
-        "pca_id_99": count(0.99),
-    }
-
-
 def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
             max_memory: int | None = None) -> IDResult:
-    """``method="pca"``: spectra of every layer from one pass of the moment engine."""
-    from ._moments import compute_moments
+    """``method="pca"``: the spectra of every layer from the moment engine's planned passes
+    (``layerscope.spectrum``'s plan: whole layers grouped into passes that fit the budget),
+    the PCA dimension at ``threshold`` computed in Rust (``Spectrum::pca_id``)."""
+    from .alignment import _run_measures
 
     t0 = time.perf_counter()
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
-    mom, _ = compute_moments(source, layers, progress=progress, max_memory=max_memory)
-    names = [str(v) for v in mom.names]
-    n = int(mom.n)
-    if n < 2:
-        raise InvalidArgumentError(f"PCA needs at least 2 rows, got {n}")
-    for i, name in enumerate(names):
-        lam = np.linalg.eigvalsh(np.asarray(mom.block(i, i), dtype=np.float64)) / (n - 1)
-        d = _pca_from_eigenvalues(lam, threshold)
-        values[name] = d.pop("id")
-        details[name] = {"rows_used": n, **d}
-    engine = "moments (all rows, one streaming pass)"
+    t, raw, pmeta = _run_measures(source, layers, None, None, spectrum=True, aligns={},
+                                  ckas=[], compute="float64", budget=max_memory,
+                                  progress=progress, pca_threshold=threshold)
+    names = list(t.names)
+    n = int(t.n)
+    for name, sp in zip(names, raw["spectra"]):
+        values[name] = float(sp["pca_id"])
+        details[name] = {"rows_used": n, **{key: float(sp[key]) for key in (
+            "participation_ratio", "pca_id_90", "pca_id_95", "pca_id_99")}}
+    engine = "moments (all rows, " + (
+        "one streaming pass)" if pmeta["plan"]["passes"] == 1
+        else f"{pmeta['plan']['passes']} passes of whole layers)")
     meta = {
         "method": "pca",
         "n": n,
         "n_total": n,
         "pca_threshold": threshold,
         "pca_engine": engine,
+        "plan": pmeta["plan"],
         "seconds": time.perf_counter() - t0,
     }
     return IDResult(names, values, details=details, meta=meta)
@@ -524,9 +499,12 @@ def mutual_knn(
 
     over the sampled rows, ``N_k(i)`` the ``k`` nearest neighbours of row ``i`` (self
     excluded). As in the paper's code (``metrics.mutual_knn`` on ``F.normalize``-d features),
-    ``normalize=True`` ranks neighbours by cosine similarity: rows are divided by
-    ``max(||x||, 1e-12)`` (torch's ``F.normalize``) and then ranked by Euclidean distance,
-    which on the unit sphere orders exactly as ``-x_i·x_j``. ``normalize=False``: Euclidean
+    ``normalize=True`` ranks neighbours by cosine similarity: rows are divided by their norm
+    (in Rust, ``measures::rsa::unit_rows``; a zero row stays zero) and then ranked by
+    Euclidean distance, which on the unit sphere orders exactly as ``-x_i·x_j``. (torch's
+    ``F.normalize`` divides by ``max(||x||, 1e-12)``: the same except for rows of norm below
+    1e-12, which it leaves unnormalised, so activations stored at a tiny scale lose their
+    cosine neighbourhoods; here the result does not depend on the scale.) ``normalize=False``: Euclidean
     neighbours of the raw rows. Neighbour sets are exact (ties broken by row index; the
     reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
     optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
@@ -540,19 +518,12 @@ def mutual_knn(
         raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
     check_sample(a, b, la, lb, idx.size, budget)
 
-    def get(src: Any, name: str) -> np.ndarray:
-        x = load(src, name, idx)
-        if normalize:
-            x = np.ascontiguousarray(
-                x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            )
-        return x
-
     with Progress(progress, "mutual knn", unit="step") as prog:
         cb = prog.cb
-        xa = [get(a, n) for n in la]
-        xb = [get(b, n) for n in lb] if b is not None else None
-        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), max_memory=budget, progress=cb)
+        xa = [load(a, n, idx) for n in la]
+        xb = [load(b, n, idx) for n in lb] if b is not None else None
+        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), normalize=bool(normalize),
+                                         max_memory=budget, progress=cb)
     meta = {
         "measure": "mutual_knn",
         "k": int(k),

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _html
+from . import _html, _native
 from ._source import Source, check_comparable, resolve
 from .errors import LayerscopeError, MemoryBudgetError
 from .results import Result, _jsonable, atomic_write_text
@@ -156,7 +156,7 @@ class _Side:
         self.res: dict[str, Any] = {}
 
 
-K_MAX = 32  # top-k of the subspace overlap: min(K_MAX, the smallest numerical rank)
+K_MAX = _native.DEFAULT_ALIGN_K  # top-k of the subspace overlap: min(K_MAX, smallest rank)
 
 
 def _one_pass(sides: list[_Side], cross: _Side | None, notes: list[str],

@@ -59,19 +59,4 @@ impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
-    /// The name of the Python exception class this error maps to.
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            Error::Format { .. } => "FormatError",
-            Error::Mismatch(_) => "MismatchError",
-            Error::MissingLayer(_) => "MissingLayerError",
-            Error::NotFound { .. } => "StoreNotFoundError",
-            Error::Exists { .. } => "StoreExistsError",
-            Error::NonFinite(_) => "NonFiniteError",
-            Error::InvalidArgument(_) => "InvalidArgumentError",
-            Error::Memory(_) => "MemoryBudgetError",
-            Error::Interrupted => "Interrupted",
-            Error::Io { .. } => "StoreIOError",
-        }
-    }
 }

@@ -1,12 +1,14 @@
 //! Bindings of the minibatch CKA estimator (layerscope-core `measures::cka`, Nguyen et al.
 //! 2021): a streaming accumulator fed with in-memory blocks, and the one-pass streaming of
 //! stores. Only type conversion here; the work runs in the core with the GIL released.
-use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
+use crate::convert::{block_slices, extract_blocks, Blocks};
+use crate::errors::detach;
+use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::measures::cka::{
     minibatch_bytes as core_minibatch_bytes, minibatch_pass, Kernel, MinibatchCka as CoreCka,
-    MinibatchHsic,
+    MinibatchHsic, DEFAULT_BATCH_SIZE,
 };
 use layerscope_core::memory::Budget;
 use layerscope_core::store::stream::Subset;
@@ -98,7 +100,7 @@ impl PyMinibatchCka {
     /// only); `max_memory`: byte budget of the Grams (default: the machine's; MemoryBudgetError
     /// above it).
     #[new]
-    #[pyo3(signature = (dims, names=None, kernel="linear", sigma=1.0, batch_size=256,
+    #[pyo3(signature = (dims, names=None, kernel="linear", sigma=1.0, batch_size=DEFAULT_BATCH_SIZE,
         num_a=None, check_finite=true, max_memory=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -134,11 +136,11 @@ impl PyMinibatchCka {
         match blocks {
             Blocks::F32(v) => {
                 let (slices, rows) = block_slices(&v)?;
-                py.detach(|| acc.update(&slices, rows, &mon)).py_err()
+                detach(py, || acc.update(&slices, rows, &mon))
             }
             Blocks::F64(v) => {
                 let (slices, rows) = block_slices(&v)?;
-                py.detach(|| acc.update(&slices, rows, &mon)).py_err()
+                detach(py, || acc.update(&slices, rows, &mon))
             }
         }
     }
@@ -158,7 +160,7 @@ impl PyMinibatchCka {
             .take()
             .ok_or_else(|| Error::invalid("this accumulator was finished"))
             .py_err()?;
-        let r = py.detach(|| acc.finish()).py_err()?;
+        let r = detach(py, || acc.finish())?;
         to_dict(py, &r)
     }
 }
@@ -168,7 +170,7 @@ impl PyMinibatchCka {
 /// `sample` of them, in that order — GIL released, reader thread one block ahead. Returns the
 /// result dict of `MinibatchCka.finish`.
 #[pyfunction]
-#[pyo3(signature = (parts, names, kernel="linear", sigma=1.0, batch_size=256, num_a=None,
+#[pyo3(signature = (parts, names, kernel="linear", sigma=1.0, batch_size=DEFAULT_BATCH_SIZE, num_a=None,
     check_finite=true, max_memory=None, block_rows=None, progress=None, sample=None))]
 #[allow(clippy::too_many_arguments)]
 fn minibatch_cka_pass<'py>(
@@ -208,9 +210,7 @@ fn minibatch_cka_pass<'py>(
     )
     .py_err()?;
     let mon = PyMonitor::new(progress);
-    let r = py
-        .detach(|| minibatch_pass(src, acc, block_rows, &mon))
-        .py_err()?;
+    let r = detach(py, || minibatch_pass(src, acc, block_rows, &mon))?;
     to_dict(py, &r)
 }
 
@@ -222,6 +222,7 @@ fn minibatch_bytes(dims: Vec<usize>, batch_size: usize) -> u128 {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("DEFAULT_BATCH_SIZE", DEFAULT_BATCH_SIZE)?;
     m.add_class::<PyMinibatchCka>()?;
     m.add_function(wrap_pyfunction!(minibatch_cka_pass, m)?)?;
     m.add_function(wrap_pyfunction!(minibatch_bytes, m)?)?;

@@ -1,13 +1,15 @@
 //! layerscope._native: PyO3 bindings of layerscope-core.
 //!
-//! This crate only converts types, releases the GIL around all heavy work, maps core errors
-//! to the Python exception classes of `layerscope.errors`, and forwards progress/Ctrl-C.
-//! No maths lives here.
+//! This crate only converts types (`convert.rs`), runs core work through one helper that
+//! releases the GIL, polls Ctrl-C and maps core errors to the classes of `layerscope.errors`
+//! with one `match` (`errors.rs`), and forwards progress (`monitor.rs`). No maths, no loop
+//! over layers or pairs, no defaults of its own (the core's constants are exported).
 use pyo3::prelude::*;
 
 mod align;
 mod cka;
 mod convert;
+mod errors;
 mod memory;
 mod moments;
 mod monitor;

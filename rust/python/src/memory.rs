@@ -1,6 +1,6 @@
 //! Bindings of the memory budget (layerscope-core `memory`): the budget in force and its
 //! source, and the size-string parser behind `max_memory=` and `LAYERSCOPE_MAX_MEMORY`.
-use crate::convert::IntoPy;
+use crate::errors::IntoPy;
 use layerscope_core::memory::{self, Budget};
 use pyo3::prelude::*;
 

@@ -2,13 +2,16 @@
 //! accumulator (a value: update / merge / bytes), the finalised `Moments` (centred
 //! cross-product matrix, linear CKA), and the one-pass streaming of stores.
 //! Only type conversion here; every computation runs in the core with the GIL released.
-use crate::convert::{block_slices, extract_blocks, Blocks, IntoPy};
+use crate::convert::{block_slices, extract_blocks, Blocks};
+use crate::errors::detach;
+use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
     accumulate, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
     Moments as CoreMoments, PairPlan, PairStats as CorePairStats,
 };
+use layerscope_core::measures::align::{AlignOptions, AlignSpec, KSpec, Method};
 use layerscope_core::measures::cka::LinearCka;
 use layerscope_core::memory::Budget;
 use layerscope_core::store::Rows;
@@ -68,11 +71,11 @@ impl PyMomentAccumulator {
         match blocks {
             Blocks::F32(v) => {
                 let (slices, rows) = block_slices(&v)?;
-                py.detach(|| acc.update(&slices, rows)).py_err()
+                detach(py, || acc.update(&slices, rows))
             }
             Blocks::F64(v) => {
                 let (slices, rows) = block_slices(&v)?;
-                py.detach(|| acc.update(&slices, rows)).py_err()
+                detach(py, || acc.update(&slices, rows))
             }
         }
     }
@@ -87,20 +90,20 @@ impl PyMomentAccumulator {
     fn merge(&mut self, py: Python<'_>, other: PyRef<'_, PyMomentAccumulator>) -> PyResult<()> {
         let o = other.get()?.clone();
         let acc = self.get_mut()?;
-        py.detach(|| acc.merge(&o)).py_err()
+        detach(py, || acc.merge(&o))
     }
 
     /// Versioned little-endian serialisation (for shipping partial results, e.g. with Ray).
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let acc = self.get()?;
-        let b = py.detach(|| acc.to_bytes()).py_err()?;
+        let b = detach(py, || acc.to_bytes())?;
         Ok(PyBytes::new(py, &b))
     }
 
     /// Inverse of `to_bytes` (a FormatError on anything malformed).
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
-        let acc = py.detach(|| CoreAcc::from_bytes(data)).py_err()?;
+        let acc = detach(py, || CoreAcc::from_bytes(data))?;
         Ok(PyMomentAccumulator { inner: Some(acc) })
     }
 
@@ -135,7 +138,7 @@ impl PyMomentAccumulator {
             .take()
             .ok_or_else(|| Error::invalid("this accumulator was finalised"))
             .py_err()?;
-        let m = py.detach(|| acc.finalize()).py_err()?;
+        let m = detach(py, || acc.finalize())?;
         PyMoments::wrap(m, num_a)
     }
 }
@@ -198,8 +201,10 @@ impl PyMoments {
     }
 
     /// The full symmetric `D × D` centred cross-product matrix `C` as a read-only float64
-    /// array viewing the moments' memory (no copy; it keeps this object alive).
-    fn cov<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    /// array viewing the moments' memory (no copy; it keeps this object alive). For
+    /// inspection and tests: the measures run on the moments in Rust (`spectrum()`,
+    /// `alignment()`, `cka()`).
+    fn cross_products<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let m = &slf.get().inner;
         let d = m.width();
         let view = ArrayView2::from_shape((d, d), &m.cov[..])
@@ -210,6 +215,77 @@ impl PyMoments {
         let arr = unsafe { PyArray2::borrow_from_array(&view, slf.clone().into_any()) };
         arr.call_method1("setflags", (false,))?;
         Ok(arr)
+    }
+
+    /// Spectra of the layers `layers` (indices; None: all) — `layerscope_core::measures::
+    /// spectrum`: covariance eigenvalues, explained-variance ratios, effective/stable rank,
+    /// participation ratio, PCA dimensions (and `pca_id` at `pca_threshold` when given).
+    #[pyo3(signature = (layers=None, *, pca_threshold=None, max_memory=None, progress=None))]
+    fn spectrum<'py>(
+        &self,
+        py: Python<'py>,
+        layers: Option<Vec<usize>>,
+        pca_threshold: Option<f64>,
+        max_memory: Option<u64>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let layers = layers.unwrap_or_else(|| (0..self.inner.dims.len()).collect());
+        let out = crate::align::measures(
+            py,
+            &self.inner,
+            &layers,
+            None,
+            pca_threshold,
+            max_memory,
+            progress,
+        )?;
+        out.as_any().get_item("spectra")
+    }
+
+    /// Alignment of the layers `rows` × `cols` (indices) with `method` ("subspace", "svcca",
+    /// "pwcca", "cca", "procrustes"), `space` ("samples" | "features"), `k` or `variance`
+    /// (neither: the core's `DEFAULT_ALIGN_K`), `ridge_eps` (CCA ridge), `symmetric` (rows
+    /// == cols of one source: each pair once); the spectra of `spectrum_layers` come from
+    /// the same eigendecompositions. Returns `{"alignment": dict, "spectra": [dict]}`.
+    #[pyo3(signature = (rows, cols=None, *, method="subspace", space="samples", k=None,
+        variance=None, ridge_eps=1e-4, symmetric=false, spectrum_layers=Vec::new(),
+        max_memory=None, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn alignment<'py>(
+        &self,
+        py: Python<'py>,
+        rows: Vec<usize>,
+        cols: Option<Vec<usize>>,
+        method: &str,
+        space: &str,
+        k: Option<usize>,
+        variance: Option<f64>,
+        ridge_eps: f64,
+        symmetric: bool,
+        spectrum_layers: Vec<usize>,
+        max_memory: Option<u64>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        // the default k and the checks are the core's
+        let spec = AlignSpec {
+            cols: cols.unwrap_or_else(|| rows.clone()),
+            rows,
+            opts: AlignOptions {
+                method: Method::parse(method, space).py_err()?,
+                k: KSpec::from_options(k, variance).py_err()?,
+                ridge_eps,
+            },
+            symmetric,
+        };
+        crate::align::measures(
+            py,
+            &self.inner,
+            &spectrum_layers,
+            Some(&spec),
+            None,
+            max_memory,
+            progress,
+        )
     }
 
     /// `C_ij` (a `d_i × d_j` float64 copy).
@@ -253,9 +329,7 @@ impl PyMoments {
         debiased: bool,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let m = &self.inner;
-        let v = py
-            .detach(|| m.cka_matrix(&rows, &cols, debiased))
-            .py_err()?;
+        let v = detach(py, || m.cka_matrix(&rows, &cols, debiased))?;
         let a = Array2::from_shape_vec((rows.len(), cols.len()), v)
             .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
             .py_err()?;
@@ -296,20 +370,18 @@ fn moments_pass(
     let sources = Sources::new(&parts)?;
     let src = Rows::new(sources.parts()).py_err()?;
     let mon = PyMonitor::new(progress);
-    let m = py
-        .detach(|| {
-            accumulate(
-                &src,
-                &names,
-                block_rows,
-                check_finite,
-                &budget,
-                compute,
-                &mon,
-            )?
-            .finalize()
-        })
-        .py_err()?;
+    let m = detach(py, || {
+        accumulate(
+            &src,
+            &names,
+            block_rows,
+            check_finite,
+            &budget,
+            compute,
+            &mon,
+        )?
+        .finalize()
+    })?;
     PyMoments::wrap(m, num_a)
 }
 
@@ -441,23 +513,21 @@ fn pair_pass(
     let sources = Sources::new(&parts)?;
     let src = Rows::new(sources.parts()).py_err()?;
     let mon = PyMonitor::new(progress);
-    let (plan, st) = py
-        .detach(|| {
-            let dims = layerscope_core::store::RowSource::dims(&src);
-            let n = layerscope_core::store::RowSource::num_rows(&src);
-            let plan = PairPlan::choose(
-                &dims,
-                num_a,
-                n,
-                block_rows,
-                compute,
-                &budget,
-                strategy.as_deref(),
-            )?;
-            let st = plan.run(&src, &names, check_finite, &budget, &mon)?;
-            Ok::<_, Error>((plan, st))
-        })
-        .py_err()?;
+    let (plan, st) = detach(py, || {
+        let dims = layerscope_core::store::RowSource::dims(&src);
+        let n = layerscope_core::store::RowSource::num_rows(&src);
+        let plan = PairPlan::choose(
+            &dims,
+            num_a,
+            n,
+            block_rows,
+            compute,
+            &budget,
+            strategy.as_deref(),
+        )?;
+        let st = plan.run(&src, &names, check_finite, &budget, &mon)?;
+        Ok::<_, Error>((plan, st))
+    })?;
     let madds = plan.madds(st.n);
     Ok(PyPairStats {
         inner: st,
@@ -500,19 +570,17 @@ fn pair_plan<'py>(
         )))
         .py_err();
     }
-    let plan = py
-        .detach(|| {
-            PairPlan::choose(
-                &dims,
-                num_a,
-                n,
-                block_rows,
-                compute,
-                &budget,
-                strategy.as_deref(),
-            )
-        })
-        .py_err()?;
+    let plan = detach(py, || {
+        PairPlan::choose(
+            &dims,
+            num_a,
+            n,
+            block_rows,
+            compute,
+            &budget,
+            strategy.as_deref(),
+        )
+    })?;
     let d = PyDict::new(py);
     d.set_item("strategy", plan.strategy())?;
     d.set_item("passes", plan.passes())?;
@@ -532,8 +600,9 @@ fn pair_plan<'py>(
 #[pyo3(signature = (compute="float64", seconds=0.2))]
 fn measured_madds_per_s(py: Python<'_>, compute: &str, seconds: f64) -> PyResult<f64> {
     let compute = Compute::parse(compute).py_err()?;
-    py.detach(|| layerscope_core::engine::moments::measured_madds_per_s(compute, seconds))
-        .py_err()
+    detach(py, || {
+        layerscope_core::engine::moments::measured_madds_per_s(compute, seconds)
+    })
 }
 
 /// Rows per block the streaming pass uses by default for layers of these widths.

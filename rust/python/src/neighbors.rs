@@ -1,7 +1,8 @@
 //! Bindings of the neighbour engine and its measures (kNN graph, intrinsic dimension, RBF
 //! HSIC, RSA, mutual kNN). Inputs are C-contiguous float64 2-D arrays (the Python layer
 //! samples and converts); all work runs with the GIL released.
-use crate::convert::IntoPy;
+use crate::errors::detach;
+use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use layerscope_core::engine::neighbors::{dedup_knn, Duplicates};
 use layerscope_core::measures::cka::rbf as kernel;
@@ -57,9 +58,9 @@ fn knn_graph<'py>(
     let budget = Budget::resolve(max_memory).py_err()?;
     let (s, m, d) = slice2(&x, "x")?;
     let mon = PyMonitor::new(progress);
-    let r = py
-        .detach(|| dedup_knn(s, m, d, k, tolerance, policy, &budget, &mon))
-        .py_err()?;
+    let r = detach(py, || {
+        dedup_knn(s, m, d, k, tolerance, policy, &budget, &mon)
+    })?;
     let out = PyDict::new(py);
     let mm = r.knn.m;
     let dist = Array2::from_shape_vec((mm, k), r.knn.dist)
@@ -117,9 +118,7 @@ fn id_estimate<'py>(
             .py_err()
         }
     };
-    let r = py
-        .detach(|| id::estimate(s, kk, meth, bootstrap, seed))
-        .py_err()?;
+    let r = detach(py, || id::estimate(s, kk, meth, bootstrap, seed))?;
     let out = PyDict::new(py);
     out.set_item("value", r.value)?;
     out.set_item("error", r.error)?;
@@ -155,9 +154,9 @@ fn rbf_hsic<'py>(
         None => None,
     };
     let mon = PyMonitor::new(progress);
-    let r = py
-        .detach(|| kernel::rbf_hsic(&sa, sb.as_deref(), ma, sigma, unbiased, &budget, &mon))
-        .py_err()?;
+    let r = detach(py, || {
+        kernel::rbf_hsic(&sa, sb.as_deref(), ma, sigma, unbiased, &budget, &mon)
+    })?;
     let lb = if b.is_some() {
         sb.as_ref().map_or(0, |v| v.len())
     } else {
@@ -230,21 +229,23 @@ fn rsa_matrix<'py>(
     let (sa, ma) = slices(&a, "a")?;
     let sb = second(&b, ma)?;
     let mon = PyMonitor::new(progress);
-    let vals = py
-        .detach(|| rsa::rsa_matrix(&sa, sb.as_deref(), ma, dis, cmp, &budget, &mon))
-        .py_err()?;
+    let vals = detach(py, || {
+        rsa::rsa_matrix(&sa, sb.as_deref(), ma, dis, cmp, &budget, &mon)
+    })?;
     matrix(py, vals, &sa, sb.as_deref())
 }
 
 /// Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None); see
 /// `layerscope_core::measures::rsa::mutual_knn_matrix`.
 #[pyfunction]
-#[pyo3(signature = (a, b=None, *, k=10, max_memory=None, progress=None))]
+#[pyo3(signature = (a, b=None, *, k=10, normalize=false, max_memory=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
 fn mutual_knn_matrix<'py>(
     py: Python<'py>,
     a: Vec<PyReadonlyArray2<'py, f64>>,
     b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
     k: usize,
+    normalize: bool,
     max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
@@ -252,9 +253,9 @@ fn mutual_knn_matrix<'py>(
     let (sa, ma) = slices(&a, "a")?;
     let sb = second(&b, ma)?;
     let mon = PyMonitor::new(progress);
-    let vals = py
-        .detach(|| rsa::mutual_knn_matrix(&sa, sb.as_deref(), ma, k, &budget, &mon))
-        .py_err()?;
+    let vals = detach(py, || {
+        rsa::mutual_knn_matrix(&sa, sb.as_deref(), ma, k, normalize, &budget, &mon)
+    })?;
     matrix(py, vals, &sa, sb.as_deref())
 }
 

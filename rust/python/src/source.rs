@@ -5,7 +5,7 @@
 //! whole; `dtype` is `"F32"`/`"F64"` for float32/float64 arrays and `"F16"`/`"BF16"` for
 //! uint16 arrays holding half-precision bit patterns). The parts become the core's
 //! [`StoreRows`] / [`ArrayRows`], side by side in one [`Rows`].
-use crate::convert::IntoPy;
+use crate::errors::IntoPy;
 use crate::store::NativeStore;
 use layerscope_core::store::stream::{ArrayLayer, ArrayRows};
 use layerscope_core::store::{DType, RowSource, StoreRows, Values};

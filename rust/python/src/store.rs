@@ -1,7 +1,10 @@
 //! Bindings of the activation store: `NativeStore` (validated mmap reader) and `NativeWriter`
 //! (incremental atomic writer). All I/O and conversion runs with the GIL released, so a
 //! writer can run in a background Python thread while the main thread runs torch.
-use crate::convert::{c_slice, c_slice_mut, to_py, IntoPy};
+use crate::convert::{c_slice, c_slice_mut};
+use crate::errors::detach;
+use crate::errors::to_py;
+use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use layerscope_core::store::{
     stream, ArrayData, DType, Element, OpenOptions, ReadAs, RowSource, Store, StoreRows,
@@ -84,7 +87,7 @@ where
             })
             .collect::<layerscope_core::Result<Vec<&mut [T]>>>()
             .py_err()?;
-        py.detach(|| fill(&mut slices)).py_err()?;
+        detach(py, || fill(&mut slices))?;
     }
     Ok(arrays.into_iter().map(|a| a.into_any()).collect())
 }
@@ -105,7 +108,7 @@ fn fill_outs<T: numpy::Element + Send>(
         .enumerate()
         .map(|(i, rw)| c_slice_mut(rw, &format!("output array {i}")))
         .collect::<PyResult<Vec<&mut [T]>>>()?;
-    py.detach(|| fill(&mut slices)).py_err()
+    detach(py, || fill(&mut slices))
 }
 
 /// Layers `idx` of `store` as a row source for the block reader; `release`: drop a block's
@@ -149,7 +152,7 @@ impl NativeStore {
         let opts = OpenOptions {
             verify_checksums: verify,
         };
-        let inner = py.detach(|| Store::open_with(&path, opts)).py_err()?;
+        let inner = detach(py, || Store::open_with(&path, opts))?;
         Ok(NativeStore { inner })
     }
 
@@ -218,7 +221,7 @@ impl NativeStore {
     }
 
     fn row_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
-        let v = py.detach(|| self.inner.row_ids()).py_err()?;
+        let v = detach(py, || self.inner.row_ids())?;
         Ok(PyArray1::from_vec(py, v))
     }
 
@@ -228,7 +231,7 @@ impl NativeStore {
         py: Python<'py>,
         name: &str,
     ) -> PyResult<Option<Bound<'py, PyArray1<i64>>>> {
-        let v = py.detach(|| self.inner.column(name)).py_err()?;
+        let v = detach(py, || self.inner.column(name))?;
         Ok(v.map(|v| PyArray1::from_vec(py, v)))
     }
 
@@ -401,18 +404,18 @@ impl NativeStore {
     /// Drop the mapped pages of rows [start, stop) from the resident set (data stays
     /// readable; a later read maps it again from the OS page cache).
     fn release(&self, py: Python<'_>, start: u64, stop: u64) -> PyResult<()> {
-        py.detach(|| self.inner.release(start, stop)).py_err()
+        detach(py, || self.inner.release(start, stop))
     }
 
     /// First row of `layer` holding NaN/±Inf, or None.
     fn find_nonfinite(&self, py: Python<'_>, layer: &str) -> PyResult<Option<u64>> {
         let li = self.inner.layer_index(layer).py_err()?;
-        py.detach(|| self.inner.find_nonfinite(li)).py_err()
+        detach(py, || self.inner.find_nonfinite(li))
     }
 
     /// Recompute every shard's sha256 and compare with the manifest (MismatchError if not).
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.verify()).py_err()
+        detach(py, || self.inner.verify())
     }
 }
 
@@ -530,7 +533,7 @@ impl NativeWriter {
             metadata,
             dtype,
         };
-        let w = py.detach(|| StoreWriter::create(&path, opts)).py_err()?;
+        let w = detach(py, || StoreWriter::create(&path, opts))?;
         Ok(NativeWriter { inner: Some(w) })
     }
 
@@ -606,8 +609,7 @@ impl NativeWriter {
         // Checks Ctrl-C between shards; an interrupted append leaves the finished shards
         // (see `StoreWriter::append_monitored`).
         let monitor = PyMonitor::new(None);
-        py.detach(|| w.append_monitored(&datas, ids, &cols, &monitor))
-            .py_err()
+        detach(py, || w.append_monitored(&datas, ids, &cols, &monitor))
     }
 
     /// Rows appended so far.
@@ -630,7 +632,7 @@ impl NativeWriter {
     /// Writes the remaining rows and marks the store complete. Idempotent.
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
         match self.inner.take() {
-            Some(w) => py.detach(|| w.finish()).py_err(),
+            Some(w) => detach(py, || w.finish()),
             None => Ok(()),
         }
     }

@@ -31,6 +31,7 @@
 //! Rank rule: `k` must not exceed the numerical rank `#{λ > λ_max · max(n, d) · ε_f64}` of
 //! either layer; otherwise an `InvalidArgument` error names the layer and its rank.
 //! `arccos` of a cosine that round-off puts above 1 is taken as 0 (only in the angles).
+use crate::engine::moments::Moments;
 use crate::error::{Error, Result};
 use crate::measures::spectrum::{layer_eigs, LayerEig, Spectrum};
 use crate::memory::Budget;
@@ -103,6 +104,22 @@ pub enum KSpec {
     /// The smallest `k` whose cumulative variance share is ≥ the given fraction (0.99 for
     /// SVCCA's "99 % of the variance").
     Variance(f64),
+}
+
+/// Leading directions kept per layer when neither `k` nor a variance share is given.
+pub const DEFAULT_K: usize = 32;
+
+impl KSpec {
+    /// `k` directions, or the smallest number holding the `variance` share; neither given:
+    /// [`DEFAULT_K`]; both: an error.
+    pub fn from_options(k: Option<usize>, variance: Option<f64>) -> Result<KSpec> {
+        match (k, variance) {
+            (Some(k), None) => Ok(KSpec::Fixed(k)),
+            (None, Some(f)) => Ok(KSpec::Variance(f)),
+            (None, None) => Ok(KSpec::Fixed(DEFAULT_K)),
+            (Some(_), Some(_)) => Err(Error::invalid("give either k or variance, not both")),
+        }
+    }
 }
 
 /// Options of [`align_matrix`].
@@ -648,6 +665,20 @@ pub fn measures_from_cov(
     Ok((spectra, al))
 }
 
+/// [`measures_from_cov`] on a pass's finalised moments (the layer names and widths are
+/// theirs).
+pub fn measures_from_moments(
+    m: &Moments,
+    spectrum_layers: &[usize],
+    align: Option<&AlignSpec>,
+    budget: &Budget,
+    monitor: &dyn Monitor,
+) -> Result<(Vec<Spectrum>, Option<AlignmentMatrix>)> {
+    let n = usize::try_from(m.n).map_err(|_| Error::invalid("row count overflow"))?;
+    let view = CovView::new(&m.cov, m.dims.clone(), n)?;
+    measures_from_cov(&view, &m.names, spectrum_layers, align, budget, monitor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -829,5 +860,19 @@ mod tests {
             Ok(r) => assert!(r.values.iter().all(|v| v.is_finite())),
             Err(other) => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn k_options_and_default() {
+        assert_eq!(
+            KSpec::from_options(None, None).unwrap(),
+            KSpec::Fixed(DEFAULT_K)
+        );
+        assert_eq!(KSpec::from_options(Some(3), None).unwrap(), KSpec::Fixed(3));
+        assert_eq!(
+            KSpec::from_options(None, Some(0.99)).unwrap(),
+            KSpec::Variance(0.99)
+        );
+        assert!(KSpec::from_options(Some(3), Some(0.99)).is_err());
     }
 }

@@ -135,12 +135,55 @@ pub fn prepare_rdm(rdm: &[f64], compare: Compare) -> Option<Vec<f64>> {
     }
 }
 
-/// Correlation of two prepared RDMs (NaN when either is constant).
+/// Correlation of two prepared RDMs (NaN when either is constant). Sequential, so the same
+/// value on every run: callers run pairs in parallel.
 pub fn correlate(a: Option<&Vec<f64>>, b: Option<&Vec<f64>>) -> f64 {
     match (a, b) {
-        (Some(a), Some(b)) => a.par_iter().zip(b.par_iter()).map(|(x, y)| x * y).sum(),
+        (Some(a), Some(b)) => crate::measures::hsic::dot(a, b),
         _ => f64::NAN,
     }
+}
+
+/// The `La × Lb` table of `f` over the items of `a` and `b` (`b = None`: `a × a`, each
+/// unordered pair computed once and mirrored), pairs in parallel, row-major.
+fn pair_table<T: Sync>(
+    a: &[T],
+    b: Option<&[T]>,
+    f: impl Fn(&T, &T) -> Result<f64> + Sync,
+) -> Result<Vec<f64>> {
+    let cols = b.unwrap_or(a);
+    let (la, lb) = (a.len(), cols.len());
+    let cells: Vec<(usize, usize)> = (0..la)
+        .flat_map(|i| (0..lb).map(move |j| (i, j)))
+        .filter(|&(i, j)| b.is_some() || i <= j)
+        .collect();
+    let vals: Vec<f64> = cells
+        .par_iter()
+        .map(|&(i, j)| f(&a[i], &cols[j]))
+        .collect::<Result<_>>()?;
+    let mut out = vec![f64::NAN; la * lb];
+    for (&(i, j), v) in cells.iter().zip(vals) {
+        out[i * lb + j] = v;
+        if b.is_none() {
+            out[j * lb + i] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// `x` (row-major `m × d`) with every non-zero row scaled to unit Euclidean norm (a zero
+/// row stays zero): cosine neighbourhoods for [`mutual_knn_matrix`].
+pub fn unit_rows(x: &[f64], d: usize) -> Result<Vec<f64>> {
+    let mut out = try_copy(x, "the unit-norm copy of a layer")?;
+    if d > 0 {
+        out.par_chunks_mut(d).for_each(|r| {
+            let norm = r.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                r.iter_mut().for_each(|v| *v /= norm);
+            }
+        });
+    }
+    Ok(out)
 }
 
 /// Mutual kNN alignment of two kNN graphs on the same points (uses the first `k` neighbours
@@ -214,36 +257,48 @@ pub fn rsa_matrix(
         Some(b) => Some(prepare(b)?),
         None => None,
     };
-    let rbr = rb.as_ref().unwrap_or(&ra);
-    Ok(ra
-        .iter()
-        .flat_map(|p| rbr.iter().map(move |q| correlate(p.as_ref(), q.as_ref())))
-        .collect())
+    pair_table(&ra, rb.as_deref(), |p, q| {
+        Ok(correlate(p.as_ref(), q.as_ref()))
+    })
 }
 
 /// Mutual-kNN alignment of every layer pair (row-major `La × Lb`; `b = None`: `a × a`):
-/// one exact kNN graph per layer ([`crate::engine::neighbors::knn`]), then [`mutual_knn`].
+/// one exact kNN graph per layer ([`crate::engine::neighbors::knn`]; with `normalize`, of
+/// the rows scaled to unit norm, [`unit_rows`]: cosine neighbours), then [`mutual_knn`].
 /// Fails with [`Error::Memory`] before any work when the graphs and one graph's workspace
 /// exceed `budget`.
+#[allow(clippy::too_many_arguments)]
 pub fn mutual_knn_matrix(
     a: &Layers<'_>,
     b: Option<&Layers<'_>>,
     m: usize,
     k: usize,
+    normalize: bool,
     budget: &Budget,
     monitor: &dyn crate::Monitor,
 ) -> Result<Vec<f64>> {
     let (nl, dmax) = super::count_and_widest(a, b);
     let graphs = nl as u128 * m as u128 * k as u128 * 16;
+    let copy = if normalize {
+        m as u128 * dmax as u128 * 8
+    } else {
+        0
+    };
     budget.check(
-        graphs + crate::engine::neighbors::knn_bytes(m, dmax, k),
+        graphs + copy + crate::engine::neighbors::knn_bytes(m, dmax, k),
         format_args!("the {k}-nearest-neighbour graphs of {nl} layers over {m} sampled rows"),
         "use a smaller sample (sample=...), a smaller k, or fewer layers",
     )?;
     let graph = |layers: &Layers<'_>| -> Result<Vec<Knn>> {
         layers
             .iter()
-            .map(|(x, d)| knn(x, m, *d, k, &Budget::unchecked(), monitor))
+            .map(|(x, d)| {
+                if normalize {
+                    knn(&unit_rows(x, *d)?, m, *d, k, &Budget::unchecked(), monitor)
+                } else {
+                    knn(x, m, *d, k, &Budget::unchecked(), monitor)
+                }
+            })
             .collect()
     };
     let ga = graph(a)?;
@@ -251,14 +306,7 @@ pub fn mutual_knn_matrix(
         Some(b) => Some(graph(b)?),
         None => None,
     };
-    let gbr = gb.as_ref().unwrap_or(&ga);
-    let mut out = Vec::with_capacity(ga.len() * gbr.len());
-    for p in &ga {
-        for q in gbr {
-            out.push(mutual_knn(p, q, k)?);
-        }
-    }
-    Ok(out)
+    pair_table(&ga, gb.as_deref(), |p, q| mutual_knn(p, q, k))
 }
 
 #[cfg(test)]
@@ -280,5 +328,33 @@ mod tests {
         for (a, b) in r.iter().zip([5.0, 10.0, 5.0]) {
             assert!((a - b).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn unit_rows_at_any_scale_and_zero_rows() {
+        for scale in [1e-30, 1.0, 1e30] {
+            let x = [3.0 * scale, 4.0 * scale, 0.0, 0.0];
+            let u = unit_rows(&x, 2).unwrap();
+            assert!((u[0] - 0.6).abs() < 1e-15 && (u[1] - 0.8).abs() < 1e-15);
+            assert_eq!(&u[2..], &[0.0, 0.0]);
+        }
+    }
+
+    #[test]
+    fn pair_tables_mirror_within_one_source() {
+        let a = [1.0, 2.0, 3.0];
+        let f = |x: &f64, y: &f64| Ok(x * 10.0 + y);
+        // within one source: each unordered pair once (i <= j), mirrored
+        assert_eq!(
+            pair_table(&a, None, f).unwrap(),
+            vec![11.0, 12.0, 13.0, 12.0, 22.0, 23.0, 13.0, 23.0, 33.0]
+        );
+        let b = [5.0, 6.0];
+        assert_eq!(
+            pair_table(&a, Some(&b), f).unwrap(),
+            vec![15.0, 16.0, 25.0, 26.0, 35.0, 36.0]
+        );
+        let bad = |_: &f64, _: &f64| Err(Error::invalid("no"));
+        assert!(pair_table(&a, None, bad).is_err());
     }
 }

@@ -209,6 +209,17 @@ impl Spectrum {
         }
     }
 
+    /// Smallest `k` whose cumulative share of `Σλ⁺` is `≥ threshold` (PCA intrinsic
+    /// dimension at any threshold; NaN for a zero-variance layer).
+    pub fn pca_id(&self, threshold: f64) -> f64 {
+        let pos: Vec<f64> = self
+            .eigenvalues
+            .iter()
+            .map(|&v| if v > self.rank_tol { v } else { 0.0 })
+            .collect();
+        pca_components(&pos, threshold)
+    }
+
     /// `(name, value)` of the scalar measures, in a fixed order (the Python table columns).
     pub fn measures(&self) -> Vec<(&'static str, f64)> {
         vec![
@@ -262,6 +273,8 @@ mod tests {
         assert!((s.effective_rank - er).abs() < 1e-12);
         assert_eq!(s.pca_id_90, 2.0);
         assert_eq!(s.pca_id_95, 2.0);
+        assert_eq!(s.pca_id(0.9), s.pca_id_90);
+        assert_eq!(s.pca_id(0.8), 1.0);
         // 0.8 ≥ 0.8 exactly at k = 1
         assert_eq!(pca_components(&[4.0, 1.0], 0.8), 1.0);
     }

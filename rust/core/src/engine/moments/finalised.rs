@@ -1,5 +1,6 @@
-//! [`Moments`]: the finalised moments of a pass, and what is derived from them alone (the
-//! blocks `C_ij` of the centred cross-product matrix, linear CKA biased and debiased).
+//! [`Moments`]: the finalised moments of a pass and their blocks `C_ij`. The measures on
+//! them live in `crate::measures` (linear CKA: `cka::linear`; spectra and alignment:
+//! `align::measures_from_moments`).
 use crate::error::{Error, Result};
 
 /// Finalised moments (see the module docs). `cov` is the full symmetric `D × D` centred

@@ -46,6 +46,10 @@ use crate::store::stream::{self, RowSource};
 use crate::store::Element;
 use rayon::prelude::*;
 
+/// Rows per minibatch when the caller gives none (Nguyen et al. 2021 use minibatches of a
+/// few hundred rows; 256 keeps one Gram per layer at 512 KiB).
+pub const DEFAULT_BATCH_SIZE: usize = 256;
+
 /// The kernel of a minibatch CKA.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kernel {

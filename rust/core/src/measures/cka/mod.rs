@@ -6,4 +6,6 @@ pub mod minibatch;
 pub mod rbf;
 
 pub use linear::LinearCka;
-pub use minibatch::{minibatch_bytes, minibatch_pass, Kernel, MinibatchCka, MinibatchHsic};
+pub use minibatch::{
+    minibatch_bytes, minibatch_pass, Kernel, MinibatchCka, MinibatchHsic, DEFAULT_BATCH_SIZE,
+};
