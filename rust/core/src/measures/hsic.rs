@@ -180,11 +180,6 @@ impl Gram {
             }
         }
     }
-
-    /// The number of rows.
-    pub fn rows(&self) -> usize {
-        self.m
-    }
 }
 
 /// `tr(AB) = Σ_ij A_ij B_ij` of two symmetric matrices: the diagonal plus twice the strict

@@ -12,7 +12,7 @@
 //!   point `i` (self excluded) in each representation.
 use crate::engine::neighbors::{exact_condensed_sq_distances, knn, Knn};
 use crate::error::{Error, Result};
-use crate::measures::Layers;
+use crate::measures::{pair_table, Layers};
 use crate::memory::{try_copy, Budget};
 use rayon::prelude::*;
 
@@ -142,33 +142,6 @@ pub fn correlate(a: Option<&Vec<f64>>, b: Option<&Vec<f64>>) -> f64 {
         (Some(a), Some(b)) => crate::measures::hsic::dot(a, b),
         _ => f64::NAN,
     }
-}
-
-/// The `La × Lb` table of `f` over the items of `a` and `b` (`b = None`: `a × a`, each
-/// unordered pair computed once and mirrored), pairs in parallel, row-major.
-fn pair_table<T: Sync>(
-    a: &[T],
-    b: Option<&[T]>,
-    f: impl Fn(&T, &T) -> Result<f64> + Sync,
-) -> Result<Vec<f64>> {
-    let cols = b.unwrap_or(a);
-    let (la, lb) = (a.len(), cols.len());
-    let cells: Vec<(usize, usize)> = (0..la)
-        .flat_map(|i| (0..lb).map(move |j| (i, j)))
-        .filter(|&(i, j)| b.is_some() || i <= j)
-        .collect();
-    let vals: Vec<f64> = cells
-        .par_iter()
-        .map(|&(i, j)| f(&a[i], &cols[j]))
-        .collect::<Result<_>>()?;
-    let mut out = vec![f64::NAN; la * lb];
-    for (&(i, j), v) in cells.iter().zip(vals) {
-        out[i * lb + j] = v;
-        if b.is_none() {
-            out[j * lb + i] = v;
-        }
-    }
-    Ok(out)
 }
 
 /// `x` (row-major `m × d`) with every non-zero row scaled to unit Euclidean norm (a zero
@@ -338,23 +311,5 @@ mod tests {
             assert!((u[0] - 0.6).abs() < 1e-15 && (u[1] - 0.8).abs() < 1e-15);
             assert_eq!(&u[2..], &[0.0, 0.0]);
         }
-    }
-
-    #[test]
-    fn pair_tables_mirror_within_one_source() {
-        let a = [1.0, 2.0, 3.0];
-        let f = |x: &f64, y: &f64| Ok(x * 10.0 + y);
-        // within one source: each unordered pair once (i <= j), mirrored
-        assert_eq!(
-            pair_table(&a, None, f).unwrap(),
-            vec![11.0, 12.0, 13.0, 12.0, 22.0, 23.0, 13.0, 23.0, 33.0]
-        );
-        let b = [5.0, 6.0];
-        assert_eq!(
-            pair_table(&a, Some(&b), f).unwrap(),
-            vec![15.0, 16.0, 25.0, 26.0, 35.0, 36.0]
-        );
-        let bad = |_: &f64, _: &f64| Err(Error::invalid("no"));
-        assert!(pair_table(&a, None, bad).is_err());
     }
 }

@@ -9,10 +9,12 @@
 //!   CKA = `HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))` with the same estimator in numerator
 //!   and denominator, under the NaN rule of [`crate::measures::hsic::cka_ratio`].
 //!
-//! Each Gram is built once per layer and reused for all pairs; pairs run in parallel.
+//! Each Gram is built once per layer and reused for all pairs; pairs run in parallel, each
+//! unordered pair of one source once.
 use crate::engine::neighbors::sq_distance_matrix;
 use crate::error::{Error, Result};
 use crate::measures::hsic::{cka_ratio, hsic, Estimator, Gram};
+use crate::measures::pair_table;
 use crate::memory::{max_rows_for, try_with_capacity, Budget};
 use crate::monitor::Monitor;
 use rayon::prelude::*;
@@ -143,7 +145,7 @@ pub fn rbf_hsic(
                 + rbf_gram_workspace_bytes(r as usize, dmax))
         ),
     )?;
-    let total = (nl * 2) as u64;
+    let total = nl as u64 + 1;
     let mut done = 0u64;
     let mut build = |layers: &[(&[f64], usize)]| -> Result<(Vec<Gram>, Vec<f64>)> {
         let mut out = Vec::with_capacity(layers.len());
@@ -165,35 +167,19 @@ pub fn rbf_hsic(
         }
         None => (None, Vec::new()),
     };
-    let selfs = |g: &[Gram]| -> Result<Vec<f64>> { g.par_iter().map(|p| hsic(p, p)).collect() };
-    let xx = selfs(&pa)?;
-    let yy = match &pb {
-        Some(pb) => selfs(pb)?,
-        None => xx.clone(),
-    };
-    // One row of a-layers at a time (pairs of a row in parallel), then a progress report.
-    let cols: &[Gram] = pb.as_deref().unwrap_or(&pa);
-    let lb = cols.len();
-    let mut xy = vec![f64::NAN; pa.len() * lb];
-    for (i, p) in pa.iter().enumerate() {
-        // within one source the table is symmetric: compute j > i, mirror the rest
-        let from = if pb.is_none() { i + 1 } else { 0 };
-        let row: Vec<f64> = cols[from..]
-            .par_iter()
-            .map(|q| hsic(p, q))
-            .collect::<Result<_>>()?;
-        xy[i * lb + from..(i + 1) * lb].copy_from_slice(&row);
-        done += 1;
-        monitor.progress(done.min(total), total)?;
-    }
-    if pb.is_none() {
-        for i in 0..lb {
-            xy[i * lb + i] = xx[i];
-            for j in 0..i {
-                xy[i * lb + j] = xy[j * lb + i];
-            }
+    let xy = pair_table(&pa, pb.as_deref(), hsic)?;
+    let lb = pb.as_ref().map_or(pa.len(), |p| p.len());
+    let (xx, yy) = match &pb {
+        None => {
+            let xx: Vec<f64> = (0..lb).map(|i| xy[i * lb + i]).collect();
+            (xx.clone(), xx)
         }
-    }
+        Some(pb) => {
+            let selfs =
+                |g: &[Gram]| -> Result<Vec<f64>> { g.par_iter().map(|p| hsic(p, p)).collect() };
+            (selfs(&pa)?, selfs(pb)?)
+        }
+    };
     let cka = (0..xy.len())
         .map(|k| {
             let (i, j) = (k / lb, k % lb);
