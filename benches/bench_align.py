@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import numpy as np
+from _common import peak_mib, reset_peak, rss_mib
 
 
 def make_layers(num: int, n: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -49,23 +50,6 @@ def make_layers(num: int, n: int, d: int, seed: int = 0) -> dict[str, np.ndarray
         off = (100.0 * float(h.std()) * rng.uniform(-1.0, 1.0, d)).astype(np.float32)
         out[f"layer{i:02d}"] = h + off
     return out
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _measures_np(lam: np.ndarray, n: int, d: int) -> dict[str, float]:
@@ -159,14 +143,14 @@ def run_numpy(data: dict[str, np.ndarray], k: int) -> dict[str, Any]:
 def _child(job: tuple[str, int, int, int, int]) -> dict[str, Any]:
     who, layers, n, d, k = job
     data = make_layers(layers, n, d)
-    base = _rss_kib("VmRSS")
-    ok = _reset_peak()
+    base = rss_mib()
+    ok = reset_peak()
     t0 = time.perf_counter()
     res = run_layerscope(data, k) if who == "layerscope" else run_numpy(data, k)
     res["wall"] = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM")
+    peak = peak_mib()
     # without clear_refs the high-water mark includes building the data: say so
-    res["peak_mib_above_data"] = max(0, peak - base) / 1024.0
+    res["peak_mib_above_data"] = max(0.0, peak - base)
     res["peak_reset"] = ok
     res["data_mib"] = sum(x.nbytes for x in data.values()) / 2**20
     return res

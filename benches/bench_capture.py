@@ -41,39 +41,9 @@ import tempfile
 import time
 from typing import Any
 
+from _common import peak_mib, reset_peak, rss_mib
+
 LAYERS = "encoder.layer.*"
-
-
-def _rss_mib() -> float:
-    """Current resident set size (MiB), from /proc (Linux) or ru_maxrss as a fallback."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _hwm_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _setup(cfg: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
@@ -218,14 +188,13 @@ def _worker(cfg: dict[str, Any], method: str, scales: list[int], conn: Any) -> N
         for scale in scales:
             shutil.rmtree(dest, ignore_errors=True)
             gc.collect()
-            base = _rss_mib()
-            reset = _reset_hwm()
+            base = rss_mib()
+            reset = reset_peak()
             t = time.perf_counter()
             rows, nbytes = _one(model, batches, method, scale, dest, cfg)
             wall = time.perf_counter() - t
             ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            hwm = _hwm_mib() if reset else None
-            peak = hwm if hwm is not None else ru
+            peak = peak_mib() if reset else ru
             mem.append(
                 {
                     "method": method,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,23 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import gemm_rates, peak_mib, rss_mib
 
 L_DEFAULT, D_DEFAULT = 13, 768
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mb() -> float:
-    """Peak RSS (MiB): VmHWM, per address space (``ru_maxrss`` is carried across fork + exec
-    from the parent, so a child's would start at the bench process's own peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------------------
@@ -312,14 +297,14 @@ def child(method: str, path: str, opts: dict[str, Any]) -> None:
     if method in TORCH_METHODS:
         import torch  # noqa: F401
 
-    base = rss_mb()
+    base = rss_mib()
     try:
         out = METHODS[method](path, opts)
     except ImportError as e:
         out = {"skipped": f"not installed: {e.name}"}
     except MemoryError:
         out = {"skipped": "out of memory"}
-    out["peak_extra_mb"] = peak_mb() - base
+    out["peak_extra_mb"] = peak_mib() - base
     print("RESULT " + json.dumps(out))
 
 
@@ -350,23 +335,6 @@ def run_child(method: str, path: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------
-
-
-def gemm_rates() -> tuple[float, float]:
-    """numpy dgemm and sgemm GFLOP/s on 2048² (best of 3)."""
-    out = []
-    for dt in (np.float64, np.float32):
-        a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(dt)
-        a @ a
-        best = min(_timed(lambda a=a: a @ a) for _ in range(3))
-        out.append(2 * 2048**3 / best / 1e9)
-    return out[0], out[1]
-
-
-def _timed(f: Any) -> float:
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
 
 
 def main() -> int:

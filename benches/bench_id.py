@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
+from _common import cpu_seconds, gemm_rate, peak_mib, reset_peak, rss_mib, timed
 
 
 def make_layer(n: int, d: int, intrinsic: int, seed: int) -> np.ndarray:
@@ -40,29 +39,6 @@ def make_layer(n: int, d: int, intrinsic: int, seed: int) -> np.ndarray:
     h = np.tanh(z @ rng.standard_normal((intrinsic, 64)))
     x = h @ rng.standard_normal((64, d)) + 0.01 * rng.standard_normal((n, d))
     return (x + 5.0 * rng.standard_normal(d)).astype(np.float32)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu() -> float:
-    """CPU seconds of this process, all threads (robust to other load on a shared machine)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def _run(job: tuple[str, int, int, int]) -> tuple[float, float, float, float]:
@@ -126,31 +102,15 @@ def _run(job: tuple[str, int, int, int]) -> tuple[float, float, float, float]:
     fns["skdim MLE(k=20)"] = sk_mle
     fns["sklearn NearestNeighbors(21)"] = sklearn_nn
     fns["dadapy Data(maxk=21).compute_id_2NN"] = dadapy_2nn
-    base = _rss_kib("VmRSS")
-    ok = _reset_peak()
-    c = _cpu()
+    base = rss_mib()
+    ok = reset_peak()
+    c = cpu_seconds()
     t = time.perf_counter()
     v = fns[name]()
     sec = time.perf_counter() - t
-    cpu = _cpu() - c
-    peak = (_rss_kib("VmHWM") - base) / 1024 if ok else float("nan")
+    cpu = cpu_seconds() - c
+    peak = peak_mib() - base if ok else float("nan")
     return v, sec, cpu, peak
-
-
-def gemm_peak(size: int) -> float:
-    """numpy float32 GEMM rate (GFLOP/s) on a square matmul, best of 3."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    a @ b  # warm-up
-    best = min(_time(lambda: a @ b) for _ in range(3))
-    return 2.0 * size**3 / best / 1e9
-
-
-def _time(f: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
 
 
 def minilm_profile(texts: int, bootstrap: int) -> None:
@@ -236,13 +196,13 @@ def main() -> None:
     n, d, nl = args.n or n, args.d or d, args.layers or nl
     print(f"n={n} d={d} layers={nl} cores={os.cpu_count()}")
 
-    peak = gemm_peak(1024 if args.quick else 4096)
+    peak = gemm_rate(1024 if args.quick else 4096, np.float32)
     x = make_layer(n, d, 4, 0)
     y = x.copy()  # x @ x.T would be a SYRK (half the flops); the kNN engine does a full GEMM
-    t_dist = min(_time(lambda: x @ y.T) for _ in range(2))
-    c = _cpu()
+    t_dist = min(timed(lambda: x @ y.T) for _ in range(2))
+    c = cpu_seconds()
     x @ y.T
-    cpu_dist = _cpu() - c
+    cpu_dist = cpu_seconds() - c
     flops = 2.0 * n * n * d
     print(f"numpy sgemm peak (square): {peak:.1f} GFLOP/s")
     print(

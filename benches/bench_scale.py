@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_cka import _timed, gemm_rates, peak_mb, rss_mb  # one copy of the shared helpers
+from _common import gemm_rates, peak_mib, rss_mib
 
 
 def make_store(path: Path, n: int, nl: int, d: int, seed: int = 0) -> None:
@@ -141,14 +141,14 @@ def child(method: str, path: str, opts: dict[str, Any]) -> None:
 
     if method == "peers_pairwise":
         import torch  # noqa: F401
-    base = rss_mb()
+    base = rss_mib()
     try:
         out = METHODS[method](path, opts)
     except ImportError as e:
         out = {"skipped": f"not installed: {e.name}"}
     except MemoryError:
         out = {"skipped": "out of memory"}
-    out["peak_extra_mb"] = peak_mb() - base
+    out["peak_extra_mb"] = peak_mib() - base
     print("RESULT " + json.dumps(out))
 
 
@@ -257,7 +257,7 @@ def part_growth(quick: bool, report: dict[str, Any], out: Path) -> None:
     def timed(n: int, d: int) -> float:
         x = {f"l{i}": rng.standard_normal((n, d)).astype(np.float32) for i in range(4)}
         layerscope.cka(x, strategy="single-pass", progress=False)  # warm
-        return min(_timed(lambda: layerscope.cka(x, strategy="single-pass", progress=False))
+        return min(timed(lambda: layerscope.cka(x, strategy="single-pass", progress=False))
                    for _ in range(2))
 
     print("\n## 3. how cost grows (single pass, float32 products, 4 in-memory f32 layers)")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,40 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import peak_mib, reset_peak, status_bytes
 
 GB = 1e9
-
-
-def _status_mb(key: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB (Linux only)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    """Peak RSS of this process in MB: VmHWM (per address space, so not inherited from the
-    parent across fork + exec like ``ru_maxrss`` is), else ``ru_maxrss``."""
-    hwm = _status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 
 
 def _fsync(path: Path) -> None:
@@ -129,8 +97,8 @@ def _worker(method: str, base: str, dtype: str, block_rows: int) -> dict[str, An
                 x = (x.view(np.uint32) >> 16).astype(np.uint16)
             prep.append(x)
         del s, x
-    rss0 = _status_mb("VmRSS") or _peak_mb()
-    reset = _reset_peak()
+    rss0 = (status_bytes("VmRSS") or 0) / 2**20 or peak_mib()
+    reset = reset_peak()
     t0 = time.perf_counter()
     checksum = 0.0
     if method == "ls_read":
@@ -184,7 +152,7 @@ def _worker(method: str, base: str, dtype: str, block_rows: int) -> dict[str, An
     secs = time.perf_counter() - t0
     # ru_maxrss counts file pages mapped by mmap as well as allocations. The in-memory
     # baselines allocate their input before the timing, so their peak says nothing.
-    extra = None if prep is not None or not reset else max(_peak_mb() - rss0, 0.0)
+    extra = None if prep is not None or not reset else max(peak_mib() - rss0, 0.0)
     return {"seconds": secs, "peak_extra_rss_mb": extra, "checksum": checksum}
 
 

@@ -14,6 +14,7 @@ be wrong — which is the point of ``test_naive_float32_peer_fails_on_offsets``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -23,8 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layerscope import cli
-from layerscope.cka import cka
+from layerscope import cka, cli
 from layerscope.errors import (
     InvalidArgumentError,
     MemoryBudgetError,
@@ -738,7 +738,8 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_public_name() -> None:
-    import layerscope.cka  # noqa: F401  (binds the package attribute to the submodule)
+    mod = importlib.import_module("layerscope.measures.cka")
+    assert layerscope.cka is mod.cka is layerscope.measures.cka
 
     d = datasets()["random"]
     with warnings.catch_warnings():

@@ -16,9 +16,11 @@ from pathlib import Path
 import layerscope
 import numpy as np
 import pytest
+from layerscope.measures import MomentTables
+from layerscope.plots import tick_labels
+from layerscope.report import run as report_run
+from layerscope.report.summaries import adjacent_summary, best_match, id_summary
 from layerscope.results import result_from_dict
-
-report_mod = importlib.import_module("layerscope.report")
 
 pytest.importorskip("matplotlib")
 
@@ -101,17 +103,11 @@ def test_single_store_report_is_self_contained(single: Path) -> None:
         assert data["summary"][section], section
 
 
-def _api(module: str, name: str):
-    """The public function itself (``layerscope.<name>``), fetched from its module: the
-    package attribute can be shadowed by a submodule of the same name after an import."""
-    return getattr(importlib.import_module(f"layerscope.{module}"), name)
-
-
 def test_report_numbers_equal_api(single: Path, stores: tuple[object, object]) -> None:
     a = stores[0]
     data = _results(single)
     res = data["results"]["source"]
-    cka = _api("cka", "cka")
+    cka = layerscope.cka
     assert cka is layerscope.cka
 
     def load(key: str):
@@ -136,7 +132,7 @@ def test_report_numbers_equal_api(single: Path, stores: tuple[object, object]) -
 
     k = data["parameters"]["subspace_k"]
     assert k == min(32, D)  # the layers have full rank D
-    al = _api("alignment", "alignment")(a, method="subspace", k=k, space="samples",
+    al = layerscope.alignment(a, method="subspace", k=k, space="samples",
                                         progress=False)
     np.testing.assert_allclose(load("subspace_overlap").values, al.values, rtol=1e-10,
                                atol=1e-12)
@@ -164,7 +160,7 @@ def test_report_numbers_equal_api(single: Path, stores: tuple[object, object]) -
 def test_two_store_numbers_equal_api(pair: Path, stores: tuple[object, object]) -> None:
     a, b = stores
     data = _results(pair)
-    cka = _api("cka", "cka")
+    cka = layerscope.cka
     for est in ("biased", "debiased"):
         got = result_from_dict(data["results"]["cross"][f"cka_linear_{est}"])
         api = cka(a, b, estimator=est, compute="float64", progress=False)
@@ -178,7 +174,7 @@ def test_two_store_numbers_equal_api(pair: Path, stores: tuple[object, object]) 
     api = cka(a, b, kernel="rbf", sample=SAMPLE, seed=SEED, progress=False)
     np.testing.assert_array_equal(got.values, api.values)
     k = data["results"]["cross"]["subspace_k"]
-    al = _api("alignment", "alignment")(a, b, method="subspace", k=k, progress=False)
+    al = layerscope.alignment(a, b, method="subspace", k=k, progress=False)
     got = result_from_dict(data["results"]["cross"]["subspace_overlap"])
     np.testing.assert_allclose(got.values, al.values, rtol=1e-10, atol=1e-12)
 
@@ -213,70 +209,41 @@ def test_two_store_report(pair: Path, stores: tuple[object, object]) -> None:
         assert f"{row}→{b}" in text
 
 
-def test_missing_measure_is_a_visible_note(stores: tuple[object, object], tmp_path: Path,
+def test_failing_measure_is_a_visible_note(stores: tuple[object, object], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    real = report_mod._api
+    def failing(*args: object, **kw: object) -> None:
+        raise layerscope.InvalidArgumentError("intrinsic dimension fails here (test)")
 
-    def fake(module: str, name: str):
-        if module == "idim":
-            raise report_mod._Unavailable("layerscope.idim is not available (test)")
-        return real(module, name)
-
-    monkeypatch.setattr(report_mod, "_api", fake)
+    monkeypatch.setattr(report_run, "intrinsic_dimension", failing)
     path = layerscope.report(stores[0], out=tmp_path, sample=SAMPLE, bootstrap=0,
                              rbf=False, progress=False)
     html = path.read_text()
-    assert "not available (test)" in html
+    assert "fails here (test)" in html
     assert not (tmp_path / "intrinsic_dimension.png").exists()
     _check_self_contained(path)
 
 
-def test_fallback_through_analyze_gives_the_same_numbers(
-        stores: tuple[object, object], single: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the private one-pass helpers the report goes through layerscope.analyze."""
-    real = report_mod._api
-
-    def fake(module: str, name: str):
-        if module == "alignment" and name.startswith("_"):
-            raise report_mod._Unavailable("private helpers hidden (test)")
-        return real(module, name)
-
-    monkeypatch.setattr(report_mod, "_api", fake)
-    path = layerscope.report(stores[0], out=tmp_path, sample=SAMPLE, bootstrap=0, rbf=False,
-                             progress=False)
-    data = _results(path)
-    assert data["notes"] == [] and "analyze" in data["parameters"]["moment_passes"]
-    ref = _results(single)["results"]["source"]
-    for key in ("cka_linear_biased", "cka_linear_debiased", "subspace_overlap"):
-        np.testing.assert_allclose(result_from_dict(data["results"]["source"][key]).values,
-                                   result_from_dict(ref[key]).values, rtol=1e-10, atol=1e-12)
-
-
+@pytest.mark.parametrize("two", [False, True])
 def test_one_pass_over_budget_falls_back_to_planned_passes(
-        stores: tuple[object, object], single: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        stores: tuple[object, object], single: Path, pair: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, two: bool) -> None:
     """When one pass over every layer does not fit, the report's moment measures go through
-    layerscope.analyze (which plans layer tiles) instead of being skipped."""
-    real = report_mod._api
+    layerscope.analyze (which plans layer tiles) instead of being skipped: the same numbers."""
 
     def over_budget(*args: object, **kw: object) -> None:
         raise layerscope.MemoryBudgetError("one pass over all layers needs more (test)")
 
-    def fake(module: str, name: str):
-        if module == "alignment" and name == "_compute_moments":
-            return over_budget
-        return real(module, name)
-
-    monkeypatch.setattr(report_mod, "_api", fake)
-    path = layerscope.report(stores[0], out=tmp_path, sample=SAMPLE, bootstrap=0, rbf=False,
-                             progress=False)
+    monkeypatch.setattr(MomentTables, "compute", over_budget)
+    path = layerscope.report(stores[0], stores[1] if two else None, out=tmp_path,
+                             sample=SAMPLE, bootstrap=0, rbf=False, progress=False)
     data = _results(path)
     assert data["notes"] == [] and "layer tiles" in data["parameters"]["moment_passes"]
-    ref = _results(single)["results"]["source"]
-    for key in ("cka_linear_biased", "cka_linear_debiased", "subspace_overlap"):
-        np.testing.assert_allclose(result_from_dict(data["results"]["source"][key]).values,
-                                   result_from_dict(ref[key]).values, rtol=1e-10, atol=1e-12)
+    ref = _results(pair if two else single)["results"]
+    for tag in ("source", "cross") if two else ("source",):
+        for key in ("cka_linear_biased", "cka_linear_debiased", "subspace_overlap"):
+            np.testing.assert_allclose(result_from_dict(data["results"][tag][key]).values,
+                                       result_from_dict(ref[tag][key]).values, rtol=1e-10,
+                                       atol=1e-12)
 
 
 def test_degenerate_layer_is_left_out_with_a_note(tmp_path: Path) -> None:
@@ -316,21 +283,21 @@ def test_cli_report(stores: tuple[object, object], tmp_path: Path) -> None:
 
 def test_summary_lines() -> None:
     names = ["0", "1", "2", "3", "4", "5"]
-    lines = report_mod.adjacent_summary(np.array([0.5, 0.97, 0.99, 0.6, 0.96]), names, "x")
+    lines = adjacent_summary(np.array([0.5, 0.97, 0.99, 0.6, 0.96]), names, "x")
     assert "layers 1–3, layers 4–5 are > 0.95" in lines[0]
     assert "between layers 0 and 1" in lines[1]
-    assert "hunchback" in report_mod.id_summary([3, 8, 12, 9, 4], names[:5], "x")[0]
-    assert "decreases monotonically" in report_mod.id_summary([9, 8, 5], names[:3], "x")[0]
-    idx, best = report_mod.best_match(np.array([[0.1, 0.9], [np.nan, np.nan], [0.7, 0.2]]))
+    assert "hunchback" in id_summary([3, 8, 12, 9, 4], names[:5], "x")[0]
+    assert "decreases monotonically" in id_summary([9, 8, 5], names[:3], "x")[0]
+    idx, best = best_match(np.array([[0.1, 0.9], [np.nan, np.nan], [0.7, 0.2]]))
     assert idx.tolist() == [1, -1, 0] and best[0] == 0.9 and np.isnan(best[1])
 
 
 def test_labels_are_short_and_unique() -> None:
     minilm = ["embeddings", *[f"encoder.layer.{i}" for i in range(6)]]
-    assert report_mod._labels(minilm) == ["embeddings", *[f"layer.{i}" for i in range(6)]]
-    assert report_mod._labels(["block.0", "block.1"]) == ["0", "1"]
+    assert tick_labels(minilm) == ["embeddings", *[f"layer.{i}" for i in range(6)]]
+    assert tick_labels(["block.0", "block.1"]) == ["0", "1"]
     llama = [f"model.layers.{i}.mlp" for i in range(3)] + ["model.norm"]
-    short = report_mod._labels(llama)
+    short = tick_labels(llama)
     assert len(set(short)) == 4 and short[-1] == "norm"
 
 

@@ -5,17 +5,17 @@ algebra allows — CKA (linear/RBF; biased, debiased, minibatch), spectra and su
 alignment (principal angles, SVCCA/PWCCA, CCA, Procrustes), intrinsic dimension (TwoNN, MLE,
 GRIDE, PCA) and neighbourhood measures (RSA, mutual kNN) across all layer pairs.
 
-Names are loaded lazily so that ``import layerscope`` stays fast and never imports torch.
+The packages show the architecture: :mod:`layerscope.store` (the activation store),
+:mod:`layerscope.capture` (torch hooks → store), :mod:`layerscope.measures` (one module per
+measure), :mod:`layerscope.report` and :mod:`layerscope.demo`. ``import layerscope`` never
+imports torch, pandas or matplotlib: the modules import them where they are used.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import Any
-
+from ._memory import MemoryBudget, memory_budget
 from ._native import __version__
+from .capture import Capture, capture
 from .errors import (
     CaptureError,
     FormatError,
@@ -29,66 +29,29 @@ from .errors import (
     StoreIOError,
     StoreNotFoundError,
 )
+from .measures import (
+    IDResult,
+    SpectrumResult,
+    alignment,
+    analyze,
+    cka,
+    intrinsic_dimension,
+    intrinsic_dimensions,
+    mutual_knn,
+    rsa,
+    spectrum,
+)
+from .planner import Plan, plan
+from .report import report
 from .results import MatrixResult, Result, load_result
-
-_LAZY = {
-    "ActivationStore": "store",
-    "StoreWriter": "store",
-    "open": "store",
-    "write_store": "store",
-    "capture": "capture",
-    "Capture": "capture",
-    "cka": "cka",
-    "spectrum": "alignment",
-    "alignment": "alignment",
-    "analyze": "alignment",
-    "SpectrumResult": "alignment",
-    "intrinsic_dimension": "idim",
-    "intrinsic_dimensions": "idim",
-    "rsa": "idim",
-    "mutual_knn": "idim",
-    "IDResult": "idim",
-    "report": "report",
-    "memory_budget": "_memory",
-    "plan": "planner",
-    "Plan": "planner",
-    "MemoryBudget": "_memory",
-}
-
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'layerscope' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-# Functions exported under the name of the submodule that defines them (``layerscope.cka`` is
-# the function, ``layerscope/cka.py`` its module). Importing such a submodule makes Python bind
-# the package attribute to the module; the package class below keeps the function bound
-# instead (the module stays importable: ``importlib.import_module("layerscope.cka")``).
-_SAME_NAME = frozenset(k for k, v in _LAZY.items() if k == v)
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SAME_NAME and isinstance(value, types.ModuleType):
-            value = getattr(value, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
-
+from .store import ActivationStore, StoreWriter, open, write_store
 
 __all__ = [
     "__version__", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "StoreIOError", "NonFiniteError",
     "InvalidArgumentError", "MemoryBudgetError", "CaptureError", "MatrixResult", "Result",
-    "load_result", *_LAZY,
+    "load_result", "ActivationStore", "StoreWriter", "open", "write_store", "capture",
+    "Capture", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
+    "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "IDResult", "report",
+    "memory_budget", "plan", "Plan", "MemoryBudget",
 ]

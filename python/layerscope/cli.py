@@ -1,22 +1,20 @@
-"""The ``layerscope`` command line. Each subcommand lives beside the API it mirrors; this
-module only collects them (``add_cli(subparsers)`` functions)."""
+"""The ``layerscope`` command line. Each package declares its commands (an
+``add_cli(subparsers)`` function beside the API it mirrors); this module only collects them."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# Modules that contribute subcommands, in the order they appear in --help.
-_COMMAND_MODULES = [
-    "layerscope.store",
-    "layerscope.capture",
-    "layerscope.cka",
-    "layerscope.alignment",
-    "layerscope.idim",
-    "layerscope.planner",
-    "layerscope.report",
-]
+from .capture.cli import add_cli as _capture
+from .demo import add_cli as _demo
+from .measures.cli import add_cli as _measures
+from .planner import add_cli as _planner
+from .report.cli import add_cli as _report
+from .store import add_cli as _store
+
+# The packages' commands, in the order they appear in --help.
+_COMMANDS = (_store, _capture, _measures, _planner, _report, _demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,16 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as e:  # an optional module whose dependency is missing
-            if e.name and e.name.startswith("layerscope"):
-                continue
-            raise
-        add = getattr(mod, "add_cli", None)
-        if add is not None:
-            add(sub)
+    for add in _COMMANDS:
+        add(sub)
     return parser
 
 

@@ -37,8 +37,8 @@ from . import _native
 from ._memory import add_max_memory_arg, max_memory_bytes, memory_budget
 from ._moments import _itemsize, measure_tiles, read_bytes, resolve_compute
 from ._source import Source, check_comparable, resolve
-from .cka import DEFAULT_BATCH_SIZE, ESTIMATORS, KERNELS
 from .errors import InvalidArgumentError, MemoryBudgetError
+from .measures.cka import DEFAULT_BATCH_SIZE, ESTIMATORS, KERNELS
 
 #: Values read (and converted to the compute type) per second in the time estimate.
 READ_VALUES_PER_S = 1e9

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,30 +31,98 @@ def heatmap(res: Any, ax: Any = None, title: str | None = None, annotate: bool |
         fig, ax = plt.subplots(figsize=(size + 1.0, size))
     else:
         fig = ax.figure
-    vals = np.asarray(res.values, dtype=float)
-    finite = vals[np.isfinite(vals)]
-    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
-    vmax = max(1.0, float(finite.max())) if finite.size else 1.0
-    im = ax.imshow(vals, cmap="magma", vmin=vmin, vmax=vmax, origin="upper")
-    ax.set_xticks(range(len(res.cols)))
-    ax.set_yticks(range(len(res.rows)))
-    ax.set_xticklabels([_short(c) for c in res.cols], rotation=60, ha="right", fontsize=8)
-    ax.set_yticklabels([_short(r) for r in res.rows], fontsize=8)
-    if annotate is None:
-        annotate = vals.shape[0] * vals.shape[1] <= 256
-    if annotate:
-        for i in range(vals.shape[0]):
-            for j in range(vals.shape[1]):
-                v = vals[i, j]
-                txt = "nan" if not np.isfinite(v) else f"{v:.2f}"
-                color = "black" if np.isfinite(v) and v > vmin + 0.6 * (vmax - vmin) else "white"
-                ax.text(j, i, txt, ha="center", va="center", fontsize=7, color=color)
     est = res.meta.get("estimator")
-    ax.set_title(title or f"{res.measure}{' (' + est + ')' if est else ''}")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    heat(ax, res.values, res.rows, res.cols,
+         title or f"{res.measure}{' (' + est + ')' if est else ''}", annotate=annotate)
     fig.tight_layout()
     return fig
 
 
-def _short(name: str, width: int = 22) -> str:
+def _short(name: str, width: int = 18) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _suffix(name: str, parts: int) -> str:
+    segs = name.split(".")
+    return ".".join(segs[-parts:]) if parts < len(segs) else name
+
+
+def tick_labels(layers: Sequence[str]) -> list[str]:
+    """Short, unique tick labels for figures: drop the dotted prefix every name shares
+    (``encoder.layer.``), else keep the shortest dotted suffix that stays unique
+    (``encoder.layer.3`` → ``layer.3`` beside ``embeddings``; a bare number keeps the segment
+    before it). The text of the report uses the full names."""
+    names = list(layers)
+    if len(names) > 1:
+        prefix = os.path.commonprefix(names)
+        cut = max(prefix.rfind("."), prefix.rfind("/"), prefix.rfind("_"))
+        if cut >= 0 and all(len(n) > cut + 1 for n in names):
+            names = [n[cut + 1:] for n in names]
+        else:
+            for parts in range(1, 1 + max(n.count(".") + 1 for n in names)):
+                short = []
+                for n in names:
+                    p = parts + (1 if _suffix(n, parts).isdigit() else 0)
+                    short.append(_suffix(n, p))
+                if len(set(short)) == len(short):
+                    names = short
+                    break
+    return [_short(n) for n in names]
+
+
+def xticks(ax: Any, labels: Sequence[str], fontsize: int = 8) -> None:
+    """x tick labels, rotated when they would collide."""
+    wide = len(labels) * max((len(s) for s in labels), default=0) > 40
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=40 if wide else 0, ha="right" if wide else "center",
+                       rotation_mode="anchor" if wide else "default", fontsize=fontsize)
+
+
+def figure(w: float, h: float) -> Any:
+    """A matplotlib Figure drawn off-screen (no pyplot state, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def heat(ax: Any, values: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
+          *, vmin: float | None = None, vmax: float | None = None, cbar_label: str = "",
+          cmap: str = "magma", xlabel: str = "", ylabel: str = "",
+          annotate: bool | None = None) -> Any:
+    """The one layer × layer heatmap (of :func:`heatmap` and the report): colour range
+    ``[min(0, min), max(1, max)]`` unless given, short unique tick labels, each cell
+    annotated when there are at most 256 (``annotate``), a colour bar."""
+    vals = np.asarray(values, dtype=float)
+    finite = vals[np.isfinite(vals)]
+    lo = vmin if vmin is not None else (min(0.0, float(finite.min())) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (max(1.0, float(finite.max())) if finite.size else 1.0)
+    im = ax.imshow(vals, cmap=cmap, vmin=lo, vmax=hi, origin="upper", aspect="auto")
+    xticks(ax, tick_labels(cols))
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(tick_labels(rows), fontsize=8)
+    if annotate if annotate is not None else vals.size <= 256:
+        for i in range(vals.shape[0]):
+            for j in range(vals.shape[1]):
+                v = vals[i, j]
+                light = np.isfinite(v) and v > lo + 0.6 * (hi - lo)
+                ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center",
+                        va="center", fontsize=7, color="black" if light else "white")
+    ax.set_title(title, fontsize=11)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=9)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=9)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.ax.tick_params(labelsize=8)
+    if cbar_label:
+        cb.set_label(cbar_label, fontsize=9)
+    return im

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from . import _native
-from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
-from ._progress import Progress
-from ._sample import check_sample, indices_hash, load, sample_indices
-from ._source import check_comparable, resolve
-from .errors import InvalidArgumentError
-from .results import MatrixResult, Result
+from .. import _native
+from .._memory import check_budget, max_memory_bytes
+from .._progress import Progress
+from .._sample import indices_hash, load, sample_indices
+from .._source import resolve
+from ..errors import InvalidArgumentError
+from ..results import Result
 
 METHODS = ("twonn", "twonn-mle", "mle", "gride", "pca")
 KNN_METHODS = ("twonn", "twonn-mle", "mle", "gride")
@@ -111,7 +111,7 @@ class IDResult(Result):
 
     def plot(self, ax: Any = None, title: str | None = None) -> Any:
         """ID by depth (layer order) with bootstrap CIs as error bars; returns the Figure."""
-        from .plots import _mpl
+        from ..plots import _mpl
 
         plt = _mpl()
         if ax is None:
@@ -378,12 +378,12 @@ def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
     """``method="pca"``: the spectra of every layer from the moment engine's planned passes
     (``layerscope.spectrum``'s plan: whole layers grouped into passes that fit the budget),
     the PCA dimension at ``threshold`` computed in Rust (``Spectrum::pca_id``)."""
-    from .alignment import _run_measures
+    from ._passes import run_measures
 
     t0 = time.perf_counter()
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
-    t, raw, pmeta = _run_measures(source, layers, None, None, spectrum=True, aligns={},
+    t, raw, pmeta = run_measures(source, layers, None, None, spectrum=True, aligns={},
                                   ckas=[], compute="float64", budget=max_memory,
                                   progress=progress, pca_threshold=threshold)
     names = list(t.names)
@@ -406,227 +406,3 @@ def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
     }
     return IDResult(names, values, details=details, meta=meta)
 
-
-def _pair_inputs(
-    source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None, seed: int
-) -> tuple[Any, Any, list[str], list[str], np.ndarray]:
-    a = resolve(source)
-    b = resolve(other) if other is not None else None
-    la = a.select(layers)
-    if b is not None:
-        check_comparable(a, b)
-        lb = b.select(other_layers)
-    else:
-        lb = la
-    idx = sample_indices(a.num_rows, sample, seed)
-    return a, b, la, lb, idx
-
-
-def rsa(
-    source: Any,
-    other: Any = None,
-    *,
-    layers: Sequence[str] | str | None = None,
-    other_layers: Sequence[str] | str | None = None,
-    dissimilarity: str = "euclidean",
-    compare: str = "spearman",
-    sample: int | None = 2000,
-    seed: int = 0,
-    progress: Any = True,
-    max_memory: int | str | None = None,
-) -> MatrixResult:
-    """Representational similarity analysis (Kriegeskorte et al. 2008) for all layer pairs.
-
-    RDM of a layer on the sampled rows: the upper triangle (``i < j``, as
-    ``scipy.spatial.distance.pdist``) of ``||x_i − x_j||`` (``"euclidean"``) or
-    ``1 − corr(x_i, x_j)`` (``"correlation"``; a constant row is an error). Two RDMs are
-    compared by Spearman (Pearson of average ranks, as ``scipy.stats.spearmanr``) or Pearson
-    correlation. ``other=None``: all pairs of ``source`` layers. Memory: an m × m distance
-    matrix per layer at a time plus ``m(m−1)/2`` floats per layer, checked against the memory
-    budget ``max_memory`` (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``, else 0.8 ×
-    the machine's available memory) before any row is read.
-    """
-    budget = max_memory_bytes(max_memory)
-    if dissimilarity not in ("euclidean", "correlation"):
-        raise InvalidArgumentError(
-            f"dissimilarity must be 'euclidean' or 'correlation', got {dissimilarity!r}"
-        )
-    if compare not in ("spearman", "pearson"):
-        raise InvalidArgumentError(f"compare must be 'spearman' or 'pearson', got {compare!r}")
-    t0 = time.perf_counter()
-    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
-    if idx.size < 3:
-        raise InvalidArgumentError(f"RSA needs at least 3 rows, got {idx.size}")
-    check_sample(a, b, la, lb, idx.size, budget)
-    with Progress(progress, "rsa", unit="step") as prog:
-        cb = prog.cb
-        xa = [load(a, n, idx) for n in la]
-        xb = [load(b, n, idx) for n in lb] if b is not None else None
-        vals = _native.rsa_matrix(
-            xa, xb, dissimilarity=dissimilarity, compare=compare, max_memory=budget, progress=cb
-        )
-    meta = {
-        "measure": "rsa",
-        "dissimilarity": dissimilarity,
-        "compare": compare,
-        "n": int(idx.size),
-        "n_total": a.num_rows,
-        "seed": seed,
-        "sample": sample,
-        "sample_hash": indices_hash(idx),
-        "seconds": time.perf_counter() - t0,
-    }
-    return MatrixResult(vals, la, lb, meta=meta)
-
-
-def mutual_knn(
-    source: Any,
-    other: Any = None,
-    *,
-    k: int = 10,
-    layers: Sequence[str] | str | None = None,
-    other_layers: Sequence[str] | str | None = None,
-    sample: int | None = 2000,
-    seed: int = 0,
-    normalize: bool = True,
-    progress: Any = True,
-    max_memory: int | str | None = None,
-) -> MatrixResult:
-    """Mutual k-nearest-neighbour alignment (Huh, Cheung, Wang & Isola 2024, "The Platonic
-    Representation Hypothesis", ICML) for all layer pairs::
-
-        m_kNN(A, B) = mean_i |N_k^A(i) ∩ N_k^B(i)| / k
-
-    over the sampled rows, ``N_k(i)`` the ``k`` nearest neighbours of row ``i`` (self
-    excluded). As in the paper's code (``metrics.mutual_knn`` on ``F.normalize``-d features),
-    ``normalize=True`` ranks neighbours by cosine similarity: rows are divided by their norm
-    (in Rust, ``measures::rsa::unit_rows``; a zero row stays zero) and then ranked by
-    Euclidean distance, which on the unit sphere orders exactly as ``-x_i·x_j``. (torch's
-    ``F.normalize`` divides by ``max(||x||, 1e-12)``: the same except for rows of norm below
-    1e-12, which it leaves unnormalised, so activations stored at a tiny scale lose their
-    cosine neighbourhoods; here the result does not depend on the scale.) ``normalize=False``: Euclidean
-    neighbours of the raw rows. Neighbour sets are exact (ties broken by row index; the
-    reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
-    optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
-    ``max_memory``: the memory budget, as in :func:`rsa`."""
-    budget = max_memory_bytes(max_memory)
-    if int(k) < 1:
-        raise InvalidArgumentError(f"k must be >= 1, got {k}")
-    t0 = time.perf_counter()
-    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
-    if int(k) >= idx.size:
-        raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
-    check_sample(a, b, la, lb, idx.size, budget)
-
-    with Progress(progress, "mutual knn", unit="step") as prog:
-        cb = prog.cb
-        xa = [load(a, n, idx) for n in la]
-        xb = [load(b, n, idx) for n in lb] if b is not None else None
-        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), normalize=bool(normalize),
-                                         max_memory=budget, progress=cb)
-    meta = {
-        "measure": "mutual_knn",
-        "k": int(k),
-        "normalize": bool(normalize),
-        "n": int(idx.size),
-        "n_total": a.num_rows,
-        "seed": seed,
-        "sample": sample,
-        "sample_hash": indices_hash(idx),
-        "seconds": time.perf_counter() - t0,
-    }
-    return MatrixResult(vals, la, lb, meta=meta)
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def _cmd_id(args: Any) -> int:
-    res = intrinsic_dimension(
-        args.store,
-        method=args.method,
-        layers=args.layers,
-        sample=args.sample,
-        seed=args.seed,
-        k=args.k,
-        n1=args.n1,
-        n2=args.n2,
-        discard_fraction=args.discard_fraction,
-        duplicates=args.duplicates,
-        tolerance=args.tolerance,
-        bootstrap=args.bootstrap,
-        scales=args.scales,
-        pool=args.pool,
-        pca_threshold=args.pca_threshold,
-        progress=not args.quiet,
-        max_memory=args.max_memory,
-    )
-    print(res.table.to_string())
-    if args.out:
-        res.save(args.out)
-    if args.plot:
-        res.plot().savefig(args.plot)
-    return 0
-
-
-def _cmd_rsa(args: Any) -> int:
-    res = rsa(
-        args.store,
-        args.other,
-        layers=args.layers,
-        dissimilarity=args.dissimilarity,
-        compare=args.compare,
-        sample=args.sample,
-        seed=args.seed,
-        progress=not args.quiet,
-        max_memory=args.max_memory,
-    )
-    print(res.to_pandas().round(4).to_string())
-    if args.out:
-        res.save(args.out)
-    if args.plot:
-        res.plot().savefig(args.plot)
-    return 0
-
-
-def _sample_arg(s: str) -> int | None:
-    return None if s.lower() in ("all", "none") else int(s)
-
-
-def add_cli(sub: Any) -> None:
-    """``layerscope id STORE ...`` and ``layerscope rsa STORE [OTHER] ...``."""
-    p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE)")
-    p.add_argument("store")
-    p.add_argument("--method", default="twonn", choices=list(METHODS))
-    p.add_argument("--layers", nargs="+", default=None)
-    p.add_argument("--sample", type=_sample_arg, default=20000, help="rows to sample, or 'all'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--n1", type=int, default=1)
-    p.add_argument("--n2", type=int, default=2)
-    p.add_argument("--discard-fraction", type=float, default=0.1)
-    p.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"])
-    p.add_argument("--tolerance", type=float, default=None, help="duplicate distance")
-    p.add_argument("--bootstrap", type=int, default=0)
-    p.add_argument("--pool", default="harmonic", choices=["harmonic", "mean", "median"])
-    p.add_argument("--scales", type=int, nargs="+", default=None, help="GRIDE n1 values")
-    p.add_argument("--pca-threshold", type=float, default=0.95)
-    p.add_argument("--out", default=None, help="write the result as JSON")
-    p.add_argument("--plot", default=None, help="write the ID-by-depth plot (png/pdf/svg)")
-    add_max_memory_arg(p)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_id)
-
-    q = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
-    q.add_argument("store")
-    q.add_argument("other", nargs="?", default=None)
-    q.add_argument("--layers", nargs="+", default=None)
-    q.add_argument("--dissimilarity", default="euclidean", choices=["euclidean", "correlation"])
-    q.add_argument("--compare", default="spearman", choices=["spearman", "pearson"])
-    q.add_argument("--sample", type=_sample_arg, default=2000)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", default=None)
-    q.add_argument("--plot", default=None)
-    add_max_memory_arg(q)
-    q.add_argument("--quiet", action="store_true")
-    q.set_defaults(func=_cmd_rsa)

@@ -36,24 +36,21 @@ first bad row; ``nonfinite="nan"`` warns and sets every cell involving such a la
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from . import _native
-from ._memory import add_max_memory_arg, max_memory_bytes
-from ._moments import check_compute, pair_stats
-from ._progress import Progress
-from ._sample import DEFAULT_SAMPLE_CAP, check_sample, indices_hash, load, sample_indices
-from ._source import Source, check_comparable, native_part, resolve
-from .errors import InvalidArgumentError
-from .results import MatrixResult
+from .. import _native
+from .._memory import max_memory_bytes
+from .._moments import check_compute, pair_stats
+from .._progress import Progress
+from .._sample import DEFAULT_SAMPLE_CAP, check_sample, indices_hash, load, sample_indices
+from .._source import Source, check_comparable, native_part, resolve
+from ..errors import InvalidArgumentError
+from ..results import MatrixResult
 
 __all__ = ["cka", "DEFAULT_BATCH_SIZE"]
 
@@ -201,6 +198,7 @@ def cka(
     return res
 
 
+
 # ----------------------------------------------------------------------------------------
 # helpers
 
@@ -329,7 +327,7 @@ def _rbf(
     finite), Grams, HSIC and the CKA ratio in Rust (``layerscope_core::measures::cka::rbf``,
     one Gram per layer reused for every pair). With ``nonfinite="nan"``, layers holding
     NaN/Inf among the sampled rows get NaN cells and the others are computed."""
-    from . import _native
+    from .. import _native
 
     cols_all = lb if lb is not None else la
     idx = sample_indices(a.num_rows, sample, seed, DEFAULT_SAMPLE_CAP)
@@ -403,7 +401,7 @@ def _minibatch(
     nonfinite: str,
     progress: Any,
 ) -> MatrixResult:
-    from . import _native
+    from .. import _native
     meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
     if b is not None and lb is not None:
@@ -460,79 +458,3 @@ def _minibatch(
     return MatrixResult(
         np.asarray(r["values"]), la, cols, meta=meta, extra={"hsic": np.asarray(r["hsic"])}
     )
-
-
-# ----------------------------------------------------------------------------------------
-# command line
-
-
-def add_cli(sub: Any) -> None:
-    """``layerscope cka STORE [OTHER] --kernel --estimator --layers ... --out --plot``."""
-    p = sub.add_parser(
-        "cka",
-        help="CKA between all layer pairs (linear/RBF; biased, debiased, minibatch)",
-        description="Centred kernel alignment of every layer pair of STORE (or STORE × OTHER, "
-        "whose row ids must match). Linear biased/debiased: exact, one pass over "
-        "all rows. RBF: a seeded sample. Minibatch: Nguyen et al. 2021.",
-    )
-    p.add_argument("store", help="store folder")
-    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
-    p.add_argument("--kernel", default="linear", choices=list(KERNELS))
-    p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
-    p.add_argument("--layers", nargs="+", default=None)
-    p.add_argument("--other-layers", nargs="+", default=None)
-    p.add_argument("--sample", type=int, default=None, help="rows to sample (seeded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sigma", type=float, default=1.0, help="RBF bandwidth multiplier")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch rows (default 256)")
-    add_max_memory_arg(p)
-    p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
-    p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
-                   help="arithmetic of the linear engine's block products (auto: float32 for "
-                   "f32/f16/bf16 stores, ~2x faster; float64 otherwise)")
-    p.add_argument("--out", default=None, help="write the result as JSON")
-    p.add_argument("--plot", default=None, help="write the heatmap (png/pdf/svg)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
-    p.set_defaults(func=_cmd_cka)
-
-
-def _cmd_cka(args: argparse.Namespace) -> int:
-    res = cka(
-        args.store,
-        args.other,
-        kernel=args.kernel,
-        estimator=args.estimator,
-        layers=args.layers,
-        other_layers=args.other_layers,
-        sample=args.sample,
-        seed=args.seed,
-        sigma=args.sigma,
-        batch_size=args.batch_size,
-        max_memory=args.max_memory,
-        nonfinite=args.nonfinite,
-        compute=args.compute,
-        progress=not args.quiet,
-    )
-    if not args.quiet:
-        print(res.to_pandas().round(4).to_string())
-        print(
-            f"# {res.meta['kernel']} {res.meta['estimator']} CKA, n = {res.meta['n']} rows, "
-            f"{res.meta['seconds']:.2f} s"
-        )
-    if args.out:
-        res.save(args.out)
-    if args.plot:
-        res.plot().savefig(args.plot)
-    return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``layerscope.cka`` is both this module and the function: once the submodule has been
-    imported (``from layerscope.cka import ...``, the CLI), Python binds the package
-    attribute ``cka`` to the module, so the module forwards calls to :func:`cka`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> MatrixResult:
-        return cka(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

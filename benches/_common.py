@@ -1,0 +1,79 @@
+"""What every benchmark measures the same way: memory from ``/proc/self/status`` (peak RSS
+as ``VmHWM``, resettable through ``/proc/self/clear_refs``), CPU seconds, wall time, and the
+machine's GEMM rates measured by numpy in the same run (the roofline each kernel is
+compared with). Imported as ``from _common import ...`` (the benches run as scripts)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_mib() -> float:
+    """Current resident set size (MiB), or ``ru_maxrss`` where /proc is missing."""
+    b = status_bytes("VmRSS")
+    return (b if b is not None else _maxrss_bytes()) / 2**20
+
+
+def peak_mib() -> float:
+    """Peak RSS (MiB): ``VmHWM``, per address space (``ru_maxrss`` is carried across fork +
+    exec from the parent, so a child's would start at the bench process's own peak)."""
+    b = status_bytes("VmHWM")
+    return (b if b is not None else _maxrss_bytes()) / 2**20
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process, all threads (robust to other load on a shared machine)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(f: Callable[[], Any]) -> float:
+    """Wall seconds of one call of ``f``."""
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def gemm_rate(size: int = 2048, dtype: Any = np.float64, repeats: int = 3) -> float:
+    """numpy's GEMM rate in GFLOP/s on ``size``² matrices of ``dtype`` (best of ``repeats``,
+    after one warm-up)."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(dtype)
+    a @ a
+    best = min(timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def gemm_rates(size: int = 2048) -> tuple[float, float]:
+    """numpy dgemm and sgemm GFLOP/s on ``size``² (best of 3)."""
+    return gemm_rate(size, np.float64), gemm_rate(size, np.float32)

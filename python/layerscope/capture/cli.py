@@ -1,0 +1,71 @@
+"""``layerscope capture``: a local Hugging Face model over texts, into a store."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import InvalidArgumentError
+from .hooks import DTYPES
+from .pooling import POOLS_SEQ
+
+
+def _cli_capture(args: argparse.Namespace) -> int:
+    from .hf import capture_texts, load_local
+
+    if args.texts:
+        with open(args.texts, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    elif args.stdlib_corpus:
+        from ..corpus import stdlib_corpus
+
+        texts = stdlib_corpus(args.stdlib_corpus)
+    else:
+        raise InvalidArgumentError("give --texts FILE or --stdlib-corpus N")
+    if not texts:
+        raise InvalidArgumentError("no texts to capture")
+    model, tok = load_local(args.model)
+    st = capture_texts(
+        model, tok, texts, args.out, layers=args.layers, pool=args.pool, dtype=args.dtype,
+        batch_size=args.batch_size, max_length=args.max_length, max_rows=args.max_rows,
+        overwrite=args.overwrite,
+        metadata={"texts": args.texts or f"stdlib_corpus({args.stdlib_corpus})",
+                  "max_length": args.max_length, "batch_size": int(args.batch_size)})
+    if st is None:
+        print("nothing captured")
+        return 1
+    print(f"wrote {st.num_rows} rows x {len(st.layers)} layers to {args.out}")
+    return 0
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser(
+        "capture",
+        help="capture activations of a local Hugging Face model",
+        description="Run a locally stored Hugging Face model (AutoModel + "
+        "AutoTokenizer, offline) over texts and store the chosen layers.",
+    )
+    p.add_argument("--model", required=True, help="model directory (AutoModel.from_pretrained)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--texts", help="text file, one text per line")
+    src.add_argument(
+        "--stdlib-corpus",
+        type=int,
+        metavar="N",
+        help="use N texts built from the Python standard library's docstrings",
+    )
+    p.add_argument(
+        "--layers",
+        action="append",
+        required=True,
+        metavar="PATTERN",
+        help="module name or dotted glob (repeatable), e.g. 'encoder.layer.*'",
+    )
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--pool", default="tokens", choices=POOLS_SEQ)
+    p.add_argument("--dtype", default="float16", choices=DTYPES)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cli_capture)

@@ -1,0 +1,321 @@
+"""Spectra and subspace alignment from the one-pass moments.
+
+Every quantity here is a function of the centred cross-products ``C_ij = Σ_a (x_a − x̄)(y_a − ȳ)ᵀ``
+accumulated in ONE streaming pass (:func:`layerscope._moments.compute_moments`), so spectra,
+alignment and linear CKA can be computed together without reading the data twice
+(:func:`analyze`). Spectra alone run one pass per layer (each layer read once, no
+cross blocks computed). When one pass over every selected layer (and the eigendecompositions
+held with it) does not fit the memory budget, alignment and ``analyze`` run in layer tiles
+(unions of two layer groups, one pass each; see :func:`layerscope._moments.measure_tiles`),
+with the same sums and so the same answers;
+``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs. Formulas, sources and the quantities that coincide are in
+``docs/alignment.md``; in short, with ``C_ii = V_i Λ_i V_iᵀ`` and ``Σ_i = Λ_i^{1/2}``:
+
+* spectrum: eigenvalues of ``C_ii/(n−1)``; effective rank (Roy & Vetterli 2007, on singular
+  values), participation ratio ``(Σλ)²/Σλ²``, stable rank ``Σλ/λ₁``, PCA-ID at 90/95/99 %;
+* ``method="subspace"``, ``space="samples"``: cosines of the principal angles between the
+  top-k left singular subspaces of the centred activations = singular values of
+  ``Σ_i⁻¹ V_iᵀ C_ij V_j Σ_j⁻¹`` (top-k blocks); ``space="features"``: of ``V_iᵀ V_j``;
+* ``"svcca"`` (Raghu et al. 2017): CCA of the top-k PCA subspaces; its canonical correlations
+  *are* the sample-space principal cosines of the kept subspaces (value: their mean);
+* ``"pwcca"`` (Morcos et al. 2018): the same correlations weighted by the projection of the row
+  layer's centred neurons on its canonical variates;
+* ``"cca"``: mean squared canonical correlation of the full layers (ridge when singular);
+* ``"procrustes"``: ``‖C_ij‖_* / sqrt(tr C_ii tr C_jj)`` and the angular distance
+  ``arccos`` of it (Williams et al. 2021).
+
+Quantities that coincide (each shown by a test in ``tests/test_alignment.py``):
+
+* SVCCA's canonical correlations = the ``space="samples"`` principal cosines of the kept
+  top-k subspaces (the reduced data ``X̃_i V_i[:, :k]`` spans exactly the top-k left singular
+  subspace; CCA between two spans is their principal angles, Björck & Golub 1973);
+* with full-rank layers of equal width ``d`` and no ridge, the CCA canonical correlations =
+  the sample-space principal cosines at ``k = d``, so CCA R² = subspace overlap at ``k = d``;
+* PWCCA with uniform weights is SVCCA (``extra["mean_cca"]`` is that unweighted mean);
+* the Procrustes similarity = the sum of the per-pair "cosines" (normalised singular values
+  of ``C_ij``), and ``1 − similarity = ‖A R* − B‖_F² / 2`` for the Frobenius-normalised
+  centred data (``scipy.linalg.orthogonal_procrustes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _native
+from .._memory import max_memory_bytes
+from ..errors import InvalidArgumentError
+from ..results import MatrixResult, Result
+from ._passes import run_measures
+from .spectrum import spectrum_result
+
+METHODS = ("subspace", "svcca", "pwcca", "cca", "procrustes")
+SPACES = ("samples", "features")
+_VALUE_NAMES = {
+    "subspace": "subspace overlap (mean cos²)",
+    "svcca": "SVCCA (mean canonical correlation)",
+    "pwcca": "PWCCA (projection-weighted mean canonical correlation)",
+    "cca": "CCA R² (mean squared canonical correlation)",
+    "procrustes": "Procrustes similarity (nuclear norm)",
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+class AlignmentResult(MatrixResult):
+    """Layer × layer alignment (``values``) plus every pair's principal cosines or canonical
+    correlations (``cosines(row, col)``) and per-method extras in ``extra`` (``grassmann``:
+    ``sqrt(Σθ²)`` for subspace/SVCCA; ``distance``: Procrustes angular distance;
+    ``mean_cca``: the unweighted mean for PWCCA)."""
+
+    kind = "alignment"
+
+    def cosines(self, row: str, col: str) -> np.ndarray:
+        """All principal cosines (canonical correlations; for Procrustes the normalised singular
+        values of ``C_ij``) of the pair, descending, as computed."""
+        try:
+            r, c = self.rows.index(row), self.cols.index(col)
+        except ValueError:
+            from ..errors import MissingLayerError
+
+            raise MissingLayerError(f"no pair ({row!r}, {col!r}) in this result") from None
+        return np.asarray(self.extra["cosines"][r][c], dtype=np.float64)
+
+    def plot_cosines(
+        self,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        ax: Any = None,
+        title: str | None = None,
+    ) -> Any:
+        """Per-pair cosine curves (cosine vs index). Default pairs: adjacent layers (square
+        results) or each row layer against its best-matching column."""
+        from ..plots import _mpl
+
+        plt = _mpl()
+        if pairs is None:
+            if self.rows == self.cols:
+                pairs = [(self.rows[i], self.rows[i + 1]) for i in range(len(self.rows) - 1)]
+            else:
+                pairs = [
+                    (r, self.cols[int(np.nanargmax(self.values[i]))])
+                    for i, r in enumerate(self.rows)
+                ]
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        else:
+            fig = ax.figure
+        for r, c in pairs:
+            cs = self.cosines(r, c)
+            ax.plot(np.arange(1, cs.size + 1), cs, lw=1.2, label=f"{r} / {c}")
+        ax.set_xlabel("index")
+        ax.set_ylabel("cosine / canonical correlation")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title or f"{self.meta.get('method', 'alignment')} cosines per pair")
+        if len(pairs) <= 16:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+
+# --------------------------------------------------------------------------- moments glue
+
+
+def _k_args(k: int | str) -> dict[str, Any]:
+    if isinstance(k, str):
+        if k != "auto":
+            raise InvalidArgumentError(f"k must be a positive int or 'auto', got {k!r}")
+        return {"variance": 0.99}
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidArgumentError(f"k must be a positive int or 'auto', got {k!r}")
+    return {"k": int(k)}
+
+
+def _align_opts(method: str, space: str, k: int | str, ridge: float) -> dict[str, Any]:
+    """The options of ``Moments.alignment`` for one alignment method (``k`` only where the
+    method keeps top-k subspaces)."""
+    kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
+    return {"method": method, "space": space, "ridge_eps": ridge, **kargs}
+
+
+def _check_method(method: str, space: str) -> None:
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
+    if space not in SPACES:
+        raise InvalidArgumentError(f"space must be one of {SPACES}, got {space!r}")
+
+
+def alignment_result(
+    a: dict[str, Any],
+    rows: list[str],
+    cols: list[str],
+    method: str,
+    space: str,
+    k: int | str,
+    ridge: float,
+    meta: dict[str, Any],
+) -> AlignmentResult:
+    nr, nc = int(a["nrows"]), int(a["ncols"])
+    values = np.asarray(a["values"]).reshape(nr, nc)
+    cos = list(a["cosines"])
+    extra: dict[str, Any] = {
+        "cosines": [[np.asarray(cos[r * nc + c]) for c in range(nc)] for r in range(nr)],
+    }
+    for name, v in dict(a["extras"]).items():
+        extra[name] = np.asarray(v).reshape(nr, nc)
+    m = {
+        **meta,
+        "measure": _VALUE_NAMES[method],
+        "method": method,
+        "estimator": method,
+        "k": k,
+    }
+    if method == "subspace":
+        m["space"] = space
+        m["estimator"] = f"subspace/{space}"
+    if method in ("subspace", "svcca", "pwcca"):
+        m["row_k"] = list(a["row_k"])
+        m["col_k"] = list(a["col_k"])
+    if method == "cca":
+        m["ridge_eps"] = ridge
+        m["row_ridge"] = list(a["row_ridge"])
+        m["col_ridge"] = list(a["col_ridge"])
+        m["ridge_rule"] = "r = eps*tr(C_ii)/d_i added to C_ii when n <= d_i or C_ii is singular"
+    if method == "pwcca":
+        m["pwcca_weights"] = "row layer (values[i, j] weights by rows[i]'s neurons)"
+    return AlignmentResult(values, rows, cols, m, extra)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def alignment(
+    source: Any,
+    other: Any = None,
+    *,
+    method: str = "subspace",
+    k: int | str = _native.DEFAULT_ALIGN_K,
+    space: str = "samples",
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    ridge: float = 1e-4,
+    progress: bool = True,
+    max_memory: int | str | None = None,
+) -> AlignmentResult:
+    """Alignment of every layer pair (rows = ``source`` layers, cols = ``other`` layers or the
+    same layers), from one pass of moments.
+
+    ``method``: ``"subspace"`` (principal angles between top-k PCA subspaces; value = mean
+    cos², ``extra["grassmann"]`` = ``sqrt(Σθ²)``), ``"svcca"`` (Raghu et al. 2017; value = mean
+    canonical correlation of the top-k — or, ``k="auto"``, 99 %-variance — PCA subspaces; these
+    correlations equal the ``space="samples"`` principal cosines), ``"pwcca"`` (Morcos et al.
+    2018; weights from the row layer), ``"cca"`` (mean R² of the full layers, ridge
+    ``ridge·tr(C)/d`` when ``n ≤ d`` or ``C`` is singular, recorded in ``meta``),
+    ``"procrustes"`` (``‖C_ij‖_*/sqrt(tr C_ii tr C_jj)``; ``extra["distance"]`` = arccos).
+    ``space``: ``"samples"`` (token space; any widths) or ``"features"`` (equal widths).
+    ``k`` larger than a layer's numerical rank raises :class:`InvalidArgumentError` naming the
+    layer and its rank (no silent truncation; ``k="auto"`` never exceeds it).
+
+    Coinciding quantities (tested): ``svcca`` cosines = ``subspace``/``samples`` cosines at
+    the same ``k``; ``pwcca``'s ``extra["mean_cca"]`` = the ``svcca`` value; ``cca`` R² of
+    full-rank equal-width layers = ``subspace`` overlap at ``k = d``; the ``procrustes``
+    value = the sum of its cosines. ``space="samples"`` measures how much two layers share the
+    same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
+    of a layer's features, unlike per-token cosine similarity. ``max_memory``: the memory
+    budget, as in :func:`spectrum`."""
+    _check_method(method, space)
+    budget = max_memory_bytes(max_memory)
+    opts = _align_opts(method, space, k, ridge)
+    t, raw, meta = run_measures(source, layers, other, other_layers, spectrum=False,
+                                 aligns={"alignment": opts}, ckas=[], compute="float64",
+                                 budget=budget, progress=progress)
+    rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
+    return alignment_result(raw["alignment"], rn, cn, method, space, k, ridge, meta)
+
+
+def analyze(
+    source: Any,
+    other: Any = None,
+    *,
+    measures: Sequence[str] = ("cka", "cka_debiased", "spectrum", "alignment"),
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    k: int | str = _native.DEFAULT_ALIGN_K,
+    progress: bool = True,
+    max_memory: int | str | None = None,
+    **kw: Any,
+) -> dict[str, Result]:
+    """CKA, spectra and alignment from ONE pass over the data (a single moment accumulation).
+
+    ``measures``: any of ``"cka"`` (biased linear CKA), ``"cka_debiased"``, ``"spectrum"``
+    (of the ``source`` layers; with ``other``, also ``"spectrum_other"``), ``"alignment"``
+    (with ``method``/``space`` from the keywords) and ``"alignment:<method>"`` for further
+    methods from the same pass (e.g. ``["alignment", "alignment:procrustes",
+    "alignment:svcca"]``). Extra keywords go to the alignment (``method``, ``space``,
+    ``ridge``) and spectrum (``top``); ``compute="float32"`` runs the pass with float32
+    block products (see :func:`layerscope.cka`); ``max_memory``: the memory budget, as in
+    :func:`spectrum`. All arguments are checked before the pass.
+    Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
+    budget = max_memory_bytes(max_memory)
+    bad = set(kw) - {"method", "space", "ridge", "top", "compute"}
+    if bad:
+        raise InvalidArgumentError(f"unknown keyword(s) {sorted(bad)}")
+    from .._moments import check_compute
+
+    compute = check_compute(kw.get("compute", "float64"))
+    space = kw.get("space", "samples")
+    ridge = float(kw.get("ridge", 1e-4))
+    top = kw.get("top")
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1
+    ):
+        raise InvalidArgumentError(f"top must be a positive int, got {top!r}")
+    aligns: dict[str, str] = {}  # measure key -> method
+    for mname in measures:
+        if mname in ("cka", "cka_debiased", "spectrum"):
+            continue
+        if mname == "alignment":
+            aligns[mname] = kw.get("method", "subspace")
+        elif mname.startswith("alignment:"):
+            aligns[mname] = mname.split(":", 1)[1]
+        else:
+            raise InvalidArgumentError(
+                f"unknown measure {mname!r}; choose from 'cka', 'cka_debiased', 'spectrum', "
+                f"'alignment', 'alignment:<method>' with method in {METHODS}"
+            )
+    for method in aligns.values():
+        _check_method(method, space)
+        if method in ("subspace", "svcca", "pwcca"):
+            _k_args(k)
+    opts = {key: _align_opts(method, space, k, ridge) for key, method in aligns.items()}
+    ckas = [deb for name, deb in (("cka", False), ("cka_debiased", True)) if name in measures]
+    t, raw, meta = run_measures(source, layers, other, other_layers,
+                                 spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
+                                 compute=compute, budget=budget, progress=progress)
+    rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
+    out: dict[str, Result] = {}
+    for mname, deb in (("cka", False), ("cka_debiased", True)):
+        if mname in measures:
+            out[mname] = cka_table(raw[("cka", deb)], rn, cn, debiased=deb, meta=meta)
+    if "spectrum" in measures:
+        sp = list(raw["spectra"])
+        out["spectrum"] = spectrum_result(sp[: len(t.rows)], rn, top, meta)
+        if other is not None:
+            out["spectrum_other"] = spectrum_result(sp[len(t.rows):], cn, top, meta)
+    for key, method in aligns.items():
+        out[key] = alignment_result(raw[key], rn, cn, method, space, k, ridge, meta)
+    return out
+
+
+def cka_table(
+    vals: np.ndarray, rnames: list[str], cnames: list[str], *, debiased: bool,
+    meta: dict[str, Any],
+) -> MatrixResult:
+    """A linear CKA table as a result (the meta every linear CKA from moments records)."""
+    est = "linear, debiased" if debiased else "linear"
+    return MatrixResult(
+        vals, rnames, cnames, {**meta, "measure": "CKA", "estimator": est, "debiased": debiased}
+    )
+

@@ -1,0 +1,152 @@
+"""Neighbourhood measures on a seeded sample of rows, all layer pairs: :func:`rsa`
+(representational similarity analysis, Kriegeskorte et al. 2008) and :func:`mutual_knn`
+(mutual nearest-neighbour alignment, Huh et al. 2024). Rows are sampled as in
+:mod:`layerscope.measures.idim` (seed, count and index hash in ``meta``); the RDMs and
+neighbour sets are computed in Rust (``layerscope_core::measures::rsa``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _native
+from .._memory import max_memory_bytes
+from .._progress import Progress
+from .._sample import check_sample, indices_hash, load, sample_indices
+from .._source import check_comparable, resolve
+from ..errors import InvalidArgumentError
+from ..results import MatrixResult
+
+
+def _pair_inputs(
+    source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None, seed: int
+) -> tuple[Any, Any, list[str], list[str], np.ndarray]:
+    a = resolve(source)
+    b = resolve(other) if other is not None else None
+    la = a.select(layers)
+    if b is not None:
+        check_comparable(a, b)
+        lb = b.select(other_layers)
+    else:
+        lb = la
+    idx = sample_indices(a.num_rows, sample, seed)
+    return a, b, la, lb, idx
+
+
+def rsa(
+    source: Any,
+    other: Any = None,
+    *,
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    dissimilarity: str = "euclidean",
+    compare: str = "spearman",
+    sample: int | None = 2000,
+    seed: int = 0,
+    progress: Any = True,
+    max_memory: int | str | None = None,
+) -> MatrixResult:
+    """Representational similarity analysis (Kriegeskorte et al. 2008) for all layer pairs.
+
+    RDM of a layer on the sampled rows: the upper triangle (``i < j``, as
+    ``scipy.spatial.distance.pdist``) of ``||x_i − x_j||`` (``"euclidean"``) or
+    ``1 − corr(x_i, x_j)`` (``"correlation"``; a constant row is an error). Two RDMs are
+    compared by Spearman (Pearson of average ranks, as ``scipy.stats.spearmanr``) or Pearson
+    correlation. ``other=None``: all pairs of ``source`` layers. Memory: an m × m distance
+    matrix per layer at a time plus ``m(m−1)/2`` floats per layer, checked against the memory
+    budget ``max_memory`` (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``, else 0.8 ×
+    the machine's available memory) before any row is read.
+    """
+    budget = max_memory_bytes(max_memory)
+    if dissimilarity not in ("euclidean", "correlation"):
+        raise InvalidArgumentError(
+            f"dissimilarity must be 'euclidean' or 'correlation', got {dissimilarity!r}"
+        )
+    if compare not in ("spearman", "pearson"):
+        raise InvalidArgumentError(f"compare must be 'spearman' or 'pearson', got {compare!r}")
+    t0 = time.perf_counter()
+    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
+    if idx.size < 3:
+        raise InvalidArgumentError(f"RSA needs at least 3 rows, got {idx.size}")
+    check_sample(a, b, la, lb, idx.size, budget)
+    with Progress(progress, "rsa", unit="step") as prog:
+        cb = prog.cb
+        xa = [load(a, n, idx) for n in la]
+        xb = [load(b, n, idx) for n in lb] if b is not None else None
+        vals = _native.rsa_matrix(
+            xa, xb, dissimilarity=dissimilarity, compare=compare, max_memory=budget, progress=cb
+        )
+    meta = {
+        "measure": "rsa",
+        "dissimilarity": dissimilarity,
+        "compare": compare,
+        "n": int(idx.size),
+        "n_total": a.num_rows,
+        "seed": seed,
+        "sample": sample,
+        "sample_hash": indices_hash(idx),
+        "seconds": time.perf_counter() - t0,
+    }
+    return MatrixResult(vals, la, lb, meta=meta)
+
+
+def mutual_knn(
+    source: Any,
+    other: Any = None,
+    *,
+    k: int = 10,
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
+    sample: int | None = 2000,
+    seed: int = 0,
+    normalize: bool = True,
+    progress: Any = True,
+    max_memory: int | str | None = None,
+) -> MatrixResult:
+    """Mutual k-nearest-neighbour alignment (Huh, Cheung, Wang & Isola 2024, "The Platonic
+    Representation Hypothesis", ICML) for all layer pairs::
+
+        m_kNN(A, B) = mean_i |N_k^A(i) ∩ N_k^B(i)| / k
+
+    over the sampled rows, ``N_k(i)`` the ``k`` nearest neighbours of row ``i`` (self
+    excluded). As in the paper's code (``metrics.mutual_knn`` on ``F.normalize``-d features),
+    ``normalize=True`` ranks neighbours by cosine similarity: rows are divided by their norm
+    (in Rust, ``measures::rsa::unit_rows``; a zero row stays zero) and then ranked by
+    Euclidean distance, which on the unit sphere orders exactly as ``-x_i·x_j``. (torch's
+    ``F.normalize`` divides by ``max(||x||, 1e-12)``: the same except for rows of norm below
+    1e-12, which it leaves unnormalised, so activations stored at a tiny scale lose their
+    cosine neighbourhoods; here the result does not depend on the scale.) ``normalize=False``: Euclidean
+    neighbours of the raw rows. Neighbour sets are exact (ties broken by row index; the
+    reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
+    optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
+    ``max_memory``: the memory budget, as in :func:`rsa`."""
+    budget = max_memory_bytes(max_memory)
+    if int(k) < 1:
+        raise InvalidArgumentError(f"k must be >= 1, got {k}")
+    t0 = time.perf_counter()
+    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
+    if int(k) >= idx.size:
+        raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
+    check_sample(a, b, la, lb, idx.size, budget)
+
+    with Progress(progress, "mutual knn", unit="step") as prog:
+        cb = prog.cb
+        xa = [load(a, n, idx) for n in la]
+        xb = [load(b, n, idx) for n in lb] if b is not None else None
+        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), normalize=bool(normalize),
+                                         max_memory=budget, progress=cb)
+    meta = {
+        "measure": "mutual_knn",
+        "k": int(k),
+        "normalize": bool(normalize),
+        "n": int(idx.size),
+        "n_total": a.num_rows,
+        "seed": seed,
+        "sample": sample,
+        "sample_hash": indices_hash(idx),
+        "seconds": time.perf_counter() - t0,
+    }
+    return MatrixResult(vals, la, lb, meta=meta)

@@ -1,0 +1,148 @@
+"""Per-layer covariance spectra from the moment engine: :func:`spectrum`.
+
+The eigenvalues of each layer's covariance ``C_ii/(n−1)`` (one streamed pass per group of
+layers that fits the memory budget; no cross blocks) and the measures derived from them:
+effective rank (Roy & Vetterli 2007, on singular values), participation ratio
+``(Σλ)²/Σλ²``, stable rank ``Σλ/λ₁`` and PCA-ID at 90/95/99 % (computed in Rust,
+``layerscope_core::measures::spectrum``). See ``docs/alignment.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._memory import max_memory_bytes
+from ..errors import InvalidArgumentError
+from ..results import Result
+from ._passes import run_measures
+
+SPECTRUM_MEASURES = (
+    "total_variance",
+    "rank",
+    "rank_tol",
+    "effective_rank",
+    "participation_ratio",
+    "stable_rank",
+    "pca_id_90",
+    "pca_id_95",
+    "pca_id_99",
+)
+
+
+class SpectrumResult(Result):
+    """Per-layer covariance spectra and the measures derived from them.
+
+    Attributes: ``layers``; ``eigenvalues[layer]`` (descending, as computed — tiny negative
+    round-off values are not clamped; ``top`` keeps only the leading ones);
+    ``explained_variance_ratio[layer]`` (``λ_i / Σλ⁺``); ``table[layer][metric]`` with
+    ``effective_rank`` (Roy & Vetterli 2007: ``exp(−Σ p ln p)``, ``p = σ/Σσ``, ``σ = sqrt(λ⁺)``),
+    ``participation_ratio`` ``(Σλ⁺)²/Σ(λ⁺)²``, ``stable_rank`` ``Σλ⁺/λ₁``, ``pca_id_90/95/99``
+    (smallest k whose cumulative share reaches the threshold), ``rank`` and ``rank_tol``
+    (``λ⁺ = λ`` if ``λ > rank_tol = λ_max·max(n,d)·eps`` else 0), ``total_variance``.
+    Measures always use the full spectrum, whatever ``top`` is.
+    """
+
+    kind = "spectrum"
+
+    def __init__(
+        self,
+        layers: list[str],
+        eigenvalues: dict[str, np.ndarray],
+        explained_variance_ratio: dict[str, np.ndarray],
+        table: dict[str, dict[str, float]],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.eigenvalues = {k: np.asarray(v, dtype=np.float64) for k, v in eigenvalues.items()}
+        self.explained_variance_ratio = {
+            k: np.asarray(v, dtype=np.float64) for k, v in explained_variance_ratio.items()
+        }
+        self.table = {k: {m: float(x) for m, x in v.items()} for k, v in table.items()}
+        self.meta = dict(meta or {})
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers,
+            "eigenvalues": self.eigenvalues,
+            "explained_variance_ratio": self.explained_variance_ratio,
+            "table": self.table,
+            "meta": self.meta,
+        }
+
+    def to_pandas(self) -> Any:
+        """One row per layer, one column per measure."""
+        import pandas as pd
+
+        return pd.DataFrame([self.table[layer] for layer in self.layers], index=self.layers)
+
+    def plot(self, ax: Any = None, title: str | None = None) -> Any:
+        """Log-log spectra (eigenvalue vs index) per layer; returns the Figure.
+
+        Only the eigenvalues above the layer's rank tolerance (``table[layer]["rank_tol"]``,
+        the ones the measures use) are drawn: the others are zeros up to round-off (≈1e-16 of
+        the largest), which a log axis would show as a meaningless cliff; they stay in
+        ``eigenvalues``."""
+        from ..plots import _mpl
+
+        plt = _mpl()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        else:
+            fig = ax.figure
+        cmap = plt.get_cmap("viridis")
+        nl = max(1, len(self.layers) - 1)
+        for i, layer in enumerate(self.layers):
+            ev = self.eigenvalues[layer]
+            idx = np.arange(1, ev.size + 1)
+            keep = ev > max(0.0, self.table.get(layer, {}).get("rank_tol", 0.0))
+            ax.loglog(idx[keep], ev[keep], color=cmap(i / nl), label=layer, lw=1.2)
+        ax.set_xlabel("component")
+        ax.set_ylabel("eigenvalue (variance)")
+        ax.set_title(title or "covariance spectra")
+        if len(self.layers) <= 16:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        return f"<SpectrumResult {len(self.layers)} layers n={self.meta.get('n', '?')}>"
+
+
+def spectrum_result(
+    spectra: list[dict[str, Any]], layers: list[str], top: int | None, meta: dict[str, Any]
+) -> SpectrumResult:
+    if top is not None and (isinstance(top, bool) or int(top) < 1):
+        raise InvalidArgumentError(f"top must be a positive int, got {top!r}")
+    ev, evr, table = {}, {}, {}
+    for layer, s in zip(layers, spectra):
+        e = np.asarray(s["eigenvalues"])
+        r = np.asarray(s["explained_variance_ratio"])
+        ev[layer] = e[:top] if top is not None else e
+        evr[layer] = r[:top] if top is not None else r
+        table[layer] = {m: float(s[m]) for m in SPECTRUM_MEASURES}
+    return SpectrumResult(layers, ev, evr, table, {**meta, "measure": "spectrum", "top": top})
+
+
+def spectrum(
+    source: Any,
+    layers: Sequence[str] | str | None = None,
+    top: int | None = None,
+    progress: bool = True,
+    *,
+    max_memory: int | str | None = None,
+) -> SpectrumResult:
+    """Per-layer covariance spectra (one pass over the rows).
+
+    ``source``: a store, a path or a dict of arrays; ``layers``: names (default all);
+    ``top``: keep only the ``top`` leading eigenvalues in the output (the measures always use
+    the full spectrum); ``max_memory``: the memory budget (bytes or ``"4G"``; default
+    ``LAYERSCOPE_MAX_MEMORY`` or 0.8 × the machine's available memory, see
+    :func:`layerscope.memory_budget`). See :class:`SpectrumResult` for the measures and the
+    rank rule."""
+    budget = max_memory_bytes(max_memory)
+    t, raw, meta = run_measures(source, layers, None, None, spectrum=True, aligns={}, ckas=[],
+                                 compute="float64", budget=budget, progress=progress)
+    return spectrum_result(list(raw["spectra"]), t.names, top, meta)
