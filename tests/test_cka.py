@@ -22,6 +22,7 @@ from pathlib import Path
 import layerscope
 import numpy as np
 import pytest
+from conftest import cka_from_grams, gram_lin, hsic_unbiased, llm_like, ref_linear
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layerscope import cka, cli
@@ -36,39 +37,6 @@ from layerscope.store import write_store
 
 # ----------------------------------------------------------------------------------------
 # references
-
-
-def gram_lin(x: np.ndarray, centre: bool = True) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if centre:
-        x = x - x.mean(axis=0)
-    return x @ x.T
-
-
-def hsic_biased(k: np.ndarray, lg: np.ndarray) -> float:
-    n = k.shape[0]
-    h = np.eye(n) - np.ones((n, n)) / n
-    return float(np.trace(k @ h @ lg @ h)) / (n - 1) ** 2
-
-
-def hsic_unbiased(k: np.ndarray, lg: np.ndarray) -> float:
-    n = k.shape[0]
-    kt = k - np.diag(np.diag(k))
-    lt = lg - np.diag(np.diag(lg))
-    one = np.ones(n)
-    t1 = np.trace(kt @ lt)
-    t2 = (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-    t3 = 2.0 / (n - 2) * (one @ kt @ lt @ one)
-    return float((t1 + t2 - t3) / (n * (n - 3)))
-
-
-def cka_from_grams(k: np.ndarray, lg: np.ndarray, unbiased: bool) -> float:
-    f = hsic_unbiased if unbiased else hsic_biased
-    return f(k, lg) / np.sqrt(f(k, k) * f(lg, lg))
-
-
-def ref_linear(x: np.ndarray, y: np.ndarray, estimator: str) -> float:
-    return cka_from_grams(gram_lin(x), gram_lin(y), estimator == "debiased")
 
 
 def gram_rbf(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
@@ -120,14 +88,6 @@ def datasets() -> dict[str, dict[str, np.ndarray]]:
     z = out["n_lt_d"]["x"]
     out["n_lt_d"]["y"] = np.hstack([z[:, :20] * 2.0, out["n_lt_d"]["y"][:, :30]])
     return out
-
-
-def llm_like(n: int, d: int, seed: int, ratio_lo: float = 50, ratio_hi: float = 1000) -> np.ndarray:
-    """Per-feature mean offsets of 50–1000× the spread (as in LLM residual streams)."""
-    rng = np.random.default_rng(seed)
-    spread = rng.uniform(0.5, 2.0, d)
-    offset = rng.uniform(ratio_lo, ratio_hi, d) * spread * rng.choice([-1, 1], d)
-    return offset + spread * rng.standard_normal((n, d))
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,11 +19,10 @@ import layerscope
 import layerscope.planner
 import numpy as np
 import pytest
+from conftest import TILED_BUDGET, adversarial, adversarial_pair, ref_linear
 from layerscope import InvalidArgumentError, MemoryBudgetError, cka, write_store
 from layerscope._moments import measure_peak
 from layerscope.cli import main
-from test_cka import ref_linear
-from test_plans import TILED_BUDGET, adversarial
 
 PLAN_KEYS = ("strategy", "passes", "peak_bytes", "bytes_read", "flops")
 
@@ -177,11 +176,7 @@ def test_plan_of_a_store_not_yet_made() -> None:
 
 
 def test_analyze_across_two_stores_under_layer_tiles(tmp_path: Path) -> None:
-    d = adversarial()
-    e = {"u": d["y"] @ np.random.default_rng(3).standard_normal((90, 260)), "v": d["w"]}
-    pa, pb = tmp_path / "a", tmp_path / "b"
-    write_store(pa, d, shard_bytes=64 << 10)
-    write_store(pb, e, shard_bytes=64 << 10)
+    d, e, pa, pb = adversarial_pair(tmp_path)
     ms = ["cka", "cka_debiased", "spectrum", "alignment", "alignment:procrustes"]
     budget = int(measure_peak([300, 260], 150, "float64") * 1.05)
     one = layerscope.analyze(pa, pb, measures=ms, k=8, progress=False)

@@ -17,22 +17,8 @@ from pathlib import Path
 import layerscope
 import numpy as np
 import pytest
+from conftest import TILED_BUDGET, adversarial, adversarial_pair, ref_linear
 from layerscope import InvalidArgumentError, MemoryBudgetError, cka, write_store
-from test_cka import llm_like, ref_linear
-
-
-def adversarial(n: int = 150) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(7)
-    x = llm_like(n, 300, 1)  # offsets 50–1000× the spread; wider than the tiles: split
-    y = 0.5 * x[:, :40] @ rng.standard_normal((40, 90)) / 6 + llm_like(n, 90, 2)
-    z = rng.standard_normal((n, 140))
-    z[:, 7] = 4.5  # a constant column
-    z[n // 2:] = z[: n - n // 2]  # duplicated rows
-    w = np.hstack([y[:, :30], rng.standard_normal((n, 10))]) * 1e-3
-    return {"x": x, "y": y, "z": z, "w": w}
-
-
-TILED_BUDGET = "2M"  # several tiles, the 300-wide layer in column blocks
 
 
 def _both(src: object, other: object = None, **kw: object) -> tuple:
@@ -90,11 +76,7 @@ def test_tiled_equals_single_pass_float32_stores(tmp_path: Path, dtype: str) -> 
 
 
 def test_tiled_across_two_stores(tmp_path: Path) -> None:
-    d = adversarial()
-    e = {"u": d["y"] @ np.random.default_rng(3).standard_normal((90, 260)), "v": d["w"]}
-    pa, pb = tmp_path / "a", tmp_path / "b"
-    write_store(pa, d, shard_bytes=64 << 10)
-    write_store(pb, e, shard_bytes=64 << 10)
+    d, e, pa, pb = adversarial_pair(tmp_path)
     for est in ("biased", "debiased"):
         one, *others = _both(pa, pb, estimator=est, compute="float64")
         for r in others:

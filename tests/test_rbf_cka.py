@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import hsic_biased, hsic_unbiased
 from layerscope import _native, cka
 from layerscope._sample import sample_indices
 from layerscope.errors import InvalidArgumentError, MemoryBudgetError, MismatchError
@@ -23,23 +24,6 @@ def ref_gram(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # exact, no GEMM
     bw = sigma * np.sqrt(np.median(d2))  # all m² entries, diagonal included
     return np.exp(-d2 / (2 * bw**2))
-
-
-def hsic_biased(k: np.ndarray, lg: np.ndarray) -> float:
-    m = k.shape[0]
-    h = np.eye(m) - np.ones((m, m)) / m
-    return float(np.trace(k @ h @ lg @ h)) / (m - 1) ** 2
-
-
-def hsic_unbiased(k: np.ndarray, lg: np.ndarray) -> float:
-    m = k.shape[0]
-    kt = k - np.diag(np.diag(k))
-    lt = lg - np.diag(np.diag(lg))
-    one = np.ones(m)
-    t1 = np.trace(kt @ lt)
-    t2 = (one @ kt @ one) * (one @ lt @ one) / ((m - 1) * (m - 2))
-    t3 = 2.0 / (m - 2) * (one @ kt @ lt @ one)
-    return float((t1 + t2 - t3) / (m * (m - 3)))
 
 
 def ref_cka(x: np.ndarray, y: np.ndarray, unbiased: bool, sigma: float = 1.0) -> float:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from ._defaults import ITEMSIZE, dtype_name
 from ._progress import Progress
 from ._source import Source, check_comparable, native_part, resolve
 from .errors import InvalidArgumentError
@@ -247,14 +248,12 @@ def read_bytes(
     return sum(int(r) * n * d * s for r, d, s in zip(reads, dims, item))
 
 
-_ITEMSIZE = {"bf16": 2, "bfloat16": 2, "f16": 2, "float16": 2, "f32": 4, "float32": 4,
-             "f64": 8, "float64": 8}
 
 
 def _itemsize(src: Source, layer: str) -> int:
     """Bytes per stored value of a layer (what a pass reads)."""
     if src.is_store:
-        return _ITEMSIZE.get(str(src.store.dtypes[layer]).lower(), 4)
+        return ITEMSIZE[dtype_name(src.store.dtypes[layer])]
     assert src.arrays is not None
     a = src.arrays[layer]
     return int(getattr(a, "itemsize", 0) or a.element_size())

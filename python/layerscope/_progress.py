@@ -1,9 +1,19 @@
-"""Progress reporting shared by the measures: a ``cb(done, total)`` feeding a tqdm bar."""
+"""Progress reporting, one way for everything: a ``cb(done, total)`` feeding a tqdm bar
+(:class:`Progress`, :class:`PassProgress`) and one-line stage messages on stderr
+(:func:`stage`), both silent when ``progress`` is False."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
+
+
+def stage(progress: Any, who: str, msg: str) -> None:
+    """One line ``layerscope WHO: MSG`` on stderr when ``progress`` is on (a callable
+    ``progress`` gets the bars' numbers only, not these lines)."""
+    if progress is True:
+        print(f"layerscope {who}: {msg}", file=sys.stderr, flush=True)
 
 
 class Progress:

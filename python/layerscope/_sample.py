@@ -18,7 +18,6 @@ from ._source import Source, check_finite
 from .errors import InvalidArgumentError
 
 #: Rows of the RBF CKA sample when ``sample=None`` (all rows up to this many).
-DEFAULT_SAMPLE_CAP = 4096
 
 
 def sample_indices(n: int, sample: int | None, seed: int, cap: int | None = None) -> np.ndarray:

@@ -9,24 +9,10 @@ from typing import Any, Union
 
 import numpy as np
 
+from ._tensor import to_numpy
 from .errors import InvalidArgumentError, MismatchError, MissingLayerError, NonFiniteError
 
 SourceLike = Union["ActivationStore", str, os.PathLike, Mapping[str, Any]]  # noqa: F821
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """numpy view/copy of a numpy array or torch tensor (bf16 tensors become float32)."""
-    if isinstance(x, np.ndarray):
-        return x
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        import torch
-
-        t = x.detach()
-        if t.dtype in (torch.bfloat16,):
-            t = t.float()
-        return t.cpu().numpy()
-    return np.asarray(x)
 
 
 class Source:
@@ -48,6 +34,16 @@ class Source:
     @property
     def is_store(self) -> bool:
         return self.store is not None
+
+    def exact_dtype(self, layer: str) -> type[np.floating]:
+        """The float type that holds every value of ``layer`` exactly, in which it is read:
+        float64 for float64 stores and arrays and for integer arrays (beyond 2**24 float32
+        rounds them), float32 for float32, float16 and bfloat16."""
+        if self.store is not None:
+            return np.float64 if str(self.store.dtypes[layer]) == "float64" else np.float32
+        assert self.arrays is not None
+        a = self.arrays[layer]
+        return np.float64 if a.dtype.itemsize > 4 or a.dtype.kind in "iub" else np.float32
 
     def select(self, layers: Sequence[str] | str | None) -> list[str]:
         """Validate a layer selection (None = all, in store order)."""
@@ -91,10 +87,9 @@ def _native_array(a: np.ndarray) -> tuple[np.ndarray, str]:
     """An in-memory layer as the Rust reader takes it: float32/float64 arrays (and float16 as
     their uint16 bit patterns) are borrowed where they lie when each row's elements are
     contiguous and rows are evenly spaced (row-major arrays and their row/column slices);
-    other layouts are copied once to row-major, integer arrays to float32 (as before)."""
-    if a.dtype.kind in "iub":
-        a = np.ascontiguousarray(a, dtype=np.float32)
-    elif a.dtype not in (np.float16, np.float32, np.float64):
+    other layouts are copied once to row-major, integer arrays to float64 (exact, as
+    :meth:`Source.exact_dtype` reads them)."""
+    if a.dtype not in (np.float16, np.float32, np.float64):
         a = np.ascontiguousarray(a, dtype=np.float64)
     isz = a.dtype.itemsize
     rows, dim = a.shape
@@ -132,7 +127,7 @@ def resolve(source: Any) -> Source:
         arrays: dict[str, np.ndarray] = {}
         n = None
         for name, x in source.items():
-            a = to_numpy(x)
+            a = to_numpy(x, f"layer {name!r}")
             if a.ndim != 2:
                 raise InvalidArgumentError(f"layer {name!r}: expected a 2-D array, got shape {a.shape}")
             if a.dtype.kind not in "fiu":

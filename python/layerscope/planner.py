@@ -34,11 +34,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import _native
+from ._defaults import BATCH_SIZE, ITEMSIZE, SAMPLE_CAP, STORE_DTYPES, dtype_name
 from ._memory import add_max_memory_arg, max_memory_bytes, memory_budget
 from ._moments import _itemsize, measure_tiles, read_bytes, resolve_compute
 from ._source import Source, check_comparable, resolve
 from .errors import InvalidArgumentError, MemoryBudgetError
-from .measures.cka import DEFAULT_BATCH_SIZE, ESTIMATORS, KERNELS
+from .measures.cka import ESTIMATORS, KERNELS
 
 #: Values read (and converted to the compute type) per second in the time estimate.
 READ_VALUES_PER_S = 1e9
@@ -200,12 +201,7 @@ def plan_shapes(
     e.g. ``plan_shapes([4096] * 33, 10**6)`` for a 7B model's residual stream (layers are
     named ``"0"``, ``"1"``, …; ``other_widths`` the second store's, ``"other:0"``, …).
     ``compute="auto"``: float32 products for stores of 32 bits or fewer."""
-    from ._moments import _ITEMSIZE
-
-    size = _ITEMSIZE.get(str(dtype).lower())
-    if size is None:
-        raise InvalidArgumentError(
-            f"dtype must be one of bfloat16, float16, float32, float64, got {dtype!r}")
+    size = ITEMSIZE[dtype_name(dtype)]
     widths = [int(w) for w in widths]
     ow = [int(w) for w in other_widths] if other_widths is not None else []
     if not widths or min(widths + ow) < 1:
@@ -266,9 +262,7 @@ def _plan(
     rate = 2 * gemm_rate(compute)
     bud = memory_budget(budget)
     if measure == "cka" and kernel == "rbf" and estimator != "minibatch":
-        from ._sample import DEFAULT_SAMPLE_CAP
-
-        m = min(n, int(sample)) if sample is not None else min(n, DEFAULT_SAMPLE_CAP)
+        m = min(n, int(sample)) if sample is not None else min(n, SAMPLE_CAP)
         peak = m * sum(dims) * 8 + int(_native.rbf_hsic_bytes(len(dims), m, max(dims)))
         flops = m * m * sum(dims) + 2 * m * m * len(dims) ** 2
         read = m * sum(d * s for d, s in zip(dims, item))
@@ -278,7 +272,7 @@ def _plan(
                  budget_bytes=bud.bytes, budget_source=bud.source,
                  notes=[f"RBF CKA runs on a seeded sample of {m} of the {n} rows"], **common)
     elif measure == "cka":  # minibatch
-        bs = int(batch_size) if batch_size is not None else DEFAULT_BATCH_SIZE
+        bs = int(batch_size) if batch_size is not None else BATCH_SIZE
         rows = min(n, int(sample)) if sample is not None else n
         peak = int(_native.minibatch_bytes(dims, bs))
         flops = rows * bs * sum(dims) + 2 * rows * bs * len(dims) ** 2
@@ -389,8 +383,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--other-shape", default=None, metavar="LxD", type=_shape,
                    help="no store: the second model's layers")
     p.add_argument("--rows", type=_rows, default=None, help="no store: rows (e.g. 1e6)")
-    p.add_argument("--dtype", default="bfloat16",
-                   choices=["bfloat16", "float16", "float32", "float64"],
+    p.add_argument("--dtype", default="bfloat16", choices=list(STORE_DTYPES),
                    help="no store: the stored dtype (default bfloat16)")
     p.add_argument("--measure", default="cka", choices=list(MEASURES))
     p.add_argument("--kernel", default="linear", choices=list(KERNELS))

@@ -18,98 +18,27 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from ._defaults import dtype_name
 from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
+from ._tensor import to_numpy, to_store_array
 from .errors import InvalidArgumentError, MemoryBudgetError, MismatchError, NonFiniteError
 
 __all__ = ["ActivationStore", "StoreWriter", "open_store", "open", "write_store", "add_cli"]
 
-_DTYPE_ALIASES = {
-    "float16": "float16",
-    "f16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "f32": "float32",
-    "float": "float32",
-    "float64": "float64",
-    "f64": "float64",
-    "double": "float64",
-}
-
-
-def _dtype_name(dtype: Any) -> str:
-    """Normalise a store dtype given as a string, numpy dtype or torch dtype."""
-    if isinstance(dtype, str):
-        name = dtype.lower()
-    else:
-        name = str(dtype).lower()
-        if name.startswith("torch."):
-            name = name[len("torch.") :]
-        else:
-            try:
-                name = np.dtype(dtype).name
-            except TypeError:
-                pass
-    try:
-        return _DTYPE_ALIASES[name]
-    except KeyError:
-        raise InvalidArgumentError(
-            f"unsupported dtype {dtype!r}; expected float16, bfloat16, float32 or float64"
-        ) from None
-
-
 def _read_dtype(dtype: Any) -> str:
-    name = _dtype_name(dtype)
+    name = dtype_name(dtype)
     if name not in ("float32", "float64"):
         raise InvalidArgumentError(f"read dtype must be float32 or float64, got {dtype!r}")
     return name
 
 
-def _to_native(name: str, x: Any) -> tuple[np.ndarray, str]:
-    """A C-contiguous 2-D array plus its kind (float16/bfloat16 as uint16 bit patterns)."""
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        t = x.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            a, kind = t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-        elif t.dtype == torch.float16:
-            a, kind = t.view(torch.int16).numpy().view(np.uint16), "float16"
-        elif t.dtype in (torch.float32, torch.float64):
-            a = t.numpy()
-            kind = a.dtype.name
-        elif t.is_floating_point() or t.is_complex():
-            raise InvalidArgumentError(f"layer {name!r}: unsupported torch dtype {t.dtype}")
-        else:
-            a, kind = t.numpy().astype(np.float64), "float64"
-    else:
-        a = np.asarray(x)
-        if a.dtype.kind == "f" and not a.dtype.isnative:  # big-endian input
-            a = a.astype(a.dtype.newbyteorder("="))
-        if a.dtype == np.float16:
-            a, kind = a.view(np.uint16), "float16"
-        elif a.dtype.name == "bfloat16":  # ml_dtypes
-            a, kind = a.view(np.uint16), "bfloat16"
-        elif a.dtype in (np.float32, np.float64):
-            kind = a.dtype.name
-        elif a.dtype.kind in "iub":
-            a, kind = a.astype(np.float64), "float64"
-        else:
-            raise InvalidArgumentError(f"layer {name!r}: unsupported dtype {a.dtype}")
-    if a.ndim != 2:
-        raise InvalidArgumentError(
-            f"layer {name!r}: expected a 2-D array [rows, dim], got shape {tuple(a.shape)}"
-        )
-    return np.ascontiguousarray(a), kind
-
-
 def _int64_1d(what: str, x: Any, rows: int | None = None) -> np.ndarray:
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
+    a = to_numpy(x, what)
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
         raise InvalidArgumentError(f"{what}: expected a 1-D integer array, got {a.dtype} {a.shape}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise InvalidArgumentError(
+            f"{what}: {int(a.max())} does not fit a row id (signed 64 bits: below 2**63)")
     if rows is not None and a.shape[0] != rows:
         raise MismatchError(f"{what} has {a.shape[0]} entries for {rows} rows")
     return np.ascontiguousarray(a, dtype=np.int64)
@@ -341,7 +270,7 @@ class StoreWriter:
             int(shard_bytes),
             bool(overwrite),
             _metadata_json(metadata),
-            None if dtype is None else _dtype_name(dtype),
+            None if dtype is None else dtype_name(dtype),
         )
         self.store: ActivationStore | None = None
 
@@ -360,7 +289,7 @@ class StoreWriter:
         torch bf16 is stored bit-exactly). ``row_ids`` default to the running row count."""
         if not isinstance(batch, Mapping) or not batch:
             raise InvalidArgumentError("append needs a non-empty dict {layer: 2-D array}")
-        layers = [(str(n), *_to_native(str(n), x)) for n, x in batch.items()]
+        layers = [(str(n), *to_store_array(f"layer {n!r}", x)) for n, x in batch.items()]
         rows = layers[0][1].shape[0]
         ids = None if row_ids is None else _int64_1d("row_ids", row_ids, rows)
         cols = [(str(n), _int64_1d(f"column {n!r}", v, rows)) for n, v in (columns or {}).items()]

@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from .._defaults import CAPTURE_DTYPES
 from ..errors import CaptureError, InvalidArgumentError, LayerscopeError, StoreExistsError
 from .pooling import POOLS_MAP, POOLS_SEQ, Batch, pool_rows, to_host
 from .rowids import POSITION_BITS, ROW_ID_MODES
 from .select import base_module, resolve_layers, select_tensor
 from .writer import BatchWriter, versions
 
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = CAPTURE_DTYPES
 
 
 _FULLGRAPH_MSG = (

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .._progress import stage
 from ..report import report
 
 
@@ -51,9 +51,7 @@ def demo(out: str | os.PathLike[str] = "layerscope-demo", *, texts: int = 400,
     path = report(stores["minilm"], stores["control"], out, sample=sample, bootstrap=bootstrap,
                   seed=seed, progress=progress, title="layerscope demo: MiniLM vs random control",
                   labels=("MiniLM", "random control"))
-    if progress:
-        print(f"layerscope demo: capture {t_capture:.1f} s, total "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    stage(progress, "demo", f"capture {t_capture:.1f} s, total {time.perf_counter() - t0:.1f} s")
     return path
 
 

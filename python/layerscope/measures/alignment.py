@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _native
+from .._defaults import ALIGN_K, RIDGE
 from .._memory import max_memory_bytes
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult, Result
@@ -196,11 +196,11 @@ def alignment(
     other: Any = None,
     *,
     method: str = "subspace",
-    k: int | str = _native.DEFAULT_ALIGN_K,
+    k: int | str = ALIGN_K,
     space: str = "samples",
     layers: Sequence[str] | str | None = None,
     other_layers: Sequence[str] | str | None = None,
-    ridge: float = 1e-4,
+    ridge: float = RIDGE,
     progress: bool = True,
     max_memory: int | str | None = None,
 ) -> AlignmentResult:
@@ -242,7 +242,7 @@ def analyze(
     measures: Sequence[str] = ("cka", "cka_debiased", "spectrum", "alignment"),
     layers: Sequence[str] | str | None = None,
     other_layers: Sequence[str] | str | None = None,
-    k: int | str = _native.DEFAULT_ALIGN_K,
+    k: int | str = ALIGN_K,
     progress: bool = True,
     max_memory: int | str | None = None,
     **kw: Any,
@@ -266,7 +266,7 @@ def analyze(
 
     compute = check_compute(kw.get("compute", "float64"))
     space = kw.get("space", "samples")
-    ridge = float(kw.get("ridge", 1e-4))
+    ridge = float(kw.get("ridge", RIDGE))
     top = kw.get("top")
     if top is not None and (
         isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1

@@ -44,10 +44,11 @@ from typing import Any
 import numpy as np
 
 from .. import _native
+from .._defaults import BATCH_SIZE, SAMPLE_CAP
 from .._memory import max_memory_bytes
 from .._moments import check_compute, pair_stats
 from .._progress import Progress
-from .._sample import DEFAULT_SAMPLE_CAP, check_sample, indices_hash, load, sample_indices
+from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import Source, check_comparable, native_part, resolve
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
@@ -56,9 +57,8 @@ __all__ = ["cka", "DEFAULT_BATCH_SIZE"]
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
-#: Rows per minibatch of ``estimator="minibatch"`` when ``batch_size`` is None (the core's
-#: ``measures::cka::minibatch::DEFAULT_BATCH_SIZE``).
-DEFAULT_BATCH_SIZE: int = _native.DEFAULT_BATCH_SIZE
+#: Rows per minibatch of ``estimator="minibatch"`` when ``batch_size`` is None.
+DEFAULT_BATCH_SIZE: int = BATCH_SIZE
 
 
 def cka(
@@ -203,16 +203,9 @@ def cka(
 # helpers
 
 
-def _wide(src: Source, layer: str) -> bool:
-    if src.is_store:
-        return str(src.store.dtypes[layer]).lower() in ("float64", "f64")
-    assert src.arrays is not None
-    return src.arrays[layer].dtype.itemsize > 4 or src.arrays[layer].dtype.kind in "iu"
-
-
 def _sampled(src: Source, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
     """The sampled rows of each layer, in memory (f32 exact for f32/f16/bf16, else f64)."""
-    return {x: src.take(x, idx, dtype=np.float64 if _wide(src, x) else np.float32) for x in names}
+    return {x: src.take(x, idx, dtype=src.exact_dtype(x)) for x in names}
 
 
 def _warn_nonfinite(bad: dict[str, int]) -> None:
@@ -327,10 +320,9 @@ def _rbf(
     finite), Grams, HSIC and the CKA ratio in Rust (``layerscope_core::measures::cka::rbf``,
     one Gram per layer reused for every pair). With ``nonfinite="nan"``, layers holding
     NaN/Inf among the sampled rows get NaN cells and the others are computed."""
-    from .. import _native
 
     cols_all = lb if lb is not None else la
-    idx = sample_indices(a.num_rows, sample, seed, DEFAULT_SAMPLE_CAP)
+    idx = sample_indices(a.num_rows, sample, seed, SAMPLE_CAP)
     m = int(idx.size)
     meta = _base_meta("rbf", estimator, a.num_rows, seed, sample)
     meta["n"] = m
@@ -401,7 +393,6 @@ def _minibatch(
     nonfinite: str,
     progress: Any,
 ) -> MatrixResult:
-    from .. import _native
     meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
     if b is not None and lb is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import _native
+from .._defaults import ALIGN_K, BATCH_SIZE, RIDGE
 from .._memory import add_max_memory_arg
 from .alignment import METHODS as ALIGN_METHODS
 from .alignment import SPACES, alignment
@@ -109,7 +109,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma", type=float, default=1.0, help="RBF bandwidth multiplier")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"minibatch rows (default {_native.DEFAULT_BATCH_SIZE})")
+                   help=f"minibatch rows (default {BATCH_SIZE})")
     add_max_memory_arg(p)
     p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
     p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
@@ -127,10 +127,10 @@ def add_cli(sub: Any) -> None:
     p.add_argument("store")
     p.add_argument("other", nargs="?", default=None)
     p.add_argument("--method", default="subspace", choices=list(ALIGN_METHODS))
-    p.add_argument("--k", type=_k_cli, default=_native.DEFAULT_ALIGN_K,
+    p.add_argument("--k", type=_k_cli, default=ALIGN_K,
                    help="kept directions, or 'auto' (99%% variance)")
     p.add_argument("--space", default="samples", choices=list(SPACES))
-    p.add_argument("--ridge", type=float, default=1e-4, help="CCA ridge eps (·tr(C)/d)")
+    p.add_argument("--ridge", type=float, default=RIDGE, help="CCA ridge eps (·tr(C)/d)")
     p.add_argument("--layers", nargs="+", default=None)
     p.add_argument("--other-layers", nargs="+", default=None)
     _outputs(p, "the overlap heatmap")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._defaults import ALIGN_K, RIDGE
 from .._moments import compute_moments
 from ..results import MatrixResult
 from .alignment import AlignmentResult, alignment_result, cka_table
@@ -66,7 +67,7 @@ class MomentTables:
         return spectrum_result(sp, self._names(layers), top, self.meta)
 
     def alignment(self, rows: list[int], cols: list[int], *, method: str = "subspace",
-                  space: str = "samples", k: int = 32, ridge: float = 1e-4,
+                  space: str = "samples", k: int = ALIGN_K, ridge: float = RIDGE,
                   symmetric: bool = False) -> AlignmentResult:
         """The alignment of layers ``rows`` × ``cols`` (the options of
         :func:`layerscope.alignment`; ``symmetric``: rows and cols are the same layers)."""

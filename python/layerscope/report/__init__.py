@@ -28,11 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._progress import Progress
+from .._progress import Progress, stage
 from .._source import Source, check_comparable, resolve
 from ..results import Result, _jsonable, atomic_write_text
 from . import html
-from .run import Side, log, moments, neighbours
+from .run import Side, moments, neighbours
 from .sections import (
     Document,
     meta_get,
@@ -95,7 +95,7 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     cross = Side("cross", f"{la} × {lb}", a) if b is not None else None
 
     # ---- pass 1: moments (all rows, streamed once)
-    log(progress, "moment pass over " + " and ".join(
+    stage(progress, "report", "moment pass over " + " and ".join(
         f"{s.title} ({s.src.num_rows:,} rows, {len(s.src.all_layers)} layers)" for s in sides))
     t0 = time.perf_counter()
     moment_plan = moments(sides, cross, notes, progress)
@@ -103,7 +103,7 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
 
     # ---- pass 2: the seeded sample (neighbour family)
     for s in sides:
-        log(progress, f"sampled measures on {s.title} (sample={sample}, seed={seed})")
+        stage(progress, "report", f"sampled measures on {s.title} (sample={sample}, seed={seed})")
         t0 = time.perf_counter()
         neighbours(s, None, notes, sample=sample, seed=seed, bootstrap=bootstrap, rbf=rbf,
                     progress=progress)
@@ -166,5 +166,5 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     atomic_write_text(path, text)
     for f in (path, out / "results.json"):
         os.chmod(f, 0o644)
-    log(progress, f"wrote {path}")
+    stage(progress, "report", f"wrote {path}")
     return path

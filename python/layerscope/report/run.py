@@ -6,24 +6,18 @@ activations, too few distinct rows) is left out of that table and named in the n
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .. import _native
+from .._defaults import ALIGN_K
 from .._source import Source
 from ..errors import LayerscopeError, MemoryBudgetError
 from ..measures import MomentTables, analyze, cka, intrinsic_dimension
 from ..results import MatrixResult
 
-K_MAX = _native.DEFAULT_ALIGN_K  # top-k of the subspace overlap: min(K_MAX, smallest rank)
-
-
-def log(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"layerscope report: {msg}", file=sys.stderr, flush=True)
+K_MAX = ALIGN_K  # top-k of the subspace overlap: min(K_MAX, smallest rank)
 
 
 def attempt(notes: list[str], what: str, fn: Callable[[], Any]) -> Any:
