@@ -33,19 +33,10 @@ COMPUTE = ("float64", "float32", "auto")
 F32_SHIFT_WARN = 2.0
 
 
-def check_compute(compute: str) -> str:
-    """Validate the ``compute=`` option (arithmetic of the block products)."""
-    if compute not in COMPUTE:
-        raise InvalidArgumentError(
-            f"compute must be 'float64', 'float32' or 'auto', got {compute!r}")
-    return compute
-
-
 def resolve_compute(compute: str, parts: Sequence[tuple[Source, Sequence[str]]]) -> str:
     """``"auto"`` → ``"float32"`` when every selected layer is stored (or given) in 32 bits
     or fewer (f32, f16, bf16: the f32 products' rounding is far below the data's own), else
     ``"float64"``; an explicit choice is returned unchanged."""
-    check_compute(compute)
     if compute != "auto":
         return compute
     wide = any(_is_f64(src, x) for src, ls in parts for x in ls)
@@ -62,7 +53,7 @@ def plan(
     force. Raises :class:`MemoryBudgetError` — saying how many of these layers fit in one
     call — when the peak exceeds the budget (``max_memory``, else ``LAYERSCOPE_MAX_MEMORY``,
     else the machine's; see :mod:`layerscope._memory`)."""
-    compute = "float64" if compute == "auto" else check_compute(compute)
+    compute = "float64" if compute == "auto" else compute
     acc = int(_native.accumulator_bytes(list(dims)))
     br = (int(block_rows) if block_rows is not None
           else int(_native.default_block_rows(list(dims), compute)))

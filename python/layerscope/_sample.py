@@ -15,21 +15,16 @@ import numpy as np
 
 from ._memory import check_budget
 from ._source import Source, check_finite
-from .errors import InvalidArgumentError
-
-#: Rows of the RBF CKA sample when ``sample=None`` (all rows up to this many).
 
 
 def sample_indices(n: int, sample: int | None, seed: int, cap: int | None = None) -> np.ndarray:
     """Sorted row indices: all rows when ``sample`` is None (and ``n <= cap``), else
-    ``default_rng(seed).choice(n, size=m, replace=False)`` sorted."""
+    ``default_rng(seed).choice(n, size=m, replace=False)`` sorted (``sample`` >= 1 and
+    ``seed`` >= 0, as the public functions check)."""
     if sample is None:
         if cap is None or n <= cap:
             return np.arange(n, dtype=np.int64)
         sample = cap
-    sample = int(sample)
-    if sample <= 0:
-        raise InvalidArgumentError(f"sample must be > 0, got {sample}")
     if sample >= n:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)

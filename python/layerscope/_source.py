@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from ._layers import match_layers
 from ._tensor import to_numpy
 from .errors import InvalidArgumentError, MismatchError, MissingLayerError, NonFiniteError
 
@@ -46,18 +47,14 @@ class Source:
         return np.float64 if a.dtype.itemsize > 4 or a.dtype.kind in "iub" else np.float32
 
     def select(self, layers: Sequence[str] | str | None) -> list[str]:
-        """Validate a layer selection (None = all, in store order)."""
+        """The selected layers (None = all, in store order): names and dotted globs, as
+        :mod:`layerscope._layers` matches them; :class:`MissingLayerError` with the closest
+        names when one matches nothing."""
         if layers is None:
             return list(self.all_layers)
-        if isinstance(layers, str):
-            layers = [layers]
-        out = []
-        for name in layers:
-            if name not in self.dims:
-                raise MissingLayerError(
-                    f"layer {name!r} not found; available: {', '.join(self.all_layers)}"
-                )
-            out.append(name)
+        pats = [layers] if isinstance(layers, str) else list(layers)
+        where = f"the store at {self.store.path}" if self.store is not None else "the arrays"
+        out = match_layers(pats, self.all_layers, error=MissingLayerError, where=where)
         if not out:
             raise InvalidArgumentError("empty layer selection")
         return out

@@ -34,10 +34,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import _native
-from ._defaults import BATCH_SIZE, ITEMSIZE, SAMPLE_CAP, STORE_DTYPES, dtype_name
-from ._memory import add_max_memory_arg, max_memory_bytes, memory_budget
-from ._moments import _itemsize, measure_tiles, read_bytes, resolve_compute
+from ._defaults import BATCH_SIZE, ITEMSIZE, SAMPLE_CAP, STORE_DTYPES
+from ._layers import add_layer_args
+from ._memory import add_max_memory_arg, memory_budget
+from ._moments import COMPUTE, _itemsize, measure_tiles, read_bytes, resolve_compute
 from ._source import Source, check_comparable, resolve
+from ._validate import DTYPE, LAYERS, MAX_MEMORY, Int, Ints, OneOf, validated
 from .errors import InvalidArgumentError, MemoryBudgetError
 from .measures.cka import ESTIMATORS, KERNELS
 
@@ -130,6 +132,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
+@validated(layers=LAYERS, other_layers=LAYERS, measure=OneOf(*MEASURES), kernel=OneOf(*KERNELS), estimator=OneOf(*ESTIMATORS),
+           max_memory=MAX_MEMORY, compute=OneOf(*COMPUTE),
+           strategy=(None, OneOf(*_native.PAIR_STRATEGIES)), block_rows=(None, Int(1)),
+           sample=(None, Int(1)), batch_size=(None, Int(4)))
 def plan(
     source: Any,
     other: Any = None,
@@ -160,7 +166,6 @@ def plan(
         >>> p.strategy, p.passes, p.peak_bytes, p.estimated_seconds
     """
     linear = _check_options(measure, kernel, estimator, strategy, other is not None)
-    budget = max_memory_bytes(max_memory)
     a = resolve(source)
     la = a.select(layers)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
@@ -176,10 +181,15 @@ def plan(
         compute = "float64"  # RBF, minibatch, spectra and alignment compute in float64
     compute = resolve_compute(compute, parts)
     return _plan(dims, item, int(a.num_rows), la, lb, compute, measure=measure, kernel=kernel,
-                 estimator=estimator, budget=budget, strategy=strategy,
+                 estimator=estimator, budget=max_memory, strategy=strategy,
                  block_rows=block_rows, sample=sample, batch_size=batch_size)
 
 
+@validated(widths=Ints(Int(1)), rows=Int(0), other_widths=(None, Ints(Int(1))),
+           dtype=DTYPE, measure=OneOf(*MEASURES), kernel=OneOf(*KERNELS), estimator=OneOf(*ESTIMATORS),
+           max_memory=MAX_MEMORY, compute=OneOf(*COMPUTE),
+           strategy=(None, OneOf(*_native.PAIR_STRATEGIES)), block_rows=(None, Int(1)),
+           sample=(None, Int(1)), batch_size=(None, Int(4)))
 def plan_shapes(
     widths: Sequence[int],
     rows: int,
@@ -201,15 +211,9 @@ def plan_shapes(
     e.g. ``plan_shapes([4096] * 33, 10**6)`` for a 7B model's residual stream (layers are
     named ``"0"``, ``"1"``, …; ``other_widths`` the second store's, ``"other:0"``, …).
     ``compute="auto"``: float32 products for stores of 32 bits or fewer."""
-    size = ITEMSIZE[dtype_name(dtype)]
-    widths = [int(w) for w in widths]
-    ow = [int(w) for w in other_widths] if other_widths is not None else []
-    if not widths or min(widths + ow) < 1:
-        raise InvalidArgumentError("widths must be a non-empty list of positive integers")
+    size = ITEMSIZE[dtype]
+    ow = other_widths or []
     linear = _check_options(measure, kernel, estimator, strategy, bool(ow))
-    from ._moments import check_compute
-
-    compute = check_compute(compute)
     if not linear:
         compute = "float64"
     elif compute == "auto":
@@ -218,20 +222,15 @@ def plan_shapes(
     lb = [f"other:{i}" for i in range(len(ow))]
     return _plan(widths + ow, [size] * (len(widths) + len(ow)), int(rows), la, lb, compute,
                  measure=measure, kernel=kernel, estimator=estimator,
-                 budget=max_memory_bytes(max_memory), strategy=strategy,
+                 budget=max_memory, strategy=strategy,
                  block_rows=block_rows, sample=sample, batch_size=batch_size)
 
 
 def _check_options(
     measure: str, kernel: str, estimator: str, strategy: str | None, two: bool,
 ) -> bool:
-    """Validate the options of a plan; True for the exact linear CKA plans."""
-    if measure not in MEASURES:
-        raise InvalidArgumentError(f"measure must be one of {MEASURES}, got {measure!r}")
-    if kernel not in KERNELS:
-        raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if estimator not in ESTIMATORS:
-        raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    """The options of a plan that depend on each other; True for the exact linear CKA
+    plans."""
     if measure == "spectrum" and two:
         raise InvalidArgumentError("measure='spectrum' takes one source (no other=)")
     linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"
@@ -390,8 +389,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
     p.add_argument("--strategy", default=None, choices=list(_native.PAIR_STRATEGIES),
                    help="force one exact linear CKA plan")
-    p.add_argument("--layers", nargs="+", default=None)
-    p.add_argument("--other-layers", nargs="+", default=None)
+    add_layer_args(p)
     p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"])
     p.add_argument("--sample", type=int, default=None, help="RBF: rows to sample")
     p.add_argument("--batch-size", type=int, default=None, help="minibatch rows")

@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from .._validate import Bool, Int, OneOf, validated
 from ..errors import InvalidArgumentError
 from .hooks import DTYPES, Capture
 from .pooling import POOLS_MAP, POOLS_SEQ
@@ -36,6 +37,9 @@ __all__ = ["capture", "Capture", "resolve_layers", "content_row_ids", "index_row
            "POSITION_BITS", "DTYPES", "POOLS_SEQ", "POOLS_MAP", "ROW_ID_MODES"]
 
 
+@validated(pool=OneOf(*POOLS_SEQ, "positions"), dtype=OneOf(*DTYPES),
+           where=OneOf("output", "input"), max_rows=(None, Int(1)), shard_bytes=(None, Int(1)),
+           overwrite=Bool(), queue_size=Int(1), row_ids=OneOf(*ROW_ID_MODES))
 def capture(
     model: Any,
     layers: Any = "**",

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from .._defaults import CAPTURE_DTYPES
-from ..errors import CaptureError, InvalidArgumentError, LayerscopeError, StoreExistsError
-from .pooling import POOLS_MAP, POOLS_SEQ, Batch, pool_rows, to_host
-from .rowids import POSITION_BITS, ROW_ID_MODES
+from ..errors import CaptureError, LayerscopeError, StoreExistsError
+from .pooling import Batch, pool_rows, to_host
+from .rowids import POSITION_BITS
 from .select import base_module, resolve_layers, select_tensor
 from .writer import BatchWriter, versions
 
@@ -57,7 +57,8 @@ def _is_dynamo_unsupported(exc: BaseException) -> bool:
 
 
 class Capture:
-    """A capture session; create it with :func:`capture` and use it as a context manager."""
+    """A capture session; create it with :func:`capture` (which checks the arguments) and
+    use it as a context manager."""
 
     def __init__(
         self,
@@ -77,20 +78,6 @@ class Capture:
         queue_size: int = 4,
         row_ids: str = "content",
     ) -> None:
-        if pool not in POOLS_SEQ + POOLS_MAP:
-            raise InvalidArgumentError(
-                f"pool must be one of {POOLS_SEQ + ('positions',)}, got {pool!r}"
-            )
-        if dtype not in DTYPES:
-            raise InvalidArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if where not in ("output", "input"):
-            raise InvalidArgumentError(f"where must be 'output' or 'input', got {where!r}")
-        if row_ids not in ROW_ID_MODES:
-            raise InvalidArgumentError(f"row_ids must be one of {ROW_ID_MODES}, got {row_ids!r}")
-        if max_rows is not None and int(max_rows) < 1:
-            raise InvalidArgumentError(f"max_rows must be >= 1, got {max_rows}")
-        if int(queue_size) < 1:
-            raise InvalidArgumentError(f"queue_size must be >= 1, got {queue_size}")
         self.model = model
         self.layer_names = resolve_layers(model, layers)
         self.out = os.fspath(out)

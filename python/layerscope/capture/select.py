@@ -1,44 +1,13 @@
-"""Which modules and which tensors a capture takes: dotted-path layer globs
-(:func:`resolve_layers`) and the tensor picked from a module's output or input
+"""Which modules and which tensors a capture takes: module names and dotted-path globs
+(:func:`resolve_layers`, the rules of :mod:`layerscope._layers`) and the tensor picked from a module's output or input
 (:func:`select_tensor`)."""
 
 from __future__ import annotations
 
-import difflib
-import re
 from typing import Any
 
+from .._layers import match_layers
 from ..errors import CaptureError
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Dotted-path glob: ``*`` matches within one path segment, ``**`` across segments,
-    ``?`` one character of a segment, ``[...]`` a character class."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append(r"[^.]*")
-        elif c == "?":
-            out.append(r"[^.]")
-        elif c == "[":
-            j = pattern.find("]", i + 1)
-            if j < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : j]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
-                i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
 
 
 def base_module(model: Any) -> Any:
@@ -62,31 +31,14 @@ def resolve_layers(model: Any, layers: Any) -> list[str]:
         if not selected:
             raise CaptureError(f"the layer selector selected no module of {type(base).__name__}")
     else:
-        if isinstance(layers, str):
-            layers = [layers]
-        pats = list(layers)
+        pats = [layers] if isinstance(layers, str) else list(layers)
         if not pats:
             raise CaptureError("no layers given")
-        selected = set()
         for pat in pats:
             if not isinstance(pat, str):
                 raise CaptureError(f"layer patterns must be strings, got {type(pat).__name__}")
-            rx = glob_regex(pat)
-            hit = [n for n in names if n == pat or rx.match(n)]
-            if not hit:
-                plain = pat.replace("**", "").replace("*", "").replace("?", "")
-                close = difflib.get_close_matches(pat, names, n=6, cutoff=0.3)
-                close += [
-                    c
-                    for c in difflib.get_close_matches(plain, names, n=6, cutoff=0.3)
-                    if c not in close
-                ]
-                hint = ", ".join(repr(c) for c in close[:6]) or "(none similar)"
-                raise CaptureError(
-                    f"layer pattern {pat!r} matches no module of {type(base).__name__} "
-                    f"({len(names)} modules); closest names: {hint}"
-                )
-            selected.update(hit)
+        selected = set(match_layers(pats, names, error=CaptureError,
+                                    where=f"the modules of {type(base).__name__}"))
     return [n for n in names if n in selected]
 
 

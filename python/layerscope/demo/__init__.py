@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from .._progress import stage
+from .._validate import SEED, Bool, Int, validated
 from ..report import report
 
 
+@validated(texts=Int(1), max_length=Int(2), max_rows=Int(1), quick=Bool(), seed=SEED,
+           sample=Int(1), bootstrap=Int(0), progress=Bool())
 def demo(out: str | os.PathLike[str] = "layerscope-demo", *, texts: int = 400,
          max_length: int = 64, max_rows: int = 20000, quick: bool = False, seed: int = 0,
          sample: int = 2048, bootstrap: int = 20, progress: bool = True) -> Path:

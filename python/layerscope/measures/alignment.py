@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from .._defaults import ALIGN_K, RIDGE
-from .._memory import max_memory_bytes
+from .._moments import COMPUTE
+from .._validate import LAYERS, MAX_MEMORY, PROGRESS, Float, Int, OneOf, Strings, check, validated
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult, Result
 from ._passes import run_measures
@@ -53,6 +54,10 @@ from .spectrum import spectrum_result
 
 METHODS = ("subspace", "svcca", "pwcca", "cca", "procrustes")
 SPACES = ("samples", "features")
+#: What :func:`analyze` computes: linear CKA (biased, debiased), the spectra, and alignment
+#: by the ``method`` keyword or by a method of its own.
+ANALYZE_MEASURES = ("cka", "cka_debiased", "spectrum", "alignment",
+                    *(f"alignment:{m}" for m in METHODS))
 _VALUE_NAMES = {
     "subspace": "subspace overlap (mean cos²)",
     "svcca": "SVCCA (mean canonical correlation)",
@@ -123,28 +128,20 @@ class AlignmentResult(MatrixResult):
 # --------------------------------------------------------------------------- moments glue
 
 
-def _k_args(k: int | str) -> dict[str, Any]:
-    if isinstance(k, str):
-        if k != "auto":
-            raise InvalidArgumentError(f"k must be a positive int or 'auto', got {k!r}")
-        return {"variance": 0.99}
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InvalidArgumentError(f"k must be a positive int or 'auto', got {k!r}")
-    return {"k": int(k)}
+#: ``k`` of the top-k methods: a number of directions, or "auto" (99 % of the variance).
+K = (Int(1), OneOf("auto"))
+_RULES = {"method": OneOf(*METHODS), "space": OneOf(*SPACES), "ridge": Float(0),
+          "top": (None, Int(1)), "compute": OneOf(*COMPUTE), "k": K}
 
 
 def _align_opts(method: str, space: str, k: int | str, ridge: float) -> dict[str, Any]:
     """The options of ``Moments.alignment`` for one alignment method (``k`` only where the
-    method keeps top-k subspaces)."""
-    kargs = _k_args(k) if method in ("subspace", "svcca", "pwcca") else {"k": 1}
+    method keeps top-k subspaces; ``k="auto"``: 99 % of the variance)."""
+    if method not in ("subspace", "svcca", "pwcca"):
+        kargs: dict[str, Any] = {"k": 1}
+    else:
+        kargs = {"variance": 0.99} if k == "auto" else {"k": k}
     return {"method": method, "space": space, "ridge_eps": ridge, **kargs}
-
-
-def _check_method(method: str, space: str) -> None:
-    if method not in METHODS:
-        raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
-    if space not in SPACES:
-        raise InvalidArgumentError(f"space must be one of {SPACES}, got {space!r}")
 
 
 def alignment_result(
@@ -191,6 +188,8 @@ def alignment_result(
 # --------------------------------------------------------------------------- public API
 
 
+@validated(method=_RULES["method"], k=K, space=_RULES["space"], layers=LAYERS,
+           other_layers=LAYERS, ridge=_RULES["ridge"], progress=PROGRESS, max_memory=MAX_MEMORY)
 def alignment(
     source: Any,
     other: Any = None,
@@ -225,16 +224,16 @@ def alignment(
     same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
     of a layer's features, unlike per-token cosine similarity. ``max_memory``: the memory
     budget, as in :func:`spectrum`."""
-    _check_method(method, space)
-    budget = max_memory_bytes(max_memory)
     opts = _align_opts(method, space, k, ridge)
     t, raw, meta = run_measures(source, layers, other, other_layers, spectrum=False,
-                                 aligns={"alignment": opts}, ckas=[], compute="float64",
-                                 budget=budget, progress=progress)
+                                aligns={"alignment": opts}, ckas=[], compute="float64",
+                                budget=max_memory, progress=progress)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     return alignment_result(raw["alignment"], rn, cn, method, space, k, ridge, meta)
 
 
+@validated(measures=Strings(options=ANALYZE_MEASURES), layers=LAYERS, other_layers=LAYERS,
+           k=K, progress=PROGRESS, max_memory=MAX_MEMORY)
 def analyze(
     source: Any,
     other: Any = None,
@@ -258,42 +257,27 @@ def analyze(
     block products (see :func:`layerscope.cka`); ``max_memory``: the memory budget, as in
     :func:`spectrum`. All arguments are checked before the pass.
     Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
-    budget = max_memory_bytes(max_memory)
     bad = set(kw) - {"method", "space", "ridge", "top", "compute"}
     if bad:
-        raise InvalidArgumentError(f"unknown keyword(s) {sorted(bad)}")
-    from .._moments import check_compute
-
-    compute = check_compute(kw.get("compute", "float64"))
+        raise InvalidArgumentError(
+            f"layerscope.analyze: unknown keyword(s) {sorted(bad)}; the extra keywords are "
+            "method, space, ridge, top and compute")
+    kw = {name: check("layerscope.analyze", name, v, _RULES[name]) for name, v in kw.items()}
+    compute = kw.get("compute", "float64")
     space = kw.get("space", "samples")
-    ridge = float(kw.get("ridge", RIDGE))
+    ridge = kw.get("ridge", RIDGE)
     top = kw.get("top")
-    if top is not None and (
-        isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1
-    ):
-        raise InvalidArgumentError(f"top must be a positive int, got {top!r}")
     aligns: dict[str, str] = {}  # measure key -> method
     for mname in measures:
-        if mname in ("cka", "cka_debiased", "spectrum"):
-            continue
         if mname == "alignment":
             aligns[mname] = kw.get("method", "subspace")
         elif mname.startswith("alignment:"):
             aligns[mname] = mname.split(":", 1)[1]
-        else:
-            raise InvalidArgumentError(
-                f"unknown measure {mname!r}; choose from 'cka', 'cka_debiased', 'spectrum', "
-                f"'alignment', 'alignment:<method>' with method in {METHODS}"
-            )
-    for method in aligns.values():
-        _check_method(method, space)
-        if method in ("subspace", "svcca", "pwcca"):
-            _k_args(k)
     opts = {key: _align_opts(method, space, k, ridge) for key, method in aligns.items()}
     ckas = [deb for name, deb in (("cka", False), ("cka_debiased", True)) if name in measures]
     t, raw, meta = run_measures(source, layers, other, other_layers,
-                                 spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
-                                 compute=compute, budget=budget, progress=progress)
+                                spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
+                                compute=compute, budget=max_memory, progress=progress)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     out: dict[str, Result] = {}
     for mname, deb in (("cka", False), ("cka_debiased", True)):

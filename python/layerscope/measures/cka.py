@@ -45,11 +45,11 @@ import numpy as np
 
 from .. import _native
 from .._defaults import BATCH_SIZE, SAMPLE_CAP
-from .._memory import max_memory_bytes
-from .._moments import check_compute, pair_stats
+from .._moments import COMPUTE, pair_stats
 from .._progress import Progress
 from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import Source, check_comparable, native_part, resolve
+from .._validate import LAYERS, MAX_MEMORY, PROGRESS, SEED, Float, Int, OneOf, validated
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
 
@@ -61,6 +61,11 @@ ESTIMATORS = ("biased", "debiased", "minibatch")
 DEFAULT_BATCH_SIZE: int = BATCH_SIZE
 
 
+@validated(kernel=OneOf(*KERNELS), estimator=OneOf(*ESTIMATORS), layers=LAYERS,
+           other_layers=LAYERS, sample=(None, Int(1)), seed=SEED, sigma=Float(0, lo_open=True),
+           batch_size=(None, Int(4)), max_memory=MAX_MEMORY, nonfinite=OneOf("error", "nan"),
+           compute=OneOf(*COMPUTE), strategy=(None, OneOf(*_native.PAIR_STRATEGIES)),
+           progress=PROGRESS)
 def cka(
     source: Any,
     other: Any = None,
@@ -135,25 +140,11 @@ def cka(
         bandwidths and timings.
     """
     t0 = time.perf_counter()
-    if kernel not in KERNELS:
-        raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if estimator not in ESTIMATORS:
-        raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if nonfinite not in ("error", "nan"):
-        raise InvalidArgumentError(f"nonfinite must be 'error' or 'nan', got {nonfinite!r}")
-    if not (isinstance(sigma, (int, float)) and np.isfinite(sigma) and sigma > 0):
-        raise InvalidArgumentError(f"sigma must be a positive number, got {sigma!r}")
-    if sample is not None and (not isinstance(sample, (int, np.integer)) or sample <= 0):
-        raise InvalidArgumentError(f"sample must be a positive integer or None, got {sample!r}")
-    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 4):
-        raise InvalidArgumentError(f"batch_size must be an integer >= 4, got {batch_size!r}")
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
-    max_memory = max_memory_bytes(max_memory)
     if strategy is not None and (kernel != "linear" or estimator == "minibatch"):
         raise InvalidArgumentError(
             "strategy applies to the linear biased/debiased estimators (the moment engine)")
-    check_compute(compute)
     if compute == "auto" and (kernel != "linear" or estimator == "minibatch"):
         compute = "float64"
     if compute != "float64" and (kernel != "linear" or estimator == "minibatch"):

@@ -8,6 +8,7 @@ import argparse
 from typing import Any
 
 from .._defaults import ALIGN_K, BATCH_SIZE, RIDGE
+from .._layers import add_layer_args
 from .._memory import add_max_memory_arg
 from .alignment import METHODS as ALIGN_METHODS
 from .alignment import SPACES, alignment
@@ -103,8 +104,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
     p.add_argument("--kernel", default="linear", choices=list(KERNELS))
     p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
-    p.add_argument("--layers", nargs="+", default=None)
-    p.add_argument("--other-layers", nargs="+", default=None)
+    add_layer_args(p)
     p.add_argument("--sample", type=int, default=None, help="rows to sample (seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma", type=float, default=1.0, help="RBF bandwidth multiplier")
@@ -131,8 +131,7 @@ def add_cli(sub: Any) -> None:
                    help="kept directions, or 'auto' (99%% variance)")
     p.add_argument("--space", default="samples", choices=list(SPACES))
     p.add_argument("--ridge", type=float, default=RIDGE, help="CCA ridge eps (·tr(C)/d)")
-    p.add_argument("--layers", nargs="+", default=None)
-    p.add_argument("--other-layers", nargs="+", default=None)
+    add_layer_args(p)
     _outputs(p, "the overlap heatmap")
     p.add_argument("--plot-cosines", default=None,
                    help="write per-pair cosine curves (png/pdf/svg)")
@@ -142,7 +141,7 @@ def add_cli(sub: Any) -> None:
 
     p = sub.add_parser("spectrum", help="per-layer covariance spectra, effective rank, PCA-ID")
     p.add_argument("store")
-    p.add_argument("--layers", nargs="+", default=None)
+    add_layer_args(p, other=False)
     p.add_argument("--top", type=int, default=None)
     _outputs(p, "the log-log spectra")
     add_max_memory_arg(p)
@@ -152,7 +151,7 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE)")
     p.add_argument("store")
     p.add_argument("--method", default="twonn", choices=list(ID_METHODS))
-    p.add_argument("--layers", nargs="+", default=None)
+    add_layer_args(p, other=False)
     p.add_argument("--sample", type=_sample_arg, default=20000, help="rows to sample, or 'all'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=20)
@@ -173,7 +172,7 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
     p.add_argument("store")
     p.add_argument("other", nargs="?", default=None)
-    p.add_argument("--layers", nargs="+", default=None)
+    add_layer_args(p, other=False)
     p.add_argument("--dissimilarity", default="euclidean", choices=["euclidean", "correlation"])
     p.add_argument("--compare", default="spearman", choices=["spearman", "pearson"])
     p.add_argument("--sample", type=_sample_arg, default=2000)

@@ -25,10 +25,22 @@ from typing import Any
 import numpy as np
 
 from .. import _native
-from .._memory import check_budget, max_memory_bytes
+from .._memory import check_budget
 from .._progress import Progress
 from .._sample import indices_hash, load, sample_indices
 from .._source import resolve
+from .._validate import (
+    LAYERS,
+    MAX_MEMORY,
+    PROGRESS,
+    SEED,
+    Float,
+    Int,
+    Ints,
+    OneOf,
+    Strings,
+    validated,
+)
 from ..errors import InvalidArgumentError
 from ..results import Result
 
@@ -141,6 +153,11 @@ class IDResult(Result):
         )
 
 
+@validated(method=OneOf(*METHODS), layers=LAYERS, sample=(None, Int(1)), seed=SEED, k=Int(1), n1=Int(1), n2=Int(1),
+           discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
+           tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
+           pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
+           progress=PROGRESS, max_memory=MAX_MEMORY)
 def intrinsic_dimension(
     source: Any,
     *,
@@ -198,7 +215,7 @@ def intrinsic_dimension(
     else 0.8 × the machine's available memory): the sample, its kNN graph and the distance
     blocks are checked against it before a row is read (``MemoryBudgetError`` otherwise).
     """
-    return intrinsic_dimensions(
+    return intrinsic_dimensions.__wrapped__(  # type: ignore[attr-defined]  (checked above)
         source, methods=(method,), layers=layers, sample=sample, seed=seed, k=k, n1=n1, n2=n2,
         discard_fraction=discard_fraction, duplicates=duplicates, tolerance=tolerance,
         bootstrap=bootstrap, scales=scales, pool=pool, pca_threshold=pca_threshold,
@@ -206,6 +223,11 @@ def intrinsic_dimension(
     )[method]
 
 
+@validated(methods=Strings(options=METHODS), layers=LAYERS, sample=(None, Int(1)), seed=SEED, k=Int(1), n1=Int(1), n2=Int(1),
+           discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
+           tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
+           pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
+           progress=PROGRESS, max_memory=MAX_MEMORY)
 def intrinsic_dimensions(
     source: Any,
     *,
@@ -236,34 +258,10 @@ def intrinsic_dimensions(
     every method's result, as in :func:`intrinsic_dimension`). Returns
     ``{method: IDResult}`` in the order of ``methods``; each equals the result of
     ``intrinsic_dimension(method=...)`` with the same arguments."""
-    budget = max_memory_bytes(max_memory)
+    budget = max_memory
     methods = list(dict.fromkeys(methods))
-    if not methods:
-        raise InvalidArgumentError("methods must name at least one method")
-    for method in methods:
-        if method not in METHODS:
-            raise InvalidArgumentError(
-                f"method must be one of {', '.join(METHODS)}, got {method!r}"
-            )
-    if duplicates not in ("drop", "error", "keep"):
-        raise InvalidArgumentError(
-            f"duplicates must be 'drop', 'error' or 'keep', got {duplicates!r}"
-        )
-    if int(bootstrap) < 0:
-        raise InvalidArgumentError(f"bootstrap must be >= 0, got {bootstrap}")
-    if not 0.0 <= float(discard_fraction) < 1.0:
-        raise InvalidArgumentError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
-    if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
-        raise InvalidArgumentError(f"tolerance must be a finite number >= 0, got {tolerance}")
-    if "pca" in methods and not 0.0 < float(pca_threshold) <= 1.0:
-        raise InvalidArgumentError(f"pca_threshold must be in (0, 1], got {pca_threshold}")
     knn_methods = [m for m in methods if m != "pca"]
-    for pname, pv in (("k", k), ("n1", n1), ("n2", n2)):
-        if knn_methods and int(pv) < 1:
-            raise InvalidArgumentError(f"{pname} must be >= 1, got {pv}")
-    scales_l = [int(s) for s in scales] if scales is not None else []
-    if any(s < 1 for s in scales_l):
-        raise InvalidArgumentError(f"scales must be n1 values >= 1, got {scales_l}")
+    scales_l = scales or []
     needs = []
     for method in knn_methods:
         if method in ("twonn", "twonn-mle"):

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from .. import _native
-from .._memory import max_memory_bytes
 from .._progress import Progress
 from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import check_comparable, resolve
+from .._validate import LAYERS, MAX_MEMORY, PROGRESS, SEED, Bool, Int, OneOf, validated
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
 
@@ -36,6 +36,9 @@ def _pair_inputs(
     return a, b, la, lb, idx
 
 
+@validated(layers=LAYERS, other_layers=LAYERS, dissimilarity=OneOf("euclidean", "correlation"),
+           compare=OneOf("spearman", "pearson"), sample=(None, Int(1)), seed=SEED,
+           progress=PROGRESS, max_memory=MAX_MEMORY)
 def rsa(
     source: Any,
     other: Any = None,
@@ -60,13 +63,7 @@ def rsa(
     budget ``max_memory`` (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``, else 0.8 ×
     the machine's available memory) before any row is read.
     """
-    budget = max_memory_bytes(max_memory)
-    if dissimilarity not in ("euclidean", "correlation"):
-        raise InvalidArgumentError(
-            f"dissimilarity must be 'euclidean' or 'correlation', got {dissimilarity!r}"
-        )
-    if compare not in ("spearman", "pearson"):
-        raise InvalidArgumentError(f"compare must be 'spearman' or 'pearson', got {compare!r}")
+    budget = max_memory
     t0 = time.perf_counter()
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
     if idx.size < 3:
@@ -93,6 +90,8 @@ def rsa(
     return MatrixResult(vals, la, lb, meta=meta)
 
 
+@validated(k=Int(1), layers=LAYERS, other_layers=LAYERS, sample=(None, Int(1)), seed=SEED,
+           normalize=Bool(), progress=PROGRESS, max_memory=MAX_MEMORY)
 def mutual_knn(
     source: Any,
     other: Any = None,
@@ -123,9 +122,7 @@ def mutual_knn(
     reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
     optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
     ``max_memory``: the memory budget, as in :func:`rsa`."""
-    budget = max_memory_bytes(max_memory)
-    if int(k) < 1:
-        raise InvalidArgumentError(f"k must be >= 1, got {k}")
+    budget = max_memory
     t0 = time.perf_counter()
     a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
     if int(k) >= idx.size:

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .._memory import max_memory_bytes
-from ..errors import InvalidArgumentError
+from .._validate import LAYERS, MAX_MEMORY, PROGRESS, Int, validated
 from ..results import Result
 from ._passes import run_measures
 
@@ -114,8 +113,8 @@ class SpectrumResult(Result):
 def spectrum_result(
     spectra: list[dict[str, Any]], layers: list[str], top: int | None, meta: dict[str, Any]
 ) -> SpectrumResult:
-    if top is not None and (isinstance(top, bool) or int(top) < 1):
-        raise InvalidArgumentError(f"top must be a positive int, got {top!r}")
+    """The per-layer spectrum dicts of the core as a result (``top`` leading eigenvalues
+    kept in the output, all of them in the measures)."""
     ev, evr, table = {}, {}, {}
     for layer, s in zip(layers, spectra):
         e = np.asarray(s["eigenvalues"])
@@ -126,6 +125,7 @@ def spectrum_result(
     return SpectrumResult(layers, ev, evr, table, {**meta, "measure": "spectrum", "top": top})
 
 
+@validated(layers=LAYERS, top=(None, Int(1)), progress=PROGRESS, max_memory=MAX_MEMORY)
 def spectrum(
     source: Any,
     layers: Sequence[str] | str | None = None,
@@ -142,7 +142,6 @@ def spectrum(
     ``LAYERSCOPE_MAX_MEMORY`` or 0.8 × the machine's available memory, see
     :func:`layerscope.memory_budget`). See :class:`SpectrumResult` for the measures and the
     rank rule."""
-    budget = max_memory_bytes(max_memory)
     t, raw, meta = run_measures(source, layers, None, None, spectrum=True, aligns={}, ckas=[],
-                                 compute="float64", budget=budget, progress=progress)
+                                compute="float64", budget=max_memory, progress=progress)
     return spectrum_result(list(raw["spectra"]), t.names, top, meta)

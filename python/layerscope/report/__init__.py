@@ -30,6 +30,7 @@ from typing import Any
 
 from .._progress import Progress, stage
 from .._source import Source, check_comparable, resolve
+from .._validate import SEED, Bool, Int, Text, Texts, validated
 from ..results import Result, _jsonable, atomic_write_text
 from . import html
 from .run import Side, moments, neighbours
@@ -46,6 +47,8 @@ from .sections import (
 __all__ = ["report"]
 
 
+@validated(sample=(None, Int(1)), bootstrap=Int(0), rbf=Bool(), progress=Bool(), seed=SEED,
+           title=(None, Text()), labels=(None, Texts(2)))
 def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report", *,
            sample: int | None = 2048, bootstrap: int = 20, rbf: bool = True,
            progress: bool = True, seed: int = 0, title: str | None = None,

@@ -1,0 +1,286 @@
+"""Every argument of a public function checked once, at the door.
+
+In the spirit of scikit-learn's ``validate_params``: a public function declares what each of
+its parameters may be, and :func:`validated` checks and normalises them before the body
+runs; nothing below it checks them again. A value outside what is allowed raises
+:class:`~layerscope.errors.InvalidArgumentError` (a ``LayerscopeError`` and a ``ValueError``)
+naming the function, the parameter, the value and what is allowed::
+
+    @validated(seed=Int(0, 2**64 - 1), sample=(None, Int(1)), kernel=OneOf("linear", "rbf"))
+    def cka(source, *, seed=0, sample=None, kernel="linear"): ...
+
+Numbers: numpy scalars are accepted wherever Python numbers are (``np.float32(1.0)``,
+``np.int64(5)``), and come out as ``int``/``float``; ``bool`` is never a number (``sample=True``
+is refused, not taken as 1). Rules combine as a tuple (the first that accepts wins; ``None``
+in the tuple accepts ``None``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Integral, Real
+from typing import Any, TypeVar
+
+from .errors import InvalidArgumentError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Refused(Exception):
+    """A rule does not accept a value (internal: becomes InvalidArgumentError)."""
+
+
+class Rule:
+    """What one parameter may be: ``text`` says it in words; calling the rule returns the
+    normalised value or raises :class:`_Refused`."""
+
+    text = "?"
+
+    def __call__(self, value: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _bound(lo: Any, hi: Any, lo_open: bool = False, hi_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return ""
+
+
+class Int(Rule):
+    """An integer (Python or numpy, not bool) in ``[lo, hi]``; returns ``int``."""
+
+    def __init__(self, lo: int | None = None, hi: int | None = None) -> None:
+        self.lo, self.hi = lo, hi
+        self.text = " ".join(x for x in ("an integer", _bound(lo, hi)) if x)
+
+    def __call__(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise _Refused
+        v = int(value)
+        if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            raise _Refused
+        return v
+
+
+class Float(Rule):
+    """A finite real number (Python or numpy, not bool) within the bounds; returns ``float``."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, *,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.text = " ".join(x for x in ("a finite number", _bound(lo, hi, lo_open, hi_open))
+                             if x)
+
+    def __call__(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise _Refused
+        v = float(value)
+        if not math.isfinite(v):
+            raise _Refused
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            raise _Refused
+        if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+            raise _Refused
+        return v
+
+
+class OneOf(Rule):
+    """One of the given strings."""
+
+    def __init__(self, *values: str) -> None:
+        self.values = values
+        self.text = "one of " + ", ".join(repr(v) for v in values)
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, str) or value not in self.values:
+            raise _Refused
+        return value
+
+
+class Bool(Rule):
+    """``True`` or ``False`` (numpy bools too)."""
+
+    text = "True or False"
+
+    def __call__(self, value: Any) -> bool:
+        if value is True or value is False or type(value).__name__ == "bool_":
+            return bool(value)
+        raise _Refused
+
+
+class Progress(Rule):
+    """A progress setting: ``True`` (a bar), ``False``, or a callable ``cb(done, total)``."""
+
+    text = "True, False or a callable cb(done, total)"
+
+    def __call__(self, value: Any) -> Any:
+        if callable(value):
+            return value
+        return Bool()(value)
+
+
+class Via(Rule):
+    """Whatever the parser ``parse`` accepts (it raises InvalidArgumentError otherwise), as
+    it returns it: e.g. a memory size or a dtype name with its aliases."""
+
+    def __init__(self, parse: Callable[[Any], Any], text: str) -> None:
+        self.parse, self.text = parse, text
+
+    def __call__(self, value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            raise _Refused
+        try:
+            return self.parse(value)
+        except InvalidArgumentError:
+            raise _Refused from None
+
+
+def _size(value: Any) -> int:
+    from ._memory import max_memory_bytes
+
+    return int(max_memory_bytes(value))  # type: ignore[arg-type]
+
+
+def _dtype(value: Any) -> str:
+    from ._defaults import dtype_name
+
+    return dtype_name(value)
+
+
+#: A memory budget: bytes or a size string; returns bytes.
+SIZE = Via(_size, "a number of bytes >= 1 or a size such as '4G' or '512MiB'")
+#: A store dtype: float16, bfloat16, float32, float64, their aliases (bf16, half, ...), a
+#: numpy or torch dtype; returns the canonical name.
+DTYPE = Via(_dtype, "a store dtype: float16, bfloat16, float32 or float64 (or bf16, f16, "
+                    "half, f32, float, f64, double, a numpy or torch dtype)")
+
+
+class Text(Rule):
+    """A string."""
+
+    text = "a string"
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _Refused
+        return value
+
+
+class Texts(Rule):
+    """A tuple or list of exactly ``n`` strings; returns a tuple."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.text = f"{n} strings"
+
+    def __call__(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (tuple, list)) or len(value) != self.n:
+            raise _Refused
+        return tuple(Text()(v) for v in value)
+
+
+class Strings(Rule):
+    """A string or an iterable of strings (a layer name or glob, or a list of them); returns
+    a list."""
+
+    def __init__(self, what: str = "a name", *, options: Sequence[str] | None = None,
+                 nonempty: bool = True) -> None:
+        self.options = tuple(options) if options is not None else None
+        self.nonempty = nonempty
+        each = f"one of {', '.join(repr(o) for o in self.options)}" if self.options else what
+        self.text = f"{each} or a list of them"
+
+    def __call__(self, value: Any) -> list[str]:
+        if isinstance(value, str):
+            items = [value]
+        elif isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+            raise _Refused
+        else:
+            items = list(value)
+        if (self.nonempty and not items) or not all(isinstance(x, str) for x in items):
+            raise _Refused
+        if self.options is not None and any(x not in self.options for x in items):
+            raise _Refused
+        return items
+
+
+class Ints(Rule):
+    """A non-empty sequence of integers each accepted by ``each``; returns a list."""
+
+    def __init__(self, each: Int) -> None:
+        self.each = each
+        self.text = f"a list of {each.text.replace('an integer', 'integers')}"
+
+    def __call__(self, value: Any) -> list[int]:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            raise _Refused
+        out = [self.each(v) for v in value]
+        if not out:
+            raise _Refused
+        return out
+
+
+#: The rules every measure shares.
+SEED = Int(0, 2**64 - 1)
+LAYERS = (None, Strings("a layer name or glob"))
+MAX_MEMORY = (None, SIZE)
+PROGRESS = Progress()
+
+
+def _text(rules: tuple[Any, ...]) -> str:
+    words = ["None" if r is None else r.text for r in rules]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def check(where: str, name: str, value: Any, rules: Any) -> Any:
+    """``value`` normalised by the first of ``rules`` (a rule, ``None``, or a tuple of them)
+    that accepts it; :class:`InvalidArgumentError` naming ``where``, ``name``, the value and
+    what is allowed when none does."""
+    rules = rules if isinstance(rules, tuple) else (rules,)
+    for rule in rules:
+        if rule is None:
+            if value is None:
+                return None
+            continue
+        try:
+            return rule(value)
+        except _Refused:
+            continue
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise InvalidArgumentError(
+        f"{where}: {name}={shown} ({type(value).__name__}) is not allowed; {name} must be "
+        f"{_text(rules)}")
+
+
+def validated(**spec: Any) -> Callable[[F], F]:
+    """Decorate a public function: before its body runs, every parameter named in ``spec``
+    is checked (and normalised) by its rules, see :func:`check`. The signature (and so
+    ``help()``, type checkers and IDEs) is the function's own."""
+
+    def wrap(fn: F) -> F:
+        sig = inspect.signature(fn)
+        unknown = set(spec) - set(sig.parameters)
+        if unknown:  # a typo in a spec must fail at import, not pass silently
+            raise TypeError(f"validated({sorted(unknown)}): not parameters of {fn.__name__}")
+        where = f"layerscope.{fn.__name__}"
+
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            for name, rules in spec.items():
+                if name in bound.arguments:
+                    bound.arguments[name] = check(where, name, bound.arguments[name], rules)
+            return fn(*bound.args, **bound.kwargs)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
