@@ -7,7 +7,7 @@ EXTRAS ?= torch,plot,test
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv build test test-rust test-python lint demo bench bench-deps clean
+.PHONY: venv build stub test test-rust test-python lint demo bench bench-deps clean
 
 # The virtual environment with the package's dependencies (torch from PyPI: large, cached).
 $(VENV)/.deps-stamp: pyproject.toml requirements-extra.txt
@@ -29,14 +29,19 @@ test-rust:
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo fmt --all -- --check
 
+# The extension's type stub, generated from the compiled module (tools/stubgen.py).
+stub: build
+	$(PY) tools/stubgen.py
+
 test-python: build
-	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff check python tests benches tools
+	$(PY) tools/stubgen.py --check
 	$(PY) -m pytest -q tests
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff check python tests benches tools
 
 test: build test-rust test-python
 

@@ -89,6 +89,9 @@ pub fn measures<'py>(
 
 /// Peak bytes of the eigendecompositions behind spectra and alignment of layers of widths
 /// `dims` (every layer's eigenvectors held, one solver workspace per worker thread).
+///
+/// :type dims: Sequence[int]
+/// :rtype: int
 #[pyfunction]
 fn eigs_bytes(dims: Vec<usize>) -> u128 {
     core_eigs_bytes(&dims)

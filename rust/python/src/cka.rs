@@ -79,6 +79,15 @@ fn to_dict<'py>(py: Python<'py>, r: &MinibatchHsic) -> PyResult<Bound<'py, PyDic
 
 /// Streaming minibatch CKA (see layerscope_core::measures::cka): unbiased HSIC (Song et al.
 /// 2012) averaged over consecutive minibatches of `batch_size` rows, linear or RBF kernel.
+///
+/// :type dims: Sequence[int]
+/// :type names: Sequence[str] | None
+/// :type kernel: str
+/// :type sigma: float
+/// :type batch_size: int
+/// :type num_a: int | None
+/// :type check_finite: bool
+/// :type max_memory: int | None
 #[pyclass(module = "layerscope._native", name = "MinibatchCka")]
 pub struct PyMinibatchCka {
     inner: Option<CoreCka>,
@@ -129,6 +138,9 @@ impl PyMinibatchCka {
 
     /// Feed a block of rows: one C-contiguous 2-D array per layer (all float32 or all
     /// float64, equal row counts). Minibatches continue across blocks.
+    ///
+    /// :type arrays: Sequence[npt.NDArray[np.floating]]
+    /// :rtype: None
     fn update(&mut self, py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         let blocks = extract_blocks(&arrays)?;
         let acc = self.get_mut()?;
@@ -146,6 +158,8 @@ impl PyMinibatchCka {
     }
 
     /// Rows fed so far.
+    ///
+    /// :rtype: int
     #[getter]
     fn rows_seen(&self) -> u64 {
         self.inner.as_ref().map_or(0, |a| a.rows_seen())
@@ -154,6 +168,8 @@ impl PyMinibatchCka {
     /// Process the final shorter minibatch (if it has ≥ 4 rows) and return the result dict
     /// (`values`, `hsic`, `bandwidths`, `batches`, `rows_used`, `rows_seen`, `nonfinite`, …).
     /// The accumulator is consumed.
+    ///
+    /// :rtype: dict[str, Any]
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let acc = self
             .inner
@@ -169,6 +185,19 @@ impl PyMinibatchCka {
 /// selections and/or in-memory layers, row-aligned, side by side) — or over the rows
 /// `sample` of them, in that order — GIL released, reader thread one block ahead. Returns the
 /// result dict of `MinibatchCka.finish`.
+///
+/// :type parts: Sequence[Part]
+/// :type names: Sequence[str]
+/// :type kernel: str
+/// :type sigma: float
+/// :type batch_size: int
+/// :type num_a: int | None
+/// :type check_finite: bool
+/// :type max_memory: int | None
+/// :type block_rows: int | None
+/// :type progress: ProgressCallback
+/// :type sample: Sequence[int] | None
+/// :rtype: dict[str, Any]
 #[pyfunction]
 #[pyo3(signature = (parts, names, kernel="linear", sigma=1.0, batch_size=DEFAULT_BATCH_SIZE, num_a=None,
     check_finite=true, max_memory=None, block_rows=None, progress=None, sample=None))]
@@ -216,6 +245,10 @@ fn minibatch_cka_pass<'py>(
 
 /// Peak bytes of the minibatch estimator's state for layers of widths `dims` and batches of
 /// `batch_size` rows (what it checks against the budget before the pass).
+///
+/// :type dims: Sequence[int]
+/// :type batch_size: int
+/// :rtype: int
 #[pyfunction]
 fn minibatch_bytes(dims: Vec<usize>, batch_size: usize) -> u128 {
     core_minibatch_bytes(&dims, batch_size)

@@ -7,6 +7,9 @@ use pyo3::prelude::*;
 /// `(bytes, source)` of the budget in force: `max_memory` if given, else
 /// `LAYERSCOPE_MAX_MEMORY`, else the machine's (`BUDGET_FRACTION` of the smallest of
 /// MemAvailable, the cgroup limit and the RLIMIT_AS headroom).
+///
+/// :type max_memory: int | None
+/// :rtype: tuple[int, str]
 #[pyfunction]
 #[pyo3(signature = (max_memory=None))]
 fn memory_budget(max_memory: Option<u64>) -> PyResult<(u64, String)> {
@@ -16,6 +19,9 @@ fn memory_budget(max_memory: Option<u64>) -> PyResult<(u64, String)> {
 
 /// Bytes of a size string ("512M", "4G", "1.5GiB", "800MB", "4096"); InvalidArgumentError
 /// listing the accepted forms otherwise.
+///
+/// :type text: str
+/// :rtype: int
 #[pyfunction]
 fn parse_memory_size(text: &str) -> PyResult<u64> {
     memory::parse_size(text).py_err()
@@ -23,6 +29,12 @@ fn parse_memory_size(text: &str) -> PyResult<u64> {
 
 /// Raise MemoryBudgetError ("`what` needs N, above the budget of B (source); `advice`")
 /// when `need` bytes exceed the budget in force.
+///
+/// :type need: int
+/// :type what: str
+/// :type advice: str
+/// :type max_memory: int | None
+/// :rtype: None
 #[pyfunction]
 #[pyo3(signature = (need, what, advice, max_memory=None))]
 fn check_budget(need: u128, what: &str, advice: &str, max_memory: Option<u64>) -> PyResult<()> {

@@ -22,6 +22,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 /// The streaming moment accumulator (see layerscope_core::engine::moments).
+///
+/// :type dims: Sequence[int]
+/// :type names: Sequence[str] | None
+/// :type check_finite: bool
+/// :type compute: str
 #[pyclass(module = "layerscope._native", name = "MomentAccumulator")]
 pub struct PyMomentAccumulator {
     inner: Option<CoreAcc>,
@@ -65,6 +70,9 @@ impl PyMomentAccumulator {
 
     /// Add a block of rows: one C-contiguous 2-D array per layer (all float32 or all float64,
     /// equal row counts). Errors leave the accumulator unchanged.
+    ///
+    /// :type arrays: Sequence[npt.NDArray[np.floating]]
+    /// :rtype: None
     fn update(&mut self, py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         let blocks = extract_blocks(&arrays)?;
         let acc = self.get_mut()?;
@@ -82,11 +90,17 @@ impl PyMomentAccumulator {
 
     /// Set the reference shift (length D, finite) before the first update; by default the
     /// first block's column means are used.
+    ///
+    /// :type shift: Sequence[float] | np.ndarray
+    /// :rtype: None
     fn set_shift(&mut self, shift: Vec<f64>) -> PyResult<()> {
         self.get_mut()?.set_shift(&shift).py_err()
     }
 
     /// Add the rows accumulated by `other` (exact, whatever the two reference shifts).
+    ///
+    /// :type other: MomentAccumulator
+    /// :rtype: None
     fn merge(&mut self, py: Python<'_>, other: PyRef<'_, PyMomentAccumulator>) -> PyResult<()> {
         let o = other.get()?.clone();
         let acc = self.get_mut()?;
@@ -94,6 +108,8 @@ impl PyMomentAccumulator {
     }
 
     /// Versioned little-endian serialisation (for shipping partial results, e.g. with Ray).
+    ///
+    /// :rtype: bytes
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let acc = self.get()?;
         let b = detach(py, || acc.to_bytes())?;
@@ -101,12 +117,16 @@ impl PyMomentAccumulator {
     }
 
     /// Inverse of `to_bytes` (a FormatError on anything malformed).
+    ///
+    /// :type data: bytes
+    /// :rtype: MomentAccumulator
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
         let acc = detach(py, || CoreAcc::from_bytes(data))?;
         Ok(PyMomentAccumulator { inner: Some(acc) })
     }
 
+    /// :rtype: tuple[Any, tuple[bytes]]
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
     ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
@@ -116,14 +136,17 @@ impl PyMomentAccumulator {
         Ok((ctor, (b,)))
     }
 
+    /// :rtype: int
     #[getter]
     fn n(&self) -> PyResult<u64> {
         Ok(self.get()?.n())
     }
+    /// :rtype: list[int]
     #[getter]
     fn dims(&self) -> PyResult<Vec<usize>> {
         Ok(self.get()?.dims().to_vec())
     }
+    /// :rtype: list[str]
     #[getter]
     fn names(&self) -> PyResult<Vec<String>> {
         Ok(self.get()?.names().to_vec())
@@ -131,6 +154,9 @@ impl PyMomentAccumulator {
 
     /// Centre at the exact mean and return the `Moments` (the accumulator is consumed).
     /// `num_a`: how many of the layers belong to the first source (the rest to the second).
+    ///
+    /// :type num_a: int | None
+    /// :rtype: Moments
     #[pyo3(signature = (num_a=None))]
     fn finalize(&mut self, py: Python<'_>, num_a: Option<usize>) -> PyResult<PyMoments> {
         let acc = self
@@ -167,34 +193,45 @@ impl PyMoments {
 
 #[pymethods]
 impl PyMoments {
+    /// :rtype: int
     #[getter]
     fn n(&self) -> u64 {
         self.inner.n
     }
+    /// :rtype: list[int]
     #[getter]
     fn dims(&self) -> Vec<usize> {
         self.inner.dims.clone()
     }
+    /// :rtype: list[str]
     #[getter]
     fn names(&self) -> Vec<String> {
         self.inner.names.clone()
     }
     /// Number of layers of the first source.
+    ///
+    /// :rtype: int
     #[getter]
     fn num_a(&self) -> usize {
         self.num_a
     }
     /// `max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean.
+    ///
+    /// :rtype: float
     #[getter]
     fn shift_offset(&self) -> f64 {
         self.inner.shift_offset
     }
     /// Number of layers of the second source (0 for one source).
+    ///
+    /// :rtype: int
     #[getter]
     fn num_b(&self) -> usize {
         self.inner.dims.len() - self.num_a
     }
     /// First row holding a NaN/Inf per layer (only when accumulated with check_finite=False).
+    ///
+    /// :rtype: list[int | None]
     #[getter]
     fn nonfinite(&self) -> Vec<Option<u64>> {
         self.inner.nonfinite.clone()
@@ -204,6 +241,8 @@ impl PyMoments {
     /// array viewing the moments' memory (no copy; it keeps this object alive). For
     /// inspection and tests: the measures run on the moments in Rust (`spectrum()`,
     /// `alignment()`, `cka()`).
+    ///
+    /// :rtype: npt.NDArray[np.float64]
     fn cross_products<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let m = &slf.get().inner;
         let d = m.width();
@@ -220,6 +259,12 @@ impl PyMoments {
     /// Spectra of the layers `layers` (indices; None: all) — `layerscope_core::measures::
     /// spectrum`: covariance eigenvalues, explained-variance ratios, effective/stable rank,
     /// participation ratio, PCA dimensions (and `pca_id` at `pca_threshold` when given).
+    ///
+    /// :type layers: Sequence[int] | None
+    /// :type pca_threshold: float | None
+    /// :type max_memory: int | None
+    /// :type progress: ProgressCallback
+    /// :rtype: list[dict[str, Any]]
     #[pyo3(signature = (layers=None, *, pca_threshold=None, max_memory=None, progress=None))]
     fn spectrum<'py>(
         &self,
@@ -247,6 +292,19 @@ impl PyMoments {
     /// (neither: the core's `DEFAULT_ALIGN_K`), `ridge_eps` (CCA ridge), `symmetric` (rows
     /// == cols of one source: each pair once); the spectra of `spectrum_layers` come from
     /// the same eigendecompositions. Returns `{"alignment": dict, "spectra": [dict]}`.
+    ///
+    /// :type rows: Sequence[int]
+    /// :type cols: Sequence[int] | None
+    /// :type method: str
+    /// :type space: str
+    /// :type k: int | None
+    /// :type variance: float | None
+    /// :type ridge_eps: float
+    /// :type symmetric: bool
+    /// :type spectrum_layers: Sequence[int]
+    /// :type max_memory: int | None
+    /// :type progress: ProgressCallback
+    /// :rtype: dict[str, Any]
     #[pyo3(signature = (rows, cols=None, *, method="subspace", space="samples", k=None,
         variance=None, ridge_eps=1e-4, symmetric=false, spectrum_layers=Vec::new(),
         max_memory=None, progress=None))]
@@ -289,6 +347,10 @@ impl PyMoments {
     }
 
     /// `C_ij` (a `d_i × d_j` float64 copy).
+    ///
+    /// :type i: int
+    /// :type j: int
+    /// :rtype: npt.NDArray[np.float64]
     fn block<'py>(
         &self,
         py: Python<'py>,
@@ -304,22 +366,37 @@ impl PyMoments {
     }
 
     /// Column means of layer `i`.
+    ///
+    /// :type i: int
+    /// :rtype: npt.NDArray[np.float64]
     fn mean<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyArray1<f64>>> {
         Ok(self.inner.layer_mean(i).py_err()?.to_vec().into_pyarray(py))
     }
 
     /// `Σ_a ‖x_{k,a} − x̄_k‖² ‖x_{l,a} − x̄_l‖²`.
+    ///
+    /// :type k: int
+    /// :type l: int
+    /// :rtype: float
     fn rr(&self, k: usize, l: usize) -> PyResult<f64> {
         self.inner.rr(k, l).py_err()
     }
 
     /// `tr C_kk`.
+    ///
+    /// :type k: int
+    /// :rtype: float
     fn trace(&self, k: usize) -> PyResult<f64> {
         self.inner.trace(k).py_err()
     }
 
     /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
     /// debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`.
+    ///
+    /// :type rows: Sequence[int]
+    /// :type cols: Sequence[int]
+    /// :type debiased: bool
+    /// :rtype: npt.NDArray[np.float64]
     #[pyo3(signature = (rows, cols, debiased=false))]
     fn cka<'py>(
         &self,
@@ -349,6 +426,16 @@ impl PyMoments {
 /// One streaming pass over every row of `parts` (see `source.rs`: store selections and/or
 /// in-memory layers, row-aligned, side by side), GIL released, reader thread one block ahead.
 /// Returns the finalised `Moments`.
+///
+/// :type parts: Sequence[Part]
+/// :type names: Sequence[str]
+/// :type block_rows: int | None
+/// :type check_finite: bool
+/// :type max_memory: int | None
+/// :type num_a: int | None
+/// :type progress: ProgressCallback
+/// :type compute: str
+/// :rtype: Moments
 #[pyfunction]
 #[pyo3(signature = (parts, names, block_rows=None, check_finite=true, max_memory=None,
     num_a=None, progress=None, compute="float64"))]
@@ -401,59 +488,77 @@ pub struct PyPairStats {
 
 #[pymethods]
 impl PyPairStats {
+    /// :rtype: int
     #[getter]
     fn n(&self) -> u64 {
         self.inner.n
     }
+    /// :rtype: list[int]
     #[getter]
     fn dims(&self) -> Vec<usize> {
         self.inner.dims.clone()
     }
+    /// :rtype: list[str]
     #[getter]
     fn names(&self) -> Vec<String> {
         self.inner.names.clone()
     }
     /// Number of layers of the first source.
+    ///
+    /// :rtype: int
     #[getter]
     fn num_a(&self) -> usize {
         self.num_a
     }
     /// Number of layers of the second source (0 for one source).
+    ///
+    /// :rtype: int
     #[getter]
     fn num_b(&self) -> usize {
         self.inner.dims.len() - self.num_a
     }
+    /// :rtype: float
     #[getter]
     fn shift_offset(&self) -> f64 {
         self.inner.shift_offset
     }
+    /// :rtype: list[int | None]
     #[getter]
     fn nonfinite(&self) -> Vec<Option<u64>> {
         self.inner.nonfinite.clone()
     }
     /// `"single-pass"`, `"tiled"` or `"gram"`.
+    ///
+    /// :rtype: str
     #[getter]
     fn strategy(&self) -> &'static str {
         self.strategy
     }
+    /// :rtype: int
     #[getter]
     fn passes(&self) -> usize {
         self.passes
     }
+    /// :rtype: int
     #[getter]
     fn peak_bytes(&self) -> u128 {
         self.peak_bytes
     }
+    /// :rtype: int
     #[getter]
     fn block_rows(&self) -> usize {
         self.block_rows
     }
     /// How many passes read each layer.
+    ///
+    /// :rtype: list[int]
     #[getter]
     fn layer_reads(&self) -> Vec<u64> {
         self.layer_reads.clone()
     }
     /// Multiply-adds of the packed products over all passes.
+    ///
+    /// :rtype: int
     #[getter]
     fn madds(&self) -> u128 {
         self.madds
@@ -461,6 +566,11 @@ impl PyPairStats {
 
     /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
     /// debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`.
+    ///
+    /// :type rows: Sequence[int]
+    /// :type cols: Sequence[int]
+    /// :type debiased: bool
+    /// :rtype: npt.NDArray[np.float64]
     #[pyo3(signature = (rows, cols, debiased=false))]
     fn cka<'py>(
         &self,
@@ -491,6 +601,17 @@ impl PyPairStats {
 /// the first source's) under the plan `PairPlan::choose` picks (the cheapest that fits the
 /// budget: one pass, tiled passes or per-layer Grams; `strategy` forces one). GIL released; one progress bar over all
 /// passes.
+///
+/// :type parts: Sequence[Part]
+/// :type names: Sequence[str]
+/// :type num_a: int
+/// :type block_rows: int | None
+/// :type check_finite: bool
+/// :type max_memory: int | None
+/// :type progress: ProgressCallback
+/// :type compute: str
+/// :type strategy: str | None
+/// :rtype: PairStats
 #[pyfunction]
 #[pyo3(signature = (parts, names, num_a, block_rows=None, check_finite=true, max_memory=None,
     progress=None, compute="float64", strategy=None))]
@@ -547,6 +668,15 @@ fn pair_pass(
 /// `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer), `madds`,
 /// `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`.
 /// MemoryBudgetError (with the minimum that would work) when no plan fits.
+///
+/// :type dims: Sequence[int]
+/// :type num_a: int
+/// :type n: int
+/// :type block_rows: int | None
+/// :type compute: str
+/// :type max_memory: int | None
+/// :type strategy: str | None
+/// :rtype: dict[str, Any]
 #[pyfunction]
 #[pyo3(signature = (dims, num_a, n, block_rows=None, compute="float64", max_memory=None,
     strategy=None))]
@@ -596,6 +726,10 @@ fn pair_plan<'py>(
 
 /// Multiply-adds per second of the packed product kernel on this machine in `compute`
 /// arithmetic (layerscope_core::engine::moments::measured_madds_per_s; GIL released).
+///
+/// :type compute: str
+/// :type seconds: float
+/// :rtype: float
 #[pyfunction]
 #[pyo3(signature = (compute="float64", seconds=0.2))]
 fn measured_madds_per_s(py: Python<'_>, compute: &str, seconds: f64) -> PyResult<f64> {
@@ -606,6 +740,10 @@ fn measured_madds_per_s(py: Python<'_>, compute: &str, seconds: f64) -> PyResult
 }
 
 /// Rows per block the streaming pass uses by default for layers of these widths.
+///
+/// :type dims: Sequence[int]
+/// :type compute: str
+/// :rtype: int
 #[pyfunction]
 #[pyo3(name = "default_block_rows", signature = (dims, compute="float64"))]
 fn py_default_block_rows(dims: Vec<usize>, compute: &str) -> PyResult<usize> {
@@ -616,6 +754,11 @@ fn py_default_block_rows(dims: Vec<usize>, compute: &str) -> PyResult<usize> {
 }
 
 /// Peak bytes of one streaming pass (accumulator, two row blocks, packed SYRK panels).
+///
+/// :type dims: Sequence[int]
+/// :type block_rows: int
+/// :type compute: str
+/// :rtype: int
 #[pyfunction]
 #[pyo3(signature = (dims, block_rows, compute="float64"))]
 fn pass_bytes(dims: Vec<usize>, block_rows: usize, compute: &str) -> PyResult<u128> {
@@ -629,6 +772,12 @@ fn pass_bytes(dims: Vec<usize>, block_rows: usize, compute: &str) -> PyResult<u1
 /// Raise MemoryBudgetError (saying how many of the layers fit) when a moment pass over
 /// layers of these widths does not fit the budget in force (`max_memory`, else
 /// LAYERSCOPE_MAX_MEMORY, else the machine's); returns `(budget bytes, source)`.
+///
+/// :type dims: Sequence[int]
+/// :type block_rows: int
+/// :type compute: str
+/// :type max_memory: int | None
+/// :rtype: tuple[int, str]
 #[pyfunction]
 #[pyo3(signature = (dims, block_rows, compute="float64", max_memory=None))]
 fn check_moment_memory(
@@ -649,6 +798,9 @@ fn check_moment_memory(
 }
 
 /// Bytes of the accumulator for layers of these widths (`(D+L)² × 8` plus vectors).
+///
+/// :type dims: Sequence[int]
+/// :rtype: int
 #[pyfunction]
 fn accumulator_bytes(dims: Vec<usize>) -> u128 {
     layerscope_core::engine::moments::accumulator_bytes(&dims)

@@ -43,6 +43,14 @@ fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Owned
 /// kNN graph with duplicate handling. Returns a dict: dist (m'×k float64, exact, ascending),
 /// idx (m'×k int64, indices into the kept rows), kept (int64 input rows used),
 /// duplicates (int), tolerance (float).
+///
+/// :type x: npt.NDArray[np.float64]
+/// :type k: int
+/// :type duplicates: str
+/// :type tolerance: float | None
+/// :type max_memory: int | None
+/// :type progress: ProgressCallback
+/// :rtype: dict[str, Any]
 #[pyfunction]
 #[pyo3(signature = (x, k, duplicates="drop", tolerance=None, max_memory=None, progress=None))]
 fn knn_graph<'py>(
@@ -81,6 +89,17 @@ fn knn_graph<'py>(
 
 /// Intrinsic dimension from sorted kNN distances (rows of length k). method: "twonn",
 /// "twonn-mle", "mle", "gride". Returns a dict: value, error, ci (lo, hi), n_used, reason.
+///
+/// :type dist: npt.NDArray[np.float64]
+/// :type method: str
+/// :type discard_fraction: float
+/// :type k: int
+/// :type pool: str
+/// :type n1: int
+/// :type n2: int
+/// :type bootstrap: int
+/// :type seed: int
+/// :rtype: dict[str, Any]
 #[pyfunction]
 #[pyo3(signature = (dist, method, *, discard_fraction=0.1, k=20, pool="harmonic", n1=1, n2=2, bootstrap=0, seed=0))]
 #[allow(clippy::too_many_arguments)]
@@ -130,6 +149,14 @@ fn id_estimate<'py>(
 
 /// RBF CKA for all layer pairs (see layerscope_core::measures::cka::rbf). Returns a dict:
 /// values (La×Lb CKA), xy (La×Lb HSIC), xx (La), yy (Lb), bw_a, bw_b.
+///
+/// :type a: Sequence[npt.NDArray[np.float64]]
+/// :type b: Sequence[npt.NDArray[np.float64]] | None
+/// :type sigma: float
+/// :type unbiased: bool
+/// :type max_memory: int | None
+/// :type progress: ProgressCallback
+/// :rtype: dict[str, Any]
 #[pyfunction]
 #[pyo3(signature = (a, b=None, *, sigma=1.0, unbiased=false, max_memory=None, progress=None))]
 fn rbf_hsic<'py>(
@@ -212,6 +239,14 @@ fn matrix<'py>(
 
 /// RSA: correlations of the RDMs of all layer pairs (La×Lb, or La×La when b is None); see
 /// `layerscope_core::measures::rsa::rsa_matrix`.
+///
+/// :type a: Sequence[npt.NDArray[np.float64]]
+/// :type b: Sequence[npt.NDArray[np.float64]] | None
+/// :type dissimilarity: str
+/// :type compare: str
+/// :type max_memory: int | None
+/// :type progress: ProgressCallback
+/// :rtype: npt.NDArray[np.float64]
 #[pyfunction]
 #[pyo3(signature = (a, b=None, *, dissimilarity="euclidean", compare="spearman", max_memory=None, progress=None))]
 fn rsa_matrix<'py>(
@@ -237,6 +272,14 @@ fn rsa_matrix<'py>(
 
 /// Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None); see
 /// `layerscope_core::measures::rsa::mutual_knn_matrix`.
+///
+/// :type a: Sequence[npt.NDArray[np.float64]]
+/// :type b: Sequence[npt.NDArray[np.float64]] | None
+/// :type k: int
+/// :type normalize: bool
+/// :type max_memory: int | None
+/// :type progress: ProgressCallback
+/// :rtype: npt.NDArray[np.float64]
 #[pyfunction]
 #[pyo3(signature = (a, b=None, *, k=10, normalize=false, max_memory=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
@@ -261,6 +304,11 @@ fn mutual_knn_matrix<'py>(
 
 /// Peak bytes of an exact kNN graph of `m` points of width `d` with `k` neighbours (see
 /// `layerscope_core::engine::neighbors::knn_bytes`).
+///
+/// :type m: int
+/// :type d: int
+/// :type k: int
+/// :rtype: int
 #[pyfunction]
 fn knn_bytes(m: usize, d: usize, k: usize) -> u128 {
     layerscope_core::engine::neighbors::knn_bytes(m, d, k)
@@ -268,6 +316,11 @@ fn knn_bytes(m: usize, d: usize, k: usize) -> u128 {
 
 /// Peak bytes of the RBF HSIC of `layers` Grams of `m` rows, the widest `dmax` wide
 /// (`layerscope_core::measures::cka::rbf::rbf_hsic_bytes`).
+///
+/// :type layers: int
+/// :type m: int
+/// :type dmax: int
+/// :rtype: int
 #[pyfunction]
 fn rbf_hsic_bytes(layers: usize, m: usize, dmax: usize) -> u128 {
     layerscope_core::measures::cka::rbf::rbf_hsic_bytes(layers, m, dmax)

@@ -146,6 +146,10 @@ pub struct NativeStore {
 #[pymethods]
 impl NativeStore {
     /// Opens and validates a store; `verify=True` also checks every shard's sha256.
+    ///
+    /// :type path: str
+    /// :type verify: bool
+    /// :rtype: NativeStore
     #[staticmethod]
     #[pyo3(signature = (path, verify=false))]
     fn open(py: Python<'_>, path: PathBuf, verify: bool) -> PyResult<NativeStore> {
@@ -156,19 +160,24 @@ impl NativeStore {
         Ok(NativeStore { inner })
     }
 
+    /// :rtype: str
     #[getter]
     fn path(&self) -> PathBuf {
         self.inner.path().to_path_buf()
     }
+    /// :rtype: list[str]
     #[getter]
     fn layers(&self) -> Vec<String> {
         self.inner.layers().iter().map(|l| l.name.clone()).collect()
     }
+    /// :rtype: list[int]
     #[getter]
     fn dims(&self) -> Vec<usize> {
         self.inner.layers().iter().map(|l| l.dim).collect()
     }
     /// numpy-style dtype names (`"bfloat16"`, …), in layer order.
+    ///
+    /// :rtype: list[str]
     #[getter]
     fn dtypes(&self) -> Vec<&'static str> {
         self.inner
@@ -177,28 +186,36 @@ impl NativeStore {
             .map(|l| l.dtype.numpy_name())
             .collect()
     }
+    /// :rtype: int
     #[getter]
     fn num_rows(&self) -> u64 {
         self.inner.num_rows()
     }
+    /// :rtype: list[str]
     #[getter]
     fn columns(&self) -> Vec<String> {
         self.inner.columns().to_vec()
     }
+    /// :rtype: bool
     #[getter]
     fn complete(&self) -> bool {
         self.inner.is_complete()
     }
+    /// :rtype: int
     #[getter]
     fn total_bytes(&self) -> u64 {
         self.inner.total_bytes()
     }
     /// The free-form metadata object as a JSON string.
+    ///
+    /// :rtype: str
     #[getter]
     fn metadata_json(&self) -> String {
         self.inner.metadata().to_string()
     }
     /// One dict per shard: file, rows, bytes, sha256, start_row.
+    ///
+    /// :rtype: list[dict[str, Any]]
     #[getter]
     fn shards<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.inner
@@ -216,16 +233,22 @@ impl NativeStore {
             .collect()
     }
 
+    /// :type name: str
+    /// :rtype: int
     fn layer_index(&self, name: &str) -> PyResult<usize> {
         self.inner.layer_index(name).py_err()
     }
 
+    /// :rtype: npt.NDArray[np.int64]
     fn row_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let v = detach(py, || self.inner.row_ids())?;
         Ok(PyArray1::from_vec(py, v))
     }
 
     /// An optional I64 row column, or None when absent.
+    ///
+    /// :type name: str
+    /// :rtype: npt.NDArray[np.int64] | None
     fn column<'py>(
         &self,
         py: Python<'py>,
@@ -236,6 +259,12 @@ impl NativeStore {
     }
 
     /// Rows [start, stop) of a layer as a 2-D float32/float64 array.
+    ///
+    /// :type layer: str
+    /// :type start: int
+    /// :type stop: int
+    /// :type dtype: str
+    /// :rtype: npt.NDArray[np.floating[Any]]
     #[pyo3(signature = (layer, start, stop, dtype="float32"))]
     fn read<'py>(
         &self,
@@ -262,6 +291,11 @@ impl NativeStore {
     }
 
     /// The rows at `indices` (int64, each in [0, num_rows)) of a layer, as a 2-D array.
+    ///
+    /// :type layer: str
+    /// :type indices: npt.NDArray[np.int64]
+    /// :type dtype: str
+    /// :rtype: npt.NDArray[np.floating[Any]]
     #[pyo3(signature = (layer, indices, dtype="float64"))]
     fn take<'py>(
         &self,
@@ -301,6 +335,13 @@ impl NativeStore {
     /// once in each dict), read by the core's block reader (`store::stream::read_into`).
     /// `dtype`: float32 or float64; `release`: drop each block's mapped pages once read;
     /// `reuse`: refill one buffer per layer (blocks are views of it) instead of fresh arrays.
+    ///
+    /// :type layers: list[str]
+    /// :type block_rows: int
+    /// :type dtype: str
+    /// :type release: bool
+    /// :type reuse: bool
+    /// :rtype: NativeBlocks
     #[pyo3(signature = (layers, block_rows, dtype="float32", release=true, reuse=false))]
     fn blocks(
         slf: &Bound<'_, Self>,
@@ -335,6 +376,13 @@ impl NativeStore {
     /// Rows [start, stop) of several layers (any subset, in the given order) as a list of
     /// 2-D arrays, read in parallel. `release=True` then drops the mapped pages of those rows
     /// from the resident set (streaming readers keep a bounded RSS; see `Store::release`).
+    ///
+    /// :type layers: list[str]
+    /// :type start: int
+    /// :type stop: int
+    /// :type dtype: str
+    /// :type release: bool
+    /// :rtype: list[npt.NDArray[np.floating[Any]]]
     #[pyo3(signature = (layers, start, stop, dtype="float32", release=false))]
     fn read_block<'py>(
         &self,
@@ -366,6 +414,13 @@ impl NativeStore {
     /// Rows [start, stop) of several layers into caller-owned C-contiguous 2-D arrays (one
     /// per layer, all float32 or all float64, each exactly `(stop - start) × dim`): the
     /// buffer-reusing form of `read_block` (no allocation, no page faults on fresh memory).
+    ///
+    /// :type layers: list[str]
+    /// :type start: int
+    /// :type stop: int
+    /// :type outs: list[npt.NDArray[np.floating[Any]]]
+    /// :type release: bool
+    /// :rtype: None
     #[pyo3(signature = (layers, start, stop, outs, release=false))]
     fn read_block_into(
         &self,
@@ -403,17 +458,26 @@ impl NativeStore {
 
     /// Drop the mapped pages of rows [start, stop) from the resident set (data stays
     /// readable; a later read maps it again from the OS page cache).
+    ///
+    /// :type start: int
+    /// :type stop: int
+    /// :rtype: None
     fn release(&self, py: Python<'_>, start: u64, stop: u64) -> PyResult<()> {
         detach(py, || self.inner.release(start, stop))
     }
 
     /// First row of `layer` holding NaN/±Inf, or None.
+    ///
+    /// :type layer: str
+    /// :rtype: int | None
     fn find_nonfinite(&self, py: Python<'_>, layer: &str) -> PyResult<Option<u64>> {
         let li = self.inner.layer_index(layer).py_err()?;
         detach(py, || self.inner.find_nonfinite(li))
     }
 
     /// Recompute every shard's sha256 and compare with the manifest (MismatchError if not).
+    ///
+    /// :rtype: None
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
         detach(py, || self.inner.verify())
     }
@@ -421,6 +485,9 @@ impl NativeStore {
 
 /// The iterator of `NativeStore.blocks` (see there): one block read per `__next__`, GIL
 /// released while reading.
+///
+/// :rtype __iter__: NativeBlocks
+/// :rtype __next__: tuple[int, dict[str, npt.NDArray[np.floating[Any]]]]
 #[pyclass(module = "layerscope._native")]
 pub struct NativeBlocks {
     store: Py<NativeStore>,
@@ -513,6 +580,13 @@ enum Input<'py> {
 impl NativeWriter {
     /// Creates the store folder. `dtype`: store dtype name or None (keep input dtypes);
     /// `metadata_json`: a JSON object as a string.
+    ///
+    /// :type path: str
+    /// :type shard_bytes: int
+    /// :type overwrite: bool
+    /// :type metadata_json: str
+    /// :type dtype: str | None
+    /// :rtype: NativeWriter
     #[staticmethod]
     #[pyo3(signature = (path, shard_bytes, overwrite, metadata_json, dtype=None))]
     fn create(
@@ -539,6 +613,11 @@ impl NativeWriter {
 
     /// Appends a batch. `layers`: list of (name, 2-D C-contiguous array, kind) where kind is
     /// "float32"/"float64" (array of that dtype) or "float16"/"bfloat16" (uint16 bit patterns).
+    ///
+    /// :type layers: Sequence[tuple[str, npt.NDArray[Any], str]]
+    /// :type row_ids: npt.NDArray[np.int64] | None
+    /// :type columns: Sequence[tuple[str, npt.NDArray[np.int64]]]
+    /// :rtype: None
     #[pyo3(signature = (layers, row_ids=None, columns=Vec::new()))]
     fn append<'py>(
         &mut self,
@@ -613,23 +692,30 @@ impl NativeWriter {
     }
 
     /// Rows appended so far.
+    ///
+    /// :rtype: int
     #[getter]
     fn rows_appended(&self) -> u64 {
         self.inner.as_ref().map_or(0, |w| w.rows_appended())
     }
 
     /// Rows in finished shards.
+    ///
+    /// :rtype: int
     #[getter]
     fn rows_committed(&self) -> u64 {
         self.inner.as_ref().map_or(0, |w| w.rows_committed())
     }
 
+    /// :rtype: bool
     #[getter]
     fn closed(&self) -> bool {
         self.inner.is_none()
     }
 
     /// Writes the remaining rows and marks the store complete. Idempotent.
+    ///
+    /// :rtype: None
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
         match self.inner.take() {
             Some(w) => detach(py, || w.finish()),
@@ -638,6 +724,8 @@ impl NativeWriter {
     }
 
     /// Closes without writing the buffered rows (the store keeps its finished shards).
+    ///
+    /// :rtype: None
     fn abort(&mut self) {
         self.inner = None;
     }
