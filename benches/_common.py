@@ -5,7 +5,10 @@ compared with). Imported as ``from _common import ...`` (the benches run as scri
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,3 +80,36 @@ def gemm_rate(size: int = 2048, dtype: Any = np.float64, repeats: int = 3) -> fl
 def gemm_rates(size: int = 2048) -> tuple[float, float]:
     """numpy dgemm and sgemm GFLOP/s on ``size``² (best of 3)."""
     return gemm_rate(size, np.float64), gemm_rate(size, np.float32)
+
+
+def child(methods: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]], method: str,
+          path: str, opts: dict[str, Any], torch: bool = False) -> None:
+    """Run one contender in this (child) process and print its result: ``RESULT {json}``
+    with ``peak_extra_mb``, the peak RSS above the baseline taken after the imports
+    (``torch``: import torch before the baseline too). A missing package or an out-of-memory
+    becomes ``{"skipped": why}``."""
+    import layerscope  # noqa: F401  (imports happen before the RSS baseline)
+
+    if torch:
+        import torch as _torch  # noqa: F401
+    base = rss_mib()
+    try:
+        out = methods[method](path, opts)
+    except ImportError as e:
+        out = {"skipped": f"not installed: {e.name}"}
+    except MemoryError:
+        out = {"skipped": "out of memory"}
+    out["peak_extra_mb"] = peak_mib() - base
+    print("RESULT " + json.dumps(out))
+
+
+def run_child(script: str, method: str, path: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """``script --child METHOD --store PATH --opts JSON`` in a fresh process (its own peak
+    RSS); the dict it printed, or ``{"skipped": why}``."""
+    cmd = [sys.executable, script, "--child", method, "--store", path, "--opts",
+           json.dumps(opts)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[7:]))
+    return {"skipped": f"failed (rc {p.returncode}): {p.stderr.strip().splitlines()[-1:]}"}

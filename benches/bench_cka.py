@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import numpy as np
-from _common import gemm_rates, peak_mib, rss_mib
+from _common import gemm_rates
 
 L_DEFAULT, D_DEFAULT = 13, 768
 
@@ -292,20 +292,7 @@ TORCH_METHODS = {"torch_f64", "torch_f32", "pytorch_cka", "ckatorch", "minibatch
 
 
 def child(method: str, path: str, opts: dict[str, Any]) -> None:
-    import layerscope  # noqa: F401  (imports happen before the RSS baseline)
-
-    if method in TORCH_METHODS:
-        import torch  # noqa: F401
-
-    base = rss_mib()
-    try:
-        out = METHODS[method](path, opts)
-    except ImportError as e:
-        out = {"skipped": f"not installed: {e.name}"}
-    except MemoryError:
-        out = {"skipped": "out of memory"}
-    out["peak_extra_mb"] = peak_mib() - base
-    print("RESULT " + json.dumps(out))
+    _common.child(METHODS, method, path, opts, torch=method in TORCH_METHODS)
 
 
 # Bytes per n² that the Gram-based peers hold at once (f32 / f64 n × n Grams and centred
@@ -326,12 +313,7 @@ def _available_bytes() -> float:
 
 
 def run_child(method: str, path: str, opts: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", method, "--store", path, "--opts", json.dumps(opts)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"skipped": f"failed (rc {p.returncode}): {p.stderr.strip().splitlines()[-1:]}"}
+    return _common.run_child(__file__, method, path, opts)
 
 
 # ----------------------------------------------------------------------------------------

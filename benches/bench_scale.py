@@ -39,15 +39,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import numpy as np
-from _common import gemm_rates, peak_mib, rss_mib
+from _common import gemm_rates, timed
 
 
 def make_store(path: Path, n: int, nl: int, d: int, seed: int = 0) -> None:
@@ -137,29 +137,11 @@ METHODS = {k[2:]: v for k, v in globals().items() if k.startswith("m_")}
 
 
 def child(method: str, path: str, opts: dict[str, Any]) -> None:
-    import layerscope  # noqa: F401  (imports happen before the RSS baseline)
-
-    if method == "peers_pairwise":
-        import torch  # noqa: F401
-    base = rss_mib()
-    try:
-        out = METHODS[method](path, opts)
-    except ImportError as e:
-        out = {"skipped": f"not installed: {e.name}"}
-    except MemoryError:
-        out = {"skipped": "out of memory"}
-    out["peak_extra_mb"] = peak_mib() - base
-    print("RESULT " + json.dumps(out))
+    _common.child(METHODS, method, path, opts, torch=method == "peers_pairwise")
 
 
 def run_child(method: str, path: str, opts: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", method, "--store", path, "--opts",
-           json.dumps(opts)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return dict(json.loads(line[7:]))
-    return {"skipped": f"failed (rc {p.returncode}): {p.stderr.strip().splitlines()[-1:]}"}
+    return _common.run_child(__file__, method, path, opts)
 
 
 def _fmt(r: dict[str, Any]) -> str:
@@ -254,15 +236,15 @@ def part_growth(quick: bool, report: dict[str, Any], out: Path) -> None:
     ds = [128, 256, 512, 1024] if quick else [256, 512, 1024, 2048]  # per layer, 4 layers
     n_fixed, d_fixed = (4096, 256) if quick else (8192, 512)
 
-    def timed(n: int, d: int) -> float:
+    def seconds(n: int, d: int) -> float:
         x = {f"l{i}": rng.standard_normal((n, d)).astype(np.float32) for i in range(4)}
         layerscope.cka(x, strategy="single-pass", progress=False)  # warm
         return min(timed(lambda: layerscope.cka(x, strategy="single-pass", progress=False))
                    for _ in range(2))
 
     print("\n## 3. how cost grows (single pass, float32 products, 4 in-memory f32 layers)")
-    tn = [timed(n, d_fixed) for n in ns]
-    td = [timed(n_fixed, d) for d in ds]
+    tn = [seconds(n, d_fixed) for n in ns]
+    td = [seconds(n_fixed, d) for d in ds]
     a, b = _fit(ns, tn), _fit([4 * d for d in ds], td)
     print("  n:     " + "  ".join(f"{n:>7}" for n in ns) + f"   (D = {4 * d_fixed})")
     print("  s:     " + "  ".join(f"{t:7.3f}" for t in tn) + f"   time ∝ n^{a:.2f}")

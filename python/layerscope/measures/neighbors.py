@@ -7,7 +7,7 @@ neighbour sets are computed in Rust (``layerscope_core::measures::rsa``)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,19 +21,34 @@ from ..errors import InvalidArgumentError
 from ..results import MatrixResult
 
 
-def _pair_inputs(
-    source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None, seed: int
-) -> tuple[Any, Any, list[str], list[str], np.ndarray]:
+def _sampled_table(
+    measure: str, source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None,
+    seed: int, max_memory: int | None, progress: Any,
+    run: Callable[[list[np.ndarray], list[np.ndarray] | None, Any], np.ndarray], *,
+    min_rows: int, why: str, **options: Any,
+) -> MatrixResult:
+    """A table of all layer pairs on a seeded sample: the sampled rows of every selected
+    layer of ``source`` (and ``other``) in memory (f64, checked finite; the budget checked
+    first), ``run(xa, xb, progress_cb)`` on them, the sample recorded in ``meta``."""
+    t0 = time.perf_counter()
     a = resolve(source)
     b = resolve(other) if other is not None else None
     la = a.select(layers)
     if b is not None:
         check_comparable(a, b)
-        lb = b.select(other_layers)
-    else:
-        lb = la
+    lb = b.select(other_layers) if b is not None else la
     idx = sample_indices(a.num_rows, sample, seed)
-    return a, b, la, lb, idx
+    if idx.size < min_rows:
+        raise InvalidArgumentError(f"{why}, got {idx.size}")
+    check_sample(a, b, la, lb, idx.size, max_memory)
+    with Progress(progress, measure.replace("_", " "), unit="step") as prog:
+        xa = [load(a, n, idx) for n in la]
+        xb = [load(b, n, idx) for n in lb] if b is not None else None
+        vals = run(xa, xb, prog.cb)
+    meta = {"measure": measure, **options, "n": int(idx.size), "n_total": a.num_rows,
+            "seed": seed, "sample": sample, "sample_hash": indices_hash(idx),
+            "seconds": time.perf_counter() - t0}
+    return MatrixResult(vals, la, lb, meta=meta)
 
 
 @validated(layers=LAYERS, other_layers=LAYERS, dissimilarity=OneOf("euclidean", "correlation"),
@@ -63,31 +78,14 @@ def rsa(
     budget ``max_memory`` (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``, else 0.8 ×
     the machine's available memory) before any row is read.
     """
-    budget = max_memory
-    t0 = time.perf_counter()
-    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
-    if idx.size < 3:
-        raise InvalidArgumentError(f"RSA needs at least 3 rows, got {idx.size}")
-    check_sample(a, b, la, lb, idx.size, budget)
-    with Progress(progress, "rsa", unit="step") as prog:
-        cb = prog.cb
-        xa = [load(a, n, idx) for n in la]
-        xb = [load(b, n, idx) for n in lb] if b is not None else None
-        vals = _native.rsa_matrix(
-            xa, xb, dissimilarity=dissimilarity, compare=compare, max_memory=budget, progress=cb
-        )
-    meta = {
-        "measure": "rsa",
-        "dissimilarity": dissimilarity,
-        "compare": compare,
-        "n": int(idx.size),
-        "n_total": a.num_rows,
-        "seed": seed,
-        "sample": sample,
-        "sample_hash": indices_hash(idx),
-        "seconds": time.perf_counter() - t0,
-    }
-    return MatrixResult(vals, la, lb, meta=meta)
+    def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
+        return _native.rsa_matrix(xa, xb, dissimilarity=dissimilarity, compare=compare,
+                                  max_memory=max_memory, progress=cb)
+
+    return _sampled_table(
+        "rsa", source, other, layers, other_layers, sample, seed, max_memory, progress, run,
+        min_rows=3, why="RSA needs at least 3 rows",
+        dissimilarity=dissimilarity, compare=compare)
 
 
 @validated(k=Int(1), layers=LAYERS, other_layers=LAYERS, sample=(None, Int(1)), seed=SEED,
@@ -122,28 +120,11 @@ def mutual_knn(
     reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
     optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
     ``max_memory``: the memory budget, as in :func:`rsa`."""
-    budget = max_memory
-    t0 = time.perf_counter()
-    a, b, la, lb, idx = _pair_inputs(source, other, layers, other_layers, sample, seed)
-    if int(k) >= idx.size:
-        raise InvalidArgumentError(f"k = {k} neighbours needs more than k rows, got {idx.size}")
-    check_sample(a, b, la, lb, idx.size, budget)
+    def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
+        return _native.mutual_knn_matrix(xa, xb, k=k, normalize=normalize,
+                                         max_memory=max_memory, progress=cb)
 
-    with Progress(progress, "mutual knn", unit="step") as prog:
-        cb = prog.cb
-        xa = [load(a, n, idx) for n in la]
-        xb = [load(b, n, idx) for n in lb] if b is not None else None
-        vals = _native.mutual_knn_matrix(xa, xb, k=int(k), normalize=bool(normalize),
-                                         max_memory=budget, progress=cb)
-    meta = {
-        "measure": "mutual_knn",
-        "k": int(k),
-        "normalize": bool(normalize),
-        "n": int(idx.size),
-        "n_total": a.num_rows,
-        "seed": seed,
-        "sample": sample,
-        "sample_hash": indices_hash(idx),
-        "seconds": time.perf_counter() - t0,
-    }
-    return MatrixResult(vals, la, lb, meta=meta)
+    return _sampled_table(
+        "mutual_knn", source, other, layers, other_layers, sample, seed, max_memory, progress,
+        run, min_rows=k + 1, why=f"k = {k} neighbours needs more than k rows", k=k,
+        normalize=normalize)

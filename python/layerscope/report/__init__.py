@@ -72,11 +72,11 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     ``report.html``.
     """
     t_start = time.perf_counter()
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
         raise ImportError("layerscope.report draws its figures with matplotlib: "
-                          "pip install 'layerscope[plot]' (or matplotlib)")
+                          "pip install 'layerscope[plot]' (or matplotlib)") from e
     a = resolve(store)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -159,92 +159,62 @@ fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-impl Element for f32 {
-    const NAME: &'static str = "f32";
-    fn convert(dtype: DType, src: &[u8], dst: &mut [f32]) {
-        match dtype {
-            DType::BF16 => {
-                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
-                }
-            }
-            DType::F16 => {
-                // Stage through an aligned u16 buffer so that `half` can use F16C when present.
-                let mut tmp = [half::f16::ZERO; 256];
-                for (dc, sc) in dst.chunks_mut(256).zip(src.chunks(512)) {
-                    let n = dc.len().min(sc.len() / 2);
-                    for (t, c) in tmp[..n].iter_mut().zip(sc.chunks_exact(2)) {
-                        *t = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+/// [`Element`] for `f32` and `f64`: the stored dtypes decoded little-endian into `$t`
+/// (f16 staged through an aligned buffer so that `half` can use F16C when present; the three
+/// expressions turn an f32 and an f64 into `$t`, and `$t` into an f64).
+macro_rules! element {
+    ($t:ty, $name:literal, $f16_slice:ident, $x:ident as f32 => $from_f32:expr,
+     $y:ident as f64 => $from_f64:expr, $z:ident to f64 => $to_f64:expr) => {
+        impl Element for $t {
+            const NAME: &'static str = $name;
+            fn convert(dtype: DType, src: &[u8], dst: &mut [$t]) {
+                match dtype {
+                    DType::BF16 => {
+                        for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                            let $x = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+                            *d = $from_f32;
+                        }
                     }
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&tmp[..n], &mut dc[..n]);
+                    DType::F16 => {
+                        let mut tmp = [half::f16::ZERO; 256];
+                        for (dc, sc) in dst.chunks_mut(256).zip(src.chunks(512)) {
+                            let n = dc.len().min(sc.len() / 2);
+                            for (t, c) in tmp[..n].iter_mut().zip(sc.chunks_exact(2)) {
+                                *t = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                            }
+                            half::slice::HalfFloatSliceExt::$f16_slice(&tmp[..n], &mut dc[..n]);
+                        }
+                    }
+                    DType::F32 => {
+                        for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                            let $x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                            *d = $from_f32;
+                        }
+                    }
+                    DType::F64 => {
+                        for (d, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
+                            let mut a = [0u8; 8];
+                            a.copy_from_slice(c);
+                            let $y = f64::from_le_bytes(a);
+                            *d = $from_f64;
+                        }
+                    }
                 }
             }
-            DType::F32 => {
-                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
+            #[inline]
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
             }
-            DType::F64 => {
-                for (d, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    *d = f64::from_le_bytes(a) as f32;
-                }
+            #[inline]
+            fn to_f64(self) -> f64 {
+                let $z = self;
+                $to_f64
             }
         }
-    }
-    #[inline]
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
-    }
-    #[inline]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
+    };
 }
-
-impl Element for f64 {
-    const NAME: &'static str = "f64";
-    fn convert(dtype: DType, src: &[u8], dst: &mut [f64]) {
-        match dtype {
-            DType::BF16 => {
-                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64;
-                }
-            }
-            DType::F16 => {
-                let mut tmp = [half::f16::ZERO; 256];
-                for (dc, sc) in dst.chunks_mut(256).zip(src.chunks(512)) {
-                    let n = dc.len().min(sc.len() / 2);
-                    for (t, c) in tmp[..n].iter_mut().zip(sc.chunks_exact(2)) {
-                        *t = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
-                    }
-                    half::slice::HalfFloatSliceExt::convert_to_f64_slice(&tmp[..n], &mut dc[..n]);
-                }
-            }
-            DType::F32 => {
-                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
-                }
-            }
-            DType::F64 => {
-                for (d, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    *d = f64::from_le_bytes(a);
-                }
-            }
-        }
-    }
-    #[inline]
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
-    }
-    #[inline]
-    fn to_f64(self) -> f64 {
-        self
-    }
-}
+element!(f32, "f32", convert_to_f32_slice, x as f32 => x, x as f64 => x as f32, x to f64 => x as f64);
+element!(f64, "f64", convert_to_f64_slice, x as f32 => x as f64, x as f64 => x, x to f64 => x);
 
 /// Input values handed to the writer: native floats or raw 16-bit patterns.
 #[derive(Debug, Clone, Copy)]

@@ -21,6 +21,7 @@ use super::reader::Store;
 use crate::error::{Error, Result};
 use crate::memory::try_with_capacity;
 use crate::monitor::Monitor;
+use std::ops::Range;
 
 /// Row-aligned layers that can be read in row blocks. Implementations are shared with the
 /// reader thread: every read is a pure function of immutable data.
@@ -37,9 +38,9 @@ pub trait RowSource: Sync {
     /// As [`RowSource::read_f32`], in f64.
     fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()>;
     /// Rows `[start, stop)` of layer `layer` alone into `out` (`(stop − start) × dim`), as f32.
-    fn read_layer_f32(&self, layer: usize, start: u64, stop: u64, out: &mut [f32]) -> Result<()>;
+    fn read_layer_f32(&self, layer: usize, range: Range<u64>, out: &mut [f32]) -> Result<()>;
     /// As [`RowSource::read_layer_f32`], in f64.
-    fn read_layer_f64(&self, layer: usize, start: u64, stop: u64, out: &mut [f64]) -> Result<()>;
+    fn read_layer_f64(&self, layer: usize, range: Range<u64>, out: &mut [f64]) -> Result<()>;
     /// Rows `rows` (each `< num_rows`, any order, repeats allowed) of layer `layer` as f64
     /// into `out` (`rows.len() × dim`). Pages stay mapped: a caller gathering scattered rows
     /// calls [`RowSource::release`] when done.
@@ -59,79 +60,55 @@ pub trait ReadAs: Element {
     fn read_layer(
         src: &dyn RowSource,
         layer: usize,
-        start: u64,
-        stop: u64,
+        range: Range<u64>,
         out: &mut [Self],
     ) -> Result<()>;
 }
-impl ReadAs for f32 {
-    fn read(src: &dyn RowSource, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
-        src.read_f32(start, stop, outs)
-    }
-    fn take(src: &dyn RowSource, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
-        src.take_f32(layer, rows, out)
-    }
-    fn read_layer(
-        src: &dyn RowSource,
-        layer: usize,
-        start: u64,
-        stop: u64,
-        out: &mut [f32],
-    ) -> Result<()> {
-        src.read_layer_f32(layer, start, stop, out)
-    }
+/// [`ReadAs`] for one element type: its three reads are the source's reads of that type.
+macro_rules! read_as {
+    ($t:ty, $read:ident, $take:ident, $read_layer:ident) => {
+        impl ReadAs for $t {
+            fn read(
+                src: &dyn RowSource,
+                start: u64,
+                stop: u64,
+                outs: &mut [&mut [$t]],
+            ) -> Result<()> {
+                src.$read(start, stop, outs)
+            }
+            fn take(src: &dyn RowSource, layer: usize, rows: &[u64], out: &mut [$t]) -> Result<()> {
+                src.$take(layer, rows, out)
+            }
+            fn read_layer(
+                src: &dyn RowSource,
+                layer: usize,
+                range: Range<u64>,
+                out: &mut [$t],
+            ) -> Result<()> {
+                src.$read_layer(layer, range, out)
+            }
+        }
+    };
 }
-impl ReadAs for f64 {
-    fn read(src: &dyn RowSource, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
-        src.read_f64(start, stop, outs)
-    }
-    fn take(src: &dyn RowSource, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
-        src.take_f64(layer, rows, out)
-    }
-    fn read_layer(
-        src: &dyn RowSource,
-        layer: usize,
-        start: u64,
-        stop: u64,
-        out: &mut [f64],
-    ) -> Result<()> {
-        src.read_layer_f64(layer, start, stop, out)
-    }
-}
+read_as!(f32, read_f32, take_f32, read_layer_f32);
+read_as!(f64, read_f64, take_f64, read_layer_f64);
 
-/// The four typed reads of [`RowSource`], forwarded to the implementing type's generic
-/// `read` (a block) and `take` (gathered rows).
+/// The six typed reads of [`RowSource`], forwarded to the implementing type's generic
+/// `read` (a block), `take` (gathered rows) and `read_layer` (one layer's block).
 macro_rules! typed_reads {
     () => {
-        fn read_f32(&self, start: u64, stop: u64, outs: &mut [&mut [f32]]) -> Result<()> {
+        typed_reads!(f32, read_f32, take_f32, read_layer_f32);
+        typed_reads!(f64, read_f64, take_f64, read_layer_f64);
+    };
+    ($t:ty, $read:ident, $take:ident, $read_layer:ident) => {
+        fn $read(&self, start: u64, stop: u64, outs: &mut [&mut [$t]]) -> Result<()> {
             self.read(start, stop, outs)
         }
-        fn read_f64(&self, start: u64, stop: u64, outs: &mut [&mut [f64]]) -> Result<()> {
-            self.read(start, stop, outs)
-        }
-        fn take_f32(&self, layer: usize, rows: &[u64], out: &mut [f32]) -> Result<()> {
+        fn $take(&self, layer: usize, rows: &[u64], out: &mut [$t]) -> Result<()> {
             self.take(layer, rows, out)
         }
-        fn take_f64(&self, layer: usize, rows: &[u64], out: &mut [f64]) -> Result<()> {
-            self.take(layer, rows, out)
-        }
-        fn read_layer_f32(
-            &self,
-            layer: usize,
-            start: u64,
-            stop: u64,
-            out: &mut [f32],
-        ) -> Result<()> {
-            self.read_layer(layer, start, stop, out)
-        }
-        fn read_layer_f64(
-            &self,
-            layer: usize,
-            start: u64,
-            stop: u64,
-            out: &mut [f64],
-        ) -> Result<()> {
-            self.read_layer(layer, start, stop, out)
+        fn $read_layer(&self, layer: usize, range: Range<u64>, out: &mut [$t]) -> Result<()> {
+            self.read_layer(layer, range, out)
         }
     };
 }
@@ -219,13 +196,8 @@ impl StoreRows<'_> {
         self.store.take_into(self.index(layer)?, rows, out)
     }
 
-    fn read_layer<T: Element>(
-        &self,
-        layer: usize,
-        start: u64,
-        stop: u64,
-        out: &mut [T],
-    ) -> Result<()> {
+    fn read_layer<T: Element>(&self, layer: usize, range: Range<u64>, out: &mut [T]) -> Result<()> {
+        let (start, stop) = (range.start, range.end);
         self.store
             .read_rows_into(self.index(layer)?, start, stop, out)
     }
@@ -280,15 +252,9 @@ impl<'a> Rows<'a> {
         T::take(p, l, rows, out)
     }
 
-    fn read_layer<T: ReadAs>(
-        &self,
-        layer: usize,
-        start: u64,
-        stop: u64,
-        out: &mut [T],
-    ) -> Result<()> {
+    fn read_layer<T: ReadAs>(&self, layer: usize, range: Range<u64>, out: &mut [T]) -> Result<()> {
         let (p, l) = self.locate(layer)?;
-        T::read_layer(p, l, start, stop, out)
+        T::read_layer(p, l, range, out)
     }
 
     fn read<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
@@ -448,16 +414,11 @@ impl<'a> ArrayRows<'a> {
         }
         outs.iter_mut()
             .enumerate()
-            .try_for_each(|(l, o)| self.read_layer(l, start, stop, o))
+            .try_for_each(|(l, o)| self.read_layer(l, start..stop, o))
     }
 
-    fn read_layer<T: Element>(
-        &self,
-        layer: usize,
-        start: u64,
-        stop: u64,
-        out: &mut [T],
-    ) -> Result<()> {
+    fn read_layer<T: Element>(&self, layer: usize, range: Range<u64>, out: &mut [T]) -> Result<()> {
+        let (start, stop) = (range.start, range.end);
         use rayon::prelude::*;
         let l = self.layer(layer)?;
         if start > stop || stop > self.rows {
@@ -563,13 +524,8 @@ impl<'a> Subset<'a> {
             .try_for_each(|(l, o)| T::take(self.src, l, rows, o))
     }
 
-    fn read_layer<T: ReadAs>(
-        &self,
-        layer: usize,
-        start: u64,
-        stop: u64,
-        out: &mut [T],
-    ) -> Result<()> {
+    fn read_layer<T: ReadAs>(&self, layer: usize, range: Range<u64>, out: &mut [T]) -> Result<()> {
+        let (start, stop) = (range.start, range.end);
         T::take(self.src, layer, self.rows(start, stop)?, out)
     }
 
@@ -665,7 +621,7 @@ impl<'a> Columns<'a> {
         for (i, out) in outs.iter_mut().enumerate() {
             let (l, c, d) = self.piece(i)?;
             if c.len() == d {
-                T::read_layer(self.src, l, start, stop, out)?;
+                T::read_layer(self.src, l, start..stop, out)?;
                 continue;
             }
             if out.len() != rows * c.len() {
@@ -688,7 +644,7 @@ impl<'a> Columns<'a> {
                     )?,
                 };
                 buf.resize(len, T::default());
-                T::read_layer(self.src, l, start, stop, &mut buf)?;
+                T::read_layer(self.src, l, start..stop, &mut buf)?;
                 held = Some((l, buf));
             }
             let whole = &held.as_ref().map(|h| &h.1[..]).unwrap_or(&[]);
@@ -697,16 +653,11 @@ impl<'a> Columns<'a> {
         Ok(())
     }
 
-    fn read_layer<T: ReadAs>(
-        &self,
-        layer: usize,
-        start: u64,
-        stop: u64,
-        out: &mut [T],
-    ) -> Result<()> {
+    fn read_layer<T: ReadAs>(&self, layer: usize, range: Range<u64>, out: &mut [T]) -> Result<()> {
+        let (start, stop) = (range.start, range.end);
         let (l, c, d) = self.piece(layer)?;
         if c.len() == d {
-            return T::read_layer(self.src, l, start, stop, out);
+            return T::read_layer(self.src, l, start..stop, out);
         }
         let rows = usize::try_from(stop.saturating_sub(start))
             .map_err(|_| Error::Memory(format!("a block of {} rows", stop - start)))?;
@@ -715,7 +666,7 @@ impl<'a> Columns<'a> {
             T::default(),
             format_args!("a block of {rows} rows × {d} (a column piece's layer)"),
         )?;
-        T::read_layer(self.src, l, start, stop, &mut whole)?;
+        T::read_layer(self.src, l, start..stop, &mut whole)?;
         check_len(out.len(), rows, c.len())?;
         copy_columns(&whole, d, c, out);
         Ok(())

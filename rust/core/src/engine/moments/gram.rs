@@ -277,7 +277,7 @@ impl Gram {
             T::default(),
             format_args!("the {n} rows of layer {name:?} (width {d})"),
         )?;
-        T::read_layer(src, layer, 0, n as u64, &mut x)?;
+        T::read_layer(src, layer, 0..n as u64, &mut x)?;
         src.release(0, n as u64)?;
         let bad = x
             .chunks_exact(d)
