@@ -261,17 +261,18 @@ def check(where: str, name: str, value: Any, rules: Any) -> Any:
         f"{_text(rules)}")
 
 
-def validated(**spec: Any) -> Callable[[F], F]:
+def validated(_where: str | None = None, **spec: Any) -> Callable[[F], F]:
     """Decorate a public function: before its body runs, every parameter named in ``spec``
-    is checked (and normalised) by its rules, see :func:`check`. The signature (and so
-    ``help()``, type checkers and IDEs) is the function's own."""
+    is checked (and normalised) by its rules, see :func:`check`; errors name the function as
+    ``_where`` (default ``layerscope.<name>``). The signature (and so ``help()``, type
+    checkers and IDEs) is the function's own."""
 
     def wrap(fn: F) -> F:
         sig = inspect.signature(fn)
         unknown = set(spec) - set(sig.parameters)
         if unknown:  # a typo in a spec must fail at import, not pass silently
             raise TypeError(f"validated({sorted(unknown)}): not parameters of {fn.__name__}")
-        where = f"layerscope.{fn.__name__}"
+        where = _where or f"layerscope.{fn.__name__}"
 
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from .._defaults import CAPTURE_DTYPES
-from ..errors import CaptureError, LayerscopeError, StoreExistsError
-from .pooling import Batch, pool_rows, to_host
-from .rowids import POSITION_BITS
+from .._validate import Bool, Int, OneOf, validated
+from ..errors import CaptureError, InvalidArgumentError, LayerscopeError, StoreExistsError
+from .pooling import POOLS_SEQ, Batch, pool_rows, to_host
+from .rowids import POSITION_BITS, ROW_ID_MODES
 from .select import base_module, resolve_layers, select_tensor
 from .writer import BatchWriter, versions
 
@@ -57,14 +58,55 @@ def _is_dynamo_unsupported(exc: BaseException) -> bool:
 
 
 class Capture:
-    """A capture session; create it with :func:`capture` (which checks the arguments) and
-    use it as a context manager."""
+    """A capture session (``layerscope.capture``): the activations of ``layers`` of ``model``
+    into the store at ``out``; use it as a context manager.
 
+    Parameters
+    ----------
+    layers : module names, dotted glob patterns (``*`` within a segment, ``**`` across), or
+        a callable ``(name, module) -> bool``. Store order = module order in the model.
+    pool : for ``[batch, seq, dim]`` outputs ``"tokens"`` (one row per non-padding token, in
+        (sample, position) order), ``"mean"`` (masked mean over tokens, computed in float32),
+        ``"last"`` / ``"first"`` (last / first non-padding token, found from the mask, so left
+        and right padding both work), ``"none"`` (every position, padding included); for conv
+        maps ``[batch, C, H, W]``: ``"mean"`` (spatial mean) or ``"positions"`` (one row per
+        location, ``position = h * W + w``). 2-D outputs ``[batch, dim]`` pass through.
+    dtype : storage dtype, ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    where : ``"output"`` (forward hooks) or ``"input"`` (forward pre-hooks, keywords included).
+    output : which part of a structured output (or input) to capture: an index, a key, or a
+        callable (for inputs the callable receives ``(args, kwargs)``). Default: the tensor,
+        element 0 of a tuple/list, ``last_hidden_state`` or the first entry of a dict/ModelOutput.
+    max_rows : stop after this many rows (the last batch is truncated; later ones are skipped).
+    queue_size : batches in flight between the hooks and the writer thread (memory bound).
+    sample_ids : ids of the samples in call order (default 0, 1, 2, ...); per batch also
+        :meth:`Capture.set_sample_ids`.
+    row_ids : ``"content"`` (default): ``__row_id__`` is a 63-bit hash of (sample id, the
+        sample's non-padding input ids or input bytes, position): equal for the same inputs
+        in the same order whatever the model, different when the inputs differ. ``"index"``:
+        ``sample_id * 2**20 + position + 1`` (inputs not checked).
+    shard_bytes : shard size of the store (default 256 MiB): the writer buffers up to this
+        much, so the capture's memory is bounded by about ``shard_bytes`` + ``queue_size``
+        batches whatever the number of batches.
+    metadata : JSON-serialisable dict stored as ``metadata["user"]`` in the manifest, next to
+        ``metadata["capture"]`` (model class, layer output shapes, pooling, dtype, row-id
+        scheme, library versions).
+
+    Hooks are removed when the block exits, also on an exception; the exception propagates
+    and the store keeps every forward pass completed before it. Works under ``no_grad`` and
+    ``inference_mode``; with a model compiled by ``torch.compile`` (dynamo caches are reset,
+    the hooks run at graph breaks) but not with ``fullgraph=True``, which raises a
+    :class:`CaptureError` saying why. See ``docs/capture.md``.
+    """
+
+    @validated(_where="layerscope.capture", pool=OneOf(*POOLS_SEQ, "positions"),
+               dtype=OneOf(*DTYPES), where=OneOf("output", "input"), max_rows=(None, Int(1)),
+               shard_bytes=(None, Int(1)), overwrite=Bool(), queue_size=Int(1),
+               row_ids=OneOf(*ROW_ID_MODES))
     def __init__(
         self,
         model: Any,
-        layers: Any,
-        out: str | os.PathLike,
+        layers: Any = "**",
+        out: str | os.PathLike | None = None,
         *,
         pool: str = "tokens",
         dtype: str = "float16",
@@ -78,6 +120,8 @@ class Capture:
         queue_size: int = 4,
         row_ids: str = "content",
     ) -> None:
+        if out is None:
+            raise InvalidArgumentError("layerscope.capture: out= (the store directory) is required")
         self.model = model
         self.layer_names = resolve_layers(model, layers)
         self.out = os.fspath(out)

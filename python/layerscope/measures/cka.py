@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -161,33 +161,31 @@ def cka(
     elif other_layers is not None:
         raise InvalidArgumentError("other_layers needs other=")
 
+    job = _Job(a, b, la, lb, sample, seed, max_memory, nonfinite, progress)
     if estimator == "minibatch":
-        res = _minibatch(
-            a,
-            b,
-            la,
-            lb,
-            kernel,
-            sample,
-            seed,
-            float(sigma),
-            int(batch_size or DEFAULT_BATCH_SIZE),
-            max_memory,
-            nonfinite,
-            progress,
-        )
+        res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE)
     elif kernel == "linear":
-        res = _linear(
-            a, b, la, lb, estimator, sample, seed, max_memory, nonfinite, compute, strategy,
-            progress,
-        )
+        res = _linear(job, estimator, compute, strategy)
     else:
-        res = _rbf(
-            a, b, la, lb, estimator, sample, seed, float(sigma), max_memory, nonfinite, progress
-        )
+        res = _rbf(job, estimator, sigma)
     res.meta["seconds"] = time.perf_counter() - t0
     return res
 
+
+
+class _Job(NamedTuple):
+    """What every estimator of one call works on: the sources, their selected layers (``lb``
+    None: the pairs within ``a``) and the options they all share."""
+
+    a: Source
+    b: Source | None
+    la: list[str]
+    lb: list[str] | None
+    sample: int | None
+    seed: int
+    max_memory: int | None
+    nonfinite: str
+    progress: Any
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,20 +224,8 @@ def _base_meta(
 # linear, exact (moments)
 
 
-def _linear(
-    a: Source,
-    b: Source | None,
-    la: list[str],
-    lb: list[str] | None,
-    estimator: str,
-    sample: int | None,
-    seed: int,
-    max_memory: int | None,
-    nonfinite: str,
-    compute: str,
-    strategy: str | None,
-    progress: Any,
-) -> MatrixResult:
+def _linear(job: _Job, estimator: str, compute: str, strategy: str | None) -> MatrixResult:
+    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
     meta = _base_meta("linear", estimator, a.num_rows, seed, sample)
     src_a: Any = a
     src_b: Any = b
@@ -294,23 +280,12 @@ def _linear(
 # RBF on a sample
 
 
-def _rbf(
-    a: Source,
-    b: Source | None,
-    la: list[str],
-    lb: list[str] | None,
-    estimator: str,
-    sample: int | None,
-    seed: int,
-    sigma: float,
-    max_memory: int | None,
-    nonfinite: str,
-    progress: Any,
-) -> MatrixResult:
+def _rbf(job: _Job, estimator: str, sigma: float) -> MatrixResult:
     """RBF CKA on the seeded sample: the sampled rows of every layer in memory (f64, checked
     finite), Grams, HSIC and the CKA ratio in Rust (``layerscope_core::measures::cka::rbf``,
     one Gram per layer reused for every pair). With ``nonfinite="nan"``, layers holding
     NaN/Inf among the sampled rows get NaN cells and the others are computed."""
+    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
 
     cols_all = lb if lb is not None else la
     idx = sample_indices(a.num_rows, sample, seed, SAMPLE_CAP)
@@ -370,44 +345,24 @@ def _rbf(
 # minibatch (Rust, streamed)
 
 
-def _minibatch(
-    a: Source,
-    b: Source | None,
-    la: list[str],
-    lb: list[str] | None,
-    kernel: str,
-    sample: int | None,
-    seed: int,
-    sigma: float,
-    batch_size: int,
-    max_memory: int | None,
-    nonfinite: str,
-    progress: Any,
-) -> MatrixResult:
+def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int) -> MatrixResult:
+    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
     meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
     if b is not None and lb is not None:
         parts.append((b, lb))
     names = [x for _, ls in parts for x in ls]
     num_a = len(la)
-    check = nonfinite == "error"
-    kw = dict(
-        kernel=kernel,
-        sigma=sigma,
-        batch_size=batch_size,
-        num_a=num_a,
-        check_finite=check,
-        max_memory=max_memory,
-    )
     idx = sample_indices(a.num_rows, sample, seed) if sample is not None else None
     if idx is not None:
         meta["sample_hash"] = indices_hash(idx)
     t1 = time.perf_counter()
     with Progress(progress, "minibatch cka") as prog:
         r = _native.minibatch_cka_pass(
-            [native_part(src, ls) for src, ls in parts], names, progress=prog.cb,
-            sample=None if idx is None else idx.tolist(), **kw,
-        )
+            [native_part(src, ls) for src, ls in parts], names, kernel=kernel, sigma=sigma,
+            batch_size=batch_size, num_a=num_a, check_finite=nonfinite == "error",
+            max_memory=max_memory, progress=prog.cb,
+            sample=None if idx is None else idx.tolist())
     engine = "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays"
     nf = {x: int(v) for x, v in zip(names, r["nonfinite"]) if v is not None}
     if b is not None:

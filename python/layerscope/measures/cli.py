@@ -35,9 +35,21 @@ def _emit(res: Any, args: argparse.Namespace, table: Any, *lines: str) -> int:
     return 0
 
 
-def _outputs(p: argparse.ArgumentParser, plot: str) -> None:
+def _finish(p: argparse.ArgumentParser, plot: str, func: Any,
+            quiet: str = "no progress bar") -> None:
+    """The options every measure command ends with, and the function it runs."""
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.add_argument("--plot", default=None, help=f"write {plot} (png/pdf/svg)")
+    add_max_memory_arg(p)
+    p.add_argument("--quiet", action="store_true", help=quiet)
+    p.set_defaults(func=func)
+
+
+def _sampling(p: argparse.ArgumentParser, sample: int) -> None:
+    """``--sample`` (rows, or 'all') and ``--seed`` of the commands on a seeded sample."""
+    p.add_argument("--sample", type=_sample_arg, default=sample,
+                   help=f"rows to sample, or 'all' (default {sample})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
 
 
 def _cmd_cka(args: argparse.Namespace) -> int:
@@ -110,14 +122,11 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--sigma", type=float, default=1.0, help="RBF bandwidth multiplier")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"minibatch rows (default {BATCH_SIZE})")
-    add_max_memory_arg(p)
     p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
     p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
                    help="arithmetic of the linear engine's block products (auto: float32 for "
                    "f32/f16/bf16 stores, ~2x faster; float64 otherwise)")
-    _outputs(p, "the heatmap")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
-    p.set_defaults(func=_cmd_cka)
+    _finish(p, "the heatmap", _cmd_cka, quiet="no progress bar, no table")
 
     p = sub.add_parser(
         "align",
@@ -132,28 +141,21 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--space", default="samples", choices=list(SPACES))
     p.add_argument("--ridge", type=float, default=RIDGE, help="CCA ridge eps (·tr(C)/d)")
     add_layer_args(p)
-    _outputs(p, "the overlap heatmap")
     p.add_argument("--plot-cosines", default=None,
                    help="write per-pair cosine curves (png/pdf/svg)")
-    add_max_memory_arg(p)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_align)
+    _finish(p, "the overlap heatmap", _cmd_align)
 
     p = sub.add_parser("spectrum", help="per-layer covariance spectra, effective rank, PCA-ID")
     p.add_argument("store")
     add_layer_args(p, other=False)
     p.add_argument("--top", type=int, default=None)
-    _outputs(p, "the log-log spectra")
-    add_max_memory_arg(p)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_spectrum)
+    _finish(p, "the log-log spectra", _cmd_spectrum)
 
     p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE)")
     p.add_argument("store")
     p.add_argument("--method", default="twonn", choices=list(ID_METHODS))
     add_layer_args(p, other=False)
-    p.add_argument("--sample", type=_sample_arg, default=20000, help="rows to sample, or 'all'")
-    p.add_argument("--seed", type=int, default=0)
+    _sampling(p, 20000)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--n1", type=int, default=1)
     p.add_argument("--n2", type=int, default=2)
@@ -164,10 +166,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--pool", default="harmonic", choices=["harmonic", "mean", "median"])
     p.add_argument("--scales", type=int, nargs="+", default=None, help="GRIDE n1 values")
     p.add_argument("--pca-threshold", type=float, default=0.95)
-    _outputs(p, "the ID-by-depth plot")
-    add_max_memory_arg(p)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_id)
+    _finish(p, "the ID-by-depth plot", _cmd_id)
 
     p = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
     p.add_argument("store")
@@ -175,9 +174,5 @@ def add_cli(sub: Any) -> None:
     add_layer_args(p, other=False)
     p.add_argument("--dissimilarity", default="euclidean", choices=["euclidean", "correlation"])
     p.add_argument("--compare", default="spearman", choices=["spearman", "pearson"])
-    p.add_argument("--sample", type=_sample_arg, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    _outputs(p, "the heatmap")
-    add_max_memory_arg(p)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_rsa)
+    _sampling(p, 2000)
+    _finish(p, "the heatmap", _cmd_rsa)
