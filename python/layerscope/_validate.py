@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any, TypeVar
@@ -33,14 +34,14 @@ class _Refused(Exception):
     """A rule does not accept a value (internal: becomes InvalidArgumentError)."""
 
 
-class Rule:
+class Rule(ABC):
     """What one parameter may be: ``text`` says it in words; calling the rule returns the
     normalised value or raises :class:`_Refused`."""
 
     text = "?"
 
-    def __call__(self, value: Any) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, value: Any) -> Any: ...
 
 
 def _bound(lo: Any, hi: Any, lo_open: bool = False, hi_open: bool = False) -> str:
@@ -190,10 +191,8 @@ class Strings(Rule):
     """A string or an iterable of strings (a layer name or glob, or a list of them); returns
     a list."""
 
-    def __init__(self, what: str = "a name", *, options: Sequence[str] | None = None,
-                 nonempty: bool = True) -> None:
+    def __init__(self, what: str = "a name", *, options: Sequence[str] | None = None) -> None:
         self.options = tuple(options) if options is not None else None
-        self.nonempty = nonempty
         each = f"one of {', '.join(repr(o) for o in self.options)}" if self.options else what
         self.text = f"{each} or a list of them"
 
@@ -204,7 +203,7 @@ class Strings(Rule):
             raise _Refused
         else:
             items = list(value)
-        if (self.nonempty and not items) or not all(isinstance(x, str) for x in items):
+        if not items or not all(isinstance(x, str) for x in items):
             raise _Refused
         if self.options is not None and any(x not in self.options for x in items):
             raise _Refused
