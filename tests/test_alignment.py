@@ -520,20 +520,20 @@ def test_cli_prints_table_and_writes_plots(tmp_path, capsys):
             str(heat),
             "--plot-cosines",
             str(curves),
-            "--quiet",
         ]
     )
     assert rc == 0
     out = capsys.readouterr().out
     assert "a" in out and "b" in out and "c" not in out.split()
+    assert out.splitlines()[-1].startswith("# align | svcca")
     assert heat.stat().st_size > 0 and curves.stat().st_size > 0
-    rc = main(["spectrum", str(tmp_path / "s"), "--quiet"])
+    rc = main(["spectrum", str(tmp_path / "s")])
     out = capsys.readouterr().out
     assert rc == 0 and "effective_rank" in out and "pca_id_99" in out
-    # a k above the rank is a clean CLI error naming the layer, exit code 1
+    # a k above the rank is a clean CLI error naming the layer, exit code 2
     rc = main(["align", str(tmp_path / "s"), "--k", "8", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and "rank" in err and "'a'" in err.replace('"', "'")
+    assert rc == 2 and "rank" in err and "'a'" in err.replace('"', "'")
 
 
 def test_minilm_adjacent_layers_overlap_more_than_distant(tmp_path):

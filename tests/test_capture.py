@@ -661,7 +661,7 @@ def test_cli_capture(tmp_path, capsys):
         ]
     )
     io = capsys.readouterr()
-    assert rc == 1 and "closest names" in io.err and "'encoder.layer" in io.err
+    assert rc == 2 and "closest names" in io.err and "'encoder.layer" in io.err
 
 
 def test_where_input_kv_projection_inputs(minilm, texts, tmp_path):

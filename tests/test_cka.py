@@ -693,8 +693,8 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert back.rows == ["l0", "l2"] and back.cols == ["m"]
     assert back.meta["n_batches"] == 4 and "l0" in capsys.readouterr().out
     # Errors are reported, not raised.
-    assert cli.main(["cka", str(p), "--layers", "nope", "--quiet"]) == 1
-    assert cli.main(["cka", str(p), "--max-memory", "1K", "--quiet"]) == 1
+    assert cli.main(["cka", str(p), "--layers", "nope", "--quiet"]) == 2
+    assert cli.main(["cka", str(p), "--max-memory", "1K", "--quiet"]) == 2
 
 
 def test_public_name() -> None:

@@ -489,7 +489,7 @@ def test_cli_pca_gride_scales_and_rsa(tmp_path: object, capsys: object) -> None:
     assert main([*args, "--out", str(out), "--quiet"]) == 0
     res = load_result(out)
     assert res.scales["l0"]["n1"] == [1, 2, 4]
-    assert main(["id", str(store), "--method", "pca", "--quiet"]) == 0
+    assert main(["id", str(store), "--method", "pca"]) == 0
     assert "participation_ratio" in capsys.readouterr().out  # type: ignore[attr-defined]
     out2 = tmp_path / "rsa.json"  # type: ignore[operator]
     assert main(["rsa", str(store), "--sample", "all", "--out", str(out2), "--quiet"]) == 0

@@ -171,7 +171,7 @@ def test_plan_of_a_store_not_yet_made() -> None:
     assert got["strategy"] == "tiled" and got["dims"] == [4096] * 32
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(["plan", "--shape", "32x4096"]) == 1
+        assert main(["plan", "--shape", "32x4096"]) == 2
     assert "--rows" in err.getvalue()
 
 
@@ -236,5 +236,5 @@ def test_cli_plan(tmp_path: Path) -> None:
     assert "strategy      single-pass" in out.getvalue()
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(["plan", str(p), "--max-memory", "64K"]) == 1
+        assert main(["plan", str(p), "--max-memory", "64K"]) == 2
     assert "a budget of at least" in err.getvalue()

@@ -554,7 +554,7 @@ def test_cli_info(tmp_path: Path, capsys) -> None:
     assert info["num_rows"] == 12
     assert [layer["dim"] for layer in info["layers"]] == [3, 5]
     assert info["bytes"] == sum(sh["bytes"] for sh in info["shards"])
-    assert cli_main(["info", str(tmp_path / "nope")]) == 1
+    assert cli_main(["info", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
     assert cli_main(["verify", str(p), "--finite"]) == 0
     assert "ok:" in capsys.readouterr().out
@@ -564,13 +564,13 @@ def test_cli_info(tmp_path: Path, capsys) -> None:
     shard.write_bytes(bytes(raw))
     assert cli_main(["info", str(p)]) == 0  # sizes/headers fine; sha256 only on request
     capsys.readouterr()
-    assert cli_main(["verify", str(p)]) == 1
+    assert cli_main(["verify", str(p)]) == 2
     assert "sha256" in capsys.readouterr().err
     q = tmp_path / "nan"
     ls.write_store(q, {"x": np.array([[1.0, np.nan], [2.0, 3.0]])})
     assert cli_main(["verify", str(q)]) == 0
     capsys.readouterr()
-    assert cli_main(["verify", str(q), "--finite"]) == 1
+    assert cli_main(["verify", str(q), "--finite"]) == 2
     assert "row 0" in capsys.readouterr().err
 
 

@@ -130,8 +130,9 @@ def test_layer_globs_in_spectrum_alignment_analyze_and_the_cli(tmp_path: Path,
     assert main(["cka", str(st.path), "--layers", "encoder.layer.*", "--quiet",
                  "--out", str(tmp_path / "r.json")]) == 0
     assert layerscope.load_result(tmp_path / "r.json").rows == want
-    assert main(["cka", str(st.path), "--seed", "-1", "--kernel", "rbf", "--quiet"]) == 1
-    assert "seed=-1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before any work
+        main(["cka", str(st.path), "--seed", "-1", "--kernel", "rbf", "--quiet"])
+    assert exit_.value.code == 2 and "'-1' is not an integer in [0" in capsys.readouterr().err
 
 
 def test_capture_takes_the_same_globs() -> None:

@@ -23,6 +23,7 @@ from .errors import (
     LayerscopeError,
     MemoryBudgetError,
     MismatchError,
+    MissingDependencyError,
     MissingLayerError,
     NonFiniteError,
     StoreExistsError,
@@ -49,7 +50,7 @@ from .store import ActivationStore, StoreWriter, open, write_store
 __all__ = [
     "__version__", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "StoreIOError", "NonFiniteError",
-    "InvalidArgumentError", "MemoryBudgetError", "CaptureError", "MatrixResult", "Result",
+    "InvalidArgumentError", "MemoryBudgetError", "CaptureError", "MissingDependencyError", "MatrixResult", "Result",
     "load_result", "ActivationStore", "StoreWriter", "open", "write_store", "capture",
     "Capture", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
     "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "IDResult", "report",

@@ -17,6 +17,7 @@ in the tuple accepts ``None``).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import inspect
 import math
@@ -231,6 +232,19 @@ SEED = Int(0, 2**64 - 1)
 LAYERS = (None, Strings("a layer name or glob"))
 MAX_MEMORY = (None, SIZE)
 PROGRESS = Progress()
+
+
+def cli_type(rule: Rule, parse: Callable[[str], Any] = int) -> Callable[[str], Any]:
+    """An argparse ``type=``: the option's text read with ``parse`` and checked by ``rule``
+    (``--seed -1`` is argparse's one-line usage error, before any work starts)."""
+    def convert(text: str) -> Any:
+        try:
+            return rule(parse(text))
+        except (ValueError, _Refused):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule.text}") from None
+
+    convert.__name__ = rule.text  # argparse names the type by it in some messages
+    return convert
 
 
 def _text(rules: tuple[Any, ...]) -> str:

@@ -59,8 +59,13 @@ class Interrupted(LayerscopeError, KeyboardInterrupt):
     """Work was interrupted."""
 
 
+class MissingDependencyError(LayerscopeError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it
+    (``pip install 'layerscope[plot]'`` for tables and figures, ``[torch]`` for capture)."""
+
+
 __all__ = [
     "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "NonFiniteError", "InvalidArgumentError",
-    "MemoryBudgetError", "StoreIOError", "CaptureError", "Interrupted",
+    "MemoryBudgetError", "StoreIOError", "CaptureError", "Interrupted", "MissingDependencyError",
 ]

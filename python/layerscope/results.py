@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._text import Table, matrix_table
+
 _REGISTRY: dict[str, type[Result]] = {}
 
 
@@ -66,12 +68,29 @@ def _unjson(obj: Any) -> Any:
     return obj
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can
+    only be read by setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename)."""
+    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename), with
+    the permissions of any new file (``0o666`` less the umask, not ``mkstemp``'s 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -153,10 +172,13 @@ class MatrixResult(Result):
         r, c = key
         return float(self.values[self.rows.index(r), self.cols.index(c)])
 
-    def to_pandas(self) -> Any:
-        import pandas as pd
+    def to_table(self) -> Table:
+        """The values as a :class:`~layerscope._text.Table` (rows × cols; no pandas needed)."""
+        return matrix_table(self.values, self.rows, self.cols)
 
-        return pd.DataFrame(self.values, index=self.rows, columns=self.cols)
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame (rows × cols); needs the ``plot`` extra."""
+        return self.to_table().to_pandas()
 
     def diagonal_offset(self, k: int = 1) -> np.ndarray:
         """``values[i, i+k]``: e.g. the adjacent-layer curve for ``k=1``."""

@@ -21,6 +21,7 @@ from . import _native
 from ._defaults import dtype_name
 from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
 from ._tensor import to_numpy, to_store_array
+from ._text import escape
 from .errors import InvalidArgumentError, MemoryBudgetError, MismatchError, NonFiniteError
 
 __all__ = ["ActivationStore", "StoreWriter", "open_store", "open", "write_store", "add_cli"]
@@ -389,17 +390,18 @@ def _info_cmd(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     state = "complete" if s.complete else "INCOMPLETE (the writer did not finish)"
-    print(f"store    {s.path}  ({state})")
+    print(f"store    {escape(s.path)}  ({state})")
     print(f"rows     {s.num_rows}")
     print(f"shards   {len(s.shards)}  ({_human(s.nbytes)}, {s.nbytes} bytes)")
     if args.verify:
         print("checksum ok (sha256 of every shard)")
-    width = max((len(n) for n in s.layers), default=5)
+    names = {n: escape(n) for n in s.layers}  # a crafted name must not drive the terminal
+    width = max((len(n) for n in names.values()), default=5)
     print(f"layers   {len(s.layers)}")
     for n in s.layers:
-        print(f"  {n:<{width}}  dim {s.dims[n]:>6}  {s.dtypes[n]}")
+        print(f"  {names[n]:<{width}}  dim {s.dims[n]:>6}  {s.dtypes[n]}")
     if s.columns:
-        print(f"columns  {', '.join(s.columns)}")
+        print(f"columns  {escape(', '.join(s.columns))}")
     if s.metadata:
         print(f"metadata {json.dumps(s.metadata, sort_keys=True)}")
     print(f"budget   {_human(budget.bytes)}  ({budget.source})")
@@ -409,9 +411,9 @@ def _info_cmd(args: argparse.Namespace) -> int:
 
 def _verify_cmd(args: argparse.Namespace) -> int:
     s = open_store(args.path, verify=True)  # structure, sizes, then sha256 of every shard
-    print(f"ok: {s.path}: {len(s.shards)} shards, {s.num_rows} rows, {s.nbytes} bytes (sha256)")
+    print(f"ok: {escape(s.path)}: {len(s.shards)} shards, {s.num_rows} rows, {s.nbytes} bytes (sha256)")
     if args.finite:
-        s.check_finite()  # NonFiniteError naming the layer and row -> exit status 1
+        s.check_finite()  # NonFiniteError naming the layer and row -> exit status 2
         print(f"ok: all values of {len(s.layers)} layers are finite")
     return 0
 

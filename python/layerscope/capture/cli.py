@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .._validate import Int, cli_type
 from ..errors import InvalidArgumentError
-from .hooks import DTYPES
+from .hf import BUNDLED
+from .hooks import DTYPES, refuse_existing
 from .pooling import POOLS_SEQ
 
 
 def _cli_capture(args: argparse.Namespace) -> int:
-    from .hf import capture_texts, load_local
+    from .hf import capture_texts, load_local, model_folder
 
+    # everything that can be checked is checked before the model loads (seconds to minutes)
+    refuse_existing(args.out, args.overwrite)
+    model_folder(args.model)
     if args.texts:
         with open(args.texts, encoding="utf-8") as f:
             texts = [line.rstrip("\n") for line in f if line.strip()]
@@ -45,7 +50,9 @@ def add_cli(sub: Any) -> None:
         description="Run a locally stored Hugging Face model (AutoModel + "
         "AutoTokenizer, offline) over texts and store the chosen layers.",
     )
-    p.add_argument("--model", required=True, help="model directory (AutoModel.from_pretrained)")
+    p.add_argument("--model", required=True,
+                   help="folder of a saved Hugging Face model (AutoModel + AutoTokenizer), or "
+                   f"{BUNDLED!r} for the bundled all-MiniLM-L6-v2")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--texts", help="text file, one text per line")
     src.add_argument(
@@ -61,11 +68,14 @@ def add_cli(sub: Any) -> None:
         metavar="PATTERN",
         help="module name or dotted glob (repeatable), e.g. 'encoder.layer.*'",
     )
-    p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--pool", default="tokens", choices=POOLS_SEQ)
-    p.add_argument("--dtype", default="float16", choices=DTYPES)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-rows", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="store folder to write")
+    p.add_argument("--pool", default="tokens", choices=POOLS_SEQ,
+                   help="rows per text: every token (padding left out), one pooled row (mean, last, first token), or none (every position, padding included)")
+    p.add_argument("--dtype", default="float16", choices=DTYPES, help="stored dtype")
+    p.add_argument("--batch-size", type=cli_type(Int(1)), default=32, help="texts per forward")
+    p.add_argument("--max-length", type=cli_type(Int(1)), default=128,
+                   help="tokens per text (longer texts are truncated)")
+    p.add_argument("--max-rows", type=cli_type(Int(1)), default=None,
+                   help="stop after this many rows (default: all texts)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.set_defaults(func=_cli_capture)

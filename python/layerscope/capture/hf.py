@@ -8,19 +8,57 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .. import _optional
 from .._progress import Progress
-from ..errors import InvalidArgumentError
+from ..errors import CaptureError, InvalidArgumentError
+
+# The name ``--model`` accepts for the all-MiniLM-L6-v2 weights bundled by the ``torch`` extra.
+BUNDLED = "minilm"
+
+
+def model_folder(model: str | os.PathLike[str]) -> str:
+    """The folder of a model stored on this machine: ``model`` itself when it is a folder
+    with a ``config.json``, the bundled all-MiniLM-L6-v2 for ``"minilm"``; otherwise a
+    :class:`CaptureError` saying what is wrong (checked before anything heavy is imported)."""
+    path = os.fspath(model)
+    if path == BUNDLED and not os.path.exists(path):
+        from ..models import minilm_path
+
+        return minilm_path()
+    if not os.path.exists(path):
+        raise CaptureError(
+            f"model {path!r} is not a folder on this machine; layerscope runs models offline "
+            "and never downloads one (a hub name such as 'bert-base-uncased' needs "
+            "save_pretrained(FOLDER) on a machine with network first). Give the folder of a "
+            f"saved model, or {BUNDLED!r} for the bundled all-MiniLM-L6-v2")
+    if not os.path.isdir(path):
+        raise CaptureError(f"model {path!r} is a file, not a model folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CaptureError(
+            f"{path!r} has no config.json: not a Hugging Face model folder (write one with "
+            "model.save_pretrained(FOLDER) and tokenizer.save_pretrained(FOLDER))")
+    return path
 
 
 def load_local(model: str | os.PathLike[str]) -> tuple[Any, Any]:
-    """``(AutoModel, AutoTokenizer)`` from a local folder, in eval mode, never downloading
-    (``HF_HUB_OFFLINE=1`` unless the caller set it)."""
+    """``(AutoModel, AutoTokenizer)`` from a local folder (see :func:`model_folder`), in eval
+    mode, never downloading (``HF_HUB_OFFLINE=1`` unless the caller set it)."""
+    path = model_folder(model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    net = AutoModel.from_pretrained(model, local_files_only=True).eval()
+    _optional.torch("running a model")
+    transformers = _optional.transformers("loading a Hugging Face model")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CaptureError(f"{path!r}: no usable tokenizer ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); save one there with "
+                           "tokenizer.save_pretrained(FOLDER)") from e
+    try:
+        net = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise CaptureError(f"{path!r}: the model does not load ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
     return net, tok
 
 

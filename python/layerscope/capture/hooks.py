@@ -49,6 +49,18 @@ _FULLGRAPH_MSG = (
 )
 
 
+def refuse_existing(out: str | os.PathLike[str], overwrite: bool) -> None:
+    """:class:`StoreExistsError` unless ``out`` is absent, an empty folder, or ``overwrite``
+    (checked before a capture starts, and by the CLI before it loads a model)."""
+    if (
+        os.path.exists(out)
+        and not overwrite
+        and (not os.path.isdir(out) or os.listdir(out))
+    ):
+        raise StoreExistsError(f"{os.fspath(out)} exists and is not empty (pass overwrite=True, "
+                               "or --overwrite on the command line, to replace it)")
+
+
 def _is_dynamo_unsupported(exc: BaseException) -> bool:
     """Whether ``exc`` is torch._dynamo refusing to trace (e.g. a hook under fullgraph=True)."""
 
@@ -183,12 +195,7 @@ class Capture:
     def __enter__(self) -> Capture:
         if self._active or self.store is not None:
             raise CaptureError("a Capture can be entered once")
-        if (
-            os.path.exists(self.out)
-            and not self.overwrite
-            and (not os.path.isdir(self.out) or os.listdir(self.out))
-        ):
-            raise StoreExistsError(f"{self.out} exists (pass overwrite=True to replace it)")
+        refuse_existing(self.out, self.overwrite)
         import torch
 
         base = base_module(self.model)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .._progress import stage
-from .._validate import SEED, Bool, Int, validated
+from .._validate import SEED, Bool, Int, cli_type, validated
 from ..report import report
 
 
@@ -25,10 +25,12 @@ def demo(out: str | os.PathLike[str] = "layerscope-demo", *, texts: int = 400,
     (at most ``max_rows`` rows), then write the report comparing the two. ``quick`` shrinks
     everything for tests. Returns the path of ``report.html``.
     """
+    from .. import _optional
     from ..capture.hf import capture_texts
     from ..corpus import stdlib_corpus
     from ..models import load_minilm, minilm_random
 
+    _optional.matplotlib("the demo's report")  # before minutes of capture, not after
     if quick:
         texts, max_length, max_rows = min(texts, 24), min(max_length, 32), min(max_rows, 600)
         sample, bootstrap = min(sample, 300), min(bootstrap, 5)
@@ -70,7 +72,8 @@ def add_cli(sub: Any) -> None:
                                    "architecture with seeded random weights on the bundled text "
                                    "corpus, then write the report comparing them.")
     d.add_argument("--out", default="layerscope-demo", help="output folder")
-    d.add_argument("--texts", type=int, default=400, help="number of texts from the corpus")
+    d.add_argument("--texts", type=cli_type(Int(1)), default=400,
+                   help="number of texts from the corpus")
     d.add_argument("--quick", action="store_true", help="tiny run (tests)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=_cmd_demo)

@@ -5,11 +5,18 @@ the same way (:func:`_emit`)."""
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+import time
 from typing import Any
 
 from .._defaults import ALIGN_K, BATCH_SIZE, RIDGE
 from .._layers import add_layer_args
 from .._memory import add_max_memory_arg
+from .._optional import matplotlib
+from .._text import Table
+from .._validate import SEED, Float, Int, cli_type
+from ..errors import InvalidArgumentError
 from .alignment import METHODS as ALIGN_METHODS
 from .alignment import SPACES, alignment
 from .cka import ESTIMATORS, KERNELS, cka
@@ -18,16 +25,53 @@ from .idim import intrinsic_dimension
 from .neighbors import rsa
 from .spectrum import spectrum
 
+# What ``--plot`` can write (matplotlib's savefig formats), checked before any work starts.
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp",
+                "pgf")
 
-def _emit(res: Any, args: argparse.Namespace, table: Any, *lines: str) -> int:
-    """Print ``table`` (unless ``--quiet`` where the command has it) and ``lines``, then write
-    ``--out`` (JSON) and ``--plot`` (and ``--plot-cosines`` where the command has it)."""
-    if not getattr(args, "quiet_table", False):
-        print(table.to_string())
-        for line in lines:
-            print(line)
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: ``--plot`` files have a format matplotlib writes (and matplotlib is
+    installed), and the folders of every output can be written."""
+    plots = [getattr(args, k, None) for k in ("plot", "plot_cosines")]
+    for path in filter(None, plots):
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        if ext not in PLOT_FORMATS:
+            raise InvalidArgumentError(
+                f"{path}: cannot write a figure as {ext or 'a file without extension'!r}; "
+                f"use one of {', '.join(PLOT_FORMATS)}")
+        matplotlib(f"--plot {path}")
+    for path in filter(None, [getattr(args, "out", None), *plots]):
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        try:  # a real probe: permissions bits say nothing on /proc, read-only mounts, root
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise InvalidArgumentError(
+                f"{path}: cannot write into {folder} ({e.strerror})") from None
+
+
+def footer(measure: str, method: str, meta: dict[str, Any], seconds: float) -> str:
+    """The one line every measure command ends with: measure, estimator or method, rows used,
+    the sample and its seed, wall time."""
+    n, total = meta.get("n"), meta.get("n_total", meta.get("n"))
+    sampled = n is not None and total is not None and n < total
+    sample = f"sample {n} of {total} rows" if sampled else "all rows"
+    seed = f"seed {meta.get('seed')}" if sampled else "no seed (no sampling)"
+    return f"# {measure} | {method} | n = {n} | {sample} | {seed} | {seconds:.2f} s"
+
+
+def _emit(res: Any, args: argparse.Namespace, table: Table, method: str, seconds: float,
+          digits: int = 4) -> int:
+    """Write ``--out`` first (a later failure loses nothing), print the table (unless
+    ``--quiet``) and the footer, then draw ``--plot`` (and ``--plot-cosines``)."""
     if args.out:
         res.save(args.out)
+    if not args.quiet:
+        print(table.to_text(digits))
+    print(footer(args.command, method, res.meta, seconds))
     if args.plot:
         res.plot().savefig(args.plot)
     if getattr(args, "plot_cosines", None):
@@ -35,72 +79,84 @@ def _emit(res: Any, args: argparse.Namespace, table: Any, *lines: str) -> int:
     return 0
 
 
-def _finish(p: argparse.ArgumentParser, plot: str, func: Any,
-            quiet: str = "no progress bar") -> None:
-    """The options every measure command ends with, and the function it runs."""
-    p.add_argument("--out", default=None, help="write the result as JSON")
-    p.add_argument("--plot", default=None, help=f"write {plot} (png/pdf/svg)")
+def _finish(p: argparse.ArgumentParser, plot: str, func: Any) -> None:
+    """The options every measure command ends with, and the function it runs (after
+    :func:`check_outputs`)."""
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="write the result as JSON (before anything is printed)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help=f"write {plot} ({', '.join(PLOT_FORMATS[:3])}, ...)")
     add_max_memory_arg(p)
-    p.add_argument("--quiet", action="store_true", help=quiet)
-    p.set_defaults(func=func)
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar and no table (the one-line footer stays)")
+
+    def run(args: argparse.Namespace) -> int:
+        check_outputs(args)
+        return func(args)
+
+    p.set_defaults(func=run)
 
 
-def _sampling(p: argparse.ArgumentParser, sample: int) -> None:
+def _sampling(p: argparse.ArgumentParser, sample: int | None, what: str) -> None:
     """``--sample`` (rows, or 'all') and ``--seed`` of the commands on a seeded sample."""
-    p.add_argument("--sample", type=_sample_arg, default=sample,
-                   help=f"rows to sample, or 'all' (default {sample})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--sample", type=_sample_arg, default="all" if sample is None else sample,
+                   help=f"rows of the seeded sample {what}, or 'all'")
+    p.add_argument("--seed", type=cli_type(SEED), default=0, help="seed of the row sample")
+
+
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t0
 
 
 def _cmd_cka(args: argparse.Namespace) -> int:
-    res = cka(args.store, args.other, kernel=args.kernel, estimator=args.estimator,
-              layers=args.layers, other_layers=args.other_layers, sample=args.sample,
-              seed=args.seed, sigma=args.sigma, batch_size=args.batch_size,
-              max_memory=args.max_memory, nonfinite=args.nonfinite, compute=args.compute,
-              progress=not args.quiet)
-    args.quiet_table = args.quiet
-    return _emit(res, args, res.to_pandas().round(4),
-                 f"# {res.meta['kernel']} {res.meta['estimator']} CKA, n = {res.meta['n']} "
-                 f"rows, {res.meta['seconds']:.2f} s")
+    res, sec = _timed(cka, args.store, args.other, kernel=args.kernel, estimator=args.estimator,
+                      layers=args.layers, other_layers=args.other_layers, sample=args.sample,
+                      seed=args.seed, sigma=args.sigma, batch_size=args.batch_size,
+                      max_memory=args.max_memory, nonfinite=args.nonfinite,
+                      compute=args.compute, progress=not args.quiet)
+    return _emit(res, args, res.to_table(), f"{res.meta['kernel']} {res.meta['estimator']}", sec)
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    res = alignment(args.store, args.other, method=args.method, k=args.k, space=args.space,
-                    layers=args.layers, other_layers=args.other_layers, ridge=args.ridge,
-                    progress=not args.quiet, max_memory=args.max_memory)
-    return _emit(res, args, res.to_pandas().round(3))
+    res, sec = _timed(alignment, args.store, args.other, method=args.method, k=args.k,
+                      space=args.space, layers=args.layers, other_layers=args.other_layers,
+                      ridge=args.ridge, progress=not args.quiet, max_memory=args.max_memory)
+    return _emit(res, args, res.to_table(), f"{res.meta['estimator']}, k = {res.meta['k']}",
+                 sec, digits=3)
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
-    res = spectrum(args.store, layers=args.layers, top=args.top, progress=not args.quiet,
-                   max_memory=args.max_memory)
-    return _emit(res, args, res.to_pandas().round(3))
+    res, sec = _timed(spectrum, args.store, layers=args.layers, top=args.top,
+                      progress=not args.quiet, max_memory=args.max_memory)
+    return _emit(res, args, res.to_table(), "covariance eigenvalues", sec, digits=3)
 
 
 def _cmd_id(args: argparse.Namespace) -> int:
-    res = intrinsic_dimension(
-        args.store, method=args.method, layers=args.layers, sample=args.sample,
-        seed=args.seed, k=args.k, n1=args.n1, n2=args.n2,
+    res, sec = _timed(
+        intrinsic_dimension, args.store, method=args.method, layers=args.layers,
+        sample=args.sample, seed=args.seed, k=args.k, n1=args.n1, n2=args.n2,
         discard_fraction=args.discard_fraction, duplicates=args.duplicates,
         tolerance=args.tolerance, bootstrap=args.bootstrap, scales=args.scales,
         pool=args.pool, pca_threshold=args.pca_threshold, progress=not args.quiet,
         max_memory=args.max_memory)
-    return _emit(res, args, res.table)
+    return _emit(res, args, res.to_table().without_empty_columns(), args.method, sec)
 
 
 def _cmd_rsa(args: argparse.Namespace) -> int:
-    res = rsa(args.store, args.other, layers=args.layers, dissimilarity=args.dissimilarity,
-              compare=args.compare, sample=args.sample, seed=args.seed,
-              progress=not args.quiet, max_memory=args.max_memory)
-    return _emit(res, args, res.to_pandas().round(4))
+    res, sec = _timed(rsa, args.store, args.other, layers=args.layers,
+                      dissimilarity=args.dissimilarity, compare=args.compare,
+                      sample=args.sample, seed=args.seed, progress=not args.quiet,
+                      max_memory=args.max_memory)
+    return _emit(res, args, res.to_table(), f"{args.dissimilarity} RDMs, {args.compare}", sec)
 
 
 def _k_cli(s: str) -> int | str:
-    return s if s == "auto" else int(s)
+    return s if s == "auto" else cli_type(Int(1))(s)
 
 
 def _sample_arg(s: str) -> int | None:
-    return None if s.lower() in ("all", "none") else int(s)
+    return None if s.lower() in ("all", "none") else cli_type(Int(1))(s)
 
 
 def add_cli(sub: Any) -> None:
@@ -114,65 +170,81 @@ def add_cli(sub: Any) -> None:
     )
     p.add_argument("store", help="store folder")
     p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
-    p.add_argument("--kernel", default="linear", choices=list(KERNELS))
-    p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS))
+    p.add_argument("--kernel", default="linear", choices=list(KERNELS), help="kernel")
+    p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS),
+                   help="HSIC estimator (Kornblith 2019; Song 2012; Nguyen 2021)")
     add_layer_args(p)
-    p.add_argument("--sample", type=int, default=None, help="rows to sample (seeded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sigma", type=float, default=1.0, help="RBF bandwidth multiplier")
-    p.add_argument("--batch-size", type=int, default=None,
+    _sampling(p, None, "(RBF: all rows up to 4096, else 4096)")
+    p.add_argument("--sigma", type=cli_type(Float(0, lo_open=True), float), default=1.0,
+                   help="RBF bandwidth: sigma x sqrt(median squared distance)")
+    p.add_argument("--batch-size", type=cli_type(Int(4)), default=None,
                    help=f"minibatch rows (default {BATCH_SIZE})")
-    p.add_argument("--nonfinite", default="error", choices=["error", "nan"])
+    p.add_argument("--nonfinite", default="error", choices=["error", "nan"],
+                   help="NaN/Inf in a layer: stop with an error, or give that layer NaN")
     p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
                    help="arithmetic of the linear engine's block products (auto: float32 for "
-                   "f32/f16/bf16 stores, ~2x faster; float64 otherwise)")
-    _finish(p, "the heatmap", _cmd_cka, quiet="no progress bar, no table")
+                   "f32/f16/bf16 stores, ~2x faster, summed in float64; float64 otherwise)")
+    _finish(p, "the heatmap", _cmd_cka)
 
     p = sub.add_parser(
         "align",
         help="subspace alignment (principal angles, SVCCA, PWCCA, CCA, "
         "Procrustes) for all layer pairs, one pass",
     )
-    p.add_argument("store")
-    p.add_argument("other", nargs="?", default=None)
-    p.add_argument("--method", default="subspace", choices=list(ALIGN_METHODS))
+    p.add_argument("store", help="store folder")
+    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    p.add_argument("--method", default="subspace", choices=list(ALIGN_METHODS),
+                   help="alignment measure")
     p.add_argument("--k", type=_k_cli, default=ALIGN_K,
-                   help="kept directions, or 'auto' (99%% variance)")
-    p.add_argument("--space", default="samples", choices=list(SPACES))
-    p.add_argument("--ridge", type=float, default=RIDGE, help="CCA ridge eps (·tr(C)/d)")
+                   help="kept directions, or 'auto' (99%% of the variance)")
+    p.add_argument("--space", default="samples", choices=list(SPACES),
+                   help="subspaces of the samples (centred rows) or of the features")
+    p.add_argument("--ridge", type=cli_type(Float(0), float), default=RIDGE,
+                   help="CCA ridge eps: C + eps·tr(C)/d·I (0: none, needs full-rank covariances)")
     add_layer_args(p)
-    p.add_argument("--plot-cosines", default=None,
-                   help="write per-pair cosine curves (png/pdf/svg)")
+    p.add_argument("--plot-cosines", default=None, metavar="FILE",
+                   help="write the per-pair cosine curves (Procrustes, SVCCA, CCA)")
     _finish(p, "the overlap heatmap", _cmd_align)
 
     p = sub.add_parser("spectrum", help="per-layer covariance spectra, effective rank, PCA-ID")
-    p.add_argument("store")
+    p.add_argument("store", help="store folder")
     add_layer_args(p, other=False)
-    p.add_argument("--top", type=int, default=None)
+    p.add_argument("--top", type=cli_type(Int(1)), default=None,
+                   help="keep the largest TOP eigenvalues in the result (default: all)")
     _finish(p, "the log-log spectra", _cmd_spectrum)
 
-    p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE)")
-    p.add_argument("store")
-    p.add_argument("--method", default="twonn", choices=list(ID_METHODS))
+    p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE, PCA)")
+    p.add_argument("store", help="store folder")
+    p.add_argument("--method", default="twonn", choices=list(ID_METHODS), help="estimator")
     add_layer_args(p, other=False)
-    _sampling(p, 20000)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--n1", type=int, default=1)
-    p.add_argument("--n2", type=int, default=2)
-    p.add_argument("--discard-fraction", type=float, default=0.1)
-    p.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"])
-    p.add_argument("--tolerance", type=float, default=None, help="duplicate distance")
-    p.add_argument("--bootstrap", type=int, default=0)
-    p.add_argument("--pool", default="harmonic", choices=["harmonic", "mean", "median"])
-    p.add_argument("--scales", type=int, nargs="+", default=None, help="GRIDE n1 values")
-    p.add_argument("--pca-threshold", type=float, default=0.95)
+    _sampling(p, 20000, "for the neighbour estimators")
+    p.add_argument("--k", type=cli_type(Int(1)), default=20, help="MLE: neighbours")
+    p.add_argument("--n1", type=cli_type(Int(1)), default=1, help="GRIDE: first neighbour rank")
+    p.add_argument("--n2", type=cli_type(Int(1)), default=2,
+                   help="GRIDE: second neighbour rank")
+    p.add_argument("--discard-fraction", type=cli_type(Float(0, 1, hi_open=True), float),
+                   default=0.1, help="TwoNN: largest ratios left out of the fit")
+    p.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"],
+                   help="rows at distance <= tolerance of another row")
+    p.add_argument("--tolerance", type=cli_type(Float(0), float), default=None,
+                   help="duplicate distance (default 1e-7 x the sample's RMS radius)")
+    p.add_argument("--bootstrap", type=cli_type(Int(0)), default=0,
+                   help="bootstrap resamples for confidence intervals (0: none)")
+    p.add_argument("--pool", default="harmonic", choices=["harmonic", "mean", "median"],
+                   help="MLE: how per-row estimates are pooled")
+    p.add_argument("--scales", type=cli_type(Int(1)), nargs="+", default=None,
+                   help="GRIDE: n1 values of a multiscale curve")
+    p.add_argument("--pca-threshold", type=cli_type(Float(0, 1, lo_open=True), float),
+                   default=0.95, help="PCA: share of the variance the kept components explain")
     _finish(p, "the ID-by-depth plot", _cmd_id)
 
     p = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
-    p.add_argument("store")
-    p.add_argument("other", nargs="?", default=None)
+    p.add_argument("store", help="store folder")
+    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
     add_layer_args(p, other=False)
-    p.add_argument("--dissimilarity", default="euclidean", choices=["euclidean", "correlation"])
-    p.add_argument("--compare", default="spearman", choices=["spearman", "pearson"])
-    _sampling(p, 2000)
+    p.add_argument("--dissimilarity", default="euclidean", choices=["euclidean", "correlation"],
+                   help="RDM entries")
+    p.add_argument("--compare", default="spearman", choices=["spearman", "pearson"],
+                   help="correlation of two RDMs")
+    _sampling(p, 2000, "(RDMs are m x m)")
     _finish(p, "the heatmap", _cmd_rsa)

@@ -29,6 +29,7 @@ from .._memory import check_budget
 from .._progress import Progress
 from .._sample import indices_hash, load, sample_indices
 from .._source import resolve
+from .._text import Table
 from .._validate import (
     LAYERS,
     MAX_MEMORY,
@@ -93,33 +94,25 @@ class IDResult(Result):
             "meta": self.meta,
         }
 
-    @property
-    def table(self) -> Any:
-        """pandas DataFrame, one row per layer: id, ci_low, ci_high, error, rows, duplicates
-        (and participation_ratio for ``method="pca"``)."""
-        import pandas as pd
-
+    def to_table(self) -> Table:
+        """One row per layer: id, ci_low, ci_high, error, rows, duplicates (and
+        participation_ratio for ``method="pca"``)."""
+        pca = self.meta.get("method") == "pca"
+        columns = ["id", "ci_low", "ci_high", "error", "rows", "duplicates"]
         rows = []
         for name in self.layers:
             lo, hi = self.ci.get(name, (np.nan, np.nan))
             det = self.details.get(name, {})
-            rows.append(
-                {
-                    "layer": name,
-                    "id": self.values.get(name, np.nan),
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "error": self.errors.get(name, np.nan),
-                    "rows": det.get("rows_used"),
-                    "duplicates": det.get("duplicates"),
-                    **(
-                        {"participation_ratio": det.get("participation_ratio")}
-                        if self.meta.get("method") == "pca"
-                        else {}
-                    ),
-                }
-            )
-        return pd.DataFrame(rows).set_index("layer")
+            rows.append([self.values.get(name, np.nan), lo, hi, self.errors.get(name, np.nan),
+                         det.get("rows_used"), det.get("duplicates"),
+                         *([det.get("participation_ratio")] if pca else [])])
+        return Table(self.layers, columns + (["participation_ratio"] if pca else []), rows,
+                     "layer")
+
+    @property
+    def table(self) -> Any:
+        """:meth:`to_table` as a pandas DataFrame; needs the ``plot`` extra."""
+        return self.to_table().to_pandas()
 
     def plot(self, ax: Any = None, title: str | None = None) -> Any:
         """ID by depth (layer order) with bootstrap CIs as error bars; returns the Figure."""

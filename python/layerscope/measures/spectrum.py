@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._text import Table
 from .._validate import LAYERS, MAX_MEMORY, PROGRESS, Int, validated
 from ..results import Result
 from ._passes import run_measures
@@ -29,6 +30,13 @@ SPECTRUM_MEASURES = (
     "pca_id_95",
     "pca_id_99",
 )
+
+# The measures that count components (whole numbers, shown as integers).
+COUNTS = ("rank", "pca_id_90", "pca_id_95", "pca_id_99")
+
+
+def _count(measure: str, x: float | None) -> float | int | None:
+    return int(x) if measure in COUNTS and x is not None and np.isfinite(x) else x
 
 
 class SpectrumResult(Result):
@@ -71,11 +79,15 @@ class SpectrumResult(Result):
             "meta": self.meta,
         }
 
-    def to_pandas(self) -> Any:
-        """One row per layer, one column per measure."""
-        import pandas as pd
+    def to_table(self) -> Table:
+        """One row per layer, one column per measure (counts as integers)."""
+        columns = list(dict.fromkeys(m for layer in self.layers for m in self.table[layer]))
+        rows = [[_count(m, self.table[layer].get(m)) for m in columns] for layer in self.layers]
+        return Table(self.layers, columns, rows, "layer")
 
-        return pd.DataFrame([self.table[layer] for layer in self.layers], index=self.layers)
+    def to_pandas(self) -> Any:
+        """:meth:`to_table` as a pandas DataFrame; needs the ``plot`` extra."""
+        return self.to_table().to_pandas()
 
     def plot(self, ax: Any = None, title: str | None = None) -> Any:
         """Log-log spectra (eigenvalue vs index) per layer; returns the Figure.

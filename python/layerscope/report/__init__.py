@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._optional import matplotlib
 from .._progress import Progress, stage
 from .._source import Source, check_comparable, resolve
 from .._validate import SEED, Bool, Int, Text, Texts, validated
@@ -72,17 +73,13 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     ``report.html``.
     """
     t_start = time.perf_counter()
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise ImportError("layerscope.report draws its figures with matplotlib: "
-                          "pip install 'layerscope[plot]' (or matplotlib)") from e
+    matplotlib("the report's figures")
     a = resolve(store)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     b = resolve(other) if other is not None else None
     if b is not None:
         check_comparable(a, b)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
 
     def default_label(src: Source, fallback: str) -> str:
         meta = dict(getattr(src.store, "metadata", {}) or {}) if src.is_store else {}

@@ -157,7 +157,7 @@ impl StoreWriter {
                         return Err(Error::Exists {
                             path: path.to_path_buf(),
                             msg: format!(
-                                "folder is not empty ({}); pass overwrite=True to replace a store",
+                                "folder is not empty ({}); pass overwrite=True, or --overwrite on the command line, to replace a store",
                                 if names.iter().any(|n| n == MANIFEST_NAME) {
                                     "an existing store"
                                 } else {
