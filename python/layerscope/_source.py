@@ -36,6 +36,21 @@ class Source:
     def is_store(self) -> bool:
         return self.store is not None
 
+    def short_name(self, fallback: str) -> str:
+        """A short label: the store's metadata ``label``, else its model name unless that is a
+        path on disk (a figure titled with a site-packages path helps nobody), else the store
+        folder's name; ``fallback`` for in-memory arrays."""
+        if self.store is None:
+            return fallback
+        meta = dict(getattr(self.store, "metadata", {}) or {})
+        label = meta_get(meta, "label")
+        if label:
+            return str(label)
+        model = meta_get(meta, "model", "model_name")
+        if model and not _is_path(str(model)):
+            return str(model)
+        return self.store.path.name or fallback
+
     def exact_dtype(self, layer: str) -> type[np.floating]:
         """The float type that holds every value of ``layer`` exactly, in which it is read:
         float64 for float64 stores and arrays and for integer arrays (beyond 2**24 float32
@@ -108,6 +123,23 @@ def native_part(src: Source, layers: Sequence[str]) -> Any:
         return (nat, [int(nat.layer_index(x)) for x in layers])
     assert src.arrays is not None
     return [_native_array(src.arrays[x]) for x in layers]
+
+
+def meta_get(meta: dict[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` found at the top level of a store's metadata, then under
+    ``user`` (what the caller passed to capture) and ``capture`` (what capture recorded)."""
+    for scope in (meta, meta.get("user"), meta.get("capture")):
+        if isinstance(scope, dict):
+            for k in keys:
+                if scope.get(k) not in (None, ""):
+                    return scope[k]
+    return None
+
+
+def _is_path(name: str) -> bool:
+    """A model "name" that is a folder on disk (Hugging Face ``_name_or_path`` of a locally
+    loaded model), as opposed to a hub-style name such as ``org/model``."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or os.path.isdir(name)
 
 
 def resolve(source: Any) -> Source:

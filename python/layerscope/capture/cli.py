@@ -7,7 +7,7 @@ from typing import Any
 
 from .._validate import Int, cli_type
 from ..errors import InvalidArgumentError
-from .hf import BUNDLED
+from .hf import BUNDLED, BUNDLED_NAME
 from .hooks import DTYPES, refuse_existing
 from .pooling import POOLS_SEQ
 
@@ -34,7 +34,8 @@ def _cli_capture(args: argparse.Namespace) -> int:
         model, tok, texts, args.out, layers=args.layers, pool=args.pool, dtype=args.dtype,
         batch_size=args.batch_size, max_length=args.max_length, max_rows=args.max_rows,
         overwrite=args.overwrite,
-        metadata={"texts": args.texts or f"stdlib_corpus({args.stdlib_corpus})",
+        metadata={"model": BUNDLED_NAME if args.model == BUNDLED else args.model,
+                  "texts": args.texts or f"stdlib_corpus({args.stdlib_corpus})",
                   "max_length": args.max_length, "batch_size": int(args.batch_size)})
     if st is None:
         print("nothing captured")

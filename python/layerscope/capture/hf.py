@@ -14,6 +14,7 @@ from ..errors import CaptureError, InvalidArgumentError
 
 # The name ``--model`` accepts for the all-MiniLM-L6-v2 weights bundled by the ``torch`` extra.
 BUNDLED = "minilm"
+BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def model_folder(model: str | os.PathLike[str]) -> str:

@@ -151,7 +151,8 @@ class _Table:
 def _assemble_alignment(nr: int, nc: int) -> dict[str, Any]:
     return {"nrows": nr, "ncols": nc, "values": np.full(nr * nc, np.nan),
             "cosines": [np.empty(0)] * (nr * nc), "extras": {}, "row_k": [0] * nr,
-            "col_k": [0] * nc, "row_ridge": [0.0] * nr, "col_ridge": [0.0] * nc}
+            "col_k": [0] * nc, "row_ridge": [0.0] * nr, "col_ridge": [0.0] * nc,
+            "row_rank": [0] * nr, "col_rank": [0] * nc}
 
 
 def _put_alignment(
@@ -173,6 +174,8 @@ def _put_alignment(
         dst["col_k"][c] = int(src["col_k"][j])
         dst["row_ridge"][r] = float(src["row_ridge"][i])
         dst["col_ridge"][c] = float(src["col_ridge"][j])
+        dst["row_rank"][r] = int(src["row_rank"][i])
+        dst["col_rank"][c] = int(src["col_rank"][j])
 
 
 def run_measures(
@@ -236,5 +239,7 @@ def run_measures(
     meta = t.run(each)
     meta["seconds_pass"] -= seconds["measures"]
     meta["seconds_measures"] = seconds["measures"]
+    if t.b is not None:  # the two sides' short names, for legends and captions
+        meta["sides"] = [t.a.short_name("A"), t.b.short_name("B")]
     raw["spectra"] = spectra
     return t, raw, meta

@@ -95,30 +95,38 @@ class AlignmentResult(MatrixResult):
         ax: Any = None,
         title: str | None = None,
     ) -> Any:
-        """Per-pair cosine curves (cosine vs index). Default pairs: adjacent layers (square
-        results) or each row layer against its best-matching column."""
+        """Per-pair cosine curves (cosine vs index). Default pairs: adjacent layers (one
+        source) or each row layer against its best-matching column (two sources; the legend
+        names each side by ``meta["sides"]``). Procrustes draws the cumulative sum of its
+        normalised singular values, which ends at the table's value for the pair."""
         from ..plots import _mpl
 
         plt = _mpl()
+        sides = self.meta.get("sides")
         if pairs is None:
-            if self.rows == self.cols:
+            if sides is None and self.rows == self.cols:
                 pairs = [(self.rows[i], self.rows[i + 1]) for i in range(len(self.rows) - 1)]
             else:
-                pairs = [
-                    (r, self.cols[int(np.nanargmax(self.values[i]))])
-                    for i, r in enumerate(self.rows)
-                ]
+                pairs = [(r, self.cols[int(np.nanargmax(self.values[i]))])
+                         for i, r in enumerate(self.rows) if np.isfinite(self.values[i]).any()]
         if ax is None:
             fig, ax = plt.subplots(figsize=(6.5, 4.5))
         else:
             fig = ax.figure
+        method = self.meta.get("method", "alignment")
+        cumulative = method == "procrustes"
         for r, c in pairs:
             cs = self.cosines(r, c)
-            ax.plot(np.arange(1, cs.size + 1), cs, lw=1.2, label=f"{r} / {c}")
+            y = np.cumsum(cs) if cumulative else cs
+            label = f"{sides[0]}: {r} / {sides[1]}: {c}" if sides else f"{r} / {c}"
+            ax.plot(np.arange(1, cs.size + 1), y, lw=1.2, label=label)
         ax.set_xlabel("index")
-        ax.set_ylabel("cosine / canonical correlation")
+        if cumulative:
+            ax.set_ylabel("cumulative normalised singular value\n(ends at the table's value)")
+        else:
+            ax.set_ylabel("cosine / canonical correlation")
         ax.set_ylim(0, 1.05)
-        ax.set_title(title or f"{self.meta.get('method', 'alignment')} cosines per pair")
+        ax.set_title(title or f"{method} {'cumulative ' if cumulative else ''}cosines per pair")
         if len(pairs) <= 16:
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -179,6 +187,8 @@ def alignment_result(
         m["ridge_eps"] = ridge
         m["row_ridge"] = list(a["row_ridge"])
         m["col_ridge"] = list(a["col_ridge"])
+        m["row_rank"] = [int(r) for r in a["row_rank"]]
+        m["col_rank"] = [int(r) for r in a["col_rank"]]
         m["ridge_rule"] = "r = eps*tr(C_ii)/d_i added to C_ii when n <= d_i or C_ii is singular"
     if method == "pwcca":
         m["pwcca_weights"] = "row layer (values[i, j] weights by rows[i]'s neurons)"

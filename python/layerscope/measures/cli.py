@@ -8,13 +8,14 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .._defaults import ALIGN_K, BATCH_SIZE, RIDGE
 from .._layers import add_layer_args
 from .._memory import add_max_memory_arg
 from .._optional import matplotlib
-from .._text import Table
+from .._text import Table, escape
 from .._validate import SEED, Float, Int, cli_type
 from ..errors import InvalidArgumentError
 from .alignment import METHODS as ALIGN_METHODS
@@ -64,13 +65,15 @@ def footer(measure: str, method: str, meta: dict[str, Any], seconds: float) -> s
 
 
 def _emit(res: Any, args: argparse.Namespace, table: Table, method: str, seconds: float,
-          digits: int = 4) -> int:
-    """Write ``--out`` first (a later failure loses nothing), print the table (unless
-    ``--quiet``) and the footer, then draw ``--plot`` (and ``--plot-cosines``)."""
+          digits: int = 4, notes: Sequence[str] = ()) -> int:
+    """Write ``--out`` first (a later failure loses nothing), print the table and ``notes``
+    (unless ``--quiet``) and the footer, then draw ``--plot`` (and ``--plot-cosines``)."""
     if args.out:
         res.save(args.out)
     if not args.quiet:
         print(table.to_text(digits))
+        for line in notes:
+            print(escape(line))
     print(footer(args.command, method, res.meta, seconds))
     if args.plot:
         res.plot().savefig(args.plot)
@@ -122,8 +125,32 @@ def _cmd_align(args: argparse.Namespace) -> int:
     res, sec = _timed(alignment, args.store, args.other, method=args.method, k=args.k,
                       space=args.space, layers=args.layers, other_layers=args.other_layers,
                       ridge=args.ridge, progress=not args.quiet, max_memory=args.max_memory)
-    return _emit(res, args, res.to_table(), f"{res.meta['estimator']}, k = {res.meta['k']}",
-                 sec, digits=3)
+    keeps_k = args.method in ("subspace", "svcca", "pwcca")
+    method = res.meta["estimator"] + (f", k = {res.meta['k']}" if keeps_k else "")
+    return _emit(res, args, res.to_table(), method, sec, digits=3, notes=cca_notes(res))
+
+
+def cca_notes(res: Any) -> list[str]:
+    """Why a CCA diagonal is below 1: the layers whose covariance is singular (rank below
+    the width, or n ≤ d) get the ridge ``eps·tr(C)/d``, with their ranks."""
+    m = res.meta
+    if m.get("method") != "cca":
+        return []
+    sides = m.get("sides") or ["", ""]
+    ridged = {}
+    for side, names, ridges, ranks in ((sides[0], res.rows, m["row_ridge"], m["row_rank"]),
+                                       (sides[1], res.cols, m["col_ridge"], m["col_rank"])):
+        for name, ridge, rank in zip(names, ridges, ranks):
+            if ridge > 0:
+                ridged[f"{side}:{name}" if side else name] = (rank, ridge)
+    if not ridged:
+        return [f"# CCA without a ridge: every covariance has full rank (n = {m['n']})"]
+    which = ", ".join(f"{name} (rank {rank}, ridge {ridge:.3g})"
+                      for name, (rank, ridge) in ridged.items())
+    return [f"# CCA ridge eps·tr(C)/d (eps = {m['ridge_eps']:g}) added to the singular "
+            f"covariances (n = {m['n']}) of {which}: a layer of rank r and width d has CCA about "
+            "r/d with itself (R² averages over all d directions); --ridge 0 is allowed only "
+            "where every covariance has full rank"]
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:

@@ -30,14 +30,13 @@ from typing import Any
 
 from .._optional import matplotlib
 from .._progress import Progress, stage
-from .._source import Source, check_comparable, resolve
+from .._source import check_comparable, resolve
 from .._validate import SEED, Bool, Int, Text, Texts, validated
 from ..results import Result, _jsonable, atomic_write_text
 from . import html
 from .run import Side, moments, neighbours
 from .sections import (
     Document,
-    meta_get,
     section_cka,
     section_cross,
     section_id,
@@ -69,8 +68,9 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
 
     ``store`` / ``other``: an ActivationStore, a store path or a dict of 2-D arrays; two
     inputs must have the same row ids in the same order. ``labels`` names them in the text
-    (default: the model name from the metadata, else "A" / "B"). Returns the path of
-    ``report.html``.
+    and figures (default: :meth:`Source.short_name`: the metadata's label, else its model name
+    unless that is a path on disk, else the store folder's name; "A" / "B" for arrays).
+    Returns the path of ``report.html``.
     """
     t_start = time.perf_counter()
     matplotlib("the report's figures")
@@ -81,12 +81,7 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
 
-    def default_label(src: Source, fallback: str) -> str:
-        meta = dict(getattr(src.store, "metadata", {}) or {}) if src.is_store else {}
-        name = meta_get(meta, "label", "model", "model_name")
-        return str(name) if name else fallback
-
-    la, lb = labels if labels else (default_label(a, "A"), default_label(b, "B") if b else "B")
+    la, lb = labels if labels else (a.short_name("A"), b.short_name("B") if b else "B")
     if b is not None and la == lb:
         la, lb = f"{la} (A)", f"{lb} (B)"
     notes: list[str] = []

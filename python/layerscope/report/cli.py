@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .._source import resolve
 from .._validate import SEED, Int, cli_type
+from ..errors import InvalidArgumentError
 from . import report
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    labels = None
+    if args.label:
+        count = 2 if args.other else 1
+        if len(args.label) > count:
+            raise InvalidArgumentError(f"--label: {len(args.label)} names for {count} store(s)")
+        names = list(args.label)
+        if len(names) < count:  # the second store keeps its own name
+            names.append(resolve(args.other).short_name("B"))
+        labels = (names + ["B"])[:2]
     path = report(args.store, args.other, args.out, sample=args.sample or None,
                   bootstrap=args.bootstrap, rbf=not args.no_rbf, seed=args.seed,
-                  progress=not args.quiet)
+                  progress=not args.quiet, labels=labels)
     print(f"report: {path.resolve()}")
     return 0
 
@@ -31,6 +42,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--bootstrap", type=cli_type(Int(0)), default=20,
                    help="bootstrap resamples for ID CIs")
     p.add_argument("--no-rbf", action="store_true", help="skip RBF CKA")
+    p.add_argument("--label", nargs="+", metavar="NAME",
+                   help="names of the store(s) in the text and figures (default: the store's "
+                   "label or model name from its metadata, else its folder name)")
     p.add_argument("--seed", type=cli_type(SEED), default=0, help="seed of the row sample")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_report)

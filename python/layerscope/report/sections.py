@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .._source import meta_get
 from ..plots import figure, heat, png_bytes, tick_labels, xticks
 from ..results import Result, _jsonable
 from . import html
@@ -44,17 +45,6 @@ def _meta_text(res: Any) -> str:
     if meta.get("seed") is not None and (s is not None or "sample" in meta):
         parts.append(f"seed={meta.get('seed')}")
     return ", ".join(parts)
-
-
-def meta_get(meta: dict[str, Any], *keys: str) -> Any:
-    """The first of ``keys`` found at the top level of the metadata, then under ``user``
-    (what the caller passed to capture) and ``capture`` (what capture recorded)."""
-    for scope in (meta, meta.get("user"), meta.get("capture")):
-        if isinstance(scope, dict):
-            for k in keys:
-                if scope.get(k) not in (None, ""):
-                    return scope[k]
-    return None
 
 
 def _flat_meta(meta: dict[str, Any]) -> list[tuple[str, str]]:

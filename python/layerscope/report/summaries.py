@@ -55,13 +55,22 @@ def adjacent_summary(adj: np.ndarray, names: Sequence[str], label: str,
         spans = ", ".join(f"layers {_span(names, a, b)}" for a, b in runs)
         lines.append(f"{label}: {spans} are > {threshold:.2f} similar to their neighbours "
                      "(candidates to prune, skip or merge).")
-    else:
-        k = int(np.nanargmax(adj))
+    hi, lo = int(np.nanargmax(adj)), int(np.nanargmin(adj))
+    if not runs:
         lines.append(f"{label}: no two adjacent layers exceed {threshold:.2f}; the closest "
-                     f"neighbours are layers {names[k]} and {names[k + 1]} ({fmt(adj[k])}).")
-    k = int(np.nanargmin(adj))
-    lines.append(f"{label}: the largest change is between layers {names[k]} and "
-                 f"{names[k + 1]} (CKA {fmt(adj[k])}).")
+                     f"neighbours are layers {names[hi]} and {names[hi + 1]} ({fmt(adj[hi])}).")
+    if fmt(adj[lo]) == fmt(adj[hi]):
+        # a flat curve has no "largest change": saying so beside the most similar pair (the
+        # same number) reads as a contradiction
+        if adj.size > 1:
+            lines.append(f"{label}: adjacent-layer CKA is flat ({fmt(adj[lo])} between every "
+                         "pair of neighbours): no step stands out.")
+    elif adj[lo] > threshold:
+        lines.append(f"{label}: the least similar neighbours, layers {names[lo]} and "
+                     f"{names[lo + 1]} (CKA {fmt(adj[lo])}), are still above {threshold:.2f}.")
+    else:
+        lines.append(f"{label}: the largest change is between layers {names[lo]} and "
+                     f"{names[lo + 1]} (CKA {fmt(adj[lo])}).")
     return lines
 
 

@@ -58,6 +58,8 @@ fn align_to_py<'py>(py: Python<'py>, a: AlignmentMatrix) -> PyResult<Bound<'py, 
     d.set_item("col_k", a.col_k)?;
     d.set_item("row_ridge", a.row_ridge)?;
     d.set_item("col_ridge", a.col_ridge)?;
+    d.set_item("row_rank", a.row_rank)?;
+    d.set_item("col_rank", a.col_rank)?;
     Ok(d)
 }
 

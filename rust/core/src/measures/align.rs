@@ -154,6 +154,8 @@ pub struct Prepared {
     pub basis: Mat<f64>,
     /// CCA ridge `r_i` actually added (0 when none).
     pub ridge: f64,
+    /// Numerical rank of `C_ii` (the rank rule of the module docs).
+    pub rank: usize,
     /// Layer width.
     pub dim: usize,
     /// `tr C_ii`.
@@ -180,6 +182,7 @@ pub fn prepare(e: &LayerEig, name: &str, opts: &AlignOptions) -> Result<Prepared
         k: 0,
         basis: Mat::zeros(0, 0),
         ridge: 0.0,
+        rank: e.rank,
         dim: d,
         trace: e.trace,
     };
@@ -191,13 +194,21 @@ pub fn prepare(e: &LayerEig, name: &str, opts: &AlignOptions) -> Result<Prepared
     match opts.method {
         Method::Procrustes => {}
         Method::Cca => {
-            if !(opts.ridge_eps.is_finite() && opts.ridge_eps > 0.0) {
+            if !(opts.ridge_eps.is_finite() && opts.ridge_eps >= 0.0) {
                 return Err(Error::invalid(format!(
-                    "ridge must be a positive finite number, got {}",
+                    "ridge must be a finite number >= 0, got {}",
                     opts.ridge_eps
                 )));
             }
-            let ridge = if e.n <= d || e.rank < d {
+            let singular = e.n <= d || e.rank < d;
+            if singular && opts.ridge_eps == 0.0 {
+                return Err(Error::invalid(format!(
+                    "layer {name:?} has a singular covariance (rank {} of width {d}, n = {}): \
+                     CCA without a ridge is undefined there; use a ridge > 0 (default 1e-4)",
+                    e.rank, e.n
+                )));
+            }
+            let ridge = if singular {
                 opts.ridge_eps * e.trace / d as f64
             } else {
                 0.0
@@ -399,6 +410,9 @@ pub struct AlignmentMatrix {
     /// CCA ridge per row / column layer (0 when none).
     pub row_ridge: Vec<f64>,
     pub col_ridge: Vec<f64>,
+    /// Numerical rank per row / column layer.
+    pub row_rank: Vec<usize>,
+    pub col_rank: Vec<usize>,
 }
 
 /// Alignment for every pair (rows × cols) of layers indexed into `eigs`/`names`.
@@ -520,6 +534,8 @@ where
         col_k: cols.iter().map(|&i| prep(i).k).collect(),
         row_ridge: rows.iter().map(|&i| prep(i).ridge).collect(),
         col_ridge: cols.iter().map(|&i| prep(i).ridge).collect(),
+        row_rank: rows.iter().map(|&i| prep(i).rank).collect(),
+        col_rank: cols.iter().map(|&i| prep(i).rank).collect(),
     })
 }
 
@@ -840,6 +856,16 @@ mod tests {
         let r2 = rho.iter().map(|r| r * r).sum::<f64>() / 3.0;
         assert!((cc.values[1] - r2).abs() < 1e-10);
         assert!((cc.values[2] - r2).abs() < 1e-10);
+        assert_eq!(
+            (cc.row_rank.clone(), cc.col_rank.clone()),
+            (vec![3, 4], vec![3, 4])
+        );
+        // No ridge is needed at full rank, so ridge 0 is allowed and changes nothing.
+        let none = AlignOptions {
+            ridge_eps: 0.0,
+            ..opts(Method::Cca, 1)
+        };
+        assert_eq!(run(&blocks, &eigs, none, false).unwrap().values, cc.values);
     }
 
     #[test]
@@ -850,6 +876,21 @@ mod tests {
         let want = 1e-4 * eigs[0].trace / 8.0;
         assert!((cc.row_ridge[0] - want).abs() < 1e-15 * want.max(1.0));
         assert!(cc.values[1].is_finite() && cc.values[1] < 1.0);
+        assert_eq!(cc.row_rank, vec![4, 4]); // 5 centred rows: rank 4 of width 8
+                                             // Without a ridge a singular covariance is an error naming the layer and its rank.
+        let none = AlignOptions {
+            ridge_eps: 0.0,
+            ..opts(Method::Cca, 1)
+        };
+        match run(&blocks, &eigs, none, true) {
+            Err(Error::InvalidArgument(msg)) => {
+                assert!(
+                    msg.contains("rank 4 of width 8") && msg.contains("ridge > 0"),
+                    "{msg}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
         // A ridge below the eigenvalues' round-off is a clear error, not a NaN.
         let tiny = AlignOptions {
             ridge_eps: 1e-300,
