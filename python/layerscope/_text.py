@@ -54,9 +54,9 @@ class Table(NamedTuple):
     index_name: str = ""
 
     def to_pandas(self) -> Any:
-        from ._optional import pandas
+        from ._optional import require
 
-        pd = pandas("a table as a pandas DataFrame")
+        pd = require("pandas", "a table as a pandas DataFrame")
         return pd.DataFrame(self.rows, index=pd.Index(self.index, name=self.index_name or None),
                             columns=self.columns)
 

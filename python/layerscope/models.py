@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _optional
+from ._optional import require
 from .errors import MissingDependencyError
 
 __all__ = ["load_minilm", "minilm_path", "minilm_random", "tiny_gpt2", "small_cnn"]
@@ -23,8 +23,8 @@ __all__ = ["load_minilm", "minilm_path", "minilm_random", "tiny_gpt2", "small_cn
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    _optional.torch("the bundled models")
-    _optional.transformers("the bundled models")
+    require("torch", "the bundled models")
+    require("transformers", "the bundled models")
 
 
 def minilm_path() -> str:

@@ -11,9 +11,9 @@ import numpy as np
 
 
 def _mpl() -> Any:
-    from ._optional import matplotlib as require
+    from ._optional import require
 
-    matplotlib = require("a figure")
+    matplotlib = require("matplotlib", "a figure")
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         try:

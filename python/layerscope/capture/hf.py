@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .. import _optional
+from .._optional import require
 from .._progress import Progress
 from ..errors import CaptureError, InvalidArgumentError
 
@@ -47,8 +47,8 @@ def load_local(model: str | os.PathLike[str]) -> tuple[Any, Any]:
     path = model_folder(model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    _optional.torch("running a model")
-    transformers = _optional.transformers("loading a Hugging Face model")
+    require("torch", "running a model")
+    transformers = require("transformers", "loading a Hugging Face model")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

@@ -25,12 +25,12 @@ def demo(out: str | os.PathLike[str] = "layerscope-demo", *, texts: int = 400,
     (at most ``max_rows`` rows), then write the report comparing the two. ``quick`` shrinks
     everything for tests. Returns the path of ``report.html``.
     """
-    from .. import _optional
+    from .._optional import require
     from ..capture.hf import capture_texts
     from ..corpus import stdlib_corpus
     from ..models import load_minilm, minilm_random
 
-    _optional.matplotlib("the demo's report")  # before minutes of capture, not after
+    require("matplotlib", "the demo's report")  # before minutes of capture, not after
     if quick:
         texts, max_length, max_rows = min(texts, 24), min(max_length, 32), min(max_rows, 600)
         sample, bootstrap = min(sample, 300), min(bootstrap, 5)

@@ -14,7 +14,7 @@ from typing import Any
 from .._defaults import ALIGN_K, BATCH_SIZE, RIDGE
 from .._layers import add_layer_args
 from .._memory import add_max_memory_arg
-from .._optional import matplotlib
+from .._optional import require
 from .._text import Table, escape
 from .._validate import SEED, Float, Int, cli_type
 from ..errors import InvalidArgumentError
@@ -41,7 +41,7 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise InvalidArgumentError(
                 f"{path}: cannot write a figure as {ext or 'a file without extension'!r}; "
                 f"use one of {', '.join(PLOT_FORMATS)}")
-        matplotlib(f"--plot {path}")
+        require("matplotlib", f"--plot {path}")
     for path in filter(None, [getattr(args, "out", None), *plots]):
         folder = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(folder):

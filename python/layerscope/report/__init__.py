@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._optional import matplotlib
+from .._optional import require
 from .._progress import Progress, stage
 from .._source import check_comparable, resolve
 from .._validate import SEED, Bool, Int, Text, Texts, validated
@@ -73,7 +73,7 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     Returns the path of ``report.html``.
     """
     t_start = time.perf_counter()
-    matplotlib("the report's figures")
+    require("matplotlib", "the report's figures")
     a = resolve(store)
     b = resolve(other) if other is not None else None
     if b is not None:
