@@ -16,6 +16,7 @@ from __future__ import annotations
 from ._memory import MemoryBudget, memory_budget
 from ._native import __version__
 from .capture import Capture, capture
+from .dumps import convert
 from .errors import (
     CaptureError,
     FormatError,
@@ -52,7 +53,7 @@ __all__ = [
     "StoreNotFoundError", "StoreExistsError", "StoreIOError", "NonFiniteError",
     "InvalidArgumentError", "MemoryBudgetError", "CaptureError", "MissingDependencyError", "MatrixResult", "Result",
     "load_result", "ActivationStore", "StoreWriter", "open", "write_store", "capture",
-    "Capture", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
+    "Capture", "convert", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
     "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "IDResult", "report",
     "memory_budget", "plan", "Plan", "MemoryBudget",
 ]

@@ -10,7 +10,8 @@ from typing import Any
 from .errors import MissingDependencyError
 
 # Each optional third-party package and the extra that installs it (pyproject.toml).
-EXTRAS = {"pandas": "plot", "matplotlib": "plot", "torch": "torch", "transformers": "torch"}
+EXTRAS = {"pandas": "plot", "matplotlib": "plot", "torch": "torch", "transformers": "torch",
+          "h5py": "convert", "pyarrow": "convert"}
 
 
 def require(package: str, why: str) -> Any:

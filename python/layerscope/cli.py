@@ -12,6 +12,7 @@ from typing import Any
 from ._text import escape
 from .capture.cli import add_cli as _capture
 from .demo import add_cli as _demo
+from .dumps import add_cli as _convert
 from .errors import LayerscopeError
 from .measures.cli import add_cli as _measures
 from .planner import add_cli as _planner
@@ -19,7 +20,7 @@ from .report.cli import add_cli as _report
 from .store import add_cli as _store
 
 # The packages' commands, in the order they appear in --help.
-_COMMANDS = (_store, _capture, _measures, _planner, _report, _demo)
+_COMMANDS = (_store, _capture, _convert, _measures, _planner, _report, _demo)
 
 # Exit statuses: a usage or input error (argparse's own status), Ctrl-C, a closed pipe.
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PIPE = 2, 130, 141
