@@ -4,7 +4,7 @@ is a tensor."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,11 +40,24 @@ def to_numpy(x: Any, name: str = "array") -> np.ndarray:
     return np.asarray(x)
 
 
+class Bits(NamedTuple):
+    """The 16-bit patterns (``uint16``) of float16 or bfloat16 values, as files store them:
+    :func:`to_store_array` passes them on untouched, so they are stored bit-exactly without
+    torch or ml_dtypes (:func:`layerscope.convert` reads BF16 tensors this way)."""
+
+    bits: np.ndarray
+    kind: str
+
+
 def to_store_array(name: str, x: Any) -> tuple[np.ndarray, str]:
     """A C-contiguous 2-D array as a store takes it, plus its kind: float16 and bfloat16 (torch
     or ml_dtypes) as their uint16 bit patterns, so they are stored bit-exactly; integers as
     float64."""
-    if is_tensor(x):
+    if isinstance(x, Bits):
+        if x.kind not in ("float16", "bfloat16") or x.bits.dtype != np.uint16:
+            raise InvalidArgumentError(f"{name}: Bits holds uint16 float16/bfloat16 patterns")
+        a, kind = x.bits, x.kind
+    elif is_tensor(x):
         import torch
 
         t = _host(name, x).contiguous()

@@ -19,6 +19,7 @@ import numpy as np
 from .._defaults import STORE_DTYPES, dtype_name
 from .._layers import match_layers
 from .._progress import Progress, stage
+from .._tensor import Bits
 from .._validate import DTYPE, PROGRESS, Bool, OneOf, Strings, Text, validated
 from ..capture.rowids import index_row_ids
 from ..errors import (
@@ -159,7 +160,10 @@ def _rows(part: Part, sample0: int) -> tuple[dict[str, np.ndarray], np.ndarray,
     position = t.astype(np.int64)
     if ids is None:
         ids = index_row_ids(sample, position)
-    arrays = {k: a[b, t] for k, a in part.arrays.items()}
+    if keep.all():  # every token: a view, no gather
+        arrays = {k: a.reshape(B * T, *a.shape[2:]) for k, a in part.arrays.items()}
+    else:
+        arrays = {k: a[b, t] for k, a in part.arrays.items()}
     cols = {k: np.asarray(v)[b, t] if np.ndim(v) == 2 else np.asarray(v)[b]
             for k, v in part.columns.items()}
     return arrays, ids, {"__sample__": sample, "__position__": position, **cols}, B
@@ -187,9 +191,11 @@ def _write(parts: Any, path: Path, patterns: Sequence[str] | None, dtype: str | 
                 part = part._replace(arrays={n: part.arrays[n] for n in names})
                 arrays, ids, cols, samples = _rows(part, sample0)
                 sample0 += samples
+                bits = part.dtypes or {}
                 if ids.size:
                     assert writer is not None
-                    writer.append(arrays, row_ids=ids, columns=cols)
+                    writer.append({n: Bits(a, bits[n]) if n in bits else a
+                                   for n, a in arrays.items()}, row_ids=ids, columns=cols)
                 if prog.cb is not None:
                     prog.cb(writer.rows_written if writer is not None else 0, None)
             if writer is None:
@@ -203,8 +209,8 @@ def _write(parts: Any, path: Path, patterns: Sequence[str] | None, dtype: str | 
 
 
 def _common_dtype(part: Part, names: list[str]) -> str | None:
-    """The stored dtype: the sources' when every layer has the same float dtype (BF16 read
-    as float32 is stored as bfloat16 again: exact), else None (each layer's own)."""
+    """The stored dtype: the sources' when every layer has the same float dtype (BF16 held as
+    bit patterns counts as bfloat16), else None (each layer's own)."""
     kinds = {(part.dtypes or {}).get(n, str(part.arrays[n].dtype)) for n in names}
     if len(kinds) == 1:
         kind = kinds.pop()

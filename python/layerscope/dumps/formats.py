@@ -9,8 +9,8 @@ Formats (``format=`` of :func:`layerscope.convert`):
 - ``safetensors``: per-layer keys (``{layer: [N, d] or [B, T, d]}``) in one file, or one file
   per batch (the same keys in every file); or the ragged per-prompt form, keys ``"0"`` …
   ``"N-1"`` each ``[1, T_i, d]`` or ``[T_i, d]``, one file per layer (named after the file).
-  Read through memory maps of the requested rows only; F16, BF16, F32, F64 (BF16 widened to F32
-  exactly and stored back as BF16).
+  Read through memory maps of the requested rows only; F16, BF16, F32, F64 (BF16 passed to
+  the store as its bit patterns: exact).
 - ``npy``: one file per layer (named after the file), ``[N, d]`` or ``[B, T, d]``, read in
   row blocks through memory maps of those rows only (a file larger than memory or than the
   address-space limit is fine).
@@ -71,7 +71,7 @@ class Part(NamedTuple):
     columns: dict[str, np.ndarray]
     row_ids: np.ndarray | None
     where: str
-    dtypes: dict[str, str] | None = None  # source dtypes where they differ from the arrays'
+    dtypes: dict[str, str] | None = None  # "bfloat16" for layers held as uint16 bit patterns
 
 
 class Keys(NamedTuple):
@@ -222,10 +222,6 @@ def _bf16_names(head: dict[str, Any], layers: Sequence[str]) -> dict[str, str]:
     return {k: "bfloat16" for k in layers if head[k].dtype == "BF16"}
 
 
-def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
 class _STTensor(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
@@ -271,7 +267,7 @@ def safetensors_header(path: Path) -> dict[str, _STTensor]:
 
 def _st_rows(path: Path, t: _STTensor, lo: int, hi: int) -> np.ndarray:
     """Rows ``lo:hi`` (leading axis) of one tensor, through a memory map of those rows only;
-    BF16 widened to float32."""
+    BF16 as its uint16 bit patterns (the part's ``dtypes`` say so)."""
     dt = np.dtype(_ST_DTYPES[t.dtype])
     inner = t.shape[1:]
     row = int(np.prod(inner, dtype=np.int64)) * dt.itemsize
@@ -280,7 +276,7 @@ def _st_rows(path: Path, t: _STTensor, lo: int, hi: int) -> np.ndarray:
     else:
         a = np.array(np.memmap(path, dtype=dt, mode="r", offset=t.offset + lo * row,
                                shape=(hi - lo, *inner)))
-    return _bf16_to_f32(a) if t.dtype == "BF16" else a
+    return a
 
 
 def read_safetensors(paths: list[Path], keys: Keys) -> Iterator[Part]:
@@ -592,14 +588,14 @@ def load_torch(path: Path) -> Any:
 
 
 def _to_numpy(name: str, t: Any, where: str) -> tuple[np.ndarray, str | None]:
-    """A tensor as numpy (bf16 widened to float32 exactly) and its source dtype name."""
+    """A tensor as numpy (bf16 as its uint16 bit patterns) and, for bf16, "bfloat16"."""
     torch = require("torch", "reading .pt files")
     if not isinstance(t, torch.Tensor):
         raise FormatError(f"{where}: {name!r} is a {type(t).__name__}, not a tensor")
     if t.is_sparse or t.layout != torch.strided:
         raise FormatError(f"{where}: {name!r} is a sparse tensor")
     if t.dtype == torch.bfloat16:
-        return t.float().numpy(), "bfloat16"
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16), "bfloat16"
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (
             torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
         raise FormatError(f"{where}: {name!r} has dtype {t.dtype}")
