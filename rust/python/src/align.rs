@@ -54,12 +54,20 @@ fn align_to_py<'py>(py: Python<'py>, a: AlignmentMatrix) -> PyResult<Bound<'py, 
         ex.set_item(name, v.into_pyarray(py))?;
     }
     d.set_item("extras", ex)?;
-    d.set_item("row_k", a.row_k)?;
-    d.set_item("col_k", a.col_k)?;
-    d.set_item("row_ridge", a.row_ridge)?;
-    d.set_item("col_ridge", a.col_ridge)?;
-    d.set_item("row_rank", a.row_rank)?;
-    d.set_item("col_rank", a.col_rank)?;
+    for (side, facts) in [("row", &a.rows), ("col", &a.cols)] {
+        d.set_item(
+            format!("{side}_k"),
+            facts.iter().map(|f| f.k).collect::<Vec<_>>(),
+        )?;
+        d.set_item(
+            format!("{side}_ridge"),
+            facts.iter().map(|f| f.ridge).collect::<Vec<_>>(),
+        )?;
+        d.set_item(
+            format!("{side}_rank"),
+            facts.iter().map(|f| f.rank).collect::<Vec<_>>(),
+        )?;
+    }
     Ok(d)
 }
 

@@ -162,6 +162,17 @@ pub struct Prepared {
     pub trace: f64,
 }
 
+impl Prepared {
+    /// The per-layer numbers reported with the table.
+    pub fn facts(&self) -> LayerFacts {
+        LayerFacts {
+            k: self.k,
+            ridge: self.ridge,
+            rank: self.rank,
+        }
+    }
+}
+
 fn variance_k(e: &LayerEig, frac: f64) -> usize {
     let pos = e.positive_values();
     let total: f64 = pos.iter().sum();
@@ -404,15 +415,20 @@ pub struct AlignmentMatrix {
     pub cosines: Vec<Vec<f64>>,
     /// `(name, row-major values)` per extra of the method.
     pub extras: Vec<(&'static str, Vec<f64>)>,
-    /// Kept k per row layer / per column layer (0 when unused).
-    pub row_k: Vec<usize>,
-    pub col_k: Vec<usize>,
-    /// CCA ridge per row / column layer (0 when none).
-    pub row_ridge: Vec<f64>,
-    pub col_ridge: Vec<f64>,
-    /// Numerical rank per row / column layer.
-    pub row_rank: Vec<usize>,
-    pub col_rank: Vec<usize>,
+    /// What was kept of each row layer and each column layer.
+    pub rows: Vec<LayerFacts>,
+    pub cols: Vec<LayerFacts>,
+}
+
+/// What the alignment kept of one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerFacts {
+    /// Kept directions (0 when the method keeps none).
+    pub k: usize,
+    /// CCA ridge added to `C_ii` (0 when none).
+    pub ridge: f64,
+    /// Numerical rank of `C_ii`.
+    pub rank: usize,
 }
 
 /// Alignment for every pair (rows × cols) of layers indexed into `eigs`/`names`.
@@ -530,12 +546,8 @@ where
             .copied()
             .zip(extras)
             .collect(),
-        row_k: rows.iter().map(|&i| prep(i).k).collect(),
-        col_k: cols.iter().map(|&i| prep(i).k).collect(),
-        row_ridge: rows.iter().map(|&i| prep(i).ridge).collect(),
-        col_ridge: cols.iter().map(|&i| prep(i).ridge).collect(),
-        row_rank: rows.iter().map(|&i| prep(i).rank).collect(),
-        col_rank: cols.iter().map(|&i| prep(i).rank).collect(),
+        rows: rows.iter().map(|&i| prep(i).facts()).collect(),
+        cols: cols.iter().map(|&i| prep(i).facts()).collect(),
     })
 }
 
@@ -755,6 +767,10 @@ mod tests {
         )
     }
 
+    fn rank(facts: &[LayerFacts]) -> Vec<usize> {
+        facts.iter().map(|f| f.rank).collect()
+    }
+
     fn opts(method: Method, k: usize) -> AlignOptions {
         AlignOptions {
             method,
@@ -848,7 +864,7 @@ mod tests {
         assert!((pr.values[0] - 1.0).abs() < 1e-12);
         // CCA: canonical correlations = singular values of Q_iᵀ Q_j (full rank, n > d).
         let cc = run(&blocks, &eigs, opts(Method::Cca, 1), false).unwrap();
-        assert_eq!(cc.row_ridge, vec![0.0, 0.0]);
+        assert!(cc.rows.iter().all(|f| f.ridge == 0.0));
         let q = |x: &Mat<f64>| x.thin_svd().unwrap().U().to_owned();
         let rho = (q(&cs[0]).transpose() * q(&cs[1]))
             .singular_values()
@@ -856,10 +872,7 @@ mod tests {
         let r2 = rho.iter().map(|r| r * r).sum::<f64>() / 3.0;
         assert!((cc.values[1] - r2).abs() < 1e-10);
         assert!((cc.values[2] - r2).abs() < 1e-10);
-        assert_eq!(
-            (cc.row_rank.clone(), cc.col_rank.clone()),
-            (vec![3, 4], vec![3, 4])
-        );
+        assert_eq!((rank(&cc.rows), rank(&cc.cols)), (vec![3, 4], vec![3, 4]));
         // No ridge is needed at full rank, so ridge 0 is allowed and changes nothing.
         let none = AlignOptions {
             ridge_eps: 0.0,
@@ -874,10 +887,10 @@ mod tests {
         let (_, blocks, eigs) = setup(&xs);
         let cc = run(&blocks, &eigs, opts(Method::Cca, 1), true).unwrap();
         let want = 1e-4 * eigs[0].trace / 8.0;
-        assert!((cc.row_ridge[0] - want).abs() < 1e-15 * want.max(1.0));
+        assert!((cc.rows[0].ridge - want).abs() < 1e-15 * want.max(1.0));
         assert!(cc.values[1].is_finite() && cc.values[1] < 1.0);
-        assert_eq!(cc.row_rank, vec![4, 4]); // 5 centred rows: rank 4 of width 8
-                                             // Without a ridge a singular covariance is an error naming the layer and its rank.
+        assert_eq!(rank(&cc.rows), vec![4, 4]); // 5 centred rows: rank 4 of width 8
+                                                // Without a ridge a singular covariance is an error naming the layer and its rank.
         let none = AlignOptions {
             ridge_eps: 0.0,
             ..opts(Method::Cca, 1)
