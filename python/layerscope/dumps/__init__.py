@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..store import ActivationStore, StoreWriter, open_store
 from . import formats
-from .formats import FORMATS, Part
+from .formats import FORMATS, Keys, Part
 
 __all__ = ["convert", "FORMATS", "add_cli"]
 
@@ -77,7 +77,7 @@ def convert(
     paths = formats.expand([sources] if isinstance(sources, (str, os.PathLike)) else sources)
     out = Path(out)
     _check_out(out, overwrite)
-    keys = formats.check_keys(mask, row_ids)
+    keys = Keys(mask, row_ids)
     found = sorted({formats.detect(p) for p in paths}) if format == "auto" else [format]
     if len(found) > 1:
         raise FormatError("the sources mix formats (" + ", ".join(found) + "); convert "

@@ -32,6 +32,7 @@ Formats (``format=`` of :func:`layerscope.convert`):
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import re
@@ -43,7 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._optional import require
-from ..errors import FormatError, InvalidArgumentError, MismatchError
+from ..errors import FormatError, MismatchError
 
 FORMATS = ("safetensors", "npy", "npz", "hdf5", "arrow", "hf-hidden-states", "tl-cache",
            "torch")
@@ -95,7 +96,7 @@ def expand(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for s in sources:
         text = os.fspath(s)
         if any(c in text for c in "*?["):
-            hits = sorted((Path(p) for p in _glob(text)), key=natural_key)
+            hits = sorted((Path(p) for p in glob.glob(text)), key=natural_key)
             if not hits:
                 raise FormatError(f"{text}: the pattern matches no file")
             out += hits
@@ -112,12 +113,6 @@ def expand(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
         else:
             out.append(p)
     return out
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return glob.glob(pattern)
 
 
 def is_datasets_folder(p: Path) -> bool:
@@ -634,16 +629,12 @@ def torch_layers(obj: Any, keys: Keys, where: str) -> tuple[dict[str, Any], dict
         if len(rest) == 1 and isinstance(next(iter(rest.values())), torch.Tensor) \
                 and next(iter(rest.values())).ndim == 4:  # {"feats": [L+1, B, T, d], ...}
             return _stacked(next(iter(rest.values())), where), extras, "hf-hidden-states"
-        layers, skipped = {}, []
-        for k, v in rest.items():
+        layers = {}
+        for k, v in rest.items():  # anything else (attention patterns, scalars) is skipped
             if isinstance(v, torch.Tensor) and v.ndim == 4 and _HEAD_HOOKS.search(k):
                 layers[k] = v.flatten(2)  # [batch, pos, head·d_head]
             elif isinstance(v, torch.Tensor) and v.ndim in (2, 3):
                 layers[k] = v
-            else:
-                skipped.append(k)
-        if skipped:
-            extras["__skipped__"] = skipped
         layout = "tl-cache" if any("hook_" in k for k in layers) else "dict"
         return layers, extras, layout
     if isinstance(obj, (list, tuple)):
@@ -667,7 +658,7 @@ def read_torch(paths: list[Path], keys: Keys, expect: str | None = None) -> Iter
         if expect is not None and not layout.startswith(expect):
             raise FormatError(f"{where}: holds {layout}, not {expect}")
         arrays, dtypes = {}, {}
-        for k, v in {**layers, **{k: v for k, v in extras.items() if k != "__skipped__"}}.items():
+        for k, v in {**layers, **extras}.items():
             arrays[k], src = _to_numpy(k, v, where)
             if src:
                 dtypes[k] = src
@@ -685,10 +676,3 @@ READERS = {"safetensors": read_safetensors, "npy": read_npy, "npz": read_npz,
            "hdf5": read_hdf5, "arrow": read_arrow, "torch": read_torch,
            "hf-hidden-states": functools.partial(read_torch, expect="hf-hidden-states"),
            "tl-cache": functools.partial(read_torch, expect="tl-cache")}
-
-
-def check_keys(mask: str | None, row_ids: str | None) -> Keys:
-    for what, k in (("mask", mask), ("row_ids", row_ids)):
-        if k is not None and not k:
-            raise InvalidArgumentError(f"{what}: an empty key name")
-    return Keys(mask, row_ids)
