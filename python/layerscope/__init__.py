@@ -22,6 +22,7 @@ from .errors import (
     FormatError,
     InvalidArgumentError,
     LayerscopeError,
+    LockedError,
     MemoryBudgetError,
     MismatchError,
     MissingDependencyError,
@@ -46,6 +47,7 @@ from .measures import (
 from .planner import Plan, plan
 from .report import report
 from .results import MatrixResult, Result, load_result
+from .runs import BatchResult, batch
 from .store import ActivationStore, StoreWriter, open, write_store
 
 __all__ = [
@@ -55,5 +57,5 @@ __all__ = [
     "load_result", "ActivationStore", "StoreWriter", "open", "write_store", "capture",
     "Capture", "convert", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
     "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "IDResult", "report",
-    "memory_budget", "plan", "Plan", "MemoryBudget",
+    "memory_budget", "plan", "Plan", "MemoryBudget", "batch", "BatchResult", "LockedError",
 ]

@@ -295,6 +295,16 @@ def validated(_where: str | None = None, **spec: Any) -> Callable[[F], F]:
                     bound.arguments[name] = check(where, name, bound.arguments[name], rules)
             return fn(*bound.args, **bound.kwargs)
 
+        inner.__layerscope_rules__ = (where, spec)  # type: ignore[attr-defined]
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def check_options(fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (keyword arguments meant for the :func:`validated` function ``fn``, to be
+    passed later) checked and normalised by ``fn``'s own rules now, so that a caller that
+    runs ``fn`` many times (``layerscope.batch``) refuses a bad value before any work."""
+    where, spec = getattr(fn, "__layerscope_rules__", (fn.__name__, {}))
+    return {name: check(where, name, v, spec[name]) if name in spec else v
+            for name, v in options.items()}

@@ -17,10 +17,11 @@ from .errors import LayerscopeError
 from .measures.cli import add_cli as _measures
 from .planner import add_cli as _planner
 from .report.cli import add_cli as _report
+from .runs import add_cli as _batch
 from .store import add_cli as _store
 
 # The packages' commands, in the order they appear in --help.
-_COMMANDS = (_store, _capture, _convert, _measures, _planner, _report, _demo)
+_COMMANDS = (_store, _capture, _convert, _measures, _planner, _report, _batch, _demo)
 
 # Exit statuses: a usage or input error (argparse's own status), Ctrl-C, a closed pipe.
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PIPE = 2, 130, 141

@@ -64,8 +64,13 @@ class MissingDependencyError(LayerscopeError, ImportError):
     (``pip install 'layerscope[plot]'`` for tables and figures, ``[torch]`` for capture)."""
 
 
+class LockedError(LayerscopeError, RuntimeError):
+    """Another process holds the lock of a folder this call would write (a running
+    ``layerscope batch``); the message names the holder (pid, host, start time, command)."""
+
+
 __all__ = [
-    "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
+    "LockedError", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "NonFiniteError", "InvalidArgumentError",
     "MemoryBudgetError", "StoreIOError", "CaptureError", "Interrupted", "MissingDependencyError",
 ]
