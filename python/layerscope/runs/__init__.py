@@ -7,6 +7,8 @@
                              fingerprints of the stores it read and the options it ran with
     DIR/batch.json           the run: stores (label, path, fingerprint), pairs, measures,
                              options, what was computed, skipped and failed
+    DIR/index.html           what to look at: the run and its figures (layerscope.runs.figures),
+                             self-contained; the figures also as DIR/figures/*.png
 
 Resumable: each finished item is written atomically (temp file + rename); a rerun skips every
 item whose file is there with the same store fingerprints (SHA-256 of each manifest, which
@@ -45,6 +47,7 @@ from ..measures import alignment, cka, intrinsic_dimensions, spectrum
 from ..results import _jsonable, atomic_write_text, result_from_dict
 from ..store import ActivationStore, open_store
 from ._lock import LOCK_NAME, FolderLock
+from .figures import write_index
 from .table import COLUMNS, Row, item_rows, to_csv
 
 __all__ = ["batch", "BatchResult", "MEASURES", "PAIRS", "add_cli"]
@@ -188,7 +191,8 @@ def plan_items(labels: list[str], pairs: str, reference: int,
 
 
 class BatchResult:
-    """What :func:`batch` did. ``path`` (the folder), ``csv`` (``results.csv``), ``rows``
+    """What :func:`batch` did. ``path`` (the folder), ``csv`` (``results.csv``), ``index``
+    (``index.html``), ``rows``
     (the tidy table: tuples in the order of ``layerscope.batch.table.COLUMNS``),
     ``computed`` / ``skipped`` (items run now / found done), ``failed`` (item → the error
     message: those items are not in the table; a rerun retries them), ``labels``."""
@@ -199,6 +203,7 @@ class BatchResult:
                  failed: dict[Item, str], labels: list[str]) -> None:
         self.path = path
         self.csv = path / "results.csv"
+        self.index = path / "index.html"
         self.rows = rows
         self.computed = computed
         self.skipped = skipped
@@ -291,14 +296,15 @@ def _check_folder(out: Path) -> None:
 
 def _clean_temps(out: Path) -> None:
     """Temp files of writes cut short by a kill (their renames never happened)."""
-    for folder in [out, *(out / "items").glob("*")]:
+    for folder in [out, out / "figures", *(out / "items").glob("*")]:
         if folder.is_dir():
             for tmp in folder.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
 
 
 @validated(pairs=OneOf(*PAIRS), measures=Strings(options=MEASURES), resume=Bool(),
-           labels=(None, Strings("a label")), workers=(None, Int(1)), progress=PROGRESS)
+           labels=(None, Strings("a label")), workers=(None, Int(1)), figures=Bool(),
+           progress=PROGRESS)
 def batch(
     stores: Sequence[Any],
     *,
@@ -309,6 +315,7 @@ def batch(
     resume: bool = True,
     labels: Sequence[str] | None = None,
     workers: int | None = None,
+    figures: bool = True,
     progress: Any = True,
     **measure_options: Any,
 ) -> BatchResult:
@@ -335,6 +342,8 @@ def batch(
         workers: items run at the same time (default: 2 when there are several items, each
             then planned within half of the memory budget; an item refused at that share
             runs again, alone, with all of it). Each item is itself parallel in Rust.
+        figures: draw the figures of ``DIR/index.html`` (needs matplotlib, the ``plot``
+            extra; without it the page says so and shows the run only).
         progress: one bar over items (True), none (False), or ``cb(done, total)``.
         **measure_options: options of the measures: a name that a selected measure's
             function takes goes to every selected measure that takes it (``seed=``,
@@ -378,13 +387,19 @@ def batch(
         raise InvalidArgumentError(
             f"layerscope.batch: pairs={pairs!r} over {len(names)} store(s) gives nothing to "
             "compute (give at least two stores, or pairs='each')")
-    _check_pairs(items, opened)
     out = Path(out)
+    files = [_item_path(out, it) for it in items]
+    if len(set(files)) != len(files):
+        raise InvalidArgumentError(
+            f"layerscope.batch: the labels {names} give two items one file name (a label "
+            "with '__'?); pass other labels=[...]")
+    _check_pairs(items, opened)
     _check_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out):
         _clean_temps(out)
-        return _Run(out, items, opened, options, max_memory, workers, progress).run(resume, pairs, measures, names)
+        run = _Run(out, items, opened, options, max_memory, workers, progress)
+        return run.run(resume, pairs, measures, names, names[ref], figures)
 
 
 def _check_pairs(items: list[Item], opened: dict[str, _Store]) -> None:
@@ -421,8 +436,8 @@ class _Run:
         keys = [item.a] if item.b is None or item.b == item.a else [item.a, item.b]
         return {k: self.stores[k].fingerprint for k in keys}
 
-    def run(self, resume: bool, pairs: str, measures: list[str],
-            names: list[str]) -> BatchResult:
+    def run(self, resume: bool, pairs: str, measures: list[str], names: list[str],
+            reference: str, figures: bool) -> BatchResult:
         skipped, todo = [], []
         for item in self.items:
             data = _read_item(_item_path(self.out, item)) if resume else None
@@ -458,6 +473,14 @@ class _Run:
             {**spec, "state": "finished", "items": len(self.items),
              "computed": [str(i) for i in computed], "skipped": [str(i) for i in skipped],
              "failed": {str(i): e for i, e in failed.items()}}, indent=2))
+        stores = [{"label": n, "path": str(s.store.path), "rows": s.store.num_rows,
+                   "layers": len(s.store.layers), "fingerprint": s.fingerprint,
+                   "dtype": "/".join(sorted(set(s.store.dtypes.values())))}
+                  for n, s in ((n, self.stores[n]) for n in names)]
+        counts = {"computed": len(computed), "skipped": len(skipped), "failed": len(failed)}
+        write_index(self.out, self._table(), names, pairs, reference, measures,
+                    self.options, stores, counts, {str(i): e for i, e in failed.items()},
+                    figures)
         return BatchResult(self.out, self._table(), computed, skipped, failed, names)
 
     # ------------------------------------------------------------------ running items

@@ -46,17 +46,19 @@ def _run(args: argparse.Namespace) -> int:
         opts[m] = per[m]
     res = batch(args.stores, out=args.out, pairs=args.pairs, reference=args.reference,
                 measures=args.measures, resume=not args.no_resume, labels=args.labels,
-                workers=args.workers, progress=not args.quiet, max_memory=args.max_memory,
+                workers=args.workers, figures=not args.no_figures, progress=not args.quiet,
+                max_memory=args.max_memory,
                 **opts)
     for item, err in res.failed.items():
         print(escape(f"failed: {item}: {err}"))
     print(f"# batch | {len(res.computed)} computed, {len(res.skipped)} already done, "
           f"{len(res.failed)} failed | {len(res.rows)} rows -> {escape(str(res.csv))} | "
-          f"{time.perf_counter() - t0:.2f} s")
+          f"{escape(str(res.index))} | {time.perf_counter() - t0:.2f} s")
     return 2 if res.failed else 0
 
 
 def add_cli(sub: Any) -> None:
+    """``layerscope batch STORE... -o DIR [--pairs P] [--measures M,M] [options]``."""
     p = sub.add_parser(
         "batch",
         help="the same measures over many stores (checkpoints, seeds, edits): a resumable "
@@ -79,6 +81,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--labels", type=_names(None), default=None, metavar="A,B",
                    help="names of the stores in the table (default: folder names)")
     p.add_argument("--no-resume", action="store_true", help="recompute finished items too")
+    p.add_argument("--no-figures", action="store_true",
+                   help="index.html without figures (they need matplotlib: the plot extra)")
     p.add_argument("--workers", type=cli_type(Int(1)), default=None,
                    help="items at the same time (default 2, each with half the memory budget)")
     add_layer_args(p, other=False)
