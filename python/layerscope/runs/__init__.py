@@ -21,6 +21,7 @@ in flight and the table never holds a torn or duplicated row. One process at a t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -164,8 +165,6 @@ def _route(measures: list[str], options: dict[str, Any]) -> dict[str, dict[str, 
 
 
 def _params(fn: Callable[..., Any]) -> list[str]:
-    import inspect
-
     return [p for p in inspect.signature(fn).parameters if p not in _NOT_OPTIONS]
 
 
@@ -223,7 +222,7 @@ class BatchResult:
         data = _read_item(_item_path(self.path, item))
         if data is None:
             raise InvalidArgumentError(f"{self.path}: no finished item {item}")
-        res = {k: result_from_dict(v) for k, v in data["results"].items()}
+        res = _results(data)
         return res if measure == "id" else next(iter(res.values()))
 
     def __repr__(self) -> str:
@@ -234,6 +233,11 @@ class BatchResult:
 def _item_path(folder: Path, item: Item) -> Path:
     name = _stem(item.a) + ("" if item.b is None else f"__{_stem(item.b)}")
     return folder / "items" / item.measure / f"{name}.json"
+
+
+def _results(data: dict[str, Any]) -> dict[str, Any]:
+    """An item file's results, restored to their classes."""
+    return {k: result_from_dict(v) for k, v in data["results"].items()}
 
 
 def _read_item(path: Path) -> dict[str, Any] | None:
@@ -564,8 +568,8 @@ class _Run:
                                     self.options[item.measure], res)
 
     def _rows(self, item: Item, data: dict[str, Any]) -> list[Row]:
-        res = {k: result_from_dict(v) for k, v in data["results"].items()}
-        return item_rows(item.measure, item.a, item.b, self.options[item.measure], res)
+        return item_rows(item.measure, item.a, item.b, self.options[item.measure],
+                         _results(data))
 
     # ------------------------------------------------------------------ the table
 

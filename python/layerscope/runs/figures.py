@@ -206,33 +206,24 @@ def _along(figs: _Figures, rows: list[Row], est: str, pairs: list[tuple[str, str
 def _matching(figs: _Figures, rows: list[Row], est: str, ref: str, others: list[str]
               ) -> None:
     """For each layer of each store, the reference layer it is most similar to."""
-    from ..plots import figure, tick_labels, xticks
+    from ..plots import figure, tick_labels
 
     fig = figure(6.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     ref_layers: list[str] = []
     longest: list[str] = []
-    many = len(others) > 10
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
-    for i, other in enumerate(others):
+    series: dict[str, list[float]] = {}
+    for other in others:
         rn, cn, best = matching(rows, est, ref, other)
         ref_layers = rn if len(rn) > len(ref_layers) else ref_layers
         longest = cn if len(cn) > len(longest) else longest
-        ax.plot(range(len(cn)), [b if b >= 0 else np.nan for b in best], marker="o",
-                ms=3 if many else 5, lw=1.2 if many else 1.5, label=other,
-                color=cmap(i / max(len(others) - 1, 1)) if many else None)
+        series[other] = [b if b >= 0 else math.nan for b in best]
     ax.plot([0, len(longest) - 1], [0, len(longest) - 1], ls="--", lw=1, color="0.6",
             label="same position")
+    _curves(ax, series, tick_labels(longest), f"best-matching layer of {ref}", "store")
     ax.set_yticks(range(len(ref_layers)))
     ax.set_yticklabels(tick_labels(ref_layers), fontsize=8)
-    xticks(ax, tick_labels(longest))
-    ax.set_ylabel(f"best-matching layer of {ref}", fontsize=9)
     ax.set_xlabel("layer of the store (by position)", fontsize=9)
-    ax.grid(alpha=0.3)
-    if not many:
-        ax.legend(title="store", fontsize=7, title_fontsize=8, frameon=False)
     heading = f"Best-matching layer of {ref}"
     fig.suptitle(heading, fontsize=11)
     figs.add("matching", heading, fig,
