@@ -20,6 +20,9 @@ SAMPLE_CAP = 4096
 #: The CCA ridge: ``eps · tr(C_ii) / d_i`` added when ``n <= d_i`` or ``C_ii`` is singular.
 RIDGE = 1e-4
 
+#: Where the moment passes run (``backend=``): this process, or a Ray cluster.
+BACKENDS = ("local", "ray")
+
 #: What a store holds, and bytes per value.
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 STORE_DTYPES = tuple(ITEMSIZE)

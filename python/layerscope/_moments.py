@@ -138,6 +138,8 @@ def pair_stats(
     block_rows: int | None = None,
     compute: str = "float64",
     strategy: str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """What linear CKA needs of every layer pair (``_native.PairStats``: ``‖C_ij‖²``,
     ``Σ r̄_i r̄_j``, ``tr C_ii``, ``n``), exactly, within the memory budget; return
@@ -157,19 +159,35 @@ def pair_stats(
     one of the three, forced.
     ``meta["plan"]`` records the strategy, passes, peak bytes, bytes read and FLOPs; with
     ``other``, only the pairs across the two sources (and each layer with itself) are
-    computed."""
+    computed.
+
+    ``backend="ray"``: the same plan's tiles cut into row-range tasks on a Ray cluster
+    (:mod:`layerscope._ray`; ``ray_address`` as there); ``meta`` also records the backend
+    and the tasks."""
     t0 = time.perf_counter()
     parts, names, dims, compute, num_a, block_rows = _setup(
         source, layers, other, other_layers, compute, block_rows)
     if strategy is not None and not isinstance(strategy, str):
         raise InvalidArgumentError(f"strategy must be a string or None, got {strategy!r}")
-    with Progress(progress, "moments") as prog:
-        st = _native.pair_pass(
-            [native_part(src, ls) for src, ls in parts], names, num_a, block_rows=block_rows,
-            check_finite=check_finite, max_memory=max_memory, progress=prog.cb,
-            compute=compute, strategy=strategy,
-        )
+    extra: dict[str, Any] = {}
+    if backend == "ray":
+        from . import _ray
+
+        st, extra = _ray.pair_stats(
+            parts, names, num_a, block_rows=block_rows, check_finite=check_finite,
+            max_memory=max_memory, progress=progress, compute=compute, strategy=strategy,
+            address=ray_address)
+    else:
+        with Progress(progress, "moments") as prog:
+            st = _native.pair_pass(
+                [native_part(src, ls) for src, ls in parts], names, num_a,
+                block_rows=block_rows, check_finite=check_finite, max_memory=max_memory,
+                progress=prog.cb, compute=compute, strategy=strategy,
+            )
     meta = _meta(st, parts, names, compute, t0)
+    meta.update(extra)
+    if extra:
+        meta["engine"] = "ray"
     item = [_itemsize(src, nm) for src, ls in parts for nm in ls]
     n = int(st.n)
     store_bytes = read_bytes(n, dims, item)

@@ -242,6 +242,61 @@ class PairStats:
         debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`."""
     def __repr__(self) -> str: ...
 
+class PairStatsBuilder:
+    """The pair statistics of a TilePlan's pass over `n` rows, from each tile's partial sums
+    over all rows (any order of tiles); `finish` once every tile is added."""
+    def __init__(self, plan: TilePlan, names: Sequence[str], n: int) -> None: ...
+    def add(self, t: int, data: bytes) -> None:
+        """Add tile `t`'s partial sums over all rows (serialised, as `run_tile` and
+        `merge_partials` return them)."""
+    def finish(self) -> PairStats:
+        """The statistics (an error when a tile is missing)."""
+    def missing(self) -> list[int]:
+        """Tiles not added yet."""
+
+class TilePlan:
+    """An exact linear pass as tiles over column pieces of the layers (a single pass is one
+    diagonal tile): the plan a distributed run cuts into `(tile, row range)` tasks.
+    Pickled as its JSON (``to_json`` / ``from_json``, checked when read)."""
+    @property
+    def block_rows(self) -> int: ...
+    @property
+    def compute(self) -> str: ...
+    @property
+    def dims(self) -> list[int]: ...
+    @property
+    def layer_reads(self) -> list[int]:
+        """How many tiles read each layer."""
+    @property
+    def madds_per_row(self) -> int:
+        """Multiply-adds per row of all tiles."""
+    @property
+    def num_a(self) -> int: ...
+    @property
+    def peak_bytes(self) -> int:
+        """The largest tile's peak bytes (one task's)."""
+    @property
+    def strategy(self) -> str:
+        """``"single-pass"`` or ``"tiled"``."""
+    @property
+    def tiles(self) -> int:
+        """Number of tiles (each one pass over the rows when run locally)."""
+    def __reduce__(self) -> tuple[Any, tuple[str]]: ...
+    def run_tile(self, parts: Sequence[Part], names: Sequence[str], t: int, start: int, stop: int, shift: npt.NDArray[np.float64] | Sequence[float] | None = None, check_finite: bool = True, max_memory: int | None = None, progress: ProgressCallback = None) -> bytes:
+        """One task: rows `[start, stop)` of tile `t` of `parts` (the plan's layers, named
+        `names`) under `shift` (:meth:`tile_shift`), returned as the serialised partial sums.
+        MemoryBudgetError before reading a row when the task's peak exceeds the budget in
+        force here (`max_memory`, else this machine's)."""
+    def tile_layers(self, t: int) -> list[int]:
+        """The layers tile `t` reads (sorted)."""
+    def tile_peak_bytes(self, t: int) -> int:
+        """Peak bytes of one task of tile `t`."""
+    def tile_shift(self, parts: Sequence[Part], t: int) -> npt.NDArray[np.float64] | None:
+        """Tile `t`'s reference shift, sampled over all rows of `parts` (the plan's layers,
+        see `source.rs`); None when a sampled value is not finite."""
+    def to_json(self) -> str: ...
+    def __repr__(self) -> str: ...
+
 def accumulator_bytes(dims: Sequence[int]) -> int:
     """Bytes of the accumulator for layers of these widths (`(D+L)² × 8` plus vectors)."""
 
@@ -283,6 +338,10 @@ def memory_budget(max_memory: int | None = None) -> tuple[int, str]:
     `LAYERSCOPE_MAX_MEMORY`, else the machine's (`BUDGET_FRACTION` of the smallest of
     MemAvailable, the cgroup limit and the RLIMIT_AS headroom)."""
 
+def merge_partials(a: bytes, b: bytes) -> bytes:
+    """The partial sums `a` followed by `b` (the next rows of the same tile), serialised: the
+    sums of one task over both ranges. GIL released."""
+
 def minibatch_bytes(dims: Sequence[int], batch_size: int) -> int:
     """Peak bytes of the minibatch estimator's state for layers of widths `dims` and batches of
     `batch_size` rows (what it checks against the budget before the pass)."""
@@ -315,6 +374,11 @@ def pair_plan(dims: Sequence[int], num_a: int, n: int, block_rows: int | None = 
     `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer), `madds`,
     `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`.
     MemoryBudgetError (with the minimum that would work) when no plan fits."""
+
+def pair_tiles(dims: Sequence[int], num_a: int, n: int, block_rows: int | None = None, compute: str = 'float64', max_memory: int | None = None, strategy: str | None = None) -> TilePlan | None:
+    """The exact linear pass `pair_pass` would run, as a TilePlan; None when the cheapest plan
+    (or the one forced by `strategy`) is the Gram route, which needs every row of a layer at
+    once and is not cut into row ranges. Arguments as `pair_plan`."""
 
 def parse_memory_size(text: str) -> int:
     """Bytes of a size string ("512M", "4G", "1.5GiB", "800MB", "4096"); InvalidArgumentError

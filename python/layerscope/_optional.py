@@ -11,7 +11,7 @@ from .errors import MissingDependencyError
 
 # Each optional third-party package and the extra that installs it (pyproject.toml).
 EXTRAS = {"pandas": "plot", "matplotlib": "plot", "torch": "torch", "transformers": "torch",
-          "h5py": "convert", "pyarrow": "convert"}
+          "h5py": "convert", "pyarrow": "convert", "ray": "ray"}
 
 
 def require(package: str, why: str) -> Any:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any, TypeVar
 
+from ._defaults import BACKENDS
 from .errors import InvalidArgumentError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -232,6 +233,8 @@ SEED = Int(0, 2**64 - 1)
 LAYERS = (None, Strings("a layer name or glob"))
 MAX_MEMORY = (None, SIZE)
 PROGRESS = Progress()
+BACKEND = OneOf(*BACKENDS)
+RAY_ADDRESS = (None, Text())
 
 
 def cli_type(rule: Rule, parse: Callable[[str], Any] = int) -> Callable[[str], Any]:

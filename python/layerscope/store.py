@@ -9,6 +9,7 @@ finished. All I/O runs in Rust with the GIL released.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,6 +67,15 @@ class ActivationStore:
         self.columns: list[str] = list(native.columns)
         self.complete: bool = bool(native.complete)
         self.nbytes: int = int(native.total_bytes)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the manifest (``layerscope.json``, which lists every shard's size and
+        checksum): equal fingerprints mean the same rows and values."""
+        h = hashlib.sha256()
+        with (self.path / "layerscope.json").open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return self.num_rows

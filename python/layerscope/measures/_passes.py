@@ -41,7 +41,8 @@ class Tiles:
 
     def __init__(
         self, source: Any, layers: Any, other: Any, other_layers: Any, *, pairs: bool,
-        compute: str, budget: int | None, progress: Any,
+        compute: str, budget: int | None, progress: Any, backend: str = "local",
+        ray_address: str | None = None,
     ) -> None:
         from .._moments import _itemsize, measure_tiles, resolve_compute
         from .._source import check_comparable, resolve
@@ -63,6 +64,8 @@ class Tiles:
         self.compute = resolve_compute(compute, parts)
         self.budget = budget
         self.progress = progress
+        self.backend = backend
+        self.ray_address = ray_address
         if self.n == 0:
             raise InvalidArgumentError("the source has no rows")
         self.strategy, self.tiles, self.peak = measure_tiles(
@@ -77,19 +80,36 @@ class Tiles:
 
         t0 = time.perf_counter()
         metas: list[dict[str, Any]] = []
-        with PassProgress(self.progress, "moments", len(self.tiles)) as prog:
-            for p, tile in enumerate(self.tiles):
-                ta = [self.names[i] for i in tile if i < self.num_a]
-                tb = [self.names[i] for i in tile if i >= self.num_a]
-                # a tile of second-source layers only (their spectra) reads that source
-                first, fl, second, sl = ((self.a, ta, self.b if tb else None, tb or None)
-                                         if ta else (self.b, tb, None, None))
-                m, meta = compute_moments(
-                    first, fl, second, sl, progress=prog.pass_cb(p) or False,
-                    max_memory=self.budget, compute=self.compute)
+        parts = []
+        for tile in self.tiles:
+            ta = [self.names[i] for i in tile if i < self.num_a]
+            tb = [self.names[i] for i in tile if i >= self.num_a]
+            # a tile of second-source layers only (their spectra) reads that source
+            parts.append(([(self.a, ta)] + ([(self.b, tb)] if tb else []), len(ta))
+                         if ta else ([(self.b, tb)], len(tb)))
+        if self.backend == "ray":
+            from .._ray import moment_passes
+
+            passes = moment_passes(parts, compute=self.compute, check_finite=True,
+                                   max_memory=self.budget, progress=self.progress,
+                                   address=self.ray_address)
+            for tile, (m, meta) in zip(self.tiles, passes):
                 each(tile, m, {g: k for k, g in enumerate(tile)})
                 metas.append(meta)
+        else:
+            with PassProgress(self.progress, "moments", len(self.tiles)) as prog:
+                for p, (tile, (pp, _)) in enumerate(zip(self.tiles, parts)):
+                    first, fl = pp[0]
+                    second, sl = pp[1] if len(pp) > 1 else (None, None)
+                    m, meta = compute_moments(
+                        first, fl, second, sl, progress=prog.pass_cb(p) or False,
+                        max_memory=self.budget, compute=self.compute)
+                    each(tile, m, {g: k for k, g in enumerate(tile)})
+                    metas.append(meta)
         meta = dict(metas[0])
+        meta["backend"] = self.backend
+        if self.backend == "ray":  # one run of every tile's tasks
+            meta["tasks"] = metas[0]["tasks"]
         meta["shift_offset"] = max(float(x["shift_offset"]) for x in metas)
         bad: dict[str, int] = {}
         for x in metas:
@@ -181,7 +201,8 @@ def _put_alignment(
 def run_measures(
     source: Any, layers: Any, other: Any, other_layers: Any, *, spectrum: bool,
     aligns: dict[str, dict[str, Any]], ckas: list[bool], compute: str, budget: int | None,
-    progress: Any, pca_threshold: float | None = None,
+    progress: Any, pca_threshold: float | None = None, backend: str = "local",
+    ray_address: str | None = None,
 ) -> tuple[Tiles, dict[str, Any], dict[str, Any]]:
     """Spectra (of every selected layer when ``spectrum``), the alignments ``aligns``
     (key → options of ``Moments.alignment``, without rows/cols) and linear CKA (``ckas``: the
@@ -190,7 +211,7 @@ def run_measures(
     ``Moments.alignment`` returns them) and ``raw[("cka", debiased)]`` (rows × cols arrays)."""
     pairs = bool(aligns or ckas)
     t = Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute,
-               budget=budget, progress=progress)
+              budget=budget, progress=progress, backend=backend, ray_address=ray_address)
     rows, cols = t.rows, t.cols
     nr, nc = len(rows), len(cols)
     raw: dict[str, Any] = {}

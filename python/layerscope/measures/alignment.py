@@ -46,7 +46,20 @@ import numpy as np
 
 from .._defaults import ALIGN_K, RIDGE
 from .._moments import COMPUTE
-from .._validate import LAYERS, MAX_MEMORY, PROGRESS, Float, Int, OneOf, Strings, check, validated
+from .._ray import check_backend
+from .._validate import (
+    BACKEND,
+    LAYERS,
+    MAX_MEMORY,
+    PROGRESS,
+    RAY_ADDRESS,
+    Float,
+    Int,
+    OneOf,
+    Strings,
+    check,
+    validated,
+)
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult, Result
 from ._passes import run_measures
@@ -199,7 +212,8 @@ def alignment_result(
 
 
 @validated(method=_RULES["method"], k=K, space=_RULES["space"], layers=LAYERS,
-           other_layers=LAYERS, ridge=_RULES["ridge"], progress=PROGRESS, max_memory=MAX_MEMORY)
+           other_layers=LAYERS, ridge=_RULES["ridge"], progress=PROGRESS, max_memory=MAX_MEMORY,
+           backend=BACKEND, ray_address=RAY_ADDRESS)
 def alignment(
     source: Any,
     other: Any = None,
@@ -212,6 +226,8 @@ def alignment(
     ridge: float = RIDGE,
     progress: bool = True,
     max_memory: int | str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> AlignmentResult:
     """Alignment of every layer pair (rows = ``source`` layers, cols = ``other`` layers or the
     same layers), from one pass of moments.
@@ -233,17 +249,21 @@ def alignment(
     value = the sum of its cosines. ``space="samples"`` measures how much two layers share the
     same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
     of a layer's features, unlike per-token cosine similarity. ``max_memory``: the memory
-    budget, as in :func:`spectrum`."""
+    budget, as in :func:`spectrum`; ``backend="ray"``: the passes cut into row-range tasks on
+    a Ray cluster (``ray_address``: as in :func:`layerscope.cka`)."""
+    check_backend(backend, ray_address)
     opts = _align_opts(method, space, k, ridge)
     t, raw, meta = run_measures(source, layers, other, other_layers, spectrum=False,
                                 aligns={"alignment": opts}, ckas=[], compute="float64",
-                                budget=max_memory, progress=progress)
+                                budget=max_memory, progress=progress, backend=backend,
+                                ray_address=ray_address)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     return alignment_result(raw["alignment"], rn, cn, method, space, k, ridge, meta)
 
 
 @validated(measures=Strings(options=ANALYZE_MEASURES), layers=LAYERS, other_layers=LAYERS,
-           k=K, progress=PROGRESS, max_memory=MAX_MEMORY)
+           k=K, progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND,
+           ray_address=RAY_ADDRESS)
 def analyze(
     source: Any,
     other: Any = None,
@@ -254,6 +274,8 @@ def analyze(
     k: int | str = ALIGN_K,
     progress: bool = True,
     max_memory: int | str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
     **kw: Any,
 ) -> dict[str, Result]:
     """CKA, spectra and alignment from ONE pass over the data (a single moment accumulation).
@@ -265,13 +287,16 @@ def analyze(
     "alignment:svcca"]``). Extra keywords go to the alignment (``method``, ``space``,
     ``ridge``) and spectrum (``top``); ``compute="float32"`` runs the pass with float32
     block products (see :func:`layerscope.cka`); ``max_memory``: the memory budget, as in
-    :func:`spectrum`. All arguments are checked before the pass.
+    :func:`spectrum`; ``backend="ray"``: the passes cut into row-range tasks on a Ray cluster
+    (``ray_address``: as in :func:`layerscope.cka`). All arguments are checked before the
+    pass.
     Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
     bad = set(kw) - {"method", "space", "ridge", "top", "compute"}
     if bad:
         raise InvalidArgumentError(
             f"layerscope.analyze: unknown keyword(s) {sorted(bad)}; the extra keywords are "
             "method, space, ridge, top and compute")
+    check_backend(backend, ray_address)
     kw = {name: check("layerscope.analyze", name, v, _RULES[name]) for name, v in kw.items()}
     compute = kw.get("compute", "float64")
     space = kw.get("space", "samples")
@@ -287,7 +312,8 @@ def analyze(
     ckas = [deb for name, deb in (("cka", False), ("cka_debiased", True)) if name in measures]
     t, raw, meta = run_measures(source, layers, other, other_layers,
                                 spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
-                                compute=compute, budget=max_memory, progress=progress)
+                                compute=compute, budget=max_memory, progress=progress,
+                                backend=backend, ray_address=ray_address)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     out: dict[str, Result] = {}
     for mname, deb in (("cka", False), ("cka_debiased", True)):

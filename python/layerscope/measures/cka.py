@@ -47,9 +47,21 @@ from .. import _native
 from .._defaults import BATCH_SIZE, SAMPLE_CAP
 from .._moments import COMPUTE, pair_stats
 from .._progress import Progress
+from .._ray import check_backend
 from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import Source, check_comparable, native_part, resolve
-from .._validate import LAYERS, MAX_MEMORY, PROGRESS, SEED, Float, Int, OneOf, validated
+from .._validate import (
+    BACKEND,
+    LAYERS,
+    MAX_MEMORY,
+    PROGRESS,
+    RAY_ADDRESS,
+    SEED,
+    Float,
+    Int,
+    OneOf,
+    validated,
+)
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
 
@@ -65,7 +77,7 @@ DEFAULT_BATCH_SIZE: int = BATCH_SIZE
            other_layers=LAYERS, sample=(None, Int(1)), seed=SEED, sigma=Float(0, lo_open=True),
            batch_size=(None, Int(4)), max_memory=MAX_MEMORY, nonfinite=OneOf("error", "nan"),
            compute=OneOf(*COMPUTE), strategy=(None, OneOf(*_native.PAIR_STRATEGIES)),
-           progress=PROGRESS)
+           progress=PROGRESS, backend=BACKEND, ray_address=RAY_ADDRESS)
 def cka(
     source: Any,
     other: Any = None,
@@ -83,6 +95,8 @@ def cka(
     compute: str = "auto",
     strategy: str | None = None,
     progress: Any = True,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> MatrixResult:
     """CKA of every layer pair (see the module docstring for the formulas and papers).
 
@@ -132,6 +146,14 @@ def cka(
             the same numbers (to rounding). ``meta["plan"]`` records the strategy, passes,
             peak bytes, bytes read and FLOPs.
         progress: True (tqdm bar), False, or a callable ``cb(done, total)``.
+        backend: ``"local"`` (default) or ``"ray"``: the linear biased/debiased pass cut into
+            row-range tasks of the same plan on a Ray cluster, merged in a tree of tasks —
+            the same numbers (f64: 1e-10, f32: 1e-6). Stores are read where they lie: every
+            node must see the store at the same path (checked by its manifest SHA-256).
+            ``meta["backend"]`` and ``meta["tasks"]`` record what ran.
+        ray_address: the cluster to join when no Ray session is running (else
+            ``RAY_ADDRESS``, else a local instance on 127.0.0.1); a running session
+            (``ray.is_initialized()``) is used as it is.
 
     Returns:
         A :class:`~layerscope.results.MatrixResult`: ``values[i, j]`` is the CKA of
@@ -140,6 +162,11 @@ def cka(
         bandwidths and timings.
     """
     t0 = time.perf_counter()
+    check_backend(backend, ray_address)
+    if backend == "ray" and (kernel != "linear" or estimator == "minibatch"):
+        raise InvalidArgumentError(
+            "backend='ray' runs the linear biased/debiased estimators (the moment passes); "
+            "RBF and minibatch CKA run with backend='local'")
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
     if strategy is not None and (kernel != "linear" or estimator == "minibatch"):
@@ -165,7 +192,7 @@ def cka(
     if estimator == "minibatch":
         res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE)
     elif kernel == "linear":
-        res = _linear(job, estimator, compute, strategy)
+        res = _linear(job, estimator, compute, strategy, backend, ray_address)
     else:
         res = _rbf(job, estimator, sigma)
     res.meta["seconds"] = time.perf_counter() - t0
@@ -224,7 +251,8 @@ def _base_meta(
 # linear, exact (moments)
 
 
-def _linear(job: _Job, estimator: str, compute: str, strategy: str | None) -> MatrixResult:
+def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
+            backend: str = "local", ray_address: str | None = None) -> MatrixResult:
     a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
     meta = _base_meta("linear", estimator, a.num_rows, seed, sample)
     src_a: Any = a
@@ -244,6 +272,8 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None) -> Ma
         check_finite=(nonfinite == "error"),
         compute=compute,
         strategy=strategy,
+        backend=backend,
+        ray_address=ray_address,
     )
     t1 = time.perf_counter()
     nl = len(m.dims)
@@ -264,7 +294,10 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None) -> Ma
         shift_offset=mmeta["shift_offset"],
         plan=plan,
         timings={"pass": mmeta["seconds_pass"], "cka": time.perf_counter() - t1},
+        backend=backend,
     )
+    if "tasks" in mmeta:
+        meta["tasks"] = mmeta["tasks"]
     if "nonfinite_rows" in mmeta:
         meta["nonfinite_rows"] = mmeta["nonfinite_rows"]
     return MatrixResult(

@@ -117,17 +117,48 @@ def _cmd_cka(args: argparse.Namespace) -> int:
                       layers=args.layers, other_layers=args.other_layers, sample=args.sample,
                       seed=args.seed, sigma=args.sigma, batch_size=args.batch_size,
                       max_memory=args.max_memory, nonfinite=args.nonfinite,
-                      compute=args.compute, progress=not args.quiet)
-    return _emit(res, args, res.to_table(), f"{res.meta['kernel']} {res.meta['estimator']}", sec)
+                      compute=args.compute, progress=not args.quiet, **_backend(args))
+    return _emit(res, args, res.to_table(), f"{res.meta['kernel']} {res.meta['estimator']}", sec,
+                 notes=ray_notes(res))
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     res, sec = _timed(alignment, args.store, args.other, method=args.method, k=args.k,
                       space=args.space, layers=args.layers, other_layers=args.other_layers,
-                      ridge=args.ridge, progress=not args.quiet, max_memory=args.max_memory)
+                      ridge=args.ridge, progress=not args.quiet, max_memory=args.max_memory,
+                      **_backend(args))
     keeps_k = args.method in ("subspace", "svcca", "pwcca")
     method = res.meta["estimator"] + (f", k = {res.meta['k']}" if keeps_k else "")
-    return _emit(res, args, res.to_table(), method, sec, digits=3, notes=cca_notes(res))
+    return _emit(res, args, res.to_table(), method, sec, digits=3,
+                 notes=cca_notes(res) + ray_notes(res))
+
+
+def _backend(args: argparse.Namespace) -> dict[str, Any]:
+    """``--ray [ADDRESS]`` as the functions' ``backend`` / ``ray_address``."""
+    if args.ray is None:
+        return {"backend": "local"}
+    return {"backend": "ray", "ray_address": args.ray or None}
+
+
+def _add_ray_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+        help="run the passes as tasks on a Ray cluster: ADDRESS ('auto': the cluster started "
+        "on this machine with 'ray start'; host:port), else RAY_ADDRESS, else a local instance "
+        "on 127.0.0.1; every node must see the stores at the same paths. Put it after the "
+        "store(s)")
+
+
+def ray_notes(res: Any) -> list[str]:
+    """What ran on Ray: range tasks, merges, nodes."""
+    t = res.meta.get("tasks")
+    if res.meta.get("backend") != "ray" or not t:
+        return []
+    if "note" in t:
+        return [f"# ray: {t['note']}"]
+    return [f"# ray: {t['ranges']} range tasks ({t['ranges_per_tile']} per tile), {t['merges']} "
+            f"merge tasks (depth {t['merge_depth']}) on {t['nodes']} nodes, "
+            f"{t['cpus_per_task']} CPU{'s' if t['cpus_per_task'] > 1 else ''} per task"]
 
 
 def cca_notes(res: Any) -> list[str]:
@@ -155,8 +186,9 @@ def cca_notes(res: Any) -> list[str]:
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
     res, sec = _timed(spectrum, args.store, layers=args.layers, top=args.top,
-                      progress=not args.quiet, max_memory=args.max_memory)
-    return _emit(res, args, res.to_table(), "covariance eigenvalues", sec, digits=3)
+                      progress=not args.quiet, max_memory=args.max_memory, **_backend(args))
+    return _emit(res, args, res.to_table(), "covariance eigenvalues", sec, digits=3,
+                 notes=ray_notes(res))
 
 
 def _cmd_id(args: argparse.Namespace) -> int:
@@ -211,6 +243,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
                    help="arithmetic of the linear engine's block products (auto: float32 for "
                    "f32/f16/bf16 stores, ~2x faster, summed in float64; float64 otherwise)")
+    _add_ray_arg(p)
     _finish(p, "the heatmap", _cmd_cka)
 
     p = sub.add_parser(
@@ -231,6 +264,7 @@ def add_cli(sub: Any) -> None:
     add_layer_args(p)
     p.add_argument("--plot-cosines", default=None, metavar="FILE",
                    help="write the per-pair cosine curves (Procrustes, SVCCA, CCA)")
+    _add_ray_arg(p)
     _finish(p, "the overlap heatmap", _cmd_align)
 
     p = sub.add_parser("spectrum", help="per-layer covariance spectra, effective rank, PCA-ID")
@@ -238,6 +272,7 @@ def add_cli(sub: Any) -> None:
     add_layer_args(p, other=False)
     p.add_argument("--top", type=cli_type(Int(1)), default=None,
                    help="keep the largest TOP eigenvalues in the result (default: all)")
+    _add_ray_arg(p)
     _finish(p, "the log-log spectra", _cmd_spectrum)
 
     p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE, PCA)")

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .._ray import check_backend
 from .._text import Table
-from .._validate import LAYERS, MAX_MEMORY, PROGRESS, Int, validated
+from .._validate import BACKEND, LAYERS, MAX_MEMORY, PROGRESS, RAY_ADDRESS, Int, validated
 from ..results import Result
 from ._passes import run_measures
 
@@ -137,7 +138,8 @@ def spectrum_result(
     return SpectrumResult(layers, ev, evr, table, {**meta, "measure": "spectrum", "top": top})
 
 
-@validated(layers=LAYERS, top=(None, Int(1)), progress=PROGRESS, max_memory=MAX_MEMORY)
+@validated(layers=LAYERS, top=(None, Int(1)), progress=PROGRESS, max_memory=MAX_MEMORY,
+           backend=BACKEND, ray_address=RAY_ADDRESS)
 def spectrum(
     source: Any,
     layers: Sequence[str] | str | None = None,
@@ -145,6 +147,8 @@ def spectrum(
     progress: bool = True,
     *,
     max_memory: int | str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> SpectrumResult:
     """Per-layer covariance spectra (one pass over the rows).
 
@@ -152,8 +156,11 @@ def spectrum(
     ``top``: keep only the ``top`` leading eigenvalues in the output (the measures always use
     the full spectrum); ``max_memory``: the memory budget (bytes or ``"4G"``; default
     ``LAYERSCOPE_MAX_MEMORY`` or 0.8 × the machine's available memory, see
-    :func:`layerscope.memory_budget`). See :class:`SpectrumResult` for the measures and the
-    rank rule."""
+    :func:`layerscope.memory_budget`); ``backend="ray"``: each layer's pass cut into
+    row-range tasks on a Ray cluster (``ray_address``: as in :func:`layerscope.cka`). See
+    :class:`SpectrumResult` for the measures and the rank rule."""
+    check_backend(backend, ray_address)
     t, raw, meta = run_measures(source, layers, None, None, spectrum=True, aligns={}, ckas=[],
-                                compute="float64", budget=max_memory, progress=progress)
+                                compute="float64", budget=max_memory, progress=progress,
+                                backend=backend, ray_address=ray_address)
     return spectrum_result(list(raw["spectra"]), t.names, top, meta)

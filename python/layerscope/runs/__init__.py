@@ -20,7 +20,6 @@ in flight and the table never holds a torn or duplicated row. One process at a t
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -86,16 +85,6 @@ class _Store:
     label: str
     store: ActivationStore
     fingerprint: str
-
-
-def fingerprint(store: ActivationStore) -> str:
-    """SHA-256 of the store's manifest (which lists every shard's size and checksum): equal
-    fingerprints mean the same rows and values."""
-    h = hashlib.sha256()
-    with open(store.path / "layerscope.json", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stem(label: str) -> str:
@@ -385,7 +374,7 @@ def batch(
     opened = {}
     for s, name in zip(stores, names):
         st = s if isinstance(s, ActivationStore) else open_store(s)
-        opened[name] = _Store(name, st, fingerprint(st))
+        opened[name] = _Store(name, st, st.fingerprint())
     items = plan_items(names, pairs, ref, measures)
     if not items:
         raise InvalidArgumentError(

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 mod align;
 mod cka;
 mod convert;
+mod distributed;
 mod errors;
 mod memory;
 mod moments;
@@ -22,6 +23,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     store::register(m)?;
     moments::register(m)?;
+    distributed::register(m)?;
     align::register(m)?;
     cka::register(m)?;
     memory::register(m)?;

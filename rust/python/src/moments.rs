@@ -9,7 +9,7 @@ use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
     accumulate, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
-    Moments as CoreMoments, PairPlan, PairStats as CorePairStats,
+    Moments as CoreMoments, PairPlan, PairStats as CorePairStats, TilePlan,
 };
 use layerscope_core::measures::align::{AlignOptions, AlignSpec, KSpec, Method};
 use layerscope_core::measures::cka::LinearCka;
@@ -484,6 +484,26 @@ pub struct PyPairStats {
     block_rows: usize,
     layer_reads: Vec<u64>,
     madds: u128,
+}
+
+impl PyPairStats {
+    /// The statistics of a tile plan's pass (assembled from its tiles' partial sums).
+    pub(crate) fn from_tiles(
+        inner: CorePairStats,
+        plan: &TilePlan,
+        strategy: &'static str,
+    ) -> Self {
+        PyPairStats {
+            num_a: plan.num_a,
+            strategy,
+            passes: plan.passes(),
+            peak_bytes: plan.peak_bytes,
+            block_rows: plan.block_rows,
+            layer_reads: plan.layer_reads(),
+            madds: plan.madds_per_row() * inner.n as u128,
+            inner,
+        }
+    }
 }
 
 #[pymethods]

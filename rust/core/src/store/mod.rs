@@ -25,7 +25,7 @@ pub use manifest::{
 };
 pub use reader::{OpenOptions, Store};
 pub use shard::{parse_header, MAX_HEADER_BYTES};
-pub use stream::{ReadAs, RowSource, Rows, StoreRows};
+pub use stream::{ReadAs, RowRange, RowSource, Rows, StoreRows};
 pub use writer::{ArrayData, StoreWriter, WriterOptions};
 
 #[cfg(test)]

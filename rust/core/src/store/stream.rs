@@ -10,6 +10,8 @@
 //!   read where they lie), decoded by the store's own conversions: arrays are just another
 //!   source.
 //! * [`Subset`]: given rows of another source (a seeded sample), streamed like the whole.
+//! * [`RowRange`]: consecutive rows `[start, stop)` of another source as a source of their
+//!   own (the row range of one distributed task).
 //! * [`Columns`]: column ranges of another source's layers as layers (the pieces of a tiled
 //!   pass).
 //! * [`Rows`]: several sources side by side (the selected layers of two models on the same
@@ -554,6 +556,81 @@ impl RowSource for Subset<'_> {
     /// source: a block of sampled rows releases all of it.
     fn release(&self, _start: u64, _stop: u64) -> Result<()> {
         self.src.release(0, self.src.num_rows())
+    }
+}
+
+/// Rows `[start, stop)` of another source, seen as a source of `stop − start` rows: the
+/// share of one distributed task (row `r` here is row `start + r` there).
+pub struct RowRange<'a> {
+    src: &'a dyn RowSource,
+    start: u64,
+    stop: u64,
+}
+
+impl<'a> RowRange<'a> {
+    /// Checks `start <= stop <= src.num_rows()`.
+    pub fn new(src: &'a dyn RowSource, rows: Range<u64>) -> Result<Self> {
+        let n = src.num_rows();
+        if rows.start > rows.end || rows.end > n {
+            return Err(Error::invalid(format!(
+                "row range [{}, {}) is not within the source's {n} rows",
+                rows.start, rows.end
+            )));
+        }
+        Ok(RowRange {
+            src,
+            start: rows.start,
+            stop: rows.end,
+        })
+    }
+
+    fn shifted(&self, start: u64, stop: u64) -> Result<(u64, u64)> {
+        if start > stop || stop > self.stop - self.start {
+            return Err(Error::invalid(format!(
+                "row range [{start}, {stop}) out of range ({} rows)",
+                self.stop - self.start
+            )));
+        }
+        Ok((self.start + start, self.start + stop))
+    }
+
+    fn read<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
+        let (a, b) = self.shifted(start, stop)?;
+        T::read(self.src, a, b, outs)
+    }
+
+    fn read_layer<T: ReadAs>(&self, layer: usize, range: Range<u64>, out: &mut [T]) -> Result<()> {
+        let (a, b) = self.shifted(range.start, range.end)?;
+        T::read_layer(self.src, layer, a..b, out)
+    }
+
+    fn take<T: ReadAs>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
+        let len = self.stop - self.start;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= len) {
+            return Err(Error::invalid(format!(
+                "row {bad} out of range ({len} rows)"
+            )));
+        }
+        let mut mapped = try_with_capacity(rows.len(), "the row indices of a gather")?;
+        mapped.extend(rows.iter().map(|&r| r + self.start));
+        T::take(self.src, layer, &mapped, out)
+    }
+}
+
+impl RowSource for RowRange<'_> {
+    fn num_rows(&self) -> u64 {
+        self.stop - self.start
+    }
+    fn dims(&self) -> Vec<usize> {
+        self.src.dims()
+    }
+    fn has_f64(&self) -> bool {
+        self.src.has_f64()
+    }
+    typed_reads!();
+    fn release(&self, start: u64, stop: u64) -> Result<()> {
+        let (a, b) = self.shifted(start, stop.min(self.stop - self.start))?;
+        self.src.release(a, b)
     }
 }
 

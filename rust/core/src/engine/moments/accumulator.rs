@@ -16,7 +16,7 @@ use rayon::prelude::*;
 ///   that involves the squared norms (the debiased estimators' 4th-order sums), the column
 ///   sums and the shift stay f64. Twice the SIMD width; the error is that of rounding the
 ///   shifted data to f32 plus `√b·u`-sized sums (measured against f64 in the tests: ≤ 1e-6).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Compute {
     #[default]
     F64,
@@ -59,6 +59,9 @@ pub struct MomentAccumulator {
     pub(super) n: u64,
     /// When false, non-finite values are accumulated (they turn the affected cells NaN).
     pub(super) check_finite: bool,
+    /// The source row of this accumulator's first row (named in non-finite errors only: a
+    /// task over rows `[base, …)` of a distributed pass).
+    pub(super) row_base: u64,
     /// First row (in update order) holding a non-finite value, per layer.
     pub(super) nonfinite: Vec<Option<u64>>,
     /// Arithmetic of the block products (not serialised: it does not change what is stored).
@@ -136,6 +139,7 @@ pub(super) fn column_sums<T: Copy + Into<f64> + Sync>(x: &[T], width: usize) -> 
 /// `rows × dims[l]`; a non-finite value is an [`Error::NonFinite`] naming the layer and row
 /// (`n` rows came before) when `check_finite`, else its first row is recorded in
 /// `nonfinite`. `Ok(false)` for an empty block.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn screen<T: Element>(
     dims: &[usize],
     names: &[String],
@@ -143,6 +147,7 @@ pub(super) fn screen<T: Element>(
     rows: usize,
     check_finite: bool,
     n: u64,
+    row_base: u64,
     nonfinite: &mut [Option<u64>],
 ) -> Result<bool> {
     if block.len() != dims.len() {
@@ -178,7 +183,7 @@ pub(super) fn screen<T: Element>(
             return Err(Error::NonFinite(format!(
                 "layer {:?}: non-finite value (NaN/Inf) in row {}",
                 names[l],
-                n + a as u64
+                row_base + n + a as u64
             )));
         }
     }
@@ -276,6 +281,7 @@ impl MomentAccumulator {
             sums: crate::memory::try_vec(dz, 0.0, "the column sums of the moment pass")?,
             n: 0,
             check_finite: true,
+            row_base: 0,
             nonfinite: vec![None; dims.len()],
             compute: Compute::F64,
             scratch: Scratch::default(),
@@ -302,6 +308,13 @@ impl MomentAccumulator {
     /// accumulated, and every cell involving its layer becomes NaN (first bad row recorded).
     pub fn with_check_finite(mut self, check: bool) -> Self {
         self.check_finite = check;
+        self
+    }
+
+    /// The source row of the first row fed (default 0): a non-finite error names
+    /// `row_base + row`. Recorded first bad rows stay relative (a merge offsets them).
+    pub fn with_row_base(mut self, base: u64) -> Self {
+        self.row_base = base;
         self
     }
 
@@ -344,6 +357,7 @@ impl MomentAccumulator {
             rows,
             self.check_finite,
             self.n,
+            self.row_base,
             &mut self.nonfinite,
         )? {
             return Ok(());

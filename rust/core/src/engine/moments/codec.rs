@@ -1,7 +1,8 @@
-//! The byte serialisation of a [`MomentAccumulator`]: versioned, little-endian, the upper
-//! triangle of `S` only; every inconsistency in bytes read back is an [`Error::Format`]
+//! The byte serialisation of a [`MomentAccumulator`] (versioned, little-endian, the upper
+//! triangle of `S` only) and of a [`CrossAccumulator`] (its sums in full); every inconsistency in bytes read back is an [`Error::Format`]
 //! (the accumulator travels between processes and machines: Ray, checkpoints).
 use super::accumulator::{offsets_of, Compute, MomentAccumulator, Scratch};
+use super::cross::CrossAccumulator;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"LSMOMACC";
@@ -131,9 +132,149 @@ impl MomentAccumulator {
             sums,
             n,
             check_finite,
+            row_base: 0,
             nonfinite,
             compute: Compute::F64,
             scratch: Scratch::default(),
+        })
+    }
+}
+
+const CROSS_MAGIC: &[u8; 8] = b"LSCROSSA";
+
+/// Whether `bytes` start as a serialised [`CrossAccumulator`] (else they are read as a
+/// [`MomentAccumulator`]).
+pub fn is_cross(bytes: &[u8]) -> bool {
+    bytes.starts_with(CROSS_MAGIC)
+}
+
+impl CrossAccumulator {
+    /// Versioned little-endian serialisation: layout, names, row count, first non-finite
+    /// rows, the shift, then the sums (`su`, `sr`, `uu`, `ur`, `ru`, `rr`) in full.
+    /// A refused allocation of the blob is an [`Error::Memory`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let sums = self.su.len() + self.sr.len() + self.uu.len() + self.ur.len();
+        let sums = sums + self.ru.len() + self.rr.len();
+        let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
+        let shift = self.shift.as_ref().map_or(0, |s| s.len());
+        let mut out = crate::memory::try_with_capacity(
+            64 + names + self.dims.len() * 16 + (shift + sums) * 8,
+            "the serialised cross tile",
+        )?;
+        out.extend_from_slice(CROSS_MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.na as u64).to_le_bytes());
+        for &dl in &self.dims {
+            out.extend_from_slice(&(dl as u64).to_le_bytes());
+        }
+        for name in &self.names {
+            out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        out.extend_from_slice(&self.n.to_le_bytes());
+        out.push(self.check_finite as u8);
+        for nf in &self.nonfinite {
+            out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
+        }
+        out.push(self.shift.is_some() as u8);
+        for v in self.shift.iter().flatten() {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for part in [&self.su, &self.sr, &self.uu, &self.ur, &self.ru, &self.rr] {
+            for v in part.iter() {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Inverse of [`to_bytes`](Self::to_bytes); any inconsistency is an [`Error::Format`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        if r.take(8)? != CROSS_MAGIC {
+            return Err(fmt_err("not a layerscope cross tile (bad magic)"));
+        }
+        let version = u32::from_le_bytes(r.arr::<4>()?);
+        if version != VERSION {
+            return Err(fmt_err(format!(
+                "unsupported cross tile version {version} (this build reads {VERSION})"
+            )));
+        }
+        let lc = r.u64()? as usize;
+        let na = r.u64()? as usize;
+        if lc < 2 || lc > r.remaining() / 8 || na == 0 || na >= lc {
+            return Err(fmt_err(format!("bad layer counts {lc} ({na} on side A)")));
+        }
+        let mut dims = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let dl = r.u64()?;
+            if dl == 0 || dl > (r.remaining() as u64) {
+                return Err(fmt_err(format!("bad layer width {dl}")));
+            }
+            dims.push(dl as usize);
+        }
+        let mut names = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let len = r.u64()? as usize;
+            let s = r.take(len)?;
+            names.push(
+                String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?,
+            );
+        }
+        let n = r.u64()?;
+        let check_finite = r.flag()?;
+        let mut nonfinite = Vec::with_capacity(lc);
+        for _ in 0..lc {
+            let v = r.u64()?;
+            nonfinite.push(if v == u64::MAX { None } else { Some(v) });
+        }
+        let has_shift = r.flag()?;
+        let da = dims[..na].iter().sum::<usize>();
+        let db = dims[na..].iter().sum::<usize>();
+        let lb = lc - na;
+        let cells = [da + db, lc, da * db, da * lb, na * db, na * lb];
+        let total = cells.iter().map(|&c| c as u128).sum::<u128>();
+        let need = (if has_shift { (da + db) as u128 } else { 0 } + total) * 8;
+        if need != r.remaining() as u128 {
+            return Err(fmt_err(format!(
+                "cross tile payload has {} bytes, expected {need} for widths {dims:?}",
+                r.remaining()
+            )));
+        }
+        let shift = if has_shift {
+            Some(r.f64s(da + db)?)
+        } else {
+            None
+        };
+        let su = r.f64s(cells[0])?;
+        let sr = r.f64s(cells[1])?;
+        let uu = r.f64s(cells[2])?;
+        let ur = r.f64s(cells[3])?;
+        let ru = r.f64s(cells[4])?;
+        let rr = r.f64s(cells[5])?;
+        Ok(CrossAccumulator {
+            offsets: offsets_of(&dims),
+            dims,
+            names,
+            na,
+            shift,
+            uu,
+            ur,
+            ru,
+            rr,
+            su,
+            sr,
+            n,
+            check_finite,
+            row_base: 0,
+            nonfinite,
+            compute: Compute::F64,
+            u32: Vec::new(),
+            u64: Vec::new(),
+            r: Vec::new(),
+            pack32: Vec::new(),
+            pack64: Vec::new(),
         })
     }
 }
@@ -163,6 +304,13 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; K];
         a.copy_from_slice(s);
         Ok(a)
+    }
+    fn flag(&mut self) -> Result<bool> {
+        match self.take(1)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(fmt_err(format!("bad flag byte {v}"))),
+        }
     }
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.arr::<8>()?))

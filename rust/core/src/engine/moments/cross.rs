@@ -29,32 +29,34 @@ use rayon::prelude::*;
 
 /// The streaming value of an off-diagonal tile (see the module docs).
 pub struct CrossAccumulator {
-    dims: Vec<usize>,
-    offsets: Vec<usize>,
-    names: Vec<String>,
+    pub(super) dims: Vec<usize>,
+    pub(super) offsets: Vec<usize>,
+    pub(super) names: Vec<String>,
     /// Layers `0..na` are side A, `na..` side B.
-    na: usize,
-    shift: Option<Vec<f64>>,
+    pub(super) na: usize,
+    pub(super) shift: Option<Vec<f64>>,
     /// `Σ u_A u_Bᵀ`: column-major `D_A × D_B`.
-    uu: Vec<f64>,
+    pub(super) uu: Vec<f64>,
     /// `Σ u_A r_B`: column-major `D_A × L_B`.
-    ur: Vec<f64>,
+    pub(super) ur: Vec<f64>,
     /// `Σ r_A u_B`: row-major `L_A × D_B`.
-    ru: Vec<f64>,
+    pub(super) ru: Vec<f64>,
     /// `Σ r_A r_B`: row-major `L_A × L_B`.
-    rr: Vec<f64>,
+    pub(super) rr: Vec<f64>,
     /// Column sums of `u` (length D) and of `r` (length L).
-    su: Vec<f64>,
-    sr: Vec<f64>,
-    n: u64,
-    check_finite: bool,
-    nonfinite: Vec<Option<u64>>,
-    compute: Compute,
-    u32: Vec<f32>,
-    u64: Vec<f64>,
-    r: Vec<f64>,
-    pack32: Vec<f32>,
-    pack64: Vec<f64>,
+    pub(super) su: Vec<f64>,
+    pub(super) sr: Vec<f64>,
+    pub(super) n: u64,
+    pub(super) check_finite: bool,
+    /// As [`super::MomentAccumulator::with_row_base`].
+    pub(super) row_base: u64,
+    pub(super) nonfinite: Vec<Option<u64>>,
+    pub(super) compute: Compute,
+    pub(super) u32: Vec<f32>,
+    pub(super) u64: Vec<f64>,
+    pub(super) r: Vec<f64>,
+    pub(super) pack32: Vec<f32>,
+    pub(super) pack64: Vec<f64>,
 }
 
 /// What a finished [`CrossAccumulator`] gives: for `p < L_A`, `q < L_B` (row-major
@@ -104,6 +106,7 @@ impl CrossAccumulator {
             sr: vec![0.0; la + lb],
             n: 0,
             check_finite: true,
+            row_base: 0,
             compute: Compute::F64,
             u32: Vec::new(),
             u64: Vec::new(),
@@ -120,6 +123,12 @@ impl CrossAccumulator {
 
     pub fn with_check_finite(mut self, check: bool) -> Self {
         self.check_finite = check;
+        self
+    }
+
+    /// As [`super::MomentAccumulator::with_row_base`].
+    pub fn with_row_base(mut self, base: u64) -> Self {
+        self.row_base = base;
         self
     }
 
@@ -146,6 +155,7 @@ impl CrossAccumulator {
             rows,
             self.check_finite,
             self.n,
+            self.row_base,
             &mut self.nonfinite,
         )? {
             return Ok(());
@@ -275,6 +285,53 @@ impl CrossAccumulator {
         }
         self.r = rbuf;
         self.n += rows as u64;
+        Ok(())
+    }
+
+    /// Rows accumulated so far.
+    pub fn n(&self) -> u64 {
+        self.n
+    }
+
+    /// Add the rows of `other` (the same layer widths and sides), accumulated **under the same
+    /// reference shift** (every task of a distributed tile is given the tile's shift): the
+    /// sums then simply add. A different shift is a [`Error::Mismatch`] (the cross sums
+    /// cannot be re-shifted without the diagonal blocks, which belong to other tiles).
+    /// `other`'s rows follow this one's (its first non-finite rows are offset by `n`).
+    pub fn merge(&mut self, other: &CrossAccumulator) -> Result<()> {
+        if other.dims != self.dims || other.na != self.na {
+            return Err(Error::Mismatch(format!(
+                "cannot merge cross tiles of widths {:?} ({} on side A) and {:?} ({} on side A)",
+                self.dims, self.na, other.dims, other.na
+            )));
+        }
+        if other.n == 0 {
+            return Ok(());
+        }
+        if self.n == 0 && self.shift.is_none() {
+            self.shift = other.shift.clone();
+        }
+        if self.shift != other.shift {
+            return Err(Error::Mismatch(
+                "cannot merge cross tiles accumulated under different reference shifts".into(),
+            ));
+        }
+        let base = self.n;
+        for (mine, theirs) in self.nonfinite.iter_mut().zip(&other.nonfinite) {
+            if mine.is_none() {
+                *mine = theirs.map(|r| r + base);
+            }
+        }
+        let add = |a: &mut Vec<f64>, b: &[f64]| {
+            a.par_iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        };
+        add(&mut self.uu, &other.uu);
+        add(&mut self.ur, &other.ur);
+        add(&mut self.ru, &other.ru);
+        add(&mut self.rr, &other.rr);
+        add(&mut self.su, &other.su);
+        add(&mut self.sr, &other.sr);
+        self.n += other.n;
         Ok(())
     }
 

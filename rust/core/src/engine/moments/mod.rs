@@ -40,6 +40,9 @@
 //! * `pairs.rs`: [`PairStats`] (what linear CKA needs of each pair) and the linear CKA
 //!   formula, biased and debiased;
 //! * `gram.rs`: the Gram route (per-layer centred `n × n` Grams, [`GramPlan`]) for few rows;
+//! * `partial.rs`: one tile over one range of rows ([`TilePartial`], serialisable and
+//!   mergeable) and [`PairStatsBuilder`]: the units of a distributed pass, and of the local
+//!   tiled pass;
 //! * `cross.rs`, `tiled.rs`: tiled passes for layers whose single-pass accumulator does not
 //!   fit the budget ([`plan_tiles`], [`run_tiled`], the off-diagonal [`CrossAccumulator`]).
 mod accumulator;
@@ -48,6 +51,7 @@ mod cross;
 mod finalised;
 mod gram;
 mod pairs;
+mod partial;
 mod pass;
 mod plan;
 #[cfg(test)]
@@ -59,7 +63,8 @@ pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
 pub use finalised::Moments;
 pub use gram::{gram_bytes, GramPlan};
 pub use pairs::PairStats;
-pub use pass::{accumulate, sample_shift, SHIFT_SAMPLE_ROWS};
+pub use partial::{PairStatsBuilder, TilePartial};
+pub use pass::{accumulate, accumulate_into, sample_shift, SHIFT_SAMPLE_ROWS};
 pub use plan::{
     accumulator_bytes, check_memory, cross_pass_bytes, default_block_rows, default_block_rows_for,
     measured_madds_per_s, pass_bytes,

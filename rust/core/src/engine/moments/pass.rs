@@ -33,12 +33,37 @@ pub fn accumulate(
         return Err(Error::invalid("block_rows must be at least 1"));
     }
     check_memory(&dims, block_rows, compute, budget)?;
-    let mut acc = MomentAccumulator::new(&dims)?
+    let shift = sample_shift(src)?;
+    let acc = MomentAccumulator::new(&dims)?
         .with_names(names)?
         .with_check_finite(check_finite)
         .with_compute(compute);
-    if let Some(shift) = sample_shift(src)? {
-        acc.set_shift(&shift)?;
+    accumulate_into(acc, src, block_rows, shift.as_deref(), monitor)
+}
+
+/// The pass of [`accumulate`] into `acc` (made by the caller: names, finiteness, arithmetic,
+/// the source row of its first row) under a given reference `shift` (`None`: the first
+/// block's column means), its memory already checked: every task of a distributed pass uses
+/// the shift sampled once over the whole source.
+pub fn accumulate_into(
+    mut acc: MomentAccumulator,
+    src: &dyn RowSource,
+    block_rows: usize,
+    shift: Option<&[f64]>,
+    monitor: &dyn Monitor,
+) -> Result<MomentAccumulator> {
+    if block_rows == 0 {
+        return Err(Error::invalid("block_rows must be at least 1"));
+    }
+    if acc.dims() != src.dims().as_slice() {
+        return Err(Error::Mismatch(format!(
+            "an accumulator of widths {:?} for a source of widths {:?}",
+            acc.dims(),
+            src.dims()
+        )));
+    }
+    if let Some(shift) = shift {
+        acc.set_shift(shift)?;
     }
     if src.has_f64() {
         stream::run::<f64>(src, block_rows, monitor, |b, rows| acc.update(b, rows))?;

@@ -749,3 +749,225 @@ fn measured_rate_is_a_finite_positive_rate() {
         assert!(r.is_finite() && r > 1e7 && r < 1e13, "{compute:?}: {r}");
     }
 }
+
+/// A plan cut into tasks over row ranges, each partial through bytes, merged left to right in
+/// a tree, equals the local pass (single-pass and tiled plans, one and two sources, f64 and
+/// f32), and the plan itself travels as JSON.
+#[test]
+fn row_range_tasks_merge_to_the_local_pass() {
+    use crate::monitor::NoMonitor;
+    use crate::store::stream::{ArrayLayer, ArrayRows};
+    use crate::store::Values;
+    let n = 203usize;
+    let dims = [40usize, 300, 7, 129];
+    let xs: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| data(n, d, 70 + i as u64, if i % 2 == 0 { 800.0 } else { 0.0 }))
+        .collect();
+    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    let src = ArrayRows::new(
+        dims.iter()
+            .enumerate()
+            .map(|(i, &d)| ArrayLayer::new(Values::F64(&xs[i]), n, d, d).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    let cuts = [0u64, 1, 64, 150, n as u64];
+    for compute in [Compute::F64, Compute::F32] {
+        for num_a in [dims.len(), 2] {
+            let full = pass_bytes(&dims, 50, compute) as f64;
+            let b = Budget::argument((full * 0.35) as u64).unwrap();
+            let tiled = plan_tiles(&dims, num_a, n as u64, Some(50), compute, &b).unwrap();
+            let single = TilePlan::single(&dims, num_a, 50, compute);
+            for plan in [single, tiled] {
+                let plan: TilePlan =
+                    serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
+                plan.validate().unwrap();
+                let want =
+                    run_tiled(&src, &names, &plan, true, &Budget::unchecked(), &NoMonitor).unwrap();
+                let mut out = PairStatsBuilder::new(&plan, &names, n as u64).unwrap();
+                for t in 0..plan.tiles.len() {
+                    let shift = plan.tile_shift(&src, t).unwrap();
+                    let mut parts: Vec<TilePartial> = cuts
+                        .windows(2)
+                        .map(|w| {
+                            let p = plan
+                                .run_tile(
+                                    &src,
+                                    &names,
+                                    t,
+                                    w[0]..w[1],
+                                    shift.as_deref(),
+                                    true,
+                                    &Budget::unchecked(),
+                                    &NoMonitor,
+                                )
+                                .unwrap();
+                            TilePartial::from_bytes(&p.to_bytes().unwrap()).unwrap()
+                        })
+                        .collect();
+                    // ((0 1) (2 3)): a tree of adjacent merges.
+                    let d = parts.pop().unwrap();
+                    let mut c = parts.pop().unwrap();
+                    c.merge(&d).unwrap();
+                    let b2 = parts.pop().unwrap();
+                    let mut a = parts.pop().unwrap();
+                    a.merge(&b2).unwrap();
+                    a.merge(&c).unwrap();
+                    out.add(t, a).unwrap();
+                }
+                assert!(out.missing().is_empty());
+                let got = out.finish().unwrap();
+                let (rows, cols): (Vec<usize>, Vec<usize>) = if num_a == dims.len() {
+                    ((0..4).collect(), (0..4).collect())
+                } else {
+                    ((0..num_a).collect(), (num_a..4).collect())
+                };
+                // Equal to the local pass: 1e-10 in f64, 1e-6 in f32 (each task's f32 sums
+                // start at its own first row).
+                let same = if compute == Compute::F64 { 1e-10 } else { 1e-6 };
+                for debiased in [false, true] {
+                    let g = got.cka_matrix(&rows, &cols, debiased).unwrap();
+                    let w = want.cka_matrix(&rows, &cols, debiased).unwrap();
+                    for (x, y) in g.iter().zip(&w) {
+                        assert!((x - y).abs() < same, "{compute:?} {num_a}: {x} vs {y}");
+                    }
+                }
+                // (the naive Gram formula is exact only without the offsets: layers 1, 3)
+                let x = naive_cka(&xs[1], &xs[3], n, dims[1], dims[3], true);
+                let v = got.cka_matrix(&[1], &[3], true).unwrap()[0];
+                let tol = if compute == Compute::F64 { 1e-9 } else { 1e-6 };
+                assert!(
+                    (v - x).abs() < tol,
+                    "{compute:?} {num_a} {}: {v} vs naive {x}",
+                    plan.tiles.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tile_partials_refuse_what_does_not_add_up() {
+    use crate::monitor::NoMonitor;
+    use crate::store::stream::{ArrayLayer, ArrayRows};
+    use crate::store::Values;
+    let n = 60usize;
+    let dims = [30usize, 20];
+    let xs: Vec<Vec<f64>> = dims.iter().map(|&d| data(n, d, 5, 3.0)).collect();
+    let names = vec!["a".to_string(), "b".to_string()];
+    let src = ArrayRows::new(
+        dims.iter()
+            .enumerate()
+            .map(|(i, &d)| ArrayLayer::new(Values::F64(&xs[i]), n, d, d).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    let b = Budget::argument((pass_bytes(&dims, 16, Compute::F64) as f64 * 0.9) as u64).unwrap();
+    let plan = plan_tiles(&dims, 1, n as u64, Some(16), Compute::F64, &b).unwrap();
+    let cross = (0..plan.tiles.len())
+        .find(|&t| matches!(plan.tiles[t], Tile::Cross(..)))
+        .expect("a cross tile");
+    let run = |rows: std::ops::Range<u64>, shift: Option<&[f64]>| {
+        plan.run_tile(
+            &src,
+            &names,
+            cross,
+            rows,
+            shift,
+            true,
+            &Budget::unchecked(),
+            &NoMonitor,
+        )
+    };
+    let shift = plan.tile_shift(&src, cross).unwrap().unwrap();
+    // Cross tiles merge only under one shift (each range's own first-block means differ).
+    let mut p = run(0..30, None).unwrap();
+    assert!(matches!(
+        p.merge(&run(30..60, None).unwrap()),
+        Err(Error::Mismatch(_))
+    ));
+    let mut p = run(0..30, Some(&shift)).unwrap();
+    p.merge(&run(30..60, Some(&shift)).unwrap()).unwrap();
+    // Serialised cross tiles: every truncation and a bad magic are format errors.
+    let bytes = p.to_bytes().unwrap();
+    for cut in [0, 7, 12, 40, bytes.len() - 1] {
+        assert!(matches!(
+            TilePartial::from_bytes(&bytes[..cut]),
+            Err(Error::Format { .. })
+        ));
+    }
+    let mut long = bytes.clone();
+    long.push(0);
+    assert!(matches!(
+        TilePartial::from_bytes(&long),
+        Err(Error::Format { .. })
+    ));
+    // A range beyond the rows, a tile beyond the plan, a partial of too few rows.
+    assert!(run(10..61, Some(&shift)).is_err());
+    assert!(plan
+        .run_tile(
+            &src,
+            &names,
+            99,
+            0..5,
+            None,
+            true,
+            &Budget::unchecked(),
+            &NoMonitor
+        )
+        .is_err());
+    let mut out = PairStatsBuilder::new(&plan, &names, n as u64).unwrap();
+    assert!(matches!(
+        out.add(cross, run(0..30, Some(&shift)).unwrap()),
+        Err(Error::Mismatch(_))
+    ));
+    assert!(out.finish().is_err(), "tiles missing");
+    // A plan edited to nonsense is refused before any work.
+    let mut badp = plan.clone();
+    badp.pieces[0].cols = 0..31;
+    assert!(badp.validate().is_err());
+    // A non-finite value is named by its row in the source, not in the task's range.
+    let mut bad = xs.clone();
+    bad[1][45 * dims[1] + 3] = f64::NAN;
+    let src2 = ArrayRows::new(
+        dims.iter()
+            .enumerate()
+            .map(|(i, &d)| ArrayLayer::new(Values::F64(&bad[i]), n, d, d).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    for t in 0..plan.tiles.len() {
+        if !plan.tile_layers(t).unwrap().contains(&1) {
+            continue;
+        }
+        match plan.run_tile(
+            &src2,
+            &names,
+            t,
+            30..60,
+            Some(&shift).filter(|_| t == cross).map(|v| v.as_slice()),
+            true,
+            &Budget::unchecked(),
+            &NoMonitor,
+        ) {
+            Err(Error::NonFinite(msg)) => assert!(msg.contains("row 45"), "{msg}"),
+            other => panic!("tile {t}: {:?}", other.map(|p| p.n())),
+        }
+    }
+    // A task over a tighter budget than the plan's is refused before reading a row.
+    assert!(matches!(
+        plan.run_tile(
+            &src,
+            &names,
+            cross,
+            0..n as u64,
+            Some(&shift),
+            true,
+            &Budget::argument(1000).unwrap(),
+            &NoMonitor
+        ),
+        Err(Error::Memory(_))
+    ));
+}

@@ -24,33 +24,33 @@
 //! pair asked for — the same numbers as one pass, to rounding. Each tile has its own reference
 //! shift (the same sampled rows, so the same shift for the same columns).
 use super::accumulator::Compute;
-use super::cross::CrossAccumulator;
 use super::gram::GramPlan;
 use super::pairs::PairStats;
-use super::pass::{accumulate, sample_shift};
+use super::partial::PairStatsBuilder;
+use super::pass::accumulate;
 use super::plan::{cross_pass_bytes, default_block_rows_for, pass_bytes};
 use crate::error::{Error, Result};
 use crate::memory::{fmt_bytes, Budget};
 use crate::monitor::Monitor;
-use crate::store::stream::{self, Columns, RowSource};
+use crate::store::stream::RowSource;
 use std::ops::Range;
 
 /// A piece: feature columns `cols` of layer `layer`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Piece {
     pub layer: usize,
     pub cols: Range<usize>,
 }
 
 /// One pass of a tiled plan (indices into [`TilePlan::groups`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Tile {
     Diag(usize),
     Cross(usize, usize),
 }
 
 /// The tiles of an exact all-pairs pass within a memory budget (see the module docs).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TilePlan {
     pub dims: Vec<usize>,
     /// Layers `0..num_a` are the first source's, the rest the second's.
@@ -302,8 +302,7 @@ pub fn run_tiled(
     budget: &Budget,
     monitor: &dyn Monitor,
 ) -> Result<PairStats> {
-    let l = plan.dims.len();
-    if src.dims() != plan.dims || names.len() != l {
+    if src.dims() != plan.dims || names.len() != plan.dims.len() {
         return Err(Error::Mismatch(format!(
             "the plan is for layers of widths {:?}, the source has {:?} ({} names)",
             plan.dims,
@@ -311,123 +310,29 @@ pub fn run_tiled(
             names.len()
         )));
     }
-    let piece_name = |p: usize| {
-        let pc = &plan.pieces[p];
-        if pc.cols.len() == plan.dims[pc.layer] {
-            names[pc.layer].clone()
-        } else {
-            format!("{}[{}:{}]", names[pc.layer], pc.cols.start, pc.cols.end)
-        }
-    };
-    let per_layer: Vec<u64> = (0..l)
-        .map(|x| plan.pieces.iter().filter(|p| p.layer == x).count() as u64)
-        .collect();
-    let mut st = PairStats {
-        n: src.num_rows(),
-        dims: plan.dims.clone(),
-        names: names.to_vec(),
-        sq: vec![0.0; l * l],
-        rr: vec![0.0; l * l],
-        trace: vec![0.0; l],
-        known: vec![false; l * l],
-        nonfinite: vec![None; l],
-        shift_offset: 0.0,
-    };
-    let mut count = vec![0u64; l * l];
-    // Adds one unordered pair of pieces (both orders of their layers, once when p = q).
-    let mut add = |st: &mut PairStats, p: usize, q: usize, sq: f64, rr: f64| {
-        let (x, y) = (plan.pieces[p].layer, plan.pieces[q].layer);
-        st.sq[x * l + y] += sq;
-        st.rr[x * l + y] += rr;
-        count[x * l + y] += 1;
-        if p != q {
-            st.sq[y * l + x] += sq;
-            st.rr[y * l + x] += rr;
-            count[y * l + x] += 1;
-        }
-    };
-    let first_bad = |st: &mut PairStats, p: usize, row: Option<u64>| {
-        let x = plan.pieces[p].layer;
-        if let Some(r) = row {
-            st.nonfinite[x] = Some(st.nonfinite[x].map_or(r, |o| o.min(r)));
-        }
-    };
+    let n = src.num_rows();
+    let mut out = PairStatsBuilder::new(plan, names, n)?;
     let passes = plan.tiles.len() as u64;
-    for (ti, &tile) in plan.tiles.iter().enumerate() {
+    for t in 0..plan.tiles.len() {
         let mon = PassMonitor {
             inner: monitor,
-            pass: ti as u64,
+            pass: t as u64,
             passes,
         };
-        let members: Vec<usize> = match tile {
-            Tile::Diag(g) => plan.groups[g].clone(),
-            Tile::Cross(g, h) => plan.groups[g]
-                .iter()
-                .chain(&plan.groups[h])
-                .copied()
-                .collect(),
-        };
-        let cols = Columns::new(
+        let shift = plan.tile_shift(src, t)?;
+        let part = plan.run_tile(
             src,
-            members
-                .iter()
-                .map(|&p| (plan.pieces[p].layer, plan.pieces[p].cols.clone()))
-                .collect(),
+            names,
+            t,
+            0..n,
+            shift.as_deref(),
+            check_finite,
+            budget,
+            &mon,
         )?;
-        let pnames: Vec<String> = members.iter().map(|&p| piece_name(p)).collect();
-        match tile {
-            Tile::Diag(_) => {
-                let m = accumulate(
-                    &cols,
-                    &pnames,
-                    Some(plan.block_rows),
-                    check_finite,
-                    budget,
-                    plan.compute,
-                    &mon,
-                )?
-                .finalize()?;
-                st.shift_offset = st.shift_offset.max(m.shift_offset);
-                for (a, &p) in members.iter().enumerate() {
-                    st.trace[plan.pieces[p].layer] += m.trace(a)?;
-                    first_bad(&mut st, p, m.nonfinite[a]);
-                    for (b, &q) in members.iter().enumerate().skip(a) {
-                        add(&mut st, p, q, m.block_sq_norm(a, b)?, m.rr(a, b)?);
-                    }
-                }
-            }
-            Tile::Cross(g, _) => {
-                let na = plan.groups[g].len();
-                let dims = cols.dims();
-                let mut acc = CrossAccumulator::new(&dims[..na], &dims[na..])?
-                    .with_names(&pnames)?
-                    .with_check_finite(check_finite)
-                    .with_compute(plan.compute);
-                if let Some(shift) = sample_shift(&cols)? {
-                    acc.set_shift(&shift)?;
-                }
-                if cols.has_f64() {
-                    stream::run::<f64>(&cols, plan.block_rows, &mon, |b, r| acc.update(b, r))?;
-                } else {
-                    stream::run::<f32>(&cols, plan.block_rows, &mon, |b, r| acc.update(b, r))?;
-                }
-                let cs = acc.finalize()?;
-                let nb = members.len() - na;
-                for a in 0..na {
-                    for b in 0..nb {
-                        let k = a * nb + b;
-                        add(&mut st, members[a], members[na + b], cs.sq[k], cs.rr[k]);
-                    }
-                }
-            }
-        }
+        out.add(t, part)?;
     }
-    for x in 0..l {
-        for y in 0..l {
-            st.known[x * l + y] = count[x * l + y] == per_layer[x] * per_layer[y];
-        }
-    }
-    Ok(st)
+    out.finish()
 }
 
 /// How an exact all-pairs linear pass runs: one pass over all layers at once, or tiles.
@@ -523,6 +428,23 @@ impl PairPlan {
                 "strategy must be one of {PAIR_STRATEGIES:?} (or None: the cheapest that \
                  fits), got {other:?}"
             ))),
+        }
+    }
+
+    /// The plan as tiles over pieces (a single pass: one diagonal tile of whole layers), the
+    /// form a distributed run cuts into tasks; `None` for the Gram route (it needs every row
+    /// of a layer at once).
+    pub fn tile_plan(&self) -> Option<TilePlan> {
+        match self {
+            PairPlan::Single {
+                dims,
+                num_a,
+                block_rows,
+                compute,
+                ..
+            } => Some(TilePlan::single(dims, *num_a, *block_rows, *compute)),
+            PairPlan::Tiled(t) => Some(t.clone()),
+            PairPlan::Gram(_) => None,
         }
     }
 

@@ -1,0 +1,409 @@
+//! Bindings of the units of a distributed pass (layerscope-core `engine::moments::partial`):
+//! a plan as tiles (`TilePlan`, pickled as JSON), one task's partial sums over a row range
+//! (`TilePlan.run_tile` → bytes), their merge (`merge_partials`) and the assembly of the
+//! pair statistics (`PairStatsBuilder`). Only type conversion; GIL released around the work.
+use crate::errors::{detach, IntoPy};
+use crate::moments::PyPairStats;
+use crate::monitor::PyMonitor;
+use crate::source::{extract_parts, Sources};
+use layerscope_core::engine::moments::{
+    default_block_rows_for, Compute, PairPlan, PairStatsBuilder as CoreBuilder, TilePartial,
+    TilePlan as CorePlan,
+};
+use layerscope_core::memory::Budget;
+use layerscope_core::store::Rows;
+use layerscope_core::Error;
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyType};
+
+/// An exact linear pass as tiles over column pieces of the layers (a single pass is one
+/// diagonal tile): the plan a distributed run cuts into `(tile, row range)` tasks.
+/// Pickled as its JSON (``to_json`` / ``from_json``, checked when read).
+#[pyclass(module = "layerscope._native", name = "TilePlan", frozen)]
+pub struct PyTilePlan {
+    inner: CorePlan,
+    strategy: &'static str,
+}
+
+fn strategy_of(name: &str) -> PyResult<&'static str> {
+    match name {
+        "single-pass" => Ok("single-pass"),
+        "tiled" => Ok("tiled"),
+        other => Err(Error::invalid(format!(
+            "a tile plan's strategy is \"single-pass\" or \"tiled\", got {other:?}"
+        )))
+        .py_err(),
+    }
+}
+
+#[pymethods]
+impl PyTilePlan {
+    /// One pass over every layer at once (one diagonal tile); `block_rows` None: the default
+    /// for these widths, at most `n`.
+    ///
+    /// :type dims: Sequence[int]
+    /// :type num_a: int
+    /// :type n: int
+    /// :type block_rows: int | None
+    /// :type compute: str
+    /// :rtype: TilePlan
+    #[classmethod]
+    #[pyo3(signature = (dims, num_a, n, block_rows=None, compute="float64"))]
+    fn single(
+        _cls: &Bound<'_, PyType>,
+        dims: Vec<usize>,
+        num_a: usize,
+        n: u64,
+        block_rows: Option<usize>,
+        compute: &str,
+    ) -> PyResult<Self> {
+        let compute = Compute::parse(compute).py_err()?;
+        let nmax = usize::try_from(n).unwrap_or(usize::MAX).max(1);
+        let br = block_rows
+            .unwrap_or_else(|| default_block_rows_for(&dims, compute))
+            .min(nmax);
+        let inner = CorePlan::single(&dims, num_a, br, compute);
+        inner.validate().py_err()?;
+        Ok(PyTilePlan {
+            inner,
+            strategy: "single-pass",
+        })
+    }
+
+    /// The plan read back from :meth:`to_json` (checked: a malformed plan is an
+    /// InvalidArgumentError).
+    ///
+    /// :type text: str
+    /// :rtype: TilePlan
+    #[classmethod]
+    fn from_json(_cls: &Bound<'_, PyType>, text: &str) -> PyResult<Self> {
+        let (strategy, inner): (String, CorePlan) = serde_json::from_str(text)
+            .map_err(|e| Error::invalid(format!("not a tile plan: {e}")))
+            .py_err()?;
+        inner.validate().py_err()?;
+        Ok(PyTilePlan {
+            inner,
+            strategy: strategy_of(&strategy)?,
+        })
+    }
+
+    /// :rtype: str
+    fn to_json(&self) -> PyResult<String> {
+        serde_json::to_string(&(self.strategy, &self.inner))
+            .map_err(|e| Error::invalid(format!("tile plan: {e}")))
+            .py_err()
+    }
+
+    /// :rtype: tuple[Any, tuple[str]]
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
+        let ctor = slf.get_type().getattr("from_json")?;
+        Ok((ctor, (slf.get().to_json()?,)))
+    }
+
+    /// ``"single-pass"`` or ``"tiled"``.
+    ///
+    /// :rtype: str
+    #[getter]
+    fn strategy(&self) -> &'static str {
+        self.strategy
+    }
+
+    /// Number of tiles (each one pass over the rows when run locally).
+    ///
+    /// :rtype: int
+    #[getter]
+    fn tiles(&self) -> usize {
+        self.inner.tiles.len()
+    }
+
+    /// :rtype: list[int]
+    #[getter]
+    fn dims(&self) -> Vec<usize> {
+        self.inner.dims.clone()
+    }
+
+    /// :rtype: int
+    #[getter]
+    fn num_a(&self) -> usize {
+        self.inner.num_a
+    }
+
+    /// :rtype: int
+    #[getter]
+    fn block_rows(&self) -> usize {
+        self.inner.block_rows
+    }
+
+    /// :rtype: str
+    #[getter]
+    fn compute(&self) -> &'static str {
+        match self.inner.compute {
+            Compute::F64 => "float64",
+            Compute::F32 => "float32",
+        }
+    }
+
+    /// The largest tile's peak bytes (one task's).
+    ///
+    /// :rtype: int
+    #[getter]
+    fn peak_bytes(&self) -> u128 {
+        self.inner.peak_bytes
+    }
+
+    /// Multiply-adds per row of all tiles.
+    ///
+    /// :rtype: int
+    #[getter]
+    fn madds_per_row(&self) -> u128 {
+        self.inner.madds_per_row()
+    }
+
+    /// How many tiles read each layer.
+    ///
+    /// :rtype: list[int]
+    #[getter]
+    fn layer_reads(&self) -> Vec<u64> {
+        self.inner.layer_reads()
+    }
+
+    /// The layers tile `t` reads (sorted).
+    ///
+    /// :type t: int
+    /// :rtype: list[int]
+    fn tile_layers(&self, t: usize) -> PyResult<Vec<usize>> {
+        self.inner.tile_layers(t).py_err()
+    }
+
+    /// Peak bytes of one task of tile `t`.
+    ///
+    /// :type t: int
+    /// :rtype: int
+    fn tile_peak_bytes(&self, t: usize) -> PyResult<u128> {
+        self.inner.tile_peak_bytes(t).py_err()
+    }
+
+    /// Tile `t`'s reference shift, sampled over all rows of `parts` (the plan's layers,
+    /// see `source.rs`); None when a sampled value is not finite.
+    ///
+    /// :type parts: Sequence[Part]
+    /// :type t: int
+    /// :rtype: npt.NDArray[np.float64] | None
+    fn tile_shift<'py>(
+        &self,
+        py: Python<'py>,
+        parts: Vec<Bound<'py, PyAny>>,
+        t: usize,
+    ) -> PyResult<Option<Bound<'py, PyArray1<f64>>>> {
+        let parts = extract_parts(&parts)?;
+        let sources = Sources::new(&parts)?;
+        let src = Rows::new(sources.parts()).py_err()?;
+        let shift = detach(py, || self.inner.tile_shift(&src, t))?;
+        Ok(shift.map(|s| s.into_pyarray(py)))
+    }
+
+    /// One task: rows `[start, stop)` of tile `t` of `parts` (the plan's layers, named
+    /// `names`) under `shift` (:meth:`tile_shift`), returned as the serialised partial sums.
+    /// MemoryBudgetError before reading a row when the task's peak exceeds the budget in
+    /// force here (`max_memory`, else this machine's).
+    ///
+    /// :type parts: Sequence[Part]
+    /// :type names: Sequence[str]
+    /// :type t: int
+    /// :type start: int
+    /// :type stop: int
+    /// :type shift: npt.NDArray[np.float64] | Sequence[float] | None
+    /// :type check_finite: bool
+    /// :type max_memory: int | None
+    /// :type progress: ProgressCallback
+    /// :rtype: bytes
+    #[pyo3(signature = (parts, names, t, start, stop, shift=None, check_finite=true,
+        max_memory=None, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_tile<'py>(
+        &self,
+        py: Python<'py>,
+        parts: Vec<Bound<'py, PyAny>>,
+        names: Vec<String>,
+        t: usize,
+        start: u64,
+        stop: u64,
+        shift: Option<Vec<f64>>,
+        check_finite: bool,
+        max_memory: Option<u64>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let budget = Budget::resolve(max_memory).py_err()?;
+        let parts = extract_parts(&parts)?;
+        let sources = Sources::new(&parts)?;
+        let src = Rows::new(sources.parts()).py_err()?;
+        let mon = PyMonitor::new(progress);
+        let bytes = detach(py, || {
+            self.inner
+                .run_tile(
+                    &src,
+                    &names,
+                    t,
+                    start..stop,
+                    shift.as_deref(),
+                    check_finite,
+                    &budget,
+                    &mon,
+                )?
+                .to_bytes()
+        })?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "TilePlan({}, {} tiles, {} layers, peak {} bytes)",
+            self.strategy,
+            self.inner.tiles.len(),
+            self.inner.dims.len(),
+            self.inner.peak_bytes
+        )
+    }
+}
+
+/// The exact linear pass `pair_pass` would run, as a TilePlan; None when the cheapest plan
+/// (or the one forced by `strategy`) is the Gram route, which needs every row of a layer at
+/// once and is not cut into row ranges. Arguments as `pair_plan`.
+///
+/// :type dims: Sequence[int]
+/// :type num_a: int
+/// :type n: int
+/// :type block_rows: int | None
+/// :type compute: str
+/// :type max_memory: int | None
+/// :type strategy: str | None
+/// :rtype: TilePlan | None
+#[pyfunction]
+#[pyo3(signature = (dims, num_a, n, block_rows=None, compute="float64", max_memory=None,
+    strategy=None))]
+#[allow(clippy::too_many_arguments)]
+fn pair_tiles(
+    py: Python<'_>,
+    dims: Vec<usize>,
+    num_a: usize,
+    n: u64,
+    block_rows: Option<usize>,
+    compute: &str,
+    max_memory: Option<u64>,
+    strategy: Option<String>,
+) -> PyResult<Option<PyTilePlan>> {
+    let compute = Compute::parse(compute).py_err()?;
+    let budget = Budget::resolve(max_memory).py_err()?;
+    if num_a == 0 || num_a > dims.len() {
+        return Err(Error::invalid(format!(
+            "num_a must be between 1 and {} (the number of layers), got {num_a}",
+            dims.len()
+        )))
+        .py_err();
+    }
+    let plan = detach(py, || {
+        PairPlan::choose(
+            &dims,
+            num_a,
+            n,
+            block_rows,
+            compute,
+            &budget,
+            strategy.as_deref(),
+        )
+    })?;
+    Ok(plan.tile_plan().map(|inner| PyTilePlan {
+        inner,
+        strategy: plan.strategy(),
+    }))
+}
+
+/// The partial sums `a` followed by `b` (the next rows of the same tile), serialised: the
+/// sums of one task over both ranges. GIL released.
+///
+/// :type a: bytes
+/// :type b: bytes
+/// :rtype: bytes
+#[pyfunction]
+fn merge_partials<'py>(py: Python<'py>, a: &[u8], b: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    let out = detach(py, || {
+        let mut x = TilePartial::from_bytes(a)?;
+        x.merge(&TilePartial::from_bytes(b)?)?;
+        x.to_bytes()
+    })?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// The pair statistics of a TilePlan's pass over `n` rows, from each tile's partial sums
+/// over all rows (any order of tiles); `finish` once every tile is added.
+///
+/// :type plan: TilePlan
+/// :type names: Sequence[str]
+/// :type n: int
+#[pyclass(module = "layerscope._native", name = "PairStatsBuilder")]
+pub struct PyPairStatsBuilder {
+    inner: Option<CoreBuilder>,
+    plan: CorePlan,
+    strategy: &'static str,
+}
+
+impl PyPairStatsBuilder {
+    fn get(&mut self) -> PyResult<&mut CoreBuilder> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| Error::invalid("this builder has already finished"))
+            .py_err()
+    }
+}
+
+#[pymethods]
+impl PyPairStatsBuilder {
+    #[new]
+    fn new(plan: PyRef<'_, PyTilePlan>, names: Vec<String>, n: u64) -> PyResult<Self> {
+        Ok(PyPairStatsBuilder {
+            inner: Some(CoreBuilder::new(&plan.inner, &names, n).py_err()?),
+            plan: plan.inner.clone(),
+            strategy: plan.strategy,
+        })
+    }
+
+    /// Add tile `t`'s partial sums over all rows (serialised, as `run_tile` and
+    /// `merge_partials` return them).
+    ///
+    /// :type t: int
+    /// :type data: bytes
+    /// :rtype: None
+    fn add(&mut self, py: Python<'_>, t: usize, data: &[u8]) -> PyResult<()> {
+        let b = self.get()?;
+        detach(py, || b.add(t, TilePartial::from_bytes(data)?))
+    }
+
+    /// Tiles not added yet.
+    ///
+    /// :rtype: list[int]
+    fn missing(&mut self) -> PyResult<Vec<usize>> {
+        Ok(self.get()?.missing())
+    }
+
+    /// The statistics (an error when a tile is missing).
+    ///
+    /// :rtype: PairStats
+    fn finish(&mut self) -> PyResult<PyPairStats> {
+        let b = self
+            .inner
+            .take()
+            .ok_or_else(|| Error::invalid("this builder has already finished"))
+            .py_err()?;
+        let st = b.finish().py_err()?;
+        Ok(PyPairStats::from_tiles(st, &self.plan, self.strategy))
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyTilePlan>()?;
+    m.add_class::<PyPairStatsBuilder>()?;
+    m.add_function(wrap_pyfunction!(pair_tiles, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_partials, m)?)?;
+    Ok(())
+}

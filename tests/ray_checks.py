@@ -1,0 +1,189 @@
+"""The Ray checks of ``tests/test_ray.py``, run by it inside a network namespace of its own
+(``unshare -n``: only 127.0.0.1 exists, so no Ray process can bind or reach anything else).
+
+A cluster of a head (no CPUs: it schedules nothing) and two one-CPU worker nodes
+(``ray.cluster_utils.Cluster``), every Ray-backed measure against the local one on the same
+data, the errors a node gives, then the cluster is shut down. Writes ``{case: {...}}`` as
+JSON to ``argv[1]``; a case that raised records ``error`` and its traceback. Usage:
+``python tests/ray_checks.py OUT.json RAY_TEMP_DIR``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def _offsets(rng: np.random.Generator, n: int, d: int, offset: float) -> np.ndarray:
+    """LLM-like activations: a shared low-rank part, noise, and per-feature mean offsets
+    ``offset`` times the spread."""
+    z = rng.standard_normal((n, 4))
+    x = z @ rng.standard_normal((4, d)) + 0.5 * rng.standard_normal((n, d))
+    return x + offset * rng.standard_normal(d)
+
+
+def _diff(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    both = np.isnan(a) & np.isnan(b)
+    return float(np.max(np.abs(np.where(both, 0.0, a - b)), initial=0.0))
+
+
+def main(out: str, temp_dir: str) -> None:
+    import layerscope as ls
+    import ray
+    from layerscope import _moments, _native, _ray
+    from layerscope.cli import main as cli
+    from ray.cluster_utils import Cluster
+
+    # up to 12 range tasks per wave: 5 ranges of a single-pass tile (a merge tree of depth
+    # 3, one range left over at each level), 2 per tile of a 6-tile plan
+    _ray.TASKS_PER_SLOT = 6
+    results: dict[str, Any] = {}
+    tmp = tempfile.mkdtemp(prefix="lsray-data")
+    rng = np.random.default_rng(31)
+    n = 6000
+
+    def case(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        try:
+            results[name] = fn()
+        except BaseException as e:  # noqa: BLE001 - recorded for the test to report
+            results[name] = {"error": f"{type(e).__name__}: {e}",
+                             "trace": traceback.format_exc()}
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        dims = [40, 300, 7, 129]
+        x64 = {f"l{i}": _offsets(rng, n, d, 300.0 if i % 2 == 0 else 0.0)
+               for i, d in enumerate(dims)}
+        s64 = f"{tmp}/f64"
+        ls.write_store(s64, x64, dtype="float64", shard_bytes=1 << 20)
+        rot = {f"m{i}": np.tanh(x64[f"l{i}"][:, : max(4, d // 2)] / 50.0)
+               + 0.1 * rng.standard_normal((n, max(4, d // 2))) for i, d in enumerate(dims)}
+        s64b = f"{tmp}/f64b"
+        ls.write_store(s64b, rot, dtype="float64", shard_bytes=1 << 20)
+        bf = {f"h{i}": _offsets(rng, n, d, 200.0) for i, d in enumerate([64, 96, 32])}
+        sbf = f"{tmp}/bf16"
+        ls.write_store(sbf, bf, dtype="bfloat16", shard_bytes=256 << 10)
+
+        def cka_pair(src: Any, other: Any = None, tol: float = 1e-10, **kw: Any) -> dict:
+            loc = ls.cka(src, other, progress=False, **kw)
+            rem = ls.cka(src, other, progress=False, backend="ray", **kw)
+            return {"diff": max(_diff(loc.extra[e], rem.extra[e])
+                                for e in ("biased", "debiased")),
+                    "tol": tol, "tasks": rem.meta.get("tasks"), "backend": rem.meta["backend"],
+                    "strategy": rem.meta["plan"]["strategy"], "passes": rem.meta["plan"]["passes"],
+                    "compute": rem.meta["compute"], "n": rem.meta["n"]}
+
+        case("cka_bf16_f32", lambda: cka_pair(sbf, tol=1e-6))
+        case("cka_f64", lambda: cka_pair(s64))
+        pb = int(_native.pass_bytes(dims, 1024, "float64"))
+        case("cka_tiled", lambda: {
+            **cka_pair(s64, strategy="tiled", max_memory=int(pb * 0.35)),
+            "single_diff": _diff(ls.cka(s64, progress=False).values,
+                                 ls.cka(s64, progress=False, backend="ray", strategy="tiled",
+                                        max_memory=int(pb * 0.35)).values)})
+        case("cka_cross", lambda: cka_pair(s64, s64b))
+        case("cka_arrays_sample", lambda: cka_pair(x64, sample=2500, seed=3))
+
+        def spectra() -> dict:
+            loc = ls.spectrum(s64, progress=False)
+            rem = ls.spectrum(s64, progress=False, backend="ray")
+            rel = max(_diff(loc.eigenvalues[k], rem.eigenvalues[k])
+                      / float(np.max(loc.eigenvalues[k])) for k in loc.layers)
+            return {"diff": rel, "tol": 1e-10, "tasks": rem.meta.get("tasks"),
+                    "strategy": rem.meta["plan"]["strategy"]}
+
+        case("spectrum", spectra)
+
+        def align() -> dict:
+            # a budget that holds the widest pair's moments at once, not all: layer tiles
+            need = _moments.measure_peak([300, 150], n, "float64")
+            kw = {"method": "procrustes", "max_memory": int(need * 1.2)}
+            loc = ls.alignment(s64, s64b, progress=False, **kw)
+            rem = ls.alignment(s64, s64b, progress=False, backend="ray", **kw)
+            return {"diff": _diff(loc.values, rem.values), "tol": 1e-10,
+                    "strategy": rem.meta["plan"]["strategy"], "tasks": rem.meta.get("tasks")}
+
+        case("alignment_tiles", align)
+
+        def analyze() -> dict:
+            kw = {"measures": ["cka", "cka_debiased", "spectrum", "alignment"], "k": 5}
+            loc = ls.analyze(s64, progress=False, **kw)
+            rem = ls.analyze(s64, progress=False, backend="ray", **kw)
+            diffs = {m: _diff(loc[m].values, rem[m].values) for m in ("cka", "cka_debiased",
+                                                                       "alignment")}
+            diffs["spectrum"] = max(
+                _diff(loc["spectrum"].eigenvalues[k], rem["spectrum"].eigenvalues[k])
+                / float(np.max(loc["spectrum"].eigenvalues[k])) for k in loc["spectrum"].layers)
+            return {"diff": max(diffs.values()), "diffs": diffs, "tol": 1e-10,
+                    "tasks": rem["cka"].meta.get("tasks")}
+
+        case("analyze", analyze)
+
+        def node_errors() -> dict:
+            st = ls.open(s64)
+            plan = _native.TilePlan.single([dims[0]], 1, n)
+            fn = _ray._remote(ray, "tile")
+            out: dict[str, str] = {}
+            parts = {
+                "fingerprint": _ray.Part(str(st.path), "0" * 64, None, ("l0",)),
+                "missing": _ray.Part(f"{tmp}/not-there", "0" * 64, None, ("l0",)),
+            }
+            for key, part in parts.items():
+                try:
+                    ray.get(fn.remote(plan, ["l0"], [part], 0, 0, 100, None, True, None))
+                    out[key] = "no error"
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause
+                    out[key] = f"{type(cause).__name__}: {cause}"
+            bad = dict(x64)
+            bad["l1"] = bad["l1"].copy()
+            bad["l1"][4321, 7] = np.nan
+            sbad = f"{tmp}/nan"
+            ls.write_store(sbad, bad, dtype="float64", shard_bytes=1 << 20)
+            try:
+                ls.cka(sbad, progress=False, backend="ray")
+                out["nonfinite"] = "no error"
+            except Exception as e:  # noqa: BLE001 - the test checks the class and text
+                out["nonfinite"] = f"{type(e).__name__}: {e}"
+            try:
+                ls.cka(s64, progress=False, backend="ray", kernel="rbf")
+                out["rbf"] = "no error"
+            except Exception as e:  # noqa: BLE001
+                out["rbf"] = f"{type(e).__name__}: {e}"
+            return out
+
+        case("errors", node_errors)
+
+        def command() -> dict:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                rc = cli(["cka", s64, "--ray", cluster.address])
+            return {"rc": rc, "stdout": buf.getvalue()}
+
+        case("cli", command)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,160 @@
+"""``backend="ray"``: every moment measure on a local Ray cluster (a head and two one-CPU worker
+nodes) equals the local run — 1e-10 in float64, 1e-6 in float32 — through a merge tree of
+several row ranges per tile, a tiled plan, two stores, in-memory arrays; a node that sees a
+different or no store, and a non-finite value, are clear errors; the CLI's ``--ray``.
+
+The cluster runs inside a network namespace of its own (``unshare -n``, loopback only:
+``tests/ray_checks.py``), never on the machine's interfaces; every Ray process it starts is
+stopped. Without ray, or where a namespace cannot be made (not root), these tests are
+skipped with that reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import layerscope as ls
+import pytest
+from layerscope.errors import InvalidArgumentError, MissingDependencyError
+
+HERE = Path(__file__).parent
+
+
+def _netns() -> str | None:
+    """Why a loopback-only namespace cannot be made here (None: it can)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare/ip not found"
+    p = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"],
+                       capture_output=True, text=True)
+    return None if p.returncode == 0 else f"unshare -n failed ({p.stderr.strip()}; needs root)"
+
+
+def _kill_leftovers(tag: str) -> list[int]:
+    """Kill any process whose command line names the cluster's temp dir (none should be
+    left after the script's shutdown; this is the safety net)."""
+    killed = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if tag in cmd and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+            except OSError:
+                pass
+    return killed
+
+
+@pytest.fixture(scope="module")
+def checks() -> dict:
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed (pip install 'layerscope[ray]')")
+    why = _netns()
+    if why:
+        pytest.skip(f"no loopback-only network namespace for the Ray cluster: {why}")
+    tmp = tempfile.mkdtemp(prefix="lsrt")  # short: Ray's socket paths live under it
+    out = os.path.join(tmp, "checks.json")
+    cmd = ["unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$0" "$@"',
+           sys.executable, str(HERE / "ray_checks.py"), out, os.path.join(tmp, "ray")]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "RAY_ADDRESS": ""})
+        left = _kill_leftovers(os.path.join(tmp, "ray"))
+        if not os.path.exists(out):
+            pytest.fail(f"the Ray checks wrote nothing (exit {p.returncode}):\n"
+                        f"{p.stderr[-4000:]}")
+        with open(out) as f:
+            res = json.load(f)
+        res["_leftovers"] = left
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ok(res: dict, case: str) -> dict:
+    r = res[case]
+    assert "error" not in r, r.get("trace", r)
+    return r
+
+
+@pytest.mark.parametrize("case", ["cka_bf16_f32", "cka_f64", "cka_tiled", "cka_cross",
+                                  "cka_arrays_sample", "spectrum", "alignment_tiles",
+                                  "analyze"])
+def test_ray_equals_local(checks: dict, case: str) -> None:
+    r = _ok(checks, case)
+    assert r["diff"] <= r["tol"], r
+    t = r["tasks"]
+    assert t["nodes"] == 2 and t["cpus_per_task"] == 1, t
+    assert t["merge_order"] == "adjacent row ranges, balanced binary tree"
+
+
+def test_ray_tasks_follow_the_plan(checks: dict) -> None:
+    one = _ok(checks, "cka_f64")
+    # five ranges of a single-pass tile (6000 rows, at least 1024 each): four merges, depth 3
+    assert one["strategy"] == "single-pass" and one["backend"] == "ray"
+    assert one["tasks"]["ranges"] == 5 and one["tasks"]["merges"] == 4
+    assert one["tasks"]["merge_depth"] == 3
+    bf = _ok(checks, "cka_bf16_f32")
+    assert bf["compute"] == "float32" and bf["n"] == 6000
+    tiled = _ok(checks, "cka_tiled")
+    assert tiled["strategy"] == "tiled" and tiled["passes"] > 1
+    # every tile cut in two ranges: cross tiles merge over Ray too
+    assert tiled["tasks"]["ranges"] == 2 * tiled["passes"], tiled
+    assert tiled["tasks"]["merges"] == tiled["passes"]
+    assert tiled["single_diff"] <= 1e-10  # and equal to the local single pass
+    assert _ok(checks, "alignment_tiles")["strategy"] == "layer-tiles"
+    assert _ok(checks, "spectrum")["strategy"] == "per-layer"
+    assert _ok(checks, "cka_arrays_sample")["n"] == 2500
+
+
+def test_ray_errors_name_the_node(checks: dict) -> None:
+    e = _ok(checks, "errors")
+    assert e["fingerprint"].startswith("MismatchError: node ") and "different store" in e[
+        "fingerprint"], e
+    assert e["missing"].startswith("StoreNotFoundError: node ") and "not-there" in e[
+        "missing"], e
+    # the row in the store, not in the task's range
+    assert e["nonfinite"].startswith("NonFiniteError") and "row 4321" in e["nonfinite"], e
+    assert e["rbf"].startswith("InvalidArgumentError") and "backend='local'" in e["rbf"], e
+
+
+def test_ray_cli(checks: dict) -> None:
+    c = _ok(checks, "cli")
+    assert c["rc"] == 0
+    assert "# ray: 5 range tasks" in c["stdout"] and "on 2 nodes" in c["stdout"], c
+
+
+def test_ray_processes_all_stopped(checks: dict) -> None:
+    assert checks["_leftovers"] == []
+
+
+def test_import_does_not_import_ray() -> None:
+    code = "import sys, layerscope; ls = layerscope; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backend_arguments_are_checked(tmp_path: Path) -> None:
+    x = {"a": [[1.0, 2.0], [3.0, 4.0], [5.0, 7.0], [1.0, 0.0]]}
+    with pytest.raises(InvalidArgumentError, match="backend"):
+        ls.cka(x, backend="dask", progress=False)
+    with pytest.raises(InvalidArgumentError, match="ray_address needs backend='ray'"):
+        ls.spectrum(x, progress=False, ray_address="auto")
+
+
+def test_missing_ray_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"layerscope\[ray\]"):
+        ls.cka({"a": np.eye(5)}, backend="ray", progress=False)
