@@ -157,7 +157,8 @@ def ray_notes(res: Any) -> list[str]:
     if "note" in t:
         return [f"# ray: {t['note']}"]
     return [f"# ray: {t['ranges']} range tasks ({t['ranges_per_tile']} per tile), {t['merges']} "
-            f"merge tasks (depth {t['merge_depth']}) on {t['nodes']} nodes, "
+            f"merge tasks + {t['driver_merges']} on the driver (depth {t['merge_depth']}) on "
+            f"{t['nodes']} nodes, "
             f"{t['cpus_per_task']} CPU{'s' if t['cpus_per_task'] > 1 else ''} per task"]
 
 

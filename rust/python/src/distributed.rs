@@ -7,8 +7,8 @@ use crate::moments::PyPairStats;
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
-    default_block_rows_for, Compute, PairPlan, PairStatsBuilder as CoreBuilder, TilePartial,
-    TilePlan as CorePlan,
+    default_block_rows_for, merge_partial_bytes, Compute, PairPlan,
+    PairStatsBuilder as CoreBuilder, TilePartial, TilePlan as CorePlan,
 };
 use layerscope_core::memory::Budget;
 use layerscope_core::store::Rows;
@@ -327,11 +327,7 @@ fn pair_tiles(
 /// :rtype: bytes
 #[pyfunction]
 fn merge_partials<'py>(py: Python<'py>, a: &[u8], b: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-    let out = detach(py, || {
-        let mut x = TilePartial::from_bytes(a)?;
-        x.merge(&TilePartial::from_bytes(b)?)?;
-        x.to_bytes()
-    })?;
+    let out = detach(py, || merge_partial_bytes(a, b))?;
     Ok(PyBytes::new(py, &out))
 }
 

@@ -641,12 +641,21 @@ impl MomentAccumulator {
             self.nonfinite = nf;
             return Ok(());
         }
-        let mut o = other.clone();
-        if let Some(sh) = self.shift.clone() {
-            o.reshift(&sh);
-        }
+        // Under one shift (every task of a distributed tile) the sums simply add; else
+        // `other` is re-shifted to this one's shift first (a copy: its full matrix).
+        let reshifted;
+        let o = if self.shift == other.shift {
+            other
+        } else {
+            let mut c = other.clone();
+            if let Some(sh) = self.shift.clone() {
+                c.reshift(&sh);
+            }
+            reshifted = c;
+            &reshifted
+        };
         let dz = self.dz();
-        // o.s is full now; add its upper triangle.
+        // Add o's upper triangle (valid in both cases).
         self.s
             .par_chunks_mut(dz)
             .zip(o.s.par_chunks(dz))

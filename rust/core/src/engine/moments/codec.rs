@@ -35,18 +35,12 @@ impl MomentAccumulator {
         }
         out.push(self.shift.is_some() as u8);
         if let Some(sh) = &self.shift {
-            for v in sh {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
+            put_f64s(&mut out, sh);
         }
         debug_assert_eq!(self.sums.len(), dz);
-        for v in &self.sums {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        put_f64s(&mut out, &self.sums);
         for j in 0..dz {
-            for v in &self.s[j * dz..j * dz + j + 1] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
+            put_f64s(&mut out, &self.s[j * dz..j * dz + j + 1]);
         }
         Ok(out)
     }
@@ -178,13 +172,11 @@ impl CrossAccumulator {
             out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
         }
         out.push(self.shift.is_some() as u8);
-        for v in self.shift.iter().flatten() {
-            out.extend_from_slice(&v.to_le_bytes());
+        if let Some(sh) = &self.shift {
+            put_f64s(&mut out, sh);
         }
         for part in [&self.su, &self.sr, &self.uu, &self.ur, &self.ru, &self.rr] {
-            for v in part.iter() {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
+            put_f64s(&mut out, part);
         }
         Ok(out)
     }
@@ -276,6 +268,150 @@ impl CrossAccumulator {
             pack32: Vec::new(),
             pack64: Vec::new(),
         })
+    }
+}
+
+/// Where the parts of a serialised accumulator (either kind) lie, checked as `from_bytes`
+/// checks them, without reading the sums.
+struct Layout<'a> {
+    /// Magic, version, layer counts, widths and names: equal for two partials of one tile.
+    prefix: &'a [u8],
+    n: u64,
+    check_finite: u8,
+    nonfinite: Vec<Option<u64>>,
+    shift: Option<&'a [u8]>,
+    /// Where the additive f64 sums start, and they themselves.
+    payload_at: usize,
+    payload: &'a [u8],
+}
+
+fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
+    let cross = is_cross(bytes);
+    let mut r = Reader { b: bytes, pos: 0 };
+    let magic = r.take(8)?;
+    if magic != MAGIC && magic != CROSS_MAGIC {
+        return Err(fmt_err("not a layerscope accumulator (bad magic)"));
+    }
+    let version = u32::from_le_bytes(r.arr::<4>()?);
+    if version != VERSION {
+        return Err(fmt_err(format!(
+            "unsupported accumulator version {version} (this build reads {VERSION})"
+        )));
+    }
+    let lc = r.u64()? as usize;
+    let na = if cross { r.u64()? as usize } else { lc };
+    if lc == 0 || lc > r.remaining() / 8 || na == 0 || na > lc || (cross && na == lc) {
+        return Err(fmt_err(format!("bad layer counts {lc} ({na} on side A)")));
+    }
+    let mut dims = Vec::with_capacity(lc);
+    for _ in 0..lc {
+        let dl = r.u64()?;
+        if dl == 0 || dl > (r.remaining() as u64) {
+            return Err(fmt_err(format!("bad layer width {dl}")));
+        }
+        dims.push(dl as usize);
+    }
+    for _ in 0..lc {
+        let len = r.u64()? as usize;
+        r.take(len)?;
+    }
+    let prefix = &bytes[..r.pos];
+    let n = r.u64()?;
+    let check_finite = u8::from(r.flag()?);
+    let mut nonfinite = Vec::with_capacity(lc);
+    for _ in 0..lc {
+        let v = r.u64()?;
+        nonfinite.push(if v == u64::MAX { None } else { Some(v) });
+    }
+    let has_shift = r.flag()?;
+    let d = dims
+        .iter()
+        .try_fold(0usize, |a, &b| a.checked_add(b))
+        .ok_or_else(|| fmt_err("widths overflow"))?;
+    let count: u128 = if cross {
+        let da = dims[..na].iter().sum::<usize>() as u128;
+        let db = d as u128 - da;
+        let (la, lb) = (na as u128, (lc - na) as u128);
+        da + db + la + lb + da * db + da * lb + la * db + la * lb
+    } else {
+        let dz = (d + lc) as u128;
+        dz + dz * (dz + 1) / 2
+    };
+    let shift_len = if has_shift { d * 8 } else { 0 };
+    if (shift_len as u128 + count * 8) != r.remaining() as u128 {
+        return Err(fmt_err(format!(
+            "accumulator payload has {} bytes, expected {} for widths {dims:?}",
+            r.remaining(),
+            shift_len as u128 + count * 8
+        )));
+    }
+    if !cross && (n == 0) == has_shift {
+        return Err(fmt_err("row count and shift disagree"));
+    }
+    let shift = if has_shift {
+        Some(r.take(shift_len)?)
+    } else {
+        None
+    };
+    let payload_at = r.pos;
+    Ok(Layout {
+        prefix,
+        n,
+        check_finite,
+        nonfinite,
+        shift,
+        payload_at,
+        payload: &bytes[payload_at..],
+    })
+}
+
+/// The serialised sums of `a` followed by `b`'s rows, when both are partials of one tile
+/// under one shift (the same layout, names and finiteness rule): the sums added straight
+/// from the bytes, in parallel, without decoding either accumulator (the distributed merge
+/// of partials of hundreds of MiB). `None` when they are not such a pair (the caller decodes
+/// and merges them: different shifts re-shift exactly); malformed bytes are an
+/// [`Error::Format`].
+pub fn merge_serialised(a: &[u8], b: &[u8]) -> Result<Option<Vec<u8>>> {
+    use rayon::prelude::*;
+    let (x, y) = (layout(a)?, layout(b)?);
+    if x.prefix != y.prefix || x.check_finite != y.check_finite || x.shift != y.shift {
+        return Ok(None);
+    }
+    let mut out = crate::memory::try_with_capacity(a.len(), "the merged partial sums")?;
+    out.extend_from_slice(a);
+    let at = x.prefix.len();
+    out[at..at + 8].copy_from_slice(&(x.n + y.n).to_le_bytes());
+    for (l, (mine, theirs)) in x.nonfinite.iter().zip(&y.nonfinite).enumerate() {
+        let v = mine.or(theirs.map(|r| r + x.n)).unwrap_or(u64::MAX);
+        let p = at + 9 + 8 * l;
+        out[p..p + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    const CHUNK: usize = 8 << 12;
+    out[x.payload_at..]
+        .par_chunks_mut(CHUNK)
+        .zip(y.payload.par_chunks(CHUNK))
+        .for_each(|(o, p)| {
+            for (u, v) in o.chunks_exact_mut(8).zip(p.chunks_exact(8)) {
+                let s = f64::from_le_bytes(u.try_into().unwrap_or([0; 8]))
+                    + f64::from_le_bytes(v.try_into().unwrap_or([0; 8]));
+                u.copy_from_slice(&s.to_le_bytes());
+            }
+        });
+    Ok(Some(out))
+}
+
+/// Appends `v` as little-endian f64s (one copy of the slice's bytes on little-endian
+/// machines: the serialised accumulators are hundreds of MiB).
+fn put_f64s(out: &mut Vec<u8>, v: &[f64]) {
+    if cfg!(target_endian = "little") {
+        // SAFETY: an f64 slice is `8 · len` initialised bytes, aligned for u8; on a
+        // little-endian machine they are the little-endian encoding of the values.
+        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 8) };
+        out.extend_from_slice(bytes);
+    } else {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
     }
 }
 

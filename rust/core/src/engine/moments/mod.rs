@@ -63,7 +63,7 @@ pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
 pub use finalised::Moments;
 pub use gram::{gram_bytes, GramPlan};
 pub use pairs::PairStats;
-pub use partial::{PairStatsBuilder, TilePartial};
+pub use partial::{merge_partial_bytes, PairStatsBuilder, TilePartial};
 pub use pass::{accumulate, accumulate_into, sample_shift, SHIFT_SAMPLE_ROWS};
 pub use plan::{
     accumulator_bytes, check_memory, cross_pass_bytes, default_block_rows, default_block_rows_for,

@@ -14,7 +14,7 @@
 //! offset by this one's row count), so partials are merged as adjacent ranges, left with
 //! right — any tree of such merges gives the same sums up to rounding.
 use super::accumulator::{Compute, MomentAccumulator};
-use super::codec::is_cross;
+use super::codec::{is_cross, merge_serialised};
 use super::cross::CrossAccumulator;
 use super::pairs::PairStats;
 use super::pass::{accumulate_into, sample_shift};
@@ -70,6 +70,18 @@ impl TilePartial {
             MomentAccumulator::from_bytes(bytes).map(TilePartial::Diag)
         }
     }
+}
+
+/// The serialised partial sums of `a` followed by `b`'s rows (the next range of the same
+/// tile), serialised: added straight from the bytes when both were accumulated under one
+/// shift (every task of a distributed tile), else decoded, merged exactly and encoded.
+pub fn merge_partial_bytes(a: &[u8], b: &[u8]) -> Result<Vec<u8>> {
+    if let Some(out) = merge_serialised(a, b)? {
+        return Ok(out);
+    }
+    let mut x = TilePartial::from_bytes(a)?;
+    x.merge(&TilePartial::from_bytes(b)?)?;
+    x.to_bytes()
 }
 
 impl TilePlan {
