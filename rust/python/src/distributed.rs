@@ -3,12 +3,12 @@
 //! (`TilePlan.run_tile` → bytes), their merge (`merge_partials`) and the assembly of the
 //! pair statistics (`PairStatsBuilder`). Only type conversion; GIL released around the work.
 use crate::errors::{detach, IntoPy};
-use crate::moments::PyPairStats;
+use crate::moments::{choose_pair_plan, PyPairStats};
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
-    default_block_rows_for, merge_partial_bytes, Compute, PairPlan,
-    PairStatsBuilder as CoreBuilder, TilePartial, TilePlan as CorePlan,
+    default_block_rows_for, merge_partial_bytes, Compute, PairStatsBuilder as CoreBuilder,
+    TilePartial, TilePlan as CorePlan,
 };
 use layerscope_core::memory::Budget;
 use layerscope_core::store::Rows;
@@ -293,26 +293,16 @@ fn pair_tiles(
     max_memory: Option<u64>,
     strategy: Option<String>,
 ) -> PyResult<Option<PyTilePlan>> {
-    let compute = Compute::parse(compute).py_err()?;
-    let budget = Budget::resolve(max_memory).py_err()?;
-    if num_a == 0 || num_a > dims.len() {
-        return Err(Error::invalid(format!(
-            "num_a must be between 1 and {} (the number of layers), got {num_a}",
-            dims.len()
-        )))
-        .py_err();
-    }
-    let plan = detach(py, || {
-        PairPlan::choose(
-            &dims,
-            num_a,
-            n,
-            block_rows,
-            compute,
-            &budget,
-            strategy.as_deref(),
-        )
-    })?;
+    let (plan, _) = choose_pair_plan(
+        py,
+        &dims,
+        num_a,
+        n,
+        block_rows,
+        compute,
+        max_memory,
+        strategy.as_deref(),
+    )?;
     Ok(plan.tile_plan().map(|inner| PyTilePlan {
         inner,
         strategy: plan.strategy(),

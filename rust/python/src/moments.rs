@@ -711,26 +711,16 @@ fn pair_plan<'py>(
     max_memory: Option<u64>,
     strategy: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let compute = Compute::parse(compute).py_err()?;
-    let budget = Budget::resolve(max_memory).py_err()?;
-    if num_a == 0 || num_a > dims.len() {
-        return Err(Error::invalid(format!(
-            "num_a must be between 1 and {} (the number of layers), got {num_a}",
-            dims.len()
-        )))
-        .py_err();
-    }
-    let plan = detach(py, || {
-        PairPlan::choose(
-            &dims,
-            num_a,
-            n,
-            block_rows,
-            compute,
-            &budget,
-            strategy.as_deref(),
-        )
-    })?;
+    let (plan, budget) = choose_pair_plan(
+        py,
+        &dims,
+        num_a,
+        n,
+        block_rows,
+        compute,
+        max_memory,
+        strategy.as_deref(),
+    )?;
     let d = PyDict::new(py);
     d.set_item("strategy", plan.strategy())?;
     d.set_item("passes", plan.passes())?;
@@ -742,6 +732,34 @@ fn pair_plan<'py>(
     d.set_item("budget_bytes", budget.bytes)?;
     d.set_item("budget_source", budget.source.clone())?;
     Ok(d)
+}
+
+/// `PairPlan::choose` for the arguments of `pair_plan` / `pair_tiles` (checked; GIL
+/// released), and the budget in force.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn choose_pair_plan(
+    py: Python<'_>,
+    dims: &[usize],
+    num_a: usize,
+    n: u64,
+    block_rows: Option<usize>,
+    compute: &str,
+    max_memory: Option<u64>,
+    strategy: Option<&str>,
+) -> PyResult<(PairPlan, Budget)> {
+    let compute = Compute::parse(compute).py_err()?;
+    let budget = Budget::resolve(max_memory).py_err()?;
+    if num_a == 0 || num_a > dims.len() {
+        return Err(Error::invalid(format!(
+            "num_a must be between 1 and {} (the number of layers), got {num_a}",
+            dims.len()
+        )))
+        .py_err();
+    }
+    let plan = detach(py, || {
+        PairPlan::choose(dims, num_a, n, block_rows, compute, &budget, strategy)
+    })?;
+    Ok((plan, budget))
 }
 
 /// Multiply-adds per second of the packed product kernel on this machine in `compute`

@@ -13,30 +13,17 @@ impl MomentAccumulator {
     /// A refused allocation of the blob is an [`Error::Memory`].
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let dz = self.dz();
-        let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
-        let mut out = crate::memory::try_with_capacity(
-            64 + names + self.dims.len() * 16 + dz * (dz + 1) * 4 + dz * 16,
-            "the serialised moment accumulator",
-        )?;
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
-        for &dl in &self.dims {
-            out.extend_from_slice(&(dl as u64).to_le_bytes());
+        let mut out = Header {
+            magic: MAGIC,
+            na: None,
+            dims: &self.dims,
+            names: &self.names,
+            n: self.n,
+            check_finite: self.check_finite,
+            nonfinite: &self.nonfinite,
+            shift: self.shift.as_deref(),
         }
-        for name in &self.names {
-            out.extend_from_slice(&(name.len() as u64).to_le_bytes());
-            out.extend_from_slice(name.as_bytes());
-        }
-        out.extend_from_slice(&self.n.to_le_bytes());
-        out.push(self.check_finite as u8);
-        for nf in &self.nonfinite {
-            out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
-        }
-        out.push(self.shift.is_some() as u8);
-        if let Some(sh) = &self.shift {
-            put_f64s(&mut out, sh);
-        }
+        .write(dz * (dz + 1) / 2 + dz, "the serialised moment accumulator")?;
         debug_assert_eq!(self.sums.len(), dz);
         put_f64s(&mut out, &self.sums);
         for j in 0..dz {
@@ -47,87 +34,30 @@ impl MomentAccumulator {
 
     /// Inverse of [`to_bytes`](Self::to_bytes); any inconsistency is an [`Error::Format`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader { b: bytes, pos: 0 };
-        if r.take(8)? != MAGIC {
-            return Err(fmt_err("not a layerscope moment accumulator (bad magic)"));
+        let l = layout(bytes)?;
+        if l.cross {
+            return Err(fmt_err("a cross tile, not a moment accumulator"));
         }
-        let version = u32::from_le_bytes(r.arr::<4>()?);
-        if version != VERSION {
-            return Err(fmt_err(format!(
-                "unsupported accumulator version {version} (this build reads {VERSION})"
-            )));
-        }
-        let lc = r.u64()? as usize;
-        if lc == 0 || lc > r.remaining() / 8 {
-            return Err(fmt_err(format!("bad layer count {lc}")));
-        }
-        let mut dims = Vec::with_capacity(lc);
-        for _ in 0..lc {
-            let dl = r.u64()?;
-            if dl == 0 || dl > (r.remaining() as u64) {
-                return Err(fmt_err(format!("bad layer width {dl}")));
-            }
-            dims.push(dl as usize);
-        }
-        let mut names = Vec::with_capacity(lc);
-        for _ in 0..lc {
-            let len = r.u64()? as usize;
-            let s = r.take(len)?;
-            names.push(
-                String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?,
-            );
-        }
-        let n = r.u64()?;
-        let check_finite = match r.take(1)?[0] {
-            0 => false,
-            1 => true,
-            v => return Err(fmt_err(format!("bad flag byte {v}"))),
-        };
-        let mut nonfinite = Vec::with_capacity(lc);
-        for _ in 0..lc {
-            let v = r.u64()?;
-            nonfinite.push(if v == u64::MAX { None } else { Some(v) });
-        }
-        let has_shift = match r.take(1)?[0] {
-            0 => false,
-            1 => true,
-            v => return Err(fmt_err(format!("bad flag byte {v}"))),
-        };
-        let d = dims
-            .iter()
-            .try_fold(0usize, |a, &b| a.checked_add(b))
-            .ok_or_else(|| fmt_err("widths overflow"))?;
-        let dz = d + lc;
-        // Exact remaining length check before allocating anything large.
-        let tri = (dz as u128) * (dz as u128 + 1) / 2;
-        let need = (if has_shift { d as u128 } else { 0 } + dz as u128 + tri) * 8;
-        if need != r.remaining() as u128 {
-            return Err(fmt_err(format!(
-                "accumulator payload has {} bytes, expected {need} for widths {dims:?}",
-                r.remaining()
-            )));
-        }
-        if (n == 0) == has_shift {
-            return Err(fmt_err("row count and shift disagree"));
-        }
-        let shift = if has_shift { Some(r.f64s(d)?) } else { None };
-        let sums = r.f64s(dz)?;
+        let d: usize = l.dims.iter().sum();
+        let dz = d + l.dims.len();
+        let (sums, tri) = l.payload.split_at(dz * 8);
         let mut s = crate::linalg::hinted_vec(dz * dz, "the deserialised moment accumulator")?;
+        let mut at = 0;
         for j in 0..dz {
-            let col = r.f64s(j + 1)?;
-            s[j * dz..j * dz + j + 1].copy_from_slice(&col);
+            get_f64s(&tri[at..at + (j + 1) * 8], &mut s[j * dz..j * dz + j + 1]);
+            at += (j + 1) * 8;
         }
         Ok(MomentAccumulator {
-            offsets: offsets_of(&dims),
-            dims,
-            names,
-            shift,
+            offsets: offsets_of(&l.dims),
+            shift: l.shift.map(f64s),
+            sums: f64s(sums),
             s,
-            sums,
-            n,
-            check_finite,
+            n: l.n,
+            check_finite: l.check_finite,
             row_base: 0,
-            nonfinite,
+            nonfinite: l.nonfinite,
+            names: l.names,
+            dims: l.dims,
             compute: Compute::F64,
             scratch: Scratch::default(),
         })
@@ -149,32 +79,17 @@ impl CrossAccumulator {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let sums = self.su.len() + self.sr.len() + self.uu.len() + self.ur.len();
         let sums = sums + self.ru.len() + self.rr.len();
-        let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
-        let shift = self.shift.as_ref().map_or(0, |s| s.len());
-        let mut out = crate::memory::try_with_capacity(
-            64 + names + self.dims.len() * 16 + (shift + sums) * 8,
-            "the serialised cross tile",
-        )?;
-        out.extend_from_slice(CROSS_MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.na as u64).to_le_bytes());
-        for &dl in &self.dims {
-            out.extend_from_slice(&(dl as u64).to_le_bytes());
+        let mut out = Header {
+            magic: CROSS_MAGIC,
+            na: Some(self.na),
+            dims: &self.dims,
+            names: &self.names,
+            n: self.n,
+            check_finite: self.check_finite,
+            nonfinite: &self.nonfinite,
+            shift: self.shift.as_deref(),
         }
-        for name in &self.names {
-            out.extend_from_slice(&(name.len() as u64).to_le_bytes());
-            out.extend_from_slice(name.as_bytes());
-        }
-        out.extend_from_slice(&self.n.to_le_bytes());
-        out.push(self.check_finite as u8);
-        for nf in &self.nonfinite {
-            out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
-        }
-        out.push(self.shift.is_some() as u8);
-        if let Some(sh) = &self.shift {
-            put_f64s(&mut out, sh);
-        }
+        .write(sums, "the serialised cross tile")?;
         for part in [&self.su, &self.sr, &self.uu, &self.ur, &self.ru, &self.rr] {
             put_f64s(&mut out, part);
         }
@@ -183,84 +98,38 @@ impl CrossAccumulator {
 
     /// Inverse of [`to_bytes`](Self::to_bytes); any inconsistency is an [`Error::Format`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader { b: bytes, pos: 0 };
-        if r.take(8)? != CROSS_MAGIC {
-            return Err(fmt_err("not a layerscope cross tile (bad magic)"));
+        let l = layout(bytes)?;
+        if !l.cross {
+            return Err(fmt_err("a moment accumulator, not a cross tile"));
         }
-        let version = u32::from_le_bytes(r.arr::<4>()?);
-        if version != VERSION {
-            return Err(fmt_err(format!(
-                "unsupported cross tile version {version} (this build reads {VERSION})"
-            )));
-        }
-        let lc = r.u64()? as usize;
-        let na = r.u64()? as usize;
-        if lc < 2 || lc > r.remaining() / 8 || na == 0 || na >= lc {
-            return Err(fmt_err(format!("bad layer counts {lc} ({na} on side A)")));
-        }
-        let mut dims = Vec::with_capacity(lc);
-        for _ in 0..lc {
-            let dl = r.u64()?;
-            if dl == 0 || dl > (r.remaining() as u64) {
-                return Err(fmt_err(format!("bad layer width {dl}")));
-            }
-            dims.push(dl as usize);
-        }
-        let mut names = Vec::with_capacity(lc);
-        for _ in 0..lc {
-            let len = r.u64()? as usize;
-            let s = r.take(len)?;
-            names.push(
-                String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?,
-            );
-        }
-        let n = r.u64()?;
-        let check_finite = r.flag()?;
-        let mut nonfinite = Vec::with_capacity(lc);
-        for _ in 0..lc {
-            let v = r.u64()?;
-            nonfinite.push(if v == u64::MAX { None } else { Some(v) });
-        }
-        let has_shift = r.flag()?;
-        let da = dims[..na].iter().sum::<usize>();
-        let db = dims[na..].iter().sum::<usize>();
+        let (lc, na) = (l.dims.len(), l.na);
+        let da = l.dims[..na].iter().sum::<usize>();
+        let db = l.dims[na..].iter().sum::<usize>();
         let lb = lc - na;
-        let cells = [da + db, lc, da * db, da * lb, na * db, na * lb];
-        let total = cells.iter().map(|&c| c as u128).sum::<u128>();
-        let need = (if has_shift { (da + db) as u128 } else { 0 } + total) * 8;
-        if need != r.remaining() as u128 {
-            return Err(fmt_err(format!(
-                "cross tile payload has {} bytes, expected {need} for widths {dims:?}",
-                r.remaining()
-            )));
-        }
-        let shift = if has_shift {
-            Some(r.f64s(da + db)?)
-        } else {
-            None
+        let mut rest = l.payload;
+        let mut next = |count: usize| {
+            let (head, tail) = rest.split_at(count * 8);
+            rest = tail;
+            f64s(head)
         };
-        let su = r.f64s(cells[0])?;
-        let sr = r.f64s(cells[1])?;
-        let uu = r.f64s(cells[2])?;
-        let ur = r.f64s(cells[3])?;
-        let ru = r.f64s(cells[4])?;
-        let rr = r.f64s(cells[5])?;
+        let (su, sr) = (next(da + db), next(lc));
+        let (uu, ur, ru, rr) = (next(da * db), next(da * lb), next(na * db), next(na * lb));
         Ok(CrossAccumulator {
-            offsets: offsets_of(&dims),
-            dims,
-            names,
+            offsets: offsets_of(&l.dims),
+            dims: l.dims,
+            names: l.names,
             na,
-            shift,
+            shift: l.shift.map(f64s),
             uu,
             ur,
             ru,
             rr,
             su,
             sr,
-            n,
-            check_finite,
+            n: l.n,
+            check_finite: l.check_finite,
             row_base: 0,
-            nonfinite,
+            nonfinite: l.nonfinite,
             compute: Compute::F64,
             u32: Vec::new(),
             u64: Vec::new(),
@@ -271,16 +140,72 @@ impl CrossAccumulator {
     }
 }
 
-/// Where the parts of a serialised accumulator (either kind) lie, checked as `from_bytes`
-/// checks them, without reading the sums.
+/// What both kinds of accumulator write before their sums (read back by [`layout`]).
+struct Header<'a> {
+    magic: &'a [u8; 8],
+    /// Layers on side A: cross tiles only.
+    na: Option<usize>,
+    dims: &'a [usize],
+    names: &'a [String],
+    n: u64,
+    check_finite: bool,
+    nonfinite: &'a [Option<u64>],
+    shift: Option<&'a [f64]>,
+}
+
+impl Header<'_> {
+    /// The header in a buffer with room for `sums` more f64s (a refused allocation is an
+    /// [`Error::Memory`] naming `what`).
+    fn write(&self, sums: usize, what: &str) -> Result<Vec<u8>> {
+        let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
+        let shift = self.shift.map_or(0, <[f64]>::len);
+        let mut out = crate::memory::try_with_capacity(
+            64 + names + self.dims.len() * 16 + (shift + sums) * 8,
+            what,
+        )?;
+        out.extend_from_slice(self.magic);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
+        if let Some(na) = self.na {
+            out.extend_from_slice(&(na as u64).to_le_bytes());
+        }
+        for &dl in self.dims {
+            out.extend_from_slice(&(dl as u64).to_le_bytes());
+        }
+        for name in self.names {
+            out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        out.extend_from_slice(&self.n.to_le_bytes());
+        out.push(self.check_finite as u8);
+        for nf in self.nonfinite {
+            out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
+        }
+        out.push(self.shift.is_some() as u8);
+        if let Some(sh) = self.shift {
+            put_f64s(&mut out, sh);
+        }
+        Ok(out)
+    }
+}
+
+/// A serialised accumulator (either kind) read up to its sums: the layout, names, row count,
+/// first non-finite rows and shift, with every length checked against the bytes given
+/// before anything large is allocated.
 struct Layout<'a> {
+    cross: bool,
+    dims: Vec<usize>,
+    /// Layers on side A (a cross tile), else all of them.
+    na: usize,
+    names: Vec<String>,
     /// Magic, version, layer counts, widths and names: equal for two partials of one tile.
     prefix: &'a [u8],
     n: u64,
-    check_finite: u8,
+    check_finite: bool,
     nonfinite: Vec<Option<u64>>,
     shift: Option<&'a [u8]>,
-    /// Where the additive f64 sums start, and they themselves.
+    /// Where the additive f64 sums start, and they themselves (exactly as many bytes as the
+    /// layout needs).
     payload_at: usize,
     payload: &'a [u8],
 }
@@ -311,13 +236,15 @@ fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
         }
         dims.push(dl as usize);
     }
+    let mut names = Vec::with_capacity(lc);
     for _ in 0..lc {
         let len = r.u64()? as usize;
-        r.take(len)?;
+        let s = r.take(len)?;
+        names.push(String::from_utf8(s.to_vec()).map_err(|_| fmt_err("layer name is not UTF-8"))?);
     }
     let prefix = &bytes[..r.pos];
     let n = r.u64()?;
-    let check_finite = u8::from(r.flag()?);
+    let check_finite = r.flag()?;
     let mut nonfinite = Vec::with_capacity(lc);
     for _ in 0..lc {
         let v = r.u64()?;
@@ -337,24 +264,28 @@ fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
         let dz = (d + lc) as u128;
         dz + dz * (dz + 1) / 2
     };
-    let shift_len = if has_shift { d * 8 } else { 0 };
-    if (shift_len as u128 + count * 8) != r.remaining() as u128 {
+    let shift_len = if has_shift { d as u128 * 8 } else { 0 };
+    if shift_len + count * 8 != r.remaining() as u128 {
         return Err(fmt_err(format!(
             "accumulator payload has {} bytes, expected {} for widths {dims:?}",
             r.remaining(),
-            shift_len as u128 + count * 8
+            shift_len + count * 8
         )));
     }
     if !cross && (n == 0) == has_shift {
         return Err(fmt_err("row count and shift disagree"));
     }
     let shift = if has_shift {
-        Some(r.take(shift_len)?)
+        Some(r.take(d * 8)?)
     } else {
         None
     };
     let payload_at = r.pos;
     Ok(Layout {
+        cross,
+        dims,
+        na,
+        names,
         prefix,
         n,
         check_finite,
@@ -363,6 +294,20 @@ fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
         payload_at,
         payload: &bytes[payload_at..],
     })
+}
+
+/// Little-endian f64s (`b.len()` a multiple of 8, checked by the caller's layout).
+fn f64s(b: &[u8]) -> Vec<f64> {
+    b.chunks_exact(8)
+        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
+}
+
+/// As [`f64s`], into `out` (`out.len() * 8 == b.len()`).
+fn get_f64s(b: &[u8], out: &mut [f64]) {
+    for (o, c) in out.iter_mut().zip(b.chunks_exact(8)) {
+        *o = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+    }
 }
 
 /// The serialised sums of `a` followed by `b`'s rows, when both are partials of one tile
@@ -374,7 +319,11 @@ fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
 pub fn merge_serialised(a: &[u8], b: &[u8]) -> Result<Option<Vec<u8>>> {
     use rayon::prelude::*;
     let (x, y) = (layout(a)?, layout(b)?);
-    if x.prefix != y.prefix || x.check_finite != y.check_finite || x.shift != y.shift {
+    if x.cross != y.cross
+        || x.prefix != y.prefix
+        || x.check_finite != y.check_finite
+        || x.shift != y.shift
+    {
         return Ok(None);
     }
     let mut out = crate::memory::try_with_capacity(a.len(), "the merged partial sums")?;
@@ -450,11 +399,5 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.arr::<8>()?))
-    }
-    fn f64s(&mut self, k: usize) -> Result<Vec<f64>> {
-        let s = self.take(k.checked_mul(8).ok_or_else(|| fmt_err("size overflow"))?)?;
-        Ok(s.chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect())
     }
 }

@@ -50,6 +50,21 @@ fn naive(xs: &[Vec<f64>], dims: &[usize], n: usize) -> (Vec<f64>, Vec<f64>) {
     (cov, rr)
 }
 
+/// Row-major f64 layers `xs` of widths `dims` over `n` rows, as a row source.
+fn f64_rows<'a>(
+    xs: &'a [Vec<f64>],
+    dims: &[usize],
+    n: usize,
+) -> crate::store::stream::ArrayRows<'a> {
+    use crate::store::stream::{ArrayLayer, ArrayRows};
+    let layers = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| ArrayLayer::new(crate::store::Values::F64(&xs[i]), n, d, d).unwrap())
+        .collect();
+    ArrayRows::new(layers).unwrap()
+}
+
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a
         .iter()
@@ -576,13 +591,7 @@ fn tiled_passes_equal_the_single_pass() {
         }
     }
     // A layer of one source against a Gram reference (biased and debiased), via tiles.
-    let src = ArrayRows::new(
-        dims.iter()
-            .enumerate()
-            .map(|(i, &d)| ArrayLayer::new(Values::F64(&xs[i]), n, d, d).unwrap())
-            .collect(),
-    )
-    .unwrap();
+    let src = f64_rows(&xs, &dims, n);
     let b = Budget::argument((pass_bytes(&dims, 64, Compute::F64) as f64 * 0.4) as u64).unwrap();
     let plan = plan_tiles(&dims, dims.len(), n as u64, Some(64), Compute::F64, &b).unwrap();
     assert!(
@@ -756,8 +765,6 @@ fn measured_rate_is_a_finite_positive_rate() {
 #[test]
 fn row_range_tasks_merge_to_the_local_pass() {
     use crate::monitor::NoMonitor;
-    use crate::store::stream::{ArrayLayer, ArrayRows};
-    use crate::store::Values;
     let n = 203usize;
     let dims = [40usize, 300, 7, 129];
     let xs: Vec<Vec<f64>> = dims
@@ -766,13 +773,7 @@ fn row_range_tasks_merge_to_the_local_pass() {
         .map(|(i, &d)| data(n, d, 70 + i as u64, if i % 2 == 0 { 800.0 } else { 0.0 }))
         .collect();
     let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
-    let src = ArrayRows::new(
-        dims.iter()
-            .enumerate()
-            .map(|(i, &d)| ArrayLayer::new(Values::F64(&xs[i]), n, d, d).unwrap())
-            .collect(),
-    )
-    .unwrap();
+    let src = f64_rows(&xs, &dims, n);
     let cuts = [0u64, 1, 64, 150, n as u64];
     for compute in [Compute::F64, Compute::F32] {
         for num_a in [dims.len(), 2] {
@@ -855,19 +856,11 @@ fn row_range_tasks_merge_to_the_local_pass() {
 #[test]
 fn tile_partials_refuse_what_does_not_add_up() {
     use crate::monitor::NoMonitor;
-    use crate::store::stream::{ArrayLayer, ArrayRows};
-    use crate::store::Values;
     let n = 60usize;
     let dims = [30usize, 20];
     let xs: Vec<Vec<f64>> = dims.iter().map(|&d| data(n, d, 5, 3.0)).collect();
     let names = vec!["a".to_string(), "b".to_string()];
-    let src = ArrayRows::new(
-        dims.iter()
-            .enumerate()
-            .map(|(i, &d)| ArrayLayer::new(Values::F64(&xs[i]), n, d, d).unwrap())
-            .collect(),
-    )
-    .unwrap();
+    let src = f64_rows(&xs, &dims, n);
     let b = Budget::argument((pass_bytes(&dims, 16, Compute::F64) as f64 * 0.9) as u64).unwrap();
     let plan = plan_tiles(&dims, 1, n as u64, Some(16), Compute::F64, &b).unwrap();
     let cross = (0..plan.tiles.len())
@@ -935,13 +928,7 @@ fn tile_partials_refuse_what_does_not_add_up() {
     // A non-finite value is named by its row in the source, not in the task's range.
     let mut bad = xs.clone();
     bad[1][45 * dims[1] + 3] = f64::NAN;
-    let src2 = ArrayRows::new(
-        dims.iter()
-            .enumerate()
-            .map(|(i, &d)| ArrayLayer::new(Values::F64(&bad[i]), n, d, d).unwrap())
-            .collect(),
-    )
-    .unwrap();
+    let src2 = f64_rows(&bad, &dims, n);
     for t in 0..plan.tiles.len() {
         if !plan.tile_layers(t).unwrap().contains(&1) {
             continue;
