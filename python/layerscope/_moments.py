@@ -114,16 +114,27 @@ def compute_moments(
             check_finite=check_finite, max_memory=max_memory, num_a=num_a, progress=prog.cb,
             compute=compute,
         )
+    return m, single_pass_meta(m, parts, names, compute, t0, br, pl["peak_bytes_estimate"])
+
+
+def single_pass_meta(
+    m: Any, parts: list[tuple[Source, list[str]]], names: list[str], compute: str, t0: float,
+    block_rows: int, peak_bytes: int,
+) -> dict[str, Any]:
+    """The meta of one moment pass over every selected layer (``m``: its ``Moments``): what
+    :func:`_meta` records, the passes, block rows, accumulator bytes and ``plan``."""
+    dims = [int(d) for d in m.dims]
     meta = _meta(m, parts, names, compute, t0)
-    meta.update(passes=1, block_rows=br, accumulator_bytes=pl["accumulator_bytes"])
+    meta.update(passes=1, block_rows=int(block_rows),
+                accumulator_bytes=int(_native.accumulator_bytes(dims)))
     n, dsum = int(m.n), sum(dims)
     selected = read_bytes(n, dims, [_itemsize(src, nm) for src, ls in parts for nm in ls])
     meta["plan"] = {
-        "strategy": "single-pass", "passes": 1, "peak_bytes": pl["peak_bytes_estimate"],
+        "strategy": "single-pass", "passes": 1, "peak_bytes": int(peak_bytes),
         "bytes_read": selected, "bytes_selected": selected, "flops": n * dsum * (dsum + 1),
-        "block_rows": br,
+        "block_rows": int(block_rows),
     }
-    return m, meta
+    return meta
 
 
 def pair_stats(

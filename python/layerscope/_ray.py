@@ -335,12 +335,13 @@ def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: i
             "ranges": 0, "merges": 0, "note": "the Gram route (every row of a layer at "
             "once) ran on the driver"}}
     out = _native.PairStatsBuilder(plan, names, n)
-    for run, _, tiles in _running(ray, [Job(plan, parts, names)], progress,
-                                  check_finite=check_finite, max_memory=max_memory):
-        for t, data in enumerate(tiles):
-            out.add(t, data)
-        return out.finish(), run.meta()
-    raise AssertionError("unreachable")  # pragma: no cover
+    runs = _running(ray, [Job(plan, parts, names)], progress, check_finite=check_finite,
+                    max_memory=max_memory)
+    run, _, tiles = next(runs)
+    runs.close()
+    for t, data in enumerate(tiles):
+        out.add(t, data)
+    return out.finish(), run.meta()
 
 
 def moment_passes(jobs: list[tuple[list[tuple[Source, list[str]]], int]], *, compute: str,
@@ -349,7 +350,7 @@ def moment_passes(jobs: list[tuple[list[tuple[Source, list[str]]], int]], *, com
     """One single-pass moment job per ``(parts, num_a)`` on Ray, all submitted at once;
     yields ``(Moments, meta)`` per job in order, as :func:`layerscope._moments.compute_moments`
     returns them (``meta`` also has backend and tasks)."""
-    from ._moments import _itemsize, _meta, read_bytes
+    from ._moments import single_pass_meta
 
     ray = connect(address)
     planned = []
@@ -362,21 +363,10 @@ def moment_passes(jobs: list[tuple[list[tuple[Source, list[str]]], int]], *, com
     for run, k, tiles in _running(ray, planned, progress, check_finite=check_finite,
                                   max_memory=max_memory):
         job = planned[k]
-        num_a = jobs[k][1]
-        m = _native.MomentAccumulator.from_bytes(tiles[0]).finalize(num_a)
-        meta = _meta(m, job.parts, job.names, job.plan.compute, t0)
-        meta["engine"] = "ray"
-        dims = list(job.plan.dims)
-        item = [_itemsize(src, x) for src, ls in job.parts for x in ls]
-        selected = read_bytes(int(m.n), dims, item)
-        dsum = sum(dims)
-        meta.update(passes=1, block_rows=int(job.plan.block_rows),
-                    accumulator_bytes=int(_native.accumulator_bytes(dims)), **run.meta())
-        meta["plan"] = {
-            "strategy": "single-pass", "passes": 1, "peak_bytes": int(job.plan.peak_bytes),
-            "bytes_read": selected, "bytes_selected": selected,
-            "flops": int(m.n) * dsum * (dsum + 1), "block_rows": int(job.plan.block_rows),
-        }
+        m = _native.MomentAccumulator.from_bytes(tiles[0]).finalize(jobs[k][1])
+        meta = single_pass_meta(m, job.parts, job.names, job.plan.compute, t0,
+                                job.plan.block_rows, job.plan.peak_bytes)
+        meta.update(engine="ray", **run.meta())
         yield m, meta
 
 
