@@ -33,6 +33,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -48,6 +49,10 @@ MIN_TASK_ROWS = 1024
 TASKS_PER_SLOT = 1
 
 
+#: The job id of the session :func:`connect` started (a local instance), if any.
+_OWNED: dict[str, str | None] = {"job": None}
+
+
 def connect(address: str | None = None) -> Any:
     """The ``ray`` module with a session: the running one when ``ray.is_initialized()``;
     else ``ray.init(address=...)`` from ``address``, else ``RAY_ADDRESS``; else a local
@@ -58,9 +63,17 @@ def connect(address: str | None = None) -> Any:
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if addr in (None, "", "local"):
             ray.init(_node_ip_address="127.0.0.1", **kw)
+            _OWNED["job"] = _job(ray)
         else:
             ray.init(address=addr, **kw)
     return ray
+
+
+def _job(ray: Any) -> str | None:
+    try:
+        return str(ray.get_runtime_context().get_job_id())
+    except Exception:  # noqa: BLE001 - only an identity
+        return None
 
 
 class Cluster(NamedTuple):
@@ -283,13 +296,6 @@ class Run:
                 raise cause from None
             raise
 
-    def cancel(self) -> None:
-        for r in self.all_refs():
-            try:
-                self.ray.cancel(r, force=True)
-            except Exception:  # noqa: BLE001 - best effort: it may have finished
-                pass
-
     def meta(self) -> dict[str, Any]:
         return {
             "backend": "ray",
@@ -305,15 +311,34 @@ class Run:
 def _running(ray: Any, jobs: Sequence[Job], progress: Any, *, check_finite: bool,
              max_memory: int | None) -> Iterator[tuple[Run, int, list[bytes]]]:
     """Submit every job's tasks, then yield ``(run, job index, merged tile bytes)`` job by
-    job, in order; Ctrl-C (or any error) cancels whatever is still running."""
+    job, in order.
+
+    Nothing is cancelled with ``ray.cancel``: a cancel that races a task's completion aborts
+    the driver's whole process in Ray (``Check failed: ... Tried to complete task that was
+    not pending``, ray-project/ray#54527; seen here with Ray 2.60). On an error the tasks
+    already submitted run to the end of their row range (each is bounded) and their results
+    are dropped; Ctrl-C in a session layerscope started shuts that session down (its
+    workers with it), in a session of the user's the driver stops waiting and says so."""
     run = Run(ray, jobs, check_finite=check_finite, max_memory=max_memory)
     try:
         run.wait_leaves(progress)
         for k, roots in enumerate(run.roots):
             yield run, k, [run.get(r) for r in roots]
-    except BaseException:
-        run.cancel()
+    except KeyboardInterrupt:
+        stop(ray)
         raise
+
+
+def stop(ray: Any) -> None:
+    """After Ctrl-C: shut down a session that :func:`connect` started (its workers stop
+    with it; the next call starts a new one); a session of the user's is left running."""
+    if ray.is_initialized() and _OWNED["job"] is not None and _job(ray) == _OWNED["job"]:
+        ray.shutdown()
+        _OWNED["job"] = None
+    else:
+        warnings.warn("interrupted: the Ray tasks already submitted run to the end of their "
+                      "row range on the user's cluster (their results are dropped)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: int, *,
