@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -177,11 +178,58 @@ def main(out: str, temp_dir: str) -> None:
             return {"rc": rc, "stdout": buf.getvalue()}
 
         case("cli", command)
+
+        def interrupt() -> dict:
+            # Ctrl-C while waiting on the user's cluster: KeyboardInterrupt raised, a warning
+            # that the submitted tasks run on, no ray.cancel (it can abort the driver), the
+            # session left up and the next call equal to the first.
+            def cb(done: int, total: int) -> None:
+                raise KeyboardInterrupt
+
+            out: dict[str, Any] = {}
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                try:
+                    ls.cka(s64, progress=cb, backend="ray")
+                    out["raised"] = "nothing"
+                except KeyboardInterrupt:
+                    out["raised"] = "KeyboardInterrupt"
+            out["warnings"] = [str(x.message) for x in w]
+            out["alive"] = ray.is_initialized()
+            a = ls.cka(s64, progress=False, backend="ray")
+            b = ls.cka(s64, progress=False)
+            out["diff"] = _diff(a.values, b.values)
+            return out
+
+        case("interrupt", interrupt)
     finally:
         ray.shutdown()
         cluster.shutdown()
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        try:
+            case("interrupt_own", lambda: interrupt_own(ls, ray, s64))
+        finally:
+            with open(out, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+
+def interrupt_own(ls: Any, ray: Any, store: str) -> dict:
+    """Ctrl-C in a session layerscope started (no address): the session is shut down, its
+    workers with it, and the next call starts a new one."""
+    def cb(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    out: dict[str, Any] = {}
+    try:
+        ls.cka(store, progress=cb, backend="ray")
+        out["raised"] = "nothing"
+    except KeyboardInterrupt:
+        out["raised"] = "KeyboardInterrupt"
+    out["alive"] = ray.is_initialized()
+    a = ls.cka(store, progress=False, backend="ray")
+    out["alive_after"] = ray.is_initialized()
+    out["diff"] = _diff(a.values, ls.cka(store, progress=False).values)
+    ray.shutdown()
+    return out
 
 
 if __name__ == "__main__":

@@ -181,3 +181,16 @@ def test_missing_ray_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(MissingDependencyError, match=r"layerscope\[ray\]"):
         ls.cka({"a": np.eye(5)}, backend="ray", progress=False)
+
+
+def test_ray_interrupt_leaves_a_users_cluster_up(checks: dict) -> None:
+    r = _ok(checks, "interrupt")
+    assert r["raised"] == "KeyboardInterrupt", r
+    assert any("run to the end of their row range" in w for w in r["warnings"]), r
+    assert r["alive"] and r["diff"] <= 1e-10, r
+
+
+def test_ray_interrupt_shuts_down_a_session_layerscope_started(checks: dict) -> None:
+    r = _ok(checks, "interrupt_own")
+    assert r["raised"] == "KeyboardInterrupt" and not r["alive"], r
+    assert r["alive_after"] and r["diff"] <= 1e-10, r
