@@ -38,6 +38,17 @@ def _diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(np.where(both, 0.0, a - b)), initial=0.0))
 
 
+def _numbers(x: Any) -> list[float]:
+    """Every number in a JSON value, in order (None: NaN; strings left out)."""
+    if isinstance(x, dict):
+        return [v for k in x for v in _numbers(x[k])]
+    if isinstance(x, list):
+        return [v for item in x for v in _numbers(item)]
+    if x is None:
+        return [float("nan")]
+    return [float(x)] if isinstance(x, (int, float)) else []
+
+
 def main(out: str, temp_dir: str) -> None:
     import layerscope as ls
     import ray
@@ -136,6 +147,105 @@ def main(out: str, temp_dir: str) -> None:
 
         case("analyze", analyze)
 
+        # the sampled measures: a task per layer, a task per block of pairs; two layers per
+        # group, so that a 4-layer store has diagonal and off-diagonal blocks
+        from layerscope import _ray_sampled
+
+        _ray_sampled.BLOCK_LAYERS = 2
+
+        def sampled(fn: Callable[..., Any], src: Any, other: Any = None, **kw: Any) -> dict:
+            loc = fn(src, other, progress=False, **kw)
+            rem = fn(src, other, progress=False, backend="ray", **kw)
+            bw = [_diff(list(loc.meta[k].values()), list(rem.meta[k].values()))
+                  for k in ("bandwidths_a", "bandwidths_b") if k in loc.meta]
+            return {"diff": _diff(loc.values, rem.values), "bw": max(bw, default=0.0),
+                    "tasks": rem.meta["tasks"], "backend": rem.meta["backend"],
+                    "n": rem.meta["n"], "shape": list(rem.values.shape),
+                    "hash": rem.meta["sample_hash"] == loc.meta["sample_hash"]}
+
+        case("rbf", lambda: sampled(ls.cka, s64, kernel="rbf", sample=700, seed=2))
+        case("rbf_cross_debiased", lambda: sampled(ls.cka, s64, s64b, kernel="rbf",
+                                                   estimator="debiased", sample=700))
+        case("rbf_bf16", lambda: sampled(ls.cka, sbf, kernel="rbf", sigma=0.5, sample=600))
+        case("rsa", lambda: sampled(ls.rsa, s64, sample=500))
+        case("rsa_cross", lambda: sampled(ls.rsa, s64, s64b, sample=400, compare="pearson",
+                                          dissimilarity="correlation"))
+        case("mutual_knn_arrays", lambda: sampled(ls.mutual_knn, x64, sample=600, k=7))
+
+        def rbf_nan() -> dict:
+            bad = dict(x64)
+            bad["l2"] = bad["l2"].copy()
+            bad["l2"][::50, 3] = np.inf
+            snan = f"{tmp}/inf"
+            ls.write_store(snan, bad, dtype="float64", shard_bytes=1 << 20)
+            out: dict[str, Any] = {}
+            for backend in ("local", "ray"):
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    r = ls.cka(snan, kernel="rbf", sample=500, nonfinite="nan", progress=False,
+                               backend=backend)
+                out[backend] = {"values": r.values.tolist(),
+                                "warnings": [str(x.message) for x in w
+                                             if "non-finite" in str(x.message)],
+                                "rows": r.meta["nonfinite_rows"]}
+            out["diff"] = _diff(out["local"]["values"], out["ray"]["values"])
+            return out
+
+        case("rbf_nan", rbf_nan)
+
+        def idim() -> dict:
+            kw = {"methods": ["twonn", "mle", "gride", "pca"], "sample": 1500, "bootstrap": 20,
+                  "k": 8, "scales": [1, 2]}
+            loc = ls.intrinsic_dimensions(s64, progress=False, **kw)
+            rem = ls.intrinsic_dimensions(s64, progress=False, backend="ray", **kw)
+            diffs = {}
+            for m in kw["methods"]:
+                a, b = loc[m], rem[m]
+                assert a.layers == b.layers, (a.layers, b.layers)
+                diffs[m] = max(_diff([a.values[x] for x in a.layers],
+                                     [b.values[x] for x in b.layers]),
+                               _diff([a.ci.get(x, (0, 0)) for x in a.layers],
+                                     [b.ci.get(x, (0, 0)) for x in b.layers]),
+                               _diff([a.errors.get(x, 0) for x in a.layers],
+                                     [b.errors.get(x, 0) for x in b.layers]))
+            return {"diffs": diffs, "scales": rem["gride"].scales == loc["gride"].scales,
+                    "details": rem["mle"].details == loc["mle"].details,
+                    "tasks": rem["twonn"].meta["tasks"], "pca_tasks": rem["pca"].meta["tasks"],
+                    "backend": [rem[m].meta.get("backend") for m in kw["methods"]]}
+
+        case("idim", idim)
+
+        def report() -> dict:
+            got = {}
+            for backend in ("local", "ray"):
+                path = ls.report(s64, s64b, f"{tmp}/report-{backend}", sample=400, bootstrap=4,
+                                 progress=False, backend=backend)
+                with open(path.parent / "results.json") as f:
+                    got[backend] = json.load(f)
+            diffs = {}
+            for tag, res in got["local"]["results"].items():
+                for key, r in res.items():
+                    if isinstance(r, dict) and "values" in r:
+                        a, b = r["values"], got["ray"]["results"][tag][key]["values"]
+                        diffs[f"{tag}/{key}"] = _diff(_numbers(a), _numbers(b))
+            return {"diffs": diffs, "diff": max(diffs.values()), "notes": got["ray"]["notes"],
+                    "backend": got["ray"]["parameters"]["backend"],
+                    "summary_equal": got["ray"]["summary"] == got["local"]["summary"]}
+
+        case("report", report)
+
+        def commands() -> dict:
+            out = {}
+            for name, argv in (("rsa", ["rsa", s64, "--sample", "300"]),
+                               ("id", ["id", s64, "--sample", "800", "--method", "mle"])):
+                buf = io.StringIO()
+                with contextlib.redirect_stdout(buf):
+                    rc = cli([*argv, "--ray", cluster.address])
+                out[name] = {"rc": rc, "stdout": buf.getvalue()}
+            return out
+
+        case("cli_sampled", commands)
+
         def node_errors() -> dict:
             st = ls.open(s64)
             plan = _native.TilePlan.single([dims[0]], 1, n)
@@ -163,10 +273,10 @@ def main(out: str, temp_dir: str) -> None:
             except Exception as e:  # noqa: BLE001 - the test checks the class and text
                 out["nonfinite"] = f"{type(e).__name__}: {e}"
             try:
-                ls.cka(s64, progress=False, backend="ray", kernel="rbf")
-                out["rbf"] = "no error"
-            except Exception as e:  # noqa: BLE001
-                out["rbf"] = f"{type(e).__name__}: {e}"
+                ls.mutual_knn(sbad, progress=False, backend="ray", sample=None)
+                out["knn_nonfinite"] = "no error"
+            except Exception as e:  # noqa: BLE001 - the test checks the class and text
+                out["knn_nonfinite"] = f"{type(e).__name__}: {e}"
             return out
 
         case("errors", node_errors)

@@ -231,3 +231,57 @@ def test_knn_graph_exact_on_random_adversarial_shapes() -> None:
         np.testing.assert_allclose(
             g["dist"], np.sqrt(np.take_along_axis(d2, order, 1)), rtol=1e-13, atol=0
         )
+
+
+@pytest.mark.parametrize("measure", ["rbf", "rbf-debiased", "rsa", "knn"])
+def test_prepared_layers_in_blocks_equal_the_all_pairs_tables(measure: str) -> None:
+    """The unit of a distributed run: each layer prepared alone and pickled (as a Ray task
+    returns it), the table in blocks (a diagonal block within, off-diagonal blocks across)
+    — bit-for-bit the local all-pairs table, and the cross table too."""
+    import pickle
+
+    xs = [np.ascontiguousarray(v) + 40.0 for v in layers(90, seed=4).values()]
+    kind, opts, local = {
+        "rbf": ("rbf", {}, lambda a, b=None: _native.rbf_hsic(a, b)["values"]),
+        "rbf-debiased": ("rbf", {"unbiased": True},
+                         lambda a, b=None: _native.rbf_hsic(a, b, unbiased=True)["values"]),
+        "rsa": ("rsa", {"dissimilarity": "correlation"},
+                lambda a, b=None: _native.rsa_matrix(a, b, dissimilarity="correlation")),
+        "knn": ("knn", {"k": 6, "normalize": True},
+                lambda a, b=None: _native.mutual_knn_matrix(a, b, k=6, normalize=True)),
+    }[measure]
+    preps = [pickle.loads(pickle.dumps(_native.prepare_layer(x, kind, **opts))) for x in xs]
+    assert preps[0].kind == kind
+    full = _native.prepared_table(preps)
+    np.testing.assert_array_equal(full["values"], local(xs))
+    blocks = np.full((4, 4), np.nan)
+    blocks[:2, :2] = _native.prepared_table(preps[:2])["values"]
+    blocks[2:, 2:] = _native.prepared_table(preps[2:])["values"]
+    off = _native.prepared_table(preps[:2], preps[2:])["values"]
+    blocks[:2, 2:], blocks[2:, :2] = off, off.T
+    np.testing.assert_array_equal(blocks, local(xs))
+    np.testing.assert_array_equal(off, local(xs[:2], xs[2:]))
+    if kind == "rbf":
+        bw = [p.bandwidth for p in preps]
+        np.testing.assert_array_equal(full["bw_a"], bw)
+        np.testing.assert_array_equal(bw, _native.rbf_hsic(xs, unbiased=bool(opts))["bw_a"])
+
+
+def test_prepared_layer_errors() -> None:
+    x = np.ascontiguousarray(layers(40)["x"])
+    p = _native.prepare_layer(x, "rsa")
+    data = p.to_bytes()
+    for bad in (data[:-1], data + b"\0", b"junk", data[:9] + b"\xff" * 8):
+        with pytest.raises(InvalidArgumentError, match="malformed prepared layer|wrong magic"):
+            _native.PreparedLayer.from_bytes(bad)
+    k = _native.prepare_layer(x, "knn", k=3)
+    with pytest.raises(MismatchError, match="different measures"):
+        _native.prepared_table([p, k])
+    with pytest.raises(InvalidArgumentError, match="measure"):
+        _native.prepare_layer(x, "cosine")
+    with pytest.raises(layerscope.MemoryBudgetError):
+        _native.prepare_layer(x, "rbf", max_memory=1000)
+    r40 = _native.prepare_layer(x, "rbf")
+    r30 = _native.prepare_layer(np.ascontiguousarray(x[:30]), "rbf")
+    with pytest.raises(MismatchError, match="rows"):
+        _native.prepared_table([r40], [r30])

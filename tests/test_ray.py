@@ -148,7 +148,58 @@ def test_ray_errors_name_the_node(checks: dict) -> None:
         "missing"], e
     # the row in the store, not in the task's range
     assert e["nonfinite"].startswith("NonFiniteError") and "row 4321" in e["nonfinite"], e
-    assert e["rbf"].startswith("InvalidArgumentError") and "backend='local'" in e["rbf"], e
+    # a layer task's own error, raised as itself on the driver
+    assert e["knn_nonfinite"].startswith("NonFiniteError") and "row 4321" in e[
+        "knn_nonfinite"], e
+
+
+@pytest.mark.parametrize("case", ["rbf", "rbf_cross_debiased", "rbf_bf16", "rsa", "rsa_cross",
+                                  "mutual_knn_arrays"])
+def test_ray_sampled_measures_equal_local_to_the_bit(checks: dict, case: str) -> None:
+    # a task per layer prepares (Gram, RDM, kNN graph), a task per block of pairs tabulates,
+    # with the functions of the local call: the same numbers exactly
+    r = _ok(checks, case)
+    assert r["diff"] == 0.0 and r["bw"] == 0.0 and r["hash"], r
+    assert r["backend"] == "ray"
+    t = r["tasks"]
+    nl = r["shape"][0] + (r["shape"][1] if "cross" in case else 0)
+    assert t["prepare"] == nl and t["layers_per_block"] == 2, t
+    groups = -(-r["shape"][0] // 2)
+    # within one source: the upper triangle of groups; across two: every block
+    assert t["blocks"] == (groups * groups if "cross" in case else groups * (groups + 1) // 2)
+    assert t["nodes"] == 2
+
+
+def test_ray_rbf_nonfinite_nan(checks: dict) -> None:
+    r = _ok(checks, "rbf_nan")
+    assert r["diff"] == 0.0
+    assert r["ray"]["rows"] == r["local"]["rows"] and list(r["ray"]["rows"]) == ["l2"]
+    assert r["ray"]["warnings"] == r["local"]["warnings"] and len(r["ray"]["warnings"]) == 1
+
+
+def test_ray_intrinsic_dimension(checks: dict) -> None:
+    r = _ok(checks, "idim")
+    assert all(v == 0.0 for v in r["diffs"].values()), r
+    assert r["scales"] and r["details"]
+    assert r["tasks"]["tasks"] == 4 and r["tasks"]["layers"] == 4
+    assert r["pca_tasks"]["ranges"] > 0  # PCA-ID from the moment passes' range tasks
+    assert r["backend"] == ["ray"] * 4
+
+
+def test_ray_report(checks: dict) -> None:
+    r = _ok(checks, "report")
+    assert r["backend"] == "ray" and r["notes"] == [] and r["summary_equal"], r
+    assert r["diff"] <= 1e-10, r["diffs"]
+    for k, v in r["diffs"].items():  # the sampled measures: exactly
+        if "rbf" in k or "id_" in k:
+            assert v == 0.0, (k, v)
+
+
+def test_ray_cli_sampled(checks: dict) -> None:
+    c = _ok(checks, "cli_sampled")
+    assert c["rsa"]["rc"] == 0 and "# ray: 4 layer tasks, 3 pair-block tasks (up to 2 layers " \
+        "per group) on 2 nodes, 1 CPU per task" in c["rsa"]["stdout"], c
+    assert c["id"]["rc"] == 0 and "# ray: 4 layer tasks on 2 nodes" in c["id"]["stdout"], c
 
 
 def test_ray_cli(checks: dict) -> None:

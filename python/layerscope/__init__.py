@@ -19,6 +19,7 @@ from .capture import Capture, capture
 from .dumps import convert
 from .errors import (
     CaptureError,
+    ClusterError,
     FormatError,
     InvalidArgumentError,
     LayerscopeError,
@@ -53,7 +54,8 @@ from .store import ActivationStore, StoreWriter, open, write_store
 __all__ = [
     "__version__", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "StoreIOError", "NonFiniteError",
-    "InvalidArgumentError", "MemoryBudgetError", "CaptureError", "MissingDependencyError", "MatrixResult", "Result",
+    "InvalidArgumentError", "MemoryBudgetError", "CaptureError",
+    "ClusterError", "MissingDependencyError", "MatrixResult", "Result",
     "load_result", "ActivationStore", "StoreWriter", "open", "write_store", "capture",
     "Capture", "convert", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
     "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "IDResult", "report",

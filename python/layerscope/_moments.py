@@ -76,6 +76,8 @@ def compute_moments(
     check_finite: bool = True,
     block_rows: int | None = None,
     compute: str = "float64",
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Stream every row of the selected layers once; return ``(Moments, meta)``.
 
@@ -99,7 +101,10 @@ def compute_moments(
     The reference shift is the mean of 1024 rows spread evenly over the whole source (not
     the first block, which may be unlike the rest; ``engine::moments::sample_shift``);
     ``meta["shift_offset"]`` is ``max_f |mean_f − shift_f| / σ_f``, and a float32 pass warns
-    above ``F32_SHIFT_WARN``."""
+    above ``F32_SHIFT_WARN``.
+
+    ``backend="ray"``: the same single pass cut into row-range tasks on a Ray cluster
+    (:func:`layerscope._ray.moment_passes`; checked against the budget here first)."""
     t0 = time.perf_counter()
     parts, names, dims, compute, num_a, block_rows = _setup(
         source, layers, other, other_layers, compute, block_rows)
@@ -108,6 +113,14 @@ def compute_moments(
         block_rows = min(int(_native.default_block_rows(list(dims), compute)), max(n, 1))
     pl = plan(dims, max_memory, compute, block_rows)
     br = pl["block_rows"]
+    if backend == "ray":
+        from ._ray import moment_passes
+
+        runs = moment_passes([(parts, num_a)], compute=compute, check_finite=check_finite,
+                             max_memory=max_memory, progress=progress, address=ray_address)
+        out = next(runs)
+        runs.close()
+        return out
     with Progress(progress, "moments") as prog:
         m = _native.moments_pass(
             [native_part(src, ls) for src, ls in parts], names, block_rows=br,

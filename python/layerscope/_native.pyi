@@ -254,6 +254,22 @@ class PairStatsBuilder:
     def missing(self) -> list[int]:
         """Tiles not added yet."""
 
+class PreparedLayer:
+    """One layer's prepared Gram, RDM or kNN graph for a pair measure (the unit of a
+    distributed run, `layerscope_core::measures::prepared`); pickled as its bytes."""
+    @property
+    def bandwidth(self) -> float | None:
+        """The RBF bandwidth (None for RSA and kNN)."""
+    @property
+    def kind(self) -> str:
+        """``"rbf"``, ``"rsa"`` or ``"knn"``."""
+    @property
+    def nbytes(self) -> int:
+        """Its size as bytes."""
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]: ...
+    def to_bytes(self) -> bytes: ...
+    def __repr__(self) -> str: ...
+
 class TilePlan:
     """An exact linear pass as tiles over column pieces of the layers (a single pass is one
     diagonal tile): the plan a distributed run cuts into `(tile, row range)` tasks.
@@ -386,6 +402,22 @@ def parse_memory_size(text: str) -> int:
 
 def pass_bytes(dims: Sequence[int], block_rows: int, compute: str = 'float64') -> int:
     """Peak bytes of one streaming pass (accumulator, two row blocks, packed SYRK panels)."""
+
+def prepare_bytes(measure: str, m: int, d: int, k: int = 10, normalize: bool = False) -> int:
+    """Peak bytes of :func:`prepare_layer` for `m` rows of width `d` (``k``: the kNN graph's
+    neighbours; ``normalize``: its unit-norm copy)."""
+
+def prepare_layer(x: npt.NDArray[np.float64], measure: str, *, sigma: float = 1.0, unbiased: bool = False, dissimilarity: str = 'euclidean', compare: str = 'spearman', k: int = 10, normalize: bool = False, max_memory: int | None = None) -> PreparedLayer:
+    """One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
+    estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
+    :func:`mutual_knn_matrix` (``"knn"``: its exact kNN graph); checked against the budget
+    (:func:`prepare_bytes`) first."""
+
+def prepared_table(a: Sequence[PreparedLayer], b: Sequence[PreparedLayer] | None = None) -> dict[str, Any]:
+    """The pair table over prepared layers (``b`` None: every pair of ``a``, each unordered
+    pair once, the diagonal as :func:`rbf_hsic` / :func:`rsa_matrix` /
+    :func:`mutual_knn_matrix` give it). A dict: ``values`` (La×Lb); for RBF also ``xy``
+    (La×Lb HSIC), ``xx``, ``yy`` (self-HSICs), ``bw_a``, ``bw_b``."""
 
 def rbf_hsic(a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *, sigma: float = 1.0, unbiased: bool = False, max_memory: int | None = None, progress: ProgressCallback = None) -> dict[str, Any]:
     """RBF CKA for all layer pairs (see layerscope_core::measures::cka::rbf). Returns a dict:

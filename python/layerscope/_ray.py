@@ -41,12 +41,27 @@ from . import _native
 from ._optional import require
 from ._progress import Progress
 from ._source import Source, native_part
-from .errors import InvalidArgumentError, LayerscopeError, MemoryBudgetError, MismatchError
+from .errors import (
+    ClusterError,
+    InvalidArgumentError,
+    LayerscopeError,
+    MemoryBudgetError,
+    MismatchError,
+)
 
 #: A range task gets at least this many rows (fewer are not worth a task).
 MIN_TASK_ROWS = 1024
 #: Range tasks per task slot of the cluster (one wave: each task costs an accumulator).
 TASKS_PER_SLOT = 1
+
+
+#: Times Ray re-runs a task whose worker or node died (a task's own error is not retried:
+#: layerscope's errors are deterministic).
+MAX_RETRIES = 3
+#: Seconds a job waits while no alive node could run its tasks before it gives up.
+NO_NODE_SECONDS = 60.0
+#: Seconds between looks at the cluster while nothing finishes.
+POLL_SECONDS = 1.0
 
 
 #: The job id of the session :func:`connect` started (a local instance), if any.
@@ -99,6 +114,77 @@ def cluster(ray: Any) -> Cluster:
                    memory=max(int(r.get("memory", 0)) for r in res))
 
 
+def task_options(cl: Cluster, memory: int, **kw: Any) -> dict[str, Any]:
+    """Ray options of a layerscope task: ``num_cpus`` = the smallest node's CPUs (its Rust
+    threads set to that many; one runtime environment for every task, so that they share
+    workers), ``memory`` = its peak bytes, retried ``MAX_RETRIES`` times when its worker or
+    node dies, never on its own error."""
+    return {"num_cpus": cl.cpus_per_task, "memory": max(int(memory), 1),
+            "max_retries": MAX_RETRIES, "retry_exceptions": False,
+            "runtime_env": {"env_vars": {"RAYON_NUM_THREADS": str(cl.cpus_per_task)}}, **kw}
+
+
+def _can_run(ray: Any, cpus: int, memory: int) -> bool:
+    """Whether some alive node has ``cpus`` CPUs and ``memory`` bytes of Ray memory."""
+    for n in ray.nodes():
+        r = n.get("Resources", {}) if n.get("Alive") else {}
+        if r.get("CPU", 0) >= cpus and (not memory or r.get("memory", 0) >= memory):
+            return True
+    return False
+
+
+def wait_all(ray: Any, refs: Sequence[Any], progress: Any, label: str, *, cpus: int,
+             memory: int) -> None:
+    """Block until every task of ``refs`` has finished (or failed), reporting ``(done,
+    total)``. A watchdog looks at the cluster whenever nothing finishes for
+    ``POLL_SECONDS``: when no alive node could run a task (``cpus`` CPUs, ``memory``
+    bytes) for ``NO_NODE_SECONDS``, :class:`~layerscope.errors.ClusterError` — a job never
+    hangs on a cluster that lost its nodes."""
+    pending = list(refs)
+    total = len(pending)
+    lost: float | None = None
+    with Progress(progress, label, unit="task") as prog:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS,
+                                     fetch_local=False)
+            if done:
+                lost = None
+                if prog.cb is not None:
+                    prog.cb(total - len(pending), total)
+                continue
+            if _can_run(ray, cpus, memory):
+                lost = None
+                continue
+            now = time.monotonic()
+            lost = now if lost is None else lost
+            if now - lost >= NO_NODE_SECONDS:
+                alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+                raise ClusterError(
+                    f"no alive Ray node can run this job's tasks (each needs {cpus} CPUs and "
+                    f"{memory} bytes) for {NO_NODE_SECONDS:g} s: {len(pending)} of {total} "
+                    f"tasks unfinished; alive nodes: "
+                    + (", ".join(f"{int(r.get('CPU', 0))} CPUs / {int(r.get('memory', 0))} "
+                                 "bytes" for r in alive) or "none")
+                    + ". Add nodes (ray start --address=...) and run it again.")
+
+
+def fetch(ray: Any, ref: Any) -> Any:
+    """``ray.get`` of one task's result: a task's own error (a layerscope error: non-finite
+    values, a store missing on a node, a budget) raised as itself; a task lost more than
+    ``MAX_RETRIES`` times (its worker or node died) as :class:`ClusterError`."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            raise cause from None
+        raise ClusterError(f"a Ray task failed: {e}") from None
+    except ray.exceptions.RayError as e:
+        raise ClusterError(
+            f"a Ray task was lost after {MAX_RETRIES} retries ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); its worker or node died") from None
+
+
 class Part(NamedTuple):
     """One source of a task, as it travels: a store (its path and manifest fingerprint) or
     in-memory arrays (an object-store reference), and the selected layers."""
@@ -127,32 +213,32 @@ def where() -> str:
     return f"node {socket.gethostname()} ({node})"
 
 
-def open_parts(parts: Sequence[Part]) -> list[Any]:
-    """The native parts of a task's sources, opened where it runs; a store that is missing
-    or different there (another manifest fingerprint) is an error naming this node."""
+def open_source(p: Part) -> Source:
+    """A task's source, opened where it runs; a store that is missing or different there
+    (another manifest fingerprint) is an error naming this node."""
     from .store import open_store
 
-    out = []
-    for p in parts:
-        if p.path is None:
-            import ray
+    if p.path is None:
+        import ray
 
-            arrays = ray.get(p.arrays)
-            out.append(native_part(Source(arrays=arrays), p.layers))
-            continue
-        try:
-            st = open_store(p.path)
-        except LayerscopeError as e:
-            raise type(e)(f"{where()}: {e} (every node must see the store at the same "
-                          "path: shared storage)") from None
-        fp = st.fingerprint()
-        if fp != p.fingerprint:
-            raise MismatchError(
-                f"{where()} sees a different store at {p.path}: manifest SHA-256 "
-                f"{fp[:16]}…, the driver's {str(p.fingerprint)[:16]}… (every node must read "
-                "the same store, e.g. on shared storage)")
-        out.append(native_part(Source(store=st), p.layers))
-    return out
+        return Source(arrays=ray.get(p.arrays))
+    try:
+        st = open_store(p.path)
+    except LayerscopeError as e:
+        raise type(e)(f"{where()}: {e} (every node must see the store at the same "
+                      "path: shared storage)") from None
+    fp = st.fingerprint()
+    if fp != p.fingerprint:
+        raise MismatchError(
+            f"{where()} sees a different store at {p.path}: manifest SHA-256 "
+            f"{fp[:16]}…, the driver's {str(p.fingerprint)[:16]}… (every node must read "
+            "the same store, e.g. on shared storage)")
+    return Source(store=st)
+
+
+def open_parts(parts: Sequence[Part]) -> list[Any]:
+    """The native parts of a task's sources, opened where it runs (:func:`open_source`)."""
+    return [native_part(open_source(p), p.layers) for p in parts]
 
 
 def run_tile(plan: Any, names: list[str], parts: list[Part], t: int, start: int, stop: int,
@@ -222,7 +308,6 @@ class Run:
                         "max_memory so that its tiles fit a node")
         per_tile = math.ceil(self.cl.slots * TASKS_PER_SLOT / max(tiles, 1))
         per_tile = max(1, min(per_tile, n // MIN_TASK_ROWS))
-        env = {"env_vars": {"RAYON_NUM_THREADS": str(self.cl.cpus_per_task)}}
         tile_fn = _remote(ray, "tile")
         merge_fn = _remote(ray, "merge")
         self.leaves: list[Any] = []
@@ -231,6 +316,7 @@ class Run:
         self.driver_merges = 0
         self.depth = 0
         self.ranges = per_tile
+        self.memory = 0
         for j in jobs:
             native = [native_part(src, ls) for src, ls in j.parts]
             specs = [part_of(ray, src, ls) for src, ls in j.parts]
@@ -242,13 +328,13 @@ class Run:
                 # means: cross sums of different shifts do not add, so one range.
                 rs = ranges if shift is not None else [(0, n)]
                 mem = int(j.plan.tile_peak_bytes(t))
-                fn = tile_fn.options(num_cpus=self.cl.cpus_per_task, memory=mem,
-                                     runtime_env=env)
+                self.memory = max(self.memory, mem)
+                fn = tile_fn.options(**task_options(self.cl, mem))
                 refs = [fn.remote(j.plan, j.names, specs, t, a, b, shift, check_finite,
                                   max_memory) for a, b in rs]
                 self.leaves.extend(refs)
-                mfn = merge_fn.options(num_cpus=1, memory=min(2 * mem, self.cl.memory or 2 * mem),
-                                       runtime_env=env)
+                mfn = merge_fn.options(**task_options(
+                    self.cl, min(2 * mem, self.cl.memory or 2 * mem), num_cpus=1))
                 roots.append(self._tree(mfn, refs))
             self.roots.append(roots)
 
@@ -272,29 +358,17 @@ class Run:
         return self.leaves + [r for rs in self.roots for tile in rs for r in tile]
 
     def wait_leaves(self, progress: Any) -> None:
-        """Block until every range task has finished, reporting ``(done, total)``."""
-        pending = list(self.leaves)
-        total = len(pending)
-        with Progress(progress, "ray tasks", unit="task") as prog:
-            while pending:
-                _, pending = self.ray.wait(pending, num_returns=1, fetch_local=False)
-                if prog.cb is not None:
-                    prog.cb(total - len(pending), total)
+        """Block until every range task has finished (:func:`wait_all`)."""
+        wait_all(self.ray, self.leaves, progress, "ray tasks", cpus=self.cl.cpus_per_task,
+                 memory=self.memory)
 
     def get(self, refs: list[Any]) -> bytes:
-        """A tile's merged bytes (the root's two halves merged here, GIL released); a task's
-        own error (a layerscope error: non-finite values, a store missing on a node, a
-        budget) raised as itself."""
-        try:
-            out = self.ray.get(refs[0])
-            for ref in refs[1:]:
-                out = _native.merge_partials(out, self.ray.get(ref))
-            return bytes(out)
-        except self.ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, Exception):
-                raise cause from None
-            raise
+        """A tile's merged bytes (the root's two halves merged here, GIL released); errors
+        as :func:`fetch` raises them."""
+        out = fetch(self.ray, refs[0])
+        for ref in refs[1:]:
+            out = _native.merge_partials(out, fetch(self.ray, ref))
+        return bytes(out)
 
     def meta(self) -> dict[str, Any]:
         return {

@@ -74,3 +74,8 @@ __all__ = [
     "StoreNotFoundError", "StoreExistsError", "NonFiniteError", "InvalidArgumentError",
     "MemoryBudgetError", "StoreIOError", "CaptureError", "Interrupted", "MissingDependencyError",
 ]
+
+
+class ClusterError(LayerscopeError, RuntimeError):
+    """A distributed run cannot finish: no alive node can run its tasks, or a task was lost
+    (its worker or node died) more times than its retries allow."""

@@ -148,7 +148,8 @@ def cka(
         progress: True (tqdm bar), False, or a callable ``cb(done, total)``.
         backend: ``"local"`` (default) or ``"ray"``: the linear biased/debiased pass cut into
             row-range tasks of the same plan on a Ray cluster, merged in a tree of tasks —
-            the same numbers (f64: 1e-10, f32: 1e-6). Stores are read where they lie: every
+            the same numbers (f64: 1e-10, f32: 1e-6); RBF as one task per layer (its Gram)
+            and one per block of layer pairs (their HSICs) — equal to the last bit. Stores are read where they lie: every
             node must see the store at the same path (checked by its manifest SHA-256).
             ``meta["backend"]`` and ``meta["tasks"]`` record what ran.
         ray_address: the cluster to join when no Ray session is running (else
@@ -163,10 +164,10 @@ def cka(
     """
     t0 = time.perf_counter()
     check_backend(backend, ray_address)
-    if backend == "ray" and (kernel != "linear" or estimator == "minibatch"):
+    if backend == "ray" and estimator == "minibatch":
         raise InvalidArgumentError(
-            "backend='ray' runs the linear biased/debiased estimators (the moment passes); "
-            "RBF and minibatch CKA run with backend='local'")
+            "backend='ray' runs the linear and RBF biased/debiased estimators; minibatch "
+            "CKA runs with backend='local'")
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
     if strategy is not None and (kernel != "linear" or estimator == "minibatch"):
@@ -194,7 +195,7 @@ def cka(
     elif kernel == "linear":
         res = _linear(job, estimator, compute, strategy, backend, ray_address)
     else:
-        res = _rbf(job, estimator, sigma)
+        res = _rbf(job, estimator, sigma, backend, ray_address)
     res.meta["seconds"] = time.perf_counter() - t0
     return res
 
@@ -313,11 +314,14 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
 # RBF on a sample
 
 
-def _rbf(job: _Job, estimator: str, sigma: float) -> MatrixResult:
+def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
+         ray_address: str | None = None) -> MatrixResult:
     """RBF CKA on the seeded sample: the sampled rows of every layer in memory (f64, checked
     finite), Grams, HSIC and the CKA ratio in Rust (``layerscope_core::measures::cka::rbf``,
     one Gram per layer reused for every pair). With ``nonfinite="nan"``, layers holding
-    NaN/Inf among the sampled rows get NaN cells and the others are computed."""
+    NaN/Inf among the sampled rows get NaN cells and the others are computed. On Ray: one
+    task per layer builds its Gram, one task per block of pairs the HSICs
+    (:mod:`layerscope._ray_sampled`: the same functions, the same numbers)."""
     a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
 
     cols_all = lb if lb is not None else la
@@ -335,12 +339,21 @@ def _rbf(job: _Job, estimator: str, sigma: float) -> MatrixResult:
             sample_hash=indices_hash(idx),
             gram_bytes=(len(ga) + nb) * m * m * 8,
         )
-        check_sample(a, b, ga, gb, m, max_memory)
-        xa = [load(a, name, idx) for name in ga]
-        xb = [load(b, name, idx) for name in gb] if b is not None else None
-        with Progress(progress, "rbf cka", unit="step") as prog:
-            r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=(estimator == "debiased"),
-                                 max_memory=max_memory, progress=prog.cb)
+        meta["backend"] = backend
+        if backend == "ray":
+            from .._ray_sampled import pair_table
+
+            r = pair_table("rbf", a, b, ga, gb if b is not None else None, idx,
+                           {"sigma": sigma, "unbiased": estimator == "debiased"},
+                           max_memory=max_memory, progress=progress, address=ray_address)
+            meta["tasks"] = r["tasks"]
+        else:
+            check_sample(a, b, ga, gb, m, max_memory)
+            xa = [load(a, name, idx) for name in ga]
+            xb = [load(b, name, idx) for name in gb] if b is not None else None
+            with Progress(progress, "rbf cka", unit="step") as prog:
+                r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=(estimator == "debiased"),
+                                     max_memory=max_memory, progress=prog.cb)
         bw_b = r["bw_b"] if b is not None else r["bw_a"]
         meta["bandwidths_a"] = {k: float(v) for k, v in zip(ga, r["bw_a"])}
         meta["bandwidths_b"] = {k: float(v) for k, v in zip(gb, bw_b)}

@@ -143,7 +143,7 @@ def _backend(args: argparse.Namespace) -> dict[str, Any]:
 def _add_ray_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-        help="run the passes as tasks on a Ray cluster: ADDRESS ('auto': the cluster started "
+        help="run it as tasks on a Ray cluster: ADDRESS ('auto': the cluster started "
         "on this machine with 'ray start'; host:port), else RAY_ADDRESS, else a local instance "
         "on 127.0.0.1; every node must see the stores at the same paths. Put it after the "
         "store(s)")
@@ -156,6 +156,12 @@ def ray_notes(res: Any) -> list[str]:
         return []
     if "note" in t:
         return [f"# ray: {t['note']}"]
+    cpus = f"{t['cpus_per_task']} CPU{'s' if t['cpus_per_task'] > 1 else ''} per task"
+    if "prepare" in t:
+        return [f"# ray: {t['prepare']} layer tasks, {t['blocks']} pair-block tasks (up to "
+                f"{t['layers_per_block']} layers per group) on {t['nodes']} nodes, {cpus}"]
+    if "layers" in t:
+        return [f"# ray: {t['tasks']} layer tasks on {t['nodes']} nodes, {cpus}"]
     return [f"# ray: {t['ranges']} range tasks ({t['ranges_per_tile']} per tile), {t['merges']} "
             f"merge tasks + {t['driver_merges']} on the driver (depth {t['merge_depth']}) on "
             f"{t['nodes']} nodes, "
@@ -199,16 +205,18 @@ def _cmd_id(args: argparse.Namespace) -> int:
         discard_fraction=args.discard_fraction, duplicates=args.duplicates,
         tolerance=args.tolerance, bootstrap=args.bootstrap, scales=args.scales,
         pool=args.pool, pca_threshold=args.pca_threshold, progress=not args.quiet,
-        max_memory=args.max_memory)
-    return _emit(res, args, res.to_table().without_empty_columns(), args.method, sec)
+        max_memory=args.max_memory, **_backend(args))
+    return _emit(res, args, res.to_table().without_empty_columns(), args.method, sec,
+                 notes=ray_notes(res))
 
 
 def _cmd_rsa(args: argparse.Namespace) -> int:
     res, sec = _timed(rsa, args.store, args.other, layers=args.layers,
                       dissimilarity=args.dissimilarity, compare=args.compare,
                       sample=args.sample, seed=args.seed, progress=not args.quiet,
-                      max_memory=args.max_memory)
-    return _emit(res, args, res.to_table(), f"{args.dissimilarity} RDMs, {args.compare}", sec)
+                      max_memory=args.max_memory, **_backend(args))
+    return _emit(res, args, res.to_table(), f"{args.dissimilarity} RDMs, {args.compare}", sec,
+                 notes=ray_notes(res))
 
 
 def _k_cli(s: str) -> int | str:
@@ -299,6 +307,7 @@ def add_cli(sub: Any) -> None:
                    help="GRIDE: n1 values of a multiscale curve")
     p.add_argument("--pca-threshold", type=cli_type(Float(0, 1, lo_open=True), float),
                    default=0.95, help="PCA: share of the variance the kept components explain")
+    _add_ray_arg(p)
     _finish(p, "the ID-by-depth plot", _cmd_id)
 
     p = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
@@ -310,4 +319,5 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--compare", default="spearman", choices=["spearman", "pearson"],
                    help="correlation of two RDMs")
     _sampling(p, 2000, "(RDMs are m x m)")
+    _add_ray_arg(p)
     _finish(p, "the heatmap", _cmd_rsa)

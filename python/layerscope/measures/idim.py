@@ -27,13 +27,16 @@ import numpy as np
 from .. import _native
 from .._memory import check_budget
 from .._progress import Progress
+from .._ray import check_backend
 from .._sample import indices_hash, load, sample_indices
 from .._source import resolve
 from .._text import Table
 from .._validate import (
+    BACKEND,
     LAYERS,
     MAX_MEMORY,
     PROGRESS,
+    RAY_ADDRESS,
     SEED,
     Float,
     Int,
@@ -150,7 +153,7 @@ class IDResult(Result):
            discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
            tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
            pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
-           progress=PROGRESS, max_memory=MAX_MEMORY)
+           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS)
 def intrinsic_dimension(
     source: Any,
     *,
@@ -170,6 +173,8 @@ def intrinsic_dimension(
     pca_threshold: float = 0.95,
     progress: Any = True,
     max_memory: int | str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> IDResult:
     """Intrinsic dimension of each layer from exact nearest neighbours of a seeded sample.
 
@@ -207,12 +212,18 @@ def intrinsic_dimension(
     ``max_memory``: the memory budget (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``,
     else 0.8 × the machine's available memory): the sample, its kNN graph and the distance
     blocks are checked against it before a row is read (``MemoryBudgetError`` otherwise).
+
+    ``backend="ray"``: one task per layer on a Ray cluster runs this estimator on that layer
+    (the same sample, seed and options: the same numbers), ``"pca"`` the moment passes cut
+    into row-range tasks (:func:`layerscope.spectrum`); ``max_memory`` is then each node's
+    budget, ``meta["backend"]`` and ``meta["tasks"]`` record what ran, ``ray_address`` as in
+    :func:`layerscope.cka`.
     """
     return intrinsic_dimensions.__wrapped__(  # type: ignore[attr-defined]  (checked above)
         source, methods=(method,), layers=layers, sample=sample, seed=seed, k=k, n1=n1, n2=n2,
         discard_fraction=discard_fraction, duplicates=duplicates, tolerance=tolerance,
         bootstrap=bootstrap, scales=scales, pool=pool, pca_threshold=pca_threshold,
-        progress=progress, max_memory=max_memory,
+        progress=progress, max_memory=max_memory, backend=backend, ray_address=ray_address,
     )[method]
 
 
@@ -220,7 +231,7 @@ def intrinsic_dimension(
            discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
            tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
            pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
-           progress=PROGRESS, max_memory=MAX_MEMORY)
+           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS)
 def intrinsic_dimensions(
     source: Any,
     *,
@@ -240,6 +251,8 @@ def intrinsic_dimensions(
     pca_threshold: float = 0.95,
     progress: Any = True,
     max_memory: int | str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, IDResult]:
     """Several intrinsic-dimension estimators from ONE exact kNN graph per layer.
 
@@ -251,6 +264,7 @@ def intrinsic_dimensions(
     every method's result, as in :func:`intrinsic_dimension`). Returns
     ``{method: IDResult}`` in the order of ``methods``; each equals the result of
     ``intrinsic_dimension(method=...)`` with the same arguments."""
+    check_backend(backend, ray_address)
     budget = max_memory
     methods = list(dict.fromkeys(methods))
     knn_methods = [m for m in methods if m != "pca"]
@@ -270,8 +284,23 @@ def intrinsic_dimensions(
     needs += [2 * s for s in scales_l]
     out: dict[str, IDResult] = {}
     if "pca" in methods:
-        out["pca"] = _pca_id(source, layers, float(pca_threshold), progress, budget)
+        out["pca"] = _pca_id(source, layers, float(pca_threshold), progress, budget,
+                             backend, ray_address)
     if not knn_methods:
+        return {m: out[m] for m in methods}
+    if backend == "ray":
+        from .._ray_sampled import intrinsic_dimensions as on_ray
+
+        src = resolve(source)
+        names = src.select(layers)
+        options = dict(methods=knn_methods, sample=sample, seed=seed, k=k, n1=n1, n2=n2,
+                       discard_fraction=discard_fraction, duplicates=duplicates,
+                       tolerance=tolerance, bootstrap=bootstrap, scales=scales, pool=pool,
+                       max_memory=budget)
+        per_layer, tasks = on_ray(src, names, options, progress=progress,
+                                  address=ray_address)
+        for method, parts in per_layer.items():
+            out[method] = _merge_layers(names, parts, tasks)
         return {m: out[m] for m in methods}
     kneed = max(needs)
     t0 = time.perf_counter()
@@ -364,8 +393,20 @@ def intrinsic_dimensions(
     return {m: out[m] for m in methods}
 
 
+def _merge_layers(names: list[str], parts: list[IDResult], tasks: dict[str, Any]) -> IDResult:
+    """The per-layer results of one method (one task each, in ``names`` order) as one."""
+    def joined(field: str) -> dict[str, Any]:
+        return {k: v for r in parts for k, v in getattr(r, field).items()}
+
+    meta = dict(parts[0].meta)
+    meta.update(seconds=tasks["seconds"], backend="ray", tasks=tasks)
+    return IDResult(names, joined("values"), ci=joined("ci"), errors=joined("errors"),
+                    details=joined("details"), scales=joined("scales"), meta=meta)
+
+
 def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
-            max_memory: int | None = None) -> IDResult:
+            max_memory: int | None = None, backend: str = "local",
+            ray_address: str | None = None) -> IDResult:
     """``method="pca"``: the spectra of every layer from the moment engine's planned passes
     (``layerscope.spectrum``'s plan: whole layers grouped into passes that fit the budget),
     the PCA dimension at ``threshold`` computed in Rust (``Spectrum::pca_id``)."""
@@ -376,7 +417,8 @@ def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
     details: dict[str, Any] = {}
     t, raw, pmeta = run_measures(source, layers, None, None, spectrum=True, aligns={},
                                   ckas=[], compute="float64", budget=max_memory,
-                                  progress=progress, pca_threshold=threshold)
+                                  progress=progress, pca_threshold=threshold,
+                                  backend=backend, ray_address=ray_address)
     names = list(t.names)
     n = int(t.n)
     for name, sp in zip(names, raw["spectra"]):
@@ -394,6 +436,9 @@ def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
         "pca_engine": engine,
         "plan": pmeta["plan"],
         "seconds": time.perf_counter() - t0,
+        "backend": backend,
     }
+    if "tasks" in pmeta:
+        meta["tasks"] = pmeta["tasks"]
     return IDResult(names, values, details=details, meta=meta)
 

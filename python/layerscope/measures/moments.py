@@ -38,12 +38,15 @@ class MomentTables:
 
     @classmethod
     def compute(cls, source: Any, other: Any = None, *, progress: Any = True,
-                max_memory: int | None = None) -> MomentTables:
+                max_memory: int | None = None, backend: str = "local",
+                ray_address: str | None = None) -> MomentTables:
         """One streamed pass over all layers of ``source`` (and ``other``, whose row ids must
         equal ``source``'s); raises :class:`~layerscope.MemoryBudgetError` before reading
-        when that single pass does not fit ``max_memory``."""
+        when that single pass does not fit ``max_memory``. ``backend="ray"``: the pass cut
+        into row-range tasks on a Ray cluster (:mod:`layerscope._ray`)."""
         moments, meta = compute_moments(source, None, other, None, progress=progress,
-                                        max_memory=max_memory)
+                                        max_memory=max_memory, backend=backend,
+                                        ray_address=ray_address)
         return cls(moments, meta, other is not None)
 
     def _names(self, idx: list[int]) -> list[str]:

@@ -14,9 +14,21 @@ import numpy as np
 
 from .. import _native
 from .._progress import Progress
+from .._ray import check_backend
 from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import check_comparable, resolve
-from .._validate import LAYERS, MAX_MEMORY, PROGRESS, SEED, Bool, Int, OneOf, validated
+from .._validate import (
+    BACKEND,
+    LAYERS,
+    MAX_MEMORY,
+    PROGRESS,
+    RAY_ADDRESS,
+    SEED,
+    Bool,
+    Int,
+    OneOf,
+    validated,
+)
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
 
@@ -25,12 +37,16 @@ def _sampled_table(
     measure: str, source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None,
     seed: int, max_memory: int | None, progress: Any,
     run: Callable[[list[np.ndarray], list[np.ndarray] | None, Any], np.ndarray], *,
-    min_rows: int, why: str, **options: Any,
+    min_rows: int, why: str, backend: str, ray_address: str | None,
+    ray_measure: tuple[str, dict[str, Any]], **options: Any,
 ) -> MatrixResult:
     """A table of all layer pairs on a seeded sample: the sampled rows of every selected
     layer of ``source`` (and ``other``) in memory (f64, checked finite; the budget checked
-    first), ``run(xa, xb, progress_cb)`` on them, the sample recorded in ``meta``."""
+    first), ``run(xa, xb, progress_cb)`` on them, the sample recorded in ``meta``. On
+    ``backend="ray"``: ``ray_measure`` (the prepared-layer measure and its options) as
+    tasks per layer and per block of pairs (:mod:`layerscope._ray_sampled`)."""
     t0 = time.perf_counter()
+    check_backend(backend, ray_address)
     a = resolve(source)
     b = resolve(other) if other is not None else None
     la = a.select(layers)
@@ -40,20 +56,31 @@ def _sampled_table(
     idx = sample_indices(a.num_rows, sample, seed)
     if idx.size < min_rows:
         raise InvalidArgumentError(f"{why}, got {idx.size}")
-    check_sample(a, b, la, lb, idx.size, max_memory)
-    with Progress(progress, measure.replace("_", " "), unit="step") as prog:
-        xa = [load(a, n, idx) for n in la]
-        xb = [load(b, n, idx) for n in lb] if b is not None else None
-        vals = run(xa, xb, prog.cb)
+    extra: dict[str, Any] = {}
+    if backend == "ray":
+        from .._ray_sampled import pair_table
+
+        r = pair_table(ray_measure[0], a, b, la, lb if b is not None else None, idx,
+                       ray_measure[1], max_memory=max_memory, progress=progress,
+                       address=ray_address)
+        vals = r["values"]
+        extra = {"backend": "ray", "tasks": r["tasks"]}
+    else:
+        check_sample(a, b, la, lb, idx.size, max_memory)
+        with Progress(progress, measure.replace("_", " "), unit="step") as prog:
+            xa = [load(a, n, idx) for n in la]
+            xb = [load(b, n, idx) for n in lb] if b is not None else None
+            vals = run(xa, xb, prog.cb)
+        extra = {"backend": "local"}
     meta = {"measure": measure, **options, "n": int(idx.size), "n_total": a.num_rows,
             "seed": seed, "sample": sample, "sample_hash": indices_hash(idx),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, **extra}
     return MatrixResult(vals, la, lb, meta=meta)
 
 
 @validated(layers=LAYERS, other_layers=LAYERS, dissimilarity=OneOf("euclidean", "correlation"),
            compare=OneOf("spearman", "pearson"), sample=(None, Int(1)), seed=SEED,
-           progress=PROGRESS, max_memory=MAX_MEMORY)
+           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS)
 def rsa(
     source: Any,
     other: Any = None,
@@ -66,6 +93,8 @@ def rsa(
     seed: int = 0,
     progress: Any = True,
     max_memory: int | str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> MatrixResult:
     """Representational similarity analysis (Kriegeskorte et al. 2008) for all layer pairs.
 
@@ -77,6 +106,11 @@ def rsa(
     matrix per layer at a time plus ``m(m−1)/2`` floats per layer, checked against the memory
     budget ``max_memory`` (bytes or ``"4G"``; default ``LAYERSCOPE_MAX_MEMORY``, else 0.8 ×
     the machine's available memory) before any row is read.
+
+    ``backend="ray"``: one task per layer prepares its RDM where the store lies, one task per
+    block of layer pairs correlates them (:mod:`layerscope._ray_sampled`: the same functions,
+    the same numbers); ``max_memory`` is then each node's budget, ``meta["tasks"]`` records
+    what ran; ``ray_address`` as in :func:`layerscope.cka`.
     """
     def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
         return _native.rsa_matrix(xa, xb, dissimilarity=dissimilarity, compare=compare,
@@ -84,12 +118,14 @@ def rsa(
 
     return _sampled_table(
         "rsa", source, other, layers, other_layers, sample, seed, max_memory, progress, run,
-        min_rows=3, why="RSA needs at least 3 rows",
+        min_rows=3, why="RSA needs at least 3 rows", backend=backend, ray_address=ray_address,
+        ray_measure=("rsa", {"dissimilarity": dissimilarity, "compare": compare}),
         dissimilarity=dissimilarity, compare=compare)
 
 
 @validated(k=Int(1), layers=LAYERS, other_layers=LAYERS, sample=(None, Int(1)), seed=SEED,
-           normalize=Bool(), progress=PROGRESS, max_memory=MAX_MEMORY)
+           normalize=Bool(), progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND,
+           ray_address=RAY_ADDRESS)
 def mutual_knn(
     source: Any,
     other: Any = None,
@@ -102,6 +138,8 @@ def mutual_knn(
     normalize: bool = True,
     progress: Any = True,
     max_memory: int | str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> MatrixResult:
     """Mutual k-nearest-neighbour alignment (Huh, Cheung, Wang & Isola 2024, "The Platonic
     Representation Hypothesis", ICML) for all layer pairs::
@@ -119,12 +157,14 @@ def mutual_knn(
     neighbours of the raw rows. Neighbour sets are exact (ties broken by row index; the
     reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
     optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
-    ``max_memory``: the memory budget, as in :func:`rsa`."""
+    ``max_memory``: the memory budget, as in :func:`rsa`; ``backend``, ``ray_address``: as in
+    :func:`rsa`."""
     def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
         return _native.mutual_knn_matrix(xa, xb, k=k, normalize=normalize,
                                          max_memory=max_memory, progress=cb)
 
     return _sampled_table(
         "mutual_knn", source, other, layers, other_layers, sample, seed, max_memory, progress,
-        run, min_rows=k + 1, why=f"k = {k} neighbours needs more than k rows", k=k,
-        normalize=normalize)
+        run, min_rows=k + 1, why=f"k = {k} neighbours needs more than k rows",
+        backend=backend, ray_address=ray_address,
+        ray_measure=("knn", {"k": k, "normalize": normalize}), k=k, normalize=normalize)

@@ -30,8 +30,9 @@ from typing import Any
 
 from .._optional import require
 from .._progress import Progress, stage
+from .._ray import check_backend
 from .._source import check_comparable, resolve
-from .._validate import SEED, Bool, Int, Text, Texts, validated
+from .._validate import BACKEND, RAY_ADDRESS, SEED, Bool, Int, Text, Texts, validated
 from ..results import Result, _jsonable, atomic_write_text
 from . import html
 from .run import Side, moments, neighbours
@@ -48,11 +49,13 @@ __all__ = ["report"]
 
 
 @validated(sample=(None, Int(1)), bootstrap=Int(0), rbf=Bool(), progress=Bool(), seed=SEED,
-           title=(None, Text()), labels=(None, Texts(2)))
+           title=(None, Text()), labels=(None, Texts(2)), backend=BACKEND,
+           ray_address=RAY_ADDRESS)
 def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report", *,
            sample: int | None = 2048, bootstrap: int = 20, rbf: bool = True,
            progress: bool = True, seed: int = 0, title: str | None = None,
-           labels: tuple[str, str] | None = None) -> Path:
+           labels: tuple[str, str] | None = None, backend: str = "local",
+           ray_address: str | None = None) -> Path:
     """Run every measure on ``store`` (and ``other``) and write an HTML report to ``out``.
 
     Writes ``out/report.html`` (one self-contained page: inline CSS, PNG figures embedded as
@@ -70,9 +73,17 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     inputs must have the same row ids in the same order. ``labels`` names them in the text
     and figures (default: :meth:`Source.short_name`: the metadata's label, else its model name
     unless that is a path on disk, else the store folder's name; "A" / "B" for arrays).
+    ``backend="ray"``: every measure runs as tasks on a Ray cluster (the moment pass as
+    row-range tasks, RBF CKA as tasks per layer and per block of pairs, intrinsic dimension
+    per layer; ``ray_address`` as in :func:`layerscope.cka`): the same numbers.
+
     Returns the path of ``report.html``.
     """
     t_start = time.perf_counter()
+    check_backend(backend, ray_address)
+    on: dict[str, Any] = {"backend": backend}
+    if ray_address is not None:
+        on["ray_address"] = ray_address
     require("matplotlib", "the report's figures")
     a = resolve(store)
     b = resolve(other) if other is not None else None
@@ -93,7 +104,7 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     stage(progress, "report", "moment pass over " + " and ".join(
         f"{s.title} ({s.src.num_rows:,} rows, {len(s.src.all_layers)} layers)" for s in sides))
     t0 = time.perf_counter()
-    moment_plan = moments(sides, cross, notes, progress)
+    moment_plan = moments(sides, cross, notes, progress, on)
     timings["moments"] = time.perf_counter() - t0
 
     # ---- pass 2: the seeded sample (neighbour family)
@@ -101,12 +112,12 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
         stage(progress, "report", f"sampled measures on {s.title} (sample={sample}, seed={seed})")
         t0 = time.perf_counter()
         neighbours(s, None, notes, sample=sample, seed=seed, bootstrap=bootstrap, rbf=rbf,
-                    progress=progress)
+                    progress=progress, on=on)
         timings[f"neighbours/{s.tag}"] = time.perf_counter() - t0
     if cross is not None and b is not None and rbf:
         t0 = time.perf_counter()
         neighbours(cross, b, notes, sample=sample, seed=seed, bootstrap=bootstrap, rbf=rbf,
-                    progress=progress)
+                    progress=progress, on=on)
         timings["neighbours/cross"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -140,7 +151,7 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
         "created": created,
         "parameters": {"sample": sample, "bootstrap": bootstrap, "rbf": rbf, "seed": seed,
                        "subspace_k": sides[0].res.get("subspace_k"),
-                       "moment_passes": moment_plan},
+                       "moment_passes": moment_plan, "backend": backend},
         "inputs": {s.tag: {"label": s.title, **doc.info.get(s.tag, {})} for s in sides},
         "summary": doc.summary,
         "figures": doc.captions,

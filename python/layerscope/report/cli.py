@@ -8,6 +8,7 @@ from typing import Any
 from .._source import resolve
 from .._validate import SEED, Int, cli_type
 from ..errors import InvalidArgumentError
+from ..measures.cli import _add_ray_arg, _backend
 from . import report
 
 
@@ -23,7 +24,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         labels = (names + ["B"])[:2]
     path = report(args.store, args.other, args.out, sample=args.sample or None,
                   bootstrap=args.bootstrap, rbf=not args.no_rbf, seed=args.seed,
-                  progress=not args.quiet, labels=labels)
+                  progress=not args.quiet, labels=labels, **_backend(args))
     print(f"report: {path.resolve()}")
     return 0
 
@@ -47,4 +48,5 @@ def add_cli(sub: Any) -> None:
                    "label or model name from its metadata, else its folder name)")
     p.add_argument("--seed", type=cli_type(SEED), default=0, help="seed of the row sample")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_ray_arg(p)
     p.set_defaults(func=_cmd_report)

@@ -46,13 +46,15 @@ class Side:
         self.res: dict[str, Any] = {}
 
 
-def one_pass(sides: list[Side], cross: Side | None, notes: list[str], progress: bool) -> None:
+def one_pass(sides: list[Side], cross: Side | None, notes: list[str], progress: bool,
+             on: dict[str, Any] | None = None) -> None:
     """ONE streaming moment pass over every layer of every input (both stores concatenated),
     then, from those moments alone: linear CKA (biased, debiased) within each input and across
     the two, the spectra, and the top-k subspace overlap (k = min(32, smallest numerical rank
-    of the layers involved, from the spectra of the same moments))."""
+    of the layers involved, from the spectra of the same moments)). ``on``: where it runs
+    (``backend``, ``ray_address``)."""
     b = sides[1].src if len(sides) > 1 else None
-    mt = MomentTables.compute(sides[0].src, b, progress=progress)
+    mt = MomentTables.compute(sides[0].src, b, progress=progress, **(on or {}))
     rows, cols = mt.rows, mt.cols
     groups: list[tuple[Side, list[int], list[int]]] = [(sides[0], rows, rows)]
     if b is not None and cross is not None:
@@ -100,7 +102,7 @@ def expand(res: Any, rows: list[str], cols: list[str], meta: dict[str, Any]) -> 
 
 
 def _public_passes(sides: list[Side], cross: Side | None, notes: list[str],
-                   progress: bool) -> None:
+                   progress: bool, on: dict[str, Any]) -> None:
     """Fallback through the public API (one pass per input and one for the cross tables)."""
     b = sides[1].src if len(sides) > 1 else None
     jobs = [(s, None) for s in sides] + ([(cross, b)] if cross is not None else [])
@@ -111,7 +113,7 @@ def _public_passes(sides: list[Side], cross: Side | None, notes: list[str],
         side.res["subspace_k"] = k
         ms = ("cka", "cka_debiased", "alignment") + (("spectrum",) if other is None else ())
         out = attempt(notes, f"moments of {side.title}", lambda: analyze(
-            src, other, measures=ms, k=k, progress=progress))  # noqa: B023
+            src, other, measures=ms, k=k, progress=progress, **on))  # noqa: B023
         if out is None:
             continue
         side.res["cka_linear_biased"] = out.get("cka")
@@ -121,15 +123,16 @@ def _public_passes(sides: list[Side], cross: Side | None, notes: list[str],
             side.res["spectrum"] = out["spectrum"]
 
 
-def moments(sides: list[Side], cross: Side | None, notes: list[str], progress: bool) -> str:
+def moments(sides: list[Side], cross: Side | None, notes: list[str], progress: bool,
+            on: dict[str, Any]) -> str:
     """The moment family; returns how it ran (recorded in results.json)."""
     try:
-        one_pass(sides, cross, notes, progress)
+        one_pass(sides, cross, notes, progress, on)
         return "one moment pass over all layers of all inputs"
     except MemoryBudgetError:
         # one pass over everything does not fit: analyze per input plans its own passes
         # (layer tiles when needed)
-        _public_passes(sides, cross, notes, progress)
+        _public_passes(sides, cross, notes, progress, on)
         return ("layerscope.analyze per input (its own plan: one pass or layer tiles each, "
                 "plus the cross tables)")
     except LayerscopeError as e:
@@ -139,20 +142,19 @@ def moments(sides: list[Side], cross: Side | None, notes: list[str], progress: b
 
 def _rbf_cka(src: Source, other: Source | None, *, sample: int | None, seed: int,
              progress: bool, layers: list[str] | None = None,
-             other_layers: list[str] | None = None) -> Any:
+             other_layers: list[str] | None = None, on: dict[str, Any] | None = None) -> Any:
     """Biased RBF CKA (σ = 1, median rule) through the public ``layerscope.cka``."""
-    return cka(src, other, kernel="rbf", estimator="biased", sample=sample,
-                              seed=seed, layers=layers, other_layers=other_layers,
-                              progress=progress)
+    return cka(src, other, kernel="rbf", estimator="biased", sample=sample, seed=seed,
+               layers=layers, other_layers=other_layers, progress=progress, **(on or {}))
 
 
 def _rbf_robust(src: Source, other: Source | None, notes: list[str], label: str, *,
-                sample: int | None, seed: int, progress: bool) -> Any:
+                sample: int | None, seed: int, progress: bool, on: dict[str, Any]) -> Any:
     """RBF CKA of all layers; when a layer makes it fail (e.g. more than half of the sampled
     rows coincide, so the median-rule bandwidth is 0), probe each layer alone and compute
     the table without the failing ones (NaN there, each reason in the notes)."""
     try:
-        return _rbf_cka(src, other, sample=sample, seed=seed, progress=progress)
+        return _rbf_cka(src, other, sample=sample, seed=seed, progress=progress, on=on)
     except LayerscopeError as e:
         first = e
     la, lb = list(src.all_layers), list((other or src).all_layers)
@@ -161,7 +163,7 @@ def _rbf_robust(src: Source, other: Source | None, notes: list[str], label: str,
         ok = []
         for x in names:
             try:
-                _rbf_cka(s, None, sample=sample, seed=seed, progress=False, layers=[x])
+                _rbf_cka(s, None, sample=sample, seed=seed, progress=False, layers=[x], on=on)
                 ok.append(x)
             except LayerscopeError as e:
                 notes.append(f"RBF CKA ({label}): layer {tag}{x} left out — "
@@ -173,7 +175,7 @@ def _rbf_robust(src: Source, other: Source | None, notes: list[str], label: str,
     if not ga or not gb or (ga == la and gb == lb):
         raise first
     res = _rbf_cka(src, other, sample=sample, seed=seed, progress=progress, layers=ga,
-                   other_layers=gb if other is not None else None)
+                   other_layers=gb if other is not None else None, on=on)
     skipped = [x for x in la if x not in ga]
     if other is not None:
         skipped += [f"other:{x}" for x in lb if x not in gb]
@@ -209,13 +211,16 @@ def _id_robust(src: Source, notes: list[str], label: str, **kw: Any) -> Any:
 
 
 def neighbours(side: Side, other: Source | None, notes: list[str], *, sample: int | None,
-                seed: int, bootstrap: int, rbf: bool, progress: bool) -> None:
-    """The seeded-sample family: RBF CKA, TwoNN and MLE (with bootstrap CIs)."""
+                seed: int, bootstrap: int, rbf: bool, progress: bool,
+                on: dict[str, Any] | None = None) -> None:
+    """The seeded-sample family: RBF CKA, TwoNN and MLE (with bootstrap CIs); ``on``: where
+    they run (``backend``, ``ray_address``)."""
+    on = on or {}
     src = side.src
     m = _sample_arg(sample, src.num_rows)
     if rbf:
         side.res["cka_rbf"] = attempt(notes, f"RBF CKA ({side.title})", lambda: _rbf_robust(
-            src, other, notes, side.title, sample=m, seed=seed, progress=progress))
+            src, other, notes, side.title, sample=m, seed=seed, progress=progress, on=on))
     if other is not None:
         return
     for key, what, kw in (("id_twonn", "TwoNN", {"method": "twonn"}),
@@ -223,4 +228,4 @@ def neighbours(side: Side, other: Source | None, notes: list[str], *, sample: in
         label = f"intrinsic dimension ({what}) of {side.title}"
         side.res[key] = attempt(notes, label, lambda kw=kw, label=label: _id_robust(
             src, notes, label, sample=m, seed=seed, progress=progress, bootstrap=bootstrap,
-            **kw))
+            **kw, **on))

@@ -6,13 +6,16 @@ use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use layerscope_core::engine::neighbors::{dedup_knn, Duplicates};
 use layerscope_core::measures::cka::rbf as kernel;
+use layerscope_core::measures::hsic::Estimator;
+use layerscope_core::measures::prepared::{table, Prepared};
 use layerscope_core::measures::{id, rsa, Layers};
 use layerscope_core::memory::Budget;
+use layerscope_core::monitor::NoMonitor;
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict, PyType};
 
 fn slice2<'a>(a: &'a PyReadonlyArray2<'_, f64>, what: &str) -> PyResult<(&'a [f64], usize, usize)> {
     let sh = a.shape();
@@ -326,7 +329,242 @@ fn rbf_hsic_bytes(layers: usize, m: usize, dmax: usize) -> u128 {
     layerscope_core::measures::cka::rbf::rbf_hsic_bytes(layers, m, dmax)
 }
 
+/// One layer's prepared Gram, RDM or kNN graph for a pair measure (the unit of a
+/// distributed run, `layerscope_core::measures::prepared`); pickled as its bytes.
+#[pyclass(module = "layerscope._native", name = "PreparedLayer", frozen)]
+pub struct PyPrepared {
+    inner: Prepared,
+}
+
+#[pymethods]
+impl PyPrepared {
+    /// Read back :meth:`to_bytes` (a malformed buffer is an InvalidArgumentError).
+    ///
+    /// :type data: bytes
+    /// :rtype: PreparedLayer
+    #[classmethod]
+    fn from_bytes(_cls: &Bound<'_, PyType>, py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+        let inner = detach(py, || Prepared::from_bytes(data))?;
+        Ok(PyPrepared { inner })
+    }
+
+    /// :rtype: bytes
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self.inner.to_bytes().py_err()?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// :rtype: tuple[Any, tuple[bytes]]
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let ctor = slf.get_type().getattr("from_bytes")?;
+        Ok((ctor, (slf.get().to_bytes(py)?,)))
+    }
+
+    /// ``"rbf"``, ``"rsa"`` or ``"knn"``.
+    ///
+    /// :rtype: str
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    /// The RBF bandwidth (None for RSA and kNN).
+    ///
+    /// :rtype: float | None
+    #[getter]
+    fn bandwidth(&self) -> Option<f64> {
+        match &self.inner {
+            Prepared::Rbf { bandwidth, .. } => Some(*bandwidth),
+            _ => None,
+        }
+    }
+
+    /// Its size as bytes.
+    ///
+    /// :rtype: int
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.byte_len()
+    }
+
+    fn __repr__(&self) -> String {
+        let what = if self.inner.kind() == "rsa" {
+            "RDM entries"
+        } else {
+            "rows"
+        };
+        format!(
+            "PreparedLayer({}, {} {what}, {} bytes)",
+            self.inner.kind(),
+            self.inner.rows(),
+            self.inner.byte_len()
+        )
+    }
+}
+
+/// Peak bytes of :func:`prepare_layer` for `m` rows of width `d` (``k``: the kNN graph's
+/// neighbours; ``normalize``: its unit-norm copy).
+///
+/// :type measure: str
+/// :type m: int
+/// :type d: int
+/// :type k: int
+/// :type normalize: bool
+/// :rtype: int
+#[pyfunction]
+#[pyo3(signature = (measure, m, d, k=10, normalize=false))]
+fn prepare_bytes(measure: &str, m: usize, d: usize, k: usize, normalize: bool) -> PyResult<u128> {
+    Ok(match measure {
+        "rbf" => kernel::rbf_hsic_bytes(1, m, d),
+        "rsa" => rsa::rsa_bytes(1, m),
+        "knn" => {
+            let copy = if normalize {
+                m as u128 * d as u128 * 8
+            } else {
+                0
+            };
+            m as u128 * k as u128 * 16
+                + copy
+                + layerscope_core::engine::neighbors::knn_bytes(m, d, k)
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "measure is \"rbf\", \"rsa\" or \"knn\", got {other:?}"
+            )))
+            .py_err()
+        }
+    })
+}
+
+/// One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
+/// estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
+/// :func:`mutual_knn_matrix` (``"knn"``: its exact kNN graph); checked against the budget
+/// (:func:`prepare_bytes`) first.
+///
+/// :type x: npt.NDArray[np.float64]
+/// :type measure: str
+/// :type sigma: float
+/// :type unbiased: bool
+/// :type dissimilarity: str
+/// :type compare: str
+/// :type k: int
+/// :type normalize: bool
+/// :type max_memory: int | None
+/// :rtype: PreparedLayer
+#[pyfunction]
+#[pyo3(signature = (x, measure, *, sigma=1.0, unbiased=false, dissimilarity="euclidean", compare="spearman", k=10, normalize=false, max_memory=None))]
+#[allow(clippy::too_many_arguments)]
+fn prepare_layer(
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, f64>,
+    measure: &str,
+    sigma: f64,
+    unbiased: bool,
+    dissimilarity: &str,
+    compare: &str,
+    k: usize,
+    normalize: bool,
+    max_memory: Option<u64>,
+) -> PyResult<PyPrepared> {
+    let budget = Budget::resolve(max_memory).py_err()?;
+    let (s, m, d) = slice2(&x, "x")?;
+    let need = prepare_bytes(measure, m, d, k, normalize)?;
+    budget
+        .check(
+            need,
+            format_args!("the {measure} step of one layer over {m} sampled rows × {d}"),
+            "use a smaller sample (sample=...)",
+        )
+        .py_err()?;
+    let inner = match measure {
+        "rbf" => {
+            let est = Estimator::from_unbiased(unbiased);
+            if m < est.min_rows() {
+                return Err(Error::invalid(format!(
+                    "RBF HSIC needs at least {} rows, got {m}",
+                    est.min_rows()
+                )))
+                .py_err();
+            }
+            let (gram, bandwidth) = detach(py, || kernel::prepare_rbf(s, m, d, sigma, est))?;
+            Prepared::Rbf { gram, bandwidth }
+        }
+        "rsa" => {
+            let dis = rsa::Dissimilarity::parse(dissimilarity).py_err()?;
+            let cmp = rsa::Compare::parse(compare).py_err()?;
+            Prepared::Rsa(detach(py, || rsa::prepare_rsa(s, m, d, dis, cmp))?)
+        }
+        _ => Prepared::Knn(detach(py, || {
+            rsa::prepare_knn(s, m, d, k, normalize, &NoMonitor)
+        })?),
+    };
+    Ok(PyPrepared { inner })
+}
+
+/// The pair table over prepared layers (``b`` None: every pair of ``a``, each unordered
+/// pair once, the diagonal as :func:`rbf_hsic` / :func:`rsa_matrix` /
+/// :func:`mutual_knn_matrix` give it). A dict: ``values`` (La×Lb); for RBF also ``xy``
+/// (La×Lb HSIC), ``xx``, ``yy`` (self-HSICs), ``bw_a``, ``bw_b``.
+///
+/// :type a: Sequence[PreparedLayer]
+/// :type b: Sequence[PreparedLayer] | None
+/// :rtype: dict[str, Any]
+#[pyfunction]
+#[pyo3(signature = (a, b=None))]
+fn prepared_table<'py>(
+    py: Python<'py>,
+    a: Vec<PyRef<'py, PyPrepared>>,
+    b: Option<Vec<PyRef<'py, PyPrepared>>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let ra: Vec<&Prepared> = a.iter().map(|p| &p.inner).collect();
+    let rb: Option<Vec<&Prepared>> = b.as_ref().map(|b| b.iter().map(|p| &p.inner).collect());
+    if let Some(rb) = &rb {
+        if let (Some(p), Some(q)) = (ra.first(), rb.first()) {
+            if p.rows() != q.rows() {
+                return Err(Error::Mismatch(format!(
+                    "a has {} rows, b has {}",
+                    p.rows(),
+                    q.rows()
+                )))
+                .py_err();
+            }
+        }
+    }
+    let t = detach(py, || table(&ra, rb.as_deref()))?;
+    let lb = rb.as_ref().map_or(ra.len(), |v| v.len());
+    let shape = |v: Vec<f64>| {
+        Array2::from_shape_vec((ra.len(), lb), v)
+            .map_err(|e| Error::invalid(e.to_string()))
+            .py_err()
+    };
+    let out = PyDict::new(py);
+    out.set_item("values", shape(t.values)?.into_pyarray(py))?;
+    if let Some(r) = t.rbf {
+        let bw = |v: &[&Prepared]| -> Vec<f64> {
+            v.iter()
+                .map(|p| match p {
+                    Prepared::Rbf { bandwidth, .. } => *bandwidth,
+                    _ => f64::NAN,
+                })
+                .collect()
+        };
+        out.set_item("xy", shape(r.xy)?.into_pyarray(py))?;
+        out.set_item("xx", r.xx.into_pyarray(py))?;
+        out.set_item("yy", r.yy.into_pyarray(py))?;
+        out.set_item("bw_a", bw(&ra).into_pyarray(py))?;
+        out.set_item("bw_b", bw(rb.as_deref().unwrap_or(&[])).into_pyarray(py))?;
+    }
+    Ok(out)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyPrepared>()?;
+    m.add_function(wrap_pyfunction!(prepare_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_layer, m)?)?;
+    m.add_function(wrap_pyfunction!(prepared_table, m)?)?;
     m.add_function(wrap_pyfunction!(knn_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(rbf_hsic_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(knn_graph, m)?)?;

@@ -117,12 +117,12 @@ impl Estimator {
 #[derive(Debug)]
 pub struct Gram {
     /// Biased: `HKH` (row-major `m × m`); unbiased: `K̃` (K with a zero diagonal).
-    g: Vec<f64>,
-    m: usize,
-    estimator: Estimator,
+    pub(crate) g: Vec<f64>,
+    pub(crate) m: usize,
+    pub(crate) estimator: Estimator,
     /// Unbiased only: row sums of `K̃` and their total `1ᵀK̃1`.
-    rows: Vec<f64>,
-    total: f64,
+    pub(crate) rows: Vec<f64>,
+    pub(crate) total: f64,
 }
 
 impl Gram {

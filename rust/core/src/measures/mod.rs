@@ -7,6 +7,7 @@ pub mod align;
 pub mod cka;
 pub mod hsic;
 pub mod id;
+pub mod prepared;
 pub mod rsa;
 pub mod spectrum;
 

@@ -218,8 +218,7 @@ pub fn rsa_matrix(
     let mut prepare = |layers: &Layers<'_>| -> Result<Vec<Option<Vec<f64>>>> {
         let mut out = Vec::with_capacity(layers.len());
         for (x, d) in layers {
-            let r = rdm(x, m, *d, kind, &Budget::unchecked())?;
-            out.push(prepare_rdm(&r, compare));
+            out.push(prepare_rsa(x, m, *d, kind, compare)?);
             done += 1;
             monitor.progress(done, nl as u64)?;
         }
@@ -230,9 +229,30 @@ pub fn rsa_matrix(
         Some(b) => Some(prepare(b)?),
         None => None,
     };
-    pair_table(&ra, rb.as_deref(), |p, q| {
-        Ok(correlate(p.as_ref(), q.as_ref()))
-    })
+    let ra: Vec<&Option<Vec<f64>>> = ra.iter().collect();
+    let rb: Option<Vec<&Option<Vec<f64>>>> = rb.as_ref().map(|r| r.iter().collect());
+    rsa_table(&ra, rb.as_deref())
+}
+
+/// One layer's step of [`rsa_matrix`] (one task per layer in a distributed run): its RDM
+/// prepared for `compare` (None: a constant RDM).
+pub fn prepare_rsa(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    kind: Dissimilarity,
+    compare: Compare,
+) -> Result<Option<Vec<f64>>> {
+    if m < 3 {
+        return Err(Error::invalid("RSA needs at least 3 rows"));
+    }
+    let r = rdm(x, m, d, kind, &Budget::unchecked())?;
+    Ok(prepare_rdm(&r, compare))
+}
+
+/// The pair step of [`rsa_matrix`] over prepared RDMs (`b = None`: all pairs of `a`).
+pub fn rsa_table(ra: &[&Option<Vec<f64>>], rb: Option<&[&Option<Vec<f64>>]>) -> Result<Vec<f64>> {
+    pair_table(ra, rb, |p, q| Ok(correlate(p.as_ref(), q.as_ref())))
 }
 
 /// Mutual-kNN alignment of every layer pair (row-major `La × Lb`; `b = None`: `a × a`):
@@ -265,13 +285,7 @@ pub fn mutual_knn_matrix(
     let graph = |layers: &Layers<'_>| -> Result<Vec<Knn>> {
         layers
             .iter()
-            .map(|(x, d)| {
-                if normalize {
-                    knn(&unit_rows(x, *d)?, m, *d, k, &Budget::unchecked(), monitor)
-                } else {
-                    knn(x, m, *d, k, &Budget::unchecked(), monitor)
-                }
-            })
+            .map(|(x, d)| prepare_knn(x, m, *d, k, normalize, monitor))
             .collect()
     };
     let ga = graph(a)?;
@@ -279,7 +293,31 @@ pub fn mutual_knn_matrix(
         Some(b) => Some(graph(b)?),
         None => None,
     };
-    pair_table(&ga, gb.as_deref(), |p, q| mutual_knn(p, q, k))
+    let ga: Vec<&Knn> = ga.iter().collect();
+    let gb: Option<Vec<&Knn>> = gb.as_ref().map(|g| g.iter().collect());
+    knn_table(&ga, gb.as_deref(), k)
+}
+
+/// One layer's step of [`mutual_knn_matrix`] (one task per layer in a distributed run):
+/// its exact `k`-nearest-neighbour graph (of the unit-norm rows with `normalize`).
+pub fn prepare_knn(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    k: usize,
+    normalize: bool,
+    monitor: &dyn crate::Monitor,
+) -> Result<Knn> {
+    if normalize {
+        knn(&unit_rows(x, d)?, m, d, k, &Budget::unchecked(), monitor)
+    } else {
+        knn(x, m, d, k, &Budget::unchecked(), monitor)
+    }
+}
+
+/// The pair step of [`mutual_knn_matrix`] over kNN graphs (`b = None`: all pairs of `a`).
+pub fn knn_table(ga: &[&Knn], gb: Option<&[&Knn]>, k: usize) -> Result<Vec<f64>> {
+    pair_table(ga, gb, |p, q| mutual_knn(p, q, k))
 }
 
 #[cfg(test)]

@@ -151,8 +151,8 @@ pub fn rbf_hsic(
         let mut out = Vec::with_capacity(layers.len());
         let mut bws = Vec::with_capacity(layers.len());
         for (x, d) in layers {
-            let (k, bw) = rbf_gram(x, m, *d, sigma, &Budget::unchecked())?;
-            out.push(Gram::prepare(k, m, est)?);
+            let (g, bw) = prepare_rbf(x, m, *d, sigma, est)?;
+            out.push(g);
             bws.push(bw);
             done += 1;
             monitor.progress(done, total)?;
@@ -167,17 +167,57 @@ pub fn rbf_hsic(
         }
         None => (None, Vec::new()),
     };
-    let xy = pair_table(&pa, pb.as_deref(), hsic)?;
-    let lb = pb.as_ref().map_or(pa.len(), |p| p.len());
-    let (xx, yy) = match &pb {
+    let ra: Vec<&Gram> = pa.iter().collect();
+    let rb: Option<Vec<&Gram>> = pb.as_ref().map(|p| p.iter().collect());
+    let t = rbf_table(&ra, rb.as_deref())?;
+    monitor.progress(total, total)?;
+    Ok(RbfHsic {
+        cka: t.cka,
+        xy: t.xy,
+        xx: t.xx,
+        yy: t.yy,
+        bw_a,
+        bw_b,
+    })
+}
+
+/// One layer's step of [`rbf_hsic`] (the unit of a distributed run: one task per layer):
+/// its RBF Gram ([`rbf_gram`]) prepared for the estimator, and its bandwidth.
+pub fn prepare_rbf(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    sigma: f64,
+    est: Estimator,
+) -> Result<(Gram, f64)> {
+    let (k, bw) = rbf_gram(x, m, d, sigma, &Budget::unchecked())?;
+    Ok((Gram::prepare(k, m, est)?, bw))
+}
+
+/// The pair step of [`rbf_hsic`]: HSIC of every pair, self-HSICs and CKA ratios.
+#[derive(Debug, Clone)]
+pub struct RbfTable {
+    pub cka: Vec<f64>,
+    pub xy: Vec<f64>,
+    pub xx: Vec<f64>,
+    pub yy: Vec<f64>,
+}
+
+/// The pair step of [`rbf_hsic`] over prepared Grams (`b = None`: all pairs of `a`, each
+/// unordered pair once, the diagonal exactly 1 where defined). Used as it is by a
+/// distributed run on each block of layer pairs.
+pub fn rbf_table(pa: &[&Gram], pb: Option<&[&Gram]>) -> Result<RbfTable> {
+    let xy = pair_table(pa, pb, |p, q| hsic(p, q))?;
+    let lb = pb.map_or(pa.len(), |p| p.len());
+    let (xx, yy) = match pb {
         None => {
             let xx: Vec<f64> = (0..lb).map(|i| xy[i * lb + i]).collect();
             (xx.clone(), xx)
         }
         Some(pb) => {
             let selfs =
-                |g: &[Gram]| -> Result<Vec<f64>> { g.par_iter().map(|p| hsic(p, p)).collect() };
-            (selfs(&pa)?, selfs(pb)?)
+                |g: &[&Gram]| -> Result<Vec<f64>> { g.par_iter().map(|p| hsic(p, p)).collect() };
+            (selfs(pa)?, selfs(pb)?)
         }
     };
     let cka = (0..xy.len())
@@ -186,15 +226,7 @@ pub fn rbf_hsic(
             cka_ratio(xy[k], xx[i], yy[j], pb.is_none() && i == j)
         })
         .collect();
-    monitor.progress(total, total)?;
-    Ok(RbfHsic {
-        cka,
-        xy,
-        xx,
-        yy,
-        bw_a,
-        bw_b,
-    })
+    Ok(RbfTable { cka, xy, xx, yy })
 }
 
 #[cfg(test)]

@@ -1,0 +1,228 @@
+"""The sampled measures on a Ray cluster: what ``backend="ray"`` runs for RBF CKA, ``rsa``,
+``mutual_knn`` and ``intrinsic_dimension(s)`` (tasks per layer, and per block of layer
+pairs).
+
+* **Pair measures** (RBF CKA, RSA, mutual kNN) in two steps, the very functions the local
+  call runs (``layerscope_core::measures::prepared``):
+
+  1. one task per layer reads that layer's sampled rows where the store lies (the sample's
+     indices travel with it) and prepares it — its RBF Gram, RDM or kNN graph: the
+     ``m²·d`` part, all but a sliver of the work — returned to Ray's object store;
+  2. one task per block of layer pairs fetches the prepared layers of its block and
+     tabulates them (``m²`` per pair). Within one source the blocks are the upper triangle
+     of groups of layers: a diagonal block is the within-source table (its diagonal
+     exactly as locally), an off-diagonal block a cross table, mirrored on the driver.
+
+  Every cell is computed by the same function, on the same arguments in the same order, as
+  the local all-pairs table: the results are equal to the last bit. A block holds at most
+  ``2 × layers_per_block`` prepared layers: groups are sized so that a block fits half of a
+  node's Ray memory (``meta["tasks"]`` records them).
+* **Intrinsic dimension**: one task per layer runs the local estimator on that layer (the
+  same sample, seed and options), its warnings re-raised on the driver.
+
+Tasks ask Ray for the CPUs of the smallest node and their peak memory, are retried when a
+worker or node dies, and are waited for under the no-node watchdog of
+:func:`layerscope._ray.wait_all`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from ._ray import (
+    Cluster,
+    Part,
+    cluster,
+    connect,
+    fetch,
+    open_source,
+    part_of,
+    task_options,
+    wait_all,
+)
+from ._sample import load
+from ._source import Source
+from .errors import MemoryBudgetError
+
+#: Layers per group of a block of pairs; None: as many as fit half a node's Ray memory.
+BLOCK_LAYERS: int | None = None
+
+_REMOTE: dict[str, Any] = {}
+
+
+def prepare(part: Part, name: str, idx: np.ndarray, measure: str, opts: dict[str, Any],
+            max_memory: int | None) -> Any:
+    """One layer's task: its sampled rows (float64, checked finite) prepared for the pair
+    measure (``_native.prepare_layer``)."""
+    x = load(open_source(part), name, np.asarray(idx))
+    return _native.prepare_layer(x, measure, max_memory=max_memory, **opts)
+
+
+def tabulate(na: int, within: bool, *preps: Any) -> dict[str, np.ndarray]:
+    """One block's task: the pair table of its first ``na`` prepared layers against the
+    rest (``within``: of the first ``na`` with themselves)."""
+    a = list(preps[:na])
+    r = _native.prepared_table(a, None if within else list(preps[na:]))
+    return {k: np.asarray(v) for k, v in r.items()}
+
+
+def id_layer(part: Part, name: str, options: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """One layer's intrinsic dimensions (the local estimator, progress off) and the
+    warnings it raised (re-raised on the driver)."""
+    from .measures.idim import intrinsic_dimensions
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = intrinsic_dimensions.__wrapped__(  # type: ignore[attr-defined]
+            open_source(part), layers=[name], progress=False, **options)
+    return out, [(str(w.message), w.category) for w in caught]
+
+
+def _remote(ray: Any, name: str) -> Any:
+    if name not in _REMOTE:
+        _REMOTE[name] = ray.remote({"prepare": prepare, "tabulate": tabulate,
+                                    "id": id_layer}[name])
+    return _REMOTE[name]
+
+
+def _groups(n: int, per: int) -> list[range]:
+    return [range(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def _prep_bytes(measure: str, m: int, opts: dict[str, Any]) -> int:
+    """Bytes of one prepared layer (what a block task holds per layer)."""
+    if measure == "rbf":
+        return m * m * 8 + (m * 8 if opts.get("unbiased") else 0)
+    if measure == "rsa":
+        return m * (m - 1) // 2 * 8
+    return m * int(opts.get("k", 10)) * 16
+
+
+def pair_table(measure: str, a: Source, b: Source | None, la: Sequence[str],
+               lb: Sequence[str] | None, idx: np.ndarray, opts: dict[str, Any], *,
+               max_memory: int | None, progress: Any, address: str | None) -> dict[str, Any]:
+    """The all-pairs table of ``measure`` (``"rbf"``, ``"rsa"``, ``"knn"``) over the
+    sampled rows ``idx`` on Ray (see the module docs): a dict with ``values`` (La × Lb),
+    ``bw_a`` / ``bw_b`` (RBF bandwidths per layer) and ``tasks`` (what ran)."""
+    t0 = time.perf_counter()
+    ray = connect(address)
+    cl = cluster(ray)
+    m = int(idx.size)
+    sides: list[tuple[Source, list[str]]] = [(a, list(la))]
+    if b is not None and lb is not None:
+        sides.append((b, list(lb)))
+    need = {}
+    for src, names in sides:
+        for x in names:
+            d = src.dims[x]
+            need[(id(src), x)] = m * d * 8 + int(_native.prepare_bytes(
+                measure, m, d, int(opts.get("k", 10)), bool(opts.get("normalize", False))))
+    big = max(need.values())
+    if cl.memory and big > cl.memory:
+        raise MemoryBudgetError(
+            f"preparing one layer ({measure}, {m} sampled rows) needs {big} bytes, more than "
+            f"the Ray memory of any node ({cl.memory} bytes); use a smaller sample")
+    size = _prep_bytes(measure, m, opts)
+    nl = max(len(names) for _, names in sides)
+    per = BLOCK_LAYERS or max(1, (cl.memory // 2 if cl.memory else 1 << 62) // (2 * size))
+    per = max(1, min(per, nl))
+    idx_ref = ray.put(np.asarray(idx, dtype=np.int64))
+    prep_fn = _remote(ray, "prepare")
+    preps: list[list[Any]] = []
+    for src, names in sides:
+        part = part_of(ray, src, names)
+        preps.append([prep_fn.options(**task_options(cl, need[(id(src), x)])).remote(
+            part, x, idx_ref, measure, opts, max_memory) for x in names])
+    tab = _remote(ray, "tabulate")
+    blocks: list[tuple[range, range, bool, Any]] = []
+    ga = _groups(len(sides[0][1]), per)
+    gb = _groups(len(sides[1][1]), per) if len(sides) > 1 else ga
+    for p, rows in enumerate(ga):
+        for q, cols in enumerate(gb):
+            within = len(sides) == 1 and p == q
+            if len(sides) == 1 and q < p:
+                continue
+            args = [preps[0][i] for i in rows]
+            if not within:
+                args += [preps[-1][j] for j in cols]
+            mem = len(args) * size + len(rows) * len(cols) * 32
+            blocks.append((rows, cols, within,
+                           tab.options(**task_options(cl, mem)).remote(len(rows), within,
+                                                                        *args)))
+    every = [r for ps in preps for r in ps] + [blk[3] for blk in blocks]
+    wait_all(ray, every, progress, measure.replace("knn", "mutual knn") + " (ray)",
+             cpus=cl.cpus_per_task, memory=max(big, *blk_mem(blocks, size)))
+    ncols = len(sides[-1][1])
+    values = np.full((len(sides[0][1]), ncols), np.nan)
+    bw_a = np.full(len(sides[0][1]), np.nan)
+    bw_b = np.full(ncols, np.nan)
+    for rows, cols, within, ref in blocks:
+        r = fetch(ray, ref)
+        v = r["values"]
+        values[rows.start:rows.stop, cols.start:cols.stop] = v
+        if len(sides) == 1 and not within:
+            values[cols.start:cols.stop, rows.start:rows.stop] = v.T
+        if "bw_a" in r:
+            bw_a[rows.start:rows.stop] = r["bw_a"]
+            bw_b[cols.start:cols.stop] = r["bw_a"] if within else r["bw_b"]
+    if len(sides) == 1:
+        bw_b = bw_a
+    return {"values": values, "bw_a": bw_a, "bw_b": bw_b,
+            "tasks": _meta(cl, len(every) - len(blocks), len(blocks), per, size, blocks,
+                           time.perf_counter() - t0)}
+
+
+def blk_mem(blocks: list[tuple[range, range, bool, Any]], size: int) -> list[int]:
+    """Each block's prepared bytes (for the watchdog's memory need)."""
+    return [(len(r) + (0 if w else len(c))) * size for r, c, w, _ in blocks] or [0]
+
+
+def _meta(cl: Cluster, prepares: int, nblocks: int, per: int, size: int,
+          blocks: list[tuple[range, range, bool, Any]], seconds: float) -> dict[str, Any]:
+    moved = sum((len(r) + (0 if w else len(c))) * size for r, c, w, _ in blocks)
+    return {"prepare": prepares, "blocks": nblocks, "layers_per_block": per,
+            "prepared_bytes_per_layer": size, "bytes_to_blocks": moved,
+            "nodes": cl.nodes, "cpus_per_task": cl.cpus_per_task, "seconds": seconds,
+            "order": "a task per layer prepares; a task per block of pairs tabulates "
+                     "(within one source: the upper triangle of layer groups, mirrored)"}
+
+
+def intrinsic_dimensions(src: Source, names: Sequence[str], options: dict[str, Any], *,
+                         progress: Any, address: str | None) -> tuple[dict[str, Any],
+                                                                    dict[str, Any]]:
+    """``{method: per-layer results}`` of the local estimator run as one task per layer
+    (``options``: its keyword arguments, ``max_memory`` the budget on each node), and the
+    ``tasks`` meta. The per-layer results are merged by the caller."""
+    t0 = time.perf_counter()
+    ray = connect(address)
+    cl = cluster(ray)
+    fn = _remote(ray, "id")
+    part = part_of(ray, src, names)
+    m = min(src.num_rows, int(options.get("sample") or src.num_rows))
+    refs = []
+    mems = []
+    for x in names:
+        # the sample, its kNN graph and the distance blocks, bounded by a node's memory
+        need = m * src.dims[x] * 8 * 3
+        mems.append(min(need, cl.memory or need))
+        refs.append(fn.options(**task_options(cl, mems[-1])).remote(part, x, options))
+    wait_all(ray, refs, progress, "intrinsic dimension (ray)", cpus=cl.cpus_per_task,
+             memory=max(mems, default=0))
+    out: dict[str, list[Any]] = {}
+    for ref in refs:
+        res, caught = fetch(ray, ref)
+        for msg, cat in caught:
+            warnings.warn(msg, cat, stacklevel=4)
+        for method, r in res.items():
+            out.setdefault(method, []).append(r)
+    return out, {"layers": len(names), "tasks": len(refs), "nodes": cl.nodes,
+                 "cpus_per_task": cl.cpus_per_task,
+                 "seconds": time.perf_counter() - t0,
+                 "order": "one task per layer (the local estimator on that layer)"}
+
