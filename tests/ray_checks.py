@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -215,6 +216,50 @@ def main(out: str, temp_dir: str) -> None:
 
         case("idim", idim)
 
+        def minibatch_cases() -> dict:
+            # ranges of whole minibatches, one task each; mean HSICs weighted by batch count
+            out: dict[str, Any] = {}
+            for key, src, other, kw in (
+                    ("linear", s64, None, {}),
+                    ("rbf_cross_sample", s64, s64b, {"kernel": "rbf", "sample": 3000,
+                                                     "batch_size": 200, "seed": 5}),
+                    ("bf16", sbf, None, {"batch_size": 100})):
+                loc = ls.cka(src, other, estimator="minibatch", progress=False, **kw)
+                rem = ls.cka(src, other, estimator="minibatch", progress=False, backend="ray",
+                             **kw)
+                bw = [_diff(list(loc.meta[k].values()), list(rem.meta[k].values()))
+                      for k in ("bandwidths_a", "bandwidths_b") if k in loc.meta]
+                out[key] = {"diff": _diff(loc.values, rem.values),
+                            "hsic": _diff(loc.extra["hsic"], rem.extra["hsic"])
+                            / float(np.nanmax(np.abs(loc.extra["hsic"]))),
+                            "bw": max(bw, default=0.0),
+                            "same": [loc.meta[k] == rem.meta[k] for k in
+                                     ("n", "rows_seen", "n_batches")],
+                            "tasks": rem.meta["tasks"], "backend": rem.meta["backend"]}
+            bad = dict(x64)
+            bad["l3"] = bad["l3"].copy()
+            bad["l3"][4321, 0] = np.nan
+            snan = f"{tmp}/mb-nan"
+            ls.write_store(snan, bad, dtype="float64", shard_bytes=1 << 20)
+            errs = {}
+            for backend in ("local", "ray"):
+                try:
+                    ls.cka(snan, estimator="minibatch", progress=False, backend=backend)
+                    errs[backend] = "no error"
+                except Exception as e:  # noqa: BLE001 - compared below
+                    errs[backend] = f"{type(e).__name__}: {e}"
+            out["errors"] = errs
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                a = ls.cka(snan, estimator="minibatch", nonfinite="nan", progress=False)
+                b = ls.cka(snan, estimator="minibatch", nonfinite="nan", progress=False,
+                           backend="ray")
+            out["nan"] = {"diff": _diff(a.values, b.values),
+                          "rows": [a.meta.get("nonfinite_rows"), b.meta.get("nonfinite_rows")]}
+            return out
+
+        case("minibatch", minibatch_cases)
+
         def report() -> dict:
             got = {}
             for backend in ("local", "ray"):
@@ -237,7 +282,8 @@ def main(out: str, temp_dir: str) -> None:
         def commands() -> dict:
             out = {}
             for name, argv in (("rsa", ["rsa", s64, "--sample", "300"]),
-                               ("id", ["id", s64, "--sample", "800", "--method", "mle"])):
+                               ("id", ["id", s64, "--sample", "800", "--method", "mle"]),
+                               ("minibatch", ["cka", s64, "--estimator", "minibatch"])):
                 buf = io.StringIO()
                 with contextlib.redirect_stdout(buf):
                     rc = cli([*argv, "--ray", cluster.address])
@@ -245,6 +291,84 @@ def main(out: str, temp_dir: str) -> None:
             return out
 
         case("cli_sampled", commands)
+
+        def node_lost(retries: int) -> dict:
+            # A worker node killed mid-job (SIGKILL, no goodbye): the node that holds the
+            # first finished range's partial sums, which a merge not yet run needs. With
+            # retries its lost work is redone on the other node and a replacement that
+            # joins; without, the job ends with a ClusterError.
+            refs: list[Any] = []
+            wait_all = _ray.wait_all
+
+            def spy(ray_: Any, rs: Any, *a: Any, **kw: Any) -> None:
+                refs[:] = list(rs)
+                wait_all(ray_, rs, *a, **kw)
+
+            killed: dict[str, Any] = {}
+
+            def cb(done: int, total: int) -> None:
+                if killed:
+                    return
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                locs = ray.experimental.get_object_locations(ready)
+                held = {n for r in ready for n in locs[r]["node_ids"]}
+                for node in list(cluster.worker_nodes):
+                    if node.node_id in held:
+                        cluster.remove_node(node, allow_graceful=False)
+                        killed["node"] = node.node_id
+                        break
+                killed["ready"] = len(ready)
+                killed["held"] = sorted(held)
+                killed["workers"] = sorted(n.node_id for n in cluster.worker_nodes)
+                cluster.add_node(num_cpus=1)
+
+            _ray.wait_all = spy
+            _ray.MAX_RETRIES = retries
+            out: dict[str, Any] = {}
+            t0 = time.perf_counter()
+            try:
+                rem = ls.cka(s64, progress=cb, backend="ray")
+                out["diff"] = _diff(rem.values, ls.cka(s64, progress=False).values)
+                out["raised"] = "nothing"
+            except ls.ClusterError as e:
+                out["raised"] = f"ClusterError: {e}"
+            finally:
+                _ray.wait_all = wait_all
+                _ray.MAX_RETRIES = 3
+            out.update(seconds=time.perf_counter() - t0, killed=killed.get("node"),
+                       ready=killed.get("ready"), held=killed.get("held"),
+                       workers=killed.get("workers"))
+            cluster.wait_for_nodes()
+            return out
+
+        case("node_lost", lambda: node_lost(3))
+        case("node_lost_no_retries", lambda: node_lost(0))
+
+        def no_node() -> dict:
+            # every worker node leaves mid-job: no hang, a ClusterError in bounded time
+            _ray.NO_NODE_SECONDS = 3.0
+
+            def cb(done: int, total: int) -> None:
+                if cluster.worker_nodes:
+                    for node in list(cluster.worker_nodes):
+                        cluster.remove_node(node)
+
+            out: dict[str, Any] = {}
+            t0 = time.perf_counter()
+            try:
+                ls.cka(s64, progress=cb, backend="ray")
+                out["raised"] = "nothing"
+            except ls.ClusterError as e:
+                out["raised"] = f"ClusterError: {e}"
+            finally:
+                _ray.NO_NODE_SECONDS = 60.0
+            out["seconds"] = time.perf_counter() - t0
+            for _ in range(2):  # the next checks get their two nodes back
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            return out
+
+        case("no_node", no_node)
 
         def node_errors() -> dict:
             st = ls.open(s64)

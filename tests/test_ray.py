@@ -195,11 +195,29 @@ def test_ray_report(checks: dict) -> None:
             assert v == 0.0, (k, v)
 
 
+def test_ray_minibatch(checks: dict) -> None:
+    r = _ok(checks, "minibatch")
+    for key in ("linear", "rbf_cross_sample", "bf16"):
+        c = r[key]
+        assert c["backend"] == "ray" and all(c["same"]), (key, c)
+        assert c["diff"] <= 1e-12 and c["hsic"] <= 1e-12 and c["bw"] <= 1e-12, (key, c)
+        t = c["tasks"]
+        assert t["ranges"] == 2 and t["nodes"] == 2, (key, t)
+    # 6000 rows in 256-row batches: 23 whole ones and a final 112-row batch, 12 + 12
+    assert r["linear"]["tasks"]["batches_per_range"] == [12, 12]
+    # the row in the whole sequence, not in the task's range; nonfinite="nan" equal
+    assert r["errors"]["ray"] == r["errors"]["local"], r["errors"]
+    assert "row 4321" in r["errors"]["ray"]
+    assert r["nan"]["rows"] == [{"l3": 4321}, {"l3": 4321}] and r["nan"]["diff"] <= 1e-12
+
+
 def test_ray_cli_sampled(checks: dict) -> None:
     c = _ok(checks, "cli_sampled")
     assert c["rsa"]["rc"] == 0 and "# ray: 4 layer tasks, 3 pair-block tasks (up to 2 layers " \
         "per group) on 2 nodes, 1 CPU per task" in c["rsa"]["stdout"], c
     assert c["id"]["rc"] == 0 and "# ray: 4 layer tasks on 2 nodes" in c["id"]["stdout"], c
+    assert c["minibatch"]["rc"] == 0 and "# ray: 2 range tasks of whole minibatches (12+12 " \
+        "batches) on 2 nodes, 1 CPU per task" in c["minibatch"]["stdout"], c
 
 
 def test_ray_cli(checks: dict) -> None:
@@ -211,6 +229,54 @@ def test_ray_cli(checks: dict) -> None:
 
 def test_ray_processes_all_stopped(checks: dict) -> None:
     assert checks["_leftovers"] == []
+
+
+@pytest.mark.parametrize("n,b,k", [(6000, 256, 2), (6000, 256, 64), (1000, 256, 3),
+                                   (100, 256, 4), (4096, 256, 16), (5, 4, 2)])
+def test_minibatch_ranges_hold_the_local_minibatches(n: int, b: int, k: int) -> None:
+    from layerscope._ray_sampled import batch_ranges
+
+    r = batch_ranges(n, b, k)
+    assert r[0][0] == 0 and r[-1][1] == n
+    assert all(p[1] == q[0] for p, q in zip(r, r[1:]))
+    assert all(a % b == 0 for a, _ in r)  # every range starts on a batch boundary
+    assert len(r) <= max(1, min(k, n // b))
+    assert all(stop - start >= b for start, stop in r[:-1])
+
+
+def test_minibatch_ranges_merge_to_the_one_pass() -> None:
+    """The Ray minibatch rule without a cluster: the ranges' results (``rows=``), merged by
+    batch count, equal one pass over all rows (linear and RBF, a sample, a NaN layer)."""
+    import numpy as np
+    from layerscope import _native
+    from layerscope._ray_sampled import batch_ranges, merge_minibatch
+    from layerscope._source import native_part, resolve
+
+    rng = np.random.default_rng(8)
+    x = {f"l{i}": rng.standard_normal((1100, d)) + 50.0 * rng.standard_normal(d)
+         for i, d in enumerate([5, 17, 9])}
+    x["l2"][700, 3] = np.nan
+    src = resolve(x)
+    names = list(x)
+    parts = [native_part(src, names)]
+    for kernel, sample in (("linear", None), ("rbf", sorted(rng.choice(1100, 900, False)))):
+        kw = {"kernel": kernel, "batch_size": 64, "num_a": 3, "check_finite": False}
+        one = _native.minibatch_cka_pass(parts, names, sample=sample, **kw)
+        n = 1100 if sample is None else len(sample)
+        ranges = batch_ranges(n, 64, 4)
+        got = [_native.minibatch_cka_pass(
+            parts, names, **kw,
+            **({"rows": (a, b)} if sample is None else {"sample": sample[a:b]}))
+            for a, b in ranges]
+        m = merge_minibatch(ranges, got, names, 3)
+        np.testing.assert_allclose(m["values"], one["values"], rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(m["hsic"], one["hsic"], rtol=1e-13, atol=1e-18)
+        np.testing.assert_allclose(m["bandwidths"], one["bandwidths"], rtol=1e-13)
+        assert m["nonfinite"] == list(one["nonfinite"])
+        assert (m["batches"], m["rows_used"], m["rows_seen"]) == (
+            one["batches"], one["rows_used"], one["rows_seen"])
+    with pytest.raises(InvalidArgumentError, match="row range"):
+        _native.minibatch_cka_pass(parts, names, rows=(0, 5000))
 
 
 def test_import_does_not_import_ray() -> None:
@@ -245,3 +311,28 @@ def test_ray_interrupt_shuts_down_a_session_layerscope_started(checks: dict) -> 
     r = _ok(checks, "interrupt_own")
     assert r["raised"] == "KeyboardInterrupt" and not r["alive"], r
     assert r["alive_after"] and r["diff"] <= 1e-10, r
+
+
+def test_ray_worker_node_killed_mid_job(checks: dict) -> None:
+    # the node holding the first finished range's partial sums is killed (SIGKILL) before a
+    # merge has used them: Ray re-runs its lost work (bounded retries) on the other node and
+    # a replacement, and the result equals the local one
+    r = _ok(checks, "node_lost")
+    assert r["killed"] is not None and r["killed"] in r["held"], r
+    assert r["raised"] == "nothing" and r["diff"] <= 1e-10, r
+
+
+def test_ray_lost_work_without_retries_is_a_cluster_error(checks: dict) -> None:
+    r = _ok(checks, "node_lost_no_retries")
+    assert r["killed"] is not None, r
+    assert r["raised"].startswith("ClusterError: a Ray task's result was lost and could not "
+                                  "be recomputed within 0 retries"), r
+    assert "its worker or node died" in r["raised"] and "\x1b[" not in r["raised"], r
+
+
+def test_ray_no_node_left_is_an_error_not_a_hang(checks: dict) -> None:
+    # every worker node leaves mid-job (NO_NODE_SECONDS = 3 in the checks)
+    r = _ok(checks, "no_node")
+    assert r["raised"].startswith("ClusterError: no alive Ray node can run this job's tasks"), r
+    assert "Add nodes" in r["raised"], r
+    assert r["seconds"] < 60, r

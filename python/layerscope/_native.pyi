@@ -362,11 +362,19 @@ def minibatch_bytes(dims: Sequence[int], batch_size: int) -> int:
     """Peak bytes of the minibatch estimator's state for layers of widths `dims` and batches of
     `batch_size` rows (what it checks against the budget before the pass)."""
 
-def minibatch_cka_pass(parts: Sequence[Part], names: Sequence[str], kernel: str = 'linear', sigma: float = 1.0, batch_size: int = ..., num_a: int | None = None, check_finite: bool = True, max_memory: int | None = None, block_rows: int | None = None, progress: ProgressCallback = None, sample: Sequence[int] | None = None) -> dict[str, Any]:
+def minibatch_cka_pass(parts: Sequence[Part], names: Sequence[str], kernel: str = 'linear', sigma: float = 1.0, batch_size: int = ..., num_a: int | None = None, check_finite: bool = True, max_memory: int | None = None, block_rows: int | None = None, progress: ProgressCallback = None, sample: Sequence[int] | None = None, rows: tuple[int, int] | None = None) -> dict[str, Any]:
     """Minibatch CKA in one streaming pass over every row of `parts` (see `source.rs`: store
     selections and/or in-memory layers, row-aligned, side by side) — or over the rows
-    `sample` of them, in that order — GIL released, reader thread one block ahead. Returns the
-    result dict of `MinibatchCka.finish`."""
+    `sample` of them, in that order; `rows=(start, stop)`: only positions `[start, stop)` of
+    that sequence (one distributed task's share; a non-finite row is then reported relative
+    to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
+    `MinibatchCka.finish`."""
+
+def minibatch_cka_table(hsic: npt.NDArray[np.float64], num_a: int) -> npt.NDArray[np.float64]:
+    """Minibatch CKA from mean HSICs (the ``hsic`` of a result dict, ``L × L``, e.g. merged
+    over the row ranges of a distributed run): ``num_a`` < L: the ``num_a × (L − num_a)``
+    cross table, else all pairs; the NaN rule of ``MinibatchHsic::cka`` (exactly 1 on the
+    diagonal; NaN where a mean self-HSIC is not positive)."""
 
 def moments_pass(parts: Sequence[Part], names: Sequence[str], block_rows: int | None = None, check_finite: bool = True, max_memory: int | None = None, num_a: int | None = None, progress: ProgressCallback = None, compute: str = 'float64') -> Moments:
     """One streaming pass over every row of `parts` (see `source.rs`: store selections and/or

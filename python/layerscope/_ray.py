@@ -170,19 +170,30 @@ def wait_all(ray: Any, refs: Sequence[Any], progress: Any, label: str, *, cpus: 
 
 def fetch(ray: Any, ref: Any) -> Any:
     """``ray.get`` of one task's result: a task's own error (a layerscope error: non-finite
-    values, a store missing on a node, a budget) raised as itself; a task lost more than
-    ``MAX_RETRIES`` times (its worker or node died) as :class:`ClusterError`."""
+    values, a store missing on a node, a budget) raised as itself, also when it reached this
+    task through an input; a result lost more than ``MAX_RETRIES`` times (its worker or node
+    died) as :class:`~layerscope.errors.ClusterError`."""
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
-            raise cause from None
-        raise ClusterError(f"a Ray task failed: {e}") from None
     except ray.exceptions.RayError as e:
+        cause: BaseException = e
+        while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(
+                getattr(cause, "cause", None), BaseException):
+            cause = cause.cause
+        if not isinstance(cause, ray.exceptions.RayError):
+            raise cause from None
+        first = next((line for line in _plain(str(cause)).splitlines() if line.strip()), "")
         raise ClusterError(
-            f"a Ray task was lost after {MAX_RETRIES} retries ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); its worker or node died") from None
+            f"a Ray task's result was lost and could not be recomputed within "
+            f"{MAX_RETRIES} retries ({type(cause).__name__}: {first}): its worker or node "
+            "died; run it again on a healthy cluster") from None
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (Ray colours its task names)."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 class Part(NamedTuple):

@@ -19,6 +19,11 @@ pairs).
   node's Ray memory (``meta["tasks"]`` records them).
 * **Intrinsic dimension**: one task per layer runs the local estimator on that layer (the
   same sample, seed and options), its warnings re-raised on the driver.
+* **Minibatch CKA**: the row sequence (all rows, or the seeded sample) cut into contiguous
+  ranges of whole minibatches, one task per range (``_native.minibatch_cka_pass`` over
+  ``rows=(start, stop)``: the same minibatches as the local pass); the driver averages the
+  ranges' mean HSICs and bandwidths weighted by their batch counts and forms the CKA ratios
+  (``_native.minibatch_cka_table``): equal to the local result to rounding (1e-12).
 
 Tasks ask Ray for the CPUs of the smallest node and their peak memory, are retried when a
 worker or node dies, and are waited for under the no-node watchdog of
@@ -47,8 +52,8 @@ from ._ray import (
     wait_all,
 )
 from ._sample import load
-from ._source import Source
-from .errors import MemoryBudgetError
+from ._source import Source, native_part
+from .errors import MemoryBudgetError, NonFiniteError
 
 #: Layers per group of a block of pairs; None: as many as fit half a node's Ray memory.
 BLOCK_LAYERS: int | None = None
@@ -84,11 +89,93 @@ def id_layer(part: Part, name: str, options: dict[str, Any]) -> tuple[Any, list[
     return out, [(str(w.message), w.category) for w in caught]
 
 
+def minibatch_range(parts: list[Part], names: list[str], options: dict[str, Any],
+                    sample: np.ndarray | None, start: int, stop: int) -> dict[str, Any]:
+    """One range task of minibatch CKA: positions ``[start, stop)`` of the row sequence (all
+    rows, or the sampled ones), non-finite values recorded, not raised (the driver raises
+    with the row in the whole sequence)."""
+    native = [native_part(open_source(p), list(p.layers)) for p in parts]
+    if sample is not None:
+        r = _native.minibatch_cka_pass(native, names, sample=np.asarray(sample)[start:stop]
+                                       .tolist(), check_finite=False, **options)
+    else:
+        r = _native.minibatch_cka_pass(native, names, rows=(start, stop), check_finite=False,
+                                       **options)
+    return {k: r[k] for k in ("hsic", "bandwidths", "batches", "rows_used", "rows_seen",
+                              "nonfinite")}
+
+
+def merge_minibatch(ranges: Sequence[tuple[int, int]], got: Sequence[dict[str, Any]],
+                    names: Sequence[str], num_a: int) -> dict[str, Any]:
+    """The minibatch result over all ``ranges`` (in row order) from each range's result:
+    mean HSICs and bandwidths weighted by batch counts, counts summed, each layer's first
+    non-finite row (offset by its range's start), the CKA ratios from the merged means."""
+    w = np.array([g["batches"] for g in got], dtype=np.float64)
+    total = float(w.sum())
+    hsic = sum(np.asarray(g["hsic"], dtype=np.float64) * b for g, b in zip(got, w)) / total
+    bw = sum(np.asarray(g["bandwidths"], dtype=np.float64) * b for g, b in zip(got, w)) / total
+    nonfinite: list[int | None] = [None] * len(names)
+    for (a, _), g in zip(ranges, got):
+        for i, v in enumerate(g["nonfinite"]):
+            if v is not None and nonfinite[i] is None:
+                nonfinite[i] = a + int(v)
+    return {"values": _native.minibatch_cka_table(np.ascontiguousarray(hsic), num_a),
+            "hsic": hsic, "bandwidths": np.asarray(bw).tolist(), "batches": int(total),
+            "rows_used": sum(int(g["rows_used"]) for g in got),
+            "rows_seen": sum(int(g["rows_seen"]) for g in got), "nonfinite": nonfinite}
+
+
 def _remote(ray: Any, name: str) -> Any:
     if name not in _REMOTE:
         _REMOTE[name] = ray.remote({"prepare": prepare, "tabulate": tabulate,
-                                    "id": id_layer}[name])
+                                    "id": id_layer, "minibatch": minibatch_range}[name])
     return _REMOTE[name]
+
+
+def batch_ranges(n: int, batch_size: int, k: int) -> list[tuple[int, int]]:
+    """``k`` (at most) contiguous ranges of whole minibatches covering ``[0, n)``, near-equal
+    in batches; the last one also takes the final shorter batch — so the ranges hold exactly
+    the minibatches of one pass over all ``n``."""
+    full = n // batch_size
+    k = max(1, min(int(k), full))
+    cuts = [round(i * full / k) * batch_size for i in range(k)] + [n]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def minibatch(parts: list[tuple[Source, list[str]]], names: list[str], num_a: int, *,
+              kernel: str, sigma: float, batch_size: int, sample: np.ndarray | None,
+              check_finite: bool, max_memory: int | None, progress: Any,
+              address: str | None) -> dict[str, Any]:
+    """Minibatch CKA on Ray (see the module docs): the dict of
+    ``_native.minibatch_cka_pass``, plus ``tasks``."""
+    t0 = time.perf_counter()
+    ray = connect(address)
+    cl = cluster(ray)
+    n = int(sample.size) if sample is not None else int(parts[0][0].num_rows)
+    dims = [src.dims[x] for src, ls in parts for x in ls]
+    mem = int(_native.minibatch_bytes(dims, batch_size))
+    ranges = batch_ranges(n, batch_size, cl.slots)
+    specs = [part_of(ray, src, ls) for src, ls in parts]
+    sref = ray.put(sample) if sample is not None else None
+    options = {"kernel": kernel, "sigma": sigma, "batch_size": batch_size, "num_a": num_a,
+               "max_memory": max_memory}
+    fn = _remote(ray, "minibatch").options(**task_options(cl, mem))
+    refs = [fn.remote(specs, names, options, sref, a, b) for a, b in ranges]
+    wait_all(ray, refs, progress, "minibatch cka (ray)", cpus=cl.cpus_per_task, memory=mem)
+    got = [fetch(ray, r) for r in refs]
+    out = merge_minibatch(ranges, got, names, num_a)
+    if check_finite:
+        bad = [(x, v) for x, v in zip(names, out["nonfinite"]) if v is not None]
+        if bad:  # the first bad row of the sequence, as the local pass stops at it
+            x, row = min(bad, key=lambda t: t[1])
+            raise NonFiniteError(f'layer "{x}": non-finite value (NaN/Inf) in row {row}')
+    w = [int(g["batches"]) for g in got]
+    return {**out,
+            "tasks": {"ranges": len(ranges), "batches_per_range": w,
+                      "nodes": cl.nodes, "cpus_per_task": cl.cpus_per_task,
+                      "seconds": time.perf_counter() - t0,
+                      "merge_order": "ranges of whole minibatches in row order; mean HSICs "
+                                     "weighted by batch counts on the driver"}}
 
 
 def _groups(n: int, per: int) -> list[range]:

@@ -149,7 +149,9 @@ def cka(
         backend: ``"local"`` (default) or ``"ray"``: the linear biased/debiased pass cut into
             row-range tasks of the same plan on a Ray cluster, merged in a tree of tasks —
             the same numbers (f64: 1e-10, f32: 1e-6); RBF as one task per layer (its Gram)
-            and one per block of layer pairs (their HSICs) — equal to the last bit. Stores are read where they lie: every
+            and one per block of layer pairs (their HSICs) — equal to the last bit;
+            minibatch as ranges of whole minibatches, their mean HSICs averaged by batch
+            count (equal to rounding). Stores are read where they lie: every
             node must see the store at the same path (checked by its manifest SHA-256).
             ``meta["backend"]`` and ``meta["tasks"]`` record what ran.
         ray_address: the cluster to join when no Ray session is running (else
@@ -164,10 +166,6 @@ def cka(
     """
     t0 = time.perf_counter()
     check_backend(backend, ray_address)
-    if backend == "ray" and estimator == "minibatch":
-        raise InvalidArgumentError(
-            "backend='ray' runs the linear and RBF biased/debiased estimators; minibatch "
-            "CKA runs with backend='local'")
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
     if strategy is not None and (kernel != "linear" or estimator == "minibatch"):
@@ -191,7 +189,8 @@ def cka(
 
     job = _Job(a, b, la, lb, sample, seed, max_memory, nonfinite, progress)
     if estimator == "minibatch":
-        res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE)
+        res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE, backend,
+                         ray_address)
     elif kernel == "linear":
         res = _linear(job, estimator, compute, strategy, backend, ray_address)
     else:
@@ -391,7 +390,8 @@ def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
 # minibatch (Rust, streamed)
 
 
-def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int) -> MatrixResult:
+def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int, backend: str = "local",
+               ray_address: str | None = None) -> MatrixResult:
     a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
     meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
@@ -403,13 +403,24 @@ def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int) -> MatrixR
     if idx is not None:
         meta["sample_hash"] = indices_hash(idx)
     t1 = time.perf_counter()
-    with Progress(progress, "minibatch cka") as prog:
-        r = _native.minibatch_cka_pass(
-            [native_part(src, ls) for src, ls in parts], names, kernel=kernel, sigma=sigma,
-            batch_size=batch_size, num_a=num_a, check_finite=nonfinite == "error",
-            max_memory=max_memory, progress=prog.cb,
-            sample=None if idx is None else idx.tolist())
+    if backend == "ray":
+        from .._ray_sampled import minibatch
+
+        r = minibatch(parts, names, num_a, kernel=kernel, sigma=sigma, batch_size=batch_size,
+                      sample=idx, check_finite=nonfinite == "error", max_memory=max_memory,
+                      progress=progress, address=ray_address)
+        meta.update(backend="ray", tasks=r["tasks"])
+    else:
+        with Progress(progress, "minibatch cka") as prog:
+            r = _native.minibatch_cka_pass(
+                [native_part(src, ls) for src, ls in parts], names, kernel=kernel,
+                sigma=sigma, batch_size=batch_size, num_a=num_a,
+                check_finite=nonfinite == "error", max_memory=max_memory, progress=prog.cb,
+                sample=None if idx is None else idx.tolist())
+        meta["backend"] = "local"
     engine = "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays"
+    if backend == "ray":
+        engine = "ray range tasks"
     nf = {x: int(v) for x, v in zip(names, r["nonfinite"]) if v is not None}
     if b is not None:
         nf = {

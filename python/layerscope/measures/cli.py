@@ -162,6 +162,10 @@ def ray_notes(res: Any) -> list[str]:
                 f"{t['layers_per_block']} layers per group) on {t['nodes']} nodes, {cpus}"]
     if "layers" in t:
         return [f"# ray: {t['tasks']} layer tasks on {t['nodes']} nodes, {cpus}"]
+    if "batches_per_range" in t:
+        return [f"# ray: {t['ranges']} range tasks of whole minibatches "
+                f"({'+'.join(map(str, t['batches_per_range']))} batches) on {t['nodes']} "
+                f"nodes, {cpus}"]
     return [f"# ray: {t['ranges']} range tasks ({t['ranges_per_tile']} per tile), {t['merges']} "
             f"merge tasks + {t['driver_merges']} on the driver (depth {t['merge_depth']}) on "
             f"{t['nodes']} nodes, "

@@ -7,11 +7,11 @@ use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::measures::cka::{
-    minibatch_bytes as core_minibatch_bytes, minibatch_pass, Kernel, MinibatchCka as CoreCka,
-    MinibatchHsic, DEFAULT_BATCH_SIZE,
+    minibatch_bytes as core_minibatch_bytes, minibatch_cka_table as core_cka_table, minibatch_pass,
+    Kernel, MinibatchCka as CoreCka, MinibatchHsic, DEFAULT_BATCH_SIZE,
 };
 use layerscope_core::memory::Budget;
-use layerscope_core::store::stream::Subset;
+use layerscope_core::store::stream::{RowRange, Subset};
 use layerscope_core::store::{RowSource, Rows};
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
@@ -48,12 +48,7 @@ fn build(
 /// `rows_seen`, `nonfinite`, `names`.
 fn to_dict<'py>(py: Python<'py>, r: &MinibatchHsic) -> PyResult<Bound<'py, PyDict>> {
     let l = r.dims.len();
-    let rows: Vec<usize> = (0..r.num_a).collect();
-    let cols: Vec<usize> = if r.num_a == l {
-        (0..l).collect()
-    } else {
-        (r.num_a..l).collect()
-    };
+    let (rows, cols) = table_axes(l, r.num_a);
     let vals = r.cka_matrix(&rows, &cols).py_err()?;
     let shape_err =
         |e: numpy::ndarray::ShapeError| Error::invalid(format!("internal shape error: {e}"));
@@ -183,8 +178,10 @@ impl PyMinibatchCka {
 
 /// Minibatch CKA in one streaming pass over every row of `parts` (see `source.rs`: store
 /// selections and/or in-memory layers, row-aligned, side by side) — or over the rows
-/// `sample` of them, in that order — GIL released, reader thread one block ahead. Returns the
-/// result dict of `MinibatchCka.finish`.
+/// `sample` of them, in that order; `rows=(start, stop)`: only positions `[start, stop)` of
+/// that sequence (one distributed task's share; a non-finite row is then reported relative
+/// to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
+/// `MinibatchCka.finish`.
 ///
 /// :type parts: Sequence[Part]
 /// :type names: Sequence[str]
@@ -197,10 +194,11 @@ impl PyMinibatchCka {
 /// :type block_rows: int | None
 /// :type progress: ProgressCallback
 /// :type sample: Sequence[int] | None
+/// :type rows: tuple[int, int] | None
 /// :rtype: dict[str, Any]
 #[pyfunction]
 #[pyo3(signature = (parts, names, kernel="linear", sigma=1.0, batch_size=DEFAULT_BATCH_SIZE, num_a=None,
-    check_finite=true, max_memory=None, block_rows=None, progress=None, sample=None))]
+    check_finite=true, max_memory=None, block_rows=None, progress=None, sample=None, rows=None))]
 #[allow(clippy::too_many_arguments)]
 fn minibatch_cka_pass<'py>(
     py: Python<'py>,
@@ -215,6 +213,7 @@ fn minibatch_cka_pass<'py>(
     block_rows: Option<usize>,
     progress: Option<Py<PyAny>>,
     sample: Option<Vec<u64>>,
+    rows: Option<(u64, u64)>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let parts = extract_parts(&parts)?;
     let sources = Sources::new(&parts)?;
@@ -223,9 +222,17 @@ fn minibatch_cka_pass<'py>(
         Some(idx) => Some(Subset::new(&all, idx).py_err()?),
         None => None,
     };
-    let src: &dyn RowSource = match &subset {
+    let seq: &dyn RowSource = match &subset {
         Some(s) => s,
         None => &all,
+    };
+    let range = match rows {
+        Some((a, b)) => Some(RowRange::new(seq, a..b).py_err()?),
+        None => None,
+    };
+    let src: &dyn RowSource = match &range {
+        Some(r) => r,
+        None => seq,
     };
     let acc = build(
         &src.dims(),
@@ -254,8 +261,52 @@ fn minibatch_bytes(dims: Vec<usize>, batch_size: usize) -> u128 {
     core_minibatch_bytes(&dims, batch_size)
 }
 
+/// Minibatch CKA from mean HSICs (the ``hsic`` of a result dict, ``L × L``, e.g. merged
+/// over the row ranges of a distributed run): ``num_a`` < L: the ``num_a × (L − num_a)``
+/// cross table, else all pairs; the NaN rule of ``MinibatchHsic::cka`` (exactly 1 on the
+/// diagonal; NaN where a mean self-HSIC is not positive).
+///
+/// :type hsic: npt.NDArray[np.float64]
+/// :type num_a: int
+/// :rtype: npt.NDArray[np.float64]
+#[pyfunction]
+fn minibatch_cka_table<'py>(
+    py: Python<'py>,
+    hsic: numpy::PyReadonlyArray2<'py, f64>,
+    num_a: usize,
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let h = hsic.as_array();
+    let l = h.shape()[0];
+    if h.shape()[1] != l || num_a == 0 || num_a > l {
+        return Err(Error::invalid(format!(
+            "hsic must be L × L with 0 < num_a <= L, got {:?} and num_a = {num_a}",
+            h.shape()
+        )))
+        .py_err();
+    }
+    let flat: Vec<f64> = h.iter().copied().collect();
+    let (rows, cols) = table_axes(l, num_a);
+    let vals = core_cka_table(&flat, l, &rows, &cols).py_err()?;
+    Array2::from_shape_vec((rows.len(), cols.len()), vals)
+        .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+        .py_err()
+        .map(|a| a.into_pyarray(py))
+}
+
+/// The rows and columns of a result table: all pairs of one source, or A × B.
+fn table_axes(l: usize, num_a: usize) -> (Vec<usize>, Vec<usize>) {
+    let rows: Vec<usize> = (0..num_a).collect();
+    let cols: Vec<usize> = if num_a == l {
+        (0..l).collect()
+    } else {
+        (num_a..l).collect()
+    };
+    (rows, cols)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_BATCH_SIZE", DEFAULT_BATCH_SIZE)?;
+    m.add_function(wrap_pyfunction!(minibatch_cka_table, m)?)?;
     m.add_class::<PyMinibatchCka>()?;
     m.add_function(wrap_pyfunction!(minibatch_cka_pass, m)?)?;
     m.add_function(wrap_pyfunction!(minibatch_bytes, m)?)?;

@@ -485,25 +485,41 @@ impl MinibatchHsic {
     pub fn cka(&self, i: usize, j: usize) -> Result<f64> {
         self.check(i)?;
         self.check(j)?;
-        let l = self.dims.len();
-        Ok(cka_ratio(
-            self.hsic[i * l + j],
-            self.hsic[i * l + i],
-            self.hsic[j * l + j],
-            i == j,
-        ))
+        Ok(cka_of(&self.hsic, self.dims.len(), i, j))
     }
 
     /// CKA of every `(rows[a], cols[b])` pair, row-major `rows.len() × cols.len()`.
     pub fn cka_matrix(&self, rows: &[usize], cols: &[usize]) -> Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(rows.len() * cols.len());
-        for &i in rows {
-            for &j in cols {
-                out.push(self.cka(i, j)?);
-            }
-        }
-        Ok(out)
+        cka_table(&self.hsic, self.dims.len(), rows, cols)
     }
+}
+
+fn cka_of(hsic: &[f64], l: usize, i: usize, j: usize) -> f64 {
+    cka_ratio(hsic[i * l + j], hsic[i * l + i], hsic[j * l + j], i == j)
+}
+
+/// [`MinibatchHsic::cka_matrix`] from mean HSICs alone (`hsic`: row-major `l × l`, e.g.
+/// the batch-weighted means of the row ranges of a distributed run).
+pub fn cka_table(hsic: &[f64], l: usize, rows: &[usize], cols: &[usize]) -> Result<Vec<f64>> {
+    if hsic.len() != l * l {
+        return Err(Error::invalid(format!(
+            "{} HSIC values are not {l} × {l}",
+            hsic.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(rows.len() * cols.len());
+    for &i in rows {
+        for &j in cols {
+            if i >= l || j >= l {
+                return Err(Error::invalid(format!(
+                    "layer index {} out of range for {l} layers",
+                    i.max(j)
+                )));
+            }
+            out.push(cka_of(hsic, l, i, j));
+        }
+    }
+    Ok(out)
 }
 
 /// Stream every row of `src` (the selected layers of one store, of two row-aligned stores

@@ -7,5 +7,6 @@ pub mod rbf;
 
 pub use linear::LinearCka;
 pub use minibatch::{
-    minibatch_bytes, minibatch_pass, Kernel, MinibatchCka, MinibatchHsic, DEFAULT_BATCH_SIZE,
+    cka_table as minibatch_cka_table, minibatch_bytes, minibatch_pass, Kernel, MinibatchCka,
+    MinibatchHsic, DEFAULT_BATCH_SIZE,
 };
