@@ -244,7 +244,7 @@ def pair_table(measure: str, a: Source, b: Source | None, la: Sequence[str],
                                                                         *args)))
     every = [r for ps in preps for r in ps] + [blk[3] for blk in blocks]
     wait_all(ray, every, progress, measure.replace("knn", "mutual knn") + " (ray)",
-             cpus=cl.cpus_per_task, memory=max(big, *blk_mem(blocks, size)))
+             cpus=cl.cpus_per_task, memory=max(big, *_block_bytes(blocks, size)))
     ncols = len(sides[-1][1])
     values = np.full((len(sides[0][1]), ncols), np.nan)
     bw_a = np.full(len(sides[0][1]), np.nan)
@@ -265,14 +265,14 @@ def pair_table(measure: str, a: Source, b: Source | None, la: Sequence[str],
                            time.perf_counter() - t0)}
 
 
-def blk_mem(blocks: list[tuple[range, range, bool, Any]], size: int) -> list[int]:
-    """Each block's prepared bytes (for the watchdog's memory need)."""
+def _block_bytes(blocks: list[tuple[range, range, bool, Any]], size: int) -> list[int]:
+    """The prepared bytes each block task fetches."""
     return [(len(r) + (0 if w else len(c))) * size for r, c, w, _ in blocks] or [0]
 
 
 def _meta(cl: Cluster, prepares: int, nblocks: int, per: int, size: int,
           blocks: list[tuple[range, range, bool, Any]], seconds: float) -> dict[str, Any]:
-    moved = sum((len(r) + (0 if w else len(c))) * size for r, c, w, _ in blocks)
+    moved = sum(_block_bytes(blocks, size))
     return {"prepare": prepares, "blocks": nblocks, "layers_per_block": per,
             "prepared_bytes_per_layer": size, "bytes_to_blocks": moved,
             "nodes": cl.nodes, "cpus_per_task": cl.cpus_per_task, "seconds": seconds,

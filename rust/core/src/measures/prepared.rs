@@ -48,6 +48,27 @@ impl Prepared {
         }
     }
 
+    fn gram(&self) -> Option<&Gram> {
+        match self {
+            Prepared::Rbf { gram, .. } => Some(gram),
+            _ => None,
+        }
+    }
+
+    fn rdm(&self) -> Option<&Option<Vec<f64>>> {
+        match self {
+            Prepared::Rsa(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn graph(&self) -> Option<&Knn> {
+        match self {
+            Prepared::Knn(g) => Some(g),
+            _ => None,
+        }
+    }
+
     /// The number of sampled rows it describes (RSA: the RDM's length, 0 when constant).
     pub fn rows(&self) -> usize {
         match self {
@@ -232,18 +253,13 @@ pub fn table(a: &[&Prepared], b: Option<&[&Prepared]>) -> Result<Table> {
             "prepared layers of different measures in one table".into(),
         ));
     }
+    fn each<'a, T>(v: &[&'a Prepared], f: impl Fn(&'a Prepared) -> Option<T>) -> Vec<T> {
+        v.iter().filter_map(|&p| f(p)).collect()
+    }
     match first {
         Prepared::Rbf { .. } => {
-            fn grams<'a>(v: &[&'a Prepared]) -> Vec<&'a Gram> {
-                v.iter()
-                    .filter_map(|p| match p {
-                        Prepared::Rbf { gram, .. } => Some(gram),
-                        _ => None,
-                    })
-                    .collect()
-            }
-            let ga = grams(a);
-            let gb = b.map(grams);
+            let ga = each(a, Prepared::gram);
+            let gb = b.map(|b| each(b, Prepared::gram));
             let t = rbf_table(&ga, gb.as_deref())?;
             Ok(Table {
                 values: t.cka.clone(),
@@ -251,44 +267,27 @@ pub fn table(a: &[&Prepared], b: Option<&[&Prepared]>) -> Result<Table> {
             })
         }
         Prepared::Rsa(_) => {
-            fn rdms<'a>(v: &[&'a Prepared]) -> Vec<&'a Option<Vec<f64>>> {
-                v.iter()
-                    .filter_map(|p| match p {
-                        Prepared::Rsa(r) => Some(r),
-                        _ => None,
-                    })
-                    .collect()
-            }
-            let ra = rdms(a);
-            let rb = b.map(rdms);
+            let ra = each(a, Prepared::rdm);
+            let rb = b.map(|b| each(b, Prepared::rdm));
             Ok(Table {
                 values: rsa_table(&ra, rb.as_deref())?,
                 rbf: None,
             })
         }
         Prepared::Knn(g0) => {
-            fn graphs<'a>(v: &[&'a Prepared]) -> Vec<&'a Knn> {
-                v.iter()
-                    .filter_map(|p| match p {
-                        Prepared::Knn(g) => Some(g),
-                        _ => None,
-                    })
-                    .collect()
-            }
-            let ga = graphs(a);
-            let gb = b.map(graphs);
-            let k = g0.k;
+            let ga = each(a, Prepared::graph);
+            let gb = b.map(|b| each(b, Prepared::graph));
             if ga
                 .iter()
                 .chain(gb.as_deref().unwrap_or(&[]))
-                .any(|g| g.k != k)
+                .any(|g| g.k != g0.k)
             {
                 return Err(Error::Mismatch(
                     "kNN graphs of different k in one table".into(),
                 ));
             }
             Ok(Table {
-                values: knn_table(&ga, gb.as_deref(), k)?,
+                values: knn_table(&ga, gb.as_deref(), g0.k)?,
                 rbf: None,
             })
         }
