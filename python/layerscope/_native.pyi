@@ -411,9 +411,11 @@ def parse_memory_size(text: str) -> int:
 def pass_bytes(dims: Sequence[int], block_rows: int, compute: str = 'float64') -> int:
     """Peak bytes of one streaming pass (accumulator, two row blocks, packed SYRK panels)."""
 
-def prepare_bytes(measure: str, m: int, d: int, k: int = 10, normalize: bool = False) -> int:
-    """Peak bytes of :func:`prepare_layer` for `m` rows of width `d` (``k``: the kNN graph's
-    neighbours; ``normalize``: its unit-norm copy)."""
+def prepare_bytes(measure: str, m: int, d: int, *, unbiased: bool = False, k: int = 10, normalize: bool = False) -> tuple[int, int]:
+    """Bytes of :func:`prepare_layer` for `m` rows of width `d`: ``(peak, prepared)`` — its
+    peak (what it checks against the budget) and the prepared layer's size (what a block
+    of the pair table holds per layer); see
+    `layerscope_core::measures::prepared::Measure`."""
 
 def prepare_layer(x: npt.NDArray[np.float64], measure: str, *, sigma: float = 1.0, unbiased: bool = False, dissimilarity: str = 'euclidean', compare: str = 'spearman', k: int = 10, normalize: bool = False, max_memory: int | None = None) -> PreparedLayer:
     """One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the

@@ -264,13 +264,18 @@ def merge(a: bytes, b: bytes) -> bytes:
     return bytes(_native.merge_partials(a, b))
 
 
-_REMOTE: dict[str, Any] = {}
+_REMOTE: dict[Any, Any] = {}
+
+
+def remote(ray: Any, fn: Any) -> Any:
+    """``fn`` as a Ray remote function, made once per process."""
+    if fn not in _REMOTE:
+        _REMOTE[fn] = ray.remote(fn)
+    return _REMOTE[fn]
 
 
 def _remote(ray: Any, name: str) -> Any:
-    if name not in _REMOTE:
-        _REMOTE[name] = ray.remote({"tile": run_tile, "merge": merge}[name])
-    return _REMOTE[name]
+    return remote(ray, {"tile": run_tile, "merge": merge}[name])
 
 
 def row_ranges(src: Source, n: int, k: int) -> list[tuple[int, int]]:

@@ -48,6 +48,7 @@ from ._ray import (
     fetch,
     open_source,
     part_of,
+    remote,
     task_options,
     wait_all,
 )
@@ -57,8 +58,6 @@ from .errors import MemoryBudgetError, NonFiniteError
 
 #: Layers per group of a block of pairs; None: as many as fit half a node's Ray memory.
 BLOCK_LAYERS: int | None = None
-
-_REMOTE: dict[str, Any] = {}
 
 
 def prepare(part: Part, name: str, idx: np.ndarray, measure: str, opts: dict[str, Any],
@@ -126,10 +125,8 @@ def merge_minibatch(ranges: Sequence[tuple[int, int]], got: Sequence[dict[str, A
 
 
 def _remote(ray: Any, name: str) -> Any:
-    if name not in _REMOTE:
-        _REMOTE[name] = ray.remote({"prepare": prepare, "tabulate": tabulate,
-                                    "id": id_layer, "minibatch": minibatch_range}[name])
-    return _REMOTE[name]
+    return remote(ray, {"prepare": prepare, "tabulate": tabulate, "id": id_layer,
+                        "minibatch": minibatch_range}[name])
 
 
 def batch_ranges(n: int, batch_size: int, k: int) -> list[tuple[int, int]]:
@@ -182,15 +179,6 @@ def _groups(n: int, per: int) -> list[range]:
     return [range(i, min(i + per, n)) for i in range(0, n, per)]
 
 
-def _prep_bytes(measure: str, m: int, opts: dict[str, Any]) -> int:
-    """Bytes of one prepared layer (what a block task holds per layer)."""
-    if measure == "rbf":
-        return m * m * 8 + (m * 8 if opts.get("unbiased") else 0)
-    if measure == "rsa":
-        return m * (m - 1) // 2 * 8
-    return m * int(opts.get("k", 10)) * 16
-
-
 def pair_table(measure: str, a: Source, b: Source | None, la: Sequence[str],
                lb: Sequence[str] | None, idx: np.ndarray, opts: dict[str, Any], *,
                max_memory: int | None, progress: Any, address: str | None) -> dict[str, Any]:
@@ -204,18 +192,20 @@ def pair_table(measure: str, a: Source, b: Source | None, la: Sequence[str],
     sides: list[tuple[Source, list[str]]] = [(a, list(la))]
     if b is not None and lb is not None:
         sides.append((b, list(lb)))
+    sizes = {"unbiased": bool(opts.get("unbiased", False)), "k": int(opts.get("k", 10)),
+             "normalize": bool(opts.get("normalize", False))}
     need = {}
+    size = 0
     for src, names in sides:
         for x in names:
-            d = src.dims[x]
-            need[(id(src), x)] = m * d * 8 + int(_native.prepare_bytes(
-                measure, m, d, int(opts.get("k", 10)), bool(opts.get("normalize", False))))
+            peak, size = _native.prepare_bytes(measure, m, src.dims[x], **sizes)
+            need[(id(src), x)] = m * src.dims[x] * 8 + int(peak)
     big = max(need.values())
     if cl.memory and big > cl.memory:
         raise MemoryBudgetError(
             f"preparing one layer ({measure}, {m} sampled rows) needs {big} bytes, more than "
             f"the Ray memory of any node ({cl.memory} bytes); use a smaller sample")
-    size = _prep_bytes(measure, m, opts)
+    size = int(size)  # the same for every layer: m rows
     nl = max(len(names) for _, names in sides)
     per = BLOCK_LAYERS or max(1, (cl.memory // 2 if cl.memory else 1 << 62) // (2 * size))
     per = max(1, min(per, nl))

@@ -418,9 +418,8 @@ def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int, backend: s
                 check_finite=nonfinite == "error", max_memory=max_memory, progress=prog.cb,
                 sample=None if idx is None else idx.tolist())
         meta["backend"] = "local"
-    engine = "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays"
-    if backend == "ray":
-        engine = "ray range tasks"
+    engine = ("ray range tasks" if backend == "ray" else
+              "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays")
     nf = {x: int(v) for x, v in zip(names, r["nonfinite"]) if v is not None}
     if b is not None:
         nf = {

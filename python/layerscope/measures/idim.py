@@ -300,7 +300,9 @@ def intrinsic_dimensions(
         per_layer, tasks = on_ray(src, names, options, progress=progress,
                                   address=ray_address)
         for method, parts in per_layer.items():
-            out[method] = _merge_layers(names, parts, tasks)
+            meta = {**parts[0].meta, "seconds": tasks["seconds"], "backend": "ray",
+                    "tasks": tasks}
+            out[method] = merge_layers(names, parts, meta)
         return {m: out[m] for m in methods}
     kneed = max(needs)
     t0 = time.perf_counter()
@@ -393,13 +395,12 @@ def intrinsic_dimensions(
     return {m: out[m] for m in methods}
 
 
-def _merge_layers(names: list[str], parts: list[IDResult], tasks: dict[str, Any]) -> IDResult:
-    """The per-layer results of one method (one task each, in ``names`` order) as one."""
+def merge_layers(names: list[str], parts: Sequence[IDResult], meta: dict[str, Any]) -> IDResult:
+    """Results of one method over some layers each (e.g. one layer per task), as one
+    result over ``names`` with ``meta``."""
     def joined(field: str) -> dict[str, Any]:
         return {k: v for r in parts for k, v in getattr(r, field).items()}
 
-    meta = dict(parts[0].meta)
-    meta.update(seconds=tasks["seconds"], backend="ray", tasks=tasks)
     return IDResult(names, joined("values"), ci=joined("ci"), errors=joined("errors"),
                     details=joined("details"), scales=joined("scales"), meta=meta)
 

@@ -15,6 +15,7 @@ from .._defaults import ALIGN_K
 from .._source import Source
 from ..errors import LayerscopeError, MemoryBudgetError
 from ..measures import MomentTables, analyze, cka, intrinsic_dimension
+from ..measures.idim import merge_layers
 from ..results import MatrixResult
 
 K_MAX = ALIGN_K  # top-k of the subspace overlap: min(K_MAX, smallest rank)
@@ -198,16 +199,10 @@ def _id_robust(src: Source, notes: list[str], label: str, **kw: Any) -> Any:
             notes.append(f"{label}: layer {name} left out — {type(e).__name__}: {e}")
     if not parts or len(parts) == len(src.all_layers):
         raise first
-    cls = type(next(iter(parts.values())))
     one = next(iter(parts.values()))
-    layers = list(parts)
-    return cls(layers, {x: parts[x].values[x] for x in layers},
-               ci={x: parts[x].ci[x] for x in layers if x in parts[x].ci},
-               errors={x: parts[x].errors[x] for x in layers if x in parts[x].errors},
-               details={x: parts[x].details.get(x) for x in layers},
-               scales={x: parts[x].scales[x] for x in layers if x in parts[x].scales},
-               meta={**one.meta, "layers_skipped": [x for x in src.all_layers
-                                                    if x not in parts]})
+    return merge_layers(list(parts), list(parts.values()),
+                        {**one.meta, "layers_skipped": [x for x in src.all_layers
+                                                        if x not in parts]})
 
 
 def neighbours(side: Side, other: Source | None, notes: list[str], *, sample: int | None,

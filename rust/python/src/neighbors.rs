@@ -7,10 +7,9 @@ use crate::monitor::PyMonitor;
 use layerscope_core::engine::neighbors::{dedup_knn, Duplicates};
 use layerscope_core::measures::cka::rbf as kernel;
 use layerscope_core::measures::hsic::Estimator;
-use layerscope_core::measures::prepared::{table, Prepared};
+use layerscope_core::measures::prepared::{table, Measure, Prepared};
 use layerscope_core::measures::{id, rsa, Layers};
 use layerscope_core::memory::Budget;
-use layerscope_core::monitor::NoMonitor;
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyReadonlyArray2, PyUntypedArrayMethods};
@@ -405,31 +404,27 @@ impl PyPrepared {
     }
 }
 
-/// Peak bytes of :func:`prepare_layer` for `m` rows of width `d` (``k``: the kNN graph's
-/// neighbours; ``normalize``: its unit-norm copy).
-///
-/// :type measure: str
-/// :type m: int
-/// :type d: int
-/// :type k: int
-/// :type normalize: bool
-/// :rtype: int
-#[pyfunction]
-#[pyo3(signature = (measure, m, d, k=10, normalize=false))]
-fn prepare_bytes(measure: &str, m: usize, d: usize, k: usize, normalize: bool) -> PyResult<u128> {
+/// The measure of :func:`prepare_layer` and :func:`prepare_bytes`.
+#[allow(clippy::too_many_arguments)]
+fn measure_of(
+    measure: &str,
+    sigma: f64,
+    unbiased: bool,
+    dissimilarity: &str,
+    compare: &str,
+    k: usize,
+    normalize: bool,
+) -> PyResult<Measure> {
     Ok(match measure {
-        "rbf" => kernel::rbf_hsic_bytes(1, m, d),
-        "rsa" => rsa::rsa_bytes(1, m),
-        "knn" => {
-            let copy = if normalize {
-                m as u128 * d as u128 * 8
-            } else {
-                0
-            };
-            m as u128 * k as u128 * 16
-                + copy
-                + layerscope_core::engine::neighbors::knn_bytes(m, d, k)
-        }
+        "rbf" => Measure::Rbf {
+            sigma,
+            estimator: Estimator::from_unbiased(unbiased),
+        },
+        "rsa" => Measure::Rsa {
+            dissimilarity: rsa::Dissimilarity::parse(dissimilarity).py_err()?,
+            compare: rsa::Compare::parse(compare).py_err()?,
+        },
+        "knn" => Measure::Knn { k, normalize },
         other => {
             return Err(Error::invalid(format!(
                 "measure is \"rbf\", \"rsa\" or \"knn\", got {other:?}"
@@ -437,6 +432,40 @@ fn prepare_bytes(measure: &str, m: usize, d: usize, k: usize, normalize: bool) -
             .py_err()
         }
     })
+}
+
+/// Bytes of :func:`prepare_layer` for `m` rows of width `d`: ``(peak, prepared)`` — its
+/// peak (what it checks against the budget) and the prepared layer's size (what a block
+/// of the pair table holds per layer); see
+/// `layerscope_core::measures::prepared::Measure`.
+///
+/// :type measure: str
+/// :type m: int
+/// :type d: int
+/// :type unbiased: bool
+/// :type k: int
+/// :type normalize: bool
+/// :rtype: tuple[int, int]
+#[pyfunction]
+#[pyo3(signature = (measure, m, d, *, unbiased=false, k=10, normalize=false))]
+fn prepare_bytes(
+    measure: &str,
+    m: usize,
+    d: usize,
+    unbiased: bool,
+    k: usize,
+    normalize: bool,
+) -> PyResult<(u128, u128)> {
+    let me = measure_of(
+        measure,
+        1.0,
+        unbiased,
+        "euclidean",
+        "spearman",
+        k,
+        normalize,
+    )?;
+    Ok((me.peak_bytes(m, d), me.prepared_bytes(m)))
 }
 
 /// One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
@@ -469,38 +498,18 @@ fn prepare_layer(
     normalize: bool,
     max_memory: Option<u64>,
 ) -> PyResult<PyPrepared> {
+    let me = measure_of(
+        measure,
+        sigma,
+        unbiased,
+        dissimilarity,
+        compare,
+        k,
+        normalize,
+    )?;
     let budget = Budget::resolve(max_memory).py_err()?;
     let (s, m, d) = slice2(&x, "x")?;
-    let need = prepare_bytes(measure, m, d, k, normalize)?;
-    budget
-        .check(
-            need,
-            format_args!("the {measure} step of one layer over {m} sampled rows × {d}"),
-            "use a smaller sample (sample=...)",
-        )
-        .py_err()?;
-    let inner = match measure {
-        "rbf" => {
-            let est = Estimator::from_unbiased(unbiased);
-            if m < est.min_rows() {
-                return Err(Error::invalid(format!(
-                    "RBF HSIC needs at least {} rows, got {m}",
-                    est.min_rows()
-                )))
-                .py_err();
-            }
-            let (gram, bandwidth) = detach(py, || kernel::prepare_rbf(s, m, d, sigma, est))?;
-            Prepared::Rbf { gram, bandwidth }
-        }
-        "rsa" => {
-            let dis = rsa::Dissimilarity::parse(dissimilarity).py_err()?;
-            let cmp = rsa::Compare::parse(compare).py_err()?;
-            Prepared::Rsa(detach(py, || rsa::prepare_rsa(s, m, d, dis, cmp))?)
-        }
-        _ => Prepared::Knn(detach(py, || {
-            rsa::prepare_knn(s, m, d, k, normalize, &NoMonitor)
-        })?),
-    };
+    let inner = detach(py, || me.prepare(s, m, d, &budget))?;
     Ok(PyPrepared { inner })
 }
 

@@ -18,14 +18,93 @@
 //!
 //! Read back with every length checked against the bytes present (a malformed buffer is an
 //! error, never a panic or an allocation larger than the buffer).
-use crate::engine::neighbors::Knn;
+use crate::engine::neighbors::{knn_bytes, Knn};
 use crate::error::{Error, Result};
-use crate::measures::cka::rbf::{rbf_table, RbfTable};
+use crate::measures::cka::rbf::{prepare_rbf, rbf_hsic_bytes, rbf_table, RbfTable};
 use crate::measures::hsic::{Estimator, Gram};
-use crate::measures::rsa::{knn_table, rsa_table};
-use crate::memory::try_with_capacity;
+use crate::measures::rsa::{
+    knn_table, prepare_knn, prepare_rsa, rsa_bytes, rsa_table, Compare, Dissimilarity,
+};
+use crate::memory::{try_with_capacity, Budget};
+use crate::monitor::NoMonitor;
 
 const MAGIC: &[u8; 8] = b"LSPREP1\0";
+
+/// What a layer is prepared for, with the options of its measure.
+#[derive(Debug, Clone, Copy)]
+pub enum Measure {
+    /// RBF CKA: bandwidth multiplier and HSIC estimator.
+    Rbf { sigma: f64, estimator: Estimator },
+    /// RSA: the RDM's dissimilarity and how two RDMs are compared.
+    Rsa {
+        dissimilarity: Dissimilarity,
+        compare: Compare,
+    },
+    /// Mutual kNN: neighbours per row, cosine (unit-norm rows) or Euclidean.
+    Knn { k: usize, normalize: bool },
+}
+
+impl Measure {
+    /// Peak bytes of [`Measure::prepare`] on `m` rows of width `d` (what it checks).
+    pub fn peak_bytes(&self, m: usize, d: usize) -> u128 {
+        match *self {
+            Measure::Rbf { .. } => rbf_hsic_bytes(1, m, d),
+            Measure::Rsa { .. } => rsa_bytes(1, m),
+            Measure::Knn { k, normalize } => {
+                let copy = if normalize {
+                    m as u128 * d as u128 * 8
+                } else {
+                    0
+                };
+                m as u128 * k as u128 * 16 + copy + knn_bytes(m, d, k)
+            }
+        }
+    }
+
+    /// Bytes of one prepared layer of `m` rows (what a pair-table block holds per layer).
+    pub fn prepared_bytes(&self, m: usize) -> u128 {
+        let m = m as u128;
+        match *self {
+            Measure::Rbf { estimator, .. } => {
+                m * m * 8
+                    + if estimator == Estimator::Unbiased {
+                        m * 8
+                    } else {
+                        0
+                    }
+            }
+            Measure::Rsa { .. } => m * m.saturating_sub(1) / 2 * 8,
+            Measure::Knn { k, .. } => m * k as u128 * 16,
+        }
+    }
+
+    /// One layer (row-major `m × d`) prepared, checked against `budget` first.
+    pub fn prepare(&self, x: &[f64], m: usize, d: usize, budget: &Budget) -> Result<Prepared> {
+        let what = match self {
+            Measure::Rbf { .. } => "rbf",
+            Measure::Rsa { .. } => "rsa",
+            Measure::Knn { .. } => "knn",
+        };
+        budget.check(
+            self.peak_bytes(m, d),
+            format_args!("the {what} step of one layer over {m} sampled rows × {d}"),
+            "use a smaller sample (sample=...)",
+        )?;
+        Ok(match *self {
+            Measure::Rbf { sigma, estimator } => {
+                let (gram, bandwidth) = prepare_rbf(x, m, d, sigma, estimator)?;
+                Prepared::Rbf { gram, bandwidth }
+            }
+            Measure::Rsa {
+                dissimilarity,
+                compare,
+            } => Prepared::Rsa(prepare_rsa(x, m, d, dissimilarity, compare)?),
+            Measure::Knn { k, normalize } => {
+                Prepared::Knn(prepare_knn(x, m, d, k, normalize, &NoMonitor)?)
+            }
+        })
+    }
+}
 
 /// One layer prepared for a pair measure.
 #[derive(Debug)]

@@ -190,6 +190,12 @@ pub fn prepare_rbf(
     sigma: f64,
     est: Estimator,
 ) -> Result<(Gram, f64)> {
+    if m < est.min_rows() {
+        return Err(Error::invalid(format!(
+            "RBF HSIC needs at least {} rows, got {m}",
+            est.min_rows()
+        )));
+    }
     let (k, bw) = rbf_gram(x, m, d, sigma, &Budget::unchecked())?;
     Ok((Gram::prepare(k, m, est)?, bw))
 }
