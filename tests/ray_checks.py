@@ -4,13 +4,17 @@
 A cluster of a head (no CPUs: it schedules nothing) and two one-CPU worker nodes
 (``ray.cluster_utils.Cluster``), every Ray-backed measure against the local one on the same
 data, the errors a node gives, then the cluster is shut down. Writes ``{case: {...}}`` as
-JSON to ``argv[1]``; a case that raised records ``error`` and its traceback. Usage:
+JSON to ``argv[1]`` after every case (atomically), with ``_running`` naming the case under
+way, so a run stopped from outside still says what finished and where it stood; a case that
+raised records ``error`` and its traceback. A case still running after ``CASE_SECONDS`` has
+the stacks of every thread printed to stderr (and again every ``CASE_SECONDS``). Usage:
 ``python tests/ray_checks.py OUT.json RAY_TEMP_DIR``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import json
 import os
@@ -50,6 +54,17 @@ def _numbers(x: Any) -> list[float]:
     return [float(x)] if isinstance(x, (int, float)) else []
 
 
+#: Seconds a case may run before the stacks of every thread are printed (none takes 30).
+CASE_SECONDS = 90
+
+
+def _save(out: str, results: dict[str, Any]) -> None:
+    tmp = f"{out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, out)
+
+
 def main(out: str, temp_dir: str) -> None:
     import layerscope as ls
     import ray
@@ -66,11 +81,22 @@ def main(out: str, temp_dir: str) -> None:
     n = 6000
 
     def case(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        results["_running"] = name
+        _save(out, results)
+        print(f"ray_checks: case {name} starts", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback_later(CASE_SECONDS, repeat=True, file=sys.stderr)
+        t0 = time.perf_counter()
         try:
             results[name] = fn()
         except BaseException as e:  # noqa: BLE001 - recorded for the test to report
             results[name] = {"error": f"{type(e).__name__}: {e}",
                              "trace": traceback.format_exc()}
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        print(f"ray_checks: case {name} took {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+        del results["_running"]
+        _save(out, results)
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
@@ -370,6 +396,36 @@ def main(out: str, temp_dir: str) -> None:
 
         case("no_node", no_node)
 
+        def no_node_at_merge() -> dict:
+            # every worker node leaves after the range tasks finished, while their merges
+            # run or their results wait on the nodes: fetching the result is watched too
+            _ray.NO_NODE_SECONDS = 3.0
+            wait_all = _ray.wait_all
+
+            def spy(ray_: Any, rs: Any, *a: Any, **kw: Any) -> None:
+                wait_all(ray_, rs, *a, **kw)
+                for node in list(cluster.worker_nodes):
+                    cluster.remove_node(node, allow_graceful=False)
+
+            _ray.wait_all = spy
+            out: dict[str, Any] = {}
+            t0 = time.perf_counter()
+            try:
+                ls.cka(s64, progress=False, backend="ray")
+                out["raised"] = "nothing"
+            except ls.ClusterError as e:
+                out["raised"] = f"ClusterError: {e}"
+            finally:
+                _ray.wait_all = wait_all
+                _ray.NO_NODE_SECONDS = 60.0
+            out["seconds"] = time.perf_counter() - t0
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            return out
+
+        case("no_node_at_merge", no_node_at_merge)
+
         def node_errors() -> dict:
             st = ls.open(s64)
             plan = _native.TilePlan.single([dims[0]], 1, n)
@@ -437,13 +493,17 @@ def main(out: str, temp_dir: str) -> None:
 
         case("interrupt", interrupt)
     finally:
+        results["_running"] = "shutdown"
+        _save(out, results)
+        faulthandler.dump_traceback_later(CASE_SECONDS, repeat=True, file=sys.stderr)
         ray.shutdown()
         cluster.shutdown()
+        faulthandler.cancel_dump_traceback_later()
+        del results["_running"]
         try:
             case("interrupt_own", lambda: interrupt_own(ls, ray, s64))
         finally:
-            with open(out, "w") as f:
-                json.dump(results, f, indent=1, default=str)
+            _save(out, results)
 
 
 def interrupt_own(ls: Any, ray: Any, store: str) -> dict:

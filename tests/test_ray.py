@@ -80,22 +80,38 @@ def checks() -> dict:
 RAY_BUG = "You have likely discovered a bug in Ray"
 
 
+#: Seconds the whole check script may run (it takes about 100).
+CHECKS_SECONDS = 600
+
+
 def _run_checks() -> tuple[dict | None, str]:
     """Run ``ray_checks.py`` on a fresh cluster in its own network namespace: ``(results,
-    "")``, or ``(None, why)`` when it wrote nothing."""
+    "")``, or ``(None, why)`` when it wrote nothing. A run stopped after ``CHECKS_SECONDS``
+    keeps the cases that finished; the one under way records the stacks the script printed."""
     tmp = tempfile.mkdtemp(prefix="lsrt")  # short: Ray's socket paths live under it
     out = os.path.join(tmp, "checks.json")
     cmd = ["unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$0" "$@"',
            sys.executable, str(HERE / "ray_checks.py"), out, os.path.join(tmp, "ray")]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "RAY_ADDRESS": ""})
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=CHECKS_SECONDS,
+                               env={**os.environ, "RAY_ADDRESS": ""})
+            code, stderr, hung = str(p.returncode), p.stderr, False
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr or b""
+            code, hung = "killed", True
+            stderr = err.decode(errors="replace") if isinstance(err, bytes) else err
         left = _kill_leftovers(os.path.join(tmp, "ray"))
         if not os.path.exists(out):
-            return None, (f"the Ray checks wrote nothing (exit {p.returncode}):\n"
-                          f"{p.stderr[-4000:]}")
+            return None, f"the Ray checks wrote nothing (exit {code}):\n{stderr[-4000:]}"
         with open(out) as f:
             res = json.load(f)
+        running = res.pop("_running", None)
+        if hung or running:
+            res[running or "_after_the_cases"] = {
+                "error": f"still running after {CHECKS_SECONDS} s (exit {code})" if hung
+                else f"the script ended (exit {code}) during this case",
+                "trace": stderr[-12000:]}
         res["_leftovers"] = left
         return res, ""
     finally:
@@ -103,6 +119,7 @@ def _run_checks() -> tuple[dict | None, str]:
 
 
 def _ok(res: dict, case: str) -> dict:
+    assert case in res, f"the check {case!r} never ran (an earlier one stopped the script)"
     r = res[case]
     assert "error" not in r, r.get("trace", r)
     return r
@@ -335,4 +352,14 @@ def test_ray_no_node_left_is_an_error_not_a_hang(checks: dict) -> None:
     r = _ok(checks, "no_node")
     assert r["raised"].startswith("ClusterError: no alive Ray node can run this job's tasks"), r
     assert "Add nodes" in r["raised"], r
+    assert r["seconds"] < 60, r
+
+
+def test_ray_no_node_left_while_merging_is_an_error_not_a_hang(checks: dict) -> None:
+    # every worker node leaves after the range tasks finished: the merges' results are
+    # fetched under the same watchdog (a lost result, or none computed, is a ClusterError)
+    r = _ok(checks, "no_node_at_merge")
+    assert r["raised"].startswith("ClusterError: "), r
+    assert ("no alive Ray node can run this job's tasks" in r["raised"]
+            or "could not be recomputed" in r["raised"]), r
     assert r["seconds"] < 60, r

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -133,6 +134,33 @@ def _can_run(ray: Any, cpus: int, memory: int) -> bool:
     return False
 
 
+class _Watchdog:
+    """The no-node watchdog of :func:`wait_all` and :func:`fetch`: ``idle()`` after each
+    look that found nothing finished raises :class:`~layerscope.errors.ClusterError` once no
+    alive node could run a task (``cpus`` CPUs, ``memory`` bytes) for ``NO_NODE_SECONDS``."""
+
+    def __init__(self, ray: Any, cpus: int, memory: int) -> None:
+        self.ray, self.cpus, self.memory = ray, cpus, memory
+        self.lost: float | None = None
+
+    def idle(self, unfinished: str) -> None:
+        ray = self.ray
+        if _can_run(ray, self.cpus, self.memory):
+            self.lost = None
+            return
+        now = time.monotonic()
+        self.lost = now if self.lost is None else self.lost
+        if now - self.lost >= NO_NODE_SECONDS:
+            alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+            raise ClusterError(
+                f"no alive Ray node can run this job's tasks (each needs {self.cpus} CPUs "
+                f"and {self.memory} bytes) for {NO_NODE_SECONDS:g} s: {unfinished}; alive "
+                "nodes: "
+                + (", ".join(f"{int(r.get('CPU', 0))} CPUs / {int(r.get('memory', 0))} "
+                             "bytes" for r in alive) or "none")
+                + ". Add nodes (ray start --address=...) and run it again.")
+
+
 def wait_all(ray: Any, refs: Sequence[Any], progress: Any, label: str, *, cpus: int,
              memory: int) -> None:
     """Block until every task of ``refs`` has finished (or failed), reporting ``(done,
@@ -142,51 +170,61 @@ def wait_all(ray: Any, refs: Sequence[Any], progress: Any, label: str, *, cpus: 
     hangs on a cluster that lost its nodes."""
     pending = list(refs)
     total = len(pending)
-    lost: float | None = None
+    dog = _Watchdog(ray, cpus, memory)
     with Progress(progress, label, unit="task") as prog:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS,
                                      fetch_local=False)
             if done:
-                lost = None
+                dog.lost = None
                 if prog.cb is not None:
                     prog.cb(total - len(pending), total)
                 continue
-            if _can_run(ray, cpus, memory):
-                lost = None
-                continue
-            now = time.monotonic()
-            lost = now if lost is None else lost
-            if now - lost >= NO_NODE_SECONDS:
-                alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-                raise ClusterError(
-                    f"no alive Ray node can run this job's tasks (each needs {cpus} CPUs and "
-                    f"{memory} bytes) for {NO_NODE_SECONDS:g} s: {len(pending)} of {total} "
-                    f"tasks unfinished; alive nodes: "
-                    + (", ".join(f"{int(r.get('CPU', 0))} CPUs / {int(r.get('memory', 0))} "
-                                 "bytes" for r in alive) or "none")
-                    + ". Add nodes (ray start --address=...) and run it again.")
+            dog.idle(f"{len(pending)} of {total} tasks unfinished")
 
 
-def fetch(ray: Any, ref: Any) -> Any:
-    """``ray.get`` of one task's result: a task's own error (a layerscope error: non-finite
-    values, a store missing on a node, a budget) raised as itself, also when it reached this
-    task through an input; a result lost more than ``MAX_RETRIES`` times (its worker or node
-    died) as :class:`~layerscope.errors.ClusterError`."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as e:
-        cause: BaseException = e
-        while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(
-                getattr(cause, "cause", None), BaseException):
-            cause = cause.cause
-        if not isinstance(cause, ray.exceptions.RayError):
-            raise cause from None
-        first = next((line for line in _plain(str(cause)).splitlines() if line.strip()), "")
-        raise ClusterError(
-            f"a Ray task's result was lost and could not be recomputed within "
-            f"{MAX_RETRIES} retries ({type(cause).__name__}: {first}): its worker or node "
-            "died; run it again on a healthy cluster") from None
+def fetch(ray: Any, ref: Any, *, cpus: int, memory: int) -> Any:
+    """``ray.get`` of one task's result, under the watchdog of :func:`wait_all` (a result
+    whose node died is recomputed from its lineage, which needs a node that can run its
+    tasks: ``cpus`` CPUs, ``memory`` bytes). The get runs whole in a helper thread while this
+    one watches: a ``ray.get`` that times out drops a transfer under way (Ray aborts the
+    partly received object), so it is never timed out; when the watchdog gives up, the
+    helper is left blocked (a daemon thread; it ends with the Ray session). A task's own
+    error (a layerscope error: non-finite values, a store missing on a node, a budget) is
+    raised as itself, also when it reached this task through an input; a result lost more
+    than ``MAX_RETRIES`` times (its worker or node died) as
+    :class:`~layerscope.errors.ClusterError`."""
+    box: dict[str, Any] = {}
+
+    def get() -> None:
+        try:
+            box["value"] = ray.get(ref)
+        except BaseException as e:  # noqa: BLE001 - handed to the watching thread
+            box["error"] = e
+
+    helper = threading.Thread(target=get, name="layerscope-ray-get", daemon=True)
+    helper.start()
+    dog = _Watchdog(ray, cpus, memory)
+    while True:
+        helper.join(POLL_SECONDS)
+        if not helper.is_alive():
+            break
+        dog.idle("a result not yet computed")
+    if "error" not in box:
+        return box["value"]
+    cause: BaseException = box["error"]
+    if not isinstance(cause, ray.exceptions.RayError):
+        raise cause
+    while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(
+            getattr(cause, "cause", None), BaseException):
+        cause = cause.cause
+    if not isinstance(cause, ray.exceptions.RayError):
+        raise cause from None
+    first = next((line for line in _plain(str(cause)).splitlines() if line.strip()), "")
+    raise ClusterError(
+        f"a Ray task's result was lost and could not be recomputed within {MAX_RETRIES} "
+        f"retries ({type(cause).__name__}: {first}): its worker or node died; run it again "
+        "on a healthy cluster") from None
 
 
 def _plain(text: str) -> str:
@@ -381,9 +419,10 @@ class Run:
     def get(self, refs: list[Any]) -> bytes:
         """A tile's merged bytes (the root's two halves merged here, GIL released); errors
         as :func:`fetch` raises them."""
-        out = fetch(self.ray, refs[0])
+        need = {"cpus": self.cl.cpus_per_task, "memory": self.memory}
+        out = fetch(self.ray, refs[0], **need)
         for ref in refs[1:]:
-            out = _native.merge_partials(out, fetch(self.ray, ref))
+            out = _native.merge_partials(out, fetch(self.ray, ref, **need))
         return bytes(out)
 
     def meta(self) -> dict[str, Any]:

@@ -158,8 +158,9 @@ def minibatch(parts: list[tuple[Source, list[str]]], names: list[str], num_a: in
                "max_memory": max_memory}
     fn = _remote(ray, "minibatch").options(**task_options(cl, mem))
     refs = [fn.remote(specs, names, options, sref, a, b) for a, b in ranges]
-    wait_all(ray, refs, progress, "minibatch cka (ray)", cpus=cl.cpus_per_task, memory=mem)
-    got = [fetch(ray, r) for r in refs]
+    need = {"cpus": cl.cpus_per_task, "memory": mem}
+    wait_all(ray, refs, progress, "minibatch cka (ray)", **need)
+    got = [fetch(ray, r, **need) for r in refs]
     out = merge_minibatch(ranges, got, names, num_a)
     if check_finite:
         bad = [(x, v) for x, v in zip(names, out["nonfinite"]) if v is not None]
@@ -233,14 +234,14 @@ def pair_table(measure: str, a: Source, b: Source | None, la: Sequence[str],
                            tab.options(**task_options(cl, mem)).remote(len(rows), within,
                                                                         *args)))
     every = [r for ps in preps for r in ps] + [blk[3] for blk in blocks]
-    wait_all(ray, every, progress, measure.replace("knn", "mutual knn") + " (ray)",
-             cpus=cl.cpus_per_task, memory=max(big, *_block_bytes(blocks, size)))
+    need = {"cpus": cl.cpus_per_task, "memory": max(big, *_block_bytes(blocks, size))}
+    wait_all(ray, every, progress, measure.replace("knn", "mutual knn") + " (ray)", **need)
     ncols = len(sides[-1][1])
     values = np.full((len(sides[0][1]), ncols), np.nan)
     bw_a = np.full(len(sides[0][1]), np.nan)
     bw_b = np.full(ncols, np.nan)
     for rows, cols, within, ref in blocks:
-        r = fetch(ray, ref)
+        r = fetch(ray, ref, **need)
         v = r["values"]
         values[rows.start:rows.stop, cols.start:cols.stop] = v
         if len(sides) == 1 and not within:
@@ -289,11 +290,11 @@ def intrinsic_dimensions(src: Source, names: Sequence[str], options: dict[str, A
         need = m * src.dims[x] * 8 * 3
         mems.append(min(need, cl.memory or need))
         refs.append(fn.options(**task_options(cl, mems[-1])).remote(part, x, options))
-    wait_all(ray, refs, progress, "intrinsic dimension (ray)", cpus=cl.cpus_per_task,
-             memory=max(mems, default=0))
+    need = {"cpus": cl.cpus_per_task, "memory": max(mems, default=0)}
+    wait_all(ray, refs, progress, "intrinsic dimension (ray)", **need)
     out: dict[str, list[Any]] = {}
     for ref in refs:
-        res, caught = fetch(ray, ref)
+        res, caught = fetch(ray, ref, **need)
         for msg, cat in caught:
             warnings.warn(msg, cat, stacklevel=4)
         for method, r in res.items():
