@@ -462,7 +462,7 @@ def stop(ray: Any) -> None:
     """After Ctrl-C: shut down a session that :func:`connect` started (its workers stop
     with it; the next call starts a new one); a session of the user's is left running."""
     if ray.is_initialized() and _OWNED["job"] is not None and _job(ray) == _OWNED["job"]:
-        ray.shutdown()
+        ray.shutdown(wait_for_processes=True)  # gone before a next call starts a session
         _OWNED["job"] = None
     else:
         warnings.warn("interrupted: the Ray tasks already submitted run to the end of their "
