@@ -272,6 +272,27 @@ def test_exception_inside_block_leaves_valid_store(minilm, texts, tmp_path):
     assert cap.store.num_rows == n
     reopened = layerscope.open(tmp_path / "s")
     assert reopened.num_rows == n and len(reopened.layers) == 6
+    # left through an exception: the rows are kept, the store says it is not the whole
+    # capture (docs/FORMAT.md)
+    assert not reopened.complete
+
+
+def test_ctrl_c_inside_block_marks_the_store_incomplete(minilm, texts, tmp_path):
+    model, tok = minilm
+    batches = _batches(tok, texts)
+    for trial in range(3):
+        out = tmp_path / f"s{trial}"
+        with pytest.raises(KeyboardInterrupt), torch.inference_mode(), \
+                capture(model, layers="encoder.layer.*", out=out) as cap:
+            model(**batches[0])
+            raise KeyboardInterrupt
+        st = layerscope.open(out)
+        assert st.num_rows == int(batches[0]["attention_mask"].sum()) == cap.store.num_rows
+        assert not st.complete
+    with torch.inference_mode(), capture(model, layers="encoder.layer.*",
+                                         out=tmp_path / "ok") as cap:
+        model(**batches[0])
+    assert layerscope.open(tmp_path / "ok").complete
 
 
 def test_exception_inside_forward_drops_only_the_partial_batch(minilm, texts, tmp_path):
@@ -662,6 +683,21 @@ def test_cli_capture(tmp_path, capsys):
     )
     io = capsys.readouterr()
     assert rc == 2 and "closest names" in io.err and "'encoder.layer" in io.err
+    # small shards by default (a full disk or a kill loses one small shard), or as asked
+    from layerscope.cli import build_parser
+
+    base = ["capture", "--model", "m", "--texts", "t", "--layers", "a", "--out", "o"]
+    assert build_parser().parse_args(base).shard_mb == 16
+    (tmp_path / "long.txt").write_text("\n".join(["many words " * 40] * 4), encoding="utf-8")
+    rc = main(["capture", "--model", minilm_path(), "--texts", str(tmp_path / "long.txt"),
+               "--layers", "encoder.layer.*", "--out", str(tmp_path / "u"), "--max-length",
+               "64", "--dtype", "float32", "--shard-mb", "1"])
+    assert rc == 0
+    st = layerscope.open(tmp_path / "u")
+    shards = [f for f in os.listdir(tmp_path / "u") if f.endswith(".safetensors")]
+    row = 6 * 384 * 4 + 8  # bytes per row: six f32 layers and the row id
+    assert st.num_rows == 4 * 64 and st.complete
+    assert len(shards) == -(-st.num_rows // ((1 << 20) // row))  # shards of at most 1 MiB
 
 
 def test_where_input_kv_projection_inputs(minilm, texts, tmp_path):

@@ -277,6 +277,7 @@ def test_writer_mismatch_and_exists(tmp_path: Path) -> None:
     assert s.layers == ["c"] and s.num_rows == 3
     assert (p / "notes.txt").read_text() == "mine"  # unrelated files are never deleted
     assert sorted(f.name for f in p.iterdir()) == [
+        ".layerscope.lock",  # the writers' lock (not part of the store; FORMAT.md)
         "layerscope.json",
         "notes.txt",
         "shard-00000.safetensors",
@@ -365,7 +366,8 @@ def test_kill_9_mid_write_leaves_valid_store(tmp_path: Path) -> None:
         extra = {f.name for f in p.iterdir()} - listed
         assert all(e.startswith(".") or e.startswith("shard-") for e in extra), extra
         ls.write_store(p, {"b": np.ones((3, 2))}, overwrite=True)
-        assert sorted(f.name for f in p.iterdir()) == ["layerscope.json", "shard-00000.safetensors"]
+        assert sorted(f.name for f in p.iterdir()) == [
+            ".layerscope.lock", "layerscope.json", "shard-00000.safetensors"]
 
 
 def test_ctrl_c_interrupts_long_append(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from layerscope.errors import (
     LayerscopeError,
     MismatchError,
     StoreExistsError,
+    StoreLockedError,
     StoreNotFoundError,
 )
 
@@ -273,3 +274,89 @@ def test_all_errors_are_layerscope_errors(tmp_path: Path) -> None:
     (p / SHARD).write_bytes(b"\x00" * 3)
     with pytest.raises(LayerscopeError):
         ls.open(p)
+
+
+def _fails_fast(fn: Any, cls: type, *words: str) -> None:
+    """``fn()`` raises ``cls`` naming ``words`` within 10 s (run in a thread: a regression
+    that blocks on a FIFO fails the test instead of hanging the suite)."""
+    import threading
+
+    box: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - checked below
+            box["e"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "blocked on a named pipe"
+    e = box.get("e")
+    assert isinstance(e, cls), repr(e)
+    for w in words:
+        assert w in str(e), str(e)
+
+
+def test_named_pipes_devices_and_outside_links_are_refused(tmp_path: Path) -> None:
+    p = _store(tmp_path)
+    m = p / "layerscope.json"
+    saved = m.read_bytes()
+    m.unlink()
+    os.mkfifo(m)
+    for fn in (lambda: ls.open(p), lambda: ls.open(p, verify=True)):
+        _fails_fast(fn, FormatError, "layerscope.json", "named pipe")
+    m.unlink()
+    os.symlink("/dev/zero", m)  # never read without bound
+    _fails_fast(lambda: ls.open(p), FormatError, "outside the store folder")
+    m.unlink()
+    (tmp_path / "elsewhere.json").write_bytes(saved)
+    os.symlink(tmp_path / "elsewhere.json", m)  # confined like the shards
+    _fails_fast(lambda: ls.open(p), FormatError, "outside the store folder")
+    m.unlink()
+    m.write_bytes(saved)
+    (p / SHARD).unlink()
+    os.mkfifo(p / SHARD)
+    _fails_fast(lambda: ls.open(p), FormatError, SHARD, "named pipe")
+    # other tools' dumps and saved results, too
+    fifo = tmp_path / "dump.npy"
+    os.mkfifo(fifo)
+    _fails_fast(lambda: ls.convert(fifo, tmp_path / "c"), FormatError, "named pipe")
+    _fails_fast(lambda: ls.convert(fifo, tmp_path / "c", format="npy"), FormatError,
+                "named pipe")
+    fifo = tmp_path / "result.json"
+    os.mkfifo(fifo)
+    _fails_fast(lambda: ls.load_result(fifo), FormatError, "named pipe")
+
+
+def test_one_writer_per_store(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    x = np.ones((4, 3), np.float32)
+    w = ls.StoreWriter(p)
+    w.append({"a": x})
+    for overwrite in (False, True):
+        with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}") as ei:
+            ls.write_store(p, {"a": x}, overwrite=overwrite)
+        assert isinstance(ei.value, ls.LockedError) and "one writer at a time" in str(ei.value)
+    assert w.close().num_rows == 4  # the first writer's files were left alone
+    # a writer in another process holds the lock until that process ends (kill -9 too)
+    import subprocess
+    import sys
+
+    code = ("import layerscope as ls, numpy as np, sys, time\n"
+            "w = ls.StoreWriter(sys.argv[1], overwrite=True)\n"
+            "w.append({'a': np.ones((2, 3), np.float32)})\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(p)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreLockedError, match=f"pid {child.pid}"):
+            ls.write_store(p, {"a": x}, overwrite=True)
+    finally:
+        child.kill()
+        child.wait()
+    ls.write_store(p, {"a": x}, overwrite=True)  # released by the OS
+    assert ls.open(p).num_rows == 4
+    assert not [f for f in os.listdir(p) if f.endswith(".tmp")]

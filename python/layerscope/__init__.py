@@ -31,6 +31,7 @@ from .errors import (
     NonFiniteError,
     StoreExistsError,
     StoreIOError,
+    StoreLockedError,
     StoreNotFoundError,
 )
 from .measures import (
@@ -60,4 +61,5 @@ __all__ = [
     "Capture", "convert", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
     "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "IDResult", "report",
     "memory_budget", "plan", "Plan", "MemoryBudget", "batch", "BatchResult", "LockedError",
+    "StoreLockedError",
 ]

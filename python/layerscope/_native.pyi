@@ -200,8 +200,9 @@ class NativeWriter:
     def append(self, layers: Sequence[tuple[str, npt.NDArray[Any], str]], row_ids: npt.NDArray[np.int64] | None = None, columns: Sequence[tuple[str, npt.NDArray[np.int64]]] = ...) -> None:
         """Appends a batch. `layers`: list of (name, 2-D C-contiguous array, kind) where kind is
         "float32"/"float64" (array of that dtype) or "float16"/"bfloat16" (uint16 bit patterns)."""
-    def finish(self) -> None:
-        """Writes the remaining rows and marks the store complete. Idempotent."""
+    def finish(self, complete: bool = True) -> None:
+        """Writes the remaining rows and marks the store complete (``complete=False``: the rows
+        are kept, the store says it is not all that was meant to be written). Idempotent."""
 
 class PairStats:
     """What linear CKA needs of every layer pair (`‖C_ij‖²`, `Σ r̄_i r̄_j`, `tr C_ii`, `n`),

@@ -69,8 +69,15 @@ class LockedError(LayerscopeError, RuntimeError):
     ``layerscope batch``); the message names the holder (pid, host, start time, command)."""
 
 
+class StoreLockedError(LockedError):
+    """Another writer (``write_store``, a capture, ``convert``) is writing this store: one
+    writer per store, held by an advisory lock (``flock``) on ``.layerscope.lock`` in the
+    folder, released by the OS when its process ends. The message names the holder (pid,
+    host, start time)."""
+
+
 __all__ = [
-    "LockedError", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
+    "LockedError", "StoreLockedError", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "NonFiniteError", "InvalidArgumentError",
     "MemoryBudgetError", "StoreIOError", "CaptureError", "Interrupted", "MissingDependencyError",
 ]

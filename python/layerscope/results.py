@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._files import open_regular
 from ._text import Table, matrix_table
 
 _REGISTRY: dict[str, type[Result]] = {}
@@ -206,8 +207,8 @@ class MatrixResult(Result):
 
 def load_result(path: str | os.PathLike[str]) -> Result:
     """Load a result saved with ``.save(path)`` (JSON), restoring its class."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    with open_regular(path, "the saved result") as f:
+        data = json.loads(f.read().decode("utf-8"))
     return result_from_dict(data)
 
 

@@ -306,10 +306,12 @@ class StoreWriter:
         cols = [(str(n), _int64_1d(f"column {n!r}", v, rows)) for n, v in (columns or {}).items()]
         self._native.append(layers, ids, cols)
 
-    def close(self) -> ActivationStore:
-        """Write the remaining rows, mark the store complete and open it."""
+    def close(self, *, complete: bool = True) -> ActivationStore:
+        """Write the remaining rows, mark the store complete (``complete=False``: keep the
+        rows but mark the store incomplete — what a capture stopped by an exception or
+        Ctrl-C does) and open it."""
         if self.store is None:
-            self._native.finish()
+            self._native.finish(bool(complete))
             self.store = open_store(self.path)
         return self.store
 

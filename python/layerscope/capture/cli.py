@@ -11,6 +11,10 @@ from .hf import BUNDLED, BUNDLED_NAME
 from .hooks import DTYPES, refuse_existing
 from .pooling import POOLS_SEQ
 
+#: The capture command's shard size (MiB): small, so that a full disk or a kill loses at most
+#: one small shard of rows (the Python API's default is 256 MiB: fewer, larger files).
+CLI_SHARD_MB = 16
+
 
 def _cli_capture(args: argparse.Namespace) -> int:
     from .hf import capture_texts, load_local, model_folder
@@ -33,7 +37,7 @@ def _cli_capture(args: argparse.Namespace) -> int:
     st = capture_texts(
         model, tok, texts, args.out, layers=args.layers, pool=args.pool, dtype=args.dtype,
         batch_size=args.batch_size, max_length=args.max_length, max_rows=args.max_rows,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, shard_bytes=int(args.shard_mb) << 20,
         metadata={"model": BUNDLED_NAME if args.model == BUNDLED else args.model,
                   "texts": args.texts or f"stdlib_corpus({args.stdlib_corpus})",
                   "max_length": args.max_length, "batch_size": int(args.batch_size)})
@@ -79,4 +83,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--max-rows", type=cli_type(Int(1)), default=None,
                    help="stop after this many rows (default: all texts)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--shard-mb", type=cli_type(Int(1)), default=CLI_SHARD_MB, metavar="MB",
+                   help=f"shard size in MiB (default {CLI_SHARD_MB}: a full disk or a kill "
+                   "loses at most the rows of one shard)")
     p.set_defaults(func=_cli_capture)

@@ -68,11 +68,12 @@ def capture_texts(
     layers: Any, pool: str = "tokens", dtype: str = "float16", batch_size: int = 32,
     max_length: int = 128, max_rows: int | None = None,
     metadata: dict[str, Any] | None = None, overwrite: bool = False, progress: Any = True,
-    desc: str = "capture",
+    desc: str = "capture", shard_bytes: int | None = None,
 ) -> Any:
     """Capture ``layers`` of ``model`` over ``texts`` (batches of ``batch_size``, padded and
-    truncated to ``max_length`` tokens) into the store at ``out``; stops at ``max_rows``
-    rows. Returns the store (None when nothing was captured)."""
+    truncated to ``max_length`` tokens) into the store at ``out`` (shards of ``shard_bytes``;
+    None: the capture's default); stops at ``max_rows`` rows. Returns the store (None when
+    nothing was captured)."""
     import torch
 
     from . import capture
@@ -85,7 +86,7 @@ def capture_texts(
     with (
         torch.inference_mode(),
         capture(model, layers=layers, out=out, pool=pool, dtype=dtype, max_rows=max_rows,
-                metadata=metadata, overwrite=overwrite) as cap,
+                metadata=metadata, overwrite=overwrite, shard_bytes=shard_bytes) as cap,
         Progress(progress, desc, unit="text") as prog,
     ):
         for i in range(0, len(texts), bs):

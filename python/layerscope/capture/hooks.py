@@ -252,7 +252,9 @@ class Capture:
                 exc_pending = None
         else:
             exc_pending = None
-        self._out.finish()
+        # left through an exception (Ctrl-C included): the rows are kept, the store says it
+        # is not the whole capture (docs/FORMAT.md: "complete")
+        self._out.finish(complete=exc is None)
         self.store = self._out.store
         if exc is not None and _is_dynamo_unsupported(exc):
             raise CaptureError(

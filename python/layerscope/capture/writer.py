@@ -82,14 +82,16 @@ class BatchWriter:
                 raise CaptureError(f"the store writer failed: {err}") from err
             raise CaptureError(f"the store writer failed: {err!r}") from err
 
-    def finish(self) -> None:
+    def finish(self, *, complete: bool = True) -> None:
+        """Write what is queued and close the store: complete, or (the capture left through
+        an exception or Ctrl-C) with every finished batch kept but marked incomplete."""
         if self.thread is not None:
             self.queue.put(_SENTINEL)
             self.thread.join()
             self.thread = None
         if self.writer is not None:
             try:
-                self.store = self.writer.close()
+                self.store = self.writer.close(complete=complete)
             except BaseException as e:  # noqa: BLE001
                 if self.error is None:
                     self.error = e

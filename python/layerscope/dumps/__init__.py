@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._defaults import STORE_DTYPES, dtype_name
+from .._files import check_regular
 from .._layers import match_layers
 from .._progress import Progress, stage
 from .._tensor import Bits
@@ -78,6 +79,9 @@ def convert(
     out = Path(out)
     _check_out(out, overwrite)
     keys = Keys(mask, row_ids)
+    for p in paths:  # a named pipe, socket or device is refused before any reader opens it
+        if not p.is_dir():
+            check_regular(p, "the dump")
     found = sorted({formats.detect(p) for p in paths}) if format == "auto" else [format]
     if len(found) > 1:
         raise FormatError("the sources mix formats (" + ", ".join(found) + "); convert "

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._files import check_regular, open_regular, read_regular
 from .._optional import require
 from ..errors import FormatError, MismatchError
 
@@ -121,16 +122,19 @@ def is_datasets_folder(p: Path) -> bool:
 
 
 def detect(path: Path) -> str:
-    """The format of ``path`` from its name, else its first bytes."""
+    """The format of ``path`` from its name, else its first bytes. Only a folder or a regular
+    file: a named pipe, socket or device is refused before any reader opens it."""
     if is_datasets_folder(path):
         return "arrow"
+    if not path.is_dir():
+        check_regular(path, "the dump")
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt:
         return fmt
     if path.suffix.lower() in (".pkl", ".pickle"):
         raise FormatError(f"{path}: pickle files are not read (unpickling runs code); "
                           f"accepted formats: {', '.join(FORMATS)}")
-    with open(path, "rb") as f:
+    with open_regular(path, "the dump") as f:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04") and _is_torch_zip(path):
         return "torch"
@@ -227,7 +231,7 @@ def safetensors_header(path: Path) -> dict[str, _STTensor]:
     """The tensors of a safetensors file (name → dtype, shape, absolute offset), checked
     against the file size; the header is JSON, never code."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, "the safetensors file") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise FormatError(f"{path}: too short for a safetensors file")
@@ -336,7 +340,7 @@ def npy_header(path: Path) -> _NpyInfo:
     """An ``.npy`` header read by numpy's parser (a literal, never evaluated as code);
     object dtypes and Fortran order refused."""
     fmt = np.lib.format
-    with open(path, "rb") as f:
+    with open_regular(path, "the .npy file") as f:
         try:
             version = fmt.read_magic(f)
             if version == (1, 0):
@@ -386,7 +390,7 @@ def read_npz(paths: list[Path], keys: Keys) -> Iterator[Part]:
     for path in paths:
         where = str(path)
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with open_regular(path, "the .npz file") as f, np.load(f, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except ValueError as e:  # object arrays need pickle: refused
             raise FormatError(f"{path}: {e}") from None
@@ -439,7 +443,8 @@ def arrow_files(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = json.loads(read_regular(path / "state.json", "state.json", 1 << 24)
+                           .decode("utf-8"))
         names = [d["filename"] for d in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError):
         names = []

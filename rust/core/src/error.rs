@@ -20,6 +20,9 @@ pub enum Error {
     /// Refusing to overwrite something that exists.
     #[error("{path}: {msg}")]
     Exists { path: PathBuf, msg: String },
+    /// Another writer holds the store's lock (its holder named in the message).
+    #[error("{path}: {msg}")]
+    Locked { path: PathBuf, msg: String },
     /// NaN or ±Inf in data where a finite number is required.
     #[error("{0}")]
     NonFinite(String),

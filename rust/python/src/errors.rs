@@ -14,6 +14,7 @@ import_exception!(layerscope.errors, MismatchError);
 import_exception!(layerscope.errors, MissingLayerError);
 import_exception!(layerscope.errors, StoreNotFoundError);
 import_exception!(layerscope.errors, StoreExistsError);
+import_exception!(layerscope.errors, StoreLockedError);
 import_exception!(layerscope.errors, NonFiniteError);
 import_exception!(layerscope.errors, InvalidArgumentError);
 import_exception!(layerscope.errors, MemoryBudgetError);
@@ -29,6 +30,7 @@ pub fn to_py(err: Error) -> PyErr {
         Error::MissingLayer(_) => MissingLayerError::new_err(msg),
         Error::NotFound { .. } => StoreNotFoundError::new_err(msg),
         Error::Exists { .. } => StoreExistsError::new_err(msg),
+        Error::Locked { .. } => StoreLockedError::new_err(msg),
         Error::NonFinite(_) => NonFiniteError::new_err(msg),
         Error::InvalidArgument(_) => InvalidArgumentError::new_err(msg),
         Error::Memory(_) => MemoryBudgetError::new_err(msg),

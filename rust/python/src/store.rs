@@ -713,12 +713,15 @@ impl NativeWriter {
         self.inner.is_none()
     }
 
-    /// Writes the remaining rows and marks the store complete. Idempotent.
+    /// Writes the remaining rows and marks the store complete (``complete=False``: the rows
+    /// are kept, the store says it is not all that was meant to be written). Idempotent.
     ///
+    /// :type complete: bool
     /// :rtype: None
-    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+    #[pyo3(signature = (complete=true))]
+    fn finish(&mut self, py: Python<'_>, complete: bool) -> PyResult<()> {
         match self.inner.take() {
-            Some(w) => detach(py, || w.finish()),
+            Some(w) => detach(py, || w.finish_as(complete)),
             None => Ok(()),
         }
     }

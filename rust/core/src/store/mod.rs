@@ -12,6 +12,7 @@
 //! * [`StoreWriter`]: appends batches, rotates shards by size, commits each shard and the
 //!   manifest atomically, so an interrupted writer leaves a valid store of finished shards.
 mod dtype;
+pub mod files;
 mod manifest;
 mod reader;
 mod shard;
@@ -26,7 +27,7 @@ pub use manifest::{
 pub use reader::{OpenOptions, Store};
 pub use shard::{parse_header, MAX_HEADER_BYTES};
 pub use stream::{ReadAs, RowRange, RowSource, Rows, StoreRows};
-pub use writer::{ArrayData, StoreWriter, WriterOptions};
+pub use writer::{ArrayData, StoreWriter, WriterOptions, LOCK_NAME};
 
 #[cfg(test)]
 mod tests;

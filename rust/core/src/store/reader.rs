@@ -1,5 +1,6 @@
 //! The validated, memory-mapped store reader.
 use super::dtype::{DType, Element};
+use super::files;
 use super::manifest::{LayerInfo, Manifest, ShardInfo, MANIFEST_NAME, MAX_MANIFEST_BYTES, ROW_ID};
 use super::shard::{parse_header, TensorDType, TensorEntry};
 use crate::error::{Error, Result};
@@ -9,7 +10,6 @@ use rayon::prelude::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -89,25 +89,20 @@ impl Store {
                 "a store is a folder (with layerscope.json); this is a file",
             ));
         }
+        let root = path.canonicalize().map_err(|e| Error::io(path, e))?;
         let mpath = path.join(MANIFEST_NAME);
-        let mfile = File::open(&mpath).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::NotFound {
+        if std::fs::symlink_metadata(&mpath).is_err() {
+            return Err(Error::NotFound {
                 path: mpath.clone(),
                 msg: "no manifest: not a layerscope store (or the writer never finished a shard)"
                     .into(),
-            },
-            _ => Error::io(&mpath, e),
-        })?;
-        let mlen = mfile.metadata().map_err(|e| Error::io(&mpath, e))?.len();
-        if mlen > MAX_MANIFEST_BYTES {
-            return Err(Error::format(
-                &mpath,
-                format!("manifest of {mlen} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit"),
-            ));
+            });
         }
-        let mbytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        // A link, like a shard's, only to a file of the store; only a regular file, read
+        // within the manifest's size limit (never a FIFO that blocks or /dev/zero).
+        let real = files::confined(&root, &mpath, "the manifest")?;
+        let mbytes = files::read_regular(&real, "the manifest", MAX_MANIFEST_BYTES)?;
         let manifest = Manifest::parse(&mbytes, &mpath)?;
-        let root = path.canonicalize().map_err(|e| Error::io(path, e))?;
         let shards = manifest
             .shards
             .par_iter()
@@ -513,27 +508,8 @@ fn internal(path: &Path) -> Error {
 /// Opens, maps and validates one shard against the manifest.
 fn open_shard(root: &Path, info: &ShardInfo, m: &Manifest) -> Result<Shard> {
     let path = root.join(&info.file);
-    let real = path.canonicalize().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound {
-            path: path.clone(),
-            msg: "shard listed in the manifest is missing".into(),
-        },
-        _ => Error::io(&path, e),
-    })?;
-    if real.parent() != Some(root) {
-        return Err(Error::format(
-            &path,
-            format!(
-                "shard resolves to {} which is outside the store folder",
-                real.display()
-            ),
-        ));
-    }
-    let file = File::open(&real).map_err(|e| Error::io(&path, e))?;
-    let md = file.metadata().map_err(|e| Error::io(&path, e))?;
-    if !md.is_file() {
-        return Err(Error::format(&path, "shard is not a regular file"));
-    }
+    let real = files::confined(root, &path, "shard listed in the manifest")?;
+    let (file, md) = files::open_regular(&real, "the shard")?;
     let size = md.len();
     if size < 8 {
         return Err(Error::format(

@@ -628,3 +628,83 @@ fn the_block_reader_streams_subsets_and_stops_on_errors() {
     assert!(collect_blocks::<f32>(&s, &[0], 0).is_err());
     assert!(collect_blocks::<f32>(&s, &[9], 3).is_err());
 }
+
+#[test]
+fn one_writer_per_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    let w = StoreWriter::create(&p, WriterOptions::default()).unwrap();
+    // a second writer, with or without overwrite, is refused and removes nothing
+    for overwrite in [false, true] {
+        let opts = WriterOptions {
+            overwrite,
+            ..WriterOptions::default()
+        };
+        let e = StoreWriter::create(&p, opts).err().unwrap();
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("one writer at a time"), "{msg}");
+    }
+    assert!(p.join(MANIFEST_NAME).exists());
+    w.finish().unwrap();
+    // released when the writer is done; the lock's file is not part of the store
+    let opts = WriterOptions {
+        overwrite: true,
+        ..WriterOptions::default()
+    };
+    StoreWriter::create(&p, opts).unwrap().finish().unwrap();
+    assert_eq!(Store::open(&p).unwrap().num_rows(), 0);
+    // a folder holding only a lock file (a writer that died before its first shard) is empty
+    let q = dir.path().join("q");
+    drop(StoreWriter::create(&q, WriterOptions::default()).unwrap());
+    std::fs::remove_file(q.join(MANIFEST_NAME)).unwrap();
+    StoreWriter::create(&q, WriterOptions::default()).unwrap();
+    // a non-empty folder is refused before a lock file is put in it
+    let r = dir.path().join("r");
+    std::fs::create_dir(&r).unwrap();
+    std::fs::write(r.join("notes.txt"), "x").unwrap();
+    assert!(matches!(
+        StoreWriter::create(&r, WriterOptions::default()),
+        Err(Error::Exists { .. })
+    ));
+    assert!(!r.join(LOCK_NAME).exists());
+}
+
+#[test]
+fn manifests_and_shards_must_be_regular_files_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, sh, m) = small(dir.path());
+    // the manifest a FIFO: refused at once (an open would block until a writer came)
+    let saved = std::fs::read(&m).unwrap();
+    std::fs::remove_file(&m).unwrap();
+    let c = std::ffi::CString::new(m.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = Store::open(&p).err().unwrap().to_string();
+    assert!(e.contains("named pipe"), "{e}");
+    // a link to /dev/zero, or to a file outside the store
+    std::fs::remove_file(&m).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &m).unwrap();
+    let e = Store::open(&p).err().unwrap().to_string();
+    assert!(e.contains("outside the store folder"), "{e}");
+    std::fs::remove_file(&m).unwrap();
+    let outside = dir.path().join("elsewhere.json");
+    std::fs::write(&outside, &saved).unwrap();
+    std::os::unix::fs::symlink(&outside, &m).unwrap();
+    let e = Store::open(&p).err().unwrap().to_string();
+    assert!(e.contains("outside the store folder"), "{e}");
+    // a link to a file of the store is fine
+    std::fs::remove_file(&m).unwrap();
+    std::fs::write(p.join("real.json"), &saved).unwrap();
+    std::os::unix::fs::symlink("real.json", &m).unwrap();
+    Store::open(&p).unwrap();
+    // a shard that is a FIFO
+    std::fs::remove_file(&sh).unwrap();
+    let c = std::ffi::CString::new(sh.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = Store::open(&p).err().unwrap().to_string();
+    assert!(e.contains("the shard is a named pipe"), "{e}");
+}

@@ -70,6 +70,106 @@ pub struct StoreWriter {
     rows_appended: u64,
     /// Set when an append failed part-way: the buffers no longer match `rows_appended`.
     poisoned: bool,
+    /// The store's writer lock, held while this writer lives (closing it releases it).
+    _lock: File,
+}
+
+/// The writer lock's file in a store folder (not part of the store; docs/FORMAT.md): an
+/// advisory `flock` that every writer holds, so that a store has one writer at a time. The
+/// kernel releases it when its holder exits, however it exits, so it is never stale; the
+/// file keeps who took it last, which is what a refused writer is told.
+pub const LOCK_NAME: &str = ".layerscope.lock";
+
+/// Take the writer lock of the folder `dir` (see [`LOCK_NAME`]) or fail with
+/// [`Error::Locked`] naming its holder; records this process as the holder.
+fn lock_store(dir: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK_NAME);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(io(&path))?;
+    let md = f.metadata().map_err(io(&path))?;
+    if !md.is_file() {
+        return Err(Error::format(
+            &path,
+            "the writer lock is not a regular file",
+        ));
+    }
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Locked {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "another writer is writing this store ({}); a store has one writer at a \
+                     time: wait for it to finish or stop it (its finished shards are kept)",
+                    holder(&f)
+                ),
+            });
+        }
+        return Err(Error::io(&path, err));
+    }
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let info = serde_json::json!({
+        "pid": std::process::id(),
+        "host": hostname(),
+        "started_unix": started,
+        "argv": std::env::args().collect::<Vec<_>>(),
+    });
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        f.set_len(0)?;
+        f.write_all_at(info.to_string().as_bytes(), 0)
+    };
+    write().map_err(io(&path))?;
+    Ok(f)
+}
+
+/// The holder recorded in a lock file, in words.
+fn holder(f: &File) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 16];
+    let n = f.read_at(&mut buf, 0).unwrap_or(0);
+    let Ok(v) = serde_json::from_slice::<Value>(&buf[..n]) else {
+        return "holder unknown".into();
+    };
+    let cmd: Vec<&str> = v["argv"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut cmd = cmd.join(" ");
+    if cmd.chars().count() > 120 {
+        cmd = cmd.chars().take(117).collect::<String>() + "...";
+    }
+    format!(
+        "pid {} on {}, started at unix time {}: {}",
+        v["pid"],
+        v["host"].as_str().unwrap_or("?"),
+        v["started_unix"],
+        cmd
+    )
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "?".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -88,9 +188,10 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `dir/.NAME.tmp`, fsyncs, renames to `dir/NAME`, fsyncs the folder.
+/// Writes `bytes` to `dir/.NAME.PID.tmp` (a name of this process's own), fsyncs, renames to
+/// `dir/NAME`, fsyncs the folder.
 fn atomic_write(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let dst = dir.join(name);
     let res = (|| {
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
@@ -115,12 +216,20 @@ fn is_own_file(name: &str) -> bool {
             .and_then(|r| r.strip_suffix(".safetensors"))
             .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
     };
+    // `.NAME.tmp` (older writers) or `.NAME.PID.tmp`
+    let temp = |r: &str| {
+        let base = match r.rsplit_once('.') {
+            Some((b, pid)) if !pid.is_empty() && pid.bytes().all(|c| c.is_ascii_digit()) => b,
+            _ => r,
+        };
+        base == MANIFEST_NAME || shard(base)
+    };
     name == MANIFEST_NAME
         || shard(name)
         || name
             .strip_prefix('.')
             .and_then(|r| r.strip_suffix(".tmp"))
-            .is_some_and(|r| r == MANIFEST_NAME || shard(r))
+            .is_some_and(temp)
 }
 
 impl StoreWriter {
@@ -139,40 +248,41 @@ impl StoreWriter {
         if !opts.metadata.is_object() {
             return Err(Error::invalid("metadata must be a JSON object"));
         }
-        match fs::symlink_metadata(path) {
+        let exists = match fs::symlink_metadata(path) {
             Ok(_) if !path.is_dir() => {
                 return Err(Error::Exists {
                     path: path.to_path_buf(),
                     msg: "exists and is not a folder".into(),
                 })
             }
-            Ok(_) => {
-                let mut names = Vec::new();
-                for e in fs::read_dir(path).map_err(io(path))? {
-                    let e = e.map_err(io(path))?;
-                    names.push(e.file_name().to_string_lossy().into_owned());
-                }
-                if !names.is_empty() {
-                    if !opts.overwrite {
-                        return Err(Error::Exists {
-                            path: path.to_path_buf(),
-                            msg: format!(
-                                "folder is not empty ({}); pass overwrite=True, or --overwrite on the command line, to replace a store",
-                                if names.iter().any(|n| n == MANIFEST_NAME) {
-                                    "an existing store"
-                                } else {
-                                    "other files"
-                                }
-                            ),
-                        });
-                    }
-                    Self::remove_old(path, &names)?;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(path).map_err(io(path))?;
-            }
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(Error::io(path, e)),
+        };
+        // One writer per store: the lock before anything in the folder changes, so that a
+        // second writer (with overwrite too) never removes the files of one still writing.
+        // A folder that is not empty is refused before a lock file is put in it (a writer
+        // still at work there has one: that is the error then).
+        let mut lock = None;
+        if exists && !opts.overwrite {
+            if fs::symlink_metadata(path.join(LOCK_NAME)).is_ok() {
+                lock = Some(lock_store(path)?);
+            }
+            Self::check_empty(path)?;
+        }
+        if !exists {
+            fs::create_dir_all(path).map_err(io(path))?;
+        }
+        let lock = match lock {
+            Some(l) => l,
+            None => lock_store(path)?,
+        };
+        let names = Self::entries(path)?;
+        if !names.is_empty() {
+            if !opts.overwrite {
+                Self::check_empty(path)?;
+            }
+            Self::remove_old(path, &names)?;
         }
         let manifest = Manifest {
             layers: vec![],
@@ -193,15 +303,50 @@ impl StoreWriter {
             rows_per_shard: 1,
             rows_appended: 0,
             poisoned: false,
+            _lock: lock,
         };
         w.write_manifest()?;
         Ok(w)
     }
 
+    /// The names in the folder `path`, less the writer lock's file.
+    fn entries(path: &Path) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for e in fs::read_dir(path).map_err(io(path))? {
+            let e = e.map_err(io(path))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != LOCK_NAME {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// [`Error::Exists`] unless the folder `path` is empty (its writer lock aside).
+    fn check_empty(path: &Path) -> Result<()> {
+        let names = Self::entries(path)?;
+        if names.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Exists {
+            path: path.to_path_buf(),
+            msg: format!(
+                "folder is not empty ({}); pass overwrite=True, or --overwrite on the command line, to replace a store",
+                if names.iter().any(|n| n == MANIFEST_NAME) {
+                    "an existing store"
+                } else {
+                    "other files"
+                }
+            ),
+        })
+    }
+
     fn remove_old(path: &Path, names: &[String]) -> Result<()> {
         let mpath = path.join(MANIFEST_NAME);
         let mut listed: Vec<String> = Vec::new();
-        if let Ok(bytes) = fs::read(&mpath) {
+        if let Ok(bytes) =
+            super::files::read_regular(&mpath, "the manifest", super::manifest::MAX_MANIFEST_BYTES)
+        {
             if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
                 if let Some(arr) = v.get("shards").and_then(Value::as_array) {
                     for s in arr {
@@ -579,11 +724,18 @@ impl StoreWriter {
     }
 
     /// Writes the remaining rows and marks the manifest complete.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
+        self.finish_as(true)
+    }
+
+    /// Writes the remaining rows; the manifest says `"complete": complete` — false for a
+    /// writer stopped by an error or Ctrl-C: its rows are valid, but not all that was meant
+    /// to be written (docs/FORMAT.md).
+    pub fn finish_as(mut self, complete: bool) -> Result<()> {
         self.check_usable()?;
-        // The manifest written after the last shard is already the complete one (one atomic
+        // The manifest written after the last shard is already the final one (one atomic
         // manifest write fewer). Should that shard fail, no manifest says complete.
-        self.manifest.complete = true;
+        self.manifest.complete = complete;
         if self.buf_rows > 0 {
             self.flush_shard()
         } else {
