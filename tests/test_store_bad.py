@@ -203,9 +203,61 @@ def test_checksum_mismatch(tmp_path: Path) -> None:
     s = ls.open(p)  # sizes are checked on open, checksums on request
     with pytest.raises(MismatchError, match="sha256"):
         s.verify()
-    _expect_verify = pytest.raises(MismatchError, match=SHARD)
-    with _expect_verify:
-        ls.open(p, verify=True)
+    # verify=True: opening stays cheap; every read checks the shards it touches first
+    v = ls.open(p, verify=True)
+    assert v.verified and not s.verified
+    for read in (lambda: v.read("a"), lambda: ls.cka(v), lambda: ls.spectrum(v),
+                 lambda: v.row_ids()):
+        with pytest.raises(MismatchError, match=SHARD):
+            read()
+    ls.cka(s)  # without verification the changed bytes are read as they are
+
+
+def test_a_shard_changed_after_opening_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """Truncated after the store was opened: the mapped pages past the new end would kill
+    the process with SIGBUS; each read checks the shard is the file opened, unchanged."""
+    for verify in (False, True):
+        p = _store(tmp_path, f"t{verify}")
+        s = ls.open(p, verify=verify)
+        before = ls.cka(s, progress=False).values
+        os.truncate(p / SHARD, 100)
+        reads = (lambda s: s.read("b"), lambda s: ls.cka(s, progress=False),
+                 lambda s: s.take("a", np.array([5])), lambda s: s.check_finite(),
+                 lambda s: ls.intrinsic_dimension(s, method="pca", progress=False))
+        for read in reads:
+            with pytest.raises(MismatchError, match="truncated") as ei:
+                read(s)
+            assert SHARD in str(ei.value) and "reopen" in str(ei.value)
+        assert before.shape == (2, 2)
+    p = _store(tmp_path, "m")
+    s = ls.open(p)
+    raw = bytearray((p / SHARD).read_bytes())
+    raw[-1] ^= 1
+    os.utime(p / SHARD, ns=(0, 10**9))  # another modification time, same size
+    (p / SHARD).write_bytes(bytes(raw))
+    with pytest.raises(MismatchError, match="was modified"):
+        ls.cka(s)
+    assert ls.cka(ls.open(p), progress=False).values.shape == (2, 2)  # reopened: read as it now is
+
+
+def test_cli_verify_checks_every_shard_it_reads(tmp_path: Path, capsys) -> None:
+    from layerscope.cli import main
+
+    p = _store(tmp_path, shard_bytes=100)
+    assert main(["cka", str(p), "--verify", "-q"]) == 0
+    raw = bytearray((p / "shard-00001.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (p / "shard-00001.safetensors").write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["cka", str(p), "-q"]) == 0  # the structure is intact: read unverified
+    for cmd in (["cka", str(p), str(p)], ["spectrum", str(p)], ["align", str(p)],
+                ["id", str(p), "--method", "pca"]):
+        assert main([*cmd, "--verify", "-q"]) == 2, cmd
+        err = capsys.readouterr().err
+        assert "sha256" in err and "shard-00001" in err, err
+    assert main(["report", str(p), "-o", str(tmp_path / "r"), "--verify", "-q"]) == 2
+    assert main(["verify", str(p)]) == 2
+    assert main(["info", str(p), "--verify"]) == 2
 
 
 def test_missing_shard_and_store(tmp_path: Path) -> None:

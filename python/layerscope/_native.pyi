@@ -127,7 +127,8 @@ class NativeStore:
     """A validated, memory-mapped activation store."""
     @staticmethod
     def open(path: str, verify: bool = False) -> NativeStore:
-        """Opens and validates a store; `verify=True` also checks every shard's sha256."""
+        """Opens and validates a store; with `verify=True` every read first checks the sha256 of
+        each shard it touches (once per shard, at its first read)."""
     @property
     def columns(self) -> list[str]: ...
     @property
@@ -151,6 +152,9 @@ class NativeStore:
         """One dict per shard: file, rows, bytes, sha256, start_row."""
     @property
     def total_bytes(self) -> int: ...
+    @property
+    def verifies_checksums(self) -> bool:
+        """Whether reads check the shards' sha256 (opened with `verify=True`)."""
     def blocks(self, layers: list[str], block_rows: int, dtype: str = 'float32', release: bool = True, reuse: bool = False) -> NativeBlocks:
         """An iterator of `(start, {layer: block})` over all rows, `block_rows` at a time (the
         last block may be shorter), of `layers` (names, any order; a repeated name appears

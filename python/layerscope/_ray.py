@@ -242,11 +242,13 @@ class Part(NamedTuple):
     fingerprint: str | None
     arrays: Any
     layers: tuple[str, ...]
+    verify: bool = False
 
 
 def part_of(ray: Any, src: Source, layers: Sequence[str]) -> Part:
     if src.is_store:
-        return Part(str(src.store.path.resolve()), src.store.fingerprint(), None, tuple(layers))
+        return Part(str(src.store.path.resolve()), src.store.fingerprint(), None, tuple(layers),
+                    src.store.verified)
     assert src.arrays is not None
     return Part(None, None, ray.put({x: src.arrays[x] for x in layers}), tuple(layers))
 
@@ -272,7 +274,7 @@ def open_source(p: Part) -> Source:
 
         return Source(arrays=ray.get(p.arrays))
     try:
-        st = open_store(p.path)
+        st = open_store(p.path, verify=p.verify)
     except LayerscopeError as e:
         raise type(e)(f"{where()}: {e} (every node must see the store at the same "
                       "path: shared storage)") from None

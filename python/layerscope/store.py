@@ -52,7 +52,13 @@ class ActivationStore:
     Attributes: ``path``, ``layers`` (names in manifest order), ``dims`` and ``dtypes``
     (dicts by layer), ``num_rows``, ``metadata`` (dict), ``shards`` (list of dicts with
     file, rows, bytes, sha256, start_row), ``columns`` (optional row columns),
-    ``complete`` (False when the writer was interrupted), ``nbytes`` (all shard files).
+    ``complete`` (False when the writer was interrupted), ``nbytes`` (all shard files),
+    ``verified`` (every read checks the sha256 of the shards it touches: opened with
+    ``verify=True``).
+
+    Every read first checks that each shard it touches is still the file that was opened
+    (same inode, size and modification time): a shard truncated or modified since gives
+    :class:`MismatchError` instead of other numbers or a SIGBUS crash.
     """
 
     def __init__(self, native: Any) -> None:
@@ -67,6 +73,7 @@ class ActivationStore:
         self.columns: list[str] = list(native.columns)
         self.complete: bool = bool(native.complete)
         self.nbytes: int = int(native.total_bytes)
+        self.verified: bool = bool(native.verifies_checksums)
 
     def fingerprint(self) -> str:
         """SHA-256 of the manifest (``layerscope.json``, which lists every shard's size and
@@ -233,7 +240,12 @@ class ActivationStore:
 
 
 def open_store(path: str | os.PathLike, *, verify: bool = False) -> ActivationStore:
-    """Open and validate a store (``verify=True`` also checks every shard's sha256)."""
+    """Open and validate a store: the manifest, every shard's header, sizes and layout.
+
+    ``verify=True``: every read also checks the sha256 of each shard it touches against the
+    manifest, once per shard, before the first of its rows is used (no extra pass over the
+    data; :meth:`ActivationStore.verify` checks every shard at once). A shard that differs
+    gives :class:`MismatchError` naming it."""
     return ActivationStore(_native.NativeStore.open(os.fspath(path), verify))
 
 
@@ -396,6 +408,8 @@ def _info_cmd(args: argparse.Namespace) -> int:
             print(f"budget   {_human(budget.bytes)}  ({budget.bytes} bytes; {budget.source})")
         return 0
     s = open_store(args.path, verify=args.verify)
+    if args.verify:
+        s.verify()
     info = s.info()
     if args.json:
         info["memory_budget"] = {"bytes": budget.bytes, "source": budget.source}
@@ -422,7 +436,8 @@ def _info_cmd(args: argparse.Namespace) -> int:
 
 
 def _verify_cmd(args: argparse.Namespace) -> int:
-    s = open_store(args.path, verify=True)  # structure, sizes, then sha256 of every shard
+    s = open_store(args.path)  # structure, sizes,
+    s.verify()  # then the sha256 of every shard
     print(f"ok: {escape(s.path)}: {len(s.shards)} shards, {s.num_rows} rows, {s.nbytes} bytes (sha256)")
     if args.finite:
         s.check_finite()  # NonFiniteError naming the layer and row -> exit status 2

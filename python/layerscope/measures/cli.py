@@ -90,14 +90,36 @@ def _finish(p: argparse.ArgumentParser, plot: str, func: Any) -> None:
     p.add_argument("--plot", default=None, metavar="FILE",
                    help=f"write {plot} ({', '.join(PLOT_FORMATS[:3])}, ...)")
     add_max_memory_arg(p)
+    add_verify_arg(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no table (the one-line footer stays)")
 
     def run(args: argparse.Namespace) -> int:
         check_outputs(args)
+        open_verified(args)
         return func(args)
 
     p.set_defaults(func=run)
+
+
+def add_verify_arg(p: argparse.ArgumentParser) -> None:
+    """``--verify``: every shard's sha256 is checked before its rows are used."""
+    p.add_argument("--verify", action="store_true",
+                   help="check each shard's sha256 against the manifest before its rows are "
+                   "used (once per shard, during the pass: no extra read)")
+
+
+def open_verified(args: argparse.Namespace) -> None:
+    """With ``--verify``: ``args.store`` and ``args.other`` (folders) opened as stores whose
+    every read checks the shards' sha256 (:func:`layerscope.open_store` ``verify=True``)."""
+    if not getattr(args, "verify", False):
+        return
+    from ..store import open_store
+
+    for name in ("store", "other"):
+        path = getattr(args, name, None)
+        if path is not None:
+            setattr(args, name, open_store(path, verify=True))
 
 
 def _sampling(p: argparse.ArgumentParser, sample: int | None, what: str) -> None:

@@ -8,11 +8,16 @@ from typing import Any
 from .._source import resolve
 from .._validate import SEED, Int, cli_type
 from ..errors import InvalidArgumentError
-from ..measures.cli import _add_ray_arg, _backend
+from ..measures.cli import _add_ray_arg, _backend, add_verify_arg, open_verified
 from . import report
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    open_verified(args)
+    if args.verify:  # before any work: a report notes a failed section and goes on
+        for s in (args.store, args.other):
+            if s is not None:
+                s.verify()
     labels = None
     if args.label:
         count = 2 if args.other else 1
@@ -48,5 +53,6 @@ def add_cli(sub: Any) -> None:
                    "label or model name from its metadata, else its folder name)")
     p.add_argument("--seed", type=cli_type(SEED), default=0, help="seed of the row sample")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_verify_arg(p)
     _add_ray_arg(p)
     p.set_defaults(func=_cmd_report)

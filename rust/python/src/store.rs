@@ -145,7 +145,8 @@ pub struct NativeStore {
 
 #[pymethods]
 impl NativeStore {
-    /// Opens and validates a store; `verify=True` also checks every shard's sha256.
+    /// Opens and validates a store; with `verify=True` every read first checks the sha256 of
+    /// each shard it touches (once per shard, at its first read).
     ///
     /// :type path: str
     /// :type verify: bool
@@ -160,6 +161,13 @@ impl NativeStore {
         Ok(NativeStore { inner })
     }
 
+    /// Whether reads check the shards' sha256 (opened with `verify=True`).
+    ///
+    /// :rtype: bool
+    #[getter]
+    fn verifies_checksums(&self) -> bool {
+        self.inner.verifies_checksums()
+    }
     /// :rtype: str
     #[getter]
     fn path(&self) -> PathBuf {

@@ -11,7 +11,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Elements per parallel task when converting (about 1 MiB of f32 output).
 const PAR_CHUNK_ELEMS: usize = 1 << 18;
@@ -19,8 +21,31 @@ const PAR_CHUNK_ELEMS: usize = 1 << 18;
 /// Options of [`Store::open_with`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
-    /// Hash every shard file and compare with the manifest's sha256 (reads all data once).
+    /// Check each shard's sha256 against the manifest before the first read of any of its
+    /// rows (once per shard, during the pass that first reads it: no extra pass over the
+    /// data); [`Store::verify`] checks every shard now.
     pub verify_checksums: bool,
+}
+
+/// What a shard file was when the store was opened (`stat`): a read first checks that the
+/// file at the shard's path is still that file, unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(md: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            len: md.len(),
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+        }
+    }
 }
 
 /// One mapped shard with the byte ranges of its tensors (absolute within the file).
@@ -33,19 +58,77 @@ struct Shard {
     row_id: Range<usize>,
     /// Per manifest column.
     columns: Vec<Range<usize>>,
+    stamp: Stamp,
+    /// With `verify_checksums`: the outcome of the sha256 check (the message of a mismatch).
+    verified: OnceLock<std::result::Result<(), String>>,
+}
+
+impl Shard {
+    /// Whether the file at the shard's path is still the one mapped, unchanged (same device,
+    /// inode, size and modification time); a typed error before a read that could otherwise
+    /// crash the process (SIGBUS on a truncated mapping) or see other bytes.
+    fn check_unchanged(&self) -> Result<()> {
+        let changed = |now: String| {
+            Error::Mismatch(format!(
+                "{}: the shard {now} after the store was opened (it was {} bytes): refused to \
+                 read it (a truncated mapping would crash the process with SIGBUS, a modified \
+                 one give other numbers); reopen the store",
+                self.path.display(),
+                self.stamp.len
+            ))
+        };
+        match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(changed("was removed".into()))
+            }
+            Err(e) => Err(Error::io(&self.path, e)),
+            Ok(md) => {
+                let now = Stamp::of(&md);
+                if now == self.stamp {
+                    Ok(())
+                } else if (now.dev, now.ino) != (self.stamp.dev, self.stamp.ino) {
+                    Err(changed("was replaced by another file".into()))
+                } else if now.len != self.stamp.len {
+                    Err(changed(format!(
+                        "was truncated or extended to {} bytes",
+                        now.len
+                    )))
+                } else {
+                    Err(changed("was modified".into()))
+                }
+            }
+        }
+    }
+
+    /// The sha256 of the mapped bytes against the manifest's.
+    fn check_sha256(&self) -> std::result::Result<(), String> {
+        let got = sha256_hex(&self.map);
+        if got != self.info.sha256 {
+            return Err(format!(
+                "{}: sha256 {got} differs from the manifest's {} (the shard was modified or corrupted)",
+                self.path.display(),
+                self.info.sha256
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An opened activation store (see docs/FORMAT.md). Cheap to share across threads (`Sync`):
 /// every read is a pure function of the immutable mapped files.
 ///
 /// Safety note on mmap: the shards are mapped read-only; a shard truncated by another process
-/// while mapped can make the OS raise SIGBUS. The writer never modifies a finished shard (it
-/// writes new files and renames them), so this only happens when someone else edits a store.
+/// while mapped makes the OS raise SIGBUS on access. The writer never modifies a finished
+/// shard (it writes new files and renames them), so this only happens when someone else edits
+/// a store; every read first checks that each shard it touches is still the file opened, with
+/// the same size and modification time (an `Error::Mismatch` otherwise), so only a truncation
+/// in the microseconds between that check and the copy can still crash the process.
 pub struct Store {
     path: PathBuf,
     manifest: Manifest,
     shards: Vec<Shard>,
     shard_starts: Vec<u64>,
+    verify_checksums: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -111,32 +194,59 @@ impl Store {
             .into_iter()
             .collect::<Result<Vec<_>>>()?; // the first bad shard in order, on every run
         let shard_starts = manifest.shards.iter().map(|s| s.start_row).collect();
-        let store = Store {
+        Ok(Store {
             path: path.to_path_buf(),
             manifest,
             shards,
             shard_starts,
-        };
-        if opts.verify_checksums {
-            store.verify()?;
-        }
-        Ok(store)
+            verify_checksums: opts.verify_checksums,
+        })
     }
 
-    /// Recomputes the sha256 of every shard file and compares it with the manifest.
-    /// Error::Mismatch naming the first shard that differs.
+    /// Recomputes the sha256 of every shard file now and compares it with the manifest.
+    /// Error::Mismatch naming the first shard (in order) that differs.
     pub fn verify(&self) -> Result<()> {
-        self.shards.par_iter().try_for_each(|s| {
-            let got = sha256_hex(&s.map);
-            if got != s.info.sha256 {
-                return Err(Error::Mismatch(format!(
-                    "{}: sha256 {got} differs from the manifest's {} (the shard was modified or corrupted)",
-                    s.path.display(),
-                    s.info.sha256
-                )));
+        let res: Vec<Result<()>> = self
+            .shards
+            .par_iter()
+            .map(|s| {
+                s.check_unchanged()?;
+                let r = s.check_sha256();
+                let _ = s.verified.set(r.clone());
+                r.map_err(Error::Mismatch)
+            })
+            .collect();
+        res.into_iter().collect()
+    }
+
+    /// Whether every read checks the sha256 of the shards it touches (once per shard).
+    pub fn verifies_checksums(&self) -> bool {
+        self.verify_checksums
+    }
+
+    /// Before a read of the shards `idx`: each is still the file opened (always; cheap) and,
+    /// with `verify_checksums`, its sha256 matches the manifest (hashed once, at its first
+    /// read).
+    fn check_shards(&self, idx: impl IntoIterator<Item = usize>) -> Result<()> {
+        for i in idx {
+            let s = self.shards.get(i).ok_or_else(|| internal(&self.path))?;
+            s.check_unchanged()?;
+            if self.verify_checksums {
+                s.verified
+                    .get_or_init(|| s.check_sha256())
+                    .clone()
+                    .map_err(Error::Mismatch)?;
             }
-            Ok(())
-        })
+        }
+        Ok(())
+    }
+
+    /// The shards holding rows `[start, stop)` (empty when the range is).
+    fn shards_of(&self, start: u64, stop: u64) -> Range<usize> {
+        if start >= stop {
+            return 0..0;
+        }
+        self.shard_of(start)..self.shard_of(stop - 1) + 1
     }
 
     pub fn path(&self) -> &Path {
@@ -222,6 +332,7 @@ impl Store {
             usize::try_from(self.manifest.num_rows).unwrap_or(usize::MAX),
             "the row ids",
         )?;
+        self.check_shards(0..self.shards.len())?;
         for s in &self.shards {
             let bytes = s
                 .map
@@ -328,6 +439,7 @@ impl Store {
         }
         let info = self.layer(layer)?;
         let (dim, dtype) = (info.dim, info.dtype);
+        self.check_shards(self.shards_of(start, stop))?;
         let chunk_rows = (PAR_CHUNK_ELEMS / dim).max(1);
         if n <= PAR_CHUNK_ELEMS {
             self.fill(layer, dtype, dim, start, out)
@@ -410,6 +522,11 @@ impl Store {
                 rows.len().saturating_mul(dim)
             )));
         }
+        let mut touched = vec![false; self.shards.len()];
+        for &r in rows {
+            touched[self.shard_of(r)] = true;
+        }
+        self.check_shards((0..touched.len()).filter(|&i| touched[i]))?;
         out.par_chunks_mut(dim)
             .zip(rows.par_iter())
             .with_min_len((PAR_CHUNK_ELEMS / dim).max(1))
@@ -455,6 +572,7 @@ impl Store {
         let info = self.layer(layer)?;
         let (dim, dtype) = (info.dim, info.dtype);
         let esize = dtype.size();
+        self.check_shards(0..self.shards.len())?;
         // (shard, chunk) tasks in row order; find_map_first keeps the earliest hit.
         let mut tasks = Vec::new();
         for (si, s) in self.shards.iter().enumerate() {
@@ -511,6 +629,14 @@ fn open_shard(root: &Path, info: &ShardInfo, m: &Manifest) -> Result<Shard> {
     let real = files::confined(root, &path, "shard listed in the manifest")?;
     let (file, md) = files::open_regular(&real, "the shard")?;
     let size = md.len();
+    // what a later read compares with: the file at the listed path (a link's target)
+    let stamp = Stamp::of(&std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?);
+    if stamp != Stamp::of(&md) {
+        return Err(Error::Mismatch(format!(
+            "{}: the shard changed while the store was opened; open it again",
+            path.display()
+        )));
+    }
     if size < 8 {
         return Err(Error::format(
             &path,
@@ -640,5 +766,7 @@ fn open_shard(root: &Path, info: &ShardInfo, m: &Manifest) -> Result<Shard> {
         layers,
         row_id,
         columns,
+        stamp,
+        verified: OnceLock::new(),
     })
 }

@@ -351,13 +351,19 @@ fn bad_stores() {
     edit_manifest(&m, |v| v["shards"][0]["sha256"] = json!("a".repeat(64)));
     let s = Store::open(&p).unwrap();
     assert!(matches!(s.verify(), Err(Error::Mismatch(_))));
-    assert!(Store::open_with(
+    // verify_checksums: opening stays cheap, the first read of the shard checks it
+    let v = Store::open_with(
         &p,
         OpenOptions {
-            verify_checksums: true
-        }
+            verify_checksums: true,
+        },
     )
-    .is_err());
+    .unwrap();
+    assert!(v.verifies_checksums());
+    let e = v.read_rows::<f64>(0, 0, 2).unwrap_err();
+    assert!(e.to_string().contains("sha256"), "{e}");
+    assert!(matches!(v.row_ids(), Err(Error::Mismatch(_))));
+    assert!(s.read_rows::<f64>(0, 0, 2).is_ok()); // without verification: read
 
     // escaping names
     for bad in ["../x.safetensors", "/etc/passwd"] {
@@ -707,4 +713,68 @@ fn manifests_and_shards_must_be_regular_files_of_the_store() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let e = Store::open(&p).err().unwrap().to_string();
     assert!(e.contains("the shard is a named pipe"), "{e}");
+}
+
+#[test]
+fn a_shard_changed_after_opening_is_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OpenOptions {
+        verify_checksums: true,
+    };
+    // truncated (the mapped pages past the new end would raise SIGBUS)
+    for verify in [false, true] {
+        let (p, sh, _) = small(&dir.path().join(format!("t{verify}")));
+        let s = Store::open_with(
+            &p,
+            OpenOptions {
+                verify_checksums: verify,
+            },
+        )
+        .unwrap();
+        let good: Vec<f64> = s.read_rows(0, 0, 6).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sh)
+            .unwrap()
+            .set_len(40)
+            .unwrap();
+        for e in [
+            s.read_rows::<f64>(0, 0, 6).unwrap_err(),
+            s.take::<f32>(0, &[5, 1]).unwrap_err(),
+            s.row_ids().unwrap_err(),
+            s.find_nonfinite(0).unwrap_err(),
+            s.verify().unwrap_err(),
+        ] {
+            assert!(matches!(e, Error::Mismatch(_)), "{e}");
+            assert!(e.to_string().contains("truncated"), "{e}");
+            assert!(e.to_string().contains("shard-00000"), "{e}");
+        }
+        assert_eq!(good.len(), 6 * 3);
+    }
+    // modified in place, same size: refused (without hashing), named
+    let (p, sh, _) = small(&dir.path().join("m"));
+    let s = Store::open(&p).unwrap();
+    let mut bytes = std::fs::read(&sh).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&sh, &bytes).unwrap();
+    let e = s.read_rows::<f64>(0, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("was modified"), "{e}");
+    // replaced by a new file (rename over it) or removed
+    let (p, sh, _) = small(&dir.path().join("r"));
+    let s = Store::open_with(&p, opts).unwrap();
+    let copy = dir.path().join("copy");
+    std::fs::copy(&sh, &copy).unwrap();
+    std::fs::rename(&copy, &sh).unwrap();
+    let e = s.read_rows::<f64>(0, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("replaced"), "{e}");
+    std::fs::remove_file(&sh).unwrap();
+    let e = s.read_rows::<f64>(0, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("removed"), "{e}");
+    // an unchanged store reads, hashed once per shard on the first read
+    let (p, _, _) = small(&dir.path().join("ok"));
+    let s = Store::open_with(&p, opts).unwrap();
+    assert_eq!(s.read_rows::<f64>(0, 0, 6).unwrap().len(), 18);
+    assert!(s.verify().is_ok());
 }
