@@ -5,6 +5,7 @@
 //! matching builtin: `MismatchError` is a `ValueError`, `StoreNotFoundError` a
 //! `FileNotFoundError`, …). The core names no Python class; every core error variant has
 //! exactly one class here, and a variant without one does not compile.
+use layerscope_core::monitor::SigintGuard;
 use layerscope_core::Error;
 use pyo3::import_exception;
 use pyo3::prelude::*;
@@ -52,13 +53,63 @@ impl<T> IntoPy<T> for Result<T, Error> {
 
 /// Run core work `f` with the GIL released (other Python threads run meanwhile); its error
 /// becomes the matching Python exception, and a Ctrl-C pressed while it ran is raised as
-/// soon as it returns (long work polls Ctrl-C itself, through its monitor).
+/// soon as it returns.
+///
+/// Ctrl-C during the work: Python only runs its signal handlers on the main thread, between
+/// bytecodes, so a check from the work's threads sees nothing. On the main thread, while
+/// SIGINT has Python's default handler (KeyboardInterrupt), the call runs under a
+/// [`SigintGuard`]: the signal also sets the core's interrupt request, every monitor and long
+/// loop stops at its next block with `Interrupted`, and Python's KeyboardInterrupt is raised
+/// here once the work has returned (its buffers freed, nothing half-written). Nested calls
+/// (a Python callback calling layerscope) and other threads run as before.
 pub fn detach<T, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
     F: Send + FnOnce() -> Result<T, Error>,
     T: Send,
 {
-    let out = py.detach(f).py_err()?;
-    py.check_signals()?;
-    Ok(out)
+    let guard = if on_main_thread() && !GUARDED.with(|g| g.get()) && default_sigint(py) {
+        SigintGuard::install()
+    } else {
+        None
+    };
+    if guard.is_some() {
+        GUARDED.with(|g| g.set(true));
+    }
+    let out = py.detach(f);
+    if guard.is_some() {
+        GUARDED.with(|g| g.set(false));
+    }
+    drop(guard); // the previous handler back, the request withdrawn
+    py.check_signals()?; // KeyboardInterrupt first: the work's `Interrupted` is its echo
+    out.py_err()
+}
+
+thread_local! {
+    /// Whether this thread is inside a call that holds the SIGINT guard.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn on_main_thread() -> bool {
+    // SAFETY: getpid/gettid have no preconditions; Linux: the main thread's id is the pid.
+    unsafe { libc::getpid() == libc::gettid() }
+}
+
+/// Whether SIGINT's Python handler is `signal.default_int_handler` (a user's own handler
+/// keeps its meaning: a signal does not stop the work for it).
+fn default_sigint(py: Python<'_>) -> bool {
+    // (signal.getsignal, signal.default_int_handler), looked up once
+    static FNS: pyo3::sync::PyOnceLock<(Py<PyAny>, Py<PyAny>)> = pyo3::sync::PyOnceLock::new();
+    let Ok((getsignal, default)) = FNS.get_or_try_init(py, || -> PyResult<_> {
+        let signal = py.import("signal")?;
+        Ok((
+            signal.getattr("getsignal")?.unbind(),
+            signal.getattr("default_int_handler")?.unbind(),
+        ))
+    }) else {
+        return false;
+    };
+    match getsignal.call1(py, (2,)) {
+        Ok(h) => h.is(default),
+        Err(_) => false,
+    }
 }

@@ -1,5 +1,7 @@
-//! A core `Monitor` that checks Python signals (Ctrl-C) and calls an optional Python
-//! progress callback `cb(done, total)`, at most every `interval`, from whatever thread runs.
+//! A core `Monitor` that stops on the process-wide interrupt request (set by
+//! `errors::detach` when Ctrl-C is pressed), checks Python signals when it runs on the main
+//! thread, and calls an optional Python progress callback `cb(done, total)`, at most every
+//! `interval`, from whatever thread runs.
 use layerscope_core::{Error, Monitor};
 use pyo3::prelude::*;
 use std::sync::Mutex;
@@ -23,6 +25,8 @@ impl PyMonitor {
 
 impl Monitor for PyMonitor {
     fn progress(&self, done: u64, total: u64) -> Result<(), Error> {
+        // Ctrl-C seen by the waiting caller (see `errors::detach`): no GIL needed
+        layerscope_core::monitor::check_interrupt()?;
         {
             let Ok(mut last) = self.last.try_lock() else {
                 return Ok(()); // another thread is reporting right now

@@ -478,6 +478,7 @@ pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, budget: &Budget) -> Res
         cs: d,
     };
     crate::linalg::packed::syrk_upper_add(&mut g, m, view, &mut Vec::new())?;
+    crate::monitor::check_interrupt()?;
     g.par_chunks_mut(m.max(1)).enumerate().for_each(|(j, col)| {
         col[j] = 0.0;
         for (i, v) in col[..j].iter_mut().enumerate() {
@@ -510,12 +511,14 @@ pub fn exact_condensed_sq_distances(
         runs.push((i, run));
         rest = tail;
     }
-    runs.into_par_iter().for_each(|(i, run)| {
+    runs.into_par_iter().try_for_each(|(i, run)| {
+        crate::monitor::check_interrupt()?; // per row: m·d flops at most between checks
         let xi = &x[i * d..(i + 1) * d];
         for (v, j) in run.iter_mut().zip((i + 1)..m) {
             *v = exact_sq_dist(xi, &x[j * d..(j + 1) * d]);
         }
-    });
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -36,7 +36,10 @@ pub(crate) fn pair_table<T: Sync>(
         .collect();
     let vals: Vec<f64> = cells
         .par_iter()
-        .map(|&(i, j)| f(&a[i], &cols[j]))
+        .map(|&(i, j)| {
+            crate::monitor::check_interrupt()?;
+            f(&a[i], &cols[j])
+        })
         .collect::<Result<_>>()?;
     let mut out = vec![f64::NAN; la * lb];
     for (&(i, j), v) in cells.iter().zip(vals) {
