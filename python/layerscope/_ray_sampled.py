@@ -62,18 +62,27 @@ BLOCK_LAYERS: int | None = None
 
 def prepare(part: Part, name: str, idx: np.ndarray, measure: str, opts: dict[str, Any],
             max_memory: int | None) -> Any:
-    """One layer's task: its sampled rows (float64, checked finite) prepared for the pair
-    measure (``_native.prepare_layer``)."""
-    x = load(open_source(part), name, np.asarray(idx))
-    return _native.prepare_layer(x, measure, max_memory=max_memory, **opts)
+    """One layer's task: its sampled rows (float64, checked finite, scaled to unit range when
+    far from it: :func:`layerscope._sample.load`) prepared for the pair measure
+    (``_native.prepare_layer``), with the scale exponent ``e`` of those rows."""
+    x, e = load(open_source(part), name, np.asarray(idx), with_exp=True)
+    return _native.prepare_layer(x, measure, max_memory=max_memory, **opts), e
 
 
 def tabulate(na: int, within: bool, *preps: Any) -> dict[str, np.ndarray]:
     """One block's task: the pair table of its first ``na`` prepared layers against the
-    rest (``within``: of the first ``na`` with themselves)."""
-    a = list(preps[:na])
-    r = _native.prepared_table(a, None if within else list(preps[na:]))
-    return {k: np.asarray(v) for k, v in r.items()}
+    rest (``within``: of the first ``na`` with themselves); RBF bandwidths back in the data's
+    units (``× 2^e`` of each layer's sample)."""
+    layers = [p for p, _ in preps]
+    exps = np.array([e for _, e in preps], dtype=np.int32)
+    a = layers[:na]
+    r = {k: np.asarray(v) for k, v in
+         _native.prepared_table(a, None if within else layers[na:]).items()}
+    if "bw_a" in r:
+        r["bw_a"] = np.ldexp(r["bw_a"], exps[:na])
+    if "bw_b" in r:
+        r["bw_b"] = np.ldexp(r["bw_b"], exps[na:])
+    return r
 
 
 def id_layer(part: Part, name: str, options: dict[str, Any]) -> tuple[Any, list[Any]]:
@@ -101,7 +110,7 @@ def minibatch_range(parts: list[Part], names: list[str], options: dict[str, Any]
         r = _native.minibatch_cka_pass(native, names, rows=(start, stop), check_finite=False,
                                        **options)
     return {k: r[k] for k in ("hsic", "bandwidths", "batches", "rows_used", "rows_seen",
-                              "nonfinite")}
+                              "nonfinite", "scale_exp")}
 
 
 def merge_minibatch(ranges: Sequence[tuple[int, int]], got: Sequence[dict[str, Any]],
@@ -111,7 +120,17 @@ def merge_minibatch(ranges: Sequence[tuple[int, int]], got: Sequence[dict[str, A
     non-finite row (offset by its range's start), the CKA ratios from the merged means."""
     w = np.array([g["batches"] for g in got], dtype=np.float64)
     total = float(w.sum())
-    hsic = sum(np.asarray(g["hsic"], dtype=np.float64) * b for g, b in zip(got, w)) / total
+    # each range's HSICs in the first range's units (a layer far from unit scale gets its
+    # exponent from each range's first minibatch: exact powers of two apart)
+    e0 = np.asarray(got[0]["scale_exp"], dtype=np.int32)
+
+    def common(g: dict[str, Any]) -> np.ndarray:
+        k = np.asarray(g["scale_exp"], dtype=np.int32) - e0
+        with np.errstate(over="ignore", under="ignore"):
+            return np.ldexp(np.asarray(g["hsic"], dtype=np.float64),
+                            2 * (k[:, None] + k[None, :]))
+
+    hsic = sum(common(g) * b for g, b in zip(got, w)) / total
     bw = sum(np.asarray(g["bandwidths"], dtype=np.float64) * b for g, b in zip(got, w)) / total
     nonfinite: list[int | None] = [None] * len(names)
     for (a, _), g in zip(ranges, got):
@@ -121,7 +140,8 @@ def merge_minibatch(ranges: Sequence[tuple[int, int]], got: Sequence[dict[str, A
     return {"values": _native.minibatch_cka_table(np.ascontiguousarray(hsic), num_a),
             "hsic": hsic, "bandwidths": np.asarray(bw).tolist(), "batches": int(total),
             "rows_used": sum(int(g["rows_used"]) for g in got),
-            "rows_seen": sum(int(g["rows_seen"]) for g in got), "nonfinite": nonfinite}
+            "rows_seen": sum(int(g["rows_seen"]) for g in got), "nonfinite": nonfinite,
+            "scale_exp": e0.tolist()}
 
 
 def _remote(ray: Any, name: str) -> Any:

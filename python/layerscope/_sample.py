@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,12 +48,41 @@ def check_sample(a: Source, b: Source | None, la: Sequence[str], lb: Sequence[st
                  "use a smaller sample (sample=...) or fewer layers", max_memory)
 
 
-def load(src: Source, layer: str, idx: np.ndarray) -> np.ndarray:
-    """The sampled rows of one layer as C-contiguous float64 (checked finite)."""
+# As the core's ``SCALE_BAND``: a layer whose largest deviation from its column means is
+# 2^e with |e| beyond this is multiplied by 2^-e before any distance is taken.
+SCALE_BAND = 40
+
+
+def scale_exponent(x: np.ndarray) -> int:
+    """``e`` with ``max |x − column mean|`` in ``[2^e, 2^(e+1))`` when that is beyond
+    ``2^±SCALE_BAND`` (else 0; 0 for a constant or empty sample; clamped to ±1000)."""
+    if x.size == 0:
+        return 0
+    spread = float(np.max(np.abs(x - x.mean(axis=0))))
+    if not (np.isfinite(spread) and spread > 0.0):
+        return 0
+    e = int(np.frexp(spread)[1]) - 1
+    return 0 if abs(e) <= SCALE_BAND else max(-1000, min(1000, e))
+
+
+def load(src: Source, layer: str, idx: np.ndarray, *, with_exp: bool = False) -> Any:
+    """The sampled rows of one layer as C-contiguous float64 (checked finite).
+
+    Numbers at any scale: a layer far from unit scale (:func:`scale_exponent` ``e ≠ 0``:
+    deviations beyond about 1e±12) is returned multiplied by ``2^-e`` — exact in binary
+    floating point — so that squared distances, Gram entries and kernel arguments neither
+    overflow nor underflow (f64 data near 1e±200 used to give NaN or a wrong kNN graph).
+    Every sampled measure here is unchanged by a per-layer scale (TwoNN, MLE, GRIDE: ratios of
+    distances; RSA, mutual kNN: correlations and ranks; RBF CKA: the median-rule bandwidth
+    scales along). ``with_exp=True`` returns ``(x, e)``: what a reported scale-dependent
+    value (an RBF bandwidth) is multiplied back by ``2^e``. Ordinary layers are not touched."""
     if idx.size == src.num_rows and (idx.size == 0 or (idx[0] == 0 and idx[-1] == idx.size - 1)):
         x = src.read(layer, 0, src.num_rows, dtype=np.float64)
     else:
         x = src.take(layer, idx, dtype=np.float64)
     x = np.ascontiguousarray(x, dtype=np.float64)
     check_finite(layer, x)
-    return x
+    e = scale_exponent(x)
+    if e:
+        x = np.ldexp(x, -e)
+    return (x, e) if with_exp else x

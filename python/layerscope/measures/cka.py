@@ -300,6 +300,13 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
         meta["tasks"] = mmeta["tasks"]
     if "nonfinite_rows" in mmeta:
         meta["nonfinite_rows"] = mmeta["nonfinite_rows"]
+    reasons = _nan_reasons(m, values, rows, cols, estimator == "debiased",
+                           [*la, *(f"other:{x}" for x in (lb or []) if b is not None)],
+                           set(mmeta.get("nonfinite_rows", {})))
+    if reasons:
+        meta["nan_reasons"] = reasons
+        warnings.warn("CKA is NaN for some pairs: " + "; ".join(
+            f"{k}: {v}" for k, v in reasons.items()), RuntimeWarning, stacklevel=4)
     return MatrixResult(
         values,
         la,
@@ -307,6 +314,29 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
         meta=meta,
         extra={"biased": biased, "debiased": debiased},
     )
+
+
+def _nan_reasons(m: Any, values: np.ndarray, rows: list[int], cols: list[int],
+                 debiased: bool, names: list[str], nonfinite: set[str]) -> dict[str, str]:
+    """Why each layer of a NaN cell has no CKA (its layers' own self-CKA says which): zero
+    variance, or — debiased — a self-HSIC that is not positive (fewer than 4 rows, or a few
+    rows dominating the layer, e.g. one outlier: the estimator excludes the diagonal, and
+    what remains is the difference of sums equal to ~15 digits). Layers with NaN/Inf rows
+    are reported by the non-finite warning instead."""
+    out: dict[str, str] = {}
+    bad = np.argwhere(np.isnan(values))
+    layers = sorted({rows[i] for i, _ in bad} | {cols[j] for _, j in bad})
+    for k in layers:
+        name = names[k]
+        if name in nonfinite:
+            continue
+        if np.isnan(m.cka([k], [k], False)[0][0]):
+            out[name] = "zero variance (a constant layer): CKA is undefined"
+        elif debiased and np.isnan(m.cka([k], [k], True)[0][0]):
+            out[name] = (f"its debiased self-HSIC is not positive (n = {m.n} rows; fewer than 4, "
+                         "or a few rows dominate the layer, e.g. an outlier): the debiased "
+                         "estimate is undefined; the biased one is in extra['biased']")
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,11 +378,21 @@ def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
             meta["tasks"] = r["tasks"]
         else:
             check_sample(a, b, ga, gb, m, max_memory)
-            xa = [load(a, name, idx) for name in ga]
-            xb = [load(b, name, idx) for name in gb] if b is not None else None
+            # each layer's rows in unit range when far from it (exact powers of two; the
+            # bandwidths go back to the data's units below)
+            la_e = [load(a, name, idx, with_exp=True) for name in ga]
+            lb_e = [load(b, name, idx, with_exp=True) for name in gb] if b is not None else None
+            xa = [x for x, _ in la_e]
+            xb = [x for x, _ in lb_e] if lb_e is not None else None
             with Progress(progress, "rbf cka", unit="step") as prog:
                 r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=(estimator == "debiased"),
                                      max_memory=max_memory, progress=prog.cb)
+            r = dict(r)
+            r["bw_a"] = np.ldexp(np.asarray(r["bw_a"], dtype=np.float64),
+                                 np.array([e for _, e in la_e], dtype=np.int32))
+            if lb_e is not None:
+                r["bw_b"] = np.ldexp(np.asarray(r["bw_b"], dtype=np.float64),
+                                     np.array([e for _, e in lb_e], dtype=np.int32))
         bw_b = r["bw_b"] if b is not None else r["bw_a"]
         meta["bandwidths_a"] = {k: float(v) for k, v in zip(ga, r["bw_a"])}
         meta["bandwidths_b"] = {k: float(v) for k, v in zip(gb, bw_b)}
@@ -448,6 +488,9 @@ def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int, backend: s
             dict(zip(lb, bw[num_a:])) if lb is not None else dict(zip(la, bw[:num_a]))
         )
     cols = lb if lb is not None else la
-    return MatrixResult(
-        np.asarray(r["values"]), la, cols, meta=meta, extra={"hsic": np.asarray(r["hsic"])}
-    )
+    # the mean HSICs in the data's units (a layer far from unit scale was accumulated in
+    # units of 2^-e; ±Inf where the true value is beyond float64)
+    e = np.asarray(r.get("scale_exp", [0] * len(names)), dtype=np.int32)
+    with np.errstate(over="ignore"):  # ±Inf is the answer beyond float64
+        hsic = np.ldexp(np.asarray(r["hsic"], dtype=np.float64), 2 * (e[:, None] + e[None, :]))
+    return MatrixResult(np.asarray(r["values"]), la, cols, meta=meta, extra={"hsic": hsic})

@@ -45,7 +45,8 @@ fn build(
 
 /// The result as a dict: `values` (CKA of layers `0..num_a` × the others, or all × all),
 /// `hsic` (L × L mean HSIC₁, NaN where not computed), `bandwidths`, `batches`, `rows_used`,
-/// `rows_seen`, `nonfinite`, `names`.
+/// `rows_seen`, `nonfinite`, `names`, `scale_exp` (per layer: `hsic[i, j]` is in units of
+/// `2^-2(e_i + e_j)`).
 fn to_dict<'py>(py: Python<'py>, r: &MinibatchHsic) -> PyResult<Bound<'py, PyDict>> {
     let l = r.dims.len();
     let (rows, cols) = table_axes(l, r.num_a);
@@ -69,6 +70,7 @@ fn to_dict<'py>(py: Python<'py>, r: &MinibatchHsic) -> PyResult<Bound<'py, PyDic
     d.set_item("kernel", r.kernel.name())?;
     d.set_item("nonfinite", r.nonfinite.clone())?;
     d.set_item("names", r.names.clone())?;
+    d.set_item("scale_exp", r.scale_exp.clone())?;
     Ok(d)
 }
 

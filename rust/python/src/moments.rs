@@ -8,7 +8,7 @@ use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
-    accumulate, default_block_rows_for, Compute, MomentAccumulator as CoreAcc,
+    accumulate, default_block_rows_for, ldexp, Compute, MomentAccumulator as CoreAcc,
     Moments as CoreMoments, PairPlan, PairStats as CorePairStats, TilePlan,
 };
 use layerscope_core::measures::align::{AlignOptions, AlignSpec, KSpec, Method};
@@ -246,6 +246,16 @@ impl PyMoments {
     fn cross_products<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let m = &slf.get().inner;
         let d = m.width();
+        if m.scale_exp.iter().any(|&e| e != 0) {
+            // a layer far from unit scale was accumulated in units of 2^-e: a copy in the
+            // data's units (no view)
+            let a = Array2::from_shape_vec((d, d), m.cov_unscaled())
+                .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+                .py_err()?;
+            let arr = a.into_pyarray(slf.py());
+            arr.call_method1("setflags", (false,))?;
+            return Ok(arr);
+        }
         let view = ArrayView2::from_shape((d, d), &m.cov[..])
             .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
             .py_err()?;
@@ -357,7 +367,7 @@ impl PyMoments {
         i: usize,
         j: usize,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let b = self.inner.block(i, j).py_err()?;
+        let b = self.inner.block_unscaled(i, j).py_err()?;
         let (di, dj) = (self.inner.dims[i], self.inner.dims[j]);
         let a = Array2::from_shape_vec((di, dj), b)
             .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
@@ -379,7 +389,8 @@ impl PyMoments {
     /// :type l: int
     /// :rtype: float
     fn rr(&self, k: usize, l: usize) -> PyResult<f64> {
-        self.inner.rr(k, l).py_err()
+        let v = self.inner.rr(k, l).py_err()?;
+        Ok(ldexp(v, 2 * (self.inner.exp(k) + self.inner.exp(l))))
     }
 
     /// `tr C_kk`.
@@ -387,7 +398,7 @@ impl PyMoments {
     /// :type k: int
     /// :rtype: float
     fn trace(&self, k: usize) -> PyResult<f64> {
-        self.inner.trace(k).py_err()
+        Ok(ldexp(self.inner.trace(k).py_err()?, 2 * self.inner.exp(k)))
     }
 
     /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or

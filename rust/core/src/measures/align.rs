@@ -704,7 +704,16 @@ pub fn measures_from_moments(
 ) -> Result<(Vec<Spectrum>, Option<AlignmentMatrix>)> {
     let n = usize::try_from(m.n).map_err(|_| Error::invalid("row count overflow"))?;
     let view = CovView::new(&m.cov, m.dims.clone(), n)?;
-    measures_from_cov(&view, &m.names, spectrum_layers, align, budget, monitor)
+    let (spectra, al) =
+        measures_from_cov(&view, &m.names, spectrum_layers, align, budget, monitor)?;
+    // the spectra's absolute values back in the data's units (the alignment measures are
+    // free of each layer's unit)
+    let spectra = spectra
+        .into_iter()
+        .zip(spectrum_layers)
+        .map(|(s, &l)| s.rescaled(2 * m.exp(l)))
+        .collect();
+    Ok((spectra, al))
 }
 
 #[cfg(test)]

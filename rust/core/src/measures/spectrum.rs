@@ -209,6 +209,22 @@ impl Spectrum {
         }
     }
 
+    /// The absolute values (eigenvalues, total variance, rank tolerance) multiplied by
+    /// `2^two_e`: a spectrum computed on a layer stored in units of `2^-e`
+    /// ([`crate::engine::moments::Moments::scale_exp`]) back in the data's units (±Inf where
+    /// the true value is beyond f64); the ratios are unit-free and unchanged.
+    pub fn rescaled(mut self, two_e: i32) -> Spectrum {
+        if two_e != 0 {
+            use crate::engine::moments::ldexp;
+            self.eigenvalues
+                .iter_mut()
+                .for_each(|v| *v = ldexp(*v, two_e));
+            self.total_variance = ldexp(self.total_variance, two_e);
+            self.rank_tol = ldexp(self.rank_tol, two_e);
+        }
+        self
+    }
+
     /// Smallest `k` whose cumulative share of `Σλ⁺` is `≥ threshold` (PCA intrinsic
     /// dimension at any threshold; NaN for a zero-variance layer).
     pub fn pca_id(&self, threshold: f64) -> f64 {

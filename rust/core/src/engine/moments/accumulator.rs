@@ -40,6 +40,125 @@ impl Compute {
 /// sums into the f64 accumulator every this many rows.
 pub const F32_SUM_ROWS: usize = <f32 as PackedElem>::CHAIN;
 
+/// Layer scaling (numbers at any scale): a layer whose shifted values in the first block
+/// reach at most `2^e` in magnitude with `|e| > SCALE_BAND` is multiplied by `2^-e` (exact in
+/// binary floating point) before any product, so its squares and fourth powers stay far
+/// inside the f32 and f64 ranges; every finalised quantity of it is then in units of
+/// `2^-e` per factor ([`Moments::scale_exp`]). Layers within the band (every ordinary
+/// activation: up to about 1e12 and down to 1e-12) are not touched: their results are the
+/// same bits as without scaling.
+pub const SCALE_BAND: i32 = 40;
+
+/// Largest shifted (and scaled) magnitude an f32 block product takes: above it a block of
+/// [`Compute::F32`] is done in f64 instead (its products, up to 2^100 summed over
+/// [`F32_SUM_ROWS`] rows, stay below f32's 2^128), e.g. a lone finite outlier near 1e38 in an
+/// f32 store. The other side: [`F32_TINY`].
+pub const F32_SAFE: f64 = (1u64 << 50) as f64;
+
+/// `x · 2^e`, exact unless the result over- or underflows (steps of at most 2^1000, so any
+/// `e` works).
+pub fn ldexp(mut x: f64, mut e: i32) -> f64 {
+    while e > 1000 {
+        x *= pow2(1000);
+        e -= 1000;
+    }
+    while e < -1000 {
+        x *= pow2(-1000);
+        e += 1000;
+    }
+    x * pow2(e)
+}
+
+/// `2^e` for `|e| ≤ 1022` (a normal f64).
+fn pow2(e: i32) -> f64 {
+    debug_assert!(e.abs() <= 1022);
+    f64::from_bits(((1023 + e.clamp(-1022, 1023)) as u64) << 52)
+}
+
+/// The scale exponent of a layer whose largest shifted magnitude is `max`: 0 within
+/// [`SCALE_BAND`] (and for 0, NaN or ±Inf: nothing to scale, or the pass reports it), else
+/// `⌊log2 max⌋` (clamped to ±1000, so that `2^-e` is one normal f64).
+pub fn scale_exponent(max: f64) -> i32 {
+    if !(max.is_finite() && max > 0.0) {
+        return 0;
+    }
+    // the exponent of max (subnormals: scaled into the normal range first)
+    let (m, bias) = if max < f64::MIN_POSITIVE {
+        (max * pow2(64), 64)
+    } else {
+        (max, 0)
+    };
+    let e = ((m.to_bits() >> 52) & 0x7ff) as i32 - 1023 - bias;
+    if e.abs() <= SCALE_BAND {
+        0
+    } else {
+        e.clamp(-1000, 1000)
+    }
+}
+
+/// Smallest non-zero column magnitude f32 products take: a column of a block whose
+/// largest `|u|` is below it (a column far smaller than the layer's unit, e.g. a layer whose
+/// unit was set by an outlier in another column) would have subnormal or zero f32 products,
+/// and the block is done in f64.
+pub const F32_TINY: f64 = 1.0 / (1u64 << 50) as f64;
+
+/// Whether the f32 products of a row-major `rows × width` block `u` (shifted and scaled
+/// values, `u(i)` for element `i`) are as accurate as usual: every column's largest `|u|`
+/// is 0 or within `[F32_TINY, F32_SAFE]` (no underflow, no overflow). NaN or ±Inf: false.
+pub fn f32_products_ok(u: impl Fn(usize) -> f64 + Sync, rows: usize, width: usize) -> bool {
+    if width == 0 || rows == 0 {
+        return true;
+    }
+    const CH: usize = 64;
+    let maxima = (0..rows.div_ceil(CH))
+        .into_par_iter()
+        .map(|c| {
+            let mut m = vec![0.0f64; width];
+            for a in c * CH..((c + 1) * CH).min(rows) {
+                for (j, mj) in m.iter_mut().enumerate() {
+                    let v = u(a * width + j).abs();
+                    // NaN must not be lost by max: make it infinite
+                    *mj = if v.is_nan() { f64::INFINITY } else { mj.max(v) };
+                }
+            }
+            m
+        })
+        .reduce(
+            || vec![0.0f64; width],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x = x.max(y);
+                }
+                a
+            },
+        );
+    maxima
+        .iter()
+        .all(|&m| m == 0.0 || (F32_TINY..=F32_SAFE).contains(&m))
+}
+
+/// Per layer, [`scale_exponent`] of the largest deviation `|x − μ0|` of a block.
+pub(super) fn block_exps<T: Element>(
+    dims: &[usize],
+    offsets: &[usize],
+    block: &[&[T]],
+    shift: &[f64],
+) -> Vec<i32> {
+    block
+        .par_iter()
+        .enumerate()
+        .map(|(l, x)| {
+            let (dl, o) = (dims[l], offsets[l]);
+            let mu = &shift[o..o + dl];
+            let max = (0..x.len())
+                .map(|i| (x[i].to_f64() - mu[i % dl]).abs())
+                .filter(|v| v.is_finite())
+                .fold(0.0f64, f64::max);
+            scale_exponent(max)
+        })
+        .collect()
+}
+
 /// Most rows per block in [`Compute::F32`] (the f32 row buffer, `rows × D`, is the block):
 /// two packed-SYRK slices of 768 rows.
 pub const F32_BLOCK_ROWS: usize = 1536;
@@ -52,6 +171,12 @@ pub struct MomentAccumulator {
     pub(super) names: Vec<String>,
     /// Reference shift μ0 (length D), set by the first non-empty block.
     pub(super) shift: Option<Vec<f64>>,
+    /// Per layer: the scale exponent `e` ([`SCALE_BAND`]); the accumulated values are
+    /// `(x − μ0) · 2^-e`. Set with the shift by the first non-empty block (or [`Self::set_scale`]).
+    pub(super) exps: Option<Vec<i32>>,
+    /// Whether the first block may choose exponents other than 0 (off: every layer unscaled,
+    /// for the tiles of a tiled pass, whose pieces must share one unit per layer).
+    pub(super) auto_scale: bool,
     /// Column-major (D+L)×(D+L); upper triangle valid.
     pub(super) s: Vec<f64>,
     /// Column sums of w (length D+L).
@@ -271,6 +396,8 @@ impl MomentAccumulator {
             offsets: offsets_of(dims),
             names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
             shift: None,
+            exps: None,
+            auto_scale: true,
             s: crate::linalg::hinted_vec(
                 cells,
                 format_args!(
@@ -347,6 +474,75 @@ impl MomentAccumulator {
         Ok(())
     }
 
+    /// Set the per-layer scale exponents before the first row (see [`SCALE_BAND`]; each in
+    /// ±1000); otherwise the first block chooses them.
+    pub fn set_scale(&mut self, exps: &[i32]) -> Result<()> {
+        if self.n > 0 || self.exps.is_some() {
+            return Err(Error::invalid(
+                "the scale can only be set before the first row is accumulated",
+            ));
+        }
+        if exps.len() != self.dims.len() || exps.iter().any(|e| e.abs() > 1000) {
+            return Err(Error::invalid(format!(
+                "the scale needs one exponent in ±1000 per layer ({} layers), got {exps:?}",
+                self.dims.len()
+            )));
+        }
+        self.exps = Some(exps.to_vec());
+        Ok(())
+    }
+
+    /// `false`: the first block does not scale any layer (exponents 0; see `auto_scale`).
+    pub fn with_auto_scale(mut self, on: bool) -> Self {
+        self.auto_scale = on;
+        self
+    }
+
+    /// The per-layer scale exponents in force (all 0 before the first block).
+    pub fn scale_exps(&self) -> Vec<i32> {
+        self.exps
+            .clone()
+            .unwrap_or_else(|| vec![0; self.dims.len()])
+    }
+
+    /// Per layer `2^-e`.
+    fn factors(&self) -> Vec<f64> {
+        self.scale_exps().iter().map(|&e| pow2(-e)).collect()
+    }
+
+    /// Per column of `w = [u, r]` (D + L): the exponent its values carry relative to
+    /// `to` when they are in units of `from` (`u`: e_from − e_to; `r = ‖u‖²`: twice).
+    fn column_shift(&self, from: &[i32], to: &[i32]) -> Vec<i32> {
+        let mut k = Vec::with_capacity(self.dz());
+        for (l, &dl) in self.dims.iter().enumerate() {
+            k.extend(std::iter::repeat_n(from[l] - to[l], dl));
+        }
+        for l in 0..self.dims.len() {
+            k.push(2 * (from[l] - to[l]));
+        }
+        k
+    }
+
+    /// Re-express the sums in the units of the exponents `to` (exact: powers of two).
+    fn rescale(&mut self, to: &[i32]) {
+        let from = self.scale_exps();
+        if from == to {
+            return;
+        }
+        let k = self.column_shift(&from, to);
+        let dz = self.dz();
+        let kk = &k;
+        self.s.par_chunks_mut(dz).enumerate().for_each(|(j, col)| {
+            for (i, v) in col.iter_mut().enumerate() {
+                *v = ldexp(*v, kk[i] + kk[j]);
+            }
+        });
+        for (v, &e) in self.sums.iter_mut().zip(&k) {
+            *v = ldexp(*v, e);
+        }
+        self.exps = Some(to.to_vec());
+    }
+
     /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l`.
     /// Errors leave the accumulator unchanged.
     pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
@@ -367,8 +563,17 @@ impl MomentAccumulator {
         if self.shift.is_none() {
             self.shift = Some(block_means(&self.dims, block, rows));
         }
-        if self.compute == Compute::F32 {
-            return self.update_f32(block, rows);
+        if self.exps.is_none() {
+            let mu = self.shift.as_deref().unwrap_or(&[]);
+            self.exps = Some(if self.auto_scale {
+                block_exps(&self.dims, &self.offsets, block, mu)
+            } else {
+                vec![0; self.dims.len()]
+            });
+        }
+        let fac = self.factors();
+        if self.compute == Compute::F32 && self.update_f32(block, rows, &fac)? {
+            return Ok(());
         }
         let mu = self.shift.as_deref().unwrap_or(&[]);
         // w rows (row-major rows × dz) = column-major dz × rows.
@@ -381,9 +586,10 @@ impl MomentAccumulator {
                 let dl = dims[l];
                 let o = offsets[l];
                 let src = &x[a * dl..(a + 1) * dl];
+                let f = fac[l];
                 let mut r = 0.0;
                 for ((dst, v), m) in wr[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
-                    let u = v.to_f64() - m;
+                    let u = (v.to_f64() - m) * f;
                     *dst = u;
                     r += u * u;
                 }
@@ -410,8 +616,9 @@ impl MomentAccumulator {
     /// [`Compute::F32`] update (shapes and finiteness already checked, shift set): the
     /// `D × D` SYRK in f32 (sums over at most [`F32_SUM_ROWS`] rows, each added into the f64
     /// upper triangle); the squared-norm columns, their products with `u` and the
-    /// column sums in f64 from the same f32-rounded `u`.
-    fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
+    /// column sums in f64 from the same f32-rounded `u`. `Ok(false)`, with nothing
+    /// changed, when a shifted value exceeds [`F32_SAFE`]: the caller does the block in f64.
+    fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize, fac: &[f64]) -> Result<bool> {
         let d = self.d();
         let dz = self.dz();
         let lc = self.dims.len();
@@ -429,15 +636,21 @@ impl MomentAccumulator {
                 for (l, x) in block.iter().enumerate() {
                     let (dl, o) = (dims[l], offsets[l]);
                     let src = &x[a * dl..(a + 1) * dl];
+                    let f = fac[l];
                     let mut acc = 0.0f64;
                     for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
-                        let q = (v.to_f64() - m) as f32;
+                        let q = ((v.to_f64() - m) * f) as f32;
                         *dst = q;
                         acc += f64::from(q) * f64::from(q);
                     }
                     rr[l] = acc;
                 }
             });
+        let uu: &[f32] = u;
+        if !f32_products_ok(|i| f64::from(uu[i]), rows, d) {
+            self.scratch = scratch;
+            return Ok(false);
+        }
         // D × D part: the f32 SYRK, its partial sums added into the f64 upper triangle.
         let view = Strided {
             u: &*u,
@@ -490,7 +703,7 @@ impl MomentAccumulator {
         }
         self.scratch = scratch;
         self.n += rows as u64;
-        Ok(())
+        Ok(true)
     }
 
     /// Re-express the sums under the shift `new_shift` (exact algebra; `S` becomes full).
@@ -503,7 +716,14 @@ impl MomentAccumulator {
         let dz = self.dz();
         let lc = self.dims.len();
         let n = self.n as f64;
-        let delta: Vec<f64> = old.iter().zip(new_shift).map(|(a, b)| a - b).collect();
+        // in the accumulated units: (μ_old − μ_new) · 2^-e of its layer
+        let fac = self.factors();
+        let mut delta: Vec<f64> = old.iter().zip(new_shift).map(|(a, b)| a - b).collect();
+        for (l, f) in fac.iter().enumerate() {
+            for v in &mut delta[self.offsets[l]..self.offsets[l + 1]] {
+                *v *= f;
+            }
+        }
         let e: Vec<f64> = (0..lc)
             .map(|l| {
                 delta[self.offsets[l]..self.offsets[l + 1]]
@@ -641,15 +861,19 @@ impl MomentAccumulator {
             self.nonfinite = nf;
             return Ok(());
         }
-        // Under one shift (every task of a distributed tile) the sums simply add; else
-        // `other` is re-shifted to this one's shift first (a copy: its full matrix).
+        // Under one shift and scale (every task of a distributed tile) the sums simply add;
+        // else `other` is rescaled to this one's units and re-shifted to its shift first (a
+        // copy: its full matrix).
         let reshifted;
-        let o = if self.shift == other.shift {
+        let o = if self.shift == other.shift && self.scale_exps() == other.scale_exps() {
             other
         } else {
             let mut c = other.clone();
+            c.rescale(&self.scale_exps());
             if let Some(sh) = self.shift.clone() {
-                c.reshift(&sh);
+                if c.shift.as_ref() != Some(&sh) {
+                    c.reshift(&sh);
+                }
             }
             reshifted = c;
             &reshifted
@@ -681,18 +905,27 @@ impl MomentAccumulator {
         let dz = self.dz();
         let lc = self.dims.len();
         let n = self.n as f64;
+        self.check_products()?;
         let shift = self.shift.clone().unwrap_or_else(|| vec![0.0; d]);
+        let exps = self.scale_exps();
+        let fac = self.factors();
+        // per column: the layer's 2^e (the sums are in units of 2^-e)
+        let mut col_exp = Vec::with_capacity(d);
+        for (l, &dl) in self.dims.iter().enumerate() {
+            col_exp.extend(std::iter::repeat_n(l, dl));
+        }
         let mean: Vec<f64> = shift
             .iter()
             .zip(&self.sums)
-            .map(|(m, s)| m + s / n)
+            .zip(&col_exp)
+            .map(|((m, s), &l)| m + ldexp(s / n, exps[l]))
             .collect();
         self.reshift(&mean);
         let shift_offset = (0..d)
             .map(|f| {
                 let var = self.s[f * dz + f] / n;
                 if var > 0.0 {
-                    (mean[f] - shift[f]).abs() / var.sqrt()
+                    ((mean[f] - shift[f]) * fac[col_exp[f]]).abs() / var.sqrt()
                 } else {
                     0.0
                 }
@@ -721,6 +954,48 @@ impl MomentAccumulator {
             rr,
             nonfinite: self.nonfinite,
             shift_offset,
+            scale_exp: exps,
         })
+    }
+
+    /// With finiteness enforced (no NaN or Inf came in), every sum must be finite: one that
+    /// is not overflowed — a value too large for f64 products relative to its layer's unit
+    /// (its first block's spread, see [`SCALE_BAND`]): an [`Error::NonFinite`] naming the
+    /// layers, never a NaN or 0 passed on as a result.
+    fn check_products(&self) -> Result<()> {
+        if !self.check_finite {
+            return Ok(());
+        }
+        let dz = self.dz();
+        let d = self.d();
+        let layer_of = |i: usize| {
+            if i >= d {
+                i - d
+            } else {
+                self.offsets.partition_point(|&o| o <= i) - 1
+            }
+        };
+        let bad_sum = self.sums.iter().position(|v| !v.is_finite());
+        let bad_cell = (0..dz).into_par_iter().find_map_first(|j| {
+            (0..=j)
+                .find(|&i| !self.s[j * dz + i].is_finite())
+                .map(|i| (i, j))
+        });
+        let (a, b) = match (bad_sum, bad_cell) {
+            (Some(i), _) => (i, i),
+            (None, Some(c)) => c,
+            (None, None) => return Ok(()),
+        };
+        let (la, lb) = (layer_of(a), layer_of(b));
+        let which = if la == lb {
+            format!("layer {:?}", self.names[la])
+        } else {
+            format!("layers {:?} and {:?}", self.names[la], self.names[lb])
+        };
+        Err(Error::NonFinite(format!(
+            "{which}: the sums of products overflowed the f64 range (values more than about \
+             1e150 times the spread of the layer's first rows: an outlier, or rows of very \
+             different scales); no result is given rather than a wrong one"
+        )))
     }
 }

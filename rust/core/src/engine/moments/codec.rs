@@ -6,7 +6,8 @@ use super::cross::CrossAccumulator;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"LSMOMACC";
-const VERSION: u32 = 1;
+/// 2: the per-layer scale exponents follow the shift (a moment accumulator).
+const VERSION: u32 = 2;
 
 impl MomentAccumulator {
     /// Versioned little-endian serialisation (upper triangle of `S` only).
@@ -22,6 +23,7 @@ impl MomentAccumulator {
             check_finite: self.check_finite,
             nonfinite: &self.nonfinite,
             shift: self.shift.as_deref(),
+            exps: Some(&self.scale_exps()),
         }
         .write(dz * (dz + 1) / 2 + dz, "the serialised moment accumulator")?;
         debug_assert_eq!(self.sums.len(), dz);
@@ -47,9 +49,25 @@ impl MomentAccumulator {
             get_f64s(&tri[at..at + (j + 1) * 8], &mut s[j * dz..j * dz + j + 1]);
             at += (j + 1) * 8;
         }
+        let exps = match l.exps {
+            Some(b) => {
+                let e: Vec<i32> = b
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .map(|v| i32::try_from(v).unwrap_or(i32::MAX))
+                    .collect();
+                if e.iter().any(|v| v.abs() > 1000) {
+                    return Err(fmt_err("a scale exponent outside ±1000"));
+                }
+                Some(e)
+            }
+            None => None,
+        };
         Ok(MomentAccumulator {
             offsets: offsets_of(&l.dims),
             shift: l.shift.map(f64s),
+            exps,
+            auto_scale: true,
             sums: f64s(sums),
             s,
             n: l.n,
@@ -88,6 +106,7 @@ impl CrossAccumulator {
             check_finite: self.check_finite,
             nonfinite: &self.nonfinite,
             shift: self.shift.as_deref(),
+            exps: None,
         }
         .write(sums, "the serialised cross tile")?;
         for part in [&self.su, &self.sr, &self.uu, &self.ur, &self.ru, &self.rr] {
@@ -136,6 +155,7 @@ impl CrossAccumulator {
             r: Vec::new(),
             pack32: Vec::new(),
             pack64: Vec::new(),
+            fac: Vec::new(),
         })
     }
 }
@@ -151,6 +171,8 @@ struct Header<'a> {
     check_finite: bool,
     nonfinite: &'a [Option<u64>],
     shift: Option<&'a [f64]>,
+    /// A moment accumulator's scale exponents (written after the shift, when there is one).
+    exps: Option<&'a [i32]>,
 }
 
 impl Header<'_> {
@@ -160,7 +182,7 @@ impl Header<'_> {
         let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
         let shift = self.shift.map_or(0, <[f64]>::len);
         let mut out = crate::memory::try_with_capacity(
-            64 + names + self.dims.len() * 16 + (shift + sums) * 8,
+            64 + names + self.dims.len() * 24 + (shift + sums) * 8,
             what,
         )?;
         out.extend_from_slice(self.magic);
@@ -184,6 +206,11 @@ impl Header<'_> {
         out.push(self.shift.is_some() as u8);
         if let Some(sh) = self.shift {
             put_f64s(&mut out, sh);
+            if let Some(exps) = self.exps {
+                for &e in exps {
+                    out.extend_from_slice(&i64::from(e).to_le_bytes());
+                }
+            }
         }
         Ok(out)
     }
@@ -203,7 +230,11 @@ struct Layout<'a> {
     n: u64,
     check_finite: bool,
     nonfinite: Vec<Option<u64>>,
+    /// The shift's bytes (and, for a moment accumulator, its scale exponents after them:
+    /// two partials merge straight only when both agree).
     shift: Option<&'a [u8]>,
+    /// The scale exponents' bytes (a moment accumulator with a shift).
+    exps: Option<&'a [u8]>,
     /// Where the additive f64 sums start, and they themselves (exactly as many bytes as the
     /// layout needs).
     payload_at: usize,
@@ -264,7 +295,12 @@ fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
         let dz = (d + lc) as u128;
         dz + dz * (dz + 1) / 2
     };
-    let shift_len = if has_shift { d as u128 * 8 } else { 0 };
+    let exps_len = if has_shift && !cross {
+        lc as u128 * 8
+    } else {
+        0
+    };
+    let shift_len = if has_shift { d as u128 * 8 } else { 0 } + exps_len;
     if shift_len + count * 8 != r.remaining() as u128 {
         return Err(fmt_err(format!(
             "accumulator payload has {} bytes, expected {} for widths {dims:?}",
@@ -276,10 +312,12 @@ fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
         return Err(fmt_err("row count and shift disagree"));
     }
     let shift = if has_shift {
-        Some(r.take(d * 8)?)
+        Some(r.take(d * 8 + exps_len as usize)?)
     } else {
         None
     };
+    let exps = shift.filter(|_| exps_len > 0).map(|s| &s[d * 8..]);
+    let shift = shift.map(|s| &s[..d * 8]);
     let payload_at = r.pos;
     Ok(Layout {
         cross,
@@ -291,6 +329,7 @@ fn layout(bytes: &[u8]) -> Result<Layout<'_>> {
         check_finite,
         nonfinite,
         shift,
+        exps,
         payload_at,
         payload: &bytes[payload_at..],
     })
@@ -323,6 +362,7 @@ pub fn merge_serialised(a: &[u8], b: &[u8]) -> Result<Option<Vec<u8>>> {
         || x.prefix != y.prefix
         || x.check_finite != y.check_finite
         || x.shift != y.shift
+        || x.exps != y.exps
     {
         return Ok(None);
     }

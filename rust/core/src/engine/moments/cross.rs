@@ -20,7 +20,8 @@
 //! (`r̄_{p,a} = ‖u_{p,a} − ū_p‖² = r_{p,a} − 2 ū_pᵀ u_{p,a} + e_p`, expanded), and returns
 //! `‖C_pq‖_F²` and `Σ_a r̄_p r̄_q` for every pair: what linear CKA needs of them.
 use super::accumulator::{
-    block_means, checked_names, checked_shift, column_sums, offsets_of, screen, sized, Compute,
+    block_means, checked_names, checked_shift, column_sums, f32_products_ok, offsets_of, screen,
+    sized, Compute,
 };
 use crate::error::{Error, Result};
 use crate::linalg::packed::{gemm_tn_add, PackedElem, Strided};
@@ -57,6 +58,8 @@ pub struct CrossAccumulator {
     pub(super) r: Vec<f64>,
     pub(super) pack32: Vec<f32>,
     pub(super) pack64: Vec<f64>,
+    /// Per piece `2^-e` ([`CrossAccumulator::set_scale`]; empty: 1).
+    pub(super) fac: Vec<f64>,
 }
 
 /// What a finished [`CrossAccumulator`] gives: for `p < L_A`, `q < L_B` (row-major
@@ -113,6 +116,7 @@ impl CrossAccumulator {
             r: Vec::new(),
             pack32: Vec::new(),
             pack64: Vec::new(),
+            fac: Vec::new(),
         })
     }
 
@@ -136,6 +140,24 @@ impl CrossAccumulator {
     pub fn with_names(mut self, names: &[String]) -> Result<Self> {
         self.names = checked_names(names, self.dims.len())?;
         Ok(self)
+    }
+
+    /// Set the per-piece scale exponents before the first row: the shifted values are
+    /// multiplied by `2^-e` (see [`super::accumulator::SCALE_BAND`]); every sum is then in
+    /// those units, as the diagonal tiles' of the same pass.
+    pub fn set_scale(&mut self, exps: &[i32]) -> Result<()> {
+        if self.n > 0 || exps.len() != self.dims.len() || exps.iter().any(|e| e.abs() > 1000) {
+            return Err(Error::invalid(format!(
+                "the scale of a cross tile needs one exponent in ±1000 per piece ({}), set \
+                 before the first row; got {exps:?}",
+                self.dims.len()
+            )));
+        }
+        self.fac = exps
+            .iter()
+            .map(|&e| super::accumulator::ldexp(1.0, -e))
+            .collect();
+        Ok(())
     }
 
     /// Set the reference shift (length `D_A + D_B`, finite) before the first row.
@@ -163,7 +185,13 @@ impl CrossAccumulator {
         if self.shift.is_none() {
             self.shift = Some(block_means(&self.dims, block, rows));
         }
-        match self.compute {
+        // f32 products only when every shifted (scaled) value is at most F32_SAFE: a block
+        // with a larger one (a lone outlier near f32's limit) is done in f64
+        let compute = match self.compute {
+            Compute::F32 if !self.f32_safe(block) => Compute::F64,
+            c => c,
+        };
+        match compute {
             Compute::F64 => {
                 let mut u = std::mem::take(&mut self.u64);
                 let mut pack = std::mem::take(&mut self.pack64);
@@ -183,6 +211,17 @@ impl CrossAccumulator {
         }
     }
 
+    /// Whether the f32 products of the block's `(x − μ0) · 2^-e` are as accurate as usual,
+    /// per piece ([`f32_products_ok`]).
+    fn f32_safe<T: Element>(&self, block: &[&[T]]) -> bool {
+        let mu = self.shift.as_deref().unwrap_or(&[]);
+        block.iter().enumerate().all(|(l, x)| {
+            let (dl, o) = (self.dims[l], self.offsets[l]);
+            let f = self.fac.get(l).copied().unwrap_or(1.0);
+            f32_products_ok(|i| (x[i].to_f64() - mu[o + i % dl]) * f, x.len() / dl, dl)
+        })
+    }
+
     /// One block's products with the shifted values `u` in `C` (f32 or f64): the cross block
     /// by the packed GEMM (sums of at most `C::CHAIN` rows in `C`, added into f64); the
     /// squared norms (from the rounded `u`), their products and the sums in f64.
@@ -200,6 +239,7 @@ impl CrossAccumulator {
         let (lb, db) = (lc - na, d - da);
         let mu = self.shift.as_deref().unwrap_or(&[]);
         let (dims, offsets) = (&self.dims, &self.offsets);
+        let fac = &self.fac;
         let u = sized(ubuf, rows * d)?;
         let mut rbuf = std::mem::take(&mut self.r);
         let r = sized(&mut rbuf, rows * lc)?;
@@ -210,9 +250,10 @@ impl CrossAccumulator {
                 for (l, x) in block.iter().enumerate() {
                     let (dl, o) = (dims[l], offsets[l]);
                     let src = &x[a * dl..(a + 1) * dl];
+                    let f = fac.get(l).copied().unwrap_or(1.0);
                     let mut acc = 0.0f64;
                     for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
-                        let q = round(v.to_f64() - m);
+                        let q = round((v.to_f64() - m) * f);
                         *dst = q;
                         let w: f64 = q.into();
                         acc += w * w;
@@ -384,6 +425,23 @@ impl CrossAccumulator {
                 (sq, rr)
             })
             .collect();
+        // finiteness enforced (no NaN/Inf came in): a non-finite pair overflowed the f64 (or
+        // f32) products — an error naming it, never a NaN passed on as a CKA value
+        if self.check_finite {
+            if let Some(kl) = pairs
+                .iter()
+                .position(|p| !(p.0.is_finite() && p.1.is_finite()))
+            {
+                let (k, l) = (kl / lb, kl % lb);
+                return Err(Error::NonFinite(format!(
+                    "layers {:?} and {:?}: their cross products overflowed (values too large \
+                     for the products of a tiled pass, e.g. beyond about 1e19 in float32 or \
+                     1e150 in float64); no result is given rather than a wrong one",
+                    self.names[k],
+                    self.names[na + l]
+                )));
+            }
+        }
         Ok(CrossStats {
             n: self.n,
             sq: pairs.iter().map(|p| p.0).collect(),

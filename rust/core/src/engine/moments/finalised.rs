@@ -1,6 +1,7 @@
 //! [`Moments`]: the finalised moments of a pass and their blocks `C_ij`. The measures on
 //! them live in `crate::measures` (linear CKA: `cka::linear`; spectra and alignment:
 //! `align::measures_from_moments`).
+use super::accumulator::ldexp;
 use crate::error::{Error, Result};
 
 /// Finalised moments (see the module docs). `cov` is the full symmetric `D × D` centred
@@ -24,6 +25,13 @@ pub struct Moments {
     /// reference shift was from the mean, in standard deviations. The f32 products'
     /// rounding error grows with `(1 + this)²`; tests cover values up to about 1.
     pub shift_offset: f64,
+    /// Per layer the scale exponent `e` of the pass (see
+    /// [`super::accumulator::SCALE_BAND`]; 0 for every ordinary layer): `cov`'s block
+    /// `(i, j)` is in units of `2^-(e_i + e_j)`, `rr[k, l]` of `2^-2(e_k + e_l)`; `mean` is
+    /// in the data's own units. The accessors below return the data's units (which can
+    /// overflow to ±Inf where the true value is beyond f64); measures that are scale-free per
+    /// layer (CKA, alignment, the spectrum's ratios) use the stored units directly.
+    pub scale_exp: Vec<i32>,
 }
 
 impl Moments {
@@ -57,6 +65,42 @@ impl Moments {
             out.extend_from_slice(&self.cov[r * d + rj.start..r * d + rj.end]);
         }
         Ok(out)
+    }
+    /// [`Moments::block`] in the data's units (see `scale_exp`).
+    pub fn block_unscaled(&self, i: usize, j: usize) -> Result<Vec<f64>> {
+        let mut out = self.block(i, j)?;
+        let e = self.exp(i) + self.exp(j);
+        if e != 0 {
+            out.iter_mut().for_each(|v| *v = ldexp(*v, e));
+        }
+        Ok(out)
+    }
+    /// The scale exponent of layer `i` (0 when none was recorded).
+    pub fn exp(&self, i: usize) -> i32 {
+        self.scale_exp.get(i).copied().unwrap_or(0)
+    }
+    /// Scale-dependent accessors ([`Moments::block`], [`Moments::rr`], [`Moments::trace`],
+    /// [`Moments::block_sq_norm`]) are in the stored units (see `scale_exp`): what the
+    /// scale-free measures use. Multiply by `2^(e_i + e_j)` per factor for the data's units
+    /// ([`Moments::block_unscaled`], [`Moments::cov_unscaled`], [`super::accumulator::ldexp`]).
+    ///
+    /// The full `C` in the data's units (a copy; see `scale_exp`).
+    pub fn cov_unscaled(&self) -> Vec<f64> {
+        let mut c = self.cov.clone();
+        if self.scale_exp.iter().all(|&e| e == 0) {
+            return c;
+        }
+        let d = self.width();
+        let mut e = Vec::with_capacity(d);
+        for (l, &dl) in self.dims.iter().enumerate() {
+            e.extend(std::iter::repeat_n(self.exp(l), dl));
+        }
+        for (j, col) in c.chunks_mut(d.max(1)).enumerate() {
+            for (i, v) in col.iter_mut().enumerate() {
+                *v = ldexp(*v, e[i] + e[j]);
+            }
+        }
+        c
     }
     /// Column means of layer `i`.
     pub fn layer_mean(&self, i: usize) -> Result<&[f64]> {

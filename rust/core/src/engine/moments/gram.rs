@@ -18,7 +18,7 @@
 //! Memory: as many Grams as the budget holds (`n² · 8` bytes each) plus the one being
 //! built; when not all fit, rounds hold a group of layers and stream the others past it,
 //! one Gram at a time (a streamed Gram is rebuilt once per round: FLOPs grow, memory not).
-use super::accumulator::Compute;
+use super::accumulator::{f32_products_ok, ldexp, scale_exponent, Compute};
 use super::pairs::PairStats;
 use crate::error::{Error, Result};
 use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
@@ -298,10 +298,33 @@ impl Gram {
         for m in mean.iter_mut() {
             *m /= n as f64;
         }
+        // A layer far from unit scale (its largest deviation over all its rows beyond
+        // 2^±SCALE_BAND) is multiplied by 2^-e (exact): the Gram's entries and their
+        // products stay inside the f32/f64 ranges; every statistic of a pair then carries
+        // the same factor for each layer, which CKA cancels.
+        let max = x
+            .par_chunks(d)
+            .map(|r| {
+                r.iter()
+                    .zip(&mean)
+                    .map(|(v, m)| (v.to_f64() - m).abs())
+                    .filter(|v| v.is_finite())
+                    .fold(0.0f64, f64::max)
+            })
+            .reduce(|| 0.0, f64::max);
+        let f = ldexp(1.0, -scale_exponent(max));
         let mut k = crate::linalg::hinted_vec(n * n, format_args!("a {n} × {n} Gram matrix"))?;
+        // f32 products only where they are as accurate as usual (no column far below the
+        // layer's unit, none above f32's safe range); else this layer's Gram in f64
+        let compute = match compute {
+            Compute::F32 if !f32_products_ok(|i| (x[i].to_f64() - mean[i % d]) * f, n, d) => {
+                Compute::F64
+            }
+            c => c,
+        };
         match compute {
-            Compute::F64 => Self::syrk(&x, &mean, n, d, &mut k, |v| v)?,
-            Compute::F32 => Self::syrk(&x, &mean, n, d, &mut k, |v| v as f32)?,
+            Compute::F64 => Self::syrk(&x, &mean, f, n, d, &mut k, |v| v)?,
+            Compute::F32 => Self::syrk(&x, &mean, f, n, d, &mut k, |v| v as f32)?,
         }
         let diag = (0..n).map(|a| k[a * n + a]).collect();
         Ok(Gram {
@@ -315,6 +338,7 @@ impl Gram {
     fn syrk<T: Element, C: PackedElem>(
         x: &[T],
         mean: &[f64],
+        f: f64,
         n: usize,
         d: usize,
         k: &mut [f64],
@@ -323,7 +347,7 @@ impl Gram {
         let mut c: Vec<C> = try_vec(n * d, C::default(), "the centred rows of a layer")?;
         c.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
             for ((o, v), m) in o.iter_mut().zip(r).zip(mean) {
-                *o = round(v.to_f64() - m);
+                *o = round((v.to_f64() - m) * f);
             }
         });
         // K = X̄ X̄ᵀ = UᵀU with U = X̄ᵀ (d × n): element (p, a) = c[a·d + p].

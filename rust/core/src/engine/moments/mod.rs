@@ -58,13 +58,16 @@ mod plan;
 mod tests;
 mod tiled;
 
-pub use accumulator::{Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SUM_ROWS};
+pub use accumulator::{
+    ldexp, scale_exponent, Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SAFE, F32_SUM_ROWS,
+    SCALE_BAND,
+};
 pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
 pub use finalised::Moments;
 pub use gram::{gram_bytes, GramPlan};
 pub use pairs::PairStats;
 pub use partial::{merge_partial_bytes, PairStatsBuilder, TilePartial};
-pub use pass::{accumulate, accumulate_into, sample_shift, SHIFT_SAMPLE_ROWS};
+pub use pass::{accumulate, accumulate_into, sample_scale, sample_shift, SHIFT_SAMPLE_ROWS};
 pub use plan::{
     accumulator_bytes, check_memory, cross_pass_bytes, default_block_rows, default_block_rows_for,
     measured_madds_per_s, pass_bytes,

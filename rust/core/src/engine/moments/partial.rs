@@ -17,7 +17,7 @@ use super::accumulator::{Compute, MomentAccumulator};
 use super::codec::{is_cross, merge_serialised};
 use super::cross::CrossAccumulator;
 use super::pairs::PairStats;
-use super::pass::{accumulate_into, sample_shift};
+use super::pass::{accumulate_into, sample_scale, sample_shift};
 use super::plan::{check_memory, cross_pass_bytes, pass_bytes};
 use super::tiled::{Piece, Tile, TilePlan};
 use crate::error::{Error, Result};
@@ -265,14 +265,29 @@ impl TilePlan {
         let range = RowRange::new(&cols, rows.clone())?;
         let pnames = self.piece_names(names, t)?;
         let dims = cols.dims();
+        // one unit per source layer on every tile and task (its pieces' statistics add up)
+        let layers = self.tile_layers(t)?;
+        let layer_exps = sample_scale(src, &layers)?;
+        let exps: Vec<i32> = self
+            .tile_pieces(t)?
+            .iter()
+            .map(|&p| {
+                let l = self.pieces[p].layer;
+                layers
+                    .iter()
+                    .position(|&x| x == l)
+                    .map_or(0, |i| layer_exps[i])
+            })
+            .collect();
         match self.tile(t)? {
             Tile::Diag(_) => {
                 check_memory(&dims, self.block_rows, self.compute, budget)?;
-                let acc = MomentAccumulator::new(&dims)?
+                let mut acc = MomentAccumulator::new(&dims)?
                     .with_names(&pnames)?
                     .with_check_finite(check_finite)
                     .with_compute(self.compute)
                     .with_row_base(rows.start);
+                acc.set_scale(&exps)?;
                 accumulate_into(acc, &range, self.block_rows, shift, monitor).map(TilePartial::Diag)
             }
             Tile::Cross(g, _) => {
@@ -296,6 +311,7 @@ impl TilePlan {
                 if let Some(shift) = shift {
                     acc.set_shift(shift)?;
                 }
+                acc.set_scale(&exps)?;
                 if range.has_f64() {
                     stream::run::<f64>(&range, self.block_rows, monitor, |b, r| acc.update(b, r))?;
                 } else {

@@ -110,3 +110,62 @@ pub fn sample_shift(src: &dyn RowSource) -> Result<Option<Vec<f64>>> {
     }
     Ok(Some(shift))
 }
+
+/// Per layer of `layers` (indices into `src`), the scale exponent
+/// ([`super::accumulator::scale_exponent`]) of its largest deviation from its mean over the
+/// rows [`sample_shift`] uses, all columns of the layer: the same on every task and tile of a
+/// pass (a deterministic function of the source), so that the pieces of one layer share one
+/// unit. Read in chunks of 128 rows (bounded memory whatever the width); non-finite values
+/// are skipped (the pass reports them).
+pub fn sample_scale(src: &dyn RowSource, layers: &[usize]) -> Result<Vec<i32>> {
+    let n = src.num_rows();
+    let dims = src.dims();
+    if n == 0 {
+        return Ok(vec![0; layers.len()]);
+    }
+    let m = n.min(SHIFT_SAMPLE_ROWS);
+    let rows: Vec<u64> = (0..m).map(|i| ((2 * i + 1) * n) / (2 * m)).collect();
+    const CHUNK: usize = 128;
+    let mut out = Vec::with_capacity(layers.len());
+    for &l in layers {
+        let dim = *dims
+            .get(l)
+            .ok_or_else(|| Error::invalid(format!("layer {l} out of range")))?;
+        let mut x = try_vec(
+            CHUNK * dim,
+            0.0,
+            format_args!("{CHUNK} sampled rows of width {dim}"),
+        )?;
+        let mut mean = vec![0.0f64; dim];
+        let mut count = vec![0u64; dim];
+        for pass in 0..2 {
+            let mut max = 0.0f64;
+            for chunk in rows.chunks(CHUNK) {
+                let buf = &mut x[..chunk.len() * dim];
+                src.take_f64(l, chunk, buf)?;
+                for r in buf.chunks_exact(dim) {
+                    for (c, &v) in r.iter().enumerate() {
+                        if !v.is_finite() {
+                            continue;
+                        }
+                        if pass == 0 {
+                            mean[c] += v;
+                            count[c] += 1;
+                        } else {
+                            max = max.max((v - mean[c]).abs());
+                        }
+                    }
+                }
+            }
+            if pass == 0 {
+                for (mu, &k) in mean.iter_mut().zip(&count) {
+                    *mu /= k.max(1) as f64;
+                }
+            } else {
+                out.push(super::accumulator::scale_exponent(max));
+            }
+        }
+        src.release(0, n)?;
+    }
+    Ok(out)
+}

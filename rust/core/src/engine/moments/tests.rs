@@ -1000,3 +1000,261 @@ fn tile_partials_refuse_what_does_not_add_up() {
         Err(Error::Memory(_))
     ));
 }
+
+/// Two related layers (`y` a noisy function of `x`) at unit scale, row-major.
+fn related(n: usize, dx: usize, dy: usize) -> (Vec<f64>, Vec<f64>) {
+    let x = data(n, dx, 91, 0.0);
+    let mut y = data(n, dy, 92, 0.0);
+    for a in 0..n {
+        for c in 0..dy {
+            y[a * dy + c] = 0.3 * y[a * dy + c] + (x[a * dx + c % dx] * 1.7).tanh();
+        }
+    }
+    (x, y)
+}
+
+/// Linear CKA (biased, debiased) of layers 0 and 1 through every route: the single pass, a
+/// tiled pass (the wide layer split into pieces), the Gram route.
+fn every_route(
+    x: Vec<f64>,
+    y: Vec<f64>,
+    n: usize,
+    dims: [usize; 2],
+    as_f32: bool,
+    compute: Compute,
+) -> Vec<crate::error::Result<[f64; 2]>> {
+    use crate::monitor::NoMonitor;
+    use crate::store::stream::{ArrayLayer, ArrayRows};
+    use crate::store::Values;
+    let (x32, y32): (Vec<f32>, Vec<f32>) = (
+        x.iter().map(|&v| v as f32).collect(),
+        y.iter().map(|&v| v as f32).collect(),
+    );
+    let layer = |i: usize| {
+        let v = match (as_f32, i) {
+            (true, 0) => Values::F32(&x32),
+            (true, _) => Values::F32(&y32),
+            (false, 0) => Values::F64(&x),
+            (false, _) => Values::F64(&y),
+        };
+        ArrayLayer::new(v, n, dims[i], dims[i]).unwrap()
+    };
+    let src = ArrayRows::new(vec![layer(0), layer(1)]).unwrap();
+    let names = vec!["x".to_string(), "y".to_string()];
+    let both = |st: crate::error::Result<PairStats>| -> crate::error::Result<[f64; 2]> {
+        let st = st?;
+        Ok([
+            st.cka_matrix(&[0], &[1], false)?[0],
+            st.cka_matrix(&[0], &[1], true)?[0],
+        ])
+    };
+    let un = Budget::unchecked();
+    let single = accumulate(&src, &names, Some(16), true, &un, compute, &NoMonitor)
+        .and_then(|a| a.finalize())
+        .and_then(|m| PairStats::from_moments(&m, &[0], &[1]));
+    let b = Budget::argument((pass_bytes(&dims, 16, compute) as f64 * 0.3) as u64).unwrap();
+    let plan = plan_tiles(&dims, 2, n as u64, Some(16), compute, &b).unwrap();
+    assert!(plan.pieces.len() > 2, "the wide layer is split: {plan:?}");
+    let tiled = run_tiled(&src, &names, &plan, true, &b, &NoMonitor);
+    let gram = GramPlan::new(&dims, 2, n as u64, compute, &un)
+        .and_then(|p| p.run(&src, &names, true, &NoMonitor));
+    vec![both(single), both(tiled), both(gram)]
+}
+
+#[test]
+fn every_route_is_right_at_any_scale() {
+    let (n, dims) = (61usize, [9usize, 300]);
+    let (x, y) = related(n, dims[0], dims[1]);
+    let want = [
+        naive_cka(&x, &y, n, dims[0], dims[1], false),
+        naive_cka(&x, &y, n, dims[0], dims[1], true),
+    ];
+    // f64 data: 1e±200 and subnormal-adjacent scales; f32 data: beyond 1e±18 (exact powers
+    // of two, so the data are the unit data scaled exactly)
+    let cases: Vec<(f64, bool, Compute)> = vec![
+        (1.0, false, Compute::F64),
+        (2f64.powi(665), false, Compute::F64),  // ~1e200
+        (2f64.powi(-665), false, Compute::F64), // ~1e-200
+        (2f64.powi(-1000), false, Compute::F64),
+        (2f64.powi(60), true, Compute::F32),  // ~1e18
+        (2f64.powi(100), true, Compute::F32), // ~1e30
+        (2f64.powi(-85), true, Compute::F32), // ~1e-25
+        (2f64.powi(60), false, Compute::F32), // f64 data, f32 products
+    ];
+    for (s, as_f32, compute) in cases {
+        let xs: Vec<f64> = x.iter().map(|v| v * s).collect();
+        let tol = if compute == Compute::F32 { 2e-6 } else { 1e-10 };
+        for (route, got) in ["single", "tiled", "gram"].iter().zip(every_route(
+            xs,
+            y.clone(),
+            n,
+            dims,
+            as_f32,
+            compute,
+        )) {
+            let got = got.unwrap_or_else(|e| panic!("{route} at {s:e} ({compute:?}): {e}"));
+            for k in 0..2 {
+                assert!(
+                    (got[k] - want[k]).abs() <= tol,
+                    "{route} at {s:e} ({compute:?}, f32 data {as_f32}): {:?} vs {want:?}",
+                    got
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn outliers_fall_back_to_f64_or_are_an_error_never_a_wrong_number() {
+    let (n, dims) = (61usize, [9usize, 300]);
+    let (mut x, y) = related(n, dims[0], dims[1]);
+    // One finite f32 outlier near f32's limit (a flipped exponent bit): the f32 products of
+    // its block would overflow; those blocks are done in f64 — the same CKA as f64 products.
+    x[5 * dims[0] + 2] = 9.9e37;
+    let x32: Vec<f64> = x.iter().map(|&v| f64::from(v as f32)).collect();
+    let y32: Vec<f64> = y.iter().map(|&v| f64::from(v as f32)).collect();
+    let want = [
+        naive_cka(&x32, &y32, n, dims[0], dims[1], false),
+        naive_cka(&x32, &y32, n, dims[0], dims[1], true),
+    ];
+    for (route, got) in ["single", "tiled", "gram"].iter().zip(every_route(
+        x32.clone(),
+        y32.clone(),
+        n,
+        dims,
+        true,
+        Compute::F32,
+    )) {
+        let got = got.unwrap();
+        // f32 products for the unit layer (the Gram route's f32 Gram entries are not
+        // averaged over rows: the usual f32 accuracy, 1e-6)
+        assert!(
+            (got[0] - want[0]).abs() <= 1e-6 * want[0].abs(),
+            "{route}: {got:?} vs {want:?}"
+        );
+        // The debiased self-HSIC of a layer that one row dominates is the difference of
+        // sums equal to ~15 digits (the diagonal excluded): not computable from the moments;
+        // NaN by the estimator's rule, never a number that looks right.
+        assert!(
+            got[1].is_nan() || (got[1] - want[1]).abs() <= 1e-6,
+            "{route}: {got:?} vs {want:?}"
+        );
+    }
+    // An f64 outlier whose square is beyond f64 (unit rows around it). Where the unit is
+    // chosen from rows that hold it (the single pass's first block, whose deviations from the
+    // sampled shift feel it; the tiles' sample; the Gram route's whole layer) the answer is
+    // right; where it comes later than the rows that chose the unit, an error naming the
+    // layer (allowed for the single pass when the outlier is not in its first block) —
+    // never a NaN or 0.
+    let s = 2f64.powi(-664);
+    for (row, single_ok) in [(5usize, true), (50, false)] {
+        let (mut xo, mut xr) = (x.clone(), x.clone());
+        xo[row * dims[0] + 2] = 1e200;
+        xr.iter_mut().for_each(|v| *v *= s);
+        xr[row * dims[0] + 2] = 1e200 * s;
+        let want = naive_cka(&xr, &y, n, dims[0], dims[1], false);
+        let res = every_route(xo, y.clone(), n, dims, false, Compute::F64);
+        for (k, (route, got)) in ["single", "tiled", "gram"].iter().zip(&res).enumerate() {
+            match got {
+                Ok(v) => {
+                    assert!(
+                        (v[0] - want).abs() <= 1e-9 * want,
+                        "{route} {row}: {v:?} vs {want}"
+                    )
+                }
+                Err(Error::NonFinite(msg)) if k == 0 && !single_ok => {
+                    assert!(msg.contains("\"x\"") && msg.contains("overflow"), "{msg}")
+                }
+                other => panic!("{route} {row}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn scaled_accumulators_merge_and_serialise_exactly() {
+    let (n, dims) = (40usize, [6usize, 5]);
+    let (x, y) = related(n, dims[0], dims[1]);
+    // the halves choose different exponents (their first blocks differ by 2^5)
+    let s = 2f64.powi(300);
+    let mut xs: Vec<f64> = x.iter().map(|v| v * s).collect();
+    for v in &mut xs[20 * dims[0]..] {
+        *v *= 32.0;
+    }
+    let mut whole = MomentAccumulator::new(&dims).unwrap();
+    whole.update(&[&xs[..], &y[..]], n).unwrap();
+    let half = |r: std::ops::Range<usize>| {
+        let mut a = MomentAccumulator::new(&dims).unwrap();
+        a.update(
+            &[
+                &xs[r.start * dims[0]..r.end * dims[0]],
+                &y[r.start * dims[1]..r.end * dims[1]],
+            ],
+            r.len(),
+        )
+        .unwrap();
+        a
+    };
+    let (mut a, b) = (half(0..20), half(20..n));
+    assert_ne!(a.scale_exps(), b.scale_exps());
+    assert_eq!(a.scale_exps()[1], 0, "the unit layer is not scaled");
+    let b2 = MomentAccumulator::from_bytes(&b.to_bytes().unwrap()).unwrap();
+    assert_eq!(b2.scale_exps(), b.scale_exps());
+    a.merge(&b2).unwrap();
+    let (mw, mm) = (whole.finalize().unwrap(), a.finalize().unwrap());
+    assert_ne!(
+        mw.scale_exp, mm.scale_exp,
+        "the merge keeps the first half's units"
+    );
+    for deb in [false, true] {
+        let (p, q) = (mw.cka(0, 1, deb).unwrap(), mm.cka(0, 1, deb).unwrap());
+        assert!((p - q).abs() < 1e-12, "{p} vs {q}");
+    }
+    // the means are in the data's units; the blocks back through the unscaled accessor
+    let mean0 = xs.iter().step_by(dims[0]).sum::<f64>() / n as f64;
+    assert!((mm.layer_mean(0).unwrap()[0] / mean0 - 1.0).abs() < 1e-12);
+    let c00 = mm.block_unscaled(0, 0).unwrap()[0];
+    let direct: f64 = xs
+        .iter()
+        .step_by(dims[0])
+        .map(|v| (v - mean0) * (v - mean0))
+        .sum();
+    assert!((c00 / direct - 1.0).abs() < 1e-12, "{c00} vs {direct}");
+    // a value whose square is beyond f64 after the unit was set (hand-fed blocks, no
+    // sampled shift): an error naming the layer at finalize, not NaN
+    let mut late = MomentAccumulator::new(&dims).unwrap();
+    late.update(&[&x[..10 * dims[0]], &y[..10 * dims[1]]], 10)
+        .unwrap();
+    let mut x2 = x[10 * dims[0]..20 * dims[0]].to_vec();
+    x2[3] = 1e200;
+    late.update(&[&x2[..], &y[10 * dims[1]..20 * dims[1]]], 10)
+        .unwrap();
+    match late.finalize() {
+        Err(Error::NonFinite(msg)) => assert!(msg.contains("layer0"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    // ordinary data: no scaling at all (the same bits as before scaling existed)
+    let mut plain = MomentAccumulator::new(&dims).unwrap();
+    plain.update(&[&x[..], &y[..]], n).unwrap();
+    assert_eq!(plain.scale_exps(), vec![0, 0]);
+    assert!(plain.set_scale(&[1, 2]).is_err(), "set after rows");
+    let mut manual = MomentAccumulator::new(&dims).unwrap();
+    assert!(manual.set_scale(&[1]).is_err() && manual.set_scale(&[2000, 0]).is_err());
+}
+
+#[test]
+fn scale_exponents_are_zero_within_the_band() {
+    assert_eq!(scale_exponent(1.0), 0);
+    assert_eq!(scale_exponent(2f64.powi(40) * 1.5), 0);
+    assert_eq!(scale_exponent(2f64.powi(41)), 41);
+    assert_eq!(scale_exponent(2f64.powi(-41) * 1.5), -41);
+    assert_eq!(scale_exponent(1e300), 996);
+    assert_eq!(scale_exponent(f64::MIN_POSITIVE / 4.0), -1000); // clamped
+    assert_eq!(scale_exponent(0.0), 0);
+    assert_eq!(scale_exponent(f64::NAN), 0);
+    assert_eq!(scale_exponent(f64::INFINITY), 0);
+    assert_eq!(ldexp(3.0, 2000), f64::INFINITY);
+    assert_eq!(ldexp(ldexp(3.0, -1030), 1030), 3.0);
+    assert_eq!(ldexp(1.0, -1074), f64::from_bits(1));
+    assert_eq!(ldexp(3.0, -1080), 0.0);
+}

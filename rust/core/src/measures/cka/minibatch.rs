@@ -36,6 +36,7 @@
 //!
 //! All arithmetic is f64 (f32/bf16/f16 inputs are widened first). Memory: one `m × m` Gram
 //! per layer plus the rows of one partial batch — independent of the number of rows.
+use crate::engine::moments::{ldexp, scale_exponent};
 use crate::error::{Error, Result};
 use crate::linalg::gram;
 use crate::measures::cka::rbf::{rbf_gram, rbf_gram_workspace_bytes};
@@ -123,6 +124,10 @@ pub struct MinibatchCka {
     carry_rows: usize,
     check_finite: bool,
     nonfinite: Vec<Option<u64>>,
+    /// Per layer the scale exponent fixed by the first minibatch
+    /// ([`crate::engine::moments::SCALE_BAND`]): its rows are multiplied by `2^-e` before
+    /// the Gram, in every batch (one unit per layer, so that the batch means add up).
+    exps: Option<Vec<i32>>,
 }
 
 /// The finished estimate: mean unbiased HSIC of the computed pairs and the CKA they give.
@@ -142,10 +147,14 @@ pub struct MinibatchHsic {
     /// `hsic[i * L + j]`: mean HSIC₁ over batches (symmetric; NaN for pairs not computed and
     /// for layers holding non-finite values).
     pub hsic: Vec<f64>,
-    /// Mean RBF bandwidth over batches per layer (NaN for the linear kernel).
+    /// Mean RBF bandwidth over batches per layer, in the data's units (NaN for the linear
+    /// kernel).
     pub bandwidths: Vec<f64>,
     /// First row holding a NaN/Inf per layer (only when finiteness was not enforced).
     pub nonfinite: Vec<Option<u64>>,
+    /// Per layer the scale exponent `e` of the pass: `hsic[i * L + j]` is in units of
+    /// `2^-2(e_i + e_j)` (0 for every ordinary layer; CKA is free of them).
+    pub scale_exp: Vec<i32>,
 }
 
 impl MinibatchCka {
@@ -195,6 +204,7 @@ impl MinibatchCka {
             carry_rows: 0,
             check_finite: true,
             nonfinite: vec![None; l],
+            exps: None,
         };
         acc.set_pairs(l);
         Ok(acc)
@@ -353,6 +363,39 @@ impl MinibatchCka {
     /// Grams of the current minibatch, HSIC₁ of every pair, added to the sums.
     fn process_batch(&mut self) -> Result<()> {
         let m = self.carry_rows;
+        if self.exps.is_none() {
+            let dims = &self.dims;
+            let exps = self
+                .carry
+                .par_iter()
+                .enumerate()
+                .map(|(l, c)| {
+                    let d = dims[l];
+                    let x = &c[..m * d];
+                    let mut mean = vec![0.0; d];
+                    for r in x.chunks(d) {
+                        for (mu, v) in mean.iter_mut().zip(r) {
+                            *mu += v;
+                        }
+                    }
+                    mean.iter_mut().for_each(|mu| *mu /= m as f64);
+                    let max = x
+                        .chunks(d)
+                        .flat_map(|r| r.iter().zip(&mean).map(|(v, mu)| (v - mu).abs()))
+                        .filter(|v| v.is_finite())
+                        .fold(0.0f64, f64::max);
+                    scale_exponent(max)
+                })
+                .collect();
+            self.exps = Some(exps);
+        }
+        if let Some(exps) = &self.exps {
+            for (c, &e) in self.carry.iter_mut().zip(exps) {
+                if e != 0 {
+                    c.par_iter_mut().for_each(|v| *v = ldexp(*v, -e));
+                }
+            }
+        }
         let start = self.rows_seen - m as u64;
         let lc = self.dims.len();
         let kernel = self.kernel;
@@ -443,13 +486,21 @@ impl MinibatchCka {
             hsic[i * l + j] = v;
             hsic[j * l + i] = v;
         }
+        let exps = self.exps.clone().unwrap_or_else(|| vec![0; l]);
         let bandwidths = match self.kernel {
             Kernel::Linear => vec![f64::NAN; l],
             Kernel::Rbf { .. } => self
                 .bw_sums
                 .iter()
                 .zip(&self.nonfinite)
-                .map(|(b, nf)| if nf.is_some() { f64::NAN } else { b / nb })
+                .zip(&exps)
+                .map(|((b, nf), &e)| {
+                    if nf.is_some() {
+                        f64::NAN
+                    } else {
+                        ldexp(b / nb, e)
+                    }
+                })
                 .collect(),
         };
         Ok(MinibatchHsic {
@@ -464,6 +515,7 @@ impl MinibatchCka {
             hsic,
             bandwidths,
             nonfinite: self.nonfinite,
+            scale_exp: exps,
         })
     }
 }
