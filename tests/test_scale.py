@@ -185,3 +185,18 @@ def test_nan_comes_with_its_reason(tmp_path: Path) -> None:
         assert "self-HSIC is not positive" in r.meta["nan_reasons"]["a"]
         assert 0.0 < r.extra["biased"][0, 1] < 1.0
     assert "b" not in r.meta["nan_reasons"]
+
+
+def test_cca_ridges_are_reported_in_the_data_units() -> None:
+    """n ≤ d: CCA adds r = eps·tr(C_ii)/d_i; the reported ridge is the data's (×factor²)."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((15, 20))
+    x = {"a": a, "b": np.tanh(a[:, :8])}
+    moved = {**x, "a": np.ldexp(a, 400)}
+    got = ls.alignment(moved, method="cca", progress=False)
+    ref = ls.alignment(x, method="cca", progress=False)
+    np.testing.assert_allclose(got.values, ref.values, rtol=1e-9)
+    assert ref.meta["row_ridge"][0] > 0
+    assert got.meta["row_ridge"][0] == pytest.approx(np.ldexp(ref.meta["row_ridge"][0], 800),
+                                                     rel=1e-12)
+    assert got.meta["row_ridge"][1] == pytest.approx(ref.meta["row_ridge"][1], rel=1e-12)

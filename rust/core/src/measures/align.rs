@@ -704,10 +704,17 @@ pub fn measures_from_moments(
 ) -> Result<(Vec<Spectrum>, Option<AlignmentMatrix>)> {
     let n = usize::try_from(m.n).map_err(|_| Error::invalid("row count overflow"))?;
     let view = CovView::new(&m.cov, m.dims.clone(), n)?;
-    let (spectra, al) =
+    let (spectra, mut al) =
         measures_from_cov(&view, &m.names, spectrum_layers, align, budget, monitor)?;
-    // the spectra's absolute values back in the data's units (the alignment measures are
-    // free of each layer's unit)
+    // the absolute values back in the data's units: the spectra's and the CCA ridges (the
+    // alignment measures themselves are free of each layer's unit)
+    if let (Some(al), Some(spec)) = (al.as_mut(), align) {
+        for (facts, layers) in [(&mut al.rows, &spec.rows), (&mut al.cols, &spec.cols)] {
+            for (f, &l) in facts.iter_mut().zip(layers) {
+                f.ridge = crate::engine::moments::ldexp(f.ridge, 2 * m.exp(l));
+            }
+        }
+    }
     let spectra = spectra
         .into_iter()
         .zip(spectrum_layers)
