@@ -58,7 +58,10 @@ def scale_exponent(x: np.ndarray) -> int:
     ``2^±SCALE_BAND`` (else 0; 0 for a constant or empty sample; clamped to ±1000)."""
     if x.size == 0:
         return 0
-    spread = float(np.max(np.abs(x - x.mean(axis=0))))
+    mean = x.mean(axis=0)
+    spread = 0.0
+    for i in range(0, x.shape[0], 4096):  # in chunks: no second copy of a large sample
+        spread = max(spread, float(np.max(np.abs(x[i:i + 4096] - mean))))
     if not (np.isfinite(spread) and spread > 0.0):
         return 0
     e = int(np.frexp(spread)[1]) - 1
