@@ -137,6 +137,21 @@ pub fn f32_products_ok(u: impl Fn(usize) -> f64 + Sync, rows: usize, width: usiz
         .all(|&m| m == 0.0 || (F32_TINY..=F32_SAFE).contains(&m))
 }
 
+/// The largest finite `|x − mean|` of the row-major block `x` (width `mean.len()`; NaN and
+/// ±Inf skipped: the pass reports them), in parallel over rows: what every route chooses a
+/// layer's [`scale_exponent`] from.
+pub fn max_deviation<T: Element>(x: &[T], mean: &[f64]) -> f64 {
+    x.par_chunks(mean.len().max(1))
+        .map(|r| {
+            r.iter()
+                .zip(mean)
+                .map(|(v, m)| (v.to_f64() - m).abs())
+                .filter(|v| v.is_finite())
+                .fold(0.0f64, f64::max)
+        })
+        .reduce(|| 0.0, f64::max)
+}
+
 /// Per layer, [`scale_exponent`] of the largest deviation `|x − μ0|` of a block.
 pub(super) fn block_exps<T: Element>(
     dims: &[usize],
@@ -149,12 +164,7 @@ pub(super) fn block_exps<T: Element>(
         .enumerate()
         .map(|(l, x)| {
             let (dl, o) = (dims[l], offsets[l]);
-            let mu = &shift[o..o + dl];
-            let max = (0..x.len())
-                .map(|i| (x[i].to_f64() - mu[i % dl]).abs())
-                .filter(|v| v.is_finite())
-                .fold(0.0f64, f64::max);
-            scale_exponent(max)
+            scale_exponent(max_deviation(x, &shift[o..o + dl]))
         })
         .collect()
 }
@@ -174,9 +184,6 @@ pub struct MomentAccumulator {
     /// Per layer: the scale exponent `e` ([`SCALE_BAND`]); the accumulated values are
     /// `(x − μ0) · 2^-e`. Set with the shift by the first non-empty block (or [`Self::set_scale`]).
     pub(super) exps: Option<Vec<i32>>,
-    /// Whether the first block may choose exponents other than 0 (off: every layer unscaled,
-    /// for the tiles of a tiled pass, whose pieces must share one unit per layer).
-    pub(super) auto_scale: bool,
     /// Column-major (D+L)×(D+L); upper triangle valid.
     pub(super) s: Vec<f64>,
     /// Column sums of w (length D+L).
@@ -397,7 +404,6 @@ impl MomentAccumulator {
             names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
             shift: None,
             exps: None,
-            auto_scale: true,
             s: crate::linalg::hinted_vec(
                 cells,
                 format_args!(
@@ -492,12 +498,6 @@ impl MomentAccumulator {
         Ok(())
     }
 
-    /// `false`: the first block does not scale any layer (exponents 0; see `auto_scale`).
-    pub fn with_auto_scale(mut self, on: bool) -> Self {
-        self.auto_scale = on;
-        self
-    }
-
     /// The per-layer scale exponents in force (all 0 before the first block).
     pub fn scale_exps(&self) -> Vec<i32> {
         self.exps
@@ -565,11 +565,7 @@ impl MomentAccumulator {
         }
         if self.exps.is_none() {
             let mu = self.shift.as_deref().unwrap_or(&[]);
-            self.exps = Some(if self.auto_scale {
-                block_exps(&self.dims, &self.offsets, block, mu)
-            } else {
-                vec![0; self.dims.len()]
-            });
+            self.exps = Some(block_exps(&self.dims, &self.offsets, block, mu));
         }
         let fac = self.factors();
         if self.compute == Compute::F32 && self.update_f32(block, rows, &fac)? {

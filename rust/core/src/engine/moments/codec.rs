@@ -67,7 +67,6 @@ impl MomentAccumulator {
             offsets: offsets_of(&l.dims),
             shift: l.shift.map(f64s),
             exps,
-            auto_scale: true,
             sums: f64s(sums),
             s,
             n: l.n,

@@ -18,7 +18,7 @@
 //! Memory: as many Grams as the budget holds (`n² · 8` bytes each) plus the one being
 //! built; when not all fit, rounds hold a group of layers and stream the others past it,
 //! one Gram at a time (a streamed Gram is rebuilt once per round: FLOPs grow, memory not).
-use super::accumulator::{f32_products_ok, ldexp, scale_exponent, Compute};
+use super::accumulator::{f32_products_ok, ldexp, max_deviation, scale_exponent, Compute};
 use super::pairs::PairStats;
 use crate::error::{Error, Result};
 use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
@@ -302,16 +302,7 @@ impl Gram {
         // 2^±SCALE_BAND) is multiplied by 2^-e (exact): the Gram's entries and their
         // products stay inside the f32/f64 ranges; every statistic of a pair then carries
         // the same factor for each layer, which CKA cancels.
-        let max = x
-            .par_chunks(d)
-            .map(|r| {
-                r.iter()
-                    .zip(&mean)
-                    .map(|(v, m)| (v.to_f64() - m).abs())
-                    .filter(|v| v.is_finite())
-                    .fold(0.0f64, f64::max)
-            })
-            .reduce(|| 0.0, f64::max);
+        let max = max_deviation(&x, &mean);
         let f = ldexp(1.0, -scale_exponent(max));
         let mut k = crate::linalg::hinted_vec(n * n, format_args!("a {n} × {n} Gram matrix"))?;
         // f32 products only where they are as accurate as usual (no column far below the

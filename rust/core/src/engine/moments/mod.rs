@@ -59,8 +59,8 @@ mod tests;
 mod tiled;
 
 pub use accumulator::{
-    ldexp, scale_exponent, Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SAFE, F32_SUM_ROWS,
-    SCALE_BAND,
+    ldexp, max_deviation, scale_exponent, Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SAFE,
+    F32_SUM_ROWS, SCALE_BAND,
 };
 pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
 pub use finalised::Moments;

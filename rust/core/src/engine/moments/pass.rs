@@ -143,16 +143,15 @@ pub fn sample_scale(src: &dyn RowSource, layers: &[usize]) -> Result<Vec<i32>> {
             for chunk in rows.chunks(CHUNK) {
                 let buf = &mut x[..chunk.len() * dim];
                 src.take_f64(l, chunk, buf)?;
+                if pass == 1 {
+                    max = max.max(super::accumulator::max_deviation(buf, &mean));
+                    continue;
+                }
                 for r in buf.chunks_exact(dim) {
                     for (c, &v) in r.iter().enumerate() {
-                        if !v.is_finite() {
-                            continue;
-                        }
-                        if pass == 0 {
+                        if v.is_finite() {
                             mean[c] += v;
                             count[c] += 1;
-                        } else {
-                            max = max.max((v - mean[c]).abs());
                         }
                     }
                 }

@@ -36,7 +36,7 @@
 //!
 //! All arithmetic is f64 (f32/bf16/f16 inputs are widened first). Memory: one `m × m` Gram
 //! per layer plus the rows of one partial batch — independent of the number of rows.
-use crate::engine::moments::{ldexp, scale_exponent};
+use crate::engine::moments::{ldexp, max_deviation, scale_exponent};
 use crate::error::{Error, Result};
 use crate::linalg::gram;
 use crate::measures::cka::rbf::{rbf_gram, rbf_gram_workspace_bytes};
@@ -379,11 +379,7 @@ impl MinibatchCka {
                         }
                     }
                     mean.iter_mut().for_each(|mu| *mu /= m as f64);
-                    let max = x
-                        .chunks(d)
-                        .flat_map(|r| r.iter().zip(&mean).map(|(v, mu)| (v - mu).abs()))
-                        .filter(|v| v.is_finite())
-                        .fold(0.0f64, f64::max);
+                    let max = max_deviation(x, &mean);
                     scale_exponent(max)
                 })
                 .collect();
