@@ -21,8 +21,12 @@ import pytest
 
 LIMIT = 3.0  # seconds from SIGINT to exit; the work left would take 10 s or more
 
+# The child's Ctrl-C handler is Python's default, as in a terminal session: a process started
+# in the background by a shell without job control (nohup, `cmd &` in a script: how CI may
+# run) inherits SIGINT ignored, and Python then keeps ignoring it.
 SETUP = """
 import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import layerscope as ls
 rng = np.random.default_rng(0)
