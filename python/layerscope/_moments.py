@@ -27,7 +27,7 @@ from ._progress import Progress
 from ._source import Source, check_comparable, native_part, resolve
 from .errors import InvalidArgumentError
 
-COMPUTE = ("float64", "float32", "auto")
+COMPUTE = ("float64", "float32", "auto", "tf32")
 
 #: Above this ``shift_offset`` (``max |mean − shift| / σ``) a float32 pass warns.
 F32_SHIFT_WARN = 2.0
@@ -53,7 +53,7 @@ def plan(
     force. Raises :class:`MemoryBudgetError` — saying how many of these layers fit in one
     call — when the peak exceeds the budget (``max_memory``, else ``LAYERSCOPE_MAX_MEMORY``,
     else the machine's; see :mod:`layerscope._memory`)."""
-    compute = "float64" if compute == "auto" else compute
+    compute = {"auto": "float64", "tf32": "float32"}.get(compute, compute)
     acc = int(_native.accumulator_bytes(list(dims)))
     br = (int(block_rows) if block_rows is not None
           else int(_native.default_block_rows(list(dims), compute)))
@@ -78,6 +78,7 @@ def compute_moments(
     compute: str = "float64",
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Stream every row of the selected layers once; return ``(Moments, meta)``.
 
@@ -104,10 +105,15 @@ def compute_moments(
     above ``F32_SHIFT_WARN``.
 
     ``backend="ray"``: the same single pass cut into row-range tasks on a Ray cluster
-    (:func:`layerscope._ray.moment_passes`; checked against the budget here first)."""
+    (:func:`layerscope._ray.moment_passes`; checked against the budget here first).
+
+    ``device``: None (the Rust engine), ``"auto"`` or a torch device: the block products on
+    that device (:mod:`layerscope._device`; same shift, scale and arithmetic rules, the sums
+    handed back to the core), ``meta["device"]``."""
     t0 = time.perf_counter()
     parts, names, dims, compute, num_a, block_rows = _setup(
         source, layers, other, other_layers, compute, block_rows)
+    dev = _device_for(device, backend, compute)
     if block_rows is None:
         n = parts[0][0].num_rows
         block_rows = min(int(_native.default_block_rows(list(dims), compute)), max(n, 1))
@@ -121,6 +127,14 @@ def compute_moments(
         out = next(runs)
         runs.close()
         return out
+    if dev is not None:
+        from . import _device
+
+        m = _device.moments(parts, names, num_a, device=dev, block_rows=br,
+                            check_finite=check_finite, progress=progress, compute=compute)
+        meta = single_pass_meta(m, parts, names, compute, t0, br, pl["peak_bytes_estimate"])
+        meta.update(_device.device_meta(dev, compute))
+        return m, meta
     with Progress(progress, "moments") as prog:
         m = _native.moments_pass(
             [native_part(src, ls) for src, ls in parts], names, block_rows=br,
@@ -164,6 +178,7 @@ def pair_stats(
     strategy: str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """What linear CKA needs of every layer pair (``_native.PairStats``: ``‖C_ij‖²``,
     ``Σ r̄_i r̄_j``, ``tr C_ii``, ``n``), exactly, within the memory budget; return
@@ -187,14 +202,24 @@ def pair_stats(
 
     ``backend="ray"``: the same plan's tiles cut into row-range tasks on a Ray cluster
     (:mod:`layerscope._ray`; ``ray_address`` as there); ``meta`` also records the backend
-    and the tasks."""
+    and the tasks.
+
+    ``device``: as :func:`compute_moments` (every plan; the tiles' sums, or the Gram route's
+    pair sums, handed back to the core)."""
     t0 = time.perf_counter()
     parts, names, dims, compute, num_a, block_rows = _setup(
         source, layers, other, other_layers, compute, block_rows)
     if strategy is not None and not isinstance(strategy, str):
         raise InvalidArgumentError(f"strategy must be a string or None, got {strategy!r}")
+    dev = _device_for(device, backend, compute)
     extra: dict[str, Any] = {}
-    if backend == "ray":
+    if dev is not None:
+        from . import _device
+
+        st, extra = _device.pair_stats(
+            parts, names, num_a, device=dev, block_rows=block_rows, check_finite=check_finite,
+            max_memory=max_memory, progress=progress, compute=compute, strategy=strategy)
+    elif backend == "ray":
         from . import _ray
 
         st, extra = _ray.pair_stats(
@@ -210,7 +235,7 @@ def pair_stats(
             )
     meta = _meta(st, parts, names, compute, t0)
     meta.update(extra)
-    if extra:
+    if extra and dev is None:
         meta["engine"] = "ray"
     item = [_itemsize(src, nm) for src, ls in parts for nm in ls]
     n = int(st.n)
@@ -223,6 +248,19 @@ def pair_stats(
         "flops": 2 * int(st.madds), "block_rows": int(st.block_rows),
     }
     return st, meta
+
+
+def _device_for(device: Any, backend: str, compute: str) -> Any:
+    """The torch device of a pass (None: the Rust engine), checked with its options."""
+    from ._device import check_compute, resolve_device
+
+    dev = resolve_device(device)
+    check_compute(compute, dev)
+    if dev is not None and backend == "ray":
+        raise InvalidArgumentError(
+            "device= with backend='ray' (Ray tasks on GPUs) is not available yet: use one of "
+            "the two")
+    return dev
 
 
 def _setup(
@@ -260,7 +298,7 @@ def _meta(
         "n": int(m.n), "engine": how, "compute": compute,
         "shift_offset": float(m.shift_offset), "seconds_pass": time.perf_counter() - t0,
     }
-    if compute == "float32" and m.shift_offset > F32_SHIFT_WARN:
+    if compute in ("float32", "tf32") and m.shift_offset > F32_SHIFT_WARN:
         warnings.warn(
             f"compute='float32': the reference shift was {m.shift_offset:.1f} standard "
             "deviations from the mean for some feature, so the float32 products may deviate "
@@ -307,6 +345,7 @@ def measure_peak(dims: Sequence[int], n: int, compute: str) -> int:
     eigendecompositions of all of them while the moments are held: ``max(pass_bytes,
     accumulator_bytes + eigs_bytes)`` at the default block rows (at most ``n``)."""
     dims = list(dims)
+    compute = "float32" if compute == "tf32" else compute
     br = min(int(_native.default_block_rows(dims, compute)), max(int(n), 1))
     return max(int(_native.pass_bytes(dims, br, compute)),
                int(_native.accumulator_bytes(dims)) + int(_native.eigs_bytes(dims)))

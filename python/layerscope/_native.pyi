@@ -21,6 +21,9 @@ Part = tuple[NativeStore, Sequence[int]] | Sequence[tuple[npt.NDArray[Any], str]
 
 DEFAULT_ALIGN_K: int
 DEFAULT_BATCH_SIZE: int
+F32_SAFE: float
+F32_SUM_ROWS: int
+F32_TINY: float
 MEMORY_BUDGET_FRACTION: float
 MEMORY_ENV_VAR: str
 PAIR_STRATEGIES: list[str]
@@ -303,6 +306,12 @@ class TilePlan:
     def tiles(self) -> int:
         """Number of tiles (each one pass over the rows when run locally)."""
     def __reduce__(self) -> tuple[Any, tuple[str]]: ...
+    def partial_from_sums(self, names: Sequence[str], t: int, n: int, shift: npt.NDArray[np.float64], exps: Sequence[int], products: npt.NDArray[np.float64], sums: npt.NDArray[np.float64], nonfinite: Sequence[int | None], check_finite: bool = True) -> bytes:
+        """Tile `t`'s partial sums made of sums computed elsewhere (the torch device engine),
+        serialised as :meth:`run_tile` returns them: `products` (f64, row-major; a diagonal
+        tile: ``Σ w wᵀ`` of ``w = [u, r]``, ``(D+L) × (D+L)``, upper triangle read; a cross
+        tile: ``Σ w_A w_Bᵀ``), `sums` ``Σ w``, under `shift` and the exponents `exps` of
+        :meth:`tile_shift` / :meth:`tile_scale` (layerscope-core `engine::moments::external`)."""
     def run_tile(self, parts: Sequence[Part], names: Sequence[str], t: int, start: int, stop: int, shift: npt.NDArray[np.float64] | Sequence[float] | None = None, check_finite: bool = True, max_memory: int | None = None, progress: ProgressCallback = None) -> bytes:
         """One task: rows `[start, stop)` of tile `t` of `parts` (the plan's layers, named
         `names`) under `shift` (:meth:`tile_shift`), returned as the serialised partial sums.
@@ -310,8 +319,15 @@ class TilePlan:
         force here (`max_memory`, else this machine's)."""
     def tile_layers(self, t: int) -> list[int]:
         """The layers tile `t` reads (sorted)."""
+    def tile_layout(self, t: int) -> tuple[list[tuple[int, int, int]], int | None]:
+        """Tile `t`'s pieces in accumulator order, each ``(layer, first column, end column)``,
+        and ``na`` (pieces ``0..na`` are side A of a cross tile; None: a diagonal tile): what
+        another engine (the torch device engine) needs to compute the tile's sums."""
     def tile_peak_bytes(self, t: int) -> int:
         """Peak bytes of one task of tile `t`."""
+    def tile_scale(self, parts: Sequence[Part], t: int) -> list[int]:
+        """Tile `t`'s scale exponents of `parts`, one per piece (the shifted values are
+        multiplied by ``2**-e``; 0 for every ordinary layer). GIL released."""
     def tile_shift(self, parts: Sequence[Part], t: int) -> npt.NDArray[np.float64] | None:
         """Tile `t`'s reference shift, sampled over all rows of `parts` (the plan's layers,
         see `source.rs`); None when a sampled value is not finite."""

@@ -62,6 +62,12 @@ def scale_exponent(x: np.ndarray) -> int:
     spread = 0.0
     for i in range(0, x.shape[0], 4096):  # in chunks: no second copy of a large sample
         spread = max(spread, float(np.max(np.abs(x[i:i + 4096] - mean))))
+    return exponent_of(spread)
+
+
+def exponent_of(spread: float) -> int:
+    """The scale exponent of a largest deviation ``spread`` (the core's ``scale_exponent``):
+    ``⌊log2 spread⌋`` when beyond ``±SCALE_BAND``, else 0 (0 for 0, NaN, ±Inf)."""
     if not (np.isfinite(spread) and spread > 0.0):
         return 0
     e = int(np.frexp(spread)[1]) - 1

@@ -228,6 +228,19 @@ class Ints(Rule):
         return out
 
 
+class Device(Rule):
+    """``"auto"``, a device name or a ``torch.device`` (checked in full, against what torch sees
+    here, by :func:`layerscope._device.resolve_device`)."""
+
+    text = "'auto', a torch device name ('cpu', 'cuda', 'cuda:1') or a torch.device"
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, str) or (type(value).__module__.startswith("torch")
+                                      and type(value).__name__ == "device"):
+            return value
+        raise _Refused
+
+
 #: The rules every measure shares.
 SEED = Int(0, 2**64 - 1)
 LAYERS = (None, Strings("a layer name or glob"))
@@ -235,6 +248,7 @@ MAX_MEMORY = (None, SIZE)
 PROGRESS = Progress()
 BACKEND = OneOf(*BACKENDS)
 RAY_ADDRESS = (None, Text())
+DEVICE = (None, Device())
 
 
 def cli_type(rule: Rule, parse: Callable[[str], Any] = int) -> Callable[[str], Any]:

@@ -42,7 +42,7 @@ class Tiles:
     def __init__(
         self, source: Any, layers: Any, other: Any, other_layers: Any, *, pairs: bool,
         compute: str, budget: int | None, progress: Any, backend: str = "local",
-        ray_address: str | None = None,
+        ray_address: str | None = None, device: Any = None,
     ) -> None:
         from .._moments import _itemsize, measure_tiles, resolve_compute
         from .._source import check_comparable, resolve
@@ -66,6 +66,9 @@ class Tiles:
         self.progress = progress
         self.backend = backend
         self.ray_address = ray_address
+        from .._moments import _device_for
+
+        self.device = _device_for(device, backend, compute)
         if self.n == 0:
             raise InvalidArgumentError("the source has no rows")
         self.strategy, self.tiles, self.peak = measure_tiles(
@@ -103,7 +106,7 @@ class Tiles:
                     second, sl = pp[1] if len(pp) > 1 else (None, None)
                     m, meta = compute_moments(
                         first, fl, second, sl, progress=prog.pass_cb(p) or False,
-                        max_memory=self.budget, compute=self.compute)
+                        max_memory=self.budget, compute=self.compute, device=self.device)
                     each(tile, m, {g: k for k, g in enumerate(tile)})
                     metas.append(meta)
         meta = dict(metas[0])
@@ -202,7 +205,7 @@ def run_measures(
     source: Any, layers: Any, other: Any, other_layers: Any, *, spectrum: bool,
     aligns: dict[str, dict[str, Any]], ckas: list[bool], compute: str, budget: int | None,
     progress: Any, pca_threshold: float | None = None, backend: str = "local",
-    ray_address: str | None = None,
+    ray_address: str | None = None, device: Any = None,
 ) -> tuple[Tiles, dict[str, Any], dict[str, Any]]:
     """Spectra (of every selected layer when ``spectrum``), the alignments ``aligns``
     (key → options of ``Moments.alignment``, without rows/cols) and linear CKA (``ckas``: the
@@ -211,7 +214,8 @@ def run_measures(
     ``Moments.alignment`` returns them) and ``raw[("cka", debiased)]`` (rows × cols arrays)."""
     pairs = bool(aligns or ckas)
     t = Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute,
-              budget=budget, progress=progress, backend=backend, ray_address=ray_address)
+              budget=budget, progress=progress, backend=backend, ray_address=ray_address,
+              device=device)
     rows, cols = t.rows, t.cols
     nr, nc = len(rows), len(cols)
     raw: dict[str, Any] = {}

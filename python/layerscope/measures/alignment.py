@@ -49,6 +49,7 @@ from .._moments import COMPUTE
 from .._ray import check_backend
 from .._validate import (
     BACKEND,
+    DEVICE,
     LAYERS,
     MAX_MEMORY,
     PROGRESS,
@@ -213,7 +214,7 @@ def alignment_result(
 
 @validated(method=_RULES["method"], k=K, space=_RULES["space"], layers=LAYERS,
            other_layers=LAYERS, ridge=_RULES["ridge"], progress=PROGRESS, max_memory=MAX_MEMORY,
-           backend=BACKEND, ray_address=RAY_ADDRESS)
+           backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE)
 def alignment(
     source: Any,
     other: Any = None,
@@ -228,6 +229,7 @@ def alignment(
     max_memory: int | str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> AlignmentResult:
     """Alignment of every layer pair (rows = ``source`` layers, cols = ``other`` layers or the
     same layers), from one pass of moments.
@@ -250,20 +252,23 @@ def alignment(
     same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
     of a layer's features, unlike per-token cosine similarity. ``max_memory``: the memory
     budget, as in :func:`spectrum`; ``backend="ray"``: the passes cut into row-range tasks on
-    a Ray cluster (``ray_address``: as in :func:`layerscope.cka`)."""
+    a Ray cluster (``ray_address``: as in :func:`layerscope.cka`); ``device``: None (default: the Rust CPU engine),
+    ``"auto"`` (CUDA when torch sees one, else Rust) or a torch device (``"cuda"``,
+    ``"cuda:1"``, ``"cpu"``: the torch engine on the CPU): the passes' block products on that
+    device under the same rules (:mod:`layerscope._device`), ``meta["device"]``."""
     check_backend(backend, ray_address)
     opts = _align_opts(method, space, k, ridge)
     t, raw, meta = run_measures(source, layers, other, other_layers, spectrum=False,
                                 aligns={"alignment": opts}, ckas=[], compute="float64",
                                 budget=max_memory, progress=progress, backend=backend,
-                                ray_address=ray_address)
+                                ray_address=ray_address, device=device)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     return alignment_result(raw["alignment"], rn, cn, method, space, k, ridge, meta)
 
 
 @validated(measures=Strings(options=ANALYZE_MEASURES), layers=LAYERS, other_layers=LAYERS,
            k=K, progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND,
-           ray_address=RAY_ADDRESS)
+           ray_address=RAY_ADDRESS, device=DEVICE)
 def analyze(
     source: Any,
     other: Any = None,
@@ -276,6 +281,7 @@ def analyze(
     max_memory: int | str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
     **kw: Any,
 ) -> dict[str, Result]:
     """CKA, spectra and alignment from ONE pass over the data (a single moment accumulation).
@@ -288,8 +294,11 @@ def analyze(
     ``ridge``) and spectrum (``top``); ``compute="float32"`` runs the pass with float32
     block products (see :func:`layerscope.cka`); ``max_memory``: the memory budget, as in
     :func:`spectrum`; ``backend="ray"``: the passes cut into row-range tasks on a Ray cluster
-    (``ray_address``: as in :func:`layerscope.cka`). All arguments are checked before the
-    pass.
+    (``ray_address``: as in :func:`layerscope.cka`); ``device``: None (default: the Rust CPU engine),
+    ``"auto"`` (CUDA when torch sees one, else Rust) or a torch device (``"cuda"``,
+    ``"cuda:1"``, ``"cpu"``: the torch engine on the CPU): the passes' block products on that
+    device under the same rules (:mod:`layerscope._device`), ``meta["device"]``. All arguments are checked
+    before the pass.
     Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
     bad = set(kw) - {"method", "space", "ridge", "top", "compute"}
     if bad:
@@ -313,7 +322,7 @@ def analyze(
     t, raw, meta = run_measures(source, layers, other, other_layers,
                                 spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
                                 compute=compute, budget=max_memory, progress=progress,
-                                backend=backend, ray_address=ray_address)
+                                backend=backend, ray_address=ray_address, device=device)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     out: dict[str, Result] = {}
     for mname, deb in (("cka", False), ("cka_debiased", True)):

@@ -52,6 +52,7 @@ from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import Source, check_comparable, native_part, resolve
 from .._validate import (
     BACKEND,
+    DEVICE,
     LAYERS,
     MAX_MEMORY,
     PROGRESS,
@@ -77,7 +78,7 @@ DEFAULT_BATCH_SIZE: int = BATCH_SIZE
            other_layers=LAYERS, sample=(None, Int(1)), seed=SEED, sigma=Float(0, lo_open=True),
            batch_size=(None, Int(4)), max_memory=MAX_MEMORY, nonfinite=OneOf("error", "nan"),
            compute=OneOf(*COMPUTE), strategy=(None, OneOf(*_native.PAIR_STRATEGIES)),
-           progress=PROGRESS, backend=BACKEND, ray_address=RAY_ADDRESS)
+           progress=PROGRESS, backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE)
 def cka(
     source: Any,
     other: Any = None,
@@ -97,6 +98,7 @@ def cka(
     progress: Any = True,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> MatrixResult:
     """CKA of every layer pair (see the module docstring for the formulas and papers).
 
@@ -133,7 +135,9 @@ def cka(
             how far it was from the mean, in standard deviations). ``"auto"`` (default):
             float32 when every selected layer is stored in 32 bits or fewer (f32/f16/bf16
             stores, float32 arrays), else float64; RBF and minibatch always compute in
-            float64.
+            float64. ``"tf32"`` (a CUDA ``device`` only): the float32 products in TF32
+            tensor-core arithmetic — an approximation (about 1e-3 relative per product),
+            stated in ``meta["approximation"]``.
         strategy: how the exact linear (biased/debiased) estimate is computed. None
             (default): the plan with the least estimated time among those that fit
             ``max_memory``. ``"single-pass"``: one moment accumulator over all layers
@@ -157,6 +161,16 @@ def cka(
         ray_address: the cluster to join when no Ray session is running (else
             ``RAY_ADDRESS``, else a local instance on 127.0.0.1); a running session
             (``ray.is_initialized()``) is used as it is.
+        device: where the products of the linear biased/debiased estimators run. None
+            (default): the Rust CPU engine. A torch device (``"cuda"``, ``"cuda:1"``, or
+            ``"cpu"``: the torch engine on the CPU) or ``"auto"`` (CUDA when torch sees one,
+            else Rust): the block products of every plan (single pass, tiles, Gram route)
+            on that device under the CPU engine's rules — the same sampled shift and scale,
+            f32 products summed over at most 128 rows and accumulated in f64 (TF32 off), f64
+            where the CPU uses f64 — the sums handed back to the core, which finalises them
+            (:mod:`layerscope._device`; equal to the Rust engine to 1e-10 in f64 and 1e-6
+            in f32, tested). ``meta["device"]`` records it. Not yet for RBF and minibatch
+            CKA (an ``InvalidArgumentError`` says so).
 
     Returns:
         A :class:`~layerscope.results.MatrixResult`: ``values[i, j]`` is the CKA of
@@ -187,12 +201,16 @@ def cka(
     elif other_layers is not None:
         raise InvalidArgumentError("other_layers needs other=")
 
+    if device is not None and (kernel != "linear" or estimator == "minibatch"):
+        raise InvalidArgumentError(
+            "device= runs the linear biased/debiased estimators (the moment engine) for now; "
+            "RBF and minibatch CKA run on the Rust CPU engine (device=None)")
     job = _Job(a, b, la, lb, sample, seed, max_memory, nonfinite, progress)
     if estimator == "minibatch":
         res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE, backend,
                          ray_address)
     elif kernel == "linear":
-        res = _linear(job, estimator, compute, strategy, backend, ray_address)
+        res = _linear(job, estimator, compute, strategy, backend, ray_address, device)
     else:
         res = _rbf(job, estimator, sigma, backend, ray_address)
     res.meta["seconds"] = time.perf_counter() - t0
@@ -252,7 +270,8 @@ def _base_meta(
 
 
 def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
-            backend: str = "local", ray_address: str | None = None) -> MatrixResult:
+            backend: str = "local", ray_address: str | None = None,
+            device: Any = None) -> MatrixResult:
     a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
     meta = _base_meta("linear", estimator, a.num_rows, seed, sample)
     src_a: Any = a
@@ -274,6 +293,7 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
         strategy=strategy,
         backend=backend,
         ray_address=ray_address,
+        device=device,
     )
     t1 = time.perf_counter()
     nl = len(m.dims)
@@ -298,6 +318,9 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
     )
     if "tasks" in mmeta:
         meta["tasks"] = mmeta["tasks"]
+    for key in ("device", "approximation"):
+        if key in mmeta:
+            meta[key] = mmeta[key]
     if "nonfinite_rows" in mmeta:
         meta["nonfinite_rows"] = mmeta["nonfinite_rows"]
     reasons = _nan_reasons(m, values, rows, cols, estimator == "debiased",

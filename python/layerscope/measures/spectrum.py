@@ -16,7 +16,16 @@ import numpy as np
 
 from .._ray import check_backend
 from .._text import Table
-from .._validate import BACKEND, LAYERS, MAX_MEMORY, PROGRESS, RAY_ADDRESS, Int, validated
+from .._validate import (
+    BACKEND,
+    DEVICE,
+    LAYERS,
+    MAX_MEMORY,
+    PROGRESS,
+    RAY_ADDRESS,
+    Int,
+    validated,
+)
 from ..results import Result
 from ._passes import run_measures
 
@@ -139,7 +148,7 @@ def spectrum_result(
 
 
 @validated(layers=LAYERS, top=(None, Int(1)), progress=PROGRESS, max_memory=MAX_MEMORY,
-           backend=BACKEND, ray_address=RAY_ADDRESS)
+           backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE)
 def spectrum(
     source: Any,
     layers: Sequence[str] | str | None = None,
@@ -149,6 +158,7 @@ def spectrum(
     max_memory: int | str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> SpectrumResult:
     """Per-layer covariance spectra (one pass over the rows).
 
@@ -157,10 +167,13 @@ def spectrum(
     the full spectrum); ``max_memory``: the memory budget (bytes or ``"4G"``; default
     ``LAYERSCOPE_MAX_MEMORY`` or 0.8 × the machine's available memory, see
     :func:`layerscope.memory_budget`); ``backend="ray"``: each layer's pass cut into
-    row-range tasks on a Ray cluster (``ray_address``: as in :func:`layerscope.cka`). See
-    :class:`SpectrumResult` for the measures and the rank rule."""
+    row-range tasks on a Ray cluster (``ray_address``: as in :func:`layerscope.cka`);
+    ``device``: None (default: the Rust CPU engine),
+    ``"auto"`` (CUDA when torch sees one, else Rust) or a torch device (``"cuda"``,
+    ``"cuda:1"``, ``"cpu"``: the torch engine on the CPU): the passes' block products on that
+    device under the same rules (:mod:`layerscope._device`), ``meta["device"]``. See :class:`SpectrumResult` for the measures and the rank rule."""
     check_backend(backend, ray_address)
     t, raw, meta = run_measures(source, layers, None, None, spectrum=True, aligns={}, ckas=[],
                                 compute="float64", budget=max_memory, progress=progress,
-                                backend=backend, ray_address=ray_address)
+                                backend=backend, ray_address=ray_address, device=device)
     return spectrum_result(list(raw["spectra"]), t.names, top, meta)

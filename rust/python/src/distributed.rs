@@ -7,13 +7,13 @@ use crate::moments::{choose_pair_plan, PyPairStats};
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
-    default_block_rows_for, merge_partial_bytes, Compute, PairStatsBuilder as CoreBuilder,
-    TilePartial, TilePlan as CorePlan,
+    default_block_rows_for, merge_partial_bytes, Compute, ExternalSums,
+    PairStatsBuilder as CoreBuilder, TilePartial, TilePlan as CorePlan,
 };
 use layerscope_core::memory::Budget;
 use layerscope_core::store::Rows;
 use layerscope_core::Error;
-use numpy::{IntoPyArray, PyArray1};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyType};
 
@@ -201,6 +201,89 @@ impl PyTilePlan {
         let src = Rows::new(sources.parts()).py_err()?;
         let shift = detach(py, || self.inner.tile_shift(&src, t))?;
         Ok(shift.map(|s| s.into_pyarray(py)))
+    }
+
+    /// Tile `t`'s pieces in accumulator order, each ``(layer, first column, end column)``,
+    /// and ``na`` (pieces ``0..na`` are side A of a cross tile; None: a diagonal tile): what
+    /// another engine (the torch device engine) needs to compute the tile's sums.
+    ///
+    /// :type t: int
+    /// :rtype: tuple[list[tuple[int, int, int]], int | None]
+    #[allow(clippy::type_complexity)]
+    fn tile_layout(&self, t: usize) -> PyResult<(Vec<(usize, usize, usize)>, Option<usize>)> {
+        let (pieces, kind) = self.inner.tile_layout(t).py_err()?;
+        Ok((
+            pieces
+                .into_iter()
+                .map(|(l, c)| (l, c.start, c.end))
+                .collect(),
+            kind,
+        ))
+    }
+
+    /// Tile `t`'s scale exponents of `parts`, one per piece (the shifted values are
+    /// multiplied by ``2**-e``; 0 for every ordinary layer). GIL released.
+    ///
+    /// :type parts: Sequence[Part]
+    /// :type t: int
+    /// :rtype: list[int]
+    fn tile_scale<'py>(
+        &self,
+        py: Python<'py>,
+        parts: Vec<Bound<'py, PyAny>>,
+        t: usize,
+    ) -> PyResult<Vec<i32>> {
+        let parts = extract_parts(&parts)?;
+        let sources = Sources::new(&parts)?;
+        let src = Rows::new(sources.parts()).py_err()?;
+        detach(py, || self.inner.tile_scale(&src, t))
+    }
+
+    /// Tile `t`'s partial sums made of sums computed elsewhere (the torch device engine),
+    /// serialised as :meth:`run_tile` returns them: `products` (f64, row-major; a diagonal
+    /// tile: ``Σ w wᵀ`` of ``w = [u, r]``, ``(D+L) × (D+L)``, upper triangle read; a cross
+    /// tile: ``Σ w_A w_Bᵀ``), `sums` ``Σ w``, under `shift` and the exponents `exps` of
+    /// :meth:`tile_shift` / :meth:`tile_scale` (layerscope-core `engine::moments::external`).
+    ///
+    /// :type names: Sequence[str]
+    /// :type t: int
+    /// :type n: int
+    /// :type shift: npt.NDArray[np.float64]
+    /// :type exps: Sequence[int]
+    /// :type products: npt.NDArray[np.float64]
+    /// :type sums: npt.NDArray[np.float64]
+    /// :type nonfinite: Sequence[int | None]
+    /// :type check_finite: bool
+    /// :rtype: bytes
+    #[pyo3(signature = (names, t, n, shift, exps, products, sums, nonfinite, check_finite=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn partial_from_sums<'py>(
+        &self,
+        py: Python<'py>,
+        names: Vec<String>,
+        t: usize,
+        n: u64,
+        shift: PyReadonlyArray1<'py, f64>,
+        exps: Vec<i32>,
+        products: PyReadonlyArray2<'py, f64>,
+        sums: PyReadonlyArray1<'py, f64>,
+        nonfinite: Vec<Option<u64>>,
+        check_finite: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let (shift, products, sums) = (shift.as_slice()?, products.as_slice()?, sums.as_slice()?);
+        let x = ExternalSums {
+            n,
+            shift,
+            exps: &exps,
+            products,
+            sums,
+            nonfinite: &nonfinite,
+            check_finite,
+        };
+        let bytes = detach(py, || {
+            self.inner.partial_from_sums(&names, t, &x)?.to_bytes()
+        })?;
+        Ok(PyBytes::new(py, &bytes))
     }
 
     /// One task: rows `[start, stop)` of tile `t` of `parts` (the plan's layers, named

@@ -519,6 +519,80 @@ impl PyPairStats {
 
 #[pymethods]
 impl PyPairStats {
+    /// Pair statistics computed elsewhere (the torch device engine's Gram route): `sq`
+    /// (``‖C_ij‖²``), `rr` (``Σ r̄_i r̄_j``) and `known` as ``L × L`` arrays, `trace` and
+    /// `nonfinite` per layer, and the plan (the dict of :func:`pair_plan`, strategy
+    /// ``"gram"``) they followed.
+    ///
+    /// :type names: Sequence[str]
+    /// :type dims: Sequence[int]
+    /// :type num_a: int
+    /// :type n: int
+    /// :type sq: npt.NDArray[np.float64]
+    /// :type rr: npt.NDArray[np.float64]
+    /// :type trace: Sequence[float]
+    /// :type known: npt.NDArray[np.bool_]
+    /// :type nonfinite: Sequence[int | None]
+    /// :type plan: dict[str, Any]
+    /// :rtype: PairStats
+    #[classmethod]
+    #[allow(clippy::too_many_arguments)]
+    fn from_sums(
+        _cls: &Bound<'_, pyo3::types::PyType>,
+        names: Vec<String>,
+        dims: Vec<usize>,
+        num_a: usize,
+        n: u64,
+        sq: numpy::PyReadonlyArray2<'_, f64>,
+        rr: numpy::PyReadonlyArray2<'_, f64>,
+        trace: Vec<f64>,
+        known: numpy::PyReadonlyArray2<'_, bool>,
+        nonfinite: Vec<Option<u64>>,
+        plan: &Bound<'_, PyDict>,
+    ) -> PyResult<Self> {
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            plan.get_item(k)?
+                .ok_or_else(|| Error::invalid(format!("the plan has no {k:?}")))
+                .py_err()
+        };
+        let strategy = match get("strategy")?.extract::<String>()?.as_str() {
+            "gram" => "gram",
+            "tiled" => "tiled",
+            "single-pass" => "single-pass",
+            other => {
+                return Err(Error::invalid(format!("unknown strategy {other:?}"))).py_err();
+            }
+        };
+        if num_a == 0 || num_a > dims.len() {
+            return Err(Error::invalid(format!(
+                "num_a {num_a} of {} layers",
+                dims.len()
+            )))
+            .py_err();
+        }
+        let inner = CorePairStats::from_sums(
+            n,
+            &dims,
+            &names,
+            sq.as_array().iter().copied().collect(),
+            rr.as_array().iter().copied().collect(),
+            trace,
+            known.as_array().iter().copied().collect(),
+            nonfinite,
+        )
+        .py_err()?;
+        Ok(PyPairStats {
+            inner,
+            num_a,
+            strategy,
+            passes: get("passes")?.extract()?,
+            peak_bytes: get("peak_bytes")?.extract()?,
+            block_rows: get("block_rows")?.extract()?,
+            layer_reads: get("layer_reads")?.extract()?,
+            madds: get("madds")?.extract()?,
+        })
+    }
+
     /// :rtype: int
     #[getter]
     fn n(&self) -> u64 {
@@ -868,6 +942,13 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         layerscope_core::engine::moments::PAIR_STRATEGIES.to_vec(),
     )?;
     m.add_function(wrap_pyfunction!(measured_madds_per_s, m)?)?;
+    // the arithmetic rules another engine (the torch device engine) follows
+    m.add(
+        "F32_SUM_ROWS",
+        layerscope_core::engine::moments::F32_SUM_ROWS,
+    )?;
+    m.add("F32_SAFE", layerscope_core::engine::moments::F32_SAFE)?;
+    m.add("F32_TINY", layerscope_core::engine::moments::F32_TINY)?;
     m.add_function(wrap_pyfunction!(py_default_block_rows, m)?)?;
     m.add_function(wrap_pyfunction!(accumulator_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(pass_bytes, m)?)?;

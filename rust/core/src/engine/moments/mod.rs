@@ -40,6 +40,8 @@
 //! * `pairs.rs`: [`PairStats`] (what linear CKA needs of each pair) and the linear CKA
 //!   formula, biased and debiased;
 //! * `gram.rs`: the Gram route (per-layer centred `n × n` Grams, [`GramPlan`]) for few rows;
+//! * `external.rs`: sums computed by another engine (the torch device engine) made into a
+//!   tile's accumulators ([`ExternalSums`]);
 //! * `partial.rs`: one tile over one range of rows ([`TilePartial`], serialisable and
 //!   mergeable) and [`PairStatsBuilder`]: the units of a distributed pass, and of the local
 //!   tiled pass;
@@ -48,6 +50,7 @@
 mod accumulator;
 mod codec;
 mod cross;
+mod external;
 mod finalised;
 mod gram;
 mod pairs;
@@ -60,9 +63,10 @@ mod tiled;
 
 pub use accumulator::{
     ldexp, max_deviation, scale_exponent, Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SAFE,
-    F32_SUM_ROWS, SCALE_BAND,
+    F32_SUM_ROWS, F32_TINY, SCALE_BAND,
 };
 pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
+pub use external::{ExternalSums, TileLayout};
 pub use finalised::Moments;
 pub use gram::{gram_bytes, GramPlan};
 pub use pairs::PairStats;

@@ -27,6 +27,64 @@ pub struct PairStats {
 }
 
 impl PairStats {
+    /// Statistics computed elsewhere (the torch device engine's Gram route): `sq`, `rr` and
+    /// `known` row-major `L × L` (symmetric), `trace` and `nonfinite` per layer; checked for
+    /// shape and symmetry, moved as they are.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_sums(
+        n: u64,
+        dims: &[usize],
+        names: &[String],
+        sq: Vec<f64>,
+        rr: Vec<f64>,
+        trace: Vec<f64>,
+        known: Vec<bool>,
+        nonfinite: Vec<Option<u64>>,
+    ) -> Result<Self> {
+        let l = dims.len();
+        let ok = l > 0
+            && names.len() == l
+            && sq.len() == l * l
+            && rr.len() == l * l
+            && known.len() == l * l
+            && trace.len() == l
+            && nonfinite.len() == l;
+        if !ok {
+            return Err(Error::Mismatch(format!(
+                "pair statistics of {l} layers need {l} names, traces and first non-finite \
+                 rows and {l}×{l} sums and flags; got {}, {}, {}, {}, {}, {}",
+                names.len(),
+                trace.len(),
+                nonfinite.len(),
+                sq.len(),
+                rr.len(),
+                known.len()
+            )));
+        }
+        let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for i in 0..l {
+            for j in 0..i {
+                let (a, b) = (i * l + j, j * l + i);
+                if known[a] != known[b] || !same(sq[a], sq[b]) || !same(rr[a], rr[b]) {
+                    return Err(Error::invalid(format!(
+                        "pair statistics must be symmetric (layers {j} and {i} are not)"
+                    )));
+                }
+            }
+        }
+        Ok(PairStats {
+            n,
+            dims: dims.to_vec(),
+            names: names.to_vec(),
+            sq,
+            rr,
+            trace,
+            known,
+            nonfinite,
+            shift_offset: 0.0,
+        })
+    }
+
     /// The statistics of the pairs `(rows[a], cols[b])` (and every layer with itself)
     /// from a single pass's moments; each block norm computed once, in parallel.
     pub fn from_moments(m: &Moments, rows: &[usize], cols: &[usize]) -> Result<Self> {

@@ -201,7 +201,7 @@ impl TilePlan {
     }
 
     /// Names of the pieces of tile `t` (a whole layer's name, else `name[c0:c1]`).
-    fn piece_names(&self, names: &[String], t: usize) -> Result<Vec<String>> {
+    pub(super) fn piece_names(&self, names: &[String], t: usize) -> Result<Vec<String>> {
         self.tile_pieces(t)?
             .iter()
             .map(|&p| {
@@ -245,6 +245,24 @@ impl TilePlan {
         sample_shift(&self.columns(src, t)?)
     }
 
+    /// Tile `t`'s scale exponents, one per piece ([`sample_scale`] of its layer: one unit
+    /// per source layer on every tile and task, so that its pieces' statistics add up).
+    pub fn tile_scale(&self, src: &dyn RowSource, t: usize) -> Result<Vec<i32>> {
+        let layers = self.tile_layers(t)?;
+        let layer_exps = sample_scale(src, &layers)?;
+        Ok(self
+            .tile_pieces(t)?
+            .iter()
+            .map(|&p| {
+                let l = self.pieces[p].layer;
+                layers
+                    .iter()
+                    .position(|&x| x == l)
+                    .map_or(0, |i| layer_exps[i])
+            })
+            .collect())
+    }
+
     /// One task: rows `rows` of tile `t` of `src` (the plan's layers, named `names`) under
     /// `shift` ([`TilePlan::tile_shift`]; `None`: the first block's means, which merges
     /// exactly only for diagonal tiles). [`Error::Memory`] before reading a row when the
@@ -265,20 +283,7 @@ impl TilePlan {
         let range = RowRange::new(&cols, rows.clone())?;
         let pnames = self.piece_names(names, t)?;
         let dims = cols.dims();
-        // one unit per source layer on every tile and task (its pieces' statistics add up)
-        let layers = self.tile_layers(t)?;
-        let layer_exps = sample_scale(src, &layers)?;
-        let exps: Vec<i32> = self
-            .tile_pieces(t)?
-            .iter()
-            .map(|&p| {
-                let l = self.pieces[p].layer;
-                layers
-                    .iter()
-                    .position(|&x| x == l)
-                    .map_or(0, |i| layer_exps[i])
-            })
-            .collect();
+        let exps = self.tile_scale(src, t)?;
         match self.tile(t)? {
             Tile::Diag(_) => {
                 check_memory(&dims, self.block_rows, self.compute, budget)?;

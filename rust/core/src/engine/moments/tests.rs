@@ -1258,3 +1258,136 @@ fn scale_exponents_are_zero_within_the_band() {
     assert_eq!(ldexp(1.0, -1074), f64::from_bits(1));
     assert_eq!(ldexp(3.0, -1080), 0.0);
 }
+
+/// Sums computed by another engine (here: naively, in the test, from the layout the plan
+/// gives) made into each tile's partial give the local pass's statistics — single-pass and
+/// tiled plans (diagonal and cross tiles, split layers), one and two sources, scaled layers —
+/// and serialise and merge with the core's own partials of the same tile.
+#[test]
+fn sums_computed_elsewhere_make_the_same_tiles() {
+    use crate::monitor::NoMonitor;
+    let n = 97usize;
+    let dims = [40usize, 300, 7, 129];
+    let mut xs: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| data(n, d, 90 + i as u64, if i % 2 == 0 { 500.0 } else { 0.0 }))
+        .collect();
+    for v in xs[2].iter_mut() {
+        *v *= 1e30; // a layer that is scaled (2^-e) on every route
+    }
+    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    let src = f64_rows(&xs, &dims, n);
+    for num_a in [dims.len(), 2] {
+        let full = pass_bytes(&dims, 50, Compute::F64) as f64;
+        let b = Budget::argument((full * 0.35) as u64).unwrap();
+        let tiled = plan_tiles(&dims, num_a, n as u64, Some(50), Compute::F64, &b).unwrap();
+        assert!(tiled.tiles.iter().any(|t| matches!(t, Tile::Cross(..))));
+        for plan in [TilePlan::single(&dims, num_a, 50, Compute::F64), tiled] {
+            let want =
+                run_tiled(&src, &names, &plan, true, &Budget::unchecked(), &NoMonitor).unwrap();
+            let mut out = PairStatsBuilder::new(&plan, &names, n as u64).unwrap();
+            for t in 0..plan.tiles.len() {
+                let (pieces, kind) = plan.tile_layout(t).unwrap();
+                let shift = plan.tile_shift(&src, t).unwrap().unwrap();
+                let exps = plan.tile_scale(&src, t).unwrap();
+                // w = [u, r] per row, u = (x − μ0)·2^-e per piece, r = ‖u_p‖²
+                let d: usize = pieces.iter().map(|(_, c)| c.len()).sum();
+                let lp = pieces.len();
+                // rows 40.. here, rows ..40 by the core's own task
+                let w: Vec<Vec<f64>> = (40..n)
+                    .map(|a| {
+                        let mut u = Vec::with_capacity(d + lp);
+                        let mut r = Vec::with_capacity(lp);
+                        for (p, (l, cols)) in pieces.iter().enumerate() {
+                            let f = ldexp(1.0, -exps[p]);
+                            let mut s = 0.0;
+                            for c in cols.clone() {
+                                let v = (xs[*l][a * dims[*l] + c] - shift[u.len()]) * f;
+                                s += v * v;
+                                u.push(v);
+                            }
+                            r.push(s);
+                        }
+                        u.extend(r);
+                        u
+                    })
+                    .collect();
+                // column indices of w of each side
+                let (ca, cb): (Vec<usize>, Vec<usize>) = match kind {
+                    None => ((0..d + lp).collect(), (0..d + lp).collect()),
+                    Some(na) => {
+                        let da: usize = pieces[..na].iter().map(|(_, c)| c.len()).sum();
+                        let a = (0..da).chain(d..d + na).collect();
+                        let b = (da..d).chain(d + na..d + lp).collect();
+                        (a, b)
+                    }
+                };
+                let mut products = Vec::with_capacity(ca.len() * cb.len());
+                for &i in &ca {
+                    for &j in &cb {
+                        products.push(w.iter().map(|r| r[i] * r[j]).sum::<f64>());
+                    }
+                }
+                let sums: Vec<f64> = (0..d + lp).map(|c| w.iter().map(|r| r[c]).sum()).collect();
+                let nonfinite = vec![None; lp];
+                let x = ExternalSums {
+                    n: (n - 40) as u64,
+                    shift: &shift,
+                    exps: &exps,
+                    products: &products,
+                    sums: &sums,
+                    nonfinite: &nonfinite,
+                    check_finite: true,
+                };
+                let part = plan.partial_from_sums(&names, t, &x).unwrap();
+                // it travels and merges as the core's own partial of the tile
+                let bytes = part.to_bytes().unwrap();
+                let own = plan
+                    .run_tile(
+                        &src,
+                        &names,
+                        t,
+                        0..40,
+                        Some(&shift),
+                        true,
+                        &Budget::unchecked(),
+                        &NoMonitor,
+                    )
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap();
+                let merged = merge_partial_bytes(&own, &bytes).unwrap();
+                assert_eq!(TilePartial::from_bytes(&merged).unwrap().n(), n as u64);
+                out.add(t, TilePartial::from_bytes(&merged).unwrap())
+                    .unwrap();
+                // a wrong size is a typed error, not a panic
+                let short = ExternalSums {
+                    products: &products[1..],
+                    ..x.clone()
+                };
+                assert!(matches!(
+                    plan.partial_from_sums(&names, t, &short),
+                    Err(Error::Mismatch(_))
+                ));
+            }
+            let got = out.finish().unwrap();
+            let (rows, cols): (Vec<usize>, Vec<usize>) = if num_a == dims.len() {
+                ((0..4).collect(), (0..4).collect())
+            } else {
+                ((0..num_a).collect(), (num_a..4).collect())
+            };
+            for debiased in [false, true] {
+                let g = got.cka_matrix(&rows, &cols, debiased).unwrap();
+                let w = want.cka_matrix(&rows, &cols, debiased).unwrap();
+                for (x, y) in g.iter().zip(&w) {
+                    assert!(
+                        (x - y).abs() < 1e-10,
+                        "{num_a} {}: {x} vs {y}",
+                        plan.tiles.len()
+                    );
+                }
+            }
+        }
+    }
+}
