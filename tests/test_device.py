@@ -270,7 +270,7 @@ def test_nonfinite_values() -> None:
 
 def test_device_argument_checks() -> None:
     """Typed errors for what cannot run: an unknown device, CUDA where torch sees none, TF32
-    off CUDA, device= with Ray, RBF/minibatch on a device; 'auto' without CUDA is the Rust
+    off CUDA, device= with Ray, minibatch on a device; 'auto' without CUDA is the Rust
     engine; the user's TF32 settings are restored after a call."""
     arrays = {"a": np.random.default_rng(0).standard_normal((50, 4))}
     for bad in ("gpu0", "cuda:x", 3):
@@ -282,8 +282,8 @@ def test_device_argument_checks() -> None:
         layerscope.cka(arrays, compute="tf32", progress=False)
     with pytest.raises(InvalidArgumentError, match="ray"):
         layerscope.cka(arrays, device="cpu", backend="ray", progress=False)
-    with pytest.raises(InvalidArgumentError, match="RBF"):
-        layerscope.cka(arrays, kernel="rbf", device="cpu", progress=False)
+    with pytest.raises(InvalidArgumentError, match="minibatch"):
+        layerscope.cka(arrays, estimator="minibatch", device="cpu", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgumentError, match="CUDA"):
             layerscope.cka(arrays, device="cuda", progress=False)
@@ -356,3 +356,145 @@ def test_sums_from_elsewhere_are_checked() -> None:
     with pytest.raises(MismatchError):
         _native.PairStats.from_sums(names, [3, 2], 2, 10, np.eye(3), np.eye(2), [1.0, 1.0],
                                     np.ones((2, 2), bool), [None, None], pl)
+
+
+# --------------------------------------------------------------------- neighbour measures
+
+
+def _sampled_data() -> dict[str, np.ndarray]:
+    """300 rows: LLM-like offsets, a duplicated block of rows (ties, zero distances), a
+    constant column, a layer at 1e-150 and one on an integer grid (many equal distances:
+    the kNN certificate fails and the exhaustive recheck runs)."""
+    rng = np.random.default_rng(17)
+    x = llm_like(300, 40, 5)
+    x[250:] = x[:50]
+    y = np.tanh(x[:, :20] / 100) @ rng.standard_normal((20, 24)) + 0.1 * rng.standard_normal(
+        (300, 24))
+    y[:, 3] = 2.0
+    grid = rng.integers(0, 3, size=(300, 6)).astype(np.float64)
+    return {"x": x, "y": y, "tiny": rng.standard_normal((300, 12)) * 1e-150, "grid": grid}
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_rbf_cka_on_the_device(estimator: str) -> None:
+    """RBF CKA: the device's distance products, the core's bandwidth, kernel and HSICs: the
+    Rust engine's values and bandwidths (1e-10), one source and two."""
+    d = _sampled_data()
+    rust, dev = _both(d, kernel="rbf", estimator=estimator)
+    np.testing.assert_allclose(dev.values, rust.values, rtol=0, atol=1e-10)
+    for side in ("bandwidths_a", "bandwidths_b"):
+        np.testing.assert_allclose(list(dev.meta[side].values()),
+                                   list(rust.meta[side].values()), rtol=1e-12)
+    other = {"u": d["y"] @ np.random.default_rng(2).standard_normal((24, 9))}
+    rust, dev = _both(d, other, kernel="rbf", estimator=estimator, sample=200, seed=3)
+    np.testing.assert_allclose(dev.values, rust.values, rtol=0, atol=1e-10)
+
+
+def test_rsa_and_mutual_knn_on_the_device() -> None:
+    """RSA (Euclidean / correlation, Spearman / Pearson) and mutual kNN (cosine and
+    Euclidean) with duplicated rows and tied distances: the Rust engine's tables."""
+    d = _sampled_data()
+    d.pop("tiny")  # a correlation RDM needs rows that are not constant: fine; keep it short
+    for dis in ("euclidean", "correlation"):
+        for cmp in ("spearman", "pearson"):
+            kw: dict[str, Any] = dict(dissimilarity=dis, compare=cmp, progress=False)
+            data = {k: v for k, v in d.items() if dis == "euclidean" or k != "grid"}
+            rust = layerscope.rsa(data, **kw)
+            dev = layerscope.rsa(data, device="cpu", **kw)
+            assert dev.meta["device"] == "cpu"
+            np.testing.assert_allclose(dev.values, rust.values, rtol=0, atol=1e-10)
+    for normalize in (True, False):
+        rust = layerscope.mutual_knn(d, k=7, normalize=normalize, progress=False)
+        dev = layerscope.mutual_knn(d, k=7, normalize=normalize, progress=False, device="cpu")
+        np.testing.assert_array_equal(dev.values, rust.values)
+
+
+@pytest.mark.parametrize("duplicates", ["drop", "keep"])
+def test_intrinsic_dimension_on_the_device(duplicates: str) -> None:
+    """TwoNN, MLE, GRIDE (and PCA through the moment engine) from the device's kNN: the same
+    neighbours and distances, so the same estimates; the kNN graph itself equal, including
+    the grid layer whose certificate fails."""
+    d = _sampled_data()
+    grid = d.pop("grid")  # ties everywhere: r1 = r2, no estimate (its graph is checked below)
+    methods = ["twonn", "mle", "gride", "pca"]
+    kw: dict[str, Any] = dict(methods=methods, duplicates=duplicates, progress=False)
+    with pytest.warns(UserWarning) if duplicates == "keep" else _nothing():
+        rust = layerscope.intrinsic_dimensions(d, **kw)
+    with pytest.warns(UserWarning) if duplicates == "keep" else _nothing():
+        dev = layerscope.intrinsic_dimensions(d, device="cpu", **kw)
+    for m in methods:
+        assert dev[m].meta["device"] == "cpu"
+        for layer in d:
+            a, b = rust[m].values[layer], dev[m].values[layer]
+            assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-10 * max(1.0, abs(a)), \
+                (m, layer, a, b)
+    from layerscope._device import DeviceProducts
+
+    prod = DeviceProducts(torch, torch.device("cpu"))
+    prod.BLOCK_BYTES = 300 * 128 * 4  # one 128-row block at a time: many chunks
+    for x in (grid, d["x"]):
+        g1 = _native.knn_graph(x, 9, duplicates=duplicates)
+        g2 = _native.knn_graph(x, 9, duplicates=duplicates, products=prod)
+        np.testing.assert_array_equal(g1["idx"], g2["idx"])
+        np.testing.assert_array_equal(g1["dist"], g2["dist"])
+        assert g1["duplicates"] == g2["duplicates"]
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def test_device_products_errors_reach_the_caller() -> None:
+    """An exception raised by the device's products (out of memory, a driver error) comes
+    out of the call unchanged; a product of the wrong size is a MismatchError."""
+    from layerscope.errors import MismatchError
+
+    x = np.random.default_rng(0).standard_normal((50, 4))
+
+    class Broken:
+        def gram_f64(self, x: np.ndarray) -> np.ndarray:
+            raise MemoryError("CUDA out of memory (simulated)")
+
+        def f32_gram_blocks(self, x: np.ndarray, block: int) -> Any:
+            yield 0, np.zeros((3, 3), dtype=np.float32)
+
+        def exact_condensed_sq(self, x: np.ndarray) -> np.ndarray:
+            raise RuntimeError("driver error (simulated)")
+
+    with pytest.raises(MemoryError, match="simulated"):
+        _native.prepare_layer(x, "rbf", products=Broken())
+    with pytest.raises(RuntimeError, match="driver error"):
+        _native.prepare_layer(x, "rsa", products=Broken())
+    with pytest.raises(MismatchError):
+        _native.knn_graph(x, 3, products=Broken())
+
+
+def test_cli_device(tmp_path: Path, capsys: Any) -> None:
+    """``--device`` on the measure commands: the same tables as the Rust engine, the device
+    named under the table; a device torch does not see is a usage error (exit 2)."""
+    from layerscope.cli import main
+
+    d = adversarial()
+    p = tmp_path / "s"
+    layerscope.write_store(p, {k: v.astype(np.float32) for k, v in d.items()})
+    for cmd, extra in (("cka", []), ("cka", ["--kernel", "rbf"]), ("align", ["--k", "4"]),
+                       ("spectrum", []), ("id", []), ("rsa", [])):
+        outs = []
+        for dev in ([], ["--device", "cpu"]):
+            out = tmp_path / f"{cmd}{len(dev)}.json"
+            assert main([cmd, str(p), *extra, *dev, "--out", str(out)]) == 0
+            text = capsys.readouterr().out
+            assert ("# device: cpu" in text) == bool(dev), (cmd, text)
+            outs.append(layerscope.load_result(out))
+        a, b = outs
+        if cmd in ("spectrum", "id"):
+            assert a.to_table().to_text(6) == b.to_table().to_text(6), cmd
+        else:
+            np.testing.assert_allclose(b.values, a.values, rtol=0, atol=1e-6, err_msg=cmd)
+    if not torch.cuda.is_available():
+        assert main(["cka", str(p), "--device", "cuda", "-q"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

@@ -375,6 +375,65 @@ def device_meta(dev: Any, compute: str) -> dict[str, Any]:
     return meta
 
 
+# ------------------------------------------------------------------- neighbour products
+
+
+class DeviceProducts:
+    """The products behind the neighbour measures on a torch device — what the core's
+    ``engine::neighbors::Products`` asks for (``_native.prepare_layer`` / ``knn_graph``
+    ``products=``): ``X Xᵀ`` in f64 (RBF distances), ``X Xᵀ`` in IEEE f32 by blocks of rows
+    (the kNN candidates: the core's lower bounds assume no more error than f32 products, so
+    TF32 is off whatever ``compute`` says) and exact condensed squared distances from the
+    differences (RSA). The bounds, the exact f64 recheck of near neighbours, the bandwidth,
+    the kernel and the RDM are the core's."""
+
+    #: Bytes of one block handed back at a time (rows × m f32 / the difference buffer).
+    BLOCK_BYTES = 64 << 20
+
+    def __init__(self, torch: Any, dev: Any) -> None:
+        self.torch = torch
+        self.dev = dev
+
+    def _to(self, x: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.dev)
+
+    def gram_f64(self, x: np.ndarray) -> np.ndarray:
+        with precision(self.torch, "float64"), self.torch.no_grad():
+            t = self._to(x)
+            return (t @ t.T).cpu().numpy()
+
+    def f32_gram_blocks(self, x: np.ndarray, block: int) -> Iterator[tuple[int, np.ndarray]]:
+        torch = self.torch
+        with precision(torch, "float32"), torch.no_grad():
+            t = self._to(np.asarray(x, dtype=np.float32))
+            m = int(t.shape[0])
+            per = max(1, self.BLOCK_BYTES // max(1, block * m * 4)) * block
+            for r0 in range(0, m, per):
+                yield r0, (t[r0:r0 + per] @ t.T).cpu().numpy()
+
+    def exact_condensed_sq(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.no_grad():
+            t = self._to(np.asarray(x, dtype=np.float64))
+            m, d = int(t.shape[0]), int(t.shape[1])
+            rows = max(1, self.BLOCK_BYTES // max(1, m * d * 8))
+            out = []
+            for i0 in range(0, m, rows):
+                i1 = min(m, i0 + rows)
+                sq = ((t[i0:i1, None, :] - t[None, :, :]) ** 2).sum(-1)
+                for i in range(i0, i1):
+                    out.append(sq[i - i0, i + 1:])
+            if not out:
+                return np.zeros(0)
+            return torch.cat(out).cpu().numpy()
+
+
+def products(device: Any) -> Any:
+    """The ``products=`` of the core's neighbour functions for a resolved device (None: the
+    core's own CPU products)."""
+    return None if device is None else DeviceProducts(torch_module(), device)
+
+
 # ------------------------------------------------------------------------------- Gram route
 
 

@@ -361,10 +361,12 @@ def knn_bytes(m: int, d: int, k: int) -> int:
     """Peak bytes of an exact kNN graph of `m` points of width `d` with `k` neighbours (see
     `layerscope_core::engine::neighbors::knn_bytes`)."""
 
-def knn_graph(x: npt.NDArray[np.float64], k: int, duplicates: str = 'drop', tolerance: float | None = None, max_memory: int | None = None, progress: ProgressCallback = None) -> dict[str, Any]:
+def knn_graph(x: npt.NDArray[np.float64], k: int, duplicates: str = 'drop', tolerance: float | None = None, max_memory: int | None = None, progress: ProgressCallback = None, products: Any | None = None) -> dict[str, Any]:
     """kNN graph with duplicate handling. Returns a dict: dist (m'×k float64, exact, ascending),
     idx (m'×k int64, indices into the kept rows), kept (int64 input rows used),
-    duplicates (int), tolerance (float)."""
+    duplicates (int), tolerance (float). `products`: None (this CPU) or an object computing
+    the distance products elsewhere (``layerscope._device.DeviceProducts``); the lower bounds
+    and the exact f64 recheck stay here."""
 
 def measured_madds_per_s(compute: str = 'float64', seconds: float = 0.2) -> float:
     """Multiply-adds per second of the packed product kernel on this machine in `compute`
@@ -438,11 +440,11 @@ def prepare_bytes(measure: str, m: int, d: int, *, unbiased: bool = False, k: in
     of the pair table holds per layer); see
     `layerscope_core::measures::prepared::Measure`."""
 
-def prepare_layer(x: npt.NDArray[np.float64], measure: str, *, sigma: float = 1.0, unbiased: bool = False, dissimilarity: str = 'euclidean', compare: str = 'spearman', k: int = 10, normalize: bool = False, max_memory: int | None = None) -> PreparedLayer:
+def prepare_layer(x: npt.NDArray[np.float64], measure: str, *, sigma: float = 1.0, unbiased: bool = False, dissimilarity: str = 'euclidean', compare: str = 'spearman', k: int = 10, normalize: bool = False, max_memory: int | None = None, products: Any | None = None) -> PreparedLayer:
     """One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
     estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
     :func:`mutual_knn_matrix` (``"knn"``: its exact kNN graph); checked against the budget
-    (:func:`prepare_bytes`) first."""
+    (:func:`prepare_bytes`) first. `products`: as in :func:`knn_graph`."""
 
 def prepared_table(a: Sequence[PreparedLayer], b: Sequence[PreparedLayer] | None = None) -> dict[str, Any]:
     """The pair table over prepared layers (``b`` None: every pair of ``a``, each unordered

@@ -161,7 +161,7 @@ def cka(
         ray_address: the cluster to join when no Ray session is running (else
             ``RAY_ADDRESS``, else a local instance on 127.0.0.1); a running session
             (``ray.is_initialized()``) is used as it is.
-        device: where the products of the linear biased/debiased estimators run. None
+        device: where the products of the biased/debiased estimators run. None
             (default): the Rust CPU engine. A torch device (``"cuda"``, ``"cuda:1"``, or
             ``"cpu"``: the torch engine on the CPU) or ``"auto"`` (CUDA when torch sees one,
             else Rust): the block products of every plan (single pass, tiles, Gram route)
@@ -169,8 +169,9 @@ def cka(
             f32 products summed over at most 128 rows and accumulated in f64 (TF32 off), f64
             where the CPU uses f64 — the sums handed back to the core, which finalises them
             (:mod:`layerscope._device`; equal to the Rust engine to 1e-10 in f64 and 1e-6
-            in f32, tested). ``meta["device"]`` records it. Not yet for RBF and minibatch
-            CKA (an ``InvalidArgumentError`` says so).
+            in f32, tested). RBF: each layer's distance products there, the bandwidth,
+            kernel and HSICs in Rust (the same numbers). ``meta["device"]`` records it. Not
+            yet for minibatch CKA (an ``InvalidArgumentError`` says so).
 
     Returns:
         A :class:`~layerscope.results.MatrixResult`: ``values[i, j]`` is the CKA of
@@ -201,10 +202,10 @@ def cka(
     elif other_layers is not None:
         raise InvalidArgumentError("other_layers needs other=")
 
-    if device is not None and (kernel != "linear" or estimator == "minibatch"):
+    if device is not None and estimator == "minibatch":
         raise InvalidArgumentError(
-            "device= runs the linear biased/debiased estimators (the moment engine) for now; "
-            "RBF and minibatch CKA run on the Rust CPU engine (device=None)")
+            "device= runs the linear and RBF biased/debiased estimators for now; minibatch "
+            "CKA runs on the Rust CPU engine (device=None)")
     job = _Job(a, b, la, lb, sample, seed, max_memory, nonfinite, progress)
     if estimator == "minibatch":
         res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE, backend,
@@ -212,7 +213,7 @@ def cka(
     elif kernel == "linear":
         res = _linear(job, estimator, compute, strategy, backend, ray_address, device)
     else:
-        res = _rbf(job, estimator, sigma, backend, ray_address)
+        res = _rbf(job, estimator, sigma, backend, ray_address, device)
     res.meta["seconds"] = time.perf_counter() - t0
     return res
 
@@ -367,14 +368,20 @@ def _nan_reasons(m: Any, values: np.ndarray, rows: list[int], cols: list[int],
 
 
 def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
-         ray_address: str | None = None) -> MatrixResult:
+         ray_address: str | None = None, device: Any = None) -> MatrixResult:
     """RBF CKA on the seeded sample: the sampled rows of every layer in memory (f64, checked
     finite), Grams, HSIC and the CKA ratio in Rust (``layerscope_core::measures::cka::rbf``,
     one Gram per layer reused for every pair). With ``nonfinite="nan"``, layers holding
     NaN/Inf among the sampled rows get NaN cells and the others are computed. On Ray: one
     task per layer builds its Gram, one task per block of pairs the HSICs
-    (:mod:`layerscope._ray_sampled`: the same functions, the same numbers)."""
+    (:mod:`layerscope._ray_sampled`: the same functions, the same numbers). With a
+    ``device``: each layer's distance products there (``prepare_layer(products=)``), the
+    bandwidth, kernel and HSICs in Rust — the steps of the Ray route."""
     a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
+    from .._device import describe, products
+    from .._moments import _device_for
+
+    dev = _device_for(device, backend, "float64")
 
     cols_all = lb if lb is not None else la
     idx = sample_indices(a.num_rows, sample, seed, SAMPLE_CAP)
@@ -407,9 +414,24 @@ def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
             lb_e = [load(b, name, idx, with_exp=True) for name in gb] if b is not None else None
             xa = [x for x, _ in la_e]
             xb = [x for x, _ in lb_e] if lb_e is not None else None
-            with Progress(progress, "rbf cka", unit="step") as prog:
-                r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=(estimator == "debiased"),
-                                     max_memory=max_memory, progress=prog.cb)
+            unbiased = estimator == "debiased"
+            if dev is None:
+                with Progress(progress, "rbf cka", unit="step") as prog:
+                    r = _native.rbf_hsic(xa, xb, sigma=sigma, unbiased=unbiased,
+                                         max_memory=max_memory, progress=prog.cb)
+            else:
+                prod = products(dev)
+
+                def prep(xs: list[np.ndarray]) -> list[Any]:
+                    return [_native.prepare_layer(x, "rbf", sigma=sigma, unbiased=unbiased,
+                                                  max_memory=max_memory, products=prod)
+                            for x in xs]
+
+                pa = prep(xa)
+                r = dict(_native.prepared_table(pa, prep(xb) if xb is not None else None))
+                if xb is None:
+                    r["bw_b"] = r["bw_a"]
+                meta["device"] = describe(dev)
             r = dict(r)
             r["bw_a"] = np.ldexp(np.asarray(r["bw_a"], dtype=np.float64),
                                  np.array([e for _, e in la_e], dtype=np.int32))

@@ -156,10 +156,13 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 def _backend(args: argparse.Namespace) -> dict[str, Any]:
-    """``--ray [ADDRESS]`` as the functions' ``backend`` / ``ray_address``."""
-    if args.ray is None:
-        return {"backend": "local"}
-    return {"backend": "ray", "ray_address": args.ray or None}
+    """``--ray [ADDRESS]`` as the functions' ``backend`` / ``ray_address``, and
+    ``--device`` (where the command has it) as ``device``."""
+    out: dict[str, Any] = ({"backend": "local"} if args.ray is None
+                           else {"backend": "ray", "ray_address": args.ray or None})
+    if getattr(args, "device", None) is not None:
+        out["device"] = args.device
+    return out
 
 
 def _add_ray_arg(p: argparse.ArgumentParser) -> None:
@@ -171,8 +174,22 @@ def _add_ray_arg(p: argparse.ArgumentParser) -> None:
         "store(s)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default=None, metavar="DEVICE",
+        help="run the products on a torch device: 'cuda', 'cuda:1', 'cpu' (the torch engine "
+        "on the CPU) or 'auto' (CUDA when torch sees one, else the Rust engine); default: the "
+        "Rust CPU engine. The same numbers (see layerscope.cka's device=)")
+
+
 def ray_notes(res: Any) -> list[str]:
-    """What ran on Ray: range tasks, merges, nodes."""
+    """Where it ran: the torch device, and on Ray the range tasks, merges, nodes."""
+    dev = [f"# device: {res.meta['device']} (products on the torch engine)"] \
+        if res.meta.get("device") else []
+    return dev + _ray_only(res)
+
+
+def _ray_only(res: Any) -> list[str]:
     t = res.meta.get("tasks")
     if res.meta.get("backend") != "ray" or not t:
         return []
@@ -275,10 +292,12 @@ def add_cli(sub: Any) -> None:
                    help=f"minibatch rows (default {BATCH_SIZE})")
     p.add_argument("--nonfinite", default="error", choices=["error", "nan"],
                    help="NaN/Inf in a layer: stop with an error, or give that layer NaN")
-    p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32"],
+    p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32", "tf32"],
                    help="arithmetic of the linear engine's block products (auto: float32 for "
-                   "f32/f16/bf16 stores, ~2x faster, summed in float64; float64 otherwise)")
+                   "f32/f16/bf16 stores, ~2x faster, summed in float64; float64 otherwise; "
+                   "tf32: TF32 tensor-core products with --device cuda, an approximation)")
     _add_ray_arg(p)
+    _add_device_arg(p)
     _finish(p, "the heatmap", _cmd_cka)
 
     p = sub.add_parser(
@@ -300,6 +319,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--plot-cosines", default=None, metavar="FILE",
                    help="write the per-pair cosine curves (Procrustes, SVCCA, CCA)")
     _add_ray_arg(p)
+    _add_device_arg(p)
     _finish(p, "the overlap heatmap", _cmd_align)
 
     p = sub.add_parser("spectrum", help="per-layer covariance spectra, effective rank, PCA-ID")
@@ -308,6 +328,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--top", type=cli_type(Int(1)), default=None,
                    help="keep the largest TOP eigenvalues in the result (default: all)")
     _add_ray_arg(p)
+    _add_device_arg(p)
     _finish(p, "the log-log spectra", _cmd_spectrum)
 
     p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE, PCA)")
@@ -334,6 +355,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--pca-threshold", type=cli_type(Float(0, 1, lo_open=True), float),
                    default=0.95, help="PCA: share of the variance the kept components explain")
     _add_ray_arg(p)
+    _add_device_arg(p)
     _finish(p, "the ID-by-depth plot", _cmd_id)
 
     p = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
@@ -346,4 +368,5 @@ def add_cli(sub: Any) -> None:
                    help="correlation of two RDMs")
     _sampling(p, 2000, "(RDMs are m x m)")
     _add_ray_arg(p)
+    _add_device_arg(p)
     _finish(p, "the heatmap", _cmd_rsa)

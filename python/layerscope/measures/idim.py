@@ -33,6 +33,7 @@ from .._source import resolve
 from .._text import Table
 from .._validate import (
     BACKEND,
+    DEVICE,
     LAYERS,
     MAX_MEMORY,
     PROGRESS,
@@ -153,7 +154,8 @@ class IDResult(Result):
            discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
            tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
            pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
-           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS)
+           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS,
+           device=DEVICE)
 def intrinsic_dimension(
     source: Any,
     *,
@@ -175,6 +177,7 @@ def intrinsic_dimension(
     max_memory: int | str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> IDResult:
     """Intrinsic dimension of each layer from exact nearest neighbours of a seeded sample.
 
@@ -218,12 +221,19 @@ def intrinsic_dimension(
     into row-range tasks (:func:`layerscope.spectrum`); ``max_memory`` is then each node's
     budget, ``meta["backend"]`` and ``meta["tasks"]`` record what ran, ``ray_address`` as in
     :func:`layerscope.cka`.
+
+    ``device``: None (the Rust CPU engine), ``"auto"`` or a torch device: the kNN's distance
+    products (the f32 GEMM blocks) on that device, the lower bounds, the exact f64 recheck of
+    the near neighbours and the estimators in Rust (:class:`layerscope._device.DeviceProducts`;
+    the same neighbours and distances); ``"pca"``: the moment pass's products there.
+    ``meta["device"]``.
     """
     return intrinsic_dimensions.__wrapped__(  # type: ignore[attr-defined]  (checked above)
         source, methods=(method,), layers=layers, sample=sample, seed=seed, k=k, n1=n1, n2=n2,
         discard_fraction=discard_fraction, duplicates=duplicates, tolerance=tolerance,
         bootstrap=bootstrap, scales=scales, pool=pool, pca_threshold=pca_threshold,
         progress=progress, max_memory=max_memory, backend=backend, ray_address=ray_address,
+        device=device,
     )[method]
 
 
@@ -231,7 +241,8 @@ def intrinsic_dimension(
            discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
            tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
            pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
-           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS)
+           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS,
+           device=DEVICE)
 def intrinsic_dimensions(
     source: Any,
     *,
@@ -253,6 +264,7 @@ def intrinsic_dimensions(
     max_memory: int | str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> dict[str, IDResult]:
     """Several intrinsic-dimension estimators from ONE exact kNN graph per layer.
 
@@ -265,6 +277,9 @@ def intrinsic_dimensions(
     ``{method: IDResult}`` in the order of ``methods``; each equals the result of
     ``intrinsic_dimension(method=...)`` with the same arguments."""
     check_backend(backend, ray_address)
+    from .._moments import _device_for
+
+    dev = _device_for(device, backend, "float64")
     budget = max_memory
     methods = list(dict.fromkeys(methods))
     knn_methods = [m for m in methods if m != "pca"]
@@ -285,7 +300,7 @@ def intrinsic_dimensions(
     out: dict[str, IDResult] = {}
     if "pca" in methods:
         out["pca"] = _pca_id(source, layers, float(pca_threshold), progress, budget,
-                             backend, ray_address)
+                             backend, ray_address, dev)
     if not knn_methods:
         return {m: out[m] for m in methods}
     if backend == "ray":
@@ -317,12 +332,15 @@ def intrinsic_dimensions(
     per: dict[str, dict[str, Any]] = {
         m: {"values": {}, "ci": {}, "errs": {}, "details": {}, "scales": {}} for m in knn_methods
     }
+    from .._device import describe, products
+
+    prod = products(dev)
     with Progress(progress, "intrinsic dimension", unit="step") as prog:
         cb = prog.cb
         for name in names:
             x = load(src, name, idx)
             g = _native.knn_graph(x, kneed, duplicates=duplicates, tolerance=tolerance,
-                                  max_memory=budget, progress=cb)
+                                  max_memory=budget, progress=cb, products=prod)
             if duplicates == "keep" and g["duplicates"]:
                 warnings.warn(
                     f"layer {name!r}: {g['duplicates']} sampled rows duplicate another row "
@@ -389,6 +407,8 @@ def intrinsic_dimensions(
             "knn_k": kneed,
             "methods_sharing_the_graph": knn_methods,
         }
+        if dev is not None:
+            meta["device"] = describe(dev)
         r = per[method]
         out[method] = IDResult(names, r["values"], ci=r["ci"], errors=r["errs"],
                                details=r["details"], scales=r["scales"], meta=meta)
@@ -407,7 +427,7 @@ def merge_layers(names: list[str], parts: Sequence[IDResult], meta: dict[str, An
 
 def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
             max_memory: int | None = None, backend: str = "local",
-            ray_address: str | None = None) -> IDResult:
+            ray_address: str | None = None, device: Any = None) -> IDResult:
     """``method="pca"``: the spectra of every layer from the moment engine's planned passes
     (``layerscope.spectrum``'s plan: whole layers grouped into passes that fit the budget),
     the PCA dimension at ``threshold`` computed in Rust (``Spectrum::pca_id``)."""
@@ -419,7 +439,7 @@ def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
     t, raw, pmeta = run_measures(source, layers, None, None, spectrum=True, aligns={},
                                   ckas=[], compute="float64", budget=max_memory,
                                   progress=progress, pca_threshold=threshold,
-                                  backend=backend, ray_address=ray_address)
+                                  backend=backend, ray_address=ray_address, device=device)
     names = list(t.names)
     n = int(t.n)
     for name, sp in zip(names, raw["spectra"]):
@@ -439,7 +459,8 @@ def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
         "seconds": time.perf_counter() - t0,
         "backend": backend,
     }
-    if "tasks" in pmeta:
-        meta["tasks"] = pmeta["tasks"]
+    for key in ("tasks", "device"):
+        if key in pmeta:
+            meta[key] = pmeta[key]
     return IDResult(names, values, details=details, meta=meta)
 

@@ -19,6 +19,7 @@ from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import check_comparable, resolve
 from .._validate import (
     BACKEND,
+    DEVICE,
     LAYERS,
     MAX_MEMORY,
     PROGRESS,
@@ -38,15 +39,22 @@ def _sampled_table(
     seed: int, max_memory: int | None, progress: Any,
     run: Callable[[list[np.ndarray], list[np.ndarray] | None, Any], np.ndarray], *,
     min_rows: int, why: str, backend: str, ray_address: str | None,
-    ray_measure: tuple[str, dict[str, Any]], **options: Any,
+    ray_measure: tuple[str, dict[str, Any]], device: Any = None, **options: Any,
 ) -> MatrixResult:
     """A table of all layer pairs on a seeded sample: the sampled rows of every selected
     layer of ``source`` (and ``other``) in memory (f64, checked finite; the budget checked
     first), ``run(xa, xb, progress_cb)`` on them, the sample recorded in ``meta``. On
     ``backend="ray"``: ``ray_measure`` (the prepared-layer measure and its options) as
-    tasks per layer and per block of pairs (:mod:`layerscope._ray_sampled`)."""
+    tasks per layer and per block of pairs (:mod:`layerscope._ray_sampled`). With a
+    ``device``: each layer prepared with its distance products there
+    (``_native.prepare_layer(products=)``), the pair table in Rust — the steps of the Ray
+    route, so the same numbers."""
     t0 = time.perf_counter()
     check_backend(backend, ray_address)
+    from .._device import describe, products
+    from .._moments import _device_for
+
+    dev = _device_for(device, backend, "float64")
     a = resolve(source)
     b = resolve(other) if other is not None else None
     la = a.select(layers)
@@ -70,8 +78,22 @@ def _sampled_table(
         with Progress(progress, measure.replace("_", " "), unit="step") as prog:
             xa = [load(a, n, idx) for n in la]
             xb = [load(b, n, idx) for n in lb] if b is not None else None
-            vals = run(xa, xb, prog.cb)
+            if dev is None:
+                vals = run(xa, xb, prog.cb)
+            else:
+                prod = products(dev)
+                kind, opts = ray_measure
+
+                def prep(xs: list[np.ndarray]) -> list[Any]:
+                    return [_native.prepare_layer(x, kind, max_memory=max_memory,
+                                                  products=prod, **opts) for x in xs]
+
+                pa = prep(xa)
+                pb = prep(xb) if xb is not None else None
+                vals = np.asarray(_native.prepared_table(pa, pb)["values"])
         extra = {"backend": "local"}
+        if dev is not None:
+            extra["device"] = describe(dev)
     meta = {"measure": measure, **options, "n": int(idx.size), "n_total": a.num_rows,
             "seed": seed, "sample": sample, "sample_hash": indices_hash(idx),
             "seconds": time.perf_counter() - t0, **extra}
@@ -80,7 +102,8 @@ def _sampled_table(
 
 @validated(layers=LAYERS, other_layers=LAYERS, dissimilarity=OneOf("euclidean", "correlation"),
            compare=OneOf("spearman", "pearson"), sample=(None, Int(1)), seed=SEED,
-           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS)
+           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS,
+           device=DEVICE)
 def rsa(
     source: Any,
     other: Any = None,
@@ -95,6 +118,7 @@ def rsa(
     max_memory: int | str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> MatrixResult:
     """Representational similarity analysis (Kriegeskorte et al. 2008) for all layer pairs.
 
@@ -111,6 +135,10 @@ def rsa(
     block of layer pairs correlates them (:mod:`layerscope._ray_sampled`: the same functions,
     the same numbers); ``max_memory`` is then each node's budget, ``meta["tasks"]`` records
     what ran; ``ray_address`` as in :func:`layerscope.cka`.
+
+    ``device``: None (the Rust CPU engine), ``"auto"`` or a torch device: the exact pairwise
+    distances (from the differences, no GEMM) on that device, the RDMs and their
+    correlations in Rust; ``meta["device"]``.
     """
     def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
         return _native.rsa_matrix(xa, xb, dissimilarity=dissimilarity, compare=compare,
@@ -120,12 +148,12 @@ def rsa(
         "rsa", source, other, layers, other_layers, sample, seed, max_memory, progress, run,
         min_rows=3, why="RSA needs at least 3 rows", backend=backend, ray_address=ray_address,
         ray_measure=("rsa", {"dissimilarity": dissimilarity, "compare": compare}),
-        dissimilarity=dissimilarity, compare=compare)
+        device=device, dissimilarity=dissimilarity, compare=compare)
 
 
 @validated(k=Int(1), layers=LAYERS, other_layers=LAYERS, sample=(None, Int(1)), seed=SEED,
            normalize=Bool(), progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND,
-           ray_address=RAY_ADDRESS)
+           ray_address=RAY_ADDRESS, device=DEVICE)
 def mutual_knn(
     source: Any,
     other: Any = None,
@@ -140,6 +168,7 @@ def mutual_knn(
     max_memory: int | str | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: Any = None,
 ) -> MatrixResult:
     """Mutual k-nearest-neighbour alignment (Huh, Cheung, Wang & Isola 2024, "The Platonic
     Representation Hypothesis", ICML) for all layer pairs::
@@ -158,7 +187,8 @@ def mutual_knn(
     reference's ``argsort`` breaks ties arbitrarily). Not applied: the reference pipeline's
     optional outlier clipping (``remove_outliers``, q=0.95) before the metric.
     ``max_memory``: the memory budget, as in :func:`rsa`; ``backend``, ``ray_address``: as in
-    :func:`rsa`."""
+    :func:`rsa`. ``device``: the kNN's f32 distance products on that torch device, the lower
+    bounds and the exact f64 recheck in Rust (the same neighbour sets)."""
     def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
         return _native.mutual_knn_matrix(xa, xb, k=k, normalize=normalize,
                                          max_memory=max_memory, progress=cb)
@@ -167,4 +197,5 @@ def mutual_knn(
         "mutual_knn", source, other, layers, other_layers, sample, seed, max_memory, progress,
         run, min_rows=k + 1, why=f"k = {k} neighbours needs more than k rows",
         backend=backend, ray_address=ray_address,
-        ray_measure=("knn", {"k": k, "normalize": normalize}), k=k, normalize=normalize)
+        ray_measure=("knn", {"k": k, "normalize": normalize}), device=device, k=k,
+        normalize=normalize)

@@ -15,6 +15,7 @@ mod memory;
 mod moments;
 mod monitor;
 mod neighbors;
+mod products;
 mod source;
 mod store;
 

@@ -4,7 +4,8 @@
 use crate::errors::detach;
 use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
-use layerscope_core::engine::neighbors::{dedup_knn, Duplicates};
+use crate::products::PyProducts;
+use layerscope_core::engine::neighbors::{dedup_knn_with, Cpu, Duplicates, Products};
 use layerscope_core::measures::cka::rbf as kernel;
 use layerscope_core::measures::hsic::Estimator;
 use layerscope_core::measures::prepared::{table, Measure, Prepared};
@@ -15,6 +16,14 @@ use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyType};
+
+/// The device's own exception when it raised one (see [`PyProducts::raise`]).
+fn reraise(prod: &Option<PyProducts>, e: PyErr) -> PyErr {
+    match prod {
+        Some(p) => p.raise(e),
+        None => e,
+    }
+}
 
 fn slice2<'a>(a: &'a PyReadonlyArray2<'_, f64>, what: &str) -> PyResult<(&'a [f64], usize, usize)> {
     let sh = a.shape();
@@ -44,7 +53,9 @@ fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Owned
 
 /// kNN graph with duplicate handling. Returns a dict: dist (m'×k float64, exact, ascending),
 /// idx (m'×k int64, indices into the kept rows), kept (int64 input rows used),
-/// duplicates (int), tolerance (float).
+/// duplicates (int), tolerance (float). `products`: None (this CPU) or an object computing
+/// the distance products elsewhere (``layerscope._device.DeviceProducts``); the lower bounds
+/// and the exact f64 recheck stay here.
 ///
 /// :type x: npt.NDArray[np.float64]
 /// :type k: int
@@ -52,9 +63,11 @@ fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Owned
 /// :type tolerance: float | None
 /// :type max_memory: int | None
 /// :type progress: ProgressCallback
+/// :type products: Any | None
 /// :rtype: dict[str, Any]
 #[pyfunction]
-#[pyo3(signature = (x, k, duplicates="drop", tolerance=None, max_memory=None, progress=None))]
+#[pyo3(signature = (x, k, duplicates="drop", tolerance=None, max_memory=None, progress=None, products=None))]
+#[allow(clippy::too_many_arguments)]
 fn knn_graph<'py>(
     py: Python<'py>,
     x: PyReadonlyArray2<'py, f64>,
@@ -63,14 +76,18 @@ fn knn_graph<'py>(
     tolerance: Option<f64>,
     max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
+    products: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let policy = Duplicates::parse(duplicates).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
     let (s, m, d) = slice2(&x, "x")?;
     let mon = PyMonitor::new(progress);
+    let prod = products.map(PyProducts::new);
     let r = detach(py, || {
-        dedup_knn(s, m, d, k, tolerance, policy, &budget, &mon)
-    })?;
+        let p: &dyn Products = prod.as_ref().map_or(&Cpu, |p| p as &dyn Products);
+        dedup_knn_with(s, m, d, k, tolerance, policy, &budget, &mon, p)
+    })
+    .map_err(|e| reraise(&prod, e))?;
     let out = PyDict::new(py);
     let mm = r.knn.m;
     let dist = Array2::from_shape_vec((mm, k), r.knn.dist)
@@ -471,7 +488,7 @@ fn prepare_bytes(
 /// One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
 /// estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
 /// :func:`mutual_knn_matrix` (``"knn"``: its exact kNN graph); checked against the budget
-/// (:func:`prepare_bytes`) first.
+/// (:func:`prepare_bytes`) first. `products`: as in :func:`knn_graph`.
 ///
 /// :type x: npt.NDArray[np.float64]
 /// :type measure: str
@@ -482,9 +499,10 @@ fn prepare_bytes(
 /// :type k: int
 /// :type normalize: bool
 /// :type max_memory: int | None
+/// :type products: Any | None
 /// :rtype: PreparedLayer
 #[pyfunction]
-#[pyo3(signature = (x, measure, *, sigma=1.0, unbiased=false, dissimilarity="euclidean", compare="spearman", k=10, normalize=false, max_memory=None))]
+#[pyo3(signature = (x, measure, *, sigma=1.0, unbiased=false, dissimilarity="euclidean", compare="spearman", k=10, normalize=false, max_memory=None, products=None))]
 #[allow(clippy::too_many_arguments)]
 fn prepare_layer(
     py: Python<'_>,
@@ -497,6 +515,7 @@ fn prepare_layer(
     k: usize,
     normalize: bool,
     max_memory: Option<u64>,
+    products: Option<Py<PyAny>>,
 ) -> PyResult<PyPrepared> {
     let me = measure_of(
         measure,
@@ -509,7 +528,12 @@ fn prepare_layer(
     )?;
     let budget = Budget::resolve(max_memory).py_err()?;
     let (s, m, d) = slice2(&x, "x")?;
-    let inner = detach(py, || me.prepare(s, m, d, &budget))?;
+    let prod = products.map(PyProducts::new);
+    let inner = detach(py, || {
+        let p: &dyn Products = prod.as_ref().map_or(&Cpu, |p| p as &dyn Products);
+        me.prepare_with(s, m, d, &budget, p)
+    })
+    .map_err(|e| reraise(&prod, e))?;
     Ok(PyPrepared { inner })
 }
 

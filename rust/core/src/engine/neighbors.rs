@@ -76,6 +76,106 @@ impl Knn {
     }
 }
 
+/// The products behind the neighbour measures — all but a sliver of their work — as a
+/// value that can run elsewhere: the CPU here ([`Cpu`]), or a torch device through the
+/// Python binding (`layerscope._device`). Everything made of them (lower bounds, the exact
+/// f64 recheck of near neighbours, bandwidths, kernels, RDMs) stays in this crate, whichever
+/// computes the products.
+pub trait Products: Sync {
+    /// `X Xᵀ` of the row-major `m × d` f64 matrix `x` (row-major `m × m`, f64 arithmetic;
+    /// only the upper triangle is read).
+    fn gram_f64(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>>;
+    /// Rows `r0..r0 + nb` of `X Xᵀ` of the f32 matrix `x`, in blocks of at most `block` rows,
+    /// each handed to `each(r0, rows)` (row-major `nb × m`) — IEEE f32 products with any
+    /// summation order (the kNN lower bounds assume no more error than that: no TF32).
+    fn f32_gram_blocks(
+        &self,
+        x: &[f32],
+        m: usize,
+        d: usize,
+        block: usize,
+        each: &(dyn Fn(usize, &[f32]) -> Result<()> + Sync),
+    ) -> Result<()>;
+    /// The condensed (`i < j`, row-major) exact squared distances `Σ (a − b)²`, from the
+    /// differences (no GEMM: identical rows give exactly 0, tied distances stay tied).
+    fn exact_condensed_sq(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>>;
+}
+
+/// The products on this machine's CPU (faer / the packed kernels, rayon).
+pub struct Cpu;
+
+impl Products for Cpu {
+    fn gram_f64(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>> {
+        let mut g = try_vec(m * m, 0.0f64, format_args!("the {m} × {m} distance matrix"))?;
+        // Upper triangle of the column-major Gram (packed SYRK: half the flops of a full
+        // product); column j holds ⟨x_i, x_j⟩ for i ≤ j in g[j·m .. j·m + j] — the same
+        // cells as row i, column j of a row-major matrix's upper triangle read by columns.
+        let view = crate::linalg::packed::Strided {
+            u: x,
+            k: d,
+            n: m,
+            rs: 1,
+            cs: d,
+        };
+        crate::linalg::packed::syrk_upper_add(&mut g, m, view, &mut Vec::new())?;
+        // column-major upper (i ≤ j at g[j·m + i]) → row-major upper (g[i·m + j])
+        crate::linalg::symmetrize_from_upper(&mut g, m);
+        Ok(g)
+    }
+
+    fn f32_gram_blocks(
+        &self,
+        x: &[f32],
+        m: usize,
+        d: usize,
+        block: usize,
+        each: &(dyn Fn(usize, &[f32]) -> Result<()> + Sync),
+    ) -> Result<()> {
+        let all = MatRef::from_row_major_slice(x, m, d);
+        (0..m.div_ceil(block.max(1)))
+            .into_par_iter()
+            .try_for_each(|b| -> Result<()> {
+                let r0 = b * block;
+                let r1 = (r0 + block).min(m);
+                let nb = r1 - r0;
+                let lhs = MatRef::from_row_major_slice(&x[r0 * d..r1 * d], nb, d);
+                let mut g = try_vec(nb * m, 0.0f32, "a block of the distance matrix")?;
+                matmul(
+                    MatMut::from_row_major_slice_mut(&mut g, nb, m),
+                    Accum::Replace,
+                    lhs,
+                    all.transpose(),
+                    1.0f32,
+                    Par::Seq,
+                );
+                each(r0, &g)
+            })
+    }
+
+    fn exact_condensed_sq(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>> {
+        let len = m * m.saturating_sub(1) / 2;
+        let what = format!("the condensed {m}-row distance matrix ({len} pairs)");
+        let mut out = try_vec(len, 0.0f64, &what)?;
+        // Row i's pairs (i, i+1..m) are one contiguous run of m − 1 − i values.
+        let mut runs: Vec<(usize, &mut [f64])> = Vec::with_capacity(m);
+        let mut rest: &mut [f64] = &mut out;
+        for i in 0..m {
+            let (run, tail) = rest.split_at_mut(m - 1 - i.min(m - 1));
+            runs.push((i, run));
+            rest = tail;
+        }
+        runs.into_par_iter().try_for_each(|(i, run)| {
+            crate::monitor::check_interrupt()?; // per row: m·d flops at most between checks
+            let xi = &x[i * d..(i + 1) * d];
+            for (v, j) in run.iter_mut().zip((i + 1)..m) {
+                *v = exact_sq_dist(xi, &x[j * d..(j + 1) * d]);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
 fn check_shape(x: &[f64], m: usize, d: usize) -> Result<()> {
     if m.checked_mul(d) != Some(x.len()) {
         return Err(Error::invalid(format!(
@@ -182,6 +282,20 @@ pub fn knn(
     budget: &Budget,
     monitor: &dyn Monitor,
 ) -> Result<Knn> {
+    knn_with(x, m, d, k, budget, monitor, &Cpu)
+}
+
+/// [`knn`] with the f32 distance products computed by `prod` (the lower bounds, the
+/// selection and the exact f64 recheck stay here).
+pub fn knn_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    k: usize,
+    budget: &Budget,
+    monitor: &dyn Monitor,
+    prod: &dyn Products,
+) -> Result<Knn> {
     check_shape(x, m, d)?;
     if k == 0 || k >= m {
         return Err(Error::invalid(format!(
@@ -214,90 +328,91 @@ pub fn knn(
         .zip(&len)
         .map(|(n, l)| n - bsl * l * l)
         .collect();
-    let all = MatRef::from_row_major_slice(&xc32, m, d);
     let done = std::sync::atomic::AtomicU64::new(0);
     // The m × k lists are allocated once, up front (the largest buffer: a refusal comes
-    // before any work), and each row block fills its own rows.
+    // before any work), and each row block fills its own rows (one slot per block).
     let mut dist = try_vec(m * k, 0.0f64, "the neighbour lists")?;
     let mut idx = try_vec(m * k, 0usize, "the neighbour lists")?;
-    dist.par_chunks_mut(BLOCK * k)
-        .zip(idx.par_chunks_mut(BLOCK * k))
-        .enumerate()
-        .try_for_each(|(b, (dist, idx))| -> Result<()> {
-            let r0 = b * BLOCK;
-            let r1 = (r0 + BLOCK).min(m);
-            let nb = r1 - r0;
-            let lhs = MatRef::from_row_major_slice(&xc32[r0 * d..r1 * d], nb, d);
-            let mut g = try_vec(nb * m, 0.0f32, "a block of the distance matrix")?;
-            matmul(
-                MatMut::from_row_major_slice_mut(&mut g, nb, m),
-                Accum::Replace,
-                lhs,
-                all.transpose(),
-                1.0f32,
-                Par::Seq,
-            );
-            let mut cand: Vec<(f64, usize)> = try_with_capacity(m, "a candidate list")?;
-            let mut heap: BinaryHeap<Item> = BinaryHeap::with_capacity(kc + 2);
-            for (r, grow) in g.chunks_exact(m).enumerate() {
-                let i = r0 + r;
-                // Lower bound on the true squared distance of every pair (see `lb_parts`):
-                // lb_ij = q_i + p_j − 2·g_ij − c_i·‖b_j‖.
-                let (qi, ci) = (norms[i] - bsl * len[i] * len[i], acoef * len[i]);
-                let lb = |j: usize, gij: f32| qi + p[j] - 2.0 * f64::from(gij) - ci * len[j];
-                // The kc smallest lower bounds are the candidates (a bounded max-heap of
-                // kc + 1: most pairs cost one comparison); thr = the (kc+1)-th smallest,
-                // a lower bound for every non-candidate.
-                heap.clear();
-                let cap = (kc + 1).min(m - 1);
-                for (j, &gij) in grow.iter().enumerate() {
-                    if j == i {
-                        continue;
-                    }
-                    let v = lb(j, gij);
-                    if heap.len() < cap {
-                        heap.push(Item(v, j));
-                    } else if let Some(mut top) = heap.peek_mut() {
-                        if v < top.0 {
-                            *top = Item(v, j);
-                        }
-                    }
+    let slots: Vec<std::sync::Mutex<(&mut [f64], &mut [usize])>> = dist
+        .chunks_mut(BLOCK * k)
+        .zip(idx.chunks_mut(BLOCK * k))
+        .map(std::sync::Mutex::new)
+        .collect();
+    let each = |r0: usize, g: &[f32]| -> Result<()> {
+        let nb = g.len() / m.max(1);
+        if !r0.is_multiple_of(BLOCK) || nb == 0 || nb > BLOCK || g.len() != nb * m || r0 + nb > m {
+            return Err(Error::Mismatch(format!(
+                "a distance block of {} values at row {r0} (blocks of {BLOCK} rows × {m})",
+                g.len()
+            )));
+        }
+        let mut slot = slots[r0 / BLOCK]
+            .lock()
+            .map_err(|_| Error::invalid("a neighbour block's lock was poisoned"))?;
+        let (dist, idx) = &mut *slot;
+        let mut cand: Vec<(f64, usize)> = try_with_capacity(m, "a candidate list")?;
+        let mut heap: BinaryHeap<Item> = BinaryHeap::with_capacity(kc + 2);
+        for (r, grow) in g.chunks_exact(m).enumerate() {
+            let i = r0 + r;
+            // Lower bound on the true squared distance of every pair (see `lb_parts`):
+            // lb_ij = q_i + p_j − 2·g_ij − c_i·‖b_j‖.
+            let (qi, ci) = (norms[i] - bsl * len[i] * len[i], acoef * len[i]);
+            let lb = |j: usize, gij: f32| qi + p[j] - 2.0 * f64::from(gij) - ci * len[j];
+            // The kc smallest lower bounds are the candidates (a bounded max-heap of
+            // kc + 1: most pairs cost one comparison); thr = the (kc+1)-th smallest,
+            // a lower bound for every non-candidate.
+            heap.clear();
+            let cap = (kc + 1).min(m - 1);
+            for (j, &gij) in grow.iter().enumerate() {
+                if j == i {
+                    continue;
                 }
-                let mut thr = f64::INFINITY;
-                if cap > kc {
-                    if let Some(top) = heap.pop() {
-                        thr = top.0;
+                let v = lb(j, gij);
+                if heap.len() < cap {
+                    heap.push(Item(v, j));
+                } else if let Some(mut top) = heap.peek_mut() {
+                    if v < top.0 {
+                        *top = Item(v, j);
                     }
-                }
-                cand.clear();
-                cand.extend(heap.drain().map(|it| (it.0, it.1)));
-                let xi = &x[i * d..(i + 1) * d];
-                for c in cand.iter_mut() {
-                    c.0 = exact_sq_dist(xi, &x[c.1 * d..(c.1 + 1) * d]);
-                }
-                cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                // Certificate: every non-candidate j has true d² ≥ lb_j ≥ thr. If the k-th
-                // exact distance is below thr the k best are exact. Otherwise the answer
-                // is the k best (exact) of {j : lb_j ≤ k-th}: the others have true d²
-                // above it, so they cannot enter, not even on a tie.
-                let kth = cand.get(k - 1).map_or(f64::INFINITY, |c| c.0);
-                if kth >= thr {
-                    cand.clear();
-                    for (j, &gij) in grow.iter().enumerate() {
-                        if j != i && lb(j, gij) <= kth {
-                            cand.push((exact_sq_dist(xi, &x[j * d..(j + 1) * d]), j));
-                        }
-                    }
-                    cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                }
-                for (t, c) in cand.iter().take(k).enumerate() {
-                    dist[r * k + t] = c.0.sqrt();
-                    idx[r * k + t] = c.1;
                 }
             }
-            let n = done.fetch_add(nb as u64, std::sync::atomic::Ordering::Relaxed) + nb as u64;
-            monitor.progress(n, m as u64)
-        })?;
+            let mut thr = f64::INFINITY;
+            if cap > kc {
+                if let Some(top) = heap.pop() {
+                    thr = top.0;
+                }
+            }
+            cand.clear();
+            cand.extend(heap.drain().map(|it| (it.0, it.1)));
+            let xi = &x[i * d..(i + 1) * d];
+            for c in cand.iter_mut() {
+                c.0 = exact_sq_dist(xi, &x[c.1 * d..(c.1 + 1) * d]);
+            }
+            cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            // Certificate: every non-candidate j has true d² ≥ lb_j ≥ thr. If the k-th
+            // exact distance is below thr the k best are exact. Otherwise the answer
+            // is the k best (exact) of {j : lb_j ≤ k-th}: the others have true d²
+            // above it, so they cannot enter, not even on a tie.
+            let kth = cand.get(k - 1).map_or(f64::INFINITY, |c| c.0);
+            if kth >= thr {
+                cand.clear();
+                for (j, &gij) in grow.iter().enumerate() {
+                    if j != i && lb(j, gij) <= kth {
+                        cand.push((exact_sq_dist(xi, &x[j * d..(j + 1) * d]), j));
+                    }
+                }
+                cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            }
+            for (t, c) in cand.iter().take(k).enumerate() {
+                dist[r * k + t] = c.0.sqrt();
+                idx[r * k + t] = c.1;
+            }
+        }
+        let n = done.fetch_add(nb as u64, std::sync::atomic::Ordering::Relaxed) + nb as u64;
+        monitor.progress(n, m as u64)
+    };
+    prod.f32_gram_blocks(&xc32, m, d, BLOCK, &each)?;
+    drop(slots);
     Ok(Knn { m, k, dist, idx })
 }
 
@@ -381,6 +496,22 @@ pub fn dedup_knn(
     budget: &Budget,
     monitor: &dyn Monitor,
 ) -> Result<DedupKnn> {
+    dedup_knn_with(x, m, d, k, tol, policy, budget, monitor, &Cpu)
+}
+
+/// [`dedup_knn`] with the distance products computed by `prod` ([`knn_with`]).
+#[allow(clippy::too_many_arguments)]
+pub fn dedup_knn_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    k: usize,
+    tol: Option<f64>,
+    policy: Duplicates,
+    budget: &Budget,
+    monitor: &dyn Monitor,
+    prod: &dyn Products,
+) -> Result<DedupKnn> {
     let tol = match tol {
         Some(t) if t.is_finite() && t >= 0.0 => t,
         Some(t) => return Err(Error::invalid(format!("tolerance must be ≥ 0, got {t}"))),
@@ -397,7 +528,7 @@ pub fn dedup_knn(
                 m - mm
             )));
         }
-        let g = knn(data, mm, d, k, budget, monitor)?;
+        let g = knn_with(data, mm, d, k, budget, monitor, prod)?;
         let mask = duplicate_mask(&g, tol);
         let ndup = mask.iter().filter(|&&b| b).count();
         if ndup == 0 {
@@ -459,6 +590,17 @@ pub fn mirror_upper(g: &mut [f64], m: usize) {
 /// Fails with a Memory error when the matrix and the centred copy (`(m² + m·d) × 8` bytes)
 /// exceed `budget`.
 pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, budget: &Budget) -> Result<Vec<f64>> {
+    sq_distance_matrix_with(x, m, d, budget, &Cpu)
+}
+
+/// [`sq_distance_matrix`] with the Gram of the centred rows computed by `prod`.
+pub fn sq_distance_matrix_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    budget: &Budget,
+    prod: &dyn Products,
+) -> Result<Vec<f64>> {
     check_shape(x, m, d)?;
     let need = (m as u128 * m as u128 + m as u128 * d as u128) * 8;
     budget.check(
@@ -467,25 +609,23 @@ pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, budget: &Budget) -> Res
         "use a smaller sample (sample=...)",
     )?;
     let (xc, norms) = centred(x, m, d)?;
-    let mut g = try_vec(m * m, 0.0f64, format_args!("the {m} × {m} distance matrix"))?;
-    // Upper triangle of the column-major Gram (packed SYRK: half the flops of a full
-    // product); column j holds ⟨x_i, x_j⟩ for i ≤ j in g[j·m .. j·m + j].
-    let view = crate::linalg::packed::Strided {
-        u: &xc,
-        k: d,
-        n: m,
-        rs: 1,
-        cs: d,
-    };
-    crate::linalg::packed::syrk_upper_add(&mut g, m, view, &mut Vec::new())?;
+    let mut g = prod.gram_f64(&xc, m, d)?;
+    if g.len() != m * m {
+        return Err(Error::Mismatch(format!(
+            "a Gram of {} values for {m} rows",
+            g.len()
+        )));
+    }
     crate::monitor::check_interrupt()?;
-    g.par_chunks_mut(m.max(1)).enumerate().for_each(|(j, col)| {
-        col[j] = 0.0;
-        for (i, v) in col[..j].iter_mut().enumerate() {
+    // From the row-major upper triangle: d²_ij = ‖a‖² + ‖b‖² − 2⟨a, b⟩ (rounding noise below
+    // 0 set to 0), the diagonal exactly 0, then mirrored (exact symmetry).
+    g.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, row)| {
+        row[i] = 0.0;
+        for (j, v) in row.iter_mut().enumerate().skip(i + 1) {
             *v = (norms[i] + norms[j] - 2.0 * *v).max(0.0);
         }
     });
-    crate::linalg::symmetrize_from_upper(&mut g, m);
+    mirror_upper(&mut g, m);
     Ok(g)
 }
 
@@ -498,27 +638,28 @@ pub fn exact_condensed_sq_distances(
     d: usize,
     budget: &Budget,
 ) -> Result<Vec<f64>> {
+    exact_condensed_sq_distances_with(x, m, d, budget, &Cpu)
+}
+
+/// [`exact_condensed_sq_distances`] computed by `prod`.
+pub fn exact_condensed_sq_distances_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    budget: &Budget,
+    prod: &dyn Products,
+) -> Result<Vec<f64>> {
     check_shape(x, m, d)?;
     let len = (m as u128) * (m as u128).saturating_sub(1) / 2;
     let what = format!("the condensed {m}-row distance matrix ({len} pairs)");
     budget.check(len * 8, &what, "use a smaller sample (sample=...)")?;
-    let mut out = try_vec(len as usize, 0.0f64, &what)?;
-    // Row i's pairs (i, i+1..m) are one contiguous run of m − 1 − i values.
-    let mut runs: Vec<(usize, &mut [f64])> = Vec::with_capacity(m);
-    let mut rest: &mut [f64] = &mut out;
-    for i in 0..m {
-        let (run, tail) = rest.split_at_mut(m - 1 - i.min(m - 1));
-        runs.push((i, run));
-        rest = tail;
+    let out = prod.exact_condensed_sq(x, m, d)?;
+    if out.len() as u128 != len {
+        return Err(Error::Mismatch(format!(
+            "{} condensed distances for {m} rows ({len} pairs)",
+            out.len()
+        )));
     }
-    runs.into_par_iter().try_for_each(|(i, run)| {
-        crate::monitor::check_interrupt()?; // per row: m·d flops at most between checks
-        let xi = &x[i * d..(i + 1) * d];
-        for (v, j) in run.iter_mut().zip((i + 1)..m) {
-            *v = exact_sq_dist(xi, &x[j * d..(j + 1) * d]);
-        }
-        Ok(())
-    })?;
     Ok(out)
 }
 

@@ -18,12 +18,12 @@
 //!
 //! Read back with every length checked against the bytes present (a malformed buffer is an
 //! error, never a panic or an allocation larger than the buffer).
-use crate::engine::neighbors::{knn_bytes, Knn};
+use crate::engine::neighbors::{knn_bytes, Cpu, Knn, Products};
 use crate::error::{Error, Result};
-use crate::measures::cka::rbf::{prepare_rbf, rbf_hsic_bytes, rbf_table, RbfTable};
+use crate::measures::cka::rbf::{prepare_rbf_with, rbf_hsic_bytes, rbf_table, RbfTable};
 use crate::measures::hsic::{Estimator, Gram};
 use crate::measures::rsa::{
-    knn_table, prepare_knn, prepare_rsa, rsa_bytes, rsa_table, Compare, Dissimilarity,
+    knn_table, prepare_knn_with, prepare_rsa_with, rsa_bytes, rsa_table, Compare, Dissimilarity,
 };
 use crate::memory::{try_with_capacity, Budget};
 use crate::monitor::NoMonitor;
@@ -80,6 +80,19 @@ impl Measure {
 
     /// One layer (row-major `m × d`) prepared, checked against `budget` first.
     pub fn prepare(&self, x: &[f64], m: usize, d: usize, budget: &Budget) -> Result<Prepared> {
+        self.prepare_with(x, m, d, budget, &Cpu)
+    }
+
+    /// [`Measure::prepare`] with the distance products computed by `prod` (a torch device
+    /// through the binding): the same prepared layer, to rounding.
+    pub fn prepare_with(
+        &self,
+        x: &[f64],
+        m: usize,
+        d: usize,
+        budget: &Budget,
+        prod: &dyn Products,
+    ) -> Result<Prepared> {
         let what = match self {
             Measure::Rbf { .. } => "rbf",
             Measure::Rsa { .. } => "rsa",
@@ -92,15 +105,15 @@ impl Measure {
         )?;
         Ok(match *self {
             Measure::Rbf { sigma, estimator } => {
-                let (gram, bandwidth) = prepare_rbf(x, m, d, sigma, estimator)?;
+                let (gram, bandwidth) = prepare_rbf_with(x, m, d, sigma, estimator, prod)?;
                 Prepared::Rbf { gram, bandwidth }
             }
             Measure::Rsa {
                 dissimilarity,
                 compare,
-            } => Prepared::Rsa(prepare_rsa(x, m, d, dissimilarity, compare)?),
+            } => Prepared::Rsa(prepare_rsa_with(x, m, d, dissimilarity, compare, prod)?),
             Measure::Knn { k, normalize } => {
-                Prepared::Knn(prepare_knn(x, m, d, k, normalize, &NoMonitor)?)
+                Prepared::Knn(prepare_knn_with(x, m, d, k, normalize, &NoMonitor, prod)?)
             }
         })
     }

@@ -10,7 +10,7 @@
 //!   ranks, ties given their average rank, as `scipy.stats.spearmanr`).
 //! * Mutual kNN: `mean_i |N_k^A(i) ∩ N_k^B(i)| / k`, with `N_k` the k nearest neighbours of
 //!   point `i` (self excluded) in each representation.
-use crate::engine::neighbors::{exact_condensed_sq_distances, knn, Knn};
+use crate::engine::neighbors::{exact_condensed_sq_distances_with, knn_with, Cpu, Knn, Products};
 use crate::error::{Error, Result};
 use crate::measures::{pair_table, Layers};
 use crate::memory::{try_copy, Budget};
@@ -61,9 +61,21 @@ pub fn rdm(
     kind: Dissimilarity,
     budget: &Budget,
 ) -> Result<Vec<f64>> {
+    rdm_with(x, m, d, kind, budget, &Cpu)
+}
+
+/// [`rdm`] with the exact distances computed by `prod`.
+pub fn rdm_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    kind: Dissimilarity,
+    budget: &Budget,
+    prod: &dyn Products,
+) -> Result<Vec<f64>> {
     match kind {
         Dissimilarity::Euclidean => {
-            let mut g = exact_condensed_sq_distances(x, m, d, budget)?;
+            let mut g = exact_condensed_sq_distances_with(x, m, d, budget, prod)?;
             g.par_iter_mut().for_each(|v| *v = v.sqrt());
             Ok(g)
         }
@@ -86,7 +98,7 @@ pub fn rdm(
                 }
                 r.iter_mut().for_each(|v| *v /= nrm);
             }
-            let mut g = exact_condensed_sq_distances(&z, m, d, budget)?;
+            let mut g = exact_condensed_sq_distances_with(&z, m, d, budget, prod)?;
             g.par_iter_mut().for_each(|v| *v *= 0.5);
             Ok(g)
         }
@@ -243,10 +255,22 @@ pub fn prepare_rsa(
     kind: Dissimilarity,
     compare: Compare,
 ) -> Result<Option<Vec<f64>>> {
+    prepare_rsa_with(x, m, d, kind, compare, &Cpu)
+}
+
+/// [`prepare_rsa`] with the exact distances computed by `prod`.
+pub fn prepare_rsa_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    kind: Dissimilarity,
+    compare: Compare,
+    prod: &dyn Products,
+) -> Result<Option<Vec<f64>>> {
     if m < 3 {
         return Err(Error::invalid("RSA needs at least 3 rows"));
     }
-    let r = rdm(x, m, d, kind, &Budget::unchecked())?;
+    let r = rdm_with(x, m, d, kind, &Budget::unchecked(), prod)?;
     Ok(prepare_rdm(&r, compare))
 }
 
@@ -308,10 +332,31 @@ pub fn prepare_knn(
     normalize: bool,
     monitor: &dyn crate::Monitor,
 ) -> Result<Knn> {
+    prepare_knn_with(x, m, d, k, normalize, monitor, &Cpu)
+}
+
+/// [`prepare_knn`] with the distance products computed by `prod`.
+pub fn prepare_knn_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    k: usize,
+    normalize: bool,
+    monitor: &dyn crate::Monitor,
+    prod: &dyn Products,
+) -> Result<Knn> {
     if normalize {
-        knn(&unit_rows(x, d)?, m, d, k, &Budget::unchecked(), monitor)
+        knn_with(
+            &unit_rows(x, d)?,
+            m,
+            d,
+            k,
+            &Budget::unchecked(),
+            monitor,
+            prod,
+        )
     } else {
-        knn(x, m, d, k, &Budget::unchecked(), monitor)
+        knn_with(x, m, d, k, &Budget::unchecked(), monitor, prod)
     }
 }
 

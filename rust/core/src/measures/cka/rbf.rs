@@ -11,7 +11,7 @@
 //!
 //! Each Gram is built once per layer and reused for all pairs; pairs run in parallel, each
 //! unordered pair of one source once.
-use crate::engine::neighbors::sq_distance_matrix;
+use crate::engine::neighbors::{sq_distance_matrix_with, Cpu, Products};
 use crate::error::{Error, Result};
 use crate::measures::hsic::{cka_ratio, hsic, Estimator, Gram};
 use crate::measures::pair_table;
@@ -72,10 +72,22 @@ pub fn rbf_gram(
     sigma: f64,
     budget: &Budget,
 ) -> Result<(Vec<f64>, f64)> {
+    rbf_gram_with(x, m, d, sigma, budget, &Cpu)
+}
+
+/// [`rbf_gram`] with the distance products computed by `prod`.
+pub fn rbf_gram_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    sigma: f64,
+    budget: &Budget,
+    prod: &dyn Products,
+) -> Result<(Vec<f64>, f64)> {
     if !(sigma.is_finite() && sigma > 0.0) {
         return Err(Error::invalid(format!("sigma must be > 0, got {sigma}")));
     }
-    let mut g = sq_distance_matrix(x, m, d, budget)?;
+    let mut g = sq_distance_matrix_with(x, m, d, budget, prod)?;
     let med = median_sym_zero_diag(&g, m)?;
     let bw = sigma * med.sqrt();
     if bw.is_nan() || bw <= 0.0 {
@@ -190,13 +202,25 @@ pub fn prepare_rbf(
     sigma: f64,
     est: Estimator,
 ) -> Result<(Gram, f64)> {
+    prepare_rbf_with(x, m, d, sigma, est, &Cpu)
+}
+
+/// [`prepare_rbf`] with the distance products computed by `prod`.
+pub fn prepare_rbf_with(
+    x: &[f64],
+    m: usize,
+    d: usize,
+    sigma: f64,
+    est: Estimator,
+    prod: &dyn Products,
+) -> Result<(Gram, f64)> {
     if m < est.min_rows() {
         return Err(Error::invalid(format!(
             "RBF HSIC needs at least {} rows, got {m}",
             est.min_rows()
         )));
     }
-    let (k, bw) = rbf_gram(x, m, d, sigma, &Budget::unchecked())?;
+    let (k, bw) = rbf_gram_with(x, m, d, sigma, &Budget::unchecked(), prod)?;
     Ok((Gram::prepare(k, m, est)?, bw))
 }
 
