@@ -13,7 +13,8 @@ computed
 and compared with an f64 reference (``Zᵀ Z`` of the centred data in f64 on the device, or
 numpy on the CPU). Printed: the largest deviation from the reference, seconds, peak device
 memory (CUDA) or peak RSS, and the throughput of the products as a fraction of the device's
-f32 GEMM rate measured in this run (``n · D² `` multiply-adds for the SYRK).
+f32 GEMM rate measured in this run (the useful work: the SYRK's ``n · D² / 2``
+multiply-adds; a full ``Zᵀ Z`` GEMM does twice that, so it tops out at 50 %).
 
 Defaults: the issue's 33 × 4096 bf16 store at n = 65 536 on a CUDA device; 8 × 512,
 n = 16 384 without one (``--quick``: 4 × 256, n = 4096). ``--layers/--width/--rows``
@@ -132,7 +133,8 @@ def main() -> int:
     layers = args.layers or layers
     width = args.width or width
     rows = args.rows or rows
-    flops = 2 * rows * (layers * width) ** 2  # the SYRK's multiply-adds × 2 (full GEMM)
+    # the useful work: the SYRK's n·D²/2 multiply-adds (a full GEMM does twice that)
+    flops = rows * (layers * width) ** 2
     rate = _gemm_rate(torch, dev)
     name = torch.cuda.get_device_name(dev) if cuda else "CPU (torch)"
     print(f"bench_gpu: {layers} × {width} bf16, n = {rows}, device {dev} ({name}); "
@@ -142,7 +144,7 @@ def main() -> int:
         t = time.perf_counter()
         _store(path, layers, width, rows)
         print(f"  store written in {time.perf_counter() - t:.1f} s "
-              f"({layerscope.open(path).total_bytes / 2**30:.2f} GiB)")
+              f"({layerscope.open(path).nbytes / 2**30:.2f} GiB)")
         store = layerscope.open(path)
         # the f64 reference: Zᵀ Z of the centred stored values in f64
         _reset(torch, dev)
@@ -174,12 +176,12 @@ def main() -> int:
         run(f"plain torch on {dev} f32 (concat, centre, ZᵀZ)",
             lambda: _plain(torch, dev, store, torch.float32))
         print(f"  {'method':<46} {'seconds':>9} {'max |Δ| vs f64':>15} {'peak memory':>16} "
-              f"{'of f32 GEMM':>11}")
+              f"{'SYRK / GEMM rate':>16}")
         for label, sec, err, mem, frac in rows_out:
-            print(f"  {label:<46} {sec:9.2f} {err:15.2e} {mem:>16} {frac:10.0%}")
+            print(f"  {label:<46} {sec:9.2f} {err:15.2e} {mem:>16} {frac:16.0%}")
         base = rows_out[0][1]
         for label, sec, *_ in rows_out[1:]:
-            print(f"  device float32 is {sec / base:.2f}× faster than {label}")
+            print(f"  {label}: {sec / base:.2f}× the time of the device float32 run")
     return 0
 
 
