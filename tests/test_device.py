@@ -270,7 +270,7 @@ def test_nonfinite_values() -> None:
 
 def test_device_argument_checks() -> None:
     """Typed errors for what cannot run: an unknown device, CUDA where torch sees none, TF32
-    off CUDA, device= with Ray, minibatch on a device; 'auto' without CUDA is the Rust
+    off CUDA, device= with Ray; 'auto' without CUDA is the Rust
     engine; the user's TF32 settings are restored after a call."""
     arrays = {"a": np.random.default_rng(0).standard_normal((50, 4))}
     for bad in ("gpu0", "cuda:x", 3):
@@ -282,8 +282,6 @@ def test_device_argument_checks() -> None:
         layerscope.cka(arrays, compute="tf32", progress=False)
     with pytest.raises(InvalidArgumentError, match="ray"):
         layerscope.cka(arrays, device="cpu", backend="ray", progress=False)
-    with pytest.raises(InvalidArgumentError, match="minibatch"):
-        layerscope.cka(arrays, estimator="minibatch", device="cpu", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgumentError, match="CUDA"):
             layerscope.cka(arrays, device="cuda", progress=False)
@@ -387,6 +385,21 @@ def test_rbf_cka_on_the_device(estimator: str) -> None:
                                    list(rust.meta[side].values()), rtol=1e-12)
     other = {"u": d["y"] @ np.random.default_rng(2).standard_normal((24, 9))}
     rust, dev = _both(d, other, kernel="rbf", estimator=estimator, sample=200, seed=3)
+    np.testing.assert_allclose(dev.values, rust.values, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_minibatch_cka_on_the_device(kernel: str) -> None:
+    """Minibatch CKA: each minibatch's Gram products on the device, centring, bandwidths and
+    the unbiased HSIC in Rust — the Rust engine's values (1e-10), with a sample, a short final
+    batch and two sources; a layer far from unit scale."""
+    d = _sampled_data()
+    rust, dev = _both(d, kernel=kernel, estimator="minibatch", batch_size=64)
+    assert dev.meta["device"] == "cpu" and dev.meta["n_batches"] == rust.meta["n_batches"]
+    np.testing.assert_allclose(dev.values, rust.values, rtol=0, atol=1e-10)
+    other = {"u": d["y"] @ np.random.default_rng(2).standard_normal((24, 9))}
+    rust, dev = _both(d, other, kernel=kernel, estimator="minibatch", batch_size=50,
+                      sample=230, seed=1)
     np.testing.assert_allclose(dev.values, rust.values, rtol=0, atol=1e-10)
 
 

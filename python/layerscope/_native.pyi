@@ -385,13 +385,14 @@ def minibatch_bytes(dims: Sequence[int], batch_size: int) -> int:
     """Peak bytes of the minibatch estimator's state for layers of widths `dims` and batches of
     `batch_size` rows (what it checks against the budget before the pass)."""
 
-def minibatch_cka_pass(parts: Sequence[Part], names: Sequence[str], kernel: str = 'linear', sigma: float = 1.0, batch_size: int = ..., num_a: int | None = None, check_finite: bool = True, max_memory: int | None = None, block_rows: int | None = None, progress: ProgressCallback = None, sample: Sequence[int] | None = None, rows: tuple[int, int] | None = None) -> dict[str, Any]:
+def minibatch_cka_pass(parts: Sequence[Part], names: Sequence[str], kernel: str = 'linear', sigma: float = 1.0, batch_size: int = ..., num_a: int | None = None, check_finite: bool = True, max_memory: int | None = None, block_rows: int | None = None, progress: ProgressCallback = None, sample: Sequence[int] | None = None, rows: tuple[int, int] | None = None, products: Any | None = None) -> dict[str, Any]:
     """Minibatch CKA in one streaming pass over every row of `parts` (see `source.rs`: store
     selections and/or in-memory layers, row-aligned, side by side) — or over the rows
     `sample` of them, in that order; `rows=(start, stop)`: only positions `[start, stop)` of
     that sequence (one distributed task's share; a non-finite row is then reported relative
     to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
-    `MinibatchCka.finish`."""
+    `MinibatchCka.finish`. `products`: None (this CPU) or an object computing each
+    minibatch's Gram products elsewhere (``layerscope._device.DeviceProducts``)."""
 
 def minibatch_cka_table(hsic: npt.NDArray[np.float64], num_a: int) -> npt.NDArray[np.float64]:
     """Minibatch CKA from mean HSICs (the ``hsic`` of a result dict, ``L × L``, e.g. merged

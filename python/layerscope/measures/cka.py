@@ -161,7 +161,7 @@ def cka(
         ray_address: the cluster to join when no Ray session is running (else
             ``RAY_ADDRESS``, else a local instance on 127.0.0.1); a running session
             (``ray.is_initialized()``) is used as it is.
-        device: where the products of the biased/debiased estimators run. None
+        device: where the products run. None
             (default): the Rust CPU engine. A torch device (``"cuda"``, ``"cuda:1"``, or
             ``"cpu"``: the torch engine on the CPU) or ``"auto"`` (CUDA when torch sees one,
             else Rust): the block products of every plan (single pass, tiles, Gram route)
@@ -170,8 +170,8 @@ def cka(
             where the CPU uses f64 — the sums handed back to the core, which finalises them
             (:mod:`layerscope._device`; equal to the Rust engine to 1e-10 in f64 and 1e-6
             in f32, tested). RBF: each layer's distance products there, the bandwidth,
-            kernel and HSICs in Rust (the same numbers). ``meta["device"]`` records it. Not
-            yet for minibatch CKA (an ``InvalidArgumentError`` says so).
+            kernel and HSICs in Rust (the same numbers); minibatch: each minibatch's Gram
+            products there, the rest in Rust. ``meta["device"]`` records it.
 
     Returns:
         A :class:`~layerscope.results.MatrixResult`: ``values[i, j]`` is the CKA of
@@ -202,14 +202,10 @@ def cka(
     elif other_layers is not None:
         raise InvalidArgumentError("other_layers needs other=")
 
-    if device is not None and estimator == "minibatch":
-        raise InvalidArgumentError(
-            "device= runs the linear and RBF biased/debiased estimators for now; minibatch "
-            "CKA runs on the Rust CPU engine (device=None)")
     job = _Job(a, b, la, lb, sample, seed, max_memory, nonfinite, progress)
     if estimator == "minibatch":
         res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE, backend,
-                         ray_address)
+                         ray_address, device)
     elif kernel == "linear":
         res = _linear(job, estimator, compute, strategy, backend, ray_address, device)
     else:
@@ -476,8 +472,12 @@ def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
 
 
 def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int, backend: str = "local",
-               ray_address: str | None = None) -> MatrixResult:
+               ray_address: str | None = None, device: Any = None) -> MatrixResult:
     a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
+    from .._device import describe, products
+    from .._moments import _device_for
+
+    dev = _device_for(device, backend, "float64")
     meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
     if b is not None and lb is not None:
@@ -501,8 +501,10 @@ def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int, backend: s
                 [native_part(src, ls) for src, ls in parts], names, kernel=kernel,
                 sigma=sigma, batch_size=batch_size, num_a=num_a,
                 check_finite=nonfinite == "error", max_memory=max_memory, progress=prog.cb,
-                sample=None if idx is None else idx.tolist())
+                sample=None if idx is None else idx.tolist(), products=products(dev))
         meta["backend"] = "local"
+        if dev is not None:
+            meta["device"] = describe(dev)
     engine = ("ray range tasks" if backend == "ray" else
               "rust-stream" if all(src.is_store for src, _ in parts) else "rust-arrays")
     nf = {x: int(v) for x, v in zip(names, r["nonfinite"]) if v is not None}

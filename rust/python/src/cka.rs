@@ -5,10 +5,11 @@ use crate::convert::{block_slices, extract_blocks, Blocks};
 use crate::errors::detach;
 use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
+use crate::products::PyProducts;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::measures::cka::{
     minibatch_bytes as core_minibatch_bytes, minibatch_cka_table as core_cka_table, minibatch_pass,
-    Kernel, MinibatchCka as CoreCka, MinibatchHsic, DEFAULT_BATCH_SIZE,
+    Kernel, MinibatchCka as CoreCka, MinibatchHsic, SharedProducts, DEFAULT_BATCH_SIZE,
 };
 use layerscope_core::memory::Budget;
 use layerscope_core::store::stream::{RowRange, Subset};
@@ -183,7 +184,8 @@ impl PyMinibatchCka {
 /// `sample` of them, in that order; `rows=(start, stop)`: only positions `[start, stop)` of
 /// that sequence (one distributed task's share; a non-finite row is then reported relative
 /// to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
-/// `MinibatchCka.finish`.
+/// `MinibatchCka.finish`. `products`: None (this CPU) or an object computing each
+/// minibatch's Gram products elsewhere (``layerscope._device.DeviceProducts``).
 ///
 /// :type parts: Sequence[Part]
 /// :type names: Sequence[str]
@@ -197,10 +199,12 @@ impl PyMinibatchCka {
 /// :type progress: ProgressCallback
 /// :type sample: Sequence[int] | None
 /// :type rows: tuple[int, int] | None
+/// :type products: Any | None
 /// :rtype: dict[str, Any]
 #[pyfunction]
 #[pyo3(signature = (parts, names, kernel="linear", sigma=1.0, batch_size=DEFAULT_BATCH_SIZE, num_a=None,
-    check_finite=true, max_memory=None, block_rows=None, progress=None, sample=None, rows=None))]
+    check_finite=true, max_memory=None, block_rows=None, progress=None, sample=None, rows=None,
+    products=None))]
 #[allow(clippy::too_many_arguments)]
 fn minibatch_cka_pass<'py>(
     py: Python<'py>,
@@ -216,6 +220,7 @@ fn minibatch_cka_pass<'py>(
     progress: Option<Py<PyAny>>,
     sample: Option<Vec<u64>>,
     rows: Option<(u64, u64)>,
+    products: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let parts = extract_parts(&parts)?;
     let sources = Sources::new(&parts)?;
@@ -247,8 +252,16 @@ fn minibatch_cka_pass<'py>(
         max_memory,
     )
     .py_err()?;
+    let prod = products.map(|p| std::sync::Arc::new(PyProducts::new(p)));
+    let acc = match &prod {
+        Some(p) => acc.with_products(SharedProducts(p.clone())),
+        None => acc,
+    };
     let mon = PyMonitor::new(progress);
-    let r = detach(py, || minibatch_pass(src, acc, block_rows, &mon))?;
+    let r = detach(py, || minibatch_pass(src, acc, block_rows, &mon)).map_err(|e| match &prod {
+        Some(p) => p.raise(e),
+        None => e,
+    })?;
     to_dict(py, &r)
 }
 

@@ -37,9 +37,10 @@
 //! All arithmetic is f64 (f32/bf16/f16 inputs are widened first). Memory: one `m × m` Gram
 //! per layer plus the rows of one partial batch — independent of the number of rows.
 use crate::engine::moments::{ldexp, max_deviation, scale_exponent};
+use crate::engine::neighbors::{mirror_upper, Cpu, Products};
 use crate::error::{Error, Result};
 use crate::linalg::gram;
-use crate::measures::cka::rbf::{rbf_gram, rbf_gram_workspace_bytes};
+use crate::measures::cka::rbf::{rbf_gram_with, rbf_gram_workspace_bytes};
 use crate::measures::hsic::{cka_ratio, hsic, Estimator, Gram};
 use crate::memory::{max_rows_for, try_vec, Budget};
 use crate::monitor::Monitor;
@@ -128,6 +129,19 @@ pub struct MinibatchCka {
     /// ([`crate::engine::moments::SCALE_BAND`]): its rows are multiplied by `2^-e` before
     /// the Gram, in every batch (one unit per layer, so that the batch means add up).
     exps: Option<Vec<i32>>,
+    /// Where the minibatch Grams' products run (None: this CPU; see
+    /// [`MinibatchCka::with_products`]).
+    products: Option<SharedProducts>,
+}
+
+/// A [`Products`] shared with the accumulator (a torch device through the binding).
+#[derive(Clone)]
+pub struct SharedProducts(pub std::sync::Arc<dyn Products + Send + Sync>);
+
+impl std::fmt::Debug for SharedProducts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Products")
+    }
 }
 
 /// The finished estimate: mean unbiased HSIC of the computed pairs and the CKA they give.
@@ -205,9 +219,18 @@ impl MinibatchCka {
             check_finite: true,
             nonfinite: vec![None; l],
             exps: None,
+            products: None,
         };
         acc.set_pairs(l);
         Ok(acc)
+    }
+
+    /// Compute each minibatch's Gram products with `p` (linear: `X̄ X̄ᵀ` in f64; RBF: the
+    /// squared distances' Gram): everything made of them — centring, bandwidth, kernel, the
+    /// unbiased HSIC — stays here.
+    pub fn with_products(mut self, p: SharedProducts) -> Self {
+        self.products = Some(p);
+        self
     }
 
     fn set_pairs(&mut self, num_a: usize) {
@@ -399,6 +422,8 @@ impl MinibatchCka {
         let dims = &self.dims;
         let names = &self.names;
         let nonfinite = &self.nonfinite;
+        let prod: &dyn Products = self.products.as_ref().map_or(&Cpu, |p| &*p.0);
+        let external = self.products.is_some();
         let preps: Vec<Option<(Gram, f64)>> = (0..lc)
             .into_par_iter()
             .map(|l| -> Result<Option<(Gram, f64)>> {
@@ -422,17 +447,33 @@ impl MinibatchCka {
                             .chunks(d)
                             .flat_map(|r| r.iter().zip(&mean).map(|(v, mu)| v - mu))
                             .collect();
-                        (gram(&xc, m, d)?, f64::NAN)
+                        let g = if external {
+                            let mut g = prod.gram_f64(&xc, m, d)?;
+                            if g.len() != m * m {
+                                return Err(Error::Mismatch(format!(
+                                    "a minibatch Gram of {} values for {m} rows",
+                                    g.len()
+                                )));
+                            }
+                            mirror_upper(&mut g, m); // exactly symmetric
+                            g
+                        } else {
+                            gram(&xc, m, d)?
+                        };
+                        (g, f64::NAN)
                     }
-                    Kernel::Rbf { sigma } => rbf_gram(x, m, d, sigma, &Budget::unchecked())
-                        .map_err(|e| match e {
-                            Error::InvalidArgument(msg) => Error::invalid(format!(
-                                "layer {:?}, minibatch of rows {start}..{}: {msg}",
-                                names[l],
-                                start + m as u64
-                            )),
-                            other => other,
-                        })?,
+                    Kernel::Rbf { sigma } => {
+                        rbf_gram_with(x, m, d, sigma, &Budget::unchecked(), prod).map_err(|e| {
+                            match e {
+                                Error::InvalidArgument(msg) => Error::invalid(format!(
+                                    "layer {:?}, minibatch of rows {start}..{}: {msg}",
+                                    names[l],
+                                    start + m as u64
+                                )),
+                                other => other,
+                            }
+                        })?
+                    }
                 };
                 Ok(Some((Gram::prepare(k, m, Estimator::Unbiased)?, bw)))
             })

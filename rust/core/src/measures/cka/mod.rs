@@ -8,5 +8,5 @@ pub mod rbf;
 pub use linear::LinearCka;
 pub use minibatch::{
     cka_table as minibatch_cka_table, minibatch_bytes, minibatch_pass, Kernel, MinibatchCka,
-    MinibatchHsic, DEFAULT_BATCH_SIZE,
+    MinibatchHsic, SharedProducts, DEFAULT_BATCH_SIZE,
 };
