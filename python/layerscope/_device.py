@@ -375,6 +375,142 @@ def device_meta(dev: Any, compute: str) -> dict[str, Any]:
     return meta
 
 
+# ------------------------------------------------------------ statistics while capturing
+
+
+def device_budget(dev: Any, max_memory: Any = None) -> tuple[int, str]:
+    """Bytes the torch engine may hold on ``dev``: ``max_memory`` when given; a CUDA device:
+    0.8 × its free memory now; the CPU: the host budget (:func:`layerscope.memory_budget`)."""
+    from ._memory import max_memory_bytes, memory_budget
+
+    given = max_memory_bytes(max_memory)
+    if given is not None:
+        return given, "max_memory argument"
+    if dev.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(0.8 * free), f"0.8 × the free memory of {dev}"
+    b = memory_budget(None)
+    return int(b.bytes), b.source
+
+
+class DeviceMoments:
+    """The moment accumulator of a capture (``capture(..., accumulate=True)``): every batch of
+    the selected layers, on the device the model ran on, added to ``Σ w wᵀ`` and ``Σ w``
+    (:class:`_TileSums`) under the CPU engine's rules. The shift and the scale are the first
+    batch's (its column means and, per layer, :func:`layerscope._sample.exponent_of` of its
+    largest deviation: the rows that come later are not known yet — an accumulator fed by
+    hand in the core does the same; ``Moments.shift_offset`` says how far that shift was
+    from the mean of all rows, and a float32 pass warns as the CPU pass does). The sums go
+    to the core as one tile's serialised partial (:meth:`to_bytes`: it merges with other
+    partials of the same layers) and finalise into its ``Moments`` (:meth:`moments`).
+
+    The accumulator's ``(D + L)² · 8`` bytes are checked against the device's budget
+    (:func:`device_budget`) at the first batch, before anything is added: above it a
+    :class:`MemoryBudgetError` names what would work instead — writing the store and letting
+    the planner tile the passes."""
+
+    def __init__(self, names: list[str], *, compute: str = "float32",
+                 check_finite: bool = True, max_memory: Any = None) -> None:
+        self.names = list(names)
+        self.compute = compute
+        self.check_finite = check_finite
+        self.max_memory = max_memory
+        self.dims: list[int] | None = None
+        self.acc: _TileSums | None = None
+        self.shift: Any = None
+        self.fac: Any = None
+        self.exps: list[int] = []
+        self.nonfinite: list[int | None] = [None] * len(self.names)
+        self.device: Any = None
+
+    @property
+    def n(self) -> int:
+        return 0 if self.acc is None else int(self.acc.n)
+
+    def _start(self, xs: list[Any]) -> None:
+        from .errors import MemoryBudgetError
+
+        torch = torch_module()
+        dev = xs[0].device
+        dims = [int(x.shape[1]) for x in xs]
+        need = int(_native.accumulator_bytes(dims))
+        # the block's f64 copies (z, u and r) beside the sums
+        need += 3 * int(xs[0].shape[0]) * (sum(dims) + len(dims)) * 8
+        budget, source = device_budget(dev, self.max_memory)
+        if need > budget:
+            from .store import _human as human
+
+            try:  # what the planner would do with the same memory, over a store
+                pl = _native.pair_plan(dims, len(dims), max(int(xs[0].shape[0]), 1), None,
+                                       "float32", budget, "tiled")
+                plan = (f"with this memory the planner runs {pl['passes']} tiled passes over "
+                        "the store")
+            except Exception:  # noqa: BLE001 - advice only
+                plan = "the planner then sizes tiled passes to the machine's memory"
+            raise MemoryBudgetError(
+                f"the capture's moment accumulator for {len(dims)} layers (D = {sum(dims)}) "
+                f"needs {human(need)} on {dev}, above its budget of {human(budget)} "
+                f"({source}); write the store (out=...) and compute from it ({plan}; see "
+                "`layerscope plan STORE`), or accumulate fewer layers")
+        self.dims, self.device = dims, dev
+        z = torch.cat([x.double() for x in xs], 1)
+        finite = torch.isfinite(z)
+        mean = torch.where(finite, z, torch.zeros_like(z)).sum(0) / finite.sum(0).clamp(min=1)
+        self.shift = mean
+        off = np.cumsum([0, *dims])
+        dev_abs = torch.where(finite, (z - mean).abs(), torch.zeros_like(z))
+        self.exps = [exponent_of(float(dev_abs[:, off[i]:off[i + 1]].max()) if len(z) else 0.0)
+                     for i in range(len(dims))]
+        self.fac = torch.tensor(np.repeat([np.ldexp(1.0, -e) for e in self.exps], dims),
+                                dtype=torch.float64, device=dev)
+        self.acc = _TileSums(torch, dev, dims, None, self.compute)
+
+    def add(self, xs: list[Any]) -> None:
+        """Add one batch: ``xs[l]`` the ``rows × d_l`` values of layer ``l`` (any float dtype,
+        on one device; rows row-aligned across layers)."""
+        torch = torch_module()
+        if not xs or int(xs[0].shape[0]) == 0:
+            return
+        with precision(torch, self.compute), torch.no_grad():
+            if self.acc is None:
+                self._start(xs)
+            assert self.acc is not None and self.dims is not None
+            if [int(x.shape[1]) for x in xs] != self.dims:
+                raise InvalidArgumentError(
+                    f"a batch of widths {[int(x.shape[1]) for x in xs]}, the accumulator's "
+                    f"are {self.dims}")
+            z = torch.cat([x.to(self.device).double() for x in xs], 1)
+            bad = ~torch.isfinite(z)
+            if bool(bad.any()):
+                off = np.cumsum([0, *self.dims])
+                for i, name in enumerate(self.names):
+                    rows = torch.nonzero(bad[:, off[i]:off[i + 1]].any(1))
+                    if rows.numel() and self.nonfinite[i] is None:
+                        row = self.acc.n + int(rows[0, 0])
+                        if self.check_finite:
+                            raise NonFiniteError(f"layer {json.dumps(name)}: non-finite value "
+                                                 f"(NaN/Inf) in row {row}")
+                        self.nonfinite[i] = row
+            self.acc.add((z - self.shift) * self.fac)
+
+    def to_bytes(self) -> bytes:
+        """The sums as the core's serialised moment accumulator (one diagonal tile)."""
+        if self.acc is None or self.dims is None:
+            raise InvalidArgumentError("no rows were accumulated")
+        plan = _native.TilePlan.single(self.dims, len(self.dims), self.n, None,
+                                       "float32" if self.compute == "tf32" else self.compute)
+        return plan.partial_from_sums(
+            self.names, 0, self.n, self.shift.cpu().numpy(), self.exps,
+            self.acc.products.cpu().numpy(), self.acc.sums.cpu().numpy(), self.nonfinite,
+            self.check_finite)
+
+    def moments(self) -> Any:
+        """The core's ``Moments`` of every row added."""
+        return _native.MomentAccumulator.from_bytes(self.to_bytes()).finalize(len(self.names))
+
+
 # ------------------------------------------------------------------- neighbour products
 
 

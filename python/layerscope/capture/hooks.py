@@ -49,6 +49,26 @@ _FULLGRAPH_MSG = (
 )
 
 
+class NoWriter:
+    """The writer of a capture without a store (``out=None, accumulate=True``)."""
+
+    error: BaseException | None = None
+    store: Any = None
+    rows_written = 0
+
+    def start(self) -> None:
+        pass
+
+    def put(self, item: Any) -> None:
+        pass
+
+    def raise_error(self) -> None:
+        pass
+
+    def finish(self, *, complete: bool = True) -> None:
+        pass
+
+
 def refuse_existing(out: str | os.PathLike[str], overwrite: bool) -> None:
     """:class:`StoreExistsError` unless ``out`` is absent, an empty folder, or ``overwrite``
     (checked before a capture starts, and by the CLI before it loads a model)."""
@@ -102,6 +122,21 @@ class Capture:
     metadata : JSON-serialisable dict stored as ``metadata["user"]`` in the manifest, next to
         ``metadata["capture"]`` (model class, layer output shapes, pooling, dtype, row-id
         scheme, library versions).
+    accumulate : also accumulate the moment statistics of the captured rows (the values as
+        stored, in ``dtype``) on the device the model runs on, as the forward passes run
+        (:class:`layerscope._device.DeviceMoments`: the torch engine's arithmetic, f32
+        products summed in f64); ``out=None`` then writes no store at all. After the block,
+        :attr:`moments` holds the core's ``Moments`` and the capture itself is a source of
+        the moment measures — ``layerscope.cka(cap)`` (linear, biased/debiased),
+        ``spectrum(cap)``, ``alignment(cap)``, ``analyze(cap)`` — with no disk traffic.
+        At the first batch the accumulator's ``(D + L)² · 8`` bytes are checked against the
+        device's memory: above it a :class:`MemoryBudgetError` says to write the store and
+        let the planner tile the passes, before anything is accumulated.
+    compute : the accumulation's products: ``"float32"`` (default; summed over at most 128
+        rows, added in float64: agrees with float64 to 1e-6 for CKA and spectra),
+        ``"float64"`` (what the alignment measures of rank-deficient layers — CCA, whitening
+        — need: their ridge amplifies float32 rounding), or ``"tf32"`` (CUDA tensor cores, an
+        approximation).
 
     Hooks are removed when the block exits, also on an exception; the exception propagates
     and the store keeps every forward pass completed before it. Works under ``no_grad`` and
@@ -113,7 +148,8 @@ class Capture:
     @validated(_where="layerscope.capture", pool=OneOf(*POOLS_SEQ, "positions"),
                dtype=OneOf(*DTYPES), where=OneOf("output", "input"), max_rows=(None, Int(1)),
                shard_bytes=(None, Int(1)), overwrite=Bool(), queue_size=Int(1),
-               row_ids=OneOf(*ROW_ID_MODES))
+               row_ids=OneOf(*ROW_ID_MODES), accumulate=Bool(),
+               compute=OneOf("float32", "float64", "tf32"))
     def __init__(
         self,
         model: Any,
@@ -131,12 +167,17 @@ class Capture:
         sample_ids: Iterable[int] | None = None,
         queue_size: int = 4,
         row_ids: str = "content",
+        accumulate: bool = False,
+        compute: str = "float32",
     ) -> None:
-        if out is None:
-            raise InvalidArgumentError("layerscope.capture: out= (the store directory) is required")
+        if out is None and not accumulate:
+            raise InvalidArgumentError(
+                "layerscope.capture: out= (the store directory) is required unless "
+                "accumulate=True (statistics only)")
         self.model = model
         self.layer_names = resolve_layers(model, layers)
-        self.out = os.fspath(out)
+        self.out = None if out is None else os.fspath(out)
+        self.accumulate = bool(accumulate)
         self.pool, self.dtype, self.where, self.output = pool, dtype, where, output
         self.max_rows = None if max_rows is None else int(max_rows)
         self.shard_bytes = shard_bytes
@@ -152,10 +193,18 @@ class Capture:
 
         self._torch_dtype = getattr(torch, dtype)
         self._handles: list[Any] = []
-        self._out = BatchWriter(self.out, layer_names=self.layer_names, dtype=dtype,
-                                overwrite=self.overwrite, shard_bytes=shard_bytes,
-                                row_id_mode=row_ids, queue_size=self.queue_size,
-                                metadata=self._metadata)
+        self._out: Any = NoWriter() if self.out is None else BatchWriter(
+            self.out, layer_names=self.layer_names, dtype=dtype, overwrite=self.overwrite,
+            shard_bytes=shard_bytes, row_id_mode=row_ids, queue_size=self.queue_size,
+            metadata=self._metadata)
+        self._acc: Any = None
+        if self.accumulate:
+            from .._device import DeviceMoments
+
+            self._acc = DeviceMoments(self.layer_names, compute=compute)
+        elif compute != "float32":
+            raise InvalidArgumentError("compute= applies to accumulate=True")
+        self._moments: Any = None
         self._active = False
         self._batch: Batch | None = None
         self._top_mode = False  # the top-level forward hooks delimit batches
@@ -191,11 +240,35 @@ class Capture:
     def rows_written(self) -> int:
         return self._out.rows_written
 
+    @property
+    def moments(self) -> Any:
+        """The core's ``Moments`` of every captured row (``accumulate=True``; after the
+        block, or of the batches so far inside it): what :func:`layerscope.cka`,
+        :func:`~layerscope.spectrum`, :func:`~layerscope.alignment` and
+        :func:`~layerscope.analyze` compute from when given the capture."""
+        if self._acc is None:
+            raise CaptureError("the capture did not accumulate statistics (accumulate=True)")
+        if self._acc.n == 0:
+            raise CaptureError("no rows were captured (did the model run inside the block?)")
+        if self._moments is None or int(self._moments.n) != self._acc.n:
+            self._moments = self._acc.moments()
+            from .._moments import F32_SHIFT_WARN
+
+            if float(self._moments.shift_offset) > F32_SHIFT_WARN:
+                warnings.warn(
+                    "layerscope.capture(accumulate=True): the first batch's means, the shift "
+                    f"of the float32 products, were {float(self._moments.shift_offset):.1f} "
+                    "standard deviations from the mean of all rows for some feature (the "
+                    "batches drift); the moments may deviate from float64 by more than 1e-6",
+                    RuntimeWarning, stacklevel=2)
+        return self._moments
+
     # ----------------------------------------------------------------- context manager
     def __enter__(self) -> Capture:
-        if self._active or self.store is not None:
+        if self._active or self.store is not None or self._moments is not None:
             raise CaptureError("a Capture can be entered once")
-        refuse_existing(self.out, self.overwrite)
+        if self.out is not None:
+            refuse_existing(self.out, self.overwrite)
         import torch
 
         base = base_module(self.model)
@@ -434,10 +507,16 @@ class Capture:
         # a view of the module's output (2-D pass-through, pool="none"/"positions" in the
         # output dtype) must be copied: the model may modify it in place later
         owned = rows.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
-        host, ev = to_host(rows, owned=owned)
-        if ev is not None:
-            b.events.append(ev)
-        b.layers[name] = host
+        if self._acc is not None:
+            # the accumulator reads the rows at the end of the forward pass: its own copy
+            b.device_rows[name] = rows if owned else rows.clone()
+        if self.out is None:
+            b.layers[name] = b.device_rows[name]  # no store: nothing goes to the host
+        else:
+            host, ev = to_host(rows, owned=owned)
+            if ev is not None:
+                b.events.append(ev)
+            b.layers[name] = host
         b.layouts[name] = layout
         b.shapes[name] = tuple(t.shape)
 
@@ -483,6 +562,9 @@ class Capture:
             keep = min(n, self.max_rows - self.rows_queued)
         self.rows_queued += keep
         self.batches += 1
+        if self._acc is not None:
+            self._acc.add([b.device_rows[x][:keep] for x in self.layer_names])
+            b.device_rows = {}
         layout = next(
             (b.layouts[k] for k in self.layer_names if b.layouts[k][0] != "pooled"),
             b.layouts[self.layer_names[0]],

@@ -28,6 +28,7 @@ class Batch:
         "layouts",
         "shapes",
         "sample_ids",
+        "device_rows",
         "_dev_cache",
     )
 
@@ -41,6 +42,8 @@ class Batch:
         self.layouts: dict[str, tuple[str, int]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.sample_ids: np.ndarray | None = None
+        # the rows of each layer on the model's device, for capture(accumulate=True)
+        self.device_rows: dict[str, Any] = {}
         self._dev_cache: dict[Any, Any] = {}
 
 

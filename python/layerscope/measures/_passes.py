@@ -142,6 +142,70 @@ class Tiles:
         return list(range(self.num_a, len(self.names))) if self.b is not None else self.rows
 
 
+def is_capture(source: Any) -> bool:
+    """Whether ``source`` is a capture that accumulated statistics
+    (``layerscope.capture(..., accumulate=True)``)."""
+    from ..capture import Capture
+
+    return isinstance(source, Capture)
+
+
+class Captured:
+    """The moment measures of a capture's statistics (``accumulate=True``): one "tile" of
+    every selected layer, whose moments the capture already holds (no pass, no reads) —
+    the same interface as :class:`Tiles` for :func:`run_measures`."""
+
+    def __init__(self, cap: Any, layers: Any, other: Any) -> None:
+        from .._layers import match_layers
+        from ..errors import MissingLayerError
+
+        if other is not None:
+            raise InvalidArgumentError(
+                "a capture's statistics hold the pairs of its own layers: compare two models "
+                "with their stores (out=...), or capture both models' layers in one capture")
+        self.m = cap.moments
+        all_names = list(self.m.names)
+        if layers is None:
+            names = all_names
+        else:
+            pats = [layers] if isinstance(layers, str) else list(layers)
+            names = match_layers(pats, all_names, error=MissingLayerError,
+                                 where="the capture's layers")
+        self.names = names
+        self.pos = [all_names.index(x) for x in names]
+        self.num_a = len(names)
+        self.b = None
+        self.a = None
+        self.n = int(self.m.n)
+        self.device = str(cap._acc.device)
+        self.compute = cap._acc.compute
+
+    @property
+    def rows(self) -> list[int]:
+        return list(range(self.num_a))
+
+    @property
+    def cols(self) -> list[int]:
+        return self.rows
+
+    def run(self, each: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tile = list(range(len(self.names)))
+        each(tile, self.m, {g: self.pos[g] for g in tile})
+        meta: dict[str, Any] = {
+            "n": self.n, "engine": "capture (moments accumulated on the device while the "
+            "model ran)", "compute": self.compute, "shift_offset": float(self.m.shift_offset),
+            "device": self.device, "backend": "local", "passes": 0,
+            "seconds_pass": time.perf_counter() - t0,
+            "plan": {"strategy": "captured", "passes": 0, "peak_bytes": 0, "bytes_read": 0,
+                     "bytes_selected": 0, "flops": 0, "block_rows": 0},
+        }
+        bad = {x: int(r) for x, r in zip(self.m.names, self.m.nonfinite) if r is not None}
+        if bad:
+            meta["nonfinite_rows"] = bad
+        return meta
+
+
 class _Table:
     """A rows × cols table filled from tiles (first tile to hold a pair wins)."""
 
@@ -213,9 +277,13 @@ def run_measures(
     with ``raw["spectra"]`` (per layer, in order), ``raw[key]`` (alignment dicts as
     ``Moments.alignment`` returns them) and ``raw[("cka", debiased)]`` (rows × cols arrays)."""
     pairs = bool(aligns or ckas)
-    t = Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute,
-              budget=budget, progress=progress, backend=backend, ray_address=ray_address,
-              device=device)
+    t: Any
+    if is_capture(source):
+        t = Captured(source, layers, other)
+    else:
+        t = Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute,
+                  budget=budget, progress=progress, backend=backend, ray_address=ray_address,
+                  device=device)
     rows, cols = t.rows, t.cols
     nr, nc = len(rows), len(cols)
     raw: dict[str, Any] = {}

@@ -193,6 +193,10 @@ def cka(
             "compute='float32' applies to the linear biased/debiased estimators (the moment "
             "engine); RBF and minibatch CKA compute in float64")
 
+    from ._passes import is_capture
+
+    if is_capture(source):
+        return _captured(source, other, kernel, estimator, layers, max_memory, t0)
     a = resolve(source)
     b = resolve(other) if other is not None else None
     la = a.select(layers)
@@ -213,6 +217,26 @@ def cka(
     res.meta["seconds"] = time.perf_counter() - t0
     return res
 
+
+
+def _captured(cap: Any, other: Any, kernel: str, estimator: str, layers: Any,
+              max_memory: Any, t0: float) -> MatrixResult:
+    """Linear CKA from a capture's accumulated statistics (no pass over any rows)."""
+    from ._passes import run_measures
+    from .alignment import cka_table
+
+    if kernel != "linear" or estimator == "minibatch":
+        raise InvalidArgumentError(
+            "a capture's statistics give linear CKA (biased and debiased); RBF and minibatch "
+            "CKA need the rows: capture with out=... and pass the store")
+    deb = estimator == "debiased"
+    t, raw, meta = run_measures(cap, layers, other, None, spectrum=False, aligns={},
+                                ckas=[deb], compute="float32", budget=max_memory,
+                                progress=False)
+    res = cka_table(raw[("cka", deb)], t.names, t.names, debiased=deb, meta=meta)
+    res.meta.update(measure="cka", kernel="linear", estimator=estimator, n_total=t.n,
+                    seconds=time.perf_counter() - t0)
+    return res
 
 
 class _Job(NamedTuple):
