@@ -252,10 +252,24 @@ class _Layers:
         return src.read(name, start, stop, dtype=src.exact_dtype(name))
 
 
-def _piece_names(names: list[str], dims: list[int],
-                 pieces: list[tuple[int, int, int]]) -> list[str]:
-    return [names[x] if c1 - c0 == dims[x] else f"{names[x]}[{c0}:{c1}]"
-            for x, c0, c1 in pieces]
+def screen(torch: Any, z: Any, widths: Sequence[int], names: Sequence[str], base: int,
+           check_finite: bool, nonfinite: list[int | None]) -> None:
+    """The core's non-finite rule on a block ``z`` (rows × Σ widths; the pieces or layers
+    ``names`` side by side, its first row being row ``base``): ``NonFiniteError`` naming the
+    first bad row (``check_finite``), else each one's first bad row recorded in
+    ``nonfinite``."""
+    bad = ~torch.isfinite(z)
+    if not bool(bad.any()):
+        return
+    off = np.cumsum([0, *widths])
+    for i, name in enumerate(names):
+        rows = torch.nonzero(bad[:, int(off[i]):int(off[i + 1])].any(1))
+        if rows.numel() and nonfinite[i] is None:
+            row = base + int(rows[0, 0])
+            if check_finite:
+                raise NonFiniteError(f"layer {json.dumps(name)}: non-finite value (NaN/Inf) "
+                                     f"in row {row}")
+            nonfinite[i] = row
 
 
 def run_tile(torch: Any, dev: Any, plan: Any, layers: _Layers, nparts: list[Any], t: int,
@@ -263,8 +277,7 @@ def run_tile(torch: Any, dev: Any, plan: Any, layers: _Layers, nparts: list[Any]
              progress: Any = None) -> bytes:
     """Tile ``t`` of ``plan`` over all ``n`` rows on ``dev``: its serialised partial sums."""
     pieces, na = plan.tile_layout(t)
-    dims = [int(d) for d in plan.dims]
-    pnames = _piece_names(layers.names, dims, pieces)
+    pnames = plan.tile_piece_names(layers.names, t)
     widths = [c1 - c0 for _, c0, c1 in pieces]
     shift_host = plan.tile_shift(nparts, t)
     exps = [int(e) for e in plan.tile_scale(nparts, t)]
@@ -279,17 +292,7 @@ def run_tile(torch: Any, dev: Any, plan: Any, layers: _Layers, nparts: list[Any]
         stop = min(n, start + block_rows)
         got = {x: torch.from_numpy(layers.read(x, start, stop)).to(dev) for x in tile_layers}
         z = torch.cat([got[x][:, c0:c1] for x, c0, c1 in pieces], 1).double()
-        bad = ~torch.isfinite(z)
-        if bool(bad.any()):
-            for p, (lo, hi) in enumerate(zip(np.cumsum([0, *widths[:-1]]),
-                                             np.cumsum(widths))):
-                rows = torch.nonzero(bad[:, int(lo):int(hi)].any(1))
-                if rows.numel() and nonfinite[p] is None:
-                    a = int(rows[0, 0])
-                    if check_finite:
-                        raise NonFiniteError(f"layer {json.dumps(pnames[p])}: non-finite "
-                                             f"value (NaN/Inf) in row {start + a}")
-                    nonfinite[p] = start + a
+        screen(torch, z, widths, pnames, start, check_finite, nonfinite)
         if shift is None:  # a sampled value was not finite: the first block's means
             mean = z.mean(0)
             shift = torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))
@@ -482,17 +485,8 @@ class DeviceMoments:
                     f"a batch of widths {[int(x.shape[1]) for x in xs]}, the accumulator's "
                     f"are {self.dims}")
             z = torch.cat([x.to(self.device).double() for x in xs], 1)
-            bad = ~torch.isfinite(z)
-            if bool(bad.any()):
-                off = np.cumsum([0, *self.dims])
-                for i, name in enumerate(self.names):
-                    rows = torch.nonzero(bad[:, off[i]:off[i + 1]].any(1))
-                    if rows.numel() and self.nonfinite[i] is None:
-                        row = self.acc.n + int(rows[0, 0])
-                        if self.check_finite:
-                            raise NonFiniteError(f"layer {json.dumps(name)}: non-finite value "
-                                                 f"(NaN/Inf) in row {row}")
-                        self.nonfinite[i] = row
+            screen(torch, z, self.dims, self.names, self.acc.n, self.check_finite,
+                   self.nonfinite)
             self.acc.add((z - self.shift) * self.fac)
 
     def to_bytes(self) -> bytes:

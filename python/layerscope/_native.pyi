@@ -325,6 +325,9 @@ class TilePlan:
         another engine (the torch device engine) needs to compute the tile's sums."""
     def tile_peak_bytes(self, t: int) -> int:
         """Peak bytes of one task of tile `t`."""
+    def tile_piece_names(self, names: Sequence[str], t: int) -> list[str]:
+        """The names of tile `t`'s pieces for the plan's layers `names` (a whole layer's name,
+        else ``name[c0:c1]``): how the core names them in its errors."""
     def tile_scale(self, parts: Sequence[Part], t: int) -> list[int]:
         """Tile `t`'s scale exponents of `parts`, one per piece (the shifted values are
         multiplied by ``2**-e``; 0 for every ordinary layer). GIL released."""

@@ -221,6 +221,16 @@ impl PyTilePlan {
         ))
     }
 
+    /// The names of tile `t`'s pieces for the plan's layers `names` (a whole layer's name,
+    /// else ``name[c0:c1]``): how the core names them in its errors.
+    ///
+    /// :type names: Sequence[str]
+    /// :type t: int
+    /// :rtype: list[str]
+    fn tile_piece_names(&self, names: Vec<String>, t: usize) -> PyResult<Vec<String>> {
+        self.inner.tile_piece_names(&names, t).py_err()
+    }
+
     /// Tile `t`'s scale exponents of `parts`, one per piece (the shifted values are
     /// multiplied by ``2**-e``; 0 for every ordinary layer). GIL released.
     ///

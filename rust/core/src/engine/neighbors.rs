@@ -106,21 +106,7 @@ pub struct Cpu;
 
 impl Products for Cpu {
     fn gram_f64(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>> {
-        let mut g = try_vec(m * m, 0.0f64, format_args!("the {m} × {m} distance matrix"))?;
-        // Upper triangle of the column-major Gram (packed SYRK: half the flops of a full
-        // product); column j holds ⟨x_i, x_j⟩ for i ≤ j in g[j·m .. j·m + j] — the same
-        // cells as row i, column j of a row-major matrix's upper triangle read by columns.
-        let view = crate::linalg::packed::Strided {
-            u: x,
-            k: d,
-            n: m,
-            rs: 1,
-            cs: d,
-        };
-        crate::linalg::packed::syrk_upper_add(&mut g, m, view, &mut Vec::new())?;
-        // column-major upper (i ≤ j at g[j·m + i]) → row-major upper (g[i·m + j])
-        crate::linalg::symmetrize_from_upper(&mut g, m);
-        Ok(g)
+        crate::linalg::gram(x, m, d) // the packed SYRK, mirrored
     }
 
     fn f32_gram_blocks(

@@ -146,6 +146,12 @@ impl CrossAccumulator {
 pub type TileLayout = (Vec<(usize, std::ops::Range<usize>)>, Option<usize>);
 
 impl TilePlan {
+    /// The names of tile `t`'s pieces (a whole layer's name, else `name[c0:c1]`), as the
+    /// core names them in its errors, for the plan's layers `names`.
+    pub fn tile_piece_names(&self, names: &[String], t: usize) -> Result<Vec<String>> {
+        self.piece_names(names, t)
+    }
+
     /// The pieces of tile `t` and its kind (see [`TileLayout`]).
     pub fn tile_layout(&self, t: usize) -> Result<TileLayout> {
         let pieces = self
