@@ -423,7 +423,9 @@ def pair_plan(dims: Sequence[int], num_a: int, n: int, block_rows: int | None = 
     `dims` (`0..num_a` from the first source), `n` rows, under the budget in force; `strategy`
     as in `pair_pass` (None: the cheapest that fits). Returns a dict: `strategy`, `passes`,
     `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer), `madds`,
-    `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`.
+    `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`;
+    a Gram-route plan also `held` (Grams held at once) and `rounds` (per round, the layers
+    whose Grams are held and those streamed past them, one at a time).
     MemoryBudgetError (with the minimum that would work) when no plan fits."""
 
 def pair_tiles(dims: Sequence[int], num_a: int, n: int, block_rows: int | None = None, compute: str = 'float64', max_memory: int | None = None, strategy: str | None = None) -> TilePlan | None:

@@ -232,13 +232,20 @@ class Device(Rule):
     """``"auto"``, a device name or a ``torch.device`` (checked in full, against what torch sees
     here, by :func:`layerscope._device.resolve_device`)."""
 
-    text = "'auto', a torch device name ('cpu', 'cuda', 'cuda:1') or a torch.device"
+    text = ("'auto', a torch device name ('cpu', 'cuda', 'cuda:1'), a torch.device, or "
+            "several devices sharing the tiles (a list, or 'cuda:0,cuda:1')")
 
     def __call__(self, value: Any) -> Any:
-        if isinstance(value, str) or (type(value).__module__.startswith("torch")
-                                      and type(value).__name__ == "device"):
+        if self._one(value):
+            return value
+        if isinstance(value, (list, tuple)) and value and all(self._one(v) for v in value):
             return value
         raise _Refused
+
+    @staticmethod
+    def _one(value: Any) -> bool:
+        return isinstance(value, str) or (type(value).__module__.startswith("torch")
+                                          and type(value).__name__ == "device")
 
 
 #: The rules every measure shares.

@@ -339,7 +339,7 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
     )
     if "tasks" in mmeta:
         meta["tasks"] = mmeta["tasks"]
-    for key in ("device", "approximation"):
+    for key in ("device", "approximation", "devices", "device_budget"):
         if key in mmeta:
             meta[key] = mmeta[key]
     if "nonfinite_rows" in mmeta:

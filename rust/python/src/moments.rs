@@ -771,7 +771,9 @@ fn pair_pass(
 /// `dims` (`0..num_a` from the first source), `n` rows, under the budget in force; `strategy`
 /// as in `pair_pass` (None: the cheapest that fits). Returns a dict: `strategy`, `passes`,
 /// `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer), `madds`,
-/// `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`.
+/// `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`;
+/// a Gram-route plan also `held` (Grams held at once) and `rounds` (per round, the layers
+/// whose Grams are held and those streamed past them, one at a time).
 /// MemoryBudgetError (with the minimum that would work) when no plan fits.
 ///
 /// :type dims: Sequence[int]
@@ -816,6 +818,10 @@ fn pair_plan<'py>(
     d.set_item("cost_seconds", plan.cost_seconds(n))?;
     d.set_item("budget_bytes", budget.bytes)?;
     d.set_item("budget_source", budget.source.clone())?;
+    if let PairPlan::Gram(g) = &plan {
+        d.set_item("held", g.held)?;
+        d.set_item("rounds", g.rounds.clone())?;
+    }
     Ok(d)
 }
 
