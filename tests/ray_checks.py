@@ -70,6 +70,7 @@ def main(out: str, temp_dir: str) -> None:
     import ray
     from layerscope import _moments, _native, _ray
     from layerscope.cli import main as cli
+    from layerscope.errors import InvalidArgumentError
     from ray.cluster_utils import Cluster
 
     # up to 12 range tasks per wave: 5 ranges of a single-pass tile (a merge tree of depth
@@ -173,6 +174,38 @@ def main(out: str, temp_dir: str) -> None:
                     "tasks": rem["cka"].meta.get("tasks")}
 
         case("analyze", analyze)
+
+        def on_device() -> dict:
+            # the torch engine in each range task (device='cpu': the code a GPU task runs,
+            # without num_gpus); tiles, and a single pass of bf16 spectra
+            kw = {"strategy": "tiled", "max_memory": int(pb * 0.35)}
+            loc = ls.cka(s64, progress=False, **kw)
+            rem = ls.cka(s64, progress=False, backend="ray", device="cpu", **kw)
+            sl = ls.spectrum(sbf, progress=False)
+            sr = ls.spectrum(sbf, progress=False, backend="ray", device="cpu")
+            rel = max(_diff(sl.eigenvalues[k], sr.eigenvalues[k])
+                      / float(np.max(sl.eigenvalues[k])) for k in sl.layers)
+            errors = {}
+            for name, call in {
+                    "cuda": lambda: ls.cka(s64, progress=False, backend="ray", device="cuda"),
+                    "index": lambda: ls.cka(s64, progress=False, backend="ray",
+                                            device="cuda:1"),
+                    "rbf": lambda: ls.cka(s64, progress=False, backend="ray", device="cpu",
+                                          kernel="rbf", sample=300)}.items():
+                try:
+                    call()
+                    errors[name] = "no error"
+                except InvalidArgumentError as e:
+                    errors[name] = str(e)
+            auto = ls.cka(s64, progress=False, backend="ray", device="auto")
+            return {"diff": _diff(loc.extra["biased"], rem.extra["biased"]),
+                    "diff_debiased": _diff(loc.extra["debiased"], rem.extra["debiased"]),
+                    "tol": 1e-10, "spectrum_rel": rel, "tasks": rem.meta["tasks"],
+                    "device": rem.meta.get("device"), "spectrum_device": sr.meta.get("device"),
+                    "passes": rem.meta["plan"]["passes"], "errors": errors,
+                    "auto_device": auto.meta.get("device")}
+
+        case("device_cpu", on_device)
 
         # the sampled measures: a task per layer, a task per block of pairs; two layers per
         # group, so that a 4-layer store has diagonal and off-diagonal blocks

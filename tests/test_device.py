@@ -270,7 +270,7 @@ def test_nonfinite_values() -> None:
 
 def test_device_argument_checks() -> None:
     """Typed errors for what cannot run: an unknown device, CUDA where torch sees none, TF32
-    off CUDA, device= with Ray; 'auto' without CUDA is the Rust
+    off CUDA, what device= cannot do on Ray; 'auto' without CUDA is the Rust
     engine; the user's TF32 settings are restored after a call."""
     arrays = {"a": np.random.default_rng(0).standard_normal((50, 4))}
     for bad in ("gpu0", "cuda:x", 3):
@@ -280,8 +280,13 @@ def test_device_argument_checks() -> None:
         layerscope.cka(arrays, device="cpu", compute="tf32", progress=False)
     with pytest.raises(InvalidArgumentError, match="tf32"):
         layerscope.cka(arrays, compute="tf32", progress=False)
-    with pytest.raises(InvalidArgumentError, match="ray"):
-        layerscope.cka(arrays, device="cpu", backend="ray", progress=False)
+    # on Ray: the sampled measures run on the nodes' CPUs; Ray picks each task's GPU
+    with pytest.raises(InvalidArgumentError, match="nodes' CPUs"):
+        layerscope.cka(arrays, kernel="rbf", device="cpu", backend="ray", progress=False)
+    with pytest.raises(InvalidArgumentError, match="Ray assigns a GPU"):
+        layerscope.cka(arrays, device="cuda:1", backend="ray", progress=False)
+    with pytest.raises(InvalidArgumentError, match="tf32"):
+        layerscope.cka(arrays, device="cpu", compute="tf32", backend="ray", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgumentError, match="CUDA"):
             layerscope.cka(arrays, device="cuda", progress=False)

@@ -157,6 +157,24 @@ def test_ray_equals_local(checks: dict, case: str) -> None:
     assert t["merge_order"].startswith("adjacent row ranges, balanced binary tree")
 
 
+def test_ray_device_tasks(checks: dict) -> None:
+    """device= on Ray: each range task forms its tile's products on the torch engine
+    (device='cpu' here: the code a GPU task runs, without num_gpus); equal to the local Rust
+    pass (tiles, f64: 1e-10; bf16 spectra: 1e-6 relative); 'cuda' on a cluster without
+    GPUs, a device index, and the sampled measures are InvalidArgumentErrors; 'auto' without
+    GPUs is the Rust engine."""
+    r = _ok(checks, "device_cpu")
+    assert r["diff"] <= r["tol"] and r["diff_debiased"] <= r["tol"], r
+    assert r["spectrum_rel"] <= 1e-6, r
+    assert r["passes"] > 1 and r["tasks"]["ranges"] >= r["passes"], r
+    assert r["tasks"]["gpus_per_task"] == 0 and r["device"].startswith("cpu"), r
+    assert r["spectrum_device"].startswith("cpu"), r
+    assert "no alive node of the cluster has a GPU" in r["errors"]["cuda"], r
+    assert "Ray assigns a GPU to each task" in r["errors"]["index"], r
+    assert "run on the nodes' CPUs" in r["errors"]["rbf"], r
+    assert r["auto_device"] is None, r
+
+
 def test_ray_tasks_follow_the_plan(checks: dict) -> None:
     one = _ok(checks, "cka_f64")
     # five ranges of a single-pass tile (6000 rows, at least 1024 each): ((r0 r1) (r2 r3)) r4

@@ -731,10 +731,13 @@ def device_meta(dev: Any, compute: str) -> dict[str, Any]:
     """What ``meta`` records of a device run."""
     meta: dict[str, Any] = {"device": describe(dev), "engine_products": "torch"}
     if compute == "tf32":
-        meta["approximation"] = (
-            "compute='tf32': the block products in TF32 (10-bit mantissas, about 1e-3 "
-            "relative per product), accumulated in f64")
+        meta["approximation"] = TF32_APPROXIMATION
     return meta
+
+
+#: What ``meta["approximation"]`` says of ``compute="tf32"``.
+TF32_APPROXIMATION = ("compute='tf32': the block products in TF32 (10-bit mantissas, about "
+                      "1e-3 relative per product), accumulated in f64")
 
 
 # ------------------------------------------------------------ statistics while capturing

@@ -113,7 +113,7 @@ def compute_moments(
     t0 = time.perf_counter()
     parts, names, dims, compute, num_a, block_rows = _setup(
         source, layers, other, other_layers, compute, block_rows)
-    dev = _device_for(device, backend, compute)
+    dev = _device_for(device, backend, compute, ray_ok=True)
     if block_rows is None:
         n = parts[0][0].num_rows
         block_rows = min(int(_native.default_block_rows(list(dims), compute)), max(n, 1))
@@ -123,7 +123,8 @@ def compute_moments(
         from ._ray import moment_passes
 
         runs = moment_passes([(parts, num_a)], compute=compute, check_finite=check_finite,
-                             max_memory=max_memory, progress=progress, address=ray_address)
+                             max_memory=max_memory, progress=progress, address=ray_address,
+                             device=dev)
         out = next(runs)
         runs.close()
         return out
@@ -211,9 +212,9 @@ def pair_stats(
         source, layers, other, other_layers, compute, block_rows)
     if strategy is not None and not isinstance(strategy, str):
         raise InvalidArgumentError(f"strategy must be a string or None, got {strategy!r}")
-    dev = _device_for(device, backend, compute)
+    dev = _device_for(device, backend, compute, ray_ok=True)
     extra: dict[str, Any] = {}
-    if dev is not None:
+    if dev is not None and backend != "ray":
         from . import _device
 
         st, extra = _device.pair_stats(
@@ -225,7 +226,7 @@ def pair_stats(
         st, extra = _ray.pair_stats(
             parts, names, num_a, block_rows=block_rows, check_finite=check_finite,
             max_memory=max_memory, progress=progress, compute=compute, strategy=strategy,
-            address=ray_address)
+            address=ray_address, device=dev)
     else:
         with Progress(progress, "moments") as prog:
             st = _native.pair_pass(
@@ -235,7 +236,7 @@ def pair_stats(
             )
     meta = _meta(st, parts, names, compute, t0)
     meta.update(extra)
-    if extra and dev is None:
+    if backend == "ray":
         meta["engine"] = "ray"
     item = [_itemsize(src, nm) for src, ls in parts for nm in ls]
     n = int(st.n)
@@ -250,16 +251,26 @@ def pair_stats(
     return st, meta
 
 
-def _device_for(device: Any, backend: str, compute: str) -> Any:
-    """The torch device of a pass (None: the Rust engine), checked with its options."""
+def _device_for(device: Any, backend: str, compute: str, ray_ok: bool = False) -> Any:
+    """The torch device of a pass (None: the Rust engine), checked with its options. With
+    ``backend="ray"`` (``ray_ok``: the moment passes) a :class:`layerscope._ray.RayDevice`:
+    the nodes' devices, which Ray assigns to the tasks."""
     from ._device import check_compute, resolve_device
 
+    if device is not None and backend == "ray":
+        if not ray_ok:
+            raise InvalidArgumentError(
+                "device= with backend='ray' runs the moment passes (linear CKA, spectrum, "
+                "alignment, analyze) on the nodes' devices; RBF and minibatch CKA, RSA, "
+                "mutual kNN and intrinsic dimension on Ray run on the nodes' CPUs: pass "
+                "device= or backend='ray', not both")
+        from ._ray import ray_device
+
+        dev = ray_device(device)
+        check_compute(compute, dev)
+        return dev
     dev = resolve_device(device)
     check_compute(compute, dev)
-    if dev is not None and backend == "ray":
-        raise InvalidArgumentError(
-            "device= with backend='ray' (Ray tasks on GPUs) is not available yet: use one of "
-            "the two")
     return dev
 
 

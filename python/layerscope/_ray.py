@@ -25,6 +25,13 @@ How a pass is cut (the units are the planner's, ``layerscope_core::engine::momen
 Equal to the local pass to rounding (f64: 1e-10, f32: 1e-6; tested on a head and two
 worker nodes). The Gram route (few rows against wide layers) needs every row of a layer at
 once and is cheapest on one machine: it runs on the driver, as ``meta["tasks"]`` says.
+
+``device=`` (``"cuda"``, ``"cpu"``, ``"auto"``): each range task forms its tile's products
+on the torch engine (:func:`run_tile_device`, :mod:`layerscope._device`) on that kind of
+device — for CUDA the task asks Ray for one GPU (``num_gpus=1``) besides its CPUs and uses
+the one Ray gives it — and returns the same serialised partial, merged as above. Ray, not
+the caller, places tasks on GPUs; the plan is the driver's (its tiles sized to the host
+budget; set ``LAYERSCOPE_MAX_DEVICE_MEMORY`` on the nodes to size the device blocks).
 """
 
 from __future__ import annotations
@@ -125,11 +132,13 @@ def task_options(cl: Cluster, memory: int, **kw: Any) -> dict[str, Any]:
             "runtime_env": {"env_vars": {"RAYON_NUM_THREADS": str(cl.cpus_per_task)}}, **kw}
 
 
-def _can_run(ray: Any, cpus: int, memory: int) -> bool:
-    """Whether some alive node has ``cpus`` CPUs and ``memory`` bytes of Ray memory."""
+def _can_run(ray: Any, cpus: int, memory: int, gpus: int = 0) -> bool:
+    """Whether some alive node has ``cpus`` CPUs, ``memory`` bytes of Ray memory and
+    ``gpus`` GPUs."""
     for n in ray.nodes():
         r = n.get("Resources", {}) if n.get("Alive") else {}
-        if r.get("CPU", 0) >= cpus and (not memory or r.get("memory", 0) >= memory):
+        if r.get("CPU", 0) >= cpus and (not memory or r.get("memory", 0) >= memory) \
+                and r.get("GPU", 0) >= gpus:
             return True
     return False
 
@@ -139,13 +148,13 @@ class _Watchdog:
     look that found nothing finished raises :class:`~layerscope.errors.ClusterError` once no
     alive node could run a task (``cpus`` CPUs, ``memory`` bytes) for ``NO_NODE_SECONDS``."""
 
-    def __init__(self, ray: Any, cpus: int, memory: int) -> None:
-        self.ray, self.cpus, self.memory = ray, cpus, memory
+    def __init__(self, ray: Any, cpus: int, memory: int, gpus: int = 0) -> None:
+        self.ray, self.cpus, self.memory, self.gpus = ray, cpus, memory, gpus
         self.lost: float | None = None
 
     def idle(self, unfinished: str) -> None:
         ray = self.ray
-        if _can_run(ray, self.cpus, self.memory):
+        if _can_run(ray, self.cpus, self.memory, self.gpus):
             self.lost = None
             return
         now = time.monotonic()
@@ -153,16 +162,17 @@ class _Watchdog:
         if now - self.lost >= NO_NODE_SECONDS:
             alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
             raise ClusterError(
-                f"no alive Ray node can run this job's tasks (each needs {self.cpus} CPUs "
-                f"and {self.memory} bytes) for {NO_NODE_SECONDS:g} s: {unfinished}; alive "
+                f"no alive Ray node can run this job's tasks (each needs {self.cpus} CPUs"
+                + (f", {self.gpus} GPU" if self.gpus else "")
+                + f" and {self.memory} bytes) for {NO_NODE_SECONDS:g} s: {unfinished}; alive "
                 "nodes: "
-                + (", ".join(f"{int(r.get('CPU', 0))} CPUs / {int(r.get('memory', 0))} "
-                             "bytes" for r in alive) or "none")
+                + (", ".join(f"{int(r.get('CPU', 0))} CPUs / {int(r.get('GPU', 0))} GPUs / "
+                             f"{int(r.get('memory', 0))} bytes" for r in alive) or "none")
                 + ". Add nodes (ray start --address=...) and run it again.")
 
 
 def wait_all(ray: Any, refs: Sequence[Any], progress: Any, label: str, *, cpus: int,
-             memory: int) -> None:
+             memory: int, gpus: int = 0) -> None:
     """Block until every task of ``refs`` has finished (or failed), reporting ``(done,
     total)``. A watchdog looks at the cluster whenever nothing finishes for
     ``POLL_SECONDS``: when no alive node could run a task (``cpus`` CPUs, ``memory``
@@ -170,7 +180,7 @@ def wait_all(ray: Any, refs: Sequence[Any], progress: Any, label: str, *, cpus: 
     hangs on a cluster that lost its nodes."""
     pending = list(refs)
     total = len(pending)
-    dog = _Watchdog(ray, cpus, memory)
+    dog = _Watchdog(ray, cpus, memory, gpus)
     with Progress(progress, label, unit="task") as prog:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS,
@@ -183,7 +193,7 @@ def wait_all(ray: Any, refs: Sequence[Any], progress: Any, label: str, *, cpus: 
             dog.idle(f"{len(pending)} of {total} tasks unfinished")
 
 
-def fetch(ray: Any, ref: Any, *, cpus: int, memory: int) -> Any:
+def fetch(ray: Any, ref: Any, *, cpus: int, memory: int, gpus: int = 0) -> Any:
     """``ray.get`` of one task's result, under the watchdog of :func:`wait_all` (a result
     whose node died is recomputed from its lineage, which needs a node that can run its
     tasks: ``cpus`` CPUs, ``memory`` bytes). The get runs whole in a helper thread while this
@@ -204,7 +214,7 @@ def fetch(ray: Any, ref: Any, *, cpus: int, memory: int) -> Any:
 
     helper = threading.Thread(target=get, name="layerscope-ray-get", daemon=True)
     helper.start()
-    dog = _Watchdog(ray, cpus, memory)
+    dog = _Watchdog(ray, cpus, memory, gpus)
     while True:
         helper.join(POLL_SECONDS)
         if not helper.is_alive():
@@ -299,6 +309,63 @@ def run_tile(plan: Any, names: list[str], parts: list[Part], t: int, start: int,
                                check_finite=check_finite, max_memory=max_memory))
 
 
+class RayDevice(NamedTuple):
+    """``device=`` on Ray: the kind of device every tile task runs its products on —
+    ``"cuda"`` (each task asks Ray for one GPU, ``num_gpus=1``, and uses the one Ray gives
+    it) or ``"cpu"`` (the torch engine on the node's CPUs)."""
+
+    type: str
+
+    def __str__(self) -> str:
+        return f"{self.type} (on the Ray nodes)"
+
+
+def ray_device(device: Any) -> RayDevice:
+    """``device=`` with ``backend="ray"``: ``"cuda"``, ``"cpu"`` or ``"auto"`` (CUDA when the
+    cluster has GPUs: decided when the pass starts), or such a torch device without an index
+    — Ray, not the caller, picks each task's GPU."""
+    text = str(device).strip()
+    if text in ("cuda", "cpu", "auto"):
+        return RayDevice(text)
+    raise InvalidArgumentError(
+        f"device={device!r} with backend='ray': Ray assigns a GPU to each task, so pass "
+        "device='cuda' (a GPU per task), 'cpu' (the torch engine on the nodes' CPUs) or "
+        "'auto'")
+
+
+def run_tile_device(plan: Any, names: list[str], parts: list[Part], t: int, start: int,
+                    stop: int, shift: Any, check_finite: bool, device: str,
+                    compute: str) -> bytes:
+    """One task on a device: tile ``t`` over rows ``[start, stop)`` with the products on the
+    torch engine (:func:`layerscope._device.run_tile`: the same partial as :func:`run_tile`'s,
+    to rounding). ``"cuda"``: the GPU Ray assigned to this task (the first it sees)."""
+    from . import _device
+
+    torch = _device.torch_module()
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"{where()}: torch sees no CUDA device in this task")
+        dev = torch.device("cuda", 0)
+    else:
+        dev = torch.device(device)
+    srcs = [open_source(p) for p in parts]
+    layers = _device._Layers([(s, list(p.layers)) for s, p in zip(srcs, parts)])
+    nparts = [native_part(s, p.layers) for s, p in zip(srcs, parts)]
+    budget, source = _device.device_budget(dev)
+    dims = [int(d) for d in plan.dims]
+    n = int(srcs[0].num_rows)
+    try:
+        with _device.precision(torch, compute), torch.no_grad():
+            br = _device._tile_block_rows(plan, t, dims, stop - start, dev, budget)
+            return bytes(_device.run_tile(
+                torch, dev, plan, layers, nparts, t, n, compute=compute,
+                check_finite=check_finite, block_rows=br, rows=(start, stop), shift=shift))
+    except Exception as e:
+        if _device._is_oom(torch, e):
+            raise _device._oom(e, dev, budget, f"{where()}, {source}") from None
+        raise
+
+
 def merge(a: bytes, b: bytes) -> bytes:
     """One merge task: ``b``'s rows after ``a``'s."""
     return bytes(_native.merge_partials(a, b))
@@ -315,7 +382,7 @@ def remote(ray: Any, fn: Any) -> Any:
 
 
 def _remote(ray: Any, name: str) -> Any:
-    return remote(ray, {"tile": run_tile, "merge": merge}[name])
+    return remote(ray, {"tile": run_tile, "merge": merge, "device": run_tile_device}[name])
 
 
 def row_ranges(src: Source, n: int, k: int) -> list[tuple[int, int]]:
@@ -348,9 +415,13 @@ class Run:
     """The tasks of some jobs on one cluster (submitted at once), merged per tile."""
 
     def __init__(self, ray: Any, jobs: Sequence[Job], *, check_finite: bool,
-                 max_memory: int | None) -> None:
+                 max_memory: int | None, device: RayDevice | None = None,
+                 compute: str | None = None) -> None:
         self.ray = ray
         self.cl = cluster(ray)
+        self.device = device
+        self.compute = compute
+        self.gpus = 1 if device is not None and device.type == "cuda" else 0
         n = int(jobs[0].parts[0][0].num_rows)
         self.n = n
         tiles = sum(int(j.plan.tiles) for j in jobs)
@@ -364,7 +435,7 @@ class Run:
                         "max_memory so that its tiles fit a node")
         per_tile = math.ceil(self.cl.slots * TASKS_PER_SLOT / max(tiles, 1))
         per_tile = max(1, min(per_tile, n // MIN_TASK_ROWS))
-        tile_fn = _remote(ray, "tile")
+        tile_fn = _remote(ray, "tile" if device is None else "device")
         merge_fn = _remote(ray, "merge")
         self.leaves: list[Any] = []
         self.roots: list[list[list[Any]]] = []
@@ -385,9 +456,15 @@ class Run:
                 rs = ranges if shift is not None else [(0, n)]
                 mem = int(j.plan.tile_peak_bytes(t))
                 self.memory = max(self.memory, mem)
-                fn = tile_fn.options(**task_options(self.cl, mem))
-                refs = [fn.remote(j.plan, j.names, specs, t, a, b, shift, check_finite,
-                                  max_memory) for a, b in rs]
+                if device is None:
+                    fn = tile_fn.options(**task_options(self.cl, mem))
+                    refs = [fn.remote(j.plan, j.names, specs, t, a, b, shift, check_finite,
+                                      max_memory) for a, b in rs]
+                else:
+                    fn = tile_fn.options(**task_options(self.cl, mem, num_gpus=self.gpus))
+                    refs = [fn.remote(j.plan, j.names, specs, t, a, b, shift, check_finite,
+                                      device.type, compute or str(j.plan.compute))
+                            for a, b in rs]
                 self.leaves.extend(refs)
                 mfn = merge_fn.options(**task_options(
                     self.cl, min(2 * mem, self.cl.memory or 2 * mem), num_cpus=1))
@@ -416,31 +493,41 @@ class Run:
     def wait_leaves(self, progress: Any) -> None:
         """Block until every range task has finished (:func:`wait_all`)."""
         wait_all(self.ray, self.leaves, progress, "ray tasks", cpus=self.cl.cpus_per_task,
-                 memory=self.memory)
+                 memory=self.memory, gpus=self.gpus)
 
     def get(self, refs: list[Any]) -> bytes:
         """A tile's merged bytes (the root's two halves merged here, GIL released); errors
         as :func:`fetch` raises them."""
-        need = {"cpus": self.cl.cpus_per_task, "memory": self.memory}
+        need = {"cpus": self.cl.cpus_per_task, "memory": self.memory, "gpus": self.gpus}
         out = fetch(self.ray, refs[0], **need)
         for ref in refs[1:]:
             out = _native.merge_partials(out, fetch(self.ray, ref, **need))
         return bytes(out)
 
     def meta(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.device is not None:
+            extra = {"device": str(self.device), "engine_products": "torch"}
+            if self.compute == "tf32":
+                from ._device import TF32_APPROXIMATION
+
+                extra["approximation"] = TF32_APPROXIMATION
         return {
+            **extra,
             "backend": "ray",
             "tasks": {"ranges": len(self.leaves), "merges": self.merges,
                       "driver_merges": self.driver_merges,
                       "ranges_per_tile": self.ranges, "merge_depth": self.depth,
                       "nodes": self.cl.nodes, "cpus_per_task": self.cl.cpus_per_task,
+                      "gpus_per_task": self.gpus,
                       "merge_order": "adjacent row ranges, balanced binary tree, the root's "
                                      "two halves merged on the driver"},
         }
 
 
 def _running(ray: Any, jobs: Sequence[Job], progress: Any, *, check_finite: bool,
-             max_memory: int | None) -> Iterator[tuple[Run, int, list[bytes]]]:
+             max_memory: int | None, device: RayDevice | None = None,
+             compute: str | None = None) -> Iterator[tuple[Run, int, list[bytes]]]:
     """Submit every job's tasks, then yield ``(run, job index, merged tile bytes)`` job by
     job, in order.
 
@@ -450,7 +537,8 @@ def _running(ray: Any, jobs: Sequence[Job], progress: Any, *, check_finite: bool
     already submitted run to the end of their row range (each is bounded) and their results
     are dropped; Ctrl-C in a session layerscope started shuts that session down (its
     workers with it), in a session of the user's the driver stops waiting and says so."""
-    run = Run(ray, jobs, check_finite=check_finite, max_memory=max_memory)
+    run = Run(ray, jobs, check_finite=check_finite, max_memory=max_memory, device=device,
+              compute=compute)
     try:
         run.wait_leaves(progress)
         for k, roots in enumerate(run.roots):
@@ -472,14 +560,36 @@ def stop(ray: Any) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def _cluster_device(ray: Any, device: RayDevice | None) -> RayDevice | None:
+    """``device`` against the cluster: ``"auto"`` is CUDA when an alive node has a GPU (else
+    the Rust engine); ``"cuda"`` without one is an error, not tasks that never start."""
+    if device is None:
+        return None
+    gpus = sum(float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes()
+               if n.get("Alive"))
+    if device.type == "auto":
+        return RayDevice("cuda") if gpus >= 1 else None
+    if device.type == "cuda" and gpus < 1:
+        raise InvalidArgumentError(
+            "device='cuda' with backend='ray': no alive node of the cluster has a GPU (Ray's "
+            "GPU resource); use device='cpu', 'auto' or None")
+    return device
+
+
 def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: int, *,
                block_rows: int | None, check_finite: bool, max_memory: int | None,
                progress: Any, compute: str, strategy: str | None,
-               address: str | None) -> tuple[Any, dict[str, Any]]:
-    """``_native.pair_pass`` on Ray: ``(PairStats, meta)`` (``meta``: backend, tasks)."""
+               address: str | None, device: RayDevice | None = None,
+               ) -> tuple[Any, dict[str, Any]]:
+    """``_native.pair_pass`` on Ray: ``(PairStats, meta)`` (``meta``: backend, tasks).
+    ``device``: each tile task's products on the torch engine on that kind of device (one
+    GPU per task for ``"cuda"``); the Gram route runs on the driver's CPU."""
     ray = connect(address)
+    device = _cluster_device(ray, device)
     dims = [src.dims[x] for src, ls in parts for x in ls]
     n = int(parts[0][0].num_rows)
+    dev_compute = compute
+    compute = "float32" if compute == "tf32" else compute
     plan = _native.pair_tiles(dims, num_a, n, block_rows, compute, max_memory, strategy)
     if plan is None:  # the Gram route: every row of a layer at once, on the driver
         with Progress(progress, "moments") as prog:
@@ -492,7 +602,7 @@ def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: i
             "once) ran on the driver"}}
     out = _native.PairStatsBuilder(plan, names, n)
     runs = _running(ray, [Job(plan, parts, names)], progress, check_finite=check_finite,
-                    max_memory=max_memory)
+                    max_memory=max_memory, device=device, compute=dev_compute)
     run, _, tiles = next(runs)
     runs.close()
     for t, data in enumerate(tiles):
@@ -502,13 +612,17 @@ def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: i
 
 def moment_passes(jobs: list[tuple[list[tuple[Source, list[str]]], int]], *, compute: str,
                   check_finite: bool, max_memory: int | None, progress: Any,
-                  address: str | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+                  address: str | None, device: RayDevice | None = None,
+                  ) -> Iterator[tuple[Any, dict[str, Any]]]:
     """One single-pass moment job per ``(parts, num_a)`` on Ray, all submitted at once;
     yields ``(Moments, meta)`` per job in order, as :func:`layerscope._moments.compute_moments`
-    returns them (``meta`` also has backend and tasks)."""
+    returns them (``meta`` also has backend and tasks). ``device``: as :func:`pair_stats`."""
     from ._moments import single_pass_meta
 
     ray = connect(address)
+    device = _cluster_device(ray, device)
+    dev_compute = compute
+    compute = "float32" if compute == "tf32" else compute
     planned = []
     for parts, num_a in jobs:
         dims = [src.dims[x] for src, ls in parts for x in ls]
@@ -517,7 +631,7 @@ def moment_passes(jobs: list[tuple[list[tuple[Source, list[str]]], int]], *, com
         planned.append(Job(plan, parts, [x for _, ls in parts for x in ls]))
     t0 = time.perf_counter()
     for run, k, tiles in _running(ray, planned, progress, check_finite=check_finite,
-                                  max_memory=max_memory):
+                                  max_memory=max_memory, device=device, compute=dev_compute):
         job = planned[k]
         m = _native.MomentAccumulator.from_bytes(tiles[0]).finalize(jobs[k][1])
         meta = single_pass_meta(m, job.parts, job.names, job.plan.compute, t0,

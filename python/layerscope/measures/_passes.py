@@ -68,7 +68,7 @@ class Tiles:
         self.ray_address = ray_address
         from .._moments import _device_for
 
-        self.device = _device_for(device, backend, compute)
+        self.device = _device_for(device, backend, compute, ray_ok=True)
         if self.n == 0:
             raise InvalidArgumentError("the source has no rows")
         self.strategy, self.tiles, self.peak = measure_tiles(
@@ -95,7 +95,7 @@ class Tiles:
 
             passes = moment_passes(parts, compute=self.compute, check_finite=True,
                                    max_memory=self.budget, progress=self.progress,
-                                   address=self.ray_address)
+                                   address=self.ray_address, device=self.device)
             for tile, (m, meta) in zip(self.tiles, passes):
                 each(tile, m, {g: k for k, g in enumerate(tile)})
                 metas.append(meta)

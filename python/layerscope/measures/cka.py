@@ -171,7 +171,12 @@ def cka(
             (:mod:`layerscope._device`; equal to the Rust engine to 1e-10 in f64 and 1e-6
             in f32, tested). RBF: each layer's distance products there, the bandwidth,
             kernel and HSICs in Rust (the same numbers); minibatch: each minibatch's Gram
-            products there, the rest in Rust. ``meta["device"]`` records it.
+            products there, the rest in Rust. ``meta["device"]`` records it. Several
+            devices (``["cuda:0", "cuda:1"]``, ``"cuda:0,cuda:1"``, or ``"cuda"`` with
+            several GPUs visible) share the tiles of a tiled pass; the plan is sized to the
+            device's memory (``LAYERSCOPE_MAX_DEVICE_MEMORY``, else 0.8 × its free memory).
+            With ``backend="ray"`` (linear only): ``"cuda"`` gives each range task a GPU
+            (``num_gpus=1``), ``"cpu"`` the torch engine in the tasks (``docs/scale.md``).
 
     Returns:
         A :class:`~layerscope.results.MatrixResult`: ``values[i, j]`` is the CKA of
