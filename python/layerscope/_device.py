@@ -140,7 +140,6 @@ def tile_devices(dev: Any) -> list[Any]:
         count = torch.cuda.device_count()
         if count > 1:
             return [torch.device("cuda", i) for i in range(count)]
-        return [torch.device("cuda", 0)]
     return [dev]
 
 
@@ -982,7 +981,8 @@ def _gram(torch: Any, dev: Any, layers: _Layers, dims: list[int], num_a: int, n:
     def pair(x: int, kx: Any, y: int, ky: Any) -> None:
         if known[x, y] or not wanted(x, y):
             return
-        sq[x, y] = sq[y, x] = float((kx * ky).sum())
+        # ⟨K̄x, K̄y⟩ as one dot product: no n × n temporary beside the held Grams
+        sq[x, y] = sq[y, x] = float(torch.dot(kx.reshape(-1), ky.reshape(-1)))
         rr[x, y] = rr[y, x] = float((torch.diagonal(kx) * torch.diagonal(ky)).sum())
         known[x, y] = known[y, x] = True
 
