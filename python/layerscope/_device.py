@@ -562,23 +562,26 @@ class DevicePlan:
         return dict(_native.pair_plan(dims, num_a, n, block_rows, self.host, b, "gram"))
 
 
-def _is_oom(torch: Any, e: BaseException) -> bool:
+@contextlib.contextmanager
+def oom_as_budget_error(torch: Any, dev: Any, budget: int, source: str) -> Iterator[None]:
+    """A device allocation failure (torch's ``OutOfMemoryError``) inside the block raised as
+    the :class:`MemoryBudgetError` it is, saying what to lower."""
     cls = getattr(torch, "OutOfMemoryError", None) or getattr(
         getattr(torch, "cuda", None), "OutOfMemoryError", None)
-    return cls is not None and isinstance(e, cls)
+    try:
+        yield
+    except Exception as e:
+        if cls is None or not isinstance(e, cls):
+            raise
+        from .errors import MemoryBudgetError
+        from .store import _human as human
 
-
-def _oom(e: BaseException, dev: Any, budget: int, source: str) -> Exception:
-    """A device allocation failure as the :class:`MemoryBudgetError` it is."""
-    from .errors import MemoryBudgetError
-    from .store import _human as human
-
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return MemoryBudgetError(
-        f"the device {describe(dev)} ran out of memory within the plan's budget of "
-        f"{human(budget)} ({source}): other work holds device memory; set "
-        f"{DEVICE_MEMORY_ENV} (or max_memory=) lower and the planner cuts smaller tiles "
-        f"({first})")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MemoryBudgetError(
+            f"the device {describe(dev)} ran out of memory within the plan's budget of "
+            f"{human(budget)} ({source}): other work holds device memory; set "
+            f"{DEVICE_MEMORY_ENV} (or max_memory=) lower and the planner cuts smaller tiles "
+            f"({first})") from None
 
 
 def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: int, *,
@@ -592,20 +595,16 @@ def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: i
     n = int(parts[0][0].num_rows)
     dp = DevicePlan(dims, num_a, n, block_rows, compute, max_memory, strategy, device)
     layers = _Layers(parts)
-    try:
-        with precision(torch, compute), torch.no_grad():
-            if dp.tiles is None:
-                assert dp.gram is not None
-                with Progress(progress, "moments") as prog:
-                    st = _gram(torch, primary(device), layers, dims, num_a, n, names, dp.gram,
-                               compute=compute, check_finite=check_finite, progress=prog.cb)
-            else:
-                st = _tiles(torch, dp, layers, parts, dims, n, names, compute=compute,
-                            check_finite=check_finite, progress=progress)
-    except Exception as e:
-        if _is_oom(torch, e):
-            raise _oom(e, device, dp.budget, dp.budget_source) from None
-        raise
+    with oom_as_budget_error(torch, device, dp.budget, dp.budget_source), \
+            precision(torch, compute), torch.no_grad():
+        if dp.tiles is None:
+            assert dp.gram is not None
+            with Progress(progress, "moments") as prog:
+                st = _gram(torch, primary(device), layers, dims, num_a, n, names, dp.gram,
+                           compute=compute, check_finite=check_finite, progress=prog.cb)
+        else:
+            st = _tiles(torch, dp, layers, parts, dims, n, names, compute=compute,
+                        check_finite=check_finite, progress=progress)
     meta = device_meta(device, compute)
     meta["device_budget"] = {"bytes": int(dp.budget), "source": dp.budget_source}
     if len(dp.devices) > 1 and dp.tiles is not None:
@@ -712,17 +711,12 @@ def moments(parts: list[tuple[Source, list[str]]], names: list[str], num_a: int,
     layers = _Layers(parts)
     nparts = [native_part(src, ls) for src, ls in parts]
     budget, source = device_budget(dev)
-    try:
-        with precision(torch, compute), torch.no_grad(), \
-                Progress(progress, "moments") as prog:
-            data = run_tile(torch, dev, plan, layers, nparts, 0, n, compute=compute,
-                            check_finite=check_finite,
-                            block_rows=_tile_block_rows(plan, 0, dims, n, dev, budget),
-                            progress=prog.cb)
-    except Exception as e:
-        if _is_oom(torch, e):
-            raise _oom(e, dev, budget, source) from None
-        raise
+    with oom_as_budget_error(torch, dev, budget, source), precision(torch, compute), \
+            torch.no_grad(), Progress(progress, "moments") as prog:
+        data = run_tile(torch, dev, plan, layers, nparts, 0, n, compute=compute,
+                        check_finite=check_finite,
+                        block_rows=_tile_block_rows(plan, 0, dims, n, dev, budget),
+                        progress=prog.cb)
     return _native.MomentAccumulator.from_bytes(data).finalize(num_a)
 
 

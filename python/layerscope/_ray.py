@@ -354,16 +354,12 @@ def run_tile_device(plan: Any, names: list[str], parts: list[Part], t: int, star
     budget, source = _device.device_budget(dev)
     dims = [int(d) for d in plan.dims]
     n = int(srcs[0].num_rows)
-    try:
-        with _device.precision(torch, compute), torch.no_grad():
-            br = _device._tile_block_rows(plan, t, dims, stop - start, dev, budget)
-            return bytes(_device.run_tile(
-                torch, dev, plan, layers, nparts, t, n, compute=compute,
-                check_finite=check_finite, block_rows=br, rows=(start, stop), shift=shift))
-    except Exception as e:
-        if _device._is_oom(torch, e):
-            raise _device._oom(e, dev, budget, f"{where()}, {source}") from None
-        raise
+    with _device.oom_as_budget_error(torch, dev, budget, f"{where()}, {source}"), \
+            _device.precision(torch, compute), torch.no_grad():
+        br = _device._tile_block_rows(plan, t, dims, stop - start, dev, budget)
+        return bytes(_device.run_tile(
+            torch, dev, plan, layers, nparts, t, n, compute=compute,
+            check_finite=check_finite, block_rows=br, rows=(start, stop), shift=shift))
 
 
 def merge(a: bytes, b: bytes) -> bytes:
