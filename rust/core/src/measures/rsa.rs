@@ -108,17 +108,32 @@ pub fn rdm_with(
 /// Average ranks (1-based, ties averaged).
 pub fn rank_average(v: &[f64]) -> Vec<f64> {
     let n = v.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.par_sort_unstable_by(|&a, &b| v[a].total_cmp(&v[b]));
+    // Sort (key, index) pairs, not indices compared through `v`: contiguous keys instead of
+    // a random read per comparison (about 3× faster on tens of millions of pairs). The key
+    // is the IEEE total order as an unsigned integer (`f64::total_cmp`'s order).
+    let key = |x: f64| {
+        let b = x.to_bits();
+        if b >> 63 == 1 {
+            !b
+        } else {
+            b | (1 << 63)
+        }
+    };
+    let mut order: Vec<(u64, usize)> = v
+        .par_iter()
+        .enumerate()
+        .map(|(i, &x)| (key(x), i))
+        .collect();
+    order.par_sort_unstable_by_key(|p| p.0);
     let mut r = vec![0.0; n];
     let mut i = 0;
     while i < n {
         let mut j = i + 1;
-        while j < n && v[order[j]] == v[order[i]] {
+        while j < n && v[order[j].1] == v[order[i].1] {
             j += 1;
         }
         let avg = (i + j + 1) as f64 / 2.0; // mean of ranks i+1 ..= j
-        for &o in &order[i..j] {
+        for &(_, o) in &order[i..j] {
             r[o] = avg;
         }
         i = j;
@@ -271,6 +286,7 @@ pub fn prepare_rsa_with(
         return Err(Error::invalid("RSA needs at least 3 rows"));
     }
     let r = rdm_with(x, m, d, kind, &Budget::unchecked(), prod)?;
+    crate::monitor::check_interrupt()?; // the ranking below is the other long step
     Ok(prepare_rdm(&r, compare))
 }
 
