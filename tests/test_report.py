@@ -104,6 +104,19 @@ def test_single_store_report_is_self_contained(single: Path) -> None:
         assert data["summary"][section], section
 
 
+def test_report_states_the_permutation_null(single: Path, stores: tuple[object, object]) -> None:
+    data = _results(single)
+    got = result_from_dict(data["results"]["source"]["cka_null"])
+    n = stores[0].num_rows  # type: ignore[attr-defined]
+    api = layerscope.cka(stores[0], null=99, sample=SAMPLE if SAMPLE < n else None, seed=SEED,
+                         progress=False)
+    np.testing.assert_array_equal(got.meta["p_values"], api.meta["p_values"])
+    np.testing.assert_allclose(got.meta["null_mean"], api.meta["null_mean"], atol=1e-12)
+    cap = data["figures"]["cka_source.png"]
+    assert "Permutation null of the biased linear CKA" in cap and "99 permutations" in cap
+    assert "unrelated layers would give a mean CKA of" in cap
+
+
 def test_report_numbers_equal_api(single: Path, stores: tuple[object, object]) -> None:
     a = stores[0]
     data = _results(single)

@@ -29,6 +29,31 @@ MEMORY_ENV_VAR: str
 PAIR_STRATEGIES: list[str]
 __version__: str
 
+class Calibrator:
+    """Calibrated CKA on one sample: ``add`` each layer's sampled rows (a's, then b's), then
+    ``observed``, ``null`` and ``bootstrap``. ``within``: the pairs within a (no b)."""
+    def __init__(self, kernel: str = 'linear', sigma: float = 1.0, unbiased: bool = False, within: bool = True, max_memory: int | None = None) -> None: ...
+    @property
+    def bandwidths(self) -> list[float]:
+        """The RBF bandwidth of every layer on the whole sample (a's then b's; NaN for linear)."""
+    @property
+    def chunk(self) -> int:
+        """Permuted Grams held at once by ``null`` (0 before the first table)."""
+    def add(self, x: npt.NDArray[np.float64], other: bool = False, products: Any | None = None) -> None:
+        """Add one layer's sampled rows (C-contiguous float64, ``m × d``): to a (``other``
+        False) or to b. All of a's layers come before b's. ``products``: the device products
+        (:mod:`layerscope._device`) for its Gram, else the CPU."""
+    def bootstrap(self, resamples: npt.NDArray[np.uint32]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The CKA of every pair on each resample (``resamples``: ``count × m`` uint32 row
+        indices drawn with replacement): ``(values count × la × lb, bandwidths count ×
+        layers)`` (the RBF bandwidths of each resample; NaN for linear or where the median
+        distance is 0, whose cells are NaN)."""
+    def null(self, perms: npt.NDArray[np.uint32]) -> npt.NDArray[np.float64]:
+        """The CKA of every pair under each permutation (``perms``: ``count × m`` uint32, each
+        row a permutation of ``0..m``): ``count × la × lb``."""
+    def observed(self) -> npt.NDArray[np.float64]:
+        """The CKA of every pair on the whole sample (``la × lb``)."""
+
 class MinibatchCka:
     """Streaming minibatch CKA (see layerscope_core::measures::cka): unbiased HSIC (Song et al.
     2012) averaged over consecutive minibatches of `batch_size` rows, linear or RBF kernel."""
@@ -339,6 +364,10 @@ class TilePlan:
 
 def accumulator_bytes(dims: Sequence[int]) -> int:
     """Bytes of the accumulator for layers of these widths (`(D+L)² × 8` plus vectors)."""
+
+def calibration_bytes(layers: int, m: int, dmax: int, kernel: str) -> int:
+    """Peak bytes of a calibration over `layers` layers of `m` rows, the widest `dmax` wide
+    (every layer's Gram, the centred stack, one permuted Gram, one layer's preparation)."""
 
 def check_budget(need: int, what: str, advice: str, max_memory: int | None = None) -> None:
     """Raise MemoryBudgetError ("`what` needs N, above the budget of B (source); `advice`")

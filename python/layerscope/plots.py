@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+#: Pairs with a permutation p-value at or above this are hatched in :func:`heatmap`.
+NULL_ALPHA = 0.05
+
 
 def _mpl() -> Any:
     from ._optional import require
@@ -34,8 +37,14 @@ def heatmap(res: Any, ax: Any = None, title: str | None = None, annotate: bool |
     else:
         fig = ax.figure
     est = res.meta.get("estimator")
-    heat(ax, res.values, res.rows, res.cols,
-         title or f"{res.measure}{' (' + est + ')' if est else ''}", annotate=annotate)
+    title = title or f"{res.measure}{' (' + est + ')' if est else ''}"
+    p = res.meta.get("p_values")
+    marked = None
+    if p is not None and res.meta.get("calibration", {}).get("null"):
+        p = np.asarray(p, dtype=float)
+        marked = np.isfinite(p) & (p >= NULL_ALPHA)
+        title += f"\nhatched: p ≥ {NULL_ALPHA} ({res.meta['calibration']['null']} permutations)"
+    heat(ax, res.values, res.rows, res.cols, title, annotate=annotate, hatch=marked)
     fig.tight_layout()
     return fig
 
@@ -99,10 +108,11 @@ def png_bytes(fig: Any) -> bytes:
 def heat(ax: Any, values: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
           *, vmin: float | None = None, vmax: float | None = None, cbar_label: str = "",
           cmap: str = "magma", xlabel: str = "", ylabel: str = "",
-          annotate: bool | None = None) -> Any:
+          annotate: bool | None = None, hatch: np.ndarray | None = None) -> Any:
     """The one layer × layer heatmap (of :func:`heatmap` and the report): colour range
     ``[min(0, min), max(1, max)]`` unless given, short unique tick labels, each cell
-    annotated when there are at most 256 (``annotate``), a colour bar."""
+    annotated when there are at most 256 (``annotate``), a colour bar; the cells where
+    ``hatch`` is True hatched (pairs not distinguishable from a permutation null)."""
     vals = np.asarray(values, dtype=float)
     finite = vals[np.isfinite(vals)]
     lo = vmin if vmin is not None else (min(0.0, float(finite.min())) if finite.size else 0.0)
@@ -118,6 +128,12 @@ def heat(ax: Any, values: np.ndarray, rows: Sequence[str], cols: Sequence[str], 
                 light = np.isfinite(v) and v > lo + 0.6 * (hi - lo)
                 ax.text(j, i, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center",
                         va="center", fontsize=7, color="black" if light else "white")
+    if hatch is not None:
+        from matplotlib.patches import Rectangle
+
+        for i, j in zip(*np.nonzero(hatch)):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                   edgecolor="0.6", linewidth=0))
     ax.set_title(title, fontsize=11)
     if xlabel:
         ax.set_xlabel(xlabel, fontsize=9)

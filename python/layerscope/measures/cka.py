@@ -78,7 +78,8 @@ DEFAULT_BATCH_SIZE: int = BATCH_SIZE
            other_layers=LAYERS, sample=(None, Int(1)), seed=SEED, sigma=Float(0, lo_open=True),
            batch_size=(None, Int(4)), max_memory=MAX_MEMORY, nonfinite=OneOf("error", "nan"),
            compute=OneOf(*COMPUTE), strategy=(None, OneOf(*_native.PAIR_STRATEGIES)),
-           progress=PROGRESS, backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE)
+           progress=PROGRESS, backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE,
+           null=Int(0), bootstrap=Int(0), confidence=Float(0, 1, lo_open=True, hi_open=True))
 def cka(
     source: Any,
     other: Any = None,
@@ -99,6 +100,9 @@ def cka(
     backend: str = "local",
     ray_address: str | None = None,
     device: Any = None,
+    null: int = 0,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
 ) -> MatrixResult:
     """CKA of every layer pair (see the module docstring for the formulas and papers).
 
@@ -177,14 +181,31 @@ def cka(
             device's memory (``LAYERSCOPE_MAX_DEVICE_MEMORY``, else 0.8 × its free memory).
             With ``backend="ray"`` (linear only): ``"cuda"`` gives each range task a GPU
             (``num_gpus=1``), ``"cpu"`` the torch engine in the tasks (``docs/scale.md``).
+        null: permutations of the rows of one layer against the other (0: none). Adds
+            ``meta["p_values"]`` (``(1 + #{permuted CKA ≥ CKA}) / (null + 1)`` per pair) and
+            ``meta["null_mean"]`` (the mean CKA under permutation: what unrelated layers give
+            at this sample size and these widths). Biased and debiased, linear and RBF; on a
+            seeded sample through centred Gram matrices (``sample`` rows when given; else all
+            rows up to 4096, a seeded sample of 4096 beyond, fewer when the Grams would not
+            fit ``max_memory``), stated in ``meta["calibration"]`` with the sample's own CKA
+            table (``values``: what the p-values and intervals refer to — with a sample, the
+            same as ``values``) (:mod:`layerscope.measures._calibrate`).
+        bootstrap: row resamples (with replacement) of the same sample (0: none). Adds
+            ``meta["ci"]`` (``2 × rows × cols``: the lower and upper percentile bounds).
+        confidence: the level of the bootstrap interval (default 0.95).
 
     Returns:
         A :class:`~layerscope.results.MatrixResult`: ``values[i, j]`` is the CKA of
         ``rows[i]`` (of ``source``) and ``cols[j]`` (of ``other``, or ``source``); ``meta``
         has the kernel, estimator, ``n`` (rows used), ``n_total``, ``seed``, sample hash,
-        bandwidths and timings.
+        bandwidths and timings; with ``null``/``bootstrap``, ``p_values``, ``null_mean``,
+        ``ci`` and ``calibration``.
     """
     t0 = time.perf_counter()
+    if (null or bootstrap) and estimator == "minibatch":
+        raise InvalidArgumentError(
+            "null= and bootstrap= calibrate the biased and debiased estimators (on centred "
+            "Grams of one sample); estimator='minibatch' has no Gram of all rows to permute")
     check_backend(backend, ray_address)
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
@@ -201,6 +222,9 @@ def cka(
     from ._passes import is_capture
 
     if is_capture(source):
+        if null or bootstrap:
+            raise InvalidArgumentError(
+                "null= and bootstrap= need the rows; a capture holds only their moments")
         return _captured(source, other, kernel, estimator, layers, max_memory, t0)
     a = resolve(source)
     b = resolve(other) if other is not None else None
@@ -219,9 +243,31 @@ def cka(
         res = _linear(job, estimator, compute, strategy, backend, ray_address, device)
     else:
         res = _rbf(job, estimator, sigma, backend, ray_address, device)
+    if null or bootstrap:
+        t1 = time.perf_counter()
+        res.meta.update(_calibrated(job, kernel, estimator, sigma, null, bootstrap, confidence,
+                                    device, backend))
+        res.meta.setdefault("timings", {})["calibration"] = time.perf_counter() - t1
     res.meta["seconds"] = time.perf_counter() - t0
     return res
 
+
+
+def _calibrated(job: _Job, kernel: str, estimator: str, sigma: float, null: int,
+                bootstrap: int, confidence: float, device: Any, backend: str) -> dict[str, Any]:
+    """``meta`` entries of ``null=``/``bootstrap=`` (:mod:`._calibrate`): in this process,
+    the Grams' products on ``device`` when one is given (with ``backend="ray"``: on the CPU
+    here, the sample being small)."""
+    from .._device import products
+    from .._moments import _device_for
+    from ._calibrate import calibrate
+
+    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
+    dev = _device_for(device, "local", "float64") if backend == "local" else None
+    return calibrate(a, b, la, lb, kernel=kernel, estimator=estimator, sigma=sigma, null=null,
+                     bootstrap=bootstrap, confidence=confidence, sample=sample, seed=seed,
+                     max_memory=max_memory, nonfinite=nonfinite, progress=progress,
+                     products=products(dev))
 
 
 def _captured(cap: Any, other: Any, kernel: str, estimator: str, layers: Any,

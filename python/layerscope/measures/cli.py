@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .._defaults import ALIGN_K, BATCH_SIZE, RIDGE
 from .._layers import add_layer_args
 from .._memory import add_max_memory_arg
@@ -18,6 +20,7 @@ from .._optional import require
 from .._text import Table, escape
 from .._validate import SEED, Float, Int, cli_type
 from ..errors import InvalidArgumentError
+from ..plots import NULL_ALPHA
 from .alignment import METHODS as ALIGN_METHODS
 from .alignment import SPACES, alignment
 from .cka import ESTIMATORS, KERNELS, cka
@@ -139,9 +142,66 @@ def _cmd_cka(args: argparse.Namespace) -> int:
                       layers=args.layers, other_layers=args.other_layers, sample=args.sample,
                       seed=args.seed, sigma=args.sigma, batch_size=args.batch_size,
                       max_memory=args.max_memory, nonfinite=args.nonfinite,
-                      compute=args.compute, progress=not args.quiet, **_backend(args))
-    return _emit(res, args, res.to_table(), f"{res.meta['kernel']} {res.meta['estimator']}", sec,
-                 notes=ray_notes(res))
+                      compute=args.compute, progress=not args.quiet, null=args.null,
+                      bootstrap=args.bootstrap, confidence=args.confidence, **_backend(args))
+    return _emit(res, args, calibrated_table(res), f"{res.meta['kernel']} {res.meta['estimator']}",
+                 sec, notes=calibration_notes(res) + ray_notes(res))
+
+
+#: The level below which the CLI's table (and the heatmap) call a pair distinguishable
+#: from the permutation null.
+ALPHA = NULL_ALPHA
+#: What marks the other pairs in the table.
+NULL_MARK = "°"
+
+
+def calibrated_table(res: Any, digits: int = 4) -> Table:
+    """The CKA table; with ``null=``, each pair whose p-value is ≥ :data:`ALPHA` marked
+    :data:`NULL_MARK` (not distinguishable from unrelated layers at this sample); with
+    ``bootstrap=``, each cell followed by its interval."""
+    p = res.meta.get("p_values")
+    ci = res.meta.get("ci")
+    if p is None:
+        return res.to_table()
+    cal = res.meta.get("calibration", {})
+    rows = []
+    for i in range(len(res.rows)):
+        row = []
+        for j in range(len(res.cols)):
+            v = float(res.values[i, j])
+            cell = "nan" if np.isnan(v) else f"{v:.{digits}f}"
+            if cal.get("null") and not np.isnan(p[i, j]) and p[i, j] >= ALPHA:
+                cell += NULL_MARK
+            elif cal.get("null"):
+                cell += " "
+            if cal.get("bootstrap") and np.isfinite(ci[:, i, j]).all():
+                cell += f" [{ci[0, i, j]:.{min(digits, 3)}f}, {ci[1, i, j]:.{min(digits, 3)}f}]"
+            row.append(cell)
+        rows.append(row)
+    return Table(list(res.rows), list(res.cols), rows)
+
+
+def calibration_notes(res: Any) -> list[str]:
+    """What the marks and intervals of :func:`calibrated_table` mean, and the null mean."""
+    cal = res.meta.get("calibration")
+    if not cal:
+        return []
+    out = [f"# calibration on {cal['n']} rows ({cal['rows']}; seed {cal['seed']})"]
+    if cal.get("null"):
+        nm = res.meta["null_mean"]
+        off = ~np.eye(*nm.shape, dtype=bool) if res.rows == res.cols else np.ones(nm.shape, bool)
+        vals = nm[off & np.isfinite(nm)]
+        span = f"{vals.min():.4f} to {vals.max():.4f}" if vals.size else "nan"
+        out.append(f"# {NULL_MARK} p >= {ALPHA} against {cal['null']} permutations (not "
+                   f"distinguishable from unrelated layers); null mean CKA {span}")
+        if 1.0 / (cal["null"] + 1) >= ALPHA:
+            out.append(f"# with {cal['null']} permutations the smallest p-value is "
+                       f"1/{cal['null'] + 1}: no pair can be below {ALPHA} (use --null "
+                       f"{int(np.ceil(1 / ALPHA))} or more)")
+    if cal.get("bootstrap"):
+        out.append(f"# [lo, hi]: {cal['confidence']:.0%} percentile interval of "
+                   f"{cal['bootstrap']} bootstrap resamples")
+    return out
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
@@ -292,6 +352,13 @@ def add_cli(sub: Any) -> None:
                    help=f"minibatch rows (default {BATCH_SIZE})")
     p.add_argument("--nonfinite", default="error", choices=["error", "nan"],
                    help="NaN/Inf in a layer: stop with an error, or give that layer NaN")
+    p.add_argument("--null", type=cli_type(Int(0)), default=0, metavar="B",
+                   help="permutations for a p-value per pair (0: none); pairs not "
+                   f"distinguishable from the null (p >= {ALPHA}) are marked {NULL_MARK}")
+    p.add_argument("--bootstrap", type=cli_type(Int(0)), default=0, metavar="B",
+                   help="row resamples for a percentile interval per pair (0: none)")
+    p.add_argument("--confidence", type=cli_type(Float(0, 1, lo_open=True, hi_open=True), float),
+                   default=0.95, help="level of the bootstrap interval")
     p.add_argument("--compute", default="auto", choices=["auto", "float64", "float32", "tf32"],
                    help="arithmetic of the linear engine's block products (auto: float32 for "
                    "f32/f16/bf16 stores, ~2x faster, summed in float64; float64 otherwise; "

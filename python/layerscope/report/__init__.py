@@ -35,7 +35,7 @@ from .._source import check_comparable, resolve
 from .._validate import BACKEND, RAY_ADDRESS, SEED, Bool, Int, Text, Texts, validated
 from ..results import Result, _jsonable, atomic_write_text
 from . import html
-from .run import Side, moments, neighbours
+from .run import Side, calibration, moments, neighbours
 from .sections import (
     Document,
     section_cka,
@@ -48,11 +48,12 @@ from .sections import (
 __all__ = ["report"]
 
 
-@validated(sample=(None, Int(1)), bootstrap=Int(0), rbf=Bool(), progress=Bool(), seed=SEED,
+@validated(sample=(None, Int(1)), bootstrap=Int(0), null=Int(0), rbf=Bool(), progress=Bool(),
+           seed=SEED,
            title=(None, Text()), labels=(None, Texts(2)), backend=BACKEND,
            ray_address=RAY_ADDRESS)
 def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report", *,
-           sample: int | None = 2048, bootstrap: int = 20, rbf: bool = True,
+           sample: int | None = 2048, bootstrap: int = 20, null: int = 99, rbf: bool = True,
            progress: bool = True, seed: int = 0, title: str | None = None,
            labels: tuple[str, str] | None = None, backend: str = "local",
            ray_address: str | None = None) -> Path:
@@ -67,7 +68,10 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
     smallest numerical rank)``), and one seeded sample of ``sample`` rows (``None`` = all rows,
     RBF CKA capped at 4096) for RBF CKA and intrinsic dimension (TwoNN with ``bootstrap``
     percentile-bootstrap resamples, Levina–Bickel MLE with k = 20). ``seed`` selects the
-    sample; it is recorded with every result. ``rbf=False`` skips RBF CKA.
+    sample; it is recorded with every result. ``rbf=False`` skips RBF CKA. ``null``: the
+    permutations of the biased linear CKA's null on the same sample (``cka(..., null=)``; 0:
+    none): pairs not distinguishable from it are hatched, and its mean — what unrelated
+    layers give at this sample — is in the caption.
 
     ``store`` / ``other``: an ActivationStore, a store path or a dict of 2-D arrays; two
     inputs must have the same row ids in the same order. ``labels`` names them in the text
@@ -113,6 +117,7 @@ def report(store: Any, other: Any = None, out: str | os.PathLike[str] = "report"
         t0 = time.perf_counter()
         neighbours(s, None, notes, sample=sample, seed=seed, bootstrap=bootstrap, rbf=rbf,
                     progress=progress, on=on)
+        calibration(s, notes, null=null, sample=sample, seed=seed, progress=progress, on=on)
         timings[f"neighbours/{s.tag}"] = time.perf_counter() - t0
     if cross is not None and b is not None and rbf:
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             names.append(resolve(args.other).short_name("B"))
         labels = (names + ["B"])[:2]
     path = report(args.store, args.other, args.out, sample=args.sample or None,
-                  bootstrap=args.bootstrap, rbf=not args.no_rbf, seed=args.seed,
+                  bootstrap=args.bootstrap, null=args.null, rbf=not args.no_rbf, seed=args.seed,
                   progress=not args.quiet, labels=labels, **_backend(args))
     print(f"report: {path.resolve()}")
     return 0
@@ -47,6 +47,8 @@ def add_cli(sub: Any) -> None:
                    help="rows sampled for RBF CKA and intrinsic dimension (0 = all rows)")
     p.add_argument("--bootstrap", type=cli_type(Int(0)), default=20,
                    help="bootstrap resamples for ID CIs")
+    p.add_argument("--null", type=cli_type(Int(0)), default=99,
+                   help="permutations of the linear CKA's null on the sample (0: none)")
     p.add_argument("--no-rbf", action="store_true", help="skip RBF CKA")
     p.add_argument("--label", nargs="+", metavar="NAME",
                    help="names of the store(s) in the text and figures (default: the store's "

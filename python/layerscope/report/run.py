@@ -6,6 +6,7 @@ activations, too few distinct rows) is left out of that table and named in the n
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -203,6 +204,23 @@ def _id_robust(src: Source, notes: list[str], label: str, **kw: Any) -> Any:
     return merge_layers(list(parts), list(parts.values()),
                         {**one.meta, "layers_skipped": [x for x in src.all_layers
                                                         if x not in parts]})
+
+
+def calibration(side: Side, notes: list[str], *, null: int, sample: int | None, seed: int,
+                progress: bool, on: dict[str, Any] | None = None) -> None:
+    """The permutation null of the biased linear CKA within one input, on the seeded sample
+    (``cka(..., null=null)``): its p-values hatch the heatmap, its null mean goes in the
+    caption."""
+    if null <= 0:
+        return
+    m = _sample_arg(sample, side.src.num_rows)
+
+    def run() -> Any:
+        with warnings.catch_warnings():  # constant layers: NaN cells, noted by the CKA section
+            warnings.filterwarnings("ignore", "CKA is NaN", RuntimeWarning)
+            return cka(side.src, null=null, sample=m, seed=seed, progress=progress, **(on or {}))
+
+    side.res["cka_null"] = attempt(notes, f"CKA permutation null ({side.title})", run)
 
 
 def neighbours(side: Side, other: Source | None, notes: list[str], *, sample: int | None,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._source import meta_get
-from ..plots import figure, heat, png_bytes, tick_labels, xticks
+from ..plots import NULL_ALPHA, figure, heat, png_bytes, tick_labels, xticks
 from ..results import Result, _jsonable
 from . import html
 from .run import Side
@@ -143,6 +143,22 @@ def section_summary(doc: Document, sides: list[Side]) -> None:
     doc.add("store", "Store", lines, body)
 
 
+def _null_text(cal: Any, hatch: Any) -> str:
+    """The caption's sentence on the permutation null of the biased linear CKA."""
+    if not isinstance(cal, Result) or hatch is None:
+        return ""
+    info = cal.meta["calibration"]
+    nm = np.asarray(cal.meta["null_mean"], dtype=float)
+    off = nm[~np.eye(*nm.shape, dtype=bool) & np.isfinite(nm)]
+    span = (f"{off.mean():.3f} (from {off.min():.3f} to {off.max():.3f} over the pairs)"
+            if off.size else "undefined")
+    count = int(hatch[~np.eye(*hatch.shape, dtype=bool)].sum()) // 2
+    return (f" Permutation null of the biased linear CKA on {info['n']} sampled rows "
+            f"({info['null']} permutations, seed {info['seed']}): unrelated layers would give "
+            f"a mean CKA of {span}; hatched: the {count} pair(s) whose CKA on that sample is "
+            f"not distinguishable from it (p ≥ {NULL_ALPHA}).")
+
+
 def section_cka(doc: Document, sides: list[Side], sample: int | None, seed: int) -> None:
     lines: list[str] = []
     body = ""
@@ -157,9 +173,16 @@ def section_cka(doc: Document, sides: list[Side], sample: int | None, seed: int)
         fig = figure(5.2 * len(present), 4.6)
         axes = fig.subplots(1, len(present), squeeze=False)[0]
         parts = []
+        cal = s.res.get("cka_null")
+        hatch = None
         for ax, (k, t) in zip(axes, present):
             r = s.res[k]
-            heat(ax, r.values, r.rows, r.cols, f"{t}", cbar_label="CKA")
+            if k == "cka_linear_biased" and isinstance(cal, Result) and cal.rows == r.rows:
+                p = np.asarray(cal.meta["p_values"], dtype=float)
+                hatch = np.isfinite(p) & (p >= NULL_ALPHA)
+                heat(ax, r.values, r.rows, r.cols, f"{t}", cbar_label="CKA", hatch=hatch)
+            else:
+                heat(ax, r.values, r.rows, r.cols, f"{t}", cbar_label="CKA")
             parts.append(f"{t}: {_meta_text(r)}")
         fig.suptitle(f"Layer × layer CKA — {s.title}", fontsize=12)
         fig.tight_layout()
@@ -168,7 +191,7 @@ def section_cka(doc: Document, sides: list[Side], sample: int | None, seed: int)
                "(Kornblith et al. 2019); debiased = the same ratio of unbiased HSIC estimates "
                "(Song et al. 2012; can be negative, never clamped); RBF CKA = biased HSIC of "
                "Gaussian kernels with bandwidth σ·√(median squared pairwise distance), σ = 1, "
-               "on a seeded sample of rows. " + "; ".join(parts) + ".")
+               "on a seeded sample of rows. " + "; ".join(parts) + "." + _null_text(cal, hatch))
         body += doc.addfigure(f"cka_{s.tag}", fig, cap)
         names = list(s.src.all_layers)
         for k, t in kinds:

@@ -7,6 +7,7 @@
 use pyo3::prelude::*;
 
 mod align;
+mod calibrate;
 mod cka;
 mod convert;
 mod distributed;
@@ -27,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     distributed::register(m)?;
     align::register(m)?;
     cka::register(m)?;
+    calibrate::register(m)?;
     memory::register(m)?;
     neighbors::register(m)?;
     Ok(())

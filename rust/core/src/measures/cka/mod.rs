@@ -1,6 +1,7 @@
 //! CKA, every estimator: linear from the moment engine ([`linear`]), RBF on a sample
 //! ([`rbf`]) and the minibatch estimator ([`minibatch`]), linear or RBF. The HSIC formulas
 //! and the CKA ratio they all end in live in [`crate::measures::hsic`].
+pub mod calibrate;
 pub mod linear;
 pub mod minibatch;
 pub mod rbf;

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 /// full multiset is the `m` diagonal zeros followed by every upper value twice, so order
 /// statistic `r ≥ m` of the whole matrix is order statistic `(r − m) / 2` of the upper
 /// triangle. Exactly the median of the full matrix, on half the data.
-fn median_sym_zero_diag(g: &[f64], m: usize) -> Result<f64> {
+pub(crate) fn median_sym_zero_diag(g: &[f64], m: usize) -> Result<f64> {
     if m == 0 {
         return Ok(f64::NAN);
     }
