@@ -3,7 +3,7 @@
 Capture activations into a streamed store, then compute — exactly and in one pass where the
 algebra allows — CKA (linear/RBF; biased, debiased, minibatch), spectra and subspace
 alignment (principal angles, SVCCA/PWCCA, CCA, Procrustes), intrinsic dimension (TwoNN, MLE,
-GRIDE, PCA) and neighbourhood measures (RSA, mutual kNN) across all layer pairs.
+GRIDE, PCA) and neighbourhood measures (RSA, mutual kNN, CKNNA) across all layer pairs.
 
 The packages show the architecture: :mod:`layerscope.store` (the activation store),
 :mod:`layerscope.capture` (torch hooks → store), :mod:`layerscope.measures` (one module per
@@ -40,10 +40,12 @@ from .measures import (
     alignment,
     analyze,
     cka,
+    cknna,
     intrinsic_dimension,
     intrinsic_dimensions,
     mutual_knn,
     rsa,
+    shape_metric,
     spectrum,
 )
 from .planner import Plan, plan
@@ -59,7 +61,7 @@ __all__ = [
     "ClusterError", "MissingDependencyError", "MatrixResult", "Result",
     "load_result", "ActivationStore", "StoreWriter", "open", "write_store", "capture",
     "Capture", "convert", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",
-    "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "IDResult", "report",
+    "intrinsic_dimension", "intrinsic_dimensions", "rsa", "mutual_knn", "cknna", "shape_metric", "IDResult", "report",
     "memory_budget", "plan", "Plan", "MemoryBudget", "batch", "BatchResult", "LockedError",
     "StoreLockedError",
 ]

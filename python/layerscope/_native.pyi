@@ -117,10 +117,11 @@ class Moments:
     @property
     def shift_offset(self) -> float:
         """`max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean."""
-    def alignment(self, rows: Sequence[int], cols: Sequence[int] | None = None, *, method: str = 'subspace', space: str = 'samples', k: int | None = None, variance: float | None = None, ridge_eps: float = 0.0001, symmetric: bool = False, spectrum_layers: Sequence[int] = ..., max_memory: int | None = None, progress: ProgressCallback = None) -> dict[str, Any]:
+    def alignment(self, rows: Sequence[int], cols: Sequence[int] | None = None, *, method: str = 'subspace', space: str = 'samples', k: int | None = None, variance: float | None = None, ridge_eps: float = 0.0001, alpha: float = 1.0, symmetric: bool = False, spectrum_layers: Sequence[int] = ..., max_memory: int | None = None, progress: ProgressCallback = None) -> dict[str, Any]:
         """Alignment of the layers `rows` × `cols` (indices) with `method` ("subspace", "svcca",
-        "pwcca", "cca", "procrustes"), `space` ("samples" | "features"), `k` or `variance`
-        (neither: the core's `DEFAULT_ALIGN_K`), `ridge_eps` (CCA ridge), `symmetric` (rows
+        "pwcca", "cca", "procrustes", "shape"), `space` ("samples" | "features"), `k` or
+        `variance` (neither: the core's `DEFAULT_ALIGN_K`), `ridge_eps` (CCA ridge), `alpha`
+        (the shape metric's partial whitening), `symmetric` (rows
         == cols of one source: each pair once); the spectra of `spectrum_layers` come from
         the same eigendecompositions. Returns `{"alignment": dict, "spectra": [dict]}`."""
     def block(self, i: int, j: int) -> npt.NDArray[np.float64]:
@@ -377,6 +378,14 @@ def check_moment_memory(dims: Sequence[int], block_rows: int, compute: str = 'fl
     """Raise MemoryBudgetError (saying how many of the layers fit) when a moment pass over
     layers of these widths does not fit the budget in force (`max_memory`, else
     LAYERSCOPE_MAX_MEMORY, else the machine's); returns `(budget bytes, source)`."""
+
+def cknna_bytes(layers: int, m: int, dmax: int, k: int) -> int:
+    """Peak bytes of CKNNA over `layers` layers of `m` sampled rows, the widest `dmax` wide
+    (see `layerscope_core::measures::cknna::cknna_bytes`)."""
+
+def cknna_matrix(a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *, k: int = 10, normalize: bool = True, max_memory: int | None = None, progress: ProgressCallback = None) -> npt.NDArray[np.float64]:
+    """CKNNA (Huh et al. 2024) for all layer pairs (La×Lb, or La×La when b is None); see
+    `layerscope_core::measures::cknna::cknna_matrix`."""
 
 def default_block_rows(dims: Sequence[int], compute: str = 'float64') -> int:
     """Rows per block the streaming pass uses by default for layers of these widths."""

@@ -26,7 +26,8 @@ from .alignment import SPACES, alignment
 from .cka import ESTIMATORS, KERNELS, cka
 from .idim import METHODS as ID_METHODS
 from .idim import intrinsic_dimension
-from .neighbors import rsa
+from .neighbors import cknna, rsa
+from .shape import DISTANCES, shape_metric
 from .spectrum import spectrum
 
 # What ``--plot`` can write (matplotlib's savefig formats), checked before any work starts.
@@ -322,6 +323,22 @@ def _cmd_rsa(args: argparse.Namespace) -> int:
                  notes=ray_notes(res))
 
 
+def _cmd_cknna(args: argparse.Namespace) -> int:
+    res, sec = _timed(cknna, args.store, args.other, layers=args.layers, k=args.k,
+                      normalize=not args.raw, sample=args.sample, seed=args.seed,
+                      progress=not args.quiet, max_memory=args.max_memory)
+    what = f"k = {args.k}, {'raw' if args.raw else 'unit-norm'} rows, unbiased HSIC"
+    return _emit(res, args, res.to_table(), what, sec)
+
+
+def _cmd_shape(args: argparse.Namespace) -> int:
+    res, sec = _timed(shape_metric, args.store, args.other, layers=args.layers,
+                      alpha=args.alpha, distance=args.distance, progress=not args.quiet,
+                      max_memory=args.max_memory, **_backend(args))
+    return _emit(res, args, res.to_table(), f"{args.distance}, alpha = {args.alpha:g}", sec,
+                 notes=ray_notes(res))
+
+
 def _k_cli(s: str) -> int | str:
     return s if s == "auto" else cli_type(Int(1))(s)
 
@@ -331,7 +348,7 @@ def _sample_arg(s: str) -> int | None:
 
 
 def add_cli(sub: Any) -> None:
-    """``layerscope cka``, ``align``, ``spectrum``, ``id`` and ``rsa``."""
+    """``layerscope cka``, ``align``, ``spectrum``, ``id``, ``rsa``, ``cknna`` and ``shape``."""
     p = sub.add_parser(
         "cka",
         help="CKA between all layer pairs (linear/RBF; biased, debiased, minibatch)",
@@ -437,3 +454,34 @@ def add_cli(sub: Any) -> None:
     _add_ray_arg(p)
     _add_device_arg(p)
     _finish(p, "the heatmap", _cmd_rsa)
+
+    p = sub.add_parser(
+        "cknna", help="CKNNA (kernel alignment on mutual nearest neighbours) for all layer pairs",
+        description="CKNNA of Huh et al. 2024 (the Platonic representation paper): unbiased "
+        "HSIC of the inner-product Grams restricted to each row's mutual k nearest neighbours, "
+        "normalised by each layer with itself; on a seeded sample of rows.")
+    p.add_argument("store", help="store folder")
+    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    add_layer_args(p, other=False)
+    p.add_argument("-k", type=cli_type(Int(1)), default=10, help="neighbours per row")
+    p.add_argument("--raw", action="store_true",
+                   help="inner products of the raw rows (default: rows scaled to unit norm, "
+                   "as the paper)")
+    _sampling(p, 2000, "(neighbours from exact m x m inner products)")
+    _finish(p, "the heatmap", _cmd_cknna)
+
+    p = sub.add_parser(
+        "shape", help="generalized shape metrics (Williams et al. 2021) for all layer pairs",
+        description="Shape distance of every layer pair from one pass of moments (exact over "
+        "all rows): each layer partially whitened (alpha = 1: Procrustes, 0: CCA-like), the "
+        "angle (or Euclidean distance) after the best rotation.")
+    p.add_argument("store", help="store folder")
+    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    add_layer_args(p, other=False)
+    p.add_argument("--alpha", type=cli_type(Float(0, 1), float), default=1.0,
+                   help="partial whitening: 1 = none (Procrustes), 0 = full (CCA-like)")
+    p.add_argument("--distance", default="angular", choices=list(DISTANCES),
+                   help="angular (radians) or euclidean")
+    _add_ray_arg(p)
+    _add_device_arg(p)
+    _finish(p, "the heatmap", _cmd_shape)

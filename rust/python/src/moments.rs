@@ -298,8 +298,9 @@ impl PyMoments {
     }
 
     /// Alignment of the layers `rows` × `cols` (indices) with `method` ("subspace", "svcca",
-    /// "pwcca", "cca", "procrustes"), `space` ("samples" | "features"), `k` or `variance`
-    /// (neither: the core's `DEFAULT_ALIGN_K`), `ridge_eps` (CCA ridge), `symmetric` (rows
+    /// "pwcca", "cca", "procrustes", "shape"), `space` ("samples" | "features"), `k` or
+    /// `variance` (neither: the core's `DEFAULT_ALIGN_K`), `ridge_eps` (CCA ridge), `alpha`
+    /// (the shape metric's partial whitening), `symmetric` (rows
     /// == cols of one source: each pair once); the spectra of `spectrum_layers` come from
     /// the same eigendecompositions. Returns `{"alignment": dict, "spectra": [dict]}`.
     ///
@@ -310,13 +311,14 @@ impl PyMoments {
     /// :type k: int | None
     /// :type variance: float | None
     /// :type ridge_eps: float
+    /// :type alpha: float
     /// :type symmetric: bool
     /// :type spectrum_layers: Sequence[int]
     /// :type max_memory: int | None
     /// :type progress: ProgressCallback
     /// :rtype: dict[str, Any]
     #[pyo3(signature = (rows, cols=None, *, method="subspace", space="samples", k=None,
-        variance=None, ridge_eps=1e-4, symmetric=false, spectrum_layers=Vec::new(),
+        variance=None, ridge_eps=1e-4, alpha=1.0, symmetric=false, spectrum_layers=Vec::new(),
         max_memory=None, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn alignment<'py>(
@@ -329,6 +331,7 @@ impl PyMoments {
         k: Option<usize>,
         variance: Option<f64>,
         ridge_eps: f64,
+        alpha: f64,
         symmetric: bool,
         spectrum_layers: Vec<usize>,
         max_memory: Option<u64>,
@@ -342,6 +345,7 @@ impl PyMoments {
                 method: Method::parse(method, space).py_err()?,
                 k: KSpec::from_options(k, variance).py_err()?,
                 ridge_eps,
+                alpha,
             },
             symmetric,
         };

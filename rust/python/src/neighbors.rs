@@ -9,7 +9,7 @@ use layerscope_core::engine::neighbors::{dedup_knn_with, Cpu, Duplicates, Produc
 use layerscope_core::measures::cka::rbf as kernel;
 use layerscope_core::measures::hsic::Estimator;
 use layerscope_core::measures::prepared::{table, Measure, Prepared};
-use layerscope_core::measures::{id, rsa, Layers};
+use layerscope_core::measures::{cknna, id, rsa, Layers};
 use layerscope_core::memory::Budget;
 use layerscope_core::Error;
 use numpy::ndarray::Array2;
@@ -321,6 +321,51 @@ fn mutual_knn_matrix<'py>(
     matrix(py, vals, &sa, sb.as_deref())
 }
 
+/// CKNNA (Huh et al. 2024) for all layer pairs (La×Lb, or La×La when b is None); see
+/// `layerscope_core::measures::cknna::cknna_matrix`.
+///
+/// :type a: Sequence[npt.NDArray[np.float64]]
+/// :type b: Sequence[npt.NDArray[np.float64]] | None
+/// :type k: int
+/// :type normalize: bool
+/// :type max_memory: int | None
+/// :type progress: ProgressCallback
+/// :rtype: npt.NDArray[np.float64]
+#[pyfunction]
+#[pyo3(signature = (a, b=None, *, k=10, normalize=true, max_memory=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn cknna_matrix<'py>(
+    py: Python<'py>,
+    a: Vec<PyReadonlyArray2<'py, f64>>,
+    b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
+    k: usize,
+    normalize: bool,
+    max_memory: Option<u64>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let budget = Budget::resolve(max_memory).py_err()?;
+    let (sa, ma) = slices(&a, "a")?;
+    let sb = second(&b, ma)?;
+    let mon = PyMonitor::new(progress);
+    let vals = detach(py, || {
+        cknna::cknna_matrix(&sa, sb.as_deref(), ma, k, normalize, &budget, &mon)
+    })?;
+    matrix(py, vals, &sa, sb.as_deref())
+}
+
+/// Peak bytes of CKNNA over `layers` layers of `m` sampled rows, the widest `dmax` wide
+/// (see `layerscope_core::measures::cknna::cknna_bytes`).
+///
+/// :type layers: int
+/// :type m: int
+/// :type dmax: int
+/// :type k: int
+/// :rtype: int
+#[pyfunction]
+fn cknna_bytes(layers: usize, m: usize, dmax: usize, k: usize) -> u128 {
+    cknna::cknna_bytes(layers, m, dmax, k)
+}
+
 /// Peak bytes of an exact kNN graph of `m` points of width `d` with `k` neighbours (see
 /// `layerscope_core::engine::neighbors::knn_bytes`).
 ///
@@ -605,5 +650,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rbf_hsic, m)?)?;
     m.add_function(wrap_pyfunction!(rsa_matrix, m)?)?;
     m.add_function(wrap_pyfunction!(mutual_knn_matrix, m)?)?;
+    m.add_function(wrap_pyfunction!(cknna_matrix, m)?)?;
+    m.add_function(wrap_pyfunction!(cknna_bytes, m)?)?;
     Ok(())
 }

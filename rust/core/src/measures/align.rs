@@ -28,6 +28,18 @@
 //!   `arccos(similarity)`. The stored "cosines" are the normalised singular values of `C_ij`
 //!   (they sum to the similarity).
 //!
+//! * `Shape` (Williams, Kunz, Kornblith & Linderman 2021, NeurIPS, "Generalized shape
+//!   metrics on neural representations"): each layer partially whitened by
+//!   `Z_i = V_i diag(α + (1 − α) λ^(−1/2)) V_iᵀ` (`λ`: the eigenvalues of the covariance
+//!   `C_ii/(n−1)`, floored at the rank tolerance `tol/(n−1)` of the rank rule below; `α = 1`:
+//!   no whitening, Procrustes; `α = 0`: full whitening, CCA-like), then
+//!   `θ = arccos(‖Z_i S_ij Z_j‖_* / sqrt(‖X̃_i Z_i‖² ‖X̃_j Z_j‖²))` with `S_ij = C_ij/(n−1)` and
+//!   `‖X̃ Z‖² = Σ λ⁺ (α + (1 − α) λ^(−1/2))²` per `n − 1` rows (the Procrustes rotation's
+//!   inner product is the nuclear norm). Extras: the Procrustes-aligned Euclidean distance
+//!   `sqrt(‖X̃_i Z_i‖² + ‖X̃_j Z_j‖² − 2‖Z_i S_ij Z_j‖_*)` (per `sqrt(n − 1)` rows) and the
+//!   cosine. A layer with itself is exactly 0. A metric: symmetric, 0 on equal layers up to
+//!   rotation, the triangle inequality (for the angle, tested).
+//!
 //! Rank rule: `k` must not exceed the numerical rank `#{λ > λ_max · max(n, d) · ε_f64}` of
 //! either layer; otherwise an `InvalidArgument` error names the layer and its rank.
 //! `arccos` of a cosine that round-off puts above 1 is taken as 0 (only in the angles).
@@ -57,6 +69,8 @@ pub enum Method {
     Pwcca,
     Cca,
     Procrustes,
+    /// Generalized shape metric, partial whitening `α` in [`AlignOptions::alpha`].
+    Shape,
 }
 
 impl Method {
@@ -77,6 +91,7 @@ impl Method {
             "pwcca" => Method::Pwcca,
             "cca" => Method::Cca,
             "procrustes" => Method::Procrustes,
+            "shape" => Method::Shape,
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown alignment method {method:?} (subspace, svcca, pwcca, cca, procrustes)"
@@ -92,6 +107,7 @@ impl Method {
             Method::Pwcca => &["mean_cca"],
             Method::Cca => &[],
             Method::Procrustes => &["distance"],
+            Method::Shape => &["euclidean", "similarity"],
         }
     }
 }
@@ -129,6 +145,8 @@ pub struct AlignOptions {
     pub k: KSpec,
     /// `ε` of the CCA ridge `ε · tr(C_ii) / d_i` (used by `Cca` only).
     pub ridge_eps: f64,
+    /// Partial whitening of `Shape`, in `[0, 1]` (1: none).
+    pub alpha: f64,
 }
 
 /// One pair's result.
@@ -160,6 +178,8 @@ pub struct Prepared {
     pub dim: usize,
     /// `tr C_ii`.
     pub trace: f64,
+    /// `Shape`: `‖X̃_i Z_i‖²/(n−1)` (0 otherwise).
+    pub norm: f64,
 }
 
 impl Prepared {
@@ -196,6 +216,7 @@ pub fn prepare(e: &LayerEig, name: &str, opts: &AlignOptions) -> Result<Prepared
         rank: e.rank,
         dim: d,
         trace: e.trace,
+        norm: 0.0,
     };
     if e.rank == 0 {
         return Err(Error::invalid(format!(
@@ -204,6 +225,35 @@ pub fn prepare(e: &LayerEig, name: &str, opts: &AlignOptions) -> Result<Prepared
     }
     match opts.method {
         Method::Procrustes => {}
+        Method::Shape => {
+            let a = opts.alpha;
+            if !(0.0..=1.0).contains(&a) {
+                return Err(Error::invalid(format!("alpha must be in [0, 1], got {a}")));
+            }
+            if e.n < 2 {
+                return Err(Error::invalid(format!(
+                    "layer {name:?}: a covariance needs at least 2 rows, got {}",
+                    e.n
+                )));
+            }
+            let nm1 = (e.n - 1) as f64;
+            let floor = e.tol / nm1;
+            let dv: Vec<f64> = e
+                .values
+                .iter()
+                .map(|&l| a + (1.0 - a) / (l / nm1).max(floor).sqrt())
+                .collect();
+            p.norm = e
+                .positive_values()
+                .iter()
+                .zip(&dv)
+                .map(|(l, w)| l / nm1 * w * w)
+                .sum();
+            if a < 1.0 {
+                let v = e.vectors.as_ref();
+                p.basis = Mat::from_fn(d, d, |r, c| v[(r, c)] * dv[c]);
+            }
+        }
         Method::Cca => {
             if !(opts.ridge_eps.is_finite() && opts.ridge_eps >= 0.0) {
                 return Err(Error::invalid(format!(
@@ -388,6 +438,31 @@ pub fn align_pair(
                 extras: vec![],
             }
         }
+        Method::Shape => {
+            let nm1 = (ei.n.max(2) - 1) as f64;
+            // ‖Z_i S_ij Z_j‖_* = ‖D_i V_iᵀ S_ij V_j D_j‖_* (V orthogonal); α = 1: ‖S_ij‖_*
+            let sv = if pi.basis.nrows() == 0 {
+                c_ij.singular_values().map_err(svd_err)?
+            } else {
+                (pi.basis.transpose() * c_ij * &pj.basis)
+                    .singular_values()
+                    .map_err(svd_err)?
+            };
+            let norm = (pi.norm * pj.norm).sqrt();
+            let cos: Vec<f64> = sv.iter().map(|s| s / nm1 / norm).collect();
+            let sim = cos.iter().sum::<f64>();
+            let nuc = sv.iter().sum::<f64>() / nm1;
+            // round-off can take 1 − cos or the squared distance just below 0 for layers
+            // equal up to rotation: those are 0
+            let euclid = (pi.norm + pj.norm - 2.0 * nuc).max(0.0).sqrt();
+            let theta = sim.min(1.0).acos();
+            PairAlignment {
+                value: theta,
+                value_t: theta,
+                cosines: cos,
+                extras: vec![euclid, sim],
+            }
+        }
         Method::Procrustes => {
             let sv = c_ij.singular_values().map_err(svd_err)?;
             let norm = (pi.trace * pj.trace).sqrt();
@@ -510,7 +585,17 @@ where
         .map(|&(r, c)| {
             let (i, j) = (rows[r], cols[c]);
             let cij = block(i, j)?;
-            let res = align_pair(cij, &eigs[i], &eigs[j], prep(i), prep(j), opts)?;
+            let res = if i == j && opts.method == Method::Shape {
+                // a layer with itself: exactly 0 (the angle's round-off would be ~1e-8)
+                PairAlignment {
+                    value: 0.0,
+                    value_t: 0.0,
+                    cosines: Vec::new(),
+                    extras: vec![0.0, 1.0],
+                }
+            } else {
+                align_pair(cij, &eigs[i], &eigs[j], prep(i), prep(j), opts)?
+            };
             let k = done.fetch_add(1, Ordering::Relaxed) + 1;
             monitor.progress(k, total)?;
             Ok(res)
@@ -703,6 +788,23 @@ pub fn measures_from_moments(
     monitor: &dyn Monitor,
 ) -> Result<(Vec<Spectrum>, Option<AlignmentMatrix>)> {
     let n = usize::try_from(m.n).map_err(|_| Error::invalid("row count overflow"))?;
+    // The shape metric with 0 < α < 1 mixes α with λ^(−1/2): it depends on a layer's unit,
+    // which the pass changed for a layer stored beyond 2^±40 (α = 0 and α = 1 do not).
+    let rescaled = |l: usize| m.exp(l) != 0;
+    if let Some(spec) = align.filter(|s| s.opts.method == Method::Shape) {
+        let a = spec.opts.alpha;
+        if let Some(&l) = spec.rows.iter().chain(&spec.cols).find(|&&l| rescaled(l)) {
+            if a > 0.0 && a < 1.0 {
+                return Err(Error::invalid(format!(
+                    "layer {:?} is stored at a scale of 2^{} (beyond 2^±40), which the moment \
+                     pass divides out; the shape metric with 0 < alpha < 1 depends on that \
+                     unit: use alpha=0 or alpha=1, or store the layer nearer unit scale",
+                    m.names.get(l).map_or("?", |s| s.as_str()),
+                    m.exp(l)
+                )));
+            }
+        }
+    }
     let view = CovView::new(&m.cov, m.dims.clone(), n)?;
     let (spectra, mut al) =
         measures_from_cov(&view, &m.names, spectrum_layers, align, budget, monitor)?;
@@ -712,6 +814,25 @@ pub fn measures_from_moments(
         for (facts, layers) in [(&mut al.rows, &spec.rows), (&mut al.cols, &spec.cols)] {
             for (f, &l) in facts.iter_mut().zip(layers) {
                 f.ridge = crate::engine::moments::ldexp(f.ridge, 2 * m.exp(l));
+            }
+        }
+    }
+    // α = 1: the Euclidean shape distance is in the data's units, which a rescaled layer
+    // lost: NaN there (the Python layer says why)
+    if let (Some(al), Some(spec)) = (al.as_mut(), align) {
+        if spec.opts.method == Method::Shape && spec.opts.alpha > 0.0 {
+            let nc = spec.cols.len();
+            for (name, vals) in al.extras.iter_mut() {
+                if *name != "euclidean" {
+                    continue;
+                }
+                for (r, &lr) in spec.rows.iter().enumerate() {
+                    for (c, &lc) in spec.cols.iter().enumerate() {
+                        if rescaled(lr) || rescaled(lc) {
+                            vals[r * nc + c] = f64::NAN;
+                        }
+                    }
+                }
             }
         }
     }
@@ -792,6 +913,7 @@ mod tests {
             method,
             k: KSpec::Fixed(k),
             ridge_eps: 1e-4,
+            alpha: 1.0,
         }
     }
 
@@ -895,6 +1017,54 @@ mod tests {
             ..opts(Method::Cca, 1)
         };
         assert_eq!(run(&blocks, &eigs, none, false).unwrap().values, cc.values);
+    }
+
+    #[test]
+    fn shape_metric_ends_at_procrustes_and_cca() {
+        let xs = vec![
+            data(60, 3, 17, 10.0),
+            data(60, 4, 18, 0.0),
+            data(60, 3, 19, 1.0),
+        ];
+        let (cs, blocks, eigs) = setup(&xs);
+        let shape = |alpha: f64| {
+            let o = AlignOptions {
+                alpha,
+                ..opts(Method::Shape, 1)
+            };
+            run(&blocks, &eigs, o, true).unwrap()
+        };
+        // α = 1: the Procrustes angle; the Euclidean distance of the aligned data per
+        // sqrt(n − 1) rows
+        let one = shape(1.0);
+        let pr = run(&blocks, &eigs, opts(Method::Procrustes, 1), true).unwrap();
+        assert!((one.values[1] - pr.extras[0].1[1]).abs() < 1e-12);
+        let nuc: f64 = blocks[0][1].singular_values().unwrap().iter().sum();
+        let (f0, f1) = (cs[0].squared_norm_l2(), cs[1].squared_norm_l2());
+        let e = ((f0 + f1 - 2.0 * nuc) / 59.0).sqrt();
+        assert!((one.extras[0].1[1] - e).abs() < 1e-10);
+        // α = 0: arccos(Σρ / sqrt(d_i d_j)), ρ the canonical correlations
+        let zero = shape(0.0);
+        let q = |x: &Mat<f64>| x.thin_svd().unwrap().U().to_owned();
+        let rho: f64 = (q(&cs[0]).transpose() * q(&cs[1]))
+            .singular_values()
+            .unwrap()
+            .iter()
+            .sum();
+        assert!((zero.values[1] - (rho / 12f64.sqrt()).acos()).abs() < 1e-10);
+        // a metric: 0 on the diagonal, symmetric, the triangle inequality
+        for t in [0.0, 0.3, 0.7, 1.0] {
+            let r = shape(t);
+            let v = |i: usize, j: usize| r.values[i * 3 + j];
+            assert_eq!((v(0, 0), v(1, 1), v(2, 2)), (0.0, 0.0, 0.0));
+            assert_eq!(v(0, 1), v(1, 0));
+            assert!(v(0, 2) <= v(0, 1) + v(1, 2) + 1e-12);
+        }
+        let bad = AlignOptions {
+            alpha: 1.5,
+            ..opts(Method::Shape, 1)
+        };
+        assert!(run(&blocks, &eigs, bad, true).is_err());
     }
 
     #[test]

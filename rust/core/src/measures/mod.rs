@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 pub mod align;
 pub mod cka;
+pub mod cknna;
 pub mod hsic;
 pub mod id;
 pub mod prepared;
