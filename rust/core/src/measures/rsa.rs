@@ -124,7 +124,15 @@ pub fn rank_average(v: &[f64]) -> Vec<f64> {
         .enumerate()
         .map(|(i, &x)| (key(x), i))
         .collect();
-    order.par_sort_unstable_by_key(|p| p.0);
+    // The sort of tens of millions of pairs takes seconds and cannot stop halfway: once an
+    // interrupt is requested every key reads as equal, which the pattern-defeating sort
+    // finishes in linear time; the ranks are then meaningless and the caller, which checks
+    // the request right after, never uses them.
+    let stop = crate::monitor::interrupt_requested;
+    order.par_sort_unstable_by_key(|p| if stop() { 0 } else { p.0 });
+    if stop() {
+        return vec![f64::NAN; n];
+    }
     let mut r = vec![0.0; n];
     let mut i = 0;
     while i < n {
@@ -208,11 +216,11 @@ pub fn mutual_knn(a: &Knn, b: &Knn, k: usize) -> Result<f64> {
 }
 
 /// Peak bytes of [`rsa_matrix`] over `layers` layers of `m` rows: every prepared RDM
-/// (`m(m−1)/2` values each) plus the workspace of one being made (the RDM, its rank order,
-/// ranks and centred copy: four more).
+/// (`m(m−1)/2` values each) plus the workspace of one being made (the RDM, its rank order of
+/// (key, index) pairs — two values each —, ranks and centred copy: five more).
 pub fn rsa_bytes(layers: usize, m: usize) -> u128 {
     let pairs = m as u128 * (m as u128).saturating_sub(1) / 2;
-    (layers as u128 + 4) * pairs * 8
+    (layers as u128 + 5) * pairs * 8
 }
 
 /// RSA of every layer pair: the correlation (`compare`) of the RDMs (`dissimilarity`) of
@@ -287,7 +295,9 @@ pub fn prepare_rsa_with(
     }
     let r = rdm_with(x, m, d, kind, &Budget::unchecked(), prod)?;
     crate::monitor::check_interrupt()?; // the ranking below is the other long step
-    Ok(prepare_rdm(&r, compare))
+    let p = prepare_rdm(&r, compare);
+    crate::monitor::check_interrupt()?; // an interrupted ranking is meaningless
+    Ok(p)
 }
 
 /// The pair step of [`rsa_matrix`] over prepared RDMs (`b = None`: all pairs of `a`).
