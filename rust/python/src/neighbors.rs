@@ -256,6 +256,35 @@ fn matrix<'py>(
     Ok(arr.into_pyarray(py))
 }
 
+/// An all-pairs measure over the sample's layers `a` (and `b`): the layers borrowed, the
+/// rows checked equal, `f(a, b, m, budget, monitor)` run with the GIL released, its values
+/// shaped `La × Lb`.
+fn pair_matrix<'py, F>(
+    py: Python<'py>,
+    a: &[PyReadonlyArray2<'py, f64>],
+    b: &Option<Vec<PyReadonlyArray2<'py, f64>>>,
+    max_memory: Option<u64>,
+    progress: Option<Py<PyAny>>,
+    f: F,
+) -> PyResult<Bound<'py, numpy::PyArray2<f64>>>
+where
+    F: Send
+        + FnOnce(
+            &Layers<'_>,
+            Option<&Layers<'_>>,
+            usize,
+            &Budget,
+            &PyMonitor,
+        ) -> Result<Vec<f64>, Error>,
+{
+    let budget = Budget::resolve(max_memory).py_err()?;
+    let (sa, ma) = slices(a, "a")?;
+    let sb = second(b, ma)?;
+    let mon = PyMonitor::new(progress);
+    let vals = detach(py, || f(&sa, sb.as_deref(), ma, &budget, &mon))?;
+    matrix(py, vals, &sa, sb.as_deref())
+}
+
 /// RSA: correlations of the RDMs of all layer pairs (La×Lb, or La×La when b is None); see
 /// `layerscope_core::measures::rsa::rsa_matrix`.
 ///
@@ -279,14 +308,9 @@ fn rsa_matrix<'py>(
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
     let dis = rsa::Dissimilarity::parse(dissimilarity).py_err()?;
     let cmp = rsa::Compare::parse(compare).py_err()?;
-    let budget = Budget::resolve(max_memory).py_err()?;
-    let (sa, ma) = slices(&a, "a")?;
-    let sb = second(&b, ma)?;
-    let mon = PyMonitor::new(progress);
-    let vals = detach(py, || {
-        rsa::rsa_matrix(&sa, sb.as_deref(), ma, dis, cmp, &budget, &mon)
-    })?;
-    matrix(py, vals, &sa, sb.as_deref())
+    pair_matrix(py, &a, &b, max_memory, progress, |a, b, m, budget, mon| {
+        rsa::rsa_matrix(a, b, m, dis, cmp, budget, mon)
+    })
 }
 
 /// Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None); see
@@ -311,14 +335,9 @@ fn mutual_knn_matrix<'py>(
     max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
-    let budget = Budget::resolve(max_memory).py_err()?;
-    let (sa, ma) = slices(&a, "a")?;
-    let sb = second(&b, ma)?;
-    let mon = PyMonitor::new(progress);
-    let vals = detach(py, || {
-        rsa::mutual_knn_matrix(&sa, sb.as_deref(), ma, k, normalize, &budget, &mon)
-    })?;
-    matrix(py, vals, &sa, sb.as_deref())
+    pair_matrix(py, &a, &b, max_memory, progress, |a, b, m, budget, mon| {
+        rsa::mutual_knn_matrix(a, b, m, k, normalize, budget, mon)
+    })
 }
 
 /// CKNNA (Huh et al. 2024) for all layer pairs (La×Lb, or La×La when b is None); see
@@ -343,14 +362,9 @@ fn cknna_matrix<'py>(
     max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
-    let budget = Budget::resolve(max_memory).py_err()?;
-    let (sa, ma) = slices(&a, "a")?;
-    let sb = second(&b, ma)?;
-    let mon = PyMonitor::new(progress);
-    let vals = detach(py, || {
-        cknna::cknna_matrix(&sa, sb.as_deref(), ma, k, normalize, &budget, &mon)
-    })?;
-    matrix(py, vals, &sa, sb.as_deref())
+    pair_matrix(py, &a, &b, max_memory, progress, |a, b, m, budget, mon| {
+        cknna::cknna_matrix(a, b, m, k, normalize, budget, mon)
+    })
 }
 
 /// Peak bytes of CKNNA over `layers` layers of `m` sampled rows, the widest `dmax` wide

@@ -588,18 +588,9 @@ mod tests {
     use crate::measures::hsic::{hsic, Gram};
     use crate::monitor::NoMonitor;
 
+    /// Uniform values with per-feature offsets of 3·(feature + 1).
     fn data(m: usize, d: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..m * d)
-            .map(|i| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f64 / (1u64 << 31) as f64 - 0.5) + (i % d) as f64 * 3.0
-            })
-            .collect()
+        crate::testdata::data(m, d, seed, 3.0)
     }
 
     /// `X̄X̄ᵀ` (centred first: the HSICs are shift-invariant, and the reference keeps its
