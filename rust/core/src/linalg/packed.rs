@@ -19,32 +19,62 @@
 //! above the diagonal (the tile's `MC × KC` A-panels stay in L2 across its columns). Macro tiles of one slice write disjoint parts of `C`; slices run one after the
 //! other (so `C`'s f64 values are read and written once per slice).
 //!
-//! Micro-kernels: AVX2 + FMA (`16 × 6` f32, `8 × 6` f64; detected at run time) or a portable
-//! Rust one with the same blocking (same summation order per micro-tile, so results differ
-//! between the two only by FMA's single rounding).
+//! Micro-kernels, chosen at run time ([`PackedElem::kernels`]): AVX-512F + VL (`32 × 12` f32,
+//! `16 × 12` f64: 24 of the 32 vector registers accumulate), AVX2 + FMA (`16 × 6` f32, `8 × 6`
+//! f64: 12 of 16), or a portable Rust one with the AVX2 blocking. Every kernel sums each
+//! element's products in the same order (row by row, restarted every `CHAIN` rows), so
+//! results differ between kernels only by FMA's single rounding.
+//! On the project's 2-core Zen 5 (OpenBLAS picks its Haswell kernels there: sgemm 256,
+//! dgemm 122 GFLOP/s) the AVX-512 kernels run the `9984²` SYRK at 452 (f32) and 231 (f64)
+//! GFLOP/s, the AVX2 ones at 244 and 122 (`cargo run --release --example syrk_rate`).
 use rayon::prelude::*;
 
 /// Element types the packed SYRK multiplies in.
 pub trait PackedElem: Copy + Send + Sync + Default + 'static {
-    /// Micro-tile rows (contiguous in `C`).
-    const MR: usize;
-    /// Micro-tile columns.
-    const NR: usize;
-    /// Rows of `U` per slice (`C` is read and written once per slice).
+    /// Rows of `U` per slice (`C` is read and written once per slice); the same for every
+    /// kernel of a type, so that the planner's memory figures hold whichever one runs.
     const KC: usize;
-    /// Longest sum carried in `T` registers: every `CHAIN` rows the micro-kernel adds its
-    /// accumulators into the (L1-resident) f64 tile and restarts them.
+    /// Longest sum carried in `T` registers: every `CHAIN` rows a micro-kernel adds its
+    /// accumulators into the (L1-resident) f64 tile and restarts them. The same for every
+    /// kernel of a type (it is the accuracy contract, [`crate::engine::moments`]'s
+    /// `F32_SUM_ROWS`).
     const CHAIN: usize;
-    /// Macro-tile rows (one thread-local packed block of `MC × KC`).
-    const MC: usize;
+    /// Every micro-kernel this CPU runs for `Self`, fastest first; the portable one last.
+    fn kernels() -> Vec<Kernel<Self>>;
+    /// The kernel [`syrk_upper_add`] and [`gemm_tn_add`] use: the first of [`Self::kernels`].
+    fn kernel() -> Kernel<Self> {
+        Self::kernels()[0]
+    }
+}
+
+type Micro<T> = unsafe fn(usize, *const T, *const T, *mut f64, usize);
+
+/// A micro-kernel and its blocking: `micro(kc, a, b, c, ldc)` does
+/// `c[j·ldc + i] += Σ_p a[p·mr + i] · b[p·nr + j]` for the full `mr × nr` tile (sums of at most
+/// [`PackedElem::CHAIN`] products in `T`, each added into the f64 `c`); macro tiles are
+/// `mc × nc` (multiples of `mr`, `nr`).
+#[derive(Clone, Copy)]
+pub struct Kernel<T> {
+    /// `"avx512"`, `"avx2+fma"` or `"portable"`.
+    pub name: &'static str,
+    /// Micro-tile rows (contiguous in `C`).
+    pub mr: usize,
+    /// Micro-tile columns.
+    pub nr: usize,
+    /// Macro-tile rows (one `mc × KC` block of packed A panels, kept in L2).
+    pub mc: usize,
     /// Macro-tile columns.
-    const NC: usize;
-    /// `c[j·ldc + i] += Σ_p a[p·MR + i] · b[p·NR + j]` for the full `MR × NR` tile.
-    ///
-    /// # Safety
-    /// `a` holds `kc·MR`, `b` `kc·NR` readable elements; `c` addresses an `MR × NR` tile
+    pub nc: usize,
+    /// # Safety (of calling it)
+    /// `a` holds `kc·mr`, `b` `kc·nr` readable elements; `c` addresses an `mr × nr` tile
     /// with column stride `ldc`, valid for reads and writes and not aliased elsewhere.
-    unsafe fn micro(kc: usize, a: *const Self, b: *const Self, c: *mut f64, ldc: usize);
+    micro: Micro<T>,
+}
+
+impl<T> std::fmt::Debug for Kernel<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}×{}", self.name, self.mr, self.nr)
+    }
 }
 
 /// A raw pointer to `C` shared by the macro-tile tasks (which write disjoint tiles).
@@ -109,31 +139,32 @@ impl<T: Copy + Default> Strided<'_, T> {
 
 /// Upper triangle (diagonal included) of `C += UᵀU`; `C` is column-major `n × n` inside a
 /// buffer with column stride `ldc ≥ n`. Entries below the diagonal are not touched.
-/// `pack` is a reusable buffer (its contents are overwritten; it grows to `2·n·KC` values;
-/// a refused allocation of it is an [`crate::Error::Memory`]).
+/// `pack` is a reusable buffer (its contents are overwritten; it grows to about `2·n·KC`
+/// values; a refused allocation of it is an [`crate::Error::Memory`]).
 pub fn syrk_upper_add<T: PackedElem>(
     c: &mut [f64],
     ldc: usize,
     u: Strided<'_, T>,
     pack: &mut Vec<T>,
 ) -> crate::Result<()> {
-    product_with::<T>(c, ldc, u, u, true, pack, T::micro)
+    product_with::<T>(c, ldc, u, u, true, pack, &T::kernel())
 }
 
-/// [`syrk_upper_add`] with the portable micro-kernel (tests compare both).
-pub fn syrk_upper_add_portable<T: PackedElem + Portable>(
+/// [`syrk_upper_add`] with a given kernel (one of [`PackedElem::kernels`]; tests run each).
+pub fn syrk_upper_add_with<T: PackedElem>(
+    kernel: &Kernel<T>,
     c: &mut [f64],
     ldc: usize,
     u: Strided<'_, T>,
     pack: &mut Vec<T>,
 ) -> crate::Result<()> {
-    product_with::<T>(c, ldc, u, u, true, pack, T::micro_portable)
+    product_with::<T>(c, ldc, u, u, true, pack, kernel)
 }
 
 /// `C += AᵀB` for strided `k × m` `A` and `k × n` `B` (the same `k`); `C` is column-major
 /// `m × n` with column stride `ldc ≥ m`. The same kernel as [`syrk_upper_add`] (products in
 /// `T`, sums of at most [`PackedElem::CHAIN`] terms in `T`, added into the f64 `C`), over
-/// every tile: the cross block of two groups of columns. `pack` grows to `(m + n)·KC`.
+/// every tile: the cross block of two groups of columns. `pack` grows to about `(m + n)·KC`.
 pub fn gemm_tn_add<T: PackedElem>(
     c: &mut [f64],
     ldc: usize,
@@ -141,21 +172,20 @@ pub fn gemm_tn_add<T: PackedElem>(
     b: Strided<'_, T>,
     pack: &mut Vec<T>,
 ) -> crate::Result<()> {
-    product_with::<T>(c, ldc, a, b, false, pack, T::micro)
+    product_with::<T>(c, ldc, a, b, false, pack, &T::kernel())
 }
 
-/// [`gemm_tn_add`] with the portable micro-kernel (tests compare both).
-pub fn gemm_tn_add_portable<T: PackedElem + Portable>(
+/// [`gemm_tn_add`] with a given kernel (one of [`PackedElem::kernels`]; tests run each).
+pub fn gemm_tn_add_with<T: PackedElem>(
+    kernel: &Kernel<T>,
     c: &mut [f64],
     ldc: usize,
     a: Strided<'_, T>,
     b: Strided<'_, T>,
     pack: &mut Vec<T>,
 ) -> crate::Result<()> {
-    product_with::<T>(c, ldc, a, b, false, pack, T::micro_portable)
+    product_with::<T>(c, ldc, a, b, false, pack, kernel)
 }
-
-type Micro<T> = unsafe fn(usize, *const T, *const T, *mut f64, usize);
 
 /// `C += AᵀB` (`C` is `m × n`, `m = a.n`, `n = b.n`); with `upper` (SYRK: `a` and `b` are
 /// the same view) only the tiles holding an element on or above the diagonal are computed
@@ -167,7 +197,7 @@ fn product_with<T: PackedElem>(
     b: Strided<'_, T>,
     upper: bool,
     pack: &mut Vec<T>,
-    micro: Micro<T>,
+    kernel: &Kernel<T>,
 ) -> crate::Result<()> {
     let (k, m, n) = (a.k, a.n, b.n);
     assert_eq!(
@@ -184,7 +214,8 @@ fn product_with<T: PackedElem>(
         "packed product: C too small"
     );
     // Slices of KC rows (fewer when U has fewer: the panels are sized by the slice).
-    let (mr, nr, kcap, mc, nc) = (T::MR, T::NR, T::KC.min(k), T::MC, T::NC);
+    let (mr, nr, kcap, mc, nc) = (kernel.mr, kernel.nr, T::KC.min(k), kernel.mc, kernel.nc);
+    let micro = kernel.micro;
     debug_assert!(mc % mr == 0 && nc % nr == 0);
     // Packed panels of one slice: all NR-column panels (B side) and all MR-column panels
     // (A side), each packed once per slice.
@@ -218,7 +249,7 @@ fn product_with<T: PackedElem>(
             .for_each(|(ip, dst)| pack_w::<T>(&a, dst, p0, kc, ip * mr, mr));
         let (ap_all, bp_all) = (&*ap_all, &*bp_all);
         tasks.par_iter().for_each_init(
-            || [0f64; 16 * 8],
+            || [0f64; MAX_TILE],
             |tmp, &(ib, jb)| {
                 let (i0, i1) = (ib * mc, ((ib + 1) * mc).min(m));
                 let (j0, j1) = (jb * nc, ((jb + 1) * nc).min(n));
@@ -265,6 +296,9 @@ fn product_with<T: PackedElem>(
     Ok(())
 }
 
+/// The largest `mr · nr` of any kernel (the edge tiles' scratch).
+const MAX_TILE: usize = 32 * 12;
+
 fn pack_w<T: PackedElem>(
     u: &Strided<'_, T>,
     dst: &mut [T],
@@ -276,103 +310,134 @@ fn pack_w<T: PackedElem>(
     match w {
         6 => u.pack::<6>(dst, p0, kc, c0),
         8 => u.pack::<8>(dst, p0, kc, c0),
+        12 => u.pack::<12>(dst, p0, kc, c0),
         16 => u.pack::<16>(dst, p0, kc, c0),
+        32 => u.pack::<32>(dst, p0, kc, c0),
         _ => unreachable!("panel width {w}"),
     }
 }
 
-/// The portable micro-kernel (plain Rust; the compiler vectorises what it can).
-pub trait Portable: PackedElem {
-    /// Same contract as [`PackedElem::micro`].
-    ///
-    /// # Safety
-    /// As [`PackedElem::micro`].
-    unsafe fn micro_portable(kc: usize, a: *const Self, b: *const Self, c: *mut f64, ldc: usize);
-}
-
+/// The portable micro-kernels (plain Rust; the compiler vectorises what it can), with the
+/// AVX2 kernels' blocking (same summation order per micro-tile, so results differ from
+/// theirs only by FMA's single rounding).
 macro_rules! portable_micro {
-    ($t:ty, $mr:expr, $nr:expr) => {
-        impl Portable for $t {
-            unsafe fn micro_portable(
-                kc: usize,
-                a: *const $t,
-                b: *const $t,
-                c: *mut f64,
-                ldc: usize,
-            ) {
-                // SAFETY: the caller guarantees kc·MR / kc·NR readable packed values.
-                let (a, b) = unsafe {
-                    (
-                        std::slice::from_raw_parts(a, kc * $mr),
-                        std::slice::from_raw_parts(b, kc * $nr),
-                    )
-                };
-                for (ac, bc) in a.chunks(<$t>::CHAIN * $mr).zip(b.chunks(<$t>::CHAIN * $nr)) {
-                    let mut acc = [[0 as $t; $mr]; $nr];
-                    for (ap, bp) in ac.chunks_exact($mr).zip(bc.chunks_exact($nr)) {
-                        for (col, &bj) in acc.iter_mut().zip(bp) {
-                            for (x, &ai) in col.iter_mut().zip(ap) {
-                                *x += ai * bj;
-                            }
+    ($name:ident, $t:ty, $mr:expr, $nr:expr) => {
+        /// # Safety
+        /// The pointer contract of [`Kernel`] (`mr × nr` tile).
+        unsafe fn $name(kc: usize, a: *const $t, b: *const $t, c: *mut f64, ldc: usize) {
+            // SAFETY: the caller guarantees kc·MR / kc·NR readable packed values.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts(a, kc * $mr),
+                    std::slice::from_raw_parts(b, kc * $nr),
+                )
+            };
+            for (ac, bc) in a.chunks(<$t>::CHAIN * $mr).zip(b.chunks(<$t>::CHAIN * $nr)) {
+                let mut acc = [[0 as $t; $mr]; $nr];
+                for (ap, bp) in ac.chunks_exact($mr).zip(bc.chunks_exact($nr)) {
+                    for (col, &bj) in acc.iter_mut().zip(bp) {
+                        for (x, &ai) in col.iter_mut().zip(ap) {
+                            *x += ai * bj;
                         }
                     }
-                    for (j, col) in acc.iter().enumerate() {
-                        for (i, &v) in col.iter().enumerate() {
-                            // SAFETY: the tile (MR × NR, stride ldc) is valid and exclusive.
-                            unsafe { *c.add(j * ldc + i) += f64::from(v) };
-                        }
+                }
+                for (j, col) in acc.iter().enumerate() {
+                    for (i, &v) in col.iter().enumerate() {
+                        // SAFETY: the tile (MR × NR, stride ldc) is valid and exclusive.
+                        unsafe { *c.add(j * ldc + i) += f64::from(v) };
                     }
                 }
             }
         }
     };
 }
-portable_micro!(f32, 16, 6);
-portable_micro!(f64, 8, 6);
+portable_micro!(portable_f32, f32, 16, 6);
+portable_micro!(portable_f64, f64, 8, 6);
 
 impl PackedElem for f32 {
-    const MR: usize = 16;
-    const NR: usize = 6;
     const KC: usize = 768;
     const CHAIN: usize = 128;
-    const MC: usize = 64;
-    const NC: usize = 768;
-    unsafe fn micro(kc: usize, a: *const f32, b: *const f32, c: *mut f64, ldc: usize) {
+    fn kernels() -> Vec<Kernel<f32>> {
+        let mut out = Vec::with_capacity(3);
         #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            // SAFETY: the CPU has AVX2 and FMA; the pointer contract is the caller's.
-            return unsafe { avx2::micro_f32(kc, a, b, c, ldc) };
+        {
+            if avx512::available() {
+                out.push(Kernel {
+                    name: "avx512",
+                    mr: 32,
+                    nr: 12,
+                    mc: 64,
+                    nc: 768,
+                    micro: avx512::micro_f32,
+                });
+            }
+            if avx2::available() {
+                out.push(Kernel {
+                    name: "avx2+fma",
+                    mr: 16,
+                    nr: 6,
+                    mc: 64,
+                    nc: 768,
+                    micro: avx2::micro_f32,
+                });
+            }
         }
-        // SAFETY: same contract.
-        unsafe { Self::micro_portable(kc, a, b, c, ldc) }
+        out.push(Kernel {
+            name: "portable",
+            mr: 16,
+            nr: 6,
+            mc: 64,
+            nc: 768,
+            micro: portable_f32,
+        });
+        out
     }
 }
 
 impl PackedElem for f64 {
-    const MR: usize = 8;
-    const NR: usize = 6;
     const KC: usize = 384;
     const CHAIN: usize = 384;
-    const MC: usize = 64;
-    const NC: usize = 768;
-    unsafe fn micro(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize) {
+    fn kernels() -> Vec<Kernel<f64>> {
+        let mut out = Vec::with_capacity(3);
         #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            // SAFETY: the CPU has AVX2 and FMA; the pointer contract is the caller's.
-            return unsafe { avx2::micro_f64(kc, a, b, c, ldc) };
+        {
+            if avx512::available() {
+                out.push(Kernel {
+                    name: "avx512",
+                    mr: 16,
+                    nr: 12,
+                    mc: 64,
+                    nc: 768,
+                    micro: avx512::micro_f64,
+                });
+            }
+            if avx2::available() {
+                out.push(Kernel {
+                    name: "avx2+fma",
+                    mr: 8,
+                    nr: 6,
+                    mc: 64,
+                    nc: 768,
+                    micro: avx2::micro_f64,
+                });
+            }
         }
-        // SAFETY: same contract.
-        unsafe { Self::micro_portable(kc, a, b, c, ldc) }
+        out.push(Kernel {
+            name: "portable",
+            mr: 8,
+            nr: 6,
+            mc: 64,
+            nc: 768,
+            micro: portable_f64,
+        });
+        out
     }
 }
 
-/// Whether the AVX2 + FMA micro-kernels are used on this CPU.
+/// The micro-kernel the packed products use on this CPU (`"avx512"`, `"avx2+fma"` or
+/// `"portable"`).
 pub fn simd_kernel() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        return "avx2+fma";
-    }
-    "portable"
+    f32::kernel().name
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -388,7 +453,7 @@ mod avx2 {
     /// 16 × 6 f32 tile: 12 accumulators (2 × 8 lanes × 6 columns), widened to f64 at the end.
     ///
     /// # Safety
-    /// AVX2 + FMA present; pointer contract of `PackedElem::micro`.
+    /// AVX2 + FMA present; pointer contract of [`super::Kernel`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro_f32(kc: usize, a: *const f32, b: *const f32, c: *mut f64, ldc: usize) {
         // The C tile (6 columns × 128 bytes) is usually not cached: fetch it while the first
@@ -442,7 +507,7 @@ mod avx2 {
     /// 8 × 6 f64 tile: 12 accumulators (2 × 4 lanes × 6 columns).
     ///
     /// # Safety
-    /// AVX2 + FMA present; pointer contract of `PackedElem::micro`.
+    /// AVX2 + FMA present; pointer contract of [`super::Kernel`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize) {
         for j in 0..6 {
@@ -477,6 +542,192 @@ mod avx2 {
                 unsafe {
                     let p = c.add(j * ldc + h * 4);
                     _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), *v));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
+        })
+    }
+
+    /// The upper 8 lanes of a 16-lane f32 vector (AVX-512F only; `extractf32x8` is DQ).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl")]
+    fn hi8(v: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+    }
+
+    /// 32 × 12 f32 tile: 24 accumulators (2 × 16 lanes × 12 columns, of the 32 registers),
+    /// widened to f64 and added into `C` every `CHAIN` rows.
+    ///
+    /// # Safety
+    /// AVX-512F present; the pointer contract of [`super::Kernel`].
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn micro_f32(kc: usize, a: *const f32, b: *const f32, c: *mut f64, ldc: usize) {
+        // The C tile (12 columns × 256 bytes) is usually not cached: fetch it while the
+        // first chain of FMAs runs.
+        for j in 0..12 {
+            // SAFETY: prefetching never faults; the addresses are inside the tile anyway.
+            unsafe {
+                let col = c.add(j * ldc);
+                for q in [0, 8, 16, 24, 31] {
+                    _mm_prefetch::<_MM_HINT_T0>(col.add(q).cast());
+                }
+            }
+        }
+        let chain = <f32 as super::PackedElem>::CHAIN;
+        let mut p0 = 0;
+        while p0 < kc {
+            let len = chain.min(kc - p0);
+            // SAFETY: rows p0 .. p0 + len of the packed panels; the same tile.
+            unsafe { chain_f32(len, a.add(p0 * 32), b.add(p0 * 12), c, ldc) };
+            p0 += len;
+        }
+    }
+
+    /// One chain of [`micro_f32`]: `len ≤ CHAIN` rows summed in f32 registers, then added
+    /// into the f64 tile. A function of its own with named accumulators: with the chain
+    /// loop around it and the accumulators in an array, LLVM kept only 19 vector registers
+    /// and spilled 9 of the 24 accumulators around every FMA (0.45× the rate).
+    ///
+    /// # Safety
+    /// As [`micro_f32`], for `len` rows.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512vl")]
+    unsafe fn chain_f32(len: usize, a: *const f32, b: *const f32, c: *mut f64, ldc: usize) {
+        let (mut c0a, mut c0b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c1a, mut c1b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c2a, mut c2b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c3a, mut c3b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c4a, mut c4b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c5a, mut c5b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c6a, mut c6b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c7a, mut c7b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c8a, mut c8b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c9a, mut c9b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c10a, mut c10b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut c11a, mut c11b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for p in 0..len {
+            // SAFETY: p < len; a has len·32 and b len·12 values.
+            unsafe {
+                let ap = a.add(p * 32);
+                let (a0, a1) = (_mm512_loadu_ps(ap), _mm512_loadu_ps(ap.add(16)));
+                let bp = b.add(p * 12);
+                let bj = _mm512_set1_ps(*bp.add(0));
+                c0a = _mm512_fmadd_ps(a0, bj, c0a);
+                c0b = _mm512_fmadd_ps(a1, bj, c0b);
+                let bj = _mm512_set1_ps(*bp.add(1));
+                c1a = _mm512_fmadd_ps(a0, bj, c1a);
+                c1b = _mm512_fmadd_ps(a1, bj, c1b);
+                let bj = _mm512_set1_ps(*bp.add(2));
+                c2a = _mm512_fmadd_ps(a0, bj, c2a);
+                c2b = _mm512_fmadd_ps(a1, bj, c2b);
+                let bj = _mm512_set1_ps(*bp.add(3));
+                c3a = _mm512_fmadd_ps(a0, bj, c3a);
+                c3b = _mm512_fmadd_ps(a1, bj, c3b);
+                let bj = _mm512_set1_ps(*bp.add(4));
+                c4a = _mm512_fmadd_ps(a0, bj, c4a);
+                c4b = _mm512_fmadd_ps(a1, bj, c4b);
+                let bj = _mm512_set1_ps(*bp.add(5));
+                c5a = _mm512_fmadd_ps(a0, bj, c5a);
+                c5b = _mm512_fmadd_ps(a1, bj, c5b);
+                let bj = _mm512_set1_ps(*bp.add(6));
+                c6a = _mm512_fmadd_ps(a0, bj, c6a);
+                c6b = _mm512_fmadd_ps(a1, bj, c6b);
+                let bj = _mm512_set1_ps(*bp.add(7));
+                c7a = _mm512_fmadd_ps(a0, bj, c7a);
+                c7b = _mm512_fmadd_ps(a1, bj, c7b);
+                let bj = _mm512_set1_ps(*bp.add(8));
+                c8a = _mm512_fmadd_ps(a0, bj, c8a);
+                c8b = _mm512_fmadd_ps(a1, bj, c8b);
+                let bj = _mm512_set1_ps(*bp.add(9));
+                c9a = _mm512_fmadd_ps(a0, bj, c9a);
+                c9b = _mm512_fmadd_ps(a1, bj, c9b);
+                let bj = _mm512_set1_ps(*bp.add(10));
+                c10a = _mm512_fmadd_ps(a0, bj, c10a);
+                c10b = _mm512_fmadd_ps(a1, bj, c10b);
+                let bj = _mm512_set1_ps(*bp.add(11));
+                c11a = _mm512_fmadd_ps(a0, bj, c11a);
+                c11b = _mm512_fmadd_ps(a1, bj, c11b);
+            }
+        }
+        let acc = [
+            [c0a, c0b],
+            [c1a, c1b],
+            [c2a, c2b],
+            [c3a, c3b],
+            [c4a, c4b],
+            [c5a, c5b],
+            [c6a, c6b],
+            [c7a, c7b],
+            [c8a, c8b],
+            [c9a, c9b],
+            [c10a, c10b],
+            [c11a, c11b],
+        ];
+        for (j, cj) in acc.iter().enumerate() {
+            for (h, v) in cj.iter().enumerate() {
+                let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(*v));
+                let hi = _mm512_cvtps_pd(hi8(*v));
+                // SAFETY: rows h·16 .. h·16+16 of column j of the 32 × 12 tile.
+                unsafe {
+                    let p = c.add(j * ldc + h * 16);
+                    _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), lo));
+                    _mm512_storeu_pd(p.add(8), _mm512_add_pd(_mm512_loadu_pd(p.add(8)), hi));
+                }
+            }
+        }
+    }
+
+    /// 16 × 12 f64 tile: 24 accumulators (2 × 8 lanes × 12 columns).
+    ///
+    /// # Safety
+    /// AVX-512F present; the pointer contract of [`super::Kernel`].
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn micro_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize) {
+        for j in 0..12 {
+            // SAFETY: as in `micro_f32`.
+            unsafe {
+                let col = c.add(j * ldc);
+                _mm_prefetch::<_MM_HINT_T0>(col.cast());
+                _mm_prefetch::<_MM_HINT_T0>(col.add(8).cast());
+                _mm_prefetch::<_MM_HINT_T0>(col.add(15).cast());
+            }
+        }
+        let mut acc = [[_mm512_setzero_pd(); 2]; 12];
+        for p in 0..kc {
+            // SAFETY: p < kc; a has kc·16 and b kc·12 values.
+            let (a0, a1, bp) = unsafe {
+                let ap = a.add(p * 16);
+                (
+                    _mm512_loadu_pd(ap),
+                    _mm512_loadu_pd(ap.add(8)),
+                    b.add(p * 12),
+                )
+            };
+            for (j, cj) in acc.iter_mut().enumerate() {
+                // SAFETY: j < 12.
+                let bj = _mm512_set1_pd(unsafe { *bp.add(j) });
+                cj[0] = _mm512_fmadd_pd(a0, bj, cj[0]);
+                cj[1] = _mm512_fmadd_pd(a1, bj, cj[1]);
+            }
+        }
+        for (j, cj) in acc.iter().enumerate() {
+            for (h, v) in cj.iter().enumerate() {
+                // SAFETY: rows h·8 .. h·8+8 of column j of the 16 × 12 tile.
+                unsafe {
+                    let p = c.add(j * ldc + h * 8);
+                    _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), *v));
                 }
             }
         }
@@ -518,7 +769,9 @@ mod tests {
     /// `eps`: unit roundoff of `T`. Error bound of a recursive sum of `m` products:
     /// `γ_m Σ|u_pi u_pj|`, `γ_m = m·eps / (1 − m·eps)`, `m = min(k, CHAIN)` terms in `T` (the f64
     /// additions of the slices add ≤ `k·2⁻⁵³` relative).
-    fn check<T: PackedElem + Portable + Into<f64>>(from: fn(f64) -> T, eps: f64) {
+    fn check<T: PackedElem + Into<f64>>(from: fn(f64) -> T, eps: f64) {
+        let kernels = T::kernels();
+        assert_eq!(kernels.last().unwrap().name, "portable");
         // Sizes straddling every blocking boundary (MR, NR, MC, NC, KC).
         for &(k, n) in &[
             (1, 1),
@@ -527,7 +780,8 @@ mod tests {
             (40, 33),
             (T::KC + 3, 70),
             (2 * T::KC + 1, 9),
-            (50, T::NC + 21),
+            (50, 768 + 21),
+            (130, 2 * 64 + 45),
         ] {
             for transposed in [false, true] {
                 let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
@@ -540,7 +794,7 @@ mod tests {
                 let m = k.min(T::CHAIN) as f64;
                 let gamma = m * eps / (1.0 - m * eps) + k as f64 * 1.2e-16;
                 let ldc = n + 3;
-                for portable in [false, true] {
+                for kernel in &kernels {
                     // Start from a non-zero C (the kernel adds) with sentinels below the diagonal.
                     let mut c: Vec<f64> = (0..ldc * n).map(|i| (i % 7) as f64 * 0.25).collect();
                     let c0 = c.clone();
@@ -552,11 +806,7 @@ mod tests {
                         cs,
                     };
                     let mut pack = Vec::new();
-                    if portable {
-                        syrk_upper_add_portable(&mut c, ldc, view, &mut pack).unwrap();
-                    } else {
-                        syrk_upper_add(&mut c, ldc, view, &mut pack).unwrap();
-                    }
+                    syrk_upper_add_with(kernel, &mut c, ldc, view, &mut pack).unwrap();
                     for j in 0..n {
                         for i in 0..ldc {
                             let (got, base) = (c[j * ldc + i], c0[j * ldc + i]);
@@ -565,7 +815,7 @@ mod tests {
                                 let bound = gamma * abs[j * n + i] + 4.0 * f64::EPSILON;
                                 assert!(
                                     (got - base - w).abs() <= bound,
-                                    "k={k} n={n} t={transposed} p={portable} ({i},{j}): {} vs {w}",
+                                    "k={k} n={n} t={transposed} {kernel:?} ({i},{j}): {} vs {w}",
                                     got - base
                                 );
                             } else {
@@ -594,14 +844,16 @@ mod tests {
     /// `gemm_tn_add` against a naive f64 `AᵀB` of the same (rounded) values, on views of
     /// one buffer (column groups of one row-major block, as the tiled pass uses it) and on
     /// shapes straddling every blocking boundary.
-    fn check_gemm<T: PackedElem + Portable + Into<f64>>(from: fn(f64) -> T, eps: f64) {
+    fn check_gemm<T: PackedElem + Into<f64>>(from: fn(f64) -> T, eps: f64) {
+        let kernels = T::kernels();
         for &(k, m, n) in &[
             (1, 1, 1),
             (3, 5, 2),
             (17, 7, 40),
             (T::KC + 3, 70, 13),
             (2 * T::KC + 1, 9, 31),
-            (50, T::MC + 5, T::NC + 21),
+            (50, 64 + 5, 768 + 21),
+            (129, 2 * 64 + 33, 37),
         ] {
             let width = m + n + 3;
             let buf: Vec<T> = lcg(k * width, (k * 7 + m * 3 + n) as u64)
@@ -612,7 +864,7 @@ mod tests {
             // A = columns 1..1+m, B = columns 2+m..2+m+n of the row-major k × width block.
             let (a0, b0) = (1, 2 + m);
             let ldc = m + 2;
-            for portable in [false, true] {
+            for kernel in &kernels {
                 let mut c: Vec<f64> = (0..ldc * n).map(|i| (i % 5) as f64 * 0.5).collect();
                 let c0 = c.clone();
                 let a = Strided {
@@ -630,11 +882,7 @@ mod tests {
                     cs: 1,
                 };
                 let mut pack = Vec::new();
-                if portable {
-                    gemm_tn_add_portable(&mut c, ldc, a, b, &mut pack).unwrap();
-                } else {
-                    gemm_tn_add(&mut c, ldc, a, b, &mut pack).unwrap();
-                }
+                gemm_tn_add_with(kernel, &mut c, ldc, a, b, &mut pack).unwrap();
                 let mm = k.min(T::CHAIN) as f64;
                 let gamma = mm * eps / (1.0 - mm * eps) + k as f64 * 1.2e-16;
                 for j in 0..n {
@@ -647,7 +895,7 @@ mod tests {
                             let abs: f64 = pr.map(f64::abs).sum();
                             assert!(
                                 (got - base - w).abs() <= gamma * abs + 4.0 * f64::EPSILON,
-                                "k={k} m={m} n={n} p={portable} ({i},{j}): {} vs {w}",
+                                "k={k} m={m} n={n} {kernel:?} ({i},{j}): {} vs {w}",
                                 got - base
                             );
                         } else {
@@ -667,6 +915,32 @@ mod tests {
     #[test]
     fn gemm_f32_matches_naive_of_rounded_values() {
         check_gemm::<f32>(|x| x as f32, f64::from(f32::EPSILON) / 2.0);
+    }
+
+    /// The fastest kernel the CPU runs is the one used, and every kernel is tested above.
+    #[test]
+    fn kernels_follow_the_cpu() {
+        let names: Vec<&str> = f32::kernels().iter().map(|k| k.name).collect();
+        assert_eq!(
+            names,
+            f64::kernels().iter().map(|k| k.name).collect::<Vec<_>>()
+        );
+        assert_eq!(simd_kernel(), names[0]);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has512 =
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl");
+            let has2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let mut want = Vec::new();
+            if has512 {
+                want.push("avx512");
+            }
+            if has2 {
+                want.push("avx2+fma");
+            }
+            want.push("portable");
+            assert_eq!(names, want);
+        }
     }
 
     #[test]
