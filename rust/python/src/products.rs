@@ -4,7 +4,7 @@
 //! (bounds, exact rechecks, bandwidths, kernels, RDMs) stays in the core. Only conversion:
 //! slices to numpy arrays and back, under the GIL; a Python exception raised by the object is
 //! kept and raised again, unchanged, when the call returns ([`PyProducts::raise`]).
-use layerscope_core::engine::neighbors::Products;
+use layerscope_core::engine::neighbors::{GramRows, Products};
 use layerscope_core::Error;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -86,7 +86,7 @@ impl Products for PyProducts {
         m: usize,
         d: usize,
         block: usize,
-        each: &(dyn Fn(usize, &[f32]) -> Result<(), Error> + Sync),
+        each: &(dyn Fn(usize, GramRows<'_>) -> Result<(), Error> + Sync),
     ) -> Result<(), Error> {
         Python::attach(|py| -> Result<(), Error> {
             let start = || -> PyResult<Bound<'_, PyAny>> {
@@ -113,7 +113,7 @@ impl Products for PyProducts {
                 py.detach(|| {
                     rows.par_chunks(chunk)
                         .enumerate()
-                        .try_for_each(|(b, g)| each(r0 + b * block.max(1), g))
+                        .try_for_each(|(b, g)| each(r0 + b * block.max(1), GramRows::F32(g)))
                 })?;
             }
             Ok(())

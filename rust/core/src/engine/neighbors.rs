@@ -2,7 +2,8 @@
 //!
 //! * [`knn`]: the `k` nearest neighbours of every point (self excluded). Candidate lists come
 //!   from f32 GEMM distance blocks `‖a‖² + ‖b‖² − 2 a·b` of the **column-centred** data
-//!   (faer matmul, rayon over row blocks, partial selection — no full sorts); the `k + 4`
+//!   (the packed kernel of [`crate::linalg::packed`], the sample packed once, rayon over row
+//!   blocks, partial selection — no full sorts); the `k + 4`
 //!   candidates of each row are then **re-computed exactly in f64 from the original
 //!   coordinates** (`Σ (a_t − b_t)²`, no GEMM), re-ordered, and the best `k` kept.
 //!   Candidates are ranked by a rigorous per-pair **lower bound** `lb_ij` = GEMM value −
@@ -20,10 +21,9 @@
 //!   `≤ tol`; the default tolerance is [`DEFAULT_REL_TOL`] × the RMS radius of the sample
 //!   (`sqrt(Σ_i ‖x_i − x̄‖² / m)`), i.e. relative to the data scale.
 use crate::error::{Error, Result};
+use crate::linalg::packed::{PackedA, PackedElem, Strided};
 use crate::memory::{try_copy, try_vec, try_with_capacity, Budget};
 use crate::monitor::Monitor;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -52,8 +52,8 @@ impl Ord for Item {
 /// Default duplicate tolerance relative to the RMS radius of the sample.
 pub const DEFAULT_REL_TOL: f64 = 1e-7;
 
-/// Rows per GEMM block.
-const BLOCK: usize = 128;
+/// Rows per GEMM block (a multiple of every kernel's `nr`, 6 and 12: no padded columns).
+const BLOCK: usize = 144;
 
 /// A kNN graph: for point `i`, `dist[i*k + j]` is the exact Euclidean distance to its
 /// `(j+1)`-th nearest neighbour `idx[i*k + j]` (ascending; ties broken by index).
@@ -87,21 +87,46 @@ pub trait Products: Sync {
     fn gram_f64(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>>;
     /// Rows `r0..r0 + nb` of `X Xᵀ` of the f32 matrix `x`, in blocks of at most `block` rows,
     /// each handed to `each(r0, rows)` (row-major `nb × m`) — IEEE f32 products with any
-    /// summation order (the kNN lower bounds assume no more error than that: no TF32).
+    /// summation order, delivered in f32 or summed further in f64 (the kNN lower bounds
+    /// assume no more error than a sum of `d` f32 products: no TF32).
     fn f32_gram_blocks(
         &self,
         x: &[f32],
         m: usize,
         d: usize,
         block: usize,
-        each: &(dyn Fn(usize, &[f32]) -> Result<()> + Sync),
+        each: &(dyn Fn(usize, GramRows<'_>) -> Result<()> + Sync),
     ) -> Result<()>;
     /// The condensed (`i < j`, row-major) exact squared distances `Σ (a − b)²`, from the
     /// differences (no GEMM: identical rows give exactly 0, tied distances stay tied).
     fn exact_condensed_sq(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>>;
 }
 
-/// The products on this machine's CPU (faer / the packed kernels, rayon).
+/// A block of rows of `X Xᵀ` handed to the kNN selection: f32 values (a device), or the
+/// CPU's packed kernel's f64 sums of f32 products (chains of at most 128 f32 products,
+/// summed in f64: no more error than one f32 sum of all `d`).
+#[derive(Debug, Clone, Copy)]
+pub enum GramRows<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+impl GramRows<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            GramRows::F32(g) => g.len(),
+            GramRows::F64(g) => g.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The products on this machine's CPU (the packed kernels, rayon).
 pub struct Cpu;
 
 impl Products for Cpu {
@@ -109,33 +134,58 @@ impl Products for Cpu {
         crate::linalg::gram(x, m, d) // the packed SYRK, mirrored
     }
 
+    /// `X` is packed once ([`PackedA`]: the `mr`-row panels the micro-kernel reads), then
+    /// each block of rows is packed and multiplied against it by one thread (rayon over
+    /// blocks; each thread's block and panel buffers are reused, so no block page-faults).
     fn f32_gram_blocks(
         &self,
         x: &[f32],
         m: usize,
         d: usize,
         block: usize,
-        each: &(dyn Fn(usize, &[f32]) -> Result<()> + Sync),
+        each: &(dyn Fn(usize, GramRows<'_>) -> Result<()> + Sync),
     ) -> Result<()> {
-        let all = MatRef::from_row_major_slice(x, m, d);
-        (0..m.div_ceil(block.max(1)))
-            .into_par_iter()
-            .try_for_each(|b| -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        let block = block.max(1);
+        // U = Xᵀ (d × m): element (feature p, row c) = x[c·d + p].
+        let all = PackedA::new(
+            f32::kernel(),
+            Strided {
+                u: x,
+                k: d,
+                n: m,
+                rs: 1,
+                cs: d,
+            },
+        )?;
+        (0..m.div_ceil(block)).into_par_iter().try_for_each_init(
+            || (Vec::<f64>::new(), Vec::<f32>::new()),
+            |(g, pack), b| -> Result<()> {
                 let r0 = b * block;
-                let r1 = (r0 + block).min(m);
-                let nb = r1 - r0;
-                let lhs = MatRef::from_row_major_slice(&x[r0 * d..r1 * d], nb, d);
-                let mut g = try_vec(nb * m, 0.0f32, "a block of the distance matrix")?;
-                matmul(
-                    MatMut::from_row_major_slice_mut(&mut g, nb, m),
-                    Accum::Replace,
-                    lhs,
-                    all.transpose(),
-                    1.0f32,
-                    Par::Seq,
-                );
-                each(r0, &g)
-            })
+                let nb = block.min(m - r0);
+                if g.len() < nb * m {
+                    *g = Vec::new();
+                    *g = crate::linalg::hinted_vec(
+                        block.min(m) * m,
+                        "a block of the distance matrix",
+                    )?;
+                } else {
+                    g[..nb * m].fill(0.0);
+                }
+                let rows = Strided {
+                    u: &x[r0 * d..],
+                    k: d,
+                    n: nb,
+                    rs: 1,
+                    cs: d,
+                };
+                // C (m × nb, column-major) = row-major nb × m: row r of the block at r·m.
+                all.gemm_tn_add_seq(&mut g[..nb * m], m, rows, pack)?;
+                each(r0, GramRows::F64(&g[..nb * m]))
+            },
+        )
     }
 
     fn exact_condensed_sq(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>> {
@@ -205,14 +255,16 @@ fn centred(x: &[f64], m: usize, d: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     Ok((xc, norms))
 }
 
-/// Peak bytes of [`knn`] on `m` points of width `d`: the centred f64 and f32 copies, one
-/// `BLOCK × m` f32 distance block and one candidate list per worker thread, and the
-/// `m × k` neighbour lists — plus, for [`dedup_knn`], one more copy of the sample when
-/// duplicates are dropped.
+/// Peak bytes of [`knn`] on `m` points of width `d`: the centred f64 and f32 copies and the
+/// packed f32 copy, per worker thread one `BLOCK × m` f64 distance block, its packed rows,
+/// one candidate list and one row of lower bounds, and the `m × k` neighbour lists — plus,
+/// for [`dedup_knn`], one more copy of the sample when duplicates are dropped.
 pub fn knn_bytes(m: usize, d: usize, k: usize) -> u128 {
+    let packed = PackedA::<f32>::bytes(d, m);
     let (m, d, k) = (m as u128, d as u128, k as u128);
     let threads = rayon::current_num_threads() as u128;
-    m * d * (8 + 4 + 8) + threads * (BLOCK as u128 * m * 4 + m * 16) + m * k * 16
+    let per_thread = BLOCK as u128 * m * 8 + (BLOCK as u128 + 31) * d * 4 + m * 24;
+    m * d * (8 + 4 + 8) + packed + threads * per_thread + m * k * 16
 }
 
 fn check_knn(m: usize, d: usize, k: usize, budget: &Budget) -> Result<()> {
@@ -324,7 +376,7 @@ pub fn knn_with(
         .zip(idx.chunks_mut(BLOCK * k))
         .map(std::sync::Mutex::new)
         .collect();
-    let each = |r0: usize, g: &[f32]| -> Result<()> {
+    let each = |r0: usize, g: GramRows<'_>| -> Result<()> {
         let nb = g.len() / m.max(1);
         if !r0.is_multiple_of(BLOCK) || nb == 0 || nb > BLOCK || g.len() != nb * m || r0 + nb > m {
             return Err(Error::Mismatch(format!(
@@ -337,35 +389,59 @@ pub fn knn_with(
             .map_err(|_| Error::invalid("a neighbour block's lock was poisoned"))?;
         let (dist, idx) = &mut *slot;
         let mut cand: Vec<(f64, usize)> = try_with_capacity(m, "a candidate list")?;
+        let mut lbs: Vec<f64> = try_with_capacity(m, "a row of lower bounds")?;
         let mut heap: BinaryHeap<Item> = BinaryHeap::with_capacity(kc + 2);
-        for (r, grow) in g.chunks_exact(m).enumerate() {
+        for r in 0..nb {
             let i = r0 + r;
             // Lower bound on the true squared distance of every pair (see `lb_parts`):
-            // lb_ij = q_i + p_j − 2·g_ij − c_i·‖b_j‖.
+            // lb_ij = q_i + p_j − 2·g_ij − c_i·‖b_j‖, for the whole row first (a loop the
+            // compiler vectorises), then selected.
             let (qi, ci) = (norms[i] - bsl * len[i] * len[i], acoef * len[i]);
-            let lb = |j: usize, gij: f32| qi + p[j] - 2.0 * f64::from(gij) - ci * len[j];
+            lbs.clear();
+            match g {
+                GramRows::F64(g) => lbs.extend(
+                    g[r * m..(r + 1) * m]
+                        .iter()
+                        .zip(&p)
+                        .zip(&len)
+                        .map(|((&gij, &pj), &lj)| qi + pj - 2.0 * gij - ci * lj),
+                ),
+                GramRows::F32(g) => lbs.extend(
+                    g[r * m..(r + 1) * m]
+                        .iter()
+                        .zip(&p)
+                        .zip(&len)
+                        .map(|((&gij, &pj), &lj)| qi + pj - 2.0 * f64::from(gij) - ci * lj),
+                ),
+            }
             // The kc smallest lower bounds are the candidates (a bounded max-heap of
-            // kc + 1: most pairs cost one comparison); thr = the (kc+1)-th smallest,
-            // a lower bound for every non-candidate.
+            // kc + 1 and its largest value kept at hand: most pairs cost one comparison);
+            // thr = the (kc+1)-th smallest, a lower bound for every non-candidate.
             heap.clear();
             let cap = (kc + 1).min(m - 1);
-            for (j, &gij) in grow.iter().enumerate() {
-                if j == i {
-                    continue;
+            let mut j0 = 0;
+            while heap.len() < cap {
+                if j0 != i {
+                    heap.push(Item(lbs[j0], j0));
                 }
-                let v = lb(j, gij);
-                if heap.len() < cap {
-                    heap.push(Item(v, j));
-                } else if let Some(mut top) = heap.peek_mut() {
-                    if v < top.0 {
-                        *top = Item(v, j);
+                j0 += 1;
+            }
+            // The rest: one comparison per pair (NaN never compares below: the point
+            // itself is never a candidate; nor in the recheck below, which skips it).
+            lbs[i] = f64::NAN;
+            let mut top = heap.peek().map_or(f64::INFINITY, |t| t.0);
+            for (j, &v) in lbs.iter().enumerate().skip(j0) {
+                if v < top {
+                    if let Some(mut t) = heap.peek_mut() {
+                        *t = Item(v, j);
                     }
+                    top = heap.peek().map_or(f64::INFINITY, |t| t.0);
                 }
             }
             let mut thr = f64::INFINITY;
             if cap > kc {
-                if let Some(top) = heap.pop() {
-                    thr = top.0;
+                if let Some(t) = heap.pop() {
+                    thr = t.0;
                 }
             }
             cand.clear();
@@ -382,8 +458,8 @@ pub fn knn_with(
             let kth = cand.get(k - 1).map_or(f64::INFINITY, |c| c.0);
             if kth >= thr {
                 cand.clear();
-                for (j, &gij) in grow.iter().enumerate() {
-                    if j != i && lb(j, gij) <= kth {
+                for (j, &v) in lbs.iter().enumerate() {
+                    if j != i && v <= kth {
                         cand.push((exact_sq_dist(xi, &x[j * d..(j + 1) * d]), j));
                     }
                 }

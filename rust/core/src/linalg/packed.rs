@@ -296,6 +296,113 @@ fn product_with<T: PackedElem>(
     Ok(())
 }
 
+/// The left factor `A` (a strided `k × m` view) of many products `AᵀB`, packed once into the
+/// `mr`-column panels of every [`PackedElem::KC`]-row slice: the products with blocks `B`
+/// ([`PackedA::gemm_tn_add_seq`]) then pack only `B` (the kNN's row blocks against all the
+/// rows: packing all of `A` again for every block cost as much as a third of the GEMM).
+/// Layout: slice `s` (rows `p0 = s·KC ..`, `kc` of them) at `mpad·p0`, its panel `ip` at
+/// `+ ip·mr·kc` (`mpad` = `m` rounded up to `mr`), so the buffer is `mpad · k` values.
+pub struct PackedA<T: PackedElem> {
+    kernel: Kernel<T>,
+    k: usize,
+    m: usize,
+    buf: Vec<T>,
+}
+
+impl<T: PackedElem> PackedA<T> {
+    /// Bytes of the packed copy of a `k × m` `A` (for memory plans), for any kernel.
+    pub fn bytes(k: usize, m: usize) -> u128 {
+        (m as u128 + 31) * k as u128 * std::mem::size_of::<T>() as u128
+    }
+
+    /// Pack `a` for `kernel` (in parallel over panels; a refused allocation is an
+    /// [`crate::Error::Memory`]).
+    pub fn new(kernel: Kernel<T>, a: Strided<'_, T>) -> crate::Result<Self> {
+        a.check();
+        let (k, m, mr) = (a.k, a.n, kernel.mr);
+        let mpad = m.div_ceil(mr) * mr;
+        let mut buf: Vec<T> = super::hinted_vec(mpad * k, "the packed copy of the sample")?;
+        if m > 0 {
+            for (s, slice) in buf.chunks_mut(mpad * T::KC).enumerate() {
+                let p0 = s * T::KC;
+                let kc = T::KC.min(k - p0);
+                slice
+                    .par_chunks_mut(mr * kc)
+                    .enumerate()
+                    .for_each(|(ip, dst)| pack_w::<T>(&a, dst, p0, kc, ip * mr, mr));
+            }
+        }
+        Ok(Self { kernel, k, m, buf })
+    }
+
+    /// `C += AᵀB` for a strided `k × n` `B` (the same `k`), on the calling thread (callers
+    /// run blocks of `B` in parallel); `C` is column-major `m × n` with column stride
+    /// `ldc ≥ m`. Same arithmetic as [`gemm_tn_add`]. `pack` grows to `n`·`KC` values.
+    pub fn gemm_tn_add_seq(
+        &self,
+        c: &mut [f64],
+        ldc: usize,
+        b: Strided<'_, T>,
+        pack: &mut Vec<T>,
+    ) -> crate::Result<()> {
+        let (k, m, n) = (self.k, self.m, b.n);
+        assert_eq!(b.k, k, "packed product: A and B have different row counts");
+        if k == 0 || m == 0 || n == 0 {
+            return Ok(());
+        }
+        b.check();
+        assert!(
+            ldc >= m && c.len() >= (n - 1) * ldc + m,
+            "packed product: C too small"
+        );
+        let Kernel { mr, nr, micro, .. } = self.kernel;
+        let mpad = m.div_ceil(mr) * mr;
+        let npad = n.div_ceil(nr) * nr;
+        let b_len = npad * T::KC.min(k);
+        if pack.len() < b_len {
+            *pack = Vec::new();
+            *pack = crate::memory::try_vec(b_len, T::default(), "a packed block")?;
+        }
+        let mut tmp = [0f64; MAX_TILE];
+        for p0 in (0..k).step_by(T::KC) {
+            let kc = T::KC.min(k - p0);
+            for (jp, dst) in pack[..npad * kc].chunks_mut(nr * kc).enumerate() {
+                pack_w::<T>(&b, dst, p0, kc, jp * nr, nr);
+            }
+            let aslice = &self.buf[mpad * p0..mpad * p0 + mpad * kc];
+            // A panel outer (from memory once, then from L2 for every B panel), B inner.
+            for (ip, ap) in aslice.chunks_exact(mr * kc).enumerate() {
+                let is = ip * mr;
+                let im = mr.min(m - is);
+                for jp in 0..n.div_ceil(nr) {
+                    let js = jp * nr;
+                    let jn = nr.min(n - js);
+                    let bp = pack[jp * nr * kc..].as_ptr();
+                    if im == mr && jn == nr {
+                        // SAFETY: ap/bp hold kc·mr / kc·nr packed values; the mr × nr
+                        // tile at (is, js) lies inside C (checked above), borrowed mutably.
+                        unsafe {
+                            micro(kc, ap.as_ptr(), bp, c.as_mut_ptr().add(js * ldc + is), ldc)
+                        };
+                    } else {
+                        let t = &mut tmp[..mr * nr];
+                        t.fill(0.0);
+                        // SAFETY: as above; t is an mr × nr tile with stride mr.
+                        unsafe { micro(kc, ap.as_ptr(), bp, t.as_mut_ptr(), mr) };
+                        for j in 0..jn {
+                            let col = &mut c[(js + j) * ldc + is..(js + j) * ldc + is + im];
+                            for (x, v) in col.iter_mut().zip(&t[j * mr..j * mr + im]) {
+                                *x += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The largest `mr · nr` of any kernel (the edge tiles' scratch).
 const MAX_TILE: usize = 32 * 12;
 
@@ -905,6 +1012,77 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// [`PackedA`]: `A` packed once, then products with several blocks of `B`, against a
+    /// naive f64 `AᵀB`; both views column-strided (rows of a row-major sample, as the kNN
+    /// uses them), shapes straddling KC and every kernel's tile.
+    fn check_packed_a<T: PackedElem + Into<f64>>(from: fn(f64) -> T, eps: f64) {
+        for &(k, m, n) in &[
+            (1, 1, 1),
+            (5, 37, 13),
+            (T::KC + 7, 70, 29),
+            (2 * T::KC + 1, 33, 12),
+        ] {
+            let xs: Vec<T> = lcg(k * (m + n), (k + 5 * m + n) as u64)
+                .into_iter()
+                .map(from)
+                .collect();
+            let xf: Vec<f64> = xs.iter().map(|&v| v.into()).collect();
+            // rows 0..m are A's columns, rows m..m+n B's (row-major, width k)
+            for kernel in T::kernels() {
+                let a = Strided {
+                    u: &xs,
+                    k,
+                    n: m,
+                    rs: 1,
+                    cs: k,
+                };
+                let pa = PackedA::new(kernel, a).unwrap();
+                let ldc = m + 1;
+                let mut c: Vec<f64> = (0..ldc * n).map(|i| (i % 3) as f64).collect();
+                let c0 = c.clone();
+                let mut pack = Vec::new();
+                // B in two blocks of columns (one pack buffer reused)
+                let half = n / 2;
+                for (j0, j1) in [(0, half), (half, n)] {
+                    let b = Strided {
+                        u: &xs[(m + j0) * k..],
+                        k,
+                        n: j1 - j0,
+                        rs: 1,
+                        cs: k,
+                    };
+                    pa.gemm_tn_add_seq(&mut c[j0 * ldc..], ldc, b, &mut pack)
+                        .unwrap();
+                }
+                let mm = k.min(T::CHAIN) as f64;
+                let gamma = mm * eps / (1.0 - mm * eps) + k as f64 * 1.2e-16;
+                for j in 0..n {
+                    for i in 0..ldc {
+                        let (got, base) = (c[j * ldc + i], c0[j * ldc + i]);
+                        if i < m {
+                            let pr = (0..k).map(|p| xf[i * k + p] * xf[(m + j) * k + p]);
+                            let w: f64 = pr.clone().sum();
+                            let abs: f64 = pr.map(f64::abs).sum();
+                            assert!(
+                                (got - base - w).abs() <= gamma * abs + 4.0 * f64::EPSILON,
+                                "k={k} m={m} n={n} {kernel:?} ({i},{j}): {} vs {w}",
+                                got - base
+                            );
+                        } else {
+                            assert_eq!(got, base, "touched padding row {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_a_matches_naive() {
+        check_packed_a::<f32>(|x| x as f32, f64::from(f32::EPSILON) / 2.0);
+        check_packed_a::<f64>(|x| x, f64::EPSILON / 2.0);
     }
 
     #[test]
