@@ -82,6 +82,42 @@ def gemm_rates(size: int = 2048) -> tuple[float, float]:
     return gemm_rate(size, np.float64), gemm_rate(size, np.float32)
 
 
+_ROOF: dict[str, Any] | None = None
+
+
+def roofline() -> dict[str, Any]:
+    """The machine's FMA roofline (``layerscope._native.roofline``, measured once per
+    process): clock from a chain of dependent adds, FMA units from a register-only FMA test,
+    vector width of the packed kernels' ISA."""
+    global _ROOF
+    if _ROOF is None:
+        from layerscope import _native
+
+        _ROOF = dict(_native.roofline())
+    return _ROOF
+
+
+def roofline_line(dgemm: float, sgemm: float,
+                  kernels: dict[str, tuple[float, str]] | None = None) -> str:
+    """One printable line: the machine's FMA peak (cores × clock × FMA units × lanes × 2,
+    each stated), numpy's sgemm/dgemm measured in the same run as fractions of it, and each
+    kernel's GFLOP/s (``name: (gflops, "f32" | "f64")``) as a fraction of the peak and of
+    numpy's GEMM of its precision."""
+    r = roofline()
+    p32, p64 = r["peak_f32_gflops"], r["peak_f64_gflops"]
+    parts = [
+        f"# roofline: {r['cores']} cores × {r['clock_ghz']:.2f} GHz (measured) × "
+        f"{r['fma_units']} FMA units × {r['lanes_f32']} f32 lanes ({r['kernel']}) × 2 = "
+        f"{p32:.0f} GFLOP/s f32, {p64:.0f} f64; numpy sgemm {sgemm:.0f} ({sgemm / p32:.0%} "
+        f"of peak), dgemm {dgemm:.0f} ({dgemm / p64:.0%})"
+    ]
+    for name, (gf, prec) in (kernels or {}).items():
+        peak, ref, refname = (p64, dgemm, "dgemm") if prec == "f64" else (p32, sgemm, "sgemm")
+        parts.append(f"{name} {gf:.0f} GFLOP/s {prec} = {gf / peak:.0%} of peak, "
+                     f"{gf / ref:.0%} of {refname}")
+    return "; ".join(parts)
+
+
 def child(methods: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]], method: str,
           path: str, opts: dict[str, Any], torch: bool = False) -> None:
     """Run one contender in this (child) process and print its result: ``RESULT {json}``

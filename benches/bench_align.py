@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import numpy as np
-from _common import peak_mib, reset_peak, rss_mib
+from _common import gemm_rates, peak_mib, reset_peak, roofline_line, rss_mib
 
 
 def make_layers(num: int, n: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -208,6 +208,12 @@ def main() -> int:
         abs(a[m] - b[m]) / abs(b[m]) for a, b in zip(ours["spectra"], ref["spectra"]) for m in a
     )
     print(f"  numpy/scipy time / layerscope time (pass + spectra + alignment): {ratio:.1f}x")
+    dsum = args.layers * args.d
+    dgemm, sgemm = gemm_rates()
+    print("  " + roofline_line(dgemm, sgemm, {
+        "moment pass": (args.n * dsum * dsum / tt["pass"] / 1e9, "f32"),
+        "numpy/scipy": (args.n * dsum * dsum / ref["wall"] / 1e9, "f64"),
+    }))
     print(
         f"  spectra + subspace + procrustes add {100 * added:.1f} % to the CKA pass "
         f"(spectra + subspace alone: {100 * added_sub:.1f} %)"

@@ -13,7 +13,7 @@ from pathlib import Path
 SCRIPTS = [
     "bench_store.py", "bench_cka.py", "bench_align.py", "bench_id.py", "bench_capture.py",
     "bench_scale.py", "bench_convert.py", "bench_batch.py", "bench_ray.py", "bench_gpu.py",
-    "bench_calibrated.py",
+    "bench_calibrated.py", "bench_growth.py",
 ]
 
 

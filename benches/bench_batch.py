@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child, gemm_rates, run_child  # noqa: E402
+from _common import child, gemm_rates, roofline_line, run_child  # noqa: E402
 
 
 def _stores(path: str) -> list[str]:
@@ -128,6 +128,7 @@ def main() -> None:
                                                    "figures": True}),
         ]
         base = None
+        kern: dict[str, tuple[float, str]] = {}
         print(f"{'contender':34s} {'seconds':>8s} {'vs loop':>8s} {'GFLOP/s':>8s} "
               f"{'of sgemm':>8s} {'peak MiB':>9s}")
         for name, method, opts in runs:
@@ -141,6 +142,9 @@ def main() -> None:
             rate = flops / sec / 1e9 if computes else float("nan")
             print(f"{name:34s} {sec:8.2f} {sec / base:7.2f}x {rate:8.1f} "
                   f"{rate / sgemm:8.0%} {r['peak_extra_mb']:9.0f}")
+            if computes and rate == rate:
+                kern[name] = (rate, "f32")
+        print(roofline_line(dgemm, sgemm, kern))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,7 +18,7 @@ import sys
 
 import layerscope as ls
 import numpy as np
-from _common import gemm_rates, peak_mib, reset_peak, timed
+from _common import gemm_rates, peak_mib, reset_peak, roofline_line, timed
 
 
 def numpy_null(xs: list[np.ndarray], perms: np.ndarray) -> np.ndarray:
@@ -77,7 +77,7 @@ def numpy_shape(xs: list[np.ndarray], alpha: float) -> np.ndarray:
 def main() -> int:
     quick = "--quick" in sys.argv
     rng = np.random.default_rng(0)
-    dgemm, _ = gemm_rates(1024 if quick else 2048)
+    dgemm, sgemm = gemm_rates(1024 if quick else 2048)
     print(f"machine: numpy dgemm {dgemm:.1f} GFLOP/s (same run)")
 
     m, nl, d, b = (512, 4, 64, 19) if quick else (2048, 8, 256, 99)
@@ -99,6 +99,8 @@ def main() -> int:
           f"Grams + dgemm) {t_np:.2f} s -> {t_np / ours:.1f}x; {2 * macs / ours / 1e9:.1f} "
           f"GFLOP/s of Gram inner products = {2 * macs / ours / 1e9 / dgemm:.0%} of dgemm; "
           f"p-values equal: {np.array_equal(p_np, res.meta['p_values'])}; peak {peak:.0f} MiB")
+    print(roofline_line(dgemm, sgemm, {"null Gram inner products": (2 * macs / ours / 1e9,
+                                                                  "f64")}))
     t_boot = timed(lambda: ls.cka(xs, bootstrap=b, progress=False))
     print(f"cka bootstrap={b}: {t_boot:.2f} s")
 

@@ -41,7 +41,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import peak_mib, reset_peak, rss_mib
+from _common import gemm_rates, peak_mib, reset_peak, roofline_line, rss_mib
 
 LAYERS = "encoder.layer.*"
 
@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{m}: peak RSS x{k} - x1 = {rk['peak_rss_mib'] - r1['peak_rss_mib']:+.1f} MiB; "
             f"growth at x{k} = {rk['growth_mib'] / (rk['bytes'] / 2**20):.2f} x the data written"
         )
+    print(roofline_line(*gemm_rates()) + " (no FMA kernel here: this benchmark is bound by "
+          "memory and I/O bandwidth, in GB/s above)")
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     if a.json:
         with open(a.json, "w") as fh:

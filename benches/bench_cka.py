@@ -434,6 +434,12 @@ def main() -> int:
                 f"{np.max(deb[~np.eye(nl, dtype=bool)]):.4f}"
             )
 
+        kern = {}
+        for meth, prec in (("layerscope_f32", "f32"), ("layerscope", "f64")):
+            if "seconds" in results.get(meth, {}):
+                kern[f"cka {prec} pass"] = (flops / results[meth]["seconds"] / 1e9, prec)
+        print(_common.roofline_line(dgemm, sgemm, kern))
+        report["roofline"] = _common.roofline()
         f32 = results.get("layerscope_f32", {})
         if "seconds" in f32:
             parts = [f"# compute=float32: {flops / f32['seconds'] / 1e9:.1f} GFLOP/s, "

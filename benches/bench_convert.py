@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child, run_child  # noqa: E402
+from _common import child, gemm_rates, roofline_line, run_child  # noqa: E402
 
 
 def _convert(path: str, opts: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +144,8 @@ def main() -> int:
                 print(f"  {fmt}: convert is {loop['seconds'] / conv['seconds']:.2f}x the loop's "
                       f"speed at {conv['peak_extra_mb'] / max(loop['peak_extra_mb'], 1):.2f}x "
                       "its peak memory")
+        print("  " + roofline_line(*gemm_rates()) + " (no FMA kernel here: conversion is "
+              "bound by I/O and memory bandwidth, in GB/s above)")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
     finally:

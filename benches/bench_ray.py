@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gemm_rates  # noqa: E402
+from _common import gemm_rates, roofline_line  # noqa: E402
 
 
 class RssSampler:
@@ -242,6 +242,8 @@ def run(args: argparse.Namespace) -> None:
             rate = plan.flops / sec / 1e9
             print(f"{name:24s} {sec:8.2f} {sec / base:7.2f}x {rate:8.1f} {rate / sgemm:8.0%} "
                   f"{peak / 2**20:9.0f}")
+        print(roofline_line(dgemm, sgemm, {"local": (plan.flops / base / 1e9, "f32"),
+                                           "ray, warm": (plan.flops / warm / 1e9, "f32")}))
         scale_out(float(_native.measured_madds_per_s("float32")) / (os.cpu_count() or 1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

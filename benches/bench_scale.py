@@ -47,7 +47,7 @@ from typing import Any
 
 import _common
 import numpy as np
-from _common import gemm_rates, timed
+from _common import gemm_rates, roofline_line, timed
 
 
 def make_store(path: Path, n: int, nl: int, d: int, seed: int = 0) -> None:
@@ -332,6 +332,8 @@ def main() -> int:
     k64, k32 = 2 * gemm_rate("float64") / 1e9, 2 * gemm_rate("float32") / 1e9
     print(f"# bench_scale: {os.cpu_count()} CPUs; numpy dgemm {dgemm:.0f} GFLOP/s, sgemm "
           f"{sgemm:.0f} GFLOP/s; layerscope packed kernel f64 {k64:.0f}, f32 {k32:.0f} GFLOP/s")
+    print(roofline_line(dgemm, sgemm, {"packed kernel": (k32, "f32"),
+                                       "packed kernel ": (k64, "f64")}))
     report: dict[str, Any] = {"cpus": os.cpu_count(), "dgemm_gflops": dgemm,
                               "sgemm_gflops": sgemm, "kernel_f64_gflops": k64,
                               "kernel_f32_gflops": k32}

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import peak_mib, reset_peak, status_bytes
+from _common import gemm_rates, peak_mib, reset_peak, roofline_line, status_bytes
 
 GB = 1e9
 
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         rd["ratios"] = ratios
         print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     results["seconds_total"] = time.perf_counter() - t_start
+    print(roofline_line(*gemm_rates()) + " (no FMA kernel here: this benchmark is bound by "
+          "memory and I/O bandwidth, in GB/s above)")
     print(f"\ntotal {results['seconds_total']:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -504,6 +504,15 @@ def rbf_hsic_bytes(layers: int, m: int, dmax: int) -> int:
     """Peak bytes of the RBF HSIC of `layers` Grams of `m` rows, the widest `dmax` wide
     (`layerscope_core::measures::cka::rbf::rbf_hsic_bytes`)."""
 
+def roofline() -> dict[str, Any]:
+    """The FMA roofline, measured (about 0.2 s, GIL released): `kernel` (the packed kernels'
+    ISA), `cores`, `clock_ghz` (a chain of dependent adds), `lanes_f32`, `fma_per_cycle`
+    (measured, per core), `fma_units`, `peak_f32_gflops` = cores × clock × units × lanes × 2
+    (`peak_f64_gflops` half of it) and `fma_test_gflops` (the register-only test's own rate)."""
+
 def rsa_matrix(a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *, dissimilarity: str = 'euclidean', compare: str = 'spearman', max_memory: int | None = None, progress: ProgressCallback = None) -> npt.NDArray[np.float64]:
     """RSA: correlations of the RDMs of all layer pairs (La×Lb, or La×La when b is None); see
     `layerscope_core::measures::rsa::rsa_matrix`."""
+
+def simd_kernel() -> str:
+    """The micro-kernel of the packed products on this CPU: "avx512", "avx2+fma" or "portable"."""

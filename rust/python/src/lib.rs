@@ -12,6 +12,7 @@ mod cka;
 mod convert;
 mod distributed;
 mod errors;
+mod machine;
 mod memory;
 mod moments;
 mod monitor;
@@ -30,6 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cka::register(m)?;
     calibrate::register(m)?;
     memory::register(m)?;
+    machine::register(m)?;
     neighbors::register(m)?;
     Ok(())
 }

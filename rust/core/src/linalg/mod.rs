@@ -1,6 +1,7 @@
 //! Small dense linear-algebra helpers (row-major / column-major `f64` buffers in, out) and
 //! the packed SYRK kernel ([`packed`]). Shared by the moment engine and the measures built on it.
 pub mod packed;
+pub mod roofline;
 
 use rayon::prelude::*;
 
