@@ -3,8 +3,8 @@ dimension against the rows n, the width d per layer and the layer count L (three
 the fitted exponents printed beside the expected ones, and a plot saved (the table of how
 each cost grows, for the docs).
 
-    python benches/bench_growth.py            # default sweeps, about 4 minutes on 2 cores
-    python benches/bench_growth.py --quick    # smaller points (< 1 minute)
+    python benches/bench_growth.py            # default sweeps, about 6 minutes on 2 cores
+    python benches/bench_growth.py --quick    # smaller points (about a minute)
     python benches/bench_growth.py --out growth.png --json growth.json
                                               # (default plot: bench-results/bench_growth.png)
 
@@ -109,13 +109,14 @@ def main() -> int:
         return 0
     q = args.quick
     # (fixed n, d, L), the sweeps, and the ID's own row sweep (its n² cost: smaller rows)
-    n0, d0, l0 = (2048, 128, 4) if q else (8192, 256, 4)
+    # sizes where the compute dominates the fixed costs (the pass: n·(dL)² = 5.5e11 flops)
+    n0, d0, l0 = (8192, 256, 4) if q else (32768, 512, 8)
     sweeps = {
         "n": [n0 // 4, n0 // 2, n0, 2 * n0] if not q else [n0 // 2, n0, 2 * n0],
         "d": [d0 // 2, d0, 2 * d0, 4 * d0] if not q else [d0 // 2, d0, 2 * d0],
         "L": [2, 4, 8, 16] if not q else [2, 4, 8],
     }
-    id_n0 = 1024 if q else 4096  # the ID's fixed rows in the d and L sweeps
+    id_n0 = n0 // 4  # the ID's rows (its n² cost): a quarter of the pass's, in every sweep
     dgemm, sgemm = gemm_rates(1024 if q else 2048)
     print(f"# bench_growth: {os.cpu_count()} CPUs; fixed n={n0} (ID: {id_n0}), d={d0}, L={l0}")
     print(roofline_line(dgemm, sgemm))
@@ -131,7 +132,7 @@ def main() -> int:
             for x in xs:
                 n = x if var == "n" else (id_n0 if meas == "id" else n0)
                 if meas == "id" and var == "n":
-                    n = x // 2  # n² cost: the ID's row sweep runs at half the rows
+                    n = x // 4
                 d = x if var == "d" else d0
                 nl = x if var == "L" else l0
                 pts.append({"n": n, "d": d, "L": nl, **run(meas, n, d, nl)})
@@ -153,6 +154,7 @@ def main() -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
         for col, var in enumerate(sweeps):
@@ -167,6 +169,8 @@ def main() -> int:
             axes[1, col].set_title(f"peak memory against {var}")
             axes[1, col].set_xlabel(var)
             for ax in axes[:, col]:
+                ax.set_xticks(sweeps[var] if var != "n" else [])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 ax.legend(fontsize=8)
                 ax.grid(True, which="both", alpha=0.3)
         axes[0, 0].set_ylabel("seconds")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import layerscope as ls
@@ -427,6 +428,53 @@ def test_blocks_release_and_read_block(tmp_path: Path) -> None:
         next(s.blocks(block_rows=0))
     with pytest.raises(InvalidArgumentError):
         s.read_block(["a"], 5, 2)
+
+
+def test_fresh_blocks_refill_only_what_nobody_holds(tmp_path: Path) -> None:
+    """Fresh blocks (reuse=False): the arrays of blocks the caller dropped are refilled
+    (their memory is already mapped), never one that is kept — in a list, through a view,
+    through a memoryview — nor one made read-only; every block read is right."""
+    a, b = _data(100, 7), _data(100, 3)
+    s = ls.write_store(tmp_path / "s", {"a": a, "b": b}, dtype="bfloat16", shard_bytes=900)
+    want = {k: _expected(v, "bfloat16") for k, v in {"a": a, "b": b}.items()}
+
+    def ptr(x: np.ndarray) -> int:
+        return int(x.__array_interface__["data"][0])
+
+    # A loop that lets go of each block: two arrays per layer alternate (the iterator's
+    # pool keeps them alive; without it the first would be gone).
+    refs, got = [], []
+    it = s.blocks(block_rows=10, dtype=np.float32)
+    for _r0, blk in it:
+        refs.append(weakref.ref(blk["a"]))
+        got.append(blk["a"].copy())
+        assert blk["a"].flags.owndata and blk["a"].flags.writeable
+    del blk
+    first, second = refs[0](), refs[1]()
+    assert first is not None and second is not None and first is not second
+    assert all(r() is (first if i % 2 == 0 else second) for i, r in enumerate(refs))
+    del first, second
+    np.testing.assert_array_equal(np.concatenate(got), want["a"])
+    # Kept blocks are never touched again (all different, all right).
+    kept = list(s.blocks(block_rows=10, dtype=np.float64))
+    assert len({ptr(blk["b"]) for _, blk in kept}) == 10
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(np.concatenate([blk[k] for _, blk in kept]), want[k])
+    # A view, a memoryview or a read-only flag keeps a block's memory from being refilled.
+    views, mems = [], []
+    it = s.blocks(block_rows=10, dtype=np.float32)
+    for i, (r0, blk) in enumerate(it):
+        if i % 3 == 0:
+            views.append((r0, blk["a"][2:5]))
+        elif i % 3 == 1:
+            mems.append((r0, memoryview(blk["b"])))
+        else:
+            blk["a"].setflags(write=False)
+        del blk
+    for r0, v in views:
+        np.testing.assert_array_equal(v, want["a"][r0 + 2:r0 + 5])
+    for r0, m in mems:
+        np.testing.assert_array_equal(np.asarray(m), want["b"][r0:r0 + 10])
 
 
 def test_blocks_reuse_refills_one_buffer(tmp_path: Path) -> None:

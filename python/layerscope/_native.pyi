@@ -189,7 +189,8 @@ class NativeStore:
         last block may be shorter), of `layers` (names, any order; a repeated name appears
         once in each dict), read by the core's block reader (`store::stream::read_into`).
         `dtype`: float32 or float64; `release`: drop each block's mapped pages once read;
-        `reuse`: refill one buffer per layer (blocks are views of it) instead of fresh arrays."""
+        `reuse`: refill one buffer per layer (blocks are views of it) instead of fresh arrays
+        (fresh arrays the caller has dropped are refilled too, at most two per layer)."""
     def column(self, name: str) -> npt.NDArray[np.int64] | None:
         """An optional I64 row column, or None when absent."""
     def find_nonfinite(self, layer: str) -> int | None:
@@ -505,7 +506,7 @@ def rbf_hsic_bytes(layers: int, m: int, dmax: int) -> int:
     (`layerscope_core::measures::cka::rbf::rbf_hsic_bytes`)."""
 
 def roofline() -> dict[str, Any]:
-    """The FMA roofline, measured (about 0.2 s, GIL released): `kernel` (the packed kernels'
+    """The FMA roofline, measured (about 0.1 s, GIL released): `kernel` (the packed kernels'
     ISA), `cores`, `clock_ghz` (a chain of dependent adds), `lanes_f32`, `fma_per_cycle`
     (measured, per core), `fma_units`, `peak_f32_gflops` = cores × clock × units × lanes × 2
     (`peak_f64_gflops` half of it) and `fma_test_gflops` (the register-only test's own rate)."""

@@ -164,10 +164,15 @@ class ActivationStore:
         """Yield ``(start, {layer: block})`` over all rows, ``block_rows`` at a time, for any
         subset of layers (default: all, manifest order) across all shards.
 
-        Each block is a fresh float32/float64 array (bf16/f16 converted exactly). With
-        ``reuse=True`` the same arrays are refilled for every block (views of one buffer per
-        layer; the last block is a shorter view): no allocation and no page faults on fresh
-        memory per block, the fastest way to stream — copy a block if you keep it.
+        Each block is a fresh float32/float64 array (bf16/f16 converted exactly): one that
+        nothing else references. Arrays of earlier blocks that the caller has dropped (no
+        view or container of them left) are refilled rather than allocated again — up to
+        two per layer, the block being filled and the one held meanwhile — so a loop that
+        lets go of each block does not page-fault fresh memory per block; a block that is
+        kept is never touched again. With ``reuse=True`` the same arrays are refilled for
+        every block (views of one buffer per layer; the last block is a shorter view) even
+        while the caller holds them: the fastest way to stream — copy a block if you keep
+        it.
         ``block_rows=None`` picks the rows that make a block of about 16 MiB of output (all
         selected layers together; at least 1 row). With ``release=True`` (default) the
         memory-mapped pages of a block are dropped from the process's resident set once it
@@ -190,7 +195,8 @@ class ActivationStore:
             raise InvalidArgumentError(
                 f"block_rows must be a positive integer, got {block_rows!r}")
         block_rows = max(1, min(int(block_rows), self.num_rows))
-        # Fresh arrays: the block being filled and the one the caller holds.
+        # Fresh arrays: the block being filled and the one the caller holds (the native
+        # iterator's pool keeps at most these two per layer).
         check_budget(
             (1 if reuse else 2) * block_rows * row_bytes,
             f"blocks of {block_rows} rows of {len(names)} layers ({kind})",

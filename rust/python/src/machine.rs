@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-/// The FMA roofline, measured (about 0.2 s, GIL released): `kernel` (the packed kernels'
+/// The FMA roofline, measured (about 0.1 s, GIL released): `kernel` (the packed kernels'
 /// ISA), `cores`, `clock_ghz` (a chain of dependent adds), `lanes_f32`, `fma_per_cycle`
 /// (measured, per core), `fma_units`, `peak_f32_gflops` = cores × clock × units × lanes × 2
 /// (`peak_f64_gflops` half of it) and `fma_test_gflops` (the register-only test's own rate).

@@ -38,21 +38,26 @@ pub fn measure() -> Roofline {
     };
     let cores = rayon::current_num_threads();
     let clock_hz = clock_hz();
-    // FMA test on every thread at once (a shared clock: turbo under full load).
-    const ITERS: u64 = 4_000_000;
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let sink: f32 = rayon::broadcast(|_| fma_chains(kernel, ITERS))
-            .into_iter()
-            .sum();
-        std::hint::black_box(sink);
-        best = best.min(t.elapsed().as_secs_f64());
+    // FMA test on every thread at once (a shared clock: turbo under full load), each
+    // thread timing its own loop (a thread woken late does not count against the others):
+    // each thread's best of five rounds, then the slowest thread.
+    const ITERS: u64 = 10_000_000;
+    let mut best = vec![f64::INFINITY; cores];
+    for _ in 0..5 {
+        let times = rayon::broadcast(|_| {
+            let t = Instant::now();
+            std::hint::black_box(fma_chains(kernel, ITERS));
+            t.elapsed().as_secs_f64()
+        });
+        for (b, t) in best.iter_mut().zip(times) {
+            *b = b.min(t);
+        }
     }
-    let fmas = (ITERS * CHAINS as u64) as f64 * cores as f64;
-    let measured_f32 = fmas * lanes_f32 as f64 * 2.0 / best;
+    let slowest = best.into_iter().fold(0.0, f64::max);
+    let per_core = (ITERS * CHAINS as u64) as f64 / slowest; // FMA instructions per second
+    let measured_f32 = per_core * cores as f64 * lanes_f32 as f64 * 2.0;
     let fma_per_cycle = if clock_hz > 0.0 {
-        fmas / cores as f64 / best / clock_hz
+        per_core / clock_hz
     } else {
         0.0
     };
