@@ -41,10 +41,40 @@ pub trait PackedElem: Copy + Send + Sync + Default + 'static {
     const CHAIN: usize;
     /// Every micro-kernel this CPU runs for `Self`, fastest first; the portable one last.
     fn kernels() -> Vec<Kernel<Self>>;
-    /// The kernel [`syrk_upper_add`] and [`gemm_tn_add`] use: the first of [`Self::kernels`].
+    /// The kernel [`syrk_upper_add`] and [`gemm_tn_add`] use: the first of [`Self::kernels`]
+    /// that [`SIMD_ENV`] allows.
     fn kernel() -> Kernel<Self> {
-        Self::kernels()[0]
+        let cap = simd_cap();
+        let all = Self::kernels();
+        let portable = all[all.len() - 1];
+        all.into_iter()
+            .find(|k| rank(k.name) <= cap)
+            .unwrap_or(portable)
     }
+}
+
+/// Environment variable capping the packed kernels' ISA: `avx2` (no AVX-512) or
+/// `portable` (no SIMD intrinsics) — to measure what a machine without them gets, or to
+/// rule a kernel out; unset or any other value: the fastest the CPU runs. Results are the
+/// same whichever kernel runs, up to FMA rounding.
+pub const SIMD_ENV: &str = "LAYERSCOPE_SIMD";
+
+fn rank(name: &str) -> u8 {
+    match name {
+        "portable" => 0,
+        "avx2+fma" => 1,
+        _ => 2,
+    }
+}
+
+/// The highest kernel rank [`SIMD_ENV`] allows (read once).
+fn simd_cap() -> u8 {
+    static CAP: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var(SIMD_ENV).as_deref() {
+        Ok("avx2") => 1,
+        Ok("portable") => 0,
+        _ => 2,
+    })
 }
 
 type Micro<T> = unsafe fn(usize, *const T, *const T, *mut f64, usize);
@@ -539,6 +569,13 @@ impl PackedElem for f64 {
         });
         out
     }
+}
+
+/// The vector ISA the packed kernels and the moment pass's other loops use: 2 (AVX-512F,
+/// and VL for the kernels), 1 (AVX2 + FMA) or 0 (baseline), as detected and capped by
+/// [`SIMD_ENV`].
+pub fn simd_level() -> u8 {
+    rank(f32::kernel().name)
 }
 
 /// The micro-kernel the packed products use on this CPU (`"avx512"`, `"avx2+fma"` or
