@@ -584,6 +584,56 @@ pub fn simd_kernel() -> &'static str {
     f32::kernel().name
 }
 
+/// The f64 micro-kernel of both x86 ISAs (`micro_f64` in `avx2` and `avx512`): a
+/// `2·lanes × nr` tile in `2·nr` accumulators, one f64 sum over all `kc` rows, added into
+/// `C` at the end (f64 needs no chain).
+#[cfg(target_arch = "x86_64")]
+macro_rules! f64_micro {
+    ($features:literal, $lanes:literal, $nr:literal, $zero:ident, $load:ident, $splat:ident,
+     $fmadd:ident, $store:ident, $add:ident) => {
+        /// `2·lanes × nr` f64 tile (`8 × 6` AVX2, `16 × 12` AVX-512).
+        ///
+        /// # Safety
+        /// The CPU has `$features`; the pointer contract of [`super::Kernel`].
+        #[target_feature(enable = $features)]
+        pub unsafe fn micro_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize) {
+            const MR: usize = 2 * $lanes;
+            for j in 0..$nr {
+                // SAFETY: prefetching never faults; the addresses are inside the tile.
+                unsafe {
+                    let col = c.add(j * ldc);
+                    _mm_prefetch::<_MM_HINT_T0>(col.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(col.add($lanes).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(col.add(MR - 1).cast());
+                }
+            }
+            let mut acc = [[$zero(); 2]; $nr];
+            for p in 0..kc {
+                // SAFETY: p < kc; a has kc·MR and b kc·nr values.
+                let (a0, a1, bp) = unsafe {
+                    let ap = a.add(p * MR);
+                    ($load(ap), $load(ap.add($lanes)), b.add(p * $nr))
+                };
+                for (j, cj) in acc.iter_mut().enumerate() {
+                    // SAFETY: j < nr.
+                    let bj = $splat(unsafe { *bp.add(j) });
+                    cj[0] = $fmadd(a0, bj, cj[0]);
+                    cj[1] = $fmadd(a1, bj, cj[1]);
+                }
+            }
+            for (j, cj) in acc.iter().enumerate() {
+                for (h, v) in cj.iter().enumerate() {
+                    // SAFETY: rows h·lanes .. (h+1)·lanes of column j of the tile.
+                    unsafe {
+                        let p = c.add(j * ldc + h * $lanes);
+                        $store(p, $add($load(p), *v));
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -648,48 +698,17 @@ mod avx2 {
         }
     }
 
-    /// 8 × 6 f64 tile: 12 accumulators (2 × 4 lanes × 6 columns).
-    ///
-    /// # Safety
-    /// AVX2 + FMA present; pointer contract of [`super::Kernel`].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn micro_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize) {
-        for j in 0..6 {
-            // SAFETY: as in `micro_f32`.
-            unsafe {
-                let col = c.add(j * ldc);
-                _mm_prefetch::<_MM_HINT_T0>(col.cast());
-                _mm_prefetch::<_MM_HINT_T0>(col.add(7).cast());
-            }
-        }
-        let mut acc = [[_mm256_setzero_pd(); 2]; 6];
-        for p in 0..kc {
-            // SAFETY: p < kc; a has kc·8 and b kc·6 values.
-            let (a0, a1, bp) = unsafe {
-                let ap = a.add(p * 8);
-                (
-                    _mm256_loadu_pd(ap),
-                    _mm256_loadu_pd(ap.add(4)),
-                    b.add(p * 6),
-                )
-            };
-            for (j, cj) in acc.iter_mut().enumerate() {
-                // SAFETY: j < 6.
-                let bj = unsafe { _mm256_broadcast_sd(&*bp.add(j)) };
-                cj[0] = _mm256_fmadd_pd(a0, bj, cj[0]);
-                cj[1] = _mm256_fmadd_pd(a1, bj, cj[1]);
-            }
-        }
-        for (j, cj) in acc.iter().enumerate() {
-            for (h, v) in cj.iter().enumerate() {
-                // SAFETY: rows h·4 .. h·4+4 of column j of the 8 × 6 tile.
-                unsafe {
-                    let p = c.add(j * ldc + h * 4);
-                    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), *v));
-                }
-            }
-        }
-    }
+    f64_micro!(
+        "avx2,fma",
+        4,
+        6,
+        _mm256_setzero_pd,
+        _mm256_loadu_pd,
+        _mm256_set1_pd,
+        _mm256_fmadd_pd,
+        _mm256_storeu_pd,
+        _mm256_add_pd
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -749,76 +768,31 @@ mod avx512 {
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn chain_f32(len: usize, a: *const f32, b: *const f32, c: *mut f64, ldc: usize) {
-        let (mut c0a, mut c0b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c1a, mut c1b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c2a, mut c2b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c3a, mut c3b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c4a, mut c4b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c5a, mut c5b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c6a, mut c6b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c7a, mut c7b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c8a, mut c8b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c9a, mut c9b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c10a, mut c10b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut c11a, mut c11b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        for p in 0..len {
-            // SAFETY: p < len; a has len·32 and b len·12 values.
-            unsafe {
-                let ap = a.add(p * 32);
-                let (a0, a1) = (_mm512_loadu_ps(ap), _mm512_loadu_ps(ap.add(16)));
-                let bp = b.add(p * 12);
-                let bj = _mm512_set1_ps(*bp.add(0));
-                c0a = _mm512_fmadd_ps(a0, bj, c0a);
-                c0b = _mm512_fmadd_ps(a1, bj, c0b);
-                let bj = _mm512_set1_ps(*bp.add(1));
-                c1a = _mm512_fmadd_ps(a0, bj, c1a);
-                c1b = _mm512_fmadd_ps(a1, bj, c1b);
-                let bj = _mm512_set1_ps(*bp.add(2));
-                c2a = _mm512_fmadd_ps(a0, bj, c2a);
-                c2b = _mm512_fmadd_ps(a1, bj, c2b);
-                let bj = _mm512_set1_ps(*bp.add(3));
-                c3a = _mm512_fmadd_ps(a0, bj, c3a);
-                c3b = _mm512_fmadd_ps(a1, bj, c3b);
-                let bj = _mm512_set1_ps(*bp.add(4));
-                c4a = _mm512_fmadd_ps(a0, bj, c4a);
-                c4b = _mm512_fmadd_ps(a1, bj, c4b);
-                let bj = _mm512_set1_ps(*bp.add(5));
-                c5a = _mm512_fmadd_ps(a0, bj, c5a);
-                c5b = _mm512_fmadd_ps(a1, bj, c5b);
-                let bj = _mm512_set1_ps(*bp.add(6));
-                c6a = _mm512_fmadd_ps(a0, bj, c6a);
-                c6b = _mm512_fmadd_ps(a1, bj, c6b);
-                let bj = _mm512_set1_ps(*bp.add(7));
-                c7a = _mm512_fmadd_ps(a0, bj, c7a);
-                c7b = _mm512_fmadd_ps(a1, bj, c7b);
-                let bj = _mm512_set1_ps(*bp.add(8));
-                c8a = _mm512_fmadd_ps(a0, bj, c8a);
-                c8b = _mm512_fmadd_ps(a1, bj, c8b);
-                let bj = _mm512_set1_ps(*bp.add(9));
-                c9a = _mm512_fmadd_ps(a0, bj, c9a);
-                c9b = _mm512_fmadd_ps(a1, bj, c9b);
-                let bj = _mm512_set1_ps(*bp.add(10));
-                c10a = _mm512_fmadd_ps(a0, bj, c10a);
-                c10b = _mm512_fmadd_ps(a1, bj, c10b);
-                let bj = _mm512_set1_ps(*bp.add(11));
-                c11a = _mm512_fmadd_ps(a0, bj, c11a);
-                c11b = _mm512_fmadd_ps(a1, bj, c11b);
-            }
+        // One named register pair per column (`(ca, cb, j)`: rows 0..16 and 16..32 of
+        // column j), written once here and expanded by `tile!`.
+        macro_rules! tile {
+            ($(($ca:ident, $cb:ident, $j:literal))+) => {{
+                $(let (mut $ca, mut $cb) = (_mm512_setzero_ps(), _mm512_setzero_ps());)+
+                for p in 0..len {
+                    // SAFETY: p < len; a has len·32 and b len·12 values.
+                    unsafe {
+                        let ap = a.add(p * 32);
+                        let (a0, a1) = (_mm512_loadu_ps(ap), _mm512_loadu_ps(ap.add(16)));
+                        let bp = b.add(p * 12);
+                        $(
+                            let bj = _mm512_set1_ps(*bp.add($j));
+                            $ca = _mm512_fmadd_ps(a0, bj, $ca);
+                            $cb = _mm512_fmadd_ps(a1, bj, $cb);
+                        )+
+                    }
+                }
+                [$([$ca, $cb]),+]
+            }};
         }
-        let acc = [
-            [c0a, c0b],
-            [c1a, c1b],
-            [c2a, c2b],
-            [c3a, c3b],
-            [c4a, c4b],
-            [c5a, c5b],
-            [c6a, c6b],
-            [c7a, c7b],
-            [c8a, c8b],
-            [c9a, c9b],
-            [c10a, c10b],
-            [c11a, c11b],
-        ];
+        let acc = tile! {
+            (c0a, c0b, 0) (c1a, c1b, 1) (c2a, c2b, 2) (c3a, c3b, 3) (c4a, c4b, 4) (c5a, c5b, 5)
+            (c6a, c6b, 6) (c7a, c7b, 7) (c8a, c8b, 8) (c9a, c9b, 9) (c10a, c10b, 10) (c11a, c11b, 11)
+        };
         for (j, cj) in acc.iter().enumerate() {
             for (h, v) in cj.iter().enumerate() {
                 let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(*v));
@@ -833,49 +807,17 @@ mod avx512 {
         }
     }
 
-    /// 16 × 12 f64 tile: 24 accumulators (2 × 8 lanes × 12 columns).
-    ///
-    /// # Safety
-    /// AVX-512F present; the pointer contract of [`super::Kernel`].
-    #[target_feature(enable = "avx512f,avx512vl")]
-    pub unsafe fn micro_f64(kc: usize, a: *const f64, b: *const f64, c: *mut f64, ldc: usize) {
-        for j in 0..12 {
-            // SAFETY: as in `micro_f32`.
-            unsafe {
-                let col = c.add(j * ldc);
-                _mm_prefetch::<_MM_HINT_T0>(col.cast());
-                _mm_prefetch::<_MM_HINT_T0>(col.add(8).cast());
-                _mm_prefetch::<_MM_HINT_T0>(col.add(15).cast());
-            }
-        }
-        let mut acc = [[_mm512_setzero_pd(); 2]; 12];
-        for p in 0..kc {
-            // SAFETY: p < kc; a has kc·16 and b kc·12 values.
-            let (a0, a1, bp) = unsafe {
-                let ap = a.add(p * 16);
-                (
-                    _mm512_loadu_pd(ap),
-                    _mm512_loadu_pd(ap.add(8)),
-                    b.add(p * 12),
-                )
-            };
-            for (j, cj) in acc.iter_mut().enumerate() {
-                // SAFETY: j < 12.
-                let bj = _mm512_set1_pd(unsafe { *bp.add(j) });
-                cj[0] = _mm512_fmadd_pd(a0, bj, cj[0]);
-                cj[1] = _mm512_fmadd_pd(a1, bj, cj[1]);
-            }
-        }
-        for (j, cj) in acc.iter().enumerate() {
-            for (h, v) in cj.iter().enumerate() {
-                // SAFETY: rows h·8 .. h·8+8 of column j of the 16 × 12 tile.
-                unsafe {
-                    let p = c.add(j * ldc + h * 8);
-                    _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), *v));
-                }
-            }
-        }
-    }
+    f64_micro!(
+        "avx512f,avx512vl",
+        8,
+        12,
+        _mm512_setzero_pd,
+        _mm512_loadu_pd,
+        _mm512_set1_pd,
+        _mm512_fmadd_pd,
+        _mm512_storeu_pd,
+        _mm512_add_pd
+    );
 }
 
 #[cfg(test)]
@@ -985,6 +927,39 @@ mod tests {
         check::<f32>(|x| x as f32, f64::from(f32::EPSILON) / 2.0);
     }
 
+    /// Every `C[i, j]` (`i < m`) moved from `c0` by the sum of `terms(i, j)` (the `k`
+    /// products, in f64) within the rounding bound of sums of at most `CHAIN` products in
+    /// `T` added into f64; the padding rows `m..ldc` untouched.
+    fn assert_added<T: PackedElem>(
+        c: &[f64],
+        c0: &[f64],
+        ldc: usize,
+        (k, m, n): (usize, usize, usize),
+        eps: f64,
+        kernel: &Kernel<T>,
+        terms: impl Fn(usize, usize) -> Vec<f64>,
+    ) {
+        let mm = k.min(T::CHAIN) as f64;
+        let gamma = mm * eps / (1.0 - mm * eps) + k as f64 * 1.2e-16;
+        for j in 0..n {
+            for i in 0..ldc {
+                let (got, base) = (c[j * ldc + i], c0[j * ldc + i]);
+                if i < m {
+                    let pr = terms(i, j);
+                    let w: f64 = pr.iter().sum();
+                    let abs: f64 = pr.iter().map(|v| v.abs()).sum();
+                    assert!(
+                        (got - base - w).abs() <= gamma * abs + 4.0 * f64::EPSILON,
+                        "k={k} m={m} n={n} {kernel:?} ({i},{j}): {} vs {w}",
+                        got - base
+                    );
+                } else {
+                    assert_eq!(got, base, "touched padding row {i}");
+                }
+            }
+        }
+    }
+
     /// `gemm_tn_add` against a naive f64 `AᵀB` of the same (rounded) values, on views of
     /// one buffer (column groups of one row-major block, as the tiled pass uses it) and on
     /// shapes straddling every blocking boundary.
@@ -1027,26 +1002,12 @@ mod tests {
                 };
                 let mut pack = Vec::new();
                 gemm_tn_add_with(kernel, &mut c, ldc, a, b, &mut pack).unwrap();
-                let mm = k.min(T::CHAIN) as f64;
-                let gamma = mm * eps / (1.0 - mm * eps) + k as f64 * 1.2e-16;
-                for j in 0..n {
-                    for i in 0..ldc {
-                        let (got, base) = (c[j * ldc + i], c0[j * ldc + i]);
-                        if i < m {
-                            let pr =
-                                (0..k).map(|p| uf[p * width + a0 + i] * uf[p * width + b0 + j]);
-                            let w: f64 = pr.clone().sum();
-                            let abs: f64 = pr.map(f64::abs).sum();
-                            assert!(
-                                (got - base - w).abs() <= gamma * abs + 4.0 * f64::EPSILON,
-                                "k={k} m={m} n={n} {kernel:?} ({i},{j}): {} vs {w}",
-                                got - base
-                            );
-                        } else {
-                            assert_eq!(got, base, "touched padding row {i}");
-                        }
-                    }
-                }
+                let terms = |i: usize, j: usize| {
+                    (0..k)
+                        .map(|p| uf[p * width + a0 + i] * uf[p * width + b0 + j])
+                        .collect()
+                };
+                assert_added::<T>(&c, &c0, ldc, (k, m, n), eps, kernel, terms);
             }
         }
     }
@@ -1093,25 +1054,12 @@ mod tests {
                     pa.gemm_tn_add_seq(&mut c[j0 * ldc..], ldc, b, &mut pack)
                         .unwrap();
                 }
-                let mm = k.min(T::CHAIN) as f64;
-                let gamma = mm * eps / (1.0 - mm * eps) + k as f64 * 1.2e-16;
-                for j in 0..n {
-                    for i in 0..ldc {
-                        let (got, base) = (c[j * ldc + i], c0[j * ldc + i]);
-                        if i < m {
-                            let pr = (0..k).map(|p| xf[i * k + p] * xf[(m + j) * k + p]);
-                            let w: f64 = pr.clone().sum();
-                            let abs: f64 = pr.map(f64::abs).sum();
-                            assert!(
-                                (got - base - w).abs() <= gamma * abs + 4.0 * f64::EPSILON,
-                                "k={k} m={m} n={n} {kernel:?} ({i},{j}): {} vs {w}",
-                                got - base
-                            );
-                        } else {
-                            assert_eq!(got, base, "touched padding row {i}");
-                        }
-                    }
-                }
+                let terms = |i: usize, j: usize| {
+                    (0..k)
+                        .map(|p| xf[i * k + p] * xf[(m + j) * k + p])
+                        .collect()
+                };
+                assert_added::<T>(&c, &c0, ldc, (k, m, n), eps, &kernel, terms);
             }
         }
     }

@@ -139,27 +139,20 @@ fn fma_chains(kernel: &str, iters: u64) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// `CHAINS` independent FMA chains (one register each, named so none is spilled),
+    /// then the sum of all lanes (so the loop is not optimised away).
     macro_rules! chains {
-        ($iters:expr, $set1:ident, $fmadd:ident, $t:ty, $reduce:expr) => {{
+        ($iters:expr, $set1:ident, $fmadd:ident, $reduce:expr) => {
+            chains!(@ $iters, $set1, $fmadd, $reduce, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11)
+        };
+        (@ $iters:expr, $set1:ident, $fmadd:ident, $reduce:expr, $($c:ident),+) => {{
+            const _: () = assert!([$(stringify!($c)),+].len() == super::CHAINS);
             let (m, a) = ($set1(0.999_999), $set1(1e-7));
-            let mut c: [$t; super::CHAINS] = [$set1(1.0); super::CHAINS];
-            let [mut c0, mut c1, mut c2, mut c3, mut c4, mut c5, mut c6, mut c7, mut c8, mut c9, mut c10, mut c11] = c;
+            $(let mut $c = $set1(1.0);)+
             for _ in 0..$iters {
-                c0 = $fmadd(c0, m, a);
-                c1 = $fmadd(c1, m, a);
-                c2 = $fmadd(c2, m, a);
-                c3 = $fmadd(c3, m, a);
-                c4 = $fmadd(c4, m, a);
-                c5 = $fmadd(c5, m, a);
-                c6 = $fmadd(c6, m, a);
-                c7 = $fmadd(c7, m, a);
-                c8 = $fmadd(c8, m, a);
-                c9 = $fmadd(c9, m, a);
-                c10 = $fmadd(c10, m, a);
-                c11 = $fmadd(c11, m, a);
+                $($c = $fmadd($c, m, a);)+
             }
-            c = [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11];
-            c.iter().map(|v| $reduce(*v)).sum::<f32>()
+            [$($c),+].iter().map(|v| $reduce(*v)).sum::<f32>()
         }};
     }
 
@@ -167,7 +160,7 @@ mod x86 {
     /// AVX-512F + VL present.
     #[target_feature(enable = "avx512f,avx512vl")]
     pub unsafe fn fma512(iters: u64) -> f32 {
-        chains!(iters, _mm512_set1_ps, _mm512_fmadd_ps, __m512, |v| {
+        chains!(iters, _mm512_set1_ps, _mm512_fmadd_ps, |v| {
             _mm512_reduce_add_ps(v)
         })
     }
@@ -176,18 +169,13 @@ mod x86 {
     /// AVX2 + FMA present.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn fma256(iters: u64) -> f32 {
-        chains!(
-            iters,
-            _mm256_set1_ps,
-            _mm256_fmadd_ps,
-            __m256,
-            |v: __m256| {
-                let mut out = [0f32; 8];
-                // SAFETY: out holds 8 f32.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
-                out.iter().sum::<f32>()
-            }
-        )
+        let sum8 = |v: __m256| {
+            let mut out = [0f32; 8];
+            // SAFETY: out holds 8 f32.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+            out.iter().sum::<f32>()
+        };
+        chains!(iters, _mm256_set1_ps, _mm256_fmadd_ps, sum8)
     }
 }
 
