@@ -19,7 +19,8 @@ import layerscope
 import numpy as np
 import pytest
 from layerscope import _native
-from layerscope._device import _Layers, resolve_device, run_tile
+from layerscope._device import resolve_device, run_tile
+from layerscope._device.feed import _Layers
 from layerscope._source import native_part, resolve
 from layerscope.errors import InvalidArgumentError, NonFiniteError
 

@@ -18,7 +18,9 @@ import layerscope
 import numpy as np
 import pytest
 from layerscope import _device
-from layerscope._device import Devices, _Feed, _Layers, resolve_device
+from layerscope._device import Devices, resolve_device
+from layerscope._device.arith import _TileSums
+from layerscope._device.feed import _Feed, _Layers, _Slot
 from layerscope._source import resolve
 from layerscope.errors import InvalidArgumentError, MemoryBudgetError, NonFiniteError
 
@@ -207,7 +209,7 @@ def test_device_out_of_memory_is_a_budget_error(monkeypatch: pytest.MonkeyPatch)
     def refuse(*a: Any, **k: Any) -> Any:
         raise oom("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(_device._TileSums, "add", refuse)
+    monkeypatch.setattr(_TileSums, "add", refuse)
     arrays = {"a": np.random.default_rng(0).standard_normal((50, 4))}
     with pytest.raises(MemoryBudgetError, match=_device.DEVICE_MEMORY_ENV):
         layerscope.cka(arrays, device="cpu", progress=False, strategy="tiled")
@@ -229,7 +231,7 @@ def test_cuda_feed_pinned_and_asynchronous(tmp_path: Path) -> None:
         assert ts[0].is_cuda
         got.append(ts[0].cpu().numpy())
     np.testing.assert_array_equal(np.concatenate(got), src.read("a", 0, 500, np.float32))
-    slot = _device._Slot(torch, torch.device("cuda"), [(4, 4)], [np.float32])
+    slot = _Slot(torch, torch.device("cuda"), [(4, 4)], [np.float32])
     assert slot.host[0].is_pinned()
 
 

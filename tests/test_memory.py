@@ -332,7 +332,7 @@ def test_binding_entry_points_take_the_budget() -> None:
     with pytest.raises(MemoryBudgetError, match="RSA"):
         _native.rsa_matrix([x], None, max_memory=1000)
     with pytest.raises(MemoryBudgetError, match="nearest-neighbour"):
-        _native.mutual_knn_matrix([x], None, k=3, max_memory=1000)
+        _native.neighbour_matrix([x], None, "mutual_knn", k=3, max_memory=1000)
     with pytest.raises(MemoryBudgetError, match="nearest-neighbour"):
         _native.knn_graph(x, 3, max_memory=1000)
     with pytest.raises(MemoryBudgetError, match="minibatch CKA"):

@@ -186,9 +186,9 @@ def test_bad_inputs_typed_errors() -> None:
     with pytest.raises(InvalidArgumentError):
         _native.rsa_matrix([ls["x"][:2]])
     with pytest.raises(MismatchError):
-        _native.mutual_knn_matrix([ls["x"]], [ls["x"][:20]], k=3)
+        _native.neighbour_matrix([ls["x"]], [ls["x"][:20]], "mutual_knn", k=3)
     with pytest.raises(InvalidArgumentError):
-        _native.mutual_knn_matrix([ls["x"]], None, k=30)
+        _native.neighbour_matrix([ls["x"]], None, "mutual_knn", k=30)
 
 
 def test_knn_graph_exact_f32_offsets_and_scales() -> None:
@@ -248,7 +248,8 @@ def test_prepared_layers_in_blocks_equal_the_all_pairs_tables(measure: str) -> N
         "rsa": ("rsa", {"dissimilarity": "correlation"},
                 lambda a, b=None: _native.rsa_matrix(a, b, dissimilarity="correlation")),
         "knn": ("knn", {"k": 6, "normalize": True},
-                lambda a, b=None: _native.mutual_knn_matrix(a, b, k=6, normalize=True)),
+                lambda a, b=None: _native.neighbour_matrix(a, b, "mutual_knn", k=6,
+                                                           normalize=True)),
     }[measure]
     preps = [pickle.loads(pickle.dumps(_native.prepare_layer(x, kind, **opts))) for x in xs]
     assert preps[0].kind == kind

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ._memory import MemoryBudget, memory_budget
 from ._native import __version__
+from ._validate import Placement, RunOptions
 from .capture import Capture, capture
 from .dumps import convert
 from .errors import (
@@ -33,6 +34,7 @@ from .errors import (
     StoreIOError,
     StoreLockedError,
     StoreNotFoundError,
+    UnknownArgumentError,
 )
 from .measures import (
     IDResult,
@@ -55,9 +57,9 @@ from .runs import BatchResult, batch
 from .store import ActivationStore, StoreWriter, open, write_store
 
 __all__ = [
-    "__version__", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
+    "__version__", "RunOptions", "Placement", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "StoreIOError", "NonFiniteError",
-    "InvalidArgumentError", "MemoryBudgetError", "CaptureError",
+    "InvalidArgumentError", "UnknownArgumentError", "MemoryBudgetError", "CaptureError",
     "ClusterError", "MissingDependencyError", "MatrixResult", "Result",
     "load_result", "ActivationStore", "StoreWriter", "open", "write_store", "capture",
     "Capture", "convert", "cka", "spectrum", "alignment", "analyze", "SpectrumResult",

@@ -384,10 +384,6 @@ def cknna_bytes(layers: int, m: int, dmax: int, k: int) -> int:
     """Peak bytes of CKNNA over `layers` layers of `m` sampled rows, the widest `dmax` wide
     (see `layerscope_core::measures::cknna::cknna_bytes`)."""
 
-def cknna_matrix(a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *, k: int = 10, normalize: bool = True, max_memory: int | None = None, progress: ProgressCallback = None) -> npt.NDArray[np.float64]:
-    """CKNNA (Huh et al. 2024) for all layer pairs (La×Lb, or La×La when b is None); see
-    `layerscope_core::measures::cknna::cknna_matrix`."""
-
 def default_block_rows(dims: Sequence[int], compute: str = 'float64') -> int:
     """Rows per block the streaming pass uses by default for layers of these widths."""
 
@@ -447,9 +443,11 @@ def moments_pass(parts: Sequence[Part], names: Sequence[str], block_rows: int | 
     in-memory layers, row-aligned, side by side), GIL released, reader thread one block ahead.
     Returns the finalised `Moments`."""
 
-def mutual_knn_matrix(a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *, k: int = 10, normalize: bool = False, max_memory: int | None = None, progress: ProgressCallback = None) -> npt.NDArray[np.float64]:
-    """Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None); see
-    `layerscope_core::measures::rsa::mutual_knn_matrix`."""
+def neighbour_matrix(a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None, measure: str, *, k: int = 10, normalize: bool = True, max_memory: int | None = None, progress: ProgressCallback = None) -> npt.NDArray[np.float64]:
+    """Mutual kNN alignment (`measure="mutual_knn"`, see
+    `layerscope_core::measures::rsa::mutual_knn_matrix`) or CKNNA (`"cknna"`, Huh et al. 2024,
+    `layerscope_core::measures::cknna::cknna_matrix`) for all layer pairs (La×Lb, or La×La
+    when b is None): the measures on each row's `k` nearest neighbours."""
 
 def pair_pass(parts: Sequence[Part], names: Sequence[str], num_a: int, block_rows: int | None = None, check_finite: bool = True, max_memory: int | None = None, progress: ProgressCallback = None, compute: str = 'float64', strategy: str | None = None) -> PairStats:
     """The exact linear pair statistics of `parts` (see `source.rs`; the first `num_a` layers are
@@ -488,13 +486,13 @@ def prepare_bytes(measure: str, m: int, d: int, *, unbiased: bool = False, k: in
 def prepare_layer(x: npt.NDArray[np.float64], measure: str, *, sigma: float = 1.0, unbiased: bool = False, dissimilarity: str = 'euclidean', compare: str = 'spearman', k: int = 10, normalize: bool = False, max_memory: int | None = None, products: Any | None = None) -> PreparedLayer:
     """One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
     estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
-    :func:`mutual_knn_matrix` (``"knn"``: its exact kNN graph); checked against the budget
+    :func:`neighbour_matrix` (``"knn"``: its exact kNN graph); checked against the budget
     (:func:`prepare_bytes`) first. `products`: as in :func:`knn_graph`."""
 
 def prepared_table(a: Sequence[PreparedLayer], b: Sequence[PreparedLayer] | None = None) -> dict[str, Any]:
     """The pair table over prepared layers (``b`` None: every pair of ``a``, each unordered
     pair once, the diagonal as :func:`rbf_hsic` / :func:`rsa_matrix` /
-    :func:`mutual_knn_matrix` give it). A dict: ``values`` (La×Lb); for RBF also ``xy``
+    :func:`neighbour_matrix` give it). A dict: ``values`` (La×Lb); for RBF also ``xy``
     (La×Lb HSIC), ``xx``, ``yy`` (self-HSICs), ``bw_a``, ``bw_b``."""
 
 def rbf_hsic(a: Sequence[npt.NDArray[np.float64]], b: Sequence[npt.NDArray[np.float64]] | None = None, *, sigma: float = 1.0, unbiased: bool = False, max_memory: int | None = None, progress: ProgressCallback = None) -> dict[str, Any]:

@@ -340,6 +340,8 @@ def run_tile_device(plan: Any, names: list[str], parts: list[Part], t: int, star
     torch engine (:func:`layerscope._device.run_tile`: the same partial as :func:`run_tile`'s,
     to rounding). ``"cuda"``: the GPU Ray assigned to this task (the first it sees)."""
     from . import _device
+    from ._device.feed import _Layers
+    from ._device.passes import _tile_block_rows
 
     torch = _device.torch_module()
     if device == "cuda":
@@ -349,14 +351,14 @@ def run_tile_device(plan: Any, names: list[str], parts: list[Part], t: int, star
     else:
         dev = torch.device(device)
     srcs = [open_source(p) for p in parts]
-    layers = _device._Layers([(s, list(p.layers)) for s, p in zip(srcs, parts)])
+    layers = _Layers([(s, list(p.layers)) for s, p in zip(srcs, parts)])
     nparts = [native_part(s, p.layers) for s, p in zip(srcs, parts)]
     budget, source = _device.device_budget(dev)
     dims = [int(d) for d in plan.dims]
     n = int(srcs[0].num_rows)
     with _device.oom_as_budget_error(torch, dev, budget, f"{where()}, {source}"), \
             _device.precision(torch, compute), torch.no_grad():
-        br = _device._tile_block_rows(plan, t, dims, stop - start, dev, budget)
+        br = _tile_block_rows(plan, t, dims, stop - start, dev, budget)
         return bytes(_device.run_tile(
             torch, dev, plan, layers, nparts, t, n, compute=compute,
             check_finite=check_finite, block_rows=br, rows=(start, stop), shift=shift))
@@ -634,10 +636,3 @@ def moment_passes(jobs: list[tuple[list[tuple[Source, list[str]]], int]], *, com
                                 job.plan.block_rows, job.plan.peak_bytes)
         meta.update(engine="ray", **run.meta())
         yield m, meta
-
-
-def check_backend(backend: str, ray_address: str | None) -> None:
-    """``ray_address`` only with ``backend="ray"``."""
-    if ray_address is not None and backend != "ray":
-        raise InvalidArgumentError("ray_address needs backend='ray'")
-

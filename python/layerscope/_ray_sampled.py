@@ -92,8 +92,7 @@ def id_layer(part: Part, name: str, options: dict[str, Any]) -> tuple[Any, list[
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = intrinsic_dimensions.__wrapped__(  # type: ignore[attr-defined]
-            open_source(part), layers=[name], progress=False, **options)
+        out = intrinsic_dimensions(open_source(part), layers=[name], progress=False, **options)
     return out, [(str(w.message), w.category) for w in caught]
 
 

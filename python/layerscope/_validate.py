@@ -18,16 +18,17 @@ in the tuple accepts ``None``).
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from ._defaults import BACKENDS
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnknownArgumentError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -298,28 +299,142 @@ def check(where: str, name: str, value: Any, rules: Any) -> Any:
         f"{_text(rules)}")
 
 
-def validated(_where: str | None = None, **spec: Any) -> Callable[[F], F]:
+class Group:
+    """The runtime half of a ``TypedDict`` of keyword options that several public functions
+    share (``**run: Unpack[RunOptions]``): each option's rules and default, the annotation
+    taken from the ``TypedDict`` (its one definition for type checkers). :func:`validated`
+    shows the options as keyword-only parameters of the public signature, checks the given
+    ones and passes every one, defaults filled in, to the function's ``**`` parameter."""
+
+    def __init__(self, typed: type, *, relate: Callable[[dict[str, Any]], None] | None = None,
+                 **options: tuple[Any, Any]) -> None:
+        names = list(typed.__annotations__)
+        if sorted(names) != sorted(options):
+            raise TypeError(f"Group({typed.__name__}): options {sorted(options)} are not its "
+                            f"keys {sorted(names)}")
+        self.typed, self.relate = typed, relate
+        self.options = dict(options)  # in the order of the public signature
+
+    def extend(self, typed: type, **options: tuple[Any, Any]) -> Group:
+        """The group of ``typed`` (a ``TypedDict`` deriving from this one's) with the rules
+        and defaults of its own keys ``options`` (first in the signature)."""
+        return Group(typed, relate=self.relate, **{**options, **self.options})
+
+    def parameters(self) -> list[inspect.Parameter]:
+        """The options as keyword-only parameters, in the order given."""
+        out = []
+        for name, (_, default) in self.options.items():
+            ann = self.typed.__annotations__[name]
+            ann = getattr(ann, "__forward_arg__", ann)
+            out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                         annotation=ann))
+        return out
+
+
+class Placement(TypedDict, total=False):
+    """Where and within what a measure runs: never what it computes (the numbers are the same
+    whatever these are, to the rounding of the engine).
+
+    * ``max_memory``: the memory budget, bytes or a size such as ``"4G"`` (default
+      ``LAYERSCOPE_MAX_MEMORY``, else 0.8 × the machine's available memory; see
+      :func:`layerscope.memory_budget`), checked against the plan before any row is read;
+      with ``backend="ray"`` each node's budget.
+    * ``backend``: ``"local"`` or ``"ray"`` (the work cut into tasks on a Ray cluster;
+      ``meta["tasks"]`` records what ran).
+    * ``ray_address``: the cluster to join when no Ray session is running (else the running
+      one; else a local cluster is started).
+    * ``device``: None (the Rust CPU engine), ``"auto"`` (CUDA when torch sees one, else
+      Rust) or a torch device (``"cuda"``, ``"cuda:1"``, several sharing the tiles, or
+      ``"cpu"``: the torch engine on the CPU): the products on that device under the same
+      rules (:mod:`layerscope._device`), ``meta["device"]``.
+    """
+
+    max_memory: int | str | None
+    backend: str
+    ray_address: str | None
+    device: Any
+
+
+class RunOptions(Placement, total=False):
+    """:class:`Placement` and ``progress``: ``True`` (a bar), ``False``, or a callable
+    ``cb(done, total)``."""
+
+    progress: Any
+
+
+def check_backend(backend: str, ray_address: str | None) -> None:
+    """``ray_address`` only with ``backend="ray"``."""
+    if ray_address is not None and backend != "ray":
+        raise InvalidArgumentError("ray_address needs backend='ray'")
+
+
+def _ray_address(values: dict[str, Any]) -> None:
+    check_backend(values["backend"], values["ray_address"])
+
+
+#: The runtime rules and defaults of :class:`RunOptions` and :class:`Placement`.
+RUN = Group(RunOptions, relate=_ray_address, progress=(PROGRESS, True),
+            max_memory=(MAX_MEMORY, None), backend=(BACKEND, "local"),
+            ray_address=(RAY_ADDRESS, None), device=(DEVICE, None))
+PLACEMENT = Group(Placement, relate=_ray_address,
+                  **{k: v for k, v in RUN.options.items() if k != "progress"})
+
+
+def _unknown(where: str, names: list[str], takes: list[str]) -> UnknownArgumentError:
+    hints = [f"{n!r} (closest: {', '.join(difflib.get_close_matches(n, takes, n=3)) or 'none'})"
+             for n in names]
+    return UnknownArgumentError(
+        f"{where}: unknown keyword(s) {', '.join(hints)}; it takes {', '.join(takes)}")
+
+
+def validated(_where: str | None = None, *, options: Group | None = None,
+              **spec: Any) -> Callable[[F], F]:
     """Decorate a public function: before its body runs, every parameter named in ``spec``
     is checked (and normalised) by its rules, see :func:`check`; errors name the function as
-    ``_where`` (default ``layerscope.<name>``). The signature (and so ``help()``, type
-    checkers and IDEs) is the function's own."""
+    ``_where`` (default ``layerscope.<name>``). ``options``: the :class:`Group` of the
+    function's ``**`` parameter, shown in the public signature (``__signature__``: what
+    ``help()`` and ``inspect`` show) as keyword-only parameters, each checked by its rules and
+    passed with its default when not given. A keyword the function does not take is an
+    :class:`UnknownArgumentError` (a ``TypeError``) naming the closest it does take."""
 
     def wrap(fn: F) -> F:
         sig = inspect.signature(fn)
-        unknown = set(spec) - set(sig.parameters)
+        params = list(sig.parameters.values())
+        defaults: dict[str, Any] = {}
+        rules = dict(spec)
+        if options is not None:
+            if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+                raise TypeError(f"validated(options=...): {fn.__name__} has no ** parameter")
+            params = params[:-1] + options.parameters()
+            defaults = {n: d for n, (_, d) in options.options.items()}
+            rules.update({n: r for n, (r, _) in options.options.items()})
+        public = sig.replace(parameters=params)
+        unknown = set(spec) - set(public.parameters)
         if unknown:  # a typo in a spec must fail at import, not pass silently
             raise TypeError(f"validated({sorted(unknown)}): not parameters of {fn.__name__}")
         where = _where or f"layerscope.{fn.__name__}"
+        takes = [n for n, p in public.parameters.items()
+                 if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
-            bound = sig.bind(*args, **kwargs)
-            for name, rules in spec.items():
+            if not open_ended:
+                bad = [k for k in kwargs if k not in public.parameters]
+                if bad:
+                    raise _unknown(where, bad, takes)
+            bound = public.bind(*args, **kwargs)
+            for name, rule in rules.items():
                 if name in bound.arguments:
-                    bound.arguments[name] = check(where, name, bound.arguments[name], rules)
+                    bound.arguments[name] = check(where, name, bound.arguments[name], rule)
+            for name, default in defaults.items():
+                bound.arguments.setdefault(name, default)
+            if options is not None and options.relate is not None:
+                options.relate(bound.arguments)
             return fn(*bound.args, **bound.kwargs)
 
-        inner.__layerscope_rules__ = (where, spec)  # type: ignore[attr-defined]
+        inner.__signature__ = public  # type: ignore[attr-defined]
+        inner.__layerscope_rules__ = (where, rules)  # type: ignore[attr-defined]
         return inner  # type: ignore[return-value]
 
     return wrap

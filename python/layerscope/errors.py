@@ -43,6 +43,11 @@ class InvalidArgumentError(LayerscopeError, ValueError):
     """A parameter is outside its domain."""
 
 
+class UnknownArgumentError(InvalidArgumentError, TypeError):
+    """A keyword the function does not take (a ``TypeError``, as Python's own, naming the
+    closest keywords it does take)."""
+
+
 class MemoryBudgetError(LayerscopeError, MemoryError):
     """The computation would exceed the memory budget; the message lists the options."""
 
@@ -79,6 +84,7 @@ class StoreLockedError(LockedError):
 __all__ = [
     "LockedError", "StoreLockedError", "LayerscopeError", "FormatError", "MismatchError", "MissingLayerError",
     "StoreNotFoundError", "StoreExistsError", "NonFiniteError", "InvalidArgumentError",
+    "UnknownArgumentError",
     "MemoryBudgetError", "StoreIOError", "CaptureError", "Interrupted", "MissingDependencyError",
 ]
 

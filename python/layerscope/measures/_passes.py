@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import RunOptions
 from ..errors import InvalidArgumentError
 
 
@@ -41,8 +42,7 @@ class Tiles:
 
     def __init__(
         self, source: Any, layers: Any, other: Any, other_layers: Any, *, pairs: bool,
-        compute: str, budget: int | None, progress: Any, backend: str = "local",
-        ray_address: str | None = None, device: Any = None,
+        compute: str, run: RunOptions,
     ) -> None:
         from .._moments import _itemsize, measure_tiles, resolve_compute
         from .._source import check_comparable, resolve
@@ -62,13 +62,13 @@ class Tiles:
         self.item = [_itemsize(src, x) for src, ls in parts for x in ls]
         self.n = int(self.a.num_rows)
         self.compute = resolve_compute(compute, parts)
-        self.budget = budget
-        self.progress = progress
-        self.backend = backend
-        self.ray_address = ray_address
+        self.budget = budget = run.get("max_memory")
+        self.progress = run.get("progress", False)
+        self.backend = run.get("backend", "local")
+        self.ray_address = run.get("ray_address")
         from .._moments import _device_for
 
-        self.device = _device_for(device, backend, compute, ray_ok=True)
+        self.device = _device_for(run.get("device"), self.backend, compute, ray_ok=True)
         if self.n == 0:
             raise InvalidArgumentError("the source has no rows")
         self.strategy, self.tiles, self.peak = measure_tiles(
@@ -267,13 +267,13 @@ def _put_alignment(
 
 def run_measures(
     source: Any, layers: Any, other: Any, other_layers: Any, *, spectrum: bool,
-    aligns: dict[str, dict[str, Any]], ckas: list[bool], compute: str, budget: int | None,
-    progress: Any, pca_threshold: float | None = None, backend: str = "local",
-    ray_address: str | None = None, device: Any = None,
+    aligns: dict[str, dict[str, Any]], ckas: list[bool], compute: str, run: RunOptions,
+    pca_threshold: float | None = None,
 ) -> tuple[Tiles, dict[str, Any], dict[str, Any]]:
     """Spectra (of every selected layer when ``spectrum``), the alignments ``aligns``
     (key → options of ``Moments.alignment``, without rows/cols) and linear CKA (``ckas``: the
-    ``debiased`` flags) from the passes of one plan; returns ``(tiles, raw results, meta)``
+    ``debiased`` flags) from the passes of one plan (``run``: where and within what budget,
+    :class:`layerscope.RunOptions`); returns ``(tiles, raw results, meta)``
     with ``raw["spectra"]`` (per layer, in order), ``raw[key]`` (alignment dicts as
     ``Moments.alignment`` returns them) and ``raw[("cka", debiased)]`` (rows × cols arrays)."""
     pairs = bool(aligns or ckas)
@@ -281,9 +281,7 @@ def run_measures(
     if is_capture(source):
         t = Captured(source, layers, other)
     else:
-        t = Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute,
-                  budget=budget, progress=progress, backend=backend, ray_address=ray_address,
-                  device=device)
+        t = Tiles(source, layers, other, other_layers, pairs=pairs, compute=compute, run=run)
     rows, cols = t.rows, t.cols
     nr, nc = len(rows), len(cols)
     raw: dict[str, Any] = {}
@@ -311,8 +309,8 @@ def run_measures(
                          "symmetric": other is None}
             if align is None and not spec:
                 continue
-            res = moment_measures(m, [local[g] for g in spec], align, budget,
-                            pca_threshold if align is None else None)
+            res = moment_measures(m, [local[g] for g in spec], align, run.get("max_memory"),
+                                  pca_threshold if align is None else None)
             for g, sp in zip(spec, list(res["spectra"])):
                 spectra[g] = sp
             spec = []

@@ -40,28 +40,13 @@ Quantities that coincide (each shown by a test in ``tests/test_alignment.py``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from .._defaults import ALIGN_K, RIDGE
 from .._moments import COMPUTE
-from .._ray import check_backend
-from .._validate import (
-    BACKEND,
-    DEVICE,
-    LAYERS,
-    MAX_MEMORY,
-    PROGRESS,
-    RAY_ADDRESS,
-    Float,
-    Int,
-    OneOf,
-    Strings,
-    check,
-    validated,
-)
-from ..errors import InvalidArgumentError
+from .._validate import LAYERS, RUN, Float, Int, OneOf, RunOptions, Strings, validated
 from ..results import MatrixResult, Result
 from ._passes import run_measures
 from .spectrum import spectrum_result
@@ -152,8 +137,22 @@ class AlignmentResult(MatrixResult):
 
 #: ``k`` of the top-k methods: a number of directions, or "auto" (99 % of the variance).
 K = (Int(1), OneOf("auto"))
-_RULES = {"method": OneOf(*METHODS), "space": OneOf(*SPACES), "ridge": Float(0),
-          "top": (None, Int(1)), "compute": OneOf(*COMPUTE), "k": K}
+
+
+class AnalyzeOptions(RunOptions, total=False):
+    """:func:`analyze`'s keywords for the alignment (``method``, ``space``, ``ridge``), the
+    spectra (``top``) and the pass (``compute``), and its :class:`RunOptions`."""
+
+    method: str
+    space: str
+    ridge: float
+    top: int | None
+    compute: str
+
+
+_ANALYZE = RUN.extend(AnalyzeOptions, method=(OneOf(*METHODS), "subspace"),
+                      space=(OneOf(*SPACES), "samples"), ridge=(Float(0), RIDGE),
+                      top=((None, Int(1)), None), compute=(OneOf(*COMPUTE), "float64"))
 
 
 def _align_opts(method: str, space: str, k: int | str, ridge: float) -> dict[str, Any]:
@@ -212,9 +211,8 @@ def alignment_result(
 # --------------------------------------------------------------------------- public API
 
 
-@validated(method=_RULES["method"], k=K, space=_RULES["space"], layers=LAYERS,
-           other_layers=LAYERS, ridge=_RULES["ridge"], progress=PROGRESS, max_memory=MAX_MEMORY,
-           backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE)
+@validated(method=OneOf(*METHODS), k=K, space=OneOf(*SPACES), layers=LAYERS,
+           other_layers=LAYERS, ridge=Float(0), options=RUN)
 def alignment(
     source: Any,
     other: Any = None,
@@ -225,11 +223,7 @@ def alignment(
     layers: Sequence[str] | str | None = None,
     other_layers: Sequence[str] | str | None = None,
     ridge: float = RIDGE,
-    progress: bool = True,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **run: Unpack[RunOptions],
 ) -> AlignmentResult:
     """Alignment of every layer pair (rows = ``source`` layers, cols = ``other`` layers or the
     same layers), from one pass of moments.
@@ -250,25 +244,20 @@ def alignment(
     full-rank equal-width layers = ``subspace`` overlap at ``k = d``; the ``procrustes``
     value = the sum of its cosines. ``space="samples"`` measures how much two layers share the
     same *token* directions (xKV's cross-layer SVD); it is invariant to any invertible mixing
-    of a layer's features, unlike per-token cosine similarity. ``max_memory``: the memory
-    budget, as in :func:`spectrum`; ``backend="ray"``: the passes cut into row-range tasks on
-    a Ray cluster (``ray_address``: as in :func:`layerscope.cka`); ``device``: None (default: the Rust CPU engine),
-    ``"auto"`` (CUDA when torch sees one, else Rust) or a torch device (``"cuda"``,
-    ``"cuda:1"``, ``"cpu"``: the torch engine on the CPU): the passes' block products on that
-    device under the same rules (:mod:`layerscope._device`), ``meta["device"]``."""
-    check_backend(backend, ray_address)
+    of a layer's features, unlike per-token cosine similarity. ``run``: ``progress``,
+    ``max_memory``, ``backend`` (``"ray"``: the passes cut into row-range tasks),
+    ``ray_address``, ``device`` (the passes' block products there), see
+    :class:`layerscope.RunOptions`."""
     opts = _align_opts(method, space, k, ridge)
     t, raw, meta = run_measures(source, layers, other, other_layers, spectrum=False,
                                 aligns={"alignment": opts}, ckas=[], compute="float64",
-                                budget=max_memory, progress=progress, backend=backend,
-                                ray_address=ray_address, device=device)
+                                run=run)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     return alignment_result(raw["alignment"], rn, cn, method, space, k, ridge, meta)
 
 
 @validated(measures=Strings(options=ANALYZE_MEASURES), layers=LAYERS, other_layers=LAYERS,
-           k=K, progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND,
-           ray_address=RAY_ADDRESS, device=DEVICE)
+           k=K, options=_ANALYZE)
 def analyze(
     source: Any,
     other: Any = None,
@@ -277,12 +266,7 @@ def analyze(
     layers: Sequence[str] | str | None = None,
     other_layers: Sequence[str] | str | None = None,
     k: int | str = ALIGN_K,
-    progress: bool = True,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
-    **kw: Any,
+    **kw: Unpack[AnalyzeOptions],
 ) -> dict[str, Result]:
     """CKA, spectra and alignment from ONE pass over the data (a single moment accumulation).
 
@@ -292,37 +276,23 @@ def analyze(
     methods from the same pass (e.g. ``["alignment", "alignment:procrustes",
     "alignment:svcca"]``). Extra keywords go to the alignment (``method``, ``space``,
     ``ridge``) and spectrum (``top``); ``compute="float32"`` runs the pass with float32
-    block products (see :func:`layerscope.cka`); ``max_memory``: the memory budget, as in
-    :func:`spectrum`; ``backend="ray"``: the passes cut into row-range tasks on a Ray cluster
-    (``ray_address``: as in :func:`layerscope.cka`); ``device``: None (default: the Rust CPU engine),
-    ``"auto"`` (CUDA when torch sees one, else Rust) or a torch device (``"cuda"``,
-    ``"cuda:1"``, ``"cpu"``: the torch engine on the CPU): the passes' block products on that
-    device under the same rules (:mod:`layerscope._device`), ``meta["device"]``. All arguments are checked
-    before the pass.
+    block products (see :func:`layerscope.cka`); the other keywords (``progress``,
+    ``max_memory``, ``backend``, ``ray_address``, ``device``): as in :func:`alignment`. All
+    arguments are checked before the pass (:class:`AnalyzeOptions`).
     Returns ``{measure: Result}`` keyed by the strings of ``measures``."""
-    bad = set(kw) - {"method", "space", "ridge", "top", "compute"}
-    if bad:
-        raise InvalidArgumentError(
-            f"layerscope.analyze: unknown keyword(s) {sorted(bad)}; the extra keywords are "
-            "method, space, ridge, top and compute")
-    check_backend(backend, ray_address)
-    kw = {name: check("layerscope.analyze", name, v, _RULES[name]) for name, v in kw.items()}
-    compute = kw.get("compute", "float64")
-    space = kw.get("space", "samples")
-    ridge = kw.get("ridge", RIDGE)
-    top = kw.get("top")
+    compute, space, ridge, top = kw["compute"], kw["space"], kw["ridge"], kw["top"]
+    run: RunOptions = {name: kw[name] for name in RUN.options}  # type: ignore[misc]
     aligns: dict[str, str] = {}  # measure key -> method
     for mname in measures:
         if mname == "alignment":
-            aligns[mname] = kw.get("method", "subspace")
+            aligns[mname] = kw["method"]
         elif mname.startswith("alignment:"):
             aligns[mname] = mname.split(":", 1)[1]
     opts = {key: _align_opts(method, space, k, ridge) for key, method in aligns.items()}
     ckas = [deb for name, deb in (("cka", False), ("cka_debiased", True)) if name in measures]
     t, raw, meta = run_measures(source, layers, other, other_layers,
                                 spectrum="spectrum" in measures, aligns=opts, ckas=ckas,
-                                compute=compute, budget=max_memory, progress=progress,
-                                backend=backend, ray_address=ray_address, device=device)
+                                compute=compute, run=run)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     out: dict[str, Result] = {}
     for mname, deb in (("cka", False), ("cka_debiased", True)):

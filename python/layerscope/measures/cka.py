@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Unpack
 
 import numpy as np
 
@@ -47,22 +47,9 @@ from .. import _native
 from .._defaults import BATCH_SIZE, SAMPLE_CAP
 from .._moments import COMPUTE, pair_stats
 from .._progress import Progress
-from .._ray import check_backend
 from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import Source, check_comparable, native_part, resolve
-from .._validate import (
-    BACKEND,
-    DEVICE,
-    LAYERS,
-    MAX_MEMORY,
-    PROGRESS,
-    RAY_ADDRESS,
-    SEED,
-    Float,
-    Int,
-    OneOf,
-    validated,
-)
+from .._validate import LAYERS, RUN, SEED, Float, Int, OneOf, RunOptions, validated
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
 
@@ -76,10 +63,9 @@ DEFAULT_BATCH_SIZE: int = BATCH_SIZE
 
 @validated(kernel=OneOf(*KERNELS), estimator=OneOf(*ESTIMATORS), layers=LAYERS,
            other_layers=LAYERS, sample=(None, Int(1)), seed=SEED, sigma=Float(0, lo_open=True),
-           batch_size=(None, Int(4)), max_memory=MAX_MEMORY, nonfinite=OneOf("error", "nan"),
-           compute=OneOf(*COMPUTE), strategy=(None, OneOf(*_native.PAIR_STRATEGIES)),
-           progress=PROGRESS, backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE,
-           null=Int(0), bootstrap=Int(0), confidence=Float(0, 1, lo_open=True, hi_open=True))
+           batch_size=(None, Int(4)), nonfinite=OneOf("error", "nan"), compute=OneOf(*COMPUTE),
+           strategy=(None, OneOf(*_native.PAIR_STRATEGIES)), null=Int(0), bootstrap=Int(0),
+           confidence=Float(0, 1, lo_open=True, hi_open=True), options=RUN)
 def cka(
     source: Any,
     other: Any = None,
@@ -92,17 +78,13 @@ def cka(
     seed: int = 0,
     sigma: float = 1.0,
     batch_size: int | None = None,
-    max_memory: int | str | None = None,
     nonfinite: str = "error",
     compute: str = "auto",
     strategy: str | None = None,
-    progress: Any = True,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
     null: int = 0,
     bootstrap: int = 0,
     confidence: float = 0.95,
+    **run: Unpack[RunOptions],
 ) -> MatrixResult:
     """CKA of every layer pair (see the module docstring for the formulas and papers).
 
@@ -206,7 +188,6 @@ def cka(
         raise InvalidArgumentError(
             "null= and bootstrap= calibrate the biased and debiased estimators (on centred "
             "Grams of one sample); estimator='minibatch' has no Gram of all rows to permute")
-    check_backend(backend, ray_address)
     if batch_size is not None and estimator != "minibatch":
         raise InvalidArgumentError("batch_size only applies to estimator='minibatch'")
     if strategy is not None and (kernel != "linear" or estimator == "minibatch"):
@@ -225,7 +206,7 @@ def cka(
         if null or bootstrap:
             raise InvalidArgumentError(
                 "null= and bootstrap= need the rows; a capture holds only their moments")
-        return _captured(source, other, kernel, estimator, layers, max_memory, t0)
+        return _captured(source, other, kernel, estimator, layers, run["max_memory"], t0)
     a = resolve(source)
     b = resolve(other) if other is not None else None
     la = a.select(layers)
@@ -235,18 +216,16 @@ def cka(
     elif other_layers is not None:
         raise InvalidArgumentError("other_layers needs other=")
 
-    job = _Job(a, b, la, lb, sample, seed, max_memory, nonfinite, progress)
+    job = _Job(a, b, la, lb, sample, seed, nonfinite, run)
     if estimator == "minibatch":
-        res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE, backend,
-                         ray_address, device)
+        res = _minibatch(job, kernel, sigma, batch_size or DEFAULT_BATCH_SIZE)
     elif kernel == "linear":
-        res = _linear(job, estimator, compute, strategy, backend, ray_address, device)
+        res = _linear(job, estimator, compute, strategy)
     else:
-        res = _rbf(job, estimator, sigma, backend, ray_address, device)
+        res = _rbf(job, estimator, sigma)
     if null or bootstrap:
         t1 = time.perf_counter()
-        res.meta.update(_calibrated(job, kernel, estimator, sigma, null, bootstrap, confidence,
-                                    device, backend))
+        res.meta.update(_calibrated(job, kernel, estimator, sigma, null, bootstrap, confidence))
         res.meta.setdefault("timings", {})["calibration"] = time.perf_counter() - t1
     res.meta["seconds"] = time.perf_counter() - t0
     return res
@@ -254,7 +233,7 @@ def cka(
 
 
 def _calibrated(job: _Job, kernel: str, estimator: str, sigma: float, null: int,
-                bootstrap: int, confidence: float, device: Any, backend: str) -> dict[str, Any]:
+                bootstrap: int, confidence: float) -> dict[str, Any]:
     """``meta`` entries of ``null=``/``bootstrap=`` (:mod:`._calibrate`): in this process,
     the Grams' products on ``device`` when one is given (with ``backend="ray"``: on the CPU
     here, the sample being small)."""
@@ -262,8 +241,9 @@ def _calibrated(job: _Job, kernel: str, estimator: str, sigma: float, null: int,
     from .._moments import _device_for
     from ._calibrate import calibrate
 
-    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
-    dev = _device_for(device, "local", "float64") if backend == "local" else None
+    a, b, la, lb, sample, seed, nonfinite, run = job
+    max_memory, progress = run["max_memory"], run["progress"]
+    dev = _device_for(run["device"], "local", "float64") if run["backend"] == "local" else None
     return calibrate(a, b, la, lb, kernel=kernel, estimator=estimator, sigma=sigma, null=null,
                      bootstrap=bootstrap, confidence=confidence, sample=sample, seed=seed,
                      max_memory=max_memory, nonfinite=nonfinite, progress=progress,
@@ -282,8 +262,8 @@ def _captured(cap: Any, other: Any, kernel: str, estimator: str, layers: Any,
             "CKA need the rows: capture with out=... and pass the store")
     deb = estimator == "debiased"
     t, raw, meta = run_measures(cap, layers, other, None, spectrum=False, aligns={},
-                                ckas=[deb], compute="float32", budget=max_memory,
-                                progress=False)
+                                ckas=[deb], compute="float32",
+                                run={"max_memory": max_memory, "progress": False})
     res = cka_table(raw[("cka", deb)], t.names, t.names, debiased=deb, meta=meta)
     res.meta.update(measure="cka", kernel="linear", estimator=estimator, n_total=t.n,
                     seconds=time.perf_counter() - t0)
@@ -300,9 +280,8 @@ class _Job(NamedTuple):
     lb: list[str] | None
     sample: int | None
     seed: int
-    max_memory: int | None
     nonfinite: str
-    progress: Any
+    run: RunOptions
 
 
 # ----------------------------------------------------------------------------------------
@@ -341,10 +320,8 @@ def _base_meta(
 # linear, exact (moments)
 
 
-def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
-            backend: str = "local", ray_address: str | None = None,
-            device: Any = None) -> MatrixResult:
-    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
+def _linear(job: _Job, estimator: str, compute: str, strategy: str | None) -> MatrixResult:
+    a, b, la, lb, sample, seed, nonfinite, run = job
     meta = _base_meta("linear", estimator, a.num_rows, seed, sample)
     src_a: Any = a
     src_b: Any = b
@@ -358,14 +335,10 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
         la,
         src_b,
         lb if b is not None else None,
-        progress=progress,
-        max_memory=max_memory,
         check_finite=(nonfinite == "error"),
         compute=compute,
         strategy=strategy,
-        backend=backend,
-        ray_address=ray_address,
-        device=device,
+        **run,
     )
     t1 = time.perf_counter()
     nl = len(m.dims)
@@ -386,7 +359,7 @@ def _linear(job: _Job, estimator: str, compute: str, strategy: str | None,
         shift_offset=mmeta["shift_offset"],
         plan=plan,
         timings={"pass": mmeta["seconds_pass"], "cka": time.perf_counter() - t1},
-        backend=backend,
+        backend=run["backend"],
     )
     if "tasks" in mmeta:
         meta["tasks"] = mmeta["tasks"]
@@ -438,8 +411,7 @@ def _nan_reasons(m: Any, values: np.ndarray, rows: list[int], cols: list[int],
 # RBF on a sample
 
 
-def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
-         ray_address: str | None = None, device: Any = None) -> MatrixResult:
+def _rbf(job: _Job, estimator: str, sigma: float) -> MatrixResult:
     """RBF CKA on the seeded sample: the sampled rows of every layer in memory (f64, checked
     finite), Grams, HSIC and the CKA ratio in Rust (``layerscope_core::measures::cka::rbf``,
     one Gram per layer reused for every pair). With ``nonfinite="nan"``, layers holding
@@ -448,11 +420,12 @@ def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
     (:mod:`layerscope._ray_sampled`: the same functions, the same numbers). With a
     ``device``: each layer's distance products there (``prepare_layer(products=)``), the
     bandwidth, kernel and HSICs in Rust — the steps of the Ray route."""
-    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
+    a, b, la, lb, sample, seed, nonfinite, run = job
+    max_memory, progress, backend = run["max_memory"], run["progress"], run["backend"]
     from .._device import describe, products
     from .._moments import _device_for
 
-    dev = _device_for(device, backend, "float64")
+    dev = _device_for(run["device"], backend, "float64")
 
     cols_all = lb if lb is not None else la
     idx = sample_indices(a.num_rows, sample, seed, SAMPLE_CAP)
@@ -475,7 +448,7 @@ def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
 
             r = pair_table("rbf", a, b, ga, gb if b is not None else None, idx,
                            {"sigma": sigma, "unbiased": estimator == "debiased"},
-                           max_memory=max_memory, progress=progress, address=ray_address)
+                           max_memory=max_memory, progress=progress, address=run["ray_address"])
             meta["tasks"] = r["tasks"]
         else:
             check_sample(a, b, ga, gb, m, max_memory)
@@ -546,13 +519,13 @@ def _rbf(job: _Job, estimator: str, sigma: float, backend: str = "local",
 # minibatch (Rust, streamed)
 
 
-def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int, backend: str = "local",
-               ray_address: str | None = None, device: Any = None) -> MatrixResult:
-    a, b, la, lb, sample, seed, max_memory, nonfinite, progress = job
+def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int) -> MatrixResult:
+    a, b, la, lb, sample, seed, nonfinite, run = job
+    max_memory, progress, backend = run["max_memory"], run["progress"], run["backend"]
     from .._device import describe, products
     from .._moments import _device_for
 
-    dev = _device_for(device, backend, "float64")
+    dev = _device_for(run["device"], backend, "float64")
     meta = _base_meta(kernel, "minibatch", a.num_rows, seed, sample)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
     if b is not None and lb is not None:
@@ -568,7 +541,7 @@ def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int, backend: s
 
         r = minibatch(parts, names, num_a, kernel=kernel, sigma=sigma, batch_size=batch_size,
                       sample=idx, check_finite=nonfinite == "error", max_memory=max_memory,
-                      progress=progress, address=ray_address)
+                      progress=progress, address=run["ray_address"])
         meta.update(backend="ray", tasks=r["tasks"])
     else:
         with Progress(progress, "minibatch cka") as prog:

@@ -20,29 +20,25 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from .. import _native
 from .._memory import check_budget
 from .._progress import Progress
-from .._ray import check_backend
 from .._sample import indices_hash, load, sample_indices
 from .._source import resolve
 from .._text import Table
 from .._validate import (
-    BACKEND,
-    DEVICE,
     LAYERS,
-    MAX_MEMORY,
-    PROGRESS,
-    RAY_ADDRESS,
+    RUN,
     SEED,
     Float,
     Int,
     Ints,
     OneOf,
+    RunOptions,
     Strings,
     validated,
 )
@@ -150,34 +146,41 @@ class IDResult(Result):
         )
 
 
-@validated(method=OneOf(*METHODS), layers=LAYERS, sample=(None, Int(1)), seed=SEED, k=Int(1), n1=Int(1), n2=Int(1),
-           discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
-           tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
-           pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
-           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS,
-           device=DEVICE)
+class IDOptions(RunOptions, total=False):
+    """The estimators' options shared by :func:`intrinsic_dimension` and
+    :func:`intrinsic_dimensions` (their docstring says what each means), and the
+    :class:`RunOptions`."""
+
+    sample: int | None
+    seed: int
+    k: int
+    n1: int
+    n2: int
+    discard_fraction: float
+    duplicates: str
+    tolerance: float | None
+    bootstrap: int
+    scales: Sequence[int] | None
+    pool: str
+    pca_threshold: float
+
+
+_ID = RUN.extend(
+    IDOptions, sample=((None, Int(1)), 20000), seed=(SEED, 0), k=(Int(1), 20), n1=(Int(1), 1),
+    n2=(Int(1), 2), discard_fraction=(Float(0, 1, hi_open=True), 0.1),
+    duplicates=(OneOf("drop", "error", "keep"), "drop"), tolerance=((None, Float(0)), None),
+    bootstrap=(Int(0), 0), scales=((None, Ints(Int(1))), None),
+    pool=(OneOf("harmonic", "mean", "median"), "harmonic"),
+    pca_threshold=(Float(0, 1, lo_open=True), 0.95))
+
+
+@validated(method=OneOf(*METHODS), layers=LAYERS, options=_ID)
 def intrinsic_dimension(
     source: Any,
     *,
     method: str = "twonn",
     layers: Sequence[str] | str | None = None,
-    sample: int | None = 20000,
-    seed: int = 0,
-    k: int = 20,
-    n1: int = 1,
-    n2: int = 2,
-    discard_fraction: float = 0.1,
-    duplicates: str = "drop",
-    tolerance: float | None = None,
-    bootstrap: int = 0,
-    scales: Sequence[int] | None = None,
-    pool: str = "harmonic",
-    pca_threshold: float = 0.95,
-    progress: Any = True,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **options: Unpack[IDOptions],
 ) -> IDResult:
     """Intrinsic dimension of each layer from exact nearest neighbours of a seeded sample.
 
@@ -228,43 +231,16 @@ def intrinsic_dimension(
     the same neighbours and distances); ``"pca"``: the moment pass's products there.
     ``meta["device"]``.
     """
-    return intrinsic_dimensions.__wrapped__(  # type: ignore[attr-defined]  (checked above)
-        source, methods=(method,), layers=layers, sample=sample, seed=seed, k=k, n1=n1, n2=n2,
-        discard_fraction=discard_fraction, duplicates=duplicates, tolerance=tolerance,
-        bootstrap=bootstrap, scales=scales, pool=pool, pca_threshold=pca_threshold,
-        progress=progress, max_memory=max_memory, backend=backend, ray_address=ray_address,
-        device=device,
-    )[method]
+    return _estimate(source, [method], layers, **options)[method]
 
 
-@validated(methods=Strings(options=METHODS), layers=LAYERS, sample=(None, Int(1)), seed=SEED, k=Int(1), n1=Int(1), n2=Int(1),
-           discard_fraction=Float(0, 1, hi_open=True), duplicates=OneOf("drop", "error", "keep"),
-           tolerance=(None, Float(0)), bootstrap=Int(0), scales=(None, Ints(Int(1))),
-           pool=OneOf("harmonic", "mean", "median"), pca_threshold=Float(0, 1, lo_open=True),
-           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS,
-           device=DEVICE)
+@validated(methods=Strings(options=METHODS), layers=LAYERS, options=_ID)
 def intrinsic_dimensions(
     source: Any,
     *,
     methods: Sequence[str] = ("twonn", "mle"),
     layers: Sequence[str] | str | None = None,
-    sample: int | None = 20000,
-    seed: int = 0,
-    k: int = 20,
-    n1: int = 1,
-    n2: int = 2,
-    discard_fraction: float = 0.1,
-    duplicates: str = "drop",
-    tolerance: float | None = None,
-    bootstrap: int = 0,
-    scales: Sequence[int] | None = None,
-    pool: str = "harmonic",
-    pca_threshold: float = 0.95,
-    progress: Any = True,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **options: Unpack[IDOptions],
 ) -> dict[str, IDResult]:
     """Several intrinsic-dimension estimators from ONE exact kNN graph per layer.
 
@@ -276,7 +252,16 @@ def intrinsic_dimensions(
     every method's result, as in :func:`intrinsic_dimension`). Returns
     ``{method: IDResult}`` in the order of ``methods``; each equals the result of
     ``intrinsic_dimension(method=...)`` with the same arguments."""
-    check_backend(backend, ray_address)
+    return _estimate(source, methods, layers, **options)
+
+
+def _estimate(
+    source: Any, methods: Sequence[str], layers: Any, *, sample: int | None, seed: int, k: int,
+    n1: int, n2: int, discard_fraction: float, duplicates: str, tolerance: float | None,
+    bootstrap: int, scales: Sequence[int] | None, pool: str, pca_threshold: float,
+    progress: Any, max_memory: int | None, backend: str, ray_address: str | None, device: Any,
+) -> dict[str, IDResult]:
+    """The body of both public functions (every argument checked at their door)."""
     from .._moments import _device_for
 
     dev = _device_for(device, backend, "float64")
@@ -437,9 +422,10 @@ def _pca_id(source: Any, layers: Any, threshold: float, progress: Any,
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
     t, raw, pmeta = run_measures(source, layers, None, None, spectrum=True, aligns={},
-                                  ckas=[], compute="float64", budget=max_memory,
-                                  progress=progress, pca_threshold=threshold,
-                                  backend=backend, ray_address=ray_address, device=device)
+                                  ckas=[], compute="float64", pca_threshold=threshold,
+                                  run={"progress": progress, "max_memory": max_memory,
+                                       "backend": backend, "ray_address": ray_address,
+                                       "device": device})
     names = list(t.names)
     n = int(t.n)
     for name, sp in zip(names, raw["spectra"]):

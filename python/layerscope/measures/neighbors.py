@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from .. import _native
 from .._progress import Progress
-from .._ray import check_backend
 from .._sample import check_sample, indices_hash, load, sample_indices
 from .._source import check_comparable, resolve
 from .._validate import (
-    BACKEND,
-    DEVICE,
     LAYERS,
     MAX_MEMORY,
     PROGRESS,
-    RAY_ADDRESS,
+    RUN,
     SEED,
     Bool,
     Int,
     OneOf,
+    RunOptions,
     validated,
 )
 from ..errors import InvalidArgumentError
@@ -36,10 +34,9 @@ from ..results import MatrixResult
 
 def _sampled_table(
     measure: str, source: Any, other: Any, layers: Any, other_layers: Any, sample: int | None,
-    seed: int, max_memory: int | None, progress: Any,
-    run: Callable[[list[np.ndarray], list[np.ndarray] | None, Any], np.ndarray], *,
-    min_rows: int, why: str, backend: str, ray_address: str | None,
-    ray_measure: tuple[str, dict[str, Any]], device: Any = None, **options: Any,
+    seed: int, table: Callable[[list[np.ndarray], list[np.ndarray] | None, Any], np.ndarray],
+    *, min_rows: int, why: str, ray_measure: tuple[str, dict[str, Any]], run: RunOptions,
+    **options: Any,
 ) -> MatrixResult:
     """A table of all layer pairs on a seeded sample: the sampled rows of every selected
     layer of ``source`` (and ``other``) in memory (f64, checked finite; the budget checked
@@ -50,11 +47,11 @@ def _sampled_table(
     (``_native.prepare_layer(products=)``), the pair table in Rust — the steps of the Ray
     route, so the same numbers."""
     t0 = time.perf_counter()
-    check_backend(backend, ray_address)
+    max_memory, progress, backend = run["max_memory"], run["progress"], run["backend"]
     from .._device import describe, products
     from .._moments import _device_for
 
-    dev = _device_for(device, backend, "float64")
+    dev = _device_for(run.get("device"), backend, "float64")
     a = resolve(source)
     b = resolve(other) if other is not None else None
     la = a.select(layers)
@@ -70,7 +67,7 @@ def _sampled_table(
 
         r = pair_table(ray_measure[0], a, b, la, lb if b is not None else None, idx,
                        ray_measure[1], max_memory=max_memory, progress=progress,
-                       address=ray_address)
+                       address=run.get("ray_address"))
         vals = r["values"]
         extra = {"backend": "ray", "tasks": r["tasks"]}
     else:
@@ -79,7 +76,7 @@ def _sampled_table(
             xa = [load(a, n, idx) for n in la]
             xb = [load(b, n, idx) for n in lb] if b is not None else None
             if dev is None:
-                vals = run(xa, xb, prog.cb)
+                vals = table(xa, xb, prog.cb)
             else:
                 prod = products(dev)
                 kind, opts = ray_measure
@@ -101,9 +98,7 @@ def _sampled_table(
 
 
 @validated(layers=LAYERS, other_layers=LAYERS, dissimilarity=OneOf("euclidean", "correlation"),
-           compare=OneOf("spearman", "pearson"), sample=(None, Int(1)), seed=SEED,
-           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS,
-           device=DEVICE)
+           compare=OneOf("spearman", "pearson"), sample=(None, Int(1)), seed=SEED, options=RUN)
 def rsa(
     source: Any,
     other: Any = None,
@@ -114,11 +109,7 @@ def rsa(
     compare: str = "spearman",
     sample: int | None = 2000,
     seed: int = 0,
-    progress: Any = True,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **run: Unpack[RunOptions],
 ) -> MatrixResult:
     """Representational similarity analysis (Kriegeskorte et al. 2008) for all layer pairs.
 
@@ -140,20 +131,19 @@ def rsa(
     distances (from the differences, no GEMM) on that device, the RDMs and their
     correlations in Rust; ``meta["device"]``.
     """
-    def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
+    def table(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
         return _native.rsa_matrix(xa, xb, dissimilarity=dissimilarity, compare=compare,
-                                  max_memory=max_memory, progress=cb)
+                                  max_memory=run["max_memory"], progress=cb)
 
     return _sampled_table(
-        "rsa", source, other, layers, other_layers, sample, seed, max_memory, progress, run,
-        min_rows=3, why="RSA needs at least 3 rows", backend=backend, ray_address=ray_address,
-        ray_measure=("rsa", {"dissimilarity": dissimilarity, "compare": compare}),
-        device=device, dissimilarity=dissimilarity, compare=compare)
+        "rsa", source, other, layers, other_layers, sample, seed, table, min_rows=3,
+        why="RSA needs at least 3 rows",
+        ray_measure=("rsa", {"dissimilarity": dissimilarity, "compare": compare}), run=run,
+        dissimilarity=dissimilarity, compare=compare)
 
 
 @validated(k=Int(1), layers=LAYERS, other_layers=LAYERS, sample=(None, Int(1)), seed=SEED,
-           normalize=Bool(), progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND,
-           ray_address=RAY_ADDRESS, device=DEVICE)
+           normalize=Bool(), options=RUN)
 def mutual_knn(
     source: Any,
     other: Any = None,
@@ -164,11 +154,7 @@ def mutual_knn(
     sample: int | None = 2000,
     seed: int = 0,
     normalize: bool = True,
-    progress: Any = True,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **run: Unpack[RunOptions],
 ) -> MatrixResult:
     """Mutual k-nearest-neighbour alignment (Huh, Cheung, Wang & Isola 2024, "The Platonic
     Representation Hypothesis", ICML) for all layer pairs::
@@ -189,15 +175,14 @@ def mutual_knn(
     ``max_memory``: the memory budget, as in :func:`rsa`; ``backend``, ``ray_address``: as in
     :func:`rsa`. ``device``: the kNN's f32 distance products on that torch device, the lower
     bounds and the exact f64 recheck in Rust (the same neighbour sets)."""
-    def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
-        return _native.mutual_knn_matrix(xa, xb, k=k, normalize=normalize,
-                                         max_memory=max_memory, progress=cb)
+    def table(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
+        return _native.neighbour_matrix(xa, xb, "mutual_knn", k=k, normalize=normalize,
+                                        max_memory=run["max_memory"], progress=cb)
 
     return _sampled_table(
-        "mutual_knn", source, other, layers, other_layers, sample, seed, max_memory, progress,
-        run, min_rows=k + 1, why=f"k = {k} neighbours needs more than k rows",
-        backend=backend, ray_address=ray_address,
-        ray_measure=("knn", {"k": k, "normalize": normalize}), device=device, k=k,
+        "mutual_knn", source, other, layers, other_layers, sample, seed, table,
+        min_rows=k + 1, why=f"k = {k} neighbours needs more than k rows",
+        ray_measure=("knn", {"k": k, "normalize": normalize}), run=run, k=k,
         normalize=normalize)
 
 
@@ -247,12 +232,12 @@ def cknna(
     ``n``, ``seed``, the sample hash). ``max_memory``: the budget of the sampled rows and the
     neighbour lists, checked before any row is read.
     """
-    def run(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
-        return _native.cknna_matrix(xa, xb, k=k, normalize=normalize, max_memory=max_memory,
-                                    progress=cb)
+    def table(xa: list[np.ndarray], xb: list[np.ndarray] | None, cb: Any) -> np.ndarray:
+        return _native.neighbour_matrix(xa, xb, "cknna", k=k, normalize=normalize,
+                                        max_memory=max_memory, progress=cb)
 
     return _sampled_table(
-        "cknna", source, other, layers, other_layers, sample, seed, max_memory, progress,
-        run, min_rows=max(4, k + 1), why=f"CKNNA with k = {k} needs more than k rows and at "
-        "least 4", backend="local", ray_address=None, ray_measure=("cknna", {}), k=k,
-        normalize=normalize)
+        "cknna", source, other, layers, other_layers, sample, seed, table,
+        min_rows=max(4, k + 1), why=f"CKNNA with k = {k} needs more than k rows and at least 4",
+        ray_measure=("cknna", {}), run={"progress": progress, "max_memory": max_memory,
+                                        "backend": "local"}, k=k, normalize=normalize)

@@ -29,23 +29,12 @@ uses ``XᵀX``, so its ``α`` maps to ours only at ``α ∈ {0, 1}``, where both
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from .._defaults import RIDGE
-from .._ray import check_backend
-from .._validate import (
-    BACKEND,
-    DEVICE,
-    LAYERS,
-    MAX_MEMORY,
-    PROGRESS,
-    RAY_ADDRESS,
-    Float,
-    OneOf,
-    validated,
-)
+from .._validate import LAYERS, RUN, Float, OneOf, RunOptions, validated
 from ..results import MatrixResult
 from ._passes import run_measures
 
@@ -55,8 +44,7 @@ DISTANCES = ("angular", "euclidean")
 
 
 @validated(layers=LAYERS, other_layers=LAYERS, alpha=Float(0, 1), distance=OneOf(*DISTANCES),
-           progress=PROGRESS, max_memory=MAX_MEMORY, backend=BACKEND, ray_address=RAY_ADDRESS,
-           device=DEVICE)
+           options=RUN)
 def shape_metric(
     source: Any,
     other: Any = None,
@@ -65,11 +53,7 @@ def shape_metric(
     other_layers: Sequence[str] | str | None = None,
     alpha: float = 1.0,
     distance: str = "angular",
-    progress: Any = True,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **run: Unpack[RunOptions],
 ) -> MatrixResult:
     """The generalized shape distance of every layer pair (module docstring: the formulas).
 
@@ -77,19 +61,17 @@ def shape_metric(
         source, other, layers, other_layers: as :func:`layerscope.cka`.
         alpha: partial whitening in ``[0, 1]`` (1: Procrustes, 0: CCA-like).
         distance: ``"angular"`` (radians, in ``[0, π/2]``) or ``"euclidean"``.
-        progress, max_memory, backend, ray_address, device: as :func:`layerscope.alignment`.
+        run: ``progress``, ``max_memory``, ``backend``, ``ray_address``, ``device``
+            (:class:`layerscope.RunOptions`).
 
     Returns:
         A :class:`~layerscope.results.MatrixResult` of distances (0 on the diagonal);
         ``extra``: ``angular``, ``euclidean`` and ``similarity`` (the cosine) tables;
         ``meta``: ``alpha``, ``distance``, ``n``, the plan.
     """
-    check_backend(backend, ray_address)
     opts = {"method": "shape", "space": "samples", "ridge_eps": RIDGE, "k": 1, "alpha": alpha}
     t, raw, meta = run_measures(source, layers, other, other_layers, spectrum=False,
-                                aligns={"shape": opts}, ckas=[], compute="float64",
-                                budget=max_memory, progress=progress, backend=backend,
-                                ray_address=ray_address, device=device)
+                                aligns={"shape": opts}, ckas=[], compute="float64", run=run)
     rn, cn = [t.names[i] for i in t.rows], [t.names[i] for i in t.cols]
     a = raw["shape"]
     nr, nc = int(a["nrows"]), int(a["ncols"])

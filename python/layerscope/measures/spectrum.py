@@ -10,22 +10,12 @@ effective rank (Roy & Vetterli 2007, on singular values), participation ratio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
-from .._ray import check_backend
 from .._text import Table
-from .._validate import (
-    BACKEND,
-    DEVICE,
-    LAYERS,
-    MAX_MEMORY,
-    PROGRESS,
-    RAY_ADDRESS,
-    Int,
-    validated,
-)
+from .._validate import LAYERS, PLACEMENT, PROGRESS, Int, Placement, validated
 from ..results import Result
 from ._passes import run_measures
 
@@ -147,33 +137,23 @@ def spectrum_result(
     return SpectrumResult(layers, ev, evr, table, {**meta, "measure": "spectrum", "top": top})
 
 
-@validated(layers=LAYERS, top=(None, Int(1)), progress=PROGRESS, max_memory=MAX_MEMORY,
-           backend=BACKEND, ray_address=RAY_ADDRESS, device=DEVICE)
+@validated(layers=LAYERS, top=(None, Int(1)), progress=PROGRESS, options=PLACEMENT)
 def spectrum(
     source: Any,
     layers: Sequence[str] | str | None = None,
     top: int | None = None,
     progress: bool = True,
-    *,
-    max_memory: int | str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **run: Unpack[Placement],
 ) -> SpectrumResult:
     """Per-layer covariance spectra (one pass over the rows).
 
     ``source``: a store, a path or a dict of arrays; ``layers``: names (default all);
     ``top``: keep only the ``top`` leading eigenvalues in the output (the measures always use
-    the full spectrum); ``max_memory``: the memory budget (bytes or ``"4G"``; default
-    ``LAYERSCOPE_MAX_MEMORY`` or 0.8 × the machine's available memory, see
-    :func:`layerscope.memory_budget`); ``backend="ray"``: each layer's pass cut into
-    row-range tasks on a Ray cluster (``ray_address``: as in :func:`layerscope.cka`);
-    ``device``: None (default: the Rust CPU engine),
-    ``"auto"`` (CUDA when torch sees one, else Rust) or a torch device (``"cuda"``,
-    ``"cuda:1"``, ``"cpu"``: the torch engine on the CPU): the passes' block products on that
-    device under the same rules (:mod:`layerscope._device`), ``meta["device"]``. See :class:`SpectrumResult` for the measures and the rank rule."""
-    check_backend(backend, ray_address)
+    the full spectrum); ``progress``: ``True`` (a bar), ``False`` or a callable
+    ``cb(done, total)``; ``max_memory``, ``backend`` (``"ray"``: each layer's pass cut into
+    row-range tasks), ``ray_address``, ``device`` (the passes' block products there): where
+    and within what budget it runs, :class:`layerscope.Placement`. See
+    :class:`SpectrumResult` for the measures and the rank rule."""
     t, raw, meta = run_measures(source, layers, None, None, spectrum=True, aligns={}, ckas=[],
-                                compute="float64", budget=max_memory, progress=progress,
-                                backend=backend, ray_address=ray_address, device=device)
+                                compute="float64", run={**run, "progress": progress})
     return spectrum_result(list(raw["spectra"]), t.names, top, meta)

@@ -30,9 +30,18 @@ from typing import Any
 
 from .._optional import require
 from .._progress import Progress, stage
-from .._ray import check_backend
 from .._source import check_comparable, resolve
-from .._validate import BACKEND, RAY_ADDRESS, SEED, Bool, Int, Text, Texts, validated
+from .._validate import (
+    BACKEND,
+    RAY_ADDRESS,
+    SEED,
+    Bool,
+    Int,
+    Text,
+    Texts,
+    check_backend,
+    validated,
+)
 from ..results import Result, _jsonable, atomic_write_text
 from . import html
 from .run import Side, calibration, moments, neighbours

@@ -313,57 +313,44 @@ fn rsa_matrix<'py>(
     })
 }
 
-/// Mutual kNN alignment for all layer pairs (La×Lb, or La×La when b is None); see
-/// `layerscope_core::measures::rsa::mutual_knn_matrix`.
+/// Mutual kNN alignment (`measure="mutual_knn"`, see
+/// `layerscope_core::measures::rsa::mutual_knn_matrix`) or CKNNA (`"cknna"`, Huh et al. 2024,
+/// `layerscope_core::measures::cknna::cknna_matrix`) for all layer pairs (La×Lb, or La×La
+/// when b is None): the measures on each row's `k` nearest neighbours.
 ///
 /// :type a: Sequence[npt.NDArray[np.float64]]
 /// :type b: Sequence[npt.NDArray[np.float64]] | None
+/// :type measure: str
 /// :type k: int
 /// :type normalize: bool
 /// :type max_memory: int | None
 /// :type progress: ProgressCallback
 /// :rtype: npt.NDArray[np.float64]
 #[pyfunction]
-#[pyo3(signature = (a, b=None, *, k=10, normalize=false, max_memory=None, progress=None))]
+#[pyo3(signature = (a, b, measure, *, k=10, normalize=true, max_memory=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
-fn mutual_knn_matrix<'py>(
+fn neighbour_matrix<'py>(
     py: Python<'py>,
     a: Vec<PyReadonlyArray2<'py, f64>>,
     b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
+    measure: &str,
     k: usize,
     normalize: bool,
     max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
+    let table = match measure {
+        "mutual_knn" => rsa::mutual_knn_matrix,
+        "cknna" => cknna::cknna_matrix,
+        other => {
+            return Err(Error::invalid(format!(
+                "measure must be 'mutual_knn' or 'cknna', got {other:?}"
+            )))
+            .py_err()
+        }
+    };
     pair_matrix(py, &a, &b, max_memory, progress, |a, b, m, budget, mon| {
-        rsa::mutual_knn_matrix(a, b, m, k, normalize, budget, mon)
-    })
-}
-
-/// CKNNA (Huh et al. 2024) for all layer pairs (La×Lb, or La×La when b is None); see
-/// `layerscope_core::measures::cknna::cknna_matrix`.
-///
-/// :type a: Sequence[npt.NDArray[np.float64]]
-/// :type b: Sequence[npt.NDArray[np.float64]] | None
-/// :type k: int
-/// :type normalize: bool
-/// :type max_memory: int | None
-/// :type progress: ProgressCallback
-/// :rtype: npt.NDArray[np.float64]
-#[pyfunction]
-#[pyo3(signature = (a, b=None, *, k=10, normalize=true, max_memory=None, progress=None))]
-#[allow(clippy::too_many_arguments)]
-fn cknna_matrix<'py>(
-    py: Python<'py>,
-    a: Vec<PyReadonlyArray2<'py, f64>>,
-    b: Option<Vec<PyReadonlyArray2<'py, f64>>>,
-    k: usize,
-    normalize: bool,
-    max_memory: Option<u64>,
-    progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
-    pair_matrix(py, &a, &b, max_memory, progress, |a, b, m, budget, mon| {
-        cknna::cknna_matrix(a, b, m, k, normalize, budget, mon)
+        table(a, b, m, k, normalize, budget, mon)
     })
 }
 
@@ -546,7 +533,7 @@ fn prepare_bytes(
 
 /// One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
 /// estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
-/// :func:`mutual_knn_matrix` (``"knn"``: its exact kNN graph); checked against the budget
+/// :func:`neighbour_matrix` (``"knn"``: its exact kNN graph); checked against the budget
 /// (:func:`prepare_bytes`) first. `products`: as in :func:`knn_graph`.
 ///
 /// :type x: npt.NDArray[np.float64]
@@ -598,7 +585,7 @@ fn prepare_layer(
 
 /// The pair table over prepared layers (``b`` None: every pair of ``a``, each unordered
 /// pair once, the diagonal as :func:`rbf_hsic` / :func:`rsa_matrix` /
-/// :func:`mutual_knn_matrix` give it). A dict: ``values`` (La×Lb); for RBF also ``xy``
+/// :func:`neighbour_matrix` give it). A dict: ``values`` (La×Lb); for RBF also ``xy``
 /// (La×Lb HSIC), ``xx``, ``yy`` (self-HSICs), ``bw_a``, ``bw_b``.
 ///
 /// :type a: Sequence[PreparedLayer]
@@ -663,8 +650,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(id_estimate, m)?)?;
     m.add_function(wrap_pyfunction!(rbf_hsic, m)?)?;
     m.add_function(wrap_pyfunction!(rsa_matrix, m)?)?;
-    m.add_function(wrap_pyfunction!(mutual_knn_matrix, m)?)?;
-    m.add_function(wrap_pyfunction!(cknna_matrix, m)?)?;
+    m.add_function(wrap_pyfunction!(neighbour_matrix, m)?)?;
     m.add_function(wrap_pyfunction!(cknna_bytes, m)?)?;
     Ok(())
 }
