@@ -154,8 +154,8 @@ def scale_out(rate_per_core: float) -> None:
     for name, layers, d in (("7-8B 33x4096", 33, 4096), ("70B 80x8192", 80, 8192)):
         dims = [d] * layers
         for budget_gib in (100, 25):
-            plan = _native.pair_tiles(dims, layers, n, None, "float32", budget_gib * 2**30,
-                                      None)
+            plan = _native.pair_plan(dims, layers, n, None, "float32", budget_gib * 2**30,
+                                     None)["tiles"]
             assert plan is not None
             tiles = int(plan.tiles)
             part = _partial_bytes(plan)

@@ -209,7 +209,7 @@ def test_device_tiles_are_the_cores_partials() -> None:
     names = list(d)
     dims = [d[k].shape[1] for k in names]
     n = src.num_rows
-    plan = _native.pair_tiles(dims, len(dims), n, None, "float64", 2 << 20, "tiled")
+    plan = _native.pair_plan(dims, len(dims), n, None, "float64", 2 << 20, "tiled")["tiles"]
     assert plan is not None and plan.tiles > 3
     nparts = [native_part(src, names)]
     out = _native.PairStatsBuilder(plan, names, n)

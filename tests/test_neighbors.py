@@ -280,6 +280,14 @@ def test_prepared_layer_errors() -> None:
         _native.prepared_table([p, k])
     with pytest.raises(InvalidArgumentError, match="measure"):
         _native.prepare_layer(x, "cosine")
+    for measure, option in (("rsa", "k"), ("knn", "sigma"), ("rbf", "compare")):
+        with pytest.raises(InvalidArgumentError, match=f'takes .* not "{option}"'):
+            _native.prepare_layer(x, measure, **{option: 1})
+        with pytest.raises(InvalidArgumentError, match=f'takes .* not "{option}"'):
+            _native.prepare_bytes(measure, 40, 5, **{option: 1})
+    # the defaults are those of the measure's own function
+    assert _native.prepare_bytes("knn", 40, 5) == _native.prepare_bytes("knn", 40, 5, k=10,
+                                                                       normalize=False)
     with pytest.raises(layerscope.MemoryBudgetError):
         _native.prepare_layer(x, "rbf", max_memory=1000)
     r40 = _native.prepare_layer(x, "rbf")

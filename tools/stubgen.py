@@ -151,7 +151,10 @@ class Generator:
 
     def cls(self, name: str, c: type) -> str:
         ctypes = Types(c.__doc__)
-        lines = [f"class {name}:{self.body(ctypes.doc, '    ')}"]
+        base = c.__base__
+        head = (f"{name}({base.__name__})" if base is not None and base is not object
+                and base.__module__ == c.__module__ else name)
+        lines = [f"class {head}:{self.body(ctypes.doc, '    ')}"]
         members: list[tuple[int, str, str]] = []
         sig = c.__text_signature__
         if sig is not None:

@@ -241,12 +241,14 @@ def pair_stats(
     item = [_itemsize(src, nm) for src, ls in parts for nm in ls]
     n = int(st.n)
     store_bytes = read_bytes(n, dims, item)
-    bytes_read = read_bytes(n, dims, item, [int(r) for r in st.layer_reads])
-    meta.update(passes=int(st.passes), block_rows=int(st.block_rows))
+    plan = st.plan
+    bytes_read = read_bytes(n, dims, item, [int(r) for r in plan["layer_reads"]])
+    meta.update(passes=int(plan["passes"]), block_rows=int(plan["block_rows"]))
     meta["plan"] = {
-        "strategy": st.strategy, "passes": int(st.passes), "peak_bytes": int(st.peak_bytes),
-        "bytes_read": int(bytes_read), "bytes_selected": int(store_bytes),
-        "flops": 2 * int(st.madds), "block_rows": int(st.block_rows),
+        "strategy": plan["strategy"], "passes": int(plan["passes"]),
+        "peak_bytes": int(plan["peak_bytes"]), "bytes_read": int(bytes_read),
+        "bytes_selected": int(store_bytes), "flops": 2 * int(plan["madds"]),
+        "block_rows": int(plan["block_rows"]),
     }
     return st, meta
 

@@ -96,27 +96,9 @@ class MomentAccumulator:
         """Add a block of rows: one C-contiguous 2-D array per layer (all float32 or all float64,
         equal row counts). Errors leave the accumulator unchanged."""
 
-class Moments:
+class Moments(PassLayers):
     """Finalised moments: `C = Σ (z − z̄)(z − z̄)ᵀ` over the concatenated layers, the means and
     the squared-norm products used by the debiased estimators."""
-    @property
-    def dims(self) -> list[int]: ...
-    @property
-    def n(self) -> int: ...
-    @property
-    def names(self) -> list[str]: ...
-    @property
-    def nonfinite(self) -> list[int | None]:
-        """First row holding a NaN/Inf per layer (only when accumulated with check_finite=False)."""
-    @property
-    def num_a(self) -> int:
-        """Number of layers of the first source."""
-    @property
-    def num_b(self) -> int:
-        """Number of layers of the second source (0 for one source)."""
-    @property
-    def shift_offset(self) -> float:
-        """`max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean."""
     def alignment(self, rows: Sequence[int], cols: Sequence[int] | None = None, *, method: str = 'subspace', space: str = 'samples', k: int | None = None, variance: float | None = None, ridge_eps: float = 0.0001, alpha: float = 1.0, symmetric: bool = False, spectrum_layers: Sequence[int] = ..., max_memory: int | None = None, progress: ProgressCallback = None) -> dict[str, Any]:
         """Alignment of the layers `rows` × `cols` (indices) with `method` ("subspace", "svcca",
         "pwcca", "cca", "procrustes", "shape"), `space` ("samples" | "features"), `k` or
@@ -238,40 +220,13 @@ class NativeWriter:
         """Writes the remaining rows and marks the store complete (``complete=False``: the rows
         are kept, the store says it is not all that was meant to be written). Idempotent."""
 
-class PairStats:
+class PairStats(PassLayers):
     """What linear CKA needs of every layer pair (`‖C_ij‖²`, `Σ r̄_i r̄_j`, `tr C_ii`, `n`),
     from one pass or summed over the tiles of a tiled pass, and the plan that made them."""
     @property
-    def block_rows(self) -> int: ...
-    @property
-    def dims(self) -> list[int]: ...
-    @property
-    def layer_reads(self) -> list[int]:
-        """How many passes read each layer."""
-    @property
-    def madds(self) -> int:
-        """Multiply-adds of the packed products over all passes."""
-    @property
-    def n(self) -> int: ...
-    @property
-    def names(self) -> list[str]: ...
-    @property
-    def nonfinite(self) -> list[int | None]: ...
-    @property
-    def num_a(self) -> int:
-        """Number of layers of the first source."""
-    @property
-    def num_b(self) -> int:
-        """Number of layers of the second source (0 for one source)."""
-    @property
-    def passes(self) -> int: ...
-    @property
-    def peak_bytes(self) -> int: ...
-    @property
-    def shift_offset(self) -> float: ...
-    @property
-    def strategy(self) -> str:
-        """`"single-pass"`, `"tiled"` or `"gram"`."""
+    def plan(self) -> dict[str, Any]:
+        """The plan the pass followed: `strategy`, `passes`, `peak_bytes`, `block_rows`,
+        `layer_reads`, `madds` (see :func:`pair_plan`)."""
     def cka(self, rows: Sequence[int], cols: Sequence[int], debiased: bool = False) -> npt.NDArray[np.float64]:
         """Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
         debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`."""
@@ -288,6 +243,28 @@ class PairStatsBuilder:
         """The statistics (an error when a tile is missing)."""
     def missing(self) -> list[int]:
         """Tiles not added yet."""
+
+class PassLayers:
+    """The layers a pass went over, as every result of a pass (`Moments`, `PairStats`)
+    reports them: the rows, the layers of each source and what the pass met."""
+    @property
+    def dims(self) -> list[int]: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def names(self) -> list[str]: ...
+    @property
+    def nonfinite(self) -> list[int | None]:
+        """First row holding a NaN/Inf per layer (only when accumulated with check_finite=False)."""
+    @property
+    def num_a(self) -> int:
+        """Number of layers of the first source."""
+    @property
+    def num_b(self) -> int:
+        """Number of layers of the second source (0 for one source)."""
+    @property
+    def shift_offset(self) -> float:
+        """`max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean."""
 
 class PreparedLayer:
     """One layer's prepared Gram, RDM or kNN graph for a pair measure (the unit of a
@@ -462,13 +439,10 @@ def pair_plan(dims: Sequence[int], num_a: int, n: int, block_rows: int | None = 
     `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer), `madds`,
     `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`;
     a Gram-route plan also `held` (Grams held at once) and `rounds` (per round, the layers
-    whose Grams are held and those streamed past them, one at a time).
+    whose Grams are held and those streamed past them, one at a time); `tiles`: the plan as a
+    `TilePlan` (what a distributed or device run cuts into `(tile, row range)` tasks), None
+    for the Gram route (it needs every row of a layer at once).
     MemoryBudgetError (with the minimum that would work) when no plan fits."""
-
-def pair_tiles(dims: Sequence[int], num_a: int, n: int, block_rows: int | None = None, compute: str = 'float64', max_memory: int | None = None, strategy: str | None = None) -> TilePlan | None:
-    """The exact linear pass `pair_pass` would run, as a TilePlan; None when the cheapest plan
-    (or the one forced by `strategy`) is the Gram route, which needs every row of a layer at
-    once and is not cut into row ranges. Arguments as `pair_plan`."""
 
 def parse_memory_size(text: str) -> int:
     """Bytes of a size string ("512M", "4G", "1.5GiB", "800MB", "4096"); InvalidArgumentError
@@ -477,17 +451,20 @@ def parse_memory_size(text: str) -> int:
 def pass_bytes(dims: Sequence[int], block_rows: int, compute: str = 'float64') -> int:
     """Peak bytes of one streaming pass (accumulator, two row blocks, packed SYRK panels)."""
 
-def prepare_bytes(measure: str, m: int, d: int, *, unbiased: bool = False, k: int = 10, normalize: bool = False) -> tuple[int, int]:
+def prepare_bytes(measure: str, m: int, d: int, **options: Any) -> tuple[int, int]:
     """Bytes of :func:`prepare_layer` for `m` rows of width `d`: ``(peak, prepared)`` — its
     peak (what it checks against the budget) and the prepared layer's size (what a block
     of the pair table holds per layer); see
-    `layerscope_core::measures::prepared::Measure`."""
+    `layerscope_core::measures::prepared::Measure`. `options`: the measure's, as in
+    :func:`prepare_layer`."""
 
-def prepare_layer(x: npt.NDArray[np.float64], measure: str, *, sigma: float = 1.0, unbiased: bool = False, dissimilarity: str = 'euclidean', compare: str = 'spearman', k: int = 10, normalize: bool = False, max_memory: int | None = None, products: Any | None = None) -> PreparedLayer:
+def prepare_layer(x: npt.NDArray[np.float64], measure: str, *, max_memory: int | None = None, products: Any | None = None, **options: Any) -> PreparedLayer:
     """One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
-    estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
-    :func:`neighbour_matrix` (``"knn"``: its exact kNN graph); checked against the budget
-    (:func:`prepare_bytes`) first. `products`: as in :func:`knn_graph`."""
+    estimator, options `sigma` (1.0), `unbiased` (False)), :func:`rsa_matrix` (``"rsa"``: its
+    prepared RDM; `dissimilarity` ("euclidean"), `compare` ("spearman")) or
+    :func:`neighbour_matrix` (``"knn"``: its exact kNN graph; `k` (10), `normalize` (False));
+    checked against the budget (:func:`prepare_bytes`) first. `products`: as in
+    :func:`knn_graph`."""
 
 def prepared_table(a: Sequence[PreparedLayer], b: Sequence[PreparedLayer] | None = None) -> dict[str, Any]:
     """The pair table over prepared layers (``b`` None: every pair of ``a``, each unordered

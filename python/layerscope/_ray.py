@@ -588,7 +588,7 @@ def pair_stats(parts: list[tuple[Source, list[str]]], names: list[str], num_a: i
     n = int(parts[0][0].num_rows)
     dev_compute = compute
     compute = "float32" if compute == "tf32" else compute
-    plan = _native.pair_tiles(dims, num_a, n, block_rows, compute, max_memory, strategy)
+    plan = _native.pair_plan(dims, num_a, n, block_rows, compute, max_memory, strategy)["tiles"]
     if plan is None:  # the Gram route: every row of a layer at once, on the driver
         with Progress(progress, "moments") as prog:
             st = _native.pair_pass([native_part(src, ls) for src, ls in parts], names, num_a,

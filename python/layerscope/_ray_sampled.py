@@ -212,13 +212,11 @@ def pair_table(measure: str, a: Source, b: Source | None, la: Sequence[str],
     sides: list[tuple[Source, list[str]]] = [(a, list(la))]
     if b is not None and lb is not None:
         sides.append((b, list(lb)))
-    sizes = {"unbiased": bool(opts.get("unbiased", False)), "k": int(opts.get("k", 10)),
-             "normalize": bool(opts.get("normalize", False))}
     need = {}
     size = 0
     for src, names in sides:
         for x in names:
-            peak, size = _native.prepare_bytes(measure, m, src.dims[x], **sizes)
+            peak, size = _native.prepare_bytes(measure, m, src.dims[x], **opts)
             need[(id(src), x)] = m * src.dims[x] * 8 + int(peak)
     big = max(need.values())
     if cl.memory and big > cl.memory:

@@ -31,7 +31,7 @@ import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from . import _native
 from ._defaults import BATCH_SIZE, ITEMSIZE, SAMPLE_CAP, STORE_DTYPES
@@ -39,7 +39,7 @@ from ._layers import add_layer_args
 from ._memory import add_max_memory_arg, memory_budget
 from ._moments import COMPUTE, _itemsize, measure_tiles, read_bytes, resolve_compute
 from ._source import Source, check_comparable, resolve
-from ._validate import DTYPE, LAYERS, MAX_MEMORY, Int, Ints, OneOf, cli_type, validated
+from ._validate import DTYPE, LAYERS, MAX_MEMORY, Group, Int, Ints, OneOf, cli_type, validated
 from .errors import InvalidArgumentError, MemoryBudgetError
 from .measures.cka import ESTIMATORS, KERNELS
 
@@ -132,25 +132,38 @@ def _fmt_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-@validated(layers=LAYERS, other_layers=LAYERS, measure=OneOf(*MEASURES), kernel=OneOf(*KERNELS), estimator=OneOf(*ESTIMATORS),
-           max_memory=MAX_MEMORY, compute=OneOf(*COMPUTE),
-           strategy=(None, OneOf(*_native.PAIR_STRATEGIES)), block_rows=(None, Int(1)),
-           sample=(None, Int(1)), batch_size=(None, Int(4)))
+class PlanOptions(TypedDict, total=False):
+    """What :func:`plan` and :func:`plan_shapes` plan for: the call ``measure(...)`` with
+    these options, as the measure takes them."""
+
+    measure: str
+    kernel: str
+    estimator: str
+    max_memory: int | str | None
+    compute: str
+    strategy: str | None
+    block_rows: int | None
+    sample: int | None
+    batch_size: int | None
+
+
+_OPTIONS = Group(
+    PlanOptions, measure=(OneOf(*MEASURES), "cka"), kernel=(OneOf(*KERNELS), "linear"),
+    estimator=(OneOf(*ESTIMATORS), "biased"), max_memory=(MAX_MEMORY, None),
+    compute=(OneOf(*COMPUTE), "auto"),
+    strategy=((None, OneOf(*_native.PAIR_STRATEGIES)), None),
+    block_rows=((None, Int(1)), None), sample=((None, Int(1)), None),
+    batch_size=((None, Int(4)), None))
+
+
+@validated(layers=LAYERS, other_layers=LAYERS, options=_OPTIONS)
 def plan(
     source: Any,
     other: Any = None,
     *,
     layers: Sequence[str] | str | None = None,
     other_layers: Sequence[str] | str | None = None,
-    measure: str = "cka",
-    kernel: str = "linear",
-    estimator: str = "biased",
-    max_memory: int | str | None = None,
-    compute: str = "auto",
-    strategy: str | None = None,
-    block_rows: int | None = None,
-    sample: int | None = None,
-    batch_size: int | None = None,
+    **options: Unpack[PlanOptions],
 ) -> Plan:
     """The plan the call ``measure(source, other, ...)`` would run, without reading a row.
 
@@ -165,7 +178,7 @@ def plan(
         >>> p = layerscope.plan("acts/", max_memory="4G")
         >>> p.strategy, p.passes, p.peak_bytes, p.estimated_seconds
     """
-    linear = _check_options(measure, kernel, estimator, strategy, other is not None)
+    linear = _check_options(options, other is not None)
     a = resolve(source)
     la = a.select(layers)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
@@ -177,34 +190,20 @@ def plan(
         parts.append((b, lb))
     dims = [src.dims[x] for src, ls in parts for x in ls]
     item = [_itemsize(src, x) for src, ls in parts for x in ls]
-    if not linear:
-        compute = "float64"  # RBF, minibatch, spectra and alignment compute in float64
-    compute = resolve_compute(compute, parts)
-    return _plan(dims, item, int(a.num_rows), la, lb, compute, measure=measure, kernel=kernel,
-                 estimator=estimator, budget=max_memory, strategy=strategy,
-                 block_rows=block_rows, sample=sample, batch_size=batch_size)
+    # RBF, minibatch, spectra and alignment compute in float64
+    compute = resolve_compute(options["compute"] if linear else "float64", parts)
+    return _plan(dims, item, int(a.num_rows), la, lb, **{**options, "compute": compute})
 
 
-@validated(widths=Ints(Int(1)), rows=Int(0), other_widths=(None, Ints(Int(1))),
-           dtype=DTYPE, measure=OneOf(*MEASURES), kernel=OneOf(*KERNELS), estimator=OneOf(*ESTIMATORS),
-           max_memory=MAX_MEMORY, compute=OneOf(*COMPUTE),
-           strategy=(None, OneOf(*_native.PAIR_STRATEGIES)), block_rows=(None, Int(1)),
-           sample=(None, Int(1)), batch_size=(None, Int(4)))
+@validated(widths=Ints(Int(1)), rows=Int(0), other_widths=(None, Ints(Int(1))), dtype=DTYPE,
+           options=_OPTIONS)
 def plan_shapes(
     widths: Sequence[int],
     rows: int,
     *,
     other_widths: Sequence[int] | None = None,
     dtype: str = "bfloat16",
-    measure: str = "cka",
-    kernel: str = "linear",
-    estimator: str = "biased",
-    max_memory: int | str | None = None,
-    compute: str = "auto",
-    strategy: str | None = None,
-    block_rows: int | None = None,
-    sample: int | None = None,
-    batch_size: int | None = None,
+    **options: Unpack[PlanOptions],
 ) -> Plan:
     """:func:`plan` for a store that does not exist yet: layers of ``widths`` over ``rows``
     rows stored as ``dtype`` (``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``),
@@ -213,24 +212,21 @@ def plan_shapes(
     ``compute="auto"``: float32 products for stores of 32 bits or fewer."""
     size = ITEMSIZE[dtype]
     ow = other_widths or []
-    linear = _check_options(measure, kernel, estimator, strategy, bool(ow))
-    if not linear:
-        compute = "float64"
-    elif compute == "auto":
+    linear = _check_options(options, bool(ow))
+    compute = options["compute"] if linear else "float64"
+    if compute == "auto":
         compute = "float64" if size == 8 else "float32"
     la = [str(i) for i in range(len(widths))]
     lb = [f"other:{i}" for i in range(len(ow))]
-    return _plan(widths + ow, [size] * (len(widths) + len(ow)), int(rows), la, lb, compute,
-                 measure=measure, kernel=kernel, estimator=estimator,
-                 budget=max_memory, strategy=strategy,
-                 block_rows=block_rows, sample=sample, batch_size=batch_size)
+    return _plan(widths + ow, [size] * (len(widths) + len(ow)), int(rows), la, lb,
+                 **{**options, "compute": compute})
 
 
-def _check_options(
-    measure: str, kernel: str, estimator: str, strategy: str | None, two: bool,
-) -> bool:
+def _check_options(options: PlanOptions, two: bool) -> bool:
     """The options of a plan that depend on each other; True for the exact linear CKA
     plans."""
+    measure, kernel = options["measure"], options["kernel"]
+    estimator, strategy = options["estimator"], options["strategy"]
     if measure == "spectrum" and two:
         raise InvalidArgumentError("measure='spectrum' takes one source (no other=)")
     linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"
@@ -242,10 +238,11 @@ def _check_options(
 
 
 def _plan(
-    dims: list[int], item: list[int], n: int, la: list[str], lb: list[str], compute: str, *,
-    measure: str, kernel: str, estimator: str, budget: int | None, strategy: str | None,
+    dims: list[int], item: list[int], n: int, la: list[str], lb: list[str], *, measure: str,
+    kernel: str, estimator: str, max_memory: int | None, compute: str, strategy: str | None,
     block_rows: int | None, sample: int | None, batch_size: int | None,
 ) -> Plan:
+    budget = max_memory
     if n <= 0:
         raise InvalidArgumentError("the source has no rows: there is nothing to plan")
     linear = measure == "cka" and kernel == "linear" and estimator != "minibatch"

@@ -141,15 +141,15 @@ class DevicePlan:
         if strategy == "gram":
             self.gram = self._gram_plan(dims, num_a, n, block_rows, dev_b, host_b.bytes, cuda)
             return
-        self.tiles = _native.pair_tiles(dims, num_a, n, block_rows, self.host, self.budget,
-                                        strategy)
+        self.tiles = _native.pair_plan(dims, num_a, n, block_rows, self.host, self.budget,
+                                       strategy)["tiles"]
         if self.tiles is None:  # the Gram route ranks first: does it fit the device?
             try:
                 self.gram = self._gram_plan(dims, num_a, n, block_rows, dev_b, host_b.bytes,
                                             cuda)
             except MemoryError:
-                self.tiles = _native.pair_tiles(dims, num_a, n, block_rows, self.host,
-                                                self.budget, "tiled")
+                self.tiles = _native.pair_plan(dims, num_a, n, block_rows, self.host,
+                                               self.budget, "tiled")["tiles"]
 
     def _gram_plan(self, dims: list[int], num_a: int, n: int, block_rows: int | None,
                    dev_b: int, host_b: int, cuda: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 //! at a time (their sampled rows can be dropped once added), then the observed table, the
 //! permutation null and bootstrap resamples over index arrays drawn by the caller. Only type
 //! conversion here; the work runs in the core with the GIL released.
+use crate::convert::array2;
 use crate::convert::c_slice;
 use crate::errors::{detach, IntoPy};
 use crate::monitor::PyMonitor;
@@ -167,10 +168,7 @@ impl PyCalibrator {
         let c = self.started()?;
         let (la, lb) = c.shape();
         let v = detach(py, || c.observed())?;
-        Array2::from_shape_vec((la, lb), v)
-            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
-            .py_err()
-            .map(|a| a.into_pyarray(py))
+        array2(py, (la, lb), v)
     }
 
     /// The CKA of every pair under each permutation (``perms``: ``count × m`` uint32, each

@@ -1,9 +1,9 @@
 //! Bindings of the minibatch CKA estimator (layerscope-core `measures::cka`, Nguyen et al.
 //! 2021): a streaming accumulator fed with in-memory blocks, and the one-pass streaming of
 //! stores. Only type conversion here; the work runs in the core with the GIL released.
-use crate::convert::{block_slices, extract_blocks, Blocks};
-use crate::errors::detach;
+use crate::convert::{array2, block_slices, extract_blocks, Blocks};
 use crate::errors::IntoPy;
+use crate::errors::{detach, Consumed};
 use crate::monitor::PyMonitor;
 use crate::products::PyProducts;
 use crate::source::{extract_parts, Sources};
@@ -88,16 +88,7 @@ fn to_dict<'py>(py: Python<'py>, r: &MinibatchHsic) -> PyResult<Bound<'py, PyDic
 /// :type max_memory: int | None
 #[pyclass(module = "layerscope._native", name = "MinibatchCka")]
 pub struct PyMinibatchCka {
-    inner: Option<CoreCka>,
-}
-
-impl PyMinibatchCka {
-    fn get_mut(&mut self) -> PyResult<&mut CoreCka> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| Error::invalid("this accumulator was finished"))
-            .py_err()
-    }
+    inner: Consumed<CoreCka>,
 }
 
 #[pymethods]
@@ -131,7 +122,9 @@ impl PyMinibatchCka {
             max_memory,
         )
         .py_err()?;
-        Ok(PyMinibatchCka { inner: Some(acc) })
+        Ok(PyMinibatchCka {
+            inner: Consumed::new(acc, "this accumulator was finished"),
+        })
     }
 
     /// Feed a block of rows: one C-contiguous 2-D array per layer (all float32 or all
@@ -141,7 +134,7 @@ impl PyMinibatchCka {
     /// :rtype: None
     fn update(&mut self, py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         let blocks = extract_blocks(&arrays)?;
-        let acc = self.get_mut()?;
+        let acc = self.inner.get_mut()?;
         let mon = PyMonitor::new(None);
         match blocks {
             Blocks::F32(v) => {
@@ -160,7 +153,7 @@ impl PyMinibatchCka {
     /// :rtype: int
     #[getter]
     fn rows_seen(&self) -> u64 {
-        self.inner.as_ref().map_or(0, |a| a.rows_seen())
+        self.inner.peek().map_or(0, |a| a.rows_seen())
     }
 
     /// Process the final shorter minibatch (if it has ≥ 4 rows) and return the result dict
@@ -169,11 +162,7 @@ impl PyMinibatchCka {
     ///
     /// :rtype: dict[str, Any]
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let acc = self
-            .inner
-            .take()
-            .ok_or_else(|| Error::invalid("this accumulator was finished"))
-            .py_err()?;
+        let acc = self.inner.take()?;
         let r = detach(py, || acc.finish())?;
         to_dict(py, &r)
     }
@@ -302,10 +291,7 @@ fn minibatch_cka_table<'py>(
     let flat: Vec<f64> = h.iter().copied().collect();
     let (rows, cols) = table_axes(l, num_a);
     let vals = core_cka_table(&flat, l, &rows, &cols).py_err()?;
-    Array2::from_shape_vec((rows.len(), cols.len()), vals)
-        .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
-        .py_err()
-        .map(|a| a.into_pyarray(py))
+    array2(py, (rows.len(), cols.len()), vals)
 }
 
 /// The rows and columns of a result table: all pairs of one source, or A × B.

@@ -77,3 +77,17 @@ pub fn block_slices<'a, T: numpy::Element>(
         .collect::<PyResult<Vec<_>>>()?;
     Ok((slices, rows))
 }
+
+/// A new row-major `shape` numpy array holding `values` (their count is the product of the
+/// shape; a mismatch is an internal error, reported as such).
+pub fn array2<T: numpy::Element>(
+    py: Python<'_>,
+    shape: (usize, usize),
+    values: Vec<T>,
+) -> PyResult<Bound<'_, numpy::PyArray2<T>>> {
+    use numpy::IntoPyArray;
+    numpy::ndarray::Array2::from_shape_vec(shape, values)
+        .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
+        .py_err()
+        .map(|a| a.into_pyarray(py))
+}

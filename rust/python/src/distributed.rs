@@ -2,8 +2,8 @@
 //! a plan as tiles (`TilePlan`, pickled as JSON), one task's partial sums over a row range
 //! (`TilePlan.run_tile` → bytes), their merge (`merge_partials`) and the assembly of the
 //! pair statistics (`PairStatsBuilder`). Only type conversion; GIL released around the work.
-use crate::errors::{detach, IntoPy};
-use crate::moments::{choose_pair_plan, PyPairStats};
+use crate::errors::{detach, Consumed, IntoPy};
+use crate::moments::PyPairStats;
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
@@ -22,8 +22,8 @@ use pyo3::types::{PyBytes, PyType};
 /// Pickled as its JSON (``to_json`` / ``from_json``, checked when read).
 #[pyclass(module = "layerscope._native", name = "TilePlan", frozen)]
 pub struct PyTilePlan {
-    inner: CorePlan,
-    strategy: &'static str,
+    pub(crate) inner: CorePlan,
+    pub(crate) strategy: &'static str,
 }
 
 fn strategy_of(name: &str) -> PyResult<&'static str> {
@@ -360,48 +360,6 @@ impl PyTilePlan {
     }
 }
 
-/// The exact linear pass `pair_pass` would run, as a TilePlan; None when the cheapest plan
-/// (or the one forced by `strategy`) is the Gram route, which needs every row of a layer at
-/// once and is not cut into row ranges. Arguments as `pair_plan`.
-///
-/// :type dims: Sequence[int]
-/// :type num_a: int
-/// :type n: int
-/// :type block_rows: int | None
-/// :type compute: str
-/// :type max_memory: int | None
-/// :type strategy: str | None
-/// :rtype: TilePlan | None
-#[pyfunction]
-#[pyo3(signature = (dims, num_a, n, block_rows=None, compute="float64", max_memory=None,
-    strategy=None))]
-#[allow(clippy::too_many_arguments)]
-fn pair_tiles(
-    py: Python<'_>,
-    dims: Vec<usize>,
-    num_a: usize,
-    n: u64,
-    block_rows: Option<usize>,
-    compute: &str,
-    max_memory: Option<u64>,
-    strategy: Option<String>,
-) -> PyResult<Option<PyTilePlan>> {
-    let (plan, _) = choose_pair_plan(
-        py,
-        &dims,
-        num_a,
-        n,
-        block_rows,
-        compute,
-        max_memory,
-        strategy.as_deref(),
-    )?;
-    Ok(plan.tile_plan().map(|inner| PyTilePlan {
-        inner,
-        strategy: plan.strategy(),
-    }))
-}
-
 /// The partial sums `a` followed by `b` (the next rows of the same tile), serialised: the
 /// sums of one task over both ranges. GIL released.
 ///
@@ -422,18 +380,9 @@ fn merge_partials<'py>(py: Python<'py>, a: &[u8], b: &[u8]) -> PyResult<Bound<'p
 /// :type n: int
 #[pyclass(module = "layerscope._native", name = "PairStatsBuilder")]
 pub struct PyPairStatsBuilder {
-    inner: Option<CoreBuilder>,
+    inner: Consumed<CoreBuilder>,
     plan: CorePlan,
     strategy: &'static str,
-}
-
-impl PyPairStatsBuilder {
-    fn get(&mut self) -> PyResult<&mut CoreBuilder> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| Error::invalid("this builder has already finished"))
-            .py_err()
-    }
 }
 
 #[pymethods]
@@ -441,7 +390,10 @@ impl PyPairStatsBuilder {
     #[new]
     fn new(plan: PyRef<'_, PyTilePlan>, names: Vec<String>, n: u64) -> PyResult<Self> {
         Ok(PyPairStatsBuilder {
-            inner: Some(CoreBuilder::new(&plan.inner, &names, n).py_err()?),
+            inner: Consumed::new(
+                CoreBuilder::new(&plan.inner, &names, n).py_err()?,
+                "this builder has already finished",
+            ),
             plan: plan.inner.clone(),
             strategy: plan.strategy,
         })
@@ -454,7 +406,7 @@ impl PyPairStatsBuilder {
     /// :type data: bytes
     /// :rtype: None
     fn add(&mut self, py: Python<'_>, t: usize, data: &[u8]) -> PyResult<()> {
-        let b = self.get()?;
+        let b = self.inner.get_mut()?;
         detach(py, || b.add(t, TilePartial::from_bytes(data)?))
     }
 
@@ -462,27 +414,22 @@ impl PyPairStatsBuilder {
     ///
     /// :rtype: list[int]
     fn missing(&mut self) -> PyResult<Vec<usize>> {
-        Ok(self.get()?.missing())
+        Ok(self.inner.get_mut()?.missing())
     }
 
     /// The statistics (an error when a tile is missing).
     ///
     /// :rtype: PairStats
-    fn finish(&mut self) -> PyResult<PyPairStats> {
-        let b = self
-            .inner
-            .take()
-            .ok_or_else(|| Error::invalid("this builder has already finished"))
-            .py_err()?;
+    fn finish(&mut self, py: Python<'_>) -> PyResult<Py<PyPairStats>> {
+        let b = self.inner.take()?;
         let st = b.finish().py_err()?;
-        Ok(PyPairStats::from_tiles(st, &self.plan, self.strategy))
+        PyPairStats::from_tiles(st, &self.plan, self.strategy).into_py(py)
     }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTilePlan>()?;
     m.add_class::<PyPairStatsBuilder>()?;
-    m.add_function(wrap_pyfunction!(pair_tiles, m)?)?;
     m.add_function(wrap_pyfunction!(merge_partials, m)?)?;
     Ok(())
 }

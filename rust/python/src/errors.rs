@@ -113,3 +113,38 @@ fn default_sigint(py: Python<'_>) -> bool {
         Err(_) => false,
     }
 }
+
+/// A binding object's core value that one call consumes (an accumulator finalised, a
+/// builder finished): every later use is an InvalidArgumentError saying `gone`.
+pub struct Consumed<T> {
+    value: Option<T>,
+    gone: &'static str,
+}
+
+impl<T> Consumed<T> {
+    pub fn new(value: T, gone: &'static str) -> Self {
+        Consumed {
+            value: Some(value),
+            gone,
+        }
+    }
+    fn err(&self) -> PyErr {
+        to_py(Error::invalid(self.gone))
+    }
+    pub fn get(&self) -> PyResult<&T> {
+        self.value.as_ref().ok_or_else(|| self.err())
+    }
+    pub fn get_mut(&mut self) -> PyResult<&mut T> {
+        let err = self.err();
+        self.value.as_mut().ok_or(err)
+    }
+    /// The value, consumed.
+    pub fn take(&mut self) -> PyResult<T> {
+        let err = self.err();
+        self.value.take().ok_or(err)
+    }
+    /// The value while it is there (None once consumed).
+    pub fn peek(&self) -> Option<&T> {
+        self.value.as_ref()
+    }
+}

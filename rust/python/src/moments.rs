@@ -2,9 +2,9 @@
 //! accumulator (a value: update / merge / bytes), the finalised `Moments` (centred
 //! cross-product matrix, linear CKA), and the one-pass streaming of stores.
 //! Only type conversion here; every computation runs in the core with the GIL released.
-use crate::convert::{block_slices, extract_blocks, Blocks};
-use crate::errors::detach;
+use crate::convert::{array2, block_slices, extract_blocks, Blocks};
 use crate::errors::IntoPy;
+use crate::errors::{detach, Consumed};
 use crate::monitor::PyMonitor;
 use crate::source::{extract_parts, Sources};
 use layerscope_core::engine::moments::{
@@ -16,7 +16,7 @@ use layerscope_core::measures::cka::LinearCka;
 use layerscope_core::memory::Budget;
 use layerscope_core::store::Rows;
 use layerscope_core::Error;
-use numpy::ndarray::{Array2, ArrayView2};
+use numpy::ndarray::ArrayView2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -29,23 +29,10 @@ use pyo3::types::{PyBytes, PyDict};
 /// :type compute: str
 #[pyclass(module = "layerscope._native", name = "MomentAccumulator")]
 pub struct PyMomentAccumulator {
-    inner: Option<CoreAcc>,
+    inner: Consumed<CoreAcc>,
 }
 
-impl PyMomentAccumulator {
-    fn get(&self) -> PyResult<&CoreAcc> {
-        self.inner
-            .as_ref()
-            .ok_or_else(|| Error::invalid("this accumulator was finalised"))
-            .py_err()
-    }
-    fn get_mut(&mut self) -> PyResult<&mut CoreAcc> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| Error::invalid("this accumulator was finalised"))
-            .py_err()
-    }
-}
+const FINALISED: &str = "this accumulator was finalised";
 
 #[pymethods]
 impl PyMomentAccumulator {
@@ -65,7 +52,9 @@ impl PyMomentAccumulator {
         if let Some(n) = names {
             acc = acc.with_names(&n).py_err()?;
         }
-        Ok(PyMomentAccumulator { inner: Some(acc) })
+        Ok(PyMomentAccumulator {
+            inner: Consumed::new(acc, FINALISED),
+        })
     }
 
     /// Add a block of rows: one C-contiguous 2-D array per layer (all float32 or all float64,
@@ -75,7 +64,7 @@ impl PyMomentAccumulator {
     /// :rtype: None
     fn update(&mut self, py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         let blocks = extract_blocks(&arrays)?;
-        let acc = self.get_mut()?;
+        let acc = self.inner.get_mut()?;
         match blocks {
             Blocks::F32(v) => {
                 let (slices, rows) = block_slices(&v)?;
@@ -94,7 +83,7 @@ impl PyMomentAccumulator {
     /// :type shift: Sequence[float] | np.ndarray
     /// :rtype: None
     fn set_shift(&mut self, shift: Vec<f64>) -> PyResult<()> {
-        self.get_mut()?.set_shift(&shift).py_err()
+        self.inner.get_mut()?.set_shift(&shift).py_err()
     }
 
     /// Add the rows accumulated by `other` (exact, whatever the two reference shifts).
@@ -102,8 +91,8 @@ impl PyMomentAccumulator {
     /// :type other: MomentAccumulator
     /// :rtype: None
     fn merge(&mut self, py: Python<'_>, other: PyRef<'_, PyMomentAccumulator>) -> PyResult<()> {
-        let o = other.get()?.clone();
-        let acc = self.get_mut()?;
+        let o = other.inner.get()?.clone();
+        let acc = self.inner.get_mut()?;
         detach(py, || acc.merge(&o))
     }
 
@@ -111,7 +100,7 @@ impl PyMomentAccumulator {
     ///
     /// :rtype: bytes
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let acc = self.get()?;
+        let acc = self.inner.get()?;
         let b = detach(py, || acc.to_bytes())?;
         Ok(PyBytes::new(py, &b))
     }
@@ -123,7 +112,9 @@ impl PyMomentAccumulator {
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
         let acc = detach(py, || CoreAcc::from_bytes(data))?;
-        Ok(PyMomentAccumulator { inner: Some(acc) })
+        Ok(PyMomentAccumulator {
+            inner: Consumed::new(acc, FINALISED),
+        })
     }
 
     /// :rtype: tuple[Any, tuple[bytes]]
@@ -139,17 +130,17 @@ impl PyMomentAccumulator {
     /// :rtype: int
     #[getter]
     fn n(&self) -> PyResult<u64> {
-        Ok(self.get()?.n())
+        Ok(self.inner.get()?.n())
     }
     /// :rtype: list[int]
     #[getter]
     fn dims(&self) -> PyResult<Vec<usize>> {
-        Ok(self.get()?.dims().to_vec())
+        Ok(self.inner.get()?.dims().to_vec())
     }
     /// :rtype: list[str]
     #[getter]
     fn names(&self) -> PyResult<Vec<String>> {
-        Ok(self.get()?.names().to_vec())
+        Ok(self.inner.get()?.names().to_vec())
     }
 
     /// Centre at the exact mean and return the `Moments` (the accumulator is consumed).
@@ -158,27 +149,86 @@ impl PyMomentAccumulator {
     /// :type num_a: int | None
     /// :rtype: Moments
     #[pyo3(signature = (num_a=None))]
-    fn finalize(&mut self, py: Python<'_>, num_a: Option<usize>) -> PyResult<PyMoments> {
-        let acc = self
-            .inner
-            .take()
-            .ok_or_else(|| Error::invalid("this accumulator was finalised"))
-            .py_err()?;
+    fn finalize(&mut self, py: Python<'_>, num_a: Option<usize>) -> PyResult<Py<PyMoments>> {
+        let acc = self.inner.take()?;
         let m = detach(py, || acc.finalize())?;
-        PyMoments::wrap(m, num_a)
+        PyMoments::wrap(py, m, num_a)
+    }
+}
+
+/// The layers a pass went over, as every result of a pass (`Moments`, `PairStats`)
+/// reports them: the rows, the layers of each source and what the pass met.
+#[pyclass(module = "layerscope._native", name = "PassLayers", subclass, frozen)]
+pub struct PyPassLayers {
+    /// :rtype: int
+    #[pyo3(get)]
+    n: u64,
+    /// :rtype: list[int]
+    #[pyo3(get)]
+    dims: Vec<usize>,
+    /// :rtype: list[str]
+    #[pyo3(get)]
+    names: Vec<String>,
+    /// Number of layers of the first source.
+    ///
+    /// :rtype: int
+    #[pyo3(get)]
+    num_a: usize,
+    /// `max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean.
+    ///
+    /// :rtype: float
+    #[pyo3(get)]
+    shift_offset: f64,
+    /// First row holding a NaN/Inf per layer (only when accumulated with check_finite=False).
+    ///
+    /// :rtype: list[int | None]
+    #[pyo3(get)]
+    nonfinite: Vec<Option<u64>>,
+}
+
+impl PyPassLayers {
+    /// The base of a result over `dims.len()` layers, `num_a` of them from the first source.
+    fn of<T: pyo3::PyClass<BaseType = Self>>(
+        n: u64,
+        dims: &[usize],
+        names: &[String],
+        num_a: usize,
+        shift_offset: f64,
+        nonfinite: &[Option<u64>],
+        result: T,
+    ) -> PyClassInitializer<T> {
+        PyClassInitializer::from(PyPassLayers {
+            n,
+            dims: dims.to_vec(),
+            names: names.to_vec(),
+            num_a,
+            shift_offset,
+            nonfinite: nonfinite.to_vec(),
+        })
+        .add_subclass(result)
+    }
+}
+
+#[pymethods]
+impl PyPassLayers {
+    /// Number of layers of the second source (0 for one source).
+    ///
+    /// :rtype: int
+    #[getter]
+    fn num_b(&self) -> usize {
+        self.dims.len() - self.num_a
     }
 }
 
 /// Finalised moments: `C = Σ (z − z̄)(z − z̄)ᵀ` over the concatenated layers, the means and
 /// the squared-norm products used by the debiased estimators.
-#[pyclass(module = "layerscope._native", name = "Moments", frozen)]
+#[pyclass(module = "layerscope._native", name = "Moments", extends = PyPassLayers, frozen)]
 pub struct PyMoments {
     inner: CoreMoments,
-    num_a: usize,
 }
 
 impl PyMoments {
-    fn wrap(m: CoreMoments, num_a: Option<usize>) -> PyResult<Self> {
+    fn wrap(py: Python<'_>, m: CoreMoments, num_a: Option<usize>) -> PyResult<Py<Self>> {
         let l = m.dims.len();
         let num_a = num_a.unwrap_or(l);
         if num_a > l {
@@ -187,56 +237,18 @@ impl PyMoments {
             )))
             .py_err();
         }
-        Ok(PyMoments { inner: m, num_a })
+        let (n, dims, names) = (m.n, m.dims.clone(), m.names.clone());
+        let (offset, bad) = (m.shift_offset, m.nonfinite.clone());
+        let me = PyMoments { inner: m };
+        Py::new(
+            py,
+            PyPassLayers::of(n, &dims, &names, num_a, offset, &bad, me),
+        )
     }
 }
 
 #[pymethods]
 impl PyMoments {
-    /// :rtype: int
-    #[getter]
-    fn n(&self) -> u64 {
-        self.inner.n
-    }
-    /// :rtype: list[int]
-    #[getter]
-    fn dims(&self) -> Vec<usize> {
-        self.inner.dims.clone()
-    }
-    /// :rtype: list[str]
-    #[getter]
-    fn names(&self) -> Vec<String> {
-        self.inner.names.clone()
-    }
-    /// Number of layers of the first source.
-    ///
-    /// :rtype: int
-    #[getter]
-    fn num_a(&self) -> usize {
-        self.num_a
-    }
-    /// `max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean.
-    ///
-    /// :rtype: float
-    #[getter]
-    fn shift_offset(&self) -> f64 {
-        self.inner.shift_offset
-    }
-    /// Number of layers of the second source (0 for one source).
-    ///
-    /// :rtype: int
-    #[getter]
-    fn num_b(&self) -> usize {
-        self.inner.dims.len() - self.num_a
-    }
-    /// First row holding a NaN/Inf per layer (only when accumulated with check_finite=False).
-    ///
-    /// :rtype: list[int | None]
-    #[getter]
-    fn nonfinite(&self) -> Vec<Option<u64>> {
-        self.inner.nonfinite.clone()
-    }
-
     /// The full symmetric `D × D` centred cross-product matrix `C` as a read-only float64
     /// array viewing the moments' memory (no copy; it keeps this object alive). For
     /// inspection and tests: the measures run on the moments in Rust (`spectrum()`,
@@ -249,10 +261,7 @@ impl PyMoments {
         if m.scale_exp.iter().any(|&e| e != 0) {
             // a layer far from unit scale was accumulated in units of 2^-e: a copy in the
             // data's units (no view)
-            let a = Array2::from_shape_vec((d, d), m.cov_unscaled())
-                .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
-                .py_err()?;
-            let arr = a.into_pyarray(slf.py());
+            let arr = array2(slf.py(), (d, d), m.cov_unscaled())?;
             arr.call_method1("setflags", (false,))?;
             return Ok(arr);
         }
@@ -373,10 +382,7 @@ impl PyMoments {
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let b = self.inner.block_unscaled(i, j).py_err()?;
         let (di, dj) = (self.inner.dims[i], self.inner.dims[j]);
-        let a = Array2::from_shape_vec((di, dj), b)
-            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
-            .py_err()?;
-        Ok(a.into_pyarray(py))
+        array2(py, (di, dj), b)
     }
 
     /// Column means of layer `i`.
@@ -422,10 +428,7 @@ impl PyMoments {
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let m = &self.inner;
         let v = detach(py, || m.cka_matrix(&rows, &cols, debiased))?;
-        let a = Array2::from_shape_vec((rows.len(), cols.len()), v)
-            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
-            .py_err()?;
-        Ok(a.into_pyarray(py))
+        array2(py, (rows.len(), cols.len()), v)
     }
 
     fn __repr__(&self) -> String {
@@ -465,7 +468,7 @@ fn moments_pass(
     num_a: Option<usize>,
     progress: Option<Py<PyAny>>,
     compute: &str,
-) -> PyResult<PyMoments> {
+) -> PyResult<Py<PyMoments>> {
     let compute = Compute::parse(compute).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
     let parts = extract_parts(&parts)?;
@@ -484,15 +487,23 @@ fn moments_pass(
         )?
         .finalize()
     })?;
-    PyMoments::wrap(m, num_a)
+    PyMoments::wrap(py, m, num_a)
 }
 
 /// What linear CKA needs of every layer pair (`‖C_ij‖²`, `Σ r̄_i r̄_j`, `tr C_ii`, `n`),
 /// from one pass or summed over the tiles of a tiled pass, and the plan that made them.
-#[pyclass(module = "layerscope._native", name = "PairStats", frozen)]
+#[pyclass(module = "layerscope._native", name = "PairStats", extends = PyPassLayers, frozen)]
 pub struct PyPairStats {
     inner: CorePairStats,
     num_a: usize,
+    plan: PassPlan,
+}
+
+/// The plan an exact linear pass followed, as :func:`pair_plan` reports it and
+/// `PairStats.from_sums` takes it: `strategy` (`"single-pass"`, `"tiled"` or `"gram"`),
+/// `passes`, `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer) and
+/// `madds` (multiply-adds of the packed products over all passes).
+struct PassPlan {
     strategy: &'static str,
     passes: usize,
     peak_bytes: u128,
@@ -501,7 +512,66 @@ pub struct PyPairStats {
     madds: u128,
 }
 
+impl PassPlan {
+    fn of(plan: &PairPlan, n: u64) -> Self {
+        PassPlan {
+            strategy: plan.strategy(),
+            passes: plan.passes(),
+            peak_bytes: plan.peak_bytes(),
+            block_rows: plan.block_rows(),
+            layer_reads: plan.layer_reads(),
+            madds: plan.madds(n),
+        }
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("strategy", self.strategy)?;
+        d.set_item("passes", self.passes)?;
+        d.set_item("peak_bytes", self.peak_bytes)?;
+        d.set_item("block_rows", self.block_rows)?;
+        d.set_item("layer_reads", self.layer_reads.clone())?;
+        d.set_item("madds", self.madds)?;
+        Ok(d)
+    }
+
+    fn from_dict(plan: &Bound<'_, PyDict>) -> PyResult<Self> {
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            plan.get_item(k)?
+                .ok_or_else(|| Error::invalid(format!("the plan has no {k:?}")))
+                .py_err()
+        };
+        let strategy = match get("strategy")?.extract::<String>()?.as_str() {
+            "gram" => "gram",
+            "tiled" => "tiled",
+            "single-pass" => "single-pass",
+            other => {
+                return Err(Error::invalid(format!("unknown strategy {other:?}"))).py_err();
+            }
+        };
+        Ok(PassPlan {
+            strategy,
+            passes: get("passes")?.extract()?,
+            peak_bytes: get("peak_bytes")?.extract()?,
+            block_rows: get("block_rows")?.extract()?,
+            layer_reads: get("layer_reads")?.extract()?,
+            madds: get("madds")?.extract()?,
+        })
+    }
+}
+
 impl PyPairStats {
+    /// As a Python object, its [`PyPassLayers`] base filled from the statistics.
+    pub(crate) fn into_py(self, py: Python<'_>) -> PyResult<Py<Self>> {
+        let i = &self.inner;
+        let (n, dims, names) = (i.n, i.dims.clone(), i.names.clone());
+        let (offset, bad, num_a) = (i.shift_offset, i.nonfinite.clone(), self.num_a);
+        Py::new(
+            py,
+            PyPassLayers::of(n, &dims, &names, num_a, offset, &bad, self),
+        )
+    }
+
     /// The statistics of a tile plan's pass (assembled from its tiles' partial sums).
     pub(crate) fn from_tiles(
         inner: CorePairStats,
@@ -510,12 +580,14 @@ impl PyPairStats {
     ) -> Self {
         PyPairStats {
             num_a: plan.num_a,
-            strategy,
-            passes: plan.passes(),
-            peak_bytes: plan.peak_bytes,
-            block_rows: plan.block_rows,
-            layer_reads: plan.layer_reads(),
-            madds: plan.madds_per_row() * inner.n as u128,
+            plan: PassPlan {
+                strategy,
+                passes: plan.passes(),
+                peak_bytes: plan.peak_bytes,
+                block_rows: plan.block_rows,
+                layer_reads: plan.layer_reads(),
+                madds: plan.madds_per_row() * inner.n as u128,
+            },
             inner,
         }
     }
@@ -553,20 +625,8 @@ impl PyPairStats {
         known: numpy::PyReadonlyArray2<'_, bool>,
         nonfinite: Vec<Option<u64>>,
         plan: &Bound<'_, PyDict>,
-    ) -> PyResult<Self> {
-        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
-            plan.get_item(k)?
-                .ok_or_else(|| Error::invalid(format!("the plan has no {k:?}")))
-                .py_err()
-        };
-        let strategy = match get("strategy")?.extract::<String>()?.as_str() {
-            "gram" => "gram",
-            "tiled" => "tiled",
-            "single-pass" => "single-pass",
-            other => {
-                return Err(Error::invalid(format!("unknown strategy {other:?}"))).py_err();
-            }
-        };
+    ) -> PyResult<Py<Self>> {
+        let plan = PassPlan::from_dict(plan)?;
         if num_a == 0 || num_a > dims.len() {
             return Err(Error::invalid(format!(
                 "num_a {num_a} of {} layers",
@@ -585,92 +645,16 @@ impl PyPairStats {
             nonfinite,
         )
         .py_err()?;
-        Ok(PyPairStats {
-            inner,
-            num_a,
-            strategy,
-            passes: get("passes")?.extract()?,
-            peak_bytes: get("peak_bytes")?.extract()?,
-            block_rows: get("block_rows")?.extract()?,
-            layer_reads: get("layer_reads")?.extract()?,
-            madds: get("madds")?.extract()?,
-        })
+        PyPairStats { inner, num_a, plan }.into_py(_cls.py())
     }
 
-    /// :rtype: int
-    #[getter]
-    fn n(&self) -> u64 {
-        self.inner.n
-    }
-    /// :rtype: list[int]
-    #[getter]
-    fn dims(&self) -> Vec<usize> {
-        self.inner.dims.clone()
-    }
-    /// :rtype: list[str]
-    #[getter]
-    fn names(&self) -> Vec<String> {
-        self.inner.names.clone()
-    }
-    /// Number of layers of the first source.
+    /// The plan the pass followed: `strategy`, `passes`, `peak_bytes`, `block_rows`,
+    /// `layer_reads`, `madds` (see :func:`pair_plan`).
     ///
-    /// :rtype: int
+    /// :rtype: dict[str, Any]
     #[getter]
-    fn num_a(&self) -> usize {
-        self.num_a
-    }
-    /// Number of layers of the second source (0 for one source).
-    ///
-    /// :rtype: int
-    #[getter]
-    fn num_b(&self) -> usize {
-        self.inner.dims.len() - self.num_a
-    }
-    /// :rtype: float
-    #[getter]
-    fn shift_offset(&self) -> f64 {
-        self.inner.shift_offset
-    }
-    /// :rtype: list[int | None]
-    #[getter]
-    fn nonfinite(&self) -> Vec<Option<u64>> {
-        self.inner.nonfinite.clone()
-    }
-    /// `"single-pass"`, `"tiled"` or `"gram"`.
-    ///
-    /// :rtype: str
-    #[getter]
-    fn strategy(&self) -> &'static str {
-        self.strategy
-    }
-    /// :rtype: int
-    #[getter]
-    fn passes(&self) -> usize {
-        self.passes
-    }
-    /// :rtype: int
-    #[getter]
-    fn peak_bytes(&self) -> u128 {
-        self.peak_bytes
-    }
-    /// :rtype: int
-    #[getter]
-    fn block_rows(&self) -> usize {
-        self.block_rows
-    }
-    /// How many passes read each layer.
-    ///
-    /// :rtype: list[int]
-    #[getter]
-    fn layer_reads(&self) -> Vec<u64> {
-        self.layer_reads.clone()
-    }
-    /// Multiply-adds of the packed products over all passes.
-    ///
-    /// :rtype: int
-    #[getter]
-    fn madds(&self) -> u128 {
-        self.madds
+    fn plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.plan.to_dict(py)
     }
 
     /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
@@ -689,10 +673,7 @@ impl PyPairStats {
         debiased: bool,
     ) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let v = self.inner.cka_matrix(&rows, &cols, debiased).py_err()?;
-        let a = Array2::from_shape_vec((rows.len(), cols.len()), v)
-            .map_err(|e| Error::invalid(format!("internal shape error: {e}")))
-            .py_err()?;
-        Ok(a.into_pyarray(py))
+        array2(py, (rows.len(), cols.len()), v)
     }
 
     fn __repr__(&self) -> String {
@@ -700,8 +681,8 @@ impl PyPairStats {
             "PairStats(n={}, layers={}, strategy={:?}, passes={})",
             self.inner.n,
             self.inner.dims.len(),
-            self.strategy,
-            self.passes
+            self.plan.strategy,
+            self.plan.passes
         )
     }
 }
@@ -736,7 +717,7 @@ fn pair_pass(
     progress: Option<Py<PyAny>>,
     compute: &str,
     strategy: Option<String>,
-) -> PyResult<PyPairStats> {
+) -> PyResult<Py<PyPairStats>> {
     let compute = Compute::parse(compute).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
     let parts = extract_parts(&parts)?;
@@ -758,17 +739,12 @@ fn pair_pass(
         let st = plan.run(&src, &names, check_finite, &budget, &mon)?;
         Ok::<_, Error>((plan, st))
     })?;
-    let madds = plan.madds(st.n);
-    Ok(PyPairStats {
+    PyPairStats {
+        plan: PassPlan::of(&plan, st.n),
         inner: st,
         num_a,
-        strategy: plan.strategy(),
-        passes: plan.passes(),
-        peak_bytes: plan.peak_bytes(),
-        block_rows: plan.block_rows(),
-        layer_reads: plan.layer_reads(),
-        madds,
-    })
+    }
+    .into_py(py)
 }
 
 /// The plan an exact all-pairs linear pass would run (nothing is read): layers of widths
@@ -777,7 +753,9 @@ fn pair_pass(
 /// `peak_bytes`, `block_rows`, `layer_reads` (passes reading each layer), `madds`,
 /// `cost_seconds` (at the nominal rates that rank plans), `budget_bytes`, `budget_source`;
 /// a Gram-route plan also `held` (Grams held at once) and `rounds` (per round, the layers
-/// whose Grams are held and those streamed past them, one at a time).
+/// whose Grams are held and those streamed past them, one at a time); `tiles`: the plan as a
+/// `TilePlan` (what a distributed or device run cuts into `(tile, row range)` tasks), None
+/// for the Gram route (it needs every row of a layer at once).
 /// MemoryBudgetError (with the minimum that would work) when no plan fits.
 ///
 /// :type dims: Sequence[int]
@@ -802,46 +780,6 @@ fn pair_plan<'py>(
     max_memory: Option<u64>,
     strategy: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (plan, budget) = choose_pair_plan(
-        py,
-        &dims,
-        num_a,
-        n,
-        block_rows,
-        compute,
-        max_memory,
-        strategy.as_deref(),
-    )?;
-    let d = PyDict::new(py);
-    d.set_item("strategy", plan.strategy())?;
-    d.set_item("passes", plan.passes())?;
-    d.set_item("peak_bytes", plan.peak_bytes())?;
-    d.set_item("block_rows", plan.block_rows())?;
-    d.set_item("layer_reads", plan.layer_reads())?;
-    d.set_item("madds", plan.madds(n))?;
-    d.set_item("cost_seconds", plan.cost_seconds(n))?;
-    d.set_item("budget_bytes", budget.bytes)?;
-    d.set_item("budget_source", budget.source.clone())?;
-    if let PairPlan::Gram(g) = &plan {
-        d.set_item("held", g.held)?;
-        d.set_item("rounds", g.rounds.clone())?;
-    }
-    Ok(d)
-}
-
-/// `PairPlan::choose` for the arguments of `pair_plan` / `pair_tiles` (checked; GIL
-/// released), and the budget in force.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn choose_pair_plan(
-    py: Python<'_>,
-    dims: &[usize],
-    num_a: usize,
-    n: u64,
-    block_rows: Option<usize>,
-    compute: &str,
-    max_memory: Option<u64>,
-    strategy: Option<&str>,
-) -> PyResult<(PairPlan, Budget)> {
     let compute = Compute::parse(compute).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
     if num_a == 0 || num_a > dims.len() {
@@ -852,9 +790,32 @@ pub(crate) fn choose_pair_plan(
         .py_err();
     }
     let plan = detach(py, || {
-        PairPlan::choose(dims, num_a, n, block_rows, compute, &budget, strategy)
+        PairPlan::choose(
+            &dims,
+            num_a,
+            n,
+            block_rows,
+            compute,
+            &budget,
+            strategy.as_deref(),
+        )
     })?;
-    Ok((plan, budget))
+    let d = PassPlan::of(&plan, n).to_dict(py)?;
+    d.set_item("cost_seconds", plan.cost_seconds(n))?;
+    d.set_item("budget_bytes", budget.bytes)?;
+    d.set_item("budget_source", budget.source.clone())?;
+    if let PairPlan::Gram(g) = &plan {
+        d.set_item("held", g.held)?;
+        d.set_item("rounds", g.rounds.clone())?;
+    }
+    let tiles = plan
+        .tile_plan()
+        .map(|inner| crate::distributed::PyTilePlan {
+            inner,
+            strategy: plan.strategy(),
+        });
+    d.set_item("tiles", tiles)?;
+    Ok(d)
 }
 
 /// Multiply-adds per second of the packed product kernel on this machine in `compute`
@@ -942,6 +903,7 @@ fn accumulator_bytes(dims: Vec<usize>) -> u128 {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMomentAccumulator>()?;
     m.add_function(wrap_pyfunction!(check_moment_memory, m)?)?;
+    m.add_class::<PyPassLayers>()?;
     m.add_class::<PyMoments>()?;
     m.add_function(wrap_pyfunction!(moments_pass, m)?)?;
     m.add_class::<PyPairStats>()?;

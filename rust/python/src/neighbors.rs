@@ -1,6 +1,7 @@
 //! Bindings of the neighbour engine and its measures (kNN graph, intrinsic dimension, RBF
 //! HSIC, RSA, mutual kNN). Inputs are C-contiguous float64 2-D arrays (the Python layer
 //! samples and converts); all work runs with the GIL released.
+use crate::convert::array2;
 use crate::errors::detach;
 use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
@@ -249,11 +250,7 @@ fn matrix<'py>(
     a: &Layers<'_>,
     b: Option<&Layers<'_>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
-    let shape = (a.len(), b.unwrap_or(a).len());
-    let arr = Array2::from_shape_vec(shape, vals)
-        .map_err(|e| Error::invalid(e.to_string()))
-        .py_err()?;
-    Ok(arr.into_pyarray(py))
+    array2(py, (a.len(), b.unwrap_or(a).len()), vals)
 }
 
 /// An all-pairs measure over the sample's layers `a` (and `b`): the layers borrowed, the
@@ -467,111 +464,112 @@ impl PyPrepared {
     }
 }
 
-/// The measure of :func:`prepare_layer` and :func:`prepare_bytes`.
-#[allow(clippy::too_many_arguments)]
-fn measure_of(
-    measure: &str,
-    sigma: f64,
-    unbiased: bool,
-    dissimilarity: &str,
-    compare: &str,
-    k: usize,
-    normalize: bool,
-) -> PyResult<Measure> {
-    Ok(match measure {
-        "rbf" => Measure::Rbf {
-            sigma,
-            estimator: Estimator::from_unbiased(unbiased),
-        },
-        "rsa" => Measure::Rsa {
-            dissimilarity: rsa::Dissimilarity::parse(dissimilarity).py_err()?,
-            compare: rsa::Compare::parse(compare).py_err()?,
-        },
-        "knn" => Measure::Knn { k, normalize },
+/// The measure of :func:`prepare_layer` and :func:`prepare_bytes`: `measure` ("rbf", "rsa"
+/// or "knn") with its keyword options (`sigma`, `unbiased`; `dissimilarity`, `compare`;
+/// `k`, `normalize`), each defaulted as in the measure's own function; an option the measure
+/// does not take is an error.
+fn measure_of(measure: &str, options: Option<&Bound<'_, PyDict>>) -> PyResult<Measure> {
+    let takes: &[&str] = match measure {
+        "rbf" => &["sigma", "unbiased"],
+        "rsa" => &["dissimilarity", "compare"],
+        "knn" => &["k", "normalize"],
         other => {
             return Err(Error::invalid(format!(
                 "measure is \"rbf\", \"rsa\" or \"knn\", got {other:?}"
             )))
             .py_err()
         }
+    };
+    if let Some(d) = options {
+        for (key, _) in d.iter() {
+            let key: String = key.extract()?;
+            if !takes.contains(&key.as_str()) {
+                return Err(Error::invalid(format!(
+                    "measure {measure:?} takes {takes:?}, not {key:?}"
+                )))
+                .py_err();
+            }
+        }
+    }
+    fn get<'py, T: FromPyObjectOwned<'py>>(
+        d: Option<&Bound<'py, PyDict>>,
+        key: &str,
+        default: T,
+    ) -> PyResult<T> {
+        match d.map(|d| d.get_item(key)).transpose()?.flatten() {
+            Some(v) => v.extract().map_err(Into::into),
+            None => Ok(default),
+        }
+    }
+    Ok(match measure {
+        "rbf" => Measure::Rbf {
+            sigma: get(options, "sigma", 1.0)?,
+            estimator: Estimator::from_unbiased(get(options, "unbiased", false)?),
+        },
+        "rsa" => Measure::Rsa {
+            dissimilarity: rsa::Dissimilarity::parse(&get::<String>(
+                options,
+                "dissimilarity",
+                "euclidean".into(),
+            )?)
+            .py_err()?,
+            compare: rsa::Compare::parse(&get::<String>(options, "compare", "spearman".into())?)
+                .py_err()?,
+        },
+        _ => Measure::Knn {
+            k: get(options, "k", 10)?,
+            normalize: get(options, "normalize", false)?,
+        },
     })
 }
 
 /// Bytes of :func:`prepare_layer` for `m` rows of width `d`: ``(peak, prepared)`` — its
 /// peak (what it checks against the budget) and the prepared layer's size (what a block
 /// of the pair table holds per layer); see
-/// `layerscope_core::measures::prepared::Measure`.
+/// `layerscope_core::measures::prepared::Measure`. `options`: the measure's, as in
+/// :func:`prepare_layer`.
 ///
 /// :type measure: str
 /// :type m: int
 /// :type d: int
-/// :type unbiased: bool
-/// :type k: int
-/// :type normalize: bool
+/// :type options: Any
 /// :rtype: tuple[int, int]
 #[pyfunction]
-#[pyo3(signature = (measure, m, d, *, unbiased=false, k=10, normalize=false))]
+#[pyo3(signature = (measure, m, d, **options))]
 fn prepare_bytes(
     measure: &str,
     m: usize,
     d: usize,
-    unbiased: bool,
-    k: usize,
-    normalize: bool,
+    options: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<(u128, u128)> {
-    let me = measure_of(
-        measure,
-        1.0,
-        unbiased,
-        "euclidean",
-        "spearman",
-        k,
-        normalize,
-    )?;
+    let me = measure_of(measure, options)?;
     Ok((me.peak_bytes(m, d), me.prepared_bytes(m)))
 }
 
 /// One layer's step of :func:`rbf_hsic` (``measure="rbf"``: its RBF Gram prepared for the
-/// estimator), :func:`rsa_matrix` (``"rsa"``: its prepared RDM) or
-/// :func:`neighbour_matrix` (``"knn"``: its exact kNN graph); checked against the budget
-/// (:func:`prepare_bytes`) first. `products`: as in :func:`knn_graph`.
+/// estimator, options `sigma` (1.0), `unbiased` (False)), :func:`rsa_matrix` (``"rsa"``: its
+/// prepared RDM; `dissimilarity` ("euclidean"), `compare` ("spearman")) or
+/// :func:`neighbour_matrix` (``"knn"``: its exact kNN graph; `k` (10), `normalize` (False));
+/// checked against the budget (:func:`prepare_bytes`) first. `products`: as in
+/// :func:`knn_graph`.
 ///
 /// :type x: npt.NDArray[np.float64]
 /// :type measure: str
-/// :type sigma: float
-/// :type unbiased: bool
-/// :type dissimilarity: str
-/// :type compare: str
-/// :type k: int
-/// :type normalize: bool
 /// :type max_memory: int | None
 /// :type products: Any | None
+/// :type options: Any
 /// :rtype: PreparedLayer
 #[pyfunction]
-#[pyo3(signature = (x, measure, *, sigma=1.0, unbiased=false, dissimilarity="euclidean", compare="spearman", k=10, normalize=false, max_memory=None, products=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (x, measure, *, max_memory=None, products=None, **options))]
 fn prepare_layer(
     py: Python<'_>,
     x: PyReadonlyArray2<'_, f64>,
     measure: &str,
-    sigma: f64,
-    unbiased: bool,
-    dissimilarity: &str,
-    compare: &str,
-    k: usize,
-    normalize: bool,
     max_memory: Option<u64>,
     products: Option<Py<PyAny>>,
+    options: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<PyPrepared> {
-    let me = measure_of(
-        measure,
-        sigma,
-        unbiased,
-        dissimilarity,
-        compare,
-        k,
-        normalize,
-    )?;
+    let me = measure_of(measure, options)?;
     let budget = Budget::resolve(max_memory).py_err()?;
     let (s, m, d) = slice2(&x, "x")?;
     let prod = products.map(PyProducts::new);
