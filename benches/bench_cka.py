@@ -36,6 +36,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,7 @@ def cka_from_cov(c: np.ndarray, dims: list[int]) -> np.ndarray:
     return sq / np.outer(dg, dg)
 
 
-def _layerscope(path: str, compute: str) -> dict[str, Any]:
+def _layerscope(path: str, _: dict[str, Any], compute: str) -> dict[str, Any]:
     import layerscope
 
     t = time.perf_counter()
@@ -105,14 +107,6 @@ def _layerscope(path: str, compute: str) -> dict[str, Any]:
         "note": f"compute={compute}; pass {res.meta['timings']['pass']:.2f}s "
         "(read+accumulate+finalize)",
     }
-
-
-def m_layerscope(path: str, _: dict[str, Any]) -> dict[str, Any]:
-    return _layerscope(path, "float64")
-
-
-def m_layerscope_f32(path: str, _: dict[str, Any]) -> dict[str, Any]:
-    return _layerscope(path, "float32")
 
 
 def m_numpy_f64(path: str, _: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +126,7 @@ def m_numpy_f64(path: str, _: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": t2 - t1, "load_seconds": t1 - t0, "values": vals.tolist()}
 
 
-def _torch(path: str, dtype: str) -> dict[str, Any]:
+def _torch(path: str, _: dict[str, Any], dtype: str) -> dict[str, Any]:
     import torch
 
     t0 = time.perf_counter()
@@ -147,14 +141,6 @@ def _torch(path: str, dtype: str) -> dict[str, Any]:
     vals = cka_from_cov(c.double().numpy(), dims)
     t2 = time.perf_counter()
     return {"seconds": t2 - t1, "load_seconds": t1 - t0, "values": vals.tolist()}
-
-
-def m_torch_f64(path: str, _: dict[str, Any]) -> dict[str, Any]:
-    return _torch(path, "f64")
-
-
-def m_torch_f32(path: str, _: dict[str, Any]) -> dict[str, Any]:
-    return _torch(path, "f32")
 
 
 def m_pytorch_cka(path: str, _: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +271,16 @@ def m_minibatch_torch(path: str, opts: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t, "values": vals.tolist()}
 
 
-METHODS = {k[2:]: v for k, v in globals().items() if k.startswith("m_")}
+#: Every contender by name, in the order they run (the layerscope and torch ones at both
+#: precisions from one function each).
+METHODS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
+    "layerscope": partial(_layerscope, compute="float64"),
+    "layerscope_f32": partial(_layerscope, compute="float32"),
+    "numpy_f64": m_numpy_f64,
+    "torch_f64": partial(_torch, dtype="f64"),
+    "torch_f32": partial(_torch, dtype="f32"),
+    **{k[2:]: v for k, v in globals().items() if k.startswith("m_") and k != "m_numpy_f64"},
+}
 
 
 TORCH_METHODS = {"torch_f64", "torch_f32", "pytorch_cka", "ckatorch", "minibatch_torch"}

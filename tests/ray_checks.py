@@ -403,36 +403,41 @@ def main(out: str, temp_dir: str) -> None:
         case("node_lost", lambda: node_lost(3))
         case("node_lost_no_retries", lambda: node_lost(0))
 
+        def cka_losing_nodes(progress: Any, undo: Any) -> dict:
+            # linear CKA on Ray while every worker node leaves (``progress`` or ``undo``'s
+            # spy removes them): what it raised and how long it took; then ``undo`` and the
+            # two nodes back for the next checks
+            _ray.NO_NODE_SECONDS = 3.0
+            out: dict[str, Any] = {}
+            t0 = time.perf_counter()
+            try:
+                ls.cka(s64, progress=progress, backend="ray")
+                out["raised"] = "nothing"
+            except ls.ClusterError as e:
+                out["raised"] = f"ClusterError: {e}"
+            finally:
+                undo()
+                _ray.NO_NODE_SECONDS = 60.0
+            out["seconds"] = time.perf_counter() - t0
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            return out
+
         def no_node() -> dict:
             # every worker node leaves mid-job: no hang, a ClusterError in bounded time
-            _ray.NO_NODE_SECONDS = 3.0
-
             def cb(done: int, total: int) -> None:
                 if cluster.worker_nodes:
                     for node in list(cluster.worker_nodes):
                         cluster.remove_node(node)
 
-            out: dict[str, Any] = {}
-            t0 = time.perf_counter()
-            try:
-                ls.cka(s64, progress=cb, backend="ray")
-                out["raised"] = "nothing"
-            except ls.ClusterError as e:
-                out["raised"] = f"ClusterError: {e}"
-            finally:
-                _ray.NO_NODE_SECONDS = 60.0
-            out["seconds"] = time.perf_counter() - t0
-            for _ in range(2):  # the next checks get their two nodes back
-                cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-            return out
+            return cka_losing_nodes(cb, lambda: None)
 
         case("no_node", no_node)
 
         def no_node_at_merge() -> dict:
             # every worker node leaves after the range tasks finished, while their merges
             # run or their results wait on the nodes: fetching the result is watched too
-            _ray.NO_NODE_SECONDS = 3.0
             wait_all = _ray.wait_all
 
             def spy(ray_: Any, rs: Any, *a: Any, **kw: Any) -> None:
@@ -440,22 +445,11 @@ def main(out: str, temp_dir: str) -> None:
                 for node in list(cluster.worker_nodes):
                     cluster.remove_node(node, allow_graceful=False)
 
-            _ray.wait_all = spy
-            out: dict[str, Any] = {}
-            t0 = time.perf_counter()
-            try:
-                ls.cka(s64, progress=False, backend="ray")
-                out["raised"] = "nothing"
-            except ls.ClusterError as e:
-                out["raised"] = f"ClusterError: {e}"
-            finally:
+            def undo() -> None:
                 _ray.wait_all = wait_all
-                _ray.NO_NODE_SECONDS = 60.0
-            out["seconds"] = time.perf_counter() - t0
-            for _ in range(2):
-                cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-            return out
+
+            _ray.wait_all = spy
+            return cka_losing_nodes(False, undo)
 
         case("no_node_at_merge", no_node_at_merge)
 

@@ -777,48 +777,18 @@ def test_dict_outputs_and_input_selection(tmp_path):
         # default: the first entry of a dict output
         with capture(net, layers=["block", "head"], **kw) as ca:
             net(x)
-        with capture(net, layers="block", output="aux", out=tmp_path / "b", dtype="float32") as cb:
-            net(x)
-        with capture(
-            net,
-            layers="block",
-            output=lambda o: o["hidden"] - 1.0,
-            out=tmp_path / "c",
-            dtype="float32",
-            pool="tokens",
-        ) as cc:
-            net(x)
+        def block(name: str, **options: object) -> object:
+            with capture(net, layers="block", out=tmp_path / name, dtype="float32",
+                         **options) as c:
+                net(x)
+            return c
+
+        cb = block("b", output="aux")
+        cc = block("c", output=lambda o: o["hidden"] - 1.0, pool="tokens")
         # inputs: positional index 0, a keyword, a callable on (args, kwargs)
-        with capture(
-            net,
-            layers="block",
-            where="input",
-            output=0,
-            out=tmp_path / "d",
-            dtype="float32",
-            pool="tokens",
-        ) as cd:
-            net(x)
-        with capture(
-            net,
-            layers="block",
-            where="input",
-            output="bias",
-            out=tmp_path / "e",
-            dtype="float32",
-            pool="tokens",
-        ) as ce:
-            net(x)
-        with capture(
-            net,
-            layers="block",
-            where="input",
-            output=lambda a, k: a[0] * k["scale"],
-            out=tmp_path / "h",
-            dtype="float32",
-            pool="last",
-        ) as ch:
-            net(x)
+        cd = block("d", where="input", output=0, pool="tokens")
+        ce = block("e", where="input", output="bias", pool="tokens")
+        ch = block("h", where="input", output=lambda a, k: a[0] * k["scale"], pool="last")
         with (
             pytest.raises(CaptureError, match="no keyword input 'nope'"),
             capture(net, layers="block", where="input", output="nope", out=tmp_path / "f"),

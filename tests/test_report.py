@@ -92,14 +92,19 @@ def _results(path: Path) -> dict:
     return json.loads((path.parent / "results.json").read_text())
 
 
+def _clean_report(path: Path, figures: set[str]) -> dict:
+    """A self-contained report with (at least) ``figures`` and no notes; its results."""
+    _check_self_contained(path)
+    assert figures <= {p.name for p in path.parent.glob("*.png")}
+    data = _results(path)
+    assert data["notes"] == [], data["notes"]
+    return data
+
+
 def test_single_store_report_is_self_contained(single: Path) -> None:
     assert single.name == "report.html" and single.exists()
-    _check_self_contained(single)
-    names = {p.name for p in single.parent.glob("*.png")}
-    assert {"cka_source.png", "adjacent.png", "spectra_source.png", "subspace_overlap.png",
-            "intrinsic_dimension.png"} <= names
-    data = _results(single)
-    assert data["notes"] == [], data["notes"]
+    data = _clean_report(single, {"cka_source.png", "adjacent.png", "spectra_source.png",
+                                  "subspace_overlap.png", "intrinsic_dimension.png"})
     for section in ("store", "cka", "spectra", "id"):
         assert data["summary"][section], section
 
@@ -210,12 +215,8 @@ def test_import_order_keeps_functions_callable(stores: tuple[object, object],
 
 
 def test_two_store_report(pair: Path, stores: tuple[object, object]) -> None:
-    _check_self_contained(pair)
-    names = {p.name for p in pair.parent.glob("*.png")}
-    assert {"cka_source.png", "cka_other.png", "cross_cka.png", "cross_best_match.png",
-            "subspace_overlap.png"} <= names
-    data = _results(pair)
-    assert data["notes"] == [], data["notes"]
+    data = _clean_report(pair, {"cka_source.png", "cka_other.png", "cross_cka.png",
+                                "cross_best_match.png", "subspace_overlap.png"})
     api = result_from_dict(data["results"]["cross"]["cka_linear_biased"])
     best = [api.cols[int(np.argmax(row))] for row in api.values]
     text = " ".join(data["summary"]["cross"])

@@ -86,9 +86,13 @@ def _emit(res: Any, args: argparse.Namespace, table: Table, method: str, seconds
     return 0
 
 
-def _finish(p: argparse.ArgumentParser, plot: str, func: Any) -> None:
-    """The options every measure command ends with, and the function it runs (after
+def _finish(p: argparse.ArgumentParser, plot: str, func: Any, *, placed: bool = True) -> None:
+    """The options every measure command ends with (``placed``: where it runs, ``--ray`` and
+    ``--device``, as the measure's ``backend``/``device``), and the function it runs (after
     :func:`check_outputs`)."""
+    if placed:
+        _add_ray_arg(p)
+        _add_device_arg(p)
     p.add_argument("--out", default=None, metavar="FILE.json",
                    help="write the result as JSON (before anything is printed)")
     p.add_argument("--plot", default=None, metavar="FILE",
@@ -347,21 +351,28 @@ def _sample_arg(s: str) -> int | None:
     return None if s.lower() in ("all", "none") else cli_type(Int(1))(s)
 
 
+def _command(sub: Any, name: str, help: str, description: str | None = None, *,
+             pair: bool = True, other_layers: bool = False) -> argparse.ArgumentParser:
+    """A measure's command: ``STORE`` (and ``[OTHER]`` for a measure of layer pairs) and the
+    layer selection (``--layers``, and ``--other-layers`` where the measure takes them)."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("store", help="store folder")
+    if pair:
+        p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    add_layer_args(p, other=other_layers)
+    return p  # type: ignore[no-any-return]
+
+
 def add_cli(sub: Any) -> None:
     """``layerscope cka``, ``align``, ``spectrum``, ``id``, ``rsa``, ``cknna`` and ``shape``."""
-    p = sub.add_parser(
-        "cka",
-        help="CKA between all layer pairs (linear/RBF; biased, debiased, minibatch)",
-        description="Centred kernel alignment of every layer pair of STORE (or STORE × OTHER, "
-        "whose row ids must match). Linear biased/debiased: exact, one pass over "
-        "all rows. RBF: a seeded sample. Minibatch: Nguyen et al. 2021.",
-    )
-    p.add_argument("store", help="store folder")
-    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    p = _command(
+        sub, "cka", "CKA between all layer pairs (linear/RBF; biased, debiased, minibatch)",
+        "Centred kernel alignment of every layer pair of STORE (or STORE × OTHER, whose row "
+        "ids must match). Linear biased/debiased: exact, one pass over all rows. RBF: a "
+        "seeded sample. Minibatch: Nguyen et al. 2021.", other_layers=True)
     p.add_argument("--kernel", default="linear", choices=list(KERNELS), help="kernel")
     p.add_argument("--estimator", default="biased", choices=list(ESTIMATORS),
                    help="HSIC estimator (Kornblith 2019; Song 2012; Nguyen 2021)")
-    add_layer_args(p)
     _sampling(p, None, "(RBF: all rows up to 4096, else 4096)")
     p.add_argument("--sigma", type=cli_type(Float(0, lo_open=True), float), default=1.0,
                    help="RBF bandwidth: sigma x sqrt(median squared distance)")
@@ -380,17 +391,10 @@ def add_cli(sub: Any) -> None:
                    help="arithmetic of the linear engine's block products (auto: float32 for "
                    "f32/f16/bf16 stores, ~2x faster, summed in float64; float64 otherwise; "
                    "tf32: TF32 tensor-core products with --device cuda, an approximation)")
-    _add_ray_arg(p)
-    _add_device_arg(p)
     _finish(p, "the heatmap", _cmd_cka)
 
-    p = sub.add_parser(
-        "align",
-        help="subspace alignment (principal angles, SVCCA, PWCCA, CCA, "
-        "Procrustes) for all layer pairs, one pass",
-    )
-    p.add_argument("store", help="store folder")
-    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
+    p = _command(sub, "align", "subspace alignment (principal angles, SVCCA, PWCCA, CCA, "
+                 "Procrustes) for all layer pairs, one pass", other_layers=True)
     p.add_argument("--method", default="subspace", choices=list(ALIGN_METHODS),
                    help="alignment measure")
     p.add_argument("--k", type=_k_cli, default=ALIGN_K,
@@ -399,26 +403,19 @@ def add_cli(sub: Any) -> None:
                    help="subspaces of the samples (centred rows) or of the features")
     p.add_argument("--ridge", type=cli_type(Float(0), float), default=RIDGE,
                    help="CCA ridge eps: C + eps·tr(C)/d·I (0: none, needs full-rank covariances)")
-    add_layer_args(p)
     p.add_argument("--plot-cosines", default=None, metavar="FILE",
                    help="write the per-pair cosine curves (Procrustes, SVCCA, CCA)")
-    _add_ray_arg(p)
-    _add_device_arg(p)
     _finish(p, "the overlap heatmap", _cmd_align)
 
-    p = sub.add_parser("spectrum", help="per-layer covariance spectra, effective rank, PCA-ID")
-    p.add_argument("store", help="store folder")
-    add_layer_args(p, other=False)
+    p = _command(sub, "spectrum", "per-layer covariance spectra, effective rank, PCA-ID",
+                 pair=False)
     p.add_argument("--top", type=cli_type(Int(1)), default=None,
                    help="keep the largest TOP eigenvalues in the result (default: all)")
-    _add_ray_arg(p)
-    _add_device_arg(p)
     _finish(p, "the log-log spectra", _cmd_spectrum)
 
-    p = sub.add_parser("id", help="intrinsic dimension per layer (TwoNN, MLE, GRIDE, PCA)")
-    p.add_argument("store", help="store folder")
+    p = _command(sub, "id", "intrinsic dimension per layer (TwoNN, MLE, GRIDE, PCA)",
+                 pair=False)
     p.add_argument("--method", default="twonn", choices=list(ID_METHODS), help="estimator")
-    add_layer_args(p, other=False)
     _sampling(p, 20000, "for the neighbour estimators")
     p.add_argument("--k", type=cli_type(Int(1)), default=20, help="MLE: neighbours")
     p.add_argument("--n1", type=cli_type(Int(1)), default=1, help="GRIDE: first neighbour rank")
@@ -438,50 +435,35 @@ def add_cli(sub: Any) -> None:
                    help="GRIDE: n1 values of a multiscale curve")
     p.add_argument("--pca-threshold", type=cli_type(Float(0, 1, lo_open=True), float),
                    default=0.95, help="PCA: share of the variance the kept components explain")
-    _add_ray_arg(p)
-    _add_device_arg(p)
     _finish(p, "the ID-by-depth plot", _cmd_id)
 
-    p = sub.add_parser("rsa", help="RSA (RDM correlation) for all layer pairs")
-    p.add_argument("store", help="store folder")
-    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
-    add_layer_args(p, other=False)
+    p = _command(sub, "rsa", "RSA (RDM correlation) for all layer pairs")
     p.add_argument("--dissimilarity", default="euclidean", choices=["euclidean", "correlation"],
                    help="RDM entries")
     p.add_argument("--compare", default="spearman", choices=["spearman", "pearson"],
                    help="correlation of two RDMs")
     _sampling(p, 2000, "(RDMs are m x m)")
-    _add_ray_arg(p)
-    _add_device_arg(p)
     _finish(p, "the heatmap", _cmd_rsa)
 
-    p = sub.add_parser(
-        "cknna", help="CKNNA (kernel alignment on mutual nearest neighbours) for all layer pairs",
-        description="CKNNA of Huh et al. 2024 (the Platonic representation paper): unbiased "
-        "HSIC of the inner-product Grams restricted to each row's mutual k nearest neighbours, "
-        "normalised by each layer with itself; on a seeded sample of rows.")
-    p.add_argument("store", help="store folder")
-    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
-    add_layer_args(p, other=False)
+    p = _command(
+        sub, "cknna", "CKNNA (kernel alignment on mutual nearest neighbours) for all layer pairs",
+        "CKNNA of Huh et al. 2024 (the Platonic representation paper): unbiased HSIC of the "
+        "inner-product Grams restricted to each row's mutual k nearest neighbours, normalised "
+        "by each layer with itself; on a seeded sample of rows.")
     p.add_argument("-k", type=cli_type(Int(1)), default=10, help="neighbours per row")
     p.add_argument("--raw", action="store_true",
                    help="inner products of the raw rows (default: rows scaled to unit norm, "
                    "as the paper)")
     _sampling(p, 2000, "(neighbours from exact m x m inner products)")
-    _finish(p, "the heatmap", _cmd_cknna)
+    _finish(p, "the heatmap", _cmd_cknna, placed=False)
 
-    p = sub.add_parser(
-        "shape", help="generalized shape metrics (Williams et al. 2021) for all layer pairs",
-        description="Shape distance of every layer pair from one pass of moments (exact over "
-        "all rows): each layer partially whitened (alpha = 1: Procrustes, 0: CCA-like), the "
-        "angle (or Euclidean distance) after the best rotation.")
-    p.add_argument("store", help="store folder")
-    p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
-    add_layer_args(p, other=False)
+    p = _command(
+        sub, "shape", "generalized shape metrics (Williams et al. 2021) for all layer pairs",
+        "Shape distance of every layer pair from one pass of moments (exact over all rows): "
+        "each layer partially whitened (alpha = 1: Procrustes, 0: CCA-like), the angle (or "
+        "Euclidean distance) after the best rotation.")
     p.add_argument("--alpha", type=cli_type(Float(0, 1), float), default=1.0,
                    help="partial whitening: 1 = none (Procrustes), 0 = full (CCA-like)")
     p.add_argument("--distance", default="angular", choices=list(DISTANCES),
                    help="angular (radians) or euclidean")
-    _add_ray_arg(p)
-    _add_device_arg(p)
     _finish(p, "the heatmap", _cmd_shape)
