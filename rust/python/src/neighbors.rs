@@ -6,7 +6,7 @@ use crate::errors::detach;
 use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use crate::products::PyProducts;
-use layerscope_core::engine::neighbors::{dedup_knn_with, Cpu, Duplicates, Products};
+use layerscope_core::engine::neighbors::{dedup_knn, Cpu, Duplicates, Products};
 use layerscope_core::measures::cka::rbf as kernel;
 use layerscope_core::measures::hsic::Estimator;
 use layerscope_core::measures::prepared::{table, Measure, Prepared};
@@ -86,7 +86,7 @@ fn knn_graph<'py>(
     let prod = products.map(PyProducts::new);
     let r = detach(py, || {
         let p: &dyn Products = prod.as_ref().map_or(&Cpu, |p| p as &dyn Products);
-        dedup_knn_with(s, m, d, k, tolerance, policy, &budget, &mon, p)
+        dedup_knn(s, m, d, k, tolerance, policy, &budget, &mon, p)
     })
     .map_err(|e| reraise(&prod, e))?;
     let out = PyDict::new(py);

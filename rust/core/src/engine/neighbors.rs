@@ -547,23 +547,9 @@ fn duplicate_mask(g: &Knn, tol: f64) -> Vec<bool> {
 /// the graph recomputed until none remain (a group larger than `k + 1` may take several
 /// rounds); with `Error` the call fails naming how many rows are duplicates; with `Keep` the
 /// graph is returned as is with the count.
+/// The distance products are computed by `prod` ([`knn_with`]).
 #[allow(clippy::too_many_arguments)]
 pub fn dedup_knn(
-    x: &[f64],
-    m: usize,
-    d: usize,
-    k: usize,
-    tol: Option<f64>,
-    policy: Duplicates,
-    budget: &Budget,
-    monitor: &dyn Monitor,
-) -> Result<DedupKnn> {
-    dedup_knn_with(x, m, d, k, tol, policy, budget, monitor, &Cpu)
-}
-
-/// [`dedup_knn`] with the distance products computed by `prod` ([`knn_with`]).
-#[allow(clippy::too_many_arguments)]
-pub fn dedup_knn_with(
     x: &[f64],
     m: usize,
     d: usize,
@@ -820,7 +806,8 @@ mod tests {
             Some(-1.0),
             Duplicates::Drop,
             &Budget::unchecked(),
-            &NoMonitor
+            &NoMonitor,
+            &Cpu,
         )
         .is_err());
         // all rows identical: dropping leaves one point, too few for k = 2
@@ -833,7 +820,8 @@ mod tests {
             None,
             Duplicates::Drop,
             &Budget::unchecked(),
-            &NoMonitor
+            &NoMonitor,
+            &Cpu,
         )
         .is_err());
         assert!(sq_distance_matrix(&x, 11, 4, &Budget::unchecked()).is_err());
@@ -856,6 +844,7 @@ mod tests {
             Duplicates::Drop,
             &Budget::unchecked(),
             &NoMonitor,
+            &Cpu,
         )
         .unwrap();
         assert_eq!(r.duplicates, 10);
@@ -868,7 +857,8 @@ mod tests {
             None,
             Duplicates::Error,
             &Budget::unchecked(),
-            &NoMonitor
+            &NoMonitor,
+            &Cpu,
         )
         .is_err());
         assert!(knn(&x, m, d, 0, &Budget::unchecked(), &NoMonitor).is_err());

@@ -20,10 +20,10 @@
 //! error, never a panic or an allocation larger than the buffer).
 use crate::engine::neighbors::{knn_bytes, Cpu, Knn, Products};
 use crate::error::{Error, Result};
-use crate::measures::cka::rbf::{prepare_rbf_with, rbf_hsic_bytes, rbf_table, RbfTable};
+use crate::measures::cka::rbf::{prepare_rbf, rbf_hsic_bytes, rbf_table, RbfTable};
 use crate::measures::hsic::{Estimator, Gram};
 use crate::measures::rsa::{
-    knn_table, prepare_knn_with, prepare_rsa_with, rsa_bytes, rsa_table, Compare, Dissimilarity,
+    knn_table, prepare_knn, prepare_rsa, rsa_bytes, rsa_table, Compare, Dissimilarity,
 };
 use crate::memory::{try_with_capacity, Budget};
 use crate::monitor::NoMonitor;
@@ -105,15 +105,15 @@ impl Measure {
         )?;
         Ok(match *self {
             Measure::Rbf { sigma, estimator } => {
-                let (gram, bandwidth) = prepare_rbf_with(x, m, d, sigma, estimator, prod)?;
+                let (gram, bandwidth) = prepare_rbf(x, m, d, sigma, estimator, prod)?;
                 Prepared::Rbf { gram, bandwidth }
             }
             Measure::Rsa {
                 dissimilarity,
                 compare,
-            } => Prepared::Rsa(prepare_rsa_with(x, m, d, dissimilarity, compare, prod)?),
+            } => Prepared::Rsa(prepare_rsa(x, m, d, dissimilarity, compare, prod)?),
             Measure::Knn { k, normalize } => {
-                Prepared::Knn(prepare_knn_with(x, m, d, k, normalize, &NoMonitor, prod)?)
+                Prepared::Knn(prepare_knn(x, m, d, k, normalize, &NoMonitor, prod)?)
             }
         })
     }
@@ -466,7 +466,7 @@ mod tests {
             let prep = layers
                 .iter()
                 .map(|(x, d)| {
-                    let (gram, bandwidth) = prepare_rbf(x, m, *d, 1.0, est).unwrap();
+                    let (gram, bandwidth) = prepare_rbf(x, m, *d, 1.0, est, &Cpu).unwrap();
                     Prepared::Rbf { gram, bandwidth }
                 })
                 .collect();
@@ -477,7 +477,8 @@ mod tests {
             .iter()
             .map(|(x, d)| {
                 Prepared::Rsa(
-                    prepare_rsa(x, m, *d, Dissimilarity::Euclidean, Compare::Spearman).unwrap(),
+                    prepare_rsa(x, m, *d, Dissimilarity::Euclidean, Compare::Spearman, &Cpu)
+                        .unwrap(),
                 )
             })
             .collect();
@@ -494,7 +495,7 @@ mod tests {
         check(prep, local);
         let prep = layers
             .iter()
-            .map(|(x, d)| Prepared::Knn(prepare_knn(x, m, *d, 5, true, &NoMonitor).unwrap()))
+            .map(|(x, d)| Prepared::Knn(prepare_knn(x, m, *d, 5, true, &NoMonitor, &Cpu).unwrap()))
             .collect();
         let local = mutual_knn_matrix(&layers, None, m, 5, true, &b, &NoMonitor).unwrap();
         check(prep, local);
@@ -504,9 +505,9 @@ mod tests {
     fn mixed_kinds_and_garbage_are_errors() {
         let x = layer(10, 3, 1);
         let r = Prepared::Rsa(
-            prepare_rsa(&x, 10, 3, Dissimilarity::Euclidean, Compare::Pearson).unwrap(),
+            prepare_rsa(&x, 10, 3, Dissimilarity::Euclidean, Compare::Pearson, &Cpu).unwrap(),
         );
-        let k = Prepared::Knn(prepare_knn(&x, 10, 3, 2, false, &NoMonitor).unwrap());
+        let k = Prepared::Knn(prepare_knn(&x, 10, 3, 2, false, &NoMonitor, &Cpu).unwrap());
         assert!(table(&[&r, &k], None).is_err());
         assert!(table(&[], None).is_err());
         assert!(Prepared::from_bytes(b"LSPREP1\0\x09").is_err());

@@ -253,7 +253,7 @@ pub fn rsa_matrix(
     let mut prepare = |layers: &Layers<'_>| -> Result<Vec<Option<Vec<f64>>>> {
         let mut out = Vec::with_capacity(layers.len());
         for (x, d) in layers {
-            out.push(prepare_rsa(x, m, *d, kind, compare)?);
+            out.push(prepare_rsa(x, m, *d, kind, compare, &Cpu)?);
             done += 1;
             monitor.progress(done, nl as u64)?;
         }
@@ -271,18 +271,8 @@ pub fn rsa_matrix(
 
 /// One layer's step of [`rsa_matrix`] (one task per layer in a distributed run): its RDM
 /// prepared for `compare` (None: a constant RDM).
+/// The exact distances are computed by `prod`.
 pub fn prepare_rsa(
-    x: &[f64],
-    m: usize,
-    d: usize,
-    kind: Dissimilarity,
-    compare: Compare,
-) -> Result<Option<Vec<f64>>> {
-    prepare_rsa_with(x, m, d, kind, compare, &Cpu)
-}
-
-/// [`prepare_rsa`] with the exact distances computed by `prod`.
-pub fn prepare_rsa_with(
     x: &[f64],
     m: usize,
     d: usize,
@@ -335,7 +325,7 @@ pub fn mutual_knn_matrix(
     let graph = |layers: &Layers<'_>| -> Result<Vec<Knn>> {
         layers
             .iter()
-            .map(|(x, d)| prepare_knn(x, m, *d, k, normalize, monitor))
+            .map(|(x, d)| prepare_knn(x, m, *d, k, normalize, monitor, &Cpu))
             .collect()
     };
     let ga = graph(a)?;
@@ -349,20 +339,9 @@ pub fn mutual_knn_matrix(
 }
 
 /// One layer's step of [`mutual_knn_matrix`] (one task per layer in a distributed run):
-/// its exact `k`-nearest-neighbour graph (of the unit-norm rows with `normalize`).
+/// its exact `k`-nearest-neighbour graph (of the unit-norm rows with `normalize`), the
+/// distance products computed by `prod`.
 pub fn prepare_knn(
-    x: &[f64],
-    m: usize,
-    d: usize,
-    k: usize,
-    normalize: bool,
-    monitor: &dyn crate::Monitor,
-) -> Result<Knn> {
-    prepare_knn_with(x, m, d, k, normalize, monitor, &Cpu)
-}
-
-/// [`prepare_knn`] with the distance products computed by `prod`.
-pub fn prepare_knn_with(
     x: &[f64],
     m: usize,
     d: usize,

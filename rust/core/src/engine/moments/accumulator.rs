@@ -203,17 +203,18 @@ pub struct MomentAccumulator {
     pub(super) scratch: Scratch,
 }
 
-/// Reusable per-update buffers of [`MomentAccumulator`] (never serialised).
+/// Reusable per-update buffers of [`MomentAccumulator`] and of
+/// [`super::cross::CrossAccumulator`] (never serialised).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Scratch {
-    /// f64 path: `w` (rows × (D+L)).
-    w: Vec<f64>,
+    /// f64 rows: `w` (rows × (D+L)) of a moment accumulator, `u` (rows × D) of a cross tile.
+    pub(super) w: Vec<f64>,
     /// f32 path: `u` (rows × D), `r` (rows × L).
-    u: Vec<f32>,
-    r: Vec<f64>,
-    /// Packed panels of the SYRK (f64 and f32 paths).
-    pack64: Vec<f64>,
-    pack32: Vec<f32>,
+    pub(super) u: Vec<f32>,
+    pub(super) r: Vec<f64>,
+    /// Packed panels of the products (f64 and f32 paths).
+    pub(super) pack64: Vec<f64>,
+    pub(super) pack32: Vec<f32>,
 }
 
 /// `v` resized to `len` without clearing what it already holds (every element is

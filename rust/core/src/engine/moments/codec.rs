@@ -6,6 +6,23 @@ use super::cross::CrossAccumulator;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"LSMOMACC";
+
+/// The [`Header`] of either accumulator, which name its fields alike.
+macro_rules! header {
+    ($acc:expr, $magic:expr, $na:expr, $exps:expr) => {
+        Header {
+            magic: $magic,
+            na: $na,
+            dims: &$acc.dims,
+            names: &$acc.names,
+            n: $acc.n,
+            check_finite: $acc.check_finite,
+            nonfinite: &$acc.nonfinite,
+            shift: $acc.shift.as_deref(),
+            exps: $exps,
+        }
+    };
+}
 /// 2: the per-layer scale exponents follow the shift (a moment accumulator).
 const VERSION: u32 = 2;
 
@@ -14,18 +31,8 @@ impl MomentAccumulator {
     /// A refused allocation of the blob is an [`Error::Memory`].
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let dz = self.dz();
-        let mut out = Header {
-            magic: MAGIC,
-            na: None,
-            dims: &self.dims,
-            names: &self.names,
-            n: self.n,
-            check_finite: self.check_finite,
-            nonfinite: &self.nonfinite,
-            shift: self.shift.as_deref(),
-            exps: Some(&self.scale_exps()),
-        }
-        .write(dz * (dz + 1) / 2 + dz, "the serialised moment accumulator")?;
+        let mut out = header!(self, MAGIC, None, Some(&self.scale_exps()))
+            .write(dz * (dz + 1) / 2 + dz, "the serialised moment accumulator")?;
         debug_assert_eq!(self.sums.len(), dz);
         put_f64s(&mut out, &self.sums);
         for j in 0..dz {
@@ -96,18 +103,8 @@ impl CrossAccumulator {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let sums = self.su.len() + self.sr.len() + self.uu.len() + self.ur.len();
         let sums = sums + self.ru.len() + self.rr.len();
-        let mut out = Header {
-            magic: CROSS_MAGIC,
-            na: Some(self.na),
-            dims: &self.dims,
-            names: &self.names,
-            n: self.n,
-            check_finite: self.check_finite,
-            nonfinite: &self.nonfinite,
-            shift: self.shift.as_deref(),
-            exps: None,
-        }
-        .write(sums, "the serialised cross tile")?;
+        let mut out = header!(self, CROSS_MAGIC, Some(self.na), None)
+            .write(sums, "the serialised cross tile")?;
         for part in [&self.su, &self.sr, &self.uu, &self.ur, &self.ru, &self.rr] {
             put_f64s(&mut out, part);
         }
@@ -149,11 +146,7 @@ impl CrossAccumulator {
             row_base: 0,
             nonfinite: l.nonfinite,
             compute: Compute::F64,
-            u32: Vec::new(),
-            u64: Vec::new(),
-            r: Vec::new(),
-            pack32: Vec::new(),
-            pack64: Vec::new(),
+            scratch: Scratch::default(),
             fac: Vec::new(),
         })
     }

@@ -21,7 +21,7 @@
 //! `‖C_pq‖_F²` and `Σ_a r̄_p r̄_q` for every pair: what linear CKA needs of them.
 use super::accumulator::{
     block_means, checked_names, checked_shift, column_sums, f32_products_ok, offsets_of, screen,
-    sized, Compute,
+    sized, Compute, Scratch,
 };
 use crate::error::{Error, Result};
 use crate::linalg::packed::{gemm_tn_add, PackedElem, Strided};
@@ -53,11 +53,8 @@ pub struct CrossAccumulator {
     pub(super) row_base: u64,
     pub(super) nonfinite: Vec<Option<u64>>,
     pub(super) compute: Compute,
-    pub(super) u32: Vec<f32>,
-    pub(super) u64: Vec<f64>,
-    pub(super) r: Vec<f64>,
-    pub(super) pack32: Vec<f32>,
-    pub(super) pack64: Vec<f64>,
+    /// Block buffers kept between updates (see [`Scratch`]).
+    pub(super) scratch: Scratch,
     /// Per piece `2^-e` ([`CrossAccumulator::set_scale`]; empty: 1).
     pub(super) fac: Vec<f64>,
 }
@@ -111,11 +108,7 @@ impl CrossAccumulator {
             check_finite: true,
             row_base: 0,
             compute: Compute::F64,
-            u32: Vec::new(),
-            u64: Vec::new(),
-            r: Vec::new(),
-            pack32: Vec::new(),
-            pack64: Vec::new(),
+            scratch: Scratch::default(),
             fac: Vec::new(),
         })
     }
@@ -193,19 +186,19 @@ impl CrossAccumulator {
         };
         match compute {
             Compute::F64 => {
-                let mut u = std::mem::take(&mut self.u64);
-                let mut pack = std::mem::take(&mut self.pack64);
+                let mut u = std::mem::take(&mut self.scratch.w);
+                let mut pack = std::mem::take(&mut self.scratch.pack64);
                 let res = self.products(block, rows, &mut u, &mut pack, |x| x);
-                self.u64 = u;
-                self.pack64 = pack;
+                self.scratch.w = u;
+                self.scratch.pack64 = pack;
                 res
             }
             Compute::F32 => {
-                let mut u = std::mem::take(&mut self.u32);
-                let mut pack = std::mem::take(&mut self.pack32);
+                let mut u = std::mem::take(&mut self.scratch.u);
+                let mut pack = std::mem::take(&mut self.scratch.pack32);
                 let res = self.products(block, rows, &mut u, &mut pack, |x| x as f32);
-                self.u32 = u;
-                self.pack32 = pack;
+                self.scratch.u = u;
+                self.scratch.pack32 = pack;
                 res
             }
         }
@@ -241,7 +234,7 @@ impl CrossAccumulator {
         let (dims, offsets) = (&self.dims, &self.offsets);
         let fac = &self.fac;
         let u = sized(ubuf, rows * d)?;
-        let mut rbuf = std::mem::take(&mut self.r);
+        let mut rbuf = std::mem::take(&mut self.scratch.r);
         let r = sized(&mut rbuf, rows * lc)?;
         u.par_chunks_mut(d)
             .zip(r.par_chunks_mut(lc))
@@ -324,7 +317,7 @@ impl CrossAccumulator {
         for (s, c) in self.sr.iter_mut().zip(&column_sums(r, lc)) {
             *s += c;
         }
-        self.r = rbuf;
+        self.scratch.r = rbuf;
         self.n += rows as u64;
         Ok(())
     }

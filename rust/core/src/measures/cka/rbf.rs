@@ -163,7 +163,7 @@ pub fn rbf_hsic(
         let mut out = Vec::with_capacity(layers.len());
         let mut bws = Vec::with_capacity(layers.len());
         for (x, d) in layers {
-            let (g, bw) = prepare_rbf(x, m, *d, sigma, est)?;
+            let (g, bw) = prepare_rbf(x, m, *d, sigma, est, &Cpu)?;
             out.push(g);
             bws.push(bw);
             done += 1;
@@ -195,18 +195,8 @@ pub fn rbf_hsic(
 
 /// One layer's step of [`rbf_hsic`] (the unit of a distributed run: one task per layer):
 /// its RBF Gram ([`rbf_gram`]) prepared for the estimator, and its bandwidth.
+/// The distance products are computed by `prod`.
 pub fn prepare_rbf(
-    x: &[f64],
-    m: usize,
-    d: usize,
-    sigma: f64,
-    est: Estimator,
-) -> Result<(Gram, f64)> {
-    prepare_rbf_with(x, m, d, sigma, est, &Cpu)
-}
-
-/// [`prepare_rbf`] with the distance products computed by `prod`.
-pub fn prepare_rbf_with(
     x: &[f64],
     m: usize,
     d: usize,
