@@ -56,7 +56,7 @@ def _store(path: Path, layers: int, width: int, rows: int) -> None:
 
 def _gemm_rate(torch: Any, dev: Any) -> float:
     """The device's f32 GEMM rate (TF32 off), GFLOP/s, best of 3 on 4096² (2048² on CPU)."""
-    from layerscope._device import precision
+    from layerscope._device.devices import precision
 
     size = 4096 if dev.type == "cuda" else 2048
     a = torch.randn(size, size, device=dev)
@@ -91,7 +91,7 @@ def _reset(torch: Any, dev: Any) -> None:
 
 def _plain(torch: Any, dev: Any, store: Any, dtype: Any) -> np.ndarray:
     """Plain torch: concatenate, centre, ``Zᵀ Z``; biased linear CKA of every pair."""
-    from layerscope._device import precision
+    from layerscope._device.devices import precision
 
     names = list(store.layers)
     with precision(torch, "float32"), torch.no_grad():

@@ -19,8 +19,9 @@ import layerscope
 import numpy as np
 import pytest
 from layerscope import _native
-from layerscope._device import resolve_device, run_tile
+from layerscope._device.devices import resolve_device
 from layerscope._device.feed import _Layers
+from layerscope._device.passes import run_tile
 from layerscope._source import native_part, resolve
 from layerscope.errors import InvalidArgumentError, NonFiniteError
 
@@ -447,7 +448,7 @@ def test_intrinsic_dimension_on_the_device(duplicates: str) -> None:
             a, b = rust[m].values[layer], dev[m].values[layer]
             assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-10 * max(1.0, abs(a)), \
                 (m, layer, a, b)
-    from layerscope._device import DeviceProducts
+    from layerscope._device.products import DeviceProducts
 
     prod = DeviceProducts(torch, torch.device("cpu"))
     prod.BLOCK_BYTES = 300 * 128 * 4  # one 128-row block at a time: many chunks

@@ -17,10 +17,10 @@ from typing import Any
 import layerscope
 import numpy as np
 import pytest
-from layerscope import _device
-from layerscope._device import Devices, resolve_device
 from layerscope._device.arith import _TileSums
+from layerscope._device.devices import DEVICE_MEMORY_ENV, Devices, resolve_device
 from layerscope._device.feed import _Feed, _Layers, _Slot
+from layerscope._device.passes import DevicePlan
 from layerscope._source import resolve
 from layerscope.errors import InvalidArgumentError, MemoryBudgetError, NonFiniteError
 
@@ -151,10 +151,10 @@ def test_plans_sized_to_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     dims = [d[k].shape[1] for k in names]
     n = 150
     host = layerscope.cka(d, progress=False, strategy="tiled")
-    monkeypatch.setenv(_device.DEVICE_MEMORY_ENV, TILED_BUDGET)
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, TILED_BUDGET)
     small = layerscope.cka(d, progress=False, strategy="tiled", device="cpu")
     assert small.meta["plan"]["passes"] > host.meta["plan"]["passes"]
-    assert _device.DEVICE_MEMORY_ENV in small.meta["device_budget"]["source"]
+    assert DEVICE_MEMORY_ENV in small.meta["device_budget"]["source"]
     np.testing.assert_allclose(small.values, host.values, rtol=0, atol=1e-10)
     # the Gram route: room for two of the four Grams at a time
     from layerscope import _native
@@ -162,8 +162,8 @@ def test_plans_sized_to_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     full = _native.pair_plan(dims, len(dims), n, None, "float64", None, "gram")
     assert full["rounds"] == [[[0, 1, 2, 3], []]] or len(full["rounds"]) == 1
     budget = int(full["peak_bytes"]) - 2 * n * n * 8
-    monkeypatch.setenv(_device.DEVICE_MEMORY_ENV, str(budget))
-    plan = _device.DevicePlan(dims, len(dims), n, None, "float64", None, "gram",
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, str(budget))
+    plan = DevicePlan(dims, len(dims), n, None, "float64", None, "gram",
                               torch.device("cpu"))
     assert plan.gram is not None and len(plan.gram["rounds"]) > 1
     for est in ("biased", "debiased"):
@@ -181,7 +181,7 @@ def test_gram_route_that_does_not_fit_the_device_runs_tiles(
     d = {f"l{i}": rng.standard_normal((400, 600)) + 30.0 for i in range(3)}
     rust = layerscope.cka(d, progress=False)
     assert rust.meta["plan"]["strategy"] == "gram"
-    monkeypatch.setenv(_device.DEVICE_MEMORY_ENV, str(2 * 400 * 400 * 8))
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, str(2 * 400 * 400 * 8))
     dev = layerscope.cka(d, progress=False, device="cpu")
     assert dev.meta["plan"]["strategy"] == "tiled"
     np.testing.assert_allclose(dev.values, rust.values, rtol=0, atol=1e-10)
@@ -196,8 +196,8 @@ def test_device_path_argument_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgumentError, match="CUDA"):
             layerscope.cka(arrays, device="cpu,cuda", progress=False)
-    monkeypatch.setenv(_device.DEVICE_MEMORY_ENV, "lots")
-    with pytest.raises(InvalidArgumentError, match=_device.DEVICE_MEMORY_ENV):
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "lots")
+    with pytest.raises(InvalidArgumentError, match=DEVICE_MEMORY_ENV):
         layerscope.cka(arrays, device="cpu", progress=False)
 
 
@@ -211,7 +211,7 @@ def test_device_out_of_memory_is_a_budget_error(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(_TileSums, "add", refuse)
     arrays = {"a": np.random.default_rng(0).standard_normal((50, 4))}
-    with pytest.raises(MemoryBudgetError, match=_device.DEVICE_MEMORY_ENV):
+    with pytest.raises(MemoryBudgetError, match=DEVICE_MEMORY_ENV):
         layerscope.cka(arrays, device="cpu", progress=False, strategy="tiled")
     with pytest.raises(MemoryBudgetError, match="out of memory"):
         layerscope.spectrum(arrays, device="cpu", progress=False)

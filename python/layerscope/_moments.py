@@ -129,12 +129,13 @@ def compute_moments(
         runs.close()
         return out
     if dev is not None:
-        from . import _device
+        from ._device.devices import device_meta
+        from ._device.passes import moments
 
-        m = _device.moments(parts, names, num_a, device=dev, block_rows=br,
-                            check_finite=check_finite, progress=progress, compute=compute)
+        m = moments(parts, names, num_a, device=dev, block_rows=br, check_finite=check_finite,
+                    progress=progress, compute=compute)
         meta = single_pass_meta(m, parts, names, compute, t0, br, pl["peak_bytes_estimate"])
-        meta.update(_device.device_meta(dev, compute))
+        meta.update(device_meta(dev, compute))
         return m, meta
     with Progress(progress, "moments") as prog:
         m = _native.moments_pass(
@@ -215,9 +216,9 @@ def pair_stats(
     dev = _device_for(device, backend, compute, ray_ok=True)
     extra: dict[str, Any] = {}
     if dev is not None and backend != "ray":
-        from . import _device
+        from ._device.passes import pair_stats as device_pair_stats
 
-        st, extra = _device.pair_stats(
+        st, extra = device_pair_stats(
             parts, names, num_a, device=dev, block_rows=block_rows, check_finite=check_finite,
             max_memory=max_memory, progress=progress, compute=compute, strategy=strategy)
     elif backend == "ray":
@@ -257,7 +258,7 @@ def _device_for(device: Any, backend: str, compute: str, ray_ok: bool = False) -
     """The torch device of a pass (None: the Rust engine), checked with its options. With
     ``backend="ray"`` (``ray_ok``: the moment passes) a :class:`layerscope._ray.RayDevice`:
     the nodes' devices, which Ray assigns to the tasks."""
-    from ._device import check_compute, resolve_device
+    from ._device.devices import check_compute, resolve_device
 
     if device is not None and backend == "ray":
         if not ray_ok:

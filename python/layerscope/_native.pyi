@@ -380,7 +380,7 @@ def knn_graph(x: npt.NDArray[np.float64], k: int, duplicates: str = 'drop', tole
     """kNN graph with duplicate handling. Returns a dict: dist (m'×k float64, exact, ascending),
     idx (m'×k int64, indices into the kept rows), kept (int64 input rows used),
     duplicates (int), tolerance (float). `products`: None (this CPU) or an object computing
-    the distance products elsewhere (``layerscope._device.DeviceProducts``); the lower bounds
+    the distance products elsewhere (``layerscope._device.products.DeviceProducts``); the lower bounds
     and the exact f64 recheck stay here."""
 
 def measured_madds_per_s(compute: str = 'float64', seconds: float = 0.2) -> float:
@@ -407,7 +407,7 @@ def minibatch_cka_pass(parts: Sequence[Part], names: Sequence[str], kernel: str 
     that sequence (one distributed task's share; a non-finite row is then reported relative
     to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
     `MinibatchCka.finish`. `products`: None (this CPU) or an object computing each
-    minibatch's Gram products elsewhere (``layerscope._device.DeviceProducts``)."""
+    minibatch's Gram products elsewhere (``layerscope._device.products.DeviceProducts``)."""
 
 def minibatch_cka_table(hsic: npt.NDArray[np.float64], num_a: int) -> npt.NDArray[np.float64]:
     """Minibatch CKA from mean HSICs (the ``hsic`` of a result dict, ``L × L``, e.g. merged

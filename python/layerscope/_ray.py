@@ -337,13 +337,13 @@ def run_tile_device(plan: Any, names: list[str], parts: list[Part], t: int, star
                     stop: int, shift: Any, check_finite: bool, device: str,
                     compute: str) -> bytes:
     """One task on a device: tile ``t`` over rows ``[start, stop)`` with the products on the
-    torch engine (:func:`layerscope._device.run_tile`: the same partial as :func:`run_tile`'s,
+    torch engine (:func:`layerscope._device.passes.run_tile`: the same partial as :func:`run_tile`'s,
     to rounding). ``"cuda"``: the GPU Ray assigned to this task (the first it sees)."""
-    from . import _device
+    from ._device.devices import device_budget, oom_as_budget_error, precision, torch_module
     from ._device.feed import _Layers
-    from ._device.passes import _tile_block_rows
+    from ._device.passes import _tile_block_rows, run_tile
 
-    torch = _device.torch_module()
+    torch = torch_module()
     if device == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgumentError(f"{where()}: torch sees no CUDA device in this task")
@@ -353,13 +353,13 @@ def run_tile_device(plan: Any, names: list[str], parts: list[Part], t: int, star
     srcs = [open_source(p) for p in parts]
     layers = _Layers([(s, list(p.layers)) for s, p in zip(srcs, parts)])
     nparts = [native_part(s, p.layers) for s, p in zip(srcs, parts)]
-    budget, source = _device.device_budget(dev)
+    budget, source = device_budget(dev)
     dims = [int(d) for d in plan.dims]
     n = int(srcs[0].num_rows)
-    with _device.oom_as_budget_error(torch, dev, budget, f"{where()}, {source}"), \
-            _device.precision(torch, compute), torch.no_grad():
+    with oom_as_budget_error(torch, dev, budget, f"{where()}, {source}"), \
+            precision(torch, compute), torch.no_grad():
         br = _tile_block_rows(plan, t, dims, stop - start, dev, budget)
-        return bytes(_device.run_tile(
+        return bytes(run_tile(
             torch, dev, plan, layers, nparts, t, n, compute=compute,
             check_finite=check_finite, block_rows=br, rows=(start, stop), shift=shift))
 
@@ -507,7 +507,7 @@ class Run:
         if self.device is not None:
             extra = {"device": str(self.device), "engine_products": "torch"}
             if self.compute == "tf32":
-                from ._device import TF32_APPROXIMATION
+                from ._device.devices import TF32_APPROXIMATION
 
                 extra["approximation"] = TF32_APPROXIMATION
         return {

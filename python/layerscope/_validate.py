@@ -231,7 +231,7 @@ class Ints(Rule):
 
 class Device(Rule):
     """``"auto"``, a device name or a ``torch.device`` (checked in full, against what torch sees
-    here, by :func:`layerscope._device.resolve_device`)."""
+    here, by :func:`layerscope._device.devices.resolve_device`)."""
 
     text = ("'auto', a torch device name ('cpu', 'cuda', 'cuda:1'), a torch.device, or "
             "several devices sharing the tiles (a list, or 'cuda:0,cuda:1')")

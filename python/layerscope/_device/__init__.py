@@ -23,40 +23,13 @@ The arithmetic, as the CPU engine's (``engine::moments::accumulator``):
 * ``compute="tf32"`` (CUDA only): the same with TF32 tensor-core products — an approximation
   (10-bit mantissas, about 1e-3 relative per product), stated in ``meta``.
 
-Modules: :mod:`.devices` (which devices, their budget, their failures), :mod:`.arith` (the
-arithmetic above), :mod:`.feed` (the rows, one block ahead), :mod:`.passes` (tiles, blocks and
-the Gram route), :mod:`.products` (statistics while capturing, the neighbour products).
+Modules (imported by name, so that a call on the CPU loads only :mod:`.devices`):
+:mod:`.devices` (which devices, their budget, their failures), :mod:`.arith` (the arithmetic
+above), :mod:`.feed` (the rows, one block ahead), :mod:`.passes` (tiles, blocks and the Gram
+route), :mod:`.products` (statistics while capturing, the neighbour products).
 
 The Gram route (``strategy="gram"``) on the device: per layer the centred ``n × n`` Gram from
 the exact column means (f64), scaled as the core does, in f64 or f32 products (f32 sums of at
 most 128 columns, added in f64), and the pair sums ``⟨K̄_x, K̄_y⟩``, ``Σ diag K̄_x diag K̄_y``,
 ``tr K̄_x`` in f64 — assembled by the core (``PairStats.from_sums``).
 """
-
-from __future__ import annotations
-
-from .devices import (
-    AUTO,
-    DEVICE_MEMORY_ENV,
-    TF32_APPROXIMATION,
-    Devices,
-    check_compute,
-    describe,
-    device_budget,
-    device_meta,
-    oom_as_budget_error,
-    precision,
-    primary,
-    resolve_device,
-    tile_devices,
-    torch_module,
-)
-from .passes import DevicePlan, moments, pair_stats, run_tile, screen
-from .products import DeviceMoments, DeviceProducts, products
-
-__all__ = [
-    "AUTO", "DEVICE_MEMORY_ENV", "TF32_APPROXIMATION", "DeviceMoments", "DevicePlan",
-    "DeviceProducts", "Devices", "check_compute", "describe", "device_budget", "device_meta",
-    "moments", "oom_as_budget_error", "pair_stats", "precision", "primary", "products",
-    "resolve_device", "run_tile", "screen", "tile_devices", "torch_module",
-]

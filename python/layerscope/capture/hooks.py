@@ -124,7 +124,7 @@ class Capture:
         scheme, library versions).
     accumulate : also accumulate the moment statistics of the captured rows (the values as
         stored, in ``dtype``) on the device the model runs on, as the forward passes run
-        (:class:`layerscope._device.DeviceMoments`: the torch engine's arithmetic, f32
+        (:class:`layerscope._device.products.DeviceMoments`: the torch engine's arithmetic, f32
         products summed in f64); ``out=None`` then writes no store at all. After the block,
         :attr:`moments` holds the core's ``Moments`` and the capture itself is a source of
         the moment measures — ``layerscope.cka(cap)`` (linear, biased/debiased),
@@ -199,7 +199,7 @@ class Capture:
             metadata=self._metadata)
         self._acc: Any = None
         if self.accumulate:
-            from .._device import DeviceMoments
+            from .._device.products import DeviceMoments
 
             self._acc = DeviceMoments(self.layer_names, compute=compute)
         elif compute != "float32":

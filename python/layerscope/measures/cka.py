@@ -237,7 +237,7 @@ def _calibrated(job: _Job, kernel: str, estimator: str, sigma: float, null: int,
     """``meta`` entries of ``null=``/``bootstrap=`` (:mod:`._calibrate`): in this process,
     the Grams' products on ``device`` when one is given (with ``backend="ray"``: on the CPU
     here, the sample being small)."""
-    from .._device import products
+    from .._device.products import products
     from .._moments import _device_for
     from ._calibrate import calibrate
 
@@ -422,7 +422,8 @@ def _rbf(job: _Job, estimator: str, sigma: float) -> MatrixResult:
     bandwidth, kernel and HSICs in Rust — the steps of the Ray route."""
     a, b, la, lb, sample, seed, nonfinite, run = job
     max_memory, progress, backend = run["max_memory"], run["progress"], run["backend"]
-    from .._device import describe, products
+    from .._device.devices import describe
+    from .._device.products import products
     from .._moments import _device_for
 
     dev = _device_for(run["device"], backend, "float64")
@@ -522,7 +523,8 @@ def _rbf(job: _Job, estimator: str, sigma: float) -> MatrixResult:
 def _minibatch(job: _Job, kernel: str, sigma: float, batch_size: int) -> MatrixResult:
     a, b, la, lb, sample, seed, nonfinite, run = job
     max_memory, progress, backend = run["max_memory"], run["progress"], run["backend"]
-    from .._device import describe, products
+    from .._device.devices import describe
+    from .._device.products import products
     from .._moments import _device_for
 
     dev = _device_for(run["device"], backend, "float64")

@@ -227,7 +227,7 @@ def intrinsic_dimension(
 
     ``device``: None (the Rust CPU engine), ``"auto"`` or a torch device: the kNN's distance
     products (the f32 GEMM blocks) on that device, the lower bounds, the exact f64 recheck of
-    the near neighbours and the estimators in Rust (:class:`layerscope._device.DeviceProducts`;
+    the near neighbours and the estimators in Rust (:class:`layerscope._device.products.DeviceProducts`;
     the same neighbours and distances); ``"pca"``: the moment pass's products there.
     ``meta["device"]``.
     """
@@ -317,7 +317,8 @@ def _estimate(
     per: dict[str, dict[str, Any]] = {
         m: {"values": {}, "ci": {}, "errs": {}, "details": {}, "scales": {}} for m in knn_methods
     }
-    from .._device import describe, products
+    from .._device.devices import describe
+    from .._device.products import products
 
     prod = products(dev)
     with Progress(progress, "intrinsic dimension", unit="step") as prog:

@@ -48,7 +48,8 @@ def _sampled_table(
     route, so the same numbers."""
     t0 = time.perf_counter()
     max_memory, progress, backend = run["max_memory"], run["progress"], run["backend"]
-    from .._device import describe, products
+    from .._device.devices import describe
+    from .._device.products import products
     from .._moments import _device_for
 
     dev = _device_for(run.get("device"), backend, "float64")

@@ -174,7 +174,7 @@ impl PyMinibatchCka {
 /// that sequence (one distributed task's share; a non-finite row is then reported relative
 /// to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
 /// `MinibatchCka.finish`. `products`: None (this CPU) or an object computing each
-/// minibatch's Gram products elsewhere (``layerscope._device.DeviceProducts``).
+/// minibatch's Gram products elsewhere (``layerscope._device.products.DeviceProducts``).
 ///
 /// :type parts: Sequence[Part]
 /// :type names: Sequence[str]

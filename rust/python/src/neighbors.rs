@@ -55,7 +55,7 @@ fn slices<'a>(v: &'a [PyReadonlyArray2<'_, f64>], what: &str) -> PyResult<(Owned
 /// kNN graph with duplicate handling. Returns a dict: dist (m'×k float64, exact, ascending),
 /// idx (m'×k int64, indices into the kept rows), kept (int64 input rows used),
 /// duplicates (int), tolerance (float). `products`: None (this CPU) or an object computing
-/// the distance products elsewhere (``layerscope._device.DeviceProducts``); the lower bounds
+/// the distance products elsewhere (``layerscope._device.products.DeviceProducts``); the lower bounds
 /// and the exact f64 recheck stay here.
 ///
 /// :type x: npt.NDArray[np.float64]

@@ -1,6 +1,6 @@
 //! A core `Products` (the products behind the neighbour measures,
 //! `layerscope_core::engine::neighbors::Products`) computed by a Python object — the torch
-//! device engine's `layerscope._device.DeviceProducts` — so that everything made of them
+//! device engine's `layerscope._device.products.DeviceProducts` — so that everything made of them
 //! (bounds, exact rechecks, bandwidths, kernels, RDMs) stays in the core. Only conversion:
 //! slices to numpy arrays and back, under the GIL; a Python exception raised by the object is
 //! kept and raised again, unchanged, when the call returns ([`PyProducts::raise`]).
