@@ -49,10 +49,10 @@ def shape_metric(
     source: Any,
     other: Any = None,
     *,
-    layers: Sequence[str] | str | None = None,
-    other_layers: Sequence[str] | str | None = None,
     alpha: float = 1.0,
     distance: str = "angular",
+    layers: Sequence[str] | str | None = None,
+    other_layers: Sequence[str] | str | None = None,
     **run: Unpack[RunOptions],
 ) -> MatrixResult:
     """The generalized shape distance of every layer pair (module docstring: the formulas).

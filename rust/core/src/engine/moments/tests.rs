@@ -65,6 +65,52 @@ fn f64_rows<'a>(
     ArrayRows::new(layers).unwrap()
 }
 
+/// `xs` as a row source of f64 layers, or of their f32 copies `x32` with [`Compute::F32`].
+fn rows_in<'a>(
+    xs: &'a [Vec<f64>],
+    x32: &'a [Vec<f32>],
+    dims: &[usize],
+    n: usize,
+    compute: Compute,
+) -> crate::store::stream::ArrayRows<'a> {
+    use crate::store::stream::{ArrayLayer, ArrayRows};
+    use crate::store::Values;
+    let layers = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            let v = if compute == Compute::F64 {
+                Values::F64(&xs[i])
+            } else {
+                Values::F32(&x32[i])
+            };
+            ArrayLayer::new(v, n, d, d).unwrap()
+        })
+        .collect();
+    ArrayRows::new(layers).unwrap()
+}
+
+/// Layers of widths `dims` over `n` rows (seeds from `seed`), every other one offset by
+/// `offset` from zero (the large per-feature means of LLM activations).
+fn offset_layers(n: usize, dims: &[usize], seed: u64, offset: f64) -> Vec<Vec<f64>> {
+    dims.iter()
+        .enumerate()
+        .map(|(i, &d)| data(n, d, seed + i as u64, if i % 2 == 0 { offset } else { 0.0 }))
+        .collect()
+}
+
+/// `xs` rounded to f32.
+fn to_f32(xs: &[Vec<f64>]) -> Vec<Vec<f32>> {
+    xs.iter()
+        .map(|x| x.iter().map(|&v| v as f32).collect())
+        .collect()
+}
+
+/// `l0`, `l1`, … for `k` layers.
+fn layer_names(k: usize) -> Vec<String> {
+    (0..k).map(|i| format!("l{i}")).collect()
+}
+
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a
         .iter()
@@ -292,10 +338,7 @@ fn stream_from_stores_equals_in_memory() {
         .enumerate()
         .map(|(i, &d)| data(n, d, 10 + i as u64, 300.0))
         .collect();
-    let x32: Vec<Vec<f32>> = xs
-        .iter()
-        .map(|x| x.iter().map(|&v| v as f32).collect())
-        .collect();
+    let x32 = to_f32(&xs);
     let mk = |name: &str| {
         let p = dir.path().join(name);
         let opts = WriterOptions {
@@ -494,36 +537,15 @@ fn f32_accumulators_merge_and_serialise() {
 #[test]
 fn tiled_passes_equal_the_single_pass() {
     use crate::monitor::NoMonitor;
-    use crate::store::stream::{ArrayLayer, ArrayRows};
-    use crate::store::Values;
     let n = 157usize;
     // Widths straddling the piece size: the 300-wide layer is split when w < 301.
     let dims = [40usize, 300, 7, 129, 64];
-    let xs: Vec<Vec<f64>> = dims
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| data(n, d, 40 + i as u64, if i % 2 == 0 { 500.0 } else { 0.0 }))
-        .collect();
-    let x32: Vec<Vec<f32>> = xs
-        .iter()
-        .map(|x| x.iter().map(|&v| v as f32).collect())
-        .collect();
-    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    let xs = offset_layers(n, &dims, 40, 500.0);
+    let x32 = to_f32(&xs);
+    let names = layer_names(dims.len());
     let all: Vec<usize> = (0..dims.len()).collect();
     for compute in [Compute::F64, Compute::F32] {
-        let layers: Vec<ArrayLayer> = dims
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                let v = if compute == Compute::F64 {
-                    Values::F64(&xs[i])
-                } else {
-                    Values::F32(&x32[i])
-                };
-                ArrayLayer::new(v, n, d, d).unwrap()
-            })
-            .collect();
-        let src = ArrayRows::new(layers).unwrap();
+        let src = rows_in(&xs, &x32, &dims, n, compute);
         let single = accumulate(
             &src,
             &names,
@@ -661,35 +683,13 @@ fn tiled_plan_errors() {
 #[test]
 fn gram_route_equals_the_single_pass() {
     use crate::monitor::NoMonitor;
-    use crate::store::stream::{ArrayLayer, ArrayRows};
-    use crate::store::Values;
     let n = 47usize;
     let dims = [60usize, 300, 7, 129];
-    let xs: Vec<Vec<f64>> = dims
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| data(n, d, 70 + i as u64, if i % 2 == 0 { 800.0 } else { 0.0 }))
-        .collect();
-    let x32: Vec<Vec<f32>> = xs
-        .iter()
-        .map(|x| x.iter().map(|&v| v as f32).collect())
-        .collect();
-    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    let xs = offset_layers(n, &dims, 70, 800.0);
+    let x32 = to_f32(&xs);
+    let names = layer_names(dims.len());
     for compute in [Compute::F64, Compute::F32] {
-        let src = ArrayRows::new(
-            dims.iter()
-                .enumerate()
-                .map(|(i, &d)| {
-                    let v = if compute == Compute::F64 {
-                        Values::F64(&xs[i])
-                    } else {
-                        Values::F32(&x32[i])
-                    };
-                    ArrayLayer::new(v, n, d, d).unwrap()
-                })
-                .collect(),
-        )
-        .unwrap();
+        let src = rows_in(&xs, &x32, &dims, n, compute);
         let single = accumulate(
             &src,
             &names,
@@ -767,12 +767,8 @@ fn row_range_tasks_merge_to_the_local_pass() {
     use crate::monitor::NoMonitor;
     let n = 203usize;
     let dims = [40usize, 300, 7, 129];
-    let xs: Vec<Vec<f64>> = dims
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| data(n, d, 70 + i as u64, if i % 2 == 0 { 800.0 } else { 0.0 }))
-        .collect();
-    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    let xs = offset_layers(n, &dims, 70, 800.0);
+    let names = layer_names(dims.len());
     let src = f64_rows(&xs, &dims, n);
     let cuts = [0u64, 1, 64, 150, n as u64];
     for compute in [Compute::F64, Compute::F32] {
@@ -1268,15 +1264,11 @@ fn sums_computed_elsewhere_make_the_same_tiles() {
     use crate::monitor::NoMonitor;
     let n = 97usize;
     let dims = [40usize, 300, 7, 129];
-    let mut xs: Vec<Vec<f64>> = dims
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| data(n, d, 90 + i as u64, if i % 2 == 0 { 500.0 } else { 0.0 }))
-        .collect();
+    let mut xs = offset_layers(n, &dims, 90, 500.0);
     for v in xs[2].iter_mut() {
         *v *= 1e30; // a layer that is scaled (2^-e) on every route
     }
-    let names: Vec<String> = (0..dims.len()).map(|i| format!("l{i}")).collect();
+    let names = layer_names(dims.len());
     let src = f64_rows(&xs, &dims, n);
     for num_a in [dims.len(), 2] {
         let full = pass_bytes(&dims, 50, Compute::F64) as f64;
