@@ -335,8 +335,10 @@ def test_binding_entry_points_take_the_budget() -> None:
         _native.neighbour_matrix([x], None, "mutual_knn", k=3, max_memory=1000)
     with pytest.raises(MemoryBudgetError, match="nearest-neighbour"):
         _native.knn_graph(x, 3, max_memory=1000)
+    src = ls._source.resolve({"a": x, "b": x})
     with pytest.raises(MemoryBudgetError, match="minibatch CKA"):
-        _native.MinibatchCka([3, 3], batch_size=4096, max_memory=1000)
+        _native.minibatch_cka_pass([ls._source.native_part(src, ["a", "b"])], ["a", "b"],
+                                   batch_size=4096, max_memory=1000)
     with pytest.raises(MemoryBudgetError, match="moment accumulator"):
         _native.check_moment_memory([4096] * 33, 256, "float32", 1 << 30)
     b, src = _native.check_moment_memory([8, 8], 256, "float64", 1 << 30)

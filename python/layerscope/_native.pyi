@@ -54,21 +54,6 @@ class Calibrator:
     def observed(self) -> npt.NDArray[np.float64]:
         """The CKA of every pair on the whole sample (``la × lb``)."""
 
-class MinibatchCka:
-    """Streaming minibatch CKA (see layerscope_core::measures::cka): unbiased HSIC (Song et al.
-    2012) averaged over consecutive minibatches of `batch_size` rows, linear or RBF kernel."""
-    def __init__(self, dims: Sequence[int], names: Sequence[str] | None = None, kernel: str = 'linear', sigma: float = 1.0, batch_size: int = ..., num_a: int | None = None, check_finite: bool = True, max_memory: int | None = None) -> None: ...
-    @property
-    def rows_seen(self) -> int:
-        """Rows fed so far."""
-    def finish(self) -> dict[str, Any]:
-        """Process the final shorter minibatch (if it has ≥ 4 rows) and return the result dict
-        (`values`, `hsic`, `bandwidths`, `batches`, `rows_used`, `rows_seen`, `nonfinite`, …).
-        The accumulator is consumed."""
-    def update(self, arrays: Sequence[npt.NDArray[np.floating]]) -> None:
-        """Feed a block of rows: one C-contiguous 2-D array per layer (all float32 or all
-        float64, equal row counts). Minibatches continue across blocks."""
-
 class MomentAccumulator:
     """The streaming moment accumulator (see layerscope_core::engine::moments)."""
     def __init__(self, dims: Sequence[int], names: Sequence[str] | None = None, check_finite: bool = True, compute: str = 'float64') -> None: ...
@@ -405,8 +390,8 @@ def minibatch_cka_pass(parts: Sequence[Part], names: Sequence[str], kernel: str 
     selections and/or in-memory layers, row-aligned, side by side) — or over the rows
     `sample` of them, in that order; `rows=(start, stop)`: only positions `[start, stop)` of
     that sequence (one distributed task's share; a non-finite row is then reported relative
-    to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
-    `MinibatchCka.finish`. `products`: None (this CPU) or an object computing each
+    to `start`) — GIL released, reader thread one block ahead. Returns the result dict (see
+    `to_dict`). `products`: None (this CPU) or an object computing each
     minibatch's Gram products elsewhere (``layerscope._device.products.DeviceProducts``)."""
 
 def minibatch_cka_table(hsic: npt.NDArray[np.float64], num_a: int) -> npt.NDArray[np.float64]:

@@ -1,9 +1,9 @@
 //! Bindings of the minibatch CKA estimator (layerscope-core `measures::cka`, Nguyen et al.
 //! 2021): a streaming accumulator fed with in-memory blocks, and the one-pass streaming of
 //! stores. Only type conversion here; the work runs in the core with the GIL released.
-use crate::convert::{array2, block_slices, extract_blocks, Blocks};
+use crate::convert::array2;
+use crate::errors::detach;
 use crate::errors::IntoPy;
-use crate::errors::{detach, Consumed};
 use crate::monitor::PyMonitor;
 use crate::products::PyProducts;
 use crate::source::{extract_parts, Sources};
@@ -75,105 +75,12 @@ fn to_dict<'py>(py: Python<'py>, r: &MinibatchHsic) -> PyResult<Bound<'py, PyDic
     Ok(d)
 }
 
-/// Streaming minibatch CKA (see layerscope_core::measures::cka): unbiased HSIC (Song et al.
-/// 2012) averaged over consecutive minibatches of `batch_size` rows, linear or RBF kernel.
-///
-/// :type dims: Sequence[int]
-/// :type names: Sequence[str] | None
-/// :type kernel: str
-/// :type sigma: float
-/// :type batch_size: int
-/// :type num_a: int | None
-/// :type check_finite: bool
-/// :type max_memory: int | None
-#[pyclass(module = "layerscope._native", name = "MinibatchCka")]
-pub struct PyMinibatchCka {
-    inner: Consumed<CoreCka>,
-}
-
-#[pymethods]
-impl PyMinibatchCka {
-    /// An empty accumulator for layers of widths `dims`. `kernel`: "linear" or "rbf" (with
-    /// `sigma`, bandwidth per minibatch); `num_a`: layers of the first source (cross pairs
-    /// only); `max_memory`: byte budget of the Grams (default: the machine's; MemoryBudgetError
-    /// above it).
-    #[new]
-    #[pyo3(signature = (dims, names=None, kernel="linear", sigma=1.0, batch_size=DEFAULT_BATCH_SIZE,
-        num_a=None, check_finite=true, max_memory=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        dims: Vec<usize>,
-        names: Option<Vec<String>>,
-        kernel: &str,
-        sigma: f64,
-        batch_size: usize,
-        num_a: Option<usize>,
-        check_finite: bool,
-        max_memory: Option<u64>,
-    ) -> PyResult<Self> {
-        let acc = build(
-            &dims,
-            names,
-            kernel,
-            sigma,
-            batch_size,
-            num_a,
-            check_finite,
-            max_memory,
-        )
-        .py_err()?;
-        Ok(PyMinibatchCka {
-            inner: Consumed::new(acc, "this accumulator was finished"),
-        })
-    }
-
-    /// Feed a block of rows: one C-contiguous 2-D array per layer (all float32 or all
-    /// float64, equal row counts). Minibatches continue across blocks.
-    ///
-    /// :type arrays: Sequence[npt.NDArray[np.floating]]
-    /// :rtype: None
-    fn update(&mut self, py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
-        let blocks = extract_blocks(&arrays)?;
-        let acc = self.inner.get_mut()?;
-        let mon = PyMonitor::new(None);
-        match blocks {
-            Blocks::F32(v) => {
-                let (slices, rows) = block_slices(&v)?;
-                detach(py, || acc.update(&slices, rows, &mon))
-            }
-            Blocks::F64(v) => {
-                let (slices, rows) = block_slices(&v)?;
-                detach(py, || acc.update(&slices, rows, &mon))
-            }
-        }
-    }
-
-    /// Rows fed so far.
-    ///
-    /// :rtype: int
-    #[getter]
-    fn rows_seen(&self) -> u64 {
-        self.inner.peek().map_or(0, |a| a.rows_seen())
-    }
-
-    /// Process the final shorter minibatch (if it has ≥ 4 rows) and return the result dict
-    /// (`values`, `hsic`, `bandwidths`, `batches`, `rows_used`, `rows_seen`, `nonfinite`, …).
-    /// The accumulator is consumed.
-    ///
-    /// :rtype: dict[str, Any]
-    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let acc = self.inner.take()?;
-        let r = detach(py, || acc.finish())?;
-        to_dict(py, &r)
-    }
-}
-
 /// Minibatch CKA in one streaming pass over every row of `parts` (see `source.rs`: store
 /// selections and/or in-memory layers, row-aligned, side by side) — or over the rows
 /// `sample` of them, in that order; `rows=(start, stop)`: only positions `[start, stop)` of
 /// that sequence (one distributed task's share; a non-finite row is then reported relative
-/// to `start`) — GIL released, reader thread one block ahead. Returns the result dict of
-/// `MinibatchCka.finish`. `products`: None (this CPU) or an object computing each
+/// to `start`) — GIL released, reader thread one block ahead. Returns the result dict (see
+/// `to_dict`). `products`: None (this CPU) or an object computing each
 /// minibatch's Gram products elsewhere (``layerscope._device.products.DeviceProducts``).
 ///
 /// :type parts: Sequence[Part]
@@ -308,7 +215,6 @@ fn table_axes(l: usize, num_a: usize) -> (Vec<usize>, Vec<usize>) {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_BATCH_SIZE", DEFAULT_BATCH_SIZE)?;
     m.add_function(wrap_pyfunction!(minibatch_cka_table, m)?)?;
-    m.add_class::<PyMinibatchCka>()?;
     m.add_function(wrap_pyfunction!(minibatch_cka_pass, m)?)?;
     m.add_function(wrap_pyfunction!(minibatch_bytes, m)?)?;
     Ok(())

@@ -143,8 +143,4 @@ impl<T> Consumed<T> {
         let err = self.err();
         self.value.take().ok_or(err)
     }
-    /// The value while it is there (None once consumed).
-    pub fn peek(&self) -> Option<&T> {
-        self.value.as_ref()
-    }
 }
