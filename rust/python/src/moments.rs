@@ -727,15 +727,8 @@ fn pair_pass(
     let (plan, st) = detach(py, || {
         let dims = layerscope_core::store::RowSource::dims(&src);
         let n = layerscope_core::store::RowSource::num_rows(&src);
-        let plan = PairPlan::choose(
-            &dims,
-            num_a,
-            n,
-            block_rows,
-            compute,
-            &budget,
-            strategy.as_deref(),
-        )?;
+        let strategy = strategy.as_deref();
+        let plan = PairPlan::choose(&dims, num_a, n, block_rows, compute, &budget, strategy)?;
         let st = plan.run(&src, &names, check_finite, &budget, &mon)?;
         Ok::<_, Error>((plan, st))
     })?;
@@ -789,16 +782,9 @@ fn pair_plan<'py>(
         )))
         .py_err();
     }
+    let strategy = strategy.as_deref();
     let plan = detach(py, || {
-        PairPlan::choose(
-            &dims,
-            num_a,
-            n,
-            block_rows,
-            compute,
-            &budget,
-            strategy.as_deref(),
-        )
+        PairPlan::choose(&dims, num_a, n, block_rows, compute, &budget, strategy)
     })?;
     let d = PassPlan::of(&plan, n).to_dict(py)?;
     d.set_item("cost_seconds", plan.cost_seconds(n))?;
