@@ -20,30 +20,6 @@ use numpy::IntoPyArray;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-#[allow(clippy::too_many_arguments)]
-fn build(
-    dims: &[usize],
-    names: Option<Vec<String>>,
-    kernel: &str,
-    sigma: f64,
-    batch_size: usize,
-    num_a: Option<usize>,
-    check_finite: bool,
-    max_memory: Option<u64>,
-) -> Result<CoreCka, Error> {
-    let mut acc = CoreCka::new(dims, Kernel::parse(kernel, sigma)?, batch_size)?
-        .with_check_finite(check_finite);
-    if let Some(n) = names {
-        acc = acc.with_names(&n)?;
-    }
-    if let Some(a) = num_a {
-        acc = acc.with_num_a(a)?;
-    }
-    // The budget in force (max_memory, else LAYERSCOPE_MAX_MEMORY, else the machine's).
-    acc = acc.with_budget(&Budget::resolve(max_memory)?)?;
-    Ok(acc)
-}
-
 /// The result as a dict: `values` (CKA of layers `0..num_a` × the others, or all × all),
 /// `hsic` (L × L mean HSIC₁, NaN where not computed), `bandwidths`, `batches`, `rows_used`,
 /// `rows_seen`, `nonfinite`, `names`, `scale_exp` (per layer: `hsic[i, j]` is in units of
@@ -137,17 +113,17 @@ fn minibatch_cka_pass<'py>(
         Some(r) => r,
         None => seq,
     };
-    let acc = build(
-        &src.dims(),
-        Some(names),
-        kernel,
-        sigma,
-        batch_size,
-        num_a,
-        check_finite,
-        max_memory,
-    )
-    .py_err()?;
+    let build = || -> Result<CoreCka, Error> {
+        let mut acc = CoreCka::new(&src.dims(), Kernel::parse(kernel, sigma)?, batch_size)?
+            .with_check_finite(check_finite)
+            .with_names(&names)?;
+        if let Some(a) = num_a {
+            acc = acc.with_num_a(a)?;
+        }
+        // The budget in force (max_memory, else LAYERSCOPE_MAX_MEMORY, else the machine's).
+        acc.with_budget(&Budget::resolve(max_memory)?)
+    };
+    let acc = build().py_err()?;
     let prod = products.map(|p| std::sync::Arc::new(PyProducts::new(p)));
     let acc = match &prod {
         Some(p) => acc.with_products(SharedProducts(p.clone())),
