@@ -31,7 +31,7 @@ import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import _native
 from ._defaults import BATCH_SIZE, ITEMSIZE, SAMPLE_CAP, STORE_DTYPES
@@ -42,6 +42,9 @@ from ._source import Source, check_comparable, resolve
 from ._validate import DTYPE, LAYERS, MAX_MEMORY, Group, Int, Ints, OneOf, cli_type, validated
 from .errors import InvalidArgumentError, MemoryBudgetError
 from .measures.cka import ESTIMATORS, KERNELS
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 #: Values read (and converted to the compute type) per second in the time estimate.
 READ_VALUES_PER_S = 1e9

@@ -40,7 +40,7 @@ Quantities that coincide (each shown by a test in ``tests/test_alignment.py``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from .._validate import LAYERS, RUN, Float, Int, OneOf, RunOptions, Strings, val
 from ..results import MatrixResult, Result
 from ._passes import run_measures
 from .spectrum import spectrum_result
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 METHODS = ("subspace", "svcca", "pwcca", "cca", "procrustes")
 SPACES = ("samples", "features")

@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Unpack
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from .._source import Source, check_comparable, native_part, resolve
 from .._validate import LAYERS, RUN, SEED, Float, Int, OneOf, RunOptions, validated
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 __all__ = ["cka", "DEFAULT_BATCH_SIZE"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from .._validate import (
 )
 from ..errors import InvalidArgumentError
 from ..results import Result
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 METHODS = ("twonn", "twonn-mle", "mle", "gride", "pca")
 KNN_METHODS = ("twonn", "twonn-mle", "mle", "gride")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .._validate import (
 )
 from ..errors import InvalidArgumentError
 from ..results import MatrixResult
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 
 def _sampled_table(

@@ -29,7 +29,7 @@ uses ``XᵀX``, so its ``α`` maps to ours only at ``α ∈ {0, 1}``, where both
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from .._defaults import RIDGE
 from .._validate import LAYERS, RUN, Float, OneOf, RunOptions, validated
 from ..results import MatrixResult
 from ._passes import run_measures
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 __all__ = ["shape_metric", "DISTANCES"]
 

@@ -10,7 +10,7 @@ effective rank (Roy & Vetterli 2007, on singular values), participation ratio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from .._text import Table
 from .._validate import LAYERS, PLACEMENT, PROGRESS, Int, Placement, validated
 from ..results import Result
 from ._passes import run_measures
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 SPECTRUM_MEASURES = (
     "total_variance",
