@@ -906,13 +906,9 @@ def test_cuda_pinned_non_blocking_path(tmp_path):
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0)).cuda()
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
+    two = ["transformer.h.0", "transformer.h.1"]
     with torch.inference_mode():
-        with capture(
-            model,
-            layers=["transformer.h.0", "transformer.h.1"],
-            out=tmp_path / "s",
-            dtype="float16",
-        ) as cap:
+        with capture(model, layers=two, out=tmp_path / "s", dtype="float16") as cap:
             for _ in range(5):
                 model(input_ids=ids, attention_mask=mask)
         ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,12 +25,42 @@ from . import _native
 from ._defaults import ITEMSIZE, dtype_name
 from ._progress import Progress
 from ._source import Source, check_comparable, native_part, resolve
+from ._validate import RunOptions
 from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
+    from typing_extensions import Unpack
 
 COMPUTE = ("float64", "float32", "auto", "tf32")
 
 #: Above this ``shift_offset`` (``max |mean − shift| / σ``) a float32 pass warns.
 F32_SHIFT_WARN = 2.0
+
+
+class PassOptions(RunOptions, total=False):
+    """The options of one exact pass (:func:`compute_moments`, :func:`pair_stats`): the
+    measures' :class:`~layerscope.RunOptions` (checked at their door), ``check_finite``,
+    ``block_rows`` and ``compute``."""
+
+    check_finite: bool
+    block_rows: int | None
+    compute: str
+
+
+#: The defaults of :class:`PassOptions`.
+PASS_DEFAULTS: dict[str, Any] = {
+    "progress": True, "max_memory": None, "backend": "local", "ray_address": None,
+    "device": None, "check_finite": True, "block_rows": None, "compute": "float64",
+}
+
+
+def _pass_options(options: Any) -> dict[str, Any]:
+    """``options`` over :data:`PASS_DEFAULTS` (an unknown key is a ``TypeError``, as an
+    unknown keyword argument is)."""
+    unknown = sorted(set(options) - set(PASS_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown pass option(s) {unknown}")
+    return {**PASS_DEFAULTS, **options}
 
 
 def resolve_compute(compute: str, parts: Sequence[tuple[Source, Sequence[str]]]) -> str:
@@ -70,15 +100,7 @@ def compute_moments(
     layers: Sequence[str] | str | None = None,
     other: Any = None,
     other_layers: Sequence[str] | str | None = None,
-    *,
-    progress: Any = True,
-    max_memory: int | None = None,
-    check_finite: bool = True,
-    block_rows: int | None = None,
-    compute: str = "float64",
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **options: Unpack[PassOptions],
 ) -> tuple[Any, dict[str, Any]]:
     """Stream every row of the selected layers once; return ``(Moments, meta)``.
 
@@ -111,9 +133,9 @@ def compute_moments(
     that device (:mod:`layerscope._device`; same shift, scale and arithmetic rules, the sums
     handed back to the core), ``meta["device"]``."""
     t0 = time.perf_counter()
-    parts, names, dims, compute, num_a, block_rows = _setup(
-        source, layers, other, other_layers, compute, block_rows)
-    dev = _device_for(device, backend, compute, ray_ok=True)
+    parts, names, dims, num_a, o = _setup(source, layers, other, other_layers, options)
+    compute, block_rows, dev = o["compute"], o["block_rows"], o["device"]
+    backend, max_memory, progress = o["backend"], o["max_memory"], o["progress"]
     if block_rows is None:
         n = parts[0][0].num_rows
         block_rows = min(int(_native.default_block_rows(list(dims), compute)), max(n, 1))
@@ -122,9 +144,9 @@ def compute_moments(
     if backend == "ray":
         from ._ray import moment_passes
 
-        runs = moment_passes([(parts, num_a)], compute=compute, check_finite=check_finite,
-                             max_memory=max_memory, progress=progress, address=ray_address,
-                             device=dev)
+        runs = moment_passes([(parts, num_a)], compute=compute, check_finite=o["check_finite"],
+                             max_memory=max_memory, progress=progress,
+                             address=o["ray_address"], device=dev)
         out = next(runs)
         runs.close()
         return out
@@ -132,16 +154,16 @@ def compute_moments(
         from ._device.devices import device_meta
         from ._device.passes import moments
 
-        m = moments(parts, names, num_a, device=dev, block_rows=br, check_finite=check_finite,
-                    progress=progress, compute=compute)
+        m = moments(parts, names, num_a, device=dev, block_rows=br,
+                    check_finite=o["check_finite"], progress=progress, compute=compute)
         meta = single_pass_meta(m, parts, names, compute, t0, br, pl["peak_bytes_estimate"])
         meta.update(device_meta(dev, compute))
         return m, meta
     with Progress(progress, "moments") as prog:
         m = _native.moments_pass(
             [native_part(src, ls) for src, ls in parts], names, block_rows=br,
-            check_finite=check_finite, max_memory=max_memory, num_a=num_a, progress=prog.cb,
-            compute=compute,
+            check_finite=o["check_finite"], max_memory=max_memory, num_a=num_a,
+            progress=prog.cb, compute=compute,
         )
     return m, single_pass_meta(m, parts, names, compute, t0, br, pl["peak_bytes_estimate"])
 
@@ -172,15 +194,8 @@ def pair_stats(
     other: Any = None,
     other_layers: Sequence[str] | str | None = None,
     *,
-    progress: Any = True,
-    max_memory: int | None = None,
-    check_finite: bool = True,
-    block_rows: int | None = None,
-    compute: str = "float64",
     strategy: str | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    device: Any = None,
+    **options: Unpack[PassOptions],
 ) -> tuple[Any, dict[str, Any]]:
     """What linear CKA needs of every layer pair (``_native.PairStats``: ``‖C_ij‖²``,
     ``Σ r̄_i r̄_j``, ``tr C_ii``, ``n``), exactly, within the memory budget; return
@@ -209,33 +224,29 @@ def pair_stats(
     ``device``: as :func:`compute_moments` (every plan; the tiles' sums, or the Gram route's
     pair sums, handed back to the core)."""
     t0 = time.perf_counter()
-    parts, names, dims, compute, num_a, block_rows = _setup(
-        source, layers, other, other_layers, compute, block_rows)
     if strategy is not None and not isinstance(strategy, str):
         raise InvalidArgumentError(f"strategy must be a string or None, got {strategy!r}")
-    dev = _device_for(device, backend, compute, ray_ok=True)
+    parts, names, dims, num_a, o = _setup(source, layers, other, other_layers, options)
+    backend, dev = o["backend"], o["device"]
+    # what every engine's pair pass takes
+    run = {k: o[k] for k in ("block_rows", "check_finite", "max_memory", "compute")}
     extra: dict[str, Any] = {}
     if dev is not None and backend != "ray":
         from ._device.passes import pair_stats as device_pair_stats
 
-        st, extra = device_pair_stats(
-            parts, names, num_a, device=dev, block_rows=block_rows, check_finite=check_finite,
-            max_memory=max_memory, progress=progress, compute=compute, strategy=strategy)
+        st, extra = device_pair_stats(parts, names, num_a, device=dev, progress=o["progress"],
+                                      strategy=strategy, **run)
     elif backend == "ray":
         from . import _ray
 
-        st, extra = _ray.pair_stats(
-            parts, names, num_a, block_rows=block_rows, check_finite=check_finite,
-            max_memory=max_memory, progress=progress, compute=compute, strategy=strategy,
-            address=ray_address, device=dev)
+        st, extra = _ray.pair_stats(parts, names, num_a, progress=o["progress"],
+                                    strategy=strategy, address=o["ray_address"], device=dev,
+                                    **run)
     else:
-        with Progress(progress, "moments") as prog:
-            st = _native.pair_pass(
-                [native_part(src, ls) for src, ls in parts], names, num_a,
-                block_rows=block_rows, check_finite=check_finite, max_memory=max_memory,
-                progress=prog.cb, compute=compute, strategy=strategy,
-            )
-    meta = _meta(st, parts, names, compute, t0)
+        with Progress(o["progress"], "moments") as prog:
+            st = _native.pair_pass([native_part(src, ls) for src, ls in parts], names, num_a,
+                                   progress=prog.cb, strategy=strategy, **run)
+    meta = _meta(st, parts, names, o["compute"], t0)
     meta.update(extra)
     if backend == "ray":
         meta["engine"] = "ray"
@@ -278,11 +289,13 @@ def _device_for(device: Any, backend: str, compute: str, ray_ok: bool = False) -
 
 
 def _setup(
-    source: Any, layers: Any, other: Any, other_layers: Any, compute: str,
-    block_rows: int | None,
-) -> tuple[list[tuple[Source, list[str]]], list[str], list[int], str, int, int | None]:
-    """Resolve the sources and options of a pass: ``(parts, names, dims, compute, num_a,
-    block_rows)`` (``block_rows`` checked, at most the row count, None for the default)."""
+    source: Any, layers: Any, other: Any, other_layers: Any, options: Any,
+) -> tuple[list[tuple[Source, list[str]]], list[str], list[int], int, dict[str, Any]]:
+    """Resolve the sources and options of a pass: ``(parts, names, dims, num_a, options)``,
+    the options over :data:`PASS_DEFAULTS` with ``compute`` resolved, ``block_rows`` checked
+    (at most the row count; None for the default) and ``device`` resolved
+    (:func:`_device_for`)."""
+    o = _pass_options(options)
     a = resolve(source)
     la = a.select(layers)
     parts: list[tuple[Source, list[str]]] = [(a, la)]
@@ -293,14 +306,16 @@ def _setup(
         parts.append((b, lb))
     names = [n for _, ls in parts for n in ls]
     dims = [src.dims[n] for src, ls in parts for n in ls]
-    compute = resolve_compute(compute, parts)
+    o["compute"] = resolve_compute(o["compute"], parts)
+    block_rows = o["block_rows"]
     if block_rows is not None:
         if isinstance(block_rows, bool) or not isinstance(block_rows, (int, np.integer)) \
                 or block_rows < 1:
             raise InvalidArgumentError(
                 f"block_rows must be a positive integer, got {block_rows!r}")
-        block_rows = min(int(block_rows), max(a.num_rows, 1))  # never more than all rows
-    return parts, names, dims, compute, len(la), block_rows
+        o["block_rows"] = min(int(block_rows), max(a.num_rows, 1))  # never more than all rows
+    o["device"] = _device_for(o["device"], o["backend"], o["compute"], ray_ok=True)
+    return parts, names, dims, len(la), o
 
 
 def _meta(

@@ -93,9 +93,6 @@ class Moments(PassLayers):
         the same eigendecompositions. Returns `{"alignment": dict, "spectra": [dict]}`."""
     def block(self, i: int, j: int) -> npt.NDArray[np.float64]:
         """`C_ij` (a `d_i × d_j` float64 copy)."""
-    def cka(self, rows: Sequence[int], cols: Sequence[int], debiased: bool = False) -> npt.NDArray[np.float64]:
-        """Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
-        debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`."""
     def cross_products(self) -> npt.NDArray[np.float64]:
         """The full symmetric `D × D` centred cross-product matrix `C` as a read-only float64
         array viewing the moments' memory (no copy; it keeps this object alive). For
@@ -212,9 +209,6 @@ class PairStats(PassLayers):
     def plan(self) -> dict[str, Any]:
         """The plan the pass followed: `strategy`, `passes`, `peak_bytes`, `block_rows`,
         `layer_reads`, `madds` (see :func:`pair_plan`)."""
-    def cka(self, rows: Sequence[int], cols: Sequence[int], debiased: bool = False) -> npt.NDArray[np.float64]:
-        """Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
-        debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`."""
     def __repr__(self) -> str: ...
 
 class PairStatsBuilder:
@@ -250,6 +244,9 @@ class PassLayers:
     @property
     def shift_offset(self) -> float:
         """`max_f |mean_f − shift_f| / σ_f`: how far the reference shift was from the mean."""
+    def cka(self, rows: Sequence[int], cols: Sequence[int], debiased: bool = False) -> npt.NDArray[np.float64]:
+        """Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
+        debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`."""
 
 class PreparedLayer:
     """One layer's prepared Gram, RDM or kNN graph for a pair measure (the unit of a

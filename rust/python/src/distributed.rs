@@ -5,13 +5,12 @@
 use crate::errors::{detach, Consumed, IntoPy};
 use crate::moments::PyPairStats;
 use crate::monitor::PyMonitor;
-use crate::source::{extract_parts, Sources};
+use crate::source::detach_rows;
 use layerscope_core::engine::moments::{
     default_block_rows_for, merge_partial_bytes, Compute, ExternalSums,
     PairStatsBuilder as CoreBuilder, TilePartial, TilePlan as CorePlan,
 };
 use layerscope_core::memory::Budget;
-use layerscope_core::store::Rows;
 use layerscope_core::Error;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -196,10 +195,7 @@ impl PyTilePlan {
         parts: Vec<Bound<'py, PyAny>>,
         t: usize,
     ) -> PyResult<Option<Bound<'py, PyArray1<f64>>>> {
-        let parts = extract_parts(&parts)?;
-        let sources = Sources::new(&parts)?;
-        let src = Rows::new(sources.parts()).py_err()?;
-        let shift = detach(py, || self.inner.tile_shift(&src, t))?;
+        let shift = detach_rows(py, &parts, |src| self.inner.tile_shift(src, t))?;
         Ok(shift.map(|s| s.into_pyarray(py)))
     }
 
@@ -243,10 +239,7 @@ impl PyTilePlan {
         parts: Vec<Bound<'py, PyAny>>,
         t: usize,
     ) -> PyResult<Vec<i32>> {
-        let parts = extract_parts(&parts)?;
-        let sources = Sources::new(&parts)?;
-        let src = Rows::new(sources.parts()).py_err()?;
-        detach(py, || self.inner.tile_scale(&src, t))
+        detach_rows(py, &parts, |src| self.inner.tile_scale(src, t))
     }
 
     /// Tile `t`'s partial sums made of sums computed elsewhere (the torch device engine),
@@ -328,14 +321,11 @@ impl PyTilePlan {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let budget = Budget::resolve(max_memory).py_err()?;
-        let parts = extract_parts(&parts)?;
-        let sources = Sources::new(&parts)?;
-        let src = Rows::new(sources.parts()).py_err()?;
         let mon = PyMonitor::new(progress);
-        let bytes = detach(py, || {
+        let bytes = detach_rows(py, &parts, |src| {
             self.inner
                 .run_tile(
-                    &src,
+                    src,
                     &names,
                     t,
                     start..stop,

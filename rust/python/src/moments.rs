@@ -6,7 +6,7 @@ use crate::convert::{array2, block_slices, extract_blocks, Blocks};
 use crate::errors::IntoPy;
 use crate::errors::{detach, Consumed};
 use crate::monitor::PyMonitor;
-use crate::source::{extract_parts, Sources};
+use crate::source::detach_rows;
 use layerscope_core::engine::moments::{
     accumulate, default_block_rows_for, ldexp, Compute, MomentAccumulator as CoreAcc,
     Moments as CoreMoments, PairPlan, PairStats as CorePairStats, TilePlan,
@@ -14,12 +14,12 @@ use layerscope_core::engine::moments::{
 use layerscope_core::measures::align::{AlignOptions, AlignSpec, KSpec, Method};
 use layerscope_core::measures::cka::LinearCka;
 use layerscope_core::memory::Budget;
-use layerscope_core::store::Rows;
 use layerscope_core::Error;
 use numpy::ndarray::ArrayView2;
 use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::sync::Arc;
 
 /// The streaming moment accumulator (see layerscope_core::engine::moments).
 ///
@@ -184,19 +184,36 @@ pub struct PyPassLayers {
     /// :rtype: list[int | None]
     #[pyo3(get)]
     nonfinite: Vec<Option<u64>>,
+    /// The core result itself (what [`PyPassLayers::cka`] reads).
+    stats: Arc<dyn LinearCka + Send + Sync>,
 }
 
+/// A core result of a pass (`Moments`, `PairStats`): what its [`PyPassLayers`] base holds.
+trait PassResult: LinearCka + Send + Sync + 'static {
+    /// `(n, dims, names, shift_offset, nonfinite)`.
+    fn layers(&self) -> (u64, &[usize], &[String], f64, &[Option<u64>]);
+}
+
+macro_rules! pass_result {
+    ($($t:ty),*) => {$(
+        impl PassResult for $t {
+            fn layers(&self) -> (u64, &[usize], &[String], f64, &[Option<u64>]) {
+                (self.n, &self.dims, &self.names, self.shift_offset, &self.nonfinite)
+            }
+        }
+    )*};
+}
+pass_result!(CoreMoments, CorePairStats);
+
 impl PyPassLayers {
-    /// The base of a result over `dims.len()` layers, `num_a` of them from the first source.
-    fn of<T: pyo3::PyClass<BaseType = Self>>(
-        n: u64,
-        dims: &[usize],
-        names: &[String],
+    /// The base of the Python object of `stats`, `num_a` of whose layers are the first
+    /// source's.
+    fn of<T: pyo3::PyClass<BaseType = Self>, R: PassResult>(
+        stats: Arc<R>,
         num_a: usize,
-        shift_offset: f64,
-        nonfinite: &[Option<u64>],
         result: T,
     ) -> PyClassInitializer<T> {
+        let (n, dims, names, shift_offset, nonfinite) = stats.layers();
         PyClassInitializer::from(PyPassLayers {
             n,
             dims: dims.to_vec(),
@@ -204,6 +221,7 @@ impl PyPassLayers {
             num_a,
             shift_offset,
             nonfinite: nonfinite.to_vec(),
+            stats,
         })
         .add_subclass(result)
     }
@@ -218,13 +236,33 @@ impl PyPassLayers {
     fn num_b(&self) -> usize {
         self.dims.len() - self.num_a
     }
+
+    /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
+    /// debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`.
+    ///
+    /// :type rows: Sequence[int]
+    /// :type cols: Sequence[int]
+    /// :type debiased: bool
+    /// :rtype: npt.NDArray[np.float64]
+    #[pyo3(signature = (rows, cols, debiased=false))]
+    fn cka<'py>(
+        &self,
+        py: Python<'py>,
+        rows: Vec<usize>,
+        cols: Vec<usize>,
+        debiased: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let m = &self.stats;
+        let v = detach(py, || m.cka_matrix(&rows, &cols, debiased))?;
+        array2(py, (rows.len(), cols.len()), v)
+    }
 }
 
 /// Finalised moments: `C = Σ (z − z̄)(z − z̄)ᵀ` over the concatenated layers, the means and
 /// the squared-norm products used by the debiased estimators.
 #[pyclass(module = "layerscope._native", name = "Moments", extends = PyPassLayers, frozen)]
 pub struct PyMoments {
-    inner: CoreMoments,
+    inner: Arc<CoreMoments>,
 }
 
 impl PyMoments {
@@ -237,13 +275,9 @@ impl PyMoments {
             )))
             .py_err();
         }
-        let (n, dims, names) = (m.n, m.dims.clone(), m.names.clone());
-        let (offset, bad) = (m.shift_offset, m.nonfinite.clone());
-        let me = PyMoments { inner: m };
-        Py::new(
-            py,
-            PyPassLayers::of(n, &dims, &names, num_a, offset, &bad, me),
-        )
+        let m = Arc::new(m);
+        let me = PyMoments { inner: m.clone() };
+        Py::new(py, PyPassLayers::of(m, num_a, me))
     }
 }
 
@@ -411,26 +445,6 @@ impl PyMoments {
         Ok(ldexp(self.inner.trace(k).py_err()?, 2 * self.inner.exp(k)))
     }
 
-    /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
-    /// debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`.
-    ///
-    /// :type rows: Sequence[int]
-    /// :type cols: Sequence[int]
-    /// :type debiased: bool
-    /// :rtype: npt.NDArray[np.float64]
-    #[pyo3(signature = (rows, cols, debiased=false))]
-    fn cka<'py>(
-        &self,
-        py: Python<'py>,
-        rows: Vec<usize>,
-        cols: Vec<usize>,
-        debiased: bool,
-    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let m = &self.inner;
-        let v = detach(py, || m.cka_matrix(&rows, &cols, debiased))?;
-        array2(py, (rows.len(), cols.len()), v)
-    }
-
     fn __repr__(&self) -> String {
         format!(
             "Moments(n={}, layers={}, D={})",
@@ -471,13 +485,10 @@ fn moments_pass(
 ) -> PyResult<Py<PyMoments>> {
     let compute = Compute::parse(compute).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
-    let parts = extract_parts(&parts)?;
-    let sources = Sources::new(&parts)?;
-    let src = Rows::new(sources.parts()).py_err()?;
     let mon = PyMonitor::new(progress);
-    let m = detach(py, || {
+    let m = detach_rows(py, &parts, |src| {
         accumulate(
-            &src,
+            src,
             &names,
             block_rows,
             check_finite,
@@ -494,7 +505,7 @@ fn moments_pass(
 /// from one pass or summed over the tiles of a tiled pass, and the plan that made them.
 #[pyclass(module = "layerscope._native", name = "PairStats", extends = PyPassLayers, frozen)]
 pub struct PyPairStats {
-    inner: CorePairStats,
+    inner: Arc<CorePairStats>,
     num_a: usize,
     plan: PassPlan,
 }
@@ -563,13 +574,8 @@ impl PassPlan {
 impl PyPairStats {
     /// As a Python object, its [`PyPassLayers`] base filled from the statistics.
     pub(crate) fn into_py(self, py: Python<'_>) -> PyResult<Py<Self>> {
-        let i = &self.inner;
-        let (n, dims, names) = (i.n, i.dims.clone(), i.names.clone());
-        let (offset, bad, num_a) = (i.shift_offset, i.nonfinite.clone(), self.num_a);
-        Py::new(
-            py,
-            PyPassLayers::of(n, &dims, &names, num_a, offset, &bad, self),
-        )
+        let (stats, num_a) = (self.inner.clone(), self.num_a);
+        Py::new(py, PyPassLayers::of(stats, num_a, self))
     }
 
     /// The statistics of a tile plan's pass (assembled from its tiles' partial sums).
@@ -588,7 +594,7 @@ impl PyPairStats {
                 layer_reads: plan.layer_reads(),
                 madds: plan.madds_per_row() * inner.n as u128,
             },
-            inner,
+            inner: Arc::new(inner),
         }
     }
 }
@@ -645,7 +651,12 @@ impl PyPairStats {
             nonfinite,
         )
         .py_err()?;
-        PyPairStats { inner, num_a, plan }.into_py(_cls.py())
+        PyPairStats {
+            inner: Arc::new(inner),
+            num_a,
+            plan,
+        }
+        .into_py(_cls.py())
     }
 
     /// The plan the pass followed: `strategy`, `passes`, `peak_bytes`, `block_rows`,
@@ -655,25 +666,6 @@ impl PyPairStats {
     #[getter]
     fn plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.plan.to_dict(py)
-    }
-
-    /// Linear CKA of every `(rows[a], cols[b])` layer pair: biased (Kornblith et al. 2019) or
-    /// debiased (unbiased HSIC, Song et al. 2012). Float64 `[len(rows), len(cols)]`.
-    ///
-    /// :type rows: Sequence[int]
-    /// :type cols: Sequence[int]
-    /// :type debiased: bool
-    /// :rtype: npt.NDArray[np.float64]
-    #[pyo3(signature = (rows, cols, debiased=false))]
-    fn cka<'py>(
-        &self,
-        py: Python<'py>,
-        rows: Vec<usize>,
-        cols: Vec<usize>,
-        debiased: bool,
-    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let v = self.inner.cka_matrix(&rows, &cols, debiased).py_err()?;
-        array2(py, (rows.len(), cols.len()), v)
     }
 
     fn __repr__(&self) -> String {
@@ -720,21 +712,18 @@ fn pair_pass(
 ) -> PyResult<Py<PyPairStats>> {
     let compute = Compute::parse(compute).py_err()?;
     let budget = Budget::resolve(max_memory).py_err()?;
-    let parts = extract_parts(&parts)?;
-    let sources = Sources::new(&parts)?;
-    let src = Rows::new(sources.parts()).py_err()?;
     let mon = PyMonitor::new(progress);
-    let (plan, st) = detach(py, || {
-        let dims = layerscope_core::store::RowSource::dims(&src);
-        let n = layerscope_core::store::RowSource::num_rows(&src);
+    let (plan, st) = detach_rows(py, &parts, |src| {
+        let dims = layerscope_core::store::RowSource::dims(src);
+        let n = layerscope_core::store::RowSource::num_rows(src);
         let strategy = strategy.as_deref();
         let plan = PairPlan::choose(&dims, num_a, n, block_rows, compute, &budget, strategy)?;
-        let st = plan.run(&src, &names, check_finite, &budget, &mon)?;
+        let st = plan.run(src, &names, check_finite, &budget, &mon)?;
         Ok::<_, Error>((plan, st))
     })?;
     PyPairStats {
         plan: PassPlan::of(&plan, st.n),
-        inner: st,
+        inner: Arc::new(st),
         num_a,
     }
     .into_py(py)

@@ -5,10 +5,10 @@
 //! whole; `dtype` is `"F32"`/`"F64"` for float32/float64 arrays and `"F16"`/`"BF16"` for
 //! uint16 arrays holding half-precision bit patterns). The parts become the core's
 //! [`StoreRows`] / [`ArrayRows`], side by side in one [`Rows`].
-use crate::errors::IntoPy;
+use crate::errors::{detach, IntoPy};
 use crate::store::NativeStore;
 use layerscope_core::store::stream::{ArrayLayer, ArrayRows};
-use layerscope_core::store::{DType, RowSource, StoreRows, Values};
+use layerscope_core::store::{DType, RowSource, Rows, StoreRows, Values};
 use layerscope_core::Error;
 use numpy::PyReadonlyArray2;
 use pyo3::prelude::*;
@@ -108,6 +108,18 @@ fn layout<'a, T: numpy::Element>(
         unsafe { std::slice::from_raw_parts(view.as_ptr(), len) }
     };
     Ok((data, rows, dim, row_stride.max(dim)))
+}
+
+/// `f` on `parts` as one row-aligned core source ([`Rows`]), the GIL released ([`detach`]).
+pub fn detach_rows<T: Send>(
+    py: Python<'_>,
+    parts: &[Bound<'_, PyAny>],
+    f: impl Send + FnOnce(&Rows<'_>) -> Result<T, Error>,
+) -> PyResult<T> {
+    let parts = extract_parts(parts)?;
+    let sources = Sources::new(&parts)?;
+    let src = Rows::new(sources.parts()).py_err()?;
+    detach(py, || f(&src))
 }
 
 /// The core row source of one part.

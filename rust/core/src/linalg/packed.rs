@@ -180,17 +180,6 @@ pub fn syrk_upper_add<T: PackedElem>(
     product_with::<T>(c, ldc, u, u, true, pack, &T::kernel())
 }
 
-/// [`syrk_upper_add`] with a given kernel (one of [`PackedElem::kernels`]; tests run each).
-pub fn syrk_upper_add_with<T: PackedElem>(
-    kernel: &Kernel<T>,
-    c: &mut [f64],
-    ldc: usize,
-    u: Strided<'_, T>,
-    pack: &mut Vec<T>,
-) -> crate::Result<()> {
-    product_with::<T>(c, ldc, u, u, true, pack, kernel)
-}
-
 /// `C += AᵀB` for strided `k × m` `A` and `k × n` `B` (the same `k`); `C` is column-major
 /// `m × n` with column stride `ldc ≥ m`. The same kernel as [`syrk_upper_add`] (products in
 /// `T`, sums of at most [`PackedElem::CHAIN`] terms in `T`, added into the f64 `C`), over
@@ -205,19 +194,8 @@ pub fn gemm_tn_add<T: PackedElem>(
     product_with::<T>(c, ldc, a, b, false, pack, &T::kernel())
 }
 
-/// [`gemm_tn_add`] with a given kernel (one of [`PackedElem::kernels`]; tests run each).
-pub fn gemm_tn_add_with<T: PackedElem>(
-    kernel: &Kernel<T>,
-    c: &mut [f64],
-    ldc: usize,
-    a: Strided<'_, T>,
-    b: Strided<'_, T>,
-    pack: &mut Vec<T>,
-) -> crate::Result<()> {
-    product_with::<T>(c, ldc, a, b, false, pack, kernel)
-}
-
-/// `C += AᵀB` (`C` is `m × n`, `m = a.n`, `n = b.n`); with `upper` (SYRK: `a` and `b` are
+/// `C += AᵀB` (`C` is `m × n`, `m = a.n`, `n = b.n`) with the given kernel (the tests run
+/// each of [`PackedElem::kernels`]); with `upper` (SYRK: `a` and `b` are
 /// the same view) only the tiles holding an element on or above the diagonal are computed
 /// and only those elements written.
 fn product_with<T: PackedElem>(
@@ -892,7 +870,7 @@ mod tests {
                         cs,
                     };
                     let mut pack = Vec::new();
-                    syrk_upper_add_with(kernel, &mut c, ldc, view, &mut pack).unwrap();
+                    product_with(&mut c, ldc, view, view, true, &mut pack, kernel).unwrap();
                     for j in 0..n {
                         for i in 0..ldc {
                             let (got, base) = (c[j * ldc + i], c0[j * ldc + i]);
@@ -1001,7 +979,7 @@ mod tests {
                     cs: 1,
                 };
                 let mut pack = Vec::new();
-                gemm_tn_add_with(kernel, &mut c, ldc, a, b, &mut pack).unwrap();
+                product_with(&mut c, ldc, a, b, false, &mut pack, kernel).unwrap();
                 let terms = |i: usize, j: usize| {
                     (0..k)
                         .map(|p| uf[p * width + a0 + i] * uf[p * width + b0 + j])

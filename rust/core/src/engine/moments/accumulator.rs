@@ -173,21 +173,17 @@ pub(super) fn block_exps<T: Element>(
 /// two packed-SYRK slices of 768 rows.
 pub const F32_BLOCK_ROWS: usize = 1536;
 
-/// The streaming accumulator (a plain value: `update`, `merge`, `to_bytes`/`from_bytes`).
+/// What every accumulator of a pass holds besides its sums ([`MomentAccumulator`], the
+/// diagonal tiles, and [`super::cross::CrossAccumulator`], the off-diagonal ones): the
+/// layers, the reference shift, the rows seen, the policy for non-finite values and the
+/// block buffers.
 #[derive(Clone, Debug)]
-pub struct MomentAccumulator {
+pub(super) struct PassState {
     pub(super) dims: Vec<usize>,
     pub(super) offsets: Vec<usize>,
     pub(super) names: Vec<String>,
     /// Reference shift μ0 (length D), set by the first non-empty block.
     pub(super) shift: Option<Vec<f64>>,
-    /// Per layer: the scale exponent `e` ([`SCALE_BAND`]); the accumulated values are
-    /// `(x − μ0) · 2^-e`. Set with the shift by the first non-empty block (or [`Self::set_scale`]).
-    pub(super) exps: Option<Vec<i32>>,
-    /// Column-major (D+L)×(D+L); upper triangle valid.
-    pub(super) s: Vec<f64>,
-    /// Column sums of w (length D+L).
-    pub(super) sums: Vec<f64>,
     pub(super) n: u64,
     /// When false, non-finite values are accumulated (they turn the affected cells NaN).
     pub(super) check_finite: bool,
@@ -201,6 +197,185 @@ pub struct MomentAccumulator {
     /// Block buffers kept between updates (contents meaningless between calls): fresh
     /// allocations of this size cost a page fault per 4 KiB and the kernel's zeroing.
     pub(super) scratch: Scratch,
+}
+
+impl PassState {
+    /// The state of an empty accumulator over layers of widths `dims` (none of them 0;
+    /// names `layer{i}`, f64 products, non-finite values refused).
+    pub(super) fn new(dims: Vec<usize>) -> Result<Self> {
+        if dims.contains(&0) {
+            return Err(Error::invalid("a layer of width 0 cannot be accumulated"));
+        }
+        Ok(PassState {
+            offsets: offsets_of(&dims),
+            names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
+            nonfinite: vec![None; dims.len()],
+            dims,
+            shift: None,
+            n: 0,
+            check_finite: true,
+            row_base: 0,
+            compute: Compute::F64,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Total width `D`.
+    pub(super) fn d(&self) -> usize {
+        self.offsets[self.dims.len()]
+    }
+
+    /// Row `a` of `block` shifted and scaled, `ur[i] = round((x_i − μ0_i) · f_l)` over the
+    /// `D` columns (`f_l = fac[l]`, 1 where `fac` has none), and `rr[l] = ‖ur_l‖²` in f64 of
+    /// the rounded values: what every accumulator multiplies (`round` is the identity for
+    /// f64 products, the rounding to f32 for f32 ones).
+    #[inline]
+    pub(super) fn shift_row<T: Element, C: Copy + Into<f64>>(
+        &self,
+        block: &[&[T]],
+        a: usize,
+        fac: &[f64],
+        ur: &mut [C],
+        rr: &mut [f64],
+        round: impl Fn(f64) -> C,
+    ) {
+        let mu = self.shift.as_deref().unwrap_or(&[]);
+        for (l, x) in block.iter().enumerate() {
+            let (dl, o) = (self.dims[l], self.offsets[l]);
+            let src = &x[a * dl..(a + 1) * dl];
+            let f = fac.get(l).copied().unwrap_or(1.0);
+            let mut acc = 0.0f64;
+            for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
+                let q = round((v.to_f64() - m) * f);
+                *dst = q;
+                let w: f64 = q.into();
+                acc += w * w;
+            }
+            rr[l] = acc;
+        }
+    }
+
+    /// Per layer `‖v_l‖²` of a vector `v` over all `D` columns.
+    pub(super) fn layer_sq_norms(&self, v: &[f64]) -> Vec<f64> {
+        self.offsets
+            .windows(2)
+            .map(|w| v[w[0]..w[1]].iter().map(|x| x * x).sum())
+            .collect()
+    }
+
+    /// Set the reference shift (length D, finite) before the first row.
+    pub(super) fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
+        let started = self.n > 0 || self.shift.is_some();
+        self.shift = Some(checked_shift(shift, self.d(), started)?);
+        Ok(())
+    }
+
+    /// The checks every accumulator runs on a block before it changes anything: `block[l]`
+    /// is `rows × dims[l]`; a non-finite value is an [`Error::NonFinite`] naming the layer
+    /// and row when `check_finite`, else its first row is recorded in `nonfinite`. Then, for
+    /// the first block of an accumulator fed without a shift, the block's column means
+    /// become the shift. `Ok(false)` for an empty block.
+    pub(super) fn screen<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<bool> {
+        let (dims, names) = (&self.dims, &self.names);
+        if block.len() != dims.len() {
+            return Err(Error::Mismatch(format!(
+                "block has {} layers, accumulator has {}",
+                block.len(),
+                dims.len()
+            )));
+        }
+        for (l, (x, &d)) in block.iter().zip(dims).enumerate() {
+            if Some(x.len()) != rows.checked_mul(d) {
+                return Err(Error::Mismatch(format!(
+                    "layer {:?}: block has {} values, expected {rows} rows × {d}",
+                    names[l],
+                    x.len()
+                )));
+            }
+        }
+        if rows == 0 {
+            return Ok(false);
+        }
+        // Non-finite scan (first bad row per layer).
+        let bad: Vec<Option<usize>> = block
+            .par_iter()
+            .zip(dims.par_iter())
+            .map(|(x, &d)| {
+                x.chunks(d)
+                    .position(|r| r.iter().any(|v| !v.to_f64().is_finite()))
+            })
+            .collect();
+        if self.check_finite {
+            if let Some((l, a)) = bad.iter().enumerate().find_map(|(l, b)| b.map(|a| (l, a))) {
+                return Err(Error::NonFinite(format!(
+                    "layer {:?}: non-finite value (NaN/Inf) in row {}",
+                    names[l],
+                    self.row_base + self.n + a as u64
+                )));
+            }
+        }
+        for (l, b) in bad.iter().enumerate() {
+            if let (Some(a), None) = (b, self.nonfinite[l]) {
+                self.nonfinite[l] = Some(self.n + *a as u64);
+            }
+        }
+        if self.shift.is_none() {
+            self.shift = Some(block_means(&self.dims, block, rows));
+        }
+        Ok(true)
+    }
+}
+
+/// The builder options every accumulator of a pass takes (they set its [`PassState`]).
+macro_rules! pass_options {
+    () => {
+        /// The arithmetic of the block products (see [`Compute`]).
+        pub fn with_compute(mut self, compute: Compute) -> Self {
+            self.st.compute = compute;
+            self
+        }
+
+        /// Set the layer names used in error messages (and carried into the results).
+        pub fn with_names(mut self, names: &[String]) -> Result<Self> {
+            self.st.names = checked_names(names, self.st.dims.len())?;
+            Ok(self)
+        }
+
+        /// `true` (default): a non-finite value is an [`Error::NonFinite`]. `false`: it is
+        /// accumulated, and every cell involving its layer becomes NaN (first bad row
+        /// recorded).
+        pub fn with_check_finite(mut self, check: bool) -> Self {
+            self.st.check_finite = check;
+            self
+        }
+
+        /// The source row of the first row fed (default 0): a non-finite error names
+        /// `row_base + row`. Recorded first bad rows stay relative (a merge offsets them).
+        pub fn with_row_base(mut self, base: u64) -> Self {
+            self.st.row_base = base;
+            self
+        }
+
+        /// Rows accumulated so far.
+        pub fn n(&self) -> u64 {
+            self.st.n
+        }
+    };
+}
+pub(super) use pass_options;
+
+/// The streaming accumulator (a plain value: `update`, `merge`, `to_bytes`/`from_bytes`).
+#[derive(Clone, Debug)]
+pub struct MomentAccumulator {
+    /// The layers, shift, rows, finite-value policy and buffers.
+    pub(super) st: PassState,
+    /// Per layer: the scale exponent `e` ([`SCALE_BAND`]); the accumulated values are
+    /// `(x − μ0) · 2^-e`. Set with the shift by the first non-empty block (or [`Self::set_scale`]).
+    pub(super) exps: Option<Vec<i32>>,
+    /// Column-major (D+L)×(D+L); upper triangle valid.
+    pub(super) s: Vec<f64>,
+    /// Column sums of w (length D+L).
+    pub(super) sums: Vec<f64>,
 }
 
 /// Reusable per-update buffers of [`MomentAccumulator`] and of
@@ -309,66 +484,6 @@ pub(super) fn column_sums<T: Copy + Into<f64> + Sync>(x: &[T], width: usize) -> 
     total
 }
 
-/// The checks every accumulator runs on a block before it changes anything: `block[l]` is
-/// `rows × dims[l]`; a non-finite value is an [`Error::NonFinite`] naming the layer and row
-/// (`n` rows came before) when `check_finite`, else its first row is recorded in
-/// `nonfinite`. `Ok(false)` for an empty block.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn screen<T: Element>(
-    dims: &[usize],
-    names: &[String],
-    block: &[&[T]],
-    rows: usize,
-    check_finite: bool,
-    n: u64,
-    row_base: u64,
-    nonfinite: &mut [Option<u64>],
-) -> Result<bool> {
-    if block.len() != dims.len() {
-        return Err(Error::Mismatch(format!(
-            "block has {} layers, accumulator has {}",
-            block.len(),
-            dims.len()
-        )));
-    }
-    for (l, (x, &d)) in block.iter().zip(dims).enumerate() {
-        if Some(x.len()) != rows.checked_mul(d) {
-            return Err(Error::Mismatch(format!(
-                "layer {:?}: block has {} values, expected {rows} rows × {d}",
-                names[l],
-                x.len()
-            )));
-        }
-    }
-    if rows == 0 {
-        return Ok(false);
-    }
-    // Non-finite scan (first bad row per layer).
-    let bad: Vec<Option<usize>> = block
-        .par_iter()
-        .zip(dims.par_iter())
-        .map(|(x, &d)| {
-            x.chunks(d)
-                .position(|r| r.iter().any(|v| !v.to_f64().is_finite()))
-        })
-        .collect();
-    if check_finite {
-        if let Some((l, a)) = bad.iter().enumerate().find_map(|(l, b)| b.map(|a| (l, a))) {
-            return Err(Error::NonFinite(format!(
-                "layer {:?}: non-finite value (NaN/Inf) in row {}",
-                names[l],
-                row_base + n + a as u64
-            )));
-        }
-    }
-    for (l, b) in bad.iter().enumerate() {
-        if let (Some(a), None) = (b, nonfinite[l]) {
-            nonfinite[l] = Some(n + *a as u64);
-        }
-    }
-    Ok(true)
-}
-
 /// `names` as the names of `count` layers (one each).
 pub(super) fn checked_names(names: &[String], count: usize) -> Result<Vec<String>> {
     if names.len() != count {
@@ -427,9 +542,7 @@ impl MomentAccumulator {
                 "the moment accumulator needs at least one layer",
             ));
         }
-        if dims.contains(&0) {
-            return Err(Error::invalid("a layer of width 0 cannot be accumulated"));
-        }
+        let st = PassState::new(dims.to_vec())?;
         let d: usize = dims.iter().sum();
         let dz = d + dims.len();
         let cells = dz
@@ -441,10 +554,7 @@ impl MomentAccumulator {
             )));
         }
         Ok(MomentAccumulator {
-            dims: dims.to_vec(),
-            offsets: offsets_of(dims),
-            names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
-            shift: None,
+            st,
             exps: None,
             s: crate::linalg::hinted_vec(
                 cells,
@@ -454,59 +564,26 @@ impl MomentAccumulator {
                 ),
             )?,
             sums: crate::memory::try_vec(dz, 0.0, "the column sums of the moment pass")?,
-            n: 0,
-            check_finite: true,
-            row_base: 0,
-            nonfinite: vec![None; dims.len()],
-            compute: Compute::F64,
-            scratch: Scratch::default(),
         })
     }
 
-    /// The arithmetic of the block products (see [`Compute`]).
-    pub fn with_compute(mut self, compute: Compute) -> Self {
-        self.compute = compute;
-        self
-    }
+    pass_options!();
 
     pub fn compute(&self) -> Compute {
-        self.compute
-    }
-
-    /// Set the layer names used in error messages (and carried into [`Moments`]).
-    pub fn with_names(mut self, names: &[String]) -> Result<Self> {
-        self.names = checked_names(names, self.dims.len())?;
-        Ok(self)
-    }
-
-    /// `true` (default): a non-finite value is an [`Error::NonFinite`]. `false`: it is
-    /// accumulated, and every cell involving its layer becomes NaN (first bad row recorded).
-    pub fn with_check_finite(mut self, check: bool) -> Self {
-        self.check_finite = check;
-        self
-    }
-
-    /// The source row of the first row fed (default 0): a non-finite error names
-    /// `row_base + row`. Recorded first bad rows stay relative (a merge offsets them).
-    pub fn with_row_base(mut self, base: u64) -> Self {
-        self.row_base = base;
-        self
+        self.st.compute
     }
 
     pub fn dims(&self) -> &[usize] {
-        &self.dims
+        &self.st.dims
     }
     pub fn names(&self) -> &[String] {
-        &self.names
-    }
-    pub fn n(&self) -> u64 {
-        self.n
+        &self.st.names
     }
     pub(super) fn d(&self) -> usize {
-        self.offsets[self.dims.len()]
+        self.st.d()
     }
     pub(super) fn dz(&self) -> usize {
-        self.d() + self.dims.len()
+        self.d() + self.st.dims.len()
     }
 
     /// Set the reference shift `μ0` (length D, finite) before the first row; otherwise the
@@ -514,26 +591,21 @@ impl MomentAccumulator {
     /// products small even when the first block is not representative (sorted or
     /// concatenated data); the results do not depend on it beyond rounding.
     pub fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
-        self.shift = Some(checked_shift(
-            shift,
-            self.d(),
-            self.n > 0 || self.shift.is_some(),
-        )?);
-        Ok(())
+        self.st.set_shift(shift)
     }
 
     /// Set the per-layer scale exponents before the first row (see [`SCALE_BAND`]; each in
     /// ±1000); otherwise the first block chooses them.
     pub fn set_scale(&mut self, exps: &[i32]) -> Result<()> {
-        if self.n > 0 || self.exps.is_some() {
+        if self.st.n > 0 || self.exps.is_some() {
             return Err(Error::invalid(
                 "the scale can only be set before the first row is accumulated",
             ));
         }
-        if exps.len() != self.dims.len() || exps.iter().any(|e| e.abs() > 1000) {
+        if exps.len() != self.st.dims.len() || exps.iter().any(|e| e.abs() > 1000) {
             return Err(Error::invalid(format!(
                 "the scale needs one exponent in ±1000 per layer ({} layers), got {exps:?}",
-                self.dims.len()
+                self.st.dims.len()
             )));
         }
         self.exps = Some(exps.to_vec());
@@ -544,7 +616,7 @@ impl MomentAccumulator {
     pub fn scale_exps(&self) -> Vec<i32> {
         self.exps
             .clone()
-            .unwrap_or_else(|| vec![0; self.dims.len()])
+            .unwrap_or_else(|| vec![0; self.st.dims.len()])
     }
 
     /// Per layer `2^-e`.
@@ -556,10 +628,10 @@ impl MomentAccumulator {
     /// `to` when they are in units of `from` (`u`: e_from − e_to; `r = ‖u‖²`: twice).
     fn column_shift(&self, from: &[i32], to: &[i32]) -> Vec<i32> {
         let mut k = Vec::with_capacity(self.dz());
-        for (l, &dl) in self.dims.iter().enumerate() {
+        for (l, &dl) in self.st.dims.iter().enumerate() {
             k.extend(std::iter::repeat_n(from[l] - to[l], dl));
         }
-        for l in 0..self.dims.len() {
+        for l in 0..self.st.dims.len() {
             k.push(2 * (from[l] - to[l]));
         }
         k
@@ -588,51 +660,26 @@ impl MomentAccumulator {
     /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l`.
     /// Errors leave the accumulator unchanged.
     pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
-        if !screen(
-            &self.dims,
-            &self.names,
-            block,
-            rows,
-            self.check_finite,
-            self.n,
-            self.row_base,
-            &mut self.nonfinite,
-        )? {
+        if !self.st.screen(block, rows)? {
             return Ok(());
         }
         let d = self.d();
         let dz = self.dz();
-        if self.shift.is_none() {
-            self.shift = Some(block_means(&self.dims, block, rows));
-        }
         if self.exps.is_none() {
-            let mu = self.shift.as_deref().unwrap_or(&[]);
-            self.exps = Some(block_exps(&self.dims, &self.offsets, block, mu));
+            let mu = self.st.shift.as_deref().unwrap_or(&[]);
+            self.exps = Some(block_exps(&self.st.dims, &self.st.offsets, block, mu));
         }
         let fac = self.factors();
-        if self.compute == Compute::F32 && self.update_f32(block, rows, &fac)? {
+        if self.st.compute == Compute::F32 && self.update_f32(block, rows, &fac)? {
             return Ok(());
         }
-        let mu = self.shift.as_deref().unwrap_or(&[]);
         // w rows (row-major rows × dz) = column-major dz × rows.
-        let mut wbuf = std::mem::take(&mut self.scratch.w);
+        let mut wbuf = std::mem::take(&mut self.st.scratch.w);
         let w = sized(&mut wbuf, rows * dz)?;
-        let dims = &self.dims;
-        let offsets = &self.offsets;
+        let st = &self.st;
         w.par_chunks_mut(dz).enumerate().for_each(|(a, wr)| {
-            for (l, x) in block.iter().enumerate() {
-                let dl = dims[l];
-                let o = offsets[l];
-                let src = &x[a * dl..(a + 1) * dl];
-                let f = fac[l];
-                let mut r = 0.0;
-                for ((dst, v), m) in wr[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
-                    let u = (v.to_f64() - m) * f;
-                    *dst = u;
-                    r += u * u;
-                }
-                wr[d + l] = r;
-            }
+            let (ur, rr) = wr.split_at_mut(d);
+            st.shift_row(block, a, &fac, ur, rr, |u| u);
         });
         let view = Strided {
             u: w,
@@ -641,13 +688,13 @@ impl MomentAccumulator {
             rs: dz,
             cs: 1,
         };
-        syrk_upper_add(&mut self.s, dz, view, &mut self.scratch.pack64)?;
+        syrk_upper_add(&mut self.s, dz, view, &mut self.st.scratch.pack64)?;
         let colsum = column_sums(w, dz);
         for (s, c) in self.sums.iter_mut().zip(&colsum) {
             *s += c;
         }
-        self.scratch.w = wbuf;
-        self.n += rows as u64;
+        self.st.scratch.w = wbuf;
+        self.st.n += rows as u64;
         Ok(())
     }
 
@@ -659,34 +706,19 @@ impl MomentAccumulator {
     fn update_f32<T: Element>(&mut self, block: &[&[T]], rows: usize, fac: &[f64]) -> Result<bool> {
         let d = self.d();
         let dz = self.dz();
-        let lc = self.dims.len();
-        let mu = self.shift.as_deref().unwrap_or(&[]);
-        let dims = &self.dims;
-        let offsets = &self.offsets;
+        let lc = self.st.dims.len();
         // u (row-major rows × D, f32) and r (row-major rows × L, f64, from the rounded u).
-        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut scratch = std::mem::take(&mut self.st.scratch);
         let u = sized(&mut scratch.u, rows * d)?;
         let r = sized(&mut scratch.r, rows * lc)?;
+        let st = &self.st;
         u.par_chunks_mut(d)
             .zip(r.par_chunks_mut(lc))
             .enumerate()
-            .for_each(|(a, (ur, rr))| {
-                for (l, x) in block.iter().enumerate() {
-                    let (dl, o) = (dims[l], offsets[l]);
-                    let src = &x[a * dl..(a + 1) * dl];
-                    let f = fac[l];
-                    let mut acc = 0.0f64;
-                    for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
-                        let q = ((v.to_f64() - m) * f) as f32;
-                        *dst = q;
-                        acc += f64::from(q) * f64::from(q);
-                    }
-                    rr[l] = acc;
-                }
-            });
+            .for_each(|(a, (ur, rr))| st.shift_row(block, a, fac, ur, rr, |u| u as f32));
         let uu: &[f32] = u;
         if !f32_products_ok(|i| f64::from(uu[i]), rows, d) {
-            self.scratch = scratch;
+            self.st.scratch = scratch;
             return Ok(false);
         }
         // D × D part: the f32 SYRK, its partial sums added into the f64 upper triangle.
@@ -731,41 +763,34 @@ impl MomentAccumulator {
         for (s, c) in self.sums.iter_mut().zip(&colsum) {
             *s += c;
         }
-        self.scratch = scratch;
-        self.n += rows as u64;
+        self.st.scratch = scratch;
+        self.st.n += rows as u64;
         Ok(true)
     }
 
     /// Re-express the sums under the shift `new_shift` (exact algebra; `S` becomes full).
     fn reshift(&mut self, new_shift: &[f64]) {
-        let Some(old) = self.shift.as_ref() else {
-            self.shift = Some(new_shift.to_vec());
+        let Some(old) = self.st.shift.as_ref() else {
+            self.st.shift = Some(new_shift.to_vec());
             return;
         };
         let d = self.d();
         let dz = self.dz();
-        let lc = self.dims.len();
-        let n = self.n as f64;
+        let lc = self.st.dims.len();
+        let n = self.st.n as f64;
         // in the accumulated units: (μ_old − μ_new) · 2^-e of its layer
         let fac = self.factors();
         let mut delta: Vec<f64> = old.iter().zip(new_shift).map(|(a, b)| a - b).collect();
         for (l, f) in fac.iter().enumerate() {
-            for v in &mut delta[self.offsets[l]..self.offsets[l + 1]] {
+            for v in &mut delta[self.st.offsets[l]..self.st.offsets[l + 1]] {
                 *v *= f;
             }
         }
-        let e: Vec<f64> = (0..lc)
-            .map(|l| {
-                delta[self.offsets[l]..self.offsets[l + 1]]
-                    .iter()
-                    .map(|x| x * x)
-                    .sum()
-            })
-            .collect();
+        let e = self.st.layer_sq_norms(&delta);
         symmetrize_from_upper(&mut self.s, dz);
         let s = &self.s;
         let sums = &self.sums;
-        let offsets = &self.offsets;
+        let offsets = &self.st.offsets;
         let delta = &delta;
         // P[i][k] = Σ_{j∈k} S[i,j] δ_j   (D × L, row-major)
         let p: Vec<f64> = (0..d)
@@ -863,45 +888,45 @@ impl MomentAccumulator {
             *si += n * di;
         }
         self.sums[d..d + lc].copy_from_slice(&new_sr[..lc]);
-        self.shift = Some(new_shift.to_vec());
+        self.st.shift = Some(new_shift.to_vec());
     }
 
     /// Add the rows of `other` (same layer widths). Exact whatever the two shifts are.
     pub fn merge(&mut self, other: &MomentAccumulator) -> Result<()> {
-        if other.dims != self.dims {
+        if other.st.dims != self.st.dims {
             return Err(Error::Mismatch(format!(
                 "cannot merge accumulators of layer widths {:?} and {:?}",
-                self.dims, other.dims
+                self.st.dims, other.st.dims
             )));
         }
-        if other.n == 0 {
+        if other.st.n == 0 {
             return Ok(());
         }
-        let base = self.n;
-        for (mine, theirs) in self.nonfinite.iter_mut().zip(&other.nonfinite) {
+        let base = self.st.n;
+        for (mine, theirs) in self.st.nonfinite.iter_mut().zip(&other.st.nonfinite) {
             if mine.is_none() {
                 *mine = theirs.map(|r| r + base);
             }
         }
-        if self.n == 0 {
-            let names = std::mem::take(&mut self.names);
-            let nf = std::mem::take(&mut self.nonfinite);
+        if self.st.n == 0 {
+            let names = std::mem::take(&mut self.st.names);
+            let nf = std::mem::take(&mut self.st.nonfinite);
             *self = other.clone();
-            self.names = names;
-            self.nonfinite = nf;
+            self.st.names = names;
+            self.st.nonfinite = nf;
             return Ok(());
         }
         // Under one shift and scale (every task of a distributed tile) the sums simply add;
         // else `other` is rescaled to this one's units and re-shifted to its shift first (a
         // copy: its full matrix).
         let reshifted;
-        let o = if self.shift == other.shift && self.scale_exps() == other.scale_exps() {
+        let o = if self.st.shift == other.st.shift && self.scale_exps() == other.scale_exps() {
             other
         } else {
             let mut c = other.clone();
             c.rescale(&self.scale_exps());
-            if let Some(sh) = self.shift.clone() {
-                if c.shift.as_ref() != Some(&sh) {
+            if let Some(sh) = self.st.shift.clone() {
+                if c.st.shift.as_ref() != Some(&sh) {
                     c.reshift(&sh);
                 }
             }
@@ -922,26 +947,26 @@ impl MomentAccumulator {
         for (a, b) in self.sums.iter_mut().zip(&o.sums) {
             *a += b;
         }
-        self.n += o.n;
+        self.st.n += o.st.n;
         Ok(())
     }
 
     /// Centre the sums at the exact mean and return the [`Moments`].
     pub fn finalize(mut self) -> Result<Moments> {
-        if self.n == 0 {
+        if self.st.n == 0 {
             return Err(Error::invalid("no rows were accumulated"));
         }
         let d = self.d();
         let dz = self.dz();
-        let lc = self.dims.len();
-        let n = self.n as f64;
+        let lc = self.st.dims.len();
+        let n = self.st.n as f64;
         self.check_products()?;
-        let shift = self.shift.clone().unwrap_or_else(|| vec![0.0; d]);
+        let shift = self.st.shift.clone().unwrap_or_else(|| vec![0.0; d]);
         let exps = self.scale_exps();
         let fac = self.factors();
         // per column: the layer's 2^e (the sums are in units of 2^-e)
         let mut col_exp = Vec::with_capacity(d);
-        for (l, &dl) in self.dims.iter().enumerate() {
+        for (l, &dl) in self.st.dims.iter().enumerate() {
             col_exp.extend(std::iter::repeat_n(l, dl));
         }
         let mean: Vec<f64> = shift
@@ -975,14 +1000,14 @@ impl MomentAccumulator {
         s.truncate(d * d);
         s.shrink_to_fit();
         Ok(Moments {
-            n: self.n,
-            dims: self.dims,
-            offsets: self.offsets,
-            names: self.names,
+            n: self.st.n,
+            dims: self.st.dims,
+            offsets: self.st.offsets,
+            names: self.st.names,
             mean,
             cov: s,
             rr,
-            nonfinite: self.nonfinite,
+            nonfinite: self.st.nonfinite,
             shift_offset,
             scale_exp: exps,
         })
@@ -993,7 +1018,7 @@ impl MomentAccumulator {
     /// (its first block's spread, see [`SCALE_BAND`]): an [`Error::NonFinite`] naming the
     /// layers, never a NaN or 0 passed on as a result.
     fn check_products(&self) -> Result<()> {
-        if !self.check_finite {
+        if !self.st.check_finite {
             return Ok(());
         }
         let dz = self.dz();
@@ -1002,7 +1027,7 @@ impl MomentAccumulator {
             if i >= d {
                 i - d
             } else {
-                self.offsets.partition_point(|&o| o <= i) - 1
+                self.st.offsets.partition_point(|&o| o <= i) - 1
             }
         };
         let bad_sum = self.sums.iter().position(|v| !v.is_finite());
@@ -1018,9 +1043,9 @@ impl MomentAccumulator {
         };
         let (la, lb) = (layer_of(a), layer_of(b));
         let which = if la == lb {
-            format!("layer {:?}", self.names[la])
+            format!("layer {:?}", self.st.names[la])
         } else {
-            format!("layers {:?} and {:?}", self.names[la], self.names[lb])
+            format!("layers {:?} and {:?}", self.st.names[la], self.st.names[lb])
         };
         Err(Error::NonFinite(format!(
             "{which}: the sums of products overflowed the f64 range (values more than about \

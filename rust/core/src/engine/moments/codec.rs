@@ -1,28 +1,12 @@
 //! The byte serialisation of a [`MomentAccumulator`] (versioned, little-endian, the upper
 //! triangle of `S` only) and of a [`CrossAccumulator`] (its sums in full); every inconsistency in bytes read back is an [`Error::Format`]
 //! (the accumulator travels between processes and machines: Ray, checkpoints).
-use super::accumulator::{offsets_of, Compute, MomentAccumulator, Scratch};
+use super::accumulator::{offsets_of, Compute, MomentAccumulator, PassState, Scratch};
 use super::cross::CrossAccumulator;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"LSMOMACC";
 
-/// The [`Header`] of either accumulator, which name its fields alike.
-macro_rules! header {
-    ($acc:expr, $magic:expr, $na:expr, $exps:expr) => {
-        Header {
-            magic: $magic,
-            na: $na,
-            dims: &$acc.dims,
-            names: &$acc.names,
-            n: $acc.n,
-            check_finite: $acc.check_finite,
-            nonfinite: &$acc.nonfinite,
-            shift: $acc.shift.as_deref(),
-            exps: $exps,
-        }
-    };
-}
 /// 2: the per-layer scale exponents follow the shift (a moment accumulator).
 const VERSION: u32 = 2;
 
@@ -31,7 +15,7 @@ impl MomentAccumulator {
     /// A refused allocation of the blob is an [`Error::Memory`].
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let dz = self.dz();
-        let mut out = header!(self, MAGIC, None, Some(&self.scale_exps()))
+        let mut out = Header::of(&self.st, MAGIC, None, Some(&self.scale_exps()))
             .write(dz * (dz + 1) / 2 + dz, "the serialised moment accumulator")?;
         debug_assert_eq!(self.sums.len(), dz);
         put_f64s(&mut out, &self.sums);
@@ -71,19 +55,10 @@ impl MomentAccumulator {
             None => None,
         };
         Ok(MomentAccumulator {
-            offsets: offsets_of(&l.dims),
-            shift: l.shift.map(f64s),
+            st: l.state(),
             exps,
             sums: f64s(sums),
             s,
-            n: l.n,
-            check_finite: l.check_finite,
-            row_base: 0,
-            nonfinite: l.nonfinite,
-            names: l.names,
-            dims: l.dims,
-            compute: Compute::F64,
-            scratch: Scratch::default(),
         })
     }
 }
@@ -103,7 +78,7 @@ impl CrossAccumulator {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let sums = self.su.len() + self.sr.len() + self.uu.len() + self.ur.len();
         let sums = sums + self.ru.len() + self.rr.len();
-        let mut out = header!(self, CROSS_MAGIC, Some(self.na), None)
+        let mut out = Header::of(&self.st, CROSS_MAGIC, Some(self.na), None)
             .write(sums, "the serialised cross tile")?;
         for part in [&self.su, &self.sr, &self.uu, &self.ur, &self.ru, &self.rr] {
             put_f64s(&mut out, part);
@@ -130,23 +105,14 @@ impl CrossAccumulator {
         let (su, sr) = (next(da + db), next(lc));
         let (uu, ur, ru, rr) = (next(da * db), next(da * lb), next(na * db), next(na * lb));
         Ok(CrossAccumulator {
-            offsets: offsets_of(&l.dims),
-            dims: l.dims,
-            names: l.names,
+            st: l.state(),
             na,
-            shift: l.shift.map(f64s),
             uu,
             ur,
             ru,
             rr,
             su,
             sr,
-            n: l.n,
-            check_finite: l.check_finite,
-            row_base: 0,
-            nonfinite: l.nonfinite,
-            compute: Compute::F64,
-            scratch: Scratch::default(),
             fac: Vec::new(),
         })
     }
@@ -157,46 +123,57 @@ struct Header<'a> {
     magic: &'a [u8; 8],
     /// Layers on side A: cross tiles only.
     na: Option<usize>,
-    dims: &'a [usize],
-    names: &'a [String],
-    n: u64,
-    check_finite: bool,
-    nonfinite: &'a [Option<u64>],
-    shift: Option<&'a [f64]>,
+    /// The layers, names, row count, first non-finite rows and shift.
+    st: &'a PassState,
     /// A moment accumulator's scale exponents (written after the shift, when there is one).
     exps: Option<&'a [i32]>,
 }
 
-impl Header<'_> {
+impl<'a> Header<'a> {
+    fn of(
+        st: &'a PassState,
+        magic: &'a [u8; 8],
+        na: Option<usize>,
+        exps: Option<&'a [i32]>,
+    ) -> Self {
+        Header {
+            magic,
+            na,
+            st,
+            exps,
+        }
+    }
+
     /// The header in a buffer with room for `sums` more f64s (a refused allocation is an
     /// [`Error::Memory`] naming `what`).
     fn write(&self, sums: usize, what: &str) -> Result<Vec<u8>> {
-        let names: usize = self.names.iter().map(|n| n.len() + 8).sum();
-        let shift = self.shift.map_or(0, <[f64]>::len);
+        let st = self.st;
+        let shift = st.shift.as_deref();
+        let names: usize = st.names.iter().map(|n| n.len() + 8).sum();
         let mut out = crate::memory::try_with_capacity(
-            64 + names + self.dims.len() * 24 + (shift + sums) * 8,
+            64 + names + st.dims.len() * 24 + (shift.map_or(0, <[f64]>::len) + sums) * 8,
             what,
         )?;
         out.extend_from_slice(self.magic);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(self.dims.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(st.dims.len() as u64).to_le_bytes());
         if let Some(na) = self.na {
             out.extend_from_slice(&(na as u64).to_le_bytes());
         }
-        for &dl in self.dims {
+        for &dl in &st.dims {
             out.extend_from_slice(&(dl as u64).to_le_bytes());
         }
-        for name in self.names {
+        for name in &st.names {
             out.extend_from_slice(&(name.len() as u64).to_le_bytes());
             out.extend_from_slice(name.as_bytes());
         }
-        out.extend_from_slice(&self.n.to_le_bytes());
-        out.push(self.check_finite as u8);
-        for nf in self.nonfinite {
+        out.extend_from_slice(&st.n.to_le_bytes());
+        out.push(st.check_finite as u8);
+        for nf in &st.nonfinite {
             out.extend_from_slice(&nf.unwrap_or(u64::MAX).to_le_bytes());
         }
-        out.push(self.shift.is_some() as u8);
-        if let Some(sh) = self.shift {
+        out.push(shift.is_some() as u8);
+        if let Some(sh) = shift {
             put_f64s(&mut out, sh);
             if let Some(exps) = self.exps {
                 for &e in exps {
@@ -231,6 +208,24 @@ struct Layout<'a> {
     /// layout needs).
     payload_at: usize,
     payload: &'a [u8],
+}
+
+impl Layout<'_> {
+    /// The pass state the bytes describe (f64 products, row base 0, no buffers yet).
+    fn state(&self) -> PassState {
+        PassState {
+            offsets: offsets_of(&self.dims),
+            dims: self.dims.clone(),
+            names: self.names.clone(),
+            shift: self.shift.map(f64s),
+            n: self.n,
+            check_finite: self.check_finite,
+            row_base: 0,
+            nonfinite: self.nonfinite.clone(),
+            compute: Compute::F64,
+            scratch: Scratch::default(),
+        }
+    }
 }
 
 fn layout(bytes: &[u8]) -> Result<Layout<'_>> {

@@ -20,8 +20,7 @@
 //! (`r̄_{p,a} = ‖u_{p,a} − ū_p‖² = r_{p,a} − 2 ū_pᵀ u_{p,a} + e_p`, expanded), and returns
 //! `‖C_pq‖_F²` and `Σ_a r̄_p r̄_q` for every pair: what linear CKA needs of them.
 use super::accumulator::{
-    block_means, checked_names, checked_shift, column_sums, f32_products_ok, offsets_of, screen,
-    sized, Compute, Scratch,
+    checked_names, column_sums, f32_products_ok, pass_options, sized, Compute, PassState,
 };
 use crate::error::{Error, Result};
 use crate::linalg::packed::{gemm_tn_add, PackedElem, Strided};
@@ -30,12 +29,10 @@ use rayon::prelude::*;
 
 /// The streaming value of an off-diagonal tile (see the module docs).
 pub struct CrossAccumulator {
-    pub(super) dims: Vec<usize>,
-    pub(super) offsets: Vec<usize>,
-    pub(super) names: Vec<String>,
+    /// The layers of both sides, shift, rows, finite-value policy and buffers.
+    pub(super) st: PassState,
     /// Layers `0..na` are side A, `na..` side B.
     pub(super) na: usize,
-    pub(super) shift: Option<Vec<f64>>,
     /// `Σ u_A u_Bᵀ`: column-major `D_A × D_B`.
     pub(super) uu: Vec<f64>,
     /// `Σ u_A r_B`: column-major `D_A × L_B`.
@@ -47,14 +44,6 @@ pub struct CrossAccumulator {
     /// Column sums of `u` (length D) and of `r` (length L).
     pub(super) su: Vec<f64>,
     pub(super) sr: Vec<f64>,
-    pub(super) n: u64,
-    pub(super) check_finite: bool,
-    /// As [`super::MomentAccumulator::with_row_base`].
-    pub(super) row_base: u64,
-    pub(super) nonfinite: Vec<Option<u64>>,
-    pub(super) compute: Compute,
-    /// Block buffers kept between updates (see [`Scratch`]).
-    pub(super) scratch: Scratch,
     /// Per piece `2^-e` ([`CrossAccumulator::set_scale`]; empty: 1).
     pub(super) fac: Vec<f64>,
 }
@@ -81,10 +70,7 @@ impl CrossAccumulator {
         if a.is_empty() || b.is_empty() {
             return Err(Error::invalid("a cross tile needs layers on both sides"));
         }
-        if a.contains(&0) || b.contains(&0) {
-            return Err(Error::invalid("a layer of width 0 cannot be accumulated"));
-        }
-        let dims: Vec<usize> = a.iter().chain(b).copied().collect();
+        let st = PassState::new(a.iter().chain(b).copied().collect())?;
         let (da, db) = (a.iter().sum::<usize>(), b.iter().sum::<usize>());
         let (la, lb) = (a.len(), b.len());
         let cells = da
@@ -92,58 +78,30 @@ impl CrossAccumulator {
             .ok_or_else(|| Error::Memory("cross tile size overflows".into()))?;
         let what = format_args!("the cross block of a tiled pass ({da} × {db} columns)");
         Ok(CrossAccumulator {
-            offsets: offsets_of(&dims),
-            names: (0..dims.len()).map(|i| format!("layer{i}")).collect(),
-            nonfinite: vec![None; dims.len()],
-            dims,
+            st,
             na: la,
-            shift: None,
             uu: crate::linalg::hinted_vec(cells, what)?,
             ur: crate::memory::try_vec(da * lb, 0.0, "the cross tile's norm products")?,
             ru: crate::memory::try_vec(la * db, 0.0, "the cross tile's norm products")?,
             rr: vec![0.0; la * lb],
             su: vec![0.0; da + db],
             sr: vec![0.0; la + lb],
-            n: 0,
-            check_finite: true,
-            row_base: 0,
-            compute: Compute::F64,
-            scratch: Scratch::default(),
             fac: Vec::new(),
         })
     }
 
-    pub fn with_compute(mut self, compute: Compute) -> Self {
-        self.compute = compute;
-        self
-    }
-
-    pub fn with_check_finite(mut self, check: bool) -> Self {
-        self.check_finite = check;
-        self
-    }
-
-    /// As [`super::MomentAccumulator::with_row_base`].
-    pub fn with_row_base(mut self, base: u64) -> Self {
-        self.row_base = base;
-        self
-    }
-
-    /// Names of the layers of both sides, A then B (used in error messages).
-    pub fn with_names(mut self, names: &[String]) -> Result<Self> {
-        self.names = checked_names(names, self.dims.len())?;
-        Ok(self)
-    }
+    pass_options!();
 
     /// Set the per-piece scale exponents before the first row: the shifted values are
     /// multiplied by `2^-e` (see [`super::accumulator::SCALE_BAND`]); every sum is then in
     /// those units, as the diagonal tiles' of the same pass.
     pub fn set_scale(&mut self, exps: &[i32]) -> Result<()> {
-        if self.n > 0 || exps.len() != self.dims.len() || exps.iter().any(|e| e.abs() > 1000) {
+        if self.st.n > 0 || exps.len() != self.st.dims.len() || exps.iter().any(|e| e.abs() > 1000)
+        {
             return Err(Error::invalid(format!(
                 "the scale of a cross tile needs one exponent in ±1000 per piece ({}), set \
                  before the first row; got {exps:?}",
-                self.dims.len()
+                self.st.dims.len()
             )));
         }
         self.fac = exps
@@ -155,50 +113,36 @@ impl CrossAccumulator {
 
     /// Set the reference shift (length `D_A + D_B`, finite) before the first row.
     pub fn set_shift(&mut self, shift: &[f64]) -> Result<()> {
-        let d = self.offsets[self.dims.len()];
-        self.shift = Some(checked_shift(shift, d, self.n > 0 || self.shift.is_some())?);
-        Ok(())
+        self.st.set_shift(shift)
     }
 
     /// Add `rows` rows: `block[l]` is the row-major `rows × d_l` data of layer `l` (side A's
     /// layers, then side B's). Errors leave the accumulator unchanged.
     pub fn update<T: Element>(&mut self, block: &[&[T]], rows: usize) -> Result<()> {
-        if !screen(
-            &self.dims,
-            &self.names,
-            block,
-            rows,
-            self.check_finite,
-            self.n,
-            self.row_base,
-            &mut self.nonfinite,
-        )? {
+        if !self.st.screen(block, rows)? {
             return Ok(());
-        }
-        if self.shift.is_none() {
-            self.shift = Some(block_means(&self.dims, block, rows));
         }
         // f32 products only when every shifted (scaled) value is at most F32_SAFE: a block
         // with a larger one (a lone outlier near f32's limit) is done in f64
-        let compute = match self.compute {
+        let compute = match self.st.compute {
             Compute::F32 if !self.f32_safe(block) => Compute::F64,
             c => c,
         };
         match compute {
             Compute::F64 => {
-                let mut u = std::mem::take(&mut self.scratch.w);
-                let mut pack = std::mem::take(&mut self.scratch.pack64);
+                let mut u = std::mem::take(&mut self.st.scratch.w);
+                let mut pack = std::mem::take(&mut self.st.scratch.pack64);
                 let res = self.products(block, rows, &mut u, &mut pack, |x| x);
-                self.scratch.w = u;
-                self.scratch.pack64 = pack;
+                self.st.scratch.w = u;
+                self.st.scratch.pack64 = pack;
                 res
             }
             Compute::F32 => {
-                let mut u = std::mem::take(&mut self.scratch.u);
-                let mut pack = std::mem::take(&mut self.scratch.pack32);
+                let mut u = std::mem::take(&mut self.st.scratch.u);
+                let mut pack = std::mem::take(&mut self.st.scratch.pack32);
                 let res = self.products(block, rows, &mut u, &mut pack, |x| x as f32);
-                self.scratch.u = u;
-                self.scratch.pack32 = pack;
+                self.st.scratch.u = u;
+                self.st.scratch.pack32 = pack;
                 res
             }
         }
@@ -207,9 +151,9 @@ impl CrossAccumulator {
     /// Whether the f32 products of the block's `(x − μ0) · 2^-e` are as accurate as usual,
     /// per piece ([`f32_products_ok`]).
     fn f32_safe<T: Element>(&self, block: &[&[T]]) -> bool {
-        let mu = self.shift.as_deref().unwrap_or(&[]);
+        let mu = self.st.shift.as_deref().unwrap_or(&[]);
         block.iter().enumerate().all(|(l, x)| {
-            let (dl, o) = (self.dims[l], self.offsets[l]);
+            let (dl, o) = (self.st.dims[l], self.st.offsets[l]);
             let f = self.fac.get(l).copied().unwrap_or(1.0);
             f32_products_ok(|i| (x[i].to_f64() - mu[o + i % dl]) * f, x.len() / dl, dl)
         })
@@ -226,34 +170,18 @@ impl CrossAccumulator {
         pack: &mut Vec<C>,
         round: fn(f64) -> C,
     ) -> Result<()> {
-        let lc = self.dims.len();
-        let d = self.offsets[lc];
-        let (na, da) = (self.na, self.offsets[self.na]);
+        let lc = self.st.dims.len();
+        let d = self.st.offsets[lc];
+        let (na, da) = (self.na, self.st.offsets[self.na]);
         let (lb, db) = (lc - na, d - da);
-        let mu = self.shift.as_deref().unwrap_or(&[]);
-        let (dims, offsets) = (&self.dims, &self.offsets);
-        let fac = &self.fac;
         let u = sized(ubuf, rows * d)?;
-        let mut rbuf = std::mem::take(&mut self.scratch.r);
+        let mut rbuf = std::mem::take(&mut self.st.scratch.r);
         let r = sized(&mut rbuf, rows * lc)?;
+        let (st, fac) = (&self.st, &self.fac);
         u.par_chunks_mut(d)
             .zip(r.par_chunks_mut(lc))
             .enumerate()
-            .for_each(|(a, (ur, rr))| {
-                for (l, x) in block.iter().enumerate() {
-                    let (dl, o) = (dims[l], offsets[l]);
-                    let src = &x[a * dl..(a + 1) * dl];
-                    let f = fac.get(l).copied().unwrap_or(1.0);
-                    let mut acc = 0.0f64;
-                    for ((dst, v), m) in ur[o..o + dl].iter_mut().zip(src).zip(&mu[o..o + dl]) {
-                        let q = round((v.to_f64() - m) * f);
-                        *dst = q;
-                        let w: f64 = q.into();
-                        acc += w * w;
-                    }
-                    rr[l] = acc;
-                }
-            });
+            .for_each(|(a, (ur, rr))| st.shift_row(block, a, fac, ur, rr, round));
         let (u, r) = (&*u, &*r);
         let side = |c0: usize, w: usize| Strided {
             u: &u[c0..],
@@ -317,14 +245,9 @@ impl CrossAccumulator {
         for (s, c) in self.sr.iter_mut().zip(&column_sums(r, lc)) {
             *s += c;
         }
-        self.scratch.r = rbuf;
-        self.n += rows as u64;
+        self.st.scratch.r = rbuf;
+        self.st.n += rows as u64;
         Ok(())
-    }
-
-    /// Rows accumulated so far.
-    pub fn n(&self) -> u64 {
-        self.n
     }
 
     /// Add the rows of `other` (the same layer widths and sides), accumulated **under the same
@@ -333,25 +256,25 @@ impl CrossAccumulator {
     /// cannot be re-shifted without the diagonal blocks, which belong to other tiles).
     /// `other`'s rows follow this one's (its first non-finite rows are offset by `n`).
     pub fn merge(&mut self, other: &CrossAccumulator) -> Result<()> {
-        if other.dims != self.dims || other.na != self.na {
+        if other.st.dims != self.st.dims || other.na != self.na {
             return Err(Error::Mismatch(format!(
                 "cannot merge cross tiles of widths {:?} ({} on side A) and {:?} ({} on side A)",
-                self.dims, self.na, other.dims, other.na
+                self.st.dims, self.na, other.st.dims, other.na
             )));
         }
-        if other.n == 0 {
+        if other.st.n == 0 {
             return Ok(());
         }
-        if self.n == 0 && self.shift.is_none() {
-            self.shift = other.shift.clone();
+        if self.st.n == 0 && self.st.shift.is_none() {
+            self.st.shift = other.st.shift.clone();
         }
-        if self.shift != other.shift {
+        if self.st.shift != other.st.shift {
             return Err(Error::Mismatch(
                 "cannot merge cross tiles accumulated under different reference shifts".into(),
             ));
         }
-        let base = self.n;
-        for (mine, theirs) in self.nonfinite.iter_mut().zip(&other.nonfinite) {
+        let base = self.st.n;
+        for (mine, theirs) in self.st.nonfinite.iter_mut().zip(&other.st.nonfinite) {
             if mine.is_none() {
                 *mine = theirs.map(|r| r + base);
             }
@@ -365,30 +288,23 @@ impl CrossAccumulator {
         add(&mut self.rr, &other.rr);
         add(&mut self.su, &other.su);
         add(&mut self.sr, &other.sr);
-        self.n += other.n;
+        self.st.n += other.st.n;
         Ok(())
     }
 
     /// Centre at the exact mean (see the module docs) and return each pair's statistics.
     pub fn finalize(self) -> Result<CrossStats> {
-        if self.n == 0 {
+        if self.st.n == 0 {
             return Err(Error::invalid("no rows were accumulated"));
         }
-        let lc = self.dims.len();
-        let (na, da) = (self.na, self.offsets[self.na]);
+        let lc = self.st.dims.len();
+        let (na, da) = (self.na, self.st.offsets[self.na]);
         let lb = lc - na;
-        let n = self.n as f64;
+        let n = self.st.n as f64;
         let ubar: Vec<f64> = self.su.iter().map(|s| s / n).collect();
-        let e: Vec<f64> = (0..lc)
-            .map(|l| {
-                ubar[self.offsets[l]..self.offsets[l + 1]]
-                    .iter()
-                    .map(|x| x * x)
-                    .sum()
-            })
-            .collect();
-        let ca = |k: usize| self.offsets[k]..self.offsets[k + 1];
-        let cb = |l: usize| self.offsets[na + l] - da..self.offsets[na + l + 1] - da;
+        let e = self.st.layer_sq_norms(&ubar);
+        let ca = |k: usize| self.st.offsets[k]..self.st.offsets[k + 1];
+        let cb = |l: usize| self.st.offsets[na + l] - da..self.st.offsets[na + l + 1] - da;
         let pairs: Vec<(f64, f64)> = (0..na * lb)
             .into_par_iter()
             .map(|kl| {
@@ -406,7 +322,7 @@ impl CrossAccumulator {
                     }
                     quad += t * vj;
                 }
-                let db = self.offsets[lc] - da;
+                let db = self.st.offsets[lc] - da;
                 let ru: f64 = cb(l).map(|j| ubar[da + j] * self.ru[k * db + j]).sum();
                 let ur: f64 = ca(k).map(|i| ubar[i] * self.ur[l * da + i]).sum();
                 let (ep, eq) = (e[k], e[na + l]);
@@ -420,7 +336,7 @@ impl CrossAccumulator {
             .collect();
         // finiteness enforced (no NaN/Inf came in): a non-finite pair overflowed the f64 (or
         // f32) products — an error naming it, never a NaN passed on as a CKA value
-        if self.check_finite {
+        if self.st.check_finite {
             if let Some(kl) = pairs
                 .iter()
                 .position(|p| !(p.0.is_finite() && p.1.is_finite()))
@@ -430,16 +346,16 @@ impl CrossAccumulator {
                     "layers {:?} and {:?}: their cross products overflowed (values too large \
                      for the products of a tiled pass, e.g. beyond about 1e19 in float32 or \
                      1e150 in float64); no result is given rather than a wrong one",
-                    self.names[k],
-                    self.names[na + l]
+                    self.st.names[k],
+                    self.st.names[na + l]
                 )));
             }
         }
         Ok(CrossStats {
-            n: self.n,
+            n: self.st.n,
             sq: pairs.iter().map(|p| p.0).collect(),
             rr: pairs.iter().map(|p| p.1).collect(),
-            nonfinite: self.nonfinite,
+            nonfinite: self.st.nonfinite,
         })
     }
 }

@@ -90,8 +90,8 @@ impl MomentAccumulator {
             }
         }
         acc.sums.copy_from_slice(x.sums);
-        acc.n = x.n;
-        acc.nonfinite = x.nonfinite.to_vec();
+        acc.st.n = x.n;
+        acc.st.nonfinite = x.nonfinite.to_vec();
         Ok(acc)
     }
 }
@@ -134,8 +134,8 @@ impl CrossAccumulator {
         let d = da + db;
         acc.su.copy_from_slice(&x.sums[..d]);
         acc.sr.copy_from_slice(&x.sums[d..]);
-        acc.n = x.n;
-        acc.nonfinite = x.nonfinite.to_vec();
+        acc.st.n = x.n;
+        acc.st.nonfinite = x.nonfinite.to_vec();
         Ok(acc)
     }
 }

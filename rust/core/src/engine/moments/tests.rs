@@ -106,6 +106,14 @@ fn to_f32(xs: &[Vec<f64>]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Rows `a..b` of every layer of `xs` (row-major, widths `dims`): a block to feed.
+fn block_of<'a, T>(xs: &'a [Vec<T>], dims: &[usize], a: usize, b: usize) -> Vec<&'a [T]> {
+    xs.iter()
+        .zip(dims)
+        .map(|(x, &d)| &x[a * d..b * d])
+        .collect()
+}
+
 /// `l0`, `l1`, … for `k` layers.
 fn layer_names(k: usize) -> Vec<String> {
     (0..k).map(|i| format!("l{i}")).collect()
@@ -132,12 +140,7 @@ fn streamed_merged_serialised_equal_naive() {
         .map(|(l, &d)| data(n, d, l as u64, 100.0))
         .collect();
     let (cov, rr) = naive(&xs, &dims, n);
-    let slice = |a: usize, b: usize| -> Vec<&[f64]> {
-        xs.iter()
-            .zip(&dims)
-            .map(|(x, &d)| &x[a * d..b * d])
-            .collect()
-    };
+    let slice = |a: usize, b: usize| block_of(&xs, &dims, a, b);
     // one shot
     let mut acc = MomentAccumulator::new(&dims).unwrap();
     acc.update(&slice(0, n), n).unwrap();
@@ -469,12 +472,7 @@ fn f32_products_match_f64() {
             let mut acc = MomentAccumulator::new(&dims).unwrap().with_compute(compute);
             let cut = n - 500;
             for (a, b) in [(0, cut), (cut, n)] {
-                let blk: Vec<&[f32]> = xs
-                    .iter()
-                    .zip(&dims)
-                    .map(|(x, &d)| &x[a * d..b * d])
-                    .collect();
-                acc.update(&blk, b - a).unwrap();
+                acc.update(&block_of(&xs, &dims, a, b), b - a).unwrap();
             }
             acc.finalize().unwrap()
         };
@@ -499,22 +497,11 @@ fn f32_products_match_f64() {
 fn f32_accumulators_merge_and_serialise() {
     let dims = [6usize, 5];
     let n = 400;
-    let xs: Vec<Vec<f32>> = dims
-        .iter()
-        .enumerate()
-        .map(|(l, &d)| {
-            data(n, d, 3 + l as u64, 200.0)
-                .iter()
-                .map(|&v| v as f32)
-                .collect()
-        })
+    let x64: Vec<Vec<f64>> = (0..2)
+        .map(|l| data(n, dims[l], 3 + l as u64, 200.0))
         .collect();
-    let blk = |a: usize, b: usize| -> Vec<&[f32]> {
-        xs.iter()
-            .zip(&dims)
-            .map(|(x, &d)| &x[a * d..b * d])
-            .collect()
-    };
+    let xs = to_f32(&x64);
+    let blk = |a: usize, b: usize| block_of(&xs, &dims, a, b);
     let mut whole = MomentAccumulator::new(&dims).unwrap();
     whole.update(&blk(0, n), n).unwrap();
     let mut p = MomentAccumulator::new(&dims)
