@@ -1,7 +1,7 @@
 //! `cargo run --release --example knn_rate -- M D K`: wall time of the exact kNN graph
 //! (`engine::neighbors::knn`) of `M` random points in `D` dims (an LLM-like mean offset),
 //! the distance GEMM's `2·M²·D` flops per second, best of three.
-use layerscope_core::engine::neighbors::knn;
+use layerscope_core::engine::neighbors::{knn, Cpu, RowMajor};
 use layerscope_core::memory::Budget;
 use layerscope_core::NoMonitor;
 use std::time::Instant;
@@ -28,7 +28,14 @@ fn main() {
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
-        let g = knn(&x, m, d, k, &Budget::unchecked(), &NoMonitor).unwrap();
+        let g = knn(
+            RowMajor { x: &x, m, d },
+            k,
+            &Budget::unchecked(),
+            &NoMonitor,
+            &Cpu,
+        )
+        .unwrap();
         best = best.min(t.elapsed().as_secs_f64());
         std::hint::black_box(g);
     }

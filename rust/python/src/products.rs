@@ -4,8 +4,9 @@
 //! (bounds, exact rechecks, bandwidths, kernels, RDMs) stays in the core. Only conversion:
 //! slices to numpy arrays and back, under the GIL; a Python exception raised by the object is
 //! kept and raised again, unchanged, when the call returns ([`PyProducts::raise`]).
-use layerscope_core::engine::neighbors::{GramRows, Products};
+use layerscope_core::engine::neighbors::{GramRows, GramSink, Products, RowMajor};
 use layerscope_core::Error;
+use layerscope_core::Result as CoreResult;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -40,14 +41,8 @@ impl PyProducts {
         Error::invalid(msg)
     }
 
-    fn call_f64(
-        &self,
-        method: &str,
-        x: &[f64],
-        m: usize,
-        d: usize,
-        want: usize,
-    ) -> Result<Vec<f64>, Error> {
+    fn call_f64(&self, method: &str, x: RowMajor<'_, f64>, want: usize) -> Result<Vec<f64>, Error> {
+        let RowMajor { x, m, d } = x;
         Python::attach(|py| -> PyResult<Vec<f64>> {
             let arr = PyArray1::from_slice(py, x).reshape([m, d])?;
             let out = self.obj.call_method1(py, method, (arr,))?;
@@ -76,18 +71,17 @@ impl PyProducts {
 }
 
 impl Products for PyProducts {
-    fn gram_f64(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>, Error> {
-        self.call_f64("gram_f64", x, m, d, m * m)
+    fn gram_f64(&self, x: RowMajor<'_, f64>) -> Result<Vec<f64>, Error> {
+        self.call_f64("gram_f64", x, x.m * x.m)
     }
 
     fn f32_gram_blocks(
         &self,
-        x: &[f32],
-        m: usize,
-        d: usize,
+        x: RowMajor<'_, f32>,
         block: usize,
-        each: &(dyn Fn(usize, GramRows<'_>) -> Result<(), Error> + Sync),
-    ) -> Result<(), Error> {
+        each: &GramSink,
+    ) -> CoreResult<()> {
+        let RowMajor { x, m, d } = x;
         Python::attach(|py| -> Result<(), Error> {
             let start = || -> PyResult<Bound<'_, PyAny>> {
                 let arr = PyArray1::from_slice(py, x).reshape([m, d])?;
@@ -120,7 +114,7 @@ impl Products for PyProducts {
         })
     }
 
-    fn exact_condensed_sq(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>, Error> {
-        self.call_f64("exact_condensed_sq", x, m, d, m * m.saturating_sub(1) / 2)
+    fn exact_condensed_sq(&self, x: RowMajor<'_, f64>) -> Result<Vec<f64>, Error> {
+        self.call_f64("exact_condensed_sq", x, x.m * x.m.saturating_sub(1) / 2)
     }
 }

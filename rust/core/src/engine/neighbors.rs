@@ -84,23 +84,27 @@ impl Knn {
 pub trait Products: Sync {
     /// `X Xᵀ` of the row-major `m × d` f64 matrix `x` (row-major `m × m`, f64 arithmetic;
     /// only the upper triangle is read).
-    fn gram_f64(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>>;
+    fn gram_f64(&self, x: RowMajor<'_, f64>) -> Result<Vec<f64>>;
     /// Rows `r0..r0 + nb` of `X Xᵀ` of the f32 matrix `x`, in blocks of at most `block` rows,
     /// each handed to `each(r0, rows)` (row-major `nb × m`) — IEEE f32 products with any
     /// summation order, delivered in f32 or summed further in f64 (the kNN lower bounds
     /// assume no more error than a sum of `d` f32 products: no TF32).
-    fn f32_gram_blocks(
-        &self,
-        x: &[f32],
-        m: usize,
-        d: usize,
-        block: usize,
-        each: &(dyn Fn(usize, GramRows<'_>) -> Result<()> + Sync),
-    ) -> Result<()>;
+    fn f32_gram_blocks(&self, x: RowMajor<'_, f32>, block: usize, each: &GramSink) -> Result<()>;
     /// The condensed (`i < j`, row-major) exact squared distances `Σ (a − b)²`, from the
     /// differences (no GEMM: identical rows give exactly 0, tied distances stay tied).
-    fn exact_condensed_sq(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>>;
+    fn exact_condensed_sq(&self, x: RowMajor<'_, f64>) -> Result<Vec<f64>>;
 }
+
+/// A row-major `m × d` matrix handed to [`Products`]: `x[i·d + j]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RowMajor<'a, T> {
+    pub x: &'a [T],
+    pub m: usize,
+    pub d: usize,
+}
+
+/// What [`Products::f32_gram_blocks`] hands each block to: `each(r0, rows)`.
+pub type GramSink<'a> = dyn Fn(usize, GramRows<'_>) -> Result<()> + Sync + 'a;
 
 /// A block of rows of `X Xᵀ` handed to the kNN selection: f32 values (a device), or the
 /// CPU's packed kernel's f64 sums of f32 products (chains of at most 128 f32 products,
@@ -130,21 +134,15 @@ impl GramRows<'_> {
 pub struct Cpu;
 
 impl Products for Cpu {
-    fn gram_f64(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>> {
+    fn gram_f64(&self, RowMajor { x, m, d }: RowMajor<'_, f64>) -> Result<Vec<f64>> {
         crate::linalg::gram(x, m, d) // the packed SYRK, mirrored
     }
 
     /// `X` is packed once ([`PackedA`]: the `mr`-row panels the micro-kernel reads), then
     /// each block of rows is packed and multiplied against it by one thread (rayon over
     /// blocks; each thread's block and panel buffers are reused, so no block page-faults).
-    fn f32_gram_blocks(
-        &self,
-        x: &[f32],
-        m: usize,
-        d: usize,
-        block: usize,
-        each: &(dyn Fn(usize, GramRows<'_>) -> Result<()> + Sync),
-    ) -> Result<()> {
+    fn f32_gram_blocks(&self, x: RowMajor<'_, f32>, block: usize, each: &GramSink) -> Result<()> {
+        let RowMajor { x, m, d } = x;
         if m == 0 {
             return Ok(());
         }
@@ -188,7 +186,7 @@ impl Products for Cpu {
         )
     }
 
-    fn exact_condensed_sq(&self, x: &[f64], m: usize, d: usize) -> Result<Vec<f64>> {
+    fn exact_condensed_sq(&self, RowMajor { x, m, d }: RowMajor<'_, f64>) -> Result<Vec<f64>> {
         let len = m * m.saturating_sub(1) / 2;
         let what = format!("the condensed {m}-row distance matrix ({len} pairs)");
         let mut out = try_vec(len, 0.0f64, &what)?;
@@ -308,27 +306,14 @@ pub fn exact_sq_dist(a: &[f64], b: &[f64]) -> f64 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// Exact k nearest neighbours (self excluded) of the `m` rows of `x` (row-major `m × d`).
+/// Exact k nearest neighbours (self excluded) of the `m` rows of `x` (row-major `m × d`),
+/// the f32 distance products computed by `prod` ([`Cpu`]: the packed kernels; the lower
+/// bounds, the selection and the exact f64 recheck stay here).
 ///
 /// Errors: `k == 0` or `k ≥ m` (InvalidArgument), non-finite values (NonFinite).
 /// Fails with [`Error::Memory`] before any work when [`knn_bytes`] exceeds `budget`.
 pub fn knn(
-    x: &[f64],
-    m: usize,
-    d: usize,
-    k: usize,
-    budget: &Budget,
-    monitor: &dyn Monitor,
-) -> Result<Knn> {
-    knn_with(x, m, d, k, budget, monitor, &Cpu)
-}
-
-/// [`knn`] with the f32 distance products computed by `prod` (the lower bounds, the
-/// selection and the exact f64 recheck stay here).
-pub fn knn_with(
-    x: &[f64],
-    m: usize,
-    d: usize,
+    RowMajor { x, m, d }: RowMajor<'_, f64>,
     k: usize,
     budget: &Budget,
     monitor: &dyn Monitor,
@@ -473,7 +458,7 @@ pub fn knn_with(
         let n = done.fetch_add(nb as u64, std::sync::atomic::Ordering::Relaxed) + nb as u64;
         monitor.progress(n, m as u64)
     };
-    prod.f32_gram_blocks(&xc32, m, d, BLOCK, &each)?;
+    prod.f32_gram_blocks(RowMajor { x: &xc32, m, d }, BLOCK, &each)?;
     drop(slots);
     Ok(Knn { m, k, dist, idx })
 }
@@ -547,7 +532,7 @@ fn duplicate_mask(g: &Knn, tol: f64) -> Vec<bool> {
 /// the graph recomputed until none remain (a group larger than `k + 1` may take several
 /// rounds); with `Error` the call fails naming how many rows are duplicates; with `Keep` the
 /// graph is returned as is with the count.
-/// The distance products are computed by `prod` ([`knn_with`]).
+/// The distance products are computed by `prod` ([`knn`]).
 #[allow(clippy::too_many_arguments)]
 pub fn dedup_knn(
     x: &[f64],
@@ -576,7 +561,7 @@ pub fn dedup_knn(
                 m - mm
             )));
         }
-        let g = knn_with(data, mm, d, k, budget, monitor, prod)?;
+        let g = knn(RowMajor { x: data, m: mm, d }, k, budget, monitor, prod)?;
         let mask = duplicate_mask(&g, tol);
         let ndup = mask.iter().filter(|&&b| b).count();
         if ndup == 0 {
@@ -633,19 +618,12 @@ pub fn mirror_upper(g: &mut [f64], m: usize) {
     }
 }
 
-/// Full `m × m` matrix of squared Euclidean distances (row-major), from a GEMM of the
-/// column-centred data; rounding noise below 0 is set to 0 and the diagonal is exactly 0.
-/// Fails with a Memory error when the matrix and the centred copy (`(m² + m·d) × 8` bytes)
-/// exceed `budget`.
-pub fn sq_distance_matrix(x: &[f64], m: usize, d: usize, budget: &Budget) -> Result<Vec<f64>> {
-    sq_distance_matrix_with(x, m, d, budget, &Cpu)
-}
-
-/// [`sq_distance_matrix`] with the Gram of the centred rows computed by `prod`.
-pub fn sq_distance_matrix_with(
-    x: &[f64],
-    m: usize,
-    d: usize,
+/// Full `m × m` matrix of squared Euclidean distances (row-major), from the Gram of the
+/// column-centred data computed by `prod` ([`Cpu`]: the packed SYRK); rounding noise below 0
+/// is set to 0 and the diagonal is exactly 0. Fails with a Memory error when the matrix and
+/// the centred copy (`(m² + m·d) × 8` bytes) exceed `budget`.
+pub fn sq_distance_matrix(
+    RowMajor { x, m, d }: RowMajor<'_, f64>,
     budget: &Budget,
     prod: &dyn Products,
 ) -> Result<Vec<f64>> {
@@ -657,7 +635,7 @@ pub fn sq_distance_matrix_with(
         "use a smaller sample (sample=...)",
     )?;
     let (xc, norms) = centred(x, m, d)?;
-    let mut g = prod.gram_f64(&xc, m, d)?;
+    let mut g = prod.gram_f64(RowMajor { x: &xc, m, d })?;
     if g.len() != m * m {
         return Err(Error::Mismatch(format!(
             "a Gram of {} values for {m} rows",
@@ -678,22 +656,10 @@ pub fn sq_distance_matrix_with(
 }
 
 /// Condensed (upper-triangle, `i < j`, row-major) **exact** squared distances `Σ (a − b)²`
-/// computed directly from the coordinates (no GEMM, so tied distances stay exactly tied —
-/// what rank-based comparisons need). Cost `m² d / 2`.
+/// computed by `prod` directly from the coordinates (no GEMM, so tied distances stay exactly
+/// tied — what rank-based comparisons need). Cost `m² d / 2`.
 pub fn exact_condensed_sq_distances(
-    x: &[f64],
-    m: usize,
-    d: usize,
-    budget: &Budget,
-) -> Result<Vec<f64>> {
-    exact_condensed_sq_distances_with(x, m, d, budget, &Cpu)
-}
-
-/// [`exact_condensed_sq_distances`] computed by `prod`.
-pub fn exact_condensed_sq_distances_with(
-    x: &[f64],
-    m: usize,
-    d: usize,
+    RowMajor { x, m, d }: RowMajor<'_, f64>,
     budget: &Budget,
     prod: &dyn Products,
 ) -> Result<Vec<f64>> {
@@ -701,7 +667,7 @@ pub fn exact_condensed_sq_distances_with(
     let len = (m as u128) * (m as u128).saturating_sub(1) / 2;
     let what = format!("the condensed {m}-row distance matrix ({len} pairs)");
     budget.check(len * 8, &what, "use a smaller sample (sample=...)")?;
-    let out = prod.exact_condensed_sq(x, m, d)?;
+    let out = prod.exact_condensed_sq(RowMajor { x, m, d })?;
     if out.len() as u128 != len {
         return Err(Error::Mismatch(format!(
             "{} condensed distances for {m} rows ({len} pairs)",
@@ -746,6 +712,16 @@ mod tests {
             .collect()
     }
 
+    /// The kNN graph of `x`, checked against [`brute`].
+    fn knn_is_brute_force(x: &[f64], m: usize, d: usize, k: usize) -> Knn {
+        let un = Budget::unchecked();
+        let g = knn(RowMajor { x, m, d }, k, &un, &NoMonitor, &Cpu).unwrap();
+        for (i, bi) in brute(x, m, d, k).iter().enumerate() {
+            assert_eq!(g.neighbours(i), &bi[..]);
+        }
+        g
+    }
+
     #[test]
     fn knn_matches_brute_force_with_offset() {
         let (m, d, k) = (300, 7, 5);
@@ -753,11 +729,7 @@ mod tests {
         for (t, v) in x.iter_mut().enumerate() {
             *v = (*v + 1000.0 * (t % d) as f64) as f32 as f64;
         }
-        let g = knn(&x, m, d, k, &Budget::unchecked(), &NoMonitor).unwrap();
-        let b = brute(&x, m, d, k);
-        for (i, bi) in b.iter().enumerate() {
-            assert_eq!(g.neighbours(i), &bi[..]);
-        }
+        knn_is_brute_force(&x, m, d, k);
     }
 
     #[test]
@@ -774,29 +746,27 @@ mod tests {
         for v in x[5 * d..6 * d].iter_mut() {
             *v *= 1e3;
         }
-        let g = knn(&x, m, d, k, &Budget::unchecked(), &NoMonitor).unwrap();
-        let b = brute(&x, m, d, k);
-        for (i, bi) in b.iter().enumerate() {
-            assert_eq!(g.neighbours(i), &bi[..]);
-        }
+        let g = knn_is_brute_force(&x, m, d, k);
         assert!(g.dist.iter().all(|&v| v > 0.0));
     }
 
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
-        assert!(knn(&[], 0, 3, 1, &Budget::unchecked(), &NoMonitor).is_err());
-        assert!(knn(&[1.0, 2.0], 1, 2, 1, &Budget::unchecked(), &NoMonitor).is_err());
-        assert!(knn(&[1.0, 2.0, 3.0], 2, 2, 1, &Budget::unchecked(), &NoMonitor).is_err());
-        assert!(knn(
-            &[1.0, f64::NAN, 3.0, 4.0],
-            2,
-            2,
-            1,
-            &Budget::unchecked(),
-            &NoMonitor
-        )
-        .is_err());
-        assert!(knn(&[1.0, 2.0], 2, 0, 1, &Budget::unchecked(), &NoMonitor).is_err());
+        let bad = |x: &[f64], m: usize, d: usize| {
+            knn(
+                RowMajor { x, m, d },
+                1,
+                &Budget::unchecked(),
+                &NoMonitor,
+                &Cpu,
+            )
+            .is_err()
+        };
+        assert!(bad(&[], 0, 3));
+        assert!(bad(&[1.0, 2.0], 1, 2));
+        assert!(bad(&[1.0, 2.0, 3.0], 2, 2));
+        assert!(bad(&[1.0, f64::NAN, 3.0, 4.0], 2, 2));
+        assert!(bad(&[1.0, 2.0], 2, 0));
         let x = lcg(40, 1);
         assert!(dedup_knn(
             &x,
@@ -824,7 +794,10 @@ mod tests {
             &Cpu,
         )
         .is_err());
-        assert!(sq_distance_matrix(&x, 11, 4, &Budget::unchecked()).is_err());
+        assert!(
+            sq_distance_matrix(RowMajor { x: &x, m: 11, d: 4 }, &Budget::unchecked(), &Cpu)
+                .is_err()
+        );
     }
 
     #[test]
@@ -861,21 +834,24 @@ mod tests {
             &Cpu,
         )
         .is_err());
-        assert!(knn(&x, m, d, 0, &Budget::unchecked(), &NoMonitor).is_err());
-        assert!(knn(&x, m, d, m, &Budget::unchecked(), &NoMonitor).is_err());
+        for k in [0, m] {
+            let un = Budget::unchecked();
+            assert!(knn(RowMajor { x: &x, m, d }, k, &un, &NoMonitor, &Cpu).is_err());
+        }
     }
 
     #[test]
     fn distance_matrix_matches() {
         let (m, d) = (50, 6);
         let x = lcg(m * d, 9);
-        let g = sq_distance_matrix(&x, m, d, &Budget::unchecked()).unwrap();
+        let g = sq_distance_matrix(RowMajor { x: &x, m, d }, &Budget::unchecked(), &Cpu).unwrap();
         for (i, gi) in g.chunks_exact(m).enumerate() {
             for (j, gij) in gi.iter().enumerate() {
                 let e = exact_sq_dist(&x[i * d..(i + 1) * d], &x[j * d..(j + 1) * d]);
                 assert!((gij - e).abs() < 1e-12);
             }
         }
-        assert!(sq_distance_matrix(&x, m, d, &Budget::argument(10).unwrap()).is_err());
+        let small = Budget::argument(10).unwrap();
+        assert!(sq_distance_matrix(RowMajor { x: &x, m, d }, &small, &Cpu).is_err());
     }
 }

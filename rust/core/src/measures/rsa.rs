@@ -10,7 +10,7 @@
 //!   ranks, ties given their average rank, as `scipy.stats.spearmanr`).
 //! * Mutual kNN: `mean_i |N_k^A(i) ∩ N_k^B(i)| / k`, with `N_k` the k nearest neighbours of
 //!   point `i` (self excluded) in each representation.
-use crate::engine::neighbors::{exact_condensed_sq_distances_with, knn_with, Cpu, Knn, Products};
+use crate::engine::neighbors::{exact_condensed_sq_distances, knn, Cpu, Knn, Products, RowMajor};
 use crate::error::{Error, Result};
 use crate::measures::{pair_table, Layers};
 use crate::memory::{try_copy, Budget};
@@ -75,7 +75,7 @@ pub fn rdm_with(
 ) -> Result<Vec<f64>> {
     match kind {
         Dissimilarity::Euclidean => {
-            let mut g = exact_condensed_sq_distances_with(x, m, d, budget, prod)?;
+            let mut g = exact_condensed_sq_distances(RowMajor { x, m, d }, budget, prod)?;
             g.par_iter_mut().for_each(|v| *v = v.sqrt());
             Ok(g)
         }
@@ -98,7 +98,7 @@ pub fn rdm_with(
                 }
                 r.iter_mut().for_each(|v| *v /= nrm);
             }
-            let mut g = exact_condensed_sq_distances_with(&z, m, d, budget, prod)?;
+            let mut g = exact_condensed_sq_distances(RowMajor { x: &z, m, d }, budget, prod)?;
             g.par_iter_mut().for_each(|v| *v *= 0.5);
             Ok(g)
         }
@@ -350,19 +350,14 @@ pub fn prepare_knn(
     monitor: &dyn crate::Monitor,
     prod: &dyn Products,
 ) -> Result<Knn> {
-    if normalize {
-        knn_with(
-            &unit_rows(x, d)?,
-            m,
-            d,
-            k,
-            &Budget::unchecked(),
-            monitor,
-            prod,
-        )
+    let unit;
+    let x = if normalize {
+        unit = unit_rows(x, d)?;
+        &unit[..]
     } else {
-        knn_with(x, m, d, k, &Budget::unchecked(), monitor, prod)
-    }
+        x
+    };
+    knn(RowMajor { x, m, d }, k, &Budget::unchecked(), monitor, prod)
 }
 
 /// The pair step of [`mutual_knn_matrix`] over kNN graphs (`b = None`: all pairs of `a`).

@@ -114,6 +114,62 @@ fn block_of<'a, T>(xs: &'a [Vec<T>], dims: &[usize], a: usize, b: usize) -> Vec<
         .collect()
 }
 
+/// The single pass over `src` (no budget), finalised: what the plan tests compare with.
+fn single_pass(
+    src: &dyn crate::store::RowSource,
+    names: &[String],
+    block_rows: Option<usize>,
+    compute: Compute,
+) -> Moments {
+    let un = Budget::unchecked();
+    accumulate(
+        src,
+        names,
+        block_rows,
+        true,
+        &un,
+        compute,
+        &crate::monitor::NoMonitor,
+    )
+    .and_then(|a| a.finalize())
+    .unwrap()
+}
+
+/// The pairs of a pass over `l` layers, `num_a` of them the first source's: every pair of
+/// one source (`num_a == l`), else those across the two.
+fn sides(num_a: usize, l: usize) -> (Vec<usize>, Vec<usize>) {
+    if num_a == l {
+        ((0..l).collect(), (0..l).collect())
+    } else {
+        ((0..num_a).collect(), (num_a..l).collect())
+    }
+}
+
+/// Linear CKA of `got` (biased and debiased) within `tol` of `want`'s on `rows × cols`.
+fn assert_cka_agree(
+    got: &dyn LinearCka,
+    want: &dyn LinearCka,
+    (rows, cols): (&[usize], &[usize]),
+    tol: f64,
+    what: &str,
+) {
+    for debiased in [false, true] {
+        let w = want.cka_matrix(rows, cols, debiased).unwrap();
+        let g = got.cka_matrix(rows, cols, debiased).unwrap();
+        for (g, w) in g.iter().zip(&w) {
+            assert!(
+                (g - w).abs() <= tol,
+                "{what} debiased={debiased}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+/// Whether `r` is an [`Error::Format`] (bytes read back that do not hold together).
+fn is_format_err<T>(r: crate::error::Result<T>) -> bool {
+    matches!(r, Err(Error::Format { .. }))
+}
+
 /// `l0`, `l1`, … for `k` layers.
 fn layer_names(k: usize) -> Vec<String> {
     (0..k).map(|i| format!("l{i}")).collect()
@@ -181,23 +237,14 @@ fn bad_bytes_are_format_errors() {
     acc.update(&[&x[..], &y[..]], 4).unwrap();
     let b = acc.to_bytes().unwrap();
     for cut in [0, 5, 8, 12, 20, b.len() - 1] {
-        assert!(matches!(
-            MomentAccumulator::from_bytes(&b[..cut]),
-            Err(Error::Format { .. })
-        ));
+        assert!(is_format_err(MomentAccumulator::from_bytes(&b[..cut])));
     }
     let mut bad = b.clone();
     bad[12] = 0xff; // layer count
-    assert!(matches!(
-        MomentAccumulator::from_bytes(&bad),
-        Err(Error::Format { .. })
-    ));
+    assert!(is_format_err(MomentAccumulator::from_bytes(&bad)));
     let mut long = b.clone();
     long.push(0);
-    assert!(matches!(
-        MomentAccumulator::from_bytes(&long),
-        Err(Error::Format { .. })
-    ));
+    assert!(is_format_err(MomentAccumulator::from_bytes(&long)));
     // flip every byte: never panics
     for i in 0..b.len() {
         let mut c = b.clone();
@@ -530,21 +577,9 @@ fn tiled_passes_equal_the_single_pass() {
     let xs = offset_layers(n, &dims, 40, 500.0);
     let x32 = to_f32(&xs);
     let names = layer_names(dims.len());
-    let all: Vec<usize> = (0..dims.len()).collect();
     for compute in [Compute::F64, Compute::F32] {
         let src = rows_in(&xs, &x32, &dims, n, compute);
-        let single = accumulate(
-            &src,
-            &names,
-            Some(50),
-            true,
-            &Budget::unchecked(),
-            compute,
-            &NoMonitor,
-        )
-        .unwrap()
-        .finalize()
-        .unwrap();
+        let single = single_pass(&src, &names, Some(50), compute);
         let tol = if compute == Compute::F64 { 1e-10 } else { 1e-6 };
         for num_a in [dims.len(), 2, 3] {
             // Budgets from most of the single pass down to the smallest plan (pieces of
@@ -562,21 +597,9 @@ fn tiled_passes_equal_the_single_pass() {
                 assert!(plan.peak_bytes <= budget as u128, "{plan:?}");
                 assert!(plan.passes() > 1);
                 let st = run_tiled(&src, &names, &plan, true, &b, &NoMonitor).unwrap();
-                let (rows, cols): (Vec<usize>, Vec<usize>) = if num_a == dims.len() {
-                    (all.clone(), all.clone())
-                } else {
-                    ((0..num_a).collect(), (num_a..dims.len()).collect())
-                };
-                for debiased in [false, true] {
-                    let want = single.cka_matrix(&rows, &cols, debiased).unwrap();
-                    let got = st.cka_matrix(&rows, &cols, debiased).unwrap();
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= tol,
-                            "{compute:?} num_a={num_a} budget={budget} debiased={debiased}: {g} vs {w}"
-                        );
-                    }
-                }
+                let (rows, cols) = sides(num_a, dims.len());
+                let what = format!("{compute:?} num_a={num_a} budget={budget}");
+                assert_cka_agree(&st, &single, (&rows, &cols), tol, &what);
                 // Any other pair is either right (its pieces met in one tile) or an error,
                 // never a partial number.
                 for x in 0..dims.len() {
@@ -677,18 +700,7 @@ fn gram_route_equals_the_single_pass() {
     let names = layer_names(dims.len());
     for compute in [Compute::F64, Compute::F32] {
         let src = rows_in(&xs, &x32, &dims, n, compute);
-        let single = accumulate(
-            &src,
-            &names,
-            None,
-            true,
-            &Budget::unchecked(),
-            compute,
-            &NoMonitor,
-        )
-        .unwrap()
-        .finalize()
-        .unwrap();
+        let single = single_pass(&src, &names, None, compute);
         let tol = if compute == Compute::F64 { 1e-10 } else { 1e-6 };
         let dmax = 300;
         for num_a in [dims.len(), 2] {
@@ -703,21 +715,9 @@ fn gram_route_equals_the_single_pass() {
                     held.min(if held < dims.len() { num_a } else { held })
                 );
                 let st = plan.run(&src, &names, true, &NoMonitor).unwrap();
-                let (rows, cols): (Vec<usize>, Vec<usize>) = if num_a == dims.len() {
-                    ((0..4).collect(), (0..4).collect())
-                } else {
-                    ((0..2).collect(), (2..4).collect())
-                };
-                for debiased in [false, true] {
-                    let want = single.cka_matrix(&rows, &cols, debiased).unwrap();
-                    let got = st.cka_matrix(&rows, &cols, debiased).unwrap();
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (g - w).abs() <= tol,
-                            "{compute:?} {num_a} {held}: {g} vs {w}"
-                        );
-                    }
-                }
+                let (rows, cols) = sides(num_a, dims.len());
+                let what = format!("{compute:?} {num_a} {held}");
+                assert_cka_agree(&st, &single, (&rows, &cols), tol, &what);
             }
         }
     }
@@ -873,17 +873,11 @@ fn tile_partials_refuse_what_does_not_add_up() {
     // Serialised cross tiles: every truncation and a bad magic are format errors.
     let bytes = p.to_bytes().unwrap();
     for cut in [0, 7, 12, 40, bytes.len() - 1] {
-        assert!(matches!(
-            TilePartial::from_bytes(&bytes[..cut]),
-            Err(Error::Format { .. })
-        ));
+        assert!(is_format_err(TilePartial::from_bytes(&bytes[..cut])));
     }
     let mut long = bytes.clone();
     long.push(0);
-    assert!(matches!(
-        TilePartial::from_bytes(&long),
-        Err(Error::Format { .. })
-    ));
+    assert!(is_format_err(TilePartial::from_bytes(&long)));
     // A range beyond the rows, a tile beyond the plan, a partial of too few rows.
     assert!(run(10..61, Some(&shift)).is_err());
     assert!(plan
@@ -963,10 +957,7 @@ fn tile_partials_refuse_what_does_not_add_up() {
             .position(|&p| plan.pieces[p].layer == 1);
         assert_eq!(m.nonfinite[k.unwrap()], Some(45));
         // and a bytes merge of malformed bytes is a format error
-        assert!(matches!(
-            merge_partial_bytes(&merged[..50], &merged),
-            Err(Error::Format { .. })
-        ));
+        assert!(is_format_err(merge_partial_bytes(&merged[..50], &merged)));
     }
     // A task over a tighter budget than the plan's is refused before reading a row.
     assert!(matches!(

@@ -37,7 +37,7 @@
 //! (faer, split over blocks of the `m²` index and summed in a fixed order: the same value on
 //! every run). Permutations and resamples come from the caller (Python draws them from the
 //! seed), each checked.
-use crate::engine::neighbors::{sq_distance_matrix_with, Products};
+use crate::engine::neighbors::{sq_distance_matrix, Products, RowMajor};
 use crate::error::{Error, Result};
 use crate::measures::cka::rbf::median_sym_zero_diag;
 use crate::measures::hsic::{cka_ratio, dot, Estimator};
@@ -108,7 +108,7 @@ impl CalLayer {
                             *o = v - mu;
                         }
                     });
-                let base = prod.gram_f64(&xc, m, d)?;
+                let base = prod.gram_f64(RowMajor { x: &xc, m, d })?;
                 if base.len() != m * m {
                     return Err(Error::Mismatch(format!(
                         "a Gram of {} values for {m} rows",
@@ -126,7 +126,7 @@ impl CalLayer {
                 if !(sigma.is_finite() && sigma > 0.0) {
                     return Err(Error::invalid(format!("sigma must be > 0, got {sigma}")));
                 }
-                let base = sq_distance_matrix_with(x, m, d, &Budget::unchecked(), prod)?;
+                let base = sq_distance_matrix(RowMajor { x, m, d }, &Budget::unchecked(), prod)?;
                 let bandwidth = sigma * median_sym_zero_diag(&base, m)?.sqrt();
                 if !(bandwidth > 0.0 && bandwidth.is_finite()) {
                     return Err(Error::invalid(

@@ -37,7 +37,7 @@
 //! All arithmetic is f64 (f32/bf16/f16 inputs are widened first). Memory: one `m × m` Gram
 //! per layer plus the rows of one partial batch — independent of the number of rows.
 use crate::engine::moments::{ldexp, max_deviation, scale_exponent};
-use crate::engine::neighbors::{mirror_upper, Cpu, Products};
+use crate::engine::neighbors::{mirror_upper, Cpu, Products, RowMajor};
 use crate::error::{Error, Result};
 use crate::linalg::gram;
 use crate::measures::cka::rbf::{rbf_gram_with, rbf_gram_workspace_bytes};
@@ -448,7 +448,7 @@ impl MinibatchCka {
                             .flat_map(|r| r.iter().zip(&mean).map(|(v, mu)| v - mu))
                             .collect();
                         let g = if external {
-                            let mut g = prod.gram_f64(&xc, m, d)?;
+                            let mut g = prod.gram_f64(RowMajor { x: &xc, m, d })?;
                             if g.len() != m * m {
                                 return Err(Error::Mismatch(format!(
                                     "a minibatch Gram of {} values for {m} rows",

@@ -11,7 +11,7 @@
 //!
 //! Each Gram is built once per layer and reused for all pairs; pairs run in parallel, each
 //! unordered pair of one source once.
-use crate::engine::neighbors::{sq_distance_matrix_with, Cpu, Products};
+use crate::engine::neighbors::{sq_distance_matrix, Cpu, Products, RowMajor};
 use crate::error::{Error, Result};
 use crate::measures::hsic::{cka_ratio, hsic, Estimator, Gram};
 use crate::measures::pair_table;
@@ -87,7 +87,7 @@ pub fn rbf_gram_with(
     if !(sigma.is_finite() && sigma > 0.0) {
         return Err(Error::invalid(format!("sigma must be > 0, got {sigma}")));
     }
-    let mut g = sq_distance_matrix_with(x, m, d, budget, prod)?;
+    let mut g = sq_distance_matrix(RowMajor { x, m, d }, budget, prod)?;
     let med = median_sym_zero_diag(&g, m)?;
     let bw = sigma * med.sqrt();
     if bw.is_nan() || bw <= 0.0 {
