@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import _native
+from ._commands import command
 from ._defaults import BATCH_SIZE, ITEMSIZE, SAMPLE_CAP, STORE_DTYPES
 from ._layers import add_layer_args
 from ._memory import add_max_memory_arg, memory_budget
@@ -365,15 +366,7 @@ def _moment_measure_plan(
 
 def add_cli(sub: Any) -> None:
     """``layerscope plan STORE [OTHER] [--measure] [--max-memory 4G] [--json]``."""
-    p = sub.add_parser(
-        "plan",
-        help="show the plan of a computation (strategy, passes, memory, bytes read, FLOPs, "
-        "estimated time) without running it",
-        description="What `layerscope cka/align/spectrum` would do on STORE (× OTHER) "
-        "under the memory budget: the strategy taken and why (the alternatives that do not "
-        "fit, with what they would need), passes, peak memory, bytes read, FLOPs and an "
-        "estimated time from this machine's measured product rate. Reads only manifests.",
-    )
+    p = command(sub, "plan", _cmd_plan)
     p.add_argument("store", nargs="?", default=None,
                    help="store folder (or give --shape and --rows for a store not yet made)")
     p.add_argument("other", nargs="?", default=None, help="second store over the same rows")
@@ -400,7 +393,6 @@ def add_cli(sub: Any) -> None:
                    help=f"minibatch rows (default {BATCH_SIZE})")
     add_max_memory_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=_cmd_plan)
 
 
 def _shape(text: str) -> list[int]:
@@ -429,6 +421,13 @@ def _rows(text: str) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    """show the plan of a computation (strategy, passes, memory, bytes read, FLOPs,
+    estimated time) without running it
+
+    What `layerscope cka/align/spectrum` would do on STORE (× OTHER) under the memory budget:
+    the strategy taken and why (the alternatives that do not fit, with what they would need),
+    passes, peak memory, bytes read, FLOPs and an estimated time from this machine's measured
+    product rate. Reads only manifests."""
     opts = dict(measure=args.measure, kernel=args.kernel, estimator=args.estimator,
                 max_memory=args.max_memory, compute=args.compute, strategy=args.strategy,
                 sample=args.sample, batch_size=args.batch_size)

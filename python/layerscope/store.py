@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from ._commands import command
 from ._defaults import dtype_name
 from ._memory import add_max_memory_arg, check_budget, max_memory_bytes
 from ._tensor import to_numpy, to_store_array
@@ -401,6 +402,7 @@ def _pass_line(s: ActivationStore, max_memory: int | None) -> str:
 
 
 def _info_cmd(args: argparse.Namespace) -> int:
+    """describe a store: layers, dims, dtypes, rows, shards, bytes"""
     from ._memory import memory_budget
 
     budget = memory_budget(args.max_memory)
@@ -442,6 +444,7 @@ def _info_cmd(args: argparse.Namespace) -> int:
 
 
 def _verify_cmd(args: argparse.Namespace) -> int:
+    """check a store: structure, sizes and every shard's sha256"""
     s = open_store(args.path)  # structure, sizes,
     s.verify()  # then the sha256 of every shard
     print(f"ok: {escape(s.path)}: {len(s.shards)} shards, {s.num_rows} rows, {s.nbytes} bytes (sha256)")
@@ -454,15 +457,13 @@ def _verify_cmd(args: argparse.Namespace) -> int:
 def add_cli(sub: Any) -> None:
     """Register ``layerscope info PATH [--json] [--verify]`` and
     ``layerscope verify PATH [--finite]``."""
-    p = sub.add_parser("info", help="describe a store: layers, dims, dtypes, rows, shards, bytes")
+    p = command(sub, "info", _info_cmd)
     p.add_argument("path", nargs="?", default=None, help="store folder")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
     p.add_argument("--budget", action="store_true",
                    help="print the memory budget in force and its source (no store needed)")
     add_max_memory_arg(p)
-    p.set_defaults(func=_info_cmd)
-    v = sub.add_parser("verify", help="check a store: structure, sizes and every shard's sha256")
+    v = command(sub, "verify", _verify_cmd)
     v.add_argument("path", help="store folder")
     v.add_argument("--finite", action="store_true", help="also fail on NaN/Inf values")
-    v.set_defaults(func=_verify_cmd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .._commands import command
 from .._validate import Int, cli_type
 from ..errors import InvalidArgumentError
 from .hf import BUNDLED, BUNDLED_NAME
@@ -17,6 +18,10 @@ CLI_SHARD_MB = 16
 
 
 def _cli_capture(args: argparse.Namespace) -> int:
+    """capture activations of a local Hugging Face model
+
+    Run a locally stored Hugging Face model (AutoModel + AutoTokenizer, offline) over texts
+    and store the chosen layers."""
     from .hf import capture_texts, load_local, model_folder
 
     # everything that can be checked is checked before the model loads (seconds to minutes)
@@ -49,12 +54,7 @@ def _cli_capture(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
-        "capture",
-        help="capture activations of a local Hugging Face model",
-        description="Run a locally stored Hugging Face model (AutoModel + "
-        "AutoTokenizer, offline) over texts and store the chosen layers.",
-    )
+    p = command(sub, "capture", _cli_capture)
     p.add_argument("--model", required=True,
                    help="folder of a saved Hugging Face model (AutoModel + AutoTokenizer), or "
                    f"{BUNDLED!r} for the bundled all-MiniLM-L6-v2")
@@ -86,4 +86,3 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--shard-mb", type=cli_type(Int(1)), default=CLI_SHARD_MB, metavar="MB",
                    help=f"shard size in MiB (default {CLI_SHARD_MB}: a full disk or a kill "
                    "loses at most the rows of one shard)")
-    p.set_defaults(func=_cli_capture)

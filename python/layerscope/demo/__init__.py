@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._commands import command
 from .._progress import stage
 from .._validate import SEED, Bool, Int, cli_type, validated
 from ..report import report
@@ -61,19 +62,19 @@ def demo(out: str | os.PathLike[str] = "layerscope-demo", *, texts: int = 400,
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """capture MiniLM and a random control, write the report
+
+    Capture all-MiniLM-L6-v2 (real weights, CPU) and the same architecture with seeded random
+    weights on the bundled text corpus, then write the report comparing them."""
     path = demo(args.out, texts=args.texts, quick=args.quick, progress=not args.quiet)
     print(f"report: {path.resolve()}")
     return 0
 
 
 def add_cli(sub: Any) -> None:
-    d = sub.add_parser("demo", help="capture MiniLM and a random control, write the report",
-                       description="Capture all-MiniLM-L6-v2 (real weights, CPU) and the same "
-                                   "architecture with seeded random weights on the bundled text "
-                                   "corpus, then write the report comparing them.")
+    d = command(sub, "demo", _cmd_demo)
     d.add_argument("--out", default="layerscope-demo", help="output folder")
     d.add_argument("--texts", type=cli_type(Int(1)), default=400,
                    help="number of texts from the corpus")
     d.add_argument("--quick", action="store_true", help="tiny run (tests)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    d.set_defaults(func=_cmd_demo)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._commands import command
 from .._defaults import STORE_DTYPES, dtype_name
 from .._files import check_regular
 from .._layers import match_layers
@@ -224,6 +225,12 @@ def _common_dtype(part: Part, names: list[str]) -> str | None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    """activation dumps (safetensors, npy, npz, HDF5, Arrow, .pt) -> a store
+
+    Convert the activation dumps of other tools and scripts into an activation store, streamed
+    with bounded memory; nothing in a file is executed. Files holding all layers are
+    consecutive row blocks in the order given (globs in natural order); .npy files are one
+    layer each; .pt files are loaded with weights_only=True only. See docs/dumps.md."""
     store = convert(args.sources, args.out, format=args.format, layers=args.layers,
                     mask=args.mask_key, row_ids=args.row_ids_key, dtype=args.dtype,
                     overwrite=args.overwrite, progress=not args.quiet)
@@ -233,13 +240,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def add_cli(sub: Any) -> None:
     """``layerscope convert SRC... -o OUT``."""
-    p = sub.add_parser(
-        "convert", help="activation dumps (safetensors, npy, npz, HDF5, Arrow, .pt) -> a store",
-        description="Convert the activation dumps of other tools and scripts into an activation "
-        "store, streamed with bounded memory; nothing in a file is executed. Files holding all "
-        "layers are consecutive row blocks in the order given (globs in natural order); .npy "
-        "files are one layer each; .pt files are loaded with weights_only=True only. See "
-        "docs/dumps.md.")
+    p = command(sub, "convert", _cmd_convert)
     p.add_argument("sources", nargs="+", metavar="SRC", help="files, folders or globs")
     p.add_argument("-o", "--out", required=True, help="store folder to write")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
@@ -256,4 +257,3 @@ def add_cli(sub: Any) -> None:
                    help="stored dtype (default: the sources')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_cmd_convert)

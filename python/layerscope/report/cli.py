@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .._commands import command
 from .._source import resolve
 from .._validate import SEED, Int, cli_type
 from ..errors import InvalidArgumentError
@@ -13,6 +14,10 @@ from . import report
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    """every measure on a store (or two) → one HTML report
+
+    Run every measure in as few passes as possible and write DIR/report.html
+    (self-contained), DIR/results.json and the figures as PNG files."""
     open_verified(args)
     if args.verify:  # before any work: a report notes a failed section and goes on
         for s in (args.store, args.other):
@@ -35,10 +40,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser("report", help="every measure on a store (or two) → one HTML report",
-                       description="Run every measure in as few passes as possible and write "
-                                   "DIR/report.html (self-contained), DIR/results.json and "
-                                   "the figures as PNG files.")
+    p = command(sub, "report", _cmd_report)
     p.add_argument("store", help="activation store (folder)")
     p.add_argument("other", nargs="?", default=None,
                    help="a second store with the same row ids (cross-model comparison)")
@@ -57,4 +59,3 @@ def add_cli(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_verify_arg(p)
     _add_ray_arg(p)
-    p.set_defaults(func=_cmd_report)

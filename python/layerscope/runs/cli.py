@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from .._commands import command
 from .._defaults import ALIGN_K
 from .._layers import add_layer_args
 from .._memory import add_max_memory_arg
@@ -32,6 +33,14 @@ def _k(text: str) -> int | str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """the same measures over many stores (checkpoints, seeds, edits): a resumable folder
+    with a tidy results.csv
+
+    Compute MEASURES over STORE... (in run order) into DIR: DIR/results.csv (one row per store
+    pair, layer pair, measure, estimator), each item's full result under DIR/items/. A rerun
+    skips finished items (unless a store changed) and recomputes the rest; one process per DIR
+    at a time. Exit status 2 when an item failed (its error is printed; the others are
+    kept)."""
     t0 = time.perf_counter()
     opts: dict[str, Any] = {"layers": args.layers}
     per: dict[str, dict[str, Any]] = {
@@ -59,16 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_cli(sub: Any) -> None:
     """``layerscope batch STORE... -o DIR [--pairs P] [--measures M,M] [options]``."""
-    p = sub.add_parser(
-        "batch",
-        help="the same measures over many stores (checkpoints, seeds, edits): a resumable "
-        "folder with a tidy results.csv",
-        description="Compute MEASURES over STORE... (in run order) into DIR: DIR/results.csv "
-        "(one row per store pair, layer pair, measure, estimator), each item's full result "
-        "under DIR/items/. A rerun skips finished items (unless a store changed) and "
-        "recomputes the rest; one process per DIR at a time. Exit status 2 when an item "
-        "failed (its error is printed; the others are kept).",
-    )
+    p = command(sub, "batch", _run)
     p.add_argument("stores", nargs="+", metavar="STORE", help="store folders, in run order")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="the batch folder")
     p.add_argument("--reference", default=None, metavar="STORE",
@@ -105,4 +105,3 @@ def add_cli(sub: Any) -> None:
     g.add_argument("--id-k", type=cli_type(Int(1)), default=20, help="MLE neighbours")
     add_max_memory_arg(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
