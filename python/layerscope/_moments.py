@@ -25,7 +25,7 @@ from . import _native
 from ._defaults import ITEMSIZE, dtype_name
 from ._progress import Progress
 from ._source import Source, check_comparable, native_part, resolve
-from ._validate import RunOptions
+from ._validate import RUN, RunOptions
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # Python < 3.11 has no typing.Unpack; the annotations are strings
@@ -47,10 +47,10 @@ class PassOptions(RunOptions, total=False):
     compute: str
 
 
-#: The defaults of :class:`PassOptions`.
+#: The defaults of :class:`PassOptions` (those of the run options as the measures have them).
 PASS_DEFAULTS: dict[str, Any] = {
-    "progress": True, "max_memory": None, "backend": "local", "ray_address": None,
-    "device": None, "check_finite": True, "block_rows": None, "compute": "float64",
+    **{name: default for name, (_, default) in RUN.options.items()},
+    "check_finite": True, "block_rows": None, "compute": "float64",
 }
 
 
@@ -136,6 +136,7 @@ def compute_moments(
     parts, names, dims, num_a, o = _setup(source, layers, other, other_layers, options)
     compute, block_rows, dev = o["compute"], o["block_rows"], o["device"]
     backend, max_memory, progress = o["backend"], o["max_memory"], o["progress"]
+    check_finite = o["check_finite"]
     if block_rows is None:
         n = parts[0][0].num_rows
         block_rows = min(int(_native.default_block_rows(list(dims), compute)), max(n, 1))
@@ -144,7 +145,7 @@ def compute_moments(
     if backend == "ray":
         from ._ray import moment_passes
 
-        runs = moment_passes([(parts, num_a)], compute=compute, check_finite=o["check_finite"],
+        runs = moment_passes([(parts, num_a)], compute=compute, check_finite=check_finite,
                              max_memory=max_memory, progress=progress,
                              address=o["ray_address"], device=dev)
         out = next(runs)
@@ -155,14 +156,14 @@ def compute_moments(
         from ._device.passes import moments
 
         m = moments(parts, names, num_a, device=dev, block_rows=br,
-                    check_finite=o["check_finite"], progress=progress, compute=compute)
+                    check_finite=check_finite, progress=progress, compute=compute)
         meta = single_pass_meta(m, parts, names, compute, t0, br, pl["peak_bytes_estimate"])
         meta.update(device_meta(dev, compute))
         return m, meta
     with Progress(progress, "moments") as prog:
         m = _native.moments_pass(
             [native_part(src, ls) for src, ls in parts], names, block_rows=br,
-            check_finite=o["check_finite"], max_memory=max_memory, num_a=num_a,
+            check_finite=check_finite, max_memory=max_memory, num_a=num_a,
             progress=prog.cb, compute=compute,
         )
     return m, single_pass_meta(m, parts, names, compute, t0, br, pl["peak_bytes_estimate"])

@@ -6,7 +6,6 @@
 //! kept and raised again, unchanged, when the call returns ([`PyProducts::raise`]).
 use layerscope_core::engine::neighbors::{GramRows, GramSink, Products, RowMajor};
 use layerscope_core::Error;
-use layerscope_core::Result as CoreResult;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -80,7 +79,7 @@ impl Products for PyProducts {
         x: RowMajor<'_, f32>,
         block: usize,
         each: &GramSink,
-    ) -> CoreResult<()> {
+    ) -> Result<(), Error> {
         let RowMajor { x, m, d } = x;
         Python::attach(|py| -> Result<(), Error> {
             let start = || -> PyResult<Bound<'_, PyAny>> {

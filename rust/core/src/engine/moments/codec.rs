@@ -15,8 +15,13 @@ impl MomentAccumulator {
     /// A refused allocation of the blob is an [`Error::Memory`].
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let dz = self.dz();
-        let mut out = Header::of(&self.st, MAGIC, None, Some(&self.scale_exps()))
-            .write(dz * (dz + 1) / 2 + dz, "the serialised moment accumulator")?;
+        let mut out = Header {
+            magic: MAGIC,
+            na: None,
+            st: &self.st,
+            exps: Some(&self.scale_exps()),
+        }
+        .write(dz * (dz + 1) / 2 + dz, "the serialised moment accumulator")?;
         debug_assert_eq!(self.sums.len(), dz);
         put_f64s(&mut out, &self.sums);
         for j in 0..dz {
@@ -78,8 +83,13 @@ impl CrossAccumulator {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let sums = self.su.len() + self.sr.len() + self.uu.len() + self.ur.len();
         let sums = sums + self.ru.len() + self.rr.len();
-        let mut out = Header::of(&self.st, CROSS_MAGIC, Some(self.na), None)
-            .write(sums, "the serialised cross tile")?;
+        let mut out = Header {
+            magic: CROSS_MAGIC,
+            na: Some(self.na),
+            st: &self.st,
+            exps: None,
+        }
+        .write(sums, "the serialised cross tile")?;
         for part in [&self.su, &self.sr, &self.uu, &self.ur, &self.ru, &self.rr] {
             put_f64s(&mut out, part);
         }
@@ -129,21 +139,7 @@ struct Header<'a> {
     exps: Option<&'a [i32]>,
 }
 
-impl<'a> Header<'a> {
-    fn of(
-        st: &'a PassState,
-        magic: &'a [u8; 8],
-        na: Option<usize>,
-        exps: Option<&'a [i32]>,
-    ) -> Self {
-        Header {
-            magic,
-            na,
-            st,
-            exps,
-        }
-    }
-
+impl Header<'_> {
     /// The header in a buffer with room for `sums` more f64s (a refused allocation is an
     /// [`Error::Memory`] naming `what`).
     fn write(&self, sums: usize, what: &str) -> Result<Vec<u8>> {
