@@ -50,6 +50,19 @@ def ref_linear(x: np.ndarray, y: np.ndarray, estimator: str) -> float:
     return cka_from_grams(gram_lin(x), gram_lin(y), estimator == "debiased")
 
 
+def noisy_linear(
+    m: int, d: int, e: int, noise: float, seed: int
+) -> tuple[np.random.Generator, dict[str, np.ndarray]]:
+    """Layers ``x`` (``m × d`` standard normal) and ``lin = x W + noise · N`` (``W`` ``d × e``,
+    ``N`` ``m × e``, both standard normal), drawn in that order from a generator seeded with
+    ``seed``; the generator is returned for the layers a test adds (the neighbourhood and
+    kernel tests add non-linear ones)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, d))
+    lin = x @ rng.standard_normal((d, e)) + noise * rng.standard_normal((m, e))
+    return rng, {"x": x, "lin": lin}
+
+
 def llm_like(n: int, d: int, seed: int, ratio_lo: float = 50, ratio_hi: float = 1000) -> np.ndarray:
     """Per-feature mean offsets of 50–1000× the spread (as in LLM residual streams)."""
     rng = np.random.default_rng(seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import layerscope
 import numpy as np
 import pytest
+from conftest import noisy_linear
 from layerscope import _native
 from layerscope._sample import sample_indices
 from layerscope.errors import InvalidArgumentError, MismatchError
@@ -14,15 +15,11 @@ from scipy.stats import pearsonr, spearmanr
 
 
 def layers(m: int = 150, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((m, 12))
-    return {
-        "x": x,
-        "lin": x @ rng.standard_normal((12, 20)) + 0.5 * rng.standard_normal((m, 20)),
-        "relu": np.maximum(x @ rng.standard_normal((12, 30)), 0)
-        + 0.01 * rng.standard_normal((m, 30)),
-        "noise": rng.standard_normal((m, 7)),
-    }
+    rng, out = noisy_linear(m, 12, 20, 0.5, seed)
+    relu = np.maximum(out["x"] @ rng.standard_normal((12, 30)), 0)
+    out["relu"] = relu + 0.01 * rng.standard_normal((m, 30))
+    out["noise"] = rng.standard_normal((m, 7))
+    return out
 
 
 @pytest.mark.parametrize("dissimilarity", ["euclidean", "correlation"])

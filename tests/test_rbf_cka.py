@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import hsic_biased, hsic_unbiased
+from conftest import hsic_biased, hsic_unbiased, noisy_linear
 from layerscope import _native, cka
 from layerscope._sample import sample_indices
 from layerscope.errors import InvalidArgumentError, MemoryBudgetError, MismatchError
@@ -33,14 +33,10 @@ def ref_cka(x: np.ndarray, y: np.ndarray, unbiased: bool, sigma: float = 1.0) ->
 
 
 def make_layers(m: int = 120, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((m, 16))
-    return {
-        "x": x,
-        "lin": x @ rng.standard_normal((16, 24)) + 0.3 * rng.standard_normal((m, 24)),
-        "tanh": np.tanh(x[:, :8] * 2.0),
-        "indep": rng.standard_normal((m, 10)),
-    }
+    rng, out = noisy_linear(m, 16, 24, 0.3, seed)
+    out["tanh"] = np.tanh(out["x"][:, :8] * 2.0)
+    out["indep"] = rng.standard_normal((m, 10))
+    return out
 
 
 @pytest.mark.parametrize("estimator", ["biased", "debiased"])

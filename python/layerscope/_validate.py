@@ -181,8 +181,7 @@ class Texts(Rule):
     """A tuple or list of exactly ``n`` strings; returns a tuple."""
 
     def __init__(self, n: int) -> None:
-        self.n = n
-        self.text = f"{n} strings"
+        self.n, self.text = n, f"{n} strings"
 
     def __call__(self, value: Any) -> tuple[str, ...]:
         if not isinstance(value, (tuple, list)) or len(value) != self.n:

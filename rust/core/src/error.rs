@@ -63,3 +63,42 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
 }
+
+/// The value named `name` in `options`, else [`Error::InvalidArgument`]
+/// "{what} must be 'a', 'b' or 'c', got \"name\"" (the names in the order given).
+pub fn choice<T: Clone>(what: &str, name: &str, options: &[(&str, T)]) -> Result<T> {
+    if let Some((_, v)) = options.iter().find(|(n, _)| *n == name) {
+        return Ok(v.clone());
+    }
+    let quoted: Vec<String> = options.iter().map(|(n, _)| format!("'{n}'")).collect();
+    let listed = match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    };
+    Err(Error::invalid(format!(
+        "{what} must be {listed}, got {name:?}"
+    )))
+}
+
+/// [`Error::InvalidArgument`] unless a read was handed one output buffer per layer
+/// (`what`: "layers", "pieces").
+pub fn check_outs(outs: usize, layers: usize, what: &str) -> Result<()> {
+    if outs != layers {
+        return Err(Error::invalid(format!(
+            "{outs} output buffers for {layers} {what}"
+        )));
+    }
+    Ok(())
+}
+
+/// [`Error::InvalidArgument`] unless an output buffer of `len` values holds exactly `rows`
+/// rows of `width`.
+pub fn check_out_len(len: usize, rows: usize, width: usize) -> Result<()> {
+    if Some(len) != rows.checked_mul(width) {
+        return Err(Error::invalid(format!(
+            "output buffer has {len} elements, {rows} rows of width {width} need {}",
+            rows.saturating_mul(width)
+        )));
+    }
+    Ok(())
+}

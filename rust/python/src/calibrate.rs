@@ -18,14 +18,11 @@ use numpy::{IntoPyArray, PyArray2, PyArray3, PyReadonlyArray2, PyUntypedArrayMet
 use pyo3::prelude::*;
 
 fn kernel_of(kernel: &str, sigma: f64) -> PyResult<CalKernel> {
-    match kernel {
-        "linear" => Ok(CalKernel::Linear),
-        "rbf" => Ok(CalKernel::Rbf { sigma }),
-        k => Err(Error::invalid(format!(
-            "kernel must be 'linear' or 'rbf', got {k:?}"
-        )))
-        .py_err(),
-    }
+    let kernels = [
+        ("linear", CalKernel::Linear),
+        ("rbf", CalKernel::Rbf { sigma }),
+    ];
+    layerscope_core::error::choice("kernel", kernel, &kernels).py_err()
 }
 
 /// Peak bytes of a calibration over `layers` layers of `m` rows, the widest `dmax` wide

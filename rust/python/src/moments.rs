@@ -9,7 +9,7 @@ use crate::monitor::PyMonitor;
 use crate::source::detach_rows;
 use layerscope_core::engine::moments::{
     accumulate, default_block_rows_for, ldexp, Compute, MomentAccumulator as CoreAcc,
-    Moments as CoreMoments, PairPlan, PairStats as CorePairStats, TilePlan,
+    Moments as CoreMoments, PairPlan, PairStats as CorePairStats, PassShape, TilePlan,
 };
 use layerscope_core::measures::align::{AlignOptions, AlignSpec, KSpec, Method};
 use layerscope_core::measures::cka::LinearCka;
@@ -717,7 +717,8 @@ fn pair_pass(
         let dims = layerscope_core::store::RowSource::dims(src);
         let n = layerscope_core::store::RowSource::num_rows(src);
         let strategy = strategy.as_deref();
-        let plan = PairPlan::choose(&dims, num_a, n, block_rows, compute, &budget, strategy)?;
+        let shape = PassShape::new(&dims, num_a, n, block_rows, compute)?;
+        let plan = PairPlan::choose(&shape, &budget, strategy)?;
         let st = plan.run(src, &names, check_finite, &budget, &mon)?;
         Ok::<_, Error>((plan, st))
     })?;
@@ -773,7 +774,8 @@ fn pair_plan<'py>(
     }
     let strategy = strategy.as_deref();
     let plan = detach(py, || {
-        PairPlan::choose(&dims, num_a, n, block_rows, compute, &budget, strategy)
+        let shape = PassShape::new(&dims, num_a, n, block_rows, compute)?;
+        PairPlan::choose(&shape, &budget, strategy)
     })?;
     let d = PassPlan::of(&plan, n).to_dict(py)?;
     d.set_item("cost_seconds", plan.cost_seconds(n))?;

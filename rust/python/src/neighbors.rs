@@ -7,7 +7,7 @@ use crate::errors::IntoPy;
 use crate::monitor::PyMonitor;
 use crate::products::PyProducts;
 use layerscope_core::engine::neighbors::{dedup_knn, Cpu, Duplicates, Products};
-use layerscope_core::measures::cka::rbf as kernel;
+use layerscope_core::measures::cka::rbf::{self as kernel, RbfTable};
 use layerscope_core::measures::hsic::Estimator;
 use layerscope_core::measures::prepared::{table, Measure, Prepared};
 use layerscope_core::measures::{cknna, id, rsa, Layers};
@@ -190,39 +190,42 @@ fn rbf_hsic<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let budget = Budget::resolve(max_memory).py_err()?;
     let (sa, ma) = slices(&a, "a")?;
-    let sb = match &b {
-        Some(b) => {
-            let (sb, mb) = slices(b, "b")?;
-            if mb != ma {
-                return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
-            }
-            Some(sb)
-        }
-        None => None,
-    };
+    let sb = second(&b, ma)?;
     let mon = PyMonitor::new(progress);
-    let r = detach(py, || {
+    let mut r = detach(py, || {
         kernel::rbf_hsic(&sa, sb.as_deref(), ma, sigma, unbiased, &budget, &mon)
     })?;
-    let lb = if b.is_some() {
-        sb.as_ref().map_or(0, |v| v.len())
-    } else {
-        sa.len()
-    };
-    let shape = |v: Vec<f64>| {
-        Array2::from_shape_vec((sa.len(), lb), v)
-            .map_err(|e| Error::invalid(e.to_string()))
-            .py_err()
-    };
-    let (values, xy) = (shape(r.cka)?, shape(r.xy)?);
     let out = PyDict::new(py);
-    out.set_item("values", values.into_pyarray(py))?;
-    out.set_item("xy", xy.into_pyarray(py))?;
-    out.set_item("xx", r.xx.into_pyarray(py))?;
-    out.set_item("yy", r.yy.into_pyarray(py))?;
-    out.set_item("bw_a", r.bw_a.into_pyarray(py))?;
-    out.set_item("bw_b", r.bw_b.into_pyarray(py))?;
+    let values = std::mem::take(&mut r.table.cka);
+    out.set_item("values", matrix(py, values, &sa, sb.as_deref())?)?;
+    rbf_items(&out, r.table, sa.len(), r.bw_a, r.bw_b)?;
     Ok(out)
+}
+
+/// An RBF CKA's HSIC values into `out`: `xy` (`La × Lb`), `xx`, `yy`, and the kernels'
+/// bandwidths `bw_a`, `bw_b`.
+fn rbf_items(
+    out: &Bound<'_, PyDict>,
+    t: RbfTable,
+    la: usize,
+    bw_a: Vec<f64>,
+    bw_b: Vec<f64>,
+) -> PyResult<()> {
+    let py = out.py();
+    out.set_item("xy", array2(py, (la, t.yy.len()), t.xy)?)?;
+    out.set_item("xx", t.xx.into_pyarray(py))?;
+    out.set_item("yy", t.yy.into_pyarray(py))?;
+    out.set_item("bw_a", bw_a.into_pyarray(py))?;
+    out.set_item("bw_b", bw_b.into_pyarray(py))?;
+    Ok(())
+}
+
+/// A [`Error::Mismatch`] unless `a` and `b` have the same rows.
+fn same_rows(ma: usize, mb: usize) -> PyResult<()> {
+    if ma != mb {
+        return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
+    }
+    Ok(())
 }
 
 /// `b` (optional) as borrowed layers with the same rows as `a`.
@@ -233,9 +236,7 @@ fn second<'a>(
     match b {
         Some(b) => {
             let (sb, mb) = slices(b, "b")?;
-            if mb != ma {
-                return Err(Error::Mismatch(format!("a has {ma} rows, b has {mb}"))).py_err();
-            }
+            same_rows(ma, mb)?;
             Ok(Some(sb))
         }
         None => Ok(None),
@@ -303,12 +304,23 @@ fn rsa_matrix<'py>(
     max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
-    let dis = rsa::Dissimilarity::parse(dissimilarity).py_err()?;
-    let cmp = rsa::Compare::parse(compare).py_err()?;
+    let how = rsa::Rsa::parse(dissimilarity, compare).py_err()?;
     pair_matrix(py, &a, &b, max_memory, progress, |a, b, m, budget, mon| {
-        rsa::rsa_matrix(a, b, m, dis, cmp, budget, mon)
+        rsa::rsa_matrix(a, b, m, how, budget, mon)
     })
 }
+
+/// An all-pairs measure on each row's `k` nearest neighbours: `(a, b, m, k, normalize, budget,
+/// monitor)`.
+type NeighbourTable = fn(
+    &Layers<'_>,
+    Option<&Layers<'_>>,
+    usize,
+    usize,
+    bool,
+    &Budget,
+    &dyn layerscope_core::Monitor,
+) -> layerscope_core::Result<Vec<f64>>;
 
 /// Mutual kNN alignment (`measure="mutual_knn"`, see
 /// `layerscope_core::measures::rsa::mutual_knn_matrix`) or CKNNA (`"cknna"`, Huh et al. 2024,
@@ -336,16 +348,11 @@ fn neighbour_matrix<'py>(
     max_memory: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f64>>> {
-    let table = match measure {
-        "mutual_knn" => rsa::mutual_knn_matrix,
-        "cknna" => cknna::cknna_matrix,
-        other => {
-            return Err(Error::invalid(format!(
-                "measure must be 'mutual_knn' or 'cknna', got {other:?}"
-            )))
-            .py_err()
-        }
-    };
+    let tables: [(&str, NeighbourTable); 2] = [
+        ("mutual_knn", rsa::mutual_knn_matrix),
+        ("cknna", cknna::cknna_matrix),
+    ];
+    let table = layerscope_core::error::choice("measure", measure, &tables).py_err()?;
     pair_matrix(py, &a, &b, max_memory, progress, |a, b, m, budget, mon| {
         table(a, b, m, k, normalize, budget, mon)
     })
@@ -506,16 +513,11 @@ fn measure_of(measure: &str, options: Option<&Bound<'_, PyDict>>) -> PyResult<Me
             sigma: get(options, "sigma", 1.0)?,
             estimator: Estimator::from_unbiased(get(options, "unbiased", false)?),
         },
-        "rsa" => Measure::Rsa {
-            dissimilarity: rsa::Dissimilarity::parse(&get::<String>(
-                options,
-                "dissimilarity",
-                "euclidean".into(),
-            )?)
-            .py_err()?,
-            compare: rsa::Compare::parse(&get::<String>(options, "compare", "spearman".into())?)
-                .py_err()?,
-        },
+        "rsa" => {
+            let dissimilarity: String = get(options, "dissimilarity", "euclidean".into())?;
+            let compare: String = get(options, "compare", "spearman".into())?;
+            Measure::Rsa(rsa::Rsa::parse(&dissimilarity, &compare).py_err()?)
+        }
         _ => Measure::Knn {
             k: get(options, "k", 10)?,
             normalize: get(options, "normalize", false)?,
@@ -600,14 +602,7 @@ fn prepared_table<'py>(
     let rb: Option<Vec<&Prepared>> = b.as_ref().map(|b| b.iter().map(|p| &p.inner).collect());
     if let Some(rb) = &rb {
         if let (Some(p), Some(q)) = (ra.first(), rb.first()) {
-            if p.rows() != q.rows() {
-                return Err(Error::Mismatch(format!(
-                    "a has {} rows, b has {}",
-                    p.rows(),
-                    q.rows()
-                )))
-                .py_err();
-            }
+            same_rows(p.rows(), q.rows())?;
         }
     }
     let t = detach(py, || table(&ra, rb.as_deref()))?;
@@ -628,11 +623,8 @@ fn prepared_table<'py>(
                 })
                 .collect()
         };
-        out.set_item("xy", shape(r.xy)?.into_pyarray(py))?;
-        out.set_item("xx", r.xx.into_pyarray(py))?;
-        out.set_item("yy", r.yy.into_pyarray(py))?;
-        out.set_item("bw_a", bw(&ra).into_pyarray(py))?;
-        out.set_item("bw_b", bw(rb.as_deref().unwrap_or(&[])).into_pyarray(py))?;
+        let bw_b = bw(rb.as_deref().unwrap_or(&[]));
+        rbf_items(&out, r, ra.len(), bw(&ra), bw_b)?;
     }
     Ok(out)
 }

@@ -441,14 +441,7 @@ impl NativeStore {
         outs: Vec<Bound<'_, PyAny>>,
         release: bool,
     ) -> PyResult<()> {
-        if outs.len() != layers.len() {
-            return Err(Error::invalid(format!(
-                "{} output arrays for {} layers",
-                outs.len(),
-                layers.len()
-            )))
-            .py_err();
-        }
+        layerscope_core::error::check_outs(outs.len(), layers.len(), "layers").py_err()?;
         let mut idx = Vec::with_capacity(layers.len());
         for name in &layers {
             idx.push(self.inner.layer_index(name).py_err()?);

@@ -210,23 +210,27 @@ impl Products for Cpu {
     }
 }
 
-fn check_shape(x: &[f64], m: usize, d: usize) -> Result<()> {
-    if m.checked_mul(d) != Some(x.len()) {
-        return Err(Error::invalid(format!(
-            "points buffer has {} values, expected {m} × {d}",
-            x.len()
-        )));
+impl<'a> RowMajor<'a, f64> {
+    /// The view, when `x` holds `m × d` finite values and `d > 0` (InvalidArgument, NonFinite).
+    pub fn checked(self) -> Result<Self> {
+        let RowMajor { x, m, d } = self;
+        if m.checked_mul(d) != Some(x.len()) {
+            return Err(Error::invalid(format!(
+                "points buffer has {} values, expected {m} × {d}",
+                x.len()
+            )));
+        }
+        if d == 0 {
+            return Err(Error::invalid("points have 0 features"));
+        }
+        if let Some(p) = x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "non-finite value (NaN/Inf) in row {} of the sample",
+                p / d
+            )));
+        }
+        Ok(self)
     }
-    if d == 0 {
-        return Err(Error::invalid("points have 0 features"));
-    }
-    if let Some(p) = x.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite(format!(
-            "non-finite value (NaN/Inf) in row {} of the sample",
-            p / d
-        )));
-    }
-    Ok(())
 }
 
 /// Column-centred copy of `x` and the squared norms of its rows.
@@ -275,7 +279,7 @@ fn check_knn(m: usize, d: usize, k: usize, budget: &Budget) -> Result<()> {
 
 /// Root mean squared distance of the points to their centroid, `sqrt(Σ_i ‖x_i − x̄‖² / m)`.
 pub fn rms_radius(x: &[f64], m: usize, d: usize) -> Result<f64> {
-    check_shape(x, m, d)?;
+    RowMajor { x, m, d }.checked()?;
     if m == 0 {
         return Ok(0.0);
     }
@@ -313,13 +317,13 @@ pub fn exact_sq_dist(a: &[f64], b: &[f64]) -> f64 {
 /// Errors: `k == 0` or `k ≥ m` (InvalidArgument), non-finite values (NonFinite).
 /// Fails with [`Error::Memory`] before any work when [`knn_bytes`] exceeds `budget`.
 pub fn knn(
-    RowMajor { x, m, d }: RowMajor<'_, f64>,
+    points: RowMajor<'_, f64>,
     k: usize,
     budget: &Budget,
     monitor: &dyn Monitor,
     prod: &dyn Products,
 ) -> Result<Knn> {
-    check_shape(x, m, d)?;
+    let RowMajor { x, m, d } = points.checked()?;
     if k == 0 || k >= m {
         return Err(Error::invalid(format!(
             "k = {k} neighbours needs 1 ≤ k < number of points ({m})"
@@ -475,15 +479,15 @@ pub enum Duplicates {
 }
 
 impl Duplicates {
+    /// The policies by name, in the order an error lists them.
+    pub const NAMES: [(&'static str, Duplicates); 3] = [
+        ("drop", Duplicates::Drop),
+        ("error", Duplicates::Error),
+        ("keep", Duplicates::Keep),
+    ];
+
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "drop" => Ok(Duplicates::Drop),
-            "error" => Ok(Duplicates::Error),
-            "keep" => Ok(Duplicates::Keep),
-            _ => Err(Error::invalid(format!(
-                "duplicates must be 'drop', 'error' or 'keep', got {s:?}"
-            ))),
-        }
+        crate::error::choice("duplicates", s, &Self::NAMES)
     }
 }
 
@@ -623,11 +627,11 @@ pub fn mirror_upper(g: &mut [f64], m: usize) {
 /// is set to 0 and the diagonal is exactly 0. Fails with a Memory error when the matrix and
 /// the centred copy (`(m² + m·d) × 8` bytes) exceed `budget`.
 pub fn sq_distance_matrix(
-    RowMajor { x, m, d }: RowMajor<'_, f64>,
+    points: RowMajor<'_, f64>,
     budget: &Budget,
     prod: &dyn Products,
 ) -> Result<Vec<f64>> {
-    check_shape(x, m, d)?;
+    let RowMajor { x, m, d } = points.checked()?;
     let need = (m as u128 * m as u128 + m as u128 * d as u128) * 8;
     budget.check(
         need,
@@ -659,15 +663,15 @@ pub fn sq_distance_matrix(
 /// computed by `prod` directly from the coordinates (no GEMM, so tied distances stay exactly
 /// tied — what rank-based comparisons need). Cost `m² d / 2`.
 pub fn exact_condensed_sq_distances(
-    RowMajor { x, m, d }: RowMajor<'_, f64>,
+    points: RowMajor<'_, f64>,
     budget: &Budget,
     prod: &dyn Products,
 ) -> Result<Vec<f64>> {
-    check_shape(x, m, d)?;
+    let m = points.checked()?.m;
     let len = (m as u128) * (m as u128).saturating_sub(1) / 2;
     let what = format!("the condensed {m}-row distance matrix ({len} pairs)");
     budget.check(len * 8, &what, "use a smaller sample (sample=...)")?;
-    let out = prod.exact_condensed_sq(RowMajor { x, m, d })?;
+    let out = prod.exact_condensed_sq(points)?;
     if out.len() as u128 != len {
         return Err(Error::Mismatch(format!(
             "{} condensed distances for {m} rows ({len} pairs)",

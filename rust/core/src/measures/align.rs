@@ -76,15 +76,11 @@ pub enum Method {
 impl Method {
     /// Parse `"subspace" | "svcca" | "pwcca" | "cca" | "procrustes"` with a space name.
     pub fn parse(method: &str, space: &str) -> Result<Method> {
-        let sp = match space {
-            "samples" => Space::Samples,
-            "features" => Space::Features,
-            _ => {
-                return Err(Error::invalid(format!(
-                    "space must be 'samples' or 'features', got {space:?}"
-                )))
-            }
-        };
+        let sp = crate::error::choice(
+            "space",
+            space,
+            &[("samples", Space::Samples), ("features", Space::Features)],
+        )?;
         Ok(match method {
             "subspace" => Method::Subspace(sp),
             "svcca" => Method::Svcca,

@@ -282,15 +282,7 @@ mod tests {
 
     /// The definition with dense matrices: masks, `K̃`, eq. 5 term by term.
     fn dense(x: &[f64], y: &[f64], m: usize, d: usize, e: usize, k: usize) -> f64 {
-        let gram = |x: &[f64], d: usize| -> Vec<f64> {
-            let mut g = vec![0.0; m * m];
-            for i in 0..m {
-                for j in 0..m {
-                    g[i * m + j] = (0..d).map(|f| x[i * d + f] * x[j * d + f]).sum();
-                }
-            }
-            g
-        };
+        let gram = |x: &[f64], d: usize| crate::testdata::naive_gram(x, m, d);
         let mask = |g: &[f64]| -> Vec<bool> {
             let mut mk = vec![false; m * m];
             for i in 0..m {

@@ -43,14 +43,14 @@ pub enum Pool {
 
 impl Pool {
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "harmonic" | "mle" => Ok(Pool::Harmonic),
-            "mean" => Ok(Pool::Mean),
-            "median" => Ok(Pool::Median),
-            _ => Err(Error::invalid(format!(
-                "pool must be 'harmonic', 'mean' or 'median', got {s:?}"
-            ))),
-        }
+        // "mle": another name of the harmonic mean (the MLE of Levina & Bickel's pooling).
+        let s = if s == "mle" { "harmonic" } else { s };
+        let pools = [
+            ("harmonic", Pool::Harmonic),
+            ("mean", Pool::Mean),
+            ("median", Pool::Median),
+        ];
+        crate::error::choice("pool", s, &pools)
     }
 }
 

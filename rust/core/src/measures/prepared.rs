@@ -22,9 +22,7 @@ use crate::engine::neighbors::{knn_bytes, Cpu, Knn, Products};
 use crate::error::{Error, Result};
 use crate::measures::cka::rbf::{prepare_rbf, rbf_hsic_bytes, rbf_table, RbfTable};
 use crate::measures::hsic::{Estimator, Gram};
-use crate::measures::rsa::{
-    knn_table, prepare_knn, prepare_rsa, rsa_bytes, rsa_table, Compare, Dissimilarity,
-};
+use crate::measures::rsa::{knn_table, prepare_knn, prepare_rsa, rsa_bytes, rsa_table, Rsa};
 use crate::memory::{try_with_capacity, Budget};
 use crate::monitor::NoMonitor;
 
@@ -36,10 +34,7 @@ pub enum Measure {
     /// RBF CKA: bandwidth multiplier and HSIC estimator.
     Rbf { sigma: f64, estimator: Estimator },
     /// RSA: the RDM's dissimilarity and how two RDMs are compared.
-    Rsa {
-        dissimilarity: Dissimilarity,
-        compare: Compare,
-    },
+    Rsa(Rsa),
     /// Mutual kNN: neighbours per row, cosine (unit-norm rows) or Euclidean.
     Knn { k: usize, normalize: bool },
 }
@@ -49,7 +44,7 @@ impl Measure {
     pub fn peak_bytes(&self, m: usize, d: usize) -> u128 {
         match *self {
             Measure::Rbf { .. } => rbf_hsic_bytes(1, m, d),
-            Measure::Rsa { .. } => rsa_bytes(1, m),
+            Measure::Rsa(_) => rsa_bytes(1, m),
             Measure::Knn { k, normalize } => {
                 let copy = if normalize {
                     m as u128 * d as u128 * 8
@@ -73,7 +68,7 @@ impl Measure {
                         0
                     }
             }
-            Measure::Rsa { .. } => m * m.saturating_sub(1) / 2 * 8,
+            Measure::Rsa(_) => m * m.saturating_sub(1) / 2 * 8,
             Measure::Knn { k, .. } => m * k as u128 * 16,
         }
     }
@@ -95,7 +90,7 @@ impl Measure {
     ) -> Result<Prepared> {
         let what = match self {
             Measure::Rbf { .. } => "rbf",
-            Measure::Rsa { .. } => "rsa",
+            Measure::Rsa(_) => "rsa",
             Measure::Knn { .. } => "knn",
         };
         budget.check(
@@ -108,10 +103,7 @@ impl Measure {
                 let (gram, bandwidth) = prepare_rbf(x, m, d, sigma, estimator, prod)?;
                 Prepared::Rbf { gram, bandwidth }
             }
-            Measure::Rsa {
-                dissimilarity,
-                compare,
-            } => Prepared::Rsa(prepare_rsa(x, m, d, dissimilarity, compare, prod)?),
+            Measure::Rsa(rsa) => Prepared::Rsa(prepare_rsa(x, m, d, rsa, prod)?),
             Measure::Knn { k, normalize } => {
                 Prepared::Knn(prepare_knn(x, m, d, k, normalize, &NoMonitor, prod)?)
             }
@@ -393,6 +385,11 @@ mod tests {
     use crate::measures::rsa::{
         mutual_knn_matrix, prepare_knn, prepare_rsa, rsa_matrix, Compare, Dissimilarity,
     };
+
+    const EUCLIDEAN_SPEARMAN: Rsa = Rsa {
+        dissimilarity: Dissimilarity::Euclidean,
+        compare: Compare::Spearman,
+    };
     use crate::memory::Budget;
     use crate::monitor::NoMonitor;
 
@@ -471,27 +468,13 @@ mod tests {
                 })
                 .collect();
             let local = rbf_hsic(&layers, None, m, 1.0, unbiased, &b, &NoMonitor).unwrap();
-            check(prep, local.cka);
+            check(prep, local.table.cka);
         }
         let prep = layers
             .iter()
-            .map(|(x, d)| {
-                Prepared::Rsa(
-                    prepare_rsa(x, m, *d, Dissimilarity::Euclidean, Compare::Spearman, &Cpu)
-                        .unwrap(),
-                )
-            })
+            .map(|(x, d)| Prepared::Rsa(prepare_rsa(x, m, *d, EUCLIDEAN_SPEARMAN, &Cpu).unwrap()))
             .collect();
-        let local = rsa_matrix(
-            &layers,
-            None,
-            m,
-            Dissimilarity::Euclidean,
-            Compare::Spearman,
-            &b,
-            &NoMonitor,
-        )
-        .unwrap();
+        let local = rsa_matrix(&layers, None, m, EUCLIDEAN_SPEARMAN, &b, &NoMonitor).unwrap();
         check(prep, local);
         let prep = layers
             .iter()
@@ -505,7 +488,7 @@ mod tests {
     fn mixed_kinds_and_garbage_are_errors() {
         let x = layer(10, 3, 1);
         let r = Prepared::Rsa(
-            prepare_rsa(&x, 10, 3, Dissimilarity::Euclidean, Compare::Pearson, &Cpu).unwrap(),
+            prepare_rsa(&x, 10, 3, Rsa::parse("euclidean", "pearson").unwrap(), &Cpu).unwrap(),
         );
         let k = Prepared::Knn(prepare_knn(&x, 10, 3, 2, false, &NoMonitor, &Cpu).unwrap());
         assert!(table(&[&r, &k], None).is_err());

@@ -28,27 +28,37 @@ pub enum Compare {
     Spearman,
 }
 
+/// An RSA: the dissimilarity of its RDMs and how two RDMs are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rsa {
+    pub dissimilarity: Dissimilarity,
+    pub compare: Compare,
+}
+
+impl Rsa {
+    /// From the names: `"euclidean"` or `"correlation"`, `"spearman"` or `"pearson"`.
+    pub fn parse(dissimilarity: &str, compare: &str) -> Result<Rsa> {
+        Ok(Rsa {
+            dissimilarity: Dissimilarity::parse(dissimilarity)?,
+            compare: Compare::parse(compare)?,
+        })
+    }
+}
+
 impl Dissimilarity {
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "euclidean" => Ok(Self::Euclidean),
-            "correlation" => Ok(Self::Correlation),
-            _ => Err(Error::invalid(format!(
-                "dissimilarity must be 'euclidean' or 'correlation', got {s:?}"
-            ))),
-        }
+        let kinds = [
+            ("euclidean", Self::Euclidean),
+            ("correlation", Self::Correlation),
+        ];
+        crate::error::choice("dissimilarity", s, &kinds)
     }
 }
 
 impl Compare {
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "pearson" => Ok(Self::Pearson),
-            "spearman" => Ok(Self::Spearman),
-            _ => Err(Error::invalid(format!(
-                "compare must be 'spearman' or 'pearson', got {s:?}"
-            ))),
-        }
+        let ways = [("spearman", Self::Spearman), ("pearson", Self::Pearson)];
+        crate::error::choice("compare", s, &ways)
     }
 }
 
@@ -231,8 +241,7 @@ pub fn rsa_matrix(
     a: &Layers<'_>,
     b: Option<&Layers<'_>>,
     m: usize,
-    kind: Dissimilarity,
-    compare: Compare,
+    rsa: Rsa,
     budget: &Budget,
     monitor: &dyn crate::Monitor,
 ) -> Result<Vec<f64>> {
@@ -253,7 +262,7 @@ pub fn rsa_matrix(
     let mut prepare = |layers: &Layers<'_>| -> Result<Vec<Option<Vec<f64>>>> {
         let mut out = Vec::with_capacity(layers.len());
         for (x, d) in layers {
-            out.push(prepare_rsa(x, m, *d, kind, compare, &Cpu)?);
+            out.push(prepare_rsa(x, m, *d, rsa, &Cpu)?);
             done += 1;
             monitor.progress(done, nl as u64)?;
         }
@@ -276,16 +285,15 @@ pub fn prepare_rsa(
     x: &[f64],
     m: usize,
     d: usize,
-    kind: Dissimilarity,
-    compare: Compare,
+    rsa: Rsa,
     prod: &dyn Products,
 ) -> Result<Option<Vec<f64>>> {
     if m < 3 {
         return Err(Error::invalid("RSA needs at least 3 rows"));
     }
-    let r = rdm_with(x, m, d, kind, &Budget::unchecked(), prod)?;
+    let r = rdm_with(x, m, d, rsa.dissimilarity, &Budget::unchecked(), prod)?;
     crate::monitor::check_interrupt()?; // the ranking below is the other long step
-    let p = prepare_rdm(&r, compare);
+    let p = prepare_rdm(&r, rsa.compare);
     crate::monitor::check_interrupt()?; // an interrupted ranking is meaningless
     Ok(p)
 }

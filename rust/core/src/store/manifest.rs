@@ -98,6 +98,11 @@ fn get_str<'a>(obj: &'a Map<String, Value>, key: &str, path: &Path, what: &str) 
 }
 
 impl Manifest {
+    /// The layers' names, in order.
+    pub fn layer_names(&self) -> Vec<&str> {
+        self.layers.iter().map(|l| l.name.as_str()).collect()
+    }
+
     /// Parses and validates manifest bytes. `path` is used in error messages only.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Manifest> {
         let text = std::str::from_utf8(bytes)

@@ -287,12 +287,7 @@ impl Store {
             .iter()
             .position(|l| l.name == name)
             .ok_or_else(|| {
-                let names: Vec<&str> = self
-                    .manifest
-                    .layers
-                    .iter()
-                    .map(|l| l.name.as_str())
-                    .collect();
+                let names = self.manifest.layer_names();
                 Error::MissingLayer(format!(
                     "layer {name:?} not found in {}; available: {}",
                     self.path.display(),
@@ -461,13 +456,7 @@ impl Store {
         stop: u64,
         outs: &mut [&mut [T]],
     ) -> Result<()> {
-        if outs.len() != layers.len() {
-            return Err(Error::invalid(format!(
-                "{} output buffers for {} layers",
-                outs.len(),
-                layers.len()
-            )));
-        }
+        crate::error::check_outs(outs.len(), layers.len(), "layers")?;
         outs.par_iter_mut()
             .zip(layers.par_iter())
             .try_for_each(|(o, &l)| self.read_rows_into(l, start, stop, o))
@@ -514,14 +503,7 @@ impl Store {
                 self.manifest.num_rows
             )));
         }
-        if Some(out.len()) != rows.len().checked_mul(dim) {
-            return Err(Error::invalid(format!(
-                "output buffer has {} elements, {} rows of dim {dim} need {}",
-                out.len(),
-                rows.len(),
-                rows.len().saturating_mul(dim)
-            )));
-        }
+        crate::error::check_out_len(out.len(), rows.len(), dim)?;
         let mut touched = vec![false; self.shards.len()];
         for &r in rows {
             touched[self.shard_of(r)] = true;

@@ -20,7 +20,7 @@
 //! * [`run`]: one pass over rows `0..n` of a source in blocks of `block_rows` rows.
 use super::dtype::{DType, Element, Values};
 use super::reader::Store;
-use crate::error::{Error, Result};
+use crate::error::{check_out_len, check_outs, Error, Result};
 use crate::memory::try_with_capacity;
 use crate::monitor::Monitor;
 use std::ops::Range;
@@ -96,8 +96,19 @@ read_as!(f32, read_f32, take_f32, read_layer_f32);
 read_as!(f64, read_f64, take_f64, read_layer_f64);
 
 /// The six typed reads of [`RowSource`], forwarded to the implementing type's generic
-/// `read` (a block), `take` (gathered rows) and `read_layer` (one layer's block).
+/// `read` (a block), `take` (gathered rows) and `read_layer` (one layer's block); `(of src)`
+/// also forwards `dims` and `has_f64` to `self.src` (a view of another source).
 macro_rules! typed_reads {
+    // A view of `self.src`: the same widths and storage.
+    (of src) => {
+        fn dims(&self) -> Vec<usize> {
+            self.src.dims()
+        }
+        fn has_f64(&self) -> bool {
+            self.src.has_f64()
+        }
+        typed_reads!();
+    };
     () => {
         typed_reads!(f32, read_f32, take_f32, read_layer_f32);
         typed_reads!(f64, read_f64, take_f64, read_layer_f64);
@@ -261,12 +272,7 @@ impl<'a> Rows<'a> {
 
     fn read<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
         let total: usize = self.counts.iter().sum();
-        if outs.len() != total {
-            return Err(Error::invalid(format!(
-                "{} output buffers for {total} layers",
-                outs.len()
-            )));
-        }
+        check_outs(outs.len(), total, "layers")?;
         let mut rest = outs;
         for (p, &k) in self.parts.iter().zip(&self.counts) {
             let (mine, tail) = rest.split_at_mut(k);
@@ -396,23 +402,10 @@ impl<'a> ArrayRows<'a> {
                 self.rows
             )));
         }
-        if outs.len() != self.layers.len() {
-            return Err(Error::invalid(format!(
-                "{} output buffers for {} layers",
-                outs.len(),
-                self.layers.len()
-            )));
-        }
+        check_outs(outs.len(), self.layers.len(), "layers")?;
         let rows = (stop - start) as usize;
         for (l, o) in self.layers.iter().zip(outs.iter()) {
-            if o.len() != rows * l.dim {
-                return Err(Error::invalid(format!(
-                    "output buffer has {} elements, {rows} rows of width {} need {}",
-                    o.len(),
-                    l.dim,
-                    rows * l.dim
-                )));
-            }
+            check_out_len(o.len(), rows, l.dim)?;
         }
         outs.iter_mut()
             .enumerate()
@@ -429,15 +422,7 @@ impl<'a> ArrayRows<'a> {
                 self.rows
             )));
         }
-        let rows = (stop - start) as usize;
-        if out.len() != rows * l.dim {
-            return Err(Error::invalid(format!(
-                "output buffer has {} elements, {rows} rows of width {} need {}",
-                out.len(),
-                l.dim,
-                rows * l.dim
-            )));
-        }
+        check_out_len(out.len(), (stop - start) as usize, l.dim)?;
         if l.dim == 0 {
             return Ok(());
         }
@@ -454,15 +439,7 @@ impl<'a> ArrayRows<'a> {
 
     fn take<T: Element>(&self, layer: usize, rows: &[u64], out: &mut [T]) -> Result<()> {
         let l = self.layer(layer)?;
-        if Some(out.len()) != rows.len().checked_mul(l.dim) {
-            return Err(Error::invalid(format!(
-                "output buffer has {} elements, {} rows of width {} need {}",
-                out.len(),
-                rows.len(),
-                l.dim,
-                rows.len().saturating_mul(l.dim)
-            )));
-        }
+        check_out_len(out.len(), rows.len(), l.dim)?;
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
             return Err(Error::invalid(format!(
                 "row {bad} out of range ({} rows)",
@@ -545,13 +522,7 @@ impl RowSource for Subset<'_> {
     fn num_rows(&self) -> u64 {
         self.index.len() as u64
     }
-    fn dims(&self) -> Vec<usize> {
-        self.src.dims()
-    }
-    fn has_f64(&self) -> bool {
-        self.src.has_f64()
-    }
-    typed_reads!();
+    typed_reads!(of src);
     /// Scattered reads map whole neighbourhoods of pages (fault-around), anywhere in the
     /// source: a block of sampled rows releases all of it.
     fn release(&self, _start: u64, _stop: u64) -> Result<()> {
@@ -621,13 +592,7 @@ impl RowSource for RowRange<'_> {
     fn num_rows(&self) -> u64 {
         self.stop - self.start
     }
-    fn dims(&self) -> Vec<usize> {
-        self.src.dims()
-    }
-    fn has_f64(&self) -> bool {
-        self.src.has_f64()
-    }
-    typed_reads!();
+    typed_reads!(of src);
     fn release(&self, start: u64, stop: u64) -> Result<()> {
         let (a, b) = self.shifted(start, stop.min(self.stop - self.start))?;
         self.src.release(a, b)
@@ -684,13 +649,7 @@ impl<'a> Columns<'a> {
     }
 
     fn read<T: ReadAs>(&self, start: u64, stop: u64, outs: &mut [&mut [T]]) -> Result<()> {
-        if outs.len() != self.pieces.len() {
-            return Err(Error::invalid(format!(
-                "{} output buffers for {} pieces",
-                outs.len(),
-                self.pieces.len()
-            )));
-        }
+        check_outs(outs.len(), self.pieces.len(), "pieces")?;
         let rows = usize::try_from(stop.saturating_sub(start))
             .map_err(|_| Error::Memory(format!("a block of {} rows", stop - start)))?;
         // The whole-layer rows last read (layer index, values).
@@ -701,14 +660,7 @@ impl<'a> Columns<'a> {
                 T::read_layer(self.src, l, start..stop, out)?;
                 continue;
             }
-            if out.len() != rows * c.len() {
-                return Err(Error::invalid(format!(
-                    "output buffer has {} elements, {rows} rows of width {} need {}",
-                    out.len(),
-                    c.len(),
-                    rows * c.len()
-                )));
-            }
+            check_out_len(out.len(), rows, c.len())?;
             if held.as_ref().map(|h| h.0) != Some(l) {
                 let len = rows
                     .checked_mul(d)
@@ -744,7 +696,7 @@ impl<'a> Columns<'a> {
             format_args!("a block of {rows} rows × {d} (a column piece's layer)"),
         )?;
         T::read_layer(self.src, l, start..stop, &mut whole)?;
-        check_len(out.len(), rows, c.len())?;
+        check_out_len(out.len(), rows, c.len())?;
         copy_columns(&whole, d, c, out);
         Ok(())
     }
@@ -760,20 +712,10 @@ impl<'a> Columns<'a> {
             format_args!("{} rows × {d} (a column piece's layer)", rows.len()),
         )?;
         T::take(self.src, l, rows, &mut whole)?;
-        check_len(out.len(), rows.len(), c.len())?;
+        check_out_len(out.len(), rows.len(), c.len())?;
         copy_columns(&whole, d, c, out);
         Ok(())
     }
-}
-
-fn check_len(len: usize, rows: usize, width: usize) -> Result<()> {
-    if Some(len) != rows.checked_mul(width) {
-        return Err(Error::invalid(format!(
-            "output buffer has {len} elements, {rows} rows of width {width} need {}",
-            rows.saturating_mul(width)
-        )));
-    }
-    Ok(())
 }
 
 /// Columns `c` of the row-major `· × d` matrix `whole` into the row-major `out`.
@@ -914,7 +856,7 @@ pub fn run<T: ReadAs>(
 mod tests {
     use super::*;
     use crate::monitor::{FlagMonitor, NoMonitor};
-    use crate::store::{ArrayData, StoreWriter, Values, WriterOptions};
+    use crate::store::Values;
     use std::sync::atomic::AtomicBool;
 
     /// A store of `n` rows (shards of a few rows) with layers of widths 3 and 5.
@@ -925,28 +867,8 @@ mod tests {
             .enumerate()
             .map(|(l, &d)| (0..n * d).map(|i| (i * (l + 2)) as f32 * 0.25).collect())
             .collect();
-        let opts = WriterOptions {
-            shard_bytes: 256,
-            ..Default::default()
-        };
-        let mut w = StoreWriter::create(&dir.join(name), opts).unwrap();
-        for start in (0..n).step_by(7) {
-            let stop = (start + 7).min(n);
-            let layers: Vec<(String, ArrayData)> = (0..2)
-                .map(|l| {
-                    let d = dims[l];
-                    (
-                        format!("l{l}"),
-                        ArrayData::new(Values::F32(&xs[l][start * d..stop * d]), stop - start, d),
-                    )
-                })
-                .collect();
-            let refs: Vec<(&str, ArrayData)> =
-                layers.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-            w.append(&refs, None, &[]).unwrap();
-        }
-        w.finish().unwrap();
-        (Store::open(&dir.join(name)).unwrap(), xs)
+        let st = crate::testdata::f32_store(&dir.join(name), &xs, &dims, 7, 256);
+        (st, xs)
     }
 
     #[test]

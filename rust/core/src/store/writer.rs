@@ -53,6 +53,35 @@ impl Default for WriterOptions {
     }
 }
 
+/// The rows a writer holds until it has a shard's worth: per layer the values encoded in the
+/// store dtype, the row ids and the per-row columns.
+#[derive(Debug, Default)]
+struct Pending {
+    values: Vec<Vec<u8>>,
+    ids: Vec<i64>,
+    cols: Vec<Vec<i64>>,
+    rows: usize,
+}
+
+impl Pending {
+    /// Empty buffers for `layers` layers and `cols` columns.
+    fn new(layers: usize, cols: usize) -> Self {
+        Pending {
+            values: vec![Vec::new(); layers],
+            cols: vec![Vec::new(); cols],
+            ..Default::default()
+        }
+    }
+
+    /// Empties the buffers, keeping their allocations.
+    fn clear(&mut self) {
+        self.values.iter_mut().for_each(Vec::clear);
+        self.cols.iter_mut().for_each(Vec::clear);
+        self.ids.clear();
+        self.rows = 0;
+    }
+}
+
 /// Incremental writer. Dropping it without [`StoreWriter::finish`] discards only the rows
 /// buffered since the last shard: the folder stays a valid store of the finished shards
 /// (manifest `"complete": false`).
@@ -61,11 +90,8 @@ pub struct StoreWriter {
     path: PathBuf,
     opts: WriterOptions,
     manifest: Manifest,
-    /// Per layer: buffered rows encoded in the store dtype.
-    buf: Vec<Vec<u8>>,
-    buf_ids: Vec<i64>,
-    buf_cols: Vec<Vec<i64>>,
-    buf_rows: usize,
+    /// The rows appended since the last shard.
+    pending: Pending,
     rows_per_shard: usize,
     rows_appended: u64,
     /// Set when an append failed part-way: the buffers no longer match `rows_appended`.
@@ -296,10 +322,7 @@ impl StoreWriter {
             path: path.to_path_buf(),
             opts,
             manifest,
-            buf: vec![],
-            buf_ids: vec![],
-            buf_cols: vec![],
-            buf_rows: 0,
+            pending: Pending::default(),
             rows_per_shard: 1,
             rows_appended: 0,
             poisoned: false,
@@ -531,29 +554,31 @@ impl StoreWriter {
         let mut done = 0usize;
         while done < rows {
             monitor.progress(done as u64, rows as u64)?;
-            let take = (self.rows_per_shard - self.buf_rows).min(rows - done);
+            let take = (self.rows_per_shard - self.pending.rows).min(rows - done);
             for (li, (a, l)) in order.iter().zip(&self.manifest.layers).enumerate() {
                 let buf = self
-                    .buf
+                    .pending
+                    .values
                     .get_mut(li)
                     .ok_or_else(|| Error::invalid("internal: layer buffer"))?;
                 a.values
                     .encode_into(done * l.dim, (done + take) * l.dim, l.dtype, buf)?;
             }
             match row_ids {
-                Some(ids) => self.buf_ids.extend_from_slice(&ids[done..done + take]),
+                Some(ids) => self.pending.ids.extend_from_slice(&ids[done..done + take]),
                 None => {
                     let base = self.rows_appended + done as u64;
-                    self.buf_ids
+                    self.pending
+                        .ids
                         .extend((base..base + take as u64).map(|r| r as i64));
                 }
             }
-            for (b, c) in self.buf_cols.iter_mut().zip(cols) {
+            for (b, c) in self.pending.cols.iter_mut().zip(cols) {
                 b.extend_from_slice(&c[done..done + take]);
             }
-            self.buf_rows += take;
+            self.pending.rows += take;
             done += take;
-            if self.buf_rows >= self.rows_per_shard {
+            if self.pending.rows >= self.rows_per_shard {
                 self.flush_shard()?;
             }
         }
@@ -596,8 +621,7 @@ impl StoreWriter {
             }
             cols.push(c.to_string());
         }
-        self.buf = vec![Vec::new(); infos.len()];
-        self.buf_cols = vec![Vec::new(); cols.len()];
+        self.pending = Pending::new(infos.len(), cols.len());
         self.manifest.layers = infos;
         self.manifest.columns = cols;
         self.rows_per_shard = (self.opts.shard_bytes / self.bytes_per_row())
@@ -607,12 +631,7 @@ impl StoreWriter {
     }
 
     fn check_schema(&self, layers: &[(&str, ArrayData)], columns: &[(&str, &[i64])]) -> Result<()> {
-        let want: Vec<&str> = self
-            .manifest
-            .layers
-            .iter()
-            .map(|l| l.name.as_str())
-            .collect();
+        let want = self.manifest.layer_names();
         let mut got: Vec<&str> = layers.iter().map(|(n, _)| *n).collect();
         got.sort_unstable();
         let mut w = want.clone();
@@ -654,10 +673,10 @@ impl StoreWriter {
 
     /// Writes the buffered rows as the next shard and rewrites the manifest.
     fn flush_shard(&mut self) -> Result<()> {
-        if self.buf_rows == 0 {
+        if self.pending.rows == 0 {
             return Ok(());
         }
-        let rows = self.buf_rows as u64;
+        let rows = self.pending.rows as u64;
         let k = self.manifest.shards.len();
         let name = format!("shard-{k:05}.safetensors");
         let mut tensors: Vec<(&str, &str, Vec<u64>, u64)> = Vec::new();
@@ -677,15 +696,21 @@ impl StoreWriter {
             &tensors,
             &[("format", "layerscope-shard"), ("format_version", "1")],
         );
-        let ids: Vec<u8> = self.buf_ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ids: Vec<u8> = self
+            .pending
+            .ids
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let cols: Vec<Vec<u8>> = self
-            .buf_cols
+            .pending
+            .cols
             .iter()
             .map(|c| c.iter().flat_map(|v| v.to_le_bytes()).collect())
             .collect();
         let mut parts: Vec<&[u8]> = vec![&header, &ids];
         parts.extend(cols.iter().map(|c| c.as_slice()));
-        parts.extend(self.buf.iter().map(|b| b.as_slice()));
+        parts.extend(self.pending.values.iter().map(|b| b.as_slice()));
         let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
         // Hash on one thread while the other writes and fsyncs the temp file.
         let (sha256, written) = rayon::join(
@@ -712,14 +737,7 @@ impl StoreWriter {
         });
         self.manifest.num_rows += rows;
         self.write_manifest()?;
-        for b in &mut self.buf {
-            b.clear();
-        }
-        for b in &mut self.buf_cols {
-            b.clear();
-        }
-        self.buf_ids.clear();
-        self.buf_rows = 0;
+        self.pending.clear();
         Ok(())
     }
 
@@ -736,7 +754,7 @@ impl StoreWriter {
         // The manifest written after the last shard is already the final one (one atomic
         // manifest write fewer). Should that shard fail, no manifest says complete.
         self.manifest.complete = complete;
-        if self.buf_rows > 0 {
+        if self.pending.rows > 0 {
             self.flush_shard()
         } else {
             self.write_manifest()

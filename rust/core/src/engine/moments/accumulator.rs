@@ -803,31 +803,18 @@ impl MomentAccumulator {
                 })
             })
             .collect();
-        // δ_kᵀ s_uk
-        let ds: Vec<f64> = (0..lc)
-            .map(|k| {
-                (offsets[k]..offsets[k + 1])
-                    .map(|j| delta[j] * sums[j])
-                    .sum()
-            })
-            .collect();
+        // δ_kᵀ v over layer k's columns, for v = s_u, S[U, R_l] and P[·][l].
+        let dot = |k: usize, v: &dyn Fn(usize) -> f64| -> f64 {
+            (offsets[k]..offsets[k + 1]).map(|i| delta[i] * v(i)).sum()
+        };
+        let ds: Vec<f64> = (0..lc).map(|k| dot(k, &|j| sums[j])).collect();
         // δ_kᵀ S[U_k, R_l]
         let dsr: Vec<f64> = (0..lc * lc)
-            .map(|kl| {
-                let (k, l) = (kl / lc, kl % lc);
-                (offsets[k]..offsets[k + 1])
-                    .map(|i| delta[i] * s[(d + l) * dz + i])
-                    .sum()
-            })
+            .map(|kl| dot(kl / lc, &|i| s[(d + kl % lc) * dz + i]))
             .collect();
         // δ_kᵀ S[U_k,U_l] δ_l = Σ_{i∈k} δ_i P[i][l]
         let dsd: Vec<f64> = (0..lc * lc)
-            .map(|kl| {
-                let (k, l) = (kl / lc, kl % lc);
-                (offsets[k]..offsets[k + 1])
-                    .map(|i| delta[i] * p[i * lc + l])
-                    .sum()
-            })
+            .map(|kl| dot(kl / lc, &|i| p[i * lc + kl % lc]))
             .collect();
         let new_sr: Vec<f64> = (0..lc)
             .map(|k| sums[d + k] + 2.0 * ds[k] + n * e[k])

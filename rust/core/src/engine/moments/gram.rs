@@ -20,6 +20,7 @@
 //! one Gram at a time (a streamed Gram is rebuilt once per round: FLOPs grow, memory not).
 use super::accumulator::{f32_products_ok, ldexp, max_deviation, scale_exponent, Compute};
 use super::pairs::PairStats;
+use super::plan::PassShape;
 use crate::error::{Error, Result};
 use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
 use crate::memory::{fmt_bytes, try_vec, Budget};
@@ -59,18 +60,8 @@ impl GramPlan {
     /// The plan for `n` rows of layers of widths `dims` (`0..num_a` from the first source):
     /// as many Grams held as fit `budget` (all of them when they fit). [`Error::Memory`] with
     /// the minimum (two Grams and one layer's rows) when nothing fits.
-    pub fn new(
-        dims: &[usize],
-        num_a: usize,
-        n: u64,
-        compute: Compute,
-        budget: &Budget,
-    ) -> Result<GramPlan> {
-        if dims.is_empty() || dims.contains(&0) || num_a == 0 || num_a > dims.len() {
-            return Err(Error::invalid(format!(
-                "the Gram route needs layers of positive width (got {dims:?}, {num_a} in the first source)"
-            )));
-        }
+    pub fn new(shape: &PassShape<'_>, budget: &Budget) -> Result<GramPlan> {
+        let (dims, num_a, n, compute) = (shape.dims, shape.num_a, shape.n, shape.compute);
         let n = usize::try_from(n).map_err(|_| Error::Memory(format!("{n} rows")))?;
         let l = dims.len();
         let dmax = dims.iter().copied().max().unwrap_or(0);

@@ -74,7 +74,7 @@ pub use partial::{merge_partial_bytes, PairStatsBuilder, TilePartial};
 pub use pass::{accumulate, accumulate_into, sample_scale, sample_shift, SHIFT_SAMPLE_ROWS};
 pub use plan::{
     accumulator_bytes, check_memory, cross_pass_bytes, default_block_rows, default_block_rows_for,
-    measured_madds_per_s, pass_bytes,
+    measured_madds_per_s, pass_bytes, PassShape,
 };
 pub use tiled::{
     plan_tiles, run_tiled, PairPlan, Piece, Tile, TilePlan, MIN_PIECE_COLUMNS, PAIR_STRATEGIES,

@@ -1,9 +1,56 @@
 //! The plan of one pass: the bytes it needs ([`accumulator_bytes`], [`pass_bytes`]), its
 //! default block rows, and the memory check that runs before any row is read.
 use super::accumulator::{Compute, F32_BLOCK_ROWS};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::linalg::packed::PackedElem;
 use crate::memory::{fmt_bytes, Budget};
+
+/// What a planner is asked to plan: `n` rows of layers of widths `dims` (`0..num_a` from the
+/// first source; `num_a == dims.len()` for one source), `block_rows` rows per block (`None`:
+/// the planner's default) and the products' arithmetic. [`PassShape::new`] checks it once
+/// for every planner ([`super::plan_tiles`], [`super::PairPlan::choose`],
+/// [`super::GramPlan::new`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PassShape<'a> {
+    pub dims: &'a [usize],
+    pub num_a: usize,
+    pub n: u64,
+    pub block_rows: Option<usize>,
+    pub compute: Compute,
+}
+
+impl<'a> PassShape<'a> {
+    /// [`Error::InvalidArgument`] for no layers, a layer of width 0, `num_a` outside
+    /// `1..=dims.len()` or `block_rows` 0.
+    pub fn new(
+        dims: &'a [usize],
+        num_a: usize,
+        n: u64,
+        block_rows: Option<usize>,
+        compute: Compute,
+    ) -> Result<Self> {
+        if dims.is_empty() || dims.contains(&0) || num_a == 0 || num_a > dims.len() {
+            return Err(Error::invalid(format!(
+                "a pass needs layers of positive width (got {dims:?}, {num_a} in the first source)"
+            )));
+        }
+        if block_rows == Some(0) {
+            return Err(Error::invalid("block_rows must be at least 1"));
+        }
+        Ok(PassShape {
+            dims,
+            num_a,
+            n,
+            block_rows,
+            compute,
+        })
+    }
+
+    /// `n` as a row count of this machine (at least 1), the most rows a block can hold.
+    pub fn max_block_rows(&self) -> usize {
+        usize::try_from(self.n).unwrap_or(usize::MAX).max(1)
+    }
+}
 
 /// Bytes of the accumulator for layers of these widths: `(D+L)² × 8` plus vectors.
 pub fn accumulator_bytes(dims: &[usize]) -> u128 {

@@ -137,6 +137,17 @@ fn single_pass(
 
 /// The pairs of a pass over `l` layers, `num_a` of them the first source's: every pair of
 /// one source (`num_a == l`), else those across the two.
+/// A valid [`PassShape`].
+fn shape(
+    dims: &[usize],
+    num_a: usize,
+    n: u64,
+    block_rows: Option<usize>,
+    compute: Compute,
+) -> PassShape<'_> {
+    PassShape::new(dims, num_a, n, block_rows, compute).unwrap()
+}
+
 fn sides(num_a: usize, l: usize) -> (Vec<usize>, Vec<usize>) {
     if num_a == l {
         ((0..l).collect(), (0..l).collect())
@@ -287,15 +298,7 @@ fn nonfinite_and_shape_errors() {
 /// Reference linear CKA from explicit Gram matrices (Song et al. 2012 eq. 5 for the
 /// unbiased HSIC; Kornblith et al. 2019 for the biased one), on raw (uncentred) data.
 fn naive_cka(x: &[f64], y: &[f64], n: usize, dx: usize, dy: usize, debiased: bool) -> f64 {
-    let gram = |z: &[f64], d: usize| -> Vec<f64> {
-        let mut g = vec![0.0; n * n];
-        for a in 0..n {
-            for b in 0..n {
-                g[a * n + b] = (0..d).map(|c| z[a * d + c] * z[b * d + c]).sum();
-            }
-        }
-        g
-    };
+    let gram = |z: &[f64], d: usize| crate::testdata::naive_gram(z, n, d);
     let hsic = |k: &[f64], l: &[f64]| -> f64 {
         let nf = n as f64;
         if debiased {
@@ -380,7 +383,7 @@ fn cka_matches_gram_reference() {
 #[test]
 fn stream_from_stores_equals_in_memory() {
     use crate::monitor::NoMonitor;
-    use crate::store::{ArrayData, Rows, Store, StoreRows, StoreWriter, Values, WriterOptions};
+    use crate::store::{Rows, StoreRows};
     let dir = tempfile::tempdir().unwrap();
     let (n, dims) = (301usize, [4usize, 7]);
     let xs: Vec<Vec<f64>> = dims
@@ -389,31 +392,7 @@ fn stream_from_stores_equals_in_memory() {
         .map(|(i, &d)| data(n, d, 10 + i as u64, 300.0))
         .collect();
     let x32 = to_f32(&xs);
-    let mk = |name: &str| {
-        let p = dir.path().join(name);
-        let opts = WriterOptions {
-            shard_bytes: 4096,
-            ..Default::default()
-        };
-        let mut w = StoreWriter::create(&p, opts).unwrap();
-        for start in (0..n).step_by(50) {
-            let stop = (start + 50).min(n);
-            let layers: Vec<(String, ArrayData)> = (0..2)
-                .map(|l| {
-                    let d = dims[l];
-                    (
-                        format!("l{l}"),
-                        ArrayData::new(Values::F32(&x32[l][start * d..stop * d]), stop - start, d),
-                    )
-                })
-                .collect();
-            let refs: Vec<(&str, ArrayData)> =
-                layers.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-            w.append(&refs, None, &[]).unwrap();
-        }
-        w.finish().unwrap();
-        Store::open(&p).unwrap()
-    };
+    let mk = |name: &str| crate::testdata::f32_store(&dir.path().join(name), &x32, &dims, 50, 4096);
     let a = mk("a");
     let b = mk("b");
     let sa = StoreRows::new(&a, vec![0, 1]).unwrap();
@@ -589,7 +568,8 @@ fn tiled_passes_equal_the_single_pass() {
             for frac in [0.7, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2] {
                 let budget = (full * frac) as u64;
                 let b = Budget::argument(budget).unwrap();
-                let Ok(plan) = plan_tiles(&dims, num_a, n as u64, Some(50), compute, &b) else {
+                let Ok(plan) = plan_tiles(&shape(&dims, num_a, n as u64, Some(50), compute), &b)
+                else {
                     assert!(frac < 0.45, "{compute:?} {num_a} {frac}");
                     continue;
                 };
@@ -625,7 +605,11 @@ fn tiled_passes_equal_the_single_pass() {
     // A layer of one source against a Gram reference (biased and debiased), via tiles.
     let src = f64_rows(&xs, &dims, n);
     let b = Budget::argument((pass_bytes(&dims, 64, Compute::F64) as f64 * 0.4) as u64).unwrap();
-    let plan = plan_tiles(&dims, dims.len(), n as u64, Some(64), Compute::F64, &b).unwrap();
+    let plan = plan_tiles(
+        &shape(&dims, dims.len(), n as u64, Some(64), Compute::F64),
+        &b,
+    )
+    .unwrap();
     assert!(
         plan.pieces.len() > dims.len(),
         "the 300-wide layer is split: {plan:?}"
@@ -642,17 +626,17 @@ fn tiled_passes_equal_the_single_pass() {
 fn tiled_plan_errors() {
     // Too small for any plan: a memory error naming the minimum.
     let b = Budget::argument(10_000).unwrap();
-    match plan_tiles(&[4096; 3], 3, 1 << 20, None, Compute::F32, &b) {
+    match plan_tiles(&shape(&[4096; 3], 3, 1 << 20, None, Compute::F32), &b) {
         Err(Error::Memory(msg)) => assert!(msg.contains("at least"), "{msg}"),
         other => panic!("{other:?}"),
     }
-    assert!(plan_tiles(&[], 0, 10, None, Compute::F64, &Budget::unchecked()).is_err());
-    assert!(plan_tiles(&[4, 0], 2, 10, None, Compute::F64, &Budget::unchecked()).is_err());
-    assert!(plan_tiles(&[4, 4], 2, 10, Some(0), Compute::F64, &Budget::unchecked()).is_err());
+    assert!(PassShape::new(&[], 0, 10, None, Compute::F64).is_err());
+    assert!(PassShape::new(&[4, 0], 2, 10, None, Compute::F64).is_err());
+    assert!(PassShape::new(&[4, 4], 2, 10, Some(0), Compute::F64).is_err());
     // A 7B-sized model plans in a laptop's budget; every pass fits, FLOPs as one pass.
     let dims = [4096usize; 33];
     let b = Budget::argument(8 << 30).unwrap();
-    let plan = plan_tiles(&dims, 33, 1 << 20, None, Compute::F32, &b).unwrap();
+    let plan = plan_tiles(&shape(&dims, 33, 1 << 20, None, Compute::F32), &b).unwrap();
     assert!(plan.peak_bytes <= 8 << 30);
     let d = 33u128 * 4096;
     assert_eq!(plan.madds_per_row(), d * (d + 1) / 2);
@@ -663,26 +647,26 @@ fn tiled_plan_errors() {
     // The chooser: single pass when it fits, tiles otherwise; forced strategies checked.
     let small = [8usize, 8];
     let un = Budget::unchecked();
-    let p = PairPlan::choose(&small, 2, 100, None, Compute::F64, &un, None).unwrap();
+    let p = PairPlan::choose(&shape(&small, 2, 100, None, Compute::F64), &un, None).unwrap();
     assert_eq!(
         (p.strategy(), p.passes(), p.block_rows()),
         ("single-pass", 1, 100)
     );
-    let p = PairPlan::choose(&dims, 33, 1 << 20, None, Compute::F32, &b, None).unwrap();
+    let p = PairPlan::choose(&shape(&dims, 33, 1 << 20, None, Compute::F32), &b, None).unwrap();
     assert_eq!(p.strategy(), "tiled");
     assert!(matches!(
         PairPlan::choose(
-            &dims,
-            33,
-            1 << 20,
-            None,
-            Compute::F32,
+            &shape(&dims, 33, 1 << 20, None, Compute::F32),
             &b,
             Some("single-pass")
         ),
         Err(Error::Memory(_))
     ));
-    match PairPlan::choose(&small, 2, 100, None, Compute::F64, &un, Some("gramm")) {
+    match PairPlan::choose(
+        &shape(&small, 2, 100, None, Compute::F64),
+        &un,
+        Some("gramm"),
+    ) {
         Err(Error::InvalidArgument(msg)) => assert!(msg.contains("tiled"), "{msg}"),
         other => panic!("{other:?}"),
     }
@@ -709,7 +693,8 @@ fn gram_route_equals_the_single_pass() {
                 let b =
                     Budget::argument(gram_bytes(n, held, held < dims.len(), dmax, compute) as u64)
                         .unwrap();
-                let plan = GramPlan::new(&dims, num_a, n as u64, compute, &b).unwrap();
+                let plan =
+                    GramPlan::new(&shape(&dims, num_a, n as u64, None, compute), &b).unwrap();
                 assert_eq!(
                     plan.held,
                     held.min(if held < dims.len() { num_a } else { held })
@@ -723,16 +708,21 @@ fn gram_route_equals_the_single_pass() {
     }
     // Too small: the minimum named.
     let b = Budget::argument(1000).unwrap();
-    match GramPlan::new(&dims, 4, n as u64, Compute::F64, &b) {
+    match GramPlan::new(&shape(&dims, 4, n as u64, None, Compute::F64), &b) {
         Err(Error::Memory(msg)) => assert!(msg.contains("at least"), "{msg}"),
         other => panic!("{other:?}"),
     }
     // The chooser takes the Gram route when rows are few against the widths, the moments
     // when they are many.
     let un = Budget::unchecked();
-    let p = PairPlan::choose(&[4096; 33], 33, 2048, None, Compute::F32, &un, None).unwrap();
+    let p = PairPlan::choose(&shape(&[4096; 33], 33, 2048, None, Compute::F32), &un, None).unwrap();
     assert_eq!(p.strategy(), "gram");
-    let p = PairPlan::choose(&[768; 13], 13, 1 << 20, None, Compute::F32, &un, None).unwrap();
+    let p = PairPlan::choose(
+        &shape(&[768; 13], 13, 1 << 20, None, Compute::F32),
+        &un,
+        None,
+    )
+    .unwrap();
     assert_eq!(p.strategy(), "single-pass");
 }
 
@@ -762,7 +752,7 @@ fn row_range_tasks_merge_to_the_local_pass() {
         for num_a in [dims.len(), 2] {
             let full = pass_bytes(&dims, 50, compute) as f64;
             let b = Budget::argument((full * 0.35) as u64).unwrap();
-            let tiled = plan_tiles(&dims, num_a, n as u64, Some(50), compute, &b).unwrap();
+            let tiled = plan_tiles(&shape(&dims, num_a, n as u64, Some(50), compute), &b).unwrap();
             let single = TilePlan::single(&dims, num_a, 50, compute);
             for plan in [single, tiled] {
                 let plan: TilePlan =
@@ -845,7 +835,7 @@ fn tile_partials_refuse_what_does_not_add_up() {
     let names = vec!["a".to_string(), "b".to_string()];
     let src = f64_rows(&xs, &dims, n);
     let b = Budget::argument((pass_bytes(&dims, 16, Compute::F64) as f64 * 0.9) as u64).unwrap();
-    let plan = plan_tiles(&dims, 1, n as u64, Some(16), Compute::F64, &b).unwrap();
+    let plan = plan_tiles(&shape(&dims, 1, n as u64, Some(16), Compute::F64), &b).unwrap();
     let cross = (0..plan.tiles.len())
         .find(|&t| matches!(plan.tiles[t], Tile::Cross(..)))
         .expect("a cross tile");
@@ -1027,10 +1017,10 @@ fn every_route(
         .and_then(|a| a.finalize())
         .and_then(|m| PairStats::from_moments(&m, &[0], &[1]));
     let b = Budget::argument((pass_bytes(&dims, 16, compute) as f64 * 0.3) as u64).unwrap();
-    let plan = plan_tiles(&dims, 2, n as u64, Some(16), compute, &b).unwrap();
+    let plan = plan_tiles(&shape(&dims, 2, n as u64, Some(16), compute), &b).unwrap();
     assert!(plan.pieces.len() > 2, "the wide layer is split: {plan:?}");
     let tiled = run_tiled(&src, &names, &plan, true, &b, &NoMonitor);
-    let gram = GramPlan::new(&dims, 2, n as u64, compute, &un)
+    let gram = GramPlan::new(&shape(&dims, 2, n as u64, None, compute), &un)
         .and_then(|p| p.run(&src, &names, true, &NoMonitor));
     vec![both(single), both(tiled), both(gram)]
 }
@@ -1251,7 +1241,7 @@ fn sums_computed_elsewhere_make_the_same_tiles() {
     for num_a in [dims.len(), 2] {
         let full = pass_bytes(&dims, 50, Compute::F64) as f64;
         let b = Budget::argument((full * 0.35) as u64).unwrap();
-        let tiled = plan_tiles(&dims, num_a, n as u64, Some(50), Compute::F64, &b).unwrap();
+        let tiled = plan_tiles(&shape(&dims, num_a, n as u64, Some(50), Compute::F64), &b).unwrap();
         assert!(tiled.tiles.iter().any(|t| matches!(t, Tile::Cross(..))));
         for plan in [TilePlan::single(&dims, num_a, 50, Compute::F64), tiled] {
             let want =

@@ -28,7 +28,7 @@ use super::gram::GramPlan;
 use super::pairs::PairStats;
 use super::partial::PairStatsBuilder;
 use super::pass::accumulate;
-use super::plan::{cross_pass_bytes, default_block_rows_for, pass_bytes};
+use super::plan::{cross_pass_bytes, default_block_rows_for, pass_bytes, PassShape};
 use crate::error::{Error, Result};
 use crate::memory::{fmt_bytes, Budget};
 use crate::monitor::Monitor;
@@ -137,22 +137,9 @@ impl TilePlan {
 /// `num_a == dims.len()` for one source) whose largest tile fits `budget` bytes; `block_rows`
 /// as given, else the default for the tiles' width (at most `n`). [`Error::Memory`] with the smallest budget that
 /// would work when even pieces of [`MIN_PIECE_COLUMNS`] columns do not fit.
-pub fn plan_tiles(
-    dims: &[usize],
-    num_a: usize,
-    n: u64,
-    block_rows: Option<usize>,
-    compute: Compute,
-    budget: &Budget,
-) -> Result<TilePlan> {
-    if dims.is_empty() || dims.contains(&0) || num_a == 0 || num_a > dims.len() {
-        return Err(Error::invalid(format!(
-            "a tiled pass needs layers of positive width (got {dims:?}, {num_a} in the first source)"
-        )));
-    }
-    if block_rows == Some(0) {
-        return Err(Error::invalid("block_rows must be at least 1"));
-    }
+pub fn plan_tiles(shape: &PassShape<'_>, budget: &Budget) -> Result<TilePlan> {
+    let (dims, num_a, block_rows, compute) =
+        (shape.dims, shape.num_a, shape.block_rows, shape.compute);
     let d_total: usize = dims.iter().sum();
     // Rows per block and peak of a cross tile of two groups of `w` columns (norms included).
     // Default rows per block: as a single pass over the tile would take them, but with the
@@ -166,7 +153,7 @@ pub fn plan_tiles(
                 default_block_rows_for(&[w.max(2) - 1; 2], compute)
                     .min(fit.max(MIN_TILE_BLOCK_ROWS))
             })
-            .min(usize::try_from(n).unwrap_or(usize::MAX).max(1))
+            .min(shape.max_block_rows())
     };
     // (A group of w columns is at most w − 1 feature columns and one norm; its diagonal tile
     // is never larger than a cross tile of two such groups.)
@@ -338,14 +325,9 @@ pub fn run_tiled(
 /// How an exact all-pairs linear pass runs: one pass over all layers at once, or tiles.
 #[derive(Clone, Debug)]
 pub enum PairPlan {
-    /// One [`MomentAccumulator`] over every layer ([`pass_bytes`]).
-    Single {
-        dims: Vec<usize>,
-        num_a: usize,
-        block_rows: usize,
-        compute: Compute,
-        peak_bytes: u128,
-    },
+    /// One [`MomentAccumulator`] over every layer ([`pass_bytes`]): as a tile plan, one
+    /// diagonal tile of whole layers ([`TilePlan::single`]).
+    Single(TilePlan),
     Tiled(TilePlan),
     /// Per-layer centred `n × n` Grams ([`GramPlan`]).
     Gram(GramPlan),
@@ -368,23 +350,18 @@ impl PairPlan {
     /// (a [`Error::Memory`] when it does not fit, with the minimum it needs; an unknown name
     /// is an [`Error::InvalidArgument`] listing them).
     pub fn choose(
-        dims: &[usize],
-        num_a: usize,
-        n: u64,
-        block_rows: Option<usize>,
-        compute: Compute,
+        shape: &PassShape<'_>,
         budget: &Budget,
         strategy: Option<&str>,
     ) -> Result<PairPlan> {
-        if block_rows == Some(0) {
-            return Err(Error::invalid("block_rows must be at least 1"));
-        }
+        let (dims, num_a, n, block_rows) = (shape.dims, shape.num_a, shape.n, shape.block_rows);
+        let compute = shape.compute;
         if n == 0 {
             return Err(Error::invalid(
                 "no rows were accumulated (the source has no rows)",
             ));
         }
-        let nmax = usize::try_from(n).unwrap_or(usize::MAX).max(1);
+        let nmax = shape.max_block_rows();
         let single = |check: bool| -> Result<PairPlan> {
             let br = block_rows
                 .unwrap_or_else(|| default_block_rows_for(dims, compute))
@@ -392,16 +369,10 @@ impl PairPlan {
             if check {
                 super::plan::check_memory(dims, br, compute, budget)?;
             }
-            Ok(PairPlan::Single {
-                dims: dims.to_vec(),
-                num_a,
-                block_rows: br,
-                compute,
-                peak_bytes: pass_bytes(dims, br, compute),
-            })
+            Ok(PairPlan::Single(TilePlan::single(dims, num_a, br, compute)))
         };
-        let tiled = || plan_tiles(dims, num_a, n, block_rows, compute, budget).map(PairPlan::Tiled);
-        let gram = || GramPlan::new(dims, num_a, n, compute, budget).map(PairPlan::Gram);
+        let tiled = || plan_tiles(shape, budget).map(PairPlan::Tiled);
+        let gram = || GramPlan::new(shape, budget).map(PairPlan::Gram);
         match strategy {
             None => {
                 let s = single(false)?;
@@ -436,14 +407,7 @@ impl PairPlan {
     /// of a layer at once).
     pub fn tile_plan(&self) -> Option<TilePlan> {
         match self {
-            PairPlan::Single {
-                dims,
-                num_a,
-                block_rows,
-                compute,
-                ..
-            } => Some(TilePlan::single(dims, *num_a, *block_rows, *compute)),
-            PairPlan::Tiled(t) => Some(t.clone()),
+            PairPlan::Single(t) | PairPlan::Tiled(t) => Some(t.clone()),
             PairPlan::Gram(_) => None,
         }
     }
@@ -462,8 +426,7 @@ impl PairPlan {
 
     pub fn dims(&self) -> &[usize] {
         match self {
-            PairPlan::Single { dims, .. } => dims,
-            PairPlan::Tiled(t) => &t.dims,
+            PairPlan::Single(t) | PairPlan::Tiled(t) => &t.dims,
             PairPlan::Gram(g) => &g.dims,
         }
     }
@@ -478,7 +441,7 @@ impl PairPlan {
 
     pub fn strategy(&self) -> &'static str {
         match self {
-            PairPlan::Single { .. } => "single-pass",
+            PairPlan::Single(_) => "single-pass",
             PairPlan::Tiled(_) => "tiled",
             PairPlan::Gram(_) => "gram",
         }
@@ -486,24 +449,21 @@ impl PairPlan {
 
     pub fn passes(&self) -> usize {
         match self {
-            PairPlan::Single { .. } => 1,
-            PairPlan::Tiled(t) => t.passes(),
+            PairPlan::Single(t) | PairPlan::Tiled(t) => t.passes(),
             PairPlan::Gram(g) => g.rounds.len(),
         }
     }
 
     pub fn peak_bytes(&self) -> u128 {
         match self {
-            PairPlan::Single { peak_bytes, .. } => *peak_bytes,
-            PairPlan::Tiled(t) => t.peak_bytes,
+            PairPlan::Single(t) | PairPlan::Tiled(t) => t.peak_bytes,
             PairPlan::Gram(g) => g.peak_bytes,
         }
     }
 
     pub fn block_rows(&self) -> usize {
         match self {
-            PairPlan::Single { block_rows, .. } => *block_rows,
-            PairPlan::Tiled(t) => t.block_rows,
+            PairPlan::Single(t) | PairPlan::Tiled(t) => t.block_rows,
             PairPlan::Gram(g) => g.n,
         }
     }
@@ -511,8 +471,7 @@ impl PairPlan {
     /// How many passes read each layer.
     pub fn layer_reads(&self) -> Vec<u64> {
         match self {
-            PairPlan::Single { dims, .. } => vec![1; dims.len()],
-            PairPlan::Tiled(t) => t.layer_reads(),
+            PairPlan::Single(t) | PairPlan::Tiled(t) => t.layer_reads(),
             PairPlan::Gram(g) => g.layer_reads(),
         }
     }
@@ -522,11 +481,7 @@ impl PairPlan {
     pub fn madds_per_row(&self) -> u128 {
         match self {
             PairPlan::Gram(g) => g.madds().div_ceil(g.n.max(1) as u128),
-            PairPlan::Single { dims, .. } => {
-                let d = dims.iter().sum::<usize>() as u128;
-                d * (d + 1) / 2
-            }
-            PairPlan::Tiled(t) => t.madds_per_row(),
+            PairPlan::Single(t) | PairPlan::Tiled(t) => t.madds_per_row(),
         }
     }
 
@@ -541,29 +496,16 @@ impl PairPlan {
         monitor: &dyn Monitor,
     ) -> Result<PairStats> {
         match self {
-            PairPlan::Single {
-                dims,
-                num_a,
-                block_rows,
-                compute,
-                ..
-            } => {
-                let m = accumulate(
-                    src,
-                    names,
-                    Some(*block_rows),
-                    check_finite,
-                    budget,
-                    *compute,
-                    monitor,
-                )?
-                .finalize()?;
-                let l = dims.len();
-                let rows: Vec<usize> = (0..*num_a).collect();
-                let cols: Vec<usize> = if *num_a == l {
+            PairPlan::Single(t) => {
+                let (br, compute) = (Some(t.block_rows), t.compute);
+                let m = accumulate(src, names, br, check_finite, budget, compute, monitor)?
+                    .finalize()?;
+                let (l, num_a) = (t.dims.len(), t.num_a);
+                let rows: Vec<usize> = (0..num_a).collect();
+                let cols: Vec<usize> = if num_a == l {
                     rows.clone()
                 } else {
-                    (*num_a..l).collect()
+                    (num_a..l).collect()
                 };
                 PairStats::from_moments(&m, &rows, &cols)
             }

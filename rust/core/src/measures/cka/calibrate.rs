@@ -719,7 +719,7 @@ mod tests {
             let obs = c.observed().unwrap();
             let refs: Vec<(&[f64], usize)> = xs.iter().map(|x| (x.as_slice(), 4)).collect();
             let r = rbf_hsic(&refs, None, m, 0.8, unbiased, &b, &NoMonitor).unwrap();
-            for (o, w) in obs.iter().zip(&r.cka) {
+            for (o, w) in obs.iter().zip(&r.table.cka) {
                 assert!((o - w).abs() < 1e-12, "{o} {w}");
             }
             let perm: Vec<u32> = (0..2 * m as u32)

@@ -64,19 +64,12 @@ pub enum Kernel {
 impl Kernel {
     /// `"linear"` or `"rbf"` (with `sigma` for the latter).
     pub fn parse(name: &str, sigma: f64) -> Result<Kernel> {
-        match name {
-            "linear" => Ok(Kernel::Linear),
-            "rbf" => {
-                if sigma.is_finite() && sigma > 0.0 {
-                    Ok(Kernel::Rbf { sigma })
-                } else {
-                    Err(Error::invalid(format!("sigma must be > 0, got {sigma}")))
-                }
-            }
-            other => Err(Error::invalid(format!(
-                "kernel must be 'linear' or 'rbf', got {other:?}"
-            ))),
+        let kernels = [("linear", Kernel::Linear), ("rbf", Kernel::Rbf { sigma })];
+        let kernel = crate::error::choice("kernel", name, &kernels)?;
+        if matches!(kernel, Kernel::Rbf { .. }) && !(sigma.is_finite() && sigma > 0.0) {
+            return Err(Error::invalid(format!("sigma must be > 0, got {sigma}")));
         }
+        Ok(kernel)
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -813,7 +806,7 @@ mod tests {
             &NoMonitor,
         )
         .unwrap();
-        let want = k.xy[0] / (k.xx[0] * k.yy[0]).sqrt();
+        let want = k.table.xy[0] / (k.table.xx[0] * k.table.yy[0]).sqrt();
         let got = r.cka(0, 1).unwrap();
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         assert!((r.bandwidths[0] - k.bw_a[0]).abs() < 1e-12);

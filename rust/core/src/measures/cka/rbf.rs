@@ -104,15 +104,8 @@ pub fn rbf_gram_with(
 /// RBF CKA of all layer pairs of one sample, with the HSIC values it comes from.
 #[derive(Debug, Clone)]
 pub struct RbfHsic {
-    /// `cka[i * lb + j]` = CKA of a-layer `i` and b-layer `j` (`lb` = the number of b
-    /// layers; with no b, the a × a matrix, 1 on its diagonal), under the NaN rule of
-    /// [`cka_ratio`].
-    pub cka: Vec<f64>,
-    /// `xy[i * lb + j]` = HSIC(K_{a,i}, K_{b,j}) (same layout).
-    pub xy: Vec<f64>,
-    /// Self-HSIC of each a layer and each b layer.
-    pub xx: Vec<f64>,
-    pub yy: Vec<f64>,
+    pub table: RbfTable,
+    /// The bandwidth of each a layer's and each b layer's kernel.
     pub bw_a: Vec<f64>,
     pub bw_b: Vec<f64>,
 }
@@ -181,16 +174,9 @@ pub fn rbf_hsic(
     };
     let ra: Vec<&Gram> = pa.iter().collect();
     let rb: Option<Vec<&Gram>> = pb.as_ref().map(|p| p.iter().collect());
-    let t = rbf_table(&ra, rb.as_deref())?;
+    let table = rbf_table(&ra, rb.as_deref())?;
     monitor.progress(total, total)?;
-    Ok(RbfHsic {
-        cka: t.cka,
-        xy: t.xy,
-        xx: t.xx,
-        yy: t.yy,
-        bw_a,
-        bw_b,
-    })
+    Ok(RbfHsic { table, bw_a, bw_b })
 }
 
 /// One layer's step of [`rbf_hsic`] (the unit of a distributed run: one task per layer):
@@ -217,8 +203,13 @@ pub fn prepare_rbf(
 /// The pair step of [`rbf_hsic`]: HSIC of every pair, self-HSICs and CKA ratios.
 #[derive(Debug, Clone)]
 pub struct RbfTable {
+    /// `cka[i * lb + j]` = CKA of a-layer `i` and b-layer `j` (`lb` = the number of b
+    /// layers; with no b, the a × a matrix, 1 on its diagonal), under the NaN rule of
+    /// [`cka_ratio`].
     pub cka: Vec<f64>,
+    /// `xy[i * lb + j]` = HSIC(K_{a,i}, K_{b,j}) (same layout).
     pub xy: Vec<f64>,
+    /// Self-HSIC of each a layer and each b layer.
     pub xx: Vec<f64>,
     pub yy: Vec<f64>,
 }
@@ -271,7 +262,7 @@ mod tests {
                 &NoMonitor,
             )
             .unwrap();
-            assert_eq!(r.cka, vec![1.0; 4]);
+            assert_eq!(r.table.cka, vec![1.0; 4]);
         }
         let tiny = Budget::argument(10).unwrap();
         assert!(matches!(
