@@ -158,6 +158,18 @@ pub struct PairAlignment {
     pub extras: Vec<f64>,
 }
 
+impl PairAlignment {
+    /// A summary the same both ways (every method but PWCCA).
+    fn symmetric(value: f64, cosines: Vec<f64>, extras: Vec<f64>) -> Self {
+        PairAlignment {
+            value,
+            value_t: value,
+            cosines,
+            extras,
+        }
+    }
+}
+
 /// Per-layer quantities prepared once and shared by all pairs.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -388,12 +400,7 @@ pub fn align_pair(
             };
             let cos = m.singular_values().map_err(svd_err)?;
             let (ov, g) = angles_summary(&cos);
-            PairAlignment {
-                value: ov,
-                value_t: ov,
-                cosines: cos,
-                extras: vec![g],
-            }
+            PairAlignment::symmetric(ov, cos, vec![g])
         }
         Method::Svcca | Method::Pwcca => {
             let m = pi.basis.transpose() * c_ij * &pj.basis;
@@ -401,12 +408,7 @@ pub fn align_pair(
                 let cos = m.singular_values().map_err(svd_err)?;
                 let mean = cos.iter().sum::<f64>() / cos.len() as f64;
                 let (_, g) = angles_summary(&cos);
-                PairAlignment {
-                    value: mean,
-                    value_t: mean,
-                    cosines: cos,
-                    extras: vec![g],
-                }
+                PairAlignment::symmetric(mean, cos, vec![g])
             } else {
                 let svd = m.thin_svd().map_err(svd_err)?;
                 let s = svd.S().column_vector();
@@ -427,12 +429,7 @@ pub fn align_pair(
             let rho = t.singular_values().map_err(svd_err)?;
             let m = pi.dim.min(pj.dim) as f64;
             let r2 = rho.iter().map(|r| r * r).sum::<f64>() / m;
-            PairAlignment {
-                value: r2,
-                value_t: r2,
-                cosines: rho,
-                extras: vec![],
-            }
+            PairAlignment::symmetric(r2, rho, vec![])
         }
         Method::Shape => {
             let nm1 = (ei.n.max(2) - 1) as f64;
@@ -452,24 +449,14 @@ pub fn align_pair(
             // equal up to rotation: those are 0
             let euclid = (pi.norm + pj.norm - 2.0 * nuc).max(0.0).sqrt();
             let theta = sim.min(1.0).acos();
-            PairAlignment {
-                value: theta,
-                value_t: theta,
-                cosines: cos,
-                extras: vec![euclid, sim],
-            }
+            PairAlignment::symmetric(theta, cos, vec![euclid, sim])
         }
         Method::Procrustes => {
             let sv = c_ij.singular_values().map_err(svd_err)?;
             let norm = (pi.trace * pj.trace).sqrt();
             let cos: Vec<f64> = sv.iter().map(|s| s / norm).collect();
             let sim = cos.iter().sum::<f64>();
-            PairAlignment {
-                value: sim,
-                value_t: sim,
-                cosines: cos,
-                extras: vec![sim.min(1.0).acos()],
-            }
+            PairAlignment::symmetric(sim, cos, vec![sim.min(1.0).acos()])
         }
     };
     Ok(out)
@@ -583,12 +570,7 @@ where
             let cij = block(i, j)?;
             let res = if i == j && opts.method == Method::Shape {
                 // a layer with itself: exactly 0 (the angle's round-off would be ~1e-8)
-                PairAlignment {
-                    value: 0.0,
-                    value_t: 0.0,
-                    cosines: Vec::new(),
-                    extras: vec![0.0, 1.0],
-                }
+                PairAlignment::symmetric(0.0, Vec::new(), vec![0.0, 1.0])
             } else {
                 align_pair(cij, &eigs[i], &eigs[j], prep(i), prep(j), opts)?
             };
@@ -867,13 +849,15 @@ mod tests {
 
     type Setup = (Vec<Mat<f64>>, Vec<Vec<Mat<f64>>>, Vec<LayerEig>);
 
-    fn setup(xs: &[Mat<f64>]) -> Setup {
+    /// `n` rows of layers `(width, seed, offset)` ([`data`]): centred, their cross blocks and
+    /// their eigendecompositions.
+    fn setup(n: usize, layers: &[(usize, u64, f64)]) -> Setup {
+        let xs: Vec<Mat<f64>> = layers.iter().map(|&(d, s, o)| data(n, d, s, o)).collect();
         let cs: Vec<Mat<f64>> = xs.iter().map(centred).collect();
         let blocks: Vec<Vec<Mat<f64>>> = cs
             .iter()
             .map(|a| cs.iter().map(|b| a.transpose() * b).collect())
             .collect();
-        let n = xs[0].nrows();
         let eigs = (0..xs.len())
             .map(|i| layer_eig(blocks[i][i].as_ref(), n).unwrap())
             .collect();
@@ -921,8 +905,7 @@ mod tests {
 
     #[test]
     fn samples_subspace_matches_explicit_svd() {
-        let xs = vec![data(40, 5, 1, 100.0), data(40, 7, 2, 0.0)];
-        let (cs, blocks, eigs) = setup(&xs);
+        let (cs, blocks, eigs) = setup(40, &[(5, 1, 100.0), (7, 2, 0.0)]);
         let k = 3;
         let al = run(
             &blocks,
@@ -955,12 +938,7 @@ mod tests {
 
     #[test]
     fn features_and_errors() {
-        let xs = vec![
-            data(30, 4, 3, 1.0),
-            data(30, 4, 4, 1.0),
-            data(30, 6, 5, 1.0),
-        ];
-        let (_, blocks, eigs) = setup(&xs);
+        let (_, blocks, eigs) = setup(30, &[(4, 3, 1.0), (4, 4, 1.0), (6, 5, 1.0)]);
         let f = opts(Method::Subspace(Space::Features), 2);
         assert!(matches!(
             run(&blocks, &eigs, f, true),
@@ -988,8 +966,7 @@ mod tests {
 
     #[test]
     fn procrustes_and_cca_full_rank() {
-        let xs = vec![data(50, 3, 7, 10.0), data(50, 4, 8, 0.0)];
-        let (cs, blocks, eigs) = setup(&xs);
+        let (cs, blocks, eigs) = setup(50, &[(3, 7, 10.0), (4, 8, 0.0)]);
         let pr = run(&blocks, &eigs, opts(Method::Procrustes, 1), true).unwrap();
         let nuc: f64 = blocks[0][1].singular_values().unwrap().iter().sum();
         let fro = |m: &Mat<f64>| m.norm_l2();
@@ -1017,12 +994,7 @@ mod tests {
 
     #[test]
     fn shape_metric_ends_at_procrustes_and_cca() {
-        let xs = vec![
-            data(60, 3, 17, 10.0),
-            data(60, 4, 18, 0.0),
-            data(60, 3, 19, 1.0),
-        ];
-        let (cs, blocks, eigs) = setup(&xs);
+        let (cs, blocks, eigs) = setup(60, &[(3, 17, 10.0), (4, 18, 0.0), (3, 19, 1.0)]);
         let shape = |alpha: f64| {
             let o = AlignOptions {
                 alpha,
@@ -1065,8 +1037,7 @@ mod tests {
 
     #[test]
     fn cca_ridge_when_n_le_d() {
-        let xs = vec![data(5, 8, 9, 0.0), data(5, 8, 10, 0.0)];
-        let (_, blocks, eigs) = setup(&xs);
+        let (_, blocks, eigs) = setup(5, &[(8, 9, 0.0), (8, 10, 0.0)]);
         let cc = run(&blocks, &eigs, opts(Method::Cca, 1), true).unwrap();
         let want = 1e-4 * eigs[0].trace / 8.0;
         assert!((cc.rows[0].ridge - want).abs() < 1e-15 * want.max(1.0));

@@ -97,6 +97,29 @@ fn get_str<'a>(obj: &'a Map<String, Value>, key: &str, path: &Path, what: &str) 
     }
 }
 
+/// The manifest's array `key` of objects, each with its place (`"layers[3]"`) for messages.
+fn objects<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    path: &Path,
+) -> Result<Vec<(String, &'a Map<String, Value>)>> {
+    let items = obj
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::format(path, format!("manifest: \"{key}\" must be an array")))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let what = format!("{key}[{i}]");
+            match v.as_object() {
+                Some(o) => Ok((what, o)),
+                None => Err(Error::format(path, format!("{what} must be an object"))),
+            }
+        })
+        .collect()
+}
+
 impl Manifest {
     /// The layers' names, in order.
     pub fn layer_names(&self) -> Vec<&str> {
@@ -129,17 +152,10 @@ impl Manifest {
             ));
         }
         // layers
-        let layers_v = obj
-            .get("layers")
-            .and_then(Value::as_array)
-            .ok_or_else(|| Error::format(path, "manifest: \"layers\" must be an array"))?;
+        let layers_v = objects(obj, "layers", path)?;
         let mut layers = Vec::with_capacity(layers_v.len());
         let mut seen = HashSet::new();
-        for (i, l) in layers_v.iter().enumerate() {
-            let what = format!("layers[{i}]");
-            let lo = l
-                .as_object()
-                .ok_or_else(|| Error::format(path, format!("{what} must be an object")))?;
+        for (what, lo) in layers_v {
             let name = get_str(lo, "name", path, &what)?;
             if !is_layer_name(name) {
                 return Err(Error::format(
@@ -207,21 +223,14 @@ impl Manifest {
             }
         }
         // shards
-        let shards_v = obj
-            .get("shards")
-            .and_then(Value::as_array)
-            .ok_or_else(|| Error::format(path, "manifest: \"shards\" must be an array"))?;
+        let shards_v = objects(obj, "shards", path)?;
         if !shards_v.is_empty() && layers.is_empty() {
             return Err(Error::format(path, "manifest lists shards but no layers"));
         }
         let mut shards = Vec::with_capacity(shards_v.len());
         let mut files = HashSet::new();
         let mut start_row: u64 = 0;
-        for (i, s) in shards_v.iter().enumerate() {
-            let what = format!("shards[{i}]");
-            let so = s
-                .as_object()
-                .ok_or_else(|| Error::format(path, format!("{what} must be an object")))?;
+        for (what, so) in shards_v {
             let file = get_str(so, "file", path, &what)?;
             if !is_plain_file_name(file) {
                 return Err(Error::format(

@@ -128,15 +128,7 @@ fn large_parallel_read_matches_serial() {
     let p = dir.path().join("s");
     let rows = 3000;
     let a: Vec<f32> = (0..rows * 200).map(|i| i as f32 * 0.5).collect();
-    let mut w = StoreWriter::create(
-        &p,
-        WriterOptions {
-            shard_bytes: 300_000,
-            dtype: Some(DType::BF16),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut w = StoreWriter::create(&p, sharded(300_000, Some(DType::BF16))).unwrap();
     w.append(
         &[("x", ArrayData::new(Values::F32(&a), rows, 200))],
         None,
@@ -160,15 +152,7 @@ fn nonfinite_reported() {
     let mut a = data(40, 3, 0.0);
     a[25 * 3 + 1] = f64::NAN;
     a[33 * 3] = f64::INFINITY;
-    let mut w = StoreWriter::create(
-        &p,
-        WriterOptions {
-            shard_bytes: 100,
-            dtype: Some(DType::F32),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut w = StoreWriter::create(&p, sharded(100, Some(DType::F32))).unwrap();
     w.append(&[("a", ArrayData::new(Values::F64(&a), 40, 3))], None, &[])
         .unwrap();
     w.finish().unwrap();
@@ -177,20 +161,22 @@ fn nonfinite_reported() {
     assert!(s.read_rows::<f64>(0, 25, 26).unwrap()[1].is_nan());
 }
 
+/// Default writer options but for the shard size and the store dtype.
+fn sharded(shard_bytes: u64, dtype: Option<DType>) -> WriterOptions {
+    WriterOptions {
+        shard_bytes,
+        dtype,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn interrupted_writer_leaves_valid_store() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s");
     let a = data(10, 4, 0.0);
     {
-        let mut w = StoreWriter::create(
-            &p,
-            WriterOptions {
-                shard_bytes: 4 * (4 * 8 + 8),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut w = StoreWriter::create(&p, sharded(4 * (4 * 8 + 8), None)).unwrap();
         w.append(
             &[("a", ArrayData::new(Values::F64(&a), 10, 4))],
             Some(&(100..110).collect::<Vec<i64>>()),
@@ -404,35 +390,30 @@ fn foreign_shard_contents() {
         b.extend(std::iter::repeat_n(0u8, n as usize));
         b
     };
-    let f = mk(&[
+    // The shard `small` wrote, then three defects of it.
+    let good = vec![
         ("__row_id__", "I64", vec![6], 48),
         ("__sample__", "I64", vec![6], 48),
         ("a", "F32", vec![6, 3], 72),
-        ("b", "F32", vec![5, 5], 100),
-    ]);
-    std::fs::write(&sh, &f).unwrap();
-    let e = Store::open(&p).unwrap_err();
-    assert!(
-        matches!(e, Error::Format { .. }) && e.to_string().contains("rows differ across layers"),
-        "{e}"
-    );
-    let f = mk(&[
-        ("__sample__", "I64", vec![6], 48),
-        ("a", "F32", vec![6, 3], 72),
         ("b", "F32", vec![6, 5], 120),
-    ]);
-    std::fs::write(&sh, &f).unwrap();
-    let e = Store::open(&p).unwrap_err();
-    assert!(e.to_string().contains("__row_id__"), "{e}");
-    let f = mk(&[
-        ("__row_id__", "F64", vec![6], 48),
-        ("__sample__", "I64", vec![6], 48),
-        ("a", "F32", vec![6, 3], 72),
-        ("b", "F32", vec![6, 5], 120),
-    ]);
-    std::fs::write(&sh, &f).unwrap();
-    let e = Store::open(&p).unwrap_err();
-    assert!(e.to_string().contains("expected I64"), "{e}");
+    ];
+    let mut rows_differ = good.clone();
+    rows_differ[3] = ("b", "F32", vec![5, 5], 100);
+    let no_row_id = good[1..].to_vec();
+    let mut float_ids = good.clone();
+    float_ids[0].1 = "F64";
+    for (tensors, want) in [
+        (rows_differ, "rows differ across layers"),
+        (no_row_id, "__row_id__"),
+        (float_ids, "expected I64"),
+    ] {
+        std::fs::write(&sh, mk(&tensors)).unwrap();
+        let e = Store::open(&p).unwrap_err();
+        assert!(
+            matches!(e, Error::Format { .. }) && e.to_string().contains(want),
+            "{want}: {e}"
+        );
+    }
 }
 
 #[test]
@@ -540,15 +521,8 @@ fn interrupted_append_keeps_finished_shards_and_poisons_writer() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s");
     let a = data(25, 2, 0.0);
-    let mut w = StoreWriter::create(
-        &p,
-        WriterOptions {
-            shard_bytes: 4 * (2 * 8 + 8), // 4 rows a shard
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    // argument errors leave the writer usable
+    let mut w = StoreWriter::create(&p, sharded(4 * (2 * 8 + 8), None)).unwrap(); // 4 rows a shard
+                                                                                  // argument errors leave the writer usable
     assert!(w
         .append(
             &[("a", ArrayData::new(Values::F64(&a[..4]), 2, 2))],
