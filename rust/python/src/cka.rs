@@ -12,7 +12,7 @@ use layerscope_core::measures::cka::{
     Kernel, MinibatchCka as CoreCka, MinibatchHsic, SharedProducts, DEFAULT_BATCH_SIZE,
 };
 use layerscope_core::memory::Budget;
-use layerscope_core::store::stream::{RowRange, Subset};
+use layerscope_core::store::{RowRange, Subset};
 use layerscope_core::store::{RowSource, Rows};
 use layerscope_core::Error;
 use numpy::ndarray::Array2;

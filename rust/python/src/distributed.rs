@@ -3,8 +3,8 @@
 //! (`TilePlan.run_tile` → bytes), their merge (`merge_partials`) and the assembly of the
 //! pair statistics (`PairStatsBuilder`). Only type conversion; GIL released around the work.
 use crate::errors::{detach, Consumed, IntoPy};
-use crate::moments::PyPairStats;
 use crate::monitor::PyMonitor;
+use crate::pairs::PyPairStats;
 use crate::source::detach_rows;
 use layerscope_core::engine::moments::{
     default_block_rows_for, merge_partial_bytes, Compute, ExternalSums,

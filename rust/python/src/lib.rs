@@ -17,15 +17,19 @@ mod memory;
 mod moments;
 mod monitor;
 mod neighbors;
+mod pairs;
 mod products;
 mod source;
 mod store;
+mod writer;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     store::register(m)?;
+    writer::register(m)?;
     moments::register(m)?;
+    pairs::register(m)?;
     distributed::register(m)?;
     align::register(m)?;
     cka::register(m)?;

@@ -250,7 +250,7 @@ impl Values<'_> {
 
     /// Appends elements `[from, to)` converted to `dtype` (little endian) to `out`.
     /// Conversions are correctly rounded to nearest-even (f64 inputs via
-    /// [`f64_to_f32_round_odd`]); same-dtype copies are bit exact, NaN/Inf are kept. `Error::InvalidArgument` (and `out` unchanged) when `[from, to)` is not a
+    /// `f64_to_f32_round_odd`); same-dtype copies are bit exact, NaN/Inf are kept. `Error::InvalidArgument` (and `out` unchanged) when `[from, to)` is not a
     /// range of the values.
     pub fn encode_into(
         &self,

@@ -13,21 +13,26 @@
 //!   manifest atomically, so an interrupted writer leaves a valid store of finished shards.
 mod dtype;
 pub mod files;
+mod lock;
 mod manifest;
+mod mapped;
 mod reader;
 mod shard;
 pub mod stream;
+pub mod views;
 mod writer;
 
 pub use dtype::{DType, Element, Values};
+pub use lock::LOCK_NAME;
 pub use manifest::{
     LayerInfo, Manifest, ShardInfo, FORMAT_TAG, FORMAT_VERSION, KNOWN_COLUMNS, MANIFEST_NAME,
     ROW_ID,
 };
 pub use reader::{OpenOptions, Store};
 pub use shard::{parse_header, MAX_HEADER_BYTES};
-pub use stream::{ReadAs, RowRange, RowSource, Rows, StoreRows};
-pub use writer::{ArrayData, StoreWriter, WriterOptions, LOCK_NAME};
+pub use stream::{ReadAs, RowSource, Rows, StoreRows};
+pub use views::{Columns, RowRange, Subset};
+pub use writer::{ArrayData, StoreWriter, WriterOptions};
 
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,9 @@
 //! The byte serialisation of a [`MomentAccumulator`] (versioned, little-endian, the upper
 //! triangle of `S` only) and of a [`CrossAccumulator`] (its sums in full); every inconsistency in bytes read back is an [`Error::Format`]
 //! (the accumulator travels between processes and machines: Ray, checkpoints).
-use super::accumulator::{offsets_of, Compute, MomentAccumulator, PassState, Scratch};
+use super::accumulator::MomentAccumulator;
 use super::cross::CrossAccumulator;
+use super::state::{offsets_of, Compute, PassState, Scratch};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"LSMOMACC";

@@ -19,9 +19,7 @@
 //!
 //! (`r̄_{p,a} = ‖u_{p,a} − ū_p‖² = r_{p,a} − 2 ū_pᵀ u_{p,a} + e_p`, expanded), and returns
 //! `‖C_pq‖_F²` and `Σ_a r̄_p r̄_q` for every pair: what linear CKA needs of them.
-use super::accumulator::{
-    checked_names, column_sums, f32_products_ok, pass_options, sized, Compute, PassState,
-};
+use super::state::{column_sums, f32_products_ok, pass_options, sized, Compute, PassState};
 use crate::error::{Error, Result};
 use crate::linalg::packed::{gemm_tn_add, PackedElem, Strided};
 use crate::store::Element;
@@ -93,7 +91,7 @@ impl CrossAccumulator {
     pass_options!();
 
     /// Set the per-piece scale exponents before the first row: the shifted values are
-    /// multiplied by `2^-e` (see [`super::accumulator::SCALE_BAND`]); every sum is then in
+    /// multiplied by `2^-e` (see [`super::state::SCALE_BAND`]); every sum is then in
     /// those units, as the diagonal tiles' of the same pass.
     pub fn set_scale(&mut self, exps: &[i32]) -> Result<()> {
         if self.st.n > 0 || exps.len() != self.st.dims.len() || exps.iter().any(|e| e.abs() > 1000)
@@ -104,10 +102,7 @@ impl CrossAccumulator {
                 self.st.dims.len()
             )));
         }
-        self.fac = exps
-            .iter()
-            .map(|&e| super::accumulator::ldexp(1.0, -e))
-            .collect();
+        self.fac = exps.iter().map(|&e| super::state::ldexp(1.0, -e)).collect();
         Ok(())
     }
 

@@ -17,9 +17,10 @@
 //!
 //! and in both `sums = Σ_a w_a` (`[u, r]` order). The arithmetic rules are the core's
 //! ([`super::Compute`]); these functions only check shapes and move numbers.
-use super::accumulator::{checked_names, checked_shift, offsets_of, MomentAccumulator};
+use super::accumulator::MomentAccumulator;
 use super::cross::CrossAccumulator;
 use super::partial::TilePartial;
+use super::state::{checked_names, checked_shift, offsets_of};
 use super::tiled::{Tile, TilePlan};
 use crate::error::{Error, Result};
 

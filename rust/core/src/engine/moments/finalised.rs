@@ -1,7 +1,7 @@
 //! [`Moments`]: the finalised moments of a pass and their blocks `C_ij`. The measures on
 //! them live in `crate::measures` (linear CKA: `cka::linear`; spectra and alignment:
 //! `align::measures_from_moments`).
-use super::accumulator::ldexp;
+use super::state::ldexp;
 use crate::error::{Error, Result};
 
 /// Finalised moments (see the module docs). `cov` is the full symmetric `D × D` centred
@@ -26,7 +26,7 @@ pub struct Moments {
     /// rounding error grows with `(1 + this)²`; tests cover values up to about 1.
     pub shift_offset: f64,
     /// Per layer the scale exponent `e` of the pass (see
-    /// [`super::accumulator::SCALE_BAND`]; 0 for every ordinary layer): `cov`'s block
+    /// [`super::state::SCALE_BAND`]; 0 for every ordinary layer): `cov`'s block
     /// `(i, j)` is in units of `2^-(e_i + e_j)`, `rr[k, l]` of `2^-2(e_k + e_l)`; `mean` is
     /// in the data's own units. The accessors below return the data's units (which can
     /// overflow to ±Inf where the true value is beyond f64); measures that are scale-free per
@@ -82,7 +82,7 @@ impl Moments {
     /// Scale-dependent accessors ([`Moments::block`], [`Moments::rr`], [`Moments::trace`],
     /// [`Moments::block_sq_norm`]) are in the stored units (see `scale_exp`): what the
     /// scale-free measures use. Multiply by `2^(e_i + e_j)` per factor for the data's units
-    /// ([`Moments::block_unscaled`], [`Moments::cov_unscaled`], [`super::accumulator::ldexp`]).
+    /// ([`Moments::block_unscaled`], [`Moments::cov_unscaled`], [`super::state::ldexp`]).
     ///
     /// The full `C` in the data's units (a copy; see `scale_exp`).
     pub fn cov_unscaled(&self) -> Vec<f64> {

@@ -18,9 +18,9 @@
 //! Memory: as many Grams as the budget holds (`n² · 8` bytes each) plus the one being
 //! built; when not all fit, rounds hold a group of layers and stream the others past it,
 //! one Gram at a time (a streamed Gram is rebuilt once per round: FLOPs grow, memory not).
-use super::accumulator::{f32_products_ok, ldexp, max_deviation, scale_exponent, Compute};
 use super::pairs::PairStats;
 use super::plan::PassShape;
+use super::state::{f32_products_ok, ldexp, max_deviation, scale_exponent, Compute};
 use crate::error::{Error, Result};
 use crate::linalg::packed::{syrk_upper_add, PackedElem, Strided};
 use crate::memory::{fmt_bytes, try_vec, Budget};

@@ -31,7 +31,10 @@
 //!   `rr[k][l] = Σ_a r̄_{k,a} r̄_{l,a}` ([`Moments::rr`]) and `Σ_a r̄_{l,a} = tr C_ll`.
 //!
 //! # One idea a file
-//! * `accumulator.rs`: [`MomentAccumulator`] (`update`, `merge`, `finalize`) and [`Compute`];
+//! * `accumulator.rs`: [`MomentAccumulator`] (`update`, `merge`, `finalize`);
+//! * `state.rs`: what both accumulators of a pass hold (`PassState`: layers, shift, rows,
+//!   finite-value policy, block buffers) and the arithmetic of the block products
+//!   ([`Compute`], scale exponents, the f32 checks);
 //! * `codec.rs`: its versioned byte serialisation (`to_bytes` / `from_bytes`);
 //! * `plan.rs`: bytes of a pass, default block rows, the memory check before a pass;
 //! * `pass.rs`: the driver — one pass over any [`crate::store::RowSource`] (stores, arrays,
@@ -57,14 +60,12 @@ mod pairs;
 mod partial;
 mod pass;
 mod plan;
+mod state;
 #[cfg(test)]
 mod tests;
 mod tiled;
 
-pub use accumulator::{
-    ldexp, max_deviation, scale_exponent, Compute, MomentAccumulator, F32_BLOCK_ROWS, F32_SAFE,
-    F32_SUM_ROWS, F32_TINY, SCALE_BAND,
-};
+pub use accumulator::MomentAccumulator;
 pub use cross::{cross_accumulator_bytes, CrossAccumulator, CrossStats};
 pub use external::{ExternalSums, TileLayout};
 pub use finalised::Moments;
@@ -75,6 +76,10 @@ pub use pass::{accumulate, accumulate_into, sample_scale, sample_shift, SHIFT_SA
 pub use plan::{
     accumulator_bytes, check_memory, cross_pass_bytes, default_block_rows, default_block_rows_for,
     measured_madds_per_s, pass_bytes, PassShape,
+};
+pub use state::{
+    ldexp, max_deviation, scale_exponent, Compute, F32_BLOCK_ROWS, F32_SAFE, F32_SUM_ROWS,
+    F32_TINY, SCALE_BAND,
 };
 pub use tiled::{
     plan_tiles, run_tiled, PairPlan, Piece, Tile, TilePlan, MIN_PIECE_COLUMNS, PAIR_STRATEGIES,

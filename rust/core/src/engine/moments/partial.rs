@@ -13,17 +13,19 @@
 //! Merge order: a merge puts `other`'s rows after this one's (first non-finite rows are
 //! offset by this one's row count), so partials are merged as adjacent ranges, left with
 //! right — any tree of such merges gives the same sums up to rounding.
-use super::accumulator::{Compute, MomentAccumulator};
+use super::accumulator::MomentAccumulator;
 use super::codec::{is_cross, merge_serialised};
 use super::cross::CrossAccumulator;
 use super::pairs::PairStats;
 use super::pass::{accumulate_into, sample_scale, sample_shift};
 use super::plan::{check_memory, cross_pass_bytes, pass_bytes};
+use super::state::Compute;
 use super::tiled::{Piece, Tile, TilePlan};
 use crate::error::{Error, Result};
 use crate::memory::{fmt_bytes, Budget};
 use crate::monitor::Monitor;
-use crate::store::stream::{self, Columns, RowRange, RowSource};
+use crate::store::stream::{self, RowSource};
+use crate::store::{Columns, RowRange};
 use rayon::prelude::*;
 use std::ops::Range;
 

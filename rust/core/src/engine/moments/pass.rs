@@ -2,8 +2,9 @@
 //! of two stores side by side, in-memory arrays, a seeded subset) into a
 //! [`MomentAccumulator`], through the one block reader, with the reference shift sampled
 //! over the whole source ([`sample_shift`]).
-use super::accumulator::{column_sums, Compute, MomentAccumulator};
+use super::accumulator::MomentAccumulator;
 use super::plan::{check_memory, default_block_rows_for};
+use super::state::{column_sums, Compute};
 use crate::error::{Error, Result};
 use crate::memory::{try_vec, Budget};
 use crate::monitor::Monitor;
@@ -112,7 +113,7 @@ pub fn sample_shift(src: &dyn RowSource) -> Result<Option<Vec<f64>>> {
 }
 
 /// Per layer of `layers` (indices into `src`), the scale exponent
-/// ([`super::accumulator::scale_exponent`]) of its largest deviation from its mean over the
+/// ([`super::state::scale_exponent`]) of its largest deviation from its mean over the
 /// rows [`sample_shift`] uses, all columns of the layer: the same on every task and tile of a
 /// pass (a deterministic function of the source), so that the pieces of one layer share one
 /// unit. Read in chunks of 128 rows (bounded memory whatever the width); non-finite values
@@ -144,7 +145,7 @@ pub fn sample_scale(src: &dyn RowSource, layers: &[usize]) -> Result<Vec<i32>> {
                 let buf = &mut x[..chunk.len() * dim];
                 src.take_f64(l, chunk, buf)?;
                 if pass == 1 {
-                    max = max.max(super::accumulator::max_deviation(buf, &mean));
+                    max = max.max(super::state::max_deviation(buf, &mean));
                     continue;
                 }
                 for r in buf.chunks_exact(dim) {
@@ -161,7 +162,7 @@ pub fn sample_scale(src: &dyn RowSource, layers: &[usize]) -> Result<Vec<i32>> {
                     *mu /= k.max(1) as f64;
                 }
             } else {
-                out.push(super::accumulator::scale_exponent(max));
+                out.push(super::state::scale_exponent(max));
             }
         }
         src.release(0, n)?;

@@ -1,6 +1,6 @@
 //! The plan of one pass: the bytes it needs ([`accumulator_bytes`], [`pass_bytes`]), its
 //! default block rows, and the memory check that runs before any row is read.
-use super::accumulator::{Compute, F32_BLOCK_ROWS};
+use super::state::{Compute, F32_BLOCK_ROWS};
 use crate::error::{Error, Result};
 use crate::linalg::packed::PackedElem;
 use crate::memory::{fmt_bytes, Budget};

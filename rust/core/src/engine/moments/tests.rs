@@ -1,5 +1,5 @@
 //! Engine-1 tests against naive f64 references (numbers from the formulas, not the code).
-use super::accumulator::offsets_of;
+use super::state::offsets_of;
 use super::*;
 use crate::error::Error;
 use crate::measures::cka::LinearCka;

@@ -23,12 +23,12 @@
 //! sum of its pieces'), `tr C_xx = Σ_p tr C_pp`: linear CKA, biased and debiased, of every
 //! pair asked for — the same numbers as one pass, to rounding. Each tile has its own reference
 //! shift (the same sampled rows, so the same shift for the same columns).
-use super::accumulator::Compute;
 use super::gram::GramPlan;
 use super::pairs::PairStats;
 use super::partial::PairStatsBuilder;
 use super::pass::accumulate;
 use super::plan::{cross_pass_bytes, default_block_rows_for, pass_bytes, PassShape};
+use super::state::Compute;
 use crate::error::{Error, Result};
 use crate::memory::{fmt_bytes, Budget};
 use crate::monitor::Monitor;
@@ -325,7 +325,7 @@ pub fn run_tiled(
 /// How an exact all-pairs linear pass runs: one pass over all layers at once, or tiles.
 #[derive(Clone, Debug)]
 pub enum PairPlan {
-    /// One [`MomentAccumulator`] over every layer ([`pass_bytes`]): as a tile plan, one
+    /// One [`super::MomentAccumulator`] over every layer ([`pass_bytes`]): as a tile plan, one
     /// diagonal tile of whole layers ([`TilePlan::single`]).
     Single(TilePlan),
     Tiled(TilePlan),

@@ -10,9 +10,9 @@
 //! * debiased (unbiased HSIC of Song et al. 2012, eq. 5; translation invariant for the
 //!   linear kernel, so centred data may be used): `tr K̃L̃ = ‖C_ij‖² − Σ r_a s_a`,
 //!   `1ᵀK̃1 = −tr C_ii`, `1ᵀK̃L̃1 = Σ r_a s_a`, given to
-//!   [`unbiased_scaled`](crate::measures::hsic::unbiased_scaled) (the `n(n − 3)` cancels).
+//!   [`unbiased_scaled`] (the `n(n − 3)` cancels).
 //!
-//! Both ratios under the NaN rule of [`cka_ratio`](crate::measures::hsic::cka_ratio): NaN
+//! Both ratios under the NaN rule of [`cka_ratio`]: NaN
 //! when a layer has zero variance, when a debiased self-HSIC is not positive (tiny `n`), or
 //! when the debiased estimator gets `n < 4` rows; a layer with itself is exactly 1 when
 //! defined.
