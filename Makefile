@@ -45,6 +45,7 @@ test-rust:
 	cargo test --release -p layerscope-core
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo fmt --all -- --check
+	RUSTDOCFLAGS="-D warnings" cargo doc -q -p layerscope-core --no-deps
 
 # The extension's type stub, generated from the compiled module (tools/stubgen.py).
 stub: build
@@ -58,6 +59,7 @@ test-python: build
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc -q -p layerscope-core --no-deps
 	$(VENV)/bin/ruff check python tests benches tools
 
 test: build test-rust test-python wheel
