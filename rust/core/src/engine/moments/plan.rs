@@ -52,6 +52,16 @@ impl<'a> PassShape<'a> {
     }
 }
 
+/// The layer pairs an all-pairs pass reports, as its rows and columns: every layer with every
+/// layer for one source (`num_a == l`), else the `num_a` first-source layers with the others.
+pub(super) fn pair_sides(num_a: usize, l: usize) -> (Vec<usize>, Vec<usize>) {
+    if num_a == l {
+        ((0..l).collect(), (0..l).collect())
+    } else {
+        ((0..num_a).collect(), (num_a..l).collect())
+    }
+}
+
 /// Bytes of the accumulator for layers of these widths: `(D+L)² × 8` plus vectors.
 pub fn accumulator_bytes(dims: &[usize]) -> u128 {
     let dz = dims.iter().map(|&d| d as u128).sum::<u128>() + dims.len() as u128;

@@ -148,13 +148,7 @@ fn shape(
     PassShape::new(dims, num_a, n, block_rows, compute).unwrap()
 }
 
-fn sides(num_a: usize, l: usize) -> (Vec<usize>, Vec<usize>) {
-    if num_a == l {
-        ((0..l).collect(), (0..l).collect())
-    } else {
-        ((0..num_a).collect(), (num_a..l).collect())
-    }
-}
+use super::plan::pair_sides as sides;
 
 /// Linear CKA of `got` (biased and debiased) within `tol` of `want`'s on `rows × cols`.
 fn assert_cka_agree(

@@ -27,7 +27,7 @@ use super::gram::GramPlan;
 use super::pairs::PairStats;
 use super::partial::PairStatsBuilder;
 use super::pass::accumulate;
-use super::plan::{cross_pass_bytes, default_block_rows_for, pass_bytes, PassShape};
+use super::plan::{cross_pass_bytes, default_block_rows_for, pair_sides, pass_bytes, PassShape};
 use super::state::Compute;
 use crate::error::{Error, Result};
 use crate::memory::{fmt_bytes, Budget};
@@ -500,13 +500,7 @@ impl PairPlan {
                 let (br, compute) = (Some(t.block_rows), t.compute);
                 let m = accumulate(src, names, br, check_finite, budget, compute, monitor)?
                     .finalize()?;
-                let (l, num_a) = (t.dims.len(), t.num_a);
-                let rows: Vec<usize> = (0..num_a).collect();
-                let cols: Vec<usize> = if num_a == l {
-                    rows.clone()
-                } else {
-                    (num_a..l).collect()
-                };
+                let (rows, cols) = pair_sides(t.num_a, t.dims.len());
                 PairStats::from_moments(&m, &rows, &cols)
             }
             PairPlan::Tiled(t) => run_tiled(src, names, t, check_finite, budget, monitor),
